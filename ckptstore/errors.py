@@ -1,0 +1,117 @@
+"""Every error ckptstore raises on purpose.
+
+One tree, rooted at :class:`CkptStoreError`. Each leaf also subclasses the builtin it
+means, so ``except FileNotFoundError`` or ``except OSError`` in existing code keeps
+working::
+
+    CkptStoreError(Exception)
+    ├── CheckpointNotFoundError        (+ FileNotFoundError)  nothing committed there
+    ├── CheckpointExistsError          (+ FileExistsError)    step already committed
+    ├── CorruptCheckpointError         (+ OSError)            bytes on storage are wrong
+    │   └── UnsafeCheckpointError                             refuses to unpickle it
+    ├── IncompatibleCheckpointError    (+ ValueError)         keys / shapes / format differ
+    ├── UnsupportedStateError          (+ TypeError)          a value ckptstore cannot save
+    ├── StorageError                   (+ OSError)            I/O failed; errno kept
+    │   └── StorageFullError                                  ENOSPC / quota
+    ├── BackgroundSaveError                                   an earlier async save failed
+    └── CheckpointerClosedError        (+ RuntimeError)       used after close()
+
+Messages say what was expected, what was found and what to do next. Errors cross
+process boundaries (DCP gathers them from every rank with pickle), so every class here
+pickles with its attributes: ``BaseException.__reduce__`` carries ``__dict__``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+__all__ = [
+    "BackgroundSaveError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "CheckpointerClosedError",
+    "CkptStoreError",
+    "CorruptCheckpointError",
+    "IncompatibleCheckpointError",
+    "StorageError",
+    "StorageFullError",
+    "UnsafeCheckpointError",
+    "UnsupportedStateError",
+]
+
+
+class CkptStoreError(Exception):
+    """Root of every error ckptstore raises on purpose."""
+
+
+class CheckpointNotFoundError(CkptStoreError, FileNotFoundError):
+    """No committed checkpoint at the requested place or step."""
+
+
+class CheckpointExistsError(CkptStoreError, FileExistsError):
+    """A committed checkpoint already holds that step; ckptstore never overwrites one."""
+
+
+class CorruptCheckpointError(CkptStoreError, OSError):
+    """What is on storage does not match what the manifest promises.
+
+    Subclasses ``OSError`` like :class:`gzip.BadGzipFile`: the bytes read back are bad.
+    """
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """The checkpoint asks to unpickle something outside the allowed set; refused unread."""
+
+
+class IncompatibleCheckpointError(CkptStoreError, ValueError):
+    """The checkpoint is intact but does not fit: format version, keys, shapes."""
+
+
+class UnsupportedStateError(CkptStoreError, TypeError):
+    """A ``state_dict`` value that ckptstore cannot save and load back safely."""
+
+
+class StorageError(CkptStoreError, OSError):
+    """An I/O operation failed at the storage boundary. ``errno`` and ``filename`` are kept."""
+
+
+class StorageFullError(StorageError):
+    """The destination ran out of space (ENOSPC / EDQUOT)."""
+
+
+class BackgroundSaveError(CkptStoreError):
+    """An earlier asynchronous save failed; raised by the next ``save``/``close``.
+
+    ``step`` is the step that failed; the original error is ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class CheckpointerClosedError(CkptStoreError, RuntimeError):
+    """The :class:`~ckptstore.Checkpointer` was closed; make a new one."""
+
+
+def storage_error(exc: OSError, action: str, path: str) -> StorageError:
+    """Translate an ``OSError`` from a backend into a :class:`StorageError` once.
+
+    ``action`` is what we were doing ("write", "fsync", "rename"); ``path`` is the
+    file. ENOSPC and EDQUOT become :class:`StorageFullError`.
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    code = exc.errno
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    cls = StorageFullError if code in (_errno.ENOSPC, _errno.EDQUOT) else StorageError
+    hint = (
+        "free space on that file system (or keep fewer checkpoints) and save again"
+        if cls is StorageFullError
+        else "check the path and its permissions, then save again"
+    )
+    if code is None:
+        err = cls(f"{action} {path} failed: {reason}; {hint}")
+    else:
+        err = cls(code, f"{action} failed: {reason}; {hint}", path)
+    return err
