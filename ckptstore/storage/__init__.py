@@ -1,0 +1,61 @@
+"""Storage backends: local disk (full crash-safe commit) and any fsspec file system."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ckptstore.storage.base import (
+    COMMIT_FILE,
+    TEMP_PREFIX,
+    FileSink,
+    PendingCheckpoint,
+    RangeReader,
+    StorageBackend,
+    check_name,
+)
+from ckptstore.storage.fsspec import FsspecBackend
+from ckptstore.storage.local import LocalBackend
+
+__all__ = [
+    "COMMIT_FILE",
+    "TEMP_PREFIX",
+    "FileSink",
+    "FsspecBackend",
+    "LocalBackend",
+    "PendingCheckpoint",
+    "RangeReader",
+    "StorageBackend",
+    "check_name",
+    "open_backend",
+]
+
+
+def open_backend(
+    url: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    create: bool = True,
+) -> StorageBackend:
+    """The backend for a local path, ``file://`` URL or any fsspec URL.
+
+    ``storage_options`` go to the fsspec file system (endpoint, credentials, ...); they
+    are never logged, and never written into a checkpoint.
+    """
+    if isinstance(url, os.PathLike):
+        url = os.fspath(url)
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"checkpoint root must be a path or URL, got {url!r}")
+    if "://" not in url:
+        return LocalBackend(url, create=create)
+    protocol = url.split("://", 1)[0]
+    if protocol in ("file", "local"):
+        return LocalBackend(url.split("://", 1)[1], create=create)
+
+    import fsspec  # deferred: importing it pulls in its registry
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"cannot open {url!r}: {exc}") from exc
+    return FsspecBackend(fs, root, url)

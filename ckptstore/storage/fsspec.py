@@ -1,0 +1,209 @@
+"""Any other fsspec file system (``memory://``, object stores): the manifest is the commit.
+
+Object stores have no rename (s3fs's is copy + delete, not atomic), so a checkpoint's
+files are written under their final prefix and the checkpoint exists from the moment
+``manifest.json`` is written, last. A prefix without a manifest is invisible to every
+reader, and :meth:`FsspecBackend.sweep` removes it once it is older than a grace period.
+
+Each file is uploaded in one piece from memory when its sink closes, so an exception
+while writing publishes nothing under the final key (s3fs publishes a truncated object
+if an exception interrupts ``with fs.open(path, "wb")``). That holds one file in memory
+at a time per writer; bounded, parallel multipart uploads for S3 are the S3 issue's work
+and are not done here yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+from ckptstore.errors import CheckpointExistsError, StorageError, storage_error
+from ckptstore.storage.base import (
+    COMMIT_FILE,
+    FileSink,
+    PendingCheckpoint,
+    RangeReader,
+    StorageBackend,
+    check_name,
+)
+
+
+def _translate(exc: Exception, action: str, path: str) -> StorageError:
+    if isinstance(exc, OSError):
+        return storage_error(exc, action, path)
+    return StorageError(f"{action} {path} failed: {type(exc).__name__}: {exc}")
+
+
+class _MemorySink(FileSink):
+    def __init__(self, fs: Any, path: str) -> None:
+        self._fs = fs
+        self.path = path
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: Any) -> None:
+        b = bytes(memoryview(data).cast("B")) if not isinstance(data, bytes) else data
+        self._parts.append(b)
+        self._size += len(b)
+
+    def tell(self) -> int:
+        return self._size
+
+    def close(self) -> int:
+        try:
+            self._fs.pipe_file(self.path, b"".join(self._parts))
+        except Exception as exc:
+            raise _translate(exc, "upload", self.path) from exc
+        finally:
+            self._parts = []
+        return self._size
+
+    def abort(self) -> None:
+        self._parts = []
+
+
+class _FsspecReader(RangeReader):
+    def __init__(self, fs: Any, path: str) -> None:
+        self._fs = fs
+        self.path = path
+        try:
+            self.size = int(fs.size(path))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, "stat", path) from exc
+
+    def read(self, offset: int, length: int) -> memoryview:
+        if offset < 0 or offset + length > self.size:
+            raise StorageError(
+                f"read of {length} B at {offset} runs past the end of {self.path} ({self.size} B)"
+            )
+        try:
+            data = self._fs.cat_file(self.path, start=offset, end=offset + length)
+        except Exception as exc:
+            raise _translate(exc, "read", self.path) from exc
+        if len(data) != length:
+            raise StorageError(f"short read from {self.path}: {len(data)} of {length} B")
+        return memoryview(data)
+
+
+class _FsspecPending(PendingCheckpoint):
+    def __init__(self, backend: FsspecBackend, name: str, coordinator: bool) -> None:
+        self.token = name
+        self._backend = backend
+        self._coordinator = coordinator
+        self._written: list[str] = []
+
+    def create_file(self, name: str) -> FileSink:
+        check_name(name, what="file name")
+        path = self._backend._path(f"{self.token}/{name}")
+        self._written.append(path)
+        return _MemorySink(self._backend.fs, path)
+
+    def commit(self, manifest: bytes) -> None:
+        if not self._coordinator:
+            raise RuntimeError("only the rank that began a checkpoint commits it")
+        path = self._backend._path(f"{self.token}/{COMMIT_FILE}")
+        try:
+            if self._backend.fs.exists(path):
+                raise CheckpointExistsError(
+                    f"{self._backend.url}/{self.token} was committed by another writer while "
+                    "this save ran; it was left as it is and this save discarded"
+                )
+            self._backend.fs.pipe_file(path, manifest)
+        except CheckpointExistsError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, "commit", path) from exc
+
+    def abort(self) -> None:
+        for path in self._written:
+            with contextlib.suppress(Exception):
+                self._backend.fs.rm_file(path)
+
+
+class FsspecBackend(StorageBackend):
+    """A prefix on any fsspec file system; commit = manifest written last."""
+
+    def __init__(self, fs: Any, root: str, url: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = url.rstrip("/")
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{check_name(name)}"
+
+    def list_names(self) -> list[str]:
+        try:
+            entries = self.fs.ls(self.root, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        except TypeError:  # file systems without ``refresh``
+            entries = self.fs.ls(self.root, detail=False)
+        except Exception as exc:
+            raise _translate(exc, "list", self.root) from exc
+        return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries})
+
+    def exists(self, name: str) -> bool:
+        try:
+            return bool(self.fs.exists(self._path(name)))
+        except Exception as exc:
+            raise _translate(exc, "stat", self._path(name)) from exc
+
+    def read_bytes(self, name: str) -> bytes:
+        path = self._path(name)
+        try:
+            return bytes(self.fs.cat_file(path))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, "read", path) from exc
+
+    def open_reader(self, name: str) -> RangeReader:
+        return _FsspecReader(self.fs, self._path(name))
+
+    def begin(self, name: str) -> PendingCheckpoint:
+        check_name(name)
+        if self.exists(f"{name}/{COMMIT_FILE}"):
+            raise CheckpointExistsError(
+                f"{self.url}/{name} is already committed; ckptstore never overwrites a "
+                "checkpoint: save under another step, or delete that one first"
+            )
+        return _FsspecPending(self, name, coordinator=True)
+
+    def attach(self, token: str) -> PendingCheckpoint:
+        return _FsspecPending(self, check_name(token), coordinator=False)
+
+    def delete(self, name: str) -> None:
+        # Manifest first: from then on the checkpoint is invisible, whatever happens
+        # to the rest of the delete.
+        try:
+            if self.exists(f"{name}/{COMMIT_FILE}"):
+                self.fs.rm_file(self._path(f"{name}/{COMMIT_FILE}"))
+            if self.fs.exists(self._path(name)):
+                self.fs.rm(self._path(name), recursive=True)
+        except Exception as exc:
+            raise _translate(exc, "delete", self._path(name)) from exc
+
+    def sweep(self, grace_s: float) -> list[str]:
+        removed = []
+        now = time.time()
+        for name in self.list_names():
+            path = self._path(name)
+            try:
+                if not self.fs.isdir(path) or self.fs.exists(f"{path}/{COMMIT_FILE}"):
+                    continue
+                newest = 0.0
+                for info in self.fs.find(path, detail=True).values():
+                    mtime = info.get("LastModified") or info.get("created") or info.get("mtime")
+                    if hasattr(mtime, "timestamp"):
+                        mtime = mtime.timestamp()
+                    newest = max(newest, float(mtime or now))
+                if now - newest < grace_s:
+                    continue
+                self.fs.rm(path, recursive=True)
+                removed.append(name)
+            except FileNotFoundError:
+                continue
+        return removed

@@ -1,0 +1,421 @@
+"""Local disk: temp directory, fsync everything, atomic no-replace rename, fsync parent.
+
+The commit order survives power loss (SQLite, LevelDB and RocksDB use the same one):
+write files -> fsync each file -> write manifest, fsync it -> fsync the temp directory
+-> rename it to its final name (``renameat2(RENAME_NOREPLACE)``: never over a
+committed checkpoint) -> fsync the root. An fsync error fails the checkpoint and is
+never retried: after one, Linux may have dropped the dirty pages and a second fsync
+can report success for data that is gone.
+
+Large files are written with O_DIRECT where the file system supports it: from a
+page-aligned staging buffer straight to the device, without a copy into the page
+cache. On this kind of machine that wrote 3.3 GB/s from one thread, against
+1.1 GB/s buffered (``benchmarks/README.md``). Unaligned pieces go through a small
+aligned bounce buffer; the file is truncated to its exact length before the fsync.
+
+Each temp directory is ``flock``-ed by the process that writes it. The lock dies with
+the process (even on SIGKILL), so :meth:`LocalBackend.sweep` can tell a dead save's
+leftovers from a live one's, in this process or another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import mmap
+import os
+import shutil
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from ckptstore.errors import CheckpointExistsError, StorageError, storage_error
+from ckptstore.storage.base import (
+    COMMIT_FILE,
+    TEMP_PREFIX,
+    FileSink,
+    PendingCheckpoint,
+    RangeReader,
+    StorageBackend,
+    check_name,
+)
+
+_ALIGN = 4096
+_BOUNCE_BYTES = 8 << 20
+_MAX_WRITE = 64 << 20  # one write() call; Linux caps a write at ~2 GiB anyway
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+_libc: Any = None
+
+
+def _renameat2_noreplace(src: str, dst: str) -> bool:
+    """Rename without replacing; False if the kernel or file system lacks renameat2."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _libc.renameat2  # noqa: B018 - probe for the symbol
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc is False:
+        return False
+    at_fdcwd, rename_noreplace = -100, 1
+    rc = _libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace)
+    if rc == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(code, os.strerror(code), dst)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _address(mv: memoryview) -> int:
+    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data)
+
+
+class _LocalSink(FileSink):
+    def __init__(self, path: str, direct: bool = True) -> None:
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._direct = False
+        fd = -1
+        if direct and _O_DIRECT:
+            try:
+                fd = os.open(path, flags | _O_DIRECT, 0o644)
+                self._direct = True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
+                    raise storage_error(exc, "create", path) from exc
+        if fd < 0:
+            try:
+                fd = os.open(path, flags, 0o644)
+            except OSError as exc:
+                raise storage_error(exc, "create", path) from exc
+        self._fd = fd
+        self._size = 0  # logical bytes accepted
+        self._bounce: mmap.mmap | None = mmap.mmap(-1, _BOUNCE_BYTES) if self._direct else None
+        self._fill = 0
+        self._closed = False
+
+    @property
+    def wants_alignment(self) -> bool:
+        return self._direct
+
+    def tell(self) -> int:
+        return self._size
+
+    def write(self, data: Any) -> None:
+        mv = memoryview(data)
+        if mv.ndim != 1 or mv.itemsize != 1 or not mv.c_contiguous:
+            mv = mv.cast("B") if mv.c_contiguous else memoryview(bytes(mv))
+        self._size += mv.nbytes
+        try:
+            if not self._direct:
+                self._write_all(mv)
+                return
+            if self._fill == 0 and mv.nbytes >= _ALIGN and _address(mv) % _ALIGN == 0:
+                n = mv.nbytes - mv.nbytes % _ALIGN
+                self._write_all(mv[:n])
+                mv = mv[n:]
+            self._buffer(mv)
+        except OSError as exc:
+            raise storage_error(exc, "write", self.path) from exc
+
+    def align(self, boundary: int) -> None:
+        if self._direct and self._size % boundary:
+            self.write(bytes(boundary - self._size % boundary))
+
+    def _buffer(self, mv: memoryview) -> None:
+        assert self._bounce is not None
+        while mv.nbytes:
+            n = min(mv.nbytes, _BOUNCE_BYTES - self._fill)
+            self._bounce[self._fill : self._fill + n] = mv[:n]
+            self._fill += n
+            mv = mv[n:]
+            if self._fill == _BOUNCE_BYTES:
+                self._write_all(memoryview(self._bounce))
+                self._fill = 0
+
+    def _write_all(self, mv: memoryview) -> None:
+        while mv.nbytes:
+            piece = mv[:_MAX_WRITE]
+            try:
+                n = os.write(self._fd, piece)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and self._direct:
+                    self._drop_direct()  # the file system refused this O_DIRECT write
+                    continue
+                raise
+            if n <= 0:
+                raise OSError(errno.EIO, "write returned 0 bytes", self.path)
+            mv = mv[n:]
+            if self._direct and n % _ALIGN:
+                self._drop_direct()  # a short write broke alignment; finish buffered
+
+    def _drop_direct(self) -> None:
+        fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fl & ~_O_DIRECT)
+        self._direct = False
+        if self._bounce is not None and self._fill:
+            pending = bytes(self._bounce[: self._fill])
+            self._fill = 0
+            self._write_all(memoryview(pending))
+
+    def close(self) -> int:
+        if self._closed:
+            return self._size
+        try:
+            if self._direct and self._fill:
+                assert self._bounce is not None
+                padded = -(-self._fill // _ALIGN) * _ALIGN
+                self._bounce[self._fill : padded] = bytes(padded - self._fill)
+                self._write_all(memoryview(self._bounce)[:padded])
+                self._fill = 0
+                os.ftruncate(self._fd, self._size)
+            elif self._fill:
+                assert self._bounce is not None
+                self._write_all(memoryview(self._bounce)[: self._fill])
+                self._fill = 0
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            self.abort()
+            raise storage_error(exc, "write+fsync", self.path) from exc
+        self._closed = True
+        os.close(self._fd)
+        self._release_bounce()
+        return self._size
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._release_bounce()
+
+    def _release_bounce(self) -> None:
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
+
+
+class _LocalReader(RangeReader):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise storage_error(exc, "open", path) from exc
+
+    def read(self, offset: int, length: int) -> memoryview:
+        out = bytearray(length)
+        self.read_into(offset, memoryview(out))
+        return memoryview(out)
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        if offset < 0 or offset + out.nbytes > self.size:
+            raise StorageError(
+                errno.EIO,
+                f"read of {out.nbytes} B at offset {offset} runs past the end ({self.size} B)",
+                self.path,
+            )
+        mv = out.cast("B") if out.format != "B" else out
+        done = 0
+        try:
+            while done < mv.nbytes:
+                n = os.preadv(self._fd, [mv[done:]], offset + done)
+                if n == 0:
+                    raise OSError(errno.EIO, "file shrank while reading", self.path)
+                done += n
+        except OSError as exc:
+            raise storage_error(exc, "read", self.path) from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+class _LocalPending(PendingCheckpoint):
+    def __init__(
+        self, backend: LocalBackend, token: str, final: str | None, lock_fd: int | None
+    ) -> None:
+        self.token = token
+        self._backend = backend
+        self._dir = os.path.join(backend.root, token)
+        self._final = final
+        self._lock_fd = lock_fd
+
+    def create_file(self, name: str) -> FileSink:
+        check_name(name, what="file name")
+        return _LocalSink(os.path.join(self._dir, name), direct=self._backend.direct_io)
+
+    def commit(self, manifest: bytes) -> None:
+        if self._final is None:
+            raise RuntimeError("only the rank that began a checkpoint commits it")
+        final = os.path.join(self._backend.root, self._final)
+        self.write_file(COMMIT_FILE, manifest)
+        step = "fsync"
+        try:
+            _fsync_dir(self._dir)
+            step = "rename"
+            if not _renameat2_noreplace(self._dir, final):
+                # No renameat2 here: rename() refuses a non-empty target (ENOTEMPTY),
+                # which is what a committed checkpoint always is.
+                if os.path.exists(os.path.join(final, COMMIT_FILE)):
+                    raise OSError(errno.EEXIST, "exists", final)
+                os.rename(self._dir, final)
+            step = "fsync"
+            _fsync_dir(self._backend.root)
+        except OSError as exc:
+            if step == "rename" and exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                self.abort()
+                raise CheckpointExistsError(
+                    f"{self._backend.url}/{self._final} was committed by another writer "
+                    "while this save ran; it was left as it is and this save discarded"
+                ) from exc
+            if step == "rename":
+                self.abort()
+            raise storage_error(exc, f"commit ({step})", final) from exc
+        finally:
+            self._unlock()
+
+    def abort(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+
+class LocalBackend(StorageBackend):
+    """A directory on a local (POSIX) file system."""
+
+    def __init__(self, root: str, *, create: bool = True, direct_io: bool = True) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.url = self.root
+        self.direct_io = direct_io
+        if create:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise storage_error(exc, "create directory", self.root) from exc
+
+    def is_local(self) -> bool:
+        return True
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, check_name(name))
+
+    def list_names(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise storage_error(exc, "list", self.root) from exc
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self._path(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise storage_error(exc, "read", path) from exc
+
+    def open_reader(self, name: str) -> RangeReader:
+        return _LocalReader(self._path(name))
+
+    def begin(self, name: str) -> PendingCheckpoint:
+        check_name(name)
+        if os.path.exists(os.path.join(self.root, name, COMMIT_FILE)):
+            raise CheckpointExistsError(
+                f"{self.url}/{name} is already committed; ckptstore never overwrites a "
+                "checkpoint: save under another step, or delete that one first"
+            )
+        token = f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
+        path = os.path.join(self.root, token)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            os.mkdir(path)
+            lock_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise storage_error(exc, "create temp directory", path) from exc
+        return _LocalPending(self, token, name, lock_fd)
+
+    def attach(self, token: str) -> PendingCheckpoint:
+        check_name(token)
+        if not token.startswith(TEMP_PREFIX) or not os.path.isdir(os.path.join(self.root, token)):
+            raise StorageError(
+                errno.ENOENT,
+                "the coordinator's temp directory is not visible from this rank; "
+                "all ranks must share the checkpoint file system",
+                os.path.join(self.root, token),
+            )
+        return _LocalPending(self, token, None, None)
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        if not os.path.isdir(path):
+            return
+        # Rename out of the way first (atomic): a crash mid-delete leaves a temp entry
+        # that sweep() removes, never a half-deleted checkpoint under its own name.
+        doomed = os.path.join(self.root, f"{TEMP_PREFIX}deleted-{name}-{uuid.uuid4().hex[:12]}")
+        try:
+            os.rename(path, doomed)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            raise storage_error(exc, "delete", path) from exc
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def sweep(self, grace_s: float) -> list[str]:
+        removed = []
+        now = time.time()
+        for name in self.list_names():
+            if not name.startswith(TEMP_PREFIX):
+                continue
+            path = os.path.join(self.root, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if now - st.st_mtime < grace_s:
+                continue
+            if not os.path.isdir(path):
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)  # held: a live save owns it
+                continue
+            try:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+            finally:
+                os.close(fd)
+        return removed
