@@ -1,0 +1,178 @@
+"""``manifest.json``: the self-describing record of one committed checkpoint.
+
+Written last; its presence is what makes a checkpoint exist. It lists every file with
+its size and checksum, so a reader can check everything before it trusts anything
+(DCP's ``.metadata`` is a pickle: it is only unpickled, with a restricted unpickler,
+after its checksum here matches). The manifest checksums itself too, so a flipped bit
+in it is caught rather than believed.
+
+Example (abridged)::
+
+    {
+      "format": "ckptstore", "format_version": 1,
+      "step": 500, "created_unix_s": 1763790000.25, "world_size": 2,
+      "codec": {"id": "zstd", "level": 1, "byte_group": true},
+      "files": {
+        ".metadata":     {"kind": "file",  "size_bytes": 48213,     "xxh3_64": "9f1c..."},
+        "__0_0.distcp":  {"kind": "shard", "size_bytes": 912340211, "xxh3_64": "03ab..."}
+      },
+      "raw_bytes": 1103527424, "stored_bytes": 912388424,
+      "metadata": {"epoch": 3},
+      "versions": {"ckptstore": "0.1.0", "torch": "2.13.0"},
+      "checksum": "xxh3-64:5e0d..."
+    }
+
+For ``kind: "file"`` the checksum is of the whole file. A ``"shard"`` is covered by a
+hash tree: the manifest holds the checksum of the shard's index, and the index holds the
+checksum of every chunk (``ckptstore.format.shard``). Nothing is hashed twice on save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptstore.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from ckptstore.format.checksum import ALGORITHM, digest, is_digest
+from ckptstore.storage.base import check_name
+
+FORMAT_NAME = "ckptstore"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+FILE_KINDS = ("file", "shard")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint: its kind, exact size and checksum (see module doc)."""
+
+    kind: str
+    size_bytes: int
+    xxh3_64: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "size_bytes": self.size_bytes, "xxh3_64": self.xxh3_64}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int | None  # None for a checkpoint saved by path without a step
+    world_size: int
+    codec: dict[str, Any]
+    files: dict[str, FileEntry]
+    raw_bytes: int
+    stored_bytes: int
+    created_unix_s: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def ratio(self) -> float:
+        """Stored / raw bytes (1.0 for an empty state)."""
+        return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "step": self.step,
+            "created_unix_s": self.created_unix_s,
+            "world_size": self.world_size,
+            "codec": self.codec,
+            "files": {name: e.to_json() for name, e in sorted(self.files.items())},
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "metadata": self.metadata,
+            "versions": self.versions,
+        }
+
+    def to_json(self) -> bytes:
+        body = self.body()
+        body["checksum"] = f"{ALGORITHM}:{digest(_canonical(body))}"
+        return json.dumps(body, indent=1, sort_keys=True, allow_nan=False).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Manifest:
+        """Parse and check a manifest read from ``where`` (a checkpoint, for messages)."""
+        hint = "restore an earlier checkpoint, or run `ckptstore verify` on this one"
+        try:
+            body = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpointError(
+                f"{where}/{MANIFEST_FILE} is not valid JSON ({exc}); {hint}"
+            ) from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
+            raise IncompatibleCheckpointError(
+                f'{where}/{MANIFEST_FILE} is not a ckptstore manifest (no "format": "{FORMAT_NAME}")'
+            )
+        version = body.get("format_version")
+        if not isinstance(version, int) or version < 1:
+            raise CorruptCheckpointError(
+                f"{where}/{MANIFEST_FILE}: bad format_version {version!r}; {hint}"
+            )
+        if version > FORMAT_VERSION:
+            raise IncompatibleCheckpointError(
+                f"{where} was written in format {version} by a newer ckptstore; this one reads "
+                f"up to format {FORMAT_VERSION}: upgrade ckptstore to load it"
+            )
+        stated = body.pop("checksum", None)
+        expected = f"{ALGORITHM}:{digest(_canonical(body))}"
+        if stated != expected:
+            raise CorruptCheckpointError(
+                f"{where}/{MANIFEST_FILE} checksum mismatch (stated {stated!r}, content hashes "
+                f"to {expected!r}); {hint}"
+            )
+        try:
+            return cls._from_body(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(
+                f"{where}/{MANIFEST_FILE} is malformed ({exc}); {hint}"
+            ) from None
+
+    @classmethod
+    def _from_body(cls, body: dict[str, Any]) -> Manifest:
+        files: dict[str, FileEntry] = {}
+        raw_files = body["files"]
+        if not isinstance(raw_files, dict):
+            raise TypeError("files must be an object")
+        for name, e in raw_files.items():
+            check_name(name, what="file name")
+            if "/" in name:
+                raise ValueError(f"file name {name!r} has a directory part")
+            if not isinstance(e, dict) or e.get("kind") not in FILE_KINDS:
+                raise ValueError(f"file {name!r}: bad entry {e!r}")
+            size = _nonneg_int(e["size_bytes"], f"files.{name}.size_bytes")
+            if not is_digest(e["xxh3_64"]):
+                raise ValueError(f"file {name!r}: bad checksum {e['xxh3_64']!r}")
+            files[name] = FileEntry(e["kind"], size, e["xxh3_64"])
+        created = body["created_unix_s"]
+        if not isinstance(created, (int, float)) or not math.isfinite(created):
+            raise TypeError("created_unix_s must be a number")
+        for key in ("codec", "metadata", "versions"):
+            if not isinstance(body.get(key, {}), dict):
+                raise TypeError(f"{key} must be an object")
+        return cls(
+            step=None if body["step"] is None else _nonneg_int(body["step"], "step"),
+            world_size=_nonneg_int(body["world_size"], "world_size"),
+            codec=body["codec"],
+            files=files,
+            raw_bytes=_nonneg_int(body["raw_bytes"], "raw_bytes"),
+            stored_bytes=_nonneg_int(body["stored_bytes"], "stored_bytes"),
+            created_unix_s=float(created),
+            metadata=body.get("metadata", {}),
+            versions=body.get("versions", {}),
+            format_version=body["format_version"],
+        )
+
+
+def _nonneg_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()

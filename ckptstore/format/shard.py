@@ -1,0 +1,407 @@
+"""Shard files (``__{rank}_{n}.distcp``): items cut into chunks, each encoded and hashed.
+
+Layout::
+
+    chunk chunk ... chunk | index (JSON) | index length (u64 LE) | b"CKPTIDX1"
+
+An *item* is one DCP write item: a tensor (or tensor shard) or a pickled Python value.
+Its bytes are cut into chunks of ``chunk_bytes`` (a few MiB, a whole number of
+elements); every chunk is encoded independently, so chunks encode and decode in
+parallel on the codec pool, and every chunk carries the xxh3 of its stored bytes, so a
+reader checks each chunk before decoding it. The index lists, per item, its key,
+dtype, raw size, codec config and chunks ``[offset, stored, raw, xxh3, layout]``. The
+manifest holds the index's checksum: a hash tree over the whole file.
+
+Uncompressed items of 1 MiB and more start on a 4 KiB boundary when the sink asks for
+it (O_DIRECT), so their chunks go from the staging buffer to the device unchanged.
+The gaps are zeros and are not covered by any checksum; no data lives there.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import json
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptstore.codecs import Codec, ElementKind, EncodedChunk, get_codec
+from ckptstore.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from ckptstore.format.checksum import digest, digest_parts, is_digest
+from ckptstore.storage.base import FileSink, RangeReader
+
+MAGIC = b"CKPTIDX1"
+_TRAILER = struct.Struct("<Q8s")
+INDEX_FORMAT = 1
+DEFAULT_CHUNK_BYTES = 4 << 20
+_ALIGN = 4096
+_ALIGN_MIN_ITEM = 1 << 20
+# An index larger than this is not something ckptstore wrote; refuse to allocate it.
+_MAX_INDEX_BYTES = 256 << 20
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16,
+        torch.complex128, torch.complex64, torch.complex32,
+        torch.int64, torch.int32, torch.int16, torch.int8,
+        torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
+        torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+    )
+}  # fmt: skip
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"ckptstore cannot store tensors of dtype {dtype}")
+    return name
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    offset: int
+    stored: int
+    raw: int
+    xxh3: str
+    layout: list[int]
+
+
+@dataclass(frozen=True)
+class ItemEntry:
+    key: str
+    dtype: torch.dtype | None  # None: opaque bytes
+    nbytes: int
+    codec: Codec
+    chunks: list[ChunkEntry]
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.stored for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the manifest records for a shard file, plus what writing it cost."""
+
+    size_bytes: int
+    index_xxh3: str
+    raw_bytes: int
+    stored_bytes: int  # encoded chunks, without index and padding
+    sink_s: float  # time spent handing bytes to storage (write, fsync)
+    encode_s: float  # thread-seconds spent encoding and hashing on the pool
+
+
+def _encode(codec: Codec, raw: np.ndarray, kind: ElementKind) -> tuple[EncodedChunk, str, float]:
+    start = time.perf_counter()
+    chunk = codec.encode(raw, kind)
+    checksum = digest_parts(chunk.parts)
+    return chunk, checksum, time.perf_counter() - start
+
+
+class ShardWriter:
+    """Writes one shard file. One thread calls it; encoding runs on ``pool``.
+
+    At most ``window`` chunks are encoded ahead of the one being written, which bounds
+    the memory the codec holds to about ``window * chunk_bytes``.
+    """
+
+    def __init__(
+        self,
+        sink: FileSink,
+        codec: Codec,
+        pool: Executor,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        window: int = 8,
+    ) -> None:
+        if chunk_bytes <= 0 or chunk_bytes % 64:
+            raise ValueError(f"chunk_bytes must be a positive multiple of 64, got {chunk_bytes}")
+        self._sink = sink
+        self._codec = codec
+        self._pool = pool
+        self._chunk_bytes = chunk_bytes
+        self._window = max(1, window)
+        self._items: list[dict[str, Any]] = []
+        # (item, align first?, raw size, future of (encoded chunk, checksum, seconds))
+        self._pending: collections.deque[
+            tuple[int, bool, int, Future[tuple[EncodedChunk, str, float]]]
+        ] = collections.deque()
+        self._raw_bytes = 0
+        self._stored_bytes = 0
+        self._sink_s = 0.0
+        self._encode_s = 0.0
+        self._failed = False
+        self._raw = codec.codec_id == "none"
+
+    def add(self, key: str, data: np.ndarray | bytes, dtype: torch.dtype | None) -> int:
+        """Queue one item (``data``: contiguous uint8 array, or bytes for a Python value).
+
+        ``data`` must stay unchanged until :meth:`finish` returns. Returns the item's
+        index in this shard.
+        """
+        arr = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
+        if arr.dtype != np.uint8 or arr.ndim != 1 or not arr.flags.c_contiguous:
+            raise ValueError("shard items must be 1-D contiguous uint8 arrays")
+        index = len(self._items)
+        self._items.append(
+            {
+                "key": key,
+                "dtype": None if dtype is None else dtype_name(dtype),
+                "nbytes": int(arr.nbytes),
+                "codec": self._codec.get_config(),
+                "chunks": [],
+            }
+        )
+        self._raw_bytes += arr.nbytes
+        kind = ElementKind.of(dtype)
+        step = self._chunk_bytes - self._chunk_bytes % max(kind.itemsize, 1)
+        align_first = self._raw and arr.nbytes >= _ALIGN_MIN_ITEM
+        for start in range(0, arr.nbytes, step):
+            piece = arr[start : start + step]
+            fut = self._pool.submit(_encode, self._codec, piece, kind)
+            self._pending.append((index, align_first and start == 0, piece.nbytes, fut))
+            while len(self._pending) > self._window:
+                self._drain_one()
+        return index
+
+    def _drain_one(self) -> None:
+        index, align, raw_size, fut = self._pending.popleft()
+        encoded, checksum, encode_s = fut.result()
+        self._encode_s += encode_s
+        start = time.perf_counter()
+        try:
+            if align:
+                self._sink.align(_ALIGN)
+            offset = self._sink.tell()
+            for part in encoded.parts:
+                self._sink.write(part)
+        finally:
+            if encoded.release is not None:
+                encoded.release()
+            self._sink_s += time.perf_counter() - start
+        stored = encoded.stored_bytes
+        self._stored_bytes += stored
+        self._items[index]["chunks"].append([offset, stored, raw_size, checksum, encoded.layout])
+
+    def finish(self) -> ShardInfo:
+        """Write what is queued, then the index and trailer; fsync. Returns the file's info."""
+        try:
+            while self._pending:
+                self._drain_one()
+            index = json.dumps(
+                {"format": "ckptstore-shard", "version": INDEX_FORMAT, "items": self._items},
+                separators=(",", ":"),
+            ).encode()
+            start = time.perf_counter()
+            index_offset = self._sink.tell()
+            self._sink.write(index)
+            self._sink.write(_TRAILER.pack(len(index), MAGIC))
+            size = self._sink.close()
+            self._sink_s += time.perf_counter() - start
+        except BaseException:
+            self.abort()
+            raise
+        assert size == index_offset + len(index) + _TRAILER.size
+        return ShardInfo(
+            size, digest(index), self._raw_bytes, self._stored_bytes, self._sink_s, self._encode_s
+        )
+
+    def abort(self) -> None:
+        """Stop: wait for queued encodes (they hold lent buffers), drop the file handle."""
+        while self._pending:
+            _, _, _, fut = self._pending.popleft()
+            try:
+                encoded, _, _ = fut.result()
+                if encoded.release is not None:
+                    encoded.release()
+            except BaseException:
+                pass
+        self._sink.abort()
+
+
+class ShardReader:
+    """Reads and checks one shard file. Thread-safe after construction."""
+
+    def __init__(
+        self, reader: RangeReader, where: str, *, size_bytes: int, index_xxh3: str
+    ) -> None:
+        self.where = where  # "<checkpoint>/<file>" for messages
+        self._reader = reader
+        hint = (
+            "restore an earlier checkpoint, or run `ckptstore verify` to see what else is damaged"
+        )
+        if reader.size != size_bytes:
+            raise CorruptCheckpointError(
+                f"{where}: file is {reader.size} B, the manifest says {size_bytes} B "
+                f"({'truncated' if reader.size < size_bytes else 'grown'}); {hint}"
+            )
+        if size_bytes < _TRAILER.size:
+            raise CorruptCheckpointError(
+                f"{where}: {size_bytes} B is too short for a shard file; {hint}"
+            )
+        index_len, magic = _TRAILER.unpack(
+            bytes(reader.read(size_bytes - _TRAILER.size, _TRAILER.size))
+        )
+        if magic != MAGIC or index_len > min(_MAX_INDEX_BYTES, size_bytes - _TRAILER.size):
+            raise CorruptCheckpointError(f"{where}: no valid shard trailer; {hint}")
+        index_offset = size_bytes - _TRAILER.size - index_len
+        index = bytes(reader.read(index_offset, index_len))
+        if digest(index) != index_xxh3:
+            raise CorruptCheckpointError(
+                f"{where}: index checksum mismatch (expected {index_xxh3}, got {digest(index)}); {hint}"
+            )
+        try:
+            self.items = _parse_index(index, index_offset)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CorruptCheckpointError(
+                f"{where}: malformed shard index ({exc}); {hint}"
+            ) from None
+        self._hint = hint
+        self._local = threading.local()
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def _buffer(self, nbytes: int) -> memoryview:
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = bytearray(nbytes)
+            self._local.buf = buf
+        return memoryview(buf)[:nbytes]
+
+    def read_chunk_into(self, item: ItemEntry, chunk: ChunkEntry, out: np.ndarray) -> None:
+        """Read, check and decode one chunk into ``out`` (uint8, ``chunk.raw`` bytes)."""
+        direct = item.codec.codec_id == "none" and out.flags.writeable
+        stored = out.data if direct else self._buffer(chunk.stored)
+        self._reader.read_into(chunk.offset, stored)
+        got = digest(stored)
+        if got != chunk.xxh3:
+            raise CorruptCheckpointError(
+                f"{self.where}: chunk at offset {chunk.offset} of {item.key!r} checksum mismatch "
+                f"(expected {chunk.xxh3}, got {got}); {self._hint}"
+            )
+        if direct:
+            return
+        try:
+            item.codec.decode_into(stored, chunk.layout, ElementKind.of(item.dtype), out)
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(
+                f"{self.where}: {item.key!r}: {exc}; {self._hint}"
+            ) from None
+
+    def read_item(self, index: int, out: np.ndarray, pool: Executor | None) -> None:
+        """Read item ``index`` into ``out`` (uint8, the item's raw size), chunks in parallel."""
+        item = self.items[index]
+        if out.nbytes != item.nbytes:
+            raise CorruptCheckpointError(
+                f"{self.where}: {item.key!r} holds {item.nbytes} B, the metadata expects {out.nbytes} B"
+            )
+        jobs: list[Callable[[], None]] = []
+        pos = 0
+        for chunk in item.chunks:
+            jobs.append(
+                functools.partial(self.read_chunk_into, item, chunk, out[pos : pos + chunk.raw])
+            )
+            pos += chunk.raw
+        run_all(jobs, pool)
+
+    def verify(self, pool: Executor | None) -> None:
+        """Check every chunk of every item (reads the whole file); raise on the first bad one."""
+        jobs: list[Callable[[], None]] = [
+            functools.partial(self._verify_chunk, item, chunk)
+            for item in self.items
+            for chunk in item.chunks
+        ]
+        run_all(jobs, pool)
+
+    def _verify_chunk(self, item: ItemEntry, chunk: ChunkEntry) -> None:
+        # Decoding too (not only hashing) proves the chunk reconstructs its raw size.
+        self.read_chunk_into(item, chunk, np.empty(chunk.raw, dtype=np.uint8))
+
+
+def run_all(jobs: list[Callable[[], None]], pool: Executor | None) -> None:
+    """Run ``jobs`` on ``pool`` (inline if None); re-raise the first failure after all end."""
+    if pool is None or len(jobs) <= 1:
+        for job in jobs:
+            job()
+        return
+    futures = [pool.submit(job) for job in jobs]
+    first: BaseException | None = None
+    for fut in futures:
+        try:
+            fut.result()
+        except BaseException as exc:
+            if first is None:
+                first = exc
+    if first is not None:
+        raise first
+
+
+def _parse_index(data: bytes, limit: int) -> list[ItemEntry]:
+    body = json.loads(data)
+    if body.get("format") != "ckptstore-shard":
+        raise ValueError("not a ckptstore shard index")
+    if body.get("version") != INDEX_FORMAT:
+        raise IncompatibleCheckpointError(
+            f"shard index version {body.get('version')!r} is not supported"
+        )
+    items = []
+    extents = []
+    codecs: dict[str, Codec] = {}
+    for raw_item in body["items"]:
+        key = raw_item["key"]
+        if not isinstance(key, str):
+            raise TypeError("item key must be a string")
+        dname = raw_item["dtype"]
+        dtype = None if dname is None else _DTYPES[dname]
+        nbytes = _int(raw_item["nbytes"])
+        codec_cfg = raw_item["codec"]
+        cache_key = json.dumps(codec_cfg, sort_keys=True)
+        codec = codecs.get(cache_key)
+        if codec is None:
+            codec = codecs[cache_key] = get_codec(codec_cfg)
+        chunks = []
+        total = 0
+        itemsize = ElementKind.of(dtype).itemsize
+        for c in raw_item["chunks"]:
+            offset, stored, raw, xxh3, layout = c
+            offset, stored, raw = _int(offset), _int(stored), _int(raw)
+            if offset + stored > limit:
+                raise ValueError(f"chunk at {offset} (+{stored}) runs into the index")
+            if (
+                not is_digest(xxh3)
+                or not isinstance(layout, list)
+                or not all(isinstance(x, int) for x in layout)
+            ):
+                raise ValueError(f"bad chunk entry {c!r}")
+            if raw % itemsize:
+                raise ValueError(
+                    f"chunk of {raw} B is not a whole number of {itemsize}-byte elements"
+                )
+            extents.append((offset, offset + stored))
+            chunks.append(ChunkEntry(offset, stored, raw, xxh3, layout))
+            total += raw
+        if total != nbytes:
+            raise ValueError(f"chunks of {key!r} add up to {total} B, not {nbytes} B")
+        items.append(ItemEntry(key, dtype, nbytes, codec, chunks))
+    extents.sort()
+    for (_, end), (start, _) in itertools.pairwise(extents):
+        if start < end:
+            raise ValueError("chunks overlap")
+    return items
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
