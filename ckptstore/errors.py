@@ -105,11 +105,14 @@ def storage_error(exc: OSError, action: str, path: str) -> StorageError:
     code = exc.errno
     reason = exc.strerror or str(exc) or type(exc).__name__
     cls = StorageFullError if code in (_errno.ENOSPC, _errno.EDQUOT) else StorageError
-    hint = (
-        "free space on that file system (or keep fewer checkpoints) and save again"
-        if cls is StorageFullError
-        else "check the path and its permissions, then save again"
-    )
+    if cls is StorageFullError:
+        hint = "free space on that file system (or keep fewer checkpoints) and save again"
+    elif action in ("read", "open", "stat", "list"):
+        hint = (
+            "check that the storage is reachable and the checkpoint complete (`ckptstore verify`)"
+        )
+    else:
+        hint = "check the path, its permissions and the device, then save again"
     if code is None:
         err = cls(f"{action} {path} failed: {reason}; {hint}")
     else:

@@ -32,16 +32,20 @@ __all__ = [
 
 
 def open_backend(
-    url: str | os.PathLike[str],
+    url: str | os.PathLike[str] | StorageBackend,
     *,
     storage_options: dict[str, Any] | None = None,
     create: bool = True,
 ) -> StorageBackend:
     """The backend for a local path, ``file://`` URL or any fsspec URL.
 
-    ``storage_options`` go to the fsspec file system (endpoint, credentials, ...); they
-    are never logged, and never written into a checkpoint.
+    A :class:`StorageBackend` instance is returned as it is (custom backends, or
+    wrappers that inject faults in tests). ``storage_options`` go to the fsspec file
+    system (endpoint, credentials, ...); they are never logged, and never written into
+    a checkpoint.
     """
+    if isinstance(url, StorageBackend):
+        return url
     if isinstance(url, os.PathLike):
         url = os.fspath(url)
     if not isinstance(url, str) or not url:

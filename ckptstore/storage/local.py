@@ -216,9 +216,11 @@ class _LocalReader(RangeReader):
         self.path = path
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self.size = os.fstat(self._fd).st_size
+        except FileNotFoundError:
+            raise  # "absent" is an answer, not an I/O failure
         except OSError as exc:
             raise storage_error(exc, "open", path) from exc
+        self.size = os.fstat(self._fd).st_size
 
     def read(self, offset: int, length: int) -> memoryview:
         out = bytearray(length)

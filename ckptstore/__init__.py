@@ -1,0 +1,60 @@
+"""ckptstore: asynchronous, sharded, compressed, checksummed, atomically committed
+checkpoints for PyTorch, on ``torch.distributed.checkpoint``.
+
+::
+
+    import ckptstore
+
+    ckptstore.save(state_dict, "ckpt/final")            # synchronous, like dcp.save
+    ckptstore.load(state_dict, "ckpt/final")            # in place, like dcp.load
+
+    with ckptstore.Checkpointer("runs/exp1") as ckpt:   # numbered, asynchronous
+        pending = ckpt.save_async(state_dict, step=500)  # returns after one copy
+        ...
+        ckpt.load(state_dict)                           # the latest
+
+Importing this package is cheap: nothing runs at import beyond torch's own imports.
+"""
+
+from ckptstore.api import load, save
+from ckptstore.background import PendingSave, SaveResult
+from ckptstore.checkpoint import CheckpointInfo
+from ckptstore.checkpointer import AutoCodec, Checkpointer, CheckpointerConfig
+from ckptstore.errors import (
+    BackgroundSaveError,
+    CheckpointerClosedError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptStoreError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    StorageError,
+    StorageFullError,
+    UnsafeCheckpointError,
+    UnsupportedStateError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoCodec",
+    "BackgroundSaveError",
+    "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "Checkpointer",
+    "CheckpointerClosedError",
+    "CheckpointerConfig",
+    "CkptStoreError",
+    "CorruptCheckpointError",
+    "IncompatibleCheckpointError",
+    "PendingSave",
+    "SaveResult",
+    "StorageError",
+    "StorageFullError",
+    "UnsafeCheckpointError",
+    "UnsupportedStateError",
+    "__version__",
+    "load",
+    "save",
+]

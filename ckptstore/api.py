@@ -1,0 +1,128 @@
+"""``ckptstore.save`` / ``ckptstore.load``: one checkpoint, synchronously, like DCP.
+
+``path`` is the checkpoint itself (a directory, or a prefix in a bucket), not a root
+of numbered checkpoints: that is :class:`~ckptstore.Checkpointer`'s job. Single process
+without a process group, and multi-rank (a collective) when one is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch.distributed as dist
+
+from ckptstore import _dist
+from ckptstore.checkpoint import STEP_NAME, CheckpointInfo, load_into, read_manifest, save_staged
+from ckptstore.checkpointer import AutoCodec, _check_metadata, _default_threads
+from ckptstore.codecs import get_codec
+from ckptstore.errors import CheckpointNotFoundError
+from ckptstore.format.shard import DEFAULT_CHUNK_BYTES
+from ckptstore.staging import stage_in_place
+from ckptstore.storage import StorageBackend, open_backend
+
+
+def _split(path: str | os.PathLike[str]) -> tuple[str, str]:
+    text = os.fspath(path).rstrip("/")
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        parent, _, name = rest.rpartition("/")
+        root = f"{scheme}://{parent}"
+    else:
+        text = os.path.abspath(os.path.expanduser(text))
+        root, name = os.path.split(text)
+    if not name:
+        raise ValueError(f"{os.fspath(path)!r} does not name a checkpoint directory")
+    return root, name
+
+
+def save(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    codec: str | dict[str, Any] = "auto",
+    metadata: dict[str, Any] | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    threads: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> CheckpointInfo:
+    """Save ``state_dict`` as the checkpoint ``path`` and return once it is durable.
+
+    Fails with :class:`~ckptstore.errors.CheckpointExistsError` if ``path`` already
+    holds a committed checkpoint: ckptstore never overwrites one.
+    """
+    root, name = _split(path)
+    user_md = _check_metadata(metadata)
+    backend = open_backend(root, storage_options=storage_options)
+    group = _dist.gloo_group(process_group)
+    n_threads = threads or _default_threads()
+    chosen = (
+        AutoCodec(local=backend.is_local(), threads=n_threads).choose()
+        if codec == "auto"
+        else get_codec(codec)
+    )
+    staged = stage_in_place(state_dict)
+    with ThreadPoolExecutor(n_threads, thread_name_prefix="ckptstore-codec") as pool:
+        save_staged(
+            staged,
+            backend,
+            name,
+            codec=chosen,
+            pool=pool,
+            group=group,
+            step=step,
+            metadata=user_md,
+            chunk_bytes=DEFAULT_CHUNK_BYTES,
+            window=2 * n_threads + 2,
+        )
+    return CheckpointInfo(name, f"{backend.url}/{name}", read_manifest(backend, name))
+
+
+def load(
+    state_dict: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    allow_partial: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+    threads: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> CheckpointInfo:
+    """Load the checkpoint at ``path`` into ``state_dict`` in place (resharding as needed).
+
+    Every byte read is checked against the manifest; nothing is unpickled outside an
+    allowlist. ``allow_partial`` leaves keys the checkpoint lacks untouched.
+    """
+    root, name = _split(path)
+    backend = open_backend(root, storage_options=storage_options, create=False)
+    group = _dist.gloo_group(process_group)
+    with ThreadPoolExecutor(
+        threads or _default_threads(), thread_name_prefix="ckptstore-codec"
+    ) as pool:
+        try:
+            manifest = load_into(
+                state_dict, backend, name, pool=pool, group=group, allow_partial=allow_partial
+            )
+        except CheckpointNotFoundError as exc:
+            hint = _root_hint(path)
+            if hint:
+                raise CheckpointNotFoundError(f"{exc}. {hint}") from None
+            raise
+    return CheckpointInfo(name, f"{backend.url}/{name}", manifest)
+
+
+def _root_hint(path: str | os.PathLike[str]) -> str:
+    """If ``path`` is a root of numbered checkpoints, say which ones it holds."""
+    try:
+        inner: StorageBackend = open_backend(path, create=False)
+        names = [n for n in inner.list_names() if STEP_NAME.match(n)]
+    except Exception:  # the hint is a courtesy; the original error stands
+        return ""
+    if not names:
+        return ""
+    shown = ", ".join(names[-3:])
+    return (
+        f"{os.fspath(path)} looks like a checkpoint root ({len(names)} checkpoints: ... {shown}); "
+        "pass one of them, or use ckptstore.Checkpointer(root).load(state_dict)"
+    )

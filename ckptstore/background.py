@@ -1,0 +1,121 @@
+"""A save in flight (:class:`PendingSave`), its outcome (:class:`SaveResult`), and the
+bookkeeping that makes background errors surface exactly once.
+
+Threads: the training loop calls ``Checkpointer.save_async``; one writer thread per
+checkpointer runs the saves in submission order; the codec pool encodes chunks for it.
+A failed save's exception keeps its type: ``PendingSave.wait()`` and ``committed``
+re-raise it as it is. If nobody waited on it, the next ``save_async``, ``wait`` or
+``close`` raises :class:`~ckptstore.errors.BackgroundSaveError` naming the step, with
+the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from ckptstore.errors import BackgroundSaveError
+from ckptstore.format.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """How one save went, from this rank's point of view. Times are seconds."""
+
+    step: int
+    name: str
+    url: str
+    codec: str  # the codec this rank's shard used
+    raw_bytes: int  # this rank's state before encoding
+    stored_bytes: int  # this rank's encoded bytes
+    stall_s: float  # how long save_async blocked the caller, backpressure included
+    backpressure_s: float  # of which: waiting for an earlier save to free a slot
+    staging_s: float  # copying into staging buffers
+    write_s: float  # on the writer thread: planning, encoding, writing, commit
+    commit_s: float  # from the save_async call until durable
+    staging_bytes: int  # host memory held by staging after this save
+    manifest: Manifest | None  # the committed manifest (coordinator rank only)
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+
+class _ErrorRecord:
+    __slots__ = ("error", "step", "surfaced")
+
+    def __init__(self, step: int, error: BaseException) -> None:
+        self.step = step
+        self.error = error
+        self.surfaced = False
+
+
+class ErrorLedger:
+    """Failed saves whose error nobody has seen yet."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: list[_ErrorRecord] = []
+
+    def record(self, step: int, error: BaseException) -> _ErrorRecord:
+        rec = _ErrorRecord(step, error)
+        with self._lock:
+            self._records.append(rec)
+        return rec
+
+    def raise_unseen(self) -> None:
+        """Raise :class:`BackgroundSaveError` for the oldest unseen failure, marking all seen."""
+        with self._lock:
+            unseen = [r for r in self._records if not r.surfaced]
+            for r in unseen:
+                r.surfaced = True
+            self._records = []
+        if not unseen:
+            return
+        first = unseen[0]
+        steps = ", ".join(str(r.step) for r in unseen)
+        more = f" (failed saves: steps {steps})" if len(unseen) > 1 else ""
+        raise BackgroundSaveError(
+            f"the background save of step {first.step} failed: {type(first.error).__name__}: "
+            f"{first.error}{more}. Earlier checkpoints are intact; later saves may succeed",
+            step=first.step,
+        ) from first.error
+
+
+class PendingSave:
+    """A save in flight.
+
+    ``staged`` resolves once the state has been copied (the caller may change its
+    tensors); ``committed`` resolves to a :class:`SaveResult` once the checkpoint is
+    durable, or to the save's exception.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.staged: Future[None] = Future()
+        self.committed: Future[SaveResult] = Future()
+        self._record: _ErrorRecord | None = None
+
+    def done(self) -> bool:
+        """True once the save committed or failed."""
+        return self.committed.done()
+
+    def wait(self, timeout: float | None = None) -> SaveResult:
+        """Block until durable; return the result or raise the save's own error."""
+        try:
+            return self.committed.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException:
+            if self._record is not None:
+                self._record.surfaced = True
+            raise
+
+    def __repr__(self) -> str:
+        state = (
+            "committed"
+            if self.done() and self.committed.exception() is None
+            else ("failed" if self.done() else ("staged" if self.staged.done() else "staging"))
+        )
+        return f"PendingSave(step={self.step}, {state})"

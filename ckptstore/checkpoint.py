@@ -1,0 +1,322 @@
+"""One checkpoint: save a staged state, load into a state dict, verify, list.
+
+This layer knows the format and drives DCP; it knows nothing about asynchrony (that is
+:mod:`ckptstore.checkpointer`) or about policies (the manager). Everything here runs
+on the calling thread; collectives go over the gloo group it is given.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from ckptstore import _dist
+from ckptstore.codecs import Codec
+from ckptstore.dcp import _compat
+from ckptstore.dcp import metadata as md_format
+from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
+from ckptstore.dcp.reader import CkptStorageReader
+from ckptstore.dcp.writer import CkptStorageWriter
+from ckptstore.errors import (
+    CheckpointNotFoundError,
+    CkptStoreError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+)
+from ckptstore.format.checksum import digest
+from ckptstore.format.manifest import MANIFEST_FILE, Manifest
+from ckptstore.format.shard import ShardReader
+from ckptstore.staging import StagedState
+from ckptstore.storage.base import StorageBackend
+
+STEP_NAME = re.compile(r"^step_(\d{8,})$")
+
+
+def checkpoint_name(step: int) -> str:
+    """``step_00000500``: eight digits at least, so names sort like steps."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return f"step_{step:08d}"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint, as its manifest describes it."""
+
+    name: str
+    url: str
+    manifest: Manifest
+
+    @property
+    def step(self) -> int | None:
+        return self.manifest.step
+
+    @property
+    def created_unix_s(self) -> float:
+        return self.manifest.created_unix_s
+
+    @property
+    def raw_bytes(self) -> int:
+        return self.manifest.raw_bytes
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.manifest.stored_bytes
+
+    @property
+    def ratio(self) -> float:
+        return self.manifest.ratio
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.manifest.metadata
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    """What one rank measured while writing its part of a checkpoint."""
+
+    manifest: Manifest | None  # on the coordinator only
+    raw_bytes: int  # this rank's
+    stored_bytes: int  # this rank's
+    io_s: float  # this rank's write_data
+    sink_s: float  # of which: writing to storage
+    encode_s: float  # thread-seconds spent encoding on the codec pool
+    total_s: float  # the whole DCP save, collectives included
+
+
+def _where(backend: StorageBackend, name: str) -> str:
+    return f"{backend.url}/{name}"
+
+
+def read_manifest(backend: StorageBackend, name: str) -> Manifest:
+    """The manifest of ``name``, checked. A missing one means: not a checkpoint."""
+    try:
+        data = backend.read_bytes(f"{name}/{MANIFEST_FILE}")
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint at {_where(backend, name)} (no {MANIFEST_FILE}); "
+            "a save that did not finish leaves nothing loadable"
+        ) from None
+    return Manifest.from_json(data, _where(backend, name))
+
+
+def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) -> Metadata:
+    """DCP's metadata, read only after its size and checksum match the manifest."""
+    where = f"{_where(backend, name)}/{md_format.METADATA_FILE}"
+    hint = "restore an earlier checkpoint, or run `ckptstore verify`"
+    entry = manifest.files.get(md_format.METADATA_FILE)
+    if entry is None or entry.kind != "file":
+        raise CorruptCheckpointError(f"{where}: not listed in the manifest; {hint}")
+    try:
+        data = backend.read_bytes(f"{name}/{md_format.METADATA_FILE}")
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{where}: file is missing; {hint}") from None
+    if len(data) != entry.size_bytes:
+        raise CorruptCheckpointError(
+            f"{where}: {len(data)} B, the manifest says {entry.size_bytes} B; {hint}"
+        )
+    got = digest(data)
+    if got != entry.xxh3_64:
+        raise CorruptCheckpointError(
+            f"{where}: checksum mismatch (expected {entry.xxh3_64}, got {got}); {hint}"
+        )
+    return md_format.loads(data, where)
+
+
+def save_staged(
+    staged: StagedState,
+    backend: StorageBackend,
+    name: str,
+    *,
+    codec: Codec,
+    pool: Executor,
+    group: dist.ProcessGroup | None,
+    step: int | None,
+    metadata: dict[str, Any] | None,
+    chunk_bytes: int,
+    window: int,
+) -> WriteStats:
+    """Write ``staged`` as checkpoint ``name``; collective over ``group``."""
+    start = time.perf_counter()
+    writer = CkptStorageWriter(
+        backend,
+        name,
+        codec=codec,
+        pool=pool,
+        step=step,
+        world_size=_dist.world_size(group),
+        metadata=metadata,
+        chunk_bytes=chunk_bytes,
+        window=window,
+    )
+    try:
+        _compat.save(staged.flat, writer, StagedSavePlanner(staged.mappings), group)
+    except BaseException:
+        writer.abort()
+        raise
+    shard = writer.shard_info
+    return WriteStats(
+        manifest=writer.manifest,
+        raw_bytes=shard.raw_bytes if shard else 0,
+        stored_bytes=shard.stored_bytes if shard else 0,
+        io_s=writer.io_seconds,
+        sink_s=shard.sink_s if shard else 0.0,
+        encode_s=shard.encode_s if shard else 0.0,
+        total_s=time.perf_counter() - start,
+    )
+
+
+def load_into(
+    state_dict: dict[str, Any],
+    backend: StorageBackend,
+    name: str,
+    *,
+    pool: Executor | None,
+    group: dist.ProcessGroup | None,
+    allow_partial: bool = False,
+) -> Manifest:
+    """Load checkpoint ``name`` into ``state_dict`` in place (DCP semantics; reshards)."""
+    manifest = read_manifest(backend, name)
+    metadata = read_dcp_metadata(backend, name, manifest)
+    keys = sorted(state_dict)
+    target = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in state_dict.items()}
+    check_compatible(target, metadata, _where(backend, name), allow_partial=allow_partial)
+    reader = CkptStorageReader(backend, name, manifest, metadata, pool)
+    try:
+        _compat.load(target, reader, SafeLoadPlanner(allow_partial_load=allow_partial), group)
+    finally:
+        reader.close()
+    for key in keys:
+        value = state_dict[key]
+        if isinstance(value, Stateful):
+            value.load_state_dict(target[key])
+        else:
+            state_dict[key] = target[key]
+    return manifest
+
+
+def check_compatible(
+    target: dict[str, Any], metadata: Metadata, where: str, *, allow_partial: bool = False
+) -> None:
+    """Raise :class:`IncompatibleCheckpointError` listing how ``target`` differs."""
+    flat, _ = flatten_state_dict(target)
+    stored = metadata.state_dict_metadata
+    missing: list[str] = []
+    differ: list[str] = []
+    for fqn, obj in flat.items():
+        md = stored.get(fqn)
+        if md is None:
+            if not allow_partial:
+                missing.append(fqn)
+            continue
+        is_tensor = isinstance(obj, torch.Tensor)
+        if is_tensor and isinstance(md, BytesStorageMetadata):
+            differ.append(f"{fqn}: a Python value in the checkpoint, a tensor here")
+        elif not is_tensor and isinstance(md, TensorStorageMetadata):
+            differ.append(
+                f"{fqn}: a tensor {list(md.size)} in the checkpoint, a {type(obj).__name__} here"
+            )
+        elif (
+            is_tensor
+            and isinstance(md, TensorStorageMetadata)
+            and tuple(obj.shape) != tuple(md.size)
+        ):
+            differ.append(f"{fqn}: checkpoint {list(md.size)}, target {list(obj.shape)}")
+    if not missing and not differ:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the checkpoint ({_first(missing)})")
+    if differ:
+        parts.append(f"{len(differ)} shape/kind difference(s) ({_first(differ)})")
+    unexpected = sorted(set(stored) - set(flat))
+    if unexpected:
+        parts.append(
+            f"the checkpoint has {len(unexpected)} key(s) the target lacks ({_first(unexpected)})"
+        )
+    advice = "load into a model and optimizer built with the same configuration"
+    if missing and not differ:
+        advice += ", or pass allow_partial=True to leave missing keys as they are"
+    raise IncompatibleCheckpointError(
+        f"{where} does not fit the state_dict: {'; '.join(parts)}. Fix: {advice}"
+    )
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... {len(items) - n} more" if len(items) > n else "")
+
+
+def verify(backend: StorageBackend, name: str, pool: Executor | None) -> list[str]:
+    """Check every byte of checkpoint ``name`` against its manifest.
+
+    Returns one line per problem (empty: all is well). Reads every file in full.
+    """
+    try:
+        manifest = read_manifest(backend, name)
+    except CkptStoreError as exc:
+        return [str(exc)]
+    problems = []
+    try:
+        read_dcp_metadata(backend, name, manifest)
+    except CkptStoreError as exc:
+        problems.append(str(exc))
+    for file_name, entry in sorted(manifest.files.items()):
+        if entry.kind != "shard":
+            continue
+        where = f"{_where(backend, name)}/{file_name}"
+        try:
+            reader = backend.open_reader(f"{name}/{file_name}")
+        except FileNotFoundError:
+            problems.append(f"{where}: file is missing")
+            continue
+        except CkptStoreError as exc:
+            problems.append(str(exc))
+            continue
+        try:
+            ShardReader(
+                reader, where, size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
+            ).verify(pool)
+        except CkptStoreError as exc:
+            problems.append(str(exc))
+        finally:
+            reader.close()
+    return problems
+
+
+def list_checkpoints(
+    backend: StorageBackend, names: Iterable[str] | None = None
+) -> list[CheckpointInfo]:
+    """Committed checkpoints named ``step_*`` under the root, by step.
+
+    A directory without a valid manifest is not a checkpoint and is not listed.
+    """
+    infos = []
+    for name in backend.list_names() if names is None else names:
+        match = STEP_NAME.match(name)
+        if not match:
+            continue
+        try:
+            manifest = read_manifest(backend, name)
+        except CkptStoreError:
+            continue
+        if manifest.step != int(match.group(1)):
+            continue
+        infos.append(CheckpointInfo(name, _where(backend, name), manifest))
+    infos.sort(key=lambda info: info.manifest.step or 0)
+    return infos

@@ -1,0 +1,80 @@
+"""DCP's ``.metadata``: pickled by DCP's own classes, unpickled only through an allowlist.
+
+DCP stores its checkpoint metadata as a raw pickle, and ``dcp.load`` unpickles it with
+``pickle.load``: a crafted ``.metadata`` runs code in the loading process. ckptstore
+keeps the pickle (the metadata objects are DCP's, and DCP's planners need them) but:
+
+1. never reads it before its size and checksum match the manifest, and
+2. unpickles it with :class:`_MetadataUnpickler`, which resolves only the handful of
+   globals a DCP ``Metadata`` is made of (listed below, found by pickling real
+   metadata of every kind of state); anything else raises
+   :class:`~ckptstore.errors.UnsafeCheckpointError` before it is touched.
+
+The checksum guards against corruption, the allowlist against a hostile file: an
+attacker who can write ``.metadata`` can rewrite the manifest too.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import metadata as dcp_metadata
+
+from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
+
+METADATA_FILE = ".metadata"
+
+_DCP_CLASSES = {
+    "Metadata",
+    "MetadataIndex",
+    "StorageMeta",
+    "TensorProperties",
+    "TensorStorageMetadata",
+    "ChunkStorageMetadata",
+    "BytesStorageMetadata",
+    "_MEM_FORMAT_ENCODING",
+}
+_TORCH_DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" and name in _DCP_CLASSES:
+            return getattr(dcp_metadata, name)
+        if module == "torch" and name == "Size":
+            return torch.Size
+        if module == "torch" and name in _TORCH_DTYPES:
+            return getattr(torch, name)
+        if module == "torch.serialization" and name == "_get_layout":
+            # Maps a name like "torch.strided" to the layout object: a dict lookup.
+            return torch.serialization._get_layout
+        raise UnsafeCheckpointError(
+            f"{self.where}: refusing to unpickle {module}.{name}; a DCP .metadata never "
+            "contains it, so this file was crafted or damaged. Do not load it."
+        )
+
+    where = ""
+
+
+def dumps(metadata: dcp_metadata.Metadata) -> bytes:
+    return pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes, where: str) -> dcp_metadata.Metadata:
+    """Unpickle DCP metadata through the allowlist. ``where`` names the file for errors."""
+    unpickler = _MetadataUnpickler(io.BytesIO(data))
+    unpickler.where = where
+    try:
+        obj = unpickler.load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:
+        raise CorruptCheckpointError(
+            f"{where}: cannot read DCP metadata ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(obj, dcp_metadata.Metadata):
+        raise CorruptCheckpointError(f"{where}: holds a {type(obj).__name__}, not DCP metadata")
+    return obj

@@ -1,0 +1,245 @@
+"""``CkptStorageReader``: DCP plans the reads (and reshards); we fetch, check, decode.
+
+DCP calls, in order (see ``torch.distributed.checkpoint.storage.StorageReader``)::
+
+    read_metadata()          all ranks: returns metadata already checked by the caller
+    set_up_storage_reader()  all ranks
+    prepare_local_plan()     all ranks
+    prepare_global_plan()    coordinator
+    read_data()              all ranks, on the caller's thread
+
+``read_data`` reads every chunk it needs in parallel on the codec pool. A read item that
+covers a whole stored tensor and lands in a contiguous CPU tensor of the same dtype is
+decoded straight into it; anything else (resharding, device or dtype change) decodes
+into a temporary and is copied with DCP's narrowing rules. Temporaries are bounded by
+``max_temp_bytes`` per batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.futures import Future
+
+from ckptstore.errors import CorruptCheckpointError
+from ckptstore.format.manifest import Manifest
+from ckptstore.format.shard import ShardReader, run_all
+from ckptstore.storage.base import StorageBackend
+
+_MAX_TEMP_BYTES = 1 << 30
+
+
+class CkptStorageReader(StorageReader):
+    def __init__(
+        self,
+        backend: StorageBackend,
+        name: str,
+        manifest: Manifest,
+        metadata: Metadata,
+        pool: Executor | None,
+        *,
+        max_temp_bytes: int = _MAX_TEMP_BYTES,
+    ) -> None:
+        super().__init__()
+        self._backend = backend
+        self._name = name
+        self._manifest = manifest
+        self._metadata = metadata
+        self._pool = pool
+        self._max_temp_bytes = max_temp_bytes
+        self._shards: dict[str, ShardReader] = {}
+        self._lock = threading.Lock()
+        # (fqn, chunk offsets) -> chunk sizes, to shape a stored tensor shard.
+        self._chunk_sizes: dict[tuple[str, tuple[int, ...]], torch.Size] = {}
+        for fqn, md in metadata.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                for chunk in md.chunks:
+                    self._chunk_sizes[(fqn, tuple(chunk.offsets))] = chunk.sizes
+
+    # ---- StorageReader --------------------------------------------------------------
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:
+            raise CorruptCheckpointError(f"{self._where()}: has no per-rank metadata")
+        return self._metadata
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        pass
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        try:
+            self._read(plan.items, planner)
+        finally:
+            self.close()
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    # ---- ours -----------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            for shard in self._shards.values():
+                shard.close()
+            self._shards.clear()
+
+    def _where(self) -> str:
+        return f"{self._backend.url}/{self._name}"
+
+    def _shard(self, file_name: str) -> ShardReader:
+        with self._lock:
+            shard = self._shards.get(file_name)
+            if shard is not None:
+                return shard
+            entry = self._manifest.files.get(file_name)
+            where = f"{self._where()}/{file_name}"
+            if entry is None or entry.kind != "shard":
+                raise CorruptCheckpointError(
+                    f"{where}: DCP metadata refers to a shard the manifest does not list"
+                )
+            try:
+                reader = self._backend.open_reader(f"{self._name}/{file_name}")
+            except FileNotFoundError:
+                raise CorruptCheckpointError(
+                    f"{where}: shard file is missing; restore an earlier checkpoint"
+                ) from None
+            try:
+                shard = ShardReader(
+                    reader, where, size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
+                )
+            except BaseException:
+                reader.close()
+                raise
+            self._shards[file_name] = shard
+            return shard
+
+    def _locate(self, req: ReadItem) -> tuple[ShardReader, int]:
+        storage = self._metadata.storage_data.get(req.storage_index)
+        if not isinstance(storage, dict) or "file" not in storage or "item" not in storage:
+            raise CorruptCheckpointError(
+                f"{self._where()}: no storage entry for {req.storage_index.fqn!r}"
+            )
+        shard = self._shard(storage["file"])
+        index = storage["item"]
+        if not isinstance(index, int) or not 0 <= index < len(shard.items):
+            raise CorruptCheckpointError(
+                f"{shard.where}: no item {index!r} for {req.storage_index.fqn!r}"
+            )
+        return shard, index
+
+    def _read(self, items: list[ReadItem], planner: LoadPlanner) -> None:
+        jobs: list[Callable[[], None]] = []
+        finishers: list[Callable[[], None]] = []
+        temp_bytes = 0
+
+        def flush() -> None:
+            nonlocal jobs, finishers, temp_bytes
+            run_all(jobs, self._pool)
+            for finish in finishers:
+                finish()
+            jobs, finishers, temp_bytes = [], [], 0
+
+        for req in items:
+            shard, index = self._locate(req)
+            entry = shard.items[index]
+            if req.type == LoadItemType.BYTE_IO:
+                buf = np.empty(entry.nbytes, dtype=np.uint8)
+                shard.read_item(index, buf, None)
+                planner.load_bytes(req, io.BytesIO(buf.tobytes()))
+                continue
+            target = planner.resolve_tensor(req).detach()
+            sizes = self._chunk_sizes.get(
+                (req.storage_index.fqn, tuple(req.storage_index.offset or ()))
+            )
+            if sizes is None:
+                raise CorruptCheckpointError(
+                    f"{self._where()}: no chunk metadata for {req.storage_index}"
+                )
+            if entry.dtype is None:
+                raise CorruptCheckpointError(
+                    f"{shard.where}: {entry.key!r} is a value, expected a tensor"
+                )
+            whole = tuple(req.lengths) == tuple(sizes) and not any(req.storage_offsets)
+            if (
+                whole
+                and target.device.type == "cpu"
+                and target.dtype == entry.dtype
+                and target.is_contiguous()
+                and target.numel() * target.element_size() == entry.nbytes
+            ):
+                out = (
+                    target.reshape(-1).view(torch.uint8).numpy()
+                    if entry.nbytes
+                    else np.empty(0, np.uint8)
+                )
+                jobs.extend(_chunk_jobs(shard, index, out))
+                finishers.append(functools.partial(planner.commit_tensor, req, target))
+                continue
+            temp = torch.empty(sizes, dtype=entry.dtype)
+            if temp.numel() * temp.element_size() != entry.nbytes:
+                raise CorruptCheckpointError(
+                    f"{shard.where}: {entry.key!r} holds {entry.nbytes} B, metadata says {list(sizes)} {entry.dtype}"
+                )
+            if temp_bytes and temp_bytes + entry.nbytes > self._max_temp_bytes:
+                flush()
+            temp_bytes += entry.nbytes
+            out = (
+                temp.reshape(-1).view(torch.uint8).numpy()
+                if entry.nbytes
+                else np.empty(0, np.uint8)
+            )
+            jobs.extend(_chunk_jobs(shard, index, out))
+
+            def finish(
+                r: ReadItem = req, t: torch.Tensor = target, src: torch.Tensor = temp
+            ) -> None:
+                piece = narrow_tensor_by_index(src, r.storage_offsets, r.lengths)
+                if t.size() != piece.size():
+                    raise CorruptCheckpointError(
+                        f"{self._where()}: {r.storage_index.fqn!r} read {list(piece.size())}, target wants {list(t.size())}"
+                    )
+                t.copy_(piece)
+                planner.commit_tensor(r, t)
+
+            finishers.append(finish)
+        flush()
+
+
+def _chunk_jobs(shard: ShardReader, index: int, out: np.ndarray) -> list[Callable[[], None]]:
+    item = shard.items[index]
+    if out.nbytes != item.nbytes:
+        raise CorruptCheckpointError(
+            f"{shard.where}: {item.key!r} holds {item.nbytes} B, expected {out.nbytes} B"
+        )
+    jobs: list[Callable[[], None]] = []
+    pos = 0
+    for chunk in item.chunks:
+        jobs.append(
+            functools.partial(shard.read_chunk_into, item, chunk, out[pos : pos + chunk.raw])
+        )
+        pos += chunk.raw
+    return jobs

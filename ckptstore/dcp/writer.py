@@ -1,0 +1,235 @@
+"""``CkptStorageWriter``: DCP plans and coordinates; we encode, checksum and commit.
+
+DCP calls, in order (see ``torch.distributed.checkpoint.storage.StorageWriter``)::
+
+    set_up_storage_writer()   all ranks
+    prepare_local_plan()      all ranks
+    prepare_global_plan()     coordinator: begins the pending checkpoint; its token
+                              travels to every rank inside the plan
+    write_data()              all ranks: one shard file per rank, fsynced
+    finish()                  coordinator, after every rank's write succeeded:
+                              .metadata, then the manifest, then the atomic commit
+
+All of it runs on the checkpointer's writer thread (or the caller's, for a synchronous
+save); collectives between those steps go over ckptstore's own gloo group. If any rank
+fails, DCP never calls ``finish``; the caller then calls :meth:`abort`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+import uuid
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+import ckptstore
+from ckptstore.codecs import Codec
+from ckptstore.dcp import metadata as md_format
+from ckptstore.format.checksum import digest
+from ckptstore.format.manifest import FileEntry, Manifest
+from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, ShardInfo, ShardWriter
+from ckptstore.storage.base import PendingCheckpoint, StorageBackend
+
+_DCP_VERSION = "1.0.0"  # the metadata version DCP's own FileSystemWriter writes
+
+
+@dataclass(frozen=True)
+class _ShardPlan:
+    token: str  # the pending checkpoint, as backend.attach() knows it
+    prefix: str  # "__{rank}_"
+
+
+def item_key(index: Any) -> str:
+    """A readable key for a DCP ``MetadataIndex`` (shards carry their offsets)."""
+    if index.offset is None:
+        return str(index.fqn)
+    return f"{index.fqn}@{','.join(str(o) for o in index.offset)}"
+
+
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """The bytes of ``t`` (contiguous, on CPU) as a 1-D uint8 array, without a copy if possible."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return np.empty(0, dtype=np.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+class CkptStorageWriter(StorageWriter):
+    """Writes one checkpoint ``name`` under ``backend`` in ckptstore's format."""
+
+    def __init__(
+        self,
+        backend: StorageBackend,
+        name: str,
+        *,
+        codec: Codec,
+        pool: Executor,
+        step: int | None,
+        world_size: int,
+        metadata: dict[str, Any] | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        window: int = 8,
+    ) -> None:
+        super().__init__()
+        self._backend = backend
+        self._name = name
+        self._codec = codec
+        self._pool = pool
+        self._step = step
+        self._world_size = world_size
+        self._user_metadata = dict(metadata or {})
+        self._chunk_bytes = chunk_bytes
+        self._window = window
+        self._save_id = uuid.uuid4().hex
+        self._pending: PendingCheckpoint | None = None
+        self._committed = False
+        self.manifest: Manifest | None = None  # set on the coordinator once committed
+        self.shard_info: ShardInfo | None = None  # this rank's shard, once written
+        self.io_seconds = 0.0  # time this rank spent in write_data
+
+    # ---- StorageWriter ------------------------------------------------------------
+    def reset(self, checkpoint_id: Any = None) -> None:
+        self._save_id = uuid.uuid4().hex
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self._is_coordinator = is_coordinator
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        self._pending = self._backend.begin(self._name)
+        token = self._pending.token
+        return [
+            dataclasses.replace(plan, storage_data=_ShardPlan(token, f"__{rank}_"))
+            for rank, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        start = time.perf_counter()
+        shard_plan: _ShardPlan = plan.storage_data
+        pending = self._pending
+        if pending is None or pending.token != shard_plan.token:
+            pending = self._backend.attach(shard_plan.token)
+        results: list[WriteResult] = []
+        if plan.items:
+            results = self._write_shard(
+                pending, f"{shard_plan.prefix}0.distcp", plan.items, planner
+            )
+        self.io_seconds = time.perf_counter() - start
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_shard(
+        self,
+        pending: PendingCheckpoint,
+        file_name: str,
+        items: list[WriteItem],
+        planner: SavePlanner,
+    ) -> list[WriteResult]:
+        writer = ShardWriter(
+            pending.create_file(file_name),
+            self._codec,
+            self._pool,
+            chunk_bytes=self._chunk_bytes,
+            window=self._window,
+        )
+        placed: list[tuple[WriteItem, int, int]] = []
+        try:
+            for item in items:
+                data = planner.resolve_data(item)
+                raw: Any
+                dtype: torch.dtype | None
+                if isinstance(data, io.BytesIO):
+                    raw, dtype = data.getvalue(), None
+                else:
+                    raw, dtype = tensor_bytes(data), data.dtype
+                index = writer.add(item_key(item.index), raw, dtype)
+                placed.append((item, index, len(raw) if dtype is None else raw.nbytes))
+            info = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        self.shard_info = info
+        results = []
+        for n, (item, index, nbytes) in enumerate(placed):
+            storage: dict[str, Any] = {"file": file_name, "item": index}
+            if n == 0:  # the coordinator collects per-file facts from the first result
+                storage["shard"] = {
+                    "size_bytes": info.size_bytes,
+                    "xxh3_64": info.index_xxh3,
+                    "raw_bytes": info.raw_bytes,
+                }
+            results.append(
+                WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=storage)
+            )
+        return results
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        assert self._pending is not None, "finish() before prepare_global_plan()"
+        files: dict[str, FileEntry] = {}
+        storage_md: dict[Any, Any] = {}
+        raw_bytes = 0
+        for rank_results in results:
+            for wr in rank_results:
+                storage = dict(wr.storage_data)
+                shard = storage.pop("shard", None)
+                if shard is not None:
+                    files[storage["file"]] = FileEntry(
+                        "shard", shard["size_bytes"], shard["xxh3_64"]
+                    )
+                    raw_bytes += shard["raw_bytes"]
+                storage_md[wr.index] = storage
+        metadata.storage_data = storage_md
+        metadata.storage_meta = StorageMeta(checkpoint_id=self._name, save_id=self._save_id)
+        if hasattr(metadata, "version"):
+            metadata.version = _DCP_VERSION
+        md_bytes = md_format.dumps(metadata)
+        self._pending.write_file(md_format.METADATA_FILE, md_bytes)
+        files[md_format.METADATA_FILE] = FileEntry("file", len(md_bytes), digest(md_bytes))
+        manifest = Manifest(
+            step=self._step,
+            world_size=self._world_size,
+            codec=self._codec.get_config(),
+            files=files,
+            raw_bytes=raw_bytes,
+            stored_bytes=sum(f.size_bytes for f in files.values()),
+            created_unix_s=time.time(),
+            metadata=self._user_metadata,
+            versions={"ckptstore": ckptstore.__version__, "torch": torch.__version__.split("+")[0]},
+        )
+        self._pending.commit(manifest.to_json())
+        self._committed = True
+        self.manifest = manifest
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return False  # never picked automatically from a path; ckptstore passes it in
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self._name, save_id=self._save_id)
+
+    # ---- ours -----------------------------------------------------------------------
+    def abort(self) -> None:
+        """After a failed save: remove what the coordinator's pending checkpoint wrote."""
+        if self._pending is not None and not self._committed:
+            self._pending.abort()

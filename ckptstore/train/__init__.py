@@ -1,0 +1,1 @@
+"""The reference training loop and the GPT model it trains."""

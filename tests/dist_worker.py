@@ -1,0 +1,169 @@
+"""One rank of a multi-process test (run by tests/test_distributed.py, not by pytest).
+
+Usage: python dist_worker.py SCENARIO WORKDIR RANK WORLD_SIZE
+
+Each scenario asserts what it checks and exits 0 on success. Ranks meet through a
+FileStore in WORKDIR; gloo talks over loopback only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import ckptstore
+
+
+def full_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(10, 6, generator=g),  # 10 rows: uneven over 3 ranks
+        "emb": torch.randn(9, 4, generator=g).bfloat16(),
+        "b": torch.randn(7, generator=g),
+    }
+
+
+def sharded(state: dict[str, torch.Tensor], mesh) -> dict[str, object]:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    return {
+        "w": distribute_tensor(state["w"], mesh, [Shard(0)]),
+        "emb": distribute_tensor(state["emb"], mesh, [Shard(1)]),
+        "b": distribute_tensor(state["b"], mesh, [Replicate()]),
+    }
+
+
+def check_full(got: dict[str, object], want: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.tensor import DTensor
+
+    for k, v in want.items():
+        t = got[k]
+        full = t.full_tensor() if isinstance(t, DTensor) else t
+        assert full.dtype == v.dtype and torch.equal(full, v), f"{k} differs"
+
+
+def main(scenario: str, workdir: str, rank: int, world: int) -> None:
+    ckpts = os.path.join(workdir, "ckpts")
+    if world > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{workdir}/store-{scenario}", rank=rank, world_size=world
+        )
+    try:
+        globals()[f"scenario_{scenario}"](ckpts, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    print(f"OK {scenario} rank {rank}/{world}")
+
+
+def scenario_save_sharded(ckpts: str, rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    state = {
+        "model": sharded(full_state(), mesh),
+        "step": 5,
+        "per_rank": {f"rank{rank}": torch.full((3,), float(rank))},
+    }
+    # Synchronous API and the asynchronous checkpointer, same state.
+    ckptstore.save(state, os.path.join(ckpts, "sync"), step=5, codec="zstd")
+    with ckptstore.Checkpointer(os.path.join(ckpts, "run"), codec="none") as ckpt:
+        pending = ckpt.save_async(state, 5)
+        state["model"]["b"].to_local().fill_(123.0)  # mutating after staging must not matter
+        result = pending.wait()
+        assert result.step == 5
+        if rank == 0:
+            manifest = result.manifest
+            assert manifest is not None
+            assert manifest.world_size == world
+            assert sorted(f for f in manifest.files if f.endswith(".distcp")) == [
+                f"__{r}_0.distcp" for r in range(world)
+            ]
+        # Load back on the same number of ranks.
+        target = {
+            "model": sharded({k: torch.zeros_like(v) for k, v in full_state().items()}, mesh),
+            "step": 0,
+            "per_rank": {f"rank{rank}": torch.zeros(3)},
+        }
+        ckpt.load(target)
+        check_full(target["model"], full_state())
+        assert target["step"] == 5
+        assert torch.equal(target["per_rank"][f"rank{rank}"], torch.full((3,), float(rank)))
+        assert [i.step for i in ckpt.list()] == [5]
+
+
+def scenario_load_plain(ckpts: str, rank: int, world: int) -> None:
+    """A checkpoint saved sharded, loaded as plain full tensors (fewer ranks, or one)."""
+    for where in ("sync", "run/step_00000005"):
+        target = {"model": {k: torch.zeros_like(v) for k, v in full_state().items()}, "step": 0}
+        if world > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (world,))
+            target["model"] = sharded(target["model"], mesh)
+        ckptstore.load(target, os.path.join(ckpts, where))
+        check_full(target["model"], full_state())
+        assert target["step"] == 5
+
+
+def scenario_save_plain(ckpts: str, rank: int, world: int) -> None:
+    ckptstore.save(
+        {"model": full_state(), "step": 5}, os.path.join(ckpts, "sync"), step=5, codec="zstd"
+    )
+    with ckptstore.Checkpointer(os.path.join(ckpts, "run")) as ckpt:
+        ckpt.save({"model": full_state(), "step": 5}, 5)
+
+
+def scenario_fsdp(ckpts: str, rank: int, world: int) -> None:
+    """FSDP2 model + AdamW through DCP's get/set_state_dict: what a sharded run saves."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ckptstore.train.model import GPT, MODEL_SIZES
+
+    mesh = init_device_mesh("cpu", (world,))
+    cfg = MODEL_SIZES["tiny"]
+
+    def build():
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step(model, opt, i):
+        g = torch.Generator().manual_seed(i)
+        x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=g)
+        _, loss = model(x, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    model, opt = build()
+    for i in range(2):
+        step(model, opt, i)
+    msd, osd = get_state_dict(model, opt)
+    with ckptstore.Checkpointer(os.path.join(ckpts, "fsdp"), codec="zstd") as ckpt:
+        ckpt.save({"model": msd, "optim": osd}, 2)
+        expected = [step(model, opt, i) for i in (2, 3)]
+        model2, opt2 = build()
+        step(model2, opt2, 99)  # creates optimizer state to load into
+        msd2, osd2 = get_state_dict(model2, opt2)
+        target = {"model": msd2, "optim": osd2}
+        ckpt.load(target)
+        set_state_dict(
+            model2, opt2, model_state_dict=target["model"], optim_state_dict=target["optim"]
+        )
+        got = [step(model2, opt2, i) for i in (2, 3)]
+    assert got == expected, (got, expected)
+
+
+if __name__ == "__main__":
+    name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    main(name, workdir, r, n)

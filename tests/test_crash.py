@@ -1,0 +1,152 @@
+"""A save killed mid-flight (SIGKILL, a real process) leaves nothing that looks complete."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import REPO
+
+import ckptstore
+
+CHILD = r"""
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+import ckptstore
+from faults import FaultyBackend
+from ckptstore.storage import LocalBackend
+
+root = sys.argv[1]
+state = {{"w": torch.arange(2_000_000, dtype=torch.float32), "step": 0}}
+with ckptstore.Checkpointer(root, chunk_bytes=64 * 1024) as ckpt:
+    ckpt.save(state, 1)
+# Step 2 writes slowly: every chunk write sleeps, so it is mid-write when killed.
+slow = FaultyBackend(LocalBackend(root), delay_s=0.02)
+ckpt = ckptstore.Checkpointer(slow, chunk_bytes=64 * 1024)
+state["w"] += 1
+ckpt.save_async(state, 2)
+print("STAGED", flush=True)
+time.sleep(120)
+"""
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_loadable(root):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD.format(tests=tests), root],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "STAGED", proc.stderr.read()
+        deadline = time.monotonic() + 30
+        temp = []
+        while time.monotonic() < deadline:  # wait until the shard file is being written
+            temp = [n for n in os.listdir(root) if n.startswith(".tmp-step_00000002")]
+            if temp and os.listdir(os.path.join(root, temp[0])):
+                break
+            time.sleep(0.01)
+        assert temp, "the save never started writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    names = os.listdir(root)
+    assert "step_00000002" not in names
+    assert any(n.startswith(".tmp-step_00000002") for n in names), "the dead save's temp dir is there"
+    # A fresh process: only step 1 is listed, it verifies and loads; the leftovers go.
+    with ckptstore.Checkpointer(root, sweep_grace_s=0) as ckpt:
+        assert [i.step for i in ckpt.list()] == [1]
+        assert ckpt.verify(1) == []
+        target = {"w": torch.zeros(2_000_000), "step": -1}
+        ckpt.load(target)
+        assert torch.equal(target["w"], torch.arange(2_000_000, dtype=torch.float32))
+    assert sorted(os.listdir(root)) == ["step_00000001"]
+
+
+LIVE = r"""
+import sys, time
+import ckptstore
+from ckptstore.storage import LocalBackend
+pending = LocalBackend(sys.argv[1]).begin("step_00000007")
+print(pending.token, flush=True)
+time.sleep(120)
+"""
+
+
+def test_sweep_never_removes_a_live_save_of_another_process(root):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", LIVE, root], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        token = proc.stdout.readline().strip()
+        assert token.startswith(".tmp-step_00000007-")
+        with ckptstore.Checkpointer(root, sweep_grace_s=0) as ckpt:
+            assert ckpt.sweep(0) == []
+        assert token in os.listdir(root)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    with ckptstore.Checkpointer(root, sweep_grace_s=0):
+        pass  # start-up sweep: the owner is dead now
+    assert token not in os.listdir(root)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="tmpfs and user namespaces are Linux")
+def test_disk_full_on_a_real_small_filesystem(tmp_path):
+    """ENOSPC from a real 6 MiB tmpfs (mounted in a user namespace): clear error, nothing lost."""
+    code = r"""
+import os, subprocess, sys, torch
+import ckptstore
+mnt = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", mnt], check=True)
+try:
+    with ckptstore.Checkpointer(mnt, codec="none") as ckpt:
+        ckpt.save({"w": torch.ones(1_000_000)}, 1)            # 4 MB: fits
+        try:
+            ckpt.save({"w": torch.ones(1_000_000) * 2}, 2)    # does not fit beside step 1
+        except ckptstore.StorageFullError as exc:
+            print("FULL", exc.errno, exc)
+        assert [i.step for i in ckpt.list()] == [1], ckpt.list()
+        assert not [n for n in os.listdir(mnt) if n.startswith(".tmp-")]
+        assert ckpt.verify(1) == []
+        ckpt.backend.delete("step_00000001")                 # free space ...
+        ckpt.save({"w": torch.ones(1_000_000) * 3}, 3)        # ... and the next save succeeds
+        t = {"w": torch.zeros(1_000_000)}
+        ckpt.load(t)
+        assert bool((t["w"] == 3).all())
+    print("DONE")
+finally:
+    subprocess.run(["umount", mnt], check=False)
+"""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a user namespace here: {probe.stderr.decode().strip()}")
+    proc = subprocess.run(
+        ["unshare", "-rm", sys.executable, "-c", code, str(mnt)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FULL 28" in proc.stdout and "DONE" in proc.stdout, proc.stdout
