@@ -68,7 +68,9 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(root):
 
     names = os.listdir(root)
     assert "step_00000002" not in names
-    assert any(n.startswith(".tmp-step_00000002") for n in names), "the dead save's temp dir is there"
+    assert any(n.startswith(".tmp-step_00000002") for n in names), (
+        "the dead save's temp dir is there"
+    )
     # A fresh process: only step 1 is listed, it verifies and loads; the leftovers go.
     with ckptstore.Checkpointer(root, sweep_grace_s=0) as ckpt:
         assert [i.step for i in ckpt.list()] == [1]
@@ -91,7 +93,9 @@ time.sleep(120)
 
 def test_sweep_never_removes_a_live_save_of_another_process(root):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", LIVE, root], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIVE, root], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         token = proc.stdout.readline().strip()
         assert token.startswith(".tmp-step_00000007-")
