@@ -68,9 +68,10 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(root):
 
     names = os.listdir(root)
     assert "step_00000002" not in names
-    assert any(n.startswith(".tmp-step_00000002") for n in names), (
-        "the dead save's temp dir is there"
-    )
+    leftovers = [n for n in names if n.startswith(".tmp-step_00000002")]
+    assert leftovers, "the dead save's temp dir is there"
+    old = time.time() - 3600  # sweep spares anything younger than a few seconds
+    os.utime(os.path.join(root, leftovers[0]), (old, old))
     # A fresh process: only step 1 is listed, it verifies and loads; the leftovers go.
     with ckptstore.Checkpointer(root, sweep_grace_s=0) as ckpt:
         assert [i.step for i in ckpt.list()] == [1]
@@ -99,6 +100,8 @@ def test_sweep_never_removes_a_live_save_of_another_process(root):
     try:
         token = proc.stdout.readline().strip()
         assert token.startswith(".tmp-step_00000007-")
+        old = time.time() - 3600  # old, but alive: its lock says so
+        os.utime(os.path.join(root, token), (old, old))
         with ckptstore.Checkpointer(root, sweep_grace_s=0) as ckpt:
             assert ckpt.sweep(0) == []
         assert token in os.listdir(root)

@@ -26,7 +26,7 @@ def get_codec(spec: str | dict[str, Any] | Codec) -> Codec:
         raise ValueError(f"codec must be a name or a config dict with 'id', got {spec!r}")
     params = dict(spec)
     codec_id = params.pop("id")
-    cls = _REGISTRY.get(codec_id)
+    cls = _REGISTRY.get(codec_id) if isinstance(codec_id, str) else None
     if cls is None:
         known = ", ".join(sorted([*_REGISTRY, "auto"]))
         raise ValueError(f"unknown codec {codec_id!r}; choose one of: {known}")

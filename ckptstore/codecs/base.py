@@ -52,7 +52,7 @@ class ElementKind:
         if dtype is None:
             return cls(1, None)
         fk = _FLOAT_KINDS.get(dtype)
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         if fk is not None and dtype.is_complex:
             size //= 2
         return cls(size, fk)

@@ -65,8 +65,15 @@ class ZstdCodec(Codec):
     codec_id = "zstd"
 
     def __init__(self, level: int = 1, byte_group: bool = True) -> None:
-        if not isinstance(level, int) or not (-7 <= level <= 22) or level == 0:
+        if (
+            isinstance(level, bool)
+            or not isinstance(level, int)
+            or not (-7 <= level <= 22)
+            or level == 0
+        ):
             raise ValueError(f"zstd level must be an int in -7..-1 or 1..22, got {level!r}")
+        if not isinstance(byte_group, bool):
+            raise ValueError(f"byte_group must be True or False, got {byte_group!r}")
         self.level = level
         self.byte_group = byte_group
         self._local = threading.local()
@@ -195,6 +202,9 @@ class ZstdCodec(Codec):
                 columns[:, i] = rows[i]
 
     def _decode_stream(self, stored: memoryview, size: int, out: np.ndarray) -> None:
+        if size == 0:  # an empty stream (stored raw as -0 == 0): nothing to decode
+            check(out.nbytes == 0 and stored.nbytes == 0, f"empty stream, expected {out.nbytes} B")
+            return
         if size < 0:
             check(-size == out.nbytes, f"raw stream of {-size} B, expected {out.nbytes} B")
             np.copyto(out, np.frombuffer(stored, dtype=np.uint8))

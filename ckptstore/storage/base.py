@@ -176,7 +176,10 @@ class StorageBackend(ABC):
     def sweep(self, grace_s: float) -> list[str]:
         """Remove leftovers of dead saves older than ``grace_s``; return what was removed.
 
-        A save in progress, in this process or another live one, is never removed.
+        A save in progress in this process is never removed. One in another process is
+        protected by a lock where the file system has them (local disk: whatever its
+        age) and by ``grace_s`` where it does not (object stores): there, choose a grace
+        period longer than the slowest save.
         """
 
     def is_local(self) -> bool:

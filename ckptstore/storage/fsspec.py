@@ -15,7 +15,9 @@ and are not done here yet.
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
+import weakref
 from typing import Any
 
 from ckptstore.errors import CheckpointExistsError, StorageError, storage_error
@@ -27,6 +29,11 @@ from ckptstore.storage.base import (
     StorageBackend,
     check_name,
 )
+
+# Checkpoints being written by this process, on any backend object: sweep() spares them.
+# Weak: a pending checkpoint nobody holds any more can never commit, so it is not live.
+# (fsspec caches file system instances, so the same store is the same object.)
+_LIVE: weakref.WeakValueDictionary[tuple[int, str], _FsspecPending] = weakref.WeakValueDictionary()
 
 
 def _translate(exc: Exception, action: str, path: str) -> StorageError:
@@ -41,9 +48,17 @@ class _MemorySink(FileSink):
         self.path = path
         self._parts: list[bytes] = []
         self._size = 0
+        self._closed = False
 
     def write(self, data: Any) -> None:
-        b = bytes(memoryview(data).cast("B")) if not isinstance(data, bytes) else data
+        mv = memoryview(data)
+        if mv.nbytes == 0:
+            return
+        b = (
+            data
+            if isinstance(data, bytes)
+            else bytes(mv.cast("B") if mv.c_contiguous else mv.tobytes())
+        )
         self._parts.append(b)
         self._size += len(b)
 
@@ -51,12 +66,15 @@ class _MemorySink(FileSink):
         return self._size
 
     def close(self) -> int:
+        if self._closed:
+            return self._size
         try:
             self._fs.pipe_file(self.path, b"".join(self._parts))
         except Exception as exc:
             raise _translate(exc, "upload", self.path) from exc
         finally:
             self._parts = []
+        self._closed = True
         return self._size
 
     def abort(self) -> None:
@@ -94,10 +112,20 @@ class _FsspecPending(PendingCheckpoint):
         self._backend = backend
         self._coordinator = coordinator
         self._written: list[str] = []
+        if coordinator:
+            _LIVE[backend._live_key(name)] = self
 
     def create_file(self, name: str) -> FileSink:
         check_name(name, what="file name")
         path = self._backend._path(f"{self.token}/{name}")
+        try:
+            exists = self._backend.fs.exists(path)
+        except Exception as exc:
+            raise _translate(exc, "stat", path) from exc
+        if exists:
+            raise StorageError(
+                errno.EEXIST, "file exists; a checkpoint's files are written once", path
+            )
         self._written.append(path)
         return _MemorySink(self._backend.fs, path)
 
@@ -116,11 +144,14 @@ class _FsspecPending(PendingCheckpoint):
             raise
         except Exception as exc:
             raise _translate(exc, "commit", path) from exc
+        _LIVE.pop(self._backend._live_key(self.token), None)
 
     def abort(self) -> None:
         for path in self._written:
             with contextlib.suppress(Exception):
                 self._backend.fs.rm_file(path)
+        if self._coordinator:
+            _LIVE.pop(self._backend._live_key(self.token), None)
 
 
 class FsspecBackend(StorageBackend):
@@ -133,6 +164,9 @@ class FsspecBackend(StorageBackend):
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{check_name(name)}"
+
+    def _live_key(self, name: str) -> tuple[int, str]:
+        return (id(self.fs), self._path(name))
 
     def list_names(self) -> list[str]:
         try:
@@ -190,6 +224,8 @@ class FsspecBackend(StorageBackend):
         removed = []
         now = time.time()
         for name in self.list_names():
+            if self._live_key(name) in _LIVE:
+                continue  # being written by this process
             path = self._path(name)
             try:
                 if not self.fs.isdir(path) or self.fs.exists(f"{path}/{COMMIT_FILE}"):

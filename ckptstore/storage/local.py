@@ -49,6 +49,7 @@ _ALIGN = 4096
 _BOUNCE_BYTES = 8 << 20
 _MAX_WRITE = 64 << 20  # one write() call; Linux caps a write at ~2 GiB anyway
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+_MIN_SWEEP_AGE_S = 5.0
 
 _libc: Any = None
 
@@ -119,18 +120,28 @@ class _LocalSink(FileSink):
 
     def write(self, data: Any) -> None:
         mv = memoryview(data)
+        if mv.nbytes == 0:
+            return
         if mv.ndim != 1 or mv.itemsize != 1 or not mv.c_contiguous:
             mv = mv.cast("B") if mv.c_contiguous else memoryview(bytes(mv))
         self._size += mv.nbytes
+        # Invariant: the bounce buffer holds the bytes that come next in the file, so
+        # it is flushed before anything is written around it.
         try:
-            if not self._direct:
-                self._write_all(mv)
-                return
-            if self._fill == 0 and mv.nbytes >= _ALIGN and _address(mv) % _ALIGN == 0:
+            if (
+                self._direct
+                and self._fill == 0
+                and mv.nbytes >= _ALIGN
+                and _address(mv) % _ALIGN == 0
+            ):
                 n = mv.nbytes - mv.nbytes % _ALIGN
                 self._write_all(mv[:n])
                 mv = mv[n:]
-            self._buffer(mv)
+            if self._direct:
+                self._buffer(mv)
+            else:
+                self._flush_bounce()
+                self._write_all(mv)
         except OSError as exc:
             raise storage_error(exc, "write", self.path) from exc
 
@@ -146,8 +157,13 @@ class _LocalSink(FileSink):
             self._fill += n
             mv = mv[n:]
             if self._fill == _BOUNCE_BYTES:
-                self._write_all(memoryview(self._bounce))
-                self._fill = 0
+                self._flush_bounce()
+
+    def _flush_bounce(self) -> None:
+        if self._fill:
+            assert self._bounce is not None
+            self._write_all(memoryview(self._bounce)[: self._fill])
+            self._fill = 0
 
     def _write_all(self, mv: memoryview) -> None:
         while mv.nbytes:
@@ -156,7 +172,7 @@ class _LocalSink(FileSink):
                 n = os.write(self._fd, piece)
             except OSError as exc:
                 if exc.errno == errno.EINVAL and self._direct:
-                    self._drop_direct()  # the file system refused this O_DIRECT write
+                    self._drop_direct()  # the file system refused O_DIRECT: same bytes, buffered
                     continue
                 raise
             if n <= 0:
@@ -166,29 +182,25 @@ class _LocalSink(FileSink):
                 self._drop_direct()  # a short write broke alignment; finish buffered
 
     def _drop_direct(self) -> None:
+        """Continue without O_DIRECT. Only the flag changes; no bytes move here."""
         fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fl & ~_O_DIRECT)
         self._direct = False
-        if self._bounce is not None and self._fill:
-            pending = bytes(self._bounce[: self._fill])
-            self._fill = 0
-            self._write_all(memoryview(pending))
 
     def close(self) -> int:
         if self._closed:
             return self._size
         try:
             if self._direct and self._fill:
+                # O_DIRECT writes whole blocks: pad the tail, then cut the file back.
                 assert self._bounce is not None
                 padded = -(-self._fill // _ALIGN) * _ALIGN
                 self._bounce[self._fill : padded] = bytes(padded - self._fill)
-                self._write_all(memoryview(self._bounce)[:padded])
-                self._fill = 0
+                self._fill = padded
+                self._flush_bounce()
                 os.ftruncate(self._fd, self._size)
-            elif self._fill:
-                assert self._bounce is not None
-                self._write_all(memoryview(self._bounce)[: self._fill])
-                self._fill = 0
+            else:
+                self._flush_bounce()
             os.fdatasync(self._fd)
         except OSError as exc:
             self.abort()
@@ -262,7 +274,13 @@ class _LocalPending(PendingCheckpoint):
 
     def create_file(self, name: str) -> FileSink:
         check_name(name, what="file name")
-        return _LocalSink(os.path.join(self._dir, name), direct=self._backend.direct_io)
+        path = os.path.join(self._dir, name)
+        if "/" in name:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except OSError as exc:
+                raise storage_error(exc, "create directory", os.path.dirname(path)) from exc
+        return _LocalSink(path, direct=self._backend.direct_io)
 
     def commit(self, manifest: bytes) -> None:
         if self._final is None:
@@ -350,10 +368,20 @@ class LocalBackend(StorageBackend):
 
     def begin(self, name: str) -> PendingCheckpoint:
         check_name(name)
-        if os.path.exists(os.path.join(self.root, name, COMMIT_FILE)):
+        if name.startswith(TEMP_PREFIX) or "/" in name:
+            raise ValueError(
+                f"{name!r} cannot name a checkpoint: names starting {TEMP_PREFIX!r} are reserved"
+            )
+        final = os.path.join(self.root, name)
+        if os.path.exists(os.path.join(final, COMMIT_FILE)):
             raise CheckpointExistsError(
                 f"{self.url}/{name} is already committed; ckptstore never overwrites a "
                 "checkpoint: save under another step, or delete that one first"
+            )
+        if os.path.lexists(final):
+            raise CheckpointExistsError(
+                f"{final} exists but is not a committed checkpoint (no {COMMIT_FILE}); "
+                "ckptstore will not write over something it did not create: move it away"
             )
         token = f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
         path = os.path.join(self.root, token)
@@ -394,6 +422,9 @@ class LocalBackend(StorageBackend):
     def sweep(self, grace_s: float) -> list[str]:
         removed = []
         now = time.time()
+        # Never younger than this, whatever grace_s says: begin() makes the directory,
+        # then locks it, and a sweep in between must not take it for a dead one.
+        grace_s = max(grace_s, _MIN_SWEEP_AGE_S)
         for name in self.list_names():
             if not name.startswith(TEMP_PREFIX):
                 continue
