@@ -130,10 +130,13 @@ class _LocalSink(FileSink):
         try:
             if (
                 self._direct
-                and self._fill == 0
+                and self._fill % _ALIGN == 0
                 and mv.nbytes >= _ALIGN
                 and _address(mv) % _ALIGN == 0
             ):
+                # Whole blocks pending (align() leaves it so): write them, then this
+                # buffer straight from its own memory, without a copy.
+                self._flush_bounce()
                 n = mv.nbytes - mv.nbytes % _ALIGN
                 self._write_all(mv[:n])
                 mv = mv[n:]
