@@ -12,6 +12,7 @@ the original as ``__cause__``.
 from __future__ import annotations
 
 import threading
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -66,21 +67,29 @@ class ErrorLedger:
 
     def raise_unseen(self) -> None:
         """Raise :class:`BackgroundSaveError` for the oldest unseen failure, marking all seen."""
+        err = self.take_unseen()
+        if err is not None:
+            raise err
+
+    def take_unseen(self) -> BackgroundSaveError | None:
+        """The error to raise for unseen failures (oldest first), marking them seen."""
         with self._lock:
             unseen = [r for r in self._records if not r.surfaced]
             for r in unseen:
                 r.surfaced = True
             self._records = []
         if not unseen:
-            return
+            return None
         first = unseen[0]
         steps = ", ".join(str(r.step) for r in unseen)
         more = f" (failed saves: steps {steps})" if len(unseen) > 1 else ""
-        raise BackgroundSaveError(
+        err = BackgroundSaveError(
             f"the background save of step {first.step} failed: {type(first.error).__name__}: "
             f"{first.error}{more}. Earlier checkpoints are intact; later saves may succeed",
             step=first.step,
-        ) from first.error
+        )
+        err.__cause__ = first.error
+        return err
 
 
 class PendingSave:
@@ -105,7 +114,7 @@ class PendingSave:
         """Block until durable; return the result or raise the save's own error."""
         try:
             return self.committed.result(timeout)
-        except TimeoutError:
+        except (TimeoutError, futures.TimeoutError):  # distinct classes on Python 3.10
             raise
         except BaseException:
             if self._record is not None:

@@ -150,8 +150,13 @@ def save_staged(
     metadata: dict[str, Any] | None,
     chunk_bytes: int,
     window: int,
+    failure: str | None = None,
 ) -> WriteStats:
-    """Write ``staged`` as checkpoint ``name``; collective over ``group``."""
+    """Write ``staged`` as checkpoint ``name``; collective over ``group``.
+
+    With ``failure`` set, this rank only enters the collectives to fail them (see
+    :class:`CkptStorageWriter`); the save then raises on every rank.
+    """
     start = time.perf_counter()
     writer = CkptStorageWriter(
         backend,
@@ -163,6 +168,7 @@ def save_staged(
         metadata=metadata,
         chunk_bytes=chunk_bytes,
         window=window,
+        failure=failure,
     )
     try:
         _compat.save(staged.flat, writer, StagedSavePlanner(staged.mappings), group)
@@ -213,7 +219,15 @@ def load_into(
 def check_compatible(
     target: dict[str, Any], metadata: Metadata, where: str, *, allow_partial: bool = False
 ) -> None:
-    """Raise :class:`IncompatibleCheckpointError` listing how ``target`` differs."""
+    """Raise :class:`IncompatibleCheckpointError` listing how ``target`` differs.
+
+    Compared: keys the target has and the checkpoint lacks; shapes; tensor vs value; and
+    keys the checkpoint holds inside a container that the target has but leaves empty
+    (DCP would skip them silently: a freshly built optimizer, whose ``state`` is empty
+    until its first step, would load nothing). Other keys the target does not name are
+    not loaded, by design: pass ``{"model": ...}`` to load only the model, or only this
+    rank's entry of a per-rank dict. ``allow_partial`` accepts missing keys on either side.
+    """
     flat, _ = flatten_state_dict(target)
     stored = metadata.state_dict_metadata
     missing: list[str] = []
@@ -237,21 +251,53 @@ def check_compatible(
             and tuple(obj.shape) != tuple(md.size)
         ):
             differ.append(f"{fqn}: checkpoint {list(md.size)}, target {list(obj.shape)}")
-    if not missing and not differ:
+    planner_data = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+
+    def lands_in_empty_container(fqn: str) -> bool:
+        """Whether ``fqn``'s deepest ancestor present in the target is an empty dict/list.
+
+        That is a fresh optimizer's ``state == {}``: DCP would skip everything under it.
+        A non-empty container that lacks some keys is a deliberate subset (each rank
+        loading only its own per-rank entry, say) and is left alone.
+        """
+        path = planner_data.get(fqn)
+        parts = list(path) if isinstance(path, tuple) and path else fqn.split(".")
+        node: Any = target
+        for part in parts[:-1]:
+            present = (isinstance(node, dict) and part in node) or (
+                isinstance(node, list) and isinstance(part, int) and part < len(node)
+            )
+            if not present:
+                break
+            node = node[part]
+        else:
+            return False
+        return node is not target and isinstance(node, (dict, list)) and len(node) == 0
+
+    skipped = sorted(k for k in set(stored) - set(flat) if lands_in_empty_container(k))
+    if not missing and not differ and (allow_partial or not skipped):
         return
     parts = []
     if missing:
         parts.append(f"{len(missing)} key(s) missing from the checkpoint ({_first(missing)})")
     if differ:
         parts.append(f"{len(differ)} shape/kind difference(s) ({_first(differ)})")
-    unexpected = sorted(set(stored) - set(flat))
-    if unexpected:
+    if skipped:
         parts.append(
-            f"the checkpoint has {len(unexpected)} key(s) the target lacks ({_first(unexpected)})"
+            f"the checkpoint holds {len(skipped)} key(s) the target lacks under the entries being "
+            f"loaded, which would be skipped ({_first(skipped)})"
         )
     advice = "load into a model and optimizer built with the same configuration"
-    if missing and not differ:
-        advice += ", or pass allow_partial=True to leave missing keys as they are"
+    if skipped and not differ:
+        advice = "add those keys to the target"
+        if any(".state." in k for k in skipped):
+            advice = (
+                "a freshly built optimizer has no state until its first step: take one step "
+                "first, or save and load through torch.distributed.checkpoint.state_dict."
+                "get_state_dict / set_state_dict, which create it"
+            )
+    if (missing or skipped) and not differ:
+        advice += ", or pass allow_partial=True to load only the keys both sides have"
     raise IncompatibleCheckpointError(
         f"{where} does not fit the state_dict: {'; '.join(parts)}. Fix: {advice}"
     )

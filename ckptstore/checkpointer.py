@@ -38,7 +38,12 @@ from ckptstore.checkpoint import (
     verify,
 )
 from ckptstore.codecs import Codec, RawCodec, ZstdCodec, get_codec
-from ckptstore.errors import CheckpointerClosedError, CheckpointNotFoundError, UnsupportedStateError
+from ckptstore.errors import (
+    CheckpointerClosedError,
+    CheckpointNotFoundError,
+    CkptStoreError,
+    UnsupportedStateError,
+)
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES
 from ckptstore.staging import StagedState, StagingPool
 from ckptstore.storage import StorageBackend, open_backend
@@ -229,48 +234,48 @@ class Checkpointer:
         earlier save failed and nobody waited on it.
         """
         self._check_open()
-        self._errors.raise_unseen()
         name = checkpoint_name(step)
         user_md = _check_metadata(metadata)
         with self._lock:
             if step in self._inflight:
                 raise ValueError(f"step {step} is already being saved; wait for it first")
+        earlier = self._errors.take_unseen()
         start = time.perf_counter()
         self._slots.acquire()
         backpressure_s = time.perf_counter() - start
         pending = PendingSave(step)
         with self._lock:
             self._inflight[step] = pending
-
-        def stage() -> StagedState:
-            staged = self._staging.stage(state_dict)
+        try:
+            # On the caller's thread: Stateful.state_dict() may run collectives on the
+            # training group, and waiting for a staging buffer here is backpressure.
+            prep = self._staging.prepare(state_dict)
+            staged = self._staging.copy(prep) if block_until_staged else None
+        except BaseException as exc:
+            pending.staged.set_exception(exc)
+            pending.committed.set_exception(exc)
+            self._writer.submit(self._write_failure, pending, name, exc, False)
+            raise
+        if staged is not None:
             pending.staged.set_result(None)
-            return staged
-
-        staged: StagedState | None = None
-        if block_until_staged:
-            try:
-                staged = stage()
-            except BaseException as exc:
-                self._finish(pending, None)
-                pending.staged.set_exception(exc)
-                pending.committed.set_exception(exc)
-                raise
         stall_s = time.perf_counter() - start
 
         def job() -> None:
             ready = staged
             if ready is None:
                 try:
-                    ready = stage()
+                    ready = self._staging.copy(prep)
                 except BaseException as exc:
                     pending.staged.set_exception(exc)
-                    self._fail(pending, exc)
-                    self._finish(pending, None)
+                    self._write_failure(pending, name, exc, True)
                     return
+                pending.staged.set_result(None)
             self._write(pending, ready, name, user_md, start, stall_s, backpressure_s)
 
         self._writer.submit(job)
+        if earlier is not None:
+            earlier.pending = pending
+            raise earlier
         return pending
 
     def save(
@@ -339,6 +344,37 @@ class Checkpointer:
             pending.committed.set_result(result)
         finally:
             self._finish(pending, staged)
+
+    def _write_failure(
+        self, pending: PendingSave, name: str, exc: BaseException, record: bool
+    ) -> None:
+        """This rank could not stage: still enter the save's collectives and fail them.
+
+        Every rank must take part in every save; a rank that skipped one would pair its
+        next save with the other ranks' current one. Single process: nothing to join.
+        """
+        try:
+            if self._group is not None:
+                with contextlib.suppress(
+                    BaseException
+                ):  # it fails, on every rank: that is the point
+                    save_staged(
+                        StagedState({}, {}, None, 0, 0, 0.0),
+                        self._backend,
+                        name,
+                        codec=RawCodec(),
+                        pool=self._pool,
+                        group=self._group,
+                        step=pending.step,
+                        metadata=None,
+                        chunk_bytes=self.config.chunk_bytes,
+                        window=2,
+                        failure=f"{type(exc).__name__}: {exc}",
+                    )
+        finally:
+            if record:
+                self._fail(pending, exc)
+            self._finish(pending, None)
 
     def _fail(self, pending: PendingSave, exc: BaseException) -> None:
         log.error("saving step %d failed: %s: %s", pending.step, type(exc).__name__, exc)
@@ -423,15 +459,29 @@ class Checkpointer:
         self._check_open()
         self._drain()  # the writer thread and this one must not use the gloo group at once
         if step is None:
-            latest = self.latest() if self._rank == 0 else None
-            name = _dist.broadcast(latest.name if latest else None, self._group)
-            if name is None:
+            # Rank 0 decides and tells everyone, errors included (a rank left waiting
+            # for a broadcast that never comes would hang).
+            decision: tuple[str, str | None] = ("ok", None)
+            listing_error: BaseException | None = None
+            if self._rank == 0:
+                try:
+                    latest = self.latest()
+                    decision = ("ok", latest.name if latest else None)
+                except Exception as exc:
+                    listing_error = exc
+                    decision = ("error", f"{type(exc).__name__}: {exc}")
+            decision = _dist.broadcast(decision, self._group)  # type: ignore[assignment]
+            if decision[0] == "error":
+                if listing_error is not None:
+                    raise listing_error
+                raise CkptStoreError(f"rank 0 could not list {self.url}: {decision[1]}")
+            if decision[1] is None:
                 raise CheckpointNotFoundError(
                     f"no committed checkpoint under {self.url}; nothing to load"
                 )
+            name = decision[1]
         else:
             name = checkpoint_name(step)
-        assert isinstance(name, str)
         manifest = load_into(
             state_dict,
             self._backend,

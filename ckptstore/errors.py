@@ -80,14 +80,18 @@ class StorageFullError(StorageError):
 
 
 class BackgroundSaveError(CkptStoreError):
-    """An earlier asynchronous save failed; raised by the next ``save``/``close``.
+    """An earlier asynchronous save failed; raised by the next ``save_async``, ``wait``
+    or ``close``.
 
-    ``step`` is the step that failed; the original error is ``__cause__``.
+    ``step`` is the step that failed; the original error is ``__cause__``. When raised
+    by ``save_async``, the save that call asked for was still started (every rank must
+    enter every save, or ranks fall out of step): its handle is ``pending``.
     """
 
     def __init__(self, message: str, *, step: int | None = None) -> None:
         super().__init__(message)
         self.step = step
+        self.pending: object | None = None
 
 
 class CheckpointerClosedError(CkptStoreError, RuntimeError):

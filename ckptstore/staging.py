@@ -29,7 +29,7 @@ import mmap
 import pickle
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,7 +57,23 @@ class StagedState:
     value_bytes: int
     copy_s: float
     wait_s: float = 0.0  # time spent waiting for an arena (backpressure)
-    ready: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class PreparedState:
+    """A state dict flattened and planned, with its arena reserved, not yet copied.
+
+    Made on the thread that owns the state (``Stateful.state_dict()`` may run
+    collectives on the training group there); copied later, on any thread.
+    """
+
+    flat: dict[str, Any]
+    mappings: dict[str, Any]
+    leaves: list[_Leaf]
+    values: dict[str, Any]
+    arena: _Arena | None
+    tensor_bytes: int
+    wait_s: float
 
 
 class _Arena:
@@ -124,24 +140,47 @@ class StagingPool:
 
     def stage(self, state_dict: dict[str, Any], *, timeout_s: float | None = None) -> StagedState:
         """Copy ``state_dict`` into an arena. The caller may mutate its state afterwards."""
+        return self.copy(self.prepare(state_dict, timeout_s=timeout_s))
+
+    def prepare(
+        self, state_dict: dict[str, Any], *, timeout_s: float | None = None
+    ) -> PreparedState:
+        """Flatten and plan ``state_dict`` and reserve its arena (waits for one if needed).
+
+        Call on the thread that owns the state. Follow with :meth:`copy` (any thread)
+        or :meth:`discard`.
+        """
         flat, mappings = _flatten(state_dict)
         leaves, values, signature, offsets, total = _plan(flat)
         start = time.perf_counter()
         arena = self._acquire(signature, offsets, total, timeout_s) if leaves else None
-        waited = time.perf_counter() - start
+        return PreparedState(
+            flat, mappings, leaves, values, arena, total, time.perf_counter() - start
+        )
+
+    def copy(self, prep: PreparedState) -> StagedState:
+        """Copy a prepared state into its arena; on failure the arena is given back."""
         try:
             start = time.perf_counter()
-            staged = self._copy(flat, leaves, arena)
+            staged = self._copy(prep.flat, prep.leaves, prep.arena)
             value_bytes = 0
-            for fqn, value in values.items():
+            for fqn, value in prep.values.items():
                 staged[fqn] = _serialize(fqn, value)
                 value_bytes += len(staged[fqn].data)
             copy_s = time.perf_counter() - start
         except BaseException:
-            if arena is not None:
-                self._give_back(arena)
+            self.discard(prep)
             raise
-        return StagedState(staged, mappings, arena, total, value_bytes, copy_s, waited)
+        arena, prep.arena = prep.arena, None
+        return StagedState(
+            staged, prep.mappings, arena, prep.tensor_bytes, value_bytes, copy_s, prep.wait_s
+        )
+
+    def discard(self, prep: PreparedState) -> None:
+        """Give back the arena of a prepared state that will not be copied."""
+        if prep.arena is not None:
+            arena, prep.arena = prep.arena, None
+            self._give_back(arena)
 
     def release(self, staged: StagedState) -> None:
         """The save is done with ``staged``; its arena may be reused."""

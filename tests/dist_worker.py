@@ -164,6 +164,48 @@ def scenario_fsdp(ckpts: str, rank: int, world: int) -> None:
     assert got == expected, (got, expected)
 
 
+def scenario_stage_failure(ckpts: str, rank: int, world: int) -> None:
+    """One rank cannot stage step 1: every rank fails step 1, and step 2 is right."""
+    import numpy as np
+
+    with ckptstore.Checkpointer(os.path.join(ckpts, "run")) as ckpt:
+        state: dict[str, object] = {"x": torch.full((4,), 1.0 + rank)}
+        if rank == 1:
+            state["bad"] = np.zeros(3)  # refused at staging, on this rank only
+            try:
+                ckpt.save_async(state, 1)
+                raise AssertionError("staging should have failed on rank 1")
+            except ckptstore.UnsupportedStateError:
+                pass
+        else:
+            try:
+                ckpt.save_async(state, 1).wait()
+                raise AssertionError("step 1 should have failed on rank 0 too")
+            except ckptstore.CkptStoreError as exc:
+                assert "rank 1 could not stage" in str(exc), exc
+        # Per-rank keys: a plain tensor under one key on every rank is "replicated" to
+        # DCP, which keeps one copy.
+        state = {f"x{rank}": torch.full((4,), 10.0 + rank)}
+        ckpt.save_async(state, 2).wait()
+        assert [i.step for i in ckpt.list()] == [2]
+        got = {f"x{rank}": torch.zeros(4)}
+        ckpt.load(got)
+        assert torch.equal(got[f"x{rank}"], torch.full((4,), 10.0 + rank)), got
+
+
+def scenario_step_mismatch(ckpts: str, rank: int, world: int) -> None:
+    """Ranks saving different steps in one collective fail loudly; nothing is mixed."""
+    with ckptstore.Checkpointer(os.path.join(ckpts, "run")) as ckpt:
+        try:
+            ckpt.save_async({"x": torch.ones(2)}, 3 + rank).wait()
+            raise AssertionError("mismatched steps should fail")
+        except ckptstore.CkptStoreError as exc:
+            assert "different checkpoints" in str(exc), exc
+        assert ckpt.list() == []
+        ckpt.save_async({"x": torch.ones(2)}, 5).wait()
+        assert [i.step for i in ckpt.list()] == [5]
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)

@@ -153,8 +153,14 @@ def test_unseen_error_surfaces_on_next_save_with_step_and_cause(root):
             ckpt.save_async(state_of(), 8)
         assert info.value.step == 7
         assert isinstance(info.value.__cause__, ckptstore.StorageError)
-        # Reported once: the retry goes through.
-        ckpt.save_async(state_of(), 8).wait()
+        # The save asked for was still started (every rank must enter every save).
+        started = info.value.pending
+        assert isinstance(started, ckptstore.PendingSave)
+        assert started.step == 8
+        assert started.wait().step == 8
+        # Reported once: the next save goes through without an error.
+        ckpt.save_async(state_of(), 9).wait()
+        assert [i.step for i in ckpt.list()] == [8, 9]
 
 
 def test_unseen_error_surfaces_on_close(root):
@@ -256,3 +262,32 @@ def test_bad_config_is_refused_early(root):
         ckptstore.Checkpointer(root, chunk_bytes=1000)
     with pytest.raises(TypeError):
         ckptstore.Checkpointer(root, no_such_option=1)
+
+
+def test_background_staging_with_a_tight_budget_does_not_deadlock(root):
+    """A save staged on the writer thread must never wait for a buffer that a later save,
+    queued behind it, holds (the buffer is reserved on the caller's thread instead)."""
+    state = {"w": torch.randn(262_144)}  # 1 MiB: the budget holds one staging buffer
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with ckptstore.Checkpointer(
+                root, max_inflight=2, max_staging_bytes=(1 << 20) + 4096
+            ) as ckpt:
+                first = ckpt.save_async(state, 1, block_until_staged=False)
+                second = ckpt.save_async(state, 2)  # waits, on this thread, for the buffer
+                first.wait()
+                second.wait()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert done.wait(60), "deadlock: the saves never finished"
+    assert not errors, errors
+    with ckptstore.Checkpointer(root) as ckpt:
+        assert [i.step for i in ckpt.list()] == [1, 2]

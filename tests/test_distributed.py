@@ -72,6 +72,14 @@ def test_fsdp2_model_and_optimizer_resume(tmp_path):
     run_ranks("fsdp", str(tmp_path), 2)
 
 
+def test_a_rank_that_cannot_stage_fails_the_save_everywhere_and_ranks_stay_in_step(tmp_path):
+    run_ranks("stage_failure", str(tmp_path), 2)
+
+
+def test_ranks_saving_different_steps_fail_loudly(tmp_path):
+    run_ranks("step_mismatch", str(tmp_path), 2)
+
+
 @pytest.mark.slow
 def test_four_ranks_save_then_two_load(tmp_path):
     run_ranks("save_sharded", str(tmp_path), 4)

@@ -175,3 +175,32 @@ def test_memory_filesystem_roundtrip():
     got = {"a": torch.zeros(3)}
     ckptstore.load(got, url + "/one-off")
     assert torch.equal(got["a"], torch.ones(3))
+
+
+def test_loading_into_a_fresh_optimizer_is_refused_not_silently_skipped(root):
+    """A new AdamW has no state until its first step; DCP would load nothing into it."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt, _ = train_gpt("tiny")
+    with ckptstore.Checkpointer(root) as ckpt:
+        ckpt.save({"model": model, "optim": opt}, 1)
+        fresh_model = GPT(MODEL_SIZES["tiny"])
+        fresh_opt = torch.optim.AdamW(fresh_model.parameters(), lr=1e-3)
+        with pytest.raises(ckptstore.IncompatibleCheckpointError, match="freshly built optimizer"):
+            ckpt.load({"model": fresh_model, "optim": fresh_opt})
+        ckpt.load({"model": fresh_model, "optim": fresh_opt}, allow_partial=True)  # explicit opt-in
+
+        # Saving and loading through DCP's get/set_state_dict creates the state: it works.
+        msd, osd = get_state_dict(model, opt)
+        ckpt.save({"model": msd, "optim": osd}, 2)
+        model2 = GPT(MODEL_SIZES["tiny"])
+        opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+        msd2, osd2 = get_state_dict(model2, opt2)
+        target = {"model": msd2, "optim": osd2}
+        ckpt.load(target, 2)
+        set_state_dict(
+            model2, opt2, model_state_dict=target["model"], optim_state_dict=target["optim"]
+        )
+    for p1, p2 in zip(opt.state.values(), opt2.state.values(), strict=True):
+        assert torch.equal(p1["exp_avg"], p2["exp_avg"])
+        assert torch.equal(p1["exp_avg_sq"], p2["exp_avg_sq"])

@@ -35,12 +35,18 @@ from torch.futures import Future
 import ckptstore
 from ckptstore.codecs import Codec
 from ckptstore.dcp import metadata as md_format
+from ckptstore.errors import CkptStoreError
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import FileEntry, Manifest
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, ShardInfo, ShardWriter
 from ckptstore.storage.base import PendingCheckpoint, StorageBackend
 
 _DCP_VERSION = "1.0.0"  # the metadata version DCP's own FileSystemWriter writes
+
+
+@dataclass(frozen=True)
+class _RankPlan:
+    name: str  # the checkpoint this rank believes it is saving
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,15 @@ class CkptStorageWriter(StorageWriter):
         metadata: dict[str, Any] | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         window: int = 8,
+        failure: str | None = None,
     ) -> None:
+        """``failure``: this rank could not stage its state; it still enters the save's
+        collectives and fails them, so that every rank fails this save together and the
+        ranks stay in step (a rank that skipped a save would pair its next one with the
+        others' current one)."""
         super().__init__()
+        self._failure = failure
+        self._rank = 0
         self._backend = backend
         self._name = name
         self._codec = codec
@@ -111,11 +124,25 @@ class CkptStorageWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self._is_coordinator = is_coordinator
+        self._rank = int(kwargs.get("rank") or 0)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        return plan
+        if self._failure is not None:
+            raise CkptStoreError(
+                f"rank {self._rank} could not stage its state for {self._name}: {self._failure}"
+            )
+        return dataclasses.replace(plan, storage_data=_RankPlan(self._name))
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        names = [
+            p.storage_data.name if isinstance(p.storage_data, _RankPlan) else None for p in plans
+        ]
+        if len(set(names)) != 1:
+            shown = ", ".join(f"rank {r}: {n}" for r, n in enumerate(names[:8]))
+            raise CkptStoreError(
+                f"ranks are saving different checkpoints in one collective ({shown}); every rank "
+                "must call save_async for the same steps, in the same order"
+            )
         self._pending = self._backend.begin(self._name)
         token = self._pending.token
         return [

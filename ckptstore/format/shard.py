@@ -192,7 +192,8 @@ class ShardWriter:
         while self._pending:  # keep file order: everything queued goes first
             self._drain_one()
         hashes = [
-            self._pool.submit(_digest_timed, arr[start : start + step]) for start in range(0, arr.nbytes, step)
+            self._pool.submit(_digest_timed, arr[start : start + step])
+            for start in range(0, arr.nbytes, step)
         ]
         start_t = time.perf_counter()
         try:
