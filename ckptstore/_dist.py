@@ -1,52 +1,80 @@
-"""The process group ckptstore's collectives use: gloo, never the training group.
+"""The process groups ckptstore's collectives use.
 
-DCP runs collectives while it plans, writes and reads. ckptstore runs them on a gloo
-group of its own: the writer thread must not interleave collectives with the training
-loop's on the same group (NCCL would deadlock or mismatch), and gloo works on CPU
-tensors whatever the training backend is.
+DCP runs collectives while it plans, writes and reads. A Checkpointer's writer thread
+runs them on a gloo group of its own, never the training group: two threads must not
+interleave collectives on one group (NCCL would deadlock or mismatch). A synchronous
+``save``/``load`` runs on the caller's thread and uses the caller's group when it can
+carry CPU tensors, else a temporary gloo group.
 
 ``new_group`` is itself a collective over the whole world: every rank creates the
-group at the same point (the Checkpointer's constructor, or the first synchronous
-``save``/``load``).
+group at the same point (the Checkpointer's constructor, or the synchronous call).
 """
 
 from __future__ import annotations
 
-import threading
+import contextlib
+from collections.abc import Iterator
 from typing import cast
 
+import torch
 import torch.distributed as dist
-
-_lock = threading.Lock()
-_cache: dict[int, tuple[object, dist.ProcessGroup]] = {}
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def gloo_group(
-    process_group: dist.ProcessGroup | None = None, *, dedicated: bool = False
+def dedicated_gloo_group(
+    process_group: dist.ProcessGroup | None = None,
 ) -> dist.ProcessGroup | None:
-    """A gloo group of ckptstore's own over the ranks of ``process_group`` (default: all).
+    """A new gloo group over the ranks of ``process_group`` (default: all), or None.
 
-    None when no process group is initialised (single process). ``dedicated=True`` makes
-    a new group (one per Checkpointer, whose writer thread must not share a group with
-    any other thread); otherwise one cached group per world serves synchronous calls.
+    For a Checkpointer, whose writer thread must not share a group with any other
+    thread. Every rank of the world must call this (``new_group`` is a collective).
+    Release it with :func:`release`.
     """
     if not is_distributed():
         return None
     ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
-    if dedicated or ranks is not None:
-        return cast(dist.ProcessGroup, dist.new_group(ranks=ranks, backend="gloo"))
-    default = dist.distributed_c10d._get_default_group()
-    with _lock:
-        cached = _cache.get(id(default))
-        if cached is not None and cached[0] is default:
-            return cached[1]
-        group = cast(dist.ProcessGroup, dist.new_group(backend="gloo"))
-        _cache[id(default)] = (default, group)
-        return group
+    return cast(dist.ProcessGroup, dist.new_group(ranks=ranks, backend="gloo"))
+
+
+@contextlib.contextmanager
+def caller_group(
+    process_group: dist.ProcessGroup | None = None,
+) -> Iterator[dist.ProcessGroup | None]:
+    """The group a synchronous save/load uses on the caller's own thread.
+
+    The caller's group itself when it runs on CPU tensors (gloo, or "cpu:gloo,..."):
+    nothing else uses it from this thread meanwhile. Otherwise (NCCL only) a
+    temporary gloo group over the same ranks, destroyed afterwards.
+    """
+    if not is_distributed():
+        yield None
+        return
+    group = process_group or dist.distributed_c10d._get_default_group()
+    if _supports_cpu(group):
+        yield group
+        return
+    temp = dedicated_gloo_group(process_group)
+    try:
+        yield temp
+    finally:
+        release(temp)
+
+
+def release(group: dist.ProcessGroup | None) -> None:
+    """Destroy a group made here; never raises (the world may be gone already)."""
+    if group is not None and is_distributed():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group(group)
+
+
+def _supports_cpu(group: dist.ProcessGroup) -> bool:
+    types = getattr(group, "_device_types", None)
+    if types is not None:
+        return torch.device("cpu") in types
+    return bool(dist.get_backend(group) == "gloo")
 
 
 def rank(group: dist.ProcessGroup | None) -> int:

@@ -56,7 +56,6 @@ def save(
     root, name = _split(path)
     user_md = _check_metadata(metadata)
     backend = open_backend(root, storage_options=storage_options)
-    group = _dist.gloo_group(process_group)
     n_threads = threads or _default_threads()
     chosen = (
         AutoCodec(local=backend.is_local(), threads=n_threads).choose()
@@ -64,7 +63,10 @@ def save(
         else get_codec(codec)
     )
     staged = stage_in_place(state_dict)
-    with ThreadPoolExecutor(n_threads, thread_name_prefix="ckptstore-codec") as pool:
+    with (
+        _dist.caller_group(process_group) as group,
+        ThreadPoolExecutor(n_threads, thread_name_prefix="ckptstore-codec") as pool,
+    ):
         save_staged(
             staged,
             backend,
@@ -96,10 +98,12 @@ def load(
     """
     root, name = _split(path)
     backend = open_backend(root, storage_options=storage_options, create=False)
-    group = _dist.gloo_group(process_group)
-    with ThreadPoolExecutor(
-        threads or _default_threads(), thread_name_prefix="ckptstore-codec"
-    ) as pool:
+    with (
+        _dist.caller_group(process_group) as group,
+        ThreadPoolExecutor(
+            threads or _default_threads(), thread_name_prefix="ckptstore-codec"
+        ) as pool,
+    ):
         try:
             manifest = load_into(
                 state_dict, backend, name, pool=pool, group=group, allow_partial=allow_partial

@@ -175,7 +175,7 @@ class Checkpointer:
     ) -> None:
         self.config = CheckpointerConfig(**config)
         self._backend: StorageBackend = open_backend(root, storage_options=storage_options)
-        self._group = _dist.gloo_group(process_group, dedicated=True)
+        self._group = _dist.dedicated_gloo_group(process_group)
         self._rank = _dist.rank(self._group)
         threads = self.config.threads or _default_threads()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-codec")
@@ -415,6 +415,7 @@ class Checkpointer:
             self._writer.shutdown(wait=True)
             self._pool.shutdown(wait=True)
             self._staging.close()
+            _dist.release(self._group)
         self._errors.raise_unseen()
 
     def __enter__(self) -> Checkpointer:

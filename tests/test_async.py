@@ -291,3 +291,27 @@ def test_background_staging_with_a_tight_budget_does_not_deadlock(root):
     assert not errors, errors
     with ckptstore.Checkpointer(root) as ckpt:
         assert [i.step for i in ckpt.list()] == [1, 2]
+
+
+def test_root_fsync_failure_after_the_rename_leaves_nothing_listed(root, monkeypatch):
+    """The rename happened but could not be made durable: undone, typed error, retry works."""
+    import ckptstore.storage.local as local_mod
+
+    real = local_mod._fsync_dir
+    with ckptstore.Checkpointer(root) as ckpt:
+        ckpt.save(state_of(), 1)
+
+        def failing(path: str) -> None:
+            if os.path.abspath(path) == os.path.abspath(root):
+                raise OSError(errno.EIO, "injected EIO")
+            real(path)
+
+        monkeypatch.setattr(local_mod, "_fsync_dir", failing)
+        with pytest.raises(ckptstore.StorageError, match="fsync of the root") as info:
+            ckpt.save(state_of(), 2)
+        assert info.value.errno == errno.EIO
+        monkeypatch.setattr(local_mod, "_fsync_dir", real)
+        assert [i.step for i in ckpt.list()] == [1]
+        assert not [n for n in os.listdir(root) if n != "step_00000001"]
+        ckpt.save(state_of(), 2)  # the same step again: nothing stands in the way
+        assert [i.step for i in ckpt.list()] == [1, 2]

@@ -269,7 +269,18 @@ def test_values_that_could_not_load_safely_are_refused_at_save(root):
 
 
 @pytest.mark.parametrize(
-    "name", ["../escape", "/etc/passwd", "a/../../b", "bad\\name", "nul\x00byte", ".", ""]
+    "name",
+    [
+        "../escape",
+        "/etc/passwd",
+        "a/../../b",
+        "bad\\name",
+        "nul\x00byte",
+        ".",
+        "",
+        "step_[12]",
+        "*",
+    ],
 )
 def test_manifest_file_names_that_escape_are_refused(two_checkpoints, name):
     root, ckpt_dir = two_checkpoints

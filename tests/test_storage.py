@@ -695,7 +695,11 @@ def test_local_read_of_a_directory_is_storage_error(local):
 
 
 def is_locked(path: str) -> bool:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    """Whether the temp directory ``path`` is held by a live writer (its .lock file)."""
+    lock = os.path.join(path, local_mod.LOCK_FILE)
+    if not os.path.exists(lock):
+        return False
+    fd = os.open(lock, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -718,6 +722,7 @@ def test_local_temp_dir_is_named_and_locked(local):
     pending.commit(MANIFEST)
     assert not os.path.exists(tmp)
     final = os.path.join(local.root, "step_00000042")
+    assert local_mod.LOCK_FILE not in os.listdir(final)  # the lock is not part of it
     assert sorted(os.listdir(final)) == ["a.bin", COMMIT_FILE]
     assert not is_locked(final)  # the lock went with the commit
 
@@ -1113,3 +1118,15 @@ def test_fsspec_sweep_removes_abandoned_prefix(memory_top):
     assert not backend.exists("step_2/__0_0.distcp")
     assert backend.list_names() == ["step_1"]
     assert backend.read_bytes("step_1/a") == b"a"
+
+
+def test_close_after_a_failed_write_never_reports_success(local):
+    pending = local.begin("step_9")
+    sink = pending.create_file("f.bin")
+    sink.write(b"x" * 10_000)  # buffered (bounce buffer or page cache): no error yet
+    os.close(sink._fd)  # the device goes away under the sink
+    with pytest.raises(StorageError):
+        sink.close()  # the flush and fsync fail
+    with pytest.raises(StorageError, match="not durable"):
+        sink.close()  # and a second close never turns that into success
+    pending.abort()

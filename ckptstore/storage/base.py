@@ -44,6 +44,7 @@ def check_name(name: str, *, what: str = "name") -> str:
     bad = (
         "\x00" in name
         or "\\" in name
+        or any(c in name for c in "*?[]")  # fsspec's rm/find expand globs
         or name.startswith("/")
         or posixpath.normpath(name) != name
         or any(part in ("", ".", "..") for part in name.split("/"))

@@ -13,9 +13,10 @@ cache. On this kind of machine that wrote 3.3 GB/s from one thread, against
 1.1 GB/s buffered (``benchmarks/README.md``). Unaligned pieces go through a small
 aligned bounce buffer; the file is truncated to its exact length before the fsync.
 
-Each temp directory is ``flock``-ed by the process that writes it. The lock dies with
-the process (even on SIGKILL), so :meth:`LocalBackend.sweep` can tell a dead save's
-leftovers from a live one's, in this process or another.
+Each temp directory holds a ``.lock`` file ``flock``-ed by the process that writes it
+(removed just before the rename). The lock dies with the process (even on SIGKILL), so
+:meth:`LocalBackend.sweep` can tell a dead save's leftovers from a live one's, in this
+process or another. On a file system without locks, sweep goes by age alone.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ _ALIGN = 4096
 _BOUNCE_BYTES = 8 << 20
 _MAX_WRITE = 64 << 20  # one write() call; Linux caps a write at ~2 GiB anyway
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
+LOCK_FILE = ".lock"
+# flock errors that mean "this file system has no locks" (NFS without lockd, Lustre
+# mounted without -o flock): then a save in progress is protected by sweep's age only.
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EBADF, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 _MIN_SWEEP_AGE_S = 5.0
 
 _libc: Any = None
@@ -91,21 +96,22 @@ class _LocalSink(FileSink):
     def __init__(self, path: str, direct: bool = True) -> None:
         self.path = path
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            raise storage_error(exc, "create", path) from exc
         self._direct = False
-        fd = -1
         if direct and _O_DIRECT:
+            # Set O_DIRECT after the open: opening with it creates the file and then
+            # fails with EINVAL where the file system has no direct I/O (tmpfs before
+            # Linux 6.6), leaving a file behind. fcntl refuses cleanly instead.
             try:
-                fd = os.open(path, flags | _O_DIRECT, 0o644)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
                 self._direct = True
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
-                    raise storage_error(exc, "create", path) from exc
-        if fd < 0:
-            try:
-                fd = os.open(path, flags, 0o644)
-            except OSError as exc:
-                raise storage_error(exc, "create", path) from exc
+            except OSError:
+                pass  # buffered writes, same bytes
         self._fd = fd
+        self._failed = False
         self._size = 0  # logical bytes accepted
         self._bounce: mmap.mmap | None = mmap.mmap(-1, _BOUNCE_BYTES) if self._direct else None
         self._fill = 0
@@ -146,6 +152,7 @@ class _LocalSink(FileSink):
                 self._flush_bounce()
                 self._write_all(mv)
         except OSError as exc:
+            self._failed = True
             raise storage_error(exc, "write", self.path) from exc
 
     def align(self, boundary: int) -> None:
@@ -191,6 +198,12 @@ class _LocalSink(FileSink):
         self._direct = False
 
     def close(self) -> int:
+        if self._failed:
+            raise StorageError(
+                errno.EIO,
+                "a write or fsync of this file failed earlier; it is not durable",
+                self.path,
+            )
         if self._closed:
             return self._size
         try:
@@ -206,6 +219,9 @@ class _LocalSink(FileSink):
                 self._flush_bounce()
             os.fdatasync(self._fd)
         except OSError as exc:
+            # Never retried: after a failed fsync the kernel may have dropped the dirty
+            # pages, and a second fsync can report success for data that is gone.
+            self._failed = True
             self.abort()
             raise storage_error(exc, "write+fsync", self.path) from exc
         self._closed = True
@@ -222,8 +238,11 @@ class _LocalSink(FileSink):
 
     def _release_bounce(self) -> None:
         if self._bounce is not None:
-            self._bounce.close()
-            self._bounce = None
+            bounce, self._bounce = self._bounce, None
+            # After a failed write the exception's traceback may still hold a view of
+            # the buffer; then it is freed with the last reference instead.
+            with contextlib.suppress(BufferError):
+                bounce.close()
 
 
 class _LocalReader(RangeReader):
@@ -292,6 +311,11 @@ class _LocalPending(PendingCheckpoint):
         self.write_file(COMMIT_FILE, manifest)
         step = "fsync"
         try:
+            # The lock file is not part of the checkpoint. Removing it refreshes the
+            # directory's mtime, so sweep (which spares anything younger than a few
+            # seconds) cannot mistake the unlocked directory for a dead save.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._dir, LOCK_FILE))
             _fsync_dir(self._dir)
             step = "rename"
             if not _renameat2_noreplace(self._dir, final):
@@ -300,7 +324,7 @@ class _LocalPending(PendingCheckpoint):
                 if os.path.exists(os.path.join(final, COMMIT_FILE)):
                     raise OSError(errno.EEXIST, "exists", final)
                 os.rename(self._dir, final)
-            step = "fsync"
+            step = "fsync of the root after the rename"
             _fsync_dir(self._backend.root)
         except OSError as exc:
             if step == "rename" and exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
@@ -309,8 +333,20 @@ class _LocalPending(PendingCheckpoint):
                     f"{self._backend.url}/{self._final} was committed by another writer "
                     "while this save ran; it was left as it is and this save discarded"
                 ) from exc
-            if step == "rename":
-                self.abort()
+            if step.startswith("fsync of the root"):
+                # Visible, but its name may not survive a power loss: undo it rather
+                # than report a failure while it stays listed.
+                try:
+                    os.rename(final, self._dir)
+                except OSError as undo:
+                    raise StorageError(
+                        exc.errno,
+                        f"committed, but the root's fsync failed ({exc.strerror}) and the "
+                        f"rename could not be undone ({undo.strerror}): the checkpoint is "
+                        "listed but may not survive a power loss; save again under a new step",
+                        final,
+                    ) from exc
+            self.abort()
             raise storage_error(exc, f"commit ({step})", final) from exc
         finally:
             self._unlock()
@@ -326,6 +362,23 @@ class _LocalPending(PendingCheckpoint):
             self._lock_fd = None
 
 
+def _lock(path: str) -> int | None:
+    """flock ``path`` (created), held until the fd is closed; None where there are no locks.
+
+    A regular file opened read-write: NFS emulates flock with byte-range locks, which
+    need a writable file (a directory fd gives EBADF there).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in _NO_LOCKS:
+            return None  # this file system has no locks: sweep falls back on age
+        raise
+    return fd
+
+
 class LocalBackend(StorageBackend):
     """A directory on a local (POSIX) file system."""
 
@@ -333,9 +386,12 @@ class LocalBackend(StorageBackend):
         self.root = os.path.abspath(os.path.expanduser(root))
         self.url = self.root
         self.direct_io = direct_io
-        if create:
+        if create and not os.path.isdir(self.root):
             try:
                 os.makedirs(self.root, exist_ok=True)
+                # A new root's own directory entry must be durable too, or the first
+                # checkpoint could vanish with it after a power loss.
+                _fsync_dir(os.path.dirname(self.root))
             except OSError as exc:
                 raise storage_error(exc, "create directory", self.root) from exc
 
@@ -391,9 +447,9 @@ class LocalBackend(StorageBackend):
         try:
             os.makedirs(self.root, exist_ok=True)
             os.mkdir(path)
-            lock_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_fd = _lock(os.path.join(path, LOCK_FILE))
         except OSError as exc:
+            shutil.rmtree(path, ignore_errors=True)
             raise storage_error(exc, "create temp directory", path) from exc
         return _LocalPending(self, token, name, lock_fd)
 
@@ -440,18 +496,17 @@ class LocalBackend(StorageBackend):
                 continue
             if not os.path.isdir(path):
                 continue
+            fd = None
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fd = _lock(os.path.join(path, LOCK_FILE))
+            except BlockingIOError:
+                continue  # locked: a live save owns it
             except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)  # held: a live save owns it
-                continue
+                continue  # cannot tell; leave it
             try:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(name)
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
         return removed
