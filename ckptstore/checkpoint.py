@@ -118,7 +118,7 @@ def read_manifest(backend: StorageBackend, name: str) -> Manifest:
 def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) -> Metadata:
     """DCP's metadata, read only after its size and checksum match the manifest."""
     where = f"{_where(backend, name)}/{md_format.METADATA_FILE}"
-    hint = "restore an earlier checkpoint, or run `ckptstore verify`"
+    hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step)"
     entry = manifest.files.get(md_format.METADATA_FILE)
     if entry is None or entry.kind != "file":
         raise CorruptCheckpointError(f"{where}: not listed in the manifest; {hint}")

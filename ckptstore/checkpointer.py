@@ -44,7 +44,7 @@ from ckptstore.errors import (
     CkptStoreError,
     UnsupportedStateError,
 )
-from ckptstore.format.shard import DEFAULT_CHUNK_BYTES
+from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from ckptstore.staging import StagedState, StagingPool
 from ckptstore.storage import StorageBackend, open_backend
 
@@ -74,8 +74,10 @@ class CheckpointerConfig:
     max_staging_bytes: cap on host memory for staging buffers (None: max_inflight x
         the state size).
     pin_memory: pin staging buffers (default: when CUDA is available).
-    sweep_grace_s: at start-up, leftovers of dead saves older than this are removed;
-        a save in progress is never removed, whatever its age.
+    sweep_grace_s: at start-up, leftovers of dead saves older than this are removed.
+        Default: 60 s on local disk, where a lock protects a save in progress whatever
+        its age; 1 hour on object stores, where nothing but age can (make it longer
+        than your slowest save).
     """
 
     codec: str | dict[str, Any] = "auto"
@@ -84,7 +86,7 @@ class CheckpointerConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_staging_bytes: int | None = None
     pin_memory: bool | None = None
-    sweep_grace_s: float = 60.0
+    sweep_grace_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.codec != "auto":
@@ -95,15 +97,17 @@ class CheckpointerConfig:
             raise ValueError(f"threads must be an int >= 1 or None, got {self.threads!r}")
         if (
             not isinstance(self.chunk_bytes, int)
-            or self.chunk_bytes < 4096
+            or not 4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES
             or self.chunk_bytes % 4096
         ):
-            raise ValueError(f"chunk_bytes must be a multiple of 4096, got {self.chunk_bytes!r}")
+            raise ValueError(
+                f"chunk_bytes must be a multiple of 4096 up to {MAX_CHUNK_BYTES}, got {self.chunk_bytes!r}"
+            )
         if self.max_staging_bytes is not None and self.max_staging_bytes <= 0:
             raise ValueError(
                 f"max_staging_bytes must be positive or None, got {self.max_staging_bytes!r}"
             )
-        if self.sweep_grace_s < 0:
+        if self.sweep_grace_s is not None and self.sweep_grace_s < 0:
             raise ValueError(f"sweep_grace_s must be >= 0, got {self.sweep_grace_s!r}")
 
 
@@ -156,7 +160,8 @@ class Checkpointer:
     ::
 
         with ckptstore.Checkpointer("runs/exp1") as ckpt:
-            ckpt.load(state, allow_missing=True)       # resume if there is something
+            if ckpt.latest() is not None:
+                ckpt.load(state)                        # resume from the latest
             for step in range(...):
                 ...
                 pending = ckpt.save_async(state, step)  # returns after one copy
@@ -193,7 +198,7 @@ class Checkpointer:
         self._inflight: dict[int, PendingSave] = {}
         self._closed = False
         if self._rank == 0:
-            removed = self._backend.sweep(self.config.sweep_grace_s)
+            removed = self._backend.sweep(self._grace_s())
             if removed:
                 log.info(
                     "removed %d leftover(s) of dead saves under %s: %s",
@@ -227,11 +232,15 @@ class Checkpointer:
     ) -> PendingSave:
         """Start saving ``state_dict`` as checkpoint ``step``.
 
-        Returns once the state is staged (the caller may then change its tensors), or at
-        once with ``block_until_staged=False``, in which case the caller must wait for
-        ``pending.staged`` before changing any tensor. ``metadata`` is JSON stored in
-        the manifest. Raises :class:`~ckptstore.errors.BackgroundSaveError` if an
-        earlier save failed and nobody waited on it.
+        Returns once the state is staged (the caller may then change its tensors). With
+        ``block_until_staged=False`` the copy happens on the writer thread and the call
+        returns once the staging buffer is reserved; then wait for ``pending.staged``
+        before changing any tensor. Either way the call waits while ``max_inflight``
+        saves are in flight (backpressure). ``metadata`` is JSON stored in the manifest.
+
+        If an earlier save failed and nobody waited on it (``PendingSave.wait()``), this
+        save is still started and then :class:`~ckptstore.errors.BackgroundSaveError` is
+        raised for the earlier one, with this save's handle as its ``pending``.
         """
         self._check_open()
         name = checkpoint_name(step)
@@ -500,7 +509,12 @@ class Checkpointer:
 
     def sweep(self, grace_s: float | None = None) -> builtins.list[str]:
         """Remove leftovers of dead saves; a save in progress is never removed."""
-        return self._backend.sweep(self.config.sweep_grace_s if grace_s is None else grace_s)
+        return self._backend.sweep(self._grace_s() if grace_s is None else grace_s)
+
+    def _grace_s(self) -> float:
+        if self.config.sweep_grace_s is not None:
+            return self.config.sweep_grace_s
+        return 60.0 if self._backend.is_local() else 3600.0
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.url!r}, codec={self.config.codec!r}, max_inflight={self.config.max_inflight})"

@@ -112,9 +112,7 @@ def storage_error(exc: OSError, action: str, path: str) -> StorageError:
     if cls is StorageFullError:
         hint = "free space on that file system (or keep fewer checkpoints) and save again"
     elif action in ("read", "open", "stat", "list"):
-        hint = (
-            "check that the storage is reachable and the checkpoint complete (`ckptstore verify`)"
-        )
+        hint = "check that the storage is reachable and the checkpoint complete (Checkpointer(root).verify(step))"
     else:
         hint = "check the path, its permissions and the device, then save again"
     if code is None:

@@ -296,3 +296,65 @@ def test_manifest_file_names_that_escape_are_refused(two_checkpoints, name):
         json.dump(body, f)
     err = load_error(root, 2)
     assert isinstance(err, ckptstore.CorruptCheckpointError)
+
+
+def test_manifest_with_absurd_numbers_is_corrupt_not_a_crash(two_checkpoints):
+    root, ckpt_dir = two_checkpoints
+    path = os.path.join(ckpt_dir, "manifest.json")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace('"step": 2', '"step": ' + "9" * 5000))
+    with ckptstore.Checkpointer(root) as ckpt:
+        assert [i.step for i in ckpt.list()] == [1]  # one bad manifest does not break listing
+    assert isinstance(load_error(root, 2), ckptstore.CorruptCheckpointError)
+
+
+def _rewrite_index(ckpt_dir: str, change) -> None:
+    """Edit the shard's index and re-sign index and manifest, as an attacker could."""
+    import struct
+
+    from ckptstore.format.manifest import _canonical
+
+    shard = shard_path(ckpt_dir)
+    with open(shard, "rb") as f:
+        data = f.read()
+    length, magic = struct.unpack("<Q8s", data[-16:])
+    start = len(data) - 16 - length
+    index = json.loads(data[start:-16])
+    change(index)
+    new_index = json.dumps(index).encode()
+    with open(shard, "wb") as f:
+        f.write(data[:start] + new_index + struct.pack("<Q8s", len(new_index), magic))
+    man_path = os.path.join(ckpt_dir, "manifest.json")
+    with open(man_path) as f:
+        body = json.load(f)
+    body["files"]["__0_0.distcp"]["size_bytes"] = os.path.getsize(shard)
+    body["files"]["__0_0.distcp"]["xxh3_64"] = digest(new_index)
+    body.pop("checksum")
+    body["checksum"] = "xxh3-64:" + digest(_canonical(body))
+    with open(man_path, "w") as f:
+        json.dump(body, f)
+
+
+@pytest.mark.parametrize("what", ["huge chunk", "stored larger than raw"])
+def test_index_sizes_are_checked_before_anything_is_allocated(two_checkpoints, what):
+    root, ckpt_dir = two_checkpoints
+
+    def change(index):
+        item = next(i for i in index["items"] if i["dtype"] == "float32" and i["chunks"])
+        chunk = item["chunks"][0]
+        if what == "huge chunk":
+            chunk[2] = 4 << 30  # 4 GiB raw: more than any chunk ckptstore writes
+            item["nbytes"] = sum(c[2] for c in item["chunks"])
+        else:
+            chunk[1] = chunk[2] + 1
+
+    _rewrite_index(ckpt_dir, change)
+    err = load_error(root, 2)
+    assert isinstance(err, ckptstore.CorruptCheckpointError), err
+    assert "malformed shard index" in str(err)
+    with ckptstore.Checkpointer(root) as ckpt:
+        problems = ckpt.verify(2)
+    assert len(problems) == 1
+    assert "__0_0.distcp" in problems[0]

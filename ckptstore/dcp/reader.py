@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
@@ -227,6 +226,19 @@ class CkptStorageReader(StorageReader):
 
             finishers.append(finish)
         flush()
+
+
+def narrow_tensor_by_index(tensor: torch.Tensor, offsets: Any, sizes: Any) -> torch.Tensor:
+    """The region of ``tensor`` at ``offsets`` of ``sizes`` (DCP's rule for a read item).
+
+    Copied from ``torch.distributed._shard._utils`` (a deprecated private package) so
+    that ckptstore does not depend on it.
+    """
+    narrowed = tensor
+    for dim, (offset, size) in enumerate(zip(offsets, sizes, strict=True)):
+        if size < tensor.size(dim):
+            narrowed = narrowed.narrow(dim, offset, size)
+    return narrowed
 
 
 def _chunk_jobs(shard: ShardReader, index: int, out: np.ndarray) -> list[Callable[[], None]]:

@@ -97,10 +97,10 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes, where: str) -> Manifest:
         """Parse and check a manifest read from ``where`` (a checkpoint, for messages)."""
-        hint = "restore an earlier checkpoint, or run `ckptstore verify` on this one"
+        hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step) on this one"
         try:
             body = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, 5000-digit ints, deep nesting
             raise CorruptCheckpointError(
                 f"{where}/{MANIFEST_FILE} is not valid JSON ({exc}); {hint}"
             ) from None

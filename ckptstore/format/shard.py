@@ -46,8 +46,11 @@ INDEX_FORMAT = 1
 DEFAULT_CHUNK_BYTES = 4 << 20
 _ALIGN = 4096
 _ALIGN_MIN_ITEM = 1 << 20
-# An index larger than this is not something ckptstore wrote; refuse to allocate it.
+# Sizes read from a file are untrusted: anything past these is not something ckptstore
+# wrote, and is refused before it is allocated.
 _MAX_INDEX_BYTES = 256 << 20
+MAX_CHUNK_BYTES = 1 << 30
+MAX_VALUE_BYTES = 2 << 30  # one pickled Python value
 
 _DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
@@ -273,9 +276,7 @@ class ShardReader:
     ) -> None:
         self.where = where  # "<checkpoint>/<file>" for messages
         self._reader = reader
-        hint = (
-            "restore an earlier checkpoint, or run `ckptstore verify` to see what else is damaged"
-        )
+        hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step) to see what else is damaged"
         if reader.size != size_bytes:
             raise CorruptCheckpointError(
                 f"{where}: file is {reader.size} B, the manifest says {size_bytes} B "
@@ -414,6 +415,11 @@ def _parse_index(data: bytes, limit: int) -> list[ItemEntry]:
             offset, stored, raw = _int(offset), _int(stored), _int(raw)
             if offset + stored > limit:
                 raise ValueError(f"chunk at {offset} (+{stored}) runs into the index")
+            if raw > MAX_CHUNK_BYTES or stored > raw:
+                # Streams are stored compressed only when smaller, else raw: never larger.
+                raise ValueError(
+                    f"chunk of {stored} B stored / {raw} B raw is not one ckptstore writes"
+                )
             if (
                 not is_digest(xxh3)
                 or not isinstance(layout, list)
@@ -429,6 +435,8 @@ def _parse_index(data: bytes, limit: int) -> list[ItemEntry]:
             total += raw
         if total != nbytes:
             raise ValueError(f"chunks of {key!r} add up to {total} B, not {nbytes} B")
+        if dtype is None and nbytes > MAX_VALUE_BYTES:
+            raise ValueError(f"value {key!r} of {nbytes} B is larger than any ckptstore writes")
         items.append(ItemEntry(key, dtype, nbytes, codec, chunks))
     extents.sort()
     for (_, end), (start, _) in itertools.pairwise(extents):
