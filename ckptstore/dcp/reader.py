@@ -195,7 +195,7 @@ class CkptStorageReader(StorageReader):
                     if entry.nbytes
                     else np.empty(0, np.uint8)
                 )
-                jobs.extend(_chunk_jobs(shard, index, out))
+                jobs.extend(shard.chunk_jobs(index, out))
                 finishers.append(functools.partial(planner.commit_tensor, req, target))
                 continue
             temp = torch.empty(sizes, dtype=entry.dtype)
@@ -211,7 +211,7 @@ class CkptStorageReader(StorageReader):
                 if entry.nbytes
                 else np.empty(0, np.uint8)
             )
-            jobs.extend(_chunk_jobs(shard, index, out))
+            jobs.extend(shard.chunk_jobs(index, out))
 
             def finish(
                 r: ReadItem = req, t: torch.Tensor = target, src: torch.Tensor = temp
@@ -239,19 +239,3 @@ def narrow_tensor_by_index(tensor: torch.Tensor, offsets: Any, sizes: Any) -> to
         if size < tensor.size(dim):
             narrowed = narrowed.narrow(dim, offset, size)
     return narrowed
-
-
-def _chunk_jobs(shard: ShardReader, index: int, out: np.ndarray) -> list[Callable[[], None]]:
-    item = shard.items[index]
-    if out.nbytes != item.nbytes:
-        raise CorruptCheckpointError(
-            f"{shard.where}: {item.key!r} holds {item.nbytes} B, expected {out.nbytes} B"
-        )
-    jobs: list[Callable[[], None]] = []
-    pos = 0
-    for chunk in item.chunks:
-        jobs.append(
-            functools.partial(shard.read_chunk_into, item, chunk, out[pos : pos + chunk.raw])
-        )
-        pos += chunk.raw
-    return jobs

@@ -338,6 +338,13 @@ class ShardReader:
 
     def read_item(self, index: int, out: np.ndarray, pool: Executor | None) -> None:
         """Read item ``index`` into ``out`` (uint8, the item's raw size), chunks in parallel."""
+        run_all(self.chunk_jobs(index, out), pool)
+
+    def chunk_jobs(self, index: int, out: np.ndarray) -> list[Callable[[], None]]:
+        """One job per chunk of item ``index``, each filling its slice of ``out``.
+
+        For callers that run the jobs of many items on one pool at once.
+        """
         item = self.items[index]
         if out.nbytes != item.nbytes:
             raise CorruptCheckpointError(
@@ -350,7 +357,7 @@ class ShardReader:
                 functools.partial(self.read_chunk_into, item, chunk, out[pos : pos + chunk.raw])
             )
             pos += chunk.raw
-        run_all(jobs, pool)
+        return jobs
 
     def verify(self, pool: Executor | None) -> None:
         """Check every chunk of every item (reads the whole file); raise on the first bad one."""
