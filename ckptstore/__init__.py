@@ -20,6 +20,7 @@ from ckptstore.api import load, save
 from ckptstore.background import PendingSave, SaveResult
 from ckptstore.checkpoint import CheckpointInfo
 from ckptstore.checkpointer import AutoCodec, Checkpointer, CheckpointerConfig
+from ckptstore.data import ResumableDataLoader, ResumableSampler
 from ckptstore.errors import (
     BackgroundSaveError,
     CheckpointerClosedError,
@@ -33,14 +34,19 @@ from ckptstore.errors import (
     UnsafeCheckpointError,
     UnsupportedStateError,
 )
+from ckptstore.manager import CheckpointManager, ManagedCheckpoint
+from ckptstore.policies import AnyOf, KeepBest, KeepEvery, KeepFinal, KeepLast, SaveAt, SaveEvery
+from ckptstore.trainstate import TrainState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnyOf",
     "AutoCodec",
     "BackgroundSaveError",
     "CheckpointExistsError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "Checkpointer",
     "CheckpointerClosedError",
@@ -48,10 +54,20 @@ __all__ = [
     "CkptStoreError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "KeepBest",
+    "KeepEvery",
+    "KeepFinal",
+    "KeepLast",
+    "ManagedCheckpoint",
     "PendingSave",
+    "ResumableDataLoader",
+    "ResumableSampler",
+    "SaveAt",
+    "SaveEvery",
     "SaveResult",
     "StorageError",
     "StorageFullError",
+    "TrainState",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
     "__version__",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
@@ -151,6 +152,7 @@ def save_staged(
     chunk_bytes: int,
     window: int,
     failure: str | None = None,
+    info: dict[str, Any] | None = None,
 ) -> WriteStats:
     """Write ``staged`` as checkpoint ``name``; collective over ``group``.
 
@@ -169,6 +171,7 @@ def save_staged(
         chunk_bytes=chunk_bytes,
         window=window,
         failure=failure,
+        info=info,
     )
     try:
         _compat.save(staged.flat, writer, StagedSavePlanner(staged.mappings), group)
@@ -301,6 +304,32 @@ def check_compatible(
     raise IncompatibleCheckpointError(
         f"{where} does not fit the state_dict: {'; '.join(parts)}. Fix: {advice}"
     )
+
+
+def fill_from_checkpoint(
+    target: dict[str, Any], metadata: Metadata, select: Callable[[tuple[Any, ...]], bool]
+) -> int:
+    """Add to ``target`` every entry the checkpoint holds at a path ``select`` accepts,
+    shaped as stored (tensors of the stored size and dtype, values as placeholders), so
+    that loading fills them whatever the target held there. Returns how many.
+
+    For parts whose shape only the checkpoint knows: counters, user extras, this
+    rank's generator states.
+    """
+    planner_data = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    added = 0
+    for fqn, md in metadata.state_dict_metadata.items():
+        path = planner_data.get(fqn)
+        if not isinstance(path, tuple) or not path:
+            path = tuple(fqn.split("."))
+        if not select(path):
+            continue
+        value: Any = None
+        if isinstance(md, TensorStorageMetadata):
+            value = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        set_element(target, path, value)
+        added += 1
+    return added
 
 
 def _first(items: list[str], n: int = 5) -> str:

@@ -18,6 +18,7 @@ import builtins
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.metadata import Metadata
 
 from ckptstore import _dist
 from ckptstore.background import ErrorLedger, PendingSave, SaveResult
@@ -34,6 +36,8 @@ from ckptstore.checkpoint import (
     checkpoint_name,
     list_checkpoints,
     load_into,
+    read_dcp_metadata,
+    read_manifest,
     save_staged,
     verify,
 )
@@ -229,8 +233,14 @@ class Checkpointer:
         *,
         metadata: dict[str, Any] | None = None,
         block_until_staged: bool = True,
+        epoch: int | None = None,
+        reason: str | None = None,
+        metrics: dict[str, float] | None = None,
     ) -> PendingSave:
         """Start saving ``state_dict`` as checkpoint ``step``.
+
+        ``epoch``, ``reason`` and ``metrics`` go into the manifest, where listings and
+        retention read them (the CheckpointManager sets them).
 
         Returns once the state is staged (the caller may then change its tensors). With
         ``block_until_staged=False`` the copy happens on the writer thread and the call
@@ -245,6 +255,7 @@ class Checkpointer:
         self._check_open()
         name = checkpoint_name(step)
         user_md = _check_metadata(metadata)
+        info = _check_info(epoch, reason, metrics)
         with self._lock:
             if step in self._inflight:
                 raise ValueError(f"step {step} is already being saved; wait for it first")
@@ -279,7 +290,7 @@ class Checkpointer:
                     self._write_failure(pending, name, exc, True)
                     return
                 pending.staged.set_result(None)
-            self._write(pending, ready, name, user_md, start, stall_s, backpressure_s)
+            self._write(pending, ready, name, user_md, info, start, stall_s, backpressure_s)
 
         self._writer.submit(job)
         if earlier is not None:
@@ -299,6 +310,7 @@ class Checkpointer:
         staged: StagedState,
         name: str,
         metadata: dict[str, Any],
+        info: dict[str, Any],
         start: float,
         stall_s: float,
         backpressure_s: float,
@@ -317,6 +329,7 @@ class Checkpointer:
                 metadata=metadata,
                 chunk_bytes=self.config.chunk_bytes,
                 window=2 * self._pool._max_workers + 2,
+                info=info,
             )
             self._auto.observe(
                 codec, stats.raw_bytes, stats.stored_bytes, stats.sink_s, stats.encode_s
@@ -502,6 +515,11 @@ class Checkpointer:
         )
         return CheckpointInfo(name, f"{self.url}/{name}", manifest)
 
+    def read_metadata(self, step: int) -> Metadata:
+        """DCP's metadata of checkpoint ``step`` (what it holds), checked and safely read."""
+        name = checkpoint_name(step)
+        return read_dcp_metadata(self._backend, name, read_manifest(self._backend, name))
+
     def verify(self, step: int) -> builtins.list[str]:
         """Check every byte of checkpoint ``step``; one line per problem, empty if intact."""
         self._check_open()
@@ -531,6 +549,25 @@ def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
         raise UnsupportedStateError(
             f"metadata must be JSON (numbers, strings, lists, dicts; no NaN): {exc}"
         ) from None
+
+
+def _check_info(
+    epoch: int | None, reason: str | None, metrics: dict[str, float] | None
+) -> dict[str, Any]:
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError(f"reason must be a string, got {reason!r}")
+    clean: dict[str, float | None] = {}
+    for k, v in (metrics or {}).items():
+        if not isinstance(k, str):
+            raise ValueError(f"metric names must be strings, got {k!r}")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"metric {k!r} must be a number, got {v!r}") from None
+        clean[k] = f if math.isfinite(f) else None  # a NaN loss is recorded as null
+    return {"epoch": epoch, "reason": reason, "metrics": clean}
 
 
 def _fmt(n: float) -> str:

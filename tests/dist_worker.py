@@ -51,13 +51,19 @@ def main(scenario: str, workdir: str, rank: int, world: int) -> None:
         dist.init_process_group(
             "gloo", init_method=f"file://{workdir}/store-{scenario}", rank=rank, world_size=world
         )
+    code = 0
     try:
         globals()[f"scenario_{scenario}"](ckpts, rank, world)
+    except SystemExit as exc:  # a scenario that ends the run the way a signal does
+        code = exc.code if isinstance(exc.code, int) else 1
     finally:
         if world > 1:
             dist.barrier()
             dist.destroy_process_group()
     print(f"OK {scenario} rank {rank}/{world}", flush=True)
+    if code:
+        sys.stdout.flush()
+        os._exit(code)
     if world > 1:
         # torch 2.13 + gloo: after collectives on a DeviceMesh, the interpreter's
         # teardown sometimes aborts ("terminate called without an active exception"),
@@ -212,6 +218,38 @@ def scenario_step_mismatch(ckpts: str, rank: int, world: int) -> None:
         assert ckpt.list() == []
         ckpt.save_async({"x": torch.ones(2)}, 5).wait()
         assert [i.step for i in ckpt.list()] == [5]
+
+
+def scenario_manager_signal(ckpts: str, rank: int, world: int) -> None:
+    """A managed run; the test signals one rank: every rank saves the same step, exits."""
+    import time
+
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = TensorDataset(torch.randn(64, 8, generator=torch.Generator().manual_seed(3)))
+    loader = ckptstore.ResumableDataLoader(data, batch_size=4, seed=1)
+    state = ckptstore.TrainState(model=model, optimizer=opt, dataloader=loader)
+    mgr = ckptstore.CheckpointManager(os.path.join(ckpts, "mgr"))
+    steps = int(os.environ.get("TOTAL_STEPS", "1000"))
+    step = mgr.restore(state)
+    print(f"START {step}", flush=True)
+    with mgr.guard(state):
+        while step < steps:
+            for (x,) in loader:
+                loss = model(x).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                print(f"STEP {step}", flush=True)
+                time.sleep(0.2)
+                mgr.maybe_save(step, state)
+                step += 1
+                if step >= steps:
+                    break
+    mgr.close()
 
 
 if __name__ == "__main__":

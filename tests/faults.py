@@ -62,6 +62,10 @@ class FaultyBackend(StorageBackend):
     def attach(self, token: str) -> PendingCheckpoint:
         return _FaultyPending(self, self.inner.attach(token))
 
+    def put_atomic(self, name: str, data: bytes) -> None:
+        self.hit("put_atomic", name)
+        self.inner.put_atomic(name, data)
+
     def delete(self, name: str) -> None:
         self.inner.delete(name)
 

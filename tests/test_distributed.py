@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 from helpers import REPO
+
+import ckptstore
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 
@@ -78,6 +81,63 @@ def test_a_rank_that_cannot_stage_fails_the_save_everywhere_and_ranks_stay_in_st
 
 def test_ranks_saving_different_steps_fail_loudly(tmp_path):
     run_ranks("step_mismatch", str(tmp_path), 2)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    env["OMP_NUM_THREADS"] = "1"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, "manager_signal", str(tmp_path), str(r), "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for r in range(2)
+    ]
+    try:
+        for line in procs[0].stdout:
+            if line.startswith("STEP 4"):
+                break
+        procs[0].send_signal(signal.SIGTERM)  # rank 0 only, as a scheduler might
+        outs = [procs[0].stdout.read()] + [p.communicate(timeout=120)[0] for p in procs[1:]]
+        procs[0].wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stdout.close()
+    assert [p.returncode for p in procs] == [143, 143], outs
+    with ckptstore.CheckpointManager(str(tmp_path / "ckpts" / "mgr")) as mgr:
+        listed = mgr.list()
+    assert [c.reason for c in listed] == ["signal"]
+    saved = listed[0].step
+    env["TOTAL_STEPS"] = str(saved + 2)
+    os.remove(tmp_path / "store-manager_signal")  # a new world needs a fresh rendezvous file
+    again = [
+        subprocess.Popen(
+            [sys.executable, WORKER, "manager_signal", str(tmp_path), str(r), "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for r in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in again]
+    finally:
+        for p in again:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in again] == [0, 0], outs
+    for out in outs:
+        assert f"START {saved}" in out
 
 
 @pytest.mark.slow

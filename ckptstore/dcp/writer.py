@@ -94,6 +94,7 @@ class CkptStorageWriter(StorageWriter):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         window: int = 8,
         failure: str | None = None,
+        info: dict[str, Any] | None = None,
     ) -> None:
         """``failure``: this rank could not stage its state; it still enters the save's
         collectives and fails them, so that every rank fails this save together and the
@@ -101,6 +102,7 @@ class CkptStorageWriter(StorageWriter):
         others' current one)."""
         super().__init__()
         self._failure = failure
+        self._info = dict(info or {})  # epoch, reason, metrics for the manifest
         self._rank = 0
         self._backend = backend
         self._name = name
@@ -243,6 +245,7 @@ class CkptStorageWriter(StorageWriter):
             created_unix_s=time.time(),
             metadata=self._user_metadata,
             versions={"ckptstore": ckptstore.__version__, "torch": torch.__version__.split("+")[0]},
+            **self._info,
         )
         self._pending.commit(manifest.to_json())
         self._committed = True

@@ -68,6 +68,10 @@ class Manifest:
     metadata: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # Written by the CheckpointManager (optional for a plain save):
+    epoch: int | None = None
+    reason: str | None = None  # "interval", "epoch", "final", "signal", "error", "manual"
+    metrics: dict[str, float | None] = field(default_factory=dict)  # None: not finite
 
     @property
     def ratio(self) -> float:
@@ -87,6 +91,9 @@ class Manifest:
             "stored_bytes": self.stored_bytes,
             "metadata": self.metadata,
             "versions": self.versions,
+            "epoch": self.epoch,
+            "reason": self.reason,
+            "metrics": self.metrics,
         }
 
     def to_json(self) -> bytes:
@@ -151,9 +158,17 @@ class Manifest:
         created = body["created_unix_s"]
         if not isinstance(created, (int, float)) or not math.isfinite(created):
             raise TypeError("created_unix_s must be a number")
-        for key in ("codec", "metadata", "versions"):
+        for key in ("codec", "metadata", "versions", "metrics"):
             if not isinstance(body.get(key, {}), dict):
                 raise TypeError(f"{key} must be an object")
+        epoch = body.get("epoch")
+        reason = body.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError("reason must be a string")
+        metrics = body.get("metrics", {})
+        for k, v in metrics.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"metric {k!r} must be a number or null")
         return cls(
             step=None if body["step"] is None else _nonneg_int(body["step"], "step"),
             world_size=_nonneg_int(body["world_size"], "world_size"),
@@ -165,6 +180,9 @@ class Manifest:
             metadata=body.get("metadata", {}),
             versions=body.get("versions", {}),
             format_version=body["format_version"],
+            epoch=None if epoch is None else _nonneg_int(epoch, "epoch"),
+            reason=reason,
+            metrics=metrics,
         )
 
 

@@ -170,6 +170,13 @@ class StorageBackend(ABC):
         """Join a pending checkpoint started by the coordinator (other ranks)."""
 
     @abstractmethod
+    def put_atomic(self, name: str, data: bytes) -> None:
+        """Create or replace the small file ``name`` under the root, atomically and durably.
+
+        Readers see the old content or the new one, never a mix (the ``latest`` pointer).
+        """
+
+    @abstractmethod
     def delete(self, name: str) -> None:
         """Delete a committed checkpoint, manifest first so it is never half-listed."""
 

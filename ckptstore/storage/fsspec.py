@@ -209,6 +209,13 @@ class FsspecBackend(StorageBackend):
     def attach(self, token: str) -> PendingCheckpoint:
         return _FsspecPending(self, check_name(token), coordinator=False)
 
+    def put_atomic(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        try:
+            self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+        except Exception as exc:
+            raise _translate(exc, "replace", path) from exc
+
     def delete(self, name: str) -> None:
         # Manifest first: from then on the checkpoint is invisible, whatever happens
         # to the rest of the delete.

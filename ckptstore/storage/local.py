@@ -51,6 +51,7 @@ _BOUNCE_BYTES = 8 << 20
 _MAX_WRITE = 64 << 20  # one write() call; Linux caps a write at ~2 GiB anyway
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 LOCK_FILE = ".lock"
+POINTER_TEMP_PREFIX = ".pointer-"  # put_atomic's temp files; sweep removes stale ones
 # flock errors that mean "this file system has no locks" (NFS without lockd, Lustre
 # mounted without -o flock): then a save in progress is protected by sweep's age only.
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EBADF, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
@@ -464,6 +465,25 @@ class LocalBackend(StorageBackend):
             )
         return _LocalPending(self, token, None, None)
 
+    def put_atomic(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        tmp = os.path.join(self.root, f"{POINTER_TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(self.root)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise storage_error(exc, "replace", path) from exc
+
     def delete(self, name: str) -> None:
         path = self._path(name)
         if not os.path.isdir(path):
@@ -485,6 +505,13 @@ class LocalBackend(StorageBackend):
         # then locks it, and a sweep in between must not take it for a dead one.
         grace_s = max(grace_s, _MIN_SWEEP_AGE_S)
         for name in self.list_names():
+            if name.startswith(POINTER_TEMP_PREFIX):
+                path = os.path.join(self.root, name)
+                with contextlib.suppress(OSError):
+                    if now - os.lstat(path).st_mtime >= grace_s and os.path.isfile(path):
+                        os.unlink(path)  # left by a put_atomic that died before its rename
+                        removed.append(name)
+                continue
             if not name.startswith(TEMP_PREFIX):
                 continue
             path = os.path.join(self.root, name)

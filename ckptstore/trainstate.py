@@ -1,0 +1,172 @@
+"""``TrainState``: everything a training run needs to resume as if it never stopped.
+
+Model and optimizer go through ``torch.distributed.checkpoint.state_dict``
+(``get_state_dict`` / ``set_state_dict``), so plain modules, DDP and FSDP2 alike are
+saved by parameter name, sharded where they are sharded, and loaded into any world size;
+``get_state_dict`` also creates a fresh optimizer's state, so a new process can load
+into it. Then the LR scheduler, gradient scaler, data position, counters, user extras,
+and the random number generators (Python, NumPy, torch CPU, every CUDA device), per
+rank: each rank saves and restores its own generators under ``rng.rank{r}``.
+
+A saved state restores onto another device (CUDA to CPU and back): tensors are loaded
+into the target's tensors wherever they live; CUDA generator states are skipped, with a
+warning, where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("ckptstore")
+
+
+@dataclass
+class TrainState:
+    """What to save and restore. Every part is optional; pass what the run has.
+
+    ``dataloader`` is anything with ``state_dict``/``load_state_dict`` (a
+    :class:`~ckptstore.ResumableDataLoader` resumes mid-epoch exactly). ``extras`` holds
+    your own numbers, strings, tensors, lists and dicts. ``step``, ``epoch`` and ``best``
+    are kept up to date by the CheckpointManager and restored with the rest.
+    """
+
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    scaler: Any = None
+    dataloader: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    rng: bool = True
+    step: int = 0  # steps done
+    epoch: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state to save (also the target a checkpoint is loaded into)."""
+        sd: dict[str, Any] = {}
+        if self.optimizer is not None and self.model is None:
+            raise ValueError(
+                "TrainState needs the model to save its optimizer (state is keyed by parameter name)"
+            )
+        if self.model is not None:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+            if self.optimizer is not None:
+                sd["model"], sd["optim"] = get_state_dict(self.model, self.optimizer)
+            else:
+                sd["model"] = get_model_state_dict(self.model)
+        if self.scheduler is not None:
+            sd["scheduler"] = self.scheduler.state_dict()
+        if self.scaler is not None:
+            sd["scaler"] = self.scaler.state_dict()
+        if self.dataloader is not None:
+            sd["data"] = self.dataloader.state_dict()
+        sd["counters"] = {"step": self.step, "epoch": self.epoch, "best": dict(self.best)}
+        if self.extras:
+            sd["extras"] = self.extras
+        if self.rng:
+            sd["rng"] = {f"rank{_rank()}": rng_state()}
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Apply a loaded state (what :meth:`state_dict` returned, filled from a checkpoint)."""
+        if self.model is not None and "model" in sd:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+            if self.optimizer is not None and "optim" in sd:
+                set_state_dict(
+                    self.model,
+                    self.optimizer,
+                    model_state_dict=sd["model"],
+                    optim_state_dict=sd["optim"],
+                )
+            else:
+                set_model_state_dict(self.model, sd["model"])
+        if self.scheduler is not None and "scheduler" in sd:
+            self.scheduler.load_state_dict(sd["scheduler"])
+        if self.scaler is not None and "scaler" in sd:
+            self.scaler.load_state_dict(sd["scaler"])
+        if self.dataloader is not None and "data" in sd:
+            self.dataloader.load_state_dict(sd["data"])
+        counters = sd.get("counters") or {}
+        self.step = int(counters.get("step", self.step))
+        self.epoch = int(counters.get("epoch", self.epoch))
+        self.best = dict(counters.get("best") or {})
+        if "extras" in sd:
+            self.extras = sd["extras"]
+        rngs = (sd.get("rng") or {}).get(f"rank{_rank()}")
+        if self.rng and rngs:
+            set_rng_state(rngs)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generators, as values ``torch.load(weights_only=True)`` accepts."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured; parts this machine lacks are skipped."""
+    if "python" in state and state["python"] is not None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if isinstance(state.get("torch"), torch.Tensor):
+        torch.set_rng_state(state["torch"].cpu())
+    np_state = state.get("numpy")
+    if isinstance(np_state, dict):
+        try:
+            import numpy as np
+
+            np.random.set_state(
+                (
+                    np_state["name"],
+                    np_state["keys"].numpy().astype(np.uint32),
+                    int(np_state["pos"]),
+                    int(np_state["has_gauss"]),
+                    float(np_state["cached_gaussian"]),
+                )
+            )
+        except ImportError:
+            log.warning(
+                "the checkpoint has a NumPy generator state but NumPy is not installed; skipped"
+            )
+    cuda = state.get("cuda")
+    if cuda:
+        if not torch.cuda.is_available():
+            log.warning(
+                "the checkpoint has CUDA generator states but this machine has no GPU; skipped"
+            )
+        elif len(cuda) != torch.cuda.device_count():
+            log.warning(
+                "the checkpoint has CUDA generator states for %d devices, this machine has %d; skipped",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
+        else:
+            torch.cuda.set_rng_state_all([t.cpu() for t in cuda])

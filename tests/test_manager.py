@@ -1,0 +1,288 @@
+"""CheckpointManager in one process: policies applied, retention, latest/best, restore."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import ckptstore
+from ckptstore import (
+    AnyOf,
+    CheckpointManager,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    ResumableDataLoader,
+    SaveEvery,
+    TrainState,
+)
+from ckptstore.train.model import GPT, GPTConfig
+
+CFG = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)
+
+
+def make_state(seed: int = 0, cfg: GPTConfig = CFG) -> TrainState:
+    torch.manual_seed(seed)
+    data = torch.randint(
+        0, 256, (24, cfg.block_size + 1), generator=torch.Generator().manual_seed(1)
+    )
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3)
+    loader = ResumableDataLoader(TensorDataset(data), batch_size=4, seed=2)  # 6 batches per epoch
+    return TrainState(model=model, optimizer=opt, scheduler=sched, dataloader=loader)
+
+
+def train(mgr, state, steps, *, start=0, metrics=None):
+    """Run ``steps`` steps from ``start`` the way a user loop would."""
+    step = start
+    while step < start + steps:
+        epoch = state.dataloader.epoch
+        for (batch,) in state.dataloader:
+            _, loss = state.model(batch[:, :-1], batch[:, 1:])
+            state.optimizer.zero_grad()
+            loss.backward()
+            state.optimizer.step()
+            state.scheduler.step()
+            end = state.dataloader.batches_taken == state.dataloader.batches_per_epoch()
+            m = metrics(step) if metrics else {"val_loss": loss.item()}
+            mgr.maybe_save(step, state, epoch=epoch, end_of_epoch=end, metrics=m)
+            step += 1
+            if step >= start + steps:
+                break
+    mgr.wait()
+    return step
+
+
+def steps_on_disk(root):
+    return sorted(int(n.split("_")[1]) for n in os.listdir(root) if n.startswith("step_"))
+
+
+def test_save_policy_decides_when(root):
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=4)) as mgr:
+        train(mgr, state, 10)
+        assert [c.step for c in mgr.list()] == [4, 8]
+        assert {c.reason for c in mgr.list()} == {"interval"}
+
+
+def test_epoch_saves_and_keep_each_epoch(root):
+    state = make_state()
+    policy = AnyOf(SaveEvery(steps=2), SaveEvery(epochs=1))
+    with CheckpointManager(root, save=policy, keep=AnyOf(KeepLast(1), KeepEvery(epochs=1))) as mgr:
+        train(mgr, state, 14)  # 6 batches per epoch: epochs end after 6 and 12 steps
+        listed = mgr.list()
+    # steps 6 and 12 end an epoch (SaveEvery(steps=2) fires first, same checkpoint); 14 is newest
+    assert [c.step for c in listed] == [6, 12, 14]
+    assert [c.epoch for c in listed] == [0, 1, 2]
+    assert [("kept" in c.tags) for c in listed] == [True, True, True]  # 14: last of epoch 2 so far
+
+
+def test_retention_keeps_last_n_and_never_touches_foreign_entries(root):
+    os.makedirs(os.path.join(root, "step_00000099"))  # no manifest: not ours
+    os.makedirs(os.path.join(root, "notes"))
+    with open(os.path.join(root, "README"), "w") as f:
+        f.write("mine")
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=1), keep=KeepLast(2)) as mgr:
+        train(mgr, state, 6)
+        assert [c.step for c in mgr.list()] == [5, 6]
+    assert sorted(os.listdir(root)) == [
+        "README",
+        "latest",
+        "notes",
+        "step_00000005",
+        "step_00000006",
+        "step_00000099",
+    ]
+
+
+def test_a_crash_between_save_and_prune_is_caught_up_at_start(root):
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=1)) as mgr:  # no retention yet
+        train(mgr, state, 5)
+    assert steps_on_disk(root) == [1, 2, 3, 4, 5]
+    with CheckpointManager(root, keep=KeepLast(2)):
+        pass
+    assert steps_on_disk(root) == [4, 5]
+
+
+def test_best_survives_a_restart(root):
+    losses = {0: 5.0, 1: 1.0, 2: 3.0, 3: 4.0, 4: 2.0, 5: 6.0}
+    state = make_state()
+    keep = AnyOf(KeepLast(1), KeepBest(1, "val_loss"))
+    with CheckpointManager(root, save=SaveEvery(steps=1), keep=keep) as mgr:
+        train(mgr, state, 6, metrics=lambda s: {"val_loss": losses[s]})
+        assert steps_on_disk(root) == [2, 6]  # best (val_loss 1.0 at step 2) and newest
+    with CheckpointManager(root, keep=keep) as mgr:  # a new process: decided from manifests
+        best = mgr.best()
+        assert best is not None
+        assert best.step == 2
+        assert best.metrics == {"val_loss": 1.0}
+        tags = {c.step: c.tags for c in mgr.list()}
+        assert tags == {2: frozenset({"best", "kept"}), 6: frozenset({"latest"})}
+        fresh = make_state(seed=9)
+        assert mgr.restore(fresh, "best") == 2
+        assert fresh.best == {"val_loss": 1.0}
+
+
+def test_latest_pointer_moves_after_each_commit(root):
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=3)) as mgr:
+        train(mgr, state, 3)
+        with open(os.path.join(root, "latest")) as f:
+            assert f.read().strip() == "step_00000003"
+        train(mgr, state, 3, start=3)
+        with open(os.path.join(root, "latest")) as f:
+            assert f.read().strip() == "step_00000006"
+
+
+def flip_a_bit(ckpt_dir):
+    path = os.path.join(ckpt_dir, "__0_0.distcp")
+    with open(path, "r+b") as f:
+        f.seek(200)
+        b = f.read(1)
+        f.seek(200)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def test_restore_falls_back_past_a_corrupt_newest_checkpoint(root, caplog):
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=2)) as mgr:
+        train(mgr, state, 4)
+    flip_a_bit(os.path.join(root, "step_00000004"))
+    fresh = make_state(seed=5)
+    with caplog.at_level(logging.WARNING, logger="ckptstore"), CheckpointManager(root) as mgr:
+        assert mgr.restore(fresh) == 2
+    assert "skipping step 4" in caplog.text
+    assert "checksum mismatch" in caplog.text
+
+
+def test_restore_ignores_a_stale_or_missing_pointer(root, caplog):
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=2)) as mgr:
+        train(mgr, state, 6)
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write("step_00000002\n")  # as if a crash stopped the pointer before it moved
+    with caplog.at_level(logging.WARNING, logger="ckptstore"), CheckpointManager(root) as mgr:
+        assert mgr.restore(make_state()) == 6
+    assert "step 6 is newer" in caplog.text
+    os.remove(os.path.join(root, "latest"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ckptstore"), CheckpointManager(root) as mgr:
+        assert mgr.restore(make_state()) == 6
+    assert "no latest pointer" in caplog.text
+
+
+def test_restore_by_step_path_and_none(root):
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=2)) as mgr:
+        train(mgr, state, 6)
+        assert mgr.restore(make_state(), 4) == 4
+        assert mgr.restore(make_state(), "4") == 4
+        assert mgr.restore(make_state(), os.path.join(root, "step_00000002")) == 2
+        assert mgr.restore(make_state(), "none") == 0
+        with pytest.raises(ckptstore.CheckpointNotFoundError):
+            mgr.restore(make_state(), 3)
+        with pytest.raises(ValueError, match="best_metric"):
+            mgr.restore(make_state(), "best")
+
+
+def test_nothing_to_resume_starts_at_zero(root):
+    with CheckpointManager(root) as mgr:
+        assert mgr.restore(make_state()) == 0
+
+
+def test_restored_state_is_complete(root):
+    state = make_state()
+    state.extras = {"tokens_seen": 1234, "history": [1.5, 2.5], "ema": torch.ones(3)}
+    with CheckpointManager(root, save=SaveEvery(steps=5), best_metric="val_loss") as mgr:
+        train(mgr, state, 5, metrics=lambda s: {"val_loss": 10.0 - s})
+    fresh = make_state(seed=7)
+    with CheckpointManager(root) as mgr:
+        assert mgr.restore(fresh) == 5
+    for a, b in zip(state.model.parameters(), fresh.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    sa, sb = state.optimizer.state_dict(), fresh.optimizer.state_dict()
+    for k in sa["state"]:
+        for n in sa["state"][k]:
+            assert torch.equal(sa["state"][k][n], sb["state"][k][n])
+    assert fresh.scheduler.state_dict() == state.scheduler.state_dict()
+    assert fresh.dataloader.state_dict() == state.dataloader.state_dict()
+    assert (fresh.step, fresh.epoch) == (5, 0)
+    assert fresh.best == {"val_loss": 6.0}
+    assert fresh.extras["tokens_seen"] == 1234
+    assert fresh.extras["history"] == [1.5, 2.5]
+    assert torch.equal(fresh.extras["ema"], torch.ones(3))
+
+
+def test_disabled_manager_writes_nothing_and_says_so_once(tmp_path, caplog):
+    root = str(tmp_path / "never")
+    with caplog.at_level(logging.WARNING, logger="ckptstore"):
+        mgr = CheckpointManager(root, save=SaveEvery(steps=1), enabled=False)
+        state = make_state()
+        with mgr.guard(state):
+            train(mgr, state, 3)
+        assert mgr.save(5, state) is None
+        mgr.close()
+    assert not os.path.exists(root)
+    assert caplog.text.count("checkpointing is disabled") == 1
+
+
+def test_disabled_manager_still_restores(root):
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=2)) as mgr:
+        train(mgr, state, 2)
+    with CheckpointManager(root, enabled=False) as mgr:
+        assert mgr.restore(make_state()) == 2
+
+
+def test_mismatched_model_is_refused_with_the_differences(root):
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=2)) as mgr:
+        train(mgr, state, 2)
+    bigger = make_state(cfg=GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=8))
+    with (
+        CheckpointManager(root) as mgr,
+        pytest.raises(ckptstore.IncompatibleCheckpointError) as info,
+    ):
+        mgr.restore(bigger)
+    assert "model.wte.weight: checkpoint [256, 16], target [256, 32]" in str(info.value)
+
+
+def test_guard_saves_final_and_error_saves_are_never_best(root):
+    state = make_state()
+    mgr = CheckpointManager(root, save=SaveEvery(steps=100), best_metric="val_loss")
+    with mgr.guard(state):
+        train(mgr, state, 3, metrics=lambda s: {"val_loss": 1.0})
+    assert [(c.step, c.reason) for c in mgr.list()] == [(3, "final")]
+
+    def crash() -> None:
+        with mgr.guard(state):
+            train(mgr, state, 2, start=3, metrics=lambda s: {"val_loss": 0.5})
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        crash()
+    listed = mgr.list()
+    assert [(c.step, c.reason) for c in listed] == [(3, "final"), (5, "error")]
+    assert mgr.best().step == 3  # the error save had a better metric, but never counts
+    mgr.close()
+
+
+def test_hyperparameters_can_be_overridden_after_restore(root):
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=2)) as mgr:
+        train(mgr, state, 2)
+    fresh = make_state()
+    with CheckpointManager(root) as mgr:
+        mgr.restore(fresh)
+    for group in fresh.optimizer.param_groups:
+        group["lr"] = 5e-4
+    fresh.scheduler.base_lrs = [5e-4 for _ in fresh.optimizer.param_groups]
+    fresh.scheduler.step()
+    assert fresh.optimizer.param_groups[0]["lr"] <= 5e-4
