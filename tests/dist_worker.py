@@ -252,6 +252,73 @@ def scenario_manager_signal(ckpts: str, rank: int, world: int) -> None:
     mgr.close()
 
 
+def _gpt_and_loader(cfg):
+    from torch.utils.data import TensorDataset
+
+    from ckptstore.train.model import GPT
+
+    torch.manual_seed(0)
+    data = torch.randint(
+        0, 256, (32, cfg.block_size + 1), generator=torch.Generator().manual_seed(2)
+    )
+    # Every rank sees all batches here: the model, not the data, is what is sharded.
+    loader = ckptstore.ResumableDataLoader(
+        TensorDataset(data), batch_size=4, seed=3, rank=0, world_size=1
+    )
+    return GPT(cfg), loader
+
+
+def scenario_manager_fsdp_save(ckpts: str, rank: int, world: int) -> None:
+    """TrainState with an FSDP2 model: a managed save of sharded model + optimizer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ckptstore.train.model import MODEL_SIZES
+
+    model, loader = _gpt_and_loader(MODEL_SIZES["tiny"])
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = ckptstore.TrainState(model=model, optimizer=opt, dataloader=loader)
+    with ckptstore.CheckpointManager(
+        os.path.join(ckpts, "mgr"), save=ckptstore.SaveEvery(steps=3)
+    ) as mgr:
+        for step, (batch,) in enumerate(loader):
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mgr.maybe_save(step, state)
+            if step == 2:
+                break
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if rank == 0:
+        torch.save(full, os.path.join(ckpts, "full_params.pt"))
+
+
+def scenario_manager_plain_restore(ckpts: str, rank: int, world: int) -> None:
+    """The FSDP2 run's checkpoint restored into a plain (unsharded) model, fewer ranks."""
+    from ckptstore.train.model import MODEL_SIZES
+
+    model, loader = _gpt_and_loader(MODEL_SIZES["tiny"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = ckptstore.TrainState(model=model, optimizer=opt, dataloader=loader)
+    with ckptstore.CheckpointManager(os.path.join(ckpts, "mgr")) as mgr:
+        assert mgr.restore(state) == 3
+    expected = torch.load(os.path.join(ckpts, "full_params.pt"), weights_only=True)
+    got = model.state_dict()
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+    assert state.dataloader.batches_taken == 3
+    assert len(opt.state) == len(list(model.parameters()))  # the optimizer state came back too
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)

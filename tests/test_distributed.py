@@ -83,6 +83,11 @@ def test_ranks_saving_different_steps_fail_loudly(tmp_path):
     run_ranks("step_mismatch", str(tmp_path), 2)
 
 
+def test_trainstate_with_fsdp2_resumes_unsharded_on_one_rank(tmp_path):
+    run_ranks("manager_fsdp_save", str(tmp_path), 2)
+    run_ranks("manager_plain_restore", str(tmp_path), 1)
+
+
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")

@@ -286,3 +286,28 @@ def test_hyperparameters_can_be_overridden_after_restore(root):
     fresh.scheduler.base_lrs = [5e-4 for _ in fresh.optimizer.param_groups]
     fresh.scheduler.step()
     assert fresh.optimizer.param_groups[0]["lr"] <= 5e-4
+
+
+def test_grad_scaler_state_is_restored(root):
+    state = make_state()
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=3)
+    with CheckpointManager(root, save=SaveEvery(steps=4)) as mgr:
+        step = 0
+        while step < 4:
+            for (batch,) in state.dataloader:
+                _, loss = state.model(batch[:, :-1], batch[:, 1:])
+                state.optimizer.zero_grad()
+                state.scaler.scale(loss).backward()
+                state.scaler.step(state.optimizer)
+                state.scaler.update()
+                mgr.maybe_save(step, state)
+                step += 1
+                if step == 4:
+                    break
+    saved = state.scaler.state_dict()
+    assert saved["scale"] == 2.0**13  # grew once after 3 clean steps
+    fresh = make_state()
+    fresh.scaler = torch.amp.GradScaler("cpu")
+    with CheckpointManager(root) as mgr:
+        assert mgr.restore(fresh) == 4
+    assert fresh.scaler.state_dict() == saved
