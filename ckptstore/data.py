@@ -150,6 +150,10 @@ class ResumableDataLoader:
         return n // self.batch_size if self._drop_last else math.ceil(n / self.batch_size)
 
     def __len__(self) -> int:
+        """Batches per epoch, like ``len(DataLoader)`` (see :meth:`remaining` for what is left)."""
+        return self.batches_per_epoch()
+
+    def remaining(self) -> int:
         """Batches left in the current epoch."""
         return max(0, self.batches_per_epoch() - self.batches_taken)
 

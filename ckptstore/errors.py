@@ -14,6 +14,7 @@ working::
     ├── StorageError                   (+ OSError)            I/O failed; errno kept
     │   └── StorageFullError                                  ENOSPC / quota
     ├── BackgroundSaveError                                   an earlier async save failed
+    ├── RankFailedError                                       another rank's loop failed
     └── CheckpointerClosedError        (+ RuntimeError)       used after close()
 
 Messages say what was expected, what was found and what to do next. Errors cross
@@ -33,6 +34,7 @@ __all__ = [
     "CkptStoreError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "RankFailedError",
     "StorageError",
     "StorageFullError",
     "UnsafeCheckpointError",
@@ -92,6 +94,10 @@ class BackgroundSaveError(CkptStoreError):
         super().__init__(message)
         self.step = step
         self.pending: object | None = None
+
+
+class RankFailedError(CkptStoreError):
+    """Another rank's training loop failed; this rank stops too (raised by ``maybe_save``)."""
 
 
 class CheckpointerClosedError(CkptStoreError, RuntimeError):

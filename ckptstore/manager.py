@@ -8,25 +8,41 @@
         keep=AnyOf(KeepLast(3), KeepEvery(epochs=1), KeepBest(1, metric="val_loss")),
     )
     state = ckptstore.TrainState(model=model, optimizer=opt, scheduler=sched, dataloader=loader)
-    start = mgr.restore(state)                    # steps done by the restored run; 0 if none
+    step = mgr.restore(state)                     # steps done by the restored run; 0 if none
     with mgr.guard(state):                        # saves on completion, Ctrl+C, SIGTERM, error
-        for step in range(start, total_steps):
+        while step < total_steps:
             ...
             mgr.maybe_save(step, state, epoch=epoch, metrics={"val_loss": val_loss})
+            step += 1
 
-``step`` is the loop's index of the step just completed; the checkpoint records the
-steps *done* (``step + 1``), and ``restore`` returns that number, the index to resume at.
+Steps: ``maybe_save(step)`` and ``save(step)`` take the loop's index of the step just
+completed; the checkpoint records the steps *done* (``step + 1``): ``step_00000500`` is
+the state after 500 steps. ``restore`` returns that number (the index to resume at), and
+``restore(state, 500)`` or ``restore(state, "step_00000500")`` names that checkpoint.
 
 Signals: inside :meth:`guard`, the first SIGINT or SIGTERM is noted, and at the end of
 the step in progress (the next :meth:`maybe_save`) the state is saved (reason
-``"signal"``) and the process exits with 130 or 143. A second signal exits at once; the
-save it interrupts is never committed, so nothing half-written is visible. With several
-ranks, the ranks agree on the stop at every step (one tiny gloo all-reduce) so they all
-save the same step.
+``"signal"``) and the process exits with 130 or 143. A signal that arrives once that
+save has started exits at once; the save is never committed, so nothing half-written is
+visible. Repeats of the first signal before then are ignored (a terminal's Ctrl+C and
+torchrun's forwarded copy of it arrive together).
 
-Retention runs on rank 0 after each commit, and once at start-up (a crash between a
-save and its pruning is caught up). It never deletes the newest checkpoint, the one
-``latest`` names, or anything that is not a committed ckptstore checkpoint.
+Errors: an exception escaping :meth:`guard` is saved (reason ``"error"``) as the state of
+the last completed step: the small parts (data position, generators, counters,
+scheduler) come from a snapshot taken at the end of that step, and if the exception
+came after ``optimizer.step()`` of the failing step nothing is saved, since model and
+optimizer no longer match that step. Single process only.
+
+Several ranks: at every :meth:`maybe_save` the ranks agree, with one tiny all-reduce on
+a gloo group of the manager's own, on whether to save (a time-based policy is decided
+by each rank's clock), whether to stop on a signal, and whether a rank has failed: a
+rank whose loop raises tells the others, which then stop too instead of waiting.
+
+Retention and the ``latest`` pointer run on rank 0, on a housekeeping thread, after each
+commit and once at start-up (a crash between a save and its pruning is caught up). They
+never delete the newest checkpoint, the one ``latest`` names, or anything that is not a
+committed ckptstore checkpoint. A root belongs to one run (resumes included): retention
+manages every committed checkpoint under it.
 """
 
 from __future__ import annotations
@@ -39,7 +55,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -48,34 +65,54 @@ import torch.distributed as dist
 from ckptstore import _dist
 from ckptstore.background import PendingSave
 from ckptstore.checkpoint import (
+    STEP_NAME,
     CheckpointInfo,
+    checkpoint_name,
     fill_from_checkpoint,
     load_into,
     read_dcp_metadata,
     read_manifest,
 )
 from ckptstore.checkpointer import Checkpointer
-from ckptstore.errors import CheckpointNotFoundError, CkptStoreError, CorruptCheckpointError
+from ckptstore.errors import (
+    BackgroundSaveError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptStoreError,
+    CorruptCheckpointError,
+    RankFailedError,
+)
+from ckptstore.format.manifest import MANIFEST_FILE
 from ckptstore.policies import (
+    EPOCH,
     ERROR,
     FINAL,
+    INTERVAL,
     MANUAL,
     SIGNAL,
     AnyOf,
     CheckpointRecord,
     KeepBest,
+    KeepEvery,
+    KeepFinal,
     RetentionPolicy,
     SaveContext,
     SavePolicy,
 )
 from ckptstore.storage import open_backend
-from ckptstore.trainstate import TrainState
+from ckptstore.trainstate import TrainState, _rank
 
 log = logging.getLogger("ckptstore")
 
 LATEST_FILE = "latest"
+FINALS_FILE = "finals"  # names of checkpoints that ended a completed run, one per line
 # Parts of a TrainState whose shape only the checkpoint knows: loaded as stored.
 _FLEXIBLE = ("counters", "extras", "scaler")
+# What the ranks agree on every step: a save reason (by code), and a stop code.
+_REASON_CODES = {None: 0, INTERVAL: 1, EPOCH: 2}
+_CODE_REASONS = {v: k for k, v in _REASON_CODES.items()}
+_ABORT = 255  # stop code: a rank's loop failed
+_REPEAT_WINDOW_S = 1.0  # the same signal again within this: a duplicate, not a second
 
 
 @dataclass(frozen=True)
@@ -84,12 +121,12 @@ class ManagedCheckpoint:
 
     step: int
     epoch: int | None
-    reason: str | None
+    reason: str | None  # why it was written (manifest)
     created_unix_s: float
     stored_bytes: int
     raw_bytes: int
     metrics: dict[str, float | None]
-    tags: frozenset[str]  # "latest", "best", "kept" (forever, by a KeepEvery/KeepFinal/KeepBest)
+    tags: frozenset[str]  # "latest", "best", "final" (ended a completed run), "kept" (forever)
     url: str
 
     @property
@@ -106,6 +143,7 @@ class CheckpointManager:
     ``best_metric``/``best_mode`` name what "best" means (default: the metric of a
     ``KeepBest`` in ``keep``). Other keyword arguments configure the
     :class:`~ckptstore.Checkpointer` (``codec``, ``max_inflight``, ``threads``, ...).
+    Every rank constructs the manager (it creates process groups: a collective).
     """
 
     def __init__(
@@ -121,27 +159,24 @@ class CheckpointManager:
         storage_options: dict[str, Any] | None = None,
         **checkpointer_config: Any,
     ) -> None:
-        if save is not None and not isinstance(save, SavePolicy):
-            raise TypeError(
-                f"save must be a save policy such as SaveEvery(steps=500), got {save!r}"
-            )
-        if keep is not None and not isinstance(keep, RetentionPolicy):
-            raise TypeError(f"keep must be a retention policy such as KeepLast(3), got {keep!r}")
+        _check_policy(save, "save")
+        _check_policy(keep, "keep")
         self.save_policy = save
         self.keep_policy = keep
         self.enabled = enabled
-        found = _find_keep_best(keep)
-        if best_metric is None and found is not None:
+        found = _find(keep, KeepBest)
+        if best_metric is None and isinstance(found, KeepBest):
             best_metric, best_mode = found.metric, found.mode
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.best_metric = best_metric
         self.best_mode = best_mode
         self._root = os.fspath(root) if isinstance(root, os.PathLike) else root
+        self._storage_options = storage_options
+        self._process_group = process_group
         if not enabled:
             log.warning("checkpointing is disabled: nothing will be saved under %s", self._root)
-            # Read-only: no start-up sweep, and no directory is created.
-            checkpointer_config.setdefault("sweep_grace_s", float("inf"))
+            checkpointer_config.setdefault("sweep_grace_s", float("inf"))  # read-only
         self._ckpt: Checkpointer | None = None
         if (
             enabled
@@ -153,18 +188,26 @@ class CheckpointManager:
                 storage_options=storage_options,
                 **checkpointer_config,
             )
-        # For agreeing on a stop at every step, on the caller's thread: a group of its own.
+        # The caller's thread agrees with the other ranks on a group of its own.
         self._control = _dist.dedicated_gloo_group(process_group)
         self._rank = _dist.rank(self._control)
         self._world = _dist.world_size(self._control)
+        # Pointer updates and pruning: off the writer thread, in commit order.
+        self._housekeeping = (
+            ThreadPoolExecutor(1, thread_name_prefix="ckptstore-housekeeping")
+            if enabled and self._rank == 0
+            else None
+        )
         self._lock = threading.Lock()
-        self._pending: list[PendingSave] = []
         self._last_done: int | None = None
-        self._last_metrics: dict[str, float] | None = None  # of the last step done
+        self._last_metrics: dict[str, float] | None = None
         self._last_epoch: int | None = None
         self._last_saved: int | None = None
         self._last_save_time = time.monotonic()
+        self._boundary: dict[str, Any] | None = None
         self._stop: int | None = None
+        self._stop_at = 0.0
+        self._stop_saving = False
         self._guarding = False
         self._closed = False
         if enabled and self._rank == 0:
@@ -183,36 +226,48 @@ class CheckpointManager:
         """Call after every training step: saves if the save policy says so.
 
         Also where a pending stop (SIGINT/SIGTERM inside :meth:`guard`) takes effect:
-        the state is saved and the process exits with 130 / 143.
+        the state is saved and the process exits with 130 / 143. With several ranks
+        every rank must call it once per step.
         """
         steps_done = _steps_done(step)
         self._last_done = steps_done
         self._last_metrics = dict(metrics) if metrics else None
+        if epoch is None and isinstance(state, TrainState):
+            epoch = state.epoch
         if epoch is not None:
             self._last_epoch = epoch
         if isinstance(state, TrainState):
             state.step = steps_done
-            if epoch is not None:
-                state.epoch = epoch
+            state.epoch = epoch if epoch is not None else state.epoch
             self._track_best(state, metrics)
-        stop = self._agree_stop()
-        pending = None
-        if self.enabled and self._last_saved != steps_done:
-            reason = None
-            if self.save_policy is not None:
-                reason = self.save_policy.should_save(
-                    SaveContext(
-                        steps_done=steps_done,
-                        epoch=epoch,
-                        end_of_epoch=end_of_epoch,
-                        elapsed_s=time.monotonic() - self._last_save_time,
-                        last_saved_step=self._last_saved,
-                    )
+            self._boundary = state.boundary()
+        reason = None
+        if self.enabled and self.save_policy is not None and self._last_saved != steps_done:
+            reason = self.save_policy.should_save(
+                SaveContext(
+                    steps_done=steps_done,
+                    epoch=epoch,
+                    end_of_epoch=end_of_epoch,
+                    elapsed_s=time.monotonic() - self._last_save_time,
+                    last_saved_step=self._last_saved,
                 )
-            if reason is None and stop is not None:
-                reason = SIGNAL
-            if reason is not None:
+            )
+        reason, stop = self._agree(reason, self._stop)
+        if stop == _ABORT:
+            raise RankFailedError("another rank's training loop failed: stopping this one too")
+        if stop is not None:
+            self._stop = self._stop or stop  # a signal to another rank stops this one too
+            self._stop_saving = True
+            if self.enabled and self._last_saved != steps_done:
+                reason = reason or SIGNAL
+        pending = None
+        if reason is not None and self.enabled:
+            try:
                 pending = self._save(steps_done, state, reason, epoch, metrics)
+            except BackgroundSaveError as exc:
+                if stop is None:
+                    raise
+                log.error("%s", exc)  # a pending stop still ends the run with its status
         if stop is not None:
             self._exit_on_signal(stop)
         return pending
@@ -226,7 +281,8 @@ class CheckpointManager:
         epoch: int | None = None,
         metrics: dict[str, float] | None = None,
     ) -> PendingSave | None:
-        """Save now, whatever the policy says (None when checkpointing is disabled)."""
+        """Save now, whatever the policy says; ``step`` as in :meth:`maybe_save` (the
+        index of the step just done). None when checkpointing is disabled."""
         steps_done = _steps_done(step)
         self._last_done = steps_done
         if not self.enabled:
@@ -243,28 +299,48 @@ class CheckpointManager:
         reason: str,
         epoch: int | None,
         metrics: dict[str, float] | None,
+        sd: dict[str, Any] | None = None,
     ) -> PendingSave:
         assert self._ckpt is not None
-        sd = state.state_dict() if isinstance(state, TrainState) else state
+        name = checkpoint_name(steps_done)
+        if self._ckpt.backend.exists(f"{name}/{MANIFEST_FILE}"):
+            raise CheckpointExistsError(
+                f"{self._ckpt.url}/{name} already exists: this run restored an earlier checkpoint "
+                "and is training past it. Restore with newer='discard' to retire the newer "
+                "checkpoints, or save into another root"
+            )
+        if sd is None:
+            sd = state.state_dict() if isinstance(state, TrainState) else state
         if epoch is None:
             epoch = state.epoch if isinstance(state, TrainState) else self._last_epoch
-        pending = self._ckpt.save_async(sd, steps_done, epoch=epoch, reason=reason, metrics=metrics)
-        self._last_saved = steps_done
-        self._last_save_time = time.monotonic()
-        if self._rank == 0:
-            pending.committed.add_done_callback(self._after_commit)
-        with self._lock:
-            self._pending = [p for p in self._pending if not p.done()] + [pending]
+        try:
+            pending = self._ckpt.save_async(
+                sd, steps_done, epoch=epoch, reason=reason, metrics=metrics
+            )
+        except BackgroundSaveError as exc:
+            # An earlier save failed; this one was still started: keep track of it.
+            if isinstance(exc.pending, PendingSave):
+                self._track(exc.pending, steps_done)
+            raise
+        self._track(pending, steps_done)
         return pending
 
-    def _after_commit(self, fut: Any) -> None:
-        """On the writer thread, once a save is durable: move ``latest``, then prune."""
-        if fut.exception() is not None:
-            return
-        result = fut.result()
+    def _track(self, pending: PendingSave, steps_done: int) -> None:
+        self._last_saved = steps_done
+        self._last_save_time = time.monotonic()
+        if self._housekeeping is not None:
+            pending.committed.add_done_callback(self._after_commit)
+
+    def _after_commit(self, fut: Future[Any]) -> None:
+        """Once a save is durable (on the writer thread): hand the rest to housekeeping."""
+        if fut.exception() is None and self._housekeeping is not None:
+            with contextlib.suppress(RuntimeError):  # shut down: nothing more to do
+                self._housekeeping.submit(self._point_and_prune, fut.result().name)
+
+    def _point_and_prune(self, name: str) -> None:
         assert self._ckpt is not None
         try:
-            self._ckpt.backend.put_atomic(LATEST_FILE, f"{result.name}\n".encode())
+            self._ckpt.backend.put_atomic(LATEST_FILE, f"{name}\n".encode())
         except CkptStoreError as exc:
             log.warning("could not update %s/%s: %s", self._ckpt.url, LATEST_FILE, exc)
         self._prune()
@@ -278,7 +354,26 @@ class CheckpointManager:
         if better and value == value:  # not NaN
             state.best[self.best_metric] = value
 
+    # ---- agreement between ranks ------------------------------------------------------
+    def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]:
+        """Every rank's save reason and stop code, agreed (the largest wins)."""
+        if self._control is None:
+            return reason, stop
+        flags = torch.tensor([_REASON_CODES.get(reason, 1), stop or 0], dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control)
+        return _CODE_REASONS[int(flags[0])], int(flags[1]) or None
+
     # ---- retention ------------------------------------------------------------------
+    def _records(self, infos: builtins.list[CheckpointInfo]) -> builtins.list[CheckpointRecord]:
+        finals = self._read_lines(FINALS_FILE)
+        records = []
+        for info in infos:
+            r = _record(info)
+            if info.name in finals and r.reason != FINAL:
+                r = replace(r, reason=FINAL)  # the last step of a completed run, saved earlier
+            records.append(r)
+        return records
+
     def _prune(self) -> None:
         if self.keep_policy is None or self._ckpt is None:
             return
@@ -286,26 +381,43 @@ class CheckpointManager:
             infos = self._ckpt.list()
             if not infos:
                 return
-            records = [_record(i) for i in infos]
+            records = self._records(infos)
             keep = set(self.keep_policy.keep(records))
             keep.add(max(r.step for r in records))  # never the newest
             pointed = self._read_latest()
-            by_name = {i.name: i for i in infos}
-            if pointed in by_name:
-                keep.add(by_name[pointed].step or 0)
+            for info in infos:
+                if info.name == pointed:
+                    keep.add(info.step or 0)
             for info in infos:
                 if info.step not in keep:
                     self._ckpt.backend.delete(info.name)
                     log.info("retention: deleted %s", info.name)
-        except Exception as exc:  # a failed prune must not fail the save it follows
+        except CkptStoreError as exc:  # storage trouble must not fail the save it follows
             log.warning("retention under %s failed: %s", self._ckpt.url, exc)
 
     def _read_latest(self) -> str | None:
-        assert self._ckpt is not None
+        lines = self._read_lines(LATEST_FILE)
+        return lines[0] if lines else None
+
+    def _read_lines(self, name: str) -> builtins.list[str]:
+        if self._ckpt is None:
+            return []
         try:
-            return self._ckpt.backend.read_bytes(LATEST_FILE).decode().strip() or None
+            text = self._ckpt.backend.read_bytes(name).decode()
         except (FileNotFoundError, UnicodeDecodeError, CkptStoreError):
-            return None
+            return []
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def _record_final(self, name: str) -> None:
+        assert self._ckpt is not None
+        finals = self._read_lines(FINALS_FILE)
+        if name not in finals:
+            try:
+                self._ckpt.backend.put_atomic(
+                    FINALS_FILE, ("\n".join([*finals, name]) + "\n").encode()
+                )
+            except CkptStoreError as exc:
+                log.warning("could not record %s as final: %s", name, exc)
 
     # ---- listing ----------------------------------------------------------------------
     def list(self) -> builtins.list[ManagedCheckpoint]:
@@ -313,15 +425,13 @@ class CheckpointManager:
         if self._ckpt is None:
             return []
         infos = self._ckpt.list()
-        records = [_record(i) for i in infos]
+        records = self._records(infos)
         latest = self._read_latest()
         best = self._best_record(records)
         kept: frozenset[int] = frozenset()
-        if self.keep_policy is not None:
-            forever = _forever_policies(self.keep_policy)
-            kept = (
-                frozenset().union(*(p.keep(records) for p in forever)) if forever else frozenset()
-            )
+        forever = _forever(self.keep_policy)
+        if forever:
+            kept = frozenset().union(*(p.keep(records) for p in forever))
         out = []
         for info, rec in zip(infos, records, strict=True):
             tags = set()
@@ -329,6 +439,8 @@ class CheckpointManager:
                 tags.add("latest")
             if best is not None and rec.step == best.step:
                 tags.add("best")
+            if rec.reason == FINAL:
+                tags.add("final")
             if rec.step in kept:
                 tags.add("kept")
             m = info.manifest
@@ -349,11 +461,7 @@ class CheckpointManager:
 
     def best(self) -> ManagedCheckpoint | None:
         """The best checkpoint by ``best_metric`` (signal and error saves never count)."""
-        entries = self.list()
-        for e in entries:
-            if "best" in e.tags:
-                return e
-        return None
+        return next((e for e in self.list() if "best" in e.tags), None)
 
     def _best_record(self, records: builtins.list[CheckpointRecord]) -> CheckpointRecord | None:
         if self.best_metric is None:
@@ -363,21 +471,33 @@ class CheckpointManager:
 
     # ---- restoring --------------------------------------------------------------------
     def restore(
-        self, state: TrainState | dict[str, Any], which: str | int | None = "latest"
+        self,
+        state: TrainState | dict[str, Any],
+        which: str | int | None = "latest",
+        *,
+        newer: str = "keep",
     ) -> int:
         """Restore ``state`` from a checkpoint; return the steps it had done (0: none).
 
         ``which``: ``"latest"`` (default: the newest checkpoint that loads; a missing,
         stale or damaged ``latest`` pointer or checkpoint is skipped with a warning),
-        ``"best"``, a step number, the path of a checkpoint directory, or ``"none"``.
+        ``"best"``, a step (``500`` or ``"step_00000500"``), the path of a checkpoint
+        directory, or ``"none"``. Restoring an earlier checkpoint and training on would
+        collide with the newer ones: ``newer="discard"`` deletes them (rank 0), else the
+        first save past them fails.
         """
+        if newer not in ("keep", "discard"):
+            raise ValueError(f"newer must be 'keep' or 'discard', got {newer!r}")
         if which is None or which == "none":
             return 0
         if isinstance(which, str) and which not in ("latest", "best"):
-            if which.isdigit():
-                which = int(which)
+            match = STEP_NAME.match(which)
+            if which.isdigit() or match:
+                which = int(match.group(1)) if match else int(which)
             else:
                 return self._restore_path(state, which)
+        if which == "best" and self.best_metric is None:
+            raise ValueError("restore('best') needs best_metric= (or a KeepBest in keep=)")
         if self._ckpt is None:
             if which == "latest":
                 log.info("nothing to resume under %s: starting from scratch", self._root)
@@ -401,7 +521,8 @@ class CheckpointManager:
                 continue
             if skipped:
                 log.warning("restored step %d after skipping %s", info.step, ", ".join(skipped))
-            return self._resumed(state, info)
+            self._handle_newer(info, newer)
+            return self._resumed(info)
         raise CorruptCheckpointError(
             f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)}); "
             "run Checkpointer(root).verify(step) to see what is damaged"
@@ -410,62 +531,78 @@ class CheckpointManager:
     def _candidates(self, which: str | int) -> builtins.list[int]:
         """Steps to try, in order; decided on rank 0 and shared with every rank."""
         assert self._ckpt is not None
-        order: builtins.list[int] = []
+        decision: tuple[str, Any] = ("ok", [])
+        failure: BaseException | None = None
         if self._rank == 0:
-            infos = self._ckpt.list()
-            records = [_record(i) for i in infos]
-            if isinstance(which, int):
-                order = [which]
-            elif which == "best":
-                if self.best_metric is None:
-                    raise ValueError("restore('best') needs best_metric= (or a KeepBest in keep=)")
-                order = [
-                    r.step for r in KeepBest(1, self.best_metric, self.best_mode).ranked(records)
-                ]
-            else:
-                order = sorted((r.step for r in records), reverse=True)
-                pointed = self._read_latest()
-                names = {i.name: (i.step or 0) for i in infos}
-                if pointed is None and order:
-                    log.warning(
-                        "no %s pointer under %s: using the newest checkpoint",
-                        LATEST_FILE,
-                        self._ckpt.url,
-                    )
-                elif pointed is not None and pointed not in names:
-                    log.warning(
-                        "%s names %s, which is not a committed checkpoint: ignored",
-                        LATEST_FILE,
-                        pointed,
-                    )
-                elif pointed is not None and order and names[pointed] != order[0]:
-                    log.warning(
-                        "%s names %s but step %d is newer (a crash before the pointer moved?): using the newer",
-                        LATEST_FILE,
-                        pointed,
-                        order[0],
-                    )
-        shared = _dist.broadcast(order, self._control)
-        assert isinstance(shared, builtins.list)
-        return [int(s) for s in shared]
+            try:
+                decision = ("ok", self._order(which))
+            except Exception as exc:
+                failure = exc
+                decision = ("error", f"{type(exc).__name__}: {exc}")
+        decision = _dist.broadcast(decision, self._control)  # type: ignore[assignment]
+        if decision[0] == "error":
+            if failure is not None:
+                raise failure
+            raise CkptStoreError(f"rank 0 could not choose a checkpoint to restore: {decision[1]}")
+        return [int(s) for s in decision[1]]
+
+    def _order(self, which: str | int) -> builtins.list[int]:
+        assert self._ckpt is not None
+        infos = self._ckpt.list()
+        records = self._records(infos)
+        if isinstance(which, int):
+            return [which]
+        if which == "best":
+            assert self.best_metric is not None
+            return [r.step for r in KeepBest(1, self.best_metric, self.best_mode).ranked(records)]
+        order = sorted((r.step for r in records), reverse=True)
+        pointed = self._read_latest()
+        names = {i.name: (i.step or 0) for i in infos}
+        if pointed is None and order:
+            log.warning(
+                "no %s pointer under %s: using the newest checkpoint", LATEST_FILE, self._ckpt.url
+            )
+        elif pointed is not None and pointed not in names:
+            log.warning(
+                "%s names %s, which is not a committed checkpoint: ignored", LATEST_FILE, pointed
+            )
+        elif pointed is not None and order and names[pointed] != order[0]:
+            log.warning(
+                "%s names %s but step %d is newer (a crash before the pointer moved?): using the newer",
+                LATEST_FILE,
+                pointed,
+                order[0],
+            )
+        return order
 
     def _load_step(self, state: TrainState | dict[str, Any], step: int) -> CheckpointInfo:
         assert self._ckpt is not None
         if not isinstance(state, TrainState):
             return self._ckpt.load(state, step)
-        target = self._target(state, self._ckpt.read_metadata(step))
+        # Every rank reads the metadata; they agree that all could before the collective
+        # load, so that a rank that could not does not go its own way.
+        metadata, problem = None, None
+        try:
+            metadata = self._ckpt.read_metadata(step)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            problem = exc
+        _, failed = self._agree(None, 1 if problem is not None else None)
+        if failed:
+            raise problem or CorruptCheckpointError(
+                f"step {step}: another rank could not read its metadata"
+            )
+        target = self._target(state, metadata)
         info = self._ckpt.load(target, step)
         state.load_state_dict(target)
         return info
 
     def _restore_path(self, state: TrainState | dict[str, Any], path: str) -> int:
-        root, name = (
-            os.path.split(os.path.abspath(path))
-            if "://" not in path
-            else path.rstrip("/").rsplit("/", 1)
-        )
-        backend = open_backend(root, create=False)
-        with _dist.caller_group(None) as group:
+        if "://" in path:
+            root, name = path.rstrip("/").rsplit("/", 1)
+        else:
+            root, name = os.path.split(os.path.abspath(path))
+        backend = open_backend(root, storage_options=self._storage_options, create=False)
+        with _dist.caller_group(self._process_group) as group:
             if isinstance(state, TrainState):
                 manifest = read_manifest(backend, name)
                 target = self._target(state, read_dcp_metadata(backend, name, manifest))
@@ -473,15 +610,22 @@ class CheckpointManager:
                 state.load_state_dict(target)
             else:
                 manifest = load_into(state, backend, name, pool=None, group=group)
-        return self._resumed(state, CheckpointInfo(name, f"{backend.url}/{name}", manifest))
+        return self._resumed(CheckpointInfo(name, f"{backend.url}/{name}", manifest))
 
     def _target(self, state: TrainState, metadata: Any) -> dict[str, Any]:
         """What to load into: the state's own dict, with the flexible parts shaped as stored."""
         target = state.state_dict()
+        stored = {str(p[0]) for p in _paths(metadata)}
+        for part in ("scheduler", "scaler", "data", "extras"):
+            if part in target and part not in stored:
+                log.warning(
+                    "the checkpoint has no %r: that part of the state is not restored", part
+                )
+                target.pop(part)
         for part in _FLEXIBLE:
             target.pop(part, None)
             fill_from_checkpoint(target, metadata, _under(part))
-        mine = f"rank{self._rank}"
+        mine = f"rank{_rank()}"  # the global rank, as TrainState saves it
         target.pop("rng", None)
         if state.rng and not fill_from_checkpoint(
             target, metadata, lambda p: p[:2] == ("rng", mine)
@@ -492,7 +636,32 @@ class CheckpointManager:
             )
         return target
 
-    def _resumed(self, state: TrainState | dict[str, Any], info: CheckpointInfo) -> int:
+    def _handle_newer(self, info: CheckpointInfo, newer: str) -> None:
+        if not self.enabled or self._ckpt is None or self._rank != 0:
+            return
+        later = [i for i in self._ckpt.list() if (i.step or 0) > (info.step or 0)]
+        if not later:
+            return
+        if newer == "discard":
+            for i in later:
+                self._ckpt.backend.delete(i.name)
+            self._ckpt.backend.put_atomic(LATEST_FILE, f"{info.name}\n".encode())
+            log.warning(
+                "retired %d checkpoint(s) newer than %s: %s",
+                len(later),
+                info.name,
+                [i.name for i in later],
+            )
+        else:
+            log.warning(
+                "%d checkpoint(s) newer than %s exist (%s); training on will fail to save where "
+                "they are: restore with newer='discard' to retire them",
+                len(later),
+                info.name,
+                later[-1].name,
+            )
+
+    def _resumed(self, info: CheckpointInfo) -> int:
         steps = info.step or 0
         self._last_done = steps
         self._last_saved = steps
@@ -517,61 +686,88 @@ class CheckpointManager:
         except SystemExit:
             self.wait_quietly()
             raise
-        except KeyboardInterrupt:
-            self._save_last(state, SIGNAL)
-            self.wait_quietly()
-            raise SystemExit(128 + signal.SIGINT) from None
-        except BaseException:
-            if self._world > 1:
-                log.error(
-                    "an error escaped the loop; with several ranks it cannot be saved collectively"
-                )
-            else:
-                self._save_last(state, ERROR)
+        except RankFailedError:
             self.wait_quietly()
             raise
+        except BaseException as exc:
+            if self._control is not None:
+                self._tell_others_and_leave()
+                log.error("the loop failed on this rank; with several ranks the error is not saved")
+            else:
+                self._save_last(state, SIGNAL if isinstance(exc, KeyboardInterrupt) else ERROR)
+            self.wait_quietly()
+            if isinstance(exc, KeyboardInterrupt):
+                raise SystemExit(128 + signal.SIGINT) from None
+            raise
         else:
-            self._save_last(state, FINAL)
-            self.wait()
-            if self._stop is not None:
-                self._exit_on_signal(self._stop)
+            self._complete(state)
         finally:
             self._guarding = False
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
+    def _complete(self, state: TrainState | dict[str, Any]) -> None:
+        if self.enabled and self._last_done is not None:
+            if self._last_saved != self._last_done:
+                self._save(self._last_done, state, FINAL, None, self._last_metrics)
+            self.wait()
+            if self._housekeeping is not None:
+                # Mark the last checkpoint as the end of a completed run (KeepFinal keeps
+                # it), whether it was saved just now or by the policy at the last step.
+                self._housekeeping.submit(
+                    self._record_final, checkpoint_name(self._last_done)
+                ).result()
+        elif self._ckpt is not None:
+            self.wait()
+
+    def _tell_others_and_leave(self) -> None:
+        """This rank's loop failed: join one last agreement with the abort code, so the
+        other ranks stop at their next step instead of waiting for this one forever."""
+        with contextlib.suppress(Exception):
+            self._agree(None, _ABORT)
+
     def _save_last(self, state: TrainState | dict[str, Any], reason: str) -> None:
+        """Save the state of the last completed step after an error or interrupt."""
         if not self.enabled or self._last_done is None or self._last_saved == self._last_done:
             return
+        sd = None
+        if isinstance(state, TrainState) and self._boundary is not None:
+            if state.optimizer_steps() != self._boundary["optimizer_steps"]:
+                log.error(
+                    "not saved: the %s came after optimizer.step() of the step following step %d, "
+                    "so model and optimizer no longer match that step; the last checkpoint stands",
+                    reason,
+                    self._last_done,
+                )
+                return
+            sd = state.state_dict()
+            for part, value in self._boundary.items():
+                if part in sd:  # data position, generators, counters, scheduler: as they were
+                    sd[part] = value
         try:
-            # The last step's metrics go with it (a final save can be the best one).
-            self._save(self._last_done, state, reason, None, self._last_metrics).wait()
+            self._save(self._last_done, state, reason, None, self._last_metrics, sd=sd).wait()
             log.warning("saved step %d (%s)", self._last_done, reason)
         except Exception as exc:
             log.error("the %s save of step %d failed: %s", reason, self._last_done, exc)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
         if self._stop is not None:
-            os.write(
-                2, b"ckptstore: second signal: exiting now; the save in progress is discarded\n"
-            )
-            os._exit(128 + signum)
+            if self._stop_saving and not (
+                signum == self._stop and now - self._stop_at < _REPEAT_WINDOW_S
+            ):
+                os.write(
+                    2, b"ckptstore: second signal: exiting now; the save in progress is discarded\n"
+                )
+                os._exit(128 + signum)
+            return  # a duplicate (a terminal's Ctrl+C plus torchrun's copy), or before the save
         self._stop = signum
+        self._stop_at = now
         name = signal.Signals(signum).name
         os.write(
             2,
             f"ckptstore: {name}: saving at the end of this step, then exiting (again: exit now)\n".encode(),
         )
-
-    def _agree_stop(self) -> int | None:
-        if self._control is None or not self._guarding:
-            return self._stop
-        flag = torch.tensor([self._stop or 0], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._control)
-        agreed = int(flag.item())
-        if agreed and self._stop is None:
-            self._stop = agreed  # another rank was signalled: stop here too, at the same step
-        return agreed or None
 
     def _exit_on_signal(self, signum: int) -> None:
         self.wait_quietly()
@@ -580,9 +776,12 @@ class CheckpointManager:
 
     # ---- waiting and closing --------------------------------------------------------
     def wait(self) -> None:
-        """Wait until every save in flight is durable; raise if one failed."""
+        """Wait until every save in flight is durable and ``latest`` has moved; raise if
+        a save failed."""
         if self._ckpt is not None:
             self._ckpt.wait()
+        if self._housekeeping is not None:
+            self._housekeeping.submit(lambda: None).result()
 
     def wait_quietly(self) -> None:
         try:
@@ -598,6 +797,8 @@ class CheckpointManager:
             if self._ckpt is not None:
                 self._ckpt.close()
         finally:
+            if self._housekeeping is not None:
+                self._housekeeping.shutdown(wait=True)
             _dist.release(self._control)
 
     def __enter__(self) -> CheckpointManager:
@@ -619,6 +820,15 @@ def _under(part: str) -> Callable[[tuple[Any, ...]], bool]:
     return lambda path: bool(path) and path[0] == part
 
 
+def _paths(metadata: Any) -> builtins.list[tuple[Any, ...]]:
+    planner_data = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    out: builtins.list[tuple[Any, ...]] = []
+    for fqn in metadata.state_dict_metadata:
+        path = planner_data.get(fqn)
+        out.append(path if isinstance(path, tuple) and path else tuple(fqn.split(".")))
+    return out
+
+
 def _steps_done(step: int) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be the loop's 0-based step index, got {step!r}")
@@ -636,26 +846,39 @@ def _record(info: CheckpointInfo) -> CheckpointRecord:
     )
 
 
-def _find_keep_best(policy: object) -> KeepBest | None:
-    if isinstance(policy, KeepBest):
+def _check_policy(policy: object, kind: str) -> None:
+    """Refuse a policy of the wrong kind now, not at the first save or prune."""
+    if policy is None:
+        return
+    members = policy.policies if isinstance(policy, AnyOf) else (policy,)
+    for p in members:
+        if isinstance(p, AnyOf):
+            _check_policy(p, kind)
+            continue
+        wanted = SavePolicy if kind == "save" else RetentionPolicy
+        if not isinstance(p, wanted):
+            example = "SaveEvery(steps=500)" if kind == "save" else "KeepLast(3)"
+            raise TypeError(f"{kind}= needs {wanted.__name__}s such as {example}; got {p!r}")
+
+
+def _find(policy: object, cls: type) -> object | None:
+    if isinstance(policy, cls):
         return policy
     if isinstance(policy, AnyOf):
         for p in policy.policies:
-            found = _find_keep_best(p)
+            found = _find(p, cls)
             if found is not None:
                 return found
     return None
 
 
-def _forever_policies(policy: object) -> builtins.list[RetentionPolicy]:
+def _forever(policy: object) -> builtins.list[RetentionPolicy]:
     """The parts of a retention policy that keep checkpoints for good (not KeepLast)."""
-    from ckptstore.policies import KeepEvery, KeepFinal
-
     if isinstance(policy, (KeepEvery, KeepFinal, KeepBest)):
         return [policy]
     if isinstance(policy, AnyOf):
         out: builtins.list[RetentionPolicy] = []
         for p in policy.policies:
-            out += _forever_policies(p)
+            out += _forever(p)
         return out
     return []

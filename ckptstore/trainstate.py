@@ -15,6 +15,7 @@ warning, where there is no GPU.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from dataclasses import dataclass, field
@@ -47,6 +48,45 @@ class TrainState:
     step: int = 0  # steps done
     epoch: int = 0
     best: dict[str, float] = field(default_factory=dict)
+    _optimizer_steps: int = field(default=0, init=False, repr=False, compare=False)
+    _hooked: Any = field(default=None, init=False, repr=False, compare=False)
+
+    # ---- step boundaries ---------------------------------------------------------------
+    def boundary(self) -> dict[str, Any]:
+        """The small parts of the state as they are now, at the end of a step.
+
+        The manager takes this after every step (a few KB: data position, counters,
+        scheduler, scaler, generators), so that a save after an error escaping the next
+        step can still write the state *as of the last completed step*: the model and
+        optimizer have not changed unless ``optimizer.step()`` ran, which
+        :meth:`optimizer_steps` tells.
+        """
+        self._hook_optimizer()
+        snap: dict[str, Any] = {
+            "counters": {"step": self.step, "epoch": self.epoch, "best": dict(self.best)},
+            "optimizer_steps": self._optimizer_steps,
+        }
+        if self.scheduler is not None:
+            snap["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
+        if self.scaler is not None:
+            snap["scaler"] = copy.deepcopy(self.scaler.state_dict())
+        if self.dataloader is not None:
+            snap["data"] = copy.deepcopy(self.dataloader.state_dict())
+        if self.rng:
+            snap["rng"] = {f"rank{_rank()}": rng_state()}
+        return snap
+
+    def optimizer_steps(self) -> int:
+        """How many times ``optimizer.step()`` has run since this state first took a boundary."""
+        return self._optimizer_steps
+
+    def _hook_optimizer(self) -> None:
+        if self._hooked is None and self.optimizer is not None:
+
+            def count(*_: Any) -> None:
+                self._optimizer_steps += 1
+
+            self._hooked = self.optimizer.register_step_post_hook(count)
 
     def state_dict(self) -> dict[str, Any]:
         """The state to save (also the target a checkpoint is loaded into)."""
@@ -77,6 +117,9 @@ class TrainState:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Apply a loaded state (what :meth:`state_dict` returned, filled from a checkpoint)."""
+        if self.dataloader is not None and "data" in sd:
+            # First: it is the part that can refuse (another dataset), before anything changed.
+            self.dataloader.load_state_dict(sd["data"])
         if self.model is not None and "model" in sd:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
@@ -93,8 +136,6 @@ class TrainState:
             self.scheduler.load_state_dict(sd["scheduler"])
         if self.scaler is not None and "scaler" in sd:
             self.scaler.load_state_dict(sd["scaler"])
-        if self.dataloader is not None and "data" in sd:
-            self.dataloader.load_state_dict(sd["data"])
         counters = sd.get("counters") or {}
         self.step = int(counters.get("step", self.step))
         self.epoch = int(counters.get("epoch", self.epoch))

@@ -56,6 +56,12 @@ def main(scenario: str, workdir: str, rank: int, world: int) -> None:
         globals()[f"scenario_{scenario}"](ckpts, rank, world)
     except SystemExit as exc:  # a scenario that ends the run the way a signal does
         code = exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # a scenario that fails on purpose reports and exits 1
+        import traceback
+
+        traceback.print_exc()
+        print(f"FAILED {scenario} rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+        code = 1
     finally:
         if world > 1:
             dist.barrier()
@@ -317,6 +323,43 @@ def scenario_manager_plain_restore(ckpts: str, rank: int, world: int) -> None:
         assert torch.equal(got[k], v), k
     assert state.dataloader.batches_taken == 3
     assert len(opt.state) == len(list(model.parameters()))  # the optimizer state came back too
+
+
+def scenario_manager_clocks(ckpts: str, rank: int, world: int) -> None:
+    """A time-based policy on ranks whose clocks run apart: they still save together."""
+    import time
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    state = ckptstore.TrainState(model=model, optimizer=opt)
+    with ckptstore.CheckpointManager(
+        os.path.join(ckpts, "mgr"), save=ckptstore.SaveEvery(seconds=0.25)
+    ) as mgr:
+        for step in range(12):
+            model(torch.ones(2, 4)).sum().backward()
+            opt.step()
+            time.sleep(0.05 + 0.07 * rank * (step % 3 == 0))  # rank 1 is slower, unevenly
+            mgr.maybe_save(step, state)
+        mgr.wait()
+        steps = [c.step for c in mgr.list()]
+    assert len(steps) >= 2, steps
+    print(f"SAVED {steps}", flush=True)
+
+
+def scenario_manager_abort(ckpts: str, rank: int, world: int) -> None:
+    """Rank 1's loop fails: rank 0 stops at its next step instead of waiting forever."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    state = ckptstore.TrainState(model=model, optimizer=opt)
+    with ckptstore.CheckpointManager(os.path.join(ckpts, "mgr")) as mgr, mgr.guard(state):
+        for step in range(1000):
+            model(torch.ones(2, 4)).sum().backward()
+            opt.step()
+            if rank == 1 and step == 3:
+                raise RuntimeError("injected failure on rank 1")
+            mgr.maybe_save(step, state)
 
 
 if __name__ == "__main__":

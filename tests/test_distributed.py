@@ -83,6 +83,36 @@ def test_ranks_saving_different_steps_fail_loudly(tmp_path):
     run_ranks("step_mismatch", str(tmp_path), 2)
 
 
+def test_time_based_saves_are_agreed_between_ranks(tmp_path):
+    run_ranks("manager_clocks", str(tmp_path), 2)
+
+
+def test_a_failing_rank_stops_the_others_instead_of_hanging(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, "manager_abort", str(tmp_path), str(r), "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for r in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [1, 1], outs
+    assert "FAILED manager_abort rank 0: RankFailedError" in outs[0]
+    assert "injected failure on rank 1" in outs[1]
+
+
 def test_trainstate_with_fsdp2_resumes_unsharded_on_one_rank(tmp_path):
     run_ranks("manager_fsdp_save", str(tmp_path), 2)
     run_ranks("manager_plain_restore", str(tmp_path), 1)
@@ -122,7 +152,8 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert [c.reason for c in listed] == ["signal"]
     saved = listed[0].step
     env["TOTAL_STEPS"] = str(saved + 2)
-    os.remove(tmp_path / "store-manager_signal")  # a new world needs a fresh rendezvous file
+    # A new world needs a fresh rendezvous file; a clean shutdown already removed it.
+    (tmp_path / "store-manager_signal").unlink(missing_ok=True)
     again = [
         subprocess.Popen(
             [sys.executable, WORKER, "manager_signal", str(tmp_path), str(r), "2"],

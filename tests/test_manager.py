@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pytest
 import torch
@@ -311,3 +312,82 @@ def test_grad_scaler_state_is_restored(root):
     with CheckpointManager(root) as mgr:
         assert mgr.restore(fresh) == 4
     assert fresh.scaler.state_dict() == saved
+
+
+def test_keep_final_keeps_a_last_step_the_policy_already_saved(root):
+    keep = AnyOf(KeepLast(1), ckptstore.KeepFinal())
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=5), keep=keep) as mgr:
+        with mgr.guard(state):
+            train(mgr, state, 10)  # step 10 is saved by the policy, then the run completes
+        assert [(c.step, sorted(c.tags)) for c in mgr.list()] == [(10, ["final", "kept", "latest"])]
+    resumed = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=5), keep=keep) as mgr:
+        start = mgr.restore(resumed)
+        train(mgr, resumed, 5, start=start)  # a second run goes on to 15, without completing
+        assert [c.step for c in mgr.list()] == [10, 15]  # 10 ended a completed run: kept
+
+
+def test_training_past_an_earlier_restore_fails_fast_or_retires_newer(root):
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=2)) as mgr:
+        train(mgr, state, 6)
+    branch = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=2)) as mgr:
+        assert mgr.restore(branch, 2) == 2
+        with pytest.raises(ckptstore.CheckpointExistsError, match="newer='discard'"):
+            train(mgr, branch, 2, start=2)
+    branch = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=2)) as mgr:
+        assert mgr.restore(branch, 2, newer="discard") == 2
+        assert [c.step for c in mgr.list()] == [2]
+        train(mgr, branch, 2, start=2)
+        assert [c.step for c in mgr.list()] == [2, 4]
+        with open(os.path.join(root, "latest")) as f:
+            assert f.read().strip() == "step_00000004"
+
+
+def test_the_save_started_while_an_earlier_failure_is_raised_is_still_tracked(root):
+    from faults import FaultyBackend, fail_once
+
+    from ckptstore.storage import LocalBackend
+
+    backend = FaultyBackend(LocalBackend(root), fault=fail_once("close"))
+    state = make_state()
+    with CheckpointManager(backend) as mgr:
+        failing = mgr.save(0, state)
+        while not failing.done():
+            time.sleep(0.01)
+        with pytest.raises(ckptstore.BackgroundSaveError) as info:
+            mgr.save(1, state)  # raises for step 1, after starting the save of step 2
+        assert info.value.pending.step == 2
+        mgr.wait()
+        assert [c.step for c in mgr.list()] == [2]
+        with open(os.path.join(root, "latest")) as f:
+            assert f.read().strip() == "step_00000002"
+
+
+def test_policies_of_the_wrong_kind_are_refused_at_construction(root):
+    with pytest.raises(TypeError, match="keep= needs RetentionPolicys"):
+        CheckpointManager(root, keep=AnyOf(KeepLast(1), SaveEvery(steps=2)))
+    with pytest.raises(TypeError, match="save= needs SavePolicys"):
+        CheckpointManager(root, save=KeepLast(1))
+
+
+def test_step_conventions_and_names(root):
+    state = make_state()
+    with CheckpointManager(root) as mgr:
+        mgr.save(9, state)  # the index of the step just done: 10 steps done
+        mgr.wait()
+        assert [c.step for c in mgr.list()] == [10]
+        assert mgr.restore(make_state(), 10) == 10
+        assert mgr.restore(make_state(), "step_00000010") == 10
+
+
+def test_epoch_saves_without_an_explicit_epoch(root):
+    state = make_state()
+    state.epoch = 4
+    with CheckpointManager(root, save=SaveEvery(epochs=1)) as mgr:
+        mgr.maybe_save(0, state, end_of_epoch=True)
+        mgr.wait()
+        assert [(c.step, c.epoch, c.reason) for c in mgr.list()] == [(1, 4, "epoch")]

@@ -109,15 +109,20 @@ def test_signal_saves_exits_conventionally_and_resumes_identically(
 
 def test_a_second_sigint_exits_at_once_and_commits_nothing(tmp_path):
     root = str(tmp_path / "run")
-    proc = start(root, "--steps", "1000", "--slow-from", "5", "--slow-storage", "0.3")
+    # Every storage write waits 50 ms: the save of the tiny model's ~100 items takes seconds.
+    proc = start(root, "--steps", "1000", "--slow-from", "5", "--slow-storage", "0.05")
     try:
         wait_for_line(proc, "STEP 7")
         proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 30
+        first = time.monotonic()
+        deadline = first + 30
         while time.monotonic() < deadline:  # wait until the signal's save is writing
             if os.path.isdir(root) and any(n.startswith(".tmp-") for n in os.listdir(root)):
                 break
             time.sleep(0.02)
+        # The same signal again within a second is taken for a duplicate (a terminal's
+        # Ctrl+C and torchrun's forwarded copy): a second Ctrl+C comes later than that.
+        time.sleep(max(0.0, first + 1.2 - time.monotonic()))
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -138,3 +143,59 @@ def test_no_checkpoint_writes_nothing(tmp_path):
     root = str(tmp_path / "never")
     run(root, "--steps", "3", "--save-every", "1", "--no-checkpoint")
     assert not os.path.exists(root)
+
+
+def run_failing(root, *args, timeout=120):
+    proc = start(root, *args)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err[-3000:]
+    assert "injected failure" in err
+    return err
+
+
+def test_an_error_saves_the_last_completed_step_and_resumes_identically(tmp_path, reference):
+    root = str(tmp_path / "run")
+    # Step index 13 fails in its forward pass: 13 steps were done; the data loader has
+    # already handed out the 14th batch and the generators have moved on.
+    err = run_failing(root, "--steps", "30", "--raise-before-update", "13")
+    assert "saved step 13 (error)" in err
+    with ckptstore.CheckpointManager(root) as mgr:
+        assert [(c.step, c.reason) for c in mgr.list()] == [(13, "error")]
+    out = str(tmp_path / "resumed.json")
+    run(root, "--steps", "17", "--out", out)
+    resumed = result(out)
+    assert resumed["start"] == 13
+    assert resumed["losses"] == {s: reference["losses"][s] for s in range(13, 17)}
+
+
+def test_an_error_after_the_optimizer_step_saves_nothing(tmp_path):
+    root = str(tmp_path / "run")
+    err = run_failing(root, "--steps", "30", "--save-every", "5", "--raise-after-update", "7")
+    assert "not saved: the error came after optimizer.step()" in err
+    with ckptstore.CheckpointManager(root) as mgr:
+        assert [(c.step, c.reason) for c in mgr.list()] == [(5, "interval")]
+
+
+def test_a_duplicate_signal_does_not_abort_the_save(tmp_path):
+    """A terminal's Ctrl+C and torchrun's forwarded copy arrive together: one signal."""
+    root = str(tmp_path / "run")
+    proc = start(root, "--steps", "1000", "--slow-from", "5")
+    try:
+        wait_for_line(proc, "STEP 7")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "second signal" not in err
+    with ckptstore.CheckpointManager(root) as mgr:
+        assert [c.reason for c in mgr.list()] == ["signal"]

@@ -26,6 +26,7 @@ EXPECTED = [
     "KeepLast",
     "ManagedCheckpoint",
     "PendingSave",
+    "RankFailedError",
     "ResumableDataLoader",
     "ResumableSampler",
     "SaveAt",

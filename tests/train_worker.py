@@ -50,6 +50,15 @@ def main() -> int:
     )
     ap.add_argument("--no-checkpoint", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--raise-before-update", type=int, default=None, help="fail in this step's forward"
+    )
+    ap.add_argument(
+        "--raise-after-update",
+        type=int,
+        default=None,
+        help="fail after this step's optimizer.step()",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
@@ -106,9 +115,13 @@ def main() -> int:
                 state.extras["noise"] += noise
                 model.train()
                 _, loss = model(batch[:, :-1], batch[:, 1:])
+                if step == args.raise_before_update:
+                    raise RuntimeError(f"injected failure in step {step}, before the update")
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if step == args.raise_after_update:
+                    raise RuntimeError(f"injected failure in step {step}, after the update")
                 sched.step()
                 losses[step] = loss.item() + noise
                 print(f"STEP {step}", flush=True)
