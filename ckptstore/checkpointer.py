@@ -184,6 +184,7 @@ class Checkpointer:
     ) -> None:
         self.config = CheckpointerConfig(**config)
         self._backend: StorageBackend = open_backend(root, storage_options=storage_options)
+        self._backend.check_access()  # a missing bucket or wrong credentials: fail now
         self._group = _dist.dedicated_gloo_group(process_group)
         self._rank = _dist.rank(self._group)
         threads = self.config.threads or _default_threads()

@@ -56,19 +56,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ckptstore import _dist
+from ckptstore import _dist, retention
 from ckptstore.background import PendingSave
+from ckptstore.backup import BackupStatus, Replicator, fetch
 from ckptstore.checkpoint import (
     STEP_NAME,
     CheckpointInfo,
     checkpoint_name,
     fill_from_checkpoint,
+    list_checkpoints,
     load_into,
     read_dcp_metadata,
     read_manifest,
@@ -99,13 +101,12 @@ from ckptstore.policies import (
     SaveContext,
     SavePolicy,
 )
-from ckptstore.storage import open_backend
+from ckptstore.retention import FINALS_FILE, LATEST_FILE
+from ckptstore.storage import StorageBackend, open_backend
 from ckptstore.trainstate import TrainState, _rank
 
 log = logging.getLogger("ckptstore")
 
-LATEST_FILE = "latest"
-FINALS_FILE = "finals"  # names of checkpoints that ended a completed run, one per line
 # Parts of a TrainState whose shape only the checkpoint knows: loaded as stored.
 _FLEXIBLE = ("counters", "extras", "scaler")
 # What the ranks agree on every step: a save reason (by code), and a stop code.
@@ -157,10 +158,16 @@ class CheckpointManager:
         best_mode: str = "min",
         process_group: dist.ProcessGroup | None = None,
         storage_options: dict[str, Any] | None = None,
+        backup: str | os.PathLike[str] | StorageBackend | None = None,
+        backup_keep: RetentionPolicy | None = None,
+        backup_options: dict[str, Any] | None = None,
+        backup_max_queued: int = 1,
+        backup_retry_max_s: float = 60.0,
         **checkpointer_config: Any,
     ) -> None:
         _check_policy(save, "save")
         _check_policy(keep, "keep")
+        _check_policy(backup_keep, "keep")
         self.save_policy = save
         self.keep_policy = keep
         self.enabled = enabled
@@ -180,6 +187,7 @@ class CheckpointManager:
         self._ckpt: Checkpointer | None = None
         if (
             enabled
+            or backup is not None
             or open_backend(self._root, storage_options=storage_options, create=False).list_names()
         ):
             self._ckpt = Checkpointer(
@@ -210,8 +218,49 @@ class CheckpointManager:
         self._stop_saving = False
         self._guarding = False
         self._closed = False
+        # The backup tier lives on rank 0, which sees the whole local root (one machine
+        # or a shared file system). A missing bucket or wrong credentials fail here.
+        self._remote: StorageBackend | None = None
+        self._backup: Replicator | None = None
+        self._has_backup = backup is not None
+        self.backup_keep = backup_keep if backup_keep is not None else keep
+        if backup is not None:
+            self._open_backup(backup, backup_options, backup_max_queued, backup_retry_max_s)
         if enabled and self._rank == 0:
             self._prune()
+
+    def _open_backup(
+        self,
+        backup: str | os.PathLike[str] | StorageBackend,
+        options: dict[str, Any] | None,
+        max_queued: int,
+        retry_max_s: float,
+    ) -> None:
+        failure: BaseException | None = None
+        outcome = "ok"
+        if self._rank == 0:
+            try:
+                assert self._ckpt is not None
+                self._remote = open_backend(backup, storage_options=options)
+                if self.enabled:
+                    self._backup = Replicator(
+                        self._ckpt.backend,
+                        self._remote,
+                        keep=self.backup_keep,
+                        max_queued=max_queued,
+                        retry_max_s=retry_max_s,
+                        on_backed_up=self._on_backed_up,
+                    )
+                else:
+                    self._remote.check_access()
+            except Exception as exc:
+                failure, outcome = exc, f"{type(exc).__name__}: {exc}"
+        outcome = str(_dist.broadcast(outcome, self._control))
+        if outcome != "ok":
+            self.close()
+            if failure is not None:
+                raise failure
+            raise CkptStoreError(f"rank 0 could not open the backup {backup!r}: {outcome}")
 
     # ---- saving ---------------------------------------------------------------------
     def maybe_save(
@@ -343,7 +392,15 @@ class CheckpointManager:
             self._ckpt.backend.put_atomic(LATEST_FILE, f"{name}\n".encode())
         except CkptStoreError as exc:
             log.warning("could not update %s/%s: %s", self._ckpt.url, LATEST_FILE, exc)
+        if self._backup is not None:
+            self._backup.submit(name)
         self._prune()
+
+    def _on_backed_up(self, name: str) -> None:
+        """(backup thread) A checkpoint local retention had to spare may go now."""
+        if self._housekeeping is not None:
+            with contextlib.suppress(RuntimeError):  # shut down: nothing more to do
+                self._housekeeping.submit(self._prune)
 
     def _track_best(self, state: TrainState, metrics: dict[str, float] | None) -> None:
         if not metrics or self.best_metric is None or self.best_metric not in metrics:
@@ -365,33 +422,15 @@ class CheckpointManager:
 
     # ---- retention ------------------------------------------------------------------
     def _records(self, infos: builtins.list[CheckpointInfo]) -> builtins.list[CheckpointRecord]:
-        finals = self._read_lines(FINALS_FILE)
-        records = []
-        for info in infos:
-            r = _record(info)
-            if info.name in finals and r.reason != FINAL:
-                r = replace(r, reason=FINAL)  # the last step of a completed run, saved earlier
-            records.append(r)
-        return records
+        assert self._ckpt is not None
+        return retention.records(self._ckpt.backend, infos)
 
     def _prune(self) -> None:
         if self.keep_policy is None or self._ckpt is None:
             return
         try:
-            infos = self._ckpt.list()
-            if not infos:
-                return
-            records = self._records(infos)
-            keep = set(self.keep_policy.keep(records))
-            keep.add(max(r.step for r in records))  # never the newest
-            pointed = self._read_latest()
-            for info in infos:
-                if info.name == pointed:
-                    keep.add(info.step or 0)
-            for info in infos:
-                if info.step not in keep:
-                    self._ckpt.backend.delete(info.name)
-                    log.info("retention: deleted %s", info.name)
+            spare = self._backup.busy() if self._backup is not None else set()
+            retention.prune(self._ckpt.backend, self.keep_policy, spare=spare)
         except CkptStoreError as exc:  # storage trouble must not fail the save it follows
             log.warning("retention under %s failed: %s", self._ckpt.url, exc)
 
@@ -400,13 +439,7 @@ class CheckpointManager:
         return lines[0] if lines else None
 
     def _read_lines(self, name: str) -> builtins.list[str]:
-        if self._ckpt is None:
-            return []
-        try:
-            text = self._ckpt.backend.read_bytes(name).decode()
-        except (FileNotFoundError, UnicodeDecodeError, CkptStoreError):
-            return []
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        return [] if self._ckpt is None else retention.read_lines(self._ckpt.backend, name)
 
     def _record_final(self, name: str) -> None:
         assert self._ckpt is not None
@@ -512,7 +545,7 @@ class CheckpointManager:
         skipped: builtins.list[str] = []
         for step in candidates:
             try:
-                info = self._load_step(state, step)
+                info = self._load_with_backup(state, step)
             except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
                 if len(candidates) == 1 or isinstance(which, int):
                     raise
@@ -527,6 +560,37 @@ class CheckpointManager:
             f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)}); "
             "run Checkpointer(root).verify(step) to see what is damaged"
         )
+
+    def _load_with_backup(self, state: TrainState | dict[str, Any], step: int) -> CheckpointInfo:
+        """Load ``step`` from the local root; from the backup if it is missing or damaged
+        locally (downloaded into the local root first, verified)."""
+        fetched = self._fetch(step, replace=False)
+        try:
+            return self._load_step(state, step)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            if fetched or not self._fetch(step, replace=True):
+                raise
+            log.warning(
+                "the local copy of step %d failed (%s); loaded the backup's copy", step, exc
+            )
+            return self._load_step(state, step)
+
+    def _fetch(self, step: int, *, replace: bool) -> bool:
+        """Rank 0 downloads ``step`` from the backup (if it has it and the local root does
+        not, or ``replace``); every rank learns whether it did."""
+        if not self._has_backup:
+            return False
+        outcome = "no"
+        if self._rank == 0 and self._remote is not None and self._ckpt is not None:
+            name = checkpoint_name(step)
+            try:
+                here = self._ckpt.backend.exists(f"{name}/{MANIFEST_FILE}")
+                if (replace or not here) and self._remote.exists(f"{name}/{MANIFEST_FILE}"):
+                    fetch(self._remote, self._ckpt.backend, name, replace=replace)
+                    outcome = "ok"
+            except Exception as exc:
+                log.warning("could not download %s from %s: %s", name, self._remote.url, exc)
+        return _dist.broadcast(outcome, self._control) == "ok"
 
     def _candidates(self, which: str | int) -> builtins.list[int]:
         """Steps to try, in order; decided on rank 0 and shared with every rank."""
@@ -549,6 +613,19 @@ class CheckpointManager:
     def _order(self, which: str | int) -> builtins.list[int]:
         assert self._ckpt is not None
         infos = self._ckpt.list()
+        local_count = len(infos)
+        if self._remote is not None:
+            here = {i.name for i in infos}
+            try:
+                remote = [i for i in list_checkpoints(self._remote) if i.name not in here]
+            except CkptStoreError as exc:
+                log.warning("could not list the backup %s: %s", self._remote.url, exc)
+                remote = []
+            if remote:
+                log.info(
+                    "the backup %s also has %s", self._remote.url, ", ".join(i.name for i in remote)
+                )
+            infos = sorted(infos + remote, key=lambda i: i.manifest.step or 0)
         records = self._records(infos)
         if isinstance(which, int):
             return [which]
@@ -558,7 +635,7 @@ class CheckpointManager:
         order = sorted((r.step for r in records), reverse=True)
         pointed = self._read_latest()
         names = {i.name: (i.step or 0) for i in infos}
-        if pointed is None and order:
+        if pointed is None and order and local_count:
             log.warning(
                 "no %s pointer under %s: using the newest checkpoint", LATEST_FILE, self._ckpt.url
             )
@@ -789,7 +866,10 @@ class CheckpointManager:
         except Exception as exc:
             log.error("a save failed: %s", exc)
 
-    def close(self) -> None:
+    def close(self, *, wait_backup: bool = True, backup_timeout_s: float | None = None) -> None:
+        """Finish every save in flight; then, with a backup, wait for its uploads (with
+        progress; Ctrl+C stops waiting) unless ``wait_backup=False``. What is left not
+        backed up is named in a warning and in :meth:`backup_status`."""
         if self._closed:
             return
         self._closed = True
@@ -797,9 +877,31 @@ class CheckpointManager:
             if self._ckpt is not None:
                 self._ckpt.close()
         finally:
-            if self._housekeeping is not None:
-                self._housekeeping.shutdown(wait=True)
-            _dist.release(self._control)
+            try:
+                if self._backup is not None and wait_backup:
+                    if self._housekeeping is not None:  # the last commit's submit, first
+                        self._housekeeping.submit(lambda: None).result()
+                    self._backup.wait(backup_timeout_s)
+            except KeyboardInterrupt:
+                log.warning("stopped waiting for the backup")
+            finally:
+                if self._backup is not None:
+                    self._backup.close(wait=False)
+                if self._housekeeping is not None:
+                    self._housekeeping.shutdown(wait=True)
+                _dist.release(self._control)
+
+    def backup_status(self) -> BackupStatus | None:
+        """Where the backup stands (rank 0; None elsewhere or without ``backup=``)."""
+        return self._backup.status() if self._backup is not None else None
+
+    def wait_backup(self, timeout_s: float | None = None) -> builtins.list[str]:
+        """Wait until every committed checkpoint queued for backup is uploaded (rank 0);
+        return those still not uploaded when ``timeout_s`` ran out."""
+        self.wait()
+        left = self._backup.wait(timeout_s) if self._backup is not None else []
+        self.wait()  # retention that the finished uploads let go ahead
+        return left
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -833,17 +935,6 @@ def _steps_done(step: int) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be the loop's 0-based step index, got {step!r}")
     return step + 1
-
-
-def _record(info: CheckpointInfo) -> CheckpointRecord:
-    m = info.manifest
-    return CheckpointRecord(
-        step=m.step or 0,
-        epoch=m.epoch,
-        reason=m.reason,
-        metrics=dict(m.metrics),
-        created_unix_s=m.created_unix_s,
-    )
 
 
 def _check_policy(policy: object, kind: str) -> None:

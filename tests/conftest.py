@@ -42,3 +42,28 @@ def _no_leaked_threads():
         t.name for t in threading.enumerate() if t.name.startswith("ckptstore-") and t.is_alive()
     ]
     assert not leaked, f"threads left running: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server process (moto) on 127.0.0.1, for the whole session."""
+    from s3server import S3Server
+
+    server = S3Server().start()
+    # Code that is given no storage_options finds the server the standard way, through
+    # the AWS environment variables, as it would find AWS.
+    saved = {k: os.environ.get(k) for k in server.client_env()}
+    os.environ.update(server.client_env())
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh, empty bucket on the test server."""
+    return s3_server.new_bucket()

@@ -16,6 +16,7 @@ from ckptstore.storage.base import (
 )
 from ckptstore.storage.fsspec import FsspecBackend
 from ckptstore.storage.local import LocalBackend
+from ckptstore.storage.s3 import S3Backend, is_s3
 
 __all__ = [
     "COMMIT_FILE",
@@ -25,6 +26,7 @@ __all__ = [
     "LocalBackend",
     "PendingCheckpoint",
     "RangeReader",
+    "S3Backend",
     "StorageBackend",
     "check_name",
     "open_backend",
@@ -58,8 +60,15 @@ def open_backend(
 
     import fsspec  # deferred: importing it pulls in its registry
 
+    options = dict(storage_options or {})
+    s3 = protocol in ("s3", "s3a")
+    if s3:
+        # Listings must be fresh: a cached one hides another rank's or process's commit.
+        options.setdefault("use_listings_cache", False)
     try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as exc:
-        raise ValueError(f"cannot open {url!r}: {exc}") from exc
+        raise ValueError(f"cannot open {url!r}: {type(exc).__name__}: {exc}") from exc
+    if s3 and is_s3(fs):
+        return S3Backend(fs, root, url)
     return FsspecBackend(fs, root, url)

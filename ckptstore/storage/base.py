@@ -190,6 +190,10 @@ class StorageBackend(ABC):
         period longer than the slowest save.
         """
 
+    def check_access(self) -> None:  # noqa: B027 - optional hook
+        """Fail now, with a message that says what to fix, if the root is unusable
+        (missing bucket, wrong credentials); network trouble raises StorageError."""
+
     def is_local(self) -> bool:
         """True when this is a POSIX file system on this machine."""
         return False

@@ -8,14 +8,20 @@ reader, and :meth:`FsspecBackend.sweep` removes it once it is older than a grace
 Each file is uploaded in one piece from memory when its sink closes, so an exception
 while writing publishes nothing under the final key (s3fs publishes a truncated object
 if an exception interrupts ``with fs.open(path, "wb")``). That holds one file in memory
-at a time per writer; bounded, parallel multipart uploads for S3 are the S3 issue's work
-and are not done here yet.
+per writer; :mod:`ckptstore.storage.s3` replaces it for S3 with bounded, parallel
+multipart uploads and a conditional create of the manifest.
+
+Two writers racing to commit the same name: the first manifest wins; the loser removes
+the files it wrote that the winner's manifest does not list. Files of the same name
+that both wrote are the winner's only if the winner wrote last: the checksums in its
+manifest catch a mix at load time. Save one run into one root.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import time
 import weakref
 from typing import Any
@@ -34,6 +40,10 @@ from ckptstore.storage.base import (
 # Weak: a pending checkpoint nobody holds any more can never commit, so it is not live.
 # (fsspec caches file system instances, so the same store is the same object.)
 _LIVE: weakref.WeakValueDictionary[tuple[int, str], _FsspecPending] = weakref.WeakValueDictionary()
+
+
+class ManifestExists(Exception):
+    """``_create_manifest`` found a manifest already there: another writer committed."""
 
 
 def _translate(exc: Exception, action: str, path: str) -> StorageError:
@@ -97,6 +107,8 @@ class _FsspecReader(RangeReader):
             raise StorageError(
                 f"read of {length} B at {offset} runs past the end of {self.path} ({self.size} B)"
             )
+        if length == 0:  # s3fs reads the whole object for an empty range
+            return memoryview(b"")
         try:
             data = self._fs.cat_file(self.path, start=offset, end=offset + length)
         except Exception as exc:
@@ -127,24 +139,38 @@ class _FsspecPending(PendingCheckpoint):
                 errno.EEXIST, "file exists; a checkpoint's files are written once", path
             )
         self._written.append(path)
-        return _MemorySink(self._backend.fs, path)
+        return self._backend._sink(path)
 
     def commit(self, manifest: bytes) -> None:
         if not self._coordinator:
             raise RuntimeError("only the rank that began a checkpoint commits it")
         path = self._backend._path(f"{self.token}/{COMMIT_FILE}")
         try:
-            if self._backend.fs.exists(path):
-                raise CheckpointExistsError(
-                    f"{self._backend.url}/{self.token} was committed by another writer while "
-                    "this save ran; it was left as it is and this save discarded"
-                )
-            self._backend.fs.pipe_file(path, manifest)
-        except CheckpointExistsError:
+            self._backend._create_manifest(path, manifest)
+        except ManifestExists:
+            self._discard_strays(path)
+            raise CheckpointExistsError(
+                f"{self._backend.url}/{self.token} was committed by another writer while "
+                "this save ran; it was left as it is and this save discarded"
+            ) from None
+        except StorageError:
             raise
         except Exception as exc:
             raise _translate(exc, "commit", path) from exc
         _LIVE.pop(self._backend._live_key(self.token), None)
+
+    def _discard_strays(self, manifest_path: str) -> None:
+        """After losing a commit race: remove what we wrote that the winner does not list."""
+        try:
+            listed = set(json.loads(self._backend.fs.cat_file(manifest_path))["files"])
+        except Exception:
+            return  # cannot tell what is the winner's: leave everything
+        prefix = self._backend._path(self.token) + "/"
+        for path in self._written:
+            if path.startswith(prefix) and path[len(prefix) :] not in listed:
+                with contextlib.suppress(Exception):
+                    self._backend.fs.rm_file(path)
+        self._written = []
 
     def abort(self) -> None:
         for path in self._written:
@@ -167,6 +193,16 @@ class FsspecBackend(StorageBackend):
 
     def _live_key(self, name: str) -> tuple[int, str]:
         return (id(self.fs), self._path(name))
+
+    # Hooks that object-store backends override.
+    def _sink(self, path: str) -> FileSink:
+        return _MemorySink(self.fs, path)
+
+    def _create_manifest(self, path: str, data: bytes) -> None:
+        """Write ``data`` at ``path`` unless it exists (then :class:`ManifestExists`)."""
+        if self.fs.exists(path):
+            raise ManifestExists(path)
+        self.fs.pipe_file(path, data)
 
     def list_names(self) -> list[str]:
         try:

@@ -1,0 +1,334 @@
+"""S3 (AWS, MinIO, R2, any S3-compatible service) through s3fs: multipart, conditional commit.
+
+What the generic object-store backend (:mod:`ckptstore.storage.fsspec`) does, plus:
+
+* **Bounded, parallel multipart uploads.** A file is cut into parts of ``part_bytes``
+  as it is written; up to ``parts_in_flight`` parts upload at once on s3fs's event loop
+  while the writer goes on, so one file holds at most ``part_bytes * (parts_in_flight +
+  1)`` of memory. The object appears under its key only when
+  ``CompleteMultipartUpload`` succeeds; any failure aborts the upload, so no partial
+  object is ever published (s3fs's own ``fs.open(..., "wb")`` publishes the truncated
+  object when an exception interrupts it). A file smaller than one part is one PUT.
+* **Conditional commit.** ``manifest.json`` is created with ``If-None-Match: *``: of two
+  writers committing the same name, S3 lets exactly one win (412 for the other). A
+  server that does not implement it falls back to check-then-put, with a warning once.
+* **Sweep** also aborts multipart uploads under the root that this process did not
+  start and that are older than the grace period (they stay billed and invisible).
+* **check_access** asks for the bucket once, so a missing bucket or wrong credentials
+  fail at start-up with a message that says what to fix, not at the first save.
+
+Credentials stay inside the s3fs file system object; nothing here logs or formats
+``storage_options``, and errors are built from S3's error code and the object path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from ckptstore.errors import StorageError
+from ckptstore.storage.base import FileSink
+from ckptstore.storage.fsspec import FsspecBackend, ManifestExists, _translate
+
+log = logging.getLogger("ckptstore")
+
+MIB = 1 << 20
+MIN_PART_BYTES = 5 * MIB  # S3's minimum for every part but the last
+MAX_PARTS = 10_000  # S3's maximum parts per upload
+
+# Multipart uploads started by this process and not finished: sweep() leaves them alone.
+_LIVE_UPLOADS: set[str] = set()
+# Uploads whose abort failed (the server was unreachable): aborted again later.
+_ORPHANS: list[tuple[str, str, str]] = []
+_LIVE_LOCK = threading.Lock()
+
+
+def is_s3(fs: Any) -> bool:
+    protocol = getattr(fs, "protocol", ())
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    return any(p in ("s3", "s3a") for p in protocols)
+
+
+def _code(exc: BaseException) -> str:
+    """S3's error code ("NoSuchBucket", "AccessDenied", ...) from an s3fs/botocore error."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+class _MultipartSink(FileSink):
+    """One object written front to back: one PUT if small, else a bounded multipart upload."""
+
+    def __init__(self, backend: S3Backend, path: str) -> None:
+        self._backend = backend
+        self.path = path
+        self._bucket, self._key, _ = backend.fs.split_path(path)
+        self._part_bytes = backend.part_bytes
+        self._buf = bytearray()
+        self._size = 0
+        self._upload_id: str | None = None
+        self._inflight: list[tuple[int, Future[Any]]] = []
+        self._parts: list[dict[str, Any]] = []
+        self._closed = False
+
+    # -- talking to S3 on s3fs's event loop ----------------------------------------
+    def _submit(self, method: str, **kwargs: Any) -> Future[Any]:
+        fs = self._backend.fs
+        return asyncio.run_coroutine_threadsafe(fs._call_s3(method, **kwargs), fs.loop)
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        return self._submit(method, **kwargs).result(timeout=self._backend.call_timeout_s)
+
+    # -- FileSink ----------------------------------------------------------------------
+    def write(self, data: Any) -> None:
+        mv = memoryview(data)
+        if mv.nbytes == 0:
+            return
+        self._buf += mv.cast("B") if mv.c_contiguous else mv.tobytes()
+        self._size += mv.nbytes
+        while len(self._buf) >= self._part_bytes:
+            part = bytes(self._buf[: self._part_bytes])
+            del self._buf[: self._part_bytes]
+            self._send_part(part)
+
+    def tell(self) -> int:
+        return self._size
+
+    def _send_part(self, part: bytes) -> None:
+        try:
+            if self._upload_id is None:
+                response = self._call("create_multipart_upload", Bucket=self._bucket, Key=self._key)
+                self._upload_id = str(response["UploadId"])
+                with _LIVE_LOCK:
+                    _LIVE_UPLOADS.add(self._upload_id)
+            number = len(self._parts) + len(self._inflight) + 1
+            if number > MAX_PARTS:
+                raise StorageError(
+                    f"{self.path}: more than {MAX_PARTS} parts; raise part_bytes "
+                    f"(now {self._part_bytes} B)"
+                )
+            while len(self._inflight) >= self._backend.parts_in_flight:
+                self._finish_oldest()
+            fut = self._submit(
+                "upload_part",
+                Bucket=self._bucket,
+                Key=self._key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=part,
+            )
+            self._inflight.append((number, fut))
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise _translate(exc, "upload", self.path) from exc
+
+    def _finish_oldest(self) -> None:
+        number, fut = self._inflight.pop(0)
+        response = fut.result(timeout=self._backend.call_timeout_s)
+        self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
+
+    def close(self) -> int:
+        if self._closed:
+            return self._size
+        try:
+            if self._upload_id is None:
+                self._call("put_object", Bucket=self._bucket, Key=self._key, Body=bytes(self._buf))
+            else:
+                if self._buf or (not self._parts and not self._inflight):
+                    self._send_part(bytes(self._buf))
+                while self._inflight:
+                    self._finish_oldest()
+                self._call(
+                    "complete_multipart_upload",
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": sorted(self._parts, key=lambda p: p["PartNumber"])},
+                )
+                self._forget_upload()
+            self._backend.fs.invalidate_cache(self.path)
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, StorageError) or not isinstance(exc, Exception):
+                raise
+            raise _translate(exc, "upload", self.path) from exc
+        self._buf = bytearray()
+        self._closed = True
+        return self._size
+
+    def abort(self) -> None:
+        self._buf = bytearray()
+        for _, fut in self._inflight:
+            fut.cancel()
+        for _, fut in self._inflight:
+            with contextlib.suppress(BaseException):
+                fut.result(timeout=self._backend.call_timeout_s)
+        self._inflight = []
+        if self._upload_id is not None:
+            try:
+                self._call(
+                    "abort_multipart_upload",
+                    Bucket=self._bucket,
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                )
+            except Exception:
+                with _LIVE_LOCK:
+                    _ORPHANS.append((self._bucket, self._key, self._upload_id))
+            self._forget_upload()
+
+    def _forget_upload(self) -> None:
+        with _LIVE_LOCK:
+            _LIVE_UPLOADS.discard(self._upload_id or "")
+        self._upload_id = None
+
+
+class S3Backend(FsspecBackend):
+    """A prefix in an S3 bucket, through an ``s3fs.S3FileSystem``."""
+
+    def __init__(
+        self,
+        fs: Any,
+        root: str,
+        url: str,
+        *,
+        part_bytes: int = 16 * MIB,
+        parts_in_flight: int = 4,
+        call_timeout_s: float = 600.0,
+    ) -> None:
+        super().__init__(fs, root, url)
+        if part_bytes < MIN_PART_BYTES:
+            raise ValueError(f"part_bytes must be at least {MIN_PART_BYTES} (S3's minimum)")
+        if parts_in_flight < 1:
+            raise ValueError("parts_in_flight must be at least 1")
+        self.part_bytes = part_bytes
+        self.parts_in_flight = parts_in_flight
+        self.call_timeout_s = call_timeout_s
+        self._conditional = True  # the server honours If-None-Match (until it says not)
+        self.bucket = fs.split_path(self.root)[0]
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        fut = asyncio.run_coroutine_threadsafe(self.fs._call_s3(method, **kwargs), self.fs.loop)
+        return fut.result(timeout=self.call_timeout_s)
+
+    def _sink(self, path: str) -> FileSink:
+        return _MultipartSink(self, path)
+
+    def _create_manifest(self, path: str, data: bytes) -> None:
+        bucket, key, _ = self.fs.split_path(path)
+        if self._conditional:
+            try:
+                self._call("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                self.fs.invalidate_cache(path)
+                return
+            except FileExistsError:  # s3fs's word for 412 Precondition Failed
+                raise ManifestExists(path) from None
+            except Exception as exc:
+                if _code(exc) not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                    raise
+                log.warning(
+                    "%s does not support conditional writes (If-None-Match); committing with "
+                    "check-then-put, which cannot stop two writers racing on one name",
+                    self.url,
+                )
+                self._conditional = False
+        super()._create_manifest(path, data)
+
+    def put_atomic(self, name: str, data: bytes) -> None:
+        bucket, key, _ = self.fs.split_path(self._path(name))
+        try:
+            self._call("put_object", Bucket=bucket, Key=key, Body=data)
+        except Exception as exc:
+            raise _translate(exc, "replace", self._path(name)) from exc
+        self.fs.invalidate_cache(self._path(name))
+
+    def check_access(self) -> None:
+        try:
+            self._call("head_bucket", Bucket=self.bucket)
+            self._call("list_objects_v2", Bucket=self.bucket, Prefix=self._prefix(), MaxKeys=1)
+        except Exception as exc:
+            code = _code(exc)
+            if isinstance(exc, FileNotFoundError) or code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(
+                    f"bucket {self.bucket!r} of {self.url} does not exist (or is not visible "
+                    "to these credentials): create it first, or check the URL and endpoint"
+                ) from None
+            if isinstance(exc, PermissionError) or code in (
+                "403",
+                "AccessDenied",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "Forbidden",
+            ):
+                raise StorageError(
+                    f"access to {self.url} was denied ({code or 'forbidden'}): check the "
+                    "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or "
+                    "storage_options key/secret) and that they may read and write this bucket"
+                ) from None
+            raise _translate(exc, "reach", self.url) from exc
+
+    def _prefix(self) -> str:
+        key = self.fs.split_path(self.root)[1]
+        return f"{key}/" if key else ""
+
+    def open_uploads(self) -> list[dict[str, Any]]:
+        """Multipart uploads under the root that were neither completed nor aborted."""
+        out: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._prefix()}
+        while True:
+            response = self._call("list_multipart_uploads", **kwargs)
+            out += response.get("Uploads", [])
+            if not response.get("IsTruncated"):
+                return out
+            kwargs["KeyMarker"] = response.get("NextKeyMarker", "")
+            kwargs["UploadIdMarker"] = response.get("NextUploadIdMarker", "")
+
+    def abort_orphans(self) -> int:
+        """Abort again the uploads whose abort failed earlier; return how many are left."""
+        with _LIVE_LOCK:
+            todo = [o for o in _ORPHANS if o[0] == self.bucket]
+        for bucket, key, upload_id in todo:
+            try:
+                self._call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+            except FileNotFoundError:
+                pass  # NoSuchUpload: already gone
+            except Exception:
+                continue
+            with _LIVE_LOCK:
+                _ORPHANS.remove((bucket, key, upload_id))
+        with _LIVE_LOCK:
+            return sum(1 for o in _ORPHANS if o[0] == self.bucket)
+
+    def sweep(self, grace_s: float) -> list[str]:
+        self.abort_orphans()
+        removed = super().sweep(grace_s)
+        now = time.time()
+        try:
+            uploads = self.open_uploads()
+        except Exception as exc:
+            log.warning("could not list open multipart uploads under %s: %s", self.url, exc)
+            return removed
+        for upload in uploads:
+            with _LIVE_LOCK:
+                live = upload["UploadId"] in _LIVE_UPLOADS
+            initiated: Any = upload.get("Initiated")
+            started = float(initiated.timestamp()) if initiated is not None else now
+            if live or now - started < grace_s:
+                continue
+            with contextlib.suppress(Exception):
+                self._call(
+                    "abort_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=upload["Key"],
+                    UploadId=upload["UploadId"],
+                )
+                removed.append(f"multipart upload of {upload['Key']}")
+        return removed

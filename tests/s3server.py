@@ -1,0 +1,112 @@
+"""A real S3-compatible server for the tests: moto in server mode, as its own process.
+
+s3fs talks to it over HTTP on 127.0.0.1 exactly as it talks to AWS or MinIO; nothing in
+boto is mocked. The session fixture in ``conftest.py`` starts one server for the whole
+run and stops it at the end; each test gets a fresh bucket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+# Credentials the tests use. The secret doubles as a canary: it must never appear in a
+# log line, an exception, a manifest or any file ckptstore writes.
+ACCESS_KEY = "ckptstore-test-access-key"
+SECRET_KEY = "CANARY-SECRET-9f3c1e7a-do-not-log"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    """One moto server process on 127.0.0.1."""
+
+    port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> S3Server:
+        env = {**os.environ, **self.env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto server exited at start-up with {self.proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"moto server did not listen on {self.port}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def options(self, endpoint: str | None = None, **extra: Any) -> dict[str, Any]:
+        """``storage_options`` for s3fs pointing at this server (or at ``endpoint``)."""
+        return {
+            "key": ACCESS_KEY,
+            "secret": SECRET_KEY,
+            "endpoint_url": endpoint or self.endpoint,
+            "client_kwargs": {"region_name": "us-east-1"},
+            **extra,
+        }
+
+    def client_env(self) -> dict[str, str]:
+        """Environment variables that point an AWS SDK in a subprocess at this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def fs(self) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.options())
+
+    def call(self, method: str, **kwargs: Any) -> Any:
+        """One raw S3 API call (for set-up and for checks the API under test cannot do)."""
+        from fsspec.asyn import sync
+
+        fs = self.fs()
+        return sync(fs.loop, fs._call_s3, method, **kwargs)
+
+    def new_bucket(self) -> str:
+        name = f"test-{uuid.uuid4().hex[:16]}"
+        self.call("create_bucket", Bucket=name)
+        return name
+
+    def open_uploads(self, bucket: str) -> list[dict[str, Any]]:
+        """Multipart uploads started and neither completed nor aborted."""
+        return list(self.call("list_multipart_uploads", Bucket=bucket).get("Uploads", []))

@@ -1,0 +1,275 @@
+"""S3, for real: a moto server process on 127.0.0.1, reached by s3fs over HTTP.
+
+Direct mode (the checkpoint root is an ``s3://`` URL), multipart uploads that never
+publish a partial object, sweeping stale uploads, failing fast on a missing bucket or
+wrong credentials, the backup tier (replication, retention on both tiers, restore on a
+fresh machine, restore when the local copy is damaged), and two ranks saving straight
+to S3. Faults between client and server are in ``test_s3_faults.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from helpers import assert_same, blank_like, realistic_state
+from s3server import S3Server
+from test_distributed import run_ranks
+from test_manager import make_state, train
+
+import ckptstore
+from ckptstore import CheckpointManager, KeepLast, SaveEvery
+from ckptstore.backup import Replicator, copy_checkpoint
+from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, StorageError
+from ckptstore.storage import S3Backend, open_backend
+from ckptstore.storage.s3 import MIN_PART_BYTES
+
+MIB = 1 << 20
+
+
+def s3(server: S3Server, bucket: str, prefix: str = "run", **kw) -> S3Backend:
+    b = open_backend(f"s3://{bucket}/{prefix}", storage_options=server.options(**kw))
+    assert isinstance(b, S3Backend)
+    return b
+
+
+def keys(server: S3Server, bucket: str) -> list[str]:
+    out = server.call("list_objects_v2", Bucket=bucket).get("Contents", [])
+    return sorted(o["Key"] for o in out)
+
+
+def big_state() -> dict:
+    """Larger than two 5 MiB parts after compression, so saves go multipart."""
+    g = torch.Generator().manual_seed(3)
+    return {"w": torch.randn(3 * MIB, generator=g), "step": 1, "note": "hello"}
+
+
+# ---- direct mode -------------------------------------------------------------------
+def test_direct_save_and_load_multipart(s3_server, s3_bucket):
+    backend = s3(s3_server, s3_bucket)
+    backend.part_bytes = MIN_PART_BYTES
+    state = big_state()
+    with ckptstore.Checkpointer(backend, codec="none") as ckpt:
+        ckpt.save(state, 1)
+        target = {"w": torch.zeros(3 * MIB), "step": 0, "note": ""}
+        ckpt.load(target)
+        assert_same(target, state)
+        assert ckpt.verify(1) == []
+    assert "run/step_00000001/manifest.json" in keys(s3_server, s3_bucket)
+    assert s3_server.open_uploads(s3_bucket) == []
+
+
+def test_direct_save_through_the_public_url_api(s3_server, s3_bucket):
+    """Credentials and endpoint from the AWS environment variables, as for AWS itself."""
+    state = realistic_state()
+    url = f"s3://{s3_bucket}/plain"
+    ckptstore.save(state, url, step=3, codec="zstd")
+    target = blank_like(state)
+    ckptstore.load(target, url)
+    assert_same(target, state)
+
+
+def test_manager_directly_on_s3_resumes(s3_server, s3_bucket):
+    url = f"s3://{s3_bucket}/exp"
+    state = make_state()
+    with CheckpointManager(url, save=SaveEvery(steps=3), keep=KeepLast(2)) as mgr:
+        train(mgr, state, 9)
+        assert [c.step for c in mgr.list()] == [6, 9]
+    fresh = make_state(seed=1)
+    with CheckpointManager(url) as mgr:
+        assert mgr.restore(fresh) == 9
+    assert_same(fresh.model.state_dict(), state.model.state_dict())
+    assert_same(fresh.optimizer.state_dict(), state.optimizer.state_dict())
+    assert keys(s3_server, s3_bucket)[-1] == "exp/step_00000009/manifest.json"
+
+
+def test_failed_upload_publishes_nothing_and_leaves_no_upload(s3_server, s3_bucket):
+    backend = s3(s3_server, s3_bucket)
+    backend.part_bytes = MIN_PART_BYTES
+    pending = backend.begin("step_00000001")
+    sink = pending.create_file("__0_0.distcp")
+    sink.write(os.urandom(12 * MIB))  # two parts are on their way
+    assert s3_server.open_uploads(s3_bucket) != []
+    sink.abort()  # what the shard writer does when encoding or staging fails
+    pending.abort()
+    assert keys(s3_server, s3_bucket) == []
+    assert s3_server.open_uploads(s3_bucket) == []
+
+
+def test_sweep_aborts_stale_uploads_but_not_live_ones(s3_server, s3_bucket):
+    backend = s3(s3_server, s3_bucket)
+    backend.part_bytes = MIN_PART_BYTES
+    # A dead writer's upload (another process: this one never saw it).
+    s3_server.call(
+        "create_multipart_upload", Bucket=s3_bucket, Key="run/step_00000002/__0_0.distcp"
+    )
+    pending = backend.begin("step_00000003")
+    sink = pending.create_file("__0_0.distcp")
+    sink.write(os.urandom(6 * MIB))  # a live upload, ours
+    removed = backend.sweep(grace_s=0)
+    assert any("step_00000002" in r for r in removed)
+    open_keys = [u["Key"] for u in s3_server.open_uploads(s3_bucket)]
+    assert open_keys == ["run/step_00000003/__0_0.distcp"]
+    sink.close()
+    pending.commit(b'{"files": {}}')
+    assert s3_server.open_uploads(s3_bucket) == []
+
+
+def test_conditional_commit_refuses_a_second_writer(s3_server, s3_bucket):
+    backend = s3(s3_server, s3_bucket)
+    p1, p2 = backend.begin("step_00000004"), backend.begin("step_00000004")
+    p1.write_file("a", b"1")
+    p2.write_file("b", b"2")
+    p1.commit(b'{"files": {"a": {}}}')
+    with pytest.raises(CheckpointExistsError):
+        p2.commit(b'{"files": {"b": {}}}')
+    assert backend.read_bytes("step_00000004/manifest.json") == b'{"files": {"a": {}}}'
+    assert not backend.exists("step_00000004/b")
+
+
+def test_missing_bucket_fails_fast_with_a_clear_message(s3_server, root):
+    with pytest.raises(StorageError, match=r"does not exist.*create it first"):
+        CheckpointManager(root, backup="s3://no-such-bucket-here/run")
+
+
+def test_direct_mode_on_a_missing_bucket_fails_at_construction(s3_server):
+    with pytest.raises(StorageError, match="does not exist"):
+        ckptstore.Checkpointer("s3://no-such-bucket-either/run")
+
+
+def test_wrong_credentials_fail_fast_with_a_clear_message(root):
+    # A server that checks credentials (moto with authentication on).
+    server = S3Server(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}).start()
+    try:
+        with pytest.raises(StorageError, match=r"denied.*check the credentials") as info:
+            CheckpointManager(root, backup="s3://somebucket/run", backup_options=server.options())
+        assert "CANARY" not in str(info.value)
+    finally:
+        server.stop()
+
+
+def test_two_ranks_save_straight_to_s3_and_one_loads(s3_server, s3_bucket, tmp_path, monkeypatch):
+    from dist_worker import full_state
+
+    url = f"s3://{s3_bucket}/sharded"
+    monkeypatch.setenv("CKPTSTORE_TEST_S3_URL", url)
+    run_ranks("s3_sharded", str(tmp_path), 2)
+    target = {"model": {k: torch.zeros_like(v) for k, v in full_state().items()}, "step": 0}
+    with ckptstore.Checkpointer(url) as ckpt:
+        ckpt.load(target)
+        manifest = ckpt.latest().manifest
+    assert manifest.world_size == 2
+    assert_same(target["model"], full_state())
+    assert s3_server.open_uploads(s3_bucket) == []
+
+
+# ---- backup tier -------------------------------------------------------------------
+def test_backup_replicates_with_its_own_retention_and_a_fresh_machine_resumes(
+    s3_server, s3_bucket, tmp_path, caplog
+):
+    url = f"s3://{s3_bucket}/backup"
+    state = make_state()
+    caplog.set_level(logging.INFO, logger="ckptstore")
+    with CheckpointManager(
+        tmp_path / "local",
+        save=SaveEvery(steps=2),
+        keep=KeepLast(1),
+        backup=url,
+        backup_keep=KeepLast(3),
+    ) as mgr:
+        train(mgr, state, 12)
+        mgr.wait_backup()
+        status = mgr.backup_status()
+        assert status is not None and status.newest_backed_up == "step_00000012"
+        assert [c.step for c in mgr.list()] == [12]  # the local tier keeps 1
+    remote = open_backend(url)
+    on_remote = [i.manifest.step for i in ckptstore.Checkpointer(remote).list()]
+    # The remote keeps up to 3; with a backlog of 1 some saves may have been skipped, and
+    # then said so. The newest is always there.
+    assert on_remote[-1] == 12 and 1 <= len(on_remote) <= 3
+    assert set(on_remote) <= {2, 4, 6, 8, 10, 12}
+    assert set(status.skipped).isdisjoint({f"step_{s:08d}" for s in on_remote[-1:]})
+    for name in status.skipped:
+        assert f"skipping {name}" in caplog.text
+    assert remote.read_bytes("latest") == b"step_00000012\n"
+
+    # A fresh machine: an empty local directory, the same backup.
+    fresh = make_state(seed=5)
+    with CheckpointManager(tmp_path / "elsewhere", backup=url) as mgr:
+        assert mgr.restore(fresh) == 12
+    assert_same(fresh.model.state_dict(), state.model.state_dict())
+    assert_same(fresh.optimizer.state_dict(), state.optimizer.state_dict())
+    assert os.path.exists(tmp_path / "elsewhere" / "step_00000012" / "manifest.json")
+    assert s3_server.open_uploads(s3_bucket) == []
+
+
+def test_restore_uses_the_backup_when_the_local_copy_is_damaged(
+    s3_server, s3_bucket, tmp_path, caplog
+):
+    url = f"s3://{s3_bucket}/b2"
+    local = tmp_path / "local"
+    state = make_state()
+    with CheckpointManager(local, save=SaveEvery(steps=4), backup=url) as mgr:
+        train(mgr, state, 4)
+    shard = local / "step_00000004" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    fresh = make_state(seed=9)
+    with CheckpointManager(local, backup=url) as mgr:
+        assert mgr.restore(fresh) == 4
+    assert_same(fresh.model.state_dict(), state.model.state_dict())
+    assert "loaded the backup's copy" in caplog.text
+    assert ckptstore.Checkpointer(local).verify(4) == []  # the local copy was replaced
+
+
+def test_local_retention_spares_checkpoints_not_yet_backed_up(s3_server, s3_bucket, tmp_path):
+    local = open_backend(tmp_path / "l")
+    remote = s3(s3_server, s3_bucket, "r")
+    with ckptstore.Checkpointer(local) as ckpt:
+        ckpt.save(realistic_state(), 1)
+    rep = Replicator(local, remote, catch_up=False)
+    try:
+        rep.submit("step_00000001")
+        assert "step_00000001" in rep.busy() or rep.status().newest_backed_up == "step_00000001"
+        assert rep.wait(timeout_s=60) == []
+        assert rep.busy() == set()
+    finally:
+        rep.close()
+
+
+def test_catch_up_at_start_uploads_what_the_remote_lacks(s3_server, s3_bucket, tmp_path):
+    local = open_backend(tmp_path / "l")
+    with ckptstore.Checkpointer(local) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(realistic_state(), step)
+    remote = s3(s3_server, s3_bucket, "r")
+    rep = Replicator(local, remote, max_queued=2)
+    try:
+        assert rep.wait(timeout_s=60) == []
+    finally:
+        rep.close()
+    # The two newest (the backlog bound); the oldest is left local-only.
+    assert [i.manifest.step for i in ckptstore.Checkpointer(remote).list()] == [2, 3]
+
+
+def test_a_damaged_local_checkpoint_is_never_uploaded(s3_server, s3_bucket, tmp_path, caplog):
+    local = open_backend(tmp_path / "l")
+    with ckptstore.Checkpointer(local) as ckpt:
+        ckpt.save(realistic_state(), 1)
+    shard = tmp_path / "l" / "step_00000001" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    remote = s3(s3_server, s3_bucket, "r")
+    with pytest.raises(CorruptCheckpointError):
+        copy_checkpoint(local, remote, "step_00000001")
+    assert keys(s3_server, s3_bucket) == []
+    assert s3_server.open_uploads(s3_bucket) == []
+
+
+def test_restore_with_nothing_anywhere_starts_from_scratch(s3_server, s3_bucket, tmp_path):
+    with CheckpointManager(tmp_path / "x", backup=f"s3://{s3_bucket}/none") as mgr:
+        assert mgr.restore(make_state()) == 0
