@@ -354,9 +354,11 @@ class Checkpointer:
         except BaseException as exc:
             self._fail(pending, exc)
         else:
+            reason = stats.manifest.reason if stats.manifest is not None else None
             log.info(
-                "%s committed: %s -> %s (%s, ratio %.2f), stall %.0f ms, durable after %.2f s",
+                "%s committed%s: %s -> %s (%s, ratio %.2f), stall %.0f ms, durable after %.2f s",
                 name,
+                f" ({reason})" if reason else "",
                 _fmt(result.raw_bytes),
                 _fmt(result.stored_bytes),
                 result.codec,

@@ -1,0 +1,143 @@
+"""The reference training loop, run as a user runs it: real subprocesses, real signals.
+
+SIGTERM to a training process then rerunning the same command equals the uninterrupted
+run bit for bit (same losses, same parameters); a run saved by torchrun with 2 CPU
+processes (FSDP2) resumes in 1 process with the same parameters; ``--no-checkpoint``
+writes nothing; bad arguments say what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import REPO
+
+TINY = ["--size", "tiny", "--batch-size", "4", "--eval-every", "10", "--eval-batches", "1"]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    e["GLOO_SOCKET_IFNAME"] = "lo"
+    return e
+
+
+def train_cmd(ckpt_dir, report, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "ckptstore.train", *TINY,
+        "--ckpt-dir", str(ckpt_dir), "--report", str(report), *extra,
+    ]  # fmt: skip
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
+
+
+def report(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_sigterm_then_rerun_equals_the_uninterrupted_run(tmp_path):
+    steps = ["--steps", "40", "--save-every", "10", "--log-every", "1"]
+    whole = run(train_cmd(tmp_path / "a", tmp_path / "a.json", *steps))
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    want = report(tmp_path / "a.json")
+
+    cmd = train_cmd(tmp_path / "b", tmp_path / "b.json", *steps)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(), cwd=REPO
+    )
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("step     23/40"):  # mid-way, between two interval saves
+                proc.send_signal(signal.SIGTERM)
+                break
+        out = "".join(seen) + proc.stdout.read()
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert "interrupted after step" in out and "rerun the same command to resume" in out
+    assert "(signal)" in out  # the per-save line of the signal save
+    stopped = report(tmp_path / "b.json")["step"]
+    assert 23 <= stopped < 40
+
+    again = run(cmd)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"from step {stopped}" in again.stdout
+    got = report(tmp_path / "b.json")
+    assert got["step"] == want["step"] == 40
+    assert got["param_digest"] == want["param_digest"]
+    resumed = {k: v for k, v in want["losses"].items() if int(k) >= stopped}
+    assert got["losses"] == resumed
+    for line in ("Done: 40 steps", "Blocked on checkpoints", "Checkpoints kept in"):
+        assert line in again.stdout
+
+
+def test_torchrun_two_processes_then_resume_with_one(tmp_path):
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [
+        torchrun, "--standalone", "--nproc_per_node=2", "-m", "ckptstore.train", *TINY,
+        "--steps", "12", "--save-every", "6", "--log-every", "6",
+        "--ckpt-dir", str(tmp_path / "c"), "--report", str(tmp_path / "two.json"),
+    ]  # fmt: skip
+    two = run(cmd)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "cpu x 2 process(es) (FSDP2)" in two.stdout
+    saved = report(tmp_path / "two.json")
+    assert saved["world_size"] == 2 and saved["step"] == 12
+    manifest = json.loads((tmp_path / "c" / "step_00000012" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+
+    one = run(train_cmd(tmp_path / "c", tmp_path / "one.json", "--steps", "12"))
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert "from step 12" in one.stdout
+    got = report(tmp_path / "one.json")
+    assert got["world_size"] == 1
+    assert got["param_digest"] == saved["param_digest"]
+
+
+def test_no_checkpoint_writes_nothing(tmp_path):
+    out = run(train_cmd(tmp_path / "none", tmp_path / "r.json", "--steps", "5", "--no-checkpoint"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Save checkpoints: disabled" in out.stdout
+    assert not os.path.exists(tmp_path / "none")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "5", "--epochs", "1"], "not both"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--device", "cuda:0"] if not os.path.exists("/dev/nvidia0") else ["--size", "nope"], ""),
+    ],
+)
+def test_bad_arguments_say_what_to_do(tmp_path, args, message):
+    out = run(train_cmd(tmp_path / "x", tmp_path / "r.json", *args), timeout=120)
+    assert out.returncode != 0
+    assert message in out.stderr + out.stdout
+
+
+def test_the_console_command_runs_the_same_loop(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "ckptstore")
+    if not os.path.exists(exe):
+        pytest.skip("the ckptstore console script is not installed (pip install -e .)")
+    start = time.monotonic()
+    out = run([exe, "train", "--help"], timeout=60)
+    assert out.returncode == 0 and "--save-every" in out.stdout, out.stderr
+    assert time.monotonic() - start < 60
