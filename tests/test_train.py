@@ -89,7 +89,7 @@ def test_sigterm_then_rerun_equals_the_uninterrupted_run(tmp_path):
         assert line in again.stdout
 
 
-def test_torchrun_two_processes_then_resume_with_one(tmp_path):
+def test_torchrun_two_processes_resume_with_one_and_back(tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [
         torchrun, "--standalone", "--nproc_per_node=2", "-m", "ckptstore.train", *TINY,
@@ -104,12 +104,25 @@ def test_torchrun_two_processes_then_resume_with_one(tmp_path):
     manifest = json.loads((tmp_path / "c" / "step_00000012" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
 
+    # 2 -> 1: the same parameters; then train on to step 18 in one process.
     one = run(train_cmd(tmp_path / "c", tmp_path / "one.json", "--steps", "12"))
     assert one.returncode == 0, one.stdout + one.stderr
     assert "from step 12" in one.stdout
     got = report(tmp_path / "one.json")
     assert got["world_size"] == 1
     assert got["param_digest"] == saved["param_digest"]
+    on = run(train_cmd(tmp_path / "c", tmp_path / "on.json", "--steps", "18"))
+    assert on.returncode == 0, on.stdout + on.stderr
+    single = report(tmp_path / "on.json")
+
+    # 1 -> 2: the 1-process checkpoint of step 18, resumed by 2 processes.
+    back = run([*cmd[: cmd.index("--steps")], "--steps", "18", "--ckpt-dir", str(tmp_path / "c"),
+                "--report", str(tmp_path / "back.json")])  # fmt: skip
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert "from step 18" in back.stdout
+    again = report(tmp_path / "back.json")
+    assert again["world_size"] == 2
+    assert again["param_digest"] == single["param_digest"]
 
 
 def test_no_checkpoint_writes_nothing(tmp_path):

@@ -103,6 +103,7 @@ class Run:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     saves: list[dict[str, Any]] = field(default_factory=list)
     losses: dict[int, float] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
 
     def say(self, msg: str) -> None:
         if self.rank == 0:
@@ -381,6 +382,8 @@ def _loop(
     window_t = time.perf_counter()
     window_loss = 0.0
     window_n = 0
+    step_times: list[float] = []
+    t_step = time.perf_counter()
     model.train()
     with mgr.guard(state):
         while step < total:
@@ -410,7 +413,10 @@ def _loop(
                 pending = mgr.maybe_save(
                     step, state, epoch=epoch, end_of_epoch=end, metrics=metrics
                 )
-                blocked += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                blocked += t1 - t0
+                step_times.append(t1 - t_step)
+                t_step = t1
                 if pending is not None:
                     run.saves.append({"step": step + 1})
                 steps_run += 1
@@ -430,6 +436,13 @@ def _loop(
                 if step >= total:
                     break
     elapsed = time.perf_counter() - t_start
+    run.timing = {
+        "elapsed_s": elapsed,
+        "blocked_s": blocked,
+        "steps_run": steps_run,
+        "tokens_per_s": steps_run * tokens_per_step / max(elapsed, 1e-9),
+        "step_times_s": step_times,
+    }
     mgr.wait()
     summary(run, mgr, state, steps_run, elapsed, blocked, tokens_per_step)
     if args.report:
@@ -509,6 +522,7 @@ def write_report(
                 "losses": {str(k): v for k, v in sorted(run.losses.items())},
                 "param_digest": digest,
                 "world_size": run.world,
+                **run.timing,
             },
             f,
         )
