@@ -112,8 +112,9 @@ def copy_checkpoint(
 
     Raises :class:`CorruptCheckpointError` if the source does not match its manifest
     (nothing is written to ``dst`` then), :class:`CheckpointExistsError` if ``dst``
-    already has ``name`` (unless ``replace``: a damaged copy there is deleted once the
-    new one is fully written), :class:`StorageError` for I/O trouble. ``verify_upload``
+    already has ``name`` (unless ``replace``: the copy there, presumably damaged, is
+    deleted first, since a local root cannot commit over it), :class:`StorageError`
+    for I/O trouble. ``verify_upload``
     (default: when ``dst`` is not a local disk) reads every file back from ``dst``.
     A file that fails on an object store is retried ``file_retries`` times, with backoff.
     """
@@ -469,13 +470,24 @@ class Replicator:
                 behind_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
             )
 
-    def wait(self, timeout_s: float | None = None) -> list[str]:
-        """Wait until nothing is waiting or uploading; return what still is (on timeout)."""
+    def wait(
+        self, timeout_s: float | None = None, *, give_up_after: int | None = None
+    ) -> list[str]:
+        """Wait until nothing is waiting or uploading; return what still is (on timeout,
+        or once ``give_up_after`` attempts in a row have failed)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         shown = 0.0
         with self._cond:
             while self._queue or self._current or self._catching_up:
                 if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if give_up_after is not None and self._failures >= give_up_after:
+                    log.warning(
+                        "giving up on the backup to %s after %d failed attempts in a row: %s",
+                        self.remote.url,
+                        self._failures,
+                        self._last_error,
+                    )
                     break
                 now = time.monotonic()
                 if now - shown >= 5.0:
@@ -496,13 +508,16 @@ class Replicator:
             extra,
         )
 
-    def close(self, wait: bool = True, timeout_s: float | None = None) -> list[str]:
-        """Stop; first wait for pending uploads if ``wait``. Returns what is not backed
-        up (named in a warning too)."""
+    def close(
+        self, wait: bool = True, timeout_s: float | None = None, give_up_after: int | None = 5
+    ) -> list[str]:
+        """Stop; first wait for pending uploads if ``wait`` (while they make progress: not
+        past ``give_up_after`` failed attempts in a row). Returns what is not backed up
+        (named in a warning too)."""
         left: list[str] = []
         try:
             if wait:
-                left = self.wait(timeout_s)
+                left = self.wait(timeout_s, give_up_after=give_up_after)
         finally:
             with self._cond:
                 self._closing = True
@@ -593,6 +608,12 @@ class Replicator:
             if self.remote.exists(f"{name}/{MANIFEST_FILE}"):
                 log.info("backup: %s is already on %s", name, self.remote.url)
             else:
+                if name in self.remote.list_names():
+                    # Files without a manifest: an upload by a process that died. This
+                    # replicator is the backup root's only writer: clear them, or the
+                    # new upload would refuse to write over them.
+                    log.info("backup: removing an unfinished upload of %s first", name)
+                    self.remote.delete(name)
                 self.progress = Progress(f"backing up {name} to {self.remote.url}", 0)
                 start = time.monotonic()
                 manifest = copy_checkpoint(

@@ -868,8 +868,9 @@ class CheckpointManager:
 
     def close(self, *, wait_backup: bool = True, backup_timeout_s: float | None = None) -> None:
         """Finish every save in flight; then, with a backup, wait for its uploads (with
-        progress; Ctrl+C stops waiting) unless ``wait_backup=False``. What is left not
-        backed up is named in a warning and in :meth:`backup_status`."""
+        progress; Ctrl+C stops waiting; so do 5 failed attempts in a row, or
+        ``backup_timeout_s``) unless ``wait_backup=False``. What is left not backed up is
+        named in a warning and in :meth:`backup_status`."""
         if self._closed:
             return
         self._closed = True
@@ -881,7 +882,7 @@ class CheckpointManager:
                 if self._backup is not None and wait_backup:
                     if self._housekeeping is not None:  # the last commit's submit, first
                         self._housekeeping.submit(lambda: None).result()
-                    self._backup.wait(backup_timeout_s)
+                    self._backup.wait(backup_timeout_s, give_up_after=5)
             except KeyboardInterrupt:
                 log.warning("stopped waiting for the backup")
             finally:

@@ -273,3 +273,20 @@ def test_a_damaged_local_checkpoint_is_never_uploaded(s3_server, s3_bucket, tmp_
 def test_restore_with_nothing_anywhere_starts_from_scratch(s3_server, s3_bucket, tmp_path):
     with CheckpointManager(tmp_path / "x", backup=f"s3://{s3_bucket}/none") as mgr:
         assert mgr.restore(make_state()) == 0
+
+
+def test_backup_clears_what_a_dead_uploader_left_behind(s3_server, s3_bucket, tmp_path):
+    local = open_backend(tmp_path / "l")
+    with ckptstore.Checkpointer(local) as ckpt:
+        ckpt.save(realistic_state(), 1)
+    remote = s3(s3_server, s3_bucket, "r")
+    # A process killed mid-upload: some files, no manifest.
+    s3_server.call("put_object", Bucket=s3_bucket, Key="r/step_00000001/.metadata", Body=b"x")
+    rep = Replicator(local, remote)
+    try:
+        assert rep.wait(timeout_s=60) == []
+        assert rep.status().failures == 0
+    finally:
+        rep.close()
+    with ckptstore.Checkpointer(remote) as ckpt:
+        assert ckpt.verify(1) == []
