@@ -1,0 +1,228 @@
+"""What every ``ckptstore`` command shares: errors with exit codes, opening roots and
+naming checkpoints (local paths and ``s3://`` URLs alike), and plain-text tables.
+
+Exit codes: 0 all is well; 1 the operation failed or found damage; 2 a usage error (bad
+arguments, a root or checkpoint that is not there). Tables and results go to stdout,
+progress and notes to stderr, so that ``--json`` output and pipes stay clean.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ckptstore.checkpoint import STEP_NAME, checkpoint_name, list_checkpoints
+from ckptstore.errors import StorageError
+from ckptstore.format.manifest import MANIFEST_FILE
+from ckptstore.storage import LocalBackend, StorageBackend, open_backend
+
+OK, FAILED, USAGE = 0, 1, 2
+
+CREDENTIALS_HINT = (
+    "credentials and endpoint come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+    "AWS_ENDPOINT_URL (S3-compatible services), AWS_DEFAULT_REGION or AWS_PROFILE"
+)
+
+
+class CliError(Exception):
+    """A failure to report in one line (it says what to do next), with an exit code."""
+
+    def __init__(self, message: str, code: int = FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def usage_error(message: str) -> CliError:
+    return CliError(message, USAGE)
+
+
+def is_url(text: str) -> bool:
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(text: str) -> str:
+    return os.path.abspath(os.path.expanduser(text.removeprefix("file://")))
+
+
+def open_root(url: str, *, must_exist: bool = True, create: bool = False) -> StorageBackend:
+    """The backend of a checkpoint root; a usage error if it is plainly not there.
+
+    A local root must be an existing directory (unless ``create``); an object-store
+    root must be reachable (its bucket exists, the credentials work). An empty prefix
+    in a bucket cannot be told from a missing one: it is a root with no checkpoints.
+    """
+    if not is_url(url):
+        path = local_path(url)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise usage_error(f"{url} is a file, not a checkpoint root (a directory)")
+        if must_exist and not create and not os.path.isdir(path):
+            raise usage_error(
+                f"{url}: no such directory; check the path (ckptstore ls PARENT lists the "
+                "checkpoints of a root)"
+            )
+        return LocalBackend(path, create=create)
+    try:
+        backend = open_backend(url, create=create)
+    except ValueError as exc:
+        raise usage_error(f"cannot open {url}: {exc}; check the URL (s3://bucket/prefix)") from None
+    try:
+        backend.check_access()
+    except StorageError as exc:
+        message = str(exc)
+        code = USAGE if ("does not exist" in message or "denied" in message) else FAILED
+        if "credentials" not in message:
+            message += f"; {CREDENTIALS_HINT}"
+        raise CliError(message, code) from None
+    return backend
+
+
+def split_checkpoint(text: str) -> tuple[str, str] | None:
+    """``ROOT/NAME`` -> (ROOT, NAME); None when there is no parent to split off."""
+    stripped = text.rstrip("/")
+    if is_url(stripped):
+        scheme, rest = stripped.split("://", 1)
+        parent, _, name = rest.rpartition("/")
+        if not parent or not name:
+            return None
+        return f"{scheme}://{parent}", name
+    path = local_path(stripped)
+    parent, name = os.path.split(path)
+    if not name or parent == path:
+        return None
+    return parent, name
+
+
+def resolve_checkpoint(
+    text: str, step: int | None, *, what: str = "checkpoint", quiet: bool = False
+) -> tuple[StorageBackend, str]:
+    """The (root, name) a CKPT argument means: ``ROOT/step_00000500``, a checkpoint saved
+    by path (``ckpt/final``), ``ROOT --step 500``, or ``ROOT`` alone (its newest
+    checkpoint, said on stderr). A usage error if there is no committed checkpoint there.
+    """
+    if step is not None:
+        backend = open_root(text)
+        name = checkpoint_name(step)
+        if not backend.exists(f"{name}/{MANIFEST_FILE}"):
+            raise usage_error(
+                f"no committed checkpoint {name} under {backend.url}; ckptstore ls "
+                f"{text} lists them (--all shows uncommitted and damaged ones)"
+            )
+        return backend, name
+    found = find_named(text)
+    if found is not None:
+        backend, name, present = found
+        if not present:
+            raise usage_error(
+                f"{backend.url}/{name} is not there; ckptstore ls {backend.url} lists the "
+                "checkpoints of that root"
+            )
+        if not backend.exists(f"{name}/{MANIFEST_FILE}"):
+            raise CliError(
+                f"{backend.url}/{name} is not a committed checkpoint (no {MANIFEST_FILE}: a save "
+                "that did not finish, or a damaged one); pick another with ckptstore ls "
+                f"{backend.url}, and ckptstore gc {backend.url} removes dead saves",
+                USAGE,
+            )
+        return backend, name
+    backend = open_root(text)
+    infos = list_checkpoints(backend)
+    if not infos:
+        raise usage_error(
+            f"no committed checkpoint under {backend.url}: pass a checkpoint "
+            f"(ROOT/step_00000500) or a root that holds some (ckptstore ls {text} --all shows "
+            "uncommitted and damaged ones)"
+        )
+    newest = infos[-1]
+    if not quiet:
+        note(f"{what}: the newest under {backend.url}, {newest.name} (choose with --step N)")
+    return backend, newest.name
+
+
+def find_named(text: str) -> tuple[StorageBackend, str, bool] | None:
+    """If ``text`` names one checkpoint (a ``step_*`` name, or a directory holding a
+    manifest): its root, its name and whether anything is there under that name."""
+    split = split_checkpoint(text)
+    if split is None:
+        return None
+    parent, name = split
+    if not is_url(parent) and not os.path.isdir(parent):
+        if STEP_NAME.match(name):
+            raise usage_error(
+                f"{parent}: no such directory; check the path (ckptstore ls ROOT lists the "
+                "checkpoints of a root)"
+            )
+        return None
+    if STEP_NAME.match(name):
+        backend = open_root(parent)
+        return backend, name, name in backend.list_names()
+    if is_url(parent):
+        backend = open_backend(parent, create=False)
+        if backend.exists(f"{name}/{MANIFEST_FILE}"):
+            backend = open_root(parent)
+            return backend, name, True
+        return None
+    if os.path.isfile(os.path.join(parent, name, MANIFEST_FILE)):
+        return open_root(parent), name, True
+    return None
+
+
+# ---- output -------------------------------------------------------------------------
+def note(message: str) -> None:
+    """A line for the person at the terminal (stderr: stdout stays parseable)."""
+    print(f"ckptstore: {message}", file=sys.stderr, flush=True)
+
+
+def status(text: str | None) -> None:
+    """A transient "what I am doing" line on a terminal (nothing when not attached to
+    one, so logs and pipes stay quiet); None clears it."""
+    if not sys.stderr.isatty():
+        return
+    sys.stderr.write("\r\x1b[K" + (f"ckptstore: {text} ..." if text else ""))
+    sys.stderr.flush()
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=False, allow_nan=False, default=str)
+    sys.stdout.write("\n")
+
+
+def size(n: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units, as the engine's own log lines)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} PB"
+
+
+def local_time(unix_s: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_s))
+
+
+def iso_utc(unix_s: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_s, datetime.timezone.utc).isoformat(
+        timespec="seconds"
+    )
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    parts = []
+    for k, v in sorted(metrics.items()):
+        parts.append(f"{k}={'nan' if v is None else f'{v:.4g}'}")
+    return " ".join(parts)
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str], right: Sequence[int] = ()) -> str:
+    """Columns padded to their widest cell; columns in ``right`` are right-aligned."""
+    cells = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for r in cells:
+        out = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
+        lines.append("  ".join(out).rstrip())
+    return "\n".join(lines)
