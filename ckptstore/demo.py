@@ -1,6 +1,6 @@
 """The README's main job: a training run that is interrupted and resumed, as a user sees it.
 
-    python -m ckptstore.demo [--dir runs/demo] [--steps 160] [--interrupt-at 100]
+    python -m ckptstore.demo [--dir runs/demo] [--steps 400] [--interrupt-at 250]
         [any other python -m ckptstore.train flags]
 
 It runs the reference training loop (:mod:`ckptstore.train`, the "small" GPT on
@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m ckptstore.demo", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--dir", default=None, help="checkpoint directory (default: a fresh one)")
-    ap.add_argument("--steps", type=int, default=160)
-    ap.add_argument("--interrupt-at", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--interrupt-at", type=int, default=250)
     args, train_args = ap.parse_known_args(argv)
     if not 0 < args.interrupt_at < args.steps:
         ap.error("--interrupt-at must be between 0 and --steps")
