@@ -304,7 +304,13 @@ def _count(progress: Progress | None, counted: list[int], n: int) -> None:
 
 
 def _pieces(reader: Any, size: int, ahead: int = 4) -> Iterable[memoryview]:
-    """The file in order, piece by piece, with up to ``ahead`` pieces read in parallel."""
+    """The file in order, piece by piece: streamed in one request where the reader can
+    (S3), else with up to ``ahead`` ranged reads in parallel."""
+    stream = getattr(reader, "stream", None)
+    if stream is not None:
+        for piece in stream(PIECE_BYTES):
+            yield memoryview(piece)
+        return
     offsets = list(range(0, size, PIECE_BYTES))
     if len(offsets) <= 1:
         if size:
