@@ -372,6 +372,7 @@ class Replicator:
         probe_timeout_s: float = 20.0,
         catch_up: bool = True,
         on_backed_up: Callable[[str], None] | None = None,
+        on_speed: Callable[[float], None] | None = None,
     ) -> None:
         if max_queued < 1:
             raise ValueError(f"max_queued must be at least 1, got {max_queued}")
@@ -383,6 +384,7 @@ class Replicator:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self._on_backed_up = on_backed_up
+        self._on_speed = on_speed
         self._cond = threading.Condition()
         self._queue: list[str] = []
         self._queued_at: dict[str, float] = {}
@@ -631,6 +633,8 @@ class Replicator:
                     stop=self._stop,
                 )
                 elapsed = time.monotonic() - start
+                if self._on_speed is not None and manifest.stored_bytes >= (16 << 20):
+                    self._on_speed(manifest.stored_bytes / max(elapsed, 1e-6))
                 log.info(
                     "backup: %s is on %s (%.1f MiB in %.1f s)",
                     name,

@@ -134,6 +134,11 @@ class AutoCodec:
     def __init__(self, *, local: bool, threads: int) -> None:
         self.threads = threads
         self.write_bps: float | None = None
+        # A backup tier uploads every checkpoint after it is written: then the time that
+        # counts is until backed up, and ``downstream_bps`` (the upload's measured speed,
+        # None until one is measured) adds ``S/D`` raw or ``r*S/D`` compressed.
+        self.downstream = False
+        self.downstream_bps: float | None = None
         self.encode_bps: float = 0.7e9
         self.ratio = 0.85
         self._local = local
@@ -141,10 +146,18 @@ class AutoCodec:
         self._zstd = ZstdCodec()
 
     def choose(self) -> Codec:
-        if self.write_bps is None:
+        if self.downstream and self.downstream_bps is None:
+            return self._zstd  # an upload of unknown speed follows: start compressed
+        if self.write_bps is None and not self.downstream:
             return self._raw if self._local else self._zstd
-        t_raw = 1.0 / self.write_bps
-        t_zstd = max(1.0 / (self.encode_bps * self.threads), self.ratio / self.write_bps)
+        t_raw = 1.0 / self.write_bps if self.write_bps else 0.0
+        t_zstd = max(
+            1.0 / (self.encode_bps * self.threads),
+            self.ratio / self.write_bps if self.write_bps else 0.0,
+        )
+        if self.downstream and self.downstream_bps:
+            t_raw += 1.0 / self.downstream_bps
+            t_zstd += self.ratio / self.downstream_bps
         return self._zstd if t_zstd < self._MARGIN * t_raw else self._raw
 
     def observe(
@@ -211,6 +224,13 @@ class Checkpointer:
                     self.url,
                     removed,
                 )
+
+    def note_downstream(self, bytes_per_s: float | None) -> None:
+        """A backup tier copies every checkpoint on at ``bytes_per_s`` (None: not yet
+        measured): ``codec="auto"`` then minimises the time until backed up."""
+        self._auto.downstream = True
+        if bytes_per_s is not None and bytes_per_s > 0:
+            self._auto.downstream_bps = bytes_per_s
 
     # ---- properties -----------------------------------------------------------------
     @property

@@ -250,12 +250,17 @@ class CheckpointManager:
                         max_queued=max_queued,
                         retry_max_s=retry_max_s,
                         on_backed_up=self._on_backed_up,
+                        on_speed=self._ckpt.note_downstream,
                     )
                 else:
                     self._remote.check_access()
             except Exception as exc:
                 failure, outcome = exc, f"{type(exc).__name__}: {exc}"
         outcome = str(_dist.broadcast(outcome, self._control))
+        if outcome == "ok" and self.enabled and self._ckpt is not None:
+            # codec="auto" now minimises the time until backed up (every rank starts
+            # compressed; rank 0 adapts to the upload speed it measures).
+            self._ckpt.note_downstream(None)
         if outcome != "ok":
             self.close()
             if failure is not None:
