@@ -144,24 +144,8 @@ def copy_checkpoint(
     pending = dst.begin(name)
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptstore-copy")
     try:
-        futures = [
-            pool.submit(
-                _copy_file_with_retries,
-                src,
-                dst,
-                pending,
-                name,
-                fname,
-                entry.kind,
-                entry.size_bytes,
-                entry.xxh3_64,
-                verify_upload,
-                retries,
-                progress,
-                stop,
-            )
-            for fname, entry in files
-        ]
+        job = _CopyJob(src, dst, pending, name, verify_upload, retries, progress, stop)
+        futures = [pool.submit(job.copy_with_retries, fname, entry) for fname, entry in files]
         while True:
             done, not_done = wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)
             if progress is not None:
@@ -193,108 +177,84 @@ def copy_checkpoint(
     return manifest
 
 
-def _copy_file_with_retries(
-    src: StorageBackend,
-    dst: StorageBackend,
-    pending: Any,
-    name: str,
-    fname: str,
-    kind: str,
-    size: int,
-    xxh3: str,
-    verify_upload: bool,
-    retries: int,
-    progress: Progress | None,
-    stop: threading.Event | None,
-) -> None:
-    for attempt in range(retries + 1):
-        counted = [0]
-        try:
-            _copy_file(
-                src,
-                dst,
-                pending,
-                name,
-                fname,
-                kind,
-                size,
-                xxh3,
-                verify_upload,
-                progress,
-                counted,
-                stop,
-            )
-            return
-        except CorruptCheckpointError:
-            raise  # the source is damaged: trying again does not help
-        except StorageError as exc:
-            if progress is not None:
-                progress.add(-counted[0])
-            if attempt == retries or (stop is not None and stop.is_set()):
-                raise
-            delay = min(30.0, 0.5 * 2**attempt)
-            log.warning(
-                "copying %s/%s to %s failed (%s); retrying in %.1f s",
-                name,
-                fname,
-                dst.url,
-                exc,
-                delay,
-            )
-            time.sleep(delay)
+@dataclass
+class _CopyJob:
+    """What every file of one checkpoint copy shares."""
 
+    src: StorageBackend
+    dst: StorageBackend
+    pending: Any
+    name: str
+    verify_upload: bool
+    retries: int
+    progress: Progress | None
+    stop: threading.Event | None
 
-def _copy_file(
-    src: StorageBackend,
-    dst: StorageBackend,
-    pending: Any,
-    name: str,
-    fname: str,
-    kind: str,
-    size: int,
-    xxh3: str,
-    verify_upload: bool,
-    progress: Progress | None,
-    counted: list[int],
-    stop: threading.Event | None,
-) -> None:
-    where = f"{src.url}/{name}/{fname}"
-    h = xxhash.xxh3_64()
-    with src.open_reader(f"{name}/{fname}") as reader:
-        if reader.size != size:
-            raise CorruptCheckpointError(f"{where}: {reader.size} B, the manifest says {size} B")
-        sink = pending.create_file(fname)
-        try:
-            for piece in _pieces(reader, size):
-                if stop is not None and stop.is_set():
-                    raise CopyStopped(f"copy of {where} stopped")
-                h.update(piece)
-                sink.write(piece)
-                _count(progress, counted, len(piece))
-            sent = h.hexdigest()
-            if kind == "file" and sent != xxh3:
-                raise CorruptCheckpointError(
-                    f"{where}: checksum {sent}, the manifest says {xxh3}; not copied"
+    def copy_with_retries(self, fname: str, entry: Any) -> None:
+        for attempt in range(self.retries + 1):
+            counted = [0]
+            try:
+                self.copy(fname, entry.kind, entry.size_bytes, entry.xxh3_64, counted)
+                return
+            except CorruptCheckpointError:
+                raise  # the source is damaged: trying again does not help
+            except StorageError as exc:
+                if self.progress is not None:
+                    self.progress.add(-counted[0])
+                if attempt == self.retries or (self.stop is not None and self.stop.is_set()):
+                    raise
+                delay = min(30.0, 0.5 * 2**attempt)
+                log.warning(
+                    "copying %s/%s to %s failed (%s); retrying in %.1f s",
+                    self.name,
+                    fname,
+                    self.dst.url,
+                    exc,
+                    delay,
                 )
-            sink.close()
-        except BaseException:
-            sink.abort()
-            raise
-    if not verify_upload:
-        return
-    back = f"{dst.url}/{name}/{fname}"
-    h = xxhash.xxh3_64()
-    try:
-        with dst.open_reader(f"{name}/{fname}") as reader:
+                time.sleep(delay)
+
+    def copy(self, fname: str, kind: str, size: int, xxh3: str, counted: list[int]) -> None:
+        src, dst, name, progress, stop = self.src, self.dst, self.name, self.progress, self.stop
+        where = f"{src.url}/{name}/{fname}"
+        h = xxhash.xxh3_64()
+        with src.open_reader(f"{name}/{fname}") as reader:
             if reader.size != size:
-                raise StorageError(f"{back}: {reader.size} B after upload, expected {size} B")
-            for piece in _pieces(reader, size):
-                h.update(piece)
-                _count(progress, counted, len(piece))
-    except FileNotFoundError:
-        raise StorageError(f"{back}: missing after upload") from None
-    if h.hexdigest() != sent:
-        raise StorageError(f"{back}: read back with checksum {h.hexdigest()}, sent {sent}")
+                raise CorruptCheckpointError(
+                    f"{where}: {reader.size} B, the manifest says {size} B"
+                )
+            sink = self.pending.create_file(fname)
+            try:
+                for piece in _pieces(reader, size):
+                    if stop is not None and stop.is_set():
+                        raise CopyStopped(f"copy of {where} stopped")
+                    h.update(piece)
+                    sink.write(piece)
+                    _count(progress, counted, len(piece))
+                sent = h.hexdigest()
+                if kind == "file" and sent != xxh3:
+                    raise CorruptCheckpointError(
+                        f"{where}: checksum {sent}, the manifest says {xxh3}; not copied"
+                    )
+                sink.close()
+            except BaseException:
+                sink.abort()
+                raise
+        if not self.verify_upload:
+            return
+        back = f"{dst.url}/{name}/{fname}"
+        h = xxhash.xxh3_64()
+        try:
+            with dst.open_reader(f"{name}/{fname}") as reader:
+                if reader.size != size:
+                    raise StorageError(f"{back}: {reader.size} B after upload, expected {size} B")
+                for piece in _pieces(reader, size):
+                    h.update(piece)
+                    _count(progress, counted, len(piece))
+        except FileNotFoundError:
+            raise StorageError(f"{back}: missing after upload") from None
+        if h.hexdigest() != sent:
+            raise StorageError(f"{back}: read back with checksum {h.hexdigest()}, sent {sent}")
 
 
 def _count(progress: Progress | None, counted: list[int], n: int) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import REPO, assert_same, every_dtype, train_gpt
+from test_distributed import run_ranks
 
 import ckptstore
 from ckptstore.cli import main
@@ -28,7 +29,6 @@ try:  # in the `bench` extra, not `test`: without it the .safetensors cases use 
 except ImportError:
     safetensors_torch = None
 ST = ".safetensors" if safetensors_torch is not None else ".pt"
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 
 
 # ---- running the command ------------------------------------------------------------
@@ -366,26 +366,7 @@ def test_export_of_a_sharded_checkpoint(tmp_path, capsys):
     """Saved by 2 ranks (DTensor shards on different dims), exported by one process."""
     from dist_worker import full_state
 
-    e = env()
-    e["GLOO_SOCKET_IFNAME"] = "lo"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, "save_sharded", str(tmp_path), str(r), "2"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=e,
-        )
-        for r in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), outs
+    run_ranks("save_sharded", str(tmp_path), 2)
     ckpt = str(tmp_path / "ckpts" / "run" / "step_00000005")
     code, out, _ = run_main(capsys, "info", ckpt, "--json")
     assert code == 0

@@ -15,8 +15,15 @@ import ckptstore
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 
 
-def run_ranks(scenario: str, workdir: str, world: int, timeout: float = 180) -> None:
-    env = dict(os.environ)
+def spawn_ranks(
+    scenario: str,
+    workdir: str,
+    world: int,
+    timeout: float = 180,
+    extra_env: dict[str, str] | None = None,
+) -> list[tuple[int, str]]:
+    """Run ``world`` real processes of ``dist_worker.py``; each one's exit code and output."""
+    env = {**os.environ, **(extra_env or {})}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     env["OMP_NUM_THREADS"] = "1"
@@ -40,15 +47,16 @@ def run_ranks(scenario: str, workdir: str, world: int, timeout: float = 180) -> 
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    failed = [
-        (r, p.returncode, out)
-        for r, (p, out) in enumerate(zip(procs, outputs, strict=False))
-        if p.returncode != 0
-    ]
+    return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
+
+
+def run_ranks(scenario: str, workdir: str, world: int, timeout: float = 180) -> None:
+    results = spawn_ranks(scenario, workdir, world, timeout)
+    failed = [(r, rc, out) for r, (rc, out) in enumerate(results) if rc != 0]
     assert not failed, "\n".join(
         f"--- rank {r} exited {rc}:\n{out[-4000:]}" for r, rc, out in failed
     )
-    for r, out in enumerate(outputs):
+    for r, (_, out) in enumerate(results):
         assert f"OK {scenario} rank {r}/{world}" in out
 
 
@@ -88,27 +96,9 @@ def test_time_based_saves_are_agreed_between_ranks(tmp_path):
 
 
 def test_a_failing_rank_stops_the_others_instead_of_hanging(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["GLOO_SOCKET_IFNAME"] = "lo"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, "manager_abort", str(tmp_path), str(r), "2"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for r in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [1, 1], outs
+    results = spawn_ranks("manager_abort", str(tmp_path), 2, timeout=120)
+    outs = [out for _, out in results]
+    assert [rc for rc, _ in results] == [1, 1], outs
     assert "FAILED manager_abort rank 0: RankFailedError" in outs[0]
     assert "injected failure on rank 1" in outs[1]
 
@@ -151,27 +141,13 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
         listed = mgr.list()
     assert [c.reason for c in listed] == ["signal"]
     saved = listed[0].step
-    env["TOTAL_STEPS"] = str(saved + 2)
     # A new world needs a fresh rendezvous file; a clean shutdown already removed it.
     (tmp_path / "store-manager_signal").unlink(missing_ok=True)
-    again = [
-        subprocess.Popen(
-            [sys.executable, WORKER, "manager_signal", str(tmp_path), str(r), "2"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for r in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=120)[0] for p in again]
-    finally:
-        for p in again:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in again] == [0, 0], outs
+    again = spawn_ranks(
+        "manager_signal", str(tmp_path), 2, timeout=120, extra_env={"TOTAL_STEPS": str(saved + 2)}
+    )
+    outs = [out for _, out in again]
+    assert [rc for rc, _ in again] == [0, 0], outs
     for out in outs:
         assert f"START {saved}" in out
 

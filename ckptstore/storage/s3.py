@@ -81,11 +81,10 @@ class _MultipartSink(FileSink):
 
     # -- talking to S3 on s3fs's event loop ----------------------------------------
     def _submit(self, method: str, **kwargs: Any) -> Future[Any]:
-        fs = self._backend.fs
-        return asyncio.run_coroutine_threadsafe(fs._call_s3(method, **kwargs), fs.loop)
+        return self._backend._submit(self._backend.fs._call_s3(method, **kwargs))
 
     def _call(self, method: str, **kwargs: Any) -> Any:
-        return self._submit(method, **kwargs).result(timeout=self._backend.call_timeout_s)
+        return self._backend._call(method, **kwargs)
 
     # -- FileSink ----------------------------------------------------------------------
     def write(self, data: Any) -> None:
@@ -204,11 +203,7 @@ class _S3Reader(_FsspecReader):
         shorter), from one GET: copying a whole file this way avoids a request per
         piece, and servers that re-read the object for every ranged GET."""
         bucket, key, _ = self._fs.split_path(self.path)
-        timeout = self._backend.call_timeout_s
-        loop = self._fs.loop
-
-        def run(coro: Any) -> Any:
-            return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=timeout)
+        run = self._backend._run
 
         try:
             body = run(self._fs._call_s3("get_object", Bucket=bucket, Key=key))["Body"]
@@ -262,9 +257,15 @@ class S3Backend(FsspecBackend):
         self._conditional = True  # the server honours If-None-Match (until it says not)
         self.bucket = fs.split_path(self.root)[0]
 
+    # Everything S3 runs as coroutines on s3fs's event loop, called from our threads.
+    def _submit(self, coro: Any) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+
+    def _run(self, coro: Any) -> Any:
+        return self._submit(coro).result(timeout=self.call_timeout_s)
+
     def _call(self, method: str, **kwargs: Any) -> Any:
-        fut = asyncio.run_coroutine_threadsafe(self.fs._call_s3(method, **kwargs), self.fs.loop)
-        return fut.result(timeout=self.call_timeout_s)
+        return self._run(self.fs._call_s3(method, **kwargs))
 
     def _sink(self, path: str) -> FileSink:
         return _MultipartSink(self, path)
