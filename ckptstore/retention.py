@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
+from ckptstore._crashpoints import crash_point
 from ckptstore.checkpoint import list_checkpoints
 from ckptstore.errors import CkptStoreError
 from ckptstore.policies import FINAL, CheckpointRecord, RetentionPolicy
@@ -67,6 +68,7 @@ def prune(
     for info in infos:
         if (info.manifest.step or 0) not in keep and info.name not in spared:
             backend.delete(info.name)
+            crash_point("retention.after_delete")
             deleted.append(info.name)
             log.info("retention: deleted %s/%s", backend.url, info.name)
     return deleted

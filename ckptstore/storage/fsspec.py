@@ -26,6 +26,7 @@ import time
 import weakref
 from typing import Any
 
+from ckptstore._crashpoints import crash_point
 from ckptstore.errors import CheckpointExistsError, StorageError, storage_error
 from ckptstore.storage.base import (
     COMMIT_FILE,
@@ -145,6 +146,7 @@ class _FsspecPending(PendingCheckpoint):
         if not self._coordinator:
             raise RuntimeError("only the rank that began a checkpoint commits it")
         path = self._backend._path(f"{self.token}/{COMMIT_FILE}")
+        crash_point("fsspec.commit.before_manifest")
         try:
             self._backend._create_manifest(path, manifest)
         except ManifestExists:
@@ -258,6 +260,7 @@ class FsspecBackend(StorageBackend):
         try:
             if self.exists(f"{name}/{COMMIT_FILE}"):
                 self.fs.rm_file(self._path(f"{name}/{COMMIT_FILE}"))
+                crash_point("fsspec.delete.after_manifest")
             if self.fs.exists(self._path(name)):
                 self.fs.rm(self._path(name), recursive=True)
         except Exception as exc:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ckptstore._crashpoints import crash_point
 from ckptstore.errors import CheckpointExistsError, StorageError, storage_error
 from ckptstore.storage.base import (
     COMMIT_FILE,
@@ -309,6 +310,7 @@ class _LocalPending(PendingCheckpoint):
         if self._final is None:
             raise RuntimeError("only the rank that began a checkpoint commits it")
         final = os.path.join(self._backend.root, self._final)
+        crash_point("local.commit.before_manifest")
         self.write_file(COMMIT_FILE, manifest)
         step = "fsync"
         try:
@@ -318,6 +320,7 @@ class _LocalPending(PendingCheckpoint):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self._dir, LOCK_FILE))
             _fsync_dir(self._dir)
+            crash_point("local.commit.before_rename")
             step = "rename"
             if not _renameat2_noreplace(self._dir, final):
                 # No renameat2 here: rename() refuses a non-empty target (ENOTEMPTY),
@@ -325,6 +328,7 @@ class _LocalPending(PendingCheckpoint):
                 if os.path.exists(os.path.join(final, COMMIT_FILE)):
                     raise OSError(errno.EEXIST, "exists", final)
                 os.rename(self._dir, final)
+            crash_point("local.commit.before_root_fsync")
             step = "fsync of the root after the rename"
             _fsync_dir(self._backend.root)
         except OSError as exc:
@@ -477,6 +481,7 @@ class LocalBackend(StorageBackend):
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            crash_point("local.put_atomic.before_replace")
             os.replace(tmp, path)
             _fsync_dir(self.root)
         except OSError as exc:
@@ -496,6 +501,7 @@ class LocalBackend(StorageBackend):
             _fsync_dir(self.root)
         except OSError as exc:
             raise storage_error(exc, "delete", path) from exc
+        crash_point("local.delete.before_rmtree")
         shutil.rmtree(doomed, ignore_errors=True)
 
     def sweep(self, grace_s: float) -> list[str]:

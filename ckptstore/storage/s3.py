@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
+from ckptstore._crashpoints import crash_point
 from ckptstore.errors import StorageError
 from ckptstore.storage.base import FileSink, RangeReader
 from ckptstore.storage.fsspec import FsspecBackend, ManifestExists, _FsspecReader, _translate
@@ -146,6 +147,7 @@ class _MultipartSink(FileSink):
                     self._send_part(bytes(self._buf))
                 while self._inflight:
                     self._finish_oldest()
+                crash_point("s3.upload.before_complete")
                 self._call(
                     "complete_multipart_upload",
                     Bucket=self._bucket,
