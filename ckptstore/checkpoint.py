@@ -118,13 +118,16 @@ def read_manifest(backend: StorageBackend, name: str) -> Manifest:
 
 def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) -> Metadata:
     """DCP's metadata, read only after its size and checksum match the manifest."""
-    where = f"{_where(backend, name)}/{md_format.METADATA_FILE}"
+    md_name = md_format.metadata_file(manifest.files) or md_format.METADATA_FILE
+    where = f"{_where(backend, name)}/{md_name}"
     hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step)"
-    entry = manifest.files.get(md_format.METADATA_FILE)
+    entry = manifest.files.get(md_name)
     if entry is None or entry.kind != "file":
-        raise CorruptCheckpointError(f"{where}: not listed in the manifest; {hint}")
+        raise CorruptCheckpointError(
+            f"{where}: not listed in the manifest (or listed more than once); {hint}"
+        )
     try:
-        data = backend.read_bytes(f"{name}/{md_format.METADATA_FILE}")
+        data = backend.read_bytes(f"{name}/{md_name}")
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{where}: file is missing; {hint}") from None
     if len(data) != entry.size_bytes:

@@ -79,6 +79,9 @@ class _FaultyPending(PendingCheckpoint):
         self.inner = inner
         self.token = inner.token
 
+    def stored_name(self, name: str) -> str:
+        return self.inner.stored_name(name)
+
     def create_file(self, name: str) -> FileSink:
         return _FaultySink(self.backend, name, self.inner.create_file(name))
 

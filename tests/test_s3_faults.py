@@ -9,13 +9,16 @@ in no log line, exception, manifest or file written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import threading
 import time
 
 import pytest
 import torch
+from faults import FaultyBackend
 from s3server import SECRET_KEY, S3Server
 from tcp_proxy import FaultProxy
 from test_manager import make_state, train
@@ -197,3 +200,99 @@ def test_the_secret_key_never_leaks(s3_server, s3_bucket, proxy, tmp_path, caplo
     assert len(haystack) > 5
     for text in haystack:
         assert SECRET_KEY not in text
+
+
+# ---- exceptions mid-upload, writers racing for one step --------------------------------
+
+
+def _big_state(seed: int, mib: int = 14) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(mib * MIB // 4, generator=g), "seed": seed}
+
+
+def _blank_big(mib: int = 14) -> dict:
+    return {"w": torch.zeros(mib * MIB // 4), "seed": -1}
+
+
+def test_exception_inside_the_sink_with_parts_in_flight_leaves_nothing(s3_server, s3_bucket):
+    """A non-I/O exception raised from inside the sink while parts upload: the save
+    fails with it, nothing is listed, no multipart upload stays open, and after gc
+    nothing at all is left under the root."""
+    writes = []
+
+    def fault(op: str, name: str) -> BaseException | None:
+        if op == "write" and name.startswith("__0_"):
+            writes.append(name)
+            # By the third write two 5 MiB parts are on their way.
+            if len(writes) == 3:
+                assert s3_server.open_uploads(s3_bucket) != []
+                return RuntimeError("boom from inside the sink")
+        return None
+
+    remote = direct(s3_server, s3_bucket, "mid")
+    remote.part_bytes = MIN_PART_BYTES
+    with ckptstore.Checkpointer(
+        FaultyBackend(remote, fault), codec="none", chunk_bytes=4 * MIB
+    ) as ckpt:
+        with pytest.raises(RuntimeError, match="boom from inside the sink"):
+            ckpt.save(_big_state(1), 1)
+        assert ckpt.list() == []
+    assert len(writes) == 3
+    assert s3_server.open_uploads(s3_bucket) == []
+    direct(s3_server, s3_bucket, "mid").sweep(grace_s=0)  # gc
+    assert s3_server.call("list_objects_v2", Bucket=s3_bucket).get("Contents", []) == []
+    # And the next save of the same step works.
+    with ckptstore.Checkpointer(direct(s3_server, s3_bucket, "mid"), codec="none") as ckpt:
+        ckpt.save(_big_state(1), 1)
+        assert ckpt.verify(1) == []
+
+
+def _race(s3_server, s3_bucket, prefix: str, sync_on: str | None) -> None:
+    """Two writers save different states as the same step at once; ``sync_on`` names a
+    file both must have started before either closes it (None: free-running)."""
+    barrier = threading.Barrier(2, timeout=30)
+
+    def fault(op: str, name: str) -> BaseException | None:
+        if sync_on is not None and op == "close" and name.startswith(sync_on):
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+        return None
+
+    outcomes: dict[int, BaseException | None] = {}
+
+    def writer(seed: int) -> None:
+        backend = FaultyBackend(direct(s3_server, s3_bucket, prefix), fault)
+        try:
+            with ckptstore.Checkpointer(backend, codec="zstd", chunk_bytes=1 * MIB) as ckpt:
+                ckpt.save(_big_state(seed, mib=3), 7)
+            outcomes[seed] = None
+        except BaseException as exc:
+            outcomes[seed] = exc
+            barrier.abort()
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    winners = [seed for seed, exc in outcomes.items() if exc is None]
+    assert len(winners) == 1, outcomes
+    loser = 3 - winners[0]
+    assert isinstance(outcomes[loser], ckptstore.CkptStoreError), outcomes[loser]
+    with ckptstore.Checkpointer(direct(s3_server, s3_bucket, prefix)) as ckpt:
+        assert [i.step for i in ckpt.list()] == [7]
+        assert ckpt.verify(7) == []
+        target = _blank_big(3)
+        ckpt.load(target, 7)
+    expected = _big_state(winners[0], mib=3)
+    assert torch.equal(target["w"], expected["w"]) and target["seed"] == winners[0]
+    assert s3_server.open_uploads(s3_bucket) == []
+
+
+@pytest.mark.parametrize("sync_on", ["__0_", ".metadata", None])
+def test_two_writers_race_for_one_step_and_the_winner_is_intact(s3_server, s3_bucket, sync_on):
+    """Exactly one wins, and what it committed verifies and loads bit-exact: the loser
+    never overwrites or deletes a file the winner's manifest lists."""
+    for round_ in range(2 if sync_on is None else 1):
+        _race(s3_server, s3_bucket, f"race{round_}", sync_on)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -26,6 +28,9 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 METADATA_FILE = ".metadata"
+# Object stores name it per save attempt: ".metadata-<12 hex digits>" (see
+# PendingCheckpoint.stored_name).
+_ATTEMPT_NAME = re.compile(r"^\.metadata-[0-9a-f]{12}$")
 
 _DCP_CLASSES = {
     "Metadata",
@@ -57,6 +62,12 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
     where = ""
+
+
+def metadata_file(names: Iterable[str]) -> str | None:
+    """Which of a manifest's file names is DCP's metadata (None: none, or several)."""
+    found = [n for n in names if n == METADATA_FILE or _ATTEMPT_NAME.match(n)]
+    return found[0] if len(found) == 1 else None
 
 
 def dumps(metadata: dcp_metadata.Metadata) -> bytes:

@@ -161,7 +161,7 @@ class CkptStorageWriter(StorageWriter):
         results: list[WriteResult] = []
         if plan.items:
             results = self._write_shard(
-                pending, f"{shard_plan.prefix}0.distcp", plan.items, planner
+                pending, pending.stored_name(f"{shard_plan.prefix}0.distcp"), plan.items, planner
             )
         self.io_seconds = time.perf_counter() - start
         fut: Future[list[WriteResult]] = Future()
@@ -233,8 +233,9 @@ class CkptStorageWriter(StorageWriter):
         if hasattr(metadata, "version"):
             metadata.version = _DCP_VERSION
         md_bytes = md_format.dumps(metadata)
-        self._pending.write_file(md_format.METADATA_FILE, md_bytes)
-        files[md_format.METADATA_FILE] = FileEntry("file", len(md_bytes), digest(md_bytes))
+        md_name = self._pending.stored_name(md_format.METADATA_FILE)
+        self._pending.write_file(md_name, md_bytes)
+        files[md_name] = FileEntry("file", len(md_bytes), digest(md_bytes))
         manifest = Manifest(
             step=self._step,
             world_size=self._world_size,

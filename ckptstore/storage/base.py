@@ -113,6 +113,17 @@ class PendingCheckpoint(ABC):
 
     token: str  # identifies it to attach() on other ranks
 
+    def stored_name(self, name: str) -> str:
+        """The name under which a save stores its file ``name`` in this attempt.
+
+        The checkpoint writer creates its files under these names and lists them in
+        the manifest. Object stores make them unique per attempt, so that two writers
+        racing for one checkpoint never write or delete each other's objects; local
+        disk writes each attempt into its own temp directory and keeps ``name``.
+        Copies call :meth:`create_file` with the source's names as they are.
+        """
+        return name
+
     @abstractmethod
     def create_file(self, name: str) -> FileSink:
         """A new file inside the checkpoint; never replaces one."""

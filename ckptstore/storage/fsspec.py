@@ -12,9 +12,12 @@ per writer; :mod:`ckptstore.storage.s3` replaces it for S3 with bounded, paralle
 multipart uploads and a conditional create of the manifest.
 
 Two writers racing to commit the same name: the first manifest wins; the loser removes
-the files it wrote that the winner's manifest does not list. Files of the same name
-that both wrote are the winner's only if the winner wrote last: the checksums in its
-manifest catch a mix at load time. Save one run into one root.
+the files it wrote. A save names its files per attempt (``__0_0-<attempt>.distcp``,
+``.metadata-<attempt>``, see :meth:`_FsspecPending.stored_name`) and its manifest lists
+those names, so two writers never write, overwrite or delete the same object: the
+winner's checkpoint is exactly what it wrote, whatever the loser did (a loser that
+failed early used to delete a shared shard, leaving the winner's manifest pointing at a
+missing or foreign file). Copies (backup, fetch) keep the names of their source.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import posixpath
+import re
 import time
+import uuid
 import weakref
 from typing import Any
 
@@ -119,18 +125,31 @@ class _FsspecReader(RangeReader):
         return memoryview(data)
 
 
+# A pending checkpoint's token: "<name>#<attempt>" (the attempt id travels to every rank).
+_ATTEMPT = re.compile(r"^(?P<name>.+)#(?P<attempt>[0-9a-f]{12})$")
+
+
 class _FsspecPending(PendingCheckpoint):
-    def __init__(self, backend: FsspecBackend, name: str, coordinator: bool) -> None:
-        self.token = name
+    def __init__(
+        self, backend: FsspecBackend, name: str, coordinator: bool, attempt: str | None = None
+    ) -> None:
+        self.name = name
+        self.attempt = attempt or uuid.uuid4().hex[:12]
+        self.token = f"{name}#{self.attempt}"
         self._backend = backend
         self._coordinator = coordinator
         self._written: list[str] = []
         if coordinator:
             _LIVE[backend._live_key(name)] = self
 
+    def stored_name(self, name: str) -> str:
+        """``__0_0.distcp`` -> ``__0_0-<attempt>.distcp``, ``.metadata`` -> ``.metadata-<attempt>``."""
+        stem, ext = posixpath.splitext(check_name(name, what="file name"))
+        return f"{stem}-{self.attempt}{ext}"
+
     def create_file(self, name: str) -> FileSink:
         check_name(name, what="file name")
-        path = self._backend._path(f"{self.token}/{name}")
+        path = self._backend._path(f"{self.name}/{name}")
         try:
             exists = self._backend.fs.exists(path)
         except Exception as exc:
@@ -145,21 +164,21 @@ class _FsspecPending(PendingCheckpoint):
     def commit(self, manifest: bytes) -> None:
         if not self._coordinator:
             raise RuntimeError("only the rank that began a checkpoint commits it")
-        path = self._backend._path(f"{self.token}/{COMMIT_FILE}")
+        path = self._backend._path(f"{self.name}/{COMMIT_FILE}")
         crash_point("fsspec.commit.before_manifest")
         try:
             self._backend._create_manifest(path, manifest)
         except ManifestExists:
             self._discard_strays(path)
             raise CheckpointExistsError(
-                f"{self._backend.url}/{self.token} was committed by another writer while "
+                f"{self._backend.url}/{self.name} was committed by another writer while "
                 "this save ran; it was left as it is and this save discarded"
             ) from None
         except StorageError:
             raise
         except Exception as exc:
             raise _translate(exc, "commit", path) from exc
-        _LIVE.pop(self._backend._live_key(self.token), None)
+        _LIVE.pop(self._backend._live_key(self.name), None)
 
     def _discard_strays(self, manifest_path: str) -> None:
         """After losing a commit race: remove what we wrote that the winner does not list."""
@@ -167,7 +186,7 @@ class _FsspecPending(PendingCheckpoint):
             listed = set(json.loads(self._backend.fs.cat_file(manifest_path))["files"])
         except Exception:
             return  # cannot tell what is the winner's: leave everything
-        prefix = self._backend._path(self.token) + "/"
+        prefix = self._backend._path(self.name) + "/"
         for path in self._written:
             if path.startswith(prefix) and path[len(prefix) :] not in listed:
                 with contextlib.suppress(Exception):
@@ -179,7 +198,7 @@ class _FsspecPending(PendingCheckpoint):
             with contextlib.suppress(Exception):
                 self._backend.fs.rm_file(path)
         if self._coordinator:
-            _LIVE.pop(self._backend._live_key(self.token), None)
+            _LIVE.pop(self._backend._live_key(self.name), None)
 
 
 class FsspecBackend(StorageBackend):
@@ -245,7 +264,13 @@ class FsspecBackend(StorageBackend):
         return _FsspecPending(self, name, coordinator=True)
 
     def attach(self, token: str) -> PendingCheckpoint:
-        return _FsspecPending(self, check_name(token), coordinator=False)
+        match = _ATTEMPT.match(token) if isinstance(token, str) else None
+        if match is None:
+            check_name(token)  # an unsafe name gets the usual message
+            raise ValueError(f"refusing unsafe token {token!r}: expected '<name>#<attempt>'")
+        return _FsspecPending(
+            self, check_name(match["name"]), coordinator=False, attempt=match["attempt"]
+        )
 
     def put_atomic(self, name: str, data: bytes) -> None:
         path = self._path(name)
