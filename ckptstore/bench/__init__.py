@@ -1,0 +1,1 @@
+"""The benchmark suite behind ``ckptstore bench`` (see :mod:`ckptstore.bench.suite`)."""

@@ -1,0 +1,212 @@
+"""``ckptstore bench`` in smoke mode: every contender runs and its results are well formed.
+
+The full-size runs are opt-in (they are the benchmark, not a test); these check that the
+suite works end to end, as a user would run it, on local disk and on the S3 test server.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from helpers import REPO
+
+from ckptstore.bench import contenders as cont
+from ckptstore.bench.common import gpt_config_for, parse_size
+from ckptstore.bench.suite import _command, main
+
+SAVE_KEYS = ("stall_s", "staged_s", "cpu_s_per_gb", "peak_rss_mb")
+DURABLE_KEYS = ("durable_s", "bytes", "ratio")
+LOAD_KEYS = ("cold_s", "warm_s")
+
+
+def _read(path: str, mode: str = "r") -> Any:
+    with open(path, mode) as f:
+        return f.read()
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _finite_positive(s: dict[str, float]) -> bool:
+    return all(math.isfinite(s[k]) and s[k] > 0 for k in ("median", "min", "max")) and (
+        s["min"] <= s["median"] <= s["max"]
+    )
+
+
+def _check_comparison(cmp_: dict, state_bytes: int) -> None:
+    listed = set(cmp_["summary"]) | {s["name"] for s in cmp_["skipped"]}
+    assert listed == set(cont.NAMES) or listed >= set(cmp_["contenders"]), listed
+    assert cmp_["failed"] == []
+    for s in cmp_["skipped"]:
+        assert s["reason"], s
+    for name, info in cmp_["contenders"].items():
+        s = cmp_["summary"][name]
+        for key in SAVE_KEYS:
+            assert key in s, (name, key)
+        assert _finite_positive(s["stall_s"]), (name, s["stall_s"])
+        assert s["staged_s"]["median"] >= s["stall_s"]["median"]
+        if name == "copy_prealloc":
+            assert math.isnan(s["durable_s"]["median"])
+            continue
+        for key in DURABLE_KEYS:
+            assert _finite_positive(s[key]), (name, key, s[key])
+        assert s["durable_s"]["median"] >= s["staged_s"]["median"]
+        raw = state_bytes if not info["weights_only"] else None
+        if raw:  # stored within a factor of two of the raw state, whatever the codec
+            assert 0.5 * raw < s["bytes"]["median"] < 2 * raw, (name, s["bytes"])
+        for key in LOAD_KEYS:
+            assert _finite_positive(s[key]), (name, key)
+
+
+def test_smoke_runs_every_contender_scaling_and_codecs(tmp_path):
+    out, data = tmp_path / "out", tmp_path / "data"
+    command = ["bench", "--smoke", "--all", "--out", str(out), "--target", str(data)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptstore", *command],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [path] = glob.glob(str(out / "bench-*.json"))
+    payload = json.loads(_read(path))
+    m = payload["machine"]
+    for key in ("cpu_count", "mem_total_gib", "torch", "python", "date", "disk", "target"):
+        assert m.get(key), key
+    assert payload["command"].startswith("ckptstore bench --smoke --all")
+    w = payload["workload"]
+    assert w["dtype"] == "fp32" and 0.5e6 < w["state_bytes"] < 2e6
+    _check_comparison(payload["comparison"], w["state_bytes"])
+    assert {s["name"] for s in payload["comparison"]["skipped"]} <= {"s3fs_raw", "dcp_zstd"}
+    # progress: which contender, which run
+    assert "[1/" in proc.stdout and "run 1/1 ckptstore_zstd" in proc.stdout
+    # scaling: three sizes, growing; 1 and 2 ranks
+    sizes = payload["scaling"]["sizes"]
+    assert [r["size"] for r in sizes] == ["1MB", "2MB", "4MB"]
+    assert sizes[0]["state_bytes"] < sizes[1]["state_bytes"] < sizes[2]["state_bytes"]
+    for row in sizes:
+        assert set(row["summary"]) == {"torch_save", "dcp_save", "ckptstore_none", "ckptstore_zstd"}
+    ranks = payload["scaling"]["ranks"]["rows"]
+    assert [r["world"] for r in ranks] == [1, 2], ranks
+    for row in ranks:
+        assert set(row["summary"]) == {"dcp_save", "ckptstore_none", "ckptstore_zstd"}, row
+        for s in row["summary"].values():
+            assert _finite_positive(s["save_s"]) and _finite_positive(s["load_s"])
+    # codec study: per dtype and per state group
+    groups = set(payload["codecs"]["results"])
+    for dtype in ("fp32", "bf16"):
+        for part in ("weights", "exp_avg", "exp_avg_sq"):
+            assert f"gpt {part} {dtype}" in groups, groups
+    # table and plots
+    table = _read(path[: -len(".json")] + ".md")
+    for name in payload["comparison"]["summary"]:
+        assert f"| {name} |" in table
+    assert "Scaling with ranks" in table and "Codec study" in table
+    pngs = sorted(os.path.basename(p).rsplit("-", 1)[1] for p in glob.glob(str(out / "*.png")))
+    assert pngs == ["durable.png", "load.png", "ratio.png", "scaling.png", "stall.png"]
+    for p in glob.glob(str(out / "*.png")):
+        assert _read(p, "rb")[:8] == b"\x89PNG\r\n\x1a\n"
+    # the checkpoints it wrote are gone
+    assert os.listdir(data) == []
+
+
+def test_smoke_on_s3(s3_server, s3_bucket, tmp_path, capsys):
+    url = f"s3://{s3_bucket}/bench"
+    only = "torch_save,safetensors,s3fs_raw,dcp_save,dcp_async_reused,ckptstore_zstd"
+    code = main(["--smoke", "--target", url, "--only", only, "--no-plots", "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr()
+    [path] = glob.glob(str(tmp_path / "bench-*.json"))
+    text = _read(path)
+    payload = json.loads(text)
+    cmp_ = payload["comparison"]
+    assert payload["machine"]["target_kind"] == "s3"
+    assert {s["name"] for s in cmp_["skipped"]} == {"safetensors", "dcp_async_reused"}
+    assert set(cmp_["summary"]) == {"torch_save", "s3fs_raw", "dcp_save", "ckptstore_zstd"}
+    _check_comparison(cmp_, payload["workload"]["state_bytes"])
+    for s in cmp_["summary"].values():
+        assert _finite_positive(s["write_mbps"]) and _finite_positive(s["read_mbps"])
+    assert "upload MB/s" in _read(path[: -len(".json")] + ".md")
+    assert s3_server.fs().find(f"{s3_bucket}/") == []  # nothing left behind
+    assert s3_server.open_uploads(s3_bucket) == []
+    from s3server import SECRET_KEY
+
+    assert SECRET_KEY not in text
+
+
+def test_an_unwritable_target_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code = main(["--smoke", "--target", str(blocker / "sub"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot write to --target" in err and "writable" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_contender_that_is_not_installed_is_listed_as_skipped(tmp_path):
+    code = (
+        "import sys; sys.modules['safetensors'] = None\n"  # as if not installed
+        "from ckptstore.bench.suite import main\n"
+        f"sys.exit(main(['--smoke', '--only', 'safetensors,torch_save', '--no-plots', "
+        f"'--out', {str(tmp_path)!r}, '--target', {str(tmp_path / 'data')!r}]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped safetensors: not installed" in proc.stdout
+    [path] = glob.glob(str(tmp_path / "bench-*.json"))
+    cmp_ = json.loads(_read(path))["comparison"]
+    assert [s["name"] for s in cmp_["skipped"]] == ["safetensors"]
+    assert "not installed" in cmp_["skipped"][0]["reason"]
+    assert list(cmp_["summary"]) == ["torch_save"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--only", "torch_save,nope"], "unknown contender(s) nope; choose from: copy_prealloc"),
+        (["--size", "huge"], "neither a byte size"),
+        (["--runs", "0"], "--runs must be at least 1"),
+        (["--storage-option", "endpoint_url"], "KEY=VALUE"),
+    ],
+)
+def test_bad_arguments_say_what_to_do(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_sizes_pick_a_model_of_about_that_size():
+    assert parse_size("250MB") == 250_000_000
+    assert parse_size("2 GiB") == 2 * 2**30
+    assert parse_size("big") is None
+    for text in ("1MB", "16MB", "250MB", "2GB"):
+        for dtype in ("fp32", "bf16"):
+            import torch
+
+            _, nbytes = gpt_config_for(text, torch.float32 if dtype == "fp32" else torch.bfloat16)
+            want = parse_size(text)
+            assert want is not None and abs(nbytes - want) / want < 0.15, (text, dtype, nbytes)
+
+
+def test_the_recorded_command_carries_no_credentials():
+    line = _command(
+        ["--target", "s3://AKIA:s3cr3t@bucket/p", "--storage-option", "secret=s3cr3t",
+         "--storage-option", "key=AKIA", "--storage-option", "endpoint_url=http://127.0.0.1:9"]
+    )  # fmt: skip
+    assert "s3cr3t" not in line and "AKIA" not in line
+    assert "endpoint_url=http://127.0.0.1:9" in line and "s3://bucket/p" in line
