@@ -107,6 +107,7 @@ def copy_checkpoint(
     verify_upload: bool | None = None,
     file_retries: int = 2,
     stop: threading.Event | None = None,
+    manifest_key: bytes | None = None,
 ) -> Manifest:
     """Copy committed checkpoint ``name`` from ``src`` to ``dst``; return its manifest.
 
@@ -117,9 +118,12 @@ def copy_checkpoint(
     for I/O trouble. ``verify_upload``
     (default: when ``dst`` is not a local disk) reads every file back from ``dst``.
     A file that fails on an object store is retried ``file_retries`` times, with backoff.
+    With a ``manifest_key`` (default: ``$CKPTSTORE_MANIFEST_KEY``), a source whose
+    manifest is not signed with it is refused before anything is copied; the manifest
+    is copied byte for byte, signature included.
     """
     manifest_bytes = src.read_bytes(f"{name}/{MANIFEST_FILE}")
-    manifest = Manifest.from_json(manifest_bytes, f"{src.url}/{name}")
+    manifest = Manifest.from_json(manifest_bytes, f"{src.url}/{name}", key=manifest_key)
     if manifest.step is not None and name != f"step_{manifest.step:08d}":
         raise CorruptCheckpointError(f"{src.url}/{name}: the manifest says step {manifest.step}")
     exists = dst.exists(f"{name}/{MANIFEST_FILE}")
@@ -134,7 +138,7 @@ def copy_checkpoint(
     if src.is_local():
         # A shard's manifest checksum covers its index, which covers its chunks: check
         # them all (a local read) so that a damaged checkpoint is never propagated.
-        problems = verify_checkpoint(src, name, None)
+        problems = verify_checkpoint(src, name, None, manifest_key=manifest_key)
         if problems:
             raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
     retries = file_retries if not dst.is_local() else 0  # a local temp file cannot be redone
@@ -170,7 +174,7 @@ def copy_checkpoint(
             progress.finish()
     if dst.is_local():
         # Downloaded: check every chunk of the copy now (a local read) rather than at load.
-        problems = verify_checkpoint(dst, name, None)
+        problems = verify_checkpoint(dst, name, None, manifest_key=manifest_key)
         if problems:
             dst.delete(name)
             raise CorruptCheckpointError(f"the copy from {src.url} is damaged: {problems[0]}")
@@ -333,6 +337,7 @@ class Replicator:
         catch_up: bool = True,
         on_backed_up: Callable[[str], None] | None = None,
         on_speed: Callable[[float], None] | None = None,
+        manifest_key: bytes | None = None,
     ) -> None:
         if max_queued < 1:
             raise ValueError(f"max_queued must be at least 1, got {max_queued}")
@@ -345,6 +350,7 @@ class Replicator:
         self.retry_max_s = retry_max_s
         self._on_backed_up = on_backed_up
         self._on_speed = on_speed
+        self._manifest_key = manifest_key
         self._cond = threading.Condition()
         self._queue: list[str] = []
         self._queued_at: dict[str, float] = {}
@@ -591,6 +597,7 @@ class Replicator:
                     threads=self.threads,
                     progress=self.progress,
                     stop=self._stop,
+                    manifest_key=self._manifest_key,
                 )
                 elapsed = time.monotonic() - start
                 if self._on_speed is not None and manifest.stored_bytes >= (16 << 20):
@@ -670,13 +677,22 @@ def fetch(
     threads: int = 8,
     replace: bool = False,
     show_progress: bool = True,
+    manifest_key: bytes | None = None,
 ) -> Manifest:
-    """Download committed checkpoint ``name`` from ``remote`` into ``local``, verified."""
-    read_manifest(remote, name)  # a clear CheckpointNotFoundError if it is not there
+    """Download committed checkpoint ``name`` from ``remote`` into ``local``, verified
+    (and, with a ``manifest_key``, only if its manifest is signed with it)."""
+    # A clear CheckpointNotFoundError if it is not there:
+    read_manifest(remote, name, manifest_key=manifest_key)
     progress = Progress(f"downloading {name} from {remote.url}", 0, enabled=show_progress)
     start = time.monotonic()
     manifest = copy_checkpoint(
-        remote, local, name, threads=threads, replace=replace, progress=progress
+        remote,
+        local,
+        name,
+        threads=threads,
+        replace=replace,
+        progress=progress,
+        manifest_key=manifest_key,
     )
     log.info(
         "downloaded %s from %s (%.1f MiB in %.1f s)",

@@ -104,8 +104,14 @@ def _where(backend: StorageBackend, name: str) -> str:
     return f"{backend.url}/{name}"
 
 
-def read_manifest(backend: StorageBackend, name: str) -> Manifest:
-    """The manifest of ``name``, checked. A missing one means: not a checkpoint."""
+def read_manifest(
+    backend: StorageBackend, name: str, *, manifest_key: bytes | None = None
+) -> Manifest:
+    """The manifest of ``name``, checked. A missing one means: not a checkpoint.
+
+    ``manifest_key`` (default: ``$CKPTSTORE_MANIFEST_KEY``): refuse a manifest that is
+    not signed with it (:class:`~ckptstore.errors.UnsafeCheckpointError`).
+    """
     try:
         data = backend.read_bytes(f"{name}/{MANIFEST_FILE}")
     except FileNotFoundError:
@@ -113,16 +119,16 @@ def read_manifest(backend: StorageBackend, name: str) -> Manifest:
             f"no committed checkpoint at {_where(backend, name)} (no {MANIFEST_FILE}); "
             "a save that did not finish leaves nothing loadable"
         ) from None
-    return Manifest.from_json(data, _where(backend, name))
+    return Manifest.from_json(data, _where(backend, name), key=manifest_key)
 
 
 def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) -> Metadata:
     """DCP's metadata, read only after its size and checksum match the manifest."""
-    md_name = md_format.metadata_file(manifest.files) or md_format.METADATA_FILE
-    where = f"{_where(backend, name)}/{md_name}"
+    md_name = md_format.metadata_file(manifest.files)
+    where = f"{_where(backend, name)}/{md_name or md_format.METADATA_FILE}"
     hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step)"
-    entry = manifest.files.get(md_name)
-    if entry is None or entry.kind != "file":
+    entry = manifest.files.get(md_name) if md_name is not None else None
+    if md_name is None or entry is None or entry.kind != "file":
         raise CorruptCheckpointError(
             f"{where}: not listed in the manifest (or listed more than once); {hint}"
         )
@@ -156,6 +162,7 @@ def save_staged(
     window: int,
     failure: str | None = None,
     info: dict[str, Any] | None = None,
+    manifest_key: bytes | None = None,
 ) -> WriteStats:
     """Write ``staged`` as checkpoint ``name``; collective over ``group``.
 
@@ -175,6 +182,7 @@ def save_staged(
         window=window,
         failure=failure,
         info=info,
+        manifest_key=manifest_key,
     )
     try:
         _compat.save(staged.flat, writer, StagedSavePlanner(staged.mappings), group)
@@ -201,9 +209,14 @@ def load_into(
     pool: Executor | None,
     group: dist.ProcessGroup | None,
     allow_partial: bool = False,
+    manifest_key: bytes | None = None,
 ) -> Manifest:
-    """Load checkpoint ``name`` into ``state_dict`` in place (DCP semantics; reshards)."""
-    manifest = read_manifest(backend, name)
+    """Load checkpoint ``name`` into ``state_dict`` in place (DCP semantics; reshards).
+
+    The manifest is checked (and its HMAC, with a ``manifest_key``) before any other
+    file is read; ``.metadata`` is unpickled only after its checksum matches.
+    """
+    manifest = read_manifest(backend, name, manifest_key=manifest_key)
     metadata = read_dcp_metadata(backend, name, manifest)
     keys = sorted(state_dict)
     target = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in state_dict.items()}
@@ -340,13 +353,21 @@ def _first(items: list[str], n: int = 5) -> str:
     return shown + (f", ... {len(items) - n} more" if len(items) > n else "")
 
 
-def verify(backend: StorageBackend, name: str, pool: Executor | None) -> list[str]:
+def verify(
+    backend: StorageBackend,
+    name: str,
+    pool: Executor | None,
+    *,
+    manifest_key: bytes | None = None,
+) -> list[str]:
     """Check every byte of checkpoint ``name`` against its manifest.
 
-    Returns one line per problem (empty: all is well). Reads every file in full.
+    Returns one line per problem (empty: all is well). Reads every file in full. With a
+    ``manifest_key``, an unsigned or wrongly signed manifest is the only problem
+    reported: nothing else is read.
     """
     try:
-        manifest = read_manifest(backend, name)
+        manifest = read_manifest(backend, name, manifest_key=manifest_key)
     except CkptStoreError as exc:
         return [str(exc)]
     problems = []
@@ -378,11 +399,15 @@ def verify(backend: StorageBackend, name: str, pool: Executor | None) -> list[st
 
 
 def list_checkpoints(
-    backend: StorageBackend, names: Iterable[str] | None = None
+    backend: StorageBackend,
+    names: Iterable[str] | None = None,
+    *,
+    manifest_key: bytes | None = None,
 ) -> list[CheckpointInfo]:
     """Committed checkpoints named ``step_*`` under the root, by step.
 
-    A directory without a valid manifest is not a checkpoint and is not listed.
+    A directory without a valid manifest (with a ``manifest_key``: a validly signed
+    one) is not a checkpoint and is not listed.
     """
     infos = []
     for name in backend.list_names() if names is None else names:
@@ -390,7 +415,7 @@ def list_checkpoints(
         if not match:
             continue
         try:
-            manifest = read_manifest(backend, name)
+            manifest = read_manifest(backend, name, manifest_key=manifest_key)
         except CkptStoreError:
             continue
         if manifest.step != int(match.group(1)):

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
@@ -82,6 +82,12 @@ class CheckpointerConfig:
         Default: 60 s on local disk, where a lock protects a save in progress whatever
         its age; 1 hour on object stores, where nothing but age can (make it longer
         than your slowest save).
+    manifest_key: a secret (bytes) to sign every manifest with (HMAC-SHA256) and to
+        require on every load, verify and listing: a checkpoint whose manifest is not
+        signed with it is refused before any other file is read, so someone who can
+        write to the checkpoint root but lacks the key cannot make a load read files
+        of their choosing. None (default): ``$CKPTSTORE_MANIFEST_KEY`` (UTF-8) if set,
+        else unsigned. Never shown in ``repr``; keep it out of logs and manifests.
     """
 
     codec: str | dict[str, Any] = "auto"
@@ -91,6 +97,7 @@ class CheckpointerConfig:
     max_staging_bytes: int | None = None
     pin_memory: bool | None = None
     sweep_grace_s: float | None = None
+    manifest_key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.codec != "auto":
@@ -113,6 +120,10 @@ class CheckpointerConfig:
             )
         if self.sweep_grace_s is not None and self.sweep_grace_s < 0:
             raise ValueError(f"sweep_grace_s must be >= 0, got {self.sweep_grace_s!r}")
+        if self.manifest_key is not None and (
+            not isinstance(self.manifest_key, bytes) or not self.manifest_key
+        ):
+            raise ValueError("manifest_key must be non-empty bytes or None")  # never echo it
 
 
 class AutoCodec:
@@ -351,6 +362,7 @@ class Checkpointer:
                 chunk_bytes=self.config.chunk_bytes,
                 window=2 * self._pool._max_workers + 2,
                 info=info,
+                manifest_key=self.config.manifest_key,
             )
             self._auto.observe(
                 codec, stats.raw_bytes, stats.stored_bytes, stats.sink_s, stats.encode_s
@@ -484,7 +496,7 @@ class Checkpointer:
     # ---- reading --------------------------------------------------------------------
     def list(self) -> builtins.list[CheckpointInfo]:
         """Committed checkpoints, oldest step first. In-flight and damaged-manifest ones are not listed."""
-        return list_checkpoints(self._backend)
+        return list_checkpoints(self._backend, manifest_key=self.config.manifest_key)
 
     def latest(self) -> CheckpointInfo | None:
         infos = self.list()
@@ -535,18 +547,22 @@ class Checkpointer:
             pool=self._pool,
             group=self._group,
             allow_partial=allow_partial,
+            manifest_key=self.config.manifest_key,
         )
         return CheckpointInfo(name, f"{self.url}/{name}", manifest)
 
     def read_metadata(self, step: int) -> Metadata:
         """DCP's metadata of checkpoint ``step`` (what it holds), checked and safely read."""
         name = checkpoint_name(step)
-        return read_dcp_metadata(self._backend, name, read_manifest(self._backend, name))
+        manifest = read_manifest(self._backend, name, manifest_key=self.config.manifest_key)
+        return read_dcp_metadata(self._backend, name, manifest)
 
     def verify(self, step: int) -> builtins.list[str]:
         """Check every byte of checkpoint ``step``; one line per problem, empty if intact."""
         self._check_open()
-        return verify(self._backend, checkpoint_name(step), self._pool)
+        return verify(
+            self._backend, checkpoint_name(step), self._pool, manifest_key=self.config.manifest_key
+        )
 
     def sweep(self, grace_s: float | None = None) -> builtins.list[str]:
         """Remove leftovers of dead saves; a save in progress is never removed."""

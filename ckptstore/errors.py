@@ -8,7 +8,7 @@ working::
     ├── CheckpointNotFoundError        (+ FileNotFoundError)  nothing committed there
     ├── CheckpointExistsError          (+ FileExistsError)    step already committed
     ├── CorruptCheckpointError         (+ OSError)            bytes on storage are wrong
-    │   └── UnsafeCheckpointError                             refuses to unpickle it
+    │   └── UnsafeCheckpointError                             refused unread: unsafe or unsigned
     ├── IncompatibleCheckpointError    (+ ValueError)         keys / shapes / format differ
     ├── UnsupportedStateError          (+ TypeError)          a value ckptstore cannot save
     ├── StorageError                   (+ OSError)            I/O failed; errno kept
@@ -62,7 +62,8 @@ class CorruptCheckpointError(CkptStoreError, OSError):
 
 
 class UnsafeCheckpointError(CorruptCheckpointError):
-    """The checkpoint asks to unpickle something outside the allowed set; refused unread."""
+    """Refused unread: the checkpoint asks to unpickle something outside the allowed set,
+    or a manifest key is configured and its manifest's HMAC is missing or wrong."""
 
 
 class IncompatibleCheckpointError(CkptStoreError, ValueError):

@@ -181,6 +181,8 @@ class CheckpointManager:
         self._root = os.fspath(root) if isinstance(root, os.PathLike) else root
         self._storage_options = storage_options
         self._process_group = process_group
+        # Signs and checks manifests here, on the backup and in restore-by-path too.
+        self._manifest_key: bytes | None = checkpointer_config.get("manifest_key")
         if not enabled:
             log.warning("checkpointing is disabled: nothing will be saved under %s", self._root)
             checkpointer_config.setdefault("sweep_grace_s", float("inf"))  # read-only
@@ -251,6 +253,7 @@ class CheckpointManager:
                         retry_max_s=retry_max_s,
                         on_backed_up=self._on_backed_up,
                         on_speed=self._ckpt.note_downstream,
+                        manifest_key=self._manifest_key,
                     )
                 else:
                     self._remote.check_access()
@@ -591,7 +594,13 @@ class CheckpointManager:
             try:
                 here = self._ckpt.backend.exists(f"{name}/{MANIFEST_FILE}")
                 if (replace or not here) and self._remote.exists(f"{name}/{MANIFEST_FILE}"):
-                    fetch(self._remote, self._ckpt.backend, name, replace=replace)
+                    fetch(
+                        self._remote,
+                        self._ckpt.backend,
+                        name,
+                        replace=replace,
+                        manifest_key=self._manifest_key,
+                    )
                     outcome = "ok"
             except Exception as exc:
                 log.warning("could not download %s from %s: %s", name, self._remote.url, exc)
@@ -622,7 +631,11 @@ class CheckpointManager:
         if self._remote is not None:
             here = {i.name for i in infos}
             try:
-                remote = [i for i in list_checkpoints(self._remote) if i.name not in here]
+                remote = [
+                    i
+                    for i in list_checkpoints(self._remote, manifest_key=self._manifest_key)
+                    if i.name not in here
+                ]
             except CkptStoreError as exc:
                 log.warning("could not list the backup %s: %s", self._remote.url, exc)
                 remote = []
@@ -684,14 +697,17 @@ class CheckpointManager:
         else:
             root, name = os.path.split(os.path.abspath(path))
         backend = open_backend(root, storage_options=self._storage_options, create=False)
+        key = self._manifest_key
         with _dist.caller_group(self._process_group) as group:
             if isinstance(state, TrainState):
-                manifest = read_manifest(backend, name)
+                manifest = read_manifest(backend, name, manifest_key=key)
                 target = self._target(state, read_dcp_metadata(backend, name, manifest))
-                manifest = load_into(target, backend, name, pool=None, group=group)
+                manifest = load_into(
+                    target, backend, name, pool=None, group=group, manifest_key=key
+                )
                 state.load_state_dict(target)
             else:
-                manifest = load_into(state, backend, name, pool=None, group=group)
+                manifest = load_into(state, backend, name, pool=None, group=group, manifest_key=key)
         return self._resumed(CheckpointInfo(name, f"{backend.url}/{name}", manifest))
 
     def _target(self, state: TrainState, metadata: Any) -> dict[str, Any]:

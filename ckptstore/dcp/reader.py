@@ -138,7 +138,11 @@ class CkptStorageReader(StorageReader):
 
     def _locate(self, req: ReadItem) -> tuple[ShardReader, int]:
         storage = self._metadata.storage_data.get(req.storage_index)
-        if not isinstance(storage, dict) or "file" not in storage or "item" not in storage:
+        if (
+            not isinstance(storage, dict)
+            or not isinstance(storage.get("file"), str)  # a list would not even hash
+            or "item" not in storage
+        ):
             raise CorruptCheckpointError(
                 f"{self._where()}: no storage entry for {req.storage_index.fqn!r}"
             )

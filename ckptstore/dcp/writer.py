@@ -95,6 +95,7 @@ class CkptStorageWriter(StorageWriter):
         window: int = 8,
         failure: str | None = None,
         info: dict[str, Any] | None = None,
+        manifest_key: bytes | None = None,
     ) -> None:
         """``failure``: this rank could not stage its state; it still enters the save's
         collectives and fails them, so that every rank fails this save together and the
@@ -102,6 +103,7 @@ class CkptStorageWriter(StorageWriter):
         others' current one)."""
         super().__init__()
         self._failure = failure
+        self._manifest_key = manifest_key  # signs the manifest (None: $CKPTSTORE_MANIFEST_KEY)
         self._info = dict(info or {})  # epoch, reason, metrics for the manifest
         self._rank = 0
         self._backend = backend
@@ -248,7 +250,7 @@ class CkptStorageWriter(StorageWriter):
             versions={"ckptstore": ckptstore.__version__, "torch": torch.__version__.split("+")[0]},
             **self._info,
         )
-        self._pending.commit(manifest.to_json())
+        self._pending.commit(manifest.to_json(self._manifest_key))
         self._committed = True
         self.manifest = manifest
 

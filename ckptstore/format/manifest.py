@@ -22,6 +22,17 @@ Example (abridged)::
       "checksum": "xxh3-64:5e0d..."
     }
 
+**Signed manifests.** With a manifest key configured (``Checkpointer(...,
+manifest_key=b"...")`` or the environment variable ``CKPTSTORE_MANIFEST_KEY``), the
+manifest also carries ``"hmac": "hmac-sha256:<hex>"``, an HMAC-SHA256 under that key of
+the canonical body (everything but ``checksum`` and ``hmac``). A reader with a key
+refuses, before it reads any other file of the checkpoint, a manifest whose HMAC is
+missing or does not match (:class:`~ckptstore.errors.UnsafeCheckpointError`): an
+attacker who can write the checkpoint but does not know the key cannot rewrite the
+manifest and its checksums to match altered files. A reader without a key ignores the
+field, so signed checkpoints load anywhere. The files themselves are bound to the
+manifest by size and xxh3-64, which detects corruption but is not a cryptographic hash.
+
 For ``kind: "file"`` the checksum is of the whole file. A ``"shard"`` is covered by a
 hash tree: the manifest holds the checksum of the shard's index, and the index holds the
 checksum of every chunk (``ckptstore.format.shard``). Nothing is hashed twice on save.
@@ -29,12 +40,19 @@ checksum of every chunk (``ckptstore.format.shard``). Nothing is hashed twice on
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptstore.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from ckptstore.errors import (
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    UnsafeCheckpointError,
+)
 from ckptstore.format.checksum import ALGORITHM, digest, is_digest
 from ckptstore.storage.base import check_name
 
@@ -42,6 +60,23 @@ FORMAT_NAME = "ckptstore"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 FILE_KINDS = ("file", "shard")
+MANIFEST_KEY_ENV = "CKPTSTORE_MANIFEST_KEY"
+HMAC_ALGORITHM = "hmac-sha256"
+
+
+def manifest_key(key: bytes | None = None) -> bytes | None:
+    """The key manifests are signed and checked with: ``key`` if given, else the UTF-8
+    bytes of ``$CKPTSTORE_MANIFEST_KEY`` if set and non-empty, else None (unsigned)."""
+    if key is not None:
+        if not isinstance(key, (bytes, bytearray)) or not key:
+            raise ValueError("manifest_key must be non-empty bytes or None")
+        return bytes(key)
+    env = os.environ.get(MANIFEST_KEY_ENV)
+    return env.encode() if env else None
+
+
+def _sign(key: bytes, body: dict[str, Any]) -> str:
+    return f"{HMAC_ALGORITHM}:{hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()}"
 
 
 @dataclass(frozen=True)
@@ -96,14 +131,22 @@ class Manifest:
             "metrics": self.metrics,
         }
 
-    def to_json(self) -> bytes:
+    def to_json(self, key: bytes | None = None) -> bytes:
+        """The manifest's bytes; signed (see module doc) when :func:`manifest_key` finds a key."""
         body = self.body()
+        secret = manifest_key(key)
+        if secret is not None:
+            body["hmac"] = _sign(secret, body)
         body["checksum"] = f"{ALGORITHM}:{digest(_canonical(body))}"
         return json.dumps(body, indent=1, sort_keys=True, allow_nan=False).encode() + b"\n"
 
     @classmethod
-    def from_json(cls, data: bytes, where: str) -> Manifest:
-        """Parse and check a manifest read from ``where`` (a checkpoint, for messages)."""
+    def from_json(cls, data: bytes, where: str, *, key: bytes | None = None) -> Manifest:
+        """Parse and check a manifest read from ``where`` (a checkpoint, for messages).
+
+        With a key (``key``, else ``$CKPTSTORE_MANIFEST_KEY``), a manifest whose HMAC is
+        missing or wrong raises :class:`UnsafeCheckpointError` before any field is used.
+        """
         hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step) on this one"
         try:
             body = json.loads(data)
@@ -131,6 +174,20 @@ class Manifest:
             raise CorruptCheckpointError(
                 f"{where}/{MANIFEST_FILE} checksum mismatch (stated {stated!r}, content hashes "
                 f"to {expected!r}); {hint}"
+            )
+        stated_mac = body.pop("hmac", None)
+        secret = manifest_key(key)
+        if secret is not None and not (
+            isinstance(stated_mac, str)
+            and hmac.compare_digest(
+                stated_mac.encode("utf-8", "surrogatepass"), _sign(secret, body).encode()
+            )
+        ):
+            found = "has no HMAC" if stated_mac is None else "has an HMAC that does not match"
+            raise UnsafeCheckpointError(
+                f"{where}/{MANIFEST_FILE} {found} under the configured manifest key: it was "
+                "not written by a holder of that key, or was altered. Refusing to read this "
+                "checkpoint; restore one signed with the key, or unset the key to trust it"
             )
         try:
             return cls._from_body(body)
