@@ -36,7 +36,12 @@ from typing import Any
 import numpy as np
 
 from ckptstore._crashpoints import crash_point
-from ckptstore.errors import CheckpointExistsError, StorageError, storage_error
+from ckptstore.errors import (
+    CheckpointExistsError,
+    StorageError,
+    UnsafeCheckpointError,
+    storage_error,
+)
 from ckptstore.storage.base import (
     COMMIT_FILE,
     TEMP_PREFIX,
@@ -406,6 +411,22 @@ class LocalBackend(StorageBackend):
     def _path(self, name: str) -> str:
         return os.path.join(self.root, check_name(name))
 
+    def _read_path(self, name: str) -> str:
+        """``_path`` for a read: the file must really lie under the root.
+
+        Names are checked, but a symlink planted inside the root (to a file or a
+        directory elsewhere) would still take a read outside it: refused. The root
+        itself may be reached through a symlink.
+        """
+        path = self._path(name)
+        real, real_root = os.path.realpath(path), os.path.realpath(self.root)
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise UnsafeCheckpointError(
+                f"{path}: a symlink leads outside the checkpoint root (to {real}); "
+                "refusing to read it. Remove the link, or copy the checkpoint into the root"
+            )
+        return path
+
     def list_names(self) -> list[str]:
         try:
             return sorted(os.listdir(self.root))
@@ -418,7 +439,7 @@ class LocalBackend(StorageBackend):
         return os.path.exists(self._path(name))
 
     def read_bytes(self, name: str) -> bytes:
-        path = self._path(name)
+        path = self._read_path(name)
         try:
             with open(path, "rb") as f:
                 return f.read()
@@ -428,7 +449,7 @@ class LocalBackend(StorageBackend):
             raise storage_error(exc, "read", path) from exc
 
     def open_reader(self, name: str) -> RangeReader:
-        return _LocalReader(self._path(name))
+        return _LocalReader(self._read_path(name))
 
     def begin(self, name: str) -> PendingCheckpoint:
         check_name(name)
