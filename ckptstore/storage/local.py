@@ -5,7 +5,9 @@ write files -> fsync each file -> write manifest, fsync it -> fsync the temp dir
 -> rename it to its final name (``renameat2(RENAME_NOREPLACE)``: never over a
 committed checkpoint) -> fsync the root. An fsync error fails the checkpoint and is
 never retried: after one, Linux may have dropped the dirty pages and a second fsync
-can report success for data that is gone.
+can report success for data that is gone. A rename that reports an error but took
+effect (the temp directory gone, the final name holding this manifest) counts as done:
+a save reports success exactly when its checkpoint is listed and durable.
 
 Large files are written with O_DIRECT where the file system supports it: from a
 page-aligned staging buffer straight to the device, without a copy into the page
@@ -232,8 +234,16 @@ class _LocalSink(FileSink):
             self.abort()
             raise storage_error(exc, "write+fsync", self.path) from exc
         self._closed = True
-        os.close(self._fd)
-        self._release_bounce()
+        try:
+            os.close(self._fd)
+        except OSError as exc:
+            # Linux releases the fd even when close() fails, so it is never closed
+            # again. The data was synced, but close() is where some file systems (NFS,
+            # quotas) report a failed write: fail the save rather than guess.
+            self._failed = True
+            raise storage_error(exc, "close", self.path) from exc
+        finally:
+            self._release_bounce()
         return self._size
 
     def abort(self) -> None:
@@ -327,12 +337,20 @@ class _LocalPending(PendingCheckpoint):
             _fsync_dir(self._dir)
             crash_point("local.commit.before_rename")
             step = "rename"
-            if not _renameat2_noreplace(self._dir, final):
-                # No renameat2 here: rename() refuses a non-empty target (ENOTEMPTY),
-                # which is what a committed checkpoint always is.
-                if os.path.exists(os.path.join(final, COMMIT_FILE)):
-                    raise OSError(errno.EEXIST, "exists", final)
-                os.rename(self._dir, final)
+            try:
+                if not _renameat2_noreplace(self._dir, final):
+                    # No renameat2 here: rename() refuses a non-empty target (ENOTEMPTY),
+                    # which is what a committed checkpoint always is.
+                    if os.path.exists(os.path.join(final, COMMIT_FILE)):
+                        raise OSError(errno.EEXIST, "exists", final)
+                    os.rename(self._dir, final)
+            except OSError:
+                # A rename can take effect and still report an error (NFS retransmits
+                # one whose reply was lost, and the retry finds no source). If ours did,
+                # the checkpoint is listed: make it durable and report success, rather
+                # than a failure for a checkpoint every reader sees.
+                if not self._renamed_to(final, manifest):
+                    raise
             crash_point("local.commit.before_root_fsync")
             step = "fsync of the root after the rename"
             _fsync_dir(self._backend.root)
@@ -360,6 +378,17 @@ class _LocalPending(PendingCheckpoint):
             raise storage_error(exc, f"commit ({step})", final) from exc
         finally:
             self._unlock()
+
+    def _renamed_to(self, final: str, manifest: bytes) -> bool:
+        """Whether this checkpoint's temp directory is now ``final``: the temp name is
+        gone and ``final`` holds this very manifest (no other writer's)."""
+        if os.path.lexists(self._dir):
+            return False
+        try:
+            with open(os.path.join(final, COMMIT_FILE), "rb") as f:
+                return f.read() == manifest
+        except OSError:
+            return False
 
     def abort(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -397,11 +426,18 @@ class LocalBackend(StorageBackend):
         self.url = self.root
         self.direct_io = direct_io
         if create and not os.path.isdir(self.root):
+            # Every directory created here needs its entry made durable too (an fsync of
+            # its parent), or the first checkpoint could vanish with it after a power
+            # loss: for runs/exp1, both runs/ and exp1/ when neither existed.
+            created = []
+            path = self.root
+            while not os.path.isdir(path) and os.path.dirname(path) != path:
+                created.append(path)
+                path = os.path.dirname(path)
             try:
                 os.makedirs(self.root, exist_ok=True)
-                # A new root's own directory entry must be durable too, or the first
-                # checkpoint could vanish with it after a power loss.
-                _fsync_dir(os.path.dirname(self.root))
+                for path in created:
+                    _fsync_dir(os.path.dirname(path))
             except OSError as exc:
                 raise storage_error(exc, "create directory", self.root) from exc
 
@@ -498,7 +534,10 @@ class LocalBackend(StorageBackend):
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view) :]
+                    n = os.write(fd, view)
+                    if n <= 0:  # no progress: an error, not a reason to spin
+                        raise OSError(errno.EIO, "write returned 0 bytes", tmp)
+                    view = view[n:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
