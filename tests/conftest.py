@@ -67,3 +67,13 @@ def s3_server():
 def s3_bucket(s3_server):
     """A fresh, empty bucket on the test server."""
     return s3_server.new_bucket()
+
+
+@pytest.fixture(scope="session")
+def forkserver():
+    """A process with ckptstore imported that forks a fresh child per crash trial or
+    check (``tests/crashrig.py``); stopped, with any child left, at the end."""
+    from crashrig import ForkServer
+
+    with ForkServer() as server:
+        yield server
