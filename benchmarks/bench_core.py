@@ -48,6 +48,7 @@ from common import (  # noqa: I001
 
 import ckptstore
 import warnings
+from ckptstore.bench.contenders import dcp_async_save
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
@@ -210,16 +211,7 @@ def make_contenders(state: dict[str, Any], target: str, threads: int | None) -> 
             rm(path)
             gc.collect()
             with measure() as m:
-                t0 = time.perf_counter()
-                resp = dcp.async_save(state, checkpoint_id=path, async_stager=stager)
-                stall = time.perf_counter() - t0
-                if hasattr(resp, "staging_completion"):
-                    resp.staging_completion.result()
-                    staged = time.perf_counter() - t0
-                    resp.upload_completion.result()
-                else:
-                    staged = stall
-                    resp.result()
+                stall, staged = dcp_async_save(state, path, stager)
             return _res(stall, staged, m, du(path))
 
         return run

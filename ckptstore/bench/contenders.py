@@ -327,6 +327,21 @@ def _dcp_save(
     return Contender(name, what, save, lambda path: dcp.load(state, storage_reader=reader(path)))
 
 
+def dcp_async_save(state: dict[str, Any], path: str, stager: Any) -> tuple[float, float]:
+    """``dcp.async_save`` until durable; returns (call blocked, state reusable) seconds."""
+    t0 = time.perf_counter()
+    resp = dcp.async_save(state, checkpoint_id=path, async_stager=stager)
+    stall = time.perf_counter() - t0
+    if hasattr(resp, "staging_completion"):  # with a stager: staging and upload apart
+        resp.staging_completion.result()
+        staged = time.perf_counter() - t0
+        resp.upload_completion.result()
+    else:
+        staged = stall
+        resp.result()
+    return stall, staged
+
+
 def _dcp_async(state: dict[str, Any], target: Target, reuse: bool) -> Contender | Skipped:
     import inspect
 
@@ -343,16 +358,7 @@ def _dcp_async(state: dict[str, Any], target: Target, reuse: bool) -> Contender 
     def save(r: int) -> tuple[dict[str, float], str]:
         path = target.join(f"{name}-{r}")
         gc.collect()
-        t0 = time.perf_counter()
-        resp = dcp.async_save(state, checkpoint_id=path, async_stager=stager)
-        stall = time.perf_counter() - t0
-        if hasattr(resp, "staging_completion"):
-            resp.staging_completion.result()
-            staged = time.perf_counter() - t0
-            resp.upload_completion.result()
-        else:
-            staged = stall
-            resp.result()
+        stall, staged = dcp_async_save(state, path, stager)
         return {"stall_s": stall, "staged_s": staged}, path
 
     what = (
