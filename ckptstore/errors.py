@@ -117,7 +117,11 @@ def storage_error(exc: OSError, action: str, path: str) -> StorageError:
     reason = exc.strerror or str(exc) or type(exc).__name__
     cls = StorageFullError if code in (_errno.ENOSPC, _errno.EDQUOT) else StorageError
     if cls is StorageFullError:
-        hint = "free space on that file system (or keep fewer checkpoints) and save again"
+        hint = (
+            "free space on that file system (or keep fewer checkpoints: retention deletes "
+            "old ones only after the next one is committed, so the space must hold one "
+            "more than you keep) and save again"
+        )
     elif action in ("read", "open", "stat", "list"):
         hint = "check that the storage is reachable and the checkpoint complete (Checkpointer(root).verify(step))"
     else:
