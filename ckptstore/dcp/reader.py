@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -202,11 +203,15 @@ class CkptStorageReader(StorageReader):
                 jobs.extend(shard.chunk_jobs(index, out))
                 finishers.append(functools.partial(planner.commit_tensor, req, target))
                 continue
-            temp = torch.empty(sizes, dtype=entry.dtype)
-            if temp.numel() * temp.element_size() != entry.nbytes:
+            # Sizes come from the metadata: check them against the shard's index before
+            # allocating (a lying chunk could ask for terabytes).
+            if any(not isinstance(n, int) or n < 0 for n in sizes) or (
+                math.prod(sizes) * entry.dtype.itemsize != entry.nbytes
+            ):
                 raise CorruptCheckpointError(
                     f"{shard.where}: {entry.key!r} holds {entry.nbytes} B, metadata says {list(sizes)} {entry.dtype}"
                 )
+            temp = torch.empty(sizes, dtype=entry.dtype)
             if temp_bytes and temp_bytes + entry.nbytes > self._max_temp_bytes:
                 flush()
             temp_bytes += entry.nbytes

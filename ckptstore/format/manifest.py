@@ -149,7 +149,7 @@ class Manifest:
         """
         hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step) on this one"
         try:
-            body = json.loads(data)
+            body = json.loads(data, parse_constant=_not_json)
         except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, 5000-digit ints, deep nesting
             raise CorruptCheckpointError(
                 f"{where}/{MANIFEST_FILE} is not valid JSON ({exc}); {hint}"
@@ -241,6 +241,12 @@ class Manifest:
             reason=reason,
             metrics=metrics,
         )
+
+
+def _not_json(constant: str) -> Any:
+    # Python's json reads NaN and Infinity, which no manifest holds (it is written with
+    # allow_nan=False) and which its checksum could not even be computed over.
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _nonneg_int(value: Any, what: str) -> int:

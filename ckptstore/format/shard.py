@@ -299,7 +299,7 @@ class ShardReader:
             )
         try:
             self.items = _parse_index(index, index_offset)
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, RecursionError) as exc:
             raise CorruptCheckpointError(
                 f"{where}: malformed shard index ({exc}); {hint}"
             ) from None
@@ -393,7 +393,7 @@ def run_all(jobs: list[Callable[[], None]], pool: Executor | None) -> None:
 
 def _parse_index(data: bytes, limit: int) -> list[ItemEntry]:
     body = json.loads(data)
-    if body.get("format") != "ckptstore-shard":
+    if not isinstance(body, dict) or body.get("format") != "ckptstore-shard":
         raise ValueError("not a ckptstore shard index")
     if body.get("version") != INDEX_FORMAT:
         raise IncompatibleCheckpointError(
