@@ -358,3 +358,51 @@ def test_index_sizes_are_checked_before_anything_is_allocated(two_checkpoints, w
         problems = ckpt.verify(2)
     assert len(problems) == 1
     assert "__0_0.distcp" in problems[0]
+
+
+# ---- bit rot: named by verify, and restore falls back past it -------------------------
+
+
+@pytest.mark.parametrize(
+    ("how", "victim"),
+    [
+        ("truncate", "__0_0.distcp"),
+        ("zero tail", "__0_0.distcp"),
+        ("delete", "__0_0.distcp"),
+        ("swap", "__0_0.distcp"),
+        ("flip", ".metadata"),
+        ("delete", ".metadata"),
+    ],
+)
+def test_bit_rot_is_named_by_verify_and_restore_falls_back(root, caplog, how, victim):
+    import logging
+    import shutil
+
+    from test_manager import make_state as train_state
+    from test_manager import train
+
+    with ckptstore.CheckpointManager(root, save=ckptstore.SaveEvery(steps=2)) as mgr:
+        train(mgr, train_state(), 4)
+    path = os.path.join(root, "step_00000004", victim)
+    size = os.path.getsize(path)
+    if how == "truncate":
+        os.truncate(path, size - 100)
+    elif how == "zero tail":
+        with open(path, "r+b") as f:
+            f.seek(max(0, size - 4096))
+            f.write(bytes(min(size, 4096)))
+    elif how == "delete":
+        os.remove(path)
+    elif how == "swap":  # another checkpoint's (intact) shard in its place
+        shutil.copy(os.path.join(root, "step_00000002", victim), path)
+    else:
+        flip_bit(path, 30)
+    with ckptstore.Checkpointer(root) as ckpt:
+        problems = ckpt.verify(4)
+        assert len(problems) == 1 and f"step_00000004/{victim}" in problems[0], problems
+    with (
+        caplog.at_level(logging.WARNING, logger="ckptstore"),
+        ckptstore.CheckpointManager(root) as mgr,
+    ):
+        assert mgr.restore(train_state(seed=5)) == 2
+    assert "skipping step 4" in caplog.text

@@ -296,3 +296,68 @@ def test_two_writers_race_for_one_step_and_the_winner_is_intact(s3_server, s3_bu
     never overwrites or deletes a file the winner's manifest lists."""
     for round_ in range(2 if sync_on is None else 1):
         _race(s3_server, s3_bucket, f"race{round_}", sync_on)
+
+
+# ---- bit rot in committed checkpoints on S3 ---------------------------------------------
+
+
+def _damage(fs, key: str, how: str, other: str | None = None) -> None:
+    data = fs.cat_file(key)
+    if how == "flip":
+        data = data[:100] + bytes([data[100] ^ 0x04]) + data[101:]
+    elif how == "truncate":
+        data = data[:-100]
+    elif how == "zero tail":
+        data = data[:-4096] + bytes(4096)
+    elif how == "swap":
+        assert other is not None
+        data = fs.cat_file(other)
+    if how == "delete":
+        fs.rm_file(key)
+    else:
+        fs.pipe_file(key, data)
+
+
+@pytest.mark.parametrize(
+    ("how", "what"),
+    [
+        ("flip", "shard"),
+        ("swap", "shard"),
+        ("delete", "metadata"),
+        pytest.param("truncate", "shard", marks=pytest.mark.slow),
+        pytest.param("zero tail", "shard", marks=pytest.mark.slow),
+        pytest.param("delete", "shard", marks=pytest.mark.slow),
+        pytest.param("flip", "metadata", marks=pytest.mark.slow),
+    ],
+)
+def test_bit_rot_on_s3_is_named_by_verify_and_restore_falls_back(
+    s3_server, s3_bucket, caplog, how, what
+):
+    url = f"s3://{s3_bucket}/rot"
+    opts = s3_server.options()
+    with CheckpointManager(url, save=SaveEvery(steps=2), storage_options=opts) as mgr:
+        train(mgr, make_state(), 4)
+    fs = s3_server.fs()
+
+    def key_of(step: int) -> str:
+        names = fs.ls(f"{s3_bucket}/rot/step_{step:08d}", detail=False)
+        return next(n for n in names if (".distcp" if what == "shard" else ".metadata") in n)
+
+    victim = key_of(4)
+    _damage(fs, victim, how, key_of(2))
+    with ckptstore.Checkpointer(url, storage_options=opts) as ckpt:
+        problems = ckpt.verify(4)
+        assert len(problems) == 1, problems
+        assert victim.rsplit("/", 1)[1] in problems[0]
+        assert ckpt.verify(2) == []
+        expected = make_state()
+        ckpt.load(expected.state_dict(), 2)
+    restored = make_state(seed=5)
+    with (
+        caplog.at_level(logging.WARNING, logger="ckptstore"),
+        CheckpointManager(url, storage_options=opts) as mgr,
+    ):
+        assert mgr.restore(restored) == 2
+    assert "skipping step 4" in caplog.text
+    for k, v in expected.model.state_dict().items():
+        assert torch.equal(v, restored.model.state_dict()[k]), k
