@@ -636,3 +636,50 @@ def test_the_secret_key_never_reaches_the_local_tier_or_its_logs(
     assert os.path.exists(tmp_path / "b" / "step_00000004" / "manifest.json")
     for text in [caplog.text, *shown, *_files_under(str(tmp_path))]:
         assert SECRET_KEY not in text
+
+
+def test_the_backup_tier_carries_the_signature_and_refuses_forgeries(
+    s3_server, s3_bucket, tmp_path, caplog
+):
+    """Signed checkpoints are uploaded signature and all; a fresh machine with the key
+    restores from the backup, skipping a forged newer checkpoint planted there."""
+    from test_manager import make_state as train_state
+    from test_manager import train
+
+    from ckptstore.backup import fetch
+
+    opts = s3_server.options()
+    url = f"s3://{s3_bucket}/signed"
+    with CheckpointManager(
+        tmp_path / "a", save=SaveEvery(steps=2), backup=url, backup_options=opts, manifest_key=KEY
+    ) as mgr:
+        train(mgr, train_state(), 4)
+        assert mgr.wait_backup(timeout_s=60) == []
+    remote = open_backend(url, storage_options=opts)
+    assert "hmac" in json.loads(remote.read_bytes("step_00000004/manifest.json"))
+    # The attacker copies step 4 to step 6 on the remote, rewriting its manifest (step,
+    # checksum) consistently; the HMAC cannot follow.
+    fs = s3_server.fs()
+    for key in fs.ls(f"{s3_bucket}/signed/step_00000004", detail=False):
+        name = key.rsplit("/", 1)[1]
+        data = fs.cat_file(key)
+        if name == "manifest.json":
+            body = json.loads(data)
+            body.pop("checksum")
+            body["step"] = 6
+            body["checksum"] = "xxh3-64:" + digest(_canonical(body))
+            data = json.dumps(body).encode()
+        fs.pipe_file(f"{s3_bucket}/signed/step_00000006/{name}", data)
+    local = open_backend(tmp_path / "c")
+    with pytest.raises(ckptstore.UnsafeCheckpointError):
+        fetch(remote, local, "step_00000006", manifest_key=KEY, show_progress=False)
+    assert local.list_names() == []
+    with (
+        caplog.at_level(logging.INFO, logger="ckptstore"),
+        CheckpointManager(tmp_path / "b", backup=url, backup_options=opts, manifest_key=KEY) as mgr,
+    ):
+        assert mgr.restore(train_state()) == 4
+    assert not os.path.exists(tmp_path / "b" / "step_00000006")
+    # Without the key, the forgery is what a fresh machine would restore.
+    with CheckpointManager(tmp_path / "d", backup=url, backup_options=opts) as mgr:
+        assert mgr.restore(train_state()) == 6
