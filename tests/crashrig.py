@@ -14,7 +14,8 @@ Jobs (run in the child):
 * ``loop``: save checkpoints ``1..steps`` of :func:`make_state` in a loop, with a
   :class:`~ckptstore.Checkpointer` or a :class:`~ckptstore.CheckpointManager` (with
   ``KeepLast(keep)``); the first ``baseline`` steps are saved before the crash point
-  ``crash_at`` is armed. Progress lines (``saving N``, ``committed N``) go to
+  ``crash_at`` is armed. With ``resume``, it continues after the newest checkpoint
+  already under the root instead (a run restarted after a crash). Progress lines (``saving N``, ``committed N``) go to
   ``progress``, written before and after each save, so the parent knows what may exist
   and what was durable when the child died.
 * ``check``: :func:`invariants.check_here`, the report written to ``out`` as JSON.
@@ -124,7 +125,12 @@ def run_loop(job: dict[str, Any]) -> None:
                 ckpt.save(make_state(step, numel), step)
                 note("committed", step)
     _arm(job.get("crash_at"))
-    steps = range(baseline + 1, job["steps"] + 1)
+    first = baseline + 1
+    if job.get("resume"):
+        with ckptstore.Checkpointer(root, **config) as ckpt:
+            latest = ckpt.latest()
+        first = (latest.step or 0) + 1 if latest is not None else 1
+    steps = range(first, first + job["steps"] - baseline)
     if job["mode"] == "checkpointer":
         with ckptstore.Checkpointer(root, max_inflight=job.get("inflight", 1), **config) as ckpt:
             pending: list[Any] = []
@@ -162,6 +168,7 @@ def run_check(job: dict[str, Any]) -> None:
                 expected={int(k): v for k, v in req["expected"].items()},
                 newest=req["newest"],
                 storage_options=req.get("storage_options"),
+                gc=req.get("gc", True),
             )
         except Exception as exc:
             report = {"root": req["root_url"], "problems": [f"check raised {exc!r}"]}
@@ -295,6 +302,7 @@ class ForkServer:
         newest: int | None,
         workdir: str,
         storage_options: dict[str, Any] | None = None,
+        gc: bool = True,
         timeout_s: float = 120.0,
     ) -> dict[str, Any]:
         """:func:`invariants.check_here` in a freshly forked child; the report (its
@@ -304,6 +312,7 @@ class ForkServer:
             "expected": expected,
             "newest": newest,
             "storage_options": storage_options,
+            "gc": gc,
         }
         return self.check_many([request], workdir=workdir, timeout_s=timeout_s)[0]
 

@@ -151,7 +151,13 @@ def check_here(
         problems.append(f"latest names {latest!r}, which is not a committed checkpoint")
 
     # 3. Nothing temporary under a final name; gc leaves nothing behind.
+    temp_listed = [n for n in listed if n.startswith((TEMP_PREFIX, POINTER_TEMP_PREFIX))]
+    if temp_listed:
+        problems.append(f"temporary names listed as committed checkpoints: {temp_listed}")
     report["temp_before_gc"] = [n for n in names if n not in listed and n not in POINTER_FILES]
+    open_uploads = getattr(backend, "open_uploads", None)
+    if open_uploads is not None:
+        report["open_uploads_before_gc"] = [u["Key"] for u in open_uploads()]
     if gc:
         if isinstance(backend, LocalBackend):
             old = time.time() - 3600
@@ -172,7 +178,6 @@ def check_here(
         gone = sorted(set(listed) - set(after))
         if gone:
             problems.append(f"gc removed committed checkpoints: {gone}")
-        open_uploads = getattr(backend, "open_uploads", None)
         if open_uploads is not None:
             uploads = [u["Key"] for u in open_uploads()]
             report["open_uploads_after_gc"] = uploads

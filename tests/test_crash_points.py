@@ -252,39 +252,56 @@ print("NOT KILLED")
 
 # ---- random kills -------------------------------------------------------------------------
 def _random_trials(
-    server: ForkServer, tmp_root: str, trials: int, seed0: int, s3: dict[str, Any] | None = None
+    server: ForkServer,
+    tmp_root: str,
+    trials: int,
+    seed0: int,
+    s3: dict[str, Any] | None = None,
+    chain: int = 2,
 ) -> dict[str, Any]:
-    """``trials`` saving processes, each killed at a moment drawn from its seed."""
+    """``trials`` saving processes, each killed at a moment drawn from its seed.
+
+    Trials come in chains of ``chain`` on one root: each process after the first
+    resumes after the newest checkpoint there, among the previous one's leftovers (a
+    run restarted after a crash). Every kill is checked; gc only at a chain's end.
+    """
     counts: dict[str, Any] = {
         "trials": 0,
         "kills": 0,
         "finished_before_kill": 0,
-        "mid_operation": 0,
+        "left_debris": 0,
+        "left_open_upload": 0,
         "failures": [],
         "hangs": 0,
     }
+    job: dict[str, Any] = {}
+    debris: set[str] = set()
     for seed in range(seed0, seed0 + trials):
         rng = random.Random(seed)
-        tmp = os.path.join(tmp_root, f"seed{seed}")
-        manager = seed % 2 == 1
+        link = (seed - seed0) % chain
+        manager = (seed - seed0) // chain % 2 == 1
+        tmp = os.path.join(tmp_root, f"chain{(seed - seed0) // chain}")
         kw: dict[str, Any] = {
             "mode": "manager" if manager else "checkpointer",
             "keep": 2 if manager else 0,
             "inflight": 1 if manager else 2,
+            "codec": rng.choice(["none", "zstd"]),
             "baseline": 0,
             "steps": 400,
+            "resume": True,
         }
-        if s3 is not None:
-            job = _job(
-                tmp,
-                f"s3://{s3['server'].new_bucket()}/run",
-                storage_options=s3["server"].options(),
-                **kw,
-            )
-        else:
-            job = _job(tmp, os.path.join(tmp, "root"), **kw)
-        # Checkpoints committed before the kill window opens.
-        wait_for = rng.randint(0, 2 if s3 else 3)
+        if link == 0:
+            debris = set()
+            if s3 is not None:
+                bucket = s3["server"].new_bucket()
+                job = _job(tmp, f"s3://{bucket}/run", storage_options=s3["server"].options())
+                if (seed - seed0) // chain % 3 == 2:
+                    job["numel"] = MULTIPART  # killed mid-multipart upload, often
+            else:
+                job = _job(tmp, os.path.join(tmp, "root"))
+        job.update(kw)
+        # Checkpoints this process commits before the kill window opens.
+        wait_for = read_progress(job["progress"])[1] + rng.randint(0, 2 if s3 else 3)
         delay = rng.uniform(0.0, 0.6 if s3 else 0.25)
         pid = server.fork(job)
         deadline = time.monotonic() + CHILD_TIMEOUT_S
@@ -301,10 +318,20 @@ def _random_trials(
             counts["finished_before_kill"] += 1
             if code != 0:
                 counts["failures"].append(f"seed {seed}: exit {code}: {_log(job)}")
-        report = _check_after(server, job, tmp)
-        counts["mid_operation"] += bool(report.get("temp_before_gc"))
+        last = link == chain - 1 or seed == seed0 + trials - 1
+        report = _check_after(server, job, tmp, gc=last)
+        # What this kill left behind (earlier links' leftovers stay until gc).
+        new_debris = set(report.get("temp_before_gc", [])) - debris
+        debris |= new_debris
+        counts["left_debris"] += bool(new_debris)
+        new_uploads = set(report.get("open_uploads_before_gc", [])) - debris
+        debris |= new_uploads
+        counts["left_open_upload"] += bool(new_uploads)
         if report["problems"]:
-            counts["failures"].append(f"seed {seed} ({kw['mode']}): {report['problems']}")
+            counts["failures"].append(
+                f"seed {seed} ({kw['mode']}, {kw['codec']}, chain link {link}): "
+                f"{report['problems']}"
+            )
     return counts
 
 
@@ -339,7 +366,7 @@ def test_random_kills_s3(forkserver, s3_server, tmp_path):
 @pytest.mark.slow
 def test_random_kills_local_stress(forkserver, tmp_path):
     trials = int(os.environ.get("CKPTSTORE_CRASH_TRIALS", "300"))
-    counts = _random_trials(forkserver, str(tmp_path), trials=trials, seed0=1000)
+    counts = _random_trials(forkserver, str(tmp_path), trials=trials, seed0=1000, chain=3)
     _report("random kills, local (stress)", counts)
     _assert_clean(counts)
 
