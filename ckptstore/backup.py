@@ -662,7 +662,7 @@ class Replicator:
                     self.remote.put_atomic(small, self.local.read_bytes(small))
             if newer:
                 self.remote.put_atomic(LATEST_FILE, f"{name}\n".encode())
-            prune(self.remote, self.keep, spare=self.busy())
+            prune(self.remote, self.keep, spare=self.busy(), manifest_key=self._manifest_key)
         except CkptStoreError as exc:
             log.warning("backup: housekeeping on %s failed: %s", self.remote.url, exc)
         if self._on_backed_up is not None:

@@ -438,7 +438,9 @@ class CheckpointManager:
             return
         try:
             spare = self._backup.busy() if self._backup is not None else set()
-            retention.prune(self._ckpt.backend, self.keep_policy, spare=spare)
+            retention.prune(
+                self._ckpt.backend, self.keep_policy, spare=spare, manifest_key=self._manifest_key
+            )
         except CkptStoreError as exc:  # storage trouble must not fail the save it follows
             log.warning("retention under %s failed: %s", self._ckpt.url, exc)
 

@@ -52,13 +52,21 @@ def records(backend: StorageBackend, infos: Iterable[Any]) -> list[CheckpointRec
 
 
 def prune(
-    backend: StorageBackend, policy: RetentionPolicy | None, *, spare: Iterable[str] = ()
+    backend: StorageBackend,
+    policy: RetentionPolicy | None,
+    *,
+    spare: Iterable[str] = (),
+    manifest_key: bytes | None = None,
 ) -> list[str]:
     """Apply ``policy`` to the committed checkpoints under ``backend``; return what was
-    deleted. Never deletes the newest, the one ``latest`` names, or any in ``spare``."""
+    deleted. Never deletes the newest, the one ``latest`` names, or any in ``spare``.
+
+    With a ``manifest_key`` only validly signed checkpoints count (and are deleted): a
+    forged "newer" checkpoint must not push real ones out.
+    """
     if policy is None:
         return []
-    infos = list_checkpoints(backend)
+    infos = list_checkpoints(backend, manifest_key=manifest_key)
     if not infos:
         return []
     keep = set(policy.keep(records(backend, infos)))

@@ -683,3 +683,28 @@ def test_the_backup_tier_carries_the_signature_and_refuses_forgeries(
     # Without the key, the forgery is what a fresh machine would restore.
     with CheckpointManager(tmp_path / "d", backup=url, backup_options=opts) as mgr:
         assert mgr.restore(train_state()) == 6
+
+
+def test_forged_newer_checkpoints_do_not_make_retention_delete_real_ones(root):
+    """KeepLast(2) with a key: forgeries planted as steps 10 and 12 are invisible, so
+    they neither count as "the last two" nor shield the newest real checkpoint."""
+    from test_manager import make_state as train_state
+    from test_manager import train
+
+    from ckptstore import KeepLast
+
+    state = train_state()
+    with CheckpointManager(
+        root, save=SaveEvery(steps=2), keep=KeepLast(2), manifest_key=KEY
+    ) as mgr:
+        train(mgr, state, 4)
+    for step in (10, 12):
+        forged = os.path.join(root, f"step_{step:08d}")
+        shutil.copytree(os.path.join(root, "step_00000004"), forged)
+        forge_manifest(forged, lambda b, s=step: (b.pop("hmac"), b.update(step=s)))
+    with CheckpointManager(
+        root, save=SaveEvery(steps=2), keep=KeepLast(2), manifest_key=KEY
+    ) as mgr:
+        train(mgr, state, 2, start=4)  # saves step 6, then prunes
+        assert [c.step for c in mgr.list()] == [4, 6]
+    assert os.path.exists(os.path.join(root, "step_00000006", "manifest.json"))
