@@ -361,3 +361,26 @@ def test_bit_rot_on_s3_is_named_by_verify_and_restore_falls_back(
     assert "skipping step 4" in caplog.text
     for k, v in expected.model.state_dict().items():
         assert torch.equal(v, restored.model.state_dict()[k]), k
+
+
+def test_a_dead_writers_leftovers_at_the_same_step_do_not_block_the_next_save(s3_server, s3_bucket):
+    """A writer killed before its manifest leaves objects under the step's prefix; the
+    next save of that step (a resumed run) writes its own, commits, and lists only them."""
+    fs = s3_server.fs()
+    for name in (
+        "__0_0.distcp",
+        ".metadata",
+        "__0_0-0123456789ab.distcp",
+        ".metadata-0123456789ab",
+    ):
+        fs.pipe_file(f"{s3_bucket}/dead/step_00000003/{name}", b"from a writer that died")
+    with ckptstore.Checkpointer(direct(s3_server, s3_bucket, "dead"), codec="zstd") as ckpt:
+        ckpt.save(_big_state(3, mib=1), 3)
+        assert ckpt.verify(3) == []
+        manifest = ckpt.latest().manifest
+        target = _blank_big(1)
+        ckpt.load(target, 3)
+    assert torch.equal(target["w"], _big_state(3, mib=1)["w"])
+    assert not any(
+        "0123456789ab" in f or f in ("__0_0.distcp", ".metadata") for f in manifest.files
+    )
