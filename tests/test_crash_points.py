@@ -295,17 +295,25 @@ def _random_trials(
             if s3 is not None:
                 bucket = s3["server"].new_bucket()
                 job = _job(tmp, f"s3://{bucket}/run", storage_options=s3["server"].options())
-                if (seed - seed0) // chain % 3 == 2:
-                    job["numel"] = MULTIPART  # killed mid-multipart upload, often
+                if manager and (seed - seed0) // chain % 4 == 3:
+                    # Killed mid-multipart upload, often. With retention: few to verify.
+                    job["numel"] = MULTIPART
             else:
                 job = _job(tmp, os.path.join(tmp, "root"))
         job.update(kw)
-        # Checkpoints this process commits before the kill window opens.
-        wait_for = read_progress(job["progress"])[1] + rng.randint(0, 2 if s3 else 3)
-        delay = rng.uniform(0.0, 0.6 if s3 else 0.25)
+        # Local disk: the window opens after this process committed 0-3 checkpoints and
+        # spans a few saves. S3 saves take longer and vary more: the window opens when a
+        # chosen save starts and spans about one save.
+        progress = read_progress(job["progress"])
+        if s3 is None:
+            wait_for, index = progress[1] + rng.randint(0, 3), 1
+            delay = rng.uniform(0.0, 0.25)
+        else:
+            wait_for, index = progress[0] + rng.randint(1, 3), 0
+            delay = rng.uniform(0.0, 0.3 if job["numel"] == MULTIPART else 0.1)
         pid = server.fork(job)
         deadline = time.monotonic() + CHILD_TIMEOUT_S
-        while read_progress(job["progress"])[1] < wait_for and time.monotonic() < deadline:
+        while read_progress(job["progress"])[index] < wait_for and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
