@@ -408,3 +408,83 @@ def test_a_rename_that_raised_without_taking_effect_fails_the_save(root, faults)
         assert info.value.errno == errno.ENOENT
         assert [c.label for c in faults.fired] == ["renameat2(<tmp>)"]
         check_root(root, [1], ckpt)
+
+
+# ---- with CheckpointManager: the pointer and retention ----------------------------------
+
+
+def test_every_os_call_of_a_managed_save_failing_once(root, faults):
+    """With CheckpointManager a save also moves ``latest`` and prunes (KeepLast(2)),
+    on the housekeeping thread after the commit. A failure there must not fail the
+    committed save (it is logged) nor leave ``latest`` naming a missing checkpoint; the
+    next save catches up. A failure before the commit fails the save as above."""
+    faults.install()
+    with ckptstore.CheckpointManager(root, keep=ckptstore.KeepLast(2), codec="none") as mgr:
+        ckpt = mgr.checkpointer
+        assert ckpt is not None
+        for s in (1, 2):
+            mgr.save(s - 1, make_state(s))
+        mgr.wait()
+        faults.reset()
+        mgr.save(2, make_state(3))  # commits step 3, points latest at it, deletes step 1
+        mgr.wait()
+        trace = list(faults.calls)
+        labels = [c.label for c in trace]
+        housekeeping = [c for c in trace if c.thread.startswith("ckptstore-housekeeping")]
+        assert {"replace(<pointer-tmp latest>)", "rename(<step>)"} <= {
+            c.label for c in housekeeping
+        }, labels
+        kept = [2, 3]
+        check_managed(root, kept, ckpt)
+        for call in trace:
+            step = 100 + 2 * call.n  # then step + 1: steps grow, as retention expects
+            faults.reset()
+            faults.fail_at = call.n
+            pending = mgr.save(step - 1, make_state(step))
+            assert pending is not None
+            try:
+                pending.wait(timeout=TIMEOUT_S)
+                err = None
+            except Exception as exc:
+                err = exc
+            mgr.wait()  # housekeeping done; its failures are only logged
+            assert [c.label for c in faults.fired] == [call.label], (call, faults.fired)
+            faults.reset()
+            if call in housekeeping or call.label.startswith(TOLERATED):
+                assert err is None, f"{call.label} failing failed the save: {err!r}"
+                kept = [*kept, step]
+            else:
+                assert isinstance(err, ckptstore.StorageError), f"{call.label}: {err!r}"
+                assert err.errno == errno.EIO
+            listed = [i.step for i in ckpt.list()]
+            assert set(listed) >= set(kept[-2:]), (call.label, listed, kept)
+            latest = read_latest(root)
+            assert latest is None or latest in [checkpoint_name(s) for s in listed], latest
+            # The next save succeeds and retention catches up.
+            nxt = step + 1
+            mgr.save(nxt - 1, make_state(nxt))
+            mgr.wait()
+            kept = [*kept, nxt][-2:]
+            check_managed(root, kept, ckpt)
+        final = kept
+    check_in_fresh_process(root, final)
+    print(
+        f"managed save: {len(trace)} OS calls failed in turn, {len(housekeeping)} in housekeeping"
+    )
+
+
+def read_latest(root: str) -> str | None:
+    try:
+        with open(os.path.join(root, "latest")) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def check_managed(root: str, kept: list[int], ckpt: ckptstore.Checkpointer) -> None:
+    """Exactly ``kept`` listed, ``latest`` names the newest; temps only from a delete
+    whose root fsync failed (removed by the next sweep)."""
+    assert [i.step for i in ckpt.list()] == kept
+    assert read_latest(root) == checkpoint_name(kept[-1])
+    temps = [n for n in os.listdir(root) if n.startswith((TEMP_PREFIX, POINTER_TEMP_PREFIX))]
+    assert all(n.startswith(f"{TEMP_PREFIX}deleted-") for n in temps), temps
