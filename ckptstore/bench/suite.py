@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"ckptstore bench: {exc}", file=sys.stderr)
         return USAGE
+    except KeyboardInterrupt:
+        print("\nckptstore bench: interrupted; its checkpoints were removed, no results written",
+              file=sys.stderr)  # fmt: skip
+        return 130
 
 
 class BenchError(Exception):
