@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -39,16 +40,23 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     base = tmp_path_factory.mktemp("mnt")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     child = os.path.join(REPO, "tests", "disk_full_child.py")
-    proc = subprocess.run(
+    # A session of its own: on a timeout the child and its checker go together.
+    proc = subprocess.Popen(
         ["unshare", "-rm", sys.executable, child, str(base), *SCENARIOS],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=300,
-        check=False,
+        start_new_session=True,
     )
-    lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the disk-full scenarios hung for 300 s")
+    lines = stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines, stdout[-3000:] + stderr[-3000:]
     out: dict[str, Any] = json.loads(lines[-1])
     # The mounts lived in the child's namespace only: nothing is left mounted here.
     assert not os.listdir(os.path.join(base, "shard")), "the tmpfs leaked out of the namespace"
