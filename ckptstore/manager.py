@@ -144,6 +144,9 @@ class CheckpointManager:
     ``best_metric``/``best_mode`` name what "best" means (default: the metric of a
     ``KeepBest`` in ``keep``). Other keyword arguments configure the
     :class:`~ckptstore.Checkpointer` (``codec``, ``max_inflight``, ``threads``, ...).
+    ``manifest_key`` (bytes) signs every manifest and is required of every checkpoint
+    restored, listed, pruned or backed up, here and on the backup tier (see
+    :class:`~ckptstore.checkpointer.CheckpointerConfig`).
     Every rank constructs the manager (it creates process groups: a collective).
     """
 
