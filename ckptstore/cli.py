@@ -52,6 +52,7 @@ examples:
 
 ckptstore COMMAND --help shows each command's options and examples."""
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors that say where to look next."""
 
