@@ -54,24 +54,23 @@ TOLERATED = ("fcntl(", "close(<step>/.lock)")
 CAN_BE_FULL = ("open(", "write(", "ftruncate(", "fdatasync(", "fsync(", "mkdir(", "makedirs(")
 CAN_BE_FULL += ("rename(", "renameat2(", "flock(")
 
-STATE_CODE = """
-import torch
-def make_state(seed):
+
+def make_state(seed: int, extra: int = 0) -> dict[str, Any]:
+    """The state saved as ``step_{seed}``; ``extra`` floats more make it large."""
     g = torch.Generator().manual_seed(seed)
-    return {
-        "w": torch.randn(300_000, generator=g),       # 1.2 MB: page-aligned, O_DIRECT
+    state: dict[str, Any] = {
+        "w": torch.randn(300_000, generator=g),  # 1.2 MB: page-aligned, O_DIRECT
         "odd": torch.randn(1001, generator=g).half(),  # unaligned tail
         "i": torch.randint(0, 1 << 40, (77,), generator=g),
         "meta": {"seed": seed, "name": "run-" + str(seed)},
     }
-"""
-_ns: dict[str, Any] = {}
-exec(STATE_CODE, _ns)
-make_state: Callable[[int], dict[str, Any]] = _ns["make_state"]
+    if extra:
+        state["big"] = torch.randn(extra, generator=g)
+    return state
 
 
-def blank() -> dict[str, Any]:
-    s = make_state(0)
+def blank(extra: int = 0) -> dict[str, Any]:
+    s = make_state(0, extra)
     return {
         k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else {"seed": 0, "name": ""})
         for k, v in s.items()
@@ -102,23 +101,23 @@ def check_root(root: str, committed: list[int], ckpt: ckptstore.Checkpointer) ->
     assert [i.step for i in ckpt.list()] == committed
 
 
-def load_step(ckpt: ckptstore.Checkpointer, step: int) -> None:
-    target = blank()
+def load_step(ckpt: ckptstore.Checkpointer, step: int, extra: int = 0) -> None:
+    target = blank(extra)
     ckpt.load(target, step)
-    assert_same(make_state(step), target, f"step {step}")
+    assert_same(make_state(step, extra), target, f"step {step}")
 
 
-def check_in_fresh_process(root: str, steps: list[int]) -> None:
+def check_in_fresh_process(root: str, steps: list[int], extra: int = 0) -> None:
     """A new interpreter lists exactly ``steps``; each verifies and restores bit-exact."""
-    expected = {s: digest_state(make_state(s)) for s in steps}
+    expected = {s: digest_state(make_state(s, extra)) for s in steps}
     check_invariants(root, expected=expected, newest=max(steps))
 
 
 def save_and_surface(
-    ckpt: ckptstore.Checkpointer, step: int, *, via_next_call: bool
+    ckpt: ckptstore.Checkpointer, step: int, *, via_next_call: bool, extra: int = 0
 ) -> BaseException | None:
     """Save ``step``; return its error as the caller sees it, by wait() or the next call."""
-    pending = ckpt.save_async(make_state(step), step)
+    pending = ckpt.save_async(make_state(step, extra), step)
     if not via_next_call:
         try:
             pending.wait(timeout=TIMEOUT_S)
@@ -151,6 +150,12 @@ CONFIGS = {
     # Buffered writes of compressed chunks; a kernel without renameat2 (os.rename).
     "buffered-zstd-rename": {"direct_io": False, "codec": "zstd", "renameat2": False},
 }
+SLOW_CONFIGS = {
+    # Compressed chunks through the O_DIRECT bounce buffer, more than it holds (8 MiB).
+    "direct-zstd-big": {"direct_io": True, "codec": "zstd", "renameat2": True, "extra": 3 << 20},
+    # Buffered raw writes, renameat2.
+    "buffered-raw-renameat2": {"direct_io": False, "codec": "none", "renameat2": True},
+}
 
 
 def sweep(
@@ -165,13 +170,14 @@ def sweep(
     backend = LocalBackend(root, direct_io=config["direct_io"])
     ckpt = ckptstore.Checkpointer(backend, codec=config["codec"], chunk_bytes=256 * 1024)
     swept: list[str] = []
+    extra = config.get("extra", 0)
     try:
-        ckpt.save(make_state(1), 1)
+        ckpt.save(make_state(1, extra), 1)
         faults.reset()
-        ckpt.save(make_state(2), 2)
+        ckpt.save(make_state(2, extra), 2)
         trace = list(faults.calls)
         faults.reset()
-        ckpt.save(make_state(3), 3)
+        ckpt.save(make_state(3, extra), 3)
         assert faults.labels() == [c.label for c in trace], "two saves made different calls"
         names = {c.name for c in trace}
         rename = "renameat2" if config["renameat2"] else "rename"
@@ -186,7 +192,7 @@ def sweep(
             faults.reset()
             faults.fail_at = call.n
             faults.code = code
-            err = save_and_surface(ckpt, step, via_next_call=call.n % 2 == 0)
+            err = save_and_surface(ckpt, step, via_next_call=call.n % 2 == 0, extra=extra)
             assert [c.label for c in faults.fired] == [call.label], (
                 f"call {call.n} ({call.label}) was to fail; failed: {faults.fired}"
             )
@@ -212,21 +218,21 @@ def sweep(
                 assert not again, f"{call.label} failed and was retried: {again}"
             check_root(root, committed, ckpt)
             # The same step, right after: nothing of the failed attempt stands in the way.
-            ckpt.save(make_state(step), step)
-            load_step(ckpt, step)
+            ckpt.save(make_state(step, extra), step)
+            load_step(ckpt, step, extra)
             ckpt.backend.delete(checkpoint_name(step))
             check_root(root, committed, ckpt)
-        load_step(ckpt, 1)
+        load_step(ckpt, 1, extra)
         assert open_fds() == fds, "file descriptors leaked by failed saves"
         assert threading.active_count() == threads
-        ckpt.save(make_state(4), 4)
+        ckpt.save(make_state(4, extra), 4)
         committed.append(4)
     finally:
         faults.uninstall()
         ckpt.close()
     with ckptstore.Checkpointer(root) as fresh:
         check_root(root, committed, fresh)
-    check_in_fresh_process(root, committed)
+    check_in_fresh_process(root, committed, extra)
     return swept
 
 
@@ -235,6 +241,16 @@ def test_every_os_call_failing_once_with_eio(root, faults, config):
     swept = sweep(root, faults, CONFIGS[config], errno.EIO, lambda call: True)
     assert len(swept) >= 30, swept
     print(f"{config}: {len(swept)} OS calls failed in turn with EIO")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", list(SLOW_CONFIGS))
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOSPC], ids=["EIO", "ENOSPC"])
+def test_every_os_call_failing_once_more_configurations(root, faults, config, code):
+    cfg = SLOW_CONFIGS[config]
+    which = (lambda c: True) if code == errno.EIO else (lambda c: c.label.startswith(CAN_BE_FULL))
+    swept = sweep(root, faults, cfg, code, which)
+    print(f"{config}: {len(swept)} OS calls failed in turn with {errno.errorcode[code]}")
 
 
 def test_every_os_call_that_can_run_out_of_space_failing_with_enospc(root, faults):
