@@ -22,7 +22,8 @@ spin), and a rename that took effect but raised. For that last one ckptstore che
 what the rename did: if its temp directory is gone and the final name holds this very
 manifest, the checkpoint is committed, and the save goes on to fsync the root and
 reports success (one rule: a save reports success exactly when its checkpoint is
-listed and durable).
+listed and durable). The one case where a failed save stays listed is a root fsync
+error whose undo (renaming back) fails too: the error then says so in words.
 """
 
 from __future__ import annotations
@@ -504,3 +505,27 @@ def check_managed(root: str, kept: list[int], ckpt: ckptstore.Checkpointer) -> N
     assert read_latest(root) == checkpoint_name(kept[-1])
     temps = [n for n in os.listdir(root) if n.startswith((TEMP_PREFIX, POINTER_TEMP_PREFIX))]
     assert all(n.startswith(f"{TEMP_PREFIX}deleted-") for n in temps), temps
+
+
+def test_root_fsync_error_whose_undo_also_fails_says_the_checkpoint_is_listed(root, faults):
+    """The root's fsync fails after the rename, and renaming back fails too: the
+    checkpoint is complete and listed but its name may not survive a power loss. The
+    save fails, and its message says exactly that (listed, not durable, save again
+    under a new step); what is listed verifies and loads bit-exact."""
+    faults.install()
+    with ckptstore.Checkpointer(LocalBackend(root)) as ckpt:
+        ckpt.save(make_state(1), 1)
+        faults.reset()
+        faults.fail_if = lambda call: call.label in ("fsync(<root>)", "rename(<step>)")
+        faults.times = 2
+        with pytest.raises(ckptstore.StorageError, match="listed but may not survive") as info:
+            ckpt.save_async(make_state(2), 2).wait(timeout=TIMEOUT_S)
+        assert info.value.errno == errno.EIO
+        assert "save again under a new step" in str(info.value)
+        assert [c.label for c in faults.fired] == ["fsync(<root>)", "rename(<step>)"]
+        faults.reset()
+        check_root(root, [1, 2], ckpt)
+        assert ckpt.verify(2) == []
+        load_step(ckpt, 2)
+        ckpt.save(make_state(3), 3)
+        check_root(root, [1, 2, 3], ckpt)
