@@ -529,3 +529,26 @@ def test_root_fsync_error_whose_undo_also_fails_says_the_checkpoint_is_listed(ro
         load_step(ckpt, 2)
         ckpt.save(make_state(3), 3)
         check_root(root, [1, 2, 3], ckpt)
+
+
+@pytest.mark.parametrize("which", [0, -1], ids=["first", "last"])
+def test_o_direct_refused_mid_file_falls_back_to_buffered_writes(root, faults, which):
+    """A file system may refuse an O_DIRECT write with EINVAL (alignment rules it has
+    and we did not expect): the same bytes are written buffered, the save succeeds."""
+    faults.install()
+    with ckptstore.Checkpointer(LocalBackend(root), codec="none") as ckpt:
+        faults.reset()
+        ckpt.save(make_state(1), 1)
+        writes = [c for c in faults.calls if c.label == "write(<tmp>/__0_0.distcp)"]
+        assert len(writes) >= 2, faults.labels()
+        faults.reset()
+        faults.fail_at = writes[which].n
+        faults.code = errno.EINVAL
+        ckpt.save(make_state(2), 2)
+        assert [c.label for c in faults.fired] == ["write(<tmp>/__0_0.distcp)"]
+        # Retried without O_DIRECT: the same write call again, right after the flag change.
+        after = [c.label for c in faults.calls[faults.fired[0].n :]][:3]
+        assert after[:2] == ["fcntl(<tmp>/__0_0.distcp)"] * 2, after
+        assert after[2] == "write(<tmp>/__0_0.distcp)", after
+        assert ckpt.verify(2) == []
+        load_step(ckpt, 2)
