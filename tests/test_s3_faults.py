@@ -125,7 +125,10 @@ def test_unreachable_remote_never_stops_local_saves(s3_server, s3_bucket, proxy,
     ) as mgr:
         assert "cannot reach" in caplog.text or "did not answer" in caplog.text
         train(mgr, state, 6)
-        assert [c.step for c in mgr.list()] == [4, 6]  # local saves went on
+        # Local saves went on. Retention spares a checkpoint still waiting for its upload,
+        # so step 2 is there or not depending on where the retries stood when it ran.
+        steps = [c.step for c in mgr.list()]
+        assert steps[-2:] == [4, 6] and set(steps) <= {2, 4, 6}, steps
         wait_for(lambda: mgr.backup_status().failures >= 1, what="a failed upload")
         status = mgr.backup_status()
         assert status.newest_backed_up is None and status.last_error
