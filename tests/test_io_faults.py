@@ -265,6 +265,7 @@ def test_every_os_call_that_can_run_out_of_space_failing_with_enospc(root, fault
     swept = sweep(root, faults, config, errno.ENOSPC, lambda c: c.label.startswith(CAN_BE_FULL))
     assert {"write(<tmp>/__0_0.distcp)", "fdatasync(<tmp>/manifest.json)"} <= set(swept)
     assert len(swept) >= 15, swept
+    print(f"direct-raw-renameat2: {len(swept)} OS calls failed in turn with ENOSPC")
 
 
 # ---- short writes ---------------------------------------------------------------------
