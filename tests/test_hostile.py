@@ -193,7 +193,11 @@ def test_manifests_not_signed_with_the_key_are_refused(root, how):
         ckpt_dir = save_two(root)
         assert "hmac" not in read_body(ckpt_dir)
     elif how == "hmac edited":
-        forge_manifest(ckpt_dir, lambda b: b.update(hmac=b["hmac"][:-1] + "0"))
+        # Change the last hex digit (to one it is not: a no-op edit would be 1 run in 16).
+        forge_manifest(
+            ckpt_dir,
+            lambda b: b.update(hmac=b["hmac"][:-1] + ("1" if b["hmac"][-1] == "0" else "0")),
+        )
     elif how == "hmac of other body":
         # A valid signature, but of another manifest (step 1's), spliced in.
         other = read_body(os.path.join(root, "step_00000001"))["hmac"]
