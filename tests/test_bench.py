@@ -53,6 +53,7 @@ def _check_comparison(cmp_: dict, state_bytes: int) -> None:
             assert key in s, (name, key)
         assert _finite_positive(s["stall_s"]), (name, s["stall_s"])
         assert s["staged_s"]["median"] >= s["stall_s"]["median"]
+        assert s["kept_mb"]["median"] >= 0 and s["peak_rss_mb"]["median"] >= 0
         if name == "copy_prealloc":
             assert math.isnan(s["durable_s"]["median"])
             continue

@@ -14,7 +14,9 @@ drift in the machine hits all alike, after one warm-up save each that is not cou
 Per contender: the training-loop stall (how long the call blocks), when the state may be
 changed again, the time until durable (fsynced, or acknowledged by the object store),
 bytes stored and the ratio raw/stored, load time with a cold and a warm page cache,
-peak resident memory above the live state, and CPU core-seconds per GB of state.
+peak resident memory during a save above what was resident before it ("peak RSS"),
+memory its first save left allocated for the next ones ("kept": staging buffers), and
+CPU core-seconds per GB of state.
 Medians with min and max. Results: a JSON file per run (with the machine), a markdown
 table (printed and saved), and PNG plots, all in ``--out``.
 
@@ -46,6 +48,7 @@ from ckptstore.bench.common import (
     gpt_config_for,
     machine_info,
     measure,
+    rss_bytes,
     state_bytes,
     summarize,
     write_json,
@@ -338,6 +341,7 @@ def compare(
     saves: dict[str, list[dict[str, float]]] = {c.name: [] for c in active}
     loads: dict[str, list[dict[str, float]]] = {}
     last: dict[str, str] = {}
+    kept: dict[str, float] = {}
     total = (runs + 1) * len(active)
     done = 0
 
@@ -354,6 +358,7 @@ def compare(
                 print(f"  [{done}/{total}] {label} {c.name} ...", end="", flush=True)
                 if c.name in last:  # at most one copy per contender on disk
                     target.remove(last.pop(c.name))
+                before = rss_bytes()
                 try:
                     res, path = _one_save(c, r, target, nbytes)
                 except Exception as exc:
@@ -363,6 +368,9 @@ def compare(
                     last[c.name] = path
                 if r >= 0:
                     saves[c.name].append(res)
+                else:  # what the first save leaves allocated: buffers kept between saves
+                    gc.collect()
+                    kept[c.name] = max(0, rss_bytes() - before) / 1e6
                 print(" " + _brief(res), flush=True)
         loadable = [c for c in active if c.load is not None and c.name in last]
         if load_runs and loadable:
@@ -395,6 +403,7 @@ def compare(
         if not rows:
             continue
         summary[name] = {k: summarize([row[k] for row in rows]) for k in rows[0]}
+        summary[name]["kept_mb"] = summarize([kept.get(name, math.nan)])
     for name, rows in loads.items():
         summary.setdefault(name, {}).update(
             {k: summarize([row[k] for row in rows]) for k in rows[0]}
@@ -538,8 +547,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"Target: {m['target']} ({m['target_kind']}). {cmp_['runs']} interleaved saves and "
         f"{cmp_['load_runs']} loads per contender after a warm-up; median (min–max).",
         "",
-        "| contender | stall s | reusable s | durable s | MB stored | ratio | load cold s | load warm s | peak RSS MB | CPU s/GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| contender | stall s | reusable s | durable s | MB stored | ratio | load cold s | load warm s | peak RSS MB | kept MB | CPU s/GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in cmp_["summary"].items():
         mb = s.get("bytes", {}).get("median", math.nan) / 1e6
@@ -547,7 +556,8 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| {name} | {_cell(s.get('stall_s'))} | {_cell(s.get('staged_s'))} | "
             f"{_cell(s.get('durable_s'))} | {'' if mb != mb else f'{mb:,.1f}'} | "
             f"{_cell(s.get('ratio'), 2)} | {_cell(s.get('cold_s'))} | {_cell(s.get('warm_s'))} | "
-            f"{_cell(s.get('peak_rss_mb'), 0)} | {_cell(s.get('cpu_s_per_gb'), 2)} |"
+            f"{_cell(s.get('peak_rss_mb'), 0)} | {_cell(s.get('kept_mb'), 0)} | "
+            f"{_cell(s.get('cpu_s_per_gb'), 2)} |"
         )
     if m["target_kind"] != "local":
         lines += ["", "| contender | upload MB/s | download MB/s |", "|---|---|---|"]
