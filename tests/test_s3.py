@@ -290,3 +290,39 @@ def test_backup_clears_what_a_dead_uploader_left_behind(s3_server, s3_bucket, tm
         rep.close()
     with ckptstore.Checkpointer(remote) as ckpt:
         assert ckpt.verify(1) == []
+
+
+def test_reads_share_windows_across_threads(s3_server, s3_bucket, monkeypatch):
+    """Small reads from many threads come from a few window GETs, byte-exact."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckptstore.storage.fsspec import _FsspecReader
+    from ckptstore.storage.s3 import _S3Reader
+
+    backend = s3(s3_server, s3_bucket)
+    W = _S3Reader.WINDOW
+    data = os.urandom(2 * W + 12345)
+    s3_server.fs().pipe_file(f"{s3_bucket}/run/blob", data)
+    fetched: list[tuple[int, int]] = []
+    ranged_get = _FsspecReader.read
+
+    def counting(self, offset, length):
+        fetched.append((offset, length))
+        return ranged_get(self, offset, length)
+
+    monkeypatch.setattr(_FsspecReader, "read", counting)
+    reader = backend.open_reader("blob")
+    rng = random.Random(0)
+    reads = [
+        (o, min(rng.randrange(1, 4 << 20), len(data) - o)) for o in range(0, len(data), 1 << 20)
+    ]
+    rng.shuffle(reads)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda r: bytes(reader.read(*r)), reads))
+    assert got == [data[o : o + n] for o, n in reads]
+    # 3 windows cover the object: each fetched once, whatever the order and the threads.
+    assert sorted(fetched) == [(0, W), (W, W), (2 * W, 12345)], fetched
+    with pytest.raises(StorageError, match="past the end"):
+        reader.read(len(data) - 10, 20)
+    reader.close()

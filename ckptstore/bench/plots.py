@@ -81,12 +81,12 @@ def _scaling(payload: dict[str, Any], path: str) -> str | None:
     a.legend(fontsize=7)
     ranks = scaling.get("ranks", {})
     rows = [r for r in ranks.get("rows", []) if "summary" in r]
-    for n in sorted({n for r in rows for n in r["summary"]}):
+    for i, n in enumerate(sorted({n for r in rows for n in r["summary"]})):
         for key, style in (("save_s", "o-"), ("load_s", "s--")):
             xs = [r["world"] for r in rows if key in r["summary"].get(n, {})]
             ys = [r["summary"][n][key]["median"] for r in rows if key in r["summary"].get(n, {})]
-            if xs:
-                b.plot(xs, ys, style, label=f"{n} {key[:-2]}")
+            if xs:  # one colour per contender: solid for saves, dashed for loads
+                b.plot(xs, ys, style, color=f"C{i}", label=f"{n} {key[:-2]}")
     b.set_xlabel("ranks (processes, gloo on CPU)")
     b.set_ylabel("seconds (median; barrier to barrier)")
     b.set_title(f"save and load against ranks ({ranks.get('size', '?')} in total)", fontsize=10)
