@@ -48,7 +48,7 @@ from common import (  # noqa: I001
 
 import ckptstore
 import warnings
-from ckptstore.bench.contenders import dcp_async_save
+from ckptstore.bench.contenders import dcp_async_save, tensors
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace, target: str) -> int:
     nbytes = state_bytes(state)
     gb = nbytes / 1e9
     print(
-        f"state: {nbytes / 1e9:.2f} GB in {sum(1 for _ in _tensors(state))} tensors; target {target}",
+        f"state: {nbytes / 1e9:.2f} GB in {sum(1 for _ in tensors(state))} tensors; target {target}",
         flush=True,
     )
 
@@ -139,22 +139,11 @@ def _run(args: argparse.Namespace, target: str) -> int:
     return 0
 
 
-def _tensors(obj: Any):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
 def make_contenders(state: dict[str, Any], target: str, threads: int | None) -> dict[str, Any]:
     from torch.distributed.checkpoint._extension import ZStandard
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    prealloc = [t.clone() for t in _tensors(state)]
+    prealloc = [t.clone() for t in tensors(state)]
     reused_sync = DefaultStager(StagingOptions(False, False, False, False))
     reused_async = DefaultStager(StagingOptions(False, False, True, False))
     cks = {
@@ -173,7 +162,7 @@ def make_contenders(state: dict[str, Any], target: str, threads: int | None) -> 
 
     def copy_prealloc(r: int) -> dict[str, float]:
         with torch.no_grad(), measure() as m:
-            for dst, src in zip(prealloc, _tensors(state), strict=True):
+            for dst, src in zip(prealloc, tensors(state), strict=True):
                 dst.copy_(src)
         return {
             "stall_s": m["wall_s"],

@@ -79,6 +79,8 @@ from common import (
     rm,
     state_bytes,
     summarize,
+    text_batch,
+    text_tokens,
     write_json,
 )
 from s3server import S3Server
@@ -656,10 +658,7 @@ LOOP_BATCH = 8
 
 
 def run_loop(ctx: Ctx, steps: int, every: int, runs: int) -> dict[str, Any]:
-    import pydoc_data.topics as topics
-
-    text = "\n".join(topics.topics.values()).encode()
-    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    data = text_tokens()
     T = LOOP_CFG.block_size
     counter = {"n": 0}
     fs = ctx.raw_fs()
@@ -680,9 +679,7 @@ def run_loop(ctx: Ctx, steps: int, every: int, runs: int) -> dict[str, Any]:
         try:
 
             def train_step() -> None:
-                ix = torch.randint(len(data) - T - 1, (LOOP_BATCH,), generator=g)
-                x = torch.stack([data[i : i + T] for i in ix])
-                y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
+                x, y = text_batch(data, T, LOOP_BATCH, g)
                 _, loss = model(x, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

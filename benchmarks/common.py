@@ -15,5 +15,7 @@ from ckptstore.bench.common import (  # noqa: F401
     rm,
     state_bytes,
     summarize,
+    text_batch,
+    text_tokens,
     write_json,
 )

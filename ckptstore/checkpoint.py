@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -375,6 +375,22 @@ def verify(
         read_dcp_metadata(backend, name, manifest)
     except CkptStoreError as exc:
         problems.append(str(exc))
+    for _, shard in open_shards(backend, name, manifest, problems):
+        try:
+            shard.verify(pool)
+        except CkptStoreError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def open_shards(
+    backend: StorageBackend, name: str, manifest: Manifest, problems: list[str]
+) -> Iterator[tuple[str, ShardReader]]:
+    """Each shard file the manifest lists, open and with its index checked, in name order.
+
+    A file that is missing or whose index does not check out becomes a line in
+    ``problems`` instead; each file is closed when the caller moves on.
+    """
     for file_name, entry in sorted(manifest.files.items()):
         if entry.kind != "shard":
             continue
@@ -388,14 +404,16 @@ def verify(
             problems.append(str(exc))
             continue
         try:
-            ShardReader(
-                reader, where, size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
-            ).verify(pool)
-        except CkptStoreError as exc:
-            problems.append(str(exc))
+            try:
+                shard = ShardReader(
+                    reader, where, size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
+                )
+            except CkptStoreError as exc:
+                problems.append(str(exc))
+                continue
+            yield file_name, shard
         finally:
             reader.close()
-    return problems
 
 
 def list_checkpoints(

@@ -20,6 +20,7 @@ from ckptstore import retention
 from ckptstore.checkpoint import (
     STEP_NAME,
     CheckpointInfo,
+    open_shards,
     read_dcp_metadata,
     read_manifest,
     verify,
@@ -43,7 +44,7 @@ from ckptstore.cli_common import (
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
 from ckptstore.export import paths, tensor_bytes
 from ckptstore.format.manifest import Manifest
-from ckptstore.format.shard import ItemEntry, ShardReader
+from ckptstore.format.shard import ItemEntry
 from ckptstore.policies import FINAL, KeepBest, RetentionPolicy
 from ckptstore.storage import TEMP_PREFIX, StorageBackend
 
@@ -272,25 +273,8 @@ def shard_items(
     backend: StorageBackend, name: str, manifest: Manifest
 ) -> tuple[dict[str, list[ItemEntry]], list[str]]:
     """Every shard's index (stored size and codec per item): reads indices only."""
-    items: dict[str, list[ItemEntry]] = {}
     problems: list[str] = []
-    for file_name, entry in sorted(manifest.files.items()):
-        if entry.kind != "shard":
-            continue
-        where = f"{backend.url}/{name}/{file_name}"
-        try:
-            reader = backend.open_reader(f"{name}/{file_name}")
-        except FileNotFoundError:
-            problems.append(f"{where}: file is missing")
-            continue
-        try:
-            items[file_name] = ShardReader(
-                reader, where, size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
-            ).items
-        except CkptStoreError as exc:
-            problems.append(str(exc))
-        finally:
-            reader.close()
+    items = {f: shard.items for f, shard in open_shards(backend, name, manifest, problems)}
     return items, problems
 
 

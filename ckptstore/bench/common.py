@@ -23,6 +23,24 @@ import torch
 from ckptstore.train.model import GPT, MODEL_SIZES, GPTConfig
 
 
+def text_tokens() -> torch.Tensor:
+    """Real text as byte-level tokens: the pydoc topics that ship with Python."""
+    import pydoc_data.topics as topics
+
+    text = "\n".join(topics.topics.values()).encode()
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+
+
+def text_batch(
+    data: torch.Tensor, block: int, batch: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` random windows of ``block`` tokens and the same shifted by one."""
+    ix = torch.randint(len(data) - block - 1, (batch,), generator=g)
+    x = torch.stack([data[i : i + block] for i in ix])
+    y = torch.stack([data[i + 1 : i + 1 + block] for i in ix])
+    return x, y
+
+
 def gpt_adamw_state(
     size: str | GPTConfig = "bench-2g",
     steps: int = 2,
@@ -33,20 +51,15 @@ def gpt_adamw_state(
 
     ``dtype=torch.bfloat16`` trains a bf16 model, so weights and AdamW moments are bf16.
     """
-    import pydoc_data.topics as topics
-
     torch.manual_seed(seed)
     cfg = MODEL_SIZES[size] if isinstance(size, str) else size
     model = GPT(cfg).to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
-    text = "\n".join(topics.topics.values()).encode()
-    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    data = text_tokens()
     g = torch.Generator().manual_seed(seed)
     T = min(cfg.block_size, 128)
     for _ in range(steps):
-        ix = torch.randint(len(data) - T - 1, (2,), generator=g)
-        x = torch.stack([data[i : i + T] for i in ix])
-        y = torch.stack([data[i + 1 : i + 1 + T] for i in ix])
+        x, y = text_batch(data, T, 2, g)
         _, loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -26,6 +26,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import ckptstore
+from ckptstore.bench.common import du, rm
 from ckptstore.checkpoint import checkpoint_name
 
 SaveFn = Callable[[int], tuple[dict[str, float], str]]
@@ -67,22 +68,11 @@ class Target:
         return self.url.rstrip("/") + "/" + name
 
     def size(self, path: str) -> int:
-        if self.local:
-            if os.path.isfile(path):
-                return os.path.getsize(path)
-            return sum(
-                os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
-            )
-        return int(self.fs.du(path, total=True))
+        return du(path) if self.local else int(self.fs.du(path, total=True))
 
     def remove(self, path: str) -> None:
         if self.local:
-            import shutil
-
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+            rm(path)
             return
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)

@@ -374,10 +374,10 @@ def compare(
                 print(" " + _brief(res), flush=True)
         loadable = [c for c in active if c.load is not None and c.name in last]
         if load_runs and loadable:
-            if target.local:
+            if target.local:  # what eviction drops must be on disk first
                 for c in loadable:
-                    p = last[c.name]
-                    fsync_tree(p) if os.path.isdir(p) else None
+                    if os.path.isdir(last[c.name]):
+                        fsync_tree(last[c.name])
             print(f"  loads: {load_runs} interleaved runs, cold then warm", flush=True)
         for r in range(load_runs):
             for c in list(loadable):
