@@ -363,7 +363,7 @@ def measure_loop(
         if finish is not None:
             finish()
         if kind.startswith("ckptstore"):
-            ck.backend.delete(ckptstore.checkpoint.checkpoint_name(counter["n"]))
+            ck.backend.delete(ckptstore.engine.ops.checkpoint_name(counter["n"]))
         return {"blocked_s": call + waited, "total_s": total}
 
     kinds = [

@@ -86,18 +86,18 @@ from common import (
 from s3server import S3Server
 
 import ckptstore
-from ckptstore.backup import copy_checkpoint, fetch
-from ckptstore.checkpoint import checkpoint_name
+from ckptstore.layout import checkpoint_name
 from ckptstore.storage import open_backend
 from ckptstore.train.model import GPT, MODEL_SIZES, GPTConfig
+from ckptstore.transfer import copy_checkpoint, fetch
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
 
 MB = 1e6
 MIB = 1 << 20
-RANGE_PIECE = 8 * MIB  # ckptstore.backup.PIECE_BYTES
-RANGE_AHEAD = 4  # pieces in flight in ckptstore.backup._pieces
+RANGE_PIECE = 8 * MIB  # ckptstore.transfer.PIECE_BYTES
+RANGE_AHEAD = 4  # pieces in flight in ckptstore.transfer._pieces
 TARGET_RATIO = 0.8  # issue: ckptstore >= 0.8x raw s3fs
 
 

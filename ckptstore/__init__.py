@@ -16,11 +16,10 @@ checkpoints for PyTorch, on ``torch.distributed.checkpoint``.
 Importing this package is cheap: nothing runs at import beyond torch's own imports.
 """
 
-from ckptstore.api import load, save
-from ckptstore.background import PendingSave, SaveResult
-from ckptstore.checkpoint import CheckpointInfo
-from ckptstore.checkpointer import AutoCodec, Checkpointer, CheckpointerConfig
-from ckptstore.data import ResumableDataLoader, ResumableSampler
+from ckptstore.engine.checkpointer import AutoCodec, Checkpointer, CheckpointerConfig
+from ckptstore.engine.oneshot import load, save
+from ckptstore.engine.ops import CheckpointInfo
+from ckptstore.engine.pending import PendingSave, SaveResult
 from ckptstore.errors import (
     BackgroundSaveError,
     CheckpointerClosedError,
@@ -35,9 +34,18 @@ from ckptstore.errors import (
     UnsafeCheckpointError,
     UnsupportedStateError,
 )
+from ckptstore.integrations.data import ResumableDataLoader, ResumableSampler
+from ckptstore.integrations.trainstate import TrainState
 from ckptstore.manager import CheckpointManager, ManagedCheckpoint
-from ckptstore.policies import AnyOf, KeepBest, KeepEvery, KeepFinal, KeepLast, SaveAt, SaveEvery
-from ckptstore.trainstate import TrainState
+from ckptstore.manager.policies import (
+    AnyOf,
+    KeepBest,
+    KeepEvery,
+    KeepFinal,
+    KeepLast,
+    SaveAt,
+    SaveEvery,
+)
 
 __version__ = "0.1.0"
 

@@ -83,7 +83,7 @@ def _arm(crash_at: str | None) -> None:
     """As if ckptstore had been imported with CKPTSTORE_CRASH_AT=crash_at."""
     import importlib
 
-    import ckptstore._crashpoints
+    import ckptstore.crashpoints
 
     if crash_at is None:
         os.environ.pop("CKPTSTORE_CRASH_AT", None)
@@ -91,7 +91,7 @@ def _arm(crash_at: str | None) -> None:
         os.environ["CKPTSTORE_CRASH_AT"] = crash_at
     # The module reads the variable at import; reloading re-runs it in the same module
     # namespace, which the imported crash_point functions look their global up in.
-    importlib.reload(ckptstore._crashpoints)
+    importlib.reload(ckptstore.crashpoints)
 
 
 def _open_root(job: dict[str, Any]) -> Any:
@@ -200,7 +200,7 @@ def _serve() -> None:
     import s3fs  # noqa: F401
     import torch  # noqa: F401
 
-    import ckptstore.export  # noqa: F401
+    import ckptstore.convert  # noqa: F401
 
     sys.path.insert(0, HERE)
     import invariants  # noqa: F401

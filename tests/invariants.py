@@ -106,8 +106,8 @@ def check_here(
     gc: bool = True,
 ) -> dict[str, Any]:
     """The checks, in this process; returns the report (``report["problems"]``)."""
-    from ckptstore.checkpoint import list_checkpoints, verify
-    from ckptstore.export import read_checkpoint
+    from ckptstore.convert import read_checkpoint
+    from ckptstore.engine.ops import list_checkpoints, verify
     from ckptstore.storage import TEMP_PREFIX, open_backend
     from ckptstore.storage.local import POINTER_TEMP_PREFIX, LocalBackend
 

@@ -40,8 +40,8 @@ from hypothesis import strategies as st
 from invariants import digest_state
 
 import ckptstore
-from ckptstore.checkpoint import checkpoint_name
 from ckptstore.errors import storage_error
+from ckptstore.layout import checkpoint_name
 from ckptstore.storage import LocalBackend
 
 TIMEOUT_S = 60

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.checkpoint import save_staged
 from ckptstore.codecs import get_codec
 from ckptstore.dcp.planner import SerializedValue
+from ckptstore.engine.ops import save_staged
+from ckptstore.engine.stager import stage_in_place
 from ckptstore.format.checksum import digest
-from ckptstore.staging import stage_in_place
 from ckptstore.storage import LocalBackend
 
 

@@ -35,7 +35,7 @@ from invariants import (
 )
 
 import ckptstore
-from ckptstore._crashpoints import CRASH_POINTS
+from ckptstore.crashpoints import CRASH_POINTS
 
 SMALL = 100_000  # floats: ~400 KB a checkpoint, several 64 KiB chunks
 MULTIPART = 1_500_000  # floats: 6 MB, two parts of 5 MiB on S3

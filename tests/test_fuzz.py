@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ckptstore
-from ckptstore.checkpoint import load_into
 from ckptstore.codecs import ElementKind, RawCodec, ZstdCodec
 from ckptstore.dcp import metadata as md_format
+from ckptstore.engine.ops import load_into
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import Manifest, _canonical

@@ -650,7 +650,7 @@ def test_the_backup_tier_carries_the_signature_and_refuses_forgeries(
     from test_manager import make_state as train_state
     from test_manager import train
 
-    from ckptstore.backup import fetch
+    from ckptstore.transfer import fetch
 
     opts = s3_server.options()
     url = f"s3://{s3_bucket}/signed"

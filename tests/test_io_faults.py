@@ -41,10 +41,8 @@ from invariants import check_invariants, digest_state
 from osfaults import Call, OsFaults
 
 import ckptstore
-from ckptstore.checkpoint import checkpoint_name
+from ckptstore.layout import POINTER_TEMP_PREFIX, TEMP_PREFIX, checkpoint_name
 from ckptstore.storage import LocalBackend
-from ckptstore.storage.base import TEMP_PREFIX
-from ckptstore.storage.local import POINTER_TEMP_PREFIX
 
 TIMEOUT_S = 60
 FSYNCS = ("fsync", "fdatasync")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ckptstore.policies import (
+from ckptstore.manager.policies import (
     AnyOf,
     CheckpointRecord,
     KeepBest,

@@ -22,7 +22,7 @@ from powerloss import MODES, PowerCut, PowerLossFS
 
 import ckptstore
 import ckptstore.storage.local as local_mod
-from ckptstore import retention
+from ckptstore.manager import retention
 from ckptstore.storage import LocalBackend
 
 NUMEL = 20_000  # ~80 KB: two 64 KiB chunks

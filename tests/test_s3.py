@@ -21,10 +21,10 @@ from test_manager import make_state, train
 
 import ckptstore
 from ckptstore import CheckpointManager, KeepLast, SaveEvery
-from ckptstore.backup import Replicator, copy_checkpoint
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, StorageError
 from ckptstore.storage import S3Backend, open_backend
 from ckptstore.storage.s3 import MIN_PART_BYTES
+from ckptstore.transfer import Replicator, copy_checkpoint
 
 MIB = 1 << 20
 
@@ -297,7 +297,7 @@ def test_reads_share_windows_across_threads(s3_server, s3_bucket, monkeypatch):
     import random
     from concurrent.futures import ThreadPoolExecutor
 
-    from ckptstore.storage.fsspec import _FsspecReader
+    from ckptstore.storage.objectstore import _FsspecReader
     from ckptstore.storage.s3 import _S3Reader
 
     backend = s3(s3_server, s3_bucket)

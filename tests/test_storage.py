@@ -30,16 +30,8 @@ import numpy as np
 import pytest
 
 from ckptstore.errors import CheckpointExistsError, StorageError
-from ckptstore.storage import (
-    COMMIT_FILE,
-    TEMP_PREFIX,
-    FsspecBackend,
-    LocalBackend,
-    S3Backend,
-    StorageBackend,
-    check_name,
-    open_backend,
-)
+from ckptstore.layout import MANIFEST_FILE, TEMP_PREFIX, check_name
+from ckptstore.storage import FsspecBackend, LocalBackend, S3Backend, StorageBackend, open_backend
 from ckptstore.storage import local as local_mod
 from ckptstore.storage.s3 import MIN_PART_BYTES
 
@@ -125,9 +117,9 @@ def temp_entries(backend: StorageBackend) -> list[str]:
 
 
 def assert_not_a_checkpoint(backend: StorageBackend, name: str) -> None:
-    assert not backend.exists(f"{name}/{COMMIT_FILE}")
+    assert not backend.exists(f"{name}/{MANIFEST_FILE}")
     with pytest.raises(FileNotFoundError):
-        backend.read_bytes(f"{name}/{COMMIT_FILE}")
+        backend.read_bytes(f"{name}/{MANIFEST_FILE}")
 
 
 def age(path: str, seconds: float) -> None:
@@ -176,7 +168,7 @@ def local(tmp_path) -> LocalBackend:
 
 def test_fresh_root_lists_nothing(backend):
     assert backend.list_names() == []
-    assert not backend.exists(f"step_1/{COMMIT_FILE}")
+    assert not backend.exists(f"step_1/{MANIFEST_FILE}")
 
 
 def test_write_every_buffer_kind_and_size_then_read_back(backend):
@@ -201,12 +193,12 @@ def test_write_every_buffer_kind_and_size_then_read_back(backend):
     assert sink.tell() == len(expected)
     assert sink.close() == len(expected)
 
-    assert not backend.exists(f"{name}/{COMMIT_FILE}")
+    assert not backend.exists(f"{name}/{MANIFEST_FILE}")
     pending.commit(MANIFEST)
 
     assert name in backend.list_names()
     assert temp_entries(backend) == []
-    assert backend.read_bytes(f"{name}/{COMMIT_FILE}") == MANIFEST
+    assert backend.read_bytes(f"{name}/{MANIFEST_FILE}") == MANIFEST
     assert backend.read_bytes(f"{name}/__0_0.distcp") == bytes(expected)
 
     size = len(expected)
@@ -266,7 +258,7 @@ def test_invisible_until_commit(backend):
     # A second backend object (another process) does not see it either.
     assert_not_a_checkpoint(reopen(backend), name)
     pending.commit(MANIFEST)
-    assert backend.exists(f"{name}/{COMMIT_FILE}")
+    assert backend.exists(f"{name}/{MANIFEST_FILE}")
     assert reopen(backend).read_bytes(f"{name}/data.bin") == b"x" * 5000
 
 
@@ -289,7 +281,7 @@ def test_two_pendings_first_commit_wins(backend):
     assert isinstance(info.value, FileExistsError)
     p2.abort()  # what the DCP writer does after a failed commit
     p2.abort()
-    assert backend.read_bytes(f"step_5/{COMMIT_FILE}") == b'{"who":"p1"}'
+    assert backend.read_bytes(f"step_5/{MANIFEST_FILE}") == b'{"who":"p1"}'
     assert backend.read_bytes("step_5/rank0.bin") == b"from p1"
     assert not backend.exists("step_5/other.bin")
     assert temp_entries(backend) == []
@@ -318,7 +310,7 @@ def test_losing_writer_leaves_winner_untouched(backend):
     else:
         assert refused.errno == errno.EEXIST
     p2.abort()
-    assert backend.read_bytes(f"step_6/{COMMIT_FILE}") == b'{"who":"p1"}'
+    assert backend.read_bytes(f"step_6/{MANIFEST_FILE}") == b'{"who":"p1"}'
     assert backend.read_bytes("step_6/__0_0.distcp") == b"winner data"
 
 
@@ -434,7 +426,7 @@ def test_attach_writes_into_the_same_checkpoint(backend):
     assert backend.read_bytes("step_13/__0_0.distcp") == b"rank0"
     assert backend.read_bytes("step_13/__1_0.distcp") == b"rank1"
     assert backend.read_bytes("step_13/__2_0.distcp") == b"rank2"
-    assert backend.read_bytes(f"step_13/{COMMIT_FILE}") == MANIFEST
+    assert backend.read_bytes(f"step_13/{MANIFEST_FILE}") == MANIFEST
 
 
 def test_threads_write_and_read_in_parallel(backend):
@@ -550,14 +542,14 @@ def test_write_zero_size_multidimensional_buffer(backend):
 
 def test_missing_files(backend):
     with pytest.raises(FileNotFoundError):
-        backend.read_bytes(f"nope/{COMMIT_FILE}")
+        backend.read_bytes(f"nope/{MANIFEST_FILE}")
     commit_one(backend, "step_18", {"a": b"a"})
     with pytest.raises(FileNotFoundError):
         backend.read_bytes("step_18/missing.bin")
     with pytest.raises(FileNotFoundError):
         backend.open_reader("step_18/missing.bin")
     with pytest.raises(FileNotFoundError):
-        backend.open_reader(f"nope/{COMMIT_FILE}")
+        backend.open_reader(f"nope/{MANIFEST_FILE}")
     assert not backend.exists("step_18/missing.bin")
 
 
@@ -599,7 +591,7 @@ def test_sweep_spares_a_committed_checkpoint_named_like_a_temp_dir(backend):
 
 def test_is_local_join_repr(backend):
     assert backend.is_local() is isinstance(backend, LocalBackend)
-    assert backend.join("step_1", COMMIT_FILE) == f"step_1/{COMMIT_FILE}"
+    assert backend.join("step_1", MANIFEST_FILE) == f"step_1/{MANIFEST_FILE}"
     assert type(backend).__name__ in repr(backend)
 
 
@@ -657,7 +649,7 @@ def test_local_root_under_a_file(tmp_path):
     with pytest.raises(StorageError):
         b.list_names()
     with pytest.raises(StorageError):
-        b.read_bytes(f"step_1/{COMMIT_FILE}")
+        b.read_bytes(f"step_1/{MANIFEST_FILE}")
 
 
 def test_fsspec_root_under_a_file(memory_top):
@@ -711,7 +703,7 @@ def test_local_temp_dir_is_named_and_locked(local):
     assert not os.path.exists(tmp)
     final = os.path.join(local.root, "step_00000042")
     assert local_mod.LOCK_FILE not in os.listdir(final)  # the lock is not part of it
-    assert sorted(os.listdir(final)) == ["a.bin", COMMIT_FILE]
+    assert sorted(os.listdir(final)) == ["a.bin", MANIFEST_FILE]
     assert not is_locked(final)  # the lock went with the commit
 
 
@@ -767,7 +759,7 @@ def test_local_commit_fsync_order(local, monkeypatch):
     events.clear()
     pending.commit(MANIFEST)
     assert events == [
-        ("fdatasync", f"{tmp}/{COMMIT_FILE}"),
+        ("fdatasync", f"{tmp}/{MANIFEST_FILE}"),
         ("fsync_dir", tmp),
         ("rename", tmp, final),
         ("fsync_dir", local.root),
@@ -785,7 +777,7 @@ def test_local_commit_without_renameat2(local, monkeypatch):
     with pytest.raises(CheckpointExistsError):
         p2.commit(b"2")
     assert local.read_bytes("step_1/a") == b"one"
-    assert local.read_bytes(f"step_1/{COMMIT_FILE}") == b"1"
+    assert local.read_bytes(f"step_1/{MANIFEST_FILE}") == b"1"
     assert temp_entries(local) == []
 
 
@@ -809,7 +801,7 @@ def test_local_delete_renames_first(local, monkeypatch):
     assert not os.path.exists(final)
     (doomed,) = temp_entries(local)
     assert doomed.startswith(f"{TEMP_PREFIX}deleted-step_1-")
-    assert os.path.exists(os.path.join(local.root, doomed, COMMIT_FILE))
+    assert os.path.exists(os.path.join(local.root, doomed, MANIFEST_FILE))
     assert_not_a_checkpoint(local, "step_1")
     old = time.time() - 3600
     os.utime(os.path.join(local.root, doomed), (old, old))

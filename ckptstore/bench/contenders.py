@@ -27,7 +27,7 @@ import torch.distributed.checkpoint as dcp
 
 import ckptstore
 from ckptstore.bench.common import du, rm
-from ckptstore.checkpoint import checkpoint_name
+from ckptstore.layout import checkpoint_name
 
 SaveFn = Callable[[int], tuple[dict[str, float], str]]
 

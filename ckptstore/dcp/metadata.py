@@ -26,8 +26,8 @@ import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ckptstore.layout import METADATA_FILE
 
-METADATA_FILE = ".metadata"
 # Object stores name it per save attempt: ".metadata-<12 hex digits>" (see
 # PendingCheckpoint.stored_name).
 _ATTEMPT_NAME = re.compile(r"^\.metadata-[0-9a-f]{12}$")

@@ -39,6 +39,7 @@ from ckptstore.errors import CkptStoreError
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import FileEntry, Manifest
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, ShardInfo, ShardWriter
+from ckptstore.layout import METADATA_FILE
 from ckptstore.storage.base import PendingCheckpoint, StorageBackend
 
 _DCP_VERSION = "1.0.0"  # the metadata version DCP's own FileSystemWriter writes
@@ -235,7 +236,7 @@ class CkptStorageWriter(StorageWriter):
         if hasattr(metadata, "version"):
             metadata.version = _DCP_VERSION
         md_bytes = md_format.dumps(metadata)
-        md_name = self._pending.stored_name(md_format.METADATA_FILE)
+        md_name = self._pending.stored_name(METADATA_FILE)
         self._pending.write_file(md_name, md_bytes)
         files[md_name] = FileEntry("file", len(md_bytes), digest(md_bytes))
         manifest = Manifest(

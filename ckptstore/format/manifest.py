@@ -54,11 +54,10 @@ from ckptstore.errors import (
     UnsafeCheckpointError,
 )
 from ckptstore.format.checksum import ALGORITHM, digest, is_digest
-from ckptstore.storage.base import check_name
+from ckptstore.layout import MANIFEST_FILE, check_name
 
 FORMAT_NAME = "ckptstore"
 FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
 FILE_KINDS = ("file", "shard")
 MANIFEST_KEY_ENV = "CKPTSTORE_MANIFEST_KEY"
 HMAC_ALGORITHM = "hmac-sha256"

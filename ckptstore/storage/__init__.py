@@ -5,21 +5,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ckptstore.storage.base import (
-    COMMIT_FILE,
-    TEMP_PREFIX,
-    FileSink,
-    PendingCheckpoint,
-    RangeReader,
-    StorageBackend,
-    check_name,
-)
-from ckptstore.storage.fsspec import FsspecBackend
+from ckptstore.layout import MANIFEST_FILE, TEMP_PREFIX, check_name
+from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, StorageBackend
 from ckptstore.storage.local import LocalBackend
+from ckptstore.storage.objectstore import FsspecBackend
 from ckptstore.storage.s3 import S3Backend, is_s3
 
 __all__ = [
-    "COMMIT_FILE",
+    "MANIFEST_FILE",
     "TEMP_PREFIX",
     "FileSink",
     "FsspecBackend",

@@ -25,33 +25,8 @@ implementations keep no per-call state on the backend object itself.
 
 from __future__ import annotations
 
-import posixpath
 from abc import ABC, abstractmethod
 from typing import Any
-
-COMMIT_FILE = "manifest.json"
-TEMP_PREFIX = ".tmp-"
-
-
-def check_name(name: str, *, what: str = "name") -> str:
-    """Accept plain relative '/'-separated names only; refuse anything that could escape.
-
-    Names come from manifests and DCP metadata, which are untrusted input:
-    ``Path(root) / "/etc/passwd"`` is ``/etc/passwd``.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{what} must be a non-empty string, got {name!r}")
-    bad = (
-        "\x00" in name
-        or "\\" in name
-        or any(c in name for c in "*?[]")  # fsspec's rm/find expand globs
-        or name.startswith("/")
-        or posixpath.normpath(name) != name
-        or any(part in ("", ".", "..") for part in name.split("/"))
-    )
-    if bad:
-        raise ValueError(f"refusing unsafe {what} {name!r}: only plain relative names are allowed")
-    return name
 
 
 class FileSink(ABC):

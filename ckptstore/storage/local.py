@@ -37,29 +37,20 @@ from typing import Any
 
 import numpy as np
 
-from ckptstore._crashpoints import crash_point
+from ckptstore.crashpoints import crash_point
 from ckptstore.errors import (
     CheckpointExistsError,
     StorageError,
     UnsafeCheckpointError,
     storage_error,
 )
-from ckptstore.storage.base import (
-    COMMIT_FILE,
-    TEMP_PREFIX,
-    FileSink,
-    PendingCheckpoint,
-    RangeReader,
-    StorageBackend,
-    check_name,
-)
+from ckptstore.layout import LOCK_FILE, MANIFEST_FILE, POINTER_TEMP_PREFIX, TEMP_PREFIX, check_name
+from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, StorageBackend
 
 _ALIGN = 4096
 _BOUNCE_BYTES = 8 << 20
 _MAX_WRITE = 64 << 20  # one write() call; Linux caps a write at ~2 GiB anyway
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-LOCK_FILE = ".lock"
-POINTER_TEMP_PREFIX = ".pointer-"  # put_atomic's temp files; sweep removes stale ones
 # flock errors that mean "this file system has no locks" (NFS without lockd, Lustre
 # mounted without -o flock): then a save in progress is protected by sweep's age only.
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EBADF, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
@@ -326,7 +317,7 @@ class _LocalPending(PendingCheckpoint):
             raise RuntimeError("only the rank that began a checkpoint commits it")
         final = os.path.join(self._backend.root, self._final)
         crash_point("local.commit.before_manifest")
-        self.write_file(COMMIT_FILE, manifest)
+        self.write_file(MANIFEST_FILE, manifest)
         step = "fsync"
         try:
             # The lock file is not part of the checkpoint. Removing it refreshes the
@@ -341,7 +332,7 @@ class _LocalPending(PendingCheckpoint):
                 if not _renameat2_noreplace(self._dir, final):
                     # No renameat2 here: rename() refuses a non-empty target (ENOTEMPTY),
                     # which is what a committed checkpoint always is.
-                    if os.path.exists(os.path.join(final, COMMIT_FILE)):
+                    if os.path.exists(os.path.join(final, MANIFEST_FILE)):
                         raise OSError(errno.EEXIST, "exists", final)
                     os.rename(self._dir, final)
             except OSError:
@@ -385,7 +376,7 @@ class _LocalPending(PendingCheckpoint):
         if os.path.lexists(self._dir):
             return False
         try:
-            with open(os.path.join(final, COMMIT_FILE), "rb") as f:
+            with open(os.path.join(final, MANIFEST_FILE), "rb") as f:
                 return f.read() == manifest
         except OSError:
             return False
@@ -494,14 +485,14 @@ class LocalBackend(StorageBackend):
                 f"{name!r} cannot name a checkpoint: names starting {TEMP_PREFIX!r} are reserved"
             )
         final = os.path.join(self.root, name)
-        if os.path.exists(os.path.join(final, COMMIT_FILE)):
+        if os.path.exists(os.path.join(final, MANIFEST_FILE)):
             raise CheckpointExistsError(
                 f"{self.url}/{name} is already committed; ckptstore never overwrites a "
                 "checkpoint: save under another step, or delete that one first"
             )
         if os.path.lexists(final):
             raise CheckpointExistsError(
-                f"{final} exists but is not a committed checkpoint (no {COMMIT_FILE}); "
+                f"{final} exists but is not a committed checkpoint (no {MANIFEST_FILE}); "
                 "ckptstore will not write over something it did not create: move it away"
             )
         token = f"{TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}"

@@ -1,6 +1,6 @@
 """S3 (AWS, MinIO, R2, any S3-compatible service) through s3fs: multipart, conditional commit.
 
-What the generic object-store backend (:mod:`ckptstore.storage.fsspec`) does, plus:
+What the generic object-store backend (:mod:`ckptstore.storage.objectstore`) does, plus:
 
 * **Bounded, parallel multipart uploads.** A file is cut into parts of ``part_bytes``
   as it is written; up to ``parts_in_flight`` parts upload at once on s3fs's event loop
@@ -33,10 +33,10 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from ckptstore._crashpoints import crash_point
+from ckptstore.crashpoints import crash_point
 from ckptstore.errors import StorageError
 from ckptstore.storage.base import FileSink, RangeReader
-from ckptstore.storage.fsspec import FsspecBackend, ManifestExists, _FsspecReader, _translate
+from ckptstore.storage.objectstore import FsspecBackend, ManifestExists, _FsspecReader, _translate
 
 log = logging.getLogger("ckptstore")
 

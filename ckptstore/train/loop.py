@@ -35,8 +35,8 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 import ckptstore
-from ckptstore.data import ResumableDataLoader
-from ckptstore.policies import AnyOf, KeepBest, KeepEvery, KeepLast, SaveEvery
+from ckptstore.integrations.data import ResumableDataLoader
+from ckptstore.manager.policies import AnyOf, KeepBest, KeepEvery, KeepLast, SaveEvery
 from ckptstore.train.model import GPT, MODEL_SIZES
 
 log = logging.getLogger("ckptstore.train")

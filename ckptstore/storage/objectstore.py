@@ -32,16 +32,10 @@ import uuid
 import weakref
 from typing import Any
 
-from ckptstore._crashpoints import crash_point
+from ckptstore.crashpoints import crash_point
 from ckptstore.errors import CheckpointExistsError, StorageError, storage_error
-from ckptstore.storage.base import (
-    COMMIT_FILE,
-    FileSink,
-    PendingCheckpoint,
-    RangeReader,
-    StorageBackend,
-    check_name,
-)
+from ckptstore.layout import MANIFEST_FILE, check_name
+from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, StorageBackend
 
 # Checkpoints being written by this process, on any backend object: sweep() spares them.
 # Weak: a pending checkpoint nobody holds any more can never commit, so it is not live.
@@ -164,7 +158,7 @@ class _FsspecPending(PendingCheckpoint):
     def commit(self, manifest: bytes) -> None:
         if not self._coordinator:
             raise RuntimeError("only the rank that began a checkpoint commits it")
-        path = self._backend._path(f"{self.name}/{COMMIT_FILE}")
+        path = self._backend._path(f"{self.name}/{MANIFEST_FILE}")
         crash_point("fsspec.commit.before_manifest")
         try:
             self._backend._create_manifest(path, manifest)
@@ -256,7 +250,7 @@ class FsspecBackend(StorageBackend):
 
     def begin(self, name: str) -> PendingCheckpoint:
         check_name(name)
-        if self.exists(f"{name}/{COMMIT_FILE}"):
+        if self.exists(f"{name}/{MANIFEST_FILE}"):
             raise CheckpointExistsError(
                 f"{self.url}/{name} is already committed; ckptstore never overwrites a "
                 "checkpoint: save under another step, or delete that one first"
@@ -283,8 +277,8 @@ class FsspecBackend(StorageBackend):
         # Manifest first: from then on the checkpoint is invisible, whatever happens
         # to the rest of the delete.
         try:
-            if self.exists(f"{name}/{COMMIT_FILE}"):
-                self.fs.rm_file(self._path(f"{name}/{COMMIT_FILE}"))
+            if self.exists(f"{name}/{MANIFEST_FILE}"):
+                self.fs.rm_file(self._path(f"{name}/{MANIFEST_FILE}"))
                 crash_point("fsspec.delete.after_manifest")
             if self.fs.exists(self._path(name)):
                 self.fs.rm(self._path(name), recursive=True)
@@ -299,7 +293,7 @@ class FsspecBackend(StorageBackend):
                 continue  # being written by this process
             path = self._path(name)
             try:
-                if not self.fs.isdir(path) or self.fs.exists(f"{path}/{COMMIT_FILE}"):
+                if not self.fs.isdir(path) or self.fs.exists(f"{path}/{MANIFEST_FILE}"):
                     continue
                 newest = 0.0
                 for info in self.fs.find(path, detail=True).values():

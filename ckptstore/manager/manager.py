@@ -62,20 +62,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ckptstore import _dist, retention
-from ckptstore.background import PendingSave
-from ckptstore.backup import BackupStatus, Replicator, fetch
-from ckptstore.checkpoint import (
-    STEP_NAME,
+from ckptstore.engine import groups
+from ckptstore.engine.checkpointer import Checkpointer
+from ckptstore.engine.ops import (
     CheckpointInfo,
-    checkpoint_name,
     fill_from_checkpoint,
     list_checkpoints,
     load_into,
     read_dcp_metadata,
     read_manifest,
 )
-from ckptstore.checkpointer import Checkpointer
+from ckptstore.engine.pending import PendingSave
 from ckptstore.errors import (
     BackgroundSaveError,
     CheckpointExistsError,
@@ -84,8 +81,10 @@ from ckptstore.errors import (
     CorruptCheckpointError,
     RankFailedError,
 )
-from ckptstore.format.manifest import MANIFEST_FILE
-from ckptstore.policies import (
+from ckptstore.integrations.trainstate import TrainState, _rank
+from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE, STEP_NAME, checkpoint_name
+from ckptstore.manager import retention
+from ckptstore.manager.policies import (
     EPOCH,
     ERROR,
     FINAL,
@@ -101,9 +100,8 @@ from ckptstore.policies import (
     SaveContext,
     SavePolicy,
 )
-from ckptstore.retention import FINALS_FILE, LATEST_FILE
 from ckptstore.storage import StorageBackend, open_backend
-from ckptstore.trainstate import TrainState, _rank
+from ckptstore.transfer import BackupStatus, Replicator, fetch
 
 log = logging.getLogger("ckptstore")
 
@@ -138,15 +136,15 @@ class ManagedCheckpoint:
 class CheckpointManager:
     """Save policies, retention, the ``latest`` pointer, ``best``, and full resume.
 
-    ``save``: a :class:`~ckptstore.policies.SavePolicy` (None: only on completion,
-    signal and error). ``keep``: a :class:`~ckptstore.policies.RetentionPolicy` (None:
+    ``save``: a :class:`~ckptstore.manager.policies.SavePolicy` (None: only on completion,
+    signal and error). ``keep``: a :class:`~ckptstore.manager.policies.RetentionPolicy` (None:
     keep everything). ``enabled=False`` turns every write off (restore still reads).
     ``best_metric``/``best_mode`` name what "best" means (default: the metric of a
     ``KeepBest`` in ``keep``). Other keyword arguments configure the
     :class:`~ckptstore.Checkpointer` (``codec``, ``max_inflight``, ``threads``, ...).
     ``manifest_key`` (bytes) signs every manifest and is required of every checkpoint
     restored, listed, pruned or backed up, here and on the backup tier (see
-    :class:`~ckptstore.checkpointer.CheckpointerConfig`).
+    :class:`~ckptstore.engine.checkpointer.CheckpointerConfig`).
     Every rank constructs the manager (it creates process groups: a collective).
     """
 
@@ -202,9 +200,9 @@ class CheckpointManager:
                 **checkpointer_config,
             )
         # The caller's thread agrees with the other ranks on a group of its own.
-        self._control = _dist.dedicated_gloo_group(process_group)
-        self._rank = _dist.rank(self._control)
-        self._world = _dist.world_size(self._control)
+        self._control = groups.dedicated_gloo_group(process_group)
+        self._rank = groups.rank(self._control)
+        self._world = groups.world_size(self._control)
         # Pointer updates and pruning: off the writer thread, in commit order.
         self._housekeeping = (
             ThreadPoolExecutor(1, thread_name_prefix="ckptstore-housekeeping")
@@ -262,7 +260,7 @@ class CheckpointManager:
                     self._remote.check_access()
             except Exception as exc:
                 failure, outcome = exc, f"{type(exc).__name__}: {exc}"
-        outcome = str(_dist.broadcast(outcome, self._control))
+        outcome = str(groups.broadcast(outcome, self._control))
         if outcome == "ok" and self.enabled and self._ckpt is not None:
             # codec="auto" now minimises the time until backed up (every rank starts
             # compressed; rank 0 adapts to the upload speed it measures).
@@ -609,7 +607,7 @@ class CheckpointManager:
                     outcome = "ok"
             except Exception as exc:
                 log.warning("could not download %s from %s: %s", name, self._remote.url, exc)
-        return _dist.broadcast(outcome, self._control) == "ok"
+        return groups.broadcast(outcome, self._control) == "ok"
 
     def _candidates(self, which: str | int) -> builtins.list[int]:
         """Steps to try, in order; decided on rank 0 and shared with every rank."""
@@ -622,7 +620,7 @@ class CheckpointManager:
             except Exception as exc:
                 failure = exc
                 decision = ("error", f"{type(exc).__name__}: {exc}")
-        decision = _dist.broadcast(decision, self._control)  # type: ignore[assignment]
+        decision = groups.broadcast(decision, self._control)  # type: ignore[assignment]
         if decision[0] == "error":
             if failure is not None:
                 raise failure
@@ -703,7 +701,7 @@ class CheckpointManager:
             root, name = os.path.split(os.path.abspath(path))
         backend = open_backend(root, storage_options=self._storage_options, create=False)
         key = self._manifest_key
-        with _dist.caller_group(self._process_group) as group:
+        with groups.caller_group(self._process_group) as group:
             if isinstance(state, TrainState):
                 manifest = read_manifest(backend, name, manifest_key=key)
                 target = self._target(state, read_dcp_metadata(backend, name, manifest))
@@ -916,7 +914,7 @@ class CheckpointManager:
                     self._backup.close(wait=False)
                 if self._housekeeping is not None:
                     self._housekeeping.shutdown(wait=True)
-                _dist.release(self._control)
+                groups.release(self._control)
 
     def backup_status(self) -> BackupStatus | None:
         """Where the backup stands (rank 0; None elsewhere or without ``backup=``)."""

@@ -17,16 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ckptstore
-from ckptstore import retention
-from ckptstore.backup import CopyStopped, Progress, copy_checkpoint
-from ckptstore.checkpoint import (
-    CheckpointInfo,
-    checkpoint_name,
-    list_checkpoints,
-    read_manifest,
-    verify,
-)
-from ckptstore.cli_common import (
+from ckptstore.cli._common import (
     FAILED,
     OK,
     CliError,
@@ -41,8 +32,7 @@ from ckptstore.cli_common import (
     table,
     usage_error,
 )
-from ckptstore.errors import CheckpointExistsError, CkptStoreError
-from ckptstore.export import (
+from ckptstore.convert import (
     DTYPES,
     ExportError,
     convert_dtype,
@@ -55,8 +45,11 @@ from ckptstore.export import (
     read_file,
     write_file,
 )
-from ckptstore.format.manifest import MANIFEST_FILE
-from ckptstore.policies import (
+from ckptstore.engine.ops import CheckpointInfo, list_checkpoints, read_manifest, verify
+from ckptstore.errors import CheckpointExistsError, CkptStoreError
+from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE, checkpoint_name
+from ckptstore.manager import retention
+from ckptstore.manager.policies import (
     AnyOf,
     KeepBest,
     KeepEvery,
@@ -65,6 +58,7 @@ from ckptstore.policies import (
     RetentionPolicy,
 )
 from ckptstore.storage import StorageBackend
+from ckptstore.transfer import CopyStopped, Progress, copy_checkpoint
 
 
 def _threads(args: argparse.Namespace) -> int:
@@ -172,7 +166,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         status(None)
     if not existing or (existing[-1].manifest.step or 0) < args.step:
         # The newest checkpoint: the `latest` pointer names it, as after any save.
-        backend.put_atomic(retention.LATEST_FILE, f"{name}\n".encode())
+        backend.put_atomic(LATEST_FILE, f"{name}\n".encode())
     m = info.manifest
     print(
         f"imported {args.file} as {info.url}: {len(flat_tensors(state)[0])} tensor(s), "
@@ -246,7 +240,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             why[s].append(label)
     newest = max(r.step for r in records)
     why[newest].append("newest")
-    latest = retention.read_lines(backend, retention.LATEST_FILE)[:1]
+    latest = retention.read_lines(backend, LATEST_FILE)[:1]
     doomed = []
     for info, rec in zip(infos, records, strict=True):
         if info.name in latest:
@@ -507,14 +501,14 @@ def _housekeeping(src: StorageBackend, dst: StorageBackend) -> None:
     try:
         names = [i.name for i in list_checkpoints(dst)]
         if names:
-            pointer = retention.read_lines(dst, retention.LATEST_FILE)[:1]
+            pointer = retention.read_lines(dst, LATEST_FILE)[:1]
             if not pointer or pointer[0] not in names or pointer[0] < names[-1]:
-                dst.put_atomic(retention.LATEST_FILE, f"{names[-1]}\n".encode())
-        finals = retention.read_lines(dst, retention.FINALS_FILE)
-        more = [n for n in retention.read_lines(src, retention.FINALS_FILE) if n in names]
+                dst.put_atomic(LATEST_FILE, f"{names[-1]}\n".encode())
+        finals = retention.read_lines(dst, FINALS_FILE)
+        more = [n for n in retention.read_lines(src, FINALS_FILE) if n in names]
         merged = finals + [n for n in more if n not in finals]
         if merged != finals:
-            dst.put_atomic(retention.FINALS_FILE, ("\n".join(merged) + "\n").encode())
+            dst.put_atomic(FINALS_FILE, ("\n".join(merged) + "\n").encode())
     except CkptStoreError as exc:
         note(f"could not update the pointers under {dst.url}: {exc}")
 

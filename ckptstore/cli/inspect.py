@@ -16,16 +16,7 @@ from typing import Any
 
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from ckptstore import retention
-from ckptstore.checkpoint import (
-    STEP_NAME,
-    CheckpointInfo,
-    open_shards,
-    read_dcp_metadata,
-    read_manifest,
-    verify,
-)
-from ckptstore.cli_common import (
+from ckptstore.cli._common import (
     FAILED,
     OK,
     CliError,
@@ -41,12 +32,21 @@ from ckptstore.cli_common import (
     table,
     usage_error,
 )
+from ckptstore.convert import paths, tensor_bytes
+from ckptstore.engine.ops import (
+    CheckpointInfo,
+    open_shards,
+    read_dcp_metadata,
+    read_manifest,
+    verify,
+)
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
-from ckptstore.export import paths, tensor_bytes
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ItemEntry
-from ckptstore.policies import FINAL, KeepBest, RetentionPolicy
-from ckptstore.storage import TEMP_PREFIX, StorageBackend
+from ckptstore.layout import LATEST_FILE, STEP_NAME, TEMP_PREFIX
+from ckptstore.manager import retention
+from ckptstore.manager.policies import FINAL, KeepBest, RetentionPolicy
+from ckptstore.storage import StorageBackend
 
 TAG_ORDER = ("latest", "best", "final", "kept", "backed-up")
 
@@ -155,7 +155,7 @@ def tag(
     committed = [e for e in entries if e.status == "committed" and e.manifest is not None]
     infos = [CheckpointInfo(e.name, e.url, e.manifest) for e in committed if e.manifest]
     records = retention.records(backend, infos)
-    latest = retention.read_lines(backend, retention.LATEST_FILE)[:1]
+    latest = retention.read_lines(backend, LATEST_FILE)[:1]
     best_step = None
     if metric is not None:
         ranked = KeepBest(1, metric, mode).ranked(records)
@@ -251,7 +251,7 @@ def cmd_ls(args: argparse.Namespace, forever: list[RetentionPolicy]) -> int:
     print(f"{len(committed)} committed checkpoint(s), {size(total)}, under {backend.url}")
     if metric is not None:
         print(f"best: by {metric} ({mode})")
-    pointer = retention.read_lines(backend, retention.LATEST_FILE)[:1]
+    pointer = retention.read_lines(backend, LATEST_FILE)[:1]
     if pointer and pointer[0] not in {e.name for e in committed}:
         print(
             f"note: the latest pointer names {pointer[0]}, which is not a committed checkpoint; "

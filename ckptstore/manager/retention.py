@@ -1,7 +1,7 @@
 """Retention on a storage root: what each checkpoint looks like to a policy, and pruning.
 
 Shared by the local tier (:class:`~ckptstore.CheckpointManager`) and the backup tier
-(:class:`~ckptstore.backup.Replicator`): both decide from the manifests under the root,
+(:class:`~ckptstore.transfer.Replicator`): both decide from the manifests under the root,
 so decisions survive restarts, and both spare the newest checkpoint and the one the
 ``latest`` pointer names.
 """
@@ -12,16 +12,15 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from ckptstore._crashpoints import crash_point
-from ckptstore.checkpoint import list_checkpoints
+from ckptstore.crashpoints import crash_point
+from ckptstore.engine.ops import list_checkpoints
 from ckptstore.errors import CkptStoreError
-from ckptstore.policies import FINAL, CheckpointRecord, RetentionPolicy
+from ckptstore.layout import FINALS_FILE, LATEST_FILE
+from ckptstore.manager.policies import FINAL, CheckpointRecord, RetentionPolicy
 from ckptstore.storage import StorageBackend
 
 log = logging.getLogger("ckptstore")
 
-LATEST_FILE = "latest"  # the name of the newest committed checkpoint, replaced atomically
-FINALS_FILE = "finals"  # names of checkpoints that ended a completed run, one per line
 
 
 def read_lines(backend: StorageBackend, name: str) -> list[str]:

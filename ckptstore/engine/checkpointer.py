@@ -29,11 +29,10 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata
 
-from ckptstore import _dist
-from ckptstore.background import ErrorLedger, PendingSave, SaveResult
-from ckptstore.checkpoint import (
+from ckptstore.codecs import Codec, RawCodec, ZstdCodec, get_codec
+from ckptstore.engine import groups
+from ckptstore.engine.ops import (
     CheckpointInfo,
-    checkpoint_name,
     list_checkpoints,
     load_into,
     read_dcp_metadata,
@@ -41,7 +40,8 @@ from ckptstore.checkpoint import (
     save_staged,
     verify,
 )
-from ckptstore.codecs import Codec, RawCodec, ZstdCodec, get_codec
+from ckptstore.engine.pending import ErrorLedger, PendingSave, SaveResult
+from ckptstore.engine.stager import StagedState, StagingPool
 from ckptstore.errors import (
     CheckpointerClosedError,
     CheckpointNotFoundError,
@@ -49,7 +49,7 @@ from ckptstore.errors import (
     UnsupportedStateError,
 )
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
-from ckptstore.staging import StagedState, StagingPool
+from ckptstore.layout import checkpoint_name
 from ckptstore.storage import StorageBackend, open_backend
 
 log = logging.getLogger("ckptstore")
@@ -209,8 +209,8 @@ class Checkpointer:
         self.config = CheckpointerConfig(**config)
         self._backend: StorageBackend = open_backend(root, storage_options=storage_options)
         self._backend.check_access()  # a missing bucket or wrong credentials: fail now
-        self._group = _dist.dedicated_gloo_group(process_group)
-        self._rank = _dist.rank(self._group)
+        self._group = groups.dedicated_gloo_group(process_group)
+        self._rank = groups.rank(self._group)
         threads = self.config.threads or _default_threads()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-codec")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptstore-writer")
@@ -472,7 +472,7 @@ class Checkpointer:
             self._writer.shutdown(wait=True)
             self._pool.shutdown(wait=True)
             self._staging.close()
-            _dist.release(self._group)
+            groups.release(self._group)
         self._errors.raise_unseen()
 
     def __enter__(self) -> Checkpointer:
@@ -528,7 +528,7 @@ class Checkpointer:
                 except Exception as exc:
                     listing_error = exc
                     decision = ("error", f"{type(exc).__name__}: {exc}")
-            decision = _dist.broadcast(decision, self._group)  # type: ignore[assignment]
+            decision = groups.broadcast(decision, self._group)  # type: ignore[assignment]
             if decision[0] == "error":
                 if listing_error is not None:
                     raise listing_error

@@ -29,8 +29,8 @@ from typing import Any
 
 import xxhash
 
-from ckptstore.checkpoint import list_checkpoints, read_manifest
-from ckptstore.checkpoint import verify as verify_checkpoint
+from ckptstore.engine.ops import list_checkpoints, read_manifest
+from ckptstore.engine.ops import verify as verify_checkpoint
 from ckptstore.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -38,9 +38,10 @@ from ckptstore.errors import (
     CorruptCheckpointError,
     StorageError,
 )
-from ckptstore.format.manifest import MANIFEST_FILE, Manifest
-from ckptstore.policies import RetentionPolicy
-from ckptstore.retention import FINALS_FILE, LATEST_FILE, prune
+from ckptstore.format.manifest import Manifest
+from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE
+from ckptstore.manager.policies import RetentionPolicy
+from ckptstore.manager.retention import prune
 from ckptstore.storage import StorageBackend
 
 log = logging.getLogger("ckptstore")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from ckptstore.checkpoint import fill_from_checkpoint, load_into, read_dcp_metadata, read_manifest
+from ckptstore.engine.ops import fill_from_checkpoint, load_into, read_dcp_metadata, read_manifest
 from ckptstore.errors import CkptStoreError, UnsupportedStateError
 from ckptstore.format.manifest import Manifest
 from ckptstore.storage import StorageBackend

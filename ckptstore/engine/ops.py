@@ -1,13 +1,12 @@
 """One checkpoint: save a staged state, load into a state dict, verify, list.
 
 This layer knows the format and drives DCP; it knows nothing about asynchrony (that is
-:mod:`ckptstore.checkpointer`) or about policies (the manager). Everything here runs
+:mod:`ckptstore.engine.checkpointer`) or about policies (the manager). Everything here runs
 on the calling thread; collectives go over the gloo group it is given.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -25,13 +24,14 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ckptstore import _dist
 from ckptstore.codecs import Codec
 from ckptstore.dcp import _compat
 from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
 from ckptstore.dcp.writer import CkptStorageWriter
+from ckptstore.engine import groups
+from ckptstore.engine.stager import StagedState
 from ckptstore.errors import (
     CheckpointNotFoundError,
     CkptStoreError,
@@ -39,19 +39,10 @@ from ckptstore.errors import (
     IncompatibleCheckpointError,
 )
 from ckptstore.format.checksum import digest
-from ckptstore.format.manifest import MANIFEST_FILE, Manifest
+from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardReader
-from ckptstore.staging import StagedState
+from ckptstore.layout import MANIFEST_FILE, METADATA_FILE, STEP_NAME
 from ckptstore.storage.base import StorageBackend
-
-STEP_NAME = re.compile(r"^step_(\d{8,})$")
-
-
-def checkpoint_name(step: int) -> str:
-    """``step_00000500``: eight digits at least, so names sort like steps."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    return f"step_{step:08d}"
 
 
 @dataclass(frozen=True)
@@ -125,7 +116,7 @@ def read_manifest(
 def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) -> Metadata:
     """DCP's metadata, read only after its size and checksum match the manifest."""
     md_name = md_format.metadata_file(manifest.files)
-    where = f"{_where(backend, name)}/{md_name or md_format.METADATA_FILE}"
+    where = f"{_where(backend, name)}/{md_name or METADATA_FILE}"
     hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step)"
     entry = manifest.files.get(md_name) if md_name is not None else None
     if md_name is None or entry is None or entry.kind != "file":
@@ -176,7 +167,7 @@ def save_staged(
         codec=codec,
         pool=pool,
         step=step,
-        world_size=_dist.world_size(group),
+        world_size=groups.world_size(group),
         metadata=metadata,
         chunk_bytes=chunk_bytes,
         window=window,

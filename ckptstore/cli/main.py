@@ -12,9 +12,9 @@
     ckptstore train [...]        the reference training loop (python -m ckptstore.train)
 
 Roots and checkpoints are local paths or ``s3://`` URLs (credentials from the AWS
-environment variables or profiles). The commands live in :mod:`ckptstore.cli_inspect`
-and :mod:`ckptstore.cli_ops`; what they share (exit codes, roots, tables) in
-:mod:`ckptstore.cli_common`.
+environment variables or profiles). The commands live in :mod:`ckptstore.cli.inspect`
+and :mod:`ckptstore.cli.ops`; what they share (exit codes, roots, tables) in
+:mod:`ckptstore.cli._common`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import textwrap
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
-from ckptstore.cli_common import FAILED, OK, USAGE, CliError
+from ckptstore.cli._common import FAILED, OK, USAGE, CliError
 from ckptstore.errors import CkptStoreError
 
 DESCRIPTION = """\
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=_int_at_least(0), metavar="N", help="checkpoint N of ROOT")
     p.add_argument("--only", metavar="PREFIX", help="only keys under PREFIX (e.g. model)")
     p.add_argument("--keep-prefix", action="store_true", help="with --only: keep the full keys")
-    from ckptstore.export import DTYPES, FORMATS
+    from ckptstore.convert import DTYPES, FORMATS
 
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), metavar="DTYPE", help="bf16, fp16, fp32, fp64"
@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from ckptstore import cli_inspect, cli_ops
+    from ckptstore.cli import inspect as cli_inspect
+    from ckptstore.cli import ops as cli_ops
 
     command = args.command
     if command == "ls":

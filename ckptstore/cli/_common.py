@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ckptstore.checkpoint import STEP_NAME, checkpoint_name, list_checkpoints
+from ckptstore.engine.ops import list_checkpoints
 from ckptstore.errors import StorageError
-from ckptstore.format.manifest import MANIFEST_FILE
+from ckptstore.layout import MANIFEST_FILE, STEP_NAME, checkpoint_name
 from ckptstore.storage import LocalBackend, StorageBackend, open_backend
 
 OK, FAILED, USAGE = 0, 1, 2

@@ -13,13 +13,14 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ckptstore import _dist
-from ckptstore.checkpoint import STEP_NAME, CheckpointInfo, load_into, read_manifest, save_staged
-from ckptstore.checkpointer import AutoCodec, _check_metadata, _default_threads
 from ckptstore.codecs import get_codec
+from ckptstore.engine import groups
+from ckptstore.engine.checkpointer import AutoCodec, _check_metadata, _default_threads
+from ckptstore.engine.ops import CheckpointInfo, load_into, read_manifest, save_staged
+from ckptstore.engine.stager import stage_in_place
 from ckptstore.errors import CheckpointNotFoundError
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES
-from ckptstore.staging import stage_in_place
+from ckptstore.layout import STEP_NAME
 from ckptstore.storage import StorageBackend, open_backend
 
 
@@ -64,7 +65,7 @@ def save(
     )
     staged = stage_in_place(state_dict)
     with (
-        _dist.caller_group(process_group) as group,
+        groups.caller_group(process_group) as group,
         ThreadPoolExecutor(n_threads, thread_name_prefix="ckptstore-codec") as pool,
     ):
         save_staged(
@@ -99,7 +100,7 @@ def load(
     root, name = _split(path)
     backend = open_backend(root, storage_options=storage_options, create=False)
     with (
-        _dist.caller_group(process_group) as group,
+        groups.caller_group(process_group) as group,
         ThreadPoolExecutor(
             threads or _default_threads(), thread_name_prefix="ckptstore-codec"
         ) as pool,

@@ -1,0 +1,1 @@
+"""One checkpoint: stage, write, commit, load, verify (the :class:`Checkpointer`)."""
