@@ -16,7 +16,9 @@ checkpoints for PyTorch, on ``torch.distributed.checkpoint``.
 Importing this package is cheap: nothing runs at import beyond torch's own imports.
 """
 
-from ckptstore.engine.checkpointer import AutoCodec, Checkpointer, CheckpointerConfig
+from ckptstore.codecs.auto import AutoCodec
+from ckptstore.config import CheckpointerConfig
+from ckptstore.engine.checkpointer import Checkpointer
 from ckptstore.engine.oneshot import load, save
 from ckptstore.engine.ops import CheckpointInfo
 from ckptstore.engine.pending import PendingSave, SaveResult

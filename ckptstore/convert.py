@@ -35,7 +35,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from ckptstore.engine.ops import fill_from_checkpoint, load_into, read_dcp_metadata, read_manifest
-from ckptstore.errors import CkptStoreError, UnsupportedStateError
+from ckptstore.errors import ExportError, UnsupportedStateError
 from ckptstore.format.manifest import Manifest
 from ckptstore.storage import StorageBackend
 
@@ -58,10 +58,6 @@ CONVERTIBLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.flo
 
 FORMATS = ("pt", "safetensors")
 _SUFFIXES = {".pt": "pt", ".pth": "pt", ".bin": "pt", ".ckpt": "pt", ".safetensors": "safetensors"}
-
-
-class ExportError(CkptStoreError, ValueError):
-    """The export or import cannot be done as asked (the message says what to change)."""
 
 
 @dataclass
@@ -118,6 +114,7 @@ def read_checkpoint(
     only: str | None = None,
     keep_prefix: bool = False,
     pool: Executor | None = None,
+    manifest_key: bytes | None = None,
 ) -> Exported:
     """Read checkpoint ``name`` into plain CPU tensors and values, unsharded.
 
@@ -128,7 +125,7 @@ def read_checkpoint(
     (``model.blocks.0``) the result is a flat dict of the remaining key parts.
     ``keep_prefix`` keeps the full nesting instead.
     """
-    manifest = read_manifest(backend, name)
+    manifest = read_manifest(backend, name, manifest_key=manifest_key)
     metadata = read_dcp_metadata(backend, name, manifest)
     where = paths(metadata)
     keys = sorted(k for k in where if under(k, only))
@@ -141,7 +138,7 @@ def read_checkpoint(
     wanted = set(keys)
     target: dict[str, Any] = {}
     fill_from_checkpoint(target, metadata, lambda p: fqn(p) in wanted)
-    load_into(target, backend, name, pool=pool, group=None)
+    load_into(target, backend, name, pool=pool, group=None, manifest_key=manifest_key)
     restore_optimizer_keys(target)
     if only is None or keep_prefix:
         return Exported(target, keys, manifest, metadata, None)

@@ -7,15 +7,21 @@ working::
     CkptStoreError(Exception)
     ├── CheckpointNotFoundError        (+ FileNotFoundError)  nothing committed there
     ├── CheckpointExistsError          (+ FileExistsError)    step already committed
+    │   └── ManifestExistsError                               lost a conditional manifest put
     ├── CorruptCheckpointError         (+ OSError)            bytes on storage are wrong
     │   └── UnsafeCheckpointError                             refused unread: unsafe or unsigned
     ├── IncompatibleCheckpointError    (+ ValueError)         keys / shapes / format differ
+    ├── ExportError                    (+ ValueError)         cannot convert to / from a file
     ├── UnsupportedStateError          (+ TypeError)          a value ckptstore cannot save
     ├── StorageError                   (+ OSError)            I/O failed; errno kept
     │   └── StorageFullError                                  ENOSPC / quota
     ├── BackgroundSaveError                                   an earlier async save failed
     ├── RankFailedError                                       another rank's loop failed
-    └── CheckpointerClosedError        (+ RuntimeError)       used after close()
+    ├── InvalidOperationError          (+ RuntimeError)       called in the wrong state
+    │   └── CheckpointerClosedError                           used after close()
+    ├── CopyStoppedError                                      a copy was asked to stop
+    ├── CliError                                              a command failed; carries its exit code
+    └── BenchError                                            a benchmark's setup is wrong (exit 2)
 
 Messages say what was expected, what was found and what to do next. Errors cross
 process boundaries (DCP gathers them from every rank with pickle), so every class here
@@ -28,12 +34,18 @@ import errno as _errno
 
 __all__ = [
     "BackgroundSaveError",
+    "BenchError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "CheckpointerClosedError",
     "CkptStoreError",
+    "CliError",
+    "CopyStoppedError",
     "CorruptCheckpointError",
+    "ExportError",
     "IncompatibleCheckpointError",
+    "InvalidOperationError",
+    "ManifestExistsError",
     "RankFailedError",
     "StorageError",
     "StorageFullError",
@@ -101,8 +113,44 @@ class RankFailedError(CkptStoreError):
     """Another rank's training loop failed; this rank stops too (raised by ``maybe_save``)."""
 
 
-class CheckpointerClosedError(CkptStoreError, RuntimeError):
+class InvalidOperationError(CkptStoreError, RuntimeError):
+    """An operation called in a state that does not allow it."""
+
+
+class CheckpointerClosedError(InvalidOperationError):
     """The :class:`~ckptstore.Checkpointer` was closed; make a new one."""
+
+
+class ManifestExistsError(CheckpointExistsError):
+    """An object store's conditional put of a manifest found one there already: another
+    writer committed this checkpoint first. Raised and caught inside the storage layer."""
+
+
+class ExportError(CkptStoreError, ValueError):
+    """A checkpoint cannot be exported to, or imported from, the file asked for."""
+
+
+class CopyStoppedError(CkptStoreError):
+    """A copy between roots was asked to stop (Ctrl+C, or a replicator closing without
+    waiting); nothing of the checkpoint it was copying was committed."""
+
+
+# Exit statuses of the command line (``ckptstore``): 0 ok, 1 failed, 2 usage.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CliError(CkptStoreError):
+    """A command-line failure to report in one line that says what to do next; ``code``
+    is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class BenchError(CkptStoreError):
+    """A problem with a benchmark's setup (target, space): said plainly, exit status 2."""
 
 
 def storage_error(exc: OSError, action: str, path: str) -> StorageError:

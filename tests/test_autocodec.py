@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckptstore import CheckpointManager, SaveEvery
-from ckptstore.engine.checkpointer import AutoCodec
+from ckptstore.codecs.auto import AutoCodec
 
 MB = 1e6
 

@@ -38,9 +38,10 @@ from s3server import SECRET_KEY
 import ckptstore
 from ckptstore import CheckpointManager, SaveEvery
 from ckptstore.codecs import ElementKind, ZstdCodec
+from ckptstore.config import MANIFEST_KEY_ENV
 from ckptstore.dcp import metadata as md_format
 from ckptstore.format.checksum import digest
-from ckptstore.format.manifest import MANIFEST_KEY_ENV, _canonical
+from ckptstore.format.manifest import _canonical
 from ckptstore.storage import RangeReader, StorageBackend, open_backend
 
 KEY = b"CANARY-MANIFEST-KEY-51d0c9e2"

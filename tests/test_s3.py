@@ -22,9 +22,10 @@ from test_manager import make_state, train
 import ckptstore
 from ckptstore import CheckpointManager, KeepLast, SaveEvery
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, StorageError
+from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import S3Backend, open_backend
 from ckptstore.storage.s3 import MIN_PART_BYTES
-from ckptstore.transfer import Replicator, copy_checkpoint
+from ckptstore.transfer import copy_checkpoint
 
 MIB = 1 << 20
 

@@ -25,9 +25,9 @@ from test_manager import make_state, train
 
 import ckptstore
 from ckptstore import CheckpointManager, KeepLast, SaveEvery
+from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import S3Backend, open_backend
 from ckptstore.storage.s3 import MIN_PART_BYTES
-from ckptstore.transfer import Replicator
 
 MIB = 1 << 20
 # Fail fast instead of waiting a minute per request: short timeouts, no botocore retries

@@ -53,6 +53,7 @@ from ckptstore.bench.common import (
     summarize,
     write_json,
 )
+from ckptstore.errors import BenchError
 
 USAGE = 2
 SCALING_NAMES = ["torch_save", "dcp_save", "ckptstore_none", "ckptstore_zstd"]
@@ -158,10 +159,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\nckptstore bench: interrupted; its checkpoints were removed, no results written",
               file=sys.stderr)  # fmt: skip
         return 130
-
-
-class BenchError(Exception):
-    """A problem with the setup (target, space): said plainly, exit status 2."""
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:

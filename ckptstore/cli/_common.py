@@ -9,6 +9,7 @@ progress and notes to stderr, so that ``--json`` output and pipes stay clean.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import sys
@@ -16,12 +17,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ckptstore.config import resolve_manifest_key
 from ckptstore.engine.ops import list_checkpoints
-from ckptstore.errors import StorageError
+from ckptstore.errors import EXIT_FAILED, EXIT_USAGE, CliError, StorageError
 from ckptstore.layout import MANIFEST_FILE, STEP_NAME, checkpoint_name
 from ckptstore.storage import LocalBackend, StorageBackend, open_backend
+from ckptstore.units import format_bytes
 
-OK, FAILED, USAGE = 0, 1, 2
+OK, FAILED, USAGE = 0, EXIT_FAILED, EXIT_USAGE
 
 CREDENTIALS_HINT = (
     "credentials and endpoint come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
@@ -29,12 +32,10 @@ CREDENTIALS_HINT = (
 )
 
 
-class CliError(Exception):
-    """A failure to report in one line (it says what to do next), with an exit code."""
-
-    def __init__(self, message: str, code: int = FAILED) -> None:
-        super().__init__(message)
-        self.code = code
+@functools.cache
+def manifest_key() -> bytes | None:
+    """``$CKPTSTORE_MANIFEST_KEY``, read once: the command line takes the key from there only."""
+    return resolve_manifest_key()
 
 
 def usage_error(message: str) -> CliError:
@@ -130,7 +131,7 @@ def resolve_checkpoint(
             )
         return backend, name
     backend = open_root(text)
-    infos = list_checkpoints(backend)
+    infos = list_checkpoints(backend, manifest_key=manifest_key())
     if not infos:
         raise usage_error(
             f"no committed checkpoint under {backend.url}: pass a checkpoint "
@@ -192,12 +193,8 @@ def emit_json(obj: Any) -> None:
 
 
 def size(n: float) -> str:
-    """1234567 -> '1.23 MB' (decimal units, as the engine's own log lines)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} PB"
+    """1234567 -> '1.23 MB'."""
+    return format_bytes(n)
 
 
 def local_time(unix_s: float) -> str:

@@ -24,6 +24,7 @@ from ckptstore.cli._common import (
     find_named,
     iso_utc,
     local_time,
+    manifest_key,
     metrics_text,
     open_root,
     resolve_checkpoint,
@@ -113,7 +114,7 @@ def _read_manifests(backend: StorageBackend, names: list[str]) -> dict[str, Call
 
     def read(name: str) -> Callable[[], Manifest]:
         try:
-            manifest = read_manifest(backend, name)
+            manifest = read_manifest(backend, name, manifest_key=manifest_key())
         except CkptStoreError as exc:
             error = exc
 
@@ -288,7 +289,7 @@ def sharding(md: TensorStorageMetadata) -> str:
 
 def describe(backend: StorageBackend, name: str, only: str | None) -> dict[str, Any]:
     """What ``info`` shows, as one JSON-ready dict."""
-    manifest = read_manifest(backend, name)
+    manifest = read_manifest(backend, name, manifest_key=manifest_key())
     m = manifest
     out: dict[str, Any] = {
         "checkpoint": f"{backend.url}/{name}",
@@ -498,7 +499,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for name, _status in targets:
             status(f"checking {name}")
             try:
-                problems = verify(backend, name, pool)
+                problems = verify(backend, name, pool, manifest_key=manifest_key())
             finally:
                 status(None)
             results.append(

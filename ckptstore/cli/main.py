@@ -28,8 +28,8 @@ import textwrap
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
-from ckptstore.cli._common import FAILED, OK, USAGE, CliError
-from ckptstore.errors import CkptStoreError
+from ckptstore.cli._common import FAILED, OK, USAGE
+from ckptstore.errors import CkptStoreError, CliError
 
 DESCRIPTION = """\
 Inspect, verify, export, prune and copy ckptstore checkpoints, on local paths and

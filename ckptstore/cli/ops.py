@@ -24,6 +24,7 @@ from ckptstore.cli._common import (
     emit_json,
     is_url,
     local_path,
+    manifest_key,
     note,
     open_root,
     resolve_checkpoint,
@@ -34,7 +35,6 @@ from ckptstore.cli._common import (
 )
 from ckptstore.convert import (
     DTYPES,
-    ExportError,
     convert_dtype,
     file_format,
     flat_tensors,
@@ -46,7 +46,7 @@ from ckptstore.convert import (
     write_file,
 )
 from ckptstore.engine.ops import CheckpointInfo, list_checkpoints, read_manifest, verify
-from ckptstore.errors import CheckpointExistsError, CkptStoreError
+from ckptstore.errors import CheckpointExistsError, CkptStoreError, ExportError
 from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE, checkpoint_name
 from ckptstore.manager import retention
 from ckptstore.manager.policies import (
@@ -58,7 +58,7 @@ from ckptstore.manager.policies import (
     RetentionPolicy,
 )
 from ckptstore.storage import StorageBackend
-from ckptstore.transfer import CopyStopped, Progress, copy_checkpoint
+from ckptstore.transfer import CopyStoppedError, Progress, copy_checkpoint
 
 
 def _threads(args: argparse.Namespace) -> int:
@@ -79,7 +79,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     with ThreadPoolExecutor(_threads(args), thread_name_prefix="ckptstore-codec") as pool:
         try:
             exported = read_checkpoint(
-                backend, name, only=args.only, keep_prefix=args.keep_prefix, pool=pool
+                backend,
+                name,
+                only=args.only,
+                keep_prefix=args.keep_prefix,
+                pool=pool,
+                manifest_key=manifest_key(),
             )
         except ExportError as exc:
             raise usage_error(str(exc)) from None
@@ -131,7 +136,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     # The destination first: a taken step fails before a large file is read.
     backend = open_root(args.root, create=True)
     name = checkpoint_name(args.step)
-    existing = list_checkpoints(backend)
+    existing = list_checkpoints(backend, manifest_key=manifest_key())
     if backend.exists(f"{name}/{MANIFEST_FILE}"):
         newest = existing[-1].manifest.step if existing else args.step
         raise CliError(
@@ -229,7 +234,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         )
     policy: RetentionPolicy = parts[0][1] if len(parts) == 1 else AnyOf(*(p for _, p in parts))
     backend = open_root(args.root)
-    infos = list_checkpoints(backend)
+    infos = list_checkpoints(backend, manifest_key=manifest_key())
     if not infos:
         print(f"no committed checkpoints under {backend.url}: nothing to prune")
         return OK
@@ -250,7 +255,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     deleted: list[str] = []
     if args.yes and doomed:
         # The engine's own pruning (the same decision, taken again on a fresh listing).
-        deleted = retention.prune(backend, policy)
+        deleted = retention.prune(backend, policy, manifest_key=manifest_key())
     if args.json:
         emit_json(
             {
@@ -300,7 +305,7 @@ def existing_problems(
     ``full`` reads every byte (``verify``).
     """
     try:
-        theirs = read_manifest(dst, info.name)
+        theirs = read_manifest(dst, info.name, manifest_key=manifest_key())
     except CkptStoreError as exc:
         return "damaged", [str(exc)]
     if theirs.files != info.manifest.files:
@@ -310,7 +315,7 @@ def existing_problems(
         ]
     if full:
         with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-verify") as pool:
-            problems = verify(dst, info.name, pool)
+            problems = verify(dst, info.name, pool, manifest_key=manifest_key())
         return ("damaged" if problems else "ok"), problems
     problems = []
     for file_name, entry in sorted(theirs.files.items()):
@@ -330,7 +335,7 @@ def cmd_transfer(args: argparse.Namespace, src_url: str, dst_url: str) -> int:
     """``sync`` and ``pull``: copy committed checkpoints that ``dst`` lacks."""
     src = open_root(src_url)
     dst = open_root(dst_url, create=not is_url(dst_url))
-    infos = list_checkpoints(src)
+    infos = list_checkpoints(src, manifest_key=manifest_key())
     if args.step:
         wanted = set(args.step)
         missing = sorted(wanted - {i.manifest.step for i in infos if i.manifest.step is not None})
@@ -399,8 +404,9 @@ def cmd_transfer(args: argparse.Namespace, src_url: str, dst_url: str) -> int:
                     replace=replace,
                     progress=progress,
                     stop=stop,
+                    manifest_key=manifest_key(),
                 )
-        except CopyStopped:
+        except CopyStoppedError:
             print(f"STOPPED  {info.name}: interrupted; nothing of it was committed")
             print(
                 f"{len(copied)} copied before the interruption; run the same command again to "
@@ -499,7 +505,7 @@ def _housekeeping(src: StorageBackend, dst: StorageBackend) -> None:
     """After copying: ``dst``'s ``latest`` names its newest checkpoint, and checkpoints
     that ended a completed run (``finals``) are marked there too."""
     try:
-        names = [i.name for i in list_checkpoints(dst)]
+        names = [i.name for i in list_checkpoints(dst, manifest_key=manifest_key())]
         if names:
             pointer = retention.read_lines(dst, LATEST_FILE)[:1]
             if not pointer or pointer[0] not in names or pointer[0] < names[-1]:

@@ -16,23 +16,24 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import json
 import logging
-import math
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata
 
-from ckptstore.codecs import Codec, RawCodec, ZstdCodec, get_codec
+from ckptstore.codecs import RawCodec, get_codec
+from ckptstore.codecs.auto import AutoCodec
+from ckptstore.config import CheckpointerConfig, io_window
 from ckptstore.engine import groups
 from ckptstore.engine.ops import (
     CheckpointInfo,
+    check_info,
+    check_metadata,
     list_checkpoints,
     load_into,
     read_dcp_metadata,
@@ -46,140 +47,12 @@ from ckptstore.errors import (
     CheckpointerClosedError,
     CheckpointNotFoundError,
     CkptStoreError,
-    UnsupportedStateError,
 )
-from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 from ckptstore.layout import checkpoint_name
 from ckptstore.storage import StorageBackend, open_backend
+from ckptstore.units import format_bytes
 
 log = logging.getLogger("ckptstore")
-
-
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-@dataclass(frozen=True)
-class CheckpointerConfig:
-    """How a :class:`Checkpointer` saves. Every field has a default that suits most runs.
-
-    codec: ``"auto"`` (uncompressed unless compressing finishes the write sooner; see
-        :class:`AutoCodec`), ``"none"``, ``"zstd"``, or a config dict such as
-        ``{"id": "zstd", "level": 3}``.
-    max_inflight: saves in flight at once; each holds one staging buffer the size of
-        the state. The next ``save_async`` waits for a slot (backpressure).
-    threads: worker threads for encoding, hashing and I/O: the CPU budget of a save.
-        Default: every core this process may run on. Lower it to keep cores for a
-        CPU-bound training loop.
-    chunk_bytes: size of independently encoded chunks.
-    max_staging_bytes: cap on host memory for staging buffers (None: max_inflight x
-        the state size).
-    pin_memory: pin staging buffers (default: when CUDA is available).
-    sweep_grace_s: at start-up, leftovers of dead saves older than this are removed.
-        Default: 60 s on local disk, where a lock protects a save in progress whatever
-        its age; 1 hour on object stores, where nothing but age can (make it longer
-        than your slowest save).
-    manifest_key: a secret (bytes) to sign every manifest with (HMAC-SHA256) and to
-        require on every load, verify and listing: a checkpoint whose manifest is not
-        signed with it is refused before any other file is read, so someone who can
-        write to the checkpoint root but lacks the key cannot make a load read files
-        of their choosing. None (default): ``$CKPTSTORE_MANIFEST_KEY`` (UTF-8) if set,
-        else unsigned. Never shown in ``repr``; keep it out of logs and manifests.
-    """
-
-    codec: str | dict[str, Any] = "auto"
-    max_inflight: int = 1
-    threads: int | None = None
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    max_staging_bytes: int | None = None
-    pin_memory: bool | None = None
-    sweep_grace_s: float | None = None
-    manifest_key: bytes | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.codec != "auto":
-            get_codec(self.codec)  # raises ValueError naming the known codecs
-        if not isinstance(self.max_inflight, int) or self.max_inflight < 1:
-            raise ValueError(f"max_inflight must be an int >= 1, got {self.max_inflight!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be an int >= 1 or None, got {self.threads!r}")
-        if (
-            not isinstance(self.chunk_bytes, int)
-            or not 4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES
-            or self.chunk_bytes % 4096
-        ):
-            raise ValueError(
-                f"chunk_bytes must be a multiple of 4096 up to {MAX_CHUNK_BYTES}, got {self.chunk_bytes!r}"
-            )
-        if self.max_staging_bytes is not None and self.max_staging_bytes <= 0:
-            raise ValueError(
-                f"max_staging_bytes must be positive or None, got {self.max_staging_bytes!r}"
-            )
-        if self.sweep_grace_s is not None and self.sweep_grace_s < 0:
-            raise ValueError(f"sweep_grace_s must be >= 0, got {self.sweep_grace_s!r}")
-        if self.manifest_key is not None and (
-            not isinstance(self.manifest_key, bytes) or not self.manifest_key
-        ):
-            raise ValueError("manifest_key must be non-empty bytes or None")  # never echo it
-
-
-class AutoCodec:
-    """``codec="auto"``: compress only when that makes the write finish sooner.
-
-    Writing ``S`` raw bytes takes ``S/W`` uncompressed (``W``: the destination's write
-    speed) and ``max(S/(E*T), r*S/W)`` compressed (``E``: zstd speed per thread, ``T``
-    threads, ``r`` ratio), since encoding and writing overlap. zstd is chosen when that
-    is at least 10% less. ``W``, ``E`` and ``r`` are measured on every save; before the
-    first measurement a local disk starts uncompressed and anything else compressed,
-    and ``E`` is taken as 0.7 GB/s per thread (what this codec did on fp32 weights).
-
-    On a ~2-3 GB/s local disk with 2 cores this keeps saves uncompressed (zstd would
-    be the bottleneck); on object storage or a network file system it compresses.
-    """
-
-    _MARGIN = 0.9
-
-    def __init__(self, *, local: bool, threads: int) -> None:
-        self.threads = threads
-        self.write_bps: float | None = None
-        # A backup tier uploads every checkpoint after it is written: then the time that
-        # counts is until backed up, and ``downstream_bps`` (the upload's measured speed,
-        # None until one is measured) adds ``S/D`` raw or ``r*S/D`` compressed.
-        self.downstream = False
-        self.downstream_bps: float | None = None
-        self.encode_bps: float = 0.7e9
-        self.ratio = 0.85
-        self._local = local
-        self._raw = RawCodec()
-        self._zstd = ZstdCodec()
-
-    def choose(self) -> Codec:
-        if self.downstream and self.downstream_bps is None:
-            return self._zstd  # an upload of unknown speed follows: start compressed
-        if self.write_bps is None and not self.downstream:
-            return self._raw if self._local else self._zstd
-        t_raw = 1.0 / self.write_bps if self.write_bps else 0.0
-        t_zstd = max(
-            1.0 / (self.encode_bps * self.threads),
-            self.ratio / self.write_bps if self.write_bps else 0.0,
-        )
-        if self.downstream and self.downstream_bps:
-            t_raw += 1.0 / self.downstream_bps
-            t_zstd += self.ratio / self.downstream_bps
-        return self._zstd if t_zstd < self._MARGIN * t_raw else self._raw
-
-    def observe(
-        self, codec: Codec, raw_bytes: int, stored_bytes: int, sink_s: float, encode_s: float
-    ) -> None:
-        if raw_bytes < (16 << 20) or sink_s <= 0:
-            return  # too small to say anything about throughput
-        self.write_bps = stored_bytes / sink_s
-        if codec.codec_id == "zstd" and encode_s > 0:
-            self.encode_bps = raw_bytes / encode_s
-            self.ratio = stored_bytes / raw_bytes
 
 
 class Checkpointer:
@@ -211,7 +84,7 @@ class Checkpointer:
         self._backend.check_access()  # a missing bucket or wrong credentials: fail now
         self._group = groups.dedicated_gloo_group(process_group)
         self._rank = groups.rank(self._group)
-        threads = self.config.threads or _default_threads()
+        threads = self._threads = self.config.resolved_threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-codec")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptstore-writer")
         self._staging = StagingPool(
@@ -286,8 +159,8 @@ class Checkpointer:
         """
         self._check_open()
         name = checkpoint_name(step)
-        user_md = _check_metadata(metadata)
-        info = _check_info(epoch, reason, metrics)
+        user_md = check_metadata(metadata)
+        info = check_info(epoch, reason, metrics)
         with self._lock:
             if step in self._inflight:
                 raise ValueError(f"step {step} is already being saved; wait for it first")
@@ -360,7 +233,7 @@ class Checkpointer:
                 step=pending.step,
                 metadata=metadata,
                 chunk_bytes=self.config.chunk_bytes,
-                window=2 * self._pool._max_workers + 2,
+                window=io_window(self._threads),
                 info=info,
                 manifest_key=self.config.manifest_key,
             )
@@ -391,8 +264,8 @@ class Checkpointer:
                 "%s committed%s: %s -> %s (%s, ratio %.2f), stall %.0f ms, durable after %.2f s",
                 name,
                 f" ({reason})" if reason else "",
-                _fmt(result.raw_bytes),
-                _fmt(result.stored_bytes),
+                format_bytes(result.raw_bytes),
+                format_bytes(result.stored_bytes),
                 result.codec,
                 result.ratio,
                 stall_s * 1e3,
@@ -575,43 +448,3 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.url!r}, codec={self.config.codec!r}, max_inflight={self.config.max_inflight})"
-
-
-def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        raise UnsupportedStateError(f"metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        return dict(json.loads(json.dumps(metadata, allow_nan=False)))
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedStateError(
-            f"metadata must be JSON (numbers, strings, lists, dicts; no NaN): {exc}"
-        ) from None
-
-
-def _check_info(
-    epoch: int | None, reason: str | None, metrics: dict[str, float] | None
-) -> dict[str, Any]:
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
-        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-    if reason is not None and not isinstance(reason, str):
-        raise ValueError(f"reason must be a string, got {reason!r}")
-    clean: dict[str, float | None] = {}
-    for k, v in (metrics or {}).items():
-        if not isinstance(k, str):
-            raise ValueError(f"metric names must be strings, got {k!r}")
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"metric {k!r} must be a number, got {v!r}") from None
-        clean[k] = f if math.isfinite(f) else None  # a NaN loss is recorded as null
-    return {"epoch": epoch, "reason": reason, "metrics": clean}
-
-
-def _fmt(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"

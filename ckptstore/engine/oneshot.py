@@ -14,25 +14,25 @@ from typing import Any
 import torch.distributed as dist
 
 from ckptstore.codecs import get_codec
+from ckptstore.codecs.auto import AutoCodec
+from ckptstore.config import default_threads, io_window, resolve_manifest_key
 from ckptstore.engine import groups
-from ckptstore.engine.checkpointer import AutoCodec, _check_metadata, _default_threads
-from ckptstore.engine.ops import CheckpointInfo, load_into, read_manifest, save_staged
+from ckptstore.engine.ops import (
+    CheckpointInfo,
+    check_metadata,
+    load_into,
+    read_manifest,
+    save_staged,
+)
 from ckptstore.engine.stager import stage_in_place
 from ckptstore.errors import CheckpointNotFoundError
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES
-from ckptstore.layout import STEP_NAME
+from ckptstore.layout import STEP_NAME, split_checkpoint_path
 from ckptstore.storage import StorageBackend, open_backend
 
 
 def _split(path: str | os.PathLike[str]) -> tuple[str, str]:
-    text = os.fspath(path).rstrip("/")
-    if "://" in text:
-        scheme, rest = text.split("://", 1)
-        parent, _, name = rest.rpartition("/")
-        root = f"{scheme}://{parent}"
-    else:
-        text = os.path.abspath(os.path.expanduser(text))
-        root, name = os.path.split(text)
+    root, name = split_checkpoint_path(os.fspath(path))
     if not name:
         raise ValueError(f"{os.fspath(path)!r} does not name a checkpoint directory")
     return root, name
@@ -55,9 +55,10 @@ def save(
     holds a committed checkpoint: ckptstore never overwrites one.
     """
     root, name = _split(path)
-    user_md = _check_metadata(metadata)
+    user_md = check_metadata(metadata)
+    key = resolve_manifest_key()
     backend = open_backend(root, storage_options=storage_options)
-    n_threads = threads or _default_threads()
+    n_threads = threads or default_threads()
     chosen = (
         AutoCodec(local=backend.is_local(), threads=n_threads).choose()
         if codec == "auto"
@@ -78,9 +79,11 @@ def save(
             step=step,
             metadata=user_md,
             chunk_bytes=DEFAULT_CHUNK_BYTES,
-            window=2 * n_threads + 2,
+            window=io_window(n_threads),
+            manifest_key=key,
         )
-    return CheckpointInfo(name, f"{backend.url}/{name}", read_manifest(backend, name))
+    manifest = read_manifest(backend, name, manifest_key=key)
+    return CheckpointInfo(name, f"{backend.url}/{name}", manifest)
 
 
 def load(
@@ -102,12 +105,18 @@ def load(
     with (
         groups.caller_group(process_group) as group,
         ThreadPoolExecutor(
-            threads or _default_threads(), thread_name_prefix="ckptstore-codec"
+            threads or default_threads(), thread_name_prefix="ckptstore-codec"
         ) as pool,
     ):
         try:
             manifest = load_into(
-                state_dict, backend, name, pool=pool, group=group, allow_partial=allow_partial
+                state_dict,
+                backend,
+                name,
+                pool=pool,
+                group=group,
+                allow_partial=allow_partial,
+                manifest_key=resolve_manifest_key(),
             )
         except CheckpointNotFoundError as exc:
             hint = _root_hint(path)

@@ -7,6 +7,8 @@ on the calling thread; collectives go over the gloo group it is given.
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
@@ -37,6 +39,7 @@ from ckptstore.errors import (
     CkptStoreError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    UnsupportedStateError,
 )
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import Manifest
@@ -432,3 +435,35 @@ def list_checkpoints(
         infos.append(CheckpointInfo(name, _where(backend, name), manifest))
     infos.sort(key=lambda info: info.manifest.step or 0)
     return infos
+
+
+def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise UnsupportedStateError(f"metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        return dict(json.loads(json.dumps(metadata, allow_nan=False)))
+    except (TypeError, ValueError) as exc:
+        raise UnsupportedStateError(
+            f"metadata must be JSON (numbers, strings, lists, dicts; no NaN): {exc}"
+        ) from None
+
+
+def check_info(
+    epoch: int | None, reason: str | None, metrics: dict[str, float] | None
+) -> dict[str, Any]:
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError(f"reason must be a string, got {reason!r}")
+    clean: dict[str, float | None] = {}
+    for k, v in (metrics or {}).items():
+        if not isinstance(k, str):
+            raise ValueError(f"metric names must be strings, got {k!r}")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"metric {k!r} must be a number, got {v!r}") from None
+        clean[k] = f if math.isfinite(f) else None  # a NaN loss is recorded as null
+    return {"epoch": epoch, "reason": reason, "metrics": clean}

@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor
 from ckptstore.dcp.planner import SerializedValue
 from ckptstore.errors import CkptStoreError, UnsupportedStateError
 from ckptstore.format.shard import dtype_name
+from ckptstore.units import format_bytes
 
 _PAGE = 4096
 _SMALL_ALIGN = 64
@@ -201,8 +202,8 @@ class StagingPool:
     ) -> _Arena:
         if self._max_bytes is not None and nbytes > self._max_bytes:
             raise CkptStoreError(
-                f"staging this state needs {_fmt_bytes(nbytes)} of host memory, more than the "
-                f"staging budget of {_fmt_bytes(self._max_bytes)}: raise max_staging_bytes"
+                f"staging this state needs {format_bytes(nbytes)} of host memory, more than the "
+                f"staging budget of {format_bytes(self._max_bytes)}: raise max_staging_bytes"
             )
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
@@ -385,11 +386,3 @@ def _serialize(fqn: str, value: Any) -> SerializedValue:
             f"(numbers, strings, lists, tuples, dicts). ({first})"
         ) from None
     return SerializedValue(data)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"

@@ -44,7 +44,6 @@ import hashlib
 import hmac
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,19 +58,7 @@ from ckptstore.layout import MANIFEST_FILE, check_name
 FORMAT_NAME = "ckptstore"
 FORMAT_VERSION = 1
 FILE_KINDS = ("file", "shard")
-MANIFEST_KEY_ENV = "CKPTSTORE_MANIFEST_KEY"
 HMAC_ALGORITHM = "hmac-sha256"
-
-
-def manifest_key(key: bytes | None = None) -> bytes | None:
-    """The key manifests are signed and checked with: ``key`` if given, else the UTF-8
-    bytes of ``$CKPTSTORE_MANIFEST_KEY`` if set and non-empty, else None (unsigned)."""
-    if key is not None:
-        if not isinstance(key, (bytes, bytearray)) or not key:
-            raise ValueError("manifest_key must be non-empty bytes or None")
-        return bytes(key)
-    env = os.environ.get(MANIFEST_KEY_ENV)
-    return env.encode() if env else None
 
 
 def _sign(key: bytes, body: dict[str, Any]) -> str:
@@ -131,9 +118,9 @@ class Manifest:
         }
 
     def to_json(self, key: bytes | None = None) -> bytes:
-        """The manifest's bytes; signed (see module doc) when :func:`manifest_key` finds a key."""
+        """The manifest's bytes; signed with ``key`` (HMAC-SHA256, see module doc) when given."""
         body = self.body()
-        secret = manifest_key(key)
+        secret = key
         if secret is not None:
             body["hmac"] = _sign(secret, body)
         body["checksum"] = f"{ALGORITHM}:{digest(_canonical(body))}"
@@ -143,7 +130,7 @@ class Manifest:
     def from_json(cls, data: bytes, where: str, *, key: bytes | None = None) -> Manifest:
         """Parse and check a manifest read from ``where`` (a checkpoint, for messages).
 
-        With a key (``key``, else ``$CKPTSTORE_MANIFEST_KEY``), a manifest whose HMAC is
+        With a ``key``, a manifest whose HMAC is
         missing or wrong raises :class:`UnsafeCheckpointError` before any field is used.
         """
         hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step) on this one"
@@ -175,7 +162,7 @@ class Manifest:
                 f"to {expected!r}); {hint}"
             )
         stated_mac = body.pop("hmac", None)
-        secret = manifest_key(key)
+        secret = key
         if secret is not None and not (
             isinstance(stated_mac, str)
             and hmac.compare_digest(

@@ -62,6 +62,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ckptstore.config import resolve_manifest_key
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
 from ckptstore.engine.ops import (
@@ -100,8 +101,9 @@ from ckptstore.manager.policies import (
     SaveContext,
     SavePolicy,
 )
+from ckptstore.manager.replicate import BackupStatus, Replicator
 from ckptstore.storage import StorageBackend, open_backend
-from ckptstore.transfer import BackupStatus, Replicator, fetch
+from ckptstore.transfer import fetch
 
 log = logging.getLogger("ckptstore")
 
@@ -183,7 +185,7 @@ class CheckpointManager:
         self._storage_options = storage_options
         self._process_group = process_group
         # Signs and checks manifests here, on the backup and in restore-by-path too.
-        self._manifest_key: bytes | None = checkpointer_config.get("manifest_key")
+        self._manifest_key = resolve_manifest_key(checkpointer_config.get("manifest_key"))
         if not enabled:
             log.warning("checkpointing is disabled: nothing will be saved under %s", self._root)
             checkpointer_config.setdefault("sweep_grace_s", float("inf"))  # read-only

@@ -22,7 +22,6 @@ from ckptstore.storage import StorageBackend
 log = logging.getLogger("ckptstore")
 
 
-
 def read_lines(backend: StorageBackend, name: str) -> list[str]:
     try:
         text = backend.read_bytes(name).decode()

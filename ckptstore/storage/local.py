@@ -40,6 +40,7 @@ import numpy as np
 from ckptstore.crashpoints import crash_point
 from ckptstore.errors import (
     CheckpointExistsError,
+    InvalidOperationError,
     StorageError,
     UnsafeCheckpointError,
     storage_error,
@@ -314,7 +315,7 @@ class _LocalPending(PendingCheckpoint):
 
     def commit(self, manifest: bytes) -> None:
         if self._final is None:
-            raise RuntimeError("only the rank that began a checkpoint commits it")
+            raise InvalidOperationError("only the rank that began a checkpoint commits it")
         final = os.path.join(self._backend.root, self._final)
         crash_point("local.commit.before_manifest")
         self.write_file(MANIFEST_FILE, manifest)

@@ -33,7 +33,13 @@ import weakref
 from typing import Any
 
 from ckptstore.crashpoints import crash_point
-from ckptstore.errors import CheckpointExistsError, StorageError, storage_error
+from ckptstore.errors import (
+    CheckpointExistsError,
+    InvalidOperationError,
+    ManifestExistsError,
+    StorageError,
+    storage_error,
+)
 from ckptstore.layout import MANIFEST_FILE, check_name
 from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, StorageBackend
 
@@ -41,10 +47,6 @@ from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, Sto
 # Weak: a pending checkpoint nobody holds any more can never commit, so it is not live.
 # (fsspec caches file system instances, so the same store is the same object.)
 _LIVE: weakref.WeakValueDictionary[tuple[int, str], _FsspecPending] = weakref.WeakValueDictionary()
-
-
-class ManifestExists(Exception):
-    """``_create_manifest`` found a manifest already there: another writer committed."""
 
 
 def _translate(exc: Exception, action: str, path: str) -> StorageError:
@@ -157,12 +159,12 @@ class _FsspecPending(PendingCheckpoint):
 
     def commit(self, manifest: bytes) -> None:
         if not self._coordinator:
-            raise RuntimeError("only the rank that began a checkpoint commits it")
+            raise InvalidOperationError("only the rank that began a checkpoint commits it")
         path = self._backend._path(f"{self.name}/{MANIFEST_FILE}")
         crash_point("fsspec.commit.before_manifest")
         try:
             self._backend._create_manifest(path, manifest)
-        except ManifestExists:
+        except ManifestExistsError:
             self._discard_strays(path)
             raise CheckpointExistsError(
                 f"{self._backend.url}/{self.name} was committed by another writer while "
@@ -214,9 +216,9 @@ class FsspecBackend(StorageBackend):
         return _MemorySink(self.fs, path)
 
     def _create_manifest(self, path: str, data: bytes) -> None:
-        """Write ``data`` at ``path`` unless it exists (then :class:`ManifestExists`)."""
+        """Write ``data`` at ``path`` unless it exists (then :class:`ManifestExistsError`)."""
         if self.fs.exists(path):
-            raise ManifestExists(path)
+            raise ManifestExistsError(path)
         self.fs.pipe_file(path, data)
 
     def list_names(self) -> list[str]:

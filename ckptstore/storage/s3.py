@@ -36,7 +36,12 @@ from typing import Any
 from ckptstore.crashpoints import crash_point
 from ckptstore.errors import StorageError
 from ckptstore.storage.base import FileSink, RangeReader
-from ckptstore.storage.objectstore import FsspecBackend, ManifestExists, _FsspecReader, _translate
+from ckptstore.storage.objectstore import (
+    FsspecBackend,
+    ManifestExistsError,
+    _FsspecReader,
+    _translate,
+)
 
 log = logging.getLogger("ckptstore")
 
@@ -333,7 +338,7 @@ class S3Backend(FsspecBackend):
                 self.fs.invalidate_cache(path)
                 return
             except FileExistsError:  # s3fs's word for 412 Precondition Failed
-                raise ManifestExists(path) from None
+                raise ManifestExistsError(path) from None
             except Exception as exc:
                 if _code(exc) not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
                     raise

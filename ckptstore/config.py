@@ -1,0 +1,111 @@
+"""Configuration, one frozen dataclass per layer, each validated once when it is made.
+
+- :class:`CheckpointerConfig`: how one :class:`~ckptstore.Checkpointer` saves (codec,
+  threads, staging memory, the manifest key).
+
+Secrets and environment fallbacks are resolved here, once, and never shown in a
+``repr``: ``manifest_key=None`` takes ``$CKPTSTORE_MANIFEST_KEY`` when a config is made,
+and what is below (the engine, the format) uses exactly the key it is given.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptstore.codecs import get_codec
+from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+
+MANIFEST_KEY_ENV = "CKPTSTORE_MANIFEST_KEY"
+
+
+def resolve_manifest_key(key: bytes | None = None) -> bytes | None:
+    """The key manifests are signed and checked with: ``key`` if given, else the UTF-8
+    bytes of ``$CKPTSTORE_MANIFEST_KEY`` if set and non-empty, else None (unsigned)."""
+    if key is not None:
+        if not isinstance(key, (bytes, bytearray)) or not key:
+            raise ValueError("manifest_key must be non-empty bytes or None")  # never echo it
+        return bytes(key)
+    env = os.environ.get(MANIFEST_KEY_ENV)
+    return env.encode() if env else None
+
+
+def default_threads() -> int:
+    """Worker threads when ``threads=None``: every core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def io_window(threads: int) -> int:
+    """Chunks a save keeps in flight at once: enough to keep ``threads`` workers busy
+    while the writer drains finished ones, small enough to bound memory."""
+    return 2 * threads + 2
+
+
+@dataclass(frozen=True)
+class CheckpointerConfig:
+    """How a :class:`Checkpointer` saves. Every field has a default that suits most runs.
+
+    codec: ``"auto"`` (uncompressed unless compressing finishes the write sooner; see
+        :class:`~ckptstore.codecs.auto.AutoCodec`), ``"none"``, ``"zstd"``, or a config dict such as
+        ``{"id": "zstd", "level": 3}``.
+    max_inflight: saves in flight at once; each holds one staging buffer the size of
+        the state. The next ``save_async`` waits for a slot (backpressure).
+    threads: worker threads for encoding, hashing and I/O: the CPU budget of a save.
+        Default: every core this process may run on. Lower it to keep cores for a
+        CPU-bound training loop.
+    chunk_bytes: size of independently encoded chunks.
+    max_staging_bytes: cap on host memory for staging buffers (None: max_inflight x
+        the state size).
+    pin_memory: pin staging buffers (default: when CUDA is available).
+    sweep_grace_s: at start-up, leftovers of dead saves older than this are removed.
+        Default: 60 s on local disk, where a lock protects a save in progress whatever
+        its age; 1 hour on object stores, where nothing but age can (make it longer
+        than your slowest save).
+    manifest_key: a secret (bytes) to sign every manifest with (HMAC-SHA256) and to
+        require on every load, verify and listing: a checkpoint whose manifest is not
+        signed with it is refused before any other file is read, so someone who can
+        write to the checkpoint root but lacks the key cannot make a load read files
+        of their choosing. None (default): ``$CKPTSTORE_MANIFEST_KEY`` (UTF-8) if set,
+        else unsigned. Never shown in ``repr``; keep it out of logs and manifests.
+    """
+
+    codec: str | dict[str, Any] = "auto"
+    max_inflight: int = 1
+    threads: int | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_staging_bytes: int | None = None
+    pin_memory: bool | None = None
+    sweep_grace_s: float | None = None
+    manifest_key: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.codec != "auto":
+            get_codec(self.codec)  # raises ValueError naming the known codecs
+        if not isinstance(self.max_inflight, int) or self.max_inflight < 1:
+            raise ValueError(f"max_inflight must be an int >= 1, got {self.max_inflight!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be an int >= 1 or None, got {self.threads!r}")
+        if (
+            not isinstance(self.chunk_bytes, int)
+            or not 4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES
+            or self.chunk_bytes % 4096
+        ):
+            raise ValueError(
+                f"chunk_bytes must be a multiple of 4096 up to {MAX_CHUNK_BYTES}, got {self.chunk_bytes!r}"
+            )
+        if self.max_staging_bytes is not None and self.max_staging_bytes <= 0:
+            raise ValueError(
+                f"max_staging_bytes must be positive or None, got {self.max_staging_bytes!r}"
+            )
+        if self.sweep_grace_s is not None and self.sweep_grace_s < 0:
+            raise ValueError(f"sweep_grace_s must be >= 0, got {self.sweep_grace_s!r}")
+        object.__setattr__(self, "manifest_key", resolve_manifest_key(self.manifest_key))
+
+    @property
+    def resolved_threads(self) -> int:
+        """``threads``, or :func:`default_threads` when None."""
+        return self.threads or default_threads()

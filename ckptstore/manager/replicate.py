@@ -1,0 +1,404 @@
+"""The backup tier: :class:`Replicator` copies each committed local checkpoint to a remote
+root on a background thread for ``CheckpointManager(backup=...)``.
+
+It never blocks the caller, keeps a bounded backlog (older pending checkpoints are
+skipped for newer ones, and said so; the newest is always uploaded), retries with
+exponential backoff while the remote is unreachable, warns how far behind the backup
+is, applies its own retention to the remote, and moves the remote's ``latest`` pointer.
+Each copy is :func:`ckptstore.transfer.copy_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ckptstore.engine.ops import list_checkpoints
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptStoreError,
+    CopyStoppedError,
+    CorruptCheckpointError,
+    StorageError,
+)
+from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE
+from ckptstore.manager.policies import RetentionPolicy
+from ckptstore.manager.retention import prune
+from ckptstore.storage import StorageBackend
+from ckptstore.transfer import Progress, copy_checkpoint
+
+log = logging.getLogger("ckptstore")
+
+
+@dataclass(frozen=True)
+class BackupStatus:
+    """Where the backup stands."""
+
+    remote: str
+    newest_backed_up: str | None  # by this replicator, or found on the remote at start
+    in_progress: str | None
+    queued: tuple[str, ...]
+    skipped: tuple[str, ...]  # superseded by newer checkpoints before they were uploaded
+    failures: int  # consecutive failed attempts (0: healthy)
+    last_error: str | None
+    behind_s: float  # since the oldest committed checkpoint not yet backed up (0: none)
+
+
+class Replicator:
+    """Copies each committed local checkpoint to ``remote`` on a background thread.
+
+    ``submit(name)`` after a local commit; never blocks. ``max_queued`` checkpoints wait
+    at most (beyond the one uploading): when a newer one arrives, the oldest waiting is
+    skipped. A failed upload is retried with exponential backoff (``retry_initial_s`` up
+    to ``retry_max_s``) until it succeeds or a newer checkpoint supersedes it.
+    """
+
+    def __init__(
+        self,
+        local: StorageBackend,
+        remote: StorageBackend,
+        *,
+        keep: RetentionPolicy | None = None,
+        max_queued: int = 1,
+        threads: int = 4,
+        retry_initial_s: float = 1.0,
+        retry_max_s: float = 60.0,
+        probe_timeout_s: float = 20.0,
+        catch_up: bool = True,
+        on_backed_up: Callable[[str], None] | None = None,
+        on_speed: Callable[[float], None] | None = None,
+        manifest_key: bytes | None = None,
+    ) -> None:
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be at least 1, got {max_queued}")
+        self.local = local
+        self.remote = remote
+        self.keep = keep
+        self.max_queued = max_queued
+        self.threads = threads
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self._on_backed_up = on_backed_up
+        self._on_speed = on_speed
+        self._manifest_key = manifest_key
+        self._cond = threading.Condition()
+        self._queue: list[str] = []
+        self._queued_at: dict[str, float] = {}
+        self._current: str | None = None
+        self._skipped: list[str] = []
+        self._failures = 0
+        self._last_error: str | None = None
+        self._newest: str | None = None
+        self._closing = False
+        self._leave = False
+        self._catching_up = catch_up  # wait() waits for the start-up comparison too
+        self._wake = threading.Event()
+        self._stop = threading.Event()  # abandon the upload in progress
+        self.progress: Progress | None = None
+        self._probe(probe_timeout_s)
+        self._thread = threading.Thread(
+            target=self._run, args=(catch_up,), name="ckptstore-backup", daemon=True
+        )
+        self._thread.start()
+
+    def _probe(self, timeout_s: float) -> None:
+        """Missing bucket or wrong credentials: fail now. Unreachable: warn, go on."""
+        result: list[BaseException | None] = []
+
+        def probe() -> None:
+            try:
+                self.remote.check_access()
+                result.append(None)
+            except BaseException as exc:
+                result.append(exc)
+
+        t = threading.Thread(target=probe, name="ckptstore-backup-probe", daemon=True)
+        t.start()
+        t.join(timeout_s)
+        if not result:
+            log.warning(
+                "backup: %s did not answer within %.0f s; saving locally, and backing up "
+                "once it answers",
+                self.remote.url,
+                timeout_s,
+            )
+            return
+        exc = result[0]
+        if exc is None:
+            return
+        message = str(exc)
+        if isinstance(exc, StorageError) and ("does not exist" in message or "denied" in message):
+            raise exc
+        log.warning(
+            "backup: cannot reach %s now (%s); saving locally, and backing up once it answers",
+            self.remote.url,
+            message,
+        )
+
+    # ---- the caller's side ----------------------------------------------------------
+    def submit(self, name: str) -> None:
+        with self._cond:
+            if self._closing or name == self._current or name in self._queue:
+                return
+            self._queue.append(name)
+            self._queued_at.setdefault(name, time.time())
+            while len(self._queue) > self.max_queued:
+                dropped = self._queue.pop(0)
+                self._skipped.append(dropped)
+                log.warning(
+                    "backup is behind: skipping %s (newer %s is waiting); %s stays local only",
+                    dropped,
+                    name,
+                    dropped,
+                )
+            self._cond.notify_all()
+        self._wake.set()
+
+    def busy(self) -> set[str]:
+        """Checkpoints waiting or uploading: local retention must not delete them."""
+        with self._cond:
+            return set(self._queue) | ({self._current} if self._current else set())
+
+    def status(self) -> BackupStatus:
+        with self._cond:
+            waiting = [*([self._current] if self._current else []), *self._queue]
+            oldest = min((self._queued_at.get(n, time.time()) for n in waiting), default=None)
+            return BackupStatus(
+                remote=self.remote.url,
+                newest_backed_up=self._newest,
+                in_progress=self._current,
+                queued=tuple(self._queue),
+                skipped=tuple(self._skipped),
+                failures=self._failures,
+                last_error=self._last_error,
+                behind_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
+            )
+
+    def wait(
+        self, timeout_s: float | None = None, *, give_up_after: int | None = None
+    ) -> list[str]:
+        """Wait until nothing is waiting or uploading; return what still is (on timeout,
+        or once ``give_up_after`` attempts in a row have failed)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        shown = 0.0
+        with self._cond:
+            while self._queue or self._current or self._catching_up:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if give_up_after is not None and self._failures >= give_up_after:
+                    log.warning(
+                        "giving up on the backup to %s after %d failed attempts in a row: %s",
+                        self.remote.url,
+                        self._failures,
+                        self._last_error,
+                    )
+                    break
+                now = time.monotonic()
+                if now - shown >= 5.0:
+                    shown = now
+                    self._say_waiting()
+                if self.progress is not None:
+                    self.progress.show()
+                self._cond.wait(0.5 if deadline is None else min(0.5, deadline - now))
+            return [*([self._current] if self._current else []), *self._queue]
+
+    def _say_waiting(self) -> None:
+        names = [*([self._current] if self._current else []), *self._queue]
+        extra = f"; last error: {self._last_error}" if self._failures else ""
+        log.warning(
+            "waiting for the backup to %s: %s not uploaded yet%s",
+            self.remote.url,
+            ", ".join(names),
+            extra,
+        )
+
+    def close(
+        self, wait: bool = True, timeout_s: float | None = None, give_up_after: int | None = 5
+    ) -> list[str]:
+        """Stop; first wait for pending uploads if ``wait`` (while they make progress: not
+        past ``give_up_after`` failed attempts in a row). Returns what is not backed up
+        (named in a warning too)."""
+        left: list[str] = []
+        try:
+            if wait:
+                left = self.wait(timeout_s, give_up_after=give_up_after)
+        finally:
+            with self._cond:
+                self._closing = True
+                self._leave = True
+                left = [*([self._current] if self._current else []), *self._queue]
+                self._cond.notify_all()
+            self._stop.set()
+            self._wake.set()
+            self._thread.join()
+        if left:
+            log.warning(
+                "not backed up to %s: %s (they are only on %s)",
+                self.remote.url,
+                ", ".join(left),
+                self.local.url,
+            )
+        return left
+
+    # ---- the background thread ------------------------------------------------------
+    def _run(self, catch_up: bool) -> None:
+        if catch_up:
+            try:
+                self._catch_up()
+            except Exception as exc:
+                log.warning(
+                    "backup: could not compare %s with %s: %s", self.local.url, self.remote.url, exc
+                )
+            finally:
+                with self._cond:
+                    self._catching_up = False
+                    self._cond.notify_all()
+        while True:
+            with self._cond:
+                while not self._queue and not self._leave:
+                    self._cond.wait()
+                if self._leave:
+                    return
+                name = self._queue.pop(0)
+                self._current = name
+            ok = False
+            try:
+                ok = self._attempt(name)
+            finally:
+                with self._cond:
+                    self._current = None
+                    if ok or name in self._skipped:
+                        self._queued_at.pop(name, None)
+                    elif not self._leave:
+                        # Back to the front, unless newer checkpoints fill the backlog.
+                        self._queue.insert(0, name)
+                        while len(self._queue) > self.max_queued:
+                            dropped = self._queue.pop(0)
+                            self._skipped.append(dropped)
+                            self._queued_at.pop(dropped, None)
+                            log.warning(
+                                "backup: giving up on %s, a newer one supersedes it", dropped
+                            )
+                    self._cond.notify_all()
+            if not ok and not self._leave:
+                self._backoff()
+
+    def _catch_up(self) -> None:
+        """At start: queue the newest local checkpoints the remote does not have."""
+        local = list_checkpoints(self.local, manifest_key=self._manifest_key)
+        try:
+            on_remote = list_checkpoints(self.remote, manifest_key=self._manifest_key)
+        except CkptStoreError as exc:
+            log.warning("backup: could not list %s: %s", self.remote.url, exc)
+            on_remote = []
+        remote = {i.name for i in on_remote}
+        newest_remote = max((i.manifest.step or 0 for i in on_remote), default=-1)
+        if remote:
+            with self._cond:
+                self._newest = max(remote)
+        missing = [
+            i.name for i in local if i.name not in remote and (i.manifest.step or 0) > newest_remote
+        ]
+        for name in missing[-(self.max_queued) :]:
+            self.submit(name)
+
+    def _backoff(self) -> None:
+        delay = min(self.retry_max_s, self.retry_initial_s * 2 ** max(0, self._failures - 1))
+        self._wake.clear()
+        self._wake.wait(delay)
+
+    def _attempt(self, name: str) -> bool:
+        try:
+            if self.remote.exists(f"{name}/{MANIFEST_FILE}"):
+                log.info("backup: %s is already on %s", name, self.remote.url)
+            else:
+                if name in self.remote.list_names():
+                    # Files without a manifest: an upload by a process that died. This
+                    # replicator is the backup root's only writer: clear them, or the
+                    # new upload would refuse to write over them.
+                    log.info("backup: removing an unfinished upload of %s first", name)
+                    self.remote.delete(name)
+                self.progress = Progress(f"backing up {name} to {self.remote.url}", 0)
+                start = time.monotonic()
+                manifest = copy_checkpoint(
+                    self.local,
+                    self.remote,
+                    name,
+                    threads=self.threads,
+                    progress=self.progress,
+                    stop=self._stop,
+                    manifest_key=self._manifest_key,
+                )
+                elapsed = time.monotonic() - start
+                if self._on_speed is not None and manifest.stored_bytes >= (16 << 20):
+                    self._on_speed(manifest.stored_bytes / max(elapsed, 1e-6))
+                log.info(
+                    "backup: %s is on %s (%.1f MiB in %.1f s)",
+                    name,
+                    self.remote.url,
+                    manifest.stored_bytes / 2**20,
+                    elapsed,
+                )
+        except CheckpointNotFoundError:
+            log.info("backup: %s was deleted locally before it could be uploaded", name)
+            return True
+        except FileNotFoundError:
+            log.info("backup: %s was deleted locally before it could be uploaded", name)
+            return True
+        except CorruptCheckpointError as exc:
+            log.error("backup: not uploading %s, the local copy is damaged: %s", name, exc)
+            return True
+        except CheckpointExistsError:
+            pass  # someone else backed it up meanwhile
+        except CopyStoppedError:
+            return False
+        except Exception as exc:
+            with self._cond:
+                self._failures += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                failures = self._failures
+            status = self.status()
+            log.warning(
+                "backup of %s to %s failed (attempt %d): %s; the backup is %.0f s behind "
+                "(newest backed up: %s); retrying",
+                name,
+                self.remote.url,
+                failures,
+                self._last_error,
+                status.behind_s,
+                status.newest_backed_up or "none",
+            )
+            return False
+        finally:
+            self.progress = None
+        self._after_upload(name)
+        return True
+
+    def _after_upload(self, name: str) -> None:
+        abort_orphans = getattr(self.remote, "abort_orphans", None)
+        if abort_orphans is not None:
+            abort_orphans()  # uploads a failed attempt could not abort while unreachable
+        with self._cond:
+            if self._failures:
+                log.warning("backup to %s works again", self.remote.url)
+            self._failures = 0
+            self._last_error = None
+            newer = self._newest is None or name > self._newest
+            if newer:
+                self._newest = name
+        try:
+            for small in (FINALS_FILE,):
+                with contextlib.suppress(FileNotFoundError):
+                    self.remote.put_atomic(small, self.local.read_bytes(small))
+            if newer:
+                self.remote.put_atomic(LATEST_FILE, f"{name}\n".encode())
+            prune(self.remote, self.keep, spare=self.busy(), manifest_key=self._manifest_key)
+        except CkptStoreError as exc:
+            log.warning("backup: housekeeping on %s failed: %s", self.remote.url, exc)
+        if self._on_backed_up is not None:
+            self._on_backed_up(name)
