@@ -48,8 +48,7 @@ from ckptstore.manager.policies import (
     SaveAt,
     SaveEvery,
 )
-
-__version__ = "0.1.0"
+from ckptstore.version import __version__
 
 __all__ = [
     "AnyOf",

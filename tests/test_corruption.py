@@ -13,6 +13,7 @@ import torch
 import ckptstore
 from ckptstore.codecs import get_codec
 from ckptstore.dcp.planner import SerializedValue
+from ckptstore.dcp.writer import SaveSpec
 from ckptstore.engine.ops import save_staged
 from ckptstore.engine.stager import stage_in_place
 from ckptstore.format.checksum import digest
@@ -243,13 +244,9 @@ def test_hostile_value_pickle_is_refused(root, tmp_path):
             staged,
             backend,
             "step_00000001",
-            codec=get_codec("none"),
+            SaveSpec(get_codec("none"), step=1, chunk_bytes=1 << 20, window=4),
             pool=pool,
             group=None,
-            step=1,
-            metadata={},
-            chunk_bytes=1 << 20,
-            window=4,
         )
     with ckptstore.Checkpointer(root) as ckpt:
         assert ckpt.verify(1) == []  # intact, as far as checksums go

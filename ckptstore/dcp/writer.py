@@ -21,8 +21,9 @@ import dataclasses
 import io
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,6 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-import ckptstore
 from ckptstore.codecs import Codec
 from ckptstore.dcp import metadata as md_format
 from ckptstore.errors import CkptStoreError
@@ -41,8 +41,30 @@ from ckptstore.format.manifest import FileEntry, Manifest
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, ShardInfo, ShardWriter
 from ckptstore.layout import METADATA_FILE
 from ckptstore.storage.base import PendingCheckpoint, StorageBackend
+from ckptstore.version import __version__
 
 _DCP_VERSION = "1.0.0"  # the metadata version DCP's own FileSystemWriter writes
+
+
+@dataclass(frozen=True)
+class SaveSpec:
+    """How one save is written and what its manifest records besides the files.
+
+    Made once per save by the Checkpointer (or a one-shot ``ckptstore.save``) and handed
+    down whole: ``codec``, ``chunk_bytes`` and ``window`` (chunks in flight) say how
+    shards are encoded; ``step``, ``metadata`` (the user's JSON), ``epoch``, ``reason``
+    and ``metrics`` go into the manifest, which is signed with ``manifest_key`` if set.
+    """
+
+    codec: Codec
+    step: int | None = None
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    window: int = 8
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    epoch: int | None = None
+    reason: str | None = None
+    metrics: Mapping[str, float | None] = field(default_factory=dict)
+    manifest_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -86,17 +108,11 @@ class CkptStorageWriter(StorageWriter):
         self,
         backend: StorageBackend,
         name: str,
+        spec: SaveSpec,
         *,
-        codec: Codec,
         pool: Executor,
-        step: int | None,
         world_size: int,
-        metadata: dict[str, Any] | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        window: int = 8,
         failure: str | None = None,
-        info: dict[str, Any] | None = None,
-        manifest_key: bytes | None = None,
     ) -> None:
         """``failure``: this rank could not stage its state; it still enters the save's
         collectives and fails them, so that every rank fails this save together and the
@@ -104,18 +120,12 @@ class CkptStorageWriter(StorageWriter):
         others' current one)."""
         super().__init__()
         self._failure = failure
-        self._manifest_key = manifest_key  # signs the manifest (None: $CKPTSTORE_MANIFEST_KEY)
-        self._info = dict(info or {})  # epoch, reason, metrics for the manifest
+        self._spec = spec
         self._rank = 0
         self._backend = backend
         self._name = name
-        self._codec = codec
         self._pool = pool
-        self._step = step
         self._world_size = world_size
-        self._user_metadata = dict(metadata or {})
-        self._chunk_bytes = chunk_bytes
-        self._window = window
         self._save_id = uuid.uuid4().hex
         self._pending: PendingCheckpoint | None = None
         self._committed = False
@@ -180,10 +190,10 @@ class CkptStorageWriter(StorageWriter):
     ) -> list[WriteResult]:
         writer = ShardWriter(
             pending.create_file(file_name),
-            self._codec,
+            self._spec.codec,
             self._pool,
-            chunk_bytes=self._chunk_bytes,
-            window=self._window,
+            chunk_bytes=self._spec.chunk_bytes,
+            window=self._spec.window,
         )
         placed: list[tuple[WriteItem, int, int]] = []
         try:
@@ -239,19 +249,22 @@ class CkptStorageWriter(StorageWriter):
         md_name = self._pending.stored_name(METADATA_FILE)
         self._pending.write_file(md_name, md_bytes)
         files[md_name] = FileEntry("file", len(md_bytes), digest(md_bytes))
+        spec = self._spec
         manifest = Manifest(
-            step=self._step,
+            step=spec.step,
             world_size=self._world_size,
-            codec=self._codec.get_config(),
+            codec=spec.codec.get_config(),
             files=files,
             raw_bytes=raw_bytes,
             stored_bytes=sum(f.size_bytes for f in files.values()),
             created_unix_s=time.time(),
-            metadata=self._user_metadata,
-            versions={"ckptstore": ckptstore.__version__, "torch": torch.__version__.split("+")[0]},
-            **self._info,
+            metadata=dict(spec.metadata),
+            versions={"ckptstore": __version__, "torch": torch.__version__.split("+")[0]},
+            epoch=spec.epoch,
+            reason=spec.reason,
+            metrics=dict(spec.metrics),
         )
-        self._pending.commit(manifest.to_json(self._manifest_key))
+        self._pending.commit(manifest.to_json(spec.manifest_key))
         self._committed = True
         self.manifest = manifest
 

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from ckptstore.codecs import RawCodec, get_codec
 from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import CheckpointerConfig, io_window
+from ckptstore.dcp.writer import SaveSpec
 from ckptstore.engine import groups
 from ckptstore.engine.ops import (
     CheckpointInfo,
@@ -223,19 +224,17 @@ class Checkpointer:
         try:
             codec = self._fixed_codec or self._auto.choose()
             began = time.perf_counter()
-            stats = save_staged(
-                staged,
-                self._backend,
-                name,
+            spec = SaveSpec(
                 codec=codec,
-                pool=self._pool,
-                group=self._group,
                 step=pending.step,
-                metadata=metadata,
                 chunk_bytes=self.config.chunk_bytes,
                 window=io_window(self._threads),
-                info=info,
+                metadata=metadata,
                 manifest_key=self.config.manifest_key,
+                **info,
+            )
+            stats = save_staged(
+                staged, self._backend, name, spec, pool=self._pool, group=self._group
             )
             self._auto.observe(
                 codec, stats.raw_bytes, stats.stored_bytes, stats.sink_s, stats.encode_s
@@ -292,13 +291,9 @@ class Checkpointer:
                         StagedState({}, {}, None, 0, 0, 0.0),
                         self._backend,
                         name,
-                        codec=RawCodec(),
+                        SaveSpec(RawCodec(), step=pending.step, window=2),
                         pool=self._pool,
                         group=self._group,
-                        step=pending.step,
-                        metadata=None,
-                        chunk_bytes=self.config.chunk_bytes,
-                        window=2,
                         failure=f"{type(exc).__name__}: {exc}",
                     )
         finally:

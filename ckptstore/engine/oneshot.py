@@ -16,6 +16,7 @@ import torch.distributed as dist
 from ckptstore.codecs import get_codec
 from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import default_threads, io_window, resolve_manifest_key
+from ckptstore.dcp.writer import SaveSpec
 from ckptstore.engine import groups
 from ckptstore.engine.ops import (
     CheckpointInfo,
@@ -26,7 +27,6 @@ from ckptstore.engine.ops import (
 )
 from ckptstore.engine.stager import stage_in_place
 from ckptstore.errors import CheckpointNotFoundError
-from ckptstore.format.shard import DEFAULT_CHUNK_BYTES
 from ckptstore.layout import STEP_NAME, split_checkpoint_path
 from ckptstore.storage import StorageBackend, open_backend
 
@@ -73,14 +73,11 @@ def save(
             staged,
             backend,
             name,
-            codec=chosen,
+            SaveSpec(
+                chosen, step=step, window=io_window(n_threads), metadata=user_md, manifest_key=key
+            ),
             pool=pool,
             group=group,
-            step=step,
-            metadata=user_md,
-            chunk_bytes=DEFAULT_CHUNK_BYTES,
-            window=io_window(n_threads),
-            manifest_key=key,
         )
     manifest = read_manifest(backend, name, manifest_key=key)
     return CheckpointInfo(name, f"{backend.url}/{name}", manifest)

@@ -26,12 +26,11 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ckptstore.codecs import Codec
 from ckptstore.dcp import _compat
 from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
-from ckptstore.dcp.writer import CkptStorageWriter
+from ckptstore.dcp.writer import CkptStorageWriter, SaveSpec
 from ckptstore.engine import groups
 from ckptstore.engine.stager import StagedState
 from ckptstore.errors import (
@@ -146,17 +145,11 @@ def save_staged(
     staged: StagedState,
     backend: StorageBackend,
     name: str,
+    spec: SaveSpec,
     *,
-    codec: Codec,
     pool: Executor,
     group: dist.ProcessGroup | None,
-    step: int | None,
-    metadata: dict[str, Any] | None,
-    chunk_bytes: int,
-    window: int,
     failure: str | None = None,
-    info: dict[str, Any] | None = None,
-    manifest_key: bytes | None = None,
 ) -> WriteStats:
     """Write ``staged`` as checkpoint ``name``; collective over ``group``.
 
@@ -167,16 +160,10 @@ def save_staged(
     writer = CkptStorageWriter(
         backend,
         name,
-        codec=codec,
+        spec,
         pool=pool,
-        step=step,
         world_size=groups.world_size(group),
-        metadata=metadata,
-        chunk_bytes=chunk_bytes,
-        window=window,
         failure=failure,
-        info=info,
-        manifest_key=manifest_key,
     )
     try:
         _compat.save(staged.flat, writer, StagedSavePlanner(staged.mappings), group)
