@@ -18,14 +18,21 @@ from __future__ import annotations
 import copy
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.metadata import Metadata
+
+from ckptstore.engine.ops import fill_from_checkpoint
 
 log = logging.getLogger("ckptstore")
+
+# Parts of the state whose shape only the checkpoint knows: loaded as stored.
+_FLEXIBLE = ("counters", "extras", "scaler")
 
 
 @dataclass
@@ -146,6 +153,32 @@ class TrainState:
         if self.rng and rngs:
             set_rng_state(rngs)
 
+    def load_target(self, metadata: Metadata) -> dict[str, Any]:
+        """What to load a checkpoint with DCP ``metadata`` into: :meth:`state_dict`, with
+        the parts whose shape only the checkpoint knows (counters, extras, scaler, this
+        rank's generators) shaped as stored, and parts the checkpoint lacks left out."""
+        target = self.state_dict()
+        stored = {str(p[0]) for p in _paths(metadata)}
+        for part in ("scheduler", "scaler", "data", "extras"):
+            if part in target and part not in stored:
+                log.warning(
+                    "the checkpoint has no %r: that part of the state is not restored", part
+                )
+                target.pop(part)
+        for part in _FLEXIBLE:
+            target.pop(part, None)
+            fill_from_checkpoint(target, metadata, _under(part))
+        mine = f"rank{_rank()}"  # the global rank, as TrainState saves it
+        target.pop("rng", None)
+        if self.rng and not fill_from_checkpoint(
+            target, metadata, lambda p: p[:2] == ("rng", mine)
+        ):
+            log.warning(
+                "the checkpoint has no generator state for %s (saved on fewer ranks?): not restored",
+                mine,
+            )
+        return target
+
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -211,3 +244,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
             )
         else:
             torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+
+
+def _under(part: str) -> Callable[[tuple[Any, ...]], bool]:
+    return lambda path: bool(path) and path[0] == part
+
+
+def _paths(metadata: Any) -> list[tuple[Any, ...]]:
+    planner_data = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    out: list[tuple[Any, ...]] = []
+    for fqn in metadata.state_dict_metadata:
+        path = planner_data.get(fqn)
+        out.append(path if isinstance(path, tuple) and path else tuple(fqn.split(".")))
+    return out

@@ -230,3 +230,41 @@ class AnyOf:
                 raise TypeError(f"{p!r} is not a retention policy")
             kept |= p.keep(records)
         return frozenset(kept)
+
+
+def check_policy(policy: object, kind: str) -> None:
+    """Refuse a policy of the wrong kind now, not at the first save or prune."""
+    if policy is None:
+        return
+    members = policy.policies if isinstance(policy, AnyOf) else (policy,)
+    for p in members:
+        if isinstance(p, AnyOf):
+            check_policy(p, kind)
+            continue
+        wanted = SavePolicy if kind == "save" else RetentionPolicy
+        if not isinstance(p, wanted):
+            example = "SaveEvery(steps=500)" if kind == "save" else "KeepLast(3)"
+            raise TypeError(f"{kind}= needs {wanted.__name__}s such as {example}; got {p!r}")
+
+
+def find_policy(policy: object, cls: type) -> object | None:
+    if isinstance(policy, cls):
+        return policy
+    if isinstance(policy, AnyOf):
+        for p in policy.policies:
+            found = find_policy(p, cls)
+            if found is not None:
+                return found
+    return None
+
+
+def forever_parts(policy: object) -> list[RetentionPolicy]:
+    """The parts of a retention policy that keep checkpoints for good (not KeepLast)."""
+    if isinstance(policy, (KeepEvery, KeepFinal, KeepBest)):
+        return [policy]
+    if isinstance(policy, AnyOf):
+        out: list[RetentionPolicy] = []
+        for p in policy.policies:
+            out += forever_parts(p)
+        return out
+    return []

@@ -26,7 +26,8 @@ from ckptstore.errors import (
     CorruptCheckpointError,
     StorageError,
 )
-from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE
+from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
+from ckptstore.manager import pointer
 from ckptstore.manager.policies import RetentionPolicy
 from ckptstore.manager.retention import prune
 from ckptstore.storage import StorageBackend
@@ -396,7 +397,7 @@ class Replicator:
                 with contextlib.suppress(FileNotFoundError):
                     self.remote.put_atomic(small, self.local.read_bytes(small))
             if newer:
-                self.remote.put_atomic(LATEST_FILE, f"{name}\n".encode())
+                pointer.write_latest(self.remote, name)
             prune(self.remote, self.keep, spare=self.busy(), manifest_key=self._manifest_key)
         except CkptStoreError as exc:
             log.warning("backup: housekeeping on %s failed: %s", self.remote.url, exc)

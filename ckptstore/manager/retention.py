@@ -14,20 +14,12 @@ from typing import Any
 
 from ckptstore.crashpoints import crash_point
 from ckptstore.engine.ops import list_checkpoints
-from ckptstore.errors import CkptStoreError
 from ckptstore.layout import FINALS_FILE, LATEST_FILE
+from ckptstore.manager.pointer import read_lines
 from ckptstore.manager.policies import FINAL, CheckpointRecord, RetentionPolicy
 from ckptstore.storage import StorageBackend
 
 log = logging.getLogger("ckptstore")
-
-
-def read_lines(backend: StorageBackend, name: str) -> list[str]:
-    try:
-        text = backend.read_bytes(name).decode()
-    except (FileNotFoundError, UnicodeDecodeError, CkptStoreError):
-        return []
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def records(backend: StorageBackend, infos: Iterable[Any]) -> list[CheckpointRecord]:

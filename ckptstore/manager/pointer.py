@@ -1,0 +1,43 @@
+"""The small files beside a root's checkpoints: ``latest`` (the newest committed one,
+replaced atomically after each commit) and ``finals`` (checkpoints that ended a
+completed run, which ``KeepFinal`` keeps)."""
+
+from __future__ import annotations
+
+import logging
+
+from ckptstore.errors import CkptStoreError
+from ckptstore.layout import FINALS_FILE, LATEST_FILE
+from ckptstore.storage import StorageBackend
+
+log = logging.getLogger("ckptstore")
+
+
+def read_lines(backend: StorageBackend, name: str) -> list[str]:
+    """The non-empty lines of a small file; none if it is missing or unreadable."""
+    try:
+        text = backend.read_bytes(name).decode()
+    except (FileNotFoundError, UnicodeDecodeError, CkptStoreError):
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_latest(backend: StorageBackend) -> str | None:
+    """The checkpoint ``latest`` names, or None."""
+    lines = read_lines(backend, LATEST_FILE)
+    return lines[0] if lines else None
+
+
+def write_latest(backend: StorageBackend, name: str) -> None:
+    """Point ``latest`` at ``name`` (atomically)."""
+    backend.put_atomic(LATEST_FILE, f"{name}\n".encode())
+
+
+def record_final(backend: StorageBackend, name: str) -> None:
+    """Add ``name`` to ``finals``; a failure is only logged (the save it follows stands)."""
+    finals = read_lines(backend, FINALS_FILE)
+    if name not in finals:
+        try:
+            backend.put_atomic(FINALS_FILE, ("\n".join([*finals, name]) + "\n").encode())
+        except CkptStoreError as exc:
+            log.warning("could not record %s as final: %s", name, exc)

@@ -1,0 +1,299 @@
+"""Restoring a run: which checkpoint (latest, best, a step, a path), from which tier
+(local first, the backup when missing or damaged there), and what to do with newer ones.
+
+The half of :class:`~ckptstore.CheckpointManager` that reads; it decides on rank 0 and
+tells every rank, so that all load the same checkpoint together.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+from typing import Any
+
+from ckptstore.engine import groups
+from ckptstore.engine.checkpointer import Checkpointer
+from ckptstore.engine.ops import (
+    CheckpointInfo,
+    list_checkpoints,
+    load_into,
+    read_dcp_metadata,
+    read_manifest,
+)
+from ckptstore.errors import CheckpointNotFoundError, CkptStoreError, CorruptCheckpointError
+from ckptstore.layout import (
+    LATEST_FILE,
+    MANIFEST_FILE,
+    STEP_NAME,
+    checkpoint_name,
+)
+from ckptstore.manager import pointer
+from ckptstore.manager.policies import CheckpointRecord, KeepBest
+from ckptstore.manager.resumable import Resumable
+from ckptstore.storage import StorageBackend, open_backend
+from ckptstore.transfer import fetch
+
+log = logging.getLogger("ckptstore")
+
+
+class RestoreMixin:
+    """``CheckpointManager.restore`` and what it needs; mixed into the manager, whose
+    constructor sets these attributes."""
+
+    enabled: bool
+    best_metric: str | None
+    best_mode: str
+    _root: str
+    _ckpt: Checkpointer | None
+    _remote: StorageBackend | None
+    _has_backup: bool
+    _control: Any
+    _rank: int
+    _manifest_key: bytes | None
+    _storage_options: dict[str, Any] | None
+    _process_group: Any
+    _last_done: int | None
+    _last_saved: int | None
+    _last_epoch: int | None
+
+    def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]:
+        raise NotImplementedError
+
+    def _records(self, infos: builtins.list[CheckpointInfo]) -> builtins.list[CheckpointRecord]:
+        raise NotImplementedError
+
+    def _read_latest(self) -> str | None:
+        raise NotImplementedError
+
+    def restore(
+        self,
+        state: Resumable | dict[str, Any],
+        which: str | int | None = "latest",
+        *,
+        newer: str = "keep",
+    ) -> int:
+        """Restore ``state`` from a checkpoint; return the steps it had done (0: none).
+
+        ``which``: ``"latest"`` (default: the newest checkpoint that loads; a missing,
+        stale or damaged ``latest`` pointer or checkpoint is skipped with a warning),
+        ``"best"``, a step (``500`` or ``"step_00000500"``), the path of a checkpoint
+        directory, or ``"none"``. Restoring an earlier checkpoint and training on would
+        collide with the newer ones: ``newer="discard"`` deletes them (rank 0), else the
+        first save past them fails.
+        """
+        if newer not in ("keep", "discard"):
+            raise ValueError(f"newer must be 'keep' or 'discard', got {newer!r}")
+        if which is None or which == "none":
+            return 0
+        if isinstance(which, str) and which not in ("latest", "best"):
+            match = STEP_NAME.match(which)
+            if which.isdigit() or match:
+                which = int(match.group(1)) if match else int(which)
+            else:
+                return self._restore_path(state, which)
+        if which == "best" and self.best_metric is None:
+            raise ValueError("restore('best') needs best_metric= (or a KeepBest in keep=)")
+        if self._ckpt is None:
+            if which == "latest":
+                log.info("nothing to resume under %s: starting from scratch", self._root)
+                return 0
+            raise CheckpointNotFoundError(f"no checkpoints under {self._root}")
+        candidates = self._candidates(which)
+        if not candidates:
+            if which == "latest":
+                log.info("nothing to resume under %s: starting from scratch", self._ckpt.url)
+                return 0
+            raise CheckpointNotFoundError(f"no {which} checkpoint under {self._ckpt.url}")
+        skipped: builtins.list[str] = []
+        for step in candidates:
+            try:
+                info = self._load_with_backup(state, step)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+                if len(candidates) == 1 or isinstance(which, int):
+                    raise
+                log.warning("skipping step %d: %s", step, exc)
+                skipped.append(f"step {step} ({type(exc).__name__})")
+                continue
+            if skipped:
+                log.warning("restored step %d after skipping %s", info.step, ", ".join(skipped))
+            self._handle_newer(info, newer)
+            return self._resumed(info)
+        raise CorruptCheckpointError(
+            f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)}); "
+            "run Checkpointer(root).verify(step) to see what is damaged"
+        )
+
+    def _load_with_backup(self, state: Resumable | dict[str, Any], step: int) -> CheckpointInfo:
+        """Load ``step`` from the local root; from the backup if it is missing or damaged
+        locally (downloaded into the local root first, verified)."""
+        fetched = self._fetch(step, replace=False)
+        try:
+            return self._load_step(state, step)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            if fetched or not self._fetch(step, replace=True):
+                raise
+            log.warning(
+                "the local copy of step %d failed (%s); loaded the backup's copy", step, exc
+            )
+            return self._load_step(state, step)
+
+    def _fetch(self, step: int, *, replace: bool) -> bool:
+        """Rank 0 downloads ``step`` from the backup (if it has it and the local root does
+        not, or ``replace``); every rank learns whether it did."""
+        if not self._has_backup:
+            return False
+        outcome = "no"
+        if self._rank == 0 and self._remote is not None and self._ckpt is not None:
+            name = checkpoint_name(step)
+            try:
+                here = self._ckpt.backend.exists(f"{name}/{MANIFEST_FILE}")
+                if (replace or not here) and self._remote.exists(f"{name}/{MANIFEST_FILE}"):
+                    fetch(
+                        self._remote,
+                        self._ckpt.backend,
+                        name,
+                        replace=replace,
+                        manifest_key=self._manifest_key,
+                    )
+                    outcome = "ok"
+            except Exception as exc:
+                log.warning("could not download %s from %s: %s", name, self._remote.url, exc)
+        return groups.broadcast(outcome, self._control) == "ok"
+
+    def _candidates(self, which: str | int) -> builtins.list[int]:
+        """Steps to try, in order; decided on rank 0 and shared with every rank."""
+        assert self._ckpt is not None
+        decision: tuple[str, Any] = ("ok", [])
+        failure: BaseException | None = None
+        if self._rank == 0:
+            try:
+                decision = ("ok", self._order(which))
+            except Exception as exc:
+                failure = exc
+                decision = ("error", f"{type(exc).__name__}: {exc}")
+        decision = groups.broadcast(decision, self._control)  # type: ignore[assignment]
+        if decision[0] == "error":
+            if failure is not None:
+                raise failure
+            raise CkptStoreError(f"rank 0 could not choose a checkpoint to restore: {decision[1]}")
+        return [int(s) for s in decision[1]]
+
+    def _order(self, which: str | int) -> builtins.list[int]:
+        assert self._ckpt is not None
+        infos = self._ckpt.list()
+        local_count = len(infos)
+        if self._remote is not None:
+            here = {i.name for i in infos}
+            try:
+                remote = [
+                    i
+                    for i in list_checkpoints(self._remote, manifest_key=self._manifest_key)
+                    if i.name not in here
+                ]
+            except CkptStoreError as exc:
+                log.warning("could not list the backup %s: %s", self._remote.url, exc)
+                remote = []
+            if remote:
+                log.info(
+                    "the backup %s also has %s", self._remote.url, ", ".join(i.name for i in remote)
+                )
+            infos = sorted(infos + remote, key=lambda i: i.manifest.step or 0)
+        records = self._records(infos)
+        if isinstance(which, int):
+            return [which]
+        if which == "best":
+            assert self.best_metric is not None
+            return [r.step for r in KeepBest(1, self.best_metric, self.best_mode).ranked(records)]
+        order = sorted((r.step for r in records), reverse=True)
+        pointed = self._read_latest()
+        names = {i.name: (i.step or 0) for i in infos}
+        if pointed is None and order and local_count:
+            log.warning(
+                "no %s pointer under %s: using the newest checkpoint", LATEST_FILE, self._ckpt.url
+            )
+        elif pointed is not None and pointed not in names:
+            log.warning(
+                "%s names %s, which is not a committed checkpoint: ignored", LATEST_FILE, pointed
+            )
+        elif pointed is not None and order and names[pointed] != order[0]:
+            log.warning(
+                "%s names %s but step %d is newer (a crash before the pointer moved?): using the newer",
+                LATEST_FILE,
+                pointed,
+                order[0],
+            )
+        return order
+
+    def _load_step(self, state: Resumable | dict[str, Any], step: int) -> CheckpointInfo:
+        assert self._ckpt is not None
+        if not isinstance(state, Resumable):
+            return self._ckpt.load(state, step)
+        # Every rank reads the metadata; they agree that all could before the collective
+        # load, so that a rank that could not does not go its own way.
+        metadata, problem = None, None
+        try:
+            metadata = self._ckpt.read_metadata(step)
+        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            problem = exc
+        _, failed = self._agree(None, 1 if problem is not None else None)
+        if failed:
+            raise problem or CorruptCheckpointError(
+                f"step {step}: another rank could not read its metadata"
+            )
+        target = state.load_target(metadata)
+        info = self._ckpt.load(target, step)
+        state.load_state_dict(target)
+        return info
+
+    def _restore_path(self, state: Resumable | dict[str, Any], path: str) -> int:
+        if "://" in path:
+            root, name = path.rstrip("/").rsplit("/", 1)
+        else:
+            root, name = os.path.split(os.path.abspath(path))
+        backend = open_backend(root, storage_options=self._storage_options, create=False)
+        key = self._manifest_key
+        with groups.caller_group(self._process_group) as group:
+            if isinstance(state, Resumable):
+                manifest = read_manifest(backend, name, manifest_key=key)
+                target = state.load_target(read_dcp_metadata(backend, name, manifest))
+                manifest = load_into(
+                    target, backend, name, pool=None, group=group, manifest_key=key
+                )
+                state.load_state_dict(target)
+            else:
+                manifest = load_into(state, backend, name, pool=None, group=group, manifest_key=key)
+        return self._resumed(CheckpointInfo(name, f"{backend.url}/{name}", manifest))
+
+    def _handle_newer(self, info: CheckpointInfo, newer: str) -> None:
+        if not self.enabled or self._ckpt is None or self._rank != 0:
+            return
+        later = [i for i in self._ckpt.list() if (i.step or 0) > (info.step or 0)]
+        if not later:
+            return
+        if newer == "discard":
+            for i in later:
+                self._ckpt.backend.delete(i.name)
+            pointer.write_latest(self._ckpt.backend, info.name)
+            log.warning(
+                "retired %d checkpoint(s) newer than %s: %s",
+                len(later),
+                info.name,
+                [i.name for i in later],
+            )
+        else:
+            log.warning(
+                "%d checkpoint(s) newer than %s exist (%s); training on will fail to save where "
+                "they are: restore with newer='discard' to retire them",
+                len(later),
+                info.name,
+                later[-1].name,
+            )
+
+    def _resumed(self, info: CheckpointInfo) -> int:
+        steps = info.step or 0
+        self._last_done = steps
+        self._last_saved = steps
+        self._last_epoch = info.manifest.epoch
+        log.info("resumed from %s (step %d)", info.name, steps)
+        return steps

@@ -1,0 +1,43 @@
+"""What the manager needs of a training state it keeps up to date and restores whole.
+
+:class:`~ckptstore.TrainState` is the one ckptstore ships (``ckptstore.integrations``);
+anything with these members works. A plain ``dict`` of tensors and ``Stateful`` objects
+works too, without the counters, boundary snapshots and flexible parts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from torch.distributed.checkpoint.metadata import Metadata
+
+
+@runtime_checkable
+class Resumable(Protocol):
+    """A run's state: saved with :meth:`state_dict`, restored with :meth:`load_target`
+    then :meth:`load_state_dict`; ``step``, ``epoch`` and ``best`` are kept up to date by
+    the manager."""
+
+    step: int
+    epoch: int
+    best: dict[str, float]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state to save."""
+        ...
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Apply a loaded state (the target :meth:`load_target` made, filled)."""
+        ...
+
+    def load_target(self, metadata: Metadata) -> dict[str, Any]:
+        """What to load a checkpoint with this DCP metadata into."""
+        ...
+
+    def boundary(self) -> dict[str, Any]:
+        """The small parts of the state at the end of a step (see TrainState.boundary)."""
+        ...
+
+    def optimizer_steps(self) -> int:
+        """How many optimizer steps have run (to tell whether the model moved past a boundary)."""
+        ...
