@@ -47,7 +47,6 @@ from ckptstore.engine.stager import StagedState, StagingPool
 from ckptstore.errors import (
     CheckpointerClosedError,
     CheckpointNotFoundError,
-    CkptStoreError,
 )
 from ckptstore.layout import checkpoint_name
 from ckptstore.storage import StorageBackend, open_backend
@@ -385,27 +384,12 @@ class Checkpointer:
         self._check_open()
         self._drain()  # the writer thread and this one must not use the gloo group at once
         if step is None:
-            # Rank 0 decides and tells everyone, errors included (a rank left waiting
-            # for a broadcast that never comes would hang).
-            decision: tuple[str, str | None] = ("ok", None)
-            listing_error: BaseException | None = None
-            if self._rank == 0:
-                try:
-                    latest = self.latest()
-                    decision = ("ok", latest.name if latest else None)
-                except Exception as exc:
-                    listing_error = exc
-                    decision = ("error", f"{type(exc).__name__}: {exc}")
-            decision = groups.broadcast(decision, self._group)  # type: ignore[assignment]
-            if decision[0] == "error":
-                if listing_error is not None:
-                    raise listing_error
-                raise CkptStoreError(f"rank 0 could not list {self.url}: {decision[1]}")
-            if decision[1] is None:
+            latest = groups.decide(self.latest, self._group, what=f"list {self.url}")
+            if latest is None:
                 raise CheckpointNotFoundError(
                     f"no committed checkpoint under {self.url}; nothing to load"
                 )
-            name = decision[1]
+            name = latest.name
         else:
             name = checkpoint_name(step)
         manifest = load_into(

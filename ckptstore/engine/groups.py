@@ -13,11 +13,15 @@ group at the same point (the Checkpointer's constructor, or the synchronous call
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import cast
+from collections.abc import Callable, Iterator
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
+
+from ckptstore.errors import CkptStoreError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -92,3 +96,26 @@ def broadcast(value: object, group: dist.ProcessGroup | None) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     return box[0]
+
+
+def decide(fn: Callable[[], T], group: dist.ProcessGroup | None, *, what: str) -> T:
+    """Rank 0 runs ``fn`` and every rank of ``group`` gets its result, errors included.
+
+    If ``fn`` raises on rank 0, rank 0 re-raises it and the other ranks raise
+    :class:`~ckptstore.errors.CkptStoreError` saying "rank 0 could not {what}" with its
+    message: no rank is left waiting for a broadcast that never comes.
+    """
+    outcome: tuple[str, object] = ("ok", None)
+    failure: Exception | None = None
+    if rank(group) == 0:
+        try:
+            outcome = ("ok", fn())
+        except Exception as exc:
+            failure = exc
+            outcome = ("error", f"{type(exc).__name__}: {exc}")
+    outcome = cast(tuple[str, object], broadcast(outcome, group))
+    if outcome[0] == "error":
+        if failure is not None:
+            raise failure
+        raise CkptStoreError(f"rank 0 could not {what}: {outcome[1]}")
+    return cast(T, outcome[1])

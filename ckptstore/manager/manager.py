@@ -209,37 +209,32 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         max_queued: int,
         retry_max_s: float,
     ) -> None:
-        failure: BaseException | None = None
-        outcome = "ok"
-        if self._rank == 0:
-            try:
-                assert self._ckpt is not None
-                self._remote = open_backend(backup, storage_options=options)
-                if self.enabled:
-                    self._backup = Replicator(
-                        self._ckpt.backend,
-                        self._remote,
-                        keep=self.backup_keep,
-                        max_queued=max_queued,
-                        retry_max_s=retry_max_s,
-                        on_backed_up=self._on_backed_up,
-                        on_speed=self._ckpt.note_downstream,
-                        manifest_key=self._manifest_key,
-                    )
-                else:
-                    self._remote.check_access()
-            except Exception as exc:
-                failure, outcome = exc, f"{type(exc).__name__}: {exc}"
-        outcome = str(groups.broadcast(outcome, self._control))
-        if outcome == "ok" and self.enabled and self._ckpt is not None:
+        def open_remote() -> None:
+            assert self._ckpt is not None
+            self._remote = open_backend(backup, storage_options=options)
+            if self.enabled:
+                self._backup = Replicator(
+                    self._ckpt.backend,
+                    self._remote,
+                    keep=self.backup_keep,
+                    max_queued=max_queued,
+                    retry_max_s=retry_max_s,
+                    on_backed_up=self._on_backed_up,
+                    on_speed=self._ckpt.note_downstream,
+                    manifest_key=self._manifest_key,
+                )
+            else:
+                self._remote.check_access()
+
+        try:
+            groups.decide(open_remote, self._control, what=f"open the backup {backup!r}")
+        except BaseException:
+            self.close()
+            raise
+        if self.enabled and self._ckpt is not None:
             # codec="auto" now minimises the time until backed up (every rank starts
             # compressed; rank 0 adapts to the upload speed it measures).
             self._ckpt.note_downstream(None)
-        if outcome != "ok":
-            self.close()
-            if failure is not None:
-                raise failure
-            raise CkptStoreError(f"rank 0 could not open the backup {backup!r}: {outcome}")
 
     # ---- saving ---------------------------------------------------------------------
     def maybe_save(

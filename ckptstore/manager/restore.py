@@ -164,20 +164,10 @@ class RestoreMixin:
     def _candidates(self, which: str | int) -> builtins.list[int]:
         """Steps to try, in order; decided on rank 0 and shared with every rank."""
         assert self._ckpt is not None
-        decision: tuple[str, Any] = ("ok", [])
-        failure: BaseException | None = None
-        if self._rank == 0:
-            try:
-                decision = ("ok", self._order(which))
-            except Exception as exc:
-                failure = exc
-                decision = ("error", f"{type(exc).__name__}: {exc}")
-        decision = groups.broadcast(decision, self._control)  # type: ignore[assignment]
-        if decision[0] == "error":
-            if failure is not None:
-                raise failure
-            raise CkptStoreError(f"rank 0 could not choose a checkpoint to restore: {decision[1]}")
-        return [int(s) for s in decision[1]]
+        steps = groups.decide(
+            lambda: self._order(which), self._control, what="choose a checkpoint to restore"
+        )
+        return [int(s) for s in steps]
 
     def _order(self, which: str | int) -> builtins.list[int]:
         assert self._ckpt is not None
