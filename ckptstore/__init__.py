@@ -17,7 +17,7 @@ Importing this package is cheap: nothing runs at import beyond torch's own impor
 """
 
 from ckptstore.codecs.auto import AutoCodec
-from ckptstore.config import CheckpointerConfig
+from ckptstore.config import BackupConfig, CheckpointerConfig, ManagerConfig
 from ckptstore.engine.checkpointer import Checkpointer
 from ckptstore.engine.oneshot import load, save
 from ckptstore.engine.ops import CheckpointInfo
@@ -54,6 +54,7 @@ __all__ = [
     "AnyOf",
     "AutoCodec",
     "BackgroundSaveError",
+    "BackupConfig",
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointManager",
@@ -69,6 +70,7 @@ __all__ = [
     "KeepFinal",
     "KeepLast",
     "ManagedCheckpoint",
+    "ManagerConfig",
     "PendingSave",
     "RankFailedError",
     "ResumableDataLoader",

@@ -2,6 +2,12 @@
 
 - :class:`CheckpointerConfig`: how one :class:`~ckptstore.Checkpointer` saves (codec,
   threads, staging memory, the manifest key).
+- :class:`ManagerConfig`: what a :class:`~ckptstore.CheckpointManager` does on top of
+  it (when to save, what to keep, what "best" means), with its ``CheckpointerConfig``.
+- :class:`BackupConfig`: the backup tier (where, what to keep there, the queue, retries).
+
+Each is passed whole (``CheckpointManager(root, config=ManagerConfig(...),
+backup=BackupConfig(...))``) or built from the keyword arguments the classes also take.
 
 Secrets and environment fallbacks are resolved here, once, and never shown in a
 ``repr``: ``manifest_key=None`` takes ``$CKPTSTORE_MANIFEST_KEY`` when a config is made,
@@ -10,7 +16,9 @@ and what is below (the engine, the format) uses exactly the key it is given.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,3 +117,88 @@ class CheckpointerConfig:
     def resolved_threads(self) -> int:
         """``threads``, or :func:`default_threads` when None."""
         return self.threads or default_threads()
+
+
+def check_policy(policy: object, kind: str) -> None:
+    """Refuse a policy of the wrong kind now, not at the first save or prune.
+
+    ``kind`` is ``"save"`` (members need ``should_save``) or ``"keep"`` (``keep``);
+    ``AnyOf`` (anything with a ``policies`` tuple) is checked member by member.
+    """
+    if policy is None:
+        return
+    inner = getattr(policy, "policies", None)
+    members = inner if isinstance(inner, tuple) else (policy,)
+    for p in members:
+        if isinstance(getattr(p, "policies", None), tuple):
+            check_policy(p, kind)
+            continue
+        method = "should_save" if kind == "save" else "keep"
+        if not callable(getattr(p, method, None)):
+            wanted = "SavePolicy" if kind == "save" else "RetentionPolicy"
+            example = "SaveEvery(steps=500)" if kind == "save" else "KeepLast(3)"
+            raise TypeError(f"{kind}= needs {wanted}s such as {example}; got {p!r}")
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """What a :class:`~ckptstore.CheckpointManager` does.
+
+    save: a save policy (``SaveEvery(steps=500)``, ``AnyOf(...)``); None: only on
+        completion, signal and error.
+    keep: a retention policy (``KeepLast(3)``, ...); None: keep everything.
+    enabled: False turns every write off (``restore`` still reads).
+    best_metric / best_mode: what "best" means (default: the metric and mode of a
+        ``KeepBest`` in ``keep``).
+    checkpointer: how each checkpoint is written (:class:`CheckpointerConfig`).
+    """
+
+    save: Any = None
+    keep: Any = None
+    enabled: bool = True
+    best_metric: str | None = None
+    best_mode: str = "min"
+    checkpointer: CheckpointerConfig = field(default_factory=CheckpointerConfig)
+
+    def __post_init__(self) -> None:
+        check_policy(self.save, "save")
+        check_policy(self.keep, "keep")
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+        if not isinstance(self.checkpointer, CheckpointerConfig):
+            raise TypeError(
+                f"checkpointer must be a CheckpointerConfig, got {type(self.checkpointer).__name__}"
+            )
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    """The backup tier of a :class:`~ckptstore.CheckpointManager`.
+
+    url: where checkpoints are copied (``s3://bucket/prefix``, any fsspec URL, a path).
+    keep: retention on the remote (None: the manager's ``keep``).
+    storage_options: for the remote's file system (endpoint, credentials); never shown.
+    backend_options: for the remote's backend (for S3: part size, parts in flight,
+        timeouts; see :class:`~ckptstore.storage.S3Backend`).
+    max_queued: committed checkpoints waiting at most behind the one uploading; older
+        waiting ones are skipped for newer ones.
+    retry_max_s: the longest wait between retries of a failed upload.
+    """
+
+    url: Any
+    keep: Any = None
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    backend_options: Mapping[str, Any] | None = None
+    max_queued: int = 1
+    retry_max_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.url is None or self.url == "":
+            raise ValueError("BackupConfig needs url=, e.g. 's3://my-bucket/runs/exp1'")
+        check_policy(self.keep, "keep")
+        if isinstance(self.max_queued, bool) or not isinstance(self.max_queued, int):
+            raise ValueError(f"max_queued must be an int >= 1, got {self.max_queued!r}")
+        if self.max_queued < 1:
+            raise ValueError(f"max_queued must be at least 1, got {self.max_queued}")
+        if not (isinstance(self.retry_max_s, (int, float)) and math.isfinite(self.retry_max_s)):
+            raise ValueError(f"retry_max_s must be a finite number, got {self.retry_max_s!r}")

@@ -68,18 +68,24 @@ class Checkpointer:
                 pending = ckpt.save_async(state, step)  # returns after one copy
         # leaving the block waits for the last save and raises if one failed
 
-    See :class:`CheckpointerConfig` for the keyword arguments.
+    Options: a :class:`~ckptstore.CheckpointerConfig` as ``config=``, or its fields as
+    keyword arguments (``codec="zstd"``, ``max_inflight=2``, ...).
     """
 
     def __init__(
         self,
         root: str | os.PathLike[str] | StorageBackend,
         *,
+        config: CheckpointerConfig | None = None,
         process_group: dist.ProcessGroup | None = None,
         storage_options: dict[str, Any] | None = None,
-        **config: Any,
+        **options: Any,
     ) -> None:
-        self.config = CheckpointerConfig(**config)
+        if config is not None and options:
+            raise TypeError(
+                f"pass either config= or keyword options ({', '.join(sorted(options))}), not both"
+            )
+        self.config = config if config is not None else CheckpointerConfig(**options)
         self._backend: StorageBackend = open_backend(root, storage_options=storage_options)
         self._backend.check_access()  # a missing bucket or wrong credentials: fail now
         self._group = groups.dedicated_gloo_group(process_group)

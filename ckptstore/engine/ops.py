@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ckptstore.dcp import _compat
+from ckptstore.dcp import driver
 from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
@@ -166,7 +166,7 @@ def save_staged(
         failure=failure,
     )
     try:
-        _compat.save(staged.flat, writer, StagedSavePlanner(staged.mappings), group)
+        driver.save(staged.flat, writer, StagedSavePlanner(staged.mappings), group)
     except BaseException:
         writer.abort()
         raise
@@ -204,7 +204,7 @@ def load_into(
     check_compatible(target, metadata, _where(backend, name), allow_partial=allow_partial)
     reader = CkptStorageReader(backend, name, manifest, metadata, pool)
     try:
-        _compat.load(target, reader, SafeLoadPlanner(allow_partial_load=allow_partial), group)
+        driver.load(target, reader, SafeLoadPlanner(allow_partial_load=allow_partial), group)
     finally:
         reader.close()
     for key in keys:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -59,7 +60,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ckptstore.config import resolve_manifest_key
+from ckptstore.config import BackupConfig, CheckpointerConfig, ManagerConfig
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
 from ckptstore.engine.ops import (
@@ -86,7 +87,6 @@ from ckptstore.manager.policies import (
     RetentionPolicy,
     SaveContext,
     SavePolicy,
-    check_policy,
     find_policy,
     forever_parts,
 )
@@ -106,15 +106,17 @@ _CODE_REASONS = {v: k for k, v in _REASON_CODES.items()}
 class CheckpointManager(RestoreMixin, GuardMixin):
     """Save policies, retention, the ``latest`` pointer, ``best``, and full resume.
 
-    ``save``: a :class:`~ckptstore.manager.policies.SavePolicy` (None: only on completion,
-    signal and error). ``keep``: a :class:`~ckptstore.manager.policies.RetentionPolicy` (None:
-    keep everything). ``enabled=False`` turns every write off (restore still reads).
-    ``best_metric``/``best_mode`` name what "best" means (default: the metric of a
-    ``KeepBest`` in ``keep``). Other keyword arguments configure the
-    :class:`~ckptstore.Checkpointer` (``codec``, ``max_inflight``, ``threads``, ...).
-    ``manifest_key`` (bytes) signs every manifest and is required of every checkpoint
-    restored, listed, pruned or backed up, here and on the backup tier (see
-    :class:`~ckptstore.engine.checkpointer.CheckpointerConfig`).
+    Configure it with ``config=ManagerConfig(...)`` (and ``backup=BackupConfig(...)``),
+    or with the same fields as keywords: ``save`` (a save policy; None: only on
+    completion, signal and error), ``keep`` (a retention policy; None: keep
+    everything), ``enabled=False`` (every write off; restore still reads),
+    ``best_metric``/``best_mode`` (default: those of a ``KeepBest`` in ``keep``), and
+    any :class:`~ckptstore.CheckpointerConfig` field (``codec``, ``max_inflight``,
+    ``threads``, ``manifest_key``, ...). ``backup`` is a URL or a
+    :class:`~ckptstore.BackupConfig`; with a URL, ``backup_keep``, ``backup_options``,
+    ``backup_max_queued`` and ``backup_retry_max_s`` fill the rest of it.
+    ``manifest_key`` signs every manifest and is required of every checkpoint restored,
+    listed, pruned or backed up, here and on the backup tier.
     Every rank constructs the manager (it creates process groups: a collective).
     """
 
@@ -122,6 +124,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self,
         root: str | os.PathLike[str],
         *,
+        config: ManagerConfig | None = None,
         save: SavePolicy | None = None,
         keep: RetentionPolicy | None = None,
         enabled: bool = True,
@@ -129,46 +132,70 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         best_mode: str = "min",
         process_group: dist.ProcessGroup | None = None,
         storage_options: dict[str, Any] | None = None,
-        backup: str | os.PathLike[str] | StorageBackend | None = None,
+        backup: str | os.PathLike[str] | StorageBackend | BackupConfig | None = None,
         backup_keep: RetentionPolicy | None = None,
         backup_options: dict[str, Any] | None = None,
         backup_max_queued: int = 1,
         backup_retry_max_s: float = 60.0,
-        **checkpointer_config: Any,
+        **checkpointer_options: Any,
     ) -> None:
-        check_policy(save, "save")
-        check_policy(keep, "keep")
-        check_policy(backup_keep, "keep")
-        self.save_policy = save
-        self.keep_policy = keep
-        self.enabled = enabled
-        found = find_policy(keep, KeepBest)
+        if config is None:
+            config = ManagerConfig(
+                save=save,
+                keep=keep,
+                enabled=enabled,
+                best_metric=best_metric,
+                best_mode=best_mode,
+                checkpointer=CheckpointerConfig(**checkpointer_options),
+            )
+        elif (
+            save is not None
+            or keep is not None
+            or not enabled
+            or best_metric is not None
+            or best_mode != "min"
+            or checkpointer_options
+        ):
+            raise TypeError(
+                "pass either config=ManagerConfig(...) or its fields as keywords, not both"
+            )
+        if backup is not None and not isinstance(backup, BackupConfig):
+            backup = BackupConfig(
+                url=backup,
+                keep=backup_keep,
+                storage_options=backup_options,
+                max_queued=backup_max_queued,
+                retry_max_s=backup_retry_max_s,
+            )
+        elif backup_keep is not None or backup_options is not None:
+            raise TypeError("with backup=BackupConfig(...), put keep= and options inside it")
+        self.config = config
+        self.save_policy = config.save
+        self.keep_policy = config.keep
+        self.enabled = enabled = config.enabled
+        best_metric, best_mode = config.best_metric, config.best_mode
+        found = find_policy(config.keep, KeepBest)
         if best_metric is None and isinstance(found, KeepBest):
             best_metric, best_mode = found.metric, found.mode
-        if best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.best_metric = best_metric
         self.best_mode = best_mode
         self._root = os.fspath(root) if isinstance(root, os.PathLike) else root
         self._storage_options = storage_options
         self._process_group = process_group
+        ckpt_config = config.checkpointer
         # Signs and checks manifests here, on the backup and in restore-by-path too.
-        self._manifest_key = resolve_manifest_key(checkpointer_config.get("manifest_key"))
+        self._manifest_key = ckpt_config.manifest_key
         if not enabled:
             log.warning("checkpointing is disabled: nothing will be saved under %s", self._root)
-            checkpointer_config.setdefault("sweep_grace_s", float("inf"))  # read-only
+            if ckpt_config.sweep_grace_s is None:
+                ckpt_config = dataclasses.replace(ckpt_config, sweep_grace_s=float("inf"))
         self._ckpt: Checkpointer | None = None
-        if (
-            enabled
-            or backup is not None
-            or open_backend(self._root, storage_options=storage_options, create=False).list_names()
-        ):
-            self._ckpt = Checkpointer(
-                self._root,
-                process_group=process_group,
-                storage_options=storage_options,
-                **checkpointer_config,
-            )
+        # Opened once: a disabled manager without a backup must not create the root.
+        backend = open_backend(
+            self._root, storage_options=storage_options, create=enabled or backup is not None
+        )
+        if enabled or backup is not None or backend.list_names():
+            self._ckpt = Checkpointer(backend, config=ckpt_config, process_group=process_group)
         # The caller's thread agrees with the other ranks on a group of its own.
         self._control = groups.dedicated_gloo_group(process_group)
         self._rank = groups.rank(self._control)
@@ -196,22 +223,20 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._remote: StorageBackend | None = None
         self._backup: Replicator | None = None
         self._has_backup = backup is not None
-        self.backup_keep = backup_keep if backup_keep is not None else keep
+        self.backup_config = backup
+        self.backup_keep = config.keep if backup is None or backup.keep is None else backup.keep
         if backup is not None:
-            self._open_backup(backup, backup_options, backup_max_queued, backup_retry_max_s)
+            self._open_backup(backup)
         if enabled and self._rank == 0:
             self._prune()
 
-    def _open_backup(
-        self,
-        backup: str | os.PathLike[str] | StorageBackend,
-        options: dict[str, Any] | None,
-        max_queued: int,
-        retry_max_s: float,
-    ) -> None:
+    def _open_backup(self, backup: BackupConfig) -> None:
+        options = dict(backup.storage_options) if backup.storage_options is not None else None
+        max_queued, retry_max_s = backup.max_queued, backup.retry_max_s
+
         def open_remote() -> None:
             assert self._ckpt is not None
-            self._remote = open_backend(backup, storage_options=options)
+            self._remote = open_backend(backup.url, storage_options=options)
             if self.enabled:
                 self._backup = Replicator(
                     self._ckpt.backend,
@@ -227,7 +252,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                 self._remote.check_access()
 
         try:
-            groups.decide(open_remote, self._control, what=f"open the backup {backup!r}")
+            groups.decide(open_remote, self._control, what=f"open the backup {backup.url!r}")
         except BaseException:
             self.close()
             raise

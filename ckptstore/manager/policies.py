@@ -232,21 +232,6 @@ class AnyOf:
         return frozenset(kept)
 
 
-def check_policy(policy: object, kind: str) -> None:
-    """Refuse a policy of the wrong kind now, not at the first save or prune."""
-    if policy is None:
-        return
-    members = policy.policies if isinstance(policy, AnyOf) else (policy,)
-    for p in members:
-        if isinstance(p, AnyOf):
-            check_policy(p, kind)
-            continue
-        wanted = SavePolicy if kind == "save" else RetentionPolicy
-        if not isinstance(p, wanted):
-            example = "SaveEvery(steps=500)" if kind == "save" else "KeepLast(3)"
-            raise TypeError(f"{kind}= needs {wanted.__name__}s such as {example}; got {p!r}")
-
-
 def find_policy(policy: object, cls: type) -> object | None:
     if isinstance(policy, cls):
         return policy

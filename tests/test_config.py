@@ -1,0 +1,77 @@
+"""One frozen config per layer, passed whole or built from keywords, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import ckptstore
+from ckptstore.config import MANIFEST_KEY_ENV
+
+
+def state() -> dict[str, torch.Tensor]:
+    return {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4)}
+
+
+def test_checkpointer_takes_a_config_whole(tmp_path):
+    cfg = ckptstore.CheckpointerConfig(codec="zstd", threads=1)
+    with ckptstore.Checkpointer(tmp_path / "r", config=cfg) as ckpt:
+        assert ckpt.config is cfg
+        result = ckpt.save(state(), 1)
+        assert result.codec == "zstd"
+        target = {"w": torch.zeros(3, 4)}
+        ckpt.load(target)
+    assert torch.equal(target["w"], state()["w"])
+
+
+def test_config_and_keywords_together_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="config= or keyword"):
+        ckptstore.Checkpointer(tmp_path, config=ckptstore.CheckpointerConfig(), codec="none")
+    with pytest.raises(TypeError, match="config=ManagerConfig"):
+        ckptstore.CheckpointManager(tmp_path, config=ckptstore.ManagerConfig(), codec="none")
+
+
+def test_configs_are_frozen_and_validated_when_made():
+    cfg = ckptstore.CheckpointerConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.codec = "zstd"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="unknown codec"):
+        ckptstore.CheckpointerConfig(codec="lz4")
+    with pytest.raises(TypeError, match="SaveEvery"):
+        ckptstore.ManagerConfig(save=ckptstore.KeepLast(2))
+    with pytest.raises(ValueError, match="best_mode"):
+        ckptstore.ManagerConfig(best_mode="lowest")
+    with pytest.raises(ValueError, match="url="):
+        ckptstore.BackupConfig(url="")
+    with pytest.raises(ValueError, match="max_queued"):
+        ckptstore.BackupConfig(url="s3://b/p", max_queued=0)
+
+
+def test_the_manifest_key_comes_from_the_environment_once(monkeypatch):
+    monkeypatch.setenv(MANIFEST_KEY_ENV, "from the environment")
+    cfg = ckptstore.CheckpointerConfig()
+    monkeypatch.delenv(MANIFEST_KEY_ENV)
+    assert cfg.manifest_key == b"from the environment"  # resolved when made, not on use
+    assert "environment" not in repr(cfg)
+
+
+def test_manager_with_manager_and_backup_configs(tmp_path):
+    cfg = ckptstore.ManagerConfig(
+        save=ckptstore.SaveEvery(steps=2),
+        keep=ckptstore.KeepLast(1),
+        checkpointer=ckptstore.CheckpointerConfig(codec="none", threads=1),
+    )
+    backup = ckptstore.BackupConfig(url=str(tmp_path / "remote"), keep=ckptstore.KeepLast(2))
+    sd = state()
+    with ckptstore.CheckpointManager(tmp_path / "local", config=cfg, backup=backup) as mgr:
+        assert mgr.config is cfg and mgr.backup_keep == ckptstore.KeepLast(2)
+        for step in range(6):
+            sd["w"] += 1
+            mgr.maybe_save(step, sd)
+        mgr.wait_backup()
+        assert [c.step for c in mgr.list()] == [6]
+    remote = ckptstore.Checkpointer(tmp_path / "remote")
+    assert [i.step for i in remote.list()] == [4, 6]
+    remote.close()
