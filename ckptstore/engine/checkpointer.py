@@ -48,7 +48,7 @@ from ckptstore.errors import (
     CheckpointerClosedError,
     CheckpointNotFoundError,
 )
-from ckptstore.layout import checkpoint_name
+from ckptstore.layout import MANIFEST_FILE, checkpoint_name
 from ckptstore.storage import StorageBackend, open_backend
 from ckptstore.units import format_bytes
 
@@ -370,6 +370,10 @@ class Checkpointer:
     def list(self) -> builtins.list[CheckpointInfo]:
         """Committed checkpoints, oldest step first. In-flight and damaged-manifest ones are not listed."""
         return list_checkpoints(self._backend, manifest_key=self.config.manifest_key)
+
+    def exists(self, step: int) -> bool:
+        """Whether checkpoint ``step`` is committed (its manifest is there; not verified)."""
+        return self._backend.exists(f"{checkpoint_name(step)}/{MANIFEST_FILE}")
 
     def latest(self) -> CheckpointInfo | None:
         infos = self.list()

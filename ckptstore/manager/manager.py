@@ -73,7 +73,7 @@ from ckptstore.errors import (
     CkptStoreError,
     RankFailedError,
 )
-from ckptstore.layout import LATEST_FILE, MANIFEST_FILE, checkpoint_name
+from ckptstore.layout import LATEST_FILE, checkpoint_name
 from ckptstore.manager import pointer, retention
 from ckptstore.manager.guard import ABORT, GuardMixin
 from ckptstore.manager.listing import ManagedCheckpoint, describe
@@ -351,7 +351,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
     ) -> PendingSave:
         assert self._ckpt is not None
         name = checkpoint_name(steps_done)
-        if self._ckpt.backend.exists(f"{name}/{MANIFEST_FILE}"):
+        if self._ckpt.exists(steps_done):
             raise CheckpointExistsError(
                 f"{self._ckpt.url}/{name} already exists: this run restored an earlier checkpoint "
                 "and is training past it. Restore with newer='discard' to retire the newer "

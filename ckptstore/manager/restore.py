@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import os
 from typing import Any
 
 from ckptstore.engine import groups
@@ -27,6 +26,7 @@ from ckptstore.layout import (
     MANIFEST_FILE,
     STEP_NAME,
     checkpoint_name,
+    split_checkpoint_path,
 )
 from ckptstore.manager import pointer
 from ckptstore.manager.policies import CheckpointRecord, KeepBest
@@ -147,7 +147,7 @@ class RestoreMixin:
         if self._rank == 0 and self._remote is not None and self._ckpt is not None:
             name = checkpoint_name(step)
             try:
-                here = self._ckpt.backend.exists(f"{name}/{MANIFEST_FILE}")
+                here = self._ckpt.exists(step)
                 if (replace or not here) and self._remote.exists(f"{name}/{MANIFEST_FILE}"):
                     fetch(
                         self._remote,
@@ -231,16 +231,14 @@ class RestoreMixin:
             raise problem or CorruptCheckpointError(
                 f"step {step}: another rank could not read its metadata"
             )
+        assert metadata is not None  # no rank failed, this one included
         target = state.load_target(metadata)
         info = self._ckpt.load(target, step)
         state.load_state_dict(target)
         return info
 
     def _restore_path(self, state: Resumable | dict[str, Any], path: str) -> int:
-        if "://" in path:
-            root, name = path.rstrip("/").rsplit("/", 1)
-        else:
-            root, name = os.path.split(os.path.abspath(path))
+        root, name = split_checkpoint_path(path)
         backend = open_backend(root, storage_options=self._storage_options, create=False)
         key = self._manifest_key
         with groups.caller_group(self._process_group) as group:
