@@ -107,3 +107,28 @@ def replace_shard(ckpt_dir: str, chunks: bytes, index: bytes) -> None:
             size_bytes=os.path.getsize(path), xxh3_64=digest(index)
         ),
     )
+
+
+def replace_file(ckpt_dir: str, name: str, data: bytes, *, drop_hmac: bool = False) -> None:
+    """Write ``data`` as the checkpoint's file ``name`` (``.metadata``, say) and forge
+    the manifest's entry for it; ``drop_hmac`` also removes a signature the forger
+    could not recompute."""
+    with open(os.path.join(ckpt_dir, name), "wb") as f:
+        f.write(data)
+
+    def change(body: dict[str, Any]) -> None:
+        body["files"][name] = {"kind": "file", "size_bytes": len(data), "xxh3_64": digest(data)}
+        if drop_hmac:
+            body.pop("hmac", None)
+
+    forge_manifest(ckpt_dir, change)
+
+
+class Boom:
+    """Unpickling this creates a file at ``path``: proof that code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

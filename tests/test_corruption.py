@@ -10,7 +10,7 @@ import pickle
 import damage
 import pytest
 import torch
-from damage import SHARD, forge_manifest
+from damage import SHARD, Boom, forge_manifest
 from helpers import Randn, blank_like, build_state, train, train_state, zero_value
 
 import ckptstore
@@ -18,7 +18,6 @@ from ckptstore.codecs import get_codec
 from ckptstore.dcp.planner import SerializedValue
 from ckptstore.engine.ops import save_staged
 from ckptstore.engine.stager import stage_in_place
-from ckptstore.format.checksum import digest
 from ckptstore.storage import LocalBackend
 
 
@@ -179,30 +178,11 @@ def test_mismatched_state_lists_the_differences(two_checkpoints):
 # ---- hostile input ---------------------------------------------------------------
 
 
-class _Boom:
-    """Unpickling this creates a file: proof that code ran."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_hostile_dcp_metadata_is_refused_before_running_anything(two_checkpoints, tmp_path):
     root, ckpt_dir = two_checkpoints
     sentinel = tmp_path / "pwned"
-    payload = pickle.dumps(_Boom(str(sentinel)))
-    md_path = os.path.join(ckpt_dir, ".metadata")
-    with open(md_path, "wb") as f:
-        f.write(payload)
     # An attacker rewrites the manifest's checksums to match.
-    forge_manifest(
-        ckpt_dir,
-        lambda body: body["files"].update(
-            {".metadata": {"kind": "file", "size_bytes": len(payload), "xxh3_64": digest(payload)}}
-        ),
-    )
+    damage.replace_file(ckpt_dir, ".metadata", pickle.dumps(Boom(str(sentinel))))
     err = load_error(root, 2)
     assert isinstance(err, ckptstore.UnsafeCheckpointError), err
     assert "builtins" in str(err) or "io" in str(err)
@@ -214,7 +194,7 @@ def test_hostile_value_pickle_is_refused(root, tmp_path):
     sentinel = tmp_path / "pwned"
     staged = stage_in_place({"w": torch.ones(3), "v": 1})
     payload = io.BytesIO()
-    torch.save(_Boom(str(sentinel)), payload)  # what a forged torch.save file looks like
+    torch.save(Boom(str(sentinel)), payload)  # what a forged torch.save file looks like
     staged.flat["v"] = SerializedValue(payload.getvalue())
     backend = LocalBackend(root)
     from concurrent.futures import ThreadPoolExecutor
@@ -243,7 +223,7 @@ def test_values_that_could_not_load_safely_are_refused_at_save(root):
     import fractions
 
     with ckptstore.Checkpointer(root) as ckpt:
-        for bad in (fractions.Fraction(1, 3), _Boom("/nonexistent/x")):
+        for bad in (fractions.Fraction(1, 3), Boom("/nonexistent/x")):
             with pytest.raises(ckptstore.UnsupportedStateError, match="'bad'"):
                 ckpt.save_async({"bad": bad}, 1)
         assert ckpt.list() == []

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from damage import join_shard, manifest_checksum, split_shard
+from damage import join_shard, manifest_checksum, replace_file, split_shard
 from helpers import Randn, blank_like, build_state, zero_value
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -393,13 +393,8 @@ def loadable(tmp_path_factory) -> tuple[Any, bytes]:
 
 
 def _lie(backend: Any, metadata: Any) -> None:
-    data = md_format.dumps(metadata)
-    with open(os.path.join(backend.root, "step_00000001", ".metadata"), "wb") as f:
-        f.write(data)
-    body = json.loads(backend.read_bytes("step_00000001/manifest.json"))
-    body["files"][".metadata"] = {"kind": "file", "size_bytes": len(data), "xxh3_64": digest(data)}
-    with open(os.path.join(backend.root, "step_00000001", "manifest.json"), "wb") as f:
-        f.write(_resign(body))
+    ckpt_dir = os.path.join(backend.root, "step_00000001")
+    replace_file(ckpt_dir, ".metadata", md_format.dumps(metadata))
 
 
 def _load(backend: Any) -> None:

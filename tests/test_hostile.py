@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from damage import SHARD, forge_manifest, forged, replace_shard, split_shard
+from damage import SHARD, Boom, forge_manifest, forged, replace_file, replace_shard, split_shard
 from faults import FaultyBackend
 from helpers import Randn, blank_like, build_state, train, train_state, zero_value
 from s3server import SECRET_KEY
@@ -68,31 +68,10 @@ def read_body(ckpt_dir: str) -> dict[str, Any]:
         return dict(json.load(f))
 
 
-class _Boom:
-    """Unpickling this creates a file: proof that code ran."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def plant_hostile_metadata(ckpt_dir: str, sentinel: str) -> None:
     """Replace ``.metadata`` with a code-running pickle and fix the manifest to match it."""
-    payload = pickle.dumps(_Boom(sentinel))
-    with open(os.path.join(ckpt_dir, ".metadata"), "wb") as f:
-        f.write(payload)
-
-    def change(body: dict[str, Any]) -> None:
-        body["files"][".metadata"] = {
-            "kind": "file",
-            "size_bytes": len(payload),
-            "xxh3_64": digest(payload),
-        }
-        body.pop("hmac", None)  # cannot be recomputed without the key
-
-    forge_manifest(ckpt_dir, change)
+    # The HMAC, if any, cannot be recomputed without the key.
+    replace_file(ckpt_dir, ".metadata", pickle.dumps(Boom(sentinel)), drop_hmac=True)
 
 
 class ReadLog(FaultyBackend):
@@ -289,7 +268,7 @@ def test_hostile_metadata_behind_a_stale_checksum_is_never_unpickled(root, tmp_p
     ckpt_dir = save_two(root)
     sentinel = str(tmp_path / "pwned")
     with open(os.path.join(ckpt_dir, ".metadata"), "wb") as f:
-        f.write(pickle.dumps(_Boom(sentinel)))  # the manifest still lists the old one
+        f.write(pickle.dumps(Boom(sentinel)))  # the manifest still lists the old one
     with ckptstore.Checkpointer(root) as ckpt:
         with pytest.raises(ckptstore.CorruptCheckpointError, match="metadata"):
             ckpt.load(blank(), 2)
@@ -304,7 +283,7 @@ def test_files_the_manifest_does_not_list_are_never_read(root, tmp_path, unpickl
     # A second metadata file under the per-attempt name object stores use, and strays.
     for name in (".metadata-0123456789ab", "__1_0.distcp", "evil.pkl"):
         with open(os.path.join(ckpt_dir, name), "wb") as f:
-            f.write(pickle.dumps(_Boom(sentinel)))
+            f.write(pickle.dumps(Boom(sentinel)))
     spy = ReadLog(open_backend(root))
     with ckptstore.Checkpointer(spy) as ckpt:
         spy.reads.clear()
@@ -355,15 +334,7 @@ def _rewrite_dcp_metadata(ckpt_dir: str, change: Callable[[Any], None]) -> None:
     with open(path, "rb") as f:
         metadata = md_format.loads(f.read(), path)
     change(metadata)
-    data = md_format.dumps(metadata)
-    with open(path, "wb") as f:
-        f.write(data)
-    forge_manifest(
-        ckpt_dir,
-        lambda b: b["files"].update(
-            {".metadata": {"kind": "file", "size_bytes": len(data), "xxh3_64": digest(data)}}
-        ),
-    )
+    replace_file(ckpt_dir, ".metadata", md_format.dumps(metadata))
 
 
 @pytest.mark.parametrize(
