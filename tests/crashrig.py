@@ -43,16 +43,17 @@ REPO = os.path.dirname(HERE)
 def make_state(step: int, numel: int) -> dict[str, Any]:
     """The state a trial saves at ``step``: deterministic, different for every step."""
     import torch
+    from helpers import Randn, build_state
 
-    g = torch.Generator().manual_seed(1000 + step)
-    return {
-        "model": {
-            "w": torch.randn(numel, generator=g),
+    return build_state(
+        1000 + step,
+        model={
+            "w": Randn(numel),
             "b": torch.arange(37, dtype=torch.int64) + step,
-            "h": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+            "h": Randn((3, 5), torch.bfloat16),
         },
-        "opt": {"m": torch.full((257,), float(step))},
-    }
+        opt={"m": torch.full((257,), float(step))},
+    )
 
 
 def expected_digests(steps: int, numel: int) -> dict[int, str]:
@@ -203,6 +204,7 @@ def _serve() -> None:
     import ckptstore.convert  # noqa: F401
 
     sys.path.insert(0, HERE)
+    import helpers  # noqa: F401
     import invariants  # noqa: F401
 
     children: set[int] = set()

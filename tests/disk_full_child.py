@@ -23,7 +23,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import torch  # noqa: E402
+from helpers import Randn, build_state  # noqa: E402
 from invariants import digest_state  # noqa: E402
 from osfaults import OsFaults  # noqa: E402
 
@@ -34,12 +34,7 @@ ROOM = 64 << 20  # "space freed": the mount grown back to this
 
 
 def make_state(seed: int) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "w": torch.randn(1_000_000, generator=g),  # 4 MB
-        "b": torch.randn(333, generator=g),
-        "step": seed,
-    }
+    return build_state(seed, w=Randn(1_000_000), b=Randn(333), step=seed)  # w: 4 MB
 
 
 def mount(path: str, size: int) -> None:
@@ -80,6 +75,19 @@ def full_error(save: Callable[[], Any]) -> dict[str, Any]:
     raise AssertionError("the save did not run out of space")
 
 
+def facts_after_error(
+    root: str, ckpt: ckptstore.Checkpointer, sizes: dict[str, int], err: dict[str, Any]
+) -> dict[str, Any]:
+    """What a failed save of step 2 left: listed steps, temps, and whether step 1 verifies."""
+    return {
+        "sizes": sizes,
+        "error": err,
+        "listed_after_error": [i.step for i in ckpt.list()],
+        "temps_after_error": temps(root),
+        "verify_1": ckpt.verify(1),
+    }
+
+
 def sized_to_fail(root: str, ckpt: ckptstore.Checkpointer, fit: list[str]) -> dict[str, Any]:
     """Resize so that the files in ``fit`` of the next checkpoint fit and the next does
     not; save step 2; then grow the mount back and save step 2 again."""
@@ -87,13 +95,7 @@ def sized_to_fail(root: str, ckpt: ckptstore.Checkpointer, fit: list[str]) -> di
     sizes = file_bytes(os.path.join(root, "step_00000001"))
     resize(root, used(root) + sum(sizes[n] for n in fit))
     err = full_error(lambda: ckpt.save(make_state(2), 2))
-    out = {
-        "sizes": sizes,
-        "error": err,
-        "listed_after_error": [i.step for i in ckpt.list()],
-        "temps_after_error": temps(root),
-        "verify_1": ckpt.verify(1),
-    }
+    out = facts_after_error(root, ckpt, sizes, err)
     resize(root, ROOM)  # space freed
     ckpt.save(make_state(2), 2)
     out["listed_at_end"] = [i.step for i in ckpt.list()]
@@ -109,13 +111,7 @@ def scenario_shard(root: str) -> dict[str, Any]:
         sizes = file_bytes(os.path.join(root, "step_00000001"))
         resize(root, used(root) + sizes["__0_0.distcp"] // 2)
         err = full_error(lambda: ckpt.save(make_state(2), 2))
-        out = {
-            "sizes": sizes,
-            "error": err,
-            "listed_after_error": [i.step for i in ckpt.list()],
-            "temps_after_error": temps(root),
-            "verify_1": ckpt.verify(1),
-        }
+        out = facts_after_error(root, ckpt, sizes, err)
         ckpt.backend.delete("step_00000001")  # keep fewer checkpoints ...
         ckpt.save(make_state(3), 3)  # ... and the next save fits
         out["listed_at_end"] = [i.step for i in ckpt.list()]

@@ -13,17 +13,18 @@ import sys
 
 import torch
 import torch.distributed as dist
+from helpers import Randn, build_state
 
 import ckptstore
 
 
 def full_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "w": torch.randn(10, 6, generator=g),  # 10 rows: uneven over 3 ranks
-        "emb": torch.randn(9, 4, generator=g).bfloat16(),
-        "b": torch.randn(7, generator=g),
-    }
+    return build_state(
+        seed,
+        w=Randn((10, 6)),  # 10 rows: uneven over 3 ranks
+        emb=Randn((9, 4), torch.bfloat16),
+        b=Randn(7),
+    )
 
 
 def sharded(state: dict[str, torch.Tensor], mesh) -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""Shared test helpers: realistic states, exact comparison, real subprocesses."""
+"""Shared test helpers: states to save (and blank targets to load them into), exact
+comparison, real subprocesses. Damaging files on purpose lives in ``damage.py``."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import random
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
-from ckptstore.train.model import GPT, MODEL_SIZES
+from ckptstore import ResumableDataLoader, TrainState
+from ckptstore.train.model import GPT, MODEL_SIZES, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +38,45 @@ def train_gpt(
         opt.step()
         sched.step()
     return model, opt, sched
+
+
+# A GPT small enough that a CheckpointManager test trains it for real in milliseconds.
+TINY_GPT = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)
+
+
+def train_state(seed: int = 0, cfg: GPTConfig = TINY_GPT) -> TrainState:
+    """Model, AdamW, StepLR and a ResumableDataLoader (6 batches an epoch) as a TrainState."""
+    torch.manual_seed(seed)
+    data = torch.randint(
+        0, 256, (24, cfg.block_size + 1), generator=torch.Generator().manual_seed(1)
+    )
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3)
+    loader = ResumableDataLoader(TensorDataset(data), batch_size=4, seed=2)  # 6 batches per epoch
+    return TrainState(model=model, optimizer=opt, scheduler=sched, dataloader=loader)
+
+
+def train(mgr, state, steps, *, start=0, metrics=None):
+    """Run ``steps`` steps of a :func:`train_state` from ``start`` the way a user loop
+    would, offering each step to ``mgr.maybe_save``."""
+    step = start
+    while step < start + steps:
+        epoch = state.dataloader.epoch
+        for (batch,) in state.dataloader:
+            _, loss = state.model(batch[:, :-1], batch[:, 1:])
+            state.optimizer.zero_grad()
+            loss.backward()
+            state.optimizer.step()
+            state.scheduler.step()
+            end = state.dataloader.batches_taken == state.dataloader.batches_per_epoch()
+            m = metrics(step) if metrics else {"val_loss": loss.item()}
+            mgr.maybe_save(step, state, epoch=epoch, end_of_epoch=end, metrics=m)
+            step += 1
+            if step >= start + steps:
+                break
+    mgr.wait()
+    return step
 
 
 def every_dtype() -> dict[str, torch.Tensor]:
@@ -101,18 +144,78 @@ def _numpy_rng_as_plain() -> dict[str, Any]:
     }
 
 
-def blank_like(obj: Any) -> Any:
-    """A target for loading: same structure, tensors zeroed (or NaN), values replaced."""
+# ---- small seeded states ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Randn:
+    """An entry of :func:`build_state`: ``torch.randn(shape)`` drawn from the state's
+    generator, then cast to ``dtype`` (so bf16/fp16 hold rounded normal values)."""
+
+    shape: int | tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class Randint:
+    """An entry of :func:`build_state`: ``torch.randint(low, high, shape, dtype=dtype)``."""
+
+    low: int
+    high: int
+    shape: int | tuple[int, ...]
+    dtype: torch.dtype = torch.int64
+
+
+def _shape(shape: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
+def build_state(seed: int | None, /, **entries: Any) -> dict[str, Any]:
+    """A state dict with ``entries`` as its keys, in order.
+
+    :class:`Randn` and :class:`Randint` entries are drawn, in the order they appear
+    (nested dicts depth-first), from one ``torch.Generator`` seeded with ``seed`` (from
+    torch's global RNG when ``seed`` is None); a nested dict is built the same way;
+    anything else (a tensor, a Python value) is taken as it is. Each test module states
+    its own entries, so a module's data stays what its assertions were written for::
+
+        build_state(seed, w=Randn(50_000), b=Randn(10), step=seed)
+    """
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def build(entry: Any) -> Any:
+        if isinstance(entry, Randn):
+            return torch.randn(_shape(entry.shape), generator=g).to(entry.dtype)
+        if isinstance(entry, Randint):
+            return torch.randint(
+                entry.low, entry.high, _shape(entry.shape), generator=g, dtype=entry.dtype
+            )
+        if isinstance(entry, dict):
+            return {k: build(v) for k, v in entry.items()}
+        return entry
+
+    return build(entries)
+
+
+def zero_value(value: Any) -> Any:
+    """The zero of a value's type (0, 0.0, "", False): a ``fill`` for :func:`blank_like`."""
+    return type(value)()
+
+
+def blank_like(obj: Any, fill: Any = None) -> Any:
+    """A target for loading: same structure, tensors zeroed (same shape and dtype; a
+    transposed 2-d tensor stays transposed), every other leaf value replaced by ``fill``,
+    or by ``fill(value)`` when ``fill`` is callable (e.g. :func:`zero_value`)."""
     if isinstance(obj, torch.Tensor):
         t = torch.zeros(obj.shape, dtype=obj.dtype)
         return t.t().contiguous().t() if obj.dim() == 2 and not obj.is_contiguous() else t
     if isinstance(obj, dict):
-        return {k: blank_like(v) for k, v in obj.items()}
+        return {k: blank_like(v, fill) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [blank_like(v) for v in obj]
+        return [blank_like(v, fill) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(blank_like(v) for v in obj)
-    return None
+        return tuple(blank_like(v, fill) for v in obj)
+    return fill(obj) if callable(fill) else fill
 
 
 def assert_same(a: Any, b: Any, path: str = "") -> None:

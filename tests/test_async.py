@@ -10,14 +10,15 @@ import time
 import pytest
 import torch
 from faults import FaultyBackend, fail_once
-from helpers import assert_same
+from helpers import Randn, assert_same, blank_like, build_state, zero_value
 
 import ckptstore
 from ckptstore.storage import LocalBackend
 
 
 def state_of(n: int = 100_000) -> dict[str, object]:
-    return {"w": torch.randn(n), "v": torch.arange(10), "count": 1, "meta": {"lr": 0.1}}
+    """Drawn from torch's global RNG: a different ``w`` at every call."""
+    return build_state(None, w=Randn(n), v=torch.arange(10), count=1, meta={"lr": 0.1})
 
 
 def test_mutating_after_staged_does_not_change_what_is_saved(root):
@@ -33,12 +34,7 @@ def test_mutating_after_staged_does_not_change_what_is_saved(root):
         state["count"] = 2
         state["meta"]["lr"] = 99.0
         pending.wait()
-        target = {
-            "w": torch.zeros(100_000),
-            "v": torch.zeros(10, dtype=torch.long),
-            "count": 0,
-            "meta": {"lr": 0.0},
-        }
+        target = blank_like(state, zero_value)  # w, v zeros; count 0; meta {"lr": 0.0}
         ckpt.load(target)
     assert_same(expected, target)
 
@@ -55,12 +51,7 @@ def test_block_until_staged_false_returns_before_the_copy(root):
         state["w"].add_(1.0)
         first.wait()
         second.wait()
-        target = {
-            "w": torch.zeros(100_000),
-            "v": torch.zeros(10, dtype=torch.long),
-            "count": 0,
-            "meta": {},
-        }
+        target = {**blank_like(state, zero_value), "meta": {}}
         ckpt.load(target, 2)
     assert torch.equal(target["w"], expected)
 

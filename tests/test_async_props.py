@@ -35,6 +35,7 @@ import psutil
 import pytest
 import torch
 from faults import FaultyBackend
+from helpers import Randn, blank_like, build_state
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from invariants import digest_state
@@ -70,14 +71,14 @@ schedule = st.lists(
 
 
 def new_state() -> dict[str, Any]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "w": torch.randn(96_000, generator=g),
-        "h": torch.randn(333, generator=g).half(),
-        "n": torch.zeros(5, dtype=torch.int64),
-        "count": 0,
-        "meta": {"lr": 0.1},
-    }
+    return build_state(
+        0,
+        w=Randn(96_000),
+        h=Randn(333, torch.half),
+        n=torch.zeros(5, dtype=torch.int64),
+        count=0,
+        meta={"lr": 0.1},
+    )
 
 
 def mutate(state: dict[str, Any], seed: int) -> None:
@@ -90,14 +91,7 @@ def mutate(state: dict[str, Any], seed: int) -> None:
 
 
 def blank() -> dict[str, Any]:
-    s = new_state()
-    return {
-        "w": torch.zeros_like(s["w"]),
-        "h": torch.zeros_like(s["h"]),
-        "n": torch.zeros_like(s["n"]),
-        "count": -1,
-        "meta": {"lr": -1.0},
-    }
+    return blank_like(new_state(), lambda v: type(v)(-1))  # count -1, lr -1.0
 
 
 def reported_steps(exc: ckptstore.BackgroundSaveError) -> set[int]:
@@ -357,7 +351,7 @@ def test_host_memory_is_flat_over_50_saves(tmp_path):
         assert not pendings
         assert failed == {7, 14, 21, 28, 35, 42, 49}, failed
         assert ckpt.staging_bytes <= 2 * (nbytes + (1 << 20)), "one arena per save in flight"
-        target = {"w": torch.zeros_like(state["w"]), "b": torch.zeros(1000), "step": -1}
+        target = blank_like(state, -1)
         ckpt.load(target, 50)
         assert torch.equal(target["w"], state["w"]) and target["step"] == 50
     warm = rss[1]  # after 10 saves: both arenas and the codec threads exist

@@ -7,8 +7,11 @@ import json
 import os
 import pickle
 
+import damage
 import pytest
 import torch
+from damage import SHARD, Boom, forge_manifest
+from helpers import Randn, blank_like, build_state, train, train_state, zero_value
 
 import ckptstore
 from ckptstore.codecs import get_codec
@@ -16,17 +19,15 @@ from ckptstore.dcp.planner import SerializedValue
 from ckptstore.dcp.writer import SaveSpec
 from ckptstore.engine.ops import save_staged
 from ckptstore.engine.stager import stage_in_place
-from ckptstore.format.checksum import digest
 from ckptstore.storage import LocalBackend
 
 
 def make_state(seed: int = 0) -> dict[str, object]:
-    g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(50_000, generator=g), "b": torch.randn(10, generator=g), "step": seed}
+    return build_state(seed, w=Randn(50_000), b=Randn(10), step=seed)
 
 
 def blank() -> dict[str, object]:
-    return {"w": torch.zeros(50_000), "b": torch.zeros(10), "step": 0}
+    return blank_like(make_state(), zero_value)
 
 
 @pytest.fixture(params=["none", "zstd"])
@@ -38,15 +39,7 @@ def two_checkpoints(request, root):
 
 
 def shard_path(ckpt_dir: str) -> str:
-    return os.path.join(ckpt_dir, "__0_0.distcp")
-
-
-def flip_bit(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x10]))
+    return os.path.join(ckpt_dir, SHARD)
 
 
 def load_error(root: str, step: int) -> BaseException:
@@ -64,7 +57,7 @@ def test_intact_checkpoints_verify(two_checkpoints):
 
 def test_bit_flip_in_data_is_detected_and_named(two_checkpoints):
     root, ckpt_dir = two_checkpoints
-    flip_bit(shard_path(ckpt_dir), 1000)
+    damage.xor(shard_path(ckpt_dir), 1000)
     err = load_error(root, 2)
     assert isinstance(err, ckptstore.CorruptCheckpointError)
     assert "step_00000002/__0_0.distcp" in str(err)
@@ -81,8 +74,7 @@ def test_bit_flip_in_data_is_detected_and_named(two_checkpoints):
 
 def test_truncated_shard_is_detected(two_checkpoints):
     root, ckpt_dir = two_checkpoints
-    path = shard_path(ckpt_dir)
-    os.truncate(path, os.path.getsize(path) - 100)
+    damage.truncate(shard_path(ckpt_dir), by=100)
     err = load_error(root, 2)
     assert isinstance(err, ckptstore.CorruptCheckpointError)
     assert "truncated" in str(err)
@@ -91,11 +83,7 @@ def test_truncated_shard_is_detected(two_checkpoints):
 
 def test_zeroed_tail_is_detected(two_checkpoints):
     root, ckpt_dir = two_checkpoints
-    path = shard_path(ckpt_dir)
-    size = os.path.getsize(path)
-    with open(path, "r+b") as f:
-        f.seek(size - 4096)
-        f.write(bytes(4096))
+    damage.zero_tail(shard_path(ckpt_dir), 4096)
     assert isinstance(load_error(root, 2), ckptstore.CorruptCheckpointError)
 
 
@@ -122,7 +110,7 @@ def test_damaged_dcp_metadata_is_detected(two_checkpoints, what):
     root, ckpt_dir = two_checkpoints
     path = os.path.join(ckpt_dir, ".metadata")
     if what == "flip":
-        flip_bit(path, 30)
+        damage.xor(path, 30)
     elif what == "delete":
         os.remove(path)
     else:
@@ -134,7 +122,7 @@ def test_damaged_dcp_metadata_is_detected(two_checkpoints, what):
 
 def test_damaged_manifest_is_not_listed_and_not_loaded(two_checkpoints):
     root, ckpt_dir = two_checkpoints
-    flip_bit(os.path.join(ckpt_dir, "manifest.json"), 40)
+    damage.xor(os.path.join(ckpt_dir, "manifest.json"), 40)
     with ckptstore.Checkpointer(root) as ckpt:
         assert [i.step for i in ckpt.list()] == [1]
         target = blank()
@@ -191,38 +179,11 @@ def test_mismatched_state_lists_the_differences(two_checkpoints):
 # ---- hostile input ---------------------------------------------------------------
 
 
-class _Boom:
-    """Unpickling this creates a file: proof that code ran."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_hostile_dcp_metadata_is_refused_before_running_anything(two_checkpoints, tmp_path):
     root, ckpt_dir = two_checkpoints
     sentinel = tmp_path / "pwned"
-    payload = pickle.dumps(_Boom(str(sentinel)))
-    md_path = os.path.join(ckpt_dir, ".metadata")
-    with open(md_path, "wb") as f:
-        f.write(payload)
     # An attacker rewrites the manifest's checksums to match.
-    man_path = os.path.join(ckpt_dir, "manifest.json")
-    with open(man_path) as f:
-        body = json.load(f)
-    body["files"][".metadata"] = {
-        "kind": "file",
-        "size_bytes": len(payload),
-        "xxh3_64": digest(payload),
-    }
-    body.pop("checksum")
-    from ckptstore.format.manifest import _canonical
-
-    body["checksum"] = "xxh3-64:" + digest(_canonical(body))
-    with open(man_path, "w") as f:
-        json.dump(body, f)
+    damage.replace_file(ckpt_dir, ".metadata", pickle.dumps(Boom(str(sentinel))))
     err = load_error(root, 2)
     assert isinstance(err, ckptstore.UnsafeCheckpointError), err
     assert "builtins" in str(err) or "io" in str(err)
@@ -234,7 +195,7 @@ def test_hostile_value_pickle_is_refused(root, tmp_path):
     sentinel = tmp_path / "pwned"
     staged = stage_in_place({"w": torch.ones(3), "v": 1})
     payload = io.BytesIO()
-    torch.save(_Boom(str(sentinel)), payload)  # what a forged torch.save file looks like
+    torch.save(Boom(str(sentinel)), payload)  # what a forged torch.save file looks like
     staged.flat["v"] = SerializedValue(payload.getvalue())
     backend = LocalBackend(root)
     from concurrent.futures import ThreadPoolExecutor
@@ -259,7 +220,7 @@ def test_values_that_could_not_load_safely_are_refused_at_save(root):
     import fractions
 
     with ckptstore.Checkpointer(root) as ckpt:
-        for bad in (fractions.Fraction(1, 3), _Boom("/nonexistent/x")):
+        for bad in (fractions.Fraction(1, 3), Boom("/nonexistent/x")):
             with pytest.raises(ckptstore.UnsupportedStateError, match="'bad'"):
                 ckpt.save_async({"bad": bad}, 1)
         assert ckpt.list() == []
@@ -281,16 +242,12 @@ def test_values_that_could_not_load_safely_are_refused_at_save(root):
 )
 def test_manifest_file_names_that_escape_are_refused(two_checkpoints, name):
     root, ckpt_dir = two_checkpoints
-    man_path = os.path.join(ckpt_dir, "manifest.json")
-    with open(man_path) as f:
-        body = json.load(f)
-    body["files"][name] = {"kind": "shard", "size_bytes": 1, "xxh3_64": "0" * 16}
-    body.pop("checksum")
-    from ckptstore.format.manifest import _canonical
-
-    body["checksum"] = "xxh3-64:" + digest(_canonical(body))
-    with open(man_path, "w") as f:
-        json.dump(body, f)
+    forge_manifest(
+        ckpt_dir,
+        lambda body: body["files"].update(
+            {name: {"kind": "shard", "size_bytes": 1, "xxh3_64": "0" * 16}}
+        ),
+    )
     err = load_error(root, 2)
     assert isinstance(err, ckptstore.CorruptCheckpointError)
 
@@ -309,29 +266,11 @@ def test_manifest_with_absurd_numbers_is_corrupt_not_a_crash(two_checkpoints):
 
 def _rewrite_index(ckpt_dir: str, change) -> None:
     """Edit the shard's index and re-sign index and manifest, as an attacker could."""
-    import struct
-
-    from ckptstore.format.manifest import _canonical
-
-    shard = shard_path(ckpt_dir)
-    with open(shard, "rb") as f:
-        data = f.read()
-    length, magic = struct.unpack("<Q8s", data[-16:])
-    start = len(data) - 16 - length
-    index = json.loads(data[start:-16])
+    with open(shard_path(ckpt_dir), "rb") as f:
+        chunks, index_json = damage.split_shard(f.read())
+    index = json.loads(index_json)
     change(index)
-    new_index = json.dumps(index).encode()
-    with open(shard, "wb") as f:
-        f.write(data[:start] + new_index + struct.pack("<Q8s", len(new_index), magic))
-    man_path = os.path.join(ckpt_dir, "manifest.json")
-    with open(man_path) as f:
-        body = json.load(f)
-    body["files"]["__0_0.distcp"]["size_bytes"] = os.path.getsize(shard)
-    body["files"]["__0_0.distcp"]["xxh3_64"] = digest(new_index)
-    body.pop("checksum")
-    body["checksum"] = "xxh3-64:" + digest(_canonical(body))
-    with open(man_path, "w") as f:
-        json.dump(body, f)
+    damage.replace_shard(ckpt_dir, chunks, json.dumps(index).encode())
 
 
 @pytest.mark.parametrize("what", ["huge chunk", "stored larger than raw"])
@@ -375,25 +314,19 @@ def test_bit_rot_is_named_by_verify_and_restore_falls_back(root, caplog, how, vi
     import logging
     import shutil
 
-    from test_manager import make_state as train_state
-    from test_manager import train
-
     with ckptstore.CheckpointManager(root, save=ckptstore.SaveEvery(steps=2)) as mgr:
         train(mgr, train_state(), 4)
     path = os.path.join(root, "step_00000004", victim)
-    size = os.path.getsize(path)
     if how == "truncate":
-        os.truncate(path, size - 100)
+        damage.truncate(path, by=100)
     elif how == "zero tail":
-        with open(path, "r+b") as f:
-            f.seek(max(0, size - 4096))
-            f.write(bytes(min(size, 4096)))
+        damage.zero_tail(path, 4096)
     elif how == "delete":
         os.remove(path)
     elif how == "swap":  # another checkpoint's (intact) shard in its place
         shutil.copy(os.path.join(root, "step_00000002", victim), path)
     else:
-        flip_bit(path, 30)
+        damage.xor(path, 30)
     with ckptstore.Checkpointer(root) as ckpt:
         problems = ckpt.verify(4)
         assert len(problems) == 1 and f"step_00000004/{victim}" in problems[0], problems

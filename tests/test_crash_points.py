@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any
 
+import damage
 import pytest
 import torch
 from crashrig import ForkServer, expected_digests, make_state, read_progress
@@ -107,12 +108,7 @@ def test_checker_passes_a_good_root_and_names_each_kind_of_damage(root, tmp_path
     assert "latest names 'step_00000005'" in problems()
     os.unlink(os.path.join(root, "latest"))
     # A flipped byte in the newest checkpoint's shard: verify and restore both object.
-    shard = os.path.join(root, "step_00000002", "__0_0.distcp")
-    with open(shard, "r+b") as f:
-        f.seek(4096)
-        byte = f.read(1)
-        f.seek(4096)
-        f.write(bytes([byte[0] ^ 0x10]))
+    damage.xor(os.path.join(root, "step_00000002", damage.SHARD), 4096)
     assert "step_00000002: verify: " in problems()
     # The newest good checkpoint gone.
     ckpt_dir = os.path.join(root, "step_00000002")

@@ -25,6 +25,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from damage import join_shard, manifest_checksum, replace_file, split_shard
+from helpers import Randn, blank_like, build_state, zero_value
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +36,7 @@ from ckptstore.dcp import metadata as md_format
 from ckptstore.engine.ops import load_into
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.checksum import digest
-from ckptstore.format.manifest import Manifest, _canonical
+from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardReader
 from ckptstore.storage import RangeReader, open_backend
 
@@ -58,14 +60,14 @@ def budget(n: int = FAST, **kw: Any) -> Any:
 
 
 def _state() -> dict[str, Any]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "f32": torch.randn(3000, generator=g),
-        "bf16": torch.randn(700, generator=g).bfloat16(),
-        "i64": torch.arange(50),
-        "empty": torch.empty(0),
-        "value": {"a": [1, 2.5, "x"]},
-    }
+    return build_state(
+        0,
+        f32=Randn(3000),
+        bf16=Randn(700, torch.bfloat16),
+        i64=torch.arange(50),
+        empty=torch.empty(0),
+        value={"a": [1, 2.5, "x"]},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +162,7 @@ def _resign(body: dict[str, Any]) -> bytes:
     body = dict(body)
     body.pop("checksum", None)
     with contextlib.suppress(ValueError):  # NaN cannot be canonical: leave it unsigned
-        body["checksum"] = "xxh3-64:" + digest(_canonical(body))
+        body["checksum"] = manifest_checksum(body)
     return json.dumps(body).encode()
 
 
@@ -300,21 +302,11 @@ class BytesReader(RangeReader):
         return memoryview(self._data)[offset : offset + length]
 
 
-def _split_shard(data: bytes) -> tuple[bytes, bytes]:
-    length, _ = struct.unpack("<Q8s", data[-16:])
-    start = len(data) - 16 - length
-    return data[:start], data[start:-16]
-
-
-def _join_shard(body: bytes, index: bytes) -> bytes:
-    return body + index + struct.pack("<Q8s", len(index), b"CKPTIDX1")
-
-
 def _read_everything(data: bytes, index_xxh3: str | None = None) -> None:
     """Open a shard as the loader does (size and index checksum from a manifest that
     matches it), verify it, and read every item into a buffer of its stated size."""
     if index_xxh3 is None:
-        index_xxh3 = digest(_split_shard(data)[1]) if len(data) >= 16 else "0" * 16
+        index_xxh3 = digest(split_shard(data)[1]) if len(data) >= 16 else "0" * 16
     reader = ShardReader(
         BytesReader(data), "fuzz/__0_0.distcp", size_bytes=len(data), index_xxh3=index_xxh3
     )
@@ -325,7 +317,7 @@ def _read_everything(data: bytes, index_xxh3: str | None = None) -> None:
 
 def _read_shard(data: bytes) -> None:
     try:
-        index_xxh3 = digest(_split_shard(data)[1])
+        index_xxh3 = digest(split_shard(data)[1])
     except (struct.error, ValueError):
         index_xxh3 = "0" * 16
     _read_everything(data, index_xxh3)
@@ -344,11 +336,11 @@ def test_shard_mutated_anywhere_with_matching_manifest(sample, draw):
 @given(draw=st.data())
 def test_shard_index_fields_replaced(sample, draw):
     """Every field of the index replaced by any JSON value; sums fixed up."""
-    body, index = _split_shard(sample["__0_0.distcp"])
+    body, index = split_shard(sample["__0_0.distcp"])
     parsed = json.loads(index)
     path = draw.draw(st.sampled_from(_paths(parsed)))
     _set(parsed, path, draw.draw(json_values | st.integers(-(2**64), 2**64)))
-    only_typed_errors(_read_everything, _join_shard(body, json.dumps(parsed).encode()))
+    only_typed_errors(_read_everything, join_shard(body, json.dumps(parsed).encode()))
 
 
 @budget()
@@ -358,7 +350,7 @@ def test_shard_random_index(index, body):
         raw = json.dumps(index).encode()
     except ValueError:
         return
-    only_typed_errors(_read_everything, _join_shard(body, raw))
+    only_typed_errors(_read_everything, join_shard(body, raw))
 
 
 @budget()
@@ -366,7 +358,7 @@ def test_shard_random_index(index, body):
 def test_shard_chunk_bytes_replaced_with_checksums_fixed(sample, draw):
     """A chunk's stored bytes and layout replaced by anything, every checksum fixed up:
     the codec itself must refuse what does not decode to the stated size."""
-    body, index = _split_shard(sample["__0_0.distcp"])
+    body, index = split_shard(sample["__0_0.distcp"])
     parsed = json.loads(index)
     chunks = [c for item in parsed["items"] for c in item["chunks"]]
     assume(chunks)
@@ -378,7 +370,7 @@ def test_shard_chunk_bytes_replaced_with_checksums_fixed(sample, draw):
     chunk[0], chunk[1], chunk[3] = len(body), len(new), digest(new)
     chunk[4] = draw.draw(st.just(chunk[4]) | st.lists(st.integers(-(2**40), 2**40), max_size=9))
     assume(len(new) <= chunk[2])
-    only_typed_errors(_read_everything, _join_shard(body + new, json.dumps(parsed).encode()))
+    only_typed_errors(_read_everything, join_shard(body + new, json.dumps(parsed).encode()))
 
 
 def _zstd(b: bytes) -> bytes:
@@ -401,20 +393,12 @@ def loadable(tmp_path_factory) -> tuple[Any, bytes]:
 
 
 def _lie(backend: Any, metadata: Any) -> None:
-    data = md_format.dumps(metadata)
-    with open(os.path.join(backend.root, "step_00000001", ".metadata"), "wb") as f:
-        f.write(data)
-    body = json.loads(backend.read_bytes("step_00000001/manifest.json"))
-    body["files"][".metadata"] = {"kind": "file", "size_bytes": len(data), "xxh3_64": digest(data)}
-    with open(os.path.join(backend.root, "step_00000001", "manifest.json"), "wb") as f:
-        f.write(_resign(body))
+    ckpt_dir = os.path.join(backend.root, "step_00000001")
+    replace_file(ckpt_dir, ".metadata", md_format.dumps(metadata))
 
 
 def _load(backend: Any) -> None:
-    target = {
-        k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else {"a": [0, 0.0, ""]}
-        for k, v in _state().items()
-    }
+    target = blank_like(_state(), zero_value)
     load_into(target, backend, "step_00000001", pool=None, group=None)
 
 
@@ -516,14 +500,14 @@ def test_stress_all_readers(sample, draw):
 @settings(max_examples=SLOW, deadline=2000, suppress_health_check=list(HealthCheck))
 @given(draw=st.data())
 def test_stress_index_fields(sample, draw):
-    body, index = _split_shard(sample["__0_0.distcp"])
+    body, index = split_shard(sample["__0_0.distcp"])
     parsed = json.loads(index)
     for _ in range(draw.draw(st.integers(1, 3))):
         paths = _paths(parsed)
         if not paths:
             break
         _set(parsed, draw.draw(st.sampled_from(paths)), draw.draw(json_values))
-    only_typed_errors(_read_everything, _join_shard(body, json.dumps(parsed).encode()))
+    only_typed_errors(_read_everything, join_shard(body, json.dumps(parsed).encode()))
 
 
 def test_a_sample_is_intact(sample):

@@ -22,7 +22,6 @@ import logging
 import os
 import pickle
 import shutil
-import struct
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,9 @@ import numpy as np
 import pytest
 import torch
 import zstandard
+from damage import SHARD, Boom, forge_manifest, forged, replace_file, replace_shard, split_shard
 from faults import FaultyBackend
+from helpers import Randn, blank_like, build_state, train, train_state, zero_value
 from s3server import SECRET_KEY
 
 import ckptstore
@@ -41,7 +42,6 @@ from ckptstore.codecs import ElementKind, ZstdCodec
 from ckptstore.config import MANIFEST_KEY_ENV
 from ckptstore.dcp import metadata as md_format
 from ckptstore.format.checksum import digest
-from ckptstore.format.manifest import _canonical
 from ckptstore.storage import RangeReader, StorageBackend, open_backend
 
 KEY = b"CANARY-MANIFEST-KEY-51d0c9e2"
@@ -49,12 +49,11 @@ MIB = 1 << 20
 
 
 def make_state(seed: int = 0) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(20_000, generator=g), "b": torch.randn(7, generator=g), "step": seed}
+    return build_state(seed, w=Randn(20_000), b=Randn(7), step=seed)
 
 
 def blank() -> dict[str, Any]:
-    return {"w": torch.zeros(20_000), "b": torch.zeros(7), "step": 0}
+    return blank_like(make_state(), zero_value)
 
 
 def save_two(root: str, **config: Any) -> str:
@@ -69,41 +68,10 @@ def read_body(ckpt_dir: str) -> dict[str, Any]:
         return dict(json.load(f))
 
 
-def forge_manifest(ckpt_dir: str, change: Callable[[dict[str, Any]], None]) -> None:
-    """Edit the manifest and make its xxh3 checksum match, as an attacker without the key can."""
-    body = read_body(ckpt_dir)
-    body.pop("checksum")
-    change(body)
-    body["checksum"] = "xxh3-64:" + digest(_canonical(body))
-    with open(os.path.join(ckpt_dir, "manifest.json"), "w") as f:
-        json.dump(body, f)
-
-
-class _Boom:
-    """Unpickling this creates a file: proof that code ran."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def plant_hostile_metadata(ckpt_dir: str, sentinel: str) -> None:
     """Replace ``.metadata`` with a code-running pickle and fix the manifest to match it."""
-    payload = pickle.dumps(_Boom(sentinel))
-    with open(os.path.join(ckpt_dir, ".metadata"), "wb") as f:
-        f.write(payload)
-
-    def change(body: dict[str, Any]) -> None:
-        body["files"][".metadata"] = {
-            "kind": "file",
-            "size_bytes": len(payload),
-            "xxh3_64": digest(payload),
-        }
-        body.pop("hmac", None)  # cannot be recomputed without the key
-
-    forge_manifest(ckpt_dir, change)
+    # The HMAC, if any, cannot be recomputed without the key.
+    replace_file(ckpt_dir, ".metadata", pickle.dumps(Boom(sentinel)), drop_hmac=True)
 
 
 class ReadLog(FaultyBackend):
@@ -257,9 +225,6 @@ def test_a_bad_key_is_refused_without_echoing_it(root, bad):
 
 
 def test_manager_restore_skips_a_forged_newest_checkpoint(root, tmp_path, caplog):
-    from test_manager import make_state as train_state
-    from test_manager import train
-
     state = train_state()
     with CheckpointManager(root, save=SaveEvery(steps=2), manifest_key=KEY) as mgr:
         train(mgr, state, 4)
@@ -279,9 +244,6 @@ def test_the_key_never_appears_in_what_is_written_shown_or_logged(root, caplog):
     caplog.set_level(logging.DEBUG, logger="ckptstore")
     shown: list[str] = []
     with CheckpointManager(root, save=SaveEvery(steps=1), manifest_key=KEY) as mgr:
-        from test_manager import make_state as train_state
-        from test_manager import train
-
         train(mgr, train_state(), 2)
         ckpt = mgr.checkpointer
         assert ckpt is not None
@@ -306,7 +268,7 @@ def test_hostile_metadata_behind_a_stale_checksum_is_never_unpickled(root, tmp_p
     ckpt_dir = save_two(root)
     sentinel = str(tmp_path / "pwned")
     with open(os.path.join(ckpt_dir, ".metadata"), "wb") as f:
-        f.write(pickle.dumps(_Boom(sentinel)))  # the manifest still lists the old one
+        f.write(pickle.dumps(Boom(sentinel)))  # the manifest still lists the old one
     with ckptstore.Checkpointer(root) as ckpt:
         with pytest.raises(ckptstore.CorruptCheckpointError, match="metadata"):
             ckpt.load(blank(), 2)
@@ -321,7 +283,7 @@ def test_files_the_manifest_does_not_list_are_never_read(root, tmp_path, unpickl
     # A second metadata file under the per-attempt name object stores use, and strays.
     for name in (".metadata-0123456789ab", "__1_0.distcp", "evil.pkl"):
         with open(os.path.join(ckpt_dir, name), "wb") as f:
-            f.write(pickle.dumps(_Boom(sentinel)))
+            f.write(pickle.dumps(Boom(sentinel)))
     spy = ReadLog(open_backend(root))
     with ckptstore.Checkpointer(spy) as ckpt:
         spy.reads.clear()
@@ -372,15 +334,7 @@ def _rewrite_dcp_metadata(ckpt_dir: str, change: Callable[[Any], None]) -> None:
     with open(path, "rb") as f:
         metadata = md_format.loads(f.read(), path)
     change(metadata)
-    data = md_format.dumps(metadata)
-    with open(path, "wb") as f:
-        f.write(data)
-    forge_manifest(
-        ckpt_dir,
-        lambda b: b["files"].update(
-            {".metadata": {"kind": "file", "size_bytes": len(data), "xxh3_64": digest(data)}}
-        ),
-    )
+    replace_file(ckpt_dir, ".metadata", md_format.dumps(metadata))
 
 
 @pytest.mark.parametrize(
@@ -463,12 +417,11 @@ def test_s3_names_stay_under_the_prefix(s3_server, s3_bucket):
                 with pytest.raises(ValueError, match="refusing unsafe"):
                     call(bad)
     # A manifest (checksums fixed) that lists a file outside the prefix.
-    key = "run/step_00000001/manifest.json"
-    body = json.loads(fs.cat_file(f"{s3_bucket}/{key}"))
-    body.pop("checksum")
-    body["files"]["../../secret.bin"] = {"kind": "shard", "size_bytes": 9, "xxh3_64": "0" * 16}
-    body["checksum"] = "xxh3-64:" + digest(_canonical(body))
-    fs.pipe_file(f"{s3_bucket}/{key}", json.dumps(body).encode())
+    key = f"{s3_bucket}/run/step_00000001/manifest.json"
+    outside = {"kind": "shard", "size_bytes": 9, "xxh3_64": "0" * 16}
+    fs.pipe_file(
+        key, forged(fs.cat_file(key), lambda b: b["files"].update({"../../secret.bin": outside}))
+    )
     with ckptstore.Checkpointer(url, storage_options=opts) as ckpt:
         with pytest.raises(ckptstore.CorruptCheckpointError, match="unsafe"):
             ckpt.load(blank(), 1)
@@ -538,10 +491,8 @@ def test_a_bomb_inside_a_shard_is_refused_at_load_and_verify(root):
     with ckptstore.Checkpointer(root, codec="zstd") as ckpt:
         ckpt.save({"v": torch.arange(16384, dtype=torch.int32)}, 1)
     ckpt_dir = os.path.join(root, "step_00000001")
-    shard = os.path.join(ckpt_dir, "__0_0.distcp")
-    data = Path(shard).read_bytes()
-    length, magic = struct.unpack("<Q8s", data[-16:])
-    index = json.loads(data[len(data) - 16 - length : -16])
+    rest, index_json = split_shard(Path(ckpt_dir, SHARD).read_bytes())
+    index = json.loads(index_json)
     bomb = _bomb(64 * MIB)
     item = next(i for i in index["items"] if i["dtype"] == "int32")
     assert item["nbytes"] == 65536 and len(item["chunks"]) == 1
@@ -554,16 +505,7 @@ def test_a_bomb_inside_a_shard_is_refused_at_load_and_verify(root):
         if other is not item:
             for c in other["chunks"]:
                 c[0] += len(body)
-    rest = data[: len(data) - 16 - length]
-    new_index = json.dumps(index).encode()
-    with open(shard, "wb") as f:
-        f.write(body + rest + new_index + struct.pack("<Q8s", len(new_index), magic))
-    forge_manifest(
-        ckpt_dir,
-        lambda b: b["files"]["__0_0.distcp"].update(
-            size_bytes=os.path.getsize(shard), xxh3_64=digest(new_index)
-        ),
-    )
+    replace_shard(ckpt_dir, body + rest, json.dumps(index).encode())
     with ckptstore.Checkpointer(root) as ckpt:
         tracemalloc.start()
         try:
@@ -624,9 +566,6 @@ def test_the_secret_key_never_reaches_the_local_tier_or_its_logs(
     s3_server, s3_bucket, tmp_path, caplog
 ):
     """Backup tier: restore on a fresh machine (download), then a backup that fails."""
-    from test_manager import make_state as train_state
-    from test_manager import train
-
     caplog.set_level(logging.DEBUG, logger="ckptstore")
     opts = s3_server.options()
     url = f"s3://{s3_bucket}/tier"
@@ -648,9 +587,6 @@ def test_the_backup_tier_carries_the_signature_and_refuses_forgeries(
 ):
     """Signed checkpoints are uploaded signature and all; a fresh machine with the key
     restores from the backup, skipping a forged newer checkpoint planted there."""
-    from test_manager import make_state as train_state
-    from test_manager import train
-
     from ckptstore.transfer import fetch
 
     opts = s3_server.options()
@@ -669,11 +605,7 @@ def test_the_backup_tier_carries_the_signature_and_refuses_forgeries(
         name = key.rsplit("/", 1)[1]
         data = fs.cat_file(key)
         if name == "manifest.json":
-            body = json.loads(data)
-            body.pop("checksum")
-            body["step"] = 6
-            body["checksum"] = "xxh3-64:" + digest(_canonical(body))
-            data = json.dumps(body).encode()
+            data = forged(data, lambda b: b.update(step=6))
         fs.pipe_file(f"{s3_bucket}/signed/step_00000006/{name}", data)
     local = open_backend(tmp_path / "c")
     with pytest.raises(ckptstore.UnsafeCheckpointError):
@@ -693,9 +625,6 @@ def test_the_backup_tier_carries_the_signature_and_refuses_forgeries(
 def test_forged_newer_checkpoints_do_not_make_retention_delete_real_ones(root):
     """KeepLast(2) with a key: forgeries planted as steps 10 and 12 are invisible, so
     they neither count as "the last two" nor shield the newest real checkpoint."""
-    from test_manager import make_state as train_state
-    from test_manager import train
-
     from ckptstore import KeepLast
 
     state = train_state()

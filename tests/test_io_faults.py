@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_same
+from helpers import Randint, Randn, assert_same, blank_like, build_state, zero_value
 from invariants import check_invariants, digest_state
 from osfaults import Call, OsFaults
 
@@ -56,24 +56,18 @@ CAN_BE_FULL += ("rename(", "renameat2(", "flock(")
 
 def make_state(seed: int, extra: int = 0) -> dict[str, Any]:
     """The state saved as ``step_{seed}``; ``extra`` floats more make it large."""
-    g = torch.Generator().manual_seed(seed)
-    state: dict[str, Any] = {
-        "w": torch.randn(300_000, generator=g),  # 1.2 MB: page-aligned, O_DIRECT
-        "odd": torch.randn(1001, generator=g).half(),  # unaligned tail
-        "i": torch.randint(0, 1 << 40, (77,), generator=g),
-        "meta": {"seed": seed, "name": "run-" + str(seed)},
-    }
-    if extra:
-        state["big"] = torch.randn(extra, generator=g)
-    return state
+    return build_state(
+        seed,
+        w=Randn(300_000),  # 1.2 MB: page-aligned, O_DIRECT
+        odd=Randn(1001, torch.half),  # unaligned tail
+        i=Randint(0, 1 << 40, 77),
+        meta={"seed": seed, "name": "run-" + str(seed)},
+        **({"big": Randn(extra)} if extra else {}),
+    )
 
 
 def blank(extra: int = 0) -> dict[str, Any]:
-    s = make_state(0, extra)
-    return {
-        k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else {"seed": 0, "name": ""})
-        for k, v in s.items()
-    }
+    return blank_like(make_state(0, extra), zero_value)
 
 
 @pytest.fixture

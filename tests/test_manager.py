@@ -6,9 +6,11 @@ import logging
 import os
 import time
 
+import damage
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from helpers import train
+from helpers import train_state as make_state  # test_s3.py imports both from here
 
 import ckptstore
 from ckptstore import (
@@ -17,46 +19,9 @@ from ckptstore import (
     KeepBest,
     KeepEvery,
     KeepLast,
-    ResumableDataLoader,
     SaveEvery,
-    TrainState,
 )
-from ckptstore.train.model import GPT, GPTConfig
-
-CFG = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)
-
-
-def make_state(seed: int = 0, cfg: GPTConfig = CFG) -> TrainState:
-    torch.manual_seed(seed)
-    data = torch.randint(
-        0, 256, (24, cfg.block_size + 1), generator=torch.Generator().manual_seed(1)
-    )
-    model = GPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 3)
-    loader = ResumableDataLoader(TensorDataset(data), batch_size=4, seed=2)  # 6 batches per epoch
-    return TrainState(model=model, optimizer=opt, scheduler=sched, dataloader=loader)
-
-
-def train(mgr, state, steps, *, start=0, metrics=None):
-    """Run ``steps`` steps from ``start`` the way a user loop would."""
-    step = start
-    while step < start + steps:
-        epoch = state.dataloader.epoch
-        for (batch,) in state.dataloader:
-            _, loss = state.model(batch[:, :-1], batch[:, 1:])
-            state.optimizer.zero_grad()
-            loss.backward()
-            state.optimizer.step()
-            state.scheduler.step()
-            end = state.dataloader.batches_taken == state.dataloader.batches_per_epoch()
-            m = metrics(step) if metrics else {"val_loss": loss.item()}
-            mgr.maybe_save(step, state, epoch=epoch, end_of_epoch=end, metrics=m)
-            step += 1
-            if step >= start + steps:
-                break
-    mgr.wait()
-    return step
+from ckptstore.train.model import GPTConfig
 
 
 def steps_on_disk(root):
@@ -149,12 +114,8 @@ def flip_a_bit(ckpt_dir):
     can land in the alignment padding before a large uncompressed item, which no
     checksum covers (nor needs to), and where padding falls depends on the layout.
     Half the data region always includes checksummed bytes."""
-    path = os.path.join(ckpt_dir, "__0_0.distcp")
-    n = os.path.getsize(path) // 2
-    with open(path, "r+b") as f:
-        data = f.read(n)
-        f.seek(0)
-        f.write(bytes(b ^ 0xFF for b in data))
+    path = os.path.join(ckpt_dir, damage.SHARD)
+    damage.xor(path, 0, mask=0xFF, length=os.path.getsize(path) // 2)
 
 
 def test_restore_falls_back_past_a_corrupt_newest_checkpoint(root, caplog):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,25 +18,28 @@ import ckptstore
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_worker.py")
 
 
-def start(root, *args):
+@contextlib.contextmanager
+def started(root, *args):
+    """A training process of ``train_worker.py``; killed on the way out if still running."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, WORKER, root, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
-
-
-def run(root, *args, timeout=120):
-    proc = start(root, *args)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def run(root, *args, timeout=120):
+    with started(root, *args) as proc:
+        out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
     return out
 
@@ -83,15 +87,10 @@ def test_signal_saves_exits_conventionally_and_resumes_identically(
     tmp_path, reference, sig, status
 ):
     root = str(tmp_path / "run")
-    proc = start(root, "--steps", "1000", "--slow-from", "5")
-    try:
+    with started(root, "--steps", "1000", "--slow-from", "5") as proc:
         wait_for_line(proc, "STEP 7")
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == status, err[-3000:]
     assert "saving at the end of this step" in err
     with ckptstore.CheckpointManager(root) as mgr:
@@ -110,8 +109,7 @@ def test_signal_saves_exits_conventionally_and_resumes_identically(
 def test_a_second_sigint_exits_at_once_and_commits_nothing(tmp_path):
     root = str(tmp_path / "run")
     # Every storage write waits 50 ms: the save of the tiny model's ~100 items takes seconds.
-    proc = start(root, "--steps", "1000", "--slow-from", "5", "--slow-storage", "0.05")
-    try:
+    with started(root, "--steps", "1000", "--slow-from", "5", "--slow-storage", "0.05") as proc:
         wait_for_line(proc, "STEP 7")
         proc.send_signal(signal.SIGINT)
         first = time.monotonic()
@@ -125,10 +123,6 @@ def test_a_second_sigint_exits_at_once_and_commits_nothing(tmp_path):
         time.sleep(max(0.0, first + 1.2 - time.monotonic()))
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, err[-3000:]
     assert "second signal" in err
     assert not [n for n in os.listdir(root) if n.startswith("step_")], (
@@ -146,13 +140,8 @@ def test_no_checkpoint_writes_nothing(tmp_path):
 
 
 def run_failing(root, *args, timeout=120):
-    proc = start(root, *args)
-    try:
+    with started(root, *args) as proc:
         _, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 1, err[-3000:]
     assert "injected failure" in err
     return err
@@ -184,17 +173,12 @@ def test_an_error_after_the_optimizer_step_saves_nothing(tmp_path):
 def test_a_duplicate_signal_does_not_abort_the_save(tmp_path):
     """A terminal's Ctrl+C and torchrun's forwarded copy arrive together: one signal."""
     root = str(tmp_path / "run")
-    proc = start(root, "--steps", "1000", "--slow-from", "5")
-    try:
+    with started(root, "--steps", "1000", "--slow-from", "5") as proc:
         wait_for_line(proc, "STEP 7")
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 130, err[-3000:]
     assert "second signal" not in err
     with ckptstore.CheckpointManager(root) as mgr:

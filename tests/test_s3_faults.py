@@ -16,12 +16,13 @@ import pickle
 import threading
 import time
 
+import damage
 import pytest
 import torch
 from faults import FaultyBackend
+from helpers import Randn, blank_like, build_state, train, train_state
 from s3server import SECRET_KEY, S3Server
 from tcp_proxy import FaultProxy
-from test_manager import make_state, train
 
 import ckptstore
 from ckptstore import CheckpointManager, KeepLast, SaveEvery
@@ -114,7 +115,7 @@ def test_unreachable_remote_never_stops_local_saves(s3_server, s3_bucket, proxy,
     caplog.set_level(logging.INFO, logger="ckptstore")
     proxy.refuse(True)  # the remote is down from the start
     url = f"s3://{s3_bucket}/down"
-    state = make_state()
+    state = train_state()
     with CheckpointManager(
         tmp_path / "l",
         save=SaveEvery(steps=2),
@@ -145,7 +146,7 @@ def test_close_can_leave_pending_uploads_and_says_which(
     s3_server, s3_bucket, proxy, tmp_path, caplog
 ):
     caplog.set_level(logging.WARNING, logger="ckptstore")
-    state = make_state()
+    state = train_state()
     mgr = CheckpointManager(
         tmp_path / "l",
         save=SaveEvery(steps=2),
@@ -163,7 +164,7 @@ def test_close_can_leave_pending_uploads_and_says_which(
 def test_the_secret_key_never_leaks(s3_server, s3_bucket, proxy, tmp_path, caplog):
     caplog.set_level(logging.DEBUG, logger="ckptstore")
     errors: list[str] = []
-    state = make_state()
+    state = train_state()
     url = f"s3://{s3_bucket}/canary"
     proxy.reset_after(200_000, times=2)
     with CheckpointManager(
@@ -209,12 +210,11 @@ def test_the_secret_key_never_leaks(s3_server, s3_bucket, proxy, tmp_path, caplo
 
 
 def _big_state(seed: int, mib: int = 14) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"w": torch.randn(mib * MIB // 4, generator=g), "seed": seed}
+    return build_state(seed, w=Randn(mib * MIB // 4), seed=seed)
 
 
 def _blank_big(mib: int = 14) -> dict:
-    return {"w": torch.zeros(mib * MIB // 4), "seed": -1}
+    return blank_like(_big_state(0, mib), -1)
 
 
 def test_exception_inside_the_sink_with_parts_in_flight_leaves_nothing(s3_server, s3_bucket):
@@ -307,11 +307,11 @@ def test_two_writers_race_for_one_step_and_the_winner_is_intact(s3_server, s3_bu
 def _damage(fs, key: str, how: str, other: str | None = None) -> None:
     data = fs.cat_file(key)
     if how == "flip":
-        data = data[:100] + bytes([data[100] ^ 0x04]) + data[101:]
+        data = damage.xored(data, 100, 0x04)
     elif how == "truncate":
-        data = data[:-100]
+        data = damage.truncated(data, by=100)
     elif how == "zero tail":
-        data = data[:-4096] + bytes(4096)
+        data = damage.zero_tailed(data, 4096)
     elif how == "swap":
         assert other is not None
         data = fs.cat_file(other)
@@ -339,7 +339,7 @@ def test_bit_rot_on_s3_is_named_by_verify_and_restore_falls_back(
     url = f"s3://{s3_bucket}/rot"
     opts = s3_server.options()
     with CheckpointManager(url, save=SaveEvery(steps=2), storage_options=opts) as mgr:
-        train(mgr, make_state(), 4)
+        train(mgr, train_state(), 4)
     fs = s3_server.fs()
 
     def key_of(step: int) -> str:
@@ -353,9 +353,9 @@ def test_bit_rot_on_s3_is_named_by_verify_and_restore_falls_back(
         assert len(problems) == 1, problems
         assert victim.rsplit("/", 1)[1] in problems[0]
         assert ckpt.verify(2) == []
-        expected = make_state()
+        expected = train_state()
         ckpt.load(expected.state_dict(), 2)
-    restored = make_state(seed=5)
+    restored = train_state(seed=5)
     with (
         caplog.at_level(logging.WARNING, logger="ckptstore"),
         CheckpointManager(url, storage_options=opts) as mgr,
