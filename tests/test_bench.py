@@ -19,7 +19,8 @@ from helpers import REPO
 
 from ckptstore.bench import contenders as cont
 from ckptstore.bench.common import gpt_config_for, parse_size
-from ckptstore.bench.suite import _command, main
+from ckptstore.bench.report import command_line
+from ckptstore.bench.suite import main
 
 SAVE_KEYS = ("stall_s", "staged_s", "cpu_s_per_gb", "peak_rss_mb")
 DURABLE_KEYS = ("durable_s", "bytes", "ratio")
@@ -206,7 +207,7 @@ def test_sizes_pick_a_model_of_about_that_size():
 
 
 def test_the_recorded_command_carries_no_credentials():
-    line = _command(
+    line = command_line(
         ["--target", "s3://AKIA:s3cr3t@bucket/p", "--storage-option", "secret=s3cr3t",
          "--storage-option", "key=AKIA", "--storage-option", "endpoint_url=http://127.0.0.1:9"]
     )  # fmt: skip

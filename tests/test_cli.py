@@ -189,6 +189,39 @@ def test_entry_points_help_bench_and_usage_errors(saved, capsys):
         assert expected in out + err, (args, out, err)
 
 
+def test_a_command_imports_only_its_own_module():
+    """``ckptstore --help`` lists the commands without importing any; ``ckptstore ls``
+    imports ls (and what ls imports), not the modules of the other commands."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from ckptstore.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "    main(sys.argv[1:])\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('ckptstore.cli.'))))"
+    )
+    procs = [
+        subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            env=env(),
+            timeout=180,
+            check=False,
+        )
+        for args in (["--help"], ["ls", "/nonexistent/ckpts"])
+    ]
+    for p in procs:
+        assert p.returncode == 0, show(p)
+    helped, listed = (set(p.stdout.split()) for p in procs)
+    assert helped == {"ckptstore.cli.main"}, helped
+    assert listed == {
+        "ckptstore.cli.main",
+        "ckptstore.cli._common",
+        "ckptstore.cli.ls",
+        "ckptstore.cli.retention_options",
+    }, listed
+
+
 # ---- ls / info / verify -------------------------------------------------------------
 def test_ls_info_and_verify_on_a_local_root(saved, run_copy, capsys):
     root, state = saved

@@ -125,7 +125,7 @@ def worker(argv: list[str] | None = None) -> int:
 
     import ckptstore
     from ckptstore.bench.common import evict, gpt_config_for, summarize
-    from ckptstore.engine.ops import checkpoint_name
+    from ckptstore.layout import checkpoint_name
     from ckptstore.train.model import GPT
 
     torch.set_num_threads(args.threads)

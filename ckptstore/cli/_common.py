@@ -1,5 +1,6 @@
-"""What every ``ckptstore`` command shares: errors with exit codes, opening roots and
-naming checkpoints (local paths and ``s3://`` URLs alike), and plain-text tables.
+"""What every ``ckptstore`` command shares: errors with exit codes, argument types,
+opening roots and naming checkpoints (local paths and ``s3://`` URLs alike), and
+plain-text tables.
 
 Exit codes: 0 all is well; 1 the operation failed or found damage; 2 a usage error (bad
 arguments, a root or checkpoint that is not there). Tables and results go to stdout,
@@ -8,13 +9,15 @@ progress and notes to stderr, so that ``--json`` output and pipes stay clean.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime
 import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ckptstore.config import resolve_manifest_key
@@ -40,6 +43,30 @@ def manifest_key() -> bytes | None:
 
 def usage_error(message: str) -> CliError:
     return CliError(message, USAGE)
+
+
+@contextlib.contextmanager
+def usage_errors(*types: type[Exception]) -> Iterator[None]:
+    """Exceptions of ``types`` raised inside become usage errors (exit status 2)."""
+    try:
+        yield
+    except types as exc:
+        raise usage_error(str(exc)) from None
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer no smaller than ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
 
 
 def is_url(text: str) -> bool:

@@ -1,0 +1,275 @@
+"""``ckptstore ls``: the checkpoints under a root, with what their manifests say (step,
+epoch, time, reason, size, ratio, metrics) and tags (latest, best, final, kept,
+backed-up).
+
+It reads manifests only: cheap, also on S3. :func:`scan` is also what ``verify`` walks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptstore.cli._common import (
+    OK,
+    emit_json,
+    iso_utc,
+    local_time,
+    manifest_key,
+    metrics_text,
+    open_root,
+    size,
+    table,
+)
+from ckptstore.cli.retention_options import add_retention_options, forever_parts
+from ckptstore.engine.ops import CheckpointInfo, read_manifest
+from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
+from ckptstore.format.manifest import Manifest
+from ckptstore.layout import LATEST_FILE, STEP_NAME, TEMP_PREFIX
+from ckptstore.manager import retention
+from ckptstore.manager.policies import FINAL, KeepBest, RetentionPolicy
+from ckptstore.storage import StorageBackend
+
+EXAMPLES = (
+    "  ckptstore ls runs/exp1\n"
+    "  ckptstore ls s3://my-bucket/runs/exp1 --json\n"
+    "  ckptstore ls runs/exp1 --all                 # also uncommitted and damaged ones\n"
+    "  ckptstore ls runs/exp1 --remote s3://my-bucket/runs/exp1   # tag 'backed-up'\n\n"
+    "tags: latest (the `latest` pointer), best (by --metric; default val_loss),\n"
+    "final (ended a completed run), kept (kept forever by the retention options\n"
+    "given), backed-up (an identical copy is under --remote)."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("--all", action="store_true", help="also uncommitted and damaged ones")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--remote", metavar="URL", help="tag checkpoints also present there")
+    p.add_argument("--metric", metavar="NAME", help="what 'best' means (default: val_loss)")
+    p.add_argument("--mode", choices=("min", "max"), help="for --metric (default: min)")
+    add_retention_options(p, for_ls=True)
+
+
+TAG_ORDER = ("latest", "best", "final", "kept", "backed-up")
+
+
+@dataclass
+class Entry:
+    """One name under a root, as ``ls`` shows it."""
+
+    name: str
+    status: str  # "committed", "uncommitted", "corrupt"
+    step: int | None
+    url: str
+    manifest: Manifest | None = None
+    tags: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def scan(backend: StorageBackend, *, everything: bool) -> list[Entry]:
+    """Committed checkpoints by step; with ``everything`` also the names that look like
+    checkpoints but are not committed (a save in progress or a dead one) or whose
+    manifest is damaged."""
+    entries: list[Entry] = []
+    names = backend.list_names()
+    manifests = _read_manifests(backend, [n for n in names if STEP_NAME.match(n)])
+    for name in names:
+        url = f"{backend.url}/{name}"
+        match = STEP_NAME.match(name)
+        if match:
+            step = int(match.group(1))
+            try:
+                manifest = manifests[name]()
+            except CheckpointNotFoundError:
+                if everything:
+                    entries.append(Entry(name, "uncommitted", step, url))
+                continue
+            except CkptStoreError as exc:
+                if everything:
+                    entries.append(Entry(name, "corrupt", step, url, error=str(exc)))
+                continue
+            if manifest.step != step:
+                if everything:
+                    entries.append(
+                        Entry(
+                            name,
+                            "corrupt",
+                            step,
+                            url,
+                            manifest,
+                            error=f"{url}: its manifest says step {manifest.step}",
+                        )
+                    )
+                continue
+            entries.append(Entry(name, "committed", step, url, manifest))
+        elif everything and name.startswith(TEMP_PREFIX):
+            inner = STEP_NAME.match(name[len(TEMP_PREFIX) :].rsplit("-", 1)[0])
+            entries.append(Entry(name, "uncommitted", int(inner.group(1)) if inner else None, url))
+    entries.sort(key=lambda e: (e.step if e.step is not None else -1, e.status != "committed"))
+    return entries
+
+
+def _read_manifests(backend: StorageBackend, names: list[str]) -> dict[str, Callable[[], Manifest]]:
+    """Every manifest, read in parallel on an object store (one request each); each
+    value returns the manifest or raises what reading it raised."""
+
+    def read(name: str) -> Callable[[], Manifest]:
+        try:
+            manifest = read_manifest(backend, name, manifest_key=manifest_key())
+        except CkptStoreError as exc:
+            error = exc
+
+            def fail() -> Manifest:
+                raise error
+
+            return fail
+        return lambda: manifest
+
+    if backend.is_local() or len(names) < 2:
+        return {n: read(n) for n in names}
+    with ThreadPoolExecutor(16, thread_name_prefix="ckptstore-ls") as pool:
+        return dict(zip(names, pool.map(read, names), strict=True))
+
+
+def best_metric(args: argparse.Namespace, entries: list[Entry]) -> tuple[str | None, str]:
+    """The metric that "best" means: ``--metric``, else ``val_loss`` (what the training
+    loop records), else the only metric whose name ends in ``loss``."""
+    mode = args.mode or "min"
+    if args.metric:
+        return args.metric, mode
+    names = {k for e in entries if e.manifest is not None for k in e.manifest.metrics}
+    if "val_loss" in names:
+        return "val_loss", mode
+    losses = sorted(n for n in names if n.endswith("loss"))
+    return (losses[0], mode) if len(losses) == 1 else (None, mode)
+
+
+def tag(
+    backend: StorageBackend,
+    entries: list[Entry],
+    *,
+    metric: str | None,
+    mode: str,
+    forever: list[RetentionPolicy],
+    remote: StorageBackend | None,
+) -> None:
+    """Fill in the tags of the committed entries, in place."""
+    committed = [e for e in entries if e.status == "committed" and e.manifest is not None]
+    infos = [CheckpointInfo(e.name, e.url, e.manifest) for e in committed if e.manifest]
+    records = retention.records(backend, infos)
+    latest = retention.read_lines(backend, LATEST_FILE)[:1]
+    best_step = None
+    if metric is not None:
+        ranked = KeepBest(1, metric, mode).ranked(records)
+        best_step = ranked[0].step if ranked else None
+    kept: set[int] = set()
+    for policy in forever:
+        kept |= policy.keep(records)
+    backed: dict[str, Manifest] = {}
+    if remote is not None:
+        backed = {e.name: e.manifest for e in scan(remote, everything=False) if e.manifest}
+    for entry, rec in zip(committed, records, strict=True):
+        tags = set()
+        if entry.name in latest:
+            tags.add("latest")
+        if rec.step == best_step:
+            tags.add("best")
+        if rec.reason == FINAL:
+            tags.add("final")
+        if rec.step in kept:
+            tags.add("kept")
+        other = backed.get(entry.name)
+        if other is not None and entry.manifest is not None and other.files == entry.manifest.files:
+            tags.add("backed-up")
+        entry.tags = [t for t in TAG_ORDER if t in tags]
+
+
+def entry_json(e: Entry) -> dict[str, Any]:
+    m = e.manifest
+    out: dict[str, Any] = {"name": e.name, "url": e.url, "status": e.status, "step": e.step}
+    if m is not None and e.status == "committed":
+        out.update(
+            epoch=m.epoch,
+            created_unix_s=m.created_unix_s,
+            created=iso_utc(m.created_unix_s),
+            reason=m.reason,
+            stored_bytes=m.stored_bytes,
+            raw_bytes=m.raw_bytes,
+            ratio=round(m.ratio, 6),
+            codec=m.codec.get("id"),
+            world_size=m.world_size,
+            metrics=m.metrics,
+        )
+    out["tags"] = e.tags
+    if e.error is not None:
+        out["error"] = e.error
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    forever = forever_parts(args)
+    backend = open_root(args.root)
+    remote = open_root(args.remote) if args.remote else None
+    entries = scan(backend, everything=args.all)
+    metric, mode = best_metric(args, entries)
+    tag(backend, entries, metric=metric, mode=mode, forever=forever, remote=remote)
+    if args.json:
+        emit_json(
+            {
+                "root": backend.url,
+                "best_metric": metric,
+                "best_mode": mode,
+                "checkpoints": [entry_json(e) for e in entries],
+            }
+        )
+        return OK
+    if not entries:
+        hidden = "" if args.all else " (--all also shows uncommitted and damaged ones)"
+        print(f"no committed checkpoints under {backend.url}{hidden}")
+        return OK
+    rows = []
+    for e in entries:
+        m = e.manifest
+        if e.status == "committed" and m is not None:
+            rows.append(
+                [
+                    e.name,
+                    str(e.step),
+                    "-" if m.epoch is None else str(m.epoch),
+                    local_time(m.created_unix_s),
+                    m.reason or "-",
+                    size(m.stored_bytes),
+                    f"{m.ratio:.2f}",
+                    metrics_text(m.metrics) or "-",
+                    ",".join(e.tags),
+                ]
+            )
+        else:
+            step = "-" if e.step is None else str(e.step)
+            rows.append([e.name, step, "-", "-", "-", "-", "-", "-", e.status.upper()])
+    header = ["NAME", "STEP", "EPOCH", "SAVED", "REASON", "SIZE", "RATIO", "METRICS", "TAGS"]
+    print(table(rows, header, right=(1, 2, 5, 6)))
+    committed = [e for e in entries if e.status == "committed"]
+    total = sum(e.manifest.stored_bytes for e in committed if e.manifest)
+    print(f"{len(committed)} committed checkpoint(s), {size(total)}, under {backend.url}")
+    if metric is not None:
+        print(f"best: by {metric} ({mode})")
+    pointer = retention.read_lines(backend, LATEST_FILE)[:1]
+    if pointer and pointer[0] not in {e.name for e in committed}:
+        print(
+            f"note: the latest pointer names {pointer[0]}, which is not a committed checkpoint; "
+            "resuming takes the newest one that loads"
+        )
+    for e in entries:
+        if e.status == "corrupt":
+            print(f"CORRUPT {e.name}: {e.error}")
+    if any(e.status == "uncommitted" for e in entries):
+        print(
+            "UNCOMMITTED: a save in progress, or one that died; never loaded. "
+            f"ckptstore gc {args.root} removes dead ones"
+        )
+    return OK

@@ -1,0 +1,102 @@
+"""``ckptstore prune``: delete the checkpoints a retention policy does not keep; without
+``--yes`` it only shows what it would delete.
+
+The decision is the CheckpointManager's (:func:`ckptstore.manager.retention.prune`), from
+the manifests; the newest checkpoint and the one ``latest`` names are always kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ckptstore.cli._common import OK, emit_json, manifest_key, open_root, size, table, usage_error
+from ckptstore.cli.retention_options import add_retention_options, retention_parts
+from ckptstore.engine.ops import list_checkpoints
+from ckptstore.layout import LATEST_FILE
+from ckptstore.manager import retention
+from ckptstore.manager.policies import AnyOf, RetentionPolicy
+
+EXAMPLES = (
+    "  ckptstore prune runs/exp1 --keep-last 3\n"
+    "  ckptstore prune runs/exp1 --keep-last 2 --keep-best 1 --metric val_loss --yes\n"
+    "  ckptstore prune s3://my-bucket/runs/exp1 --keep-every-steps 1000 --keep-final\n\n"
+    "The decision is the CheckpointManager's, from the manifests. A training run\n"
+    "with backup= spares checkpoints still uploading; this command cannot know\n"
+    "about those: prune a root while its run is not saving into it."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", metavar="ROOT")
+    add_retention_options(p, for_ls=False)
+    p.add_argument("--yes", action="store_true", help="delete (default: only show)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    parts = retention_parts(args)
+    if not parts:
+        raise usage_error(
+            "prune needs a retention policy: e.g. --keep-last 3, --keep-every-steps 1000, "
+            "--keep-every-epoch, --keep-best 1 --metric val_loss, --keep-final"
+        )
+    policy: RetentionPolicy = parts[0][1] if len(parts) == 1 else AnyOf(*(p for _, p in parts))
+    backend = open_root(args.root)
+    infos = list_checkpoints(backend, manifest_key=manifest_key())
+    if not infos:
+        print(f"no committed checkpoints under {backend.url}: nothing to prune")
+        return OK
+    records = retention.records(backend, infos)
+    why: dict[int, list[str]] = {r.step: [] for r in records}
+    for label, p in parts:
+        for s in p.keep(records):
+            why[s].append(label)
+    newest = max(r.step for r in records)
+    why[newest].append("newest")
+    latest = retention.read_lines(backend, LATEST_FILE)[:1]
+    doomed = []
+    for info, rec in zip(infos, records, strict=True):
+        if info.name in latest:
+            why[rec.step].append("latest")
+        if not why[rec.step]:
+            doomed.append(info)
+    deleted: list[str] = []
+    if args.yes and doomed:
+        # The engine's own pruning (the same decision, taken again on a fresh listing).
+        deleted = retention.prune(backend, policy, manifest_key=manifest_key())
+    if args.json:
+        emit_json(
+            {
+                "root": backend.url,
+                "dry_run": not args.yes,
+                "checkpoints": [
+                    {
+                        "name": i.name,
+                        "step": r.step,
+                        "action": "keep" if why[r.step] else "delete",
+                        "why": why[r.step],
+                        "stored_bytes": i.manifest.stored_bytes,
+                    }
+                    for i, r in zip(infos, records, strict=True)
+                ],
+                "deleted": deleted,
+            }
+        )
+        return OK
+    rows = []
+    for info, rec in zip(infos, records, strict=True):
+        action = "keep" if why[rec.step] else ("deleted" if info.name in deleted else "delete")
+        rows.append([info.name, size(info.manifest.stored_bytes), action, ", ".join(why[rec.step])])
+    print(table(rows, ["NAME", "SIZE", "ACTION", "WHY"], right=(1,)))
+    freed = sum(i.manifest.stored_bytes for i in doomed)
+    names = ", ".join(i.name for i in doomed)
+    if not doomed:
+        print("nothing to delete: the policy keeps every checkpoint")
+    elif not args.yes:
+        print(
+            f"would delete {len(doomed)} checkpoint(s), {size(freed)}: {names}\n"
+            f"nothing deleted: run again with --yes to delete them"
+        )
+    else:
+        print(f"deleted {len(deleted)} checkpoint(s): {', '.join(deleted) or 'none'}")
+    return OK

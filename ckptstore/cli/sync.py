@@ -1,0 +1,323 @@
+"""``ckptstore sync`` (and ``pull``, its mirror image): copy the committed checkpoints one
+root lacks from another, verified and resumable, between any two roots (local or s3://).
+
+A copy becomes visible only once complete, a checkpoint at the destination is never
+overwritten (a damaged one is replaced only with ``--replace-damaged``), and what was
+copied stays when a run is interrupted. ``pull`` (:mod:`ckptstore.cli.pull`) is the same
+command with the roles of its arguments named the other way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ckptstore.cli._common import (
+    FAILED,
+    OK,
+    int_at_least,
+    is_url,
+    manifest_key,
+    note,
+    open_root,
+    size,
+    usage_error,
+)
+from ckptstore.engine.ops import CheckpointInfo, list_checkpoints, read_manifest, verify
+from ckptstore.errors import CheckpointExistsError, CkptStoreError, CopyStoppedError
+from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE
+from ckptstore.manager import retention
+from ckptstore.storage import StorageBackend
+from ckptstore.transfer import Progress, copy_checkpoint
+
+TRANSFER_NOTES = (
+    "\nEvery file is checked against its manifest on the way (uploads are read\n"
+    "back); a copy becomes visible only once complete, so an interrupted run\n"
+    "leaves nothing committed and running it again copies what is still missing.\n"
+    "Uncommitted checkpoints are never copied, and a checkpoint already at the\n"
+    "destination is never overwritten: if its copy there is damaged it is\n"
+    "reported (exit 1), and replaced only with --replace-damaged. On an object\n"
+    "store, a copy that was killed half-way leaves files under the checkpoint's\n"
+    "name: they are removed once older than --grace-s. Works between any two\n"
+    "roots (local or s3://)."
+)
+
+EXAMPLES = (
+    "  ckptstore sync runs/exp1 s3://my-bucket/runs/exp1\n"
+    "  ckptstore sync runs/exp1 s3://my-bucket/runs/exp1 --latest\n" + TRANSFER_NOTES
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_transfer_arguments(p, src="LOCAL", dst="REMOTE")
+
+
+def add_transfer_arguments(p: argparse.ArgumentParser, *, src: str, dst: str) -> None:
+    """The options of ``sync`` and ``pull``; ``src`` and ``dst`` name their arguments."""
+    p.add_argument("src", metavar=src)
+    p.add_argument("dst", metavar=dst)
+    p.add_argument(
+        "--step",
+        type=int_at_least(0),
+        action="append",
+        metavar="N",
+        help="only step N (repeatable)",
+    )
+    p.add_argument("--latest", action="store_true", help="only the newest checkpoint")
+    p.add_argument(
+        "--verify-existing",
+        action="store_true",
+        help="read every byte of checkpoints already at the destination (default: "
+        "compare manifests and file sizes)",
+    )
+    p.add_argument(
+        "--replace-damaged",
+        action="store_true",
+        help="replace a damaged copy at the destination with the source's",
+    )
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        metavar="S",
+        help="on an object store, files of a dead copy older than S are removed to make "
+        "room (default 3600; 0 once nothing else writes there)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would be copied")
+    p.add_argument("--jobs", type=int_at_least(1), metavar="N", help="files in parallel")
+
+
+def run(args: argparse.Namespace) -> int:
+    return transfer(args)
+
+
+def existing_problems(
+    src: StorageBackend, dst: StorageBackend, info: CheckpointInfo, full: bool, threads: int
+) -> tuple[str, list[str]]:
+    """Whether ``dst``'s copy of ``info`` is the same checkpoint, intact.
+
+    Returns ("ok" | "damaged" | "different", problems). Cheap by default: the manifest is
+    read and compared with the source's, and every file's presence and size checked;
+    ``full`` reads every byte (``verify``).
+    """
+    try:
+        theirs = read_manifest(dst, info.name, manifest_key=manifest_key())
+    except CkptStoreError as exc:
+        return "damaged", [str(exc)]
+    if theirs.files != info.manifest.files:
+        return "different", [
+            f"{dst.url}/{info.name} holds a different checkpoint than {info.url} (other "
+            "files or checksums: another run's?)"
+        ]
+    if full:
+        with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-verify") as pool:
+            problems = verify(dst, info.name, pool, manifest_key=manifest_key())
+        return ("damaged" if problems else "ok"), problems
+    problems = []
+    for file_name, entry in sorted(theirs.files.items()):
+        where = f"{dst.url}/{info.name}/{file_name}"
+        try:
+            with dst.open_reader(f"{info.name}/{file_name}") as reader:
+                if reader.size != entry.size_bytes:
+                    problems.append(
+                        f"{where}: {reader.size} B, the manifest says {entry.size_bytes} B"
+                    )
+        except FileNotFoundError:
+            problems.append(f"{where}: file is missing")
+    return ("damaged" if problems else "ok"), problems
+
+
+def transfer(args: argparse.Namespace) -> int:
+    """``sync`` and ``pull``: copy the committed checkpoints that ``args.dst`` lacks from
+    ``args.src``."""
+    src_url, dst_url = args.src, args.dst
+    src = open_root(src_url)
+    dst = open_root(dst_url, create=not is_url(dst_url))
+    infos = list_checkpoints(src, manifest_key=manifest_key())
+    if args.step:
+        wanted = set(args.step)
+        missing = sorted(wanted - {i.manifest.step for i in infos if i.manifest.step is not None})
+        if missing:
+            raise usage_error(
+                f"no committed checkpoint for step(s) {missing} under {src.url}; ckptstore ls "
+                f"{src_url} lists them"
+            )
+        infos = [i for i in infos if i.manifest.step in wanted]
+    elif args.latest:
+        infos = infos[-1:]
+    if not infos:
+        print(f"no committed checkpoints under {src.url}: nothing to copy")
+        return OK
+    threads = int(args.jobs or 8)  # files in parallel: I/O-bound
+    copied: list[str] = []
+    failed: list[str] = []
+    planned: list[str] = []
+    leftovers = _clear_leftovers(args, dst, infos)
+    stop = threading.Event()
+    for info in infos:
+        replace = False
+        if info.name in leftovers:
+            print(
+                f"UNCOMMITTED {info.name}: {dst.url}/{info.name} holds files but no manifest, "
+                f"written less than {leftovers[info.name]:g} s ago (an interrupted copy, or a save "
+                "in progress); not copied. If nothing is writing there, rerun with --grace-s 0 "
+                "to remove them and copy"
+            )
+            failed.append(info.name)
+            continue
+        if dst.exists(f"{info.name}/{MANIFEST_FILE}"):
+            state, problems = existing_problems(src, dst, info, args.verify_existing, threads)
+            if state == "ok":
+                print(f"present  {info.name}")
+                continue
+            if state == "different" or not args.replace_damaged:
+                print(f"{state.upper():8} {info.name}: {'; '.join(problems[:3])}")
+                hint = (
+                    "ckptstore never overwrites a checkpoint: copy into another root, or "
+                    "delete that one first"
+                    if state == "different"
+                    else "left as it is: rerun with --replace-damaged to replace it with "
+                    f"the copy from {src.url}"
+                )
+                print(f"         {hint}")
+                failed.append(info.name)
+                continue
+            replace = True
+        if args.dry_run:
+            verb = "would replace" if replace else "would copy"
+            print(f"{verb} {info.name} ({size(info.manifest.stored_bytes)})")
+            planned.append(info.name)
+            continue
+        progress = Progress(
+            f"{'replacing' if replace else 'copying'} {info.name}", 0, enabled=sys.stderr.isatty()
+        )
+        start = time.monotonic()
+        try:
+            with _stop_on_ctrl_c(stop):
+                manifest = copy_checkpoint(
+                    src,
+                    dst,
+                    info.name,
+                    threads=threads,
+                    replace=replace,
+                    progress=progress,
+                    stop=stop,
+                    manifest_key=manifest_key(),
+                )
+        except CopyStoppedError:
+            print(f"STOPPED  {info.name}: interrupted; nothing of it was committed")
+            print(
+                f"{len(copied)} copied before the interruption; run the same command again to "
+                "copy the rest"
+            )
+            return 130
+        except CheckpointExistsError as exc:
+            if dst.exists(f"{info.name}/{MANIFEST_FILE}"):
+                print(f"present  {info.name} (written there meanwhile)")
+                continue
+            print(f"FAILED   {info.name}: {exc}")  # something that is not a checkpoint
+            failed.append(info.name)
+            continue
+        except CkptStoreError as exc:
+            print(f"FAILED   {info.name}: {exc}")
+            failed.append(info.name)
+            continue
+        copied.append(info.name)
+        elapsed = time.monotonic() - start
+        print(
+            f"{'replaced' if replace else 'copied':8} {info.name} ({size(manifest.stored_bytes)} "
+            f"in {elapsed:.1f} s, verified)"
+        )
+        sys.stdout.flush()
+    if copied:
+        _housekeeping(src, dst)
+    present = len(infos) - len(copied) - len(failed) - len(planned)
+    if args.dry_run:
+        print(
+            f"dry run: {len(planned)} to copy, {present} already there, {len(failed)} in the "
+            f"way, from {src.url} to {dst.url}; nothing copied"
+        )
+    else:
+        print(
+            f"{len(copied)} copied, {present} already there, {len(failed)} failed, "
+            f"from {src.url} to {dst.url}"
+        )
+    if failed:
+        print(
+            "not copied: " + ", ".join(failed) + ". Rerun the same command after fixing the "
+            "cause: what was copied stays, and nothing partial is ever committed"
+        )
+        return FAILED
+    return OK
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
+    """The first Ctrl+C stops the copy in progress cleanly (its files are removed, nothing
+    is committed); a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        note("stopping: the checkpoint being copied is discarded (Ctrl+C again: at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _clear_leftovers(
+    args: argparse.Namespace, dst: StorageBackend, infos: list[CheckpointInfo]
+) -> dict[str, float]:
+    """Make room for the checkpoints to copy where an earlier copy died half-way.
+
+    On an object store a copy writes under the checkpoint's own name, and a copy that
+    died (killed, network lost) leaves files there without a manifest, which a new copy
+    may not overwrite. Those older than the grace period are removed, as ``gc`` does;
+    younger ones may belong to a copy or save still running. Returns the names still
+    blocked, with the grace period. (On local disk a copy writes into a temp directory,
+    so nothing is in the way.)
+    """
+    if dst.is_local() or args.dry_run:
+        return {}
+    names = set(dst.list_names())
+    wanted = [
+        i.name for i in infos if i.name in names and not dst.exists(f"{i.name}/{MANIFEST_FILE}")
+    ]
+    if not wanted:
+        return {}
+    grace = 3600.0 if args.grace_s is None else args.grace_s
+    for removed in dst.sweep(grace):
+        print(f"removed  {removed} (uncommitted, older than {grace:g} s)")
+    names = set(dst.list_names())
+    return {n: grace for n in wanted if n in names}
+
+
+def _housekeeping(src: StorageBackend, dst: StorageBackend) -> None:
+    """After copying: ``dst``'s ``latest`` names its newest checkpoint, and checkpoints
+    that ended a completed run (``finals``) are marked there too."""
+    try:
+        names = [i.name for i in list_checkpoints(dst, manifest_key=manifest_key())]
+        if names:
+            pointer = retention.read_lines(dst, LATEST_FILE)[:1]
+            if not pointer or pointer[0] not in names or pointer[0] < names[-1]:
+                dst.put_atomic(LATEST_FILE, f"{names[-1]}\n".encode())
+        finals = retention.read_lines(dst, FINALS_FILE)
+        more = [n for n in retention.read_lines(src, FINALS_FILE) if n in names]
+        merged = finals + [n for n in more if n not in finals]
+        if merged != finals:
+            dst.put_atomic(FINALS_FILE, ("\n".join(merged) + "\n").encode())
+    except CkptStoreError as exc:
+        note(f"could not update the pointers under {dst.url}: {exc}")

@@ -1,0 +1,123 @@
+"""``ckptstore verify``: whether every byte of a checkpoint, or of every checkpoint under a
+root, is what its manifest promises; exit status 0 only when all is intact.
+
+It reads every file in full, many at once (the pool's threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ckptstore.cli._common import (
+    FAILED,
+    OK,
+    emit_json,
+    find_named,
+    int_at_least,
+    manifest_key,
+    open_root,
+    resolve_checkpoint,
+    status,
+    usage_error,
+)
+from ckptstore.cli.ls import scan
+from ckptstore.engine.ops import verify
+from ckptstore.layout import TEMP_PREFIX
+
+EXAMPLES = (
+    "  ckptstore verify runs/exp1                      # every checkpoint\n"
+    "  ckptstore verify runs/exp1/step_00000500\n"
+    "  ckptstore verify s3://my-bucket/runs/exp1 --json"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="ROOT|CKPT")
+    p.add_argument("--step", type=int_at_least(0), metavar="N", help="only checkpoint N of ROOT")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--jobs", type=int_at_least(1), metavar="N", help="threads (default: cores)")
+
+
+def run(args: argparse.Namespace) -> int:
+    targets: list[tuple[str, str]] = []  # (name, status)
+    notes: list[str] = []
+    if args.step is not None:
+        backend, name = resolve_checkpoint(args.target, args.step)
+        targets.append((name, "committed"))
+        single = True
+    else:
+        found = find_named(args.target)
+        single = found is not None
+        if found is not None:
+            backend, name, present = found
+            if not present:
+                raise usage_error(
+                    f"{backend.url}/{name} is not there; ckptstore ls {backend.url} --all lists "
+                    "what is"
+                )
+            targets.append((name, "named"))
+        else:
+            backend = open_root(args.target)
+            entries = scan(backend, everything=True)
+            for e in entries:
+                if e.status == "uncommitted" and (
+                    e.name.startswith(TEMP_PREFIX) or not backend.is_local()
+                ):
+                    # Object stores write in place: a save in progress looks like this too.
+                    notes.append(
+                        f"{e.name}: uncommitted (a save in progress, or a dead one), not checked; "
+                        f"ckptstore gc {args.target} removes dead ones"
+                    )
+                    continue
+                targets.append((e.name, e.status))
+            if not targets:
+                raise usage_error(
+                    f"no checkpoints under {backend.url}: nothing to verify; check the path "
+                    f"(ckptstore ls {args.target} --all)"
+                )
+    # Reads are latency-bound on object stores (one request per chunk): more in flight.
+    threads = args.jobs or (min(8, os.cpu_count() or 1) if backend.is_local() else 16)
+    results: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-verify") as pool:
+        for name, _status in targets:
+            status(f"checking {name}")
+            try:
+                problems = verify(backend, name, pool, manifest_key=manifest_key())
+            finally:
+                status(None)
+            results.append(
+                {
+                    "name": name,
+                    "url": f"{backend.url}/{name}",
+                    "ok": not problems,
+                    "problems": problems,
+                }
+            )
+            if not args.json:
+                if problems:
+                    print(f"BAD  {name}")
+                    for p in problems:
+                        print(f"     {p}")
+                else:
+                    print(f"OK   {name}")
+                sys.stdout.flush()
+    bad = [r for r in results if not r["ok"]]
+    if args.json:
+        emit_json({"root": backend.url, "ok": not bad, "checkpoints": results, "notes": notes})
+        return FAILED if bad else OK
+    for n in notes:
+        print(f"note: {n}")
+    if not bad:
+        print(f"all {len(results)} checkpoint(s) intact" if not single else "intact")
+        return OK
+    names = ", ".join(r["name"] for r in bad)
+    print(
+        f"{len(bad)} of {len(results)} checkpoint(s) damaged: {names}. Load or resume from an "
+        "intact one (ckptstore ls shows them), pull a good copy from a backup with ckptstore "
+        "pull --replace-damaged, or delete the damaged ones"
+    )
+    return FAILED
