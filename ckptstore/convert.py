@@ -450,7 +450,7 @@ def _torch_load(path: str) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def tensor_bytes(md: TensorStorageMetadata) -> int:
+def stored_nbytes(md: TensorStorageMetadata) -> int:
     """The bytes a stored tensor takes unsharded."""
     numel = 1
     for n in md.size:

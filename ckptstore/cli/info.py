@@ -25,7 +25,7 @@ from ckptstore.cli._common import (
     table,
     usage_error,
 )
-from ckptstore.convert import paths, tensor_bytes
+from ckptstore.convert import paths, stored_nbytes
 from ckptstore.engine.ops import open_shards, read_dcp_metadata, read_manifest
 from ckptstore.errors import CkptStoreError, CliError
 from ckptstore.format.manifest import Manifest
@@ -115,7 +115,7 @@ def describe(backend: StorageBackend, name: str, only: str | None) -> dict[str, 
         )
         entry: dict[str, Any] = {"key": key, "group": group}
         if isinstance(md, TensorStorageMetadata):
-            raw = tensor_bytes(md)
+            raw = stored_nbytes(md)
             entry.update(
                 kind="tensor",
                 dtype=str(md.properties.dtype).removeprefix("torch."),

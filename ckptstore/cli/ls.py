@@ -29,7 +29,7 @@ from ckptstore.engine.ops import CheckpointInfo, read_manifest
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import LATEST_FILE, STEP_NAME, TEMP_PREFIX
-from ckptstore.manager import retention
+from ckptstore.manager import pointer, retention
 from ckptstore.manager.policies import FINAL, KeepBest, RetentionPolicy
 from ckptstore.storage import StorageBackend
 
@@ -161,7 +161,7 @@ def tag(
     committed = [e for e in entries if e.status == "committed" and e.manifest is not None]
     infos = [CheckpointInfo(e.name, e.url, e.manifest) for e in committed if e.manifest]
     records = retention.records(backend, infos)
-    latest = retention.read_lines(backend, LATEST_FILE)[:1]
+    latest = pointer.read_lines(backend, LATEST_FILE)[:1]
     best_step = None
     if metric is not None:
         ranked = KeepBest(1, metric, mode).ranked(records)
@@ -258,10 +258,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(committed)} committed checkpoint(s), {size(total)}, under {backend.url}")
     if metric is not None:
         print(f"best: by {metric} ({mode})")
-    pointer = retention.read_lines(backend, LATEST_FILE)[:1]
-    if pointer and pointer[0] not in {e.name for e in committed}:
+    pointed = pointer.read_latest(backend)
+    if pointed is not None and pointed not in {e.name for e in committed}:
         print(
-            f"note: the latest pointer names {pointer[0]}, which is not a committed checkpoint; "
+            f"note: the latest pointer names {pointed}, which is not a committed checkpoint; "
             "resuming takes the newest one that loads"
         )
     for e in entries:

@@ -13,7 +13,7 @@ from ckptstore.cli._common import OK, emit_json, manifest_key, open_root, size, 
 from ckptstore.cli.retention_options import add_retention_options, retention_parts
 from ckptstore.engine.ops import list_checkpoints
 from ckptstore.layout import LATEST_FILE
-from ckptstore.manager import retention
+from ckptstore.manager import pointer, retention
 from ckptstore.manager.policies import AnyOf, RetentionPolicy
 
 EXAMPLES = (
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             why[s].append(label)
     newest = max(r.step for r in records)
     why[newest].append("newest")
-    latest = retention.read_lines(backend, LATEST_FILE)[:1]
+    latest = pointer.read_lines(backend, LATEST_FILE)[:1]
     doomed = []
     for info, rec in zip(infos, records, strict=True):
         if info.name in latest:

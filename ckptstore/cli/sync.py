@@ -32,8 +32,8 @@ from ckptstore.cli._common import (
 )
 from ckptstore.engine.ops import CheckpointInfo, list_checkpoints, read_manifest, verify
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, CopyStoppedError
-from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE
-from ckptstore.manager import retention
+from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
+from ckptstore.manager import pointer
 from ckptstore.storage import StorageBackend
 from ckptstore.transfer import Progress, copy_checkpoint
 
@@ -311,11 +311,11 @@ def _housekeeping(src: StorageBackend, dst: StorageBackend) -> None:
     try:
         names = [i.name for i in list_checkpoints(dst, manifest_key=manifest_key())]
         if names:
-            pointer = retention.read_lines(dst, LATEST_FILE)[:1]
-            if not pointer or pointer[0] not in names or pointer[0] < names[-1]:
-                dst.put_atomic(LATEST_FILE, f"{names[-1]}\n".encode())
-        finals = retention.read_lines(dst, FINALS_FILE)
-        more = [n for n in retention.read_lines(src, FINALS_FILE) if n in names]
+            pointed = pointer.read_latest(dst)
+            if pointed is None or pointed not in names or pointed < names[-1]:
+                pointer.write_latest(dst, names[-1])
+        finals = pointer.read_lines(dst, FINALS_FILE)
+        more = [n for n in pointer.read_lines(src, FINALS_FILE) if n in names]
         merged = finals + [n for n in more if n not in finals]
         if merged != finals:
             dst.put_atomic(FINALS_FILE, ("\n".join(merged) + "\n").encode())
