@@ -30,8 +30,9 @@ import numpy as np
 import pytest
 
 from ckptstore.errors import CheckpointExistsError, StorageError
-from ckptstore.layout import MANIFEST_FILE, TEMP_PREFIX, check_name
+from ckptstore.layout import LOCK_FILE, MANIFEST_FILE, TEMP_PREFIX, check_name
 from ckptstore.storage import FsspecBackend, LocalBackend, S3Backend, StorageBackend, open_backend
+from ckptstore.storage import _direct_io as direct_io_mod
 from ckptstore.storage import local as local_mod
 from ckptstore.storage.s3 import MIN_PART_BYTES
 
@@ -676,7 +677,7 @@ def test_local_read_of_a_directory_is_storage_error(local):
 
 def is_locked(path: str) -> bool:
     """Whether the temp directory ``path`` is held by a live writer (its .lock file)."""
-    lock = os.path.join(path, local_mod.LOCK_FILE)
+    lock = os.path.join(path, LOCK_FILE)
     if not os.path.exists(lock):
         return False
     fd = os.open(lock, os.O_RDWR)
@@ -702,7 +703,7 @@ def test_local_temp_dir_is_named_and_locked(local):
     pending.commit(MANIFEST)
     assert not os.path.exists(tmp)
     final = os.path.join(local.root, "step_00000042")
-    assert local_mod.LOCK_FILE not in os.listdir(final)  # the lock is not part of it
+    assert LOCK_FILE not in os.listdir(final)  # the lock is not part of it
     assert sorted(os.listdir(final)) == ["a.bin", MANIFEST_FILE]
     assert not is_locked(final)  # the lock went with the commit
 
@@ -731,8 +732,8 @@ def test_local_attach_needs_an_existing_temp_dir(local):
 def test_local_commit_fsync_order(local, monkeypatch):
     events: list[tuple[str, ...]] = []
     real_fdatasync = os.fdatasync
-    real_fsync_dir = local_mod._fsync_dir
-    real_rename = local_mod._renameat2_noreplace
+    real_fsync_dir = local_mod.fsync_dir
+    real_rename = local_mod.renameat2_noreplace
 
     def fdatasync(fd: int) -> None:
         events.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -746,9 +747,9 @@ def test_local_commit_fsync_order(local, monkeypatch):
         events.append(("rename", src, dst))
         return real_rename(src, dst)
 
-    monkeypatch.setattr(local_mod.os, "fdatasync", fdatasync)
-    monkeypatch.setattr(local_mod, "_fsync_dir", fsync_dir)
-    monkeypatch.setattr(local_mod, "_renameat2_noreplace", rename)
+    monkeypatch.setattr(direct_io_mod.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(local_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(local_mod, "renameat2_noreplace", rename)
 
     pending = local.begin("step_1")
     tmp = os.path.join(local.root, pending.token)
@@ -768,7 +769,7 @@ def test_local_commit_fsync_order(local, monkeypatch):
 
 def test_local_commit_without_renameat2(local, monkeypatch):
     """The fallback when the kernel has no renameat2 still never replaces a checkpoint."""
-    monkeypatch.setattr(local_mod, "_renameat2_noreplace", lambda src, dst: False)
+    monkeypatch.setattr(local_mod, "renameat2_noreplace", lambda src, dst: False)
     p1 = local.begin("step_1")
     p2 = local.begin("step_1")
     write_file(p1, "a", b"one")
@@ -832,7 +833,7 @@ def test_local_sink_mixed_aligned_and_unaligned(tmp_path, monkeypatch, direct_io
             addresses.append(int(np.frombuffer(data, dtype=np.uint8).ctypes.data))
         return real_write(fd, data)
 
-    monkeypatch.setattr(local_mod.os, "write", spy_write)
+    monkeypatch.setattr(direct_io_mod.os, "write", spy_write)
 
     expected = bytearray()
 
@@ -860,7 +861,7 @@ def test_local_sink_mixed_aligned_and_unaligned(tmp_path, monkeypatch, direct_io
     if direct_io:
         # Fill the bounce buffer exactly: it is flushed and the next aligned buffer goes
         # straight to disk again.
-        put(rand_bytes(local_mod._BOUNCE_BYTES - sink._fill, 4))
+        put(rand_bytes(direct_io_mod.BOUNCE_BYTES - sink._fill, 4))
         assert sink._fill == 0
     second = page_aligned(rand_bytes(2 * PAGE, 5))
     put(second)
@@ -891,7 +892,7 @@ def _reject_direct_writes(monkeypatch: pytest.MonkeyPatch, sink: Any) -> None:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         return real_write(fd, data)
 
-    monkeypatch.setattr(local_mod.os, "write", write)
+    monkeypatch.setattr(direct_io_mod.os, "write", write)
 
 
 def _direct_sink(local: LocalBackend) -> tuple[Any, Any]:
