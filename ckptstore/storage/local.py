@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 import uuid
+from typing import Any
 
 from ckptstore.crashpoints import crash_point
 from ckptstore.errors import (
@@ -414,3 +415,16 @@ class LocalBackend(StorageBackend):
                 if fd is not None:
                     os.close(fd)
         return removed
+
+
+BACKEND_OPTIONS = frozenset({"direct_io"})  # what open_backend's backend_options may hold
+
+
+def open_local_backend(
+    url: str, *, storage_options: dict[str, Any], backend_options: dict[str, Any], create: bool
+) -> StorageBackend:
+    """The backend for a plain path or a ``file://`` / ``local://`` URL (``open_backend``'s
+    factory); ``storage_options`` do not apply to local disk and are ignored."""
+    del storage_options
+    path = url.split("://", 1)[1] if "://" in url else url
+    return LocalBackend(path, create=create, **backend_options)

@@ -352,3 +352,24 @@ class FsspecBackend(StorageBackend):
             except FileNotFoundError:
                 continue
         return removed
+
+
+def filesystem_from_url(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+    """``(fs, root)`` for an fsspec URL; a URL fsspec cannot open is a :class:`ValueError`."""
+    import fsspec  # deferred: importing it pulls in its registry
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"cannot open {url!r}: {type(exc).__name__}: {exc}") from exc
+    return fs, str(root)
+
+
+def open_fsspec_backend(
+    url: str, *, storage_options: dict[str, Any], backend_options: dict[str, Any], create: bool
+) -> StorageBackend:
+    """The backend for any fsspec URL without a backend of its own (``open_backend``'s
+    fallback); it takes no backend options, and ``create`` does not apply."""
+    del backend_options, create  # none accepted: open_backend checked them
+    fs, root = filesystem_from_url(url, dict(storage_options))
+    return FsspecBackend(fs, root, url)

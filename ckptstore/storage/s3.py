@@ -37,9 +37,10 @@ from typing import Any
 
 from ckptstore.crashpoints import crash_point
 from ckptstore.errors import ManifestExistsError, StorageError
-from ckptstore.storage.base import Capabilities, FileSink, RangeReader
+from ckptstore.storage.base import Capabilities, FileSink, RangeReader, StorageBackend
 from ckptstore.storage.objectstore import (
     FsspecBackend,
+    filesystem_from_url,
     translate_error,
 )
 from ckptstore.storage.s3_options import (
@@ -50,11 +51,12 @@ from ckptstore.storage.s3_options import (
     MIN_PART_BYTES,
     check_upload_options,
     client_config,
+    merge_client_config,
     with_client_config,
 )
 from ckptstore.storage.s3_reader import S3Reader
 
-__all__ = ["MIN_PART_BYTES", "S3Backend", "S3Reader", "is_s3"]
+__all__ = ["MIN_PART_BYTES", "S3Backend", "S3Reader", "is_s3", "open_s3_backend"]
 
 log = logging.getLogger("ckptstore")
 
@@ -64,6 +66,36 @@ _LIVE_UPLOADS: set[str] = set()
 # Uploads whose abort failed (the server was unreachable): aborted again later.
 _ORPHANS: list[tuple[str, str, str]] = []
 _LIVE_LOCK = threading.Lock()
+
+
+def open_s3_backend(
+    url: str, *, storage_options: dict[str, Any], backend_options: dict[str, Any], create: bool
+) -> StorageBackend:
+    """The backend for an ``s3://`` / ``s3a://`` URL (``open_backend``'s factory).
+
+    Listings are never cached (a cached one hides another rank's or process's commit).
+    ``create`` does not apply: a bucket is never created.
+    """
+    del create
+    options = dict(storage_options)
+    options.setdefault("use_listings_cache", False)
+    config = client_config(
+        connect_timeout_s=backend_options.get("connect_timeout_s"),
+        read_timeout_s=backend_options.get("read_timeout_s"),
+        request_retries=backend_options.get("request_retries"),
+    )
+    if config:
+        given = options.get("config_kwargs") or {}
+        options["config_kwargs"] = merge_client_config(dict(given), config)
+    fs, root = filesystem_from_url(url, options)
+    if is_s3(fs):
+        return S3Backend(fs, root, url, **backend_options)
+    if backend_options:
+        raise ValueError(
+            f"backend options {sorted(backend_options)} are for S3; {url!r} opened "
+            f"{type(fs).__name__}, which takes none"
+        )
+    return FsspecBackend(fs, root, url)
 
 
 def is_s3(fs: Any) -> bool:
