@@ -1,8 +1,9 @@
 """Real OS calls of ckptstore's local backend, counted, and failed one at a time.
 
 :class:`OsFaults` stands in for the ``os`` and ``fcntl`` modules and for libc's
-``renameat2`` inside ``ckptstore.storage.local``, and nowhere else (torch, pytest and
-the test's own file handling keep the real ones). Every call still goes to the real
+``renameat2`` inside ``ckptstore.storage.local`` and the module it writes files with,
+``ckptstore.storage._direct_io``, and nowhere else (torch, pytest and the test's own
+file handling keep the real ones). Every call still goes to the real
 OS; it is counted and labelled with the file it touches, and the chosen one fails with
 the errno a failing disk gives: before it happens, or after it took effect (a rename
 whose reply was lost). ``close`` always really closes before failing, as Linux does.
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import ckptstore.storage._direct_io as direct_io_mod
 import ckptstore.storage.local as local_mod
 
 # Every file-system call the local backend makes through ``os`` (others pass through).
@@ -109,7 +111,8 @@ class OsFaults:
             return [c.label for c in self.calls]
 
     def install(self, *, renameat2: bool = True) -> OsFaults:
-        """Replace the modules inside ckptstore.storage.local; :meth:`uninstall` undoes it.
+        """Replace the modules inside ckptstore.storage.local and ._direct_io;
+        :meth:`uninstall` undoes it.
 
         ``renameat2=False`` makes the backend believe the kernel lacks it, so its
         fallback (``os.rename``) runs.
@@ -118,13 +121,16 @@ class OsFaults:
         if renameat2:
             real = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             libc = _Libc(real, self)
-        for attr, new in (
-            ("os", _Module(os, OS_CALLS, self)),
-            ("fcntl", _Module(fcntl, FCNTL_CALLS, self)),
-            ("_libc", libc),
+        os_mod, fcntl_mod = _Module(os, OS_CALLS, self), _Module(fcntl, FCNTL_CALLS, self)
+        for mod, attr, new in (
+            (local_mod, "os", os_mod),
+            (local_mod, "fcntl", fcntl_mod),
+            (direct_io_mod, "os", os_mod),
+            (direct_io_mod, "fcntl", fcntl_mod),
+            (direct_io_mod, "_libc", libc),
         ):
-            self._undo.append((local_mod, attr, getattr(local_mod, attr)))
-            setattr(local_mod, attr, new)
+            self._undo.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, new)
         return self
 
     def uninstall(self) -> None:

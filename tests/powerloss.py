@@ -2,8 +2,8 @@
 
 SIGKILL cannot find a missing fsync: the page cache survives the process. A power cut
 keeps only what was made durable. :class:`PowerLossFS` stands in for the ``os`` and
-``shutil`` modules and for ``renameat2`` inside ``ckptstore.storage.local`` (nowhere
-else) and lets every call through to the real disk while it records, per file, its
+``shutil`` modules and for ``renameat2`` inside ``ckptstore.storage.local`` and
+``ckptstore.storage._direct_io`` (its file sink and directory fsync; nowhere else) and lets every call through to the real disk while it records, per file, its
 content at its last ``fsync``/``fdatasync``, and per directory, its entries at its
 last ``fsync``. Everything under ``top`` present at construction counts as durable.
 
@@ -39,6 +39,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import ckptstore.storage._direct_io as direct_io_mod
 import ckptstore.storage.local as local_mod
 
 MODES = ("drop_unsynced", "keep_names")
@@ -228,14 +229,25 @@ class PowerLossFS:
     @contextlib.contextmanager
     def installed(self) -> Iterator[PowerLossFS]:
         """Route ``ckptstore.storage.local``'s OS calls through this object."""
-        saved = (local_mod.os, local_mod.shutil, local_mod._renameat2_noreplace)
+        saved = (
+            local_mod.os,
+            local_mod.shutil,
+            local_mod.renameat2_noreplace,
+            direct_io_mod.os,
+        )
         local_mod.os = _Namespace(os, self)  # type: ignore[assignment]
         local_mod.shutil = _Namespace(shutil, self, names=("rmtree",))  # type: ignore[assignment]
-        local_mod._renameat2_noreplace = self.renameat2_noreplace
+        local_mod.renameat2_noreplace = self.renameat2_noreplace
+        direct_io_mod.os = _Namespace(os, self)  # type: ignore[assignment]
         try:
             yield self
         finally:
-            local_mod.os, local_mod.shutil, local_mod._renameat2_noreplace = saved
+            (
+                local_mod.os,
+                local_mod.shutil,
+                local_mod.renameat2_noreplace,
+                direct_io_mod.os,
+            ) = saved
 
     def power_loss(self, mode: str = "drop_unsynced", *, into: str | None = None) -> None:
         """Rewrite ``top`` to what the disk holds after the power went out now; with
@@ -291,7 +303,7 @@ def _write_tree(path: str, tree: dict[str, Any]) -> None:
                 f.write(node)
 
 
-_REAL_RENAMEAT2 = local_mod._renameat2_noreplace
+_REAL_RENAMEAT2 = direct_io_mod.renameat2_noreplace
 _OS_NAMES = (
     "open",
     "write",

@@ -288,7 +288,7 @@ def test_root_fsync_failure_after_the_rename_leaves_nothing_listed(root, monkeyp
     """The rename happened but could not be made durable: undone, typed error, retry works."""
     import ckptstore.storage.local as local_mod
 
-    real = local_mod._fsync_dir
+    real = local_mod.fsync_dir
     with ckptstore.Checkpointer(root) as ckpt:
         ckpt.save(state_of(), 1)
 
@@ -297,11 +297,11 @@ def test_root_fsync_failure_after_the_rename_leaves_nothing_listed(root, monkeyp
                 raise OSError(errno.EIO, "injected EIO")
             real(path)
 
-        monkeypatch.setattr(local_mod, "_fsync_dir", failing)
+        monkeypatch.setattr(local_mod, "fsync_dir", failing)
         with pytest.raises(ckptstore.StorageError, match="fsync of the root") as info:
             ckpt.save(state_of(), 2)
         assert info.value.errno == errno.EIO
-        monkeypatch.setattr(local_mod, "_fsync_dir", real)
+        monkeypatch.setattr(local_mod, "fsync_dir", real)
         assert [i.step for i in ckpt.list()] == [1]
         assert not [n for n in os.listdir(root) if n != "step_00000001"]
         ckpt.save(state_of(), 2)  # the same step again: nothing stands in the way

@@ -201,10 +201,10 @@ def test_power_cut_at_every_call(name, tmp_path, forkserver):
 
 def test_power_loss_catches_a_missing_directory_fsync(tmp_path, forkserver, monkeypatch):
     """Without the root's fsync after the rename, a save that returned is lost."""
-    real = local_mod._fsync_dir
+    real = local_mod.fsync_dir
     monkeypatch.setattr(
         local_mod,
-        "_fsync_dir",
+        "fsync_dir",
         lambda path: None if os.path.basename(path) == "root" else real(path),
     )
     requests, cuts = sweep_power_cuts("save", str(tmp_path))

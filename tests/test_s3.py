@@ -298,21 +298,21 @@ def test_reads_share_windows_across_threads(s3_server, s3_bucket, monkeypatch):
     import random
     from concurrent.futures import ThreadPoolExecutor
 
-    from ckptstore.storage.objectstore import _FsspecReader
-    from ckptstore.storage.s3 import _S3Reader
+    from ckptstore.storage.objectstore import ObjectStoreReader
+    from ckptstore.storage.s3 import S3Reader
 
     backend = s3(s3_server, s3_bucket)
-    W = _S3Reader.WINDOW
+    W = S3Reader.WINDOW
     data = os.urandom(2 * W + 12345)
     s3_server.fs().pipe_file(f"{s3_bucket}/run/blob", data)
     fetched: list[tuple[int, int]] = []
-    ranged_get = _FsspecReader.read
+    ranged_get = ObjectStoreReader.read
 
     def counting(self, offset, length):
         fetched.append((offset, length))
         return ranged_get(self, offset, length)
 
-    monkeypatch.setattr(_FsspecReader, "read", counting)
+    monkeypatch.setattr(ObjectStoreReader, "read", counting)
     reader = backend.open_reader("blob")
     rng = random.Random(0)
     reads = [

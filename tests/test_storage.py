@@ -1,10 +1,14 @@
-"""The storage layer: one contract suite for every backend, then local-disk specifics.
+"""The storage layer: the contract suite on every backend, then each backend's specifics.
 
-The contract (``ckptstore/storage/base.py``) runs against ``LocalBackend`` on ``tmp_path``
-and ``FsspecBackend`` on fsspec's ``memory://`` file system. The local-only part checks
-what makes local saves crash-safe: the ``flock``-ed temp directory, the O_DIRECT sink and
-its bounce buffer, the no-replace rename, the fsync order, delete-by-rename, and a sweep
-that removes only dead saves' leftovers (made by real processes that really die).
+The contract (``ckptstore.storage.testing.BackendContract``, the promises of
+``ckptstore/storage/base.py``) runs against ``LocalBackend`` on ``tmp_path``,
+``FsspecBackend`` on fsspec's ``memory://`` file system, ``S3Backend`` on a real S3
+server process (moto, on 127.0.0.1), and ``FaultyBackend`` wrapping local disk. The
+local-only part checks what makes local saves crash-safe: the ``flock``-ed temp
+directory, the O_DIRECT sink and its bounce buffer, the no-replace rename, the fsync
+order, delete-by-rename, and a sweep that removes only dead saves' leftovers (made by
+real processes that really die). Then the registry (``open_backend``,
+``register_backend``, ``backend_options``), S3's options and the fault wrapper.
 
 Tests marked ``xfail(strict=True, reason="BUG: ...")`` demonstrate bugs in the package.
 """
@@ -13,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import mmap
 import os
 import re
 import selectors
@@ -22,104 +25,52 @@ import sys
 import textwrap
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
 import numpy as np
 import pytest
 
-from ckptstore.errors import CheckpointExistsError, StorageError
-from ckptstore.layout import MANIFEST_FILE, TEMP_PREFIX, check_name
-from ckptstore.storage import FsspecBackend, LocalBackend, S3Backend, StorageBackend, open_backend
+from ckptstore.errors import CheckpointExistsError, StorageError, StorageFullError
+from ckptstore.layout import LOCK_FILE, MANIFEST_FILE, TEMP_PREFIX, check_name
+from ckptstore.storage import (
+    Capabilities,
+    FsspecBackend,
+    LocalBackend,
+    S3Backend,
+    StorageBackend,
+    open_backend,
+    register_backend,
+)
+from ckptstore.storage import _direct_io as direct_io_mod
 from ckptstore.storage import local as local_mod
 from ckptstore.storage.s3 import MIN_PART_BYTES
+from ckptstore.storage.testing import (
+    MANIFEST,
+    BackendContract,
+    FaultyBackend,
+    as_kind,
+    assert_not_a_checkpoint,
+    commit_one,
+    fail_nth,
+    fail_once,
+    page_aligned,
+    rand_bytes,
+    temp_entries,
+    write_file,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MANIFEST = b'{"m":1}'
 PAGE = 4096
 MIB = 1 << 20
-SIZES = [0, 1, 4095, 4096, 4097, 8 * MIB + 3]
-BAD_NAME = r"must be a non-empty string|refusing unsafe"
-UNSAFE_NAMES = ["..", "/etc/passwd", "a/../b", "a\x00b", "a\\b", "", ".", "./a", "a/", "a//b"]
 
 
 # ---- helpers ------------------------------------------------------------------------
 
 
-def rand_bytes(n: int, seed: int = 0) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
-
-
-def page_aligned(data: bytes) -> np.ndarray:
-    """A writable uint8 array over anonymous mmap memory: its address is page-aligned."""
-    m = mmap.mmap(-1, max(len(data), 1))
-    arr = np.frombuffer(m, dtype=np.uint8)[: len(data)]
-    arr[:] = np.frombuffer(data, dtype=np.uint8)
-    assert arr.ctypes.data % PAGE == 0
-    return arr
-
-
-def as_kind(data: bytes, kind: str) -> Any:
-    """``data`` as one of the bytes-like objects a sink must accept."""
-    if kind == "bytes":
-        return data
-    if kind == "bytearray":
-        return bytearray(data)
-    if kind == "memoryview":
-        return memoryview(data)
-    if kind == "numpy":
-        return np.frombuffer(data, dtype=np.uint8).copy()
-    if kind == "numpy_unaligned":  # a view that starts one byte into its buffer
-        buf = np.zeros(len(data) + 1, dtype=np.uint8)
-        buf[1:] = np.frombuffer(data, dtype=np.uint8)
-        return buf[1:]
-    if kind == "numpy_aligned":
-        return page_aligned(data)
-    if kind == "numpy_2d":  # multi-dimensional, C-contiguous (zero-size: see its own test)
-        if len(data) % 2 or not data:
-            return np.frombuffer(data, dtype=np.uint8).copy()
-        return np.frombuffer(data, dtype=np.uint8).reshape(2, -1).copy()
-    raise AssertionError(kind)
-
-
-KINDS = [
-    "bytes",
-    "bytearray",
-    "memoryview",
-    "numpy",
-    "numpy_unaligned",
-    "numpy_aligned",
-    "numpy_2d",
-]
-
-
-def write_file(pending: Any, fname: str, data: bytes) -> None:
-    sink = pending.create_file(fname)
-    sink.write(data)
-    assert sink.close() == len(data)
-
-
-def commit_one(backend: StorageBackend, name: str, files: dict[str, bytes]) -> None:
-    pending = backend.begin(name)
-    for fname, data in files.items():
-        write_file(pending, fname, data)
-    pending.commit(MANIFEST)
-
-
 def reopen(backend: StorageBackend) -> StorageBackend:
     """A second backend object on the same root, as another rank or process opens it."""
     return open_backend(backend.url)
-
-
-def temp_entries(backend: StorageBackend) -> list[str]:
-    return [n for n in backend.list_names() if n.startswith(TEMP_PREFIX)]
-
-
-def assert_not_a_checkpoint(backend: StorageBackend, name: str) -> None:
-    assert not backend.exists(f"{name}/{MANIFEST_FILE}")
-    with pytest.raises(FileNotFoundError):
-        backend.read_bytes(f"{name}/{MANIFEST_FILE}")
 
 
 def age(path: str, seconds: float) -> None:
@@ -140,24 +91,6 @@ def memory_top():
         fs.rm(f"/{top}", recursive=True)
 
 
-@pytest.fixture(params=["local", "fsspec", "s3"])
-def backend(request, tmp_path, memory_top):
-    """The same contract on local disk, fsspec's memory file system and a real S3 server."""
-    if request.param == "local":
-        b = open_backend(tmp_path / "ckpts")
-        assert isinstance(b, LocalBackend)
-    elif request.param == "fsspec":
-        b = open_backend(f"memory://{memory_top}/root")
-        assert isinstance(b, FsspecBackend)
-    else:
-        server = request.getfixturevalue("s3_server")
-        bucket = server.new_bucket()
-        b = open_backend(f"s3://{bucket}/root", storage_options=server.options())
-        assert isinstance(b, S3Backend)
-        b.part_bytes = MIN_PART_BYTES  # so that the larger test files go multipart
-    return b
-
-
 @pytest.fixture
 def local(tmp_path) -> LocalBackend:
     return LocalBackend(str(tmp_path / "ckpts"))
@@ -166,433 +99,55 @@ def local(tmp_path) -> LocalBackend:
 # ---- contract: every backend ----------------------------------------------------------
 
 
-def test_fresh_root_lists_nothing(backend):
-    assert backend.list_names() == []
-    assert not backend.exists(f"step_1/{MANIFEST_FILE}")
+class _OurBackends(BackendContract):
+    """The contract, plus what holds for ckptstore's own backends."""
+
+    def test_is_local_exactly_for_local_disk(self, backend):
+        assert backend.is_local() is isinstance(backend, LocalBackend)
 
 
-def test_write_every_buffer_kind_and_size_then_read_back(backend):
-    name = "step_00000001"
-    pending = backend.begin(name)
-    sink = pending.create_file("__0_0.distcp")
-    expected = bytearray()
-    assert sink.tell() == 0
-    seed = 0
-    for size in SIZES:
-        kinds = KINDS if size < MIB else ["bytes", "numpy_aligned"]
-        for kind in kinds:
-            seed += 1
-            data = rand_bytes(size, seed)
-            sink.write(as_kind(data, kind))
-            expected += data
-            assert sink.tell() == len(expected), (size, kind)
-    # A wider dtype is written as its raw bytes.
-    floats = np.arange(1001, dtype=np.float32)
-    sink.write(floats)
-    expected += floats.tobytes()
-    assert sink.tell() == len(expected)
-    assert sink.close() == len(expected)
-
-    assert not backend.exists(f"{name}/{MANIFEST_FILE}")
-    pending.commit(MANIFEST)
-
-    assert name in backend.list_names()
-    assert temp_entries(backend) == []
-    assert backend.read_bytes(f"{name}/{MANIFEST_FILE}") == MANIFEST
-    assert backend.read_bytes(f"{name}/__0_0.distcp") == bytes(expected)
-
-    size = len(expected)
-    rng = np.random.default_rng(99)
-    offsets = [0, 1, 4095, 4096, 4097, size // 2 + 7, size - 4097, size - 1, size]
-    offsets += [int(x) for x in rng.integers(0, size, 8)]
-    with backend.open_reader(f"{name}/__0_0.distcp") as reader:
-        assert reader.size == size
-        for off in offsets:
-            for n in (0, 1, 4097, 65539):
-                n = min(n, size - off)
-                want = bytes(expected[off : off + n])
-                assert bytes(reader.read(off, n)) == want, (off, n)
-                out = bytearray(n)
-                reader.read_into(off, memoryview(out))
-                assert bytes(out) == want, (off, n)
-                arr = np.full(n, 0xAB, dtype=np.uint8)
-                reader.read_into(off, arr.data)
-                assert arr.tobytes() == want, (off, n)
-                big = bytearray(b"\xee" * (n + 10))  # into the middle of a larger buffer
-                reader.read_into(off, memoryview(big)[5 : 5 + n])
-                assert big[:5] == b"\xee" * 5 and big[5 + n :] == b"\xee" * 5
-                assert bytes(big[5 : 5 + n]) == want
-        for off, n in [(size - 1, 2), (size, 1), (0, size + 1), (-1, 1), (size + 100, 0)]:
-            with pytest.raises(StorageError, match="past the end"):
-                reader.read(off, n)
-        with pytest.raises(StorageError, match="past the end"):
-            reader.read_into(size - 10, memoryview(bytearray(11)))
+class TestLocalBackend(_OurBackends):
+    @pytest.fixture
+    def backend(self, tmp_path):
+        b = open_backend(tmp_path / "ckpts")
+        assert isinstance(b, LocalBackend)
+        return b
 
 
-def test_several_files_and_write_file(backend):
-    pending = backend.begin("step_2")
-    write_file(pending, "a.bin", b"alpha")
-    write_file(pending, "empty.bin", b"")
-    pending.write_file(".metadata", b"small metadata")
-    pending.commit(MANIFEST)
-    assert backend.read_bytes("step_2/a.bin") == b"alpha"
-    assert backend.read_bytes("step_2/empty.bin") == b""
-    assert backend.read_bytes("step_2/.metadata") == b"small metadata"
-    assert backend.exists("step_2/.metadata")
-    with backend.open_reader("step_2/empty.bin") as r:
-        assert r.size == 0
-        assert bytes(r.read(0, 0)) == b""
+class TestMemoryBackend(_OurBackends):
+    @pytest.fixture
+    def backend(self, memory_top):
+        b = open_backend(f"memory://{memory_top}/root")
+        assert isinstance(b, FsspecBackend)
+        return b
 
 
-def test_invisible_until_commit(backend):
-    name = "step_3"
-    pending = backend.begin(name)
-    assert_not_a_checkpoint(backend, name)
-    write_file(pending, "data.bin", b"x" * 5000)
-    open_sink = pending.create_file("more.bin")
-    open_sink.write(b"y" * 10)
-    assert_not_a_checkpoint(backend, name)
-    assert open_sink.close() == 10
-    pending.write_file(".metadata", b"meta")
-    assert_not_a_checkpoint(backend, name)
-    # A second backend object (another process) does not see it either.
-    assert_not_a_checkpoint(reopen(backend), name)
-    pending.commit(MANIFEST)
-    assert backend.exists(f"{name}/{MANIFEST_FILE}")
-    assert reopen(backend).read_bytes(f"{name}/data.bin") == b"x" * 5000
+class TestS3Backend(_OurBackends):
+    @pytest.fixture
+    def backend(self, s3_server):
+        bucket = s3_server.new_bucket()
+        b = open_backend(
+            f"s3://{bucket}/root",
+            storage_options=s3_server.options(),
+            # so that the larger test files go multipart
+            backend_options={"part_bytes": MIN_PART_BYTES},
+        )
+        assert isinstance(b, S3Backend)
+        assert b.part_bytes == MIN_PART_BYTES
+        return b
 
 
-def test_begin_on_committed_name_raises(backend):
-    commit_one(backend, "step_4", {"d": b"first"})
-    with pytest.raises(CheckpointExistsError) as info:
-        backend.begin("step_4")
-    assert isinstance(info.value, FileExistsError)
-    assert backend.read_bytes("step_4/d") == b"first"
+class TestFaultyBackend(BackendContract):
+    """The wrapper, injecting nothing, keeps the contract of what it wraps."""
 
-
-def test_two_pendings_first_commit_wins(backend):
-    p1 = backend.begin("step_5")
-    p2 = backend.begin("step_5")
-    write_file(p1, "rank0.bin", b"from p1")
-    write_file(p2, "other.bin", b"from p2")
-    p1.commit(b'{"who":"p1"}')
-    with pytest.raises(CheckpointExistsError) as info:
-        p2.commit(b'{"who":"p2"}')
-    assert isinstance(info.value, FileExistsError)
-    p2.abort()  # what the DCP writer does after a failed commit
-    p2.abort()
-    assert backend.read_bytes(f"step_5/{MANIFEST_FILE}") == b'{"who":"p1"}'
-    assert backend.read_bytes("step_5/rank0.bin") == b"from p1"
-    assert not backend.exists("step_5/other.bin")
-    assert temp_entries(backend) == []
-
-
-@pytest.mark.parametrize(
-    "backend",
-    ["local", "fsspec", "s3"],
-    indirect=True,
-)
-def test_losing_writer_leaves_winner_untouched(backend):
-    p1 = backend.begin("step_6")
-    p2 = backend.begin("step_6")
-    write_file(p1, "__0_0.distcp", b"winner data")
-    p1.commit(b'{"who":"p1"}')
-    refused: StorageError | None = None
-    try:
-        # p2 began before p1 committed. Object stores write under the final prefix:
-        # there the loser is stopped when it tries to create a file that exists.
-        write_file(p2, "__0_0.distcp", b"loser data!")
-    except StorageError as exc:
-        refused = exc
-    if refused is None:
-        with pytest.raises(CheckpointExistsError):
-            p2.commit(b'{"who":"p2"}')
-    else:
-        assert refused.errno == errno.EEXIST
-    p2.abort()
-    assert backend.read_bytes(f"step_6/{MANIFEST_FILE}") == b'{"who":"p1"}'
-    assert backend.read_bytes("step_6/__0_0.distcp") == b"winner data"
-
-
-def test_losing_commit_discards_its_own_files(backend):
-    p1 = backend.begin("step_7")
-    p2 = backend.begin("step_7")
-    write_file(p1, "a.bin", b"a")
-    write_file(p2, "stray.bin", b"b")
-    # Object stores find out what is the winner's from its manifest's file list.
-    winner = b'{"files": {"a.bin": {"size_bytes": 1}}}'
-    p1.commit(winner)
-    with pytest.raises(CheckpointExistsError):
-        p2.commit(winner)
-    assert not backend.exists("step_7/stray.bin")
-    assert backend.read_bytes("step_7/a.bin") == b"a"
-
-
-def test_abort_removes_everything_and_never_raises(backend):
-    name = "step_8"
-    pending = backend.begin(name)
-    write_file(pending, "done.bin", b"d" * 10000)
-    pending.write_file(".metadata", b"m")
-    half = pending.create_file("half.bin")
-    half.write(b"h" * 100)
-    half.abort()
-    half.abort()
-    pending.abort()
-    pending.abort()
-    assert_not_a_checkpoint(backend, name)
-    for fname in ("done.bin", ".metadata", "half.bin"):
-        assert not backend.exists(f"{name}/{fname}")
-    assert name not in backend.list_names()
-    assert temp_entries(backend) == []
-    # The name is free again.
-    commit_one(backend, name, {"x": b"again"})
-    assert backend.read_bytes(f"{name}/x") == b"again"
-
-
-def test_abort_without_writing_anything(backend):
-    pending = backend.begin("step_9")
-    pending.abort()
-    pending.abort()
-    assert backend.list_names() == []
-
-
-def test_delete(backend):
-    commit_one(backend, "step_10", {"a.bin": b"a" * 3000, "b.bin": b"b"})
-    commit_one(backend, "step_11", {"a.bin": b"keep"})
-    backend.delete("step_10")
-    assert_not_a_checkpoint(backend, "step_10")
-    assert not backend.exists("step_10/a.bin")
-    assert "step_10" not in backend.list_names()
-    assert backend.list_names() == ["step_11"]
-    assert backend.read_bytes("step_11/a.bin") == b"keep"
-    backend.delete("step_10")  # already gone
-    backend.delete("never_was")
-    # Saving under a deleted name works.
-    commit_one(backend, "step_10", {"a.bin": b"new"})
-    assert backend.read_bytes("step_10/a.bin") == b"new"
-
-
-@pytest.mark.parametrize("bad", UNSAFE_NAMES, ids=repr)
-def test_unsafe_names_refused(backend, bad):
-    with pytest.raises(ValueError, match=BAD_NAME):
-        check_name(bad)
-    with pytest.raises(ValueError, match=BAD_NAME):
-        backend.begin(bad)
-    with pytest.raises(ValueError, match=BAD_NAME):
-        backend.read_bytes(bad)
-    with pytest.raises(ValueError, match=BAD_NAME):
-        backend.open_reader(bad)
-    with pytest.raises(ValueError, match=BAD_NAME):
-        backend.exists(bad)
-    with pytest.raises(ValueError, match=BAD_NAME):
-        backend.attach(bad)
-    with pytest.raises(ValueError, match=BAD_NAME):
-        backend.delete(bad)
-    pending = backend.begin("step_12")
-    try:
-        with pytest.raises(ValueError, match=BAD_NAME):
-            pending.create_file(bad)
-        with pytest.raises(ValueError, match=BAD_NAME):
-            pending.write_file(bad, b"x")
-    finally:
-        pending.abort()
-    assert backend.list_names() == []
-
-
-@pytest.mark.parametrize("bad", [None, b"step_1", 7])
-def test_non_string_names_refused(backend, bad):
-    with pytest.raises(ValueError, match=BAD_NAME):
-        backend.begin(bad)
-    with pytest.raises(ValueError, match=BAD_NAME):
-        backend.read_bytes(bad)
+    @pytest.fixture
+    def backend(self, tmp_path):
+        return FaultyBackend(LocalBackend(str(tmp_path / "ckpts")))
 
 
 def test_check_name_accepts_plain_names():
     for good in ["step_1", "step_1/__0_0.distcp", "a/b/c", ".metadata", "a..b", ".tmp-x"]:
         assert check_name(good) == good
-
-
-def test_attach_writes_into_the_same_checkpoint(backend):
-    pending = backend.begin("step_13")
-    other = reopen(backend).attach(pending.token)  # another rank, its own backend object
-    same = backend.attach(pending.token)
-    write_file(pending, "__0_0.distcp", b"rank0")
-    write_file(other, "__1_0.distcp", b"rank1")
-    same.write_file("__2_0.distcp", b"rank2")
-    assert_not_a_checkpoint(backend, "step_13")
-    with pytest.raises(RuntimeError):
-        other.commit(MANIFEST)  # only the coordinator commits
-    pending.commit(MANIFEST)
-    assert backend.read_bytes("step_13/__0_0.distcp") == b"rank0"
-    assert backend.read_bytes("step_13/__1_0.distcp") == b"rank1"
-    assert backend.read_bytes("step_13/__2_0.distcp") == b"rank2"
-    assert backend.read_bytes(f"step_13/{MANIFEST_FILE}") == MANIFEST
-
-
-def test_threads_write_and_read_in_parallel(backend):
-    pending = backend.begin("step_14")
-    blobs = {f"__{i}_0.distcp": rand_bytes(300_000 + i, seed=i) for i in range(6)}
-
-    def put(item: tuple[str, bytes]) -> None:
-        fname, data = item
-        sink = pending.create_file(fname)
-        for k in range(0, len(data), 70_001):
-            sink.write(data[k : k + 70_001])
-        assert sink.close() == len(data)
-
-    with ThreadPoolExecutor(4, thread_name_prefix="test-storage") as pool:
-        list(pool.map(put, blobs.items()))
-    pending.commit(MANIFEST)
-
-    data = blobs["__5_0.distcp"]
-    ranges = [(o, 20_011) for o in range(0, len(data) - 20_011, 9_973)]
-    with backend.open_reader("step_14/__5_0.distcp") as reader:
-
-        def get(r: tuple[int, int]) -> bytes:
-            return bytes(reader.read(*r))
-
-        with ThreadPoolExecutor(8, thread_name_prefix="test-storage") as pool:
-            got = list(pool.map(get, ranges))
-    assert got == [data[o : o + n] for o, n in ranges]
-
-
-@pytest.mark.parametrize(
-    "backend",
-    ["local", "fsspec", "s3"],
-    indirect=True,
-)
-def test_sink_close_twice_keeps_the_file(backend):
-    pending = backend.begin("step_15")
-    sink = pending.create_file("f.bin")
-    sink.write(b"payload")
-    assert sink.close() == 7
-    assert sink.close() == 7
-    pending.commit(MANIFEST)
-    assert backend.read_bytes("step_15/f.bin") == b"payload"
-
-
-@pytest.mark.parametrize(
-    "backend",
-    ["local", "fsspec", "s3"],
-    indirect=True,
-)
-def test_create_file_never_replaces(backend):
-    pending = backend.begin("step_16")
-    pending.write_file("f.bin", b"original")
-
-    def replace() -> None:
-        sink = pending.create_file("f.bin")
-        try:
-            sink.write(b"replacement")
-            sink.close()
-        except BaseException:
-            sink.abort()
-            raise
-
-    with pytest.raises((StorageError, FileExistsError)):  # at create_file, or at close
-        replace()
-    pending.commit(MANIFEST)
-    assert backend.read_bytes("step_16/f.bin") == b"original"
-
-
-def test_align_pads_only_when_the_sink_wants_it(backend):
-    pending = backend.begin("step_17")
-    sink = pending.create_file("f.bin")
-    expected = bytearray()
-    for piece, boundary in [(b"abc", 4096), (b"d" * 5000, 512), (b"", 4096), (b"e", 8)]:
-        sink.write(piece)
-        expected += piece
-        sink.align(boundary)
-        if sink.wants_alignment:
-            expected += bytes(-len(expected) % boundary)
-        assert sink.tell() == len(expected)
-    assert sink.close() == len(expected)
-    pending.commit(MANIFEST)
-    assert backend.read_bytes("step_17/f.bin") == bytes(expected)
-
-
-@pytest.mark.parametrize(
-    "backend",
-    ["local", "fsspec", "s3"],
-    indirect=True,
-)
-def test_file_names_with_a_directory_part(backend):
-    pending = backend.begin("step_2")
-    pending.write_file("nested/inner.bin", b"inner")
-    pending.commit(MANIFEST)
-    assert backend.read_bytes("step_2/nested/inner.bin") == b"inner"
-
-
-def test_write_zero_size_multidimensional_buffer(backend):
-    pending = backend.begin("step_3")
-    sink = pending.create_file("f.bin")
-    try:
-        sink.write(b"a")
-        sink.write(np.empty((2, 0), dtype=np.uint8))
-        sink.write(np.empty((0, 3), dtype=np.float32))
-        sink.write(b"b")
-        assert sink.close() == 2
-    except BaseException:
-        sink.abort()
-        pending.abort()
-        raise
-    pending.commit(MANIFEST)
-    assert backend.read_bytes("step_3/f.bin") == b"ab"
-
-
-def test_missing_files(backend):
-    with pytest.raises(FileNotFoundError):
-        backend.read_bytes(f"nope/{MANIFEST_FILE}")
-    commit_one(backend, "step_18", {"a": b"a"})
-    with pytest.raises(FileNotFoundError):
-        backend.read_bytes("step_18/missing.bin")
-    with pytest.raises(FileNotFoundError):
-        backend.open_reader("step_18/missing.bin")
-    with pytest.raises(FileNotFoundError):
-        backend.open_reader(f"nope/{MANIFEST_FILE}")
-    assert not backend.exists("step_18/missing.bin")
-
-
-def test_sweep_never_removes_committed_checkpoints(backend):
-    commit_one(backend, "step_19", {"a.bin": b"a" * 100})
-    assert backend.sweep(0) == []
-    assert backend.read_bytes("step_19/a.bin") == b"a" * 100
-
-
-@pytest.mark.parametrize(
-    "backend",
-    ["local", "fsspec", "s3"],
-    indirect=True,
-)
-def test_sweep_spares_a_save_in_progress_in_this_process(backend):
-    pending = backend.begin("step_20")
-    write_file(pending, "__0_0.distcp", b"in progress")
-    assert backend.sweep(0) == []
-    pending.commit(MANIFEST)
-    assert backend.read_bytes("step_20/__0_0.distcp") == b"in progress"
-
-
-@pytest.mark.parametrize(
-    "backend",
-    ["local", "fsspec", "s3"],
-    indirect=True,
-)
-def test_sweep_spares_a_committed_checkpoint_named_like_a_temp_dir(backend):
-    name = f"{TEMP_PREFIX}mine"
-    try:
-        pending = backend.begin(name)
-    except ValueError:
-        return  # refusing such a name up front is a fine answer too
-    pending.write_file("a", b"a")
-    pending.commit(MANIFEST)
-    assert backend.sweep(0) == []
-    assert backend.read_bytes(f"{name}/a") == b"a"
-
-
-def test_is_local_join_repr(backend):
-    assert backend.is_local() is isinstance(backend, LocalBackend)
-    assert backend.join("step_1", MANIFEST_FILE) == f"step_1/{MANIFEST_FILE}"
-    assert type(backend).__name__ in repr(backend)
 
 
 # ---- open_backend ---------------------------------------------------------------------
@@ -615,10 +170,6 @@ def test_open_backend_local_forms(tmp_path):
     assert b.list_names() == []
     b.begin("step_1").abort()  # begin creates the root
     assert os.path.isdir(tmp_path / "lazy")
-
-
-def test_open_backend_passes_a_backend_through(backend):
-    assert open_backend(backend) is backend
 
 
 def test_open_backend_memory(memory_top):
@@ -676,7 +227,7 @@ def test_local_read_of_a_directory_is_storage_error(local):
 
 def is_locked(path: str) -> bool:
     """Whether the temp directory ``path`` is held by a live writer (its .lock file)."""
-    lock = os.path.join(path, local_mod.LOCK_FILE)
+    lock = os.path.join(path, LOCK_FILE)
     if not os.path.exists(lock):
         return False
     fd = os.open(lock, os.O_RDWR)
@@ -702,7 +253,7 @@ def test_local_temp_dir_is_named_and_locked(local):
     pending.commit(MANIFEST)
     assert not os.path.exists(tmp)
     final = os.path.join(local.root, "step_00000042")
-    assert local_mod.LOCK_FILE not in os.listdir(final)  # the lock is not part of it
+    assert LOCK_FILE not in os.listdir(final)  # the lock is not part of it
     assert sorted(os.listdir(final)) == ["a.bin", MANIFEST_FILE]
     assert not is_locked(final)  # the lock went with the commit
 
@@ -731,8 +282,8 @@ def test_local_attach_needs_an_existing_temp_dir(local):
 def test_local_commit_fsync_order(local, monkeypatch):
     events: list[tuple[str, ...]] = []
     real_fdatasync = os.fdatasync
-    real_fsync_dir = local_mod._fsync_dir
-    real_rename = local_mod._renameat2_noreplace
+    real_fsync_dir = local_mod.fsync_dir
+    real_rename = local_mod.renameat2_noreplace
 
     def fdatasync(fd: int) -> None:
         events.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -746,9 +297,9 @@ def test_local_commit_fsync_order(local, monkeypatch):
         events.append(("rename", src, dst))
         return real_rename(src, dst)
 
-    monkeypatch.setattr(local_mod.os, "fdatasync", fdatasync)
-    monkeypatch.setattr(local_mod, "_fsync_dir", fsync_dir)
-    monkeypatch.setattr(local_mod, "_renameat2_noreplace", rename)
+    monkeypatch.setattr(direct_io_mod.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(local_mod, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(local_mod, "renameat2_noreplace", rename)
 
     pending = local.begin("step_1")
     tmp = os.path.join(local.root, pending.token)
@@ -768,7 +319,7 @@ def test_local_commit_fsync_order(local, monkeypatch):
 
 def test_local_commit_without_renameat2(local, monkeypatch):
     """The fallback when the kernel has no renameat2 still never replaces a checkpoint."""
-    monkeypatch.setattr(local_mod, "_renameat2_noreplace", lambda src, dst: False)
+    monkeypatch.setattr(local_mod, "renameat2_noreplace", lambda src, dst: False)
     p1 = local.begin("step_1")
     p2 = local.begin("step_1")
     write_file(p1, "a", b"one")
@@ -832,7 +383,7 @@ def test_local_sink_mixed_aligned_and_unaligned(tmp_path, monkeypatch, direct_io
             addresses.append(int(np.frombuffer(data, dtype=np.uint8).ctypes.data))
         return real_write(fd, data)
 
-    monkeypatch.setattr(local_mod.os, "write", spy_write)
+    monkeypatch.setattr(direct_io_mod.os, "write", spy_write)
 
     expected = bytearray()
 
@@ -860,7 +411,7 @@ def test_local_sink_mixed_aligned_and_unaligned(tmp_path, monkeypatch, direct_io
     if direct_io:
         # Fill the bounce buffer exactly: it is flushed and the next aligned buffer goes
         # straight to disk again.
-        put(rand_bytes(local_mod._BOUNCE_BYTES - sink._fill, 4))
+        put(rand_bytes(direct_io_mod.BOUNCE_BYTES - sink._fill, 4))
         assert sink._fill == 0
     second = page_aligned(rand_bytes(2 * PAGE, 5))
     put(second)
@@ -891,7 +442,7 @@ def _reject_direct_writes(monkeypatch: pytest.MonkeyPatch, sink: Any) -> None:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         return real_write(fd, data)
 
-    monkeypatch.setattr(local_mod.os, "write", write)
+    monkeypatch.setattr(direct_io_mod.os, "write", write)
 
 
 def _direct_sink(local: LocalBackend) -> tuple[Any, Any]:
@@ -1110,3 +661,239 @@ def test_close_after_a_failed_write_never_reports_success(local):
     with pytest.raises(StorageError, match="not durable"):
         sink.close()  # and a second close never turns that into success
     pending.abort()
+
+
+# ---- capabilities ----------------------------------------------------------------------
+
+
+def test_capabilities_declared_by_each_backend(tmp_path, memory_top):
+    local = LocalBackend(str(tmp_path / "a"))
+    caps = local.capabilities
+    assert (caps.local, caps.atomic_rename, caps.save_locks) == (True, True, True)
+    assert not caps.conditional_put and not caps.multipart_uploads
+    assert caps.direct_io is bool(direct_io_mod.O_DIRECT)
+    assert caps.alignment_bytes == (PAGE if caps.direct_io else 1)
+    buffered = LocalBackend(str(tmp_path / "b"), direct_io=False).capabilities
+    assert not buffered.direct_io and buffered.alignment_bytes == 1
+    assert open_backend(f"memory://{memory_top}/root").capabilities == Capabilities()
+
+
+def test_capabilities_are_frozen_and_checked():
+    caps = Capabilities(local=True)
+    with pytest.raises(AttributeError):
+        caps.local = False  # type: ignore[misc]
+    for bad in (0, 3, 4097, True):
+        with pytest.raises(ValueError, match="power of two"):
+            Capabilities(alignment_bytes=bad)
+    with pytest.raises(ValueError, match="direct_io needs"):
+        Capabilities(direct_io=True)
+    assert Capabilities(direct_io=True, alignment_bytes=512).direct_io
+
+
+# ---- the registry: open_backend, register_backend, backend_options -------------------------
+
+
+def test_open_backend_passes_backend_options_to_the_local_backend(tmp_path):
+    b = open_backend(tmp_path / "x", backend_options={"direct_io": False})
+    assert isinstance(b, LocalBackend)
+    assert b.direct_io is False
+    assert not b.capabilities.direct_io
+    b = open_backend(f"file://{tmp_path}/y", backend_options={"direct_io": False})
+    assert isinstance(b, LocalBackend) and b.direct_io is False
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [("{tmp}/x", "direct_io"), ("memory://{top}/r", "none"), ("s3://bucket/r", "part_bytes")],
+)
+def test_open_backend_refuses_unknown_backend_options(tmp_path, memory_top, url, accepted):
+    url = url.format(tmp=tmp_path, top=memory_top)
+    with pytest.raises(ValueError, match=rf"unknown backend option\(s\) \['nope'\].*{accepted}"):
+        open_backend(url, backend_options={"nope": 1})
+
+
+def test_open_backend_refuses_backend_options_for_a_backend_instance(local):
+    assert open_backend(local, backend_options={}) is local
+    with pytest.raises(ValueError, match="cannot apply"):
+        open_backend(local, backend_options={"direct_io": False})
+
+
+def test_register_backend_opens_a_new_scheme(tmp_path):
+    """A new backend is one registration: open_backend (and so every caller) finds it."""
+    scheme = f"ckpttest{uuid.uuid4().hex[:8]}"
+    seen: list[dict[str, Any]] = []
+
+    def factory(url, *, storage_options, backend_options, create):
+        seen.append({"url": url, "so": storage_options, "bo": backend_options, "create": create})
+        return FaultyBackend(LocalBackend(str(tmp_path / "reg"), create=create))
+
+    register_backend(scheme, factory, options={"speed"})
+    b = open_backend(f"{scheme}://anything", storage_options={"k": 1}, backend_options={"speed": 2})
+    assert isinstance(b, FaultyBackend)
+    assert seen == [
+        {"url": f"{scheme}://anything", "so": {"k": 1}, "bo": {"speed": 2}, "create": True}
+    ]
+    with pytest.raises(ValueError, match="unknown backend option"):
+        open_backend(f"{scheme}://x", backend_options={"other": 1})
+    with pytest.raises(ValueError, match="already have a backend"):
+        register_backend(scheme, factory)
+    register_backend([scheme], lambda url, **kw: LocalBackend(str(tmp_path / "r2")), replace=True)
+    assert isinstance(open_backend(f"{scheme}://x"), LocalBackend)
+
+
+@pytest.mark.parametrize("bad", ["", "1abc", "a b", "s3://", None])
+def test_register_backend_refuses_bad_schemes(bad):
+    with pytest.raises(ValueError, match="URL scheme"):
+        register_backend(bad, lambda url, **kw: None)  # type: ignore[arg-type,return-value]
+
+
+def test_builtin_schemes_cannot_be_registered_twice_by_accident():
+    with pytest.raises(ValueError, match="already have a backend"):
+        register_backend("s3", lambda url, **kw: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match="already have a backend"):
+        register_backend("file", lambda url, **kw: None)  # type: ignore[arg-type,return-value]
+
+
+# ---- S3Backend's options ---------------------------------------------------------------------
+
+
+def test_s3_backend_options_have_todays_defaults(s3_server, s3_bucket):
+    b = open_backend(f"s3://{s3_bucket}/r", storage_options=s3_server.options())
+    assert isinstance(b, S3Backend)
+    assert (b.part_bytes, b.parts_in_flight, b.call_timeout_s) == (16 * MIB, 4, 600.0)
+    # The file system's own client settings are left as they are.
+    assert "connect_timeout" not in b.fs.config_kwargs
+    assert "retries" not in b.fs.config_kwargs
+    assert b.capabilities.conditional_put and b.capabilities.multipart_uploads
+
+
+def test_s3_backend_options_through_open_backend(s3_server, s3_bucket):
+    options = {
+        "part_bytes": 6 * MIB,
+        "parts_in_flight": 2,
+        "call_timeout_s": 30,
+        "connect_timeout_s": 2.5,
+        "read_timeout_s": 7,
+        "request_retries": 1,
+    }
+    storage = s3_server.options(config_kwargs={"retries": {"mode": "standard"}})
+    b = open_backend(f"s3://{s3_bucket}/r", storage_options=storage, backend_options=options)
+    assert isinstance(b, S3Backend)
+    assert (b.part_bytes, b.parts_in_flight, b.call_timeout_s) == (6 * MIB, 2, 30.0)
+    assert b.fs.config_kwargs["connect_timeout"] == 2.5
+    assert b.fs.config_kwargs["read_timeout"] == 7
+    assert b.fs.config_kwargs["retries"] == {"mode": "standard", "max_attempts": 1}
+    assert storage["config_kwargs"] == {"retries": {"mode": "standard"}}  # not modified
+    # The same options again: the same (cached) file system, not a private copy.
+    again = open_backend(f"s3://{s3_bucket}/r", storage_options=storage, backend_options=options)
+    assert again.fs is b.fs
+    commit_one(b, "step_1", {"a.bin": b"x" * (7 * MIB)})  # multipart, 6 MiB parts
+    assert again.read_bytes("step_1/a.bin") == b"x" * (7 * MIB)
+
+
+def test_s3_backend_constructor_applies_client_settings_to_a_private_copy(s3_server, s3_bucket):
+    shared = open_backend(f"s3://{s3_bucket}/r", storage_options=s3_server.options())
+    assert isinstance(shared, S3Backend)
+    b = S3Backend(shared.fs, shared.root, shared.url, connect_timeout_s=3, request_retries=0)
+    assert b.fs is not shared.fs
+    assert b.fs.config_kwargs["connect_timeout"] == 3
+    assert b.fs.config_kwargs["retries"] == {"max_attempts": 0}
+    assert "connect_timeout" not in shared.fs.config_kwargs  # the shared one is untouched
+    same = S3Backend(b.fs, b.root, b.url, connect_timeout_s=3)
+    assert same.fs is b.fs  # already has it: no copy
+    assert S3Backend(shared.fs, shared.root, shared.url).fs is shared.fs
+    commit_one(b, "step_1", {"a": b"a"})
+    assert shared.read_bytes("step_1/a") == b"a"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("part_bytes", MIN_PART_BYTES - 1, "at least"),
+        ("part_bytes", 8.5 * MIB, "must be an int"),
+        ("parts_in_flight", 0, "at least 1"),
+        ("parts_in_flight", True, "must be an int"),
+        ("call_timeout_s", 0, "seconds > 0"),
+        ("connect_timeout_s", -1, "seconds > 0"),
+        ("read_timeout_s", "15", "seconds > 0"),
+        ("request_retries", -1, ">= 0"),
+        ("request_retries", 1.5, "must be an int"),
+    ],
+)
+def test_s3_backend_options_are_validated(s3_server, s3_bucket, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        open_backend(
+            f"s3://{s3_bucket}/r",
+            storage_options=s3_server.options(),
+            backend_options={option: value},
+        )
+
+
+# ---- FaultyBackend ---------------------------------------------------------------------------
+
+
+def test_faulty_backend_fails_the_nth_call_of_an_operation(local):
+    boom = OSError(errno.EIO, "boom")
+    faulty = FaultyBackend(local, fail_nth("write", boom, nth=3, name_part="__0"))
+    pending = faulty.begin("step_1")
+    write_file(pending, "other.bin", b"1")  # not a matching name: not counted
+    sink = pending.create_file("__0_0.distcp")
+    sink.write(b"a")
+    sink.write(b"b")
+    with pytest.raises(OSError, match="boom") as info:
+        sink.write(b"c")
+    assert info.value is boom
+    sink.write(b"d")  # once only
+    assert sink.close() == 3
+    pending.commit(MANIFEST)
+    assert local.read_bytes("step_1/__0_0.distcp") == b"abd"
+    ops = [op for op, _ in faulty.calls]
+    assert ops[:4] == ["begin", "create_file", "write", "close"]
+    assert ops[-1] == "commit"
+    assert faulty.is_local() and faulty.capabilities == local.capabilities
+
+
+def test_faulty_backend_fail_once_is_a_translated_storage_error(local):
+    faulty = FaultyBackend(local, fail_once("close", errno.ENOSPC))
+    pending = faulty.begin("step_1")
+    with pytest.raises(StorageError) as info:
+        pending.write_file("a.bin", b"a")
+    assert info.value.errno == errno.ENOSPC
+    assert isinstance(info.value, StorageFullError)
+    assert "injected ENOSPC" in str(info.value)
+    pending.write_file("b.bin", b"b")  # once only
+    pending.commit(MANIFEST)
+    assert local.read_bytes("step_1/b.bin") == b"b"
+
+
+def test_faulty_backend_faults_reads_and_adds_latency(local):
+    commit_one(local, "step_1", {"a.bin": b"0123456789"})
+    faulty = FaultyBackend(
+        local, fail_nth("read", lambda op, name: StorageError(f"{op} {name}")), delay_s=0.3
+    )
+    with faulty.open_reader("step_1/a.bin") as reader:
+        with pytest.raises(StorageError, match=r"read step_1/a\.bin"):
+            reader.read(0, 2)
+        assert bytes(reader.read(2, 3)) == b"234"
+    start = time.monotonic()
+    faulty.begin("step_2").abort()  # begin is on the write path: slowed
+    assert time.monotonic() - start >= 0.3
+    start = time.monotonic()
+    faulty.list_names()
+    assert time.monotonic() - start < 0.3  # reads are not slowed by default
+    slow_reads = FaultyBackend(local, delay_s=0.05, delay_ops={"read_bytes"})
+    start = time.monotonic()
+    assert slow_reads.read_bytes("step_1/a.bin") == b"0123456789"
+    assert time.monotonic() - start >= 0.05
+    with pytest.raises(ValueError, match="counts from 1"):
+        fail_nth("write", OSError(errno.EIO, "boom"), nth=0)
+
+
+def test_faulty_backend_passes_through_what_it_does_not_wrap(s3_server, s3_bucket):
+    b = open_backend(f"s3://{s3_bucket}/r", storage_options=s3_server.options())
+    faulty = FaultyBackend(b)
+    assert faulty.open_uploads() == []  # S3's own extras are the inner backend's
+    assert faulty.part_bytes == b.part_bytes
+    commit_one(b, "step_1", {"a": b"abc"})
+    with faulty.open_reader("step_1/a") as reader:
+        assert b"".join(reader.stream(2)) == b"abc"  # type: ignore[attr-defined]

@@ -9,11 +9,11 @@ can report success for data that is gone. A rename that reports an error but too
 effect (the temp directory gone, the final name holding this manifest) counts as done:
 a save reports success exactly when its checkpoint is listed and durable.
 
-Large files are written with O_DIRECT where the file system supports it: from a
-page-aligned staging buffer straight to the device, without a copy into the page
-cache. On this kind of machine that wrote 3.3 GB/s from one thread, against
-1.1 GB/s buffered (``benchmarks/README.md``). Unaligned pieces go through a small
-aligned bounce buffer; the file is truncated to its exact length before the fsync.
+Large files are written with O_DIRECT where the file system supports it (the sink, the
+rename and the directory fsync live in :mod:`ckptstore.storage._direct_io`). Every OS
+call goes through this module's globals (``os``, ``fcntl``, ``shutil``, ``fsync_dir``,
+``renameat2_noreplace``) or that module's: the fault-injection and power-loss tests
+replace exactly those.
 
 Each temp directory holds a ``.lock`` file ``flock``-ed by the process that writes it
 (removed just before the rename). The lock dies with the process (even on SIGKILL), so
@@ -24,18 +24,13 @@ process or another. On a file system without locks, sweep goes by age alone.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
-import mmap
 import os
 import shutil
 import time
 import uuid
 from typing import Any
-
-import numpy as np
 
 from ckptstore.crashpoints import crash_point
 from ckptstore.errors import (
@@ -46,212 +41,25 @@ from ckptstore.errors import (
     storage_error,
 )
 from ckptstore.layout import LOCK_FILE, MANIFEST_FILE, POINTER_TEMP_PREFIX, TEMP_PREFIX, check_name
-from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, StorageBackend
+from ckptstore.storage._direct_io import (
+    ALIGN,
+    O_DIRECT,
+    DirectFileSink,
+    fsync_dir,
+    renameat2_noreplace,
+)
+from ckptstore.storage.base import (
+    Capabilities,
+    FileSink,
+    PendingCheckpoint,
+    RangeReader,
+    StorageBackend,
+)
 
-_ALIGN = 4096
-_BOUNCE_BYTES = 8 << 20
-_MAX_WRITE = 64 << 20  # one write() call; Linux caps a write at ~2 GiB anyway
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 # flock errors that mean "this file system has no locks" (NFS without lockd, Lustre
 # mounted without -o flock): then a save in progress is protected by sweep's age only.
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EBADF, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 _MIN_SWEEP_AGE_S = 5.0
-
-_libc: Any = None
-
-
-def _renameat2_noreplace(src: str, dst: str) -> bool:
-    """Rename without replacing; False if the kernel or file system lacks renameat2."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _libc.renameat2  # noqa: B018 - probe for the symbol
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc is False:
-        return False
-    at_fdcwd, rename_noreplace = -100, 1
-    rc = _libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace)
-    if rc == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL):
-        return False
-    raise OSError(code, os.strerror(code), dst)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _address(mv: memoryview) -> int:
-    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data)
-
-
-class _LocalSink(FileSink):
-    def __init__(self, path: str, direct: bool = True) -> None:
-        self.path = path
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError as exc:
-            raise storage_error(exc, "create", path) from exc
-        self._direct = False
-        if direct and _O_DIRECT:
-            # Set O_DIRECT after the open: opening with it creates the file and then
-            # fails with EINVAL where the file system has no direct I/O (tmpfs before
-            # Linux 6.6), leaving a file behind. fcntl refuses cleanly instead.
-            try:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | _O_DIRECT)
-                self._direct = True
-            except OSError:
-                pass  # buffered writes, same bytes
-        self._fd = fd
-        self._failed = False
-        self._size = 0  # logical bytes accepted
-        self._bounce: mmap.mmap | None = mmap.mmap(-1, _BOUNCE_BYTES) if self._direct else None
-        self._fill = 0
-        self._closed = False
-
-    @property
-    def wants_alignment(self) -> bool:
-        return self._direct
-
-    def tell(self) -> int:
-        return self._size
-
-    def write(self, data: Any) -> None:
-        mv = memoryview(data)
-        if mv.nbytes == 0:
-            return
-        if mv.ndim != 1 or mv.itemsize != 1 or not mv.c_contiguous:
-            mv = mv.cast("B") if mv.c_contiguous else memoryview(bytes(mv))
-        self._size += mv.nbytes
-        # Invariant: the bounce buffer holds the bytes that come next in the file, so
-        # it is flushed before anything is written around it.
-        try:
-            if (
-                self._direct
-                and self._fill % _ALIGN == 0
-                and mv.nbytes >= _ALIGN
-                and _address(mv) % _ALIGN == 0
-            ):
-                # Whole blocks pending (align() leaves it so): write them, then this
-                # buffer straight from its own memory, without a copy.
-                self._flush_bounce()
-                n = mv.nbytes - mv.nbytes % _ALIGN
-                self._write_all(mv[:n])
-                mv = mv[n:]
-            if self._direct:
-                self._buffer(mv)
-            else:
-                self._flush_bounce()
-                self._write_all(mv)
-        except OSError as exc:
-            self._failed = True
-            raise storage_error(exc, "write", self.path) from exc
-
-    def align(self, boundary: int) -> None:
-        if self._direct and self._size % boundary:
-            self.write(bytes(boundary - self._size % boundary))
-
-    def _buffer(self, mv: memoryview) -> None:
-        assert self._bounce is not None
-        while mv.nbytes:
-            n = min(mv.nbytes, _BOUNCE_BYTES - self._fill)
-            self._bounce[self._fill : self._fill + n] = mv[:n]
-            self._fill += n
-            mv = mv[n:]
-            if self._fill == _BOUNCE_BYTES:
-                self._flush_bounce()
-
-    def _flush_bounce(self) -> None:
-        if self._fill:
-            assert self._bounce is not None
-            self._write_all(memoryview(self._bounce)[: self._fill])
-            self._fill = 0
-
-    def _write_all(self, mv: memoryview) -> None:
-        while mv.nbytes:
-            piece = mv[:_MAX_WRITE]
-            try:
-                n = os.write(self._fd, piece)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL and self._direct:
-                    self._drop_direct()  # the file system refused O_DIRECT: same bytes, buffered
-                    continue
-                raise
-            if n <= 0:
-                raise OSError(errno.EIO, "write returned 0 bytes", self.path)
-            mv = mv[n:]
-            if self._direct and n % _ALIGN:
-                self._drop_direct()  # a short write broke alignment; finish buffered
-
-    def _drop_direct(self) -> None:
-        """Continue without O_DIRECT. Only the flag changes; no bytes move here."""
-        fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, fl & ~_O_DIRECT)
-        self._direct = False
-
-    def close(self) -> int:
-        if self._failed:
-            raise StorageError(
-                errno.EIO,
-                "a write or fsync of this file failed earlier; it is not durable",
-                self.path,
-            )
-        if self._closed:
-            return self._size
-        try:
-            if self._direct and self._fill:
-                # O_DIRECT writes whole blocks: pad the tail, then cut the file back.
-                assert self._bounce is not None
-                padded = -(-self._fill // _ALIGN) * _ALIGN
-                self._bounce[self._fill : padded] = bytes(padded - self._fill)
-                self._fill = padded
-                self._flush_bounce()
-                os.ftruncate(self._fd, self._size)
-            else:
-                self._flush_bounce()
-            os.fdatasync(self._fd)
-        except OSError as exc:
-            # Never retried: after a failed fsync the kernel may have dropped the dirty
-            # pages, and a second fsync can report success for data that is gone.
-            self._failed = True
-            self.abort()
-            raise storage_error(exc, "write+fsync", self.path) from exc
-        self._closed = True
-        try:
-            os.close(self._fd)
-        except OSError as exc:
-            # Linux releases the fd even when close() fails, so it is never closed
-            # again. The data was synced, but close() is where some file systems (NFS,
-            # quotas) report a failed write: fail the save rather than guess.
-            self._failed = True
-            raise storage_error(exc, "close", self.path) from exc
-        finally:
-            self._release_bounce()
-        return self._size
-
-    def abort(self) -> None:
-        if not self._closed:
-            self._closed = True
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._release_bounce()
-
-    def _release_bounce(self) -> None:
-        if self._bounce is not None:
-            bounce, self._bounce = self._bounce, None
-            # After a failed write the exception's traceback may still hold a view of
-            # the buffer; then it is freed with the last reference instead.
-            with contextlib.suppress(BufferError):
-                bounce.close()
 
 
 class _LocalReader(RangeReader):
@@ -311,7 +119,7 @@ class _LocalPending(PendingCheckpoint):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             except OSError as exc:
                 raise storage_error(exc, "create directory", os.path.dirname(path)) from exc
-        return _LocalSink(path, direct=self._backend.direct_io)
+        return DirectFileSink(path, direct=self._backend.direct_io)
 
     def commit(self, manifest: bytes) -> None:
         if self._final is None:
@@ -326,11 +134,11 @@ class _LocalPending(PendingCheckpoint):
             # seconds) cannot mistake the unlocked directory for a dead save.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self._dir, LOCK_FILE))
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
             crash_point("local.commit.before_rename")
             step = "rename"
             try:
-                if not _renameat2_noreplace(self._dir, final):
+                if not renameat2_noreplace(self._dir, final):
                     # No renameat2 here: rename() refuses a non-empty target (ENOTEMPTY),
                     # which is what a committed checkpoint always is.
                     if os.path.exists(os.path.join(final, MANIFEST_FILE)):
@@ -345,7 +153,7 @@ class _LocalPending(PendingCheckpoint):
                     raise
             crash_point("local.commit.before_root_fsync")
             step = "fsync of the root after the rename"
-            _fsync_dir(self._backend.root)
+            fsync_dir(self._backend.root)
         except OSError as exc:
             if step == "rename" and exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 self.abort()
@@ -414,9 +222,20 @@ class LocalBackend(StorageBackend):
     """A directory on a local (POSIX) file system."""
 
     def __init__(self, root: str, *, create: bool = True, direct_io: bool = True) -> None:
+        """``root``: the directory (created with its parents unless ``create=False``;
+        then ``begin`` creates it). ``direct_io=False``: always write through the page
+        cache (O_DIRECT is also skipped where the platform or file system lacks it)."""
         self.root = os.path.abspath(os.path.expanduser(root))
         self.url = self.root
         self.direct_io = direct_io
+        direct = bool(direct_io and O_DIRECT)
+        self._capabilities = Capabilities(
+            local=True,
+            atomic_rename=True,
+            save_locks=True,
+            direct_io=direct,
+            alignment_bytes=ALIGN if direct else 1,
+        )
         if create and not os.path.isdir(self.root):
             # Every directory created here needs its entry made durable too (an fsync of
             # its parent), or the first checkpoint could vanish with it after a power
@@ -429,12 +248,13 @@ class LocalBackend(StorageBackend):
             try:
                 os.makedirs(self.root, exist_ok=True)
                 for path in created:
-                    _fsync_dir(os.path.dirname(path))
+                    fsync_dir(os.path.dirname(path))
             except OSError as exc:
                 raise storage_error(exc, "create directory", self.root) from exc
 
-    def is_local(self) -> bool:
-        return True
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, check_name(name))
@@ -535,7 +355,7 @@ class LocalBackend(StorageBackend):
                 os.close(fd)
             crash_point("local.put_atomic.before_replace")
             os.replace(tmp, path)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -550,7 +370,7 @@ class LocalBackend(StorageBackend):
         doomed = os.path.join(self.root, f"{TEMP_PREFIX}deleted-{name}-{uuid.uuid4().hex[:12]}")
         try:
             os.rename(path, doomed)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             raise storage_error(exc, "delete", path) from exc
         crash_point("local.delete.before_rmtree")
@@ -595,3 +415,16 @@ class LocalBackend(StorageBackend):
                 if fd is not None:
                     os.close(fd)
         return removed
+
+
+BACKEND_OPTIONS = frozenset({"direct_io"})  # what open_backend's backend_options may hold
+
+
+def open_local_backend(
+    url: str, *, storage_options: dict[str, Any], backend_options: dict[str, Any], create: bool
+) -> StorageBackend:
+    """The backend for a plain path or a ``file://`` / ``local://`` URL (``open_backend``'s
+    factory); ``storage_options`` do not apply to local disk and are ignored."""
+    del storage_options
+    path = url.split("://", 1)[1] if "://" in url else url
+    return LocalBackend(path, create=create, **backend_options)

@@ -9,11 +9,16 @@ Each file is uploaded in one piece from memory when its sink closes, so an excep
 while writing publishes nothing under the final key (s3fs publishes a truncated object
 if an exception interrupts ``with fs.open(path, "wb")``). That holds one file in memory
 per writer; :mod:`ckptstore.storage.s3` replaces it for S3 with bounded, parallel
-multipart uploads and a conditional create of the manifest.
+multipart uploads and a conditional create of the manifest, through the hooks a
+subclass overrides: :meth:`FsspecBackend.create_sink` (how a file is uploaded),
+:meth:`FsspecBackend.create_manifest` (how the commit point is created) and
+:meth:`FsspecBackend.open_reader` (with :class:`ObjectStoreReader` as the base for
+ranged reads); :meth:`FsspecBackend.store_path` and :func:`translate_error` are theirs
+to use.
 
 Two writers racing to commit the same name: the first manifest wins; the loser removes
 the files it wrote. A save names its files per attempt (``__0_0-<attempt>.distcp``,
-``.metadata-<attempt>``, see :meth:`_FsspecPending.stored_name`) and its manifest lists
+``.metadata-<attempt>``, see :meth:`PendingCheckpoint.stored_name`) and its manifest lists
 those names, so two writers never write, overwrite or delete the same object: the
 winner's checkpoint is exactly what it wrote, whatever the loser did (a loser that
 failed early used to delete a shared shard, leaving the winner's manifest pointing at a
@@ -49,7 +54,15 @@ from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, Sto
 _LIVE: weakref.WeakValueDictionary[tuple[int, str], _FsspecPending] = weakref.WeakValueDictionary()
 
 
-def _translate(exc: Exception, action: str, path: str) -> StorageError:
+def translate_error(exc: Exception, action: str, path: str) -> StorageError:
+    """The :class:`StorageError` for an exception from a file-system library (fsspec,
+    s3fs, botocore), raised ``from exc`` by the caller.
+
+    ``action`` says what we were doing ("upload", "read", "list"), ``path`` on what. An
+    ``OSError`` keeps its errno (ENOSPC becomes :class:`StorageFullError`); anything
+    else becomes a StorageError naming its type. Messages never include credentials:
+    only the exception's own text and the object path.
+    """
     if isinstance(exc, OSError):
         return storage_error(exc, action, path)
     return StorageError(f"{action} {path} failed: {type(exc).__name__}: {exc}")
@@ -57,7 +70,7 @@ def _translate(exc: Exception, action: str, path: str) -> StorageError:
 
 class _MemorySink(FileSink):
     def __init__(self, fs: Any, path: str) -> None:
-        self._fs = fs
+        self.fs = fs
         self.path = path
         self._parts: list[bytes] = []
         self._size = 0
@@ -82,9 +95,9 @@ class _MemorySink(FileSink):
         if self._closed:
             return self._size
         try:
-            self._fs.pipe_file(self.path, b"".join(self._parts))
+            self.fs.pipe_file(self.path, b"".join(self._parts))
         except Exception as exc:
-            raise _translate(exc, "upload", self.path) from exc
+            raise translate_error(exc, "upload", self.path) from exc
         finally:
             self._parts = []
         self._closed = True
@@ -94,16 +107,23 @@ class _MemorySink(FileSink):
         self._parts = []
 
 
-class _FsspecReader(RangeReader):
+class ObjectStoreReader(RangeReader):
+    """Ranged reads of the object ``path`` on the fsspec file system ``fs``: one
+    request per :meth:`read`; its size is asked for once, at open.
+
+    Subclasses (S3's window cache) call :meth:`read` of this class for the requests
+    they do make. A missing object raises :class:`FileNotFoundError` at open.
+    """
+
     def __init__(self, fs: Any, path: str) -> None:
-        self._fs = fs
+        self.fs = fs
         self.path = path
         try:
             self.size = int(fs.size(path))
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise _translate(exc, "stat", path) from exc
+            raise translate_error(exc, "stat", path) from exc
 
     def read(self, offset: int, length: int) -> memoryview:
         if offset < 0 or offset + length > self.size:
@@ -113,9 +133,9 @@ class _FsspecReader(RangeReader):
         if length == 0:  # s3fs reads the whole object for an empty range
             return memoryview(b"")
         try:
-            data = self._fs.cat_file(self.path, start=offset, end=offset + length)
+            data = self.fs.cat_file(self.path, start=offset, end=offset + length)
         except Exception as exc:
-            raise _translate(exc, "read", self.path) from exc
+            raise translate_error(exc, "read", self.path) from exc
         if len(data) != length:
             raise StorageError(f"short read from {self.path}: {len(data)} of {length} B")
         return memoryview(data)
@@ -145,25 +165,25 @@ class _FsspecPending(PendingCheckpoint):
 
     def create_file(self, name: str) -> FileSink:
         check_name(name, what="file name")
-        path = self._backend._path(f"{self.name}/{name}")
+        path = self._backend.store_path(f"{self.name}/{name}")
         try:
             exists = self._backend.fs.exists(path)
         except Exception as exc:
-            raise _translate(exc, "stat", path) from exc
+            raise translate_error(exc, "stat", path) from exc
         if exists:
             raise StorageError(
                 errno.EEXIST, "file exists; a checkpoint's files are written once", path
             )
         self._written.append(path)
-        return self._backend._sink(path)
+        return self._backend.create_sink(path)
 
     def commit(self, manifest: bytes) -> None:
         if not self._coordinator:
             raise InvalidOperationError("only the rank that began a checkpoint commits it")
-        path = self._backend._path(f"{self.name}/{MANIFEST_FILE}")
+        path = self._backend.store_path(f"{self.name}/{MANIFEST_FILE}")
         crash_point("fsspec.commit.before_manifest")
         try:
-            self._backend._create_manifest(path, manifest)
+            self._backend.create_manifest(path, manifest)
         except ManifestExistsError:
             self._discard_strays(path)
             raise CheckpointExistsError(
@@ -173,7 +193,7 @@ class _FsspecPending(PendingCheckpoint):
         except StorageError:
             raise
         except Exception as exc:
-            raise _translate(exc, "commit", path) from exc
+            raise translate_error(exc, "commit", path) from exc
         _LIVE.pop(self._backend._live_key(self.name), None)
 
     def _discard_strays(self, manifest_path: str) -> None:
@@ -182,7 +202,7 @@ class _FsspecPending(PendingCheckpoint):
             listed = set(json.loads(self._backend.fs.cat_file(manifest_path))["files"])
         except Exception:
             return  # cannot tell what is the winner's: leave everything
-        prefix = self._backend._path(self.name) + "/"
+        prefix = self._backend.store_path(self.name) + "/"
         for path in self._written:
             if path.startswith(prefix) and path[len(prefix) :] not in listed:
                 with contextlib.suppress(Exception):
@@ -198,25 +218,47 @@ class _FsspecPending(PendingCheckpoint):
 
 
 class FsspecBackend(StorageBackend):
-    """A prefix on any fsspec file system; commit = manifest written last."""
+    """A prefix on any fsspec file system; commit = manifest written last.
+
+    ``fs``: the fsspec file system; ``root``: the prefix on it (no protocol);
+    ``url``: the root as the user wrote it, for messages (never with credentials).
+    """
 
     def __init__(self, fs: Any, root: str, url: str) -> None:
         self.fs = fs
         self.root = root.rstrip("/")
         self.url = url.rstrip("/")
 
-    def _path(self, name: str) -> str:
+    def store_path(self, name: str) -> str:
+        """The file system's path of ``name`` (checked by ``check_name``) under the root."""
         return f"{self.root}/{check_name(name)}"
 
     def _live_key(self, name: str) -> tuple[int, str]:
-        return (id(self.fs), self._path(name))
+        return (id(self.fs), self.store_path(name))
 
-    # Hooks that object-store backends override.
-    def _sink(self, path: str) -> FileSink:
+    # ---- hooks that object-store subclasses override (S3Backend does) ----------------
+    # Both are called by this backend's pending checkpoints on the rank's writer thread,
+    # with a path from store_path(); several at once, for different paths.
+
+    def create_sink(self, path: str) -> FileSink:
+        """A sink for the new object ``path`` (the pending checkpoint has checked that
+        it does not exist). The object appears under ``path`` only when the sink's
+        ``close`` succeeds; after ``abort``, or a failed close, nothing is published.
+        Errors are raised as :class:`StorageError` (see :func:`translate_error`).
+
+        This one holds the file in memory and uploads it in one piece at close.
+        """
         return _MemorySink(self.fs, path)
 
-    def _create_manifest(self, path: str, data: bytes) -> None:
-        """Write ``data`` at ``path`` unless it exists (then :class:`ManifestExistsError`)."""
+    def create_manifest(self, path: str, data: bytes) -> None:
+        """Create the object ``path`` holding ``data`` unless it exists: then raise
+        :class:`~ckptstore.errors.ManifestExistsError` and leave it as it is.
+
+        The commit point of a checkpoint (coordinator, writer thread). This one checks,
+        then puts: two writers racing can both pass the check. Override it with a
+        conditional create where the store has one (and declare ``conditional_put``).
+        Other exceptions may be raw; the caller translates them.
+        """
         if self.fs.exists(path):
             raise ManifestExistsError(path)
         self.fs.pipe_file(path, data)
@@ -229,26 +271,26 @@ class FsspecBackend(StorageBackend):
         except TypeError:  # file systems without ``refresh``
             entries = self.fs.ls(self.root, detail=False)
         except Exception as exc:
-            raise _translate(exc, "list", self.root) from exc
+            raise translate_error(exc, "list", self.root) from exc
         return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries})
 
     def exists(self, name: str) -> bool:
         try:
-            return bool(self.fs.exists(self._path(name)))
+            return bool(self.fs.exists(self.store_path(name)))
         except Exception as exc:
-            raise _translate(exc, "stat", self._path(name)) from exc
+            raise translate_error(exc, "stat", self.store_path(name)) from exc
 
     def read_bytes(self, name: str) -> bytes:
-        path = self._path(name)
+        path = self.store_path(name)
         try:
             return bytes(self.fs.cat_file(path))
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise _translate(exc, "read", path) from exc
+            raise translate_error(exc, "read", path) from exc
 
     def open_reader(self, name: str) -> RangeReader:
-        return _FsspecReader(self.fs, self._path(name))
+        return ObjectStoreReader(self.fs, self.store_path(name))
 
     def begin(self, name: str) -> PendingCheckpoint:
         check_name(name)
@@ -269,23 +311,23 @@ class FsspecBackend(StorageBackend):
         )
 
     def put_atomic(self, name: str, data: bytes) -> None:
-        path = self._path(name)
+        path = self.store_path(name)
         try:
             self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
         except Exception as exc:
-            raise _translate(exc, "replace", path) from exc
+            raise translate_error(exc, "replace", path) from exc
 
     def delete(self, name: str) -> None:
         # Manifest first: from then on the checkpoint is invisible, whatever happens
         # to the rest of the delete.
         try:
             if self.exists(f"{name}/{MANIFEST_FILE}"):
-                self.fs.rm_file(self._path(f"{name}/{MANIFEST_FILE}"))
+                self.fs.rm_file(self.store_path(f"{name}/{MANIFEST_FILE}"))
                 crash_point("fsspec.delete.after_manifest")
-            if self.fs.exists(self._path(name)):
-                self.fs.rm(self._path(name), recursive=True)
+            if self.fs.exists(self.store_path(name)):
+                self.fs.rm(self.store_path(name), recursive=True)
         except Exception as exc:
-            raise _translate(exc, "delete", self._path(name)) from exc
+            raise translate_error(exc, "delete", self.store_path(name)) from exc
 
     def sweep(self, grace_s: float) -> list[str]:
         removed = []
@@ -293,7 +335,7 @@ class FsspecBackend(StorageBackend):
         for name in self.list_names():
             if self._live_key(name) in _LIVE:
                 continue  # being written by this process
-            path = self._path(name)
+            path = self.store_path(name)
             try:
                 if not self.fs.isdir(path) or self.fs.exists(f"{path}/{MANIFEST_FILE}"):
                     continue
@@ -310,3 +352,24 @@ class FsspecBackend(StorageBackend):
             except FileNotFoundError:
                 continue
         return removed
+
+
+def filesystem_from_url(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+    """``(fs, root)`` for an fsspec URL; a URL fsspec cannot open is a :class:`ValueError`."""
+    import fsspec  # deferred: importing it pulls in its registry
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    except (ImportError, ValueError) as exc:
+        raise ValueError(f"cannot open {url!r}: {type(exc).__name__}: {exc}") from exc
+    return fs, str(root)
+
+
+def open_fsspec_backend(
+    url: str, *, storage_options: dict[str, Any], backend_options: dict[str, Any], create: bool
+) -> StorageBackend:
+    """The backend for any fsspec URL without a backend of its own (``open_backend``'s
+    fallback); it takes no backend options, and ``create`` does not apply."""
+    del backend_options, create  # none accepted: open_backend checked them
+    fs, root = filesystem_from_url(url, dict(storage_options))
+    return FsspecBackend(fs, root, url)

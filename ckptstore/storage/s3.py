@@ -17,6 +17,10 @@ What the generic object-store backend (:mod:`ckptstore.storage.objectstore`) doe
 * **check_access** asks for the bucket once, so a missing bucket or wrong credentials
   fail at start-up with a message that says what to fix, not at the first save.
 
+Reads go through :class:`~ckptstore.storage.s3_reader.S3Reader` (a window cache, and
+one-GET streams for copies); the settings, their defaults and their validation are in
+:mod:`ckptstore.storage.s3_options`.
+
 Credentials stay inside the s3fs file system object; nothing here logs or formats
 ``storage_options``, and errors are built from S3's error code and the object path.
 """
@@ -28,32 +32,70 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
 from ckptstore.crashpoints import crash_point
-from ckptstore.errors import StorageError
-from ckptstore.storage.base import FileSink, RangeReader
+from ckptstore.errors import ManifestExistsError, StorageError
+from ckptstore.storage.base import Capabilities, FileSink, RangeReader, StorageBackend
 from ckptstore.storage.objectstore import (
     FsspecBackend,
-    ManifestExistsError,
-    _FsspecReader,
-    _translate,
+    filesystem_from_url,
+    translate_error,
 )
+from ckptstore.storage.s3_options import (
+    DEFAULT_CALL_TIMEOUT_S,
+    DEFAULT_PART_BYTES,
+    DEFAULT_PARTS_IN_FLIGHT,
+    MAX_PARTS,
+    MIN_PART_BYTES,
+    check_upload_options,
+    client_config,
+    merge_client_config,
+    with_client_config,
+)
+from ckptstore.storage.s3_reader import S3Reader
+
+__all__ = ["MIN_PART_BYTES", "S3Backend", "S3Reader", "is_s3", "open_s3_backend"]
 
 log = logging.getLogger("ckptstore")
 
-MIB = 1 << 20
-MIN_PART_BYTES = 5 * MIB  # S3's minimum for every part but the last
-MAX_PARTS = 10_000  # S3's maximum parts per upload
 
 # Multipart uploads started by this process and not finished: sweep() leaves them alone.
 _LIVE_UPLOADS: set[str] = set()
 # Uploads whose abort failed (the server was unreachable): aborted again later.
 _ORPHANS: list[tuple[str, str, str]] = []
 _LIVE_LOCK = threading.Lock()
+
+
+def open_s3_backend(
+    url: str, *, storage_options: dict[str, Any], backend_options: dict[str, Any], create: bool
+) -> StorageBackend:
+    """The backend for an ``s3://`` / ``s3a://`` URL (``open_backend``'s factory).
+
+    Listings are never cached (a cached one hides another rank's or process's commit).
+    ``create`` does not apply: a bucket is never created.
+    """
+    del create
+    options = dict(storage_options)
+    options.setdefault("use_listings_cache", False)
+    config = client_config(
+        connect_timeout_s=backend_options.get("connect_timeout_s"),
+        read_timeout_s=backend_options.get("read_timeout_s"),
+        request_retries=backend_options.get("request_retries"),
+    )
+    if config:
+        given = options.get("config_kwargs") or {}
+        options["config_kwargs"] = merge_client_config(dict(given), config)
+    fs, root = filesystem_from_url(url, options)
+    if is_s3(fs):
+        return S3Backend(fs, root, url, **backend_options)
+    if backend_options:
+        raise ValueError(
+            f"backend options {sorted(backend_options)} are for S3; {url!r} opened "
+            f"{type(fs).__name__}, which takes none"
+        )
+    return FsspecBackend(fs, root, url)
 
 
 def is_s3(fs: Any) -> bool:
@@ -135,7 +177,7 @@ class _MultipartSink(FileSink):
         except StorageError:
             raise
         except Exception as exc:
-            raise _translate(exc, "upload", self.path) from exc
+            raise translate_error(exc, "upload", self.path) from exc
 
     def _finish_oldest(self) -> None:
         number, fut = self._inflight.pop(0)
@@ -167,7 +209,7 @@ class _MultipartSink(FileSink):
             self.abort()
             if isinstance(exc, StorageError) or not isinstance(exc, Exception):
                 raise
-            raise _translate(exc, "upload", self.path) from exc
+            raise translate_error(exc, "upload", self.path) from exc
         self._buf = bytearray()
         self._closed = True
         return self._size
@@ -199,99 +241,31 @@ class _MultipartSink(FileSink):
         self._upload_id = None
 
 
-class _S3Reader(_FsspecReader):
-    """Ranged reads through a small window cache, plus :meth:`stream` (one GET).
-
-    A load reads a shard chunk by chunk (4 MiB each, ``threads`` at a time, front to
-    back). One ranged GET per chunk is a request per 4 MiB, and some servers re-read
-    the whole object for each; instead a small read fetches the aligned 16 MiB window
-    around it, and the next chunks come from that window. Readers of one window wait
-    for a single fetch. At most ``WINDOWS`` windows are kept per open file.
-    """
-
-    WINDOW = 16 * MIB
-    WINDOWS = 4
-
-    def __init__(self, backend: S3Backend, path: str) -> None:
-        super().__init__(backend.fs, path)
-        self._backend = backend
-        self._lock = threading.Lock()
-        self._windows: OrderedDict[int, Future[bytes]] = OrderedDict()
-
-    def read(self, offset: int, length: int) -> memoryview:
-        first, last = offset // self.WINDOW, (offset + length - 1) // self.WINDOW
-        if length == 0 or length >= self.WINDOW or last - first > 1 or offset < 0:
-            return super().read(offset, length)
-        if offset + length > self.size:
-            return super().read(offset, length)  # raises: past the end
-        parts = [self._window(i) for i in range(first, last + 1)]
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        start = offset - first * self.WINDOW
-        return memoryview(data)[start : start + length]
-
-    def _window(self, index: int) -> bytes:
-        with self._lock:
-            fut = self._windows.get(index)
-            mine = fut is None
-            if fut is None:
-                fut = self._windows[index] = Future()
-                while len(self._windows) > self.WINDOWS:
-                    self._windows.popitem(last=False)
-            else:
-                self._windows.move_to_end(index)
-        if mine:
-            start = index * self.WINDOW
-            try:
-                fut.set_result(bytes(super().read(start, min(self.WINDOW, self.size - start))))
-            except BaseException as exc:
-                with self._lock:  # a failed fetch is not cached: the next read retries
-                    if self._windows.get(index) is fut:
-                        del self._windows[index]
-                fut.set_exception(exc)
-                raise
-        return fut.result()
-
-    def close(self) -> None:
-        with self._lock:
-            self._windows.clear()
-
-    def stream(self, piece_bytes: int) -> Iterator[bytes]:
-        """The object front to back in pieces of ``piece_bytes`` (the last may be
-        shorter), from one GET: copying a whole file this way avoids a request per
-        piece, and servers that re-read the object for every ranged GET."""
-        bucket, key, _ = self._fs.split_path(self.path)
-        run = self._backend._run
-
-        try:
-            body = run(self._fs._call_s3("get_object", Bucket=bucket, Key=key))["Body"]
-        except Exception as exc:
-            raise _translate(exc, "read", self.path) from exc
-        try:
-            buf = bytearray()
-            got = 0
-            while True:
-                try:
-                    data = run(body.read(piece_bytes - len(buf)))
-                except Exception as exc:
-                    raise _translate(exc, "read", self.path) from exc
-                if not data:
-                    break
-                buf += data
-                got += len(data)
-                if len(buf) >= piece_bytes:
-                    yield bytes(buf)
-                    buf = bytearray()
-            if buf:
-                yield bytes(buf)
-            if got != self.size:
-                raise StorageError(f"short read from {self.path}: {got} of {self.size} B")
-        finally:
-            with contextlib.suppress(Exception):
-                body.close()
-
-
 class S3Backend(FsspecBackend):
-    """A prefix in an S3 bucket, through an ``s3fs.S3FileSystem``."""
+    """A prefix in an S3 bucket, through an ``s3fs.S3FileSystem``.
+
+    ``fs``, ``root``, ``url``: as for :class:`FsspecBackend` (``fs`` an s3fs file
+    system). The keyword arguments, also accepted as ``open_backend(...,
+    backend_options={...})``, are validated here; their defaults are the values
+    ckptstore has always used:
+
+    ``part_bytes`` (16 MiB, at least S3's 5 MiB)
+        size of one multipart part; a file smaller than one part is one PUT.
+    ``parts_in_flight`` (4)
+        parts of one file uploading at once; one file holds at most ``part_bytes *
+        (parts_in_flight + 1)`` of memory.
+    ``call_timeout_s`` (600)
+        how long one S3 call ckptstore makes itself may take in all, retries included.
+    ``connect_timeout_s``, ``read_timeout_s``, ``request_retries`` (None)
+        botocore's connect and read timeouts of one HTTP request and how often it
+        retries one (``config_kwargs`` ``connect_timeout``, ``read_timeout``,
+        ``retries={"max_attempts": n}``). None leaves the file system's setting: what
+        ``storage_options["config_kwargs"]`` says, else s3fs's 5 s connect and 15 s read
+        timeouts and botocore's default retries. A setting the given ``fs`` does not
+        have already is applied to a private copy of it, never to the shared instance
+        that fsspec caches (``open_backend`` instead asks fsspec for a file system with
+        them, so it is cached like any other storage option).
+    """
 
     def __init__(
         self,
@@ -299,20 +273,33 @@ class S3Backend(FsspecBackend):
         root: str,
         url: str,
         *,
-        part_bytes: int = 16 * MIB,
-        parts_in_flight: int = 4,
-        call_timeout_s: float = 600.0,
+        part_bytes: int = DEFAULT_PART_BYTES,
+        parts_in_flight: int = DEFAULT_PARTS_IN_FLIGHT,
+        call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+        connect_timeout_s: float | None = None,
+        read_timeout_s: float | None = None,
+        request_retries: int | None = None,
     ) -> None:
-        super().__init__(fs, root, url)
-        if part_bytes < MIN_PART_BYTES:
-            raise ValueError(f"part_bytes must be at least {MIN_PART_BYTES} (S3's minimum)")
-        if parts_in_flight < 1:
-            raise ValueError("parts_in_flight must be at least 1")
+        config = client_config(
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            request_retries=request_retries,
+        )
+        check_upload_options(part_bytes, parts_in_flight, call_timeout_s)
+        super().__init__(with_client_config(fs, config), root, url)
         self.part_bytes = part_bytes
         self.parts_in_flight = parts_in_flight
-        self.call_timeout_s = call_timeout_s
+        self.call_timeout_s = float(call_timeout_s)
         self._conditional = True  # the server honours If-None-Match (until it says not)
-        self.bucket = fs.split_path(self.root)[0]
+        self.bucket = self.fs.split_path(self.root)[0]
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            conditional_put=self._conditional,
+            multipart_uploads=True,
+            streaming_reads=True,
+        )
 
     # Everything S3 runs as coroutines on s3fs's event loop, called from our threads.
     def _submit(self, coro: Any) -> Future[Any]:
@@ -324,13 +311,13 @@ class S3Backend(FsspecBackend):
     def _call(self, method: str, **kwargs: Any) -> Any:
         return self._run(self.fs._call_s3(method, **kwargs))
 
-    def _sink(self, path: str) -> FileSink:
+    def create_sink(self, path: str) -> FileSink:
         return _MultipartSink(self, path)
 
     def open_reader(self, name: str) -> RangeReader:
-        return _S3Reader(self, self._path(name))
+        return S3Reader(self.fs, self.store_path(name), self._run)
 
-    def _create_manifest(self, path: str, data: bytes) -> None:
+    def create_manifest(self, path: str, data: bytes) -> None:
         bucket, key, _ = self.fs.split_path(path)
         if self._conditional:
             try:
@@ -348,15 +335,15 @@ class S3Backend(FsspecBackend):
                     self.url,
                 )
                 self._conditional = False
-        super()._create_manifest(path, data)
+        super().create_manifest(path, data)
 
     def put_atomic(self, name: str, data: bytes) -> None:
-        bucket, key, _ = self.fs.split_path(self._path(name))
+        bucket, key, _ = self.fs.split_path(self.store_path(name))
         try:
             self._call("put_object", Bucket=bucket, Key=key, Body=data)
         except Exception as exc:
-            raise _translate(exc, "replace", self._path(name)) from exc
-        self.fs.invalidate_cache(self._path(name))
+            raise translate_error(exc, "replace", self.store_path(name)) from exc
+        self.fs.invalidate_cache(self.store_path(name))
 
     def check_access(self) -> None:
         try:
@@ -381,7 +368,7 @@ class S3Backend(FsspecBackend):
                     "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or "
                     "storage_options key/secret) and that they may read and write this bucket"
                 ) from None
-            raise _translate(exc, "reach", self.url) from exc
+            raise translate_error(exc, "reach", self.url) from exc
 
     def _prefix(self) -> str:
         key = self.fs.split_path(self.root)[1]
