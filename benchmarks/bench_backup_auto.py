@@ -20,15 +20,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-)
 
 from bench_s3 import ThrottleProxy, build_state
 from common import machine_info, write_json
-from s3server import S3Server
 
 from ckptstore import CheckpointManager, SaveEvery
+from ckptstore.storage.testing.s3server import S3Server
 
 
 def main() -> None:

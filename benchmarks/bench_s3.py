@@ -4,7 +4,7 @@
                                   [--quick] [--parts updown,codecs,loop] [--only ...]
                                   [--workdir DIR] [--out DIR]
 
-The server is moto in server mode (``tests/s3server.py``): its own process on
+The server is moto in server mode (``ckptstore/storage/testing/s3server.py``): its own process on
 127.0.0.1, reached by s3fs over HTTP exactly as AWS or MinIO would be. It shares this
 machine's cores with the client, so every figure includes the server's CPU time too
 (reported as ``server_cpu_s``, read from /proc).
@@ -61,8 +61,6 @@ from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# tests/s3server.py: the moto server the test suite uses (appended: nothing shadowed)
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from common import machine_info, rm, state_bytes, summarize, write_json
 from s3bench import MB
 from s3bench.codecs import run_codecs
@@ -72,8 +70,8 @@ from s3bench.loop import run_loop
 from s3bench.report import print_tables, ratios
 from s3bench.updown import UPDOWN_NAMES, UPDOWN_NEEDS, run_updown
 from s3bench.workload import build_state
-from s3server import S3Server
 
+from ckptstore.storage.testing.s3server import S3Server
 from ckptstore.train.model import MODEL_SIZES
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")

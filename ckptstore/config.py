@@ -79,6 +79,9 @@ class CheckpointerConfig:
         write to the checkpoint root but lacks the key cannot make a load read files
         of their choosing. None (default): ``$CKPTSTORE_MANIFEST_KEY`` (UTF-8) if set,
         else unsigned. Never shown in ``repr``; keep it out of logs and manifests.
+    backend_options: options for the root's storage backend, e.g. for S3
+        ``{"part_bytes": 64 << 20, "parts_in_flight": 8, "read_timeout_s": 60}`` (see
+        :class:`~ckptstore.storage.S3Backend`); unknown names are refused when it opens.
     """
 
     codec: str | dict[str, Any] = "auto"
@@ -89,8 +92,13 @@ class CheckpointerConfig:
     pin_memory: bool | None = None
     sweep_grace_s: float | None = None
     manifest_key: bytes | None = field(default=None, repr=False)
+    backend_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.backend_options is not None and not isinstance(self.backend_options, Mapping):
+            raise ValueError(
+                f"backend_options must be a dict or None, got {type(self.backend_options).__name__}"
+            )
         if self.codec != "auto":
             get_codec(self.codec)  # raises ValueError naming the known codecs
         if not isinstance(self.max_inflight, int) or self.max_inflight < 1:

@@ -22,7 +22,7 @@ CRASH_POINTS = (
     "local.commit.before_root_fsync",  # renamed to the final name, root not yet fsynced
     "local.put_atomic.before_replace",  # pointer temp file written and fsynced
     "local.delete.before_rmtree",  # renamed out of the way (doomed), root fsynced
-    # Object stores (ckptstore/storage/fsspec.py, s3.py)
+    # Object stores (ckptstore/storage/objectstore.py, s3.py)
     "s3.upload.before_complete",  # every part of a multipart upload sent
     "fsspec.commit.before_manifest",  # every data object written, before the manifest PUT
     "fsspec.delete.after_manifest",  # the manifest deleted, the data objects not yet

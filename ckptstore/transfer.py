@@ -125,14 +125,16 @@ def copy_checkpoint(
         log.warning("replacing %s/%s with the copy from %s", dst.url, name, src.url)
         dst.delete(name)
     if verify_upload is None:
-        verify_upload = not dst.is_local()
-    if src.is_local():
+        verify_upload = not dst.capabilities.local
+    if src.capabilities.local:
         # A shard's manifest checksum covers its index, which covers its chunks: check
         # them all (a local read) so that a damaged checkpoint is never propagated.
         problems = verify_checkpoint(src, name, None, manifest_key=manifest_key)
         if problems:
             raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
-    retries = file_retries if not dst.is_local() else 0  # a local temp file cannot be redone
+    retries = (
+        file_retries if not dst.capabilities.local else 0
+    )  # a local temp file cannot be redone
     files = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
     if progress is not None:
         progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
@@ -163,7 +165,7 @@ def copy_checkpoint(
         pool.shutdown(wait=True, cancel_futures=True)
         if progress is not None:
             progress.finish()
-    if dst.is_local():
+    if dst.capabilities.local:
         # Downloaded: check every chunk of the copy now (a local read) rather than at load.
         problems = verify_checkpoint(dst, name, None, manifest_key=manifest_key)
         if problems:

@@ -47,7 +47,7 @@ def _no_leaked_threads():
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server process (moto) on 127.0.0.1, for the whole session."""
-    from s3server import S3Server
+    from ckptstore.storage.testing.s3server import S3Server
 
     server = S3Server().start()
     # Code that is given no storage_options finds the server the standard way, through

@@ -141,7 +141,7 @@ def test_smoke_on_s3(s3_server, s3_bucket, tmp_path, capsys):
     assert "upload MB/s" in _read(path[: -len(".json")] + ".md")
     assert s3_server.fs().find(f"{s3_bucket}/") == []  # nothing left behind
     assert s3_server.open_uploads(s3_bucket) == []
-    from s3server import SECRET_KEY
+    from ckptstore.storage.testing.s3server import SECRET_KEY
 
     assert SECRET_KEY not in text
 

@@ -75,3 +75,35 @@ def test_manager_with_manager_and_backup_configs(tmp_path):
     remote = ckptstore.Checkpointer(tmp_path / "remote")
     assert [i.step for i in remote.list()] == [4, 6]
     remote.close()
+
+
+def test_backend_options_reach_the_backend(tmp_path):
+    cfg = ckptstore.CheckpointerConfig(backend_options={"direct_io": False})
+    with ckptstore.Checkpointer(tmp_path / "r", config=cfg) as ckpt:
+        assert ckpt.backend.direct_io is False  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="bogus"):
+        ckptstore.Checkpointer(tmp_path / "r", backend_options={"bogus": 1})
+
+
+def test_s3_part_size_and_timeouts_through_the_configs(tmp_path, s3_server, s3_bucket):
+    """Direct S3 roots (CheckpointerConfig) and the backup tier (BackupConfig) alike."""
+    opts = s3_server.options()
+    s3_options = {"part_bytes": 5 << 20, "parts_in_flight": 2, "read_timeout_s": 30}
+    with ckptstore.Checkpointer(
+        f"s3://{s3_bucket}/direct",
+        config=ckptstore.CheckpointerConfig(backend_options=s3_options),
+        storage_options=opts,
+    ) as ckpt:
+        assert ckpt.backend.part_bytes == 5 << 20  # type: ignore[attr-defined]
+        ckpt.save(state(), 1)
+    backup = ckptstore.BackupConfig(
+        url=f"s3://{s3_bucket}/backup", storage_options=opts, backend_options=s3_options
+    )
+    with ckptstore.CheckpointManager(tmp_path / "local", backup=backup) as mgr:
+        assert mgr.backup_config is backup
+        assert mgr._remote.part_bytes == 5 << 20  # type: ignore[union-attr]
+        mgr.save(0, state())
+        assert mgr.wait_backup() == []
+    remote = ckptstore.Checkpointer(f"s3://{s3_bucket}/backup", storage_options=opts)
+    assert [i.step for i in remote.list()] == [1]
+    remote.close()

@@ -34,7 +34,6 @@ import zstandard
 from damage import SHARD, Boom, forge_manifest, forged, replace_file, replace_shard, split_shard
 from faults import FaultyBackend
 from helpers import Randn, blank_like, build_state, train, train_state, zero_value
-from s3server import SECRET_KEY
 
 import ckptstore
 from ckptstore import CheckpointManager, SaveEvery
@@ -43,6 +42,7 @@ from ckptstore.config import MANIFEST_KEY_ENV
 from ckptstore.dcp import metadata as md_format
 from ckptstore.format.checksum import digest
 from ckptstore.storage import RangeReader, StorageBackend, open_backend
+from ckptstore.storage.testing.s3server import SECRET_KEY
 
 KEY = b"CANARY-MANIFEST-KEY-51d0c9e2"
 MIB = 1 << 20

@@ -15,7 +15,6 @@ import os
 import pytest
 import torch
 from helpers import assert_same, blank_like, realistic_state
-from s3server import S3Server
 from test_distributed import run_ranks
 from test_manager import make_state, train
 
@@ -25,6 +24,7 @@ from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, Stor
 from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import S3Backend, open_backend
 from ckptstore.storage.s3 import MIN_PART_BYTES
+from ckptstore.storage.testing.s3server import S3Server
 from ckptstore.transfer import copy_checkpoint
 
 MIB = 1 << 20

@@ -21,7 +21,6 @@ import pytest
 import torch
 from faults import FaultyBackend
 from helpers import Randn, blank_like, build_state, train, train_state
-from s3server import SECRET_KEY, S3Server
 from tcp_proxy import FaultProxy
 
 import ckptstore
@@ -29,6 +28,7 @@ from ckptstore import CheckpointManager, KeepLast, SaveEvery
 from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import S3Backend, open_backend
 from ckptstore.storage.s3 import MIN_PART_BYTES
+from ckptstore.storage.testing.s3server import SECRET_KEY, S3Server
 
 MIB = 1 << 20
 # Fail fast instead of waiting a minute per request: short timeouts, no botocore retries

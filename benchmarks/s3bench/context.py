@@ -12,7 +12,7 @@ from ckptstore.bench.common import measure
 from s3bench.link import RequestCounter, proc_cpu_s, system_busy_s
 
 if TYPE_CHECKING:
-    from s3server import S3Server
+    from ckptstore.storage.testing.s3server import S3Server
 
 
 def files_bytes(manifest: Any) -> int:

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if grace is None:
         # Local disk: a lock protects a live save whatever its age; object stores have
         # only age to go by (the Checkpointer's defaults).
-        grace = 60.0 if backend.is_local() else 3600.0
+        grace = 60.0 if backend.capabilities.save_locks else 3600.0
     if grace < 0:
         raise usage_error("--grace-s must be >= 0")
     removed = backend.sweep(grace)

@@ -129,7 +129,7 @@ def _read_manifests(backend: StorageBackend, names: list[str]) -> dict[str, Call
             return fail
         return lambda: manifest
 
-    if backend.is_local() or len(names) < 2:
+    if backend.capabilities.local or len(names) < 2:
         return {n: read(n) for n in names}
     with ThreadPoolExecutor(16, thread_name_prefix="ckptstore-ls") as pool:
         return dict(zip(names, pool.map(read, names), strict=True))

@@ -290,7 +290,7 @@ def _clear_leftovers(
     blocked, with the grace period. (On local disk a copy writes into a temp directory,
     so nothing is in the way.)
     """
-    if dst.is_local() or args.dry_run:
+    if dst.capabilities.local or args.dry_run:
         return {}
     names = set(dst.list_names())
     wanted = [

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             entries = scan(backend, everything=True)
             for e in entries:
                 if e.status == "uncommitted" and (
-                    e.name.startswith(TEMP_PREFIX) or not backend.is_local()
+                    e.name.startswith(TEMP_PREFIX) or not backend.capabilities.local
                 ):
                     # Object stores write in place: a save in progress looks like this too.
                     notes.append(
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                     f"(ckptstore ls {args.target} --all)"
                 )
     # Reads are latency-bound on object stores (one request per chunk): more in flight.
-    threads = args.jobs or (min(8, os.cpu_count() or 1) if backend.is_local() else 16)
+    threads = args.jobs or (min(8, os.cpu_count() or 1) if backend.capabilities.local else 16)
     results: list[dict[str, Any]] = []
     with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-verify") as pool:
         for name, _status in targets:

@@ -86,7 +86,12 @@ class Checkpointer:
                 f"pass either config= or keyword options ({', '.join(sorted(options))}), not both"
             )
         self.config = config if config is not None else CheckpointerConfig(**options)
-        self._backend: StorageBackend = open_backend(root, storage_options=storage_options)
+        options = dict(self.config.backend_options or {})
+        self._backend: StorageBackend = (
+            root
+            if isinstance(root, StorageBackend)  # opened by its owner, options and all
+            else open_backend(root, storage_options=storage_options, backend_options=options)
+        )
         self._backend.check_access()  # a missing bucket or wrong credentials: fail now
         self._group = groups.dedicated_gloo_group(process_group)
         self._rank = groups.rank(self._group)
@@ -99,7 +104,7 @@ class Checkpointer:
             max_bytes=self.config.max_staging_bytes,
         )
         self._slots = threading.Semaphore(self.config.max_inflight)
-        self._auto = AutoCodec(local=self._backend.is_local(), threads=threads)
+        self._auto = AutoCodec(local=self._backend.capabilities.local, threads=threads)
         self._fixed_codec = None if self.config.codec == "auto" else get_codec(self.config.codec)
         self._errors = ErrorLedger()
         self._lock = threading.Lock()
@@ -433,7 +438,7 @@ class Checkpointer:
     def _grace_s(self) -> float:
         if self.config.sweep_grace_s is not None:
             return self.config.sweep_grace_s
-        return 60.0 if self._backend.is_local() else 3600.0
+        return 60.0 if self._backend.capabilities.save_locks else 3600.0
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.url!r}, codec={self.config.codec!r}, max_inflight={self.config.max_inflight})"

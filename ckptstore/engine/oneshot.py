@@ -60,7 +60,7 @@ def save(
     backend = open_backend(root, storage_options=storage_options)
     n_threads = threads or default_threads()
     chosen = (
-        AutoCodec(local=backend.is_local(), threads=n_threads).choose()
+        AutoCodec(local=backend.capabilities.local, threads=n_threads).choose()
         if codec == "auto"
         else get_codec(codec)
     )

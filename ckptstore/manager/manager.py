@@ -192,7 +192,10 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._ckpt: Checkpointer | None = None
         # Opened once: a disabled manager without a backup must not create the root.
         backend = open_backend(
-            self._root, storage_options=storage_options, create=enabled or backup is not None
+            self._root,
+            storage_options=storage_options,
+            create=enabled or backup is not None,
+            backend_options=dict(ckpt_config.backend_options or {}),
         )
         if enabled or backup is not None or backend.list_names():
             self._ckpt = Checkpointer(backend, config=ckpt_config, process_group=process_group)
@@ -236,7 +239,11 @@ class CheckpointManager(RestoreMixin, GuardMixin):
 
         def open_remote() -> None:
             assert self._ckpt is not None
-            self._remote = open_backend(backup.url, storage_options=options)
+            self._remote = open_backend(
+                backup.url,
+                storage_options=options,
+                backend_options=dict(backup.backend_options or {}),
+            )
             if self.enabled:
                 self._backup = Replicator(
                     self._ckpt.backend,
