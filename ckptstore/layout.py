@@ -12,6 +12,8 @@
       .tmp-step_00000600-<id>/  TEMP_PREFIX: a save in flight, or a dead one (swept)
       .lock                     LOCK_FILE: flock-ed by a local writer
       .pointer-<id>             POINTER_TEMP_PREFIX: a pointer being replaced
+      step_00000600.damaged-<UTC>  damaged_name(): a damaged checkpoint moved aside for
+                                inspection; never listed, loaded, swept or deleted by ckptstore
 
 Names read from storage are untrusted: :func:`check_name` accepts plain relative names
 only, so that nothing read from a manifest can point outside the root.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import time
 
 MANIFEST_FILE = "manifest.json"
 METADATA_FILE = ".metadata"
@@ -32,6 +35,7 @@ LOCK_FILE = ".lock"
 POINTER_TEMP_PREFIX = ".pointer-"  # put_atomic's temp files; sweep removes stale ones
 
 STEP_NAME = re.compile(r"^step_(\d{8,})$")
+DAMAGED_MARK = ".damaged-"
 
 
 def checkpoint_name(step: int) -> str:
@@ -39,6 +43,17 @@ def checkpoint_name(step: int) -> str:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     return f"step_{step:08d}"
+
+
+def damaged_name(name: str, unix_s: float) -> str:
+    """Where a damaged checkpoint ``name`` is moved aside: ``step_00000030.damaged-20261203T101500Z``."""
+    return f"{name}{DAMAGED_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(unix_s))}"
+
+
+def is_damaged_name(name: str) -> bool:
+    """A checkpoint moved aside as damaged (see :func:`damaged_name`)."""
+    base, mark, _ = name.partition(DAMAGED_MARK)
+    return bool(mark) and STEP_NAME.match(base) is not None
 
 
 def check_name(name: str, *, what: str = "name") -> str:

@@ -39,9 +39,10 @@ by each rank's clock), whether to stop on a signal, and whether a rank has faile
 rank whose loop raises tells the others, which then stop too instead of waiting.
 
 Retention and the ``latest`` pointer run on rank 0, on a housekeeping thread, after each
-commit and once at start-up (a crash between a save and its pruning is caught up). They
-never delete the newest checkpoint, the one ``latest`` names, or anything that is not a
-committed ckptstore checkpoint. A root belongs to one run (resumes included): retention
+commit of this run (the first one catches up what a crash between a save and its pruning
+left; nothing is deleted before this run has restored and committed a save). They never
+delete the newest checkpoint, the newest one that verifies, the one ``latest`` names, or
+anything that is not a committed ckptstore checkpoint. A root belongs to one run (resumes included): retention
 manages every committed checkpoint under it.
 """
 
@@ -230,8 +231,9 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self.backup_keep = config.keep if backup is None or backup.keep is None else backup.keep
         if backup is not None:
             self._open_backup(backup)
-        if enabled and self._rank == 0:
-            self._prune()
+        # No retention here: nothing is deleted before this run has restored and
+        # committed a save of its own (the first commit's housekeeping catches up).
+        self._committed: set[str] = set()  # saved by this manager: verified when written
 
     def _open_backup(self, backup: BackupConfig) -> None:
         options = dict(backup.storage_options) if backup.storage_options is not None else None
@@ -398,6 +400,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             pointer.write_latest(self._ckpt.backend, name)
         except CkptStoreError as exc:
             log.warning("could not update %s/%s: %s", self._ckpt.url, LATEST_FILE, exc)
+        self._committed.add(name)
         if self._backup is not None:
             self._backup.submit(name)
         self._prune()
@@ -432,12 +435,16 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         return retention.records(self._ckpt.backend, infos)
 
     def _prune(self) -> None:
-        if self.keep_policy is None or self._ckpt is None:
+        if self.keep_policy is None or self._ckpt is None or not self._committed:
             return
         try:
             spare = self._backup.busy() if self._backup is not None else set()
             retention.prune(
-                self._ckpt.backend, self.keep_policy, spare=spare, manifest_key=self._manifest_key
+                self._ckpt.backend,
+                self.keep_policy,
+                spare=spare,
+                manifest_key=self._manifest_key,
+                trusted=self._committed,
             )
         except CkptStoreError as exc:  # storage trouble must not fail the save it follows
             log.warning("retention under %s failed: %s", self._ckpt.url, exc)

@@ -398,7 +398,13 @@ class Replicator:
                     self.remote.put_atomic(small, self.local.read_bytes(small))
             if newer:
                 pointer.write_latest(self.remote, name)
-            prune(self.remote, self.keep, spare=self.busy(), manifest_key=self._manifest_key)
+            prune(
+                self.remote,
+                self.keep,
+                spare=self.busy(),
+                manifest_key=self._manifest_key,
+                trusted=(name,),  # read back and checked by the copy that just ended
+            )
         except CkptStoreError as exc:
             log.warning("backup: housekeeping on %s failed: %s", self.remote.url, exc)
         if self._on_backed_up is not None:

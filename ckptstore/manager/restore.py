@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import time
 from typing import Any
 
 from ckptstore.engine import groups
@@ -26,6 +27,7 @@ from ckptstore.layout import (
     MANIFEST_FILE,
     STEP_NAME,
     checkpoint_name,
+    damaged_name,
     split_checkpoint_path,
 )
 from ckptstore.manager import pointer
@@ -106,6 +108,7 @@ class RestoreMixin:
                 return 0
             raise CheckpointNotFoundError(f"no {which} checkpoint under {self._ckpt.url}")
         skipped: builtins.list[str] = []
+        damaged: set[int] = set()
         for step in candidates:
             try:
                 info = self._load_with_backup(state, step)
@@ -114,9 +117,12 @@ class RestoreMixin:
                     raise
                 log.warning("skipping step %d: %s", step, exc)
                 skipped.append(f"step {step} ({type(exc).__name__})")
+                if isinstance(exc, CorruptCheckpointError):
+                    damaged.add(step)
                 continue
             if skipped:
                 log.warning("restored step %d after skipping %s", info.step, ", ".join(skipped))
+            self._set_aside_newer(info, damaged)
             self._handle_newer(info, newer)
             return self._resumed(info)
         raise CorruptCheckpointError(
@@ -252,6 +258,53 @@ class RestoreMixin:
             else:
                 manifest = load_into(state, backend, name, pool=None, group=group, manifest_key=key)
         return self._resumed(CheckpointInfo(name, f"{backend.url}/{name}", manifest))
+
+    def _set_aside_newer(self, info: CheckpointInfo, damaged: set[int]) -> None:
+        """Move aside what would block this run's next saves: newer checkpoints found
+        damaged while restoring, and entries at a newer checkpoint's name that are not
+        checkpoints (no or unreadable manifest; on object stores only an unreadable one,
+        since a prefix without a manifest may be a save in progress). Kept for
+        inspection as ``step_N.damaged-<UTC>``, never deleted; rank 0 only."""
+        if not self.enabled or self._ckpt is None or self._rank != 0:
+            return
+        backend = self._ckpt.backend
+        restored = info.step or 0
+        try:
+            names = backend.list_names()
+            listed = {i.name for i in self._ckpt.list()}
+        except CkptStoreError as exc:
+            log.warning("could not look for damaged checkpoints under %s: %s", backend.url, exc)
+            return
+        for name in names:
+            match = STEP_NAME.match(name)
+            if match is None or int(match.group(1)) <= restored:
+                continue
+            step = int(match.group(1))
+            if step in damaged:
+                why = "is damaged"
+            elif name in listed:
+                continue  # a good newer checkpoint: _handle_newer's business
+            elif backend.capabilities.local or backend.exists(f"{name}/{MANIFEST_FILE}"):
+                why = "is not a loadable checkpoint"
+            else:
+                continue
+            aside = damaged_name(name, time.time())
+            try:
+                backend.move_aside(name, aside)
+            except CkptStoreError as exc:
+                log.warning(
+                    "%s/%s %s and could not be moved aside: %s", backend.url, name, why, exc
+                )
+                continue
+            log.warning(
+                "%s/%s %s: moved aside to %s (kept for inspection, never loaded or deleted "
+                "by ckptstore; `ckptstore verify` says what is wrong with it), so that this "
+                "run can save that step again",
+                backend.url,
+                name,
+                why,
+                aside,
+            )
 
     def _handle_newer(self, info: CheckpointInfo, newer: str) -> None:
         if not self.enabled or self._ckpt is None or self._rank != 0:

@@ -376,6 +376,16 @@ class LocalBackend(StorageBackend):
         crash_point("local.delete.before_rmtree")
         shutil.rmtree(doomed, ignore_errors=True)
 
+    def move_aside(self, name: str, new_name: str) -> None:
+        path, target = self._path(name), self._path(new_name)
+        if os.path.lexists(target):
+            raise StorageError(errno.EEXIST, "cannot move aside: the name is taken", target)
+        try:
+            os.rename(path, target)
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise storage_error(exc, "rename", path) from exc
+
     def sweep(self, grace_s: float) -> list[str]:
         removed = []
         now = time.time()
