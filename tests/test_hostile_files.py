@@ -1,4 +1,5 @@
-"""Hostile files under a root: what is not a regular file of a sane size is refused.
+"""Hostile files under a root: what is not a regular file of a sane size is refused, and
+``ls``, ``verify`` and restore agree on what a checkpoint is.
 
 * A FIFO named ``latest``, ``manifest.json``, ``.metadata`` or a shard used to block
   ``open()`` forever; a 16 GiB sparse ``latest`` or ``manifest.json`` used to be read
@@ -6,12 +7,15 @@
   ``ckptstore verify`` and a ``CheckpointManager.restore`` in a child process with a
   timeout and a cap on its address space, so a regression fails instead of hanging or
   eating the machine's memory.
+* A step directory whose manifest names another step (a symlink to another checkpoint,
+  a copy at ``step_99999999``) is not a checkpoint for any of the three.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,6 +28,7 @@ import torch
 from helpers import REPO
 
 import ckptstore
+from ckptstore.cli import main
 from ckptstore.layout import LATEST_FILE, MANIFEST_FILE, METADATA_FILE, read_limit_bytes
 from ckptstore.storage.local import LocalBackend
 
@@ -178,3 +183,41 @@ def test_the_local_backend_caps_what_it_reads_whole_by_kind(tmp_path):
         backend.read_bytes(LATEST_FILE)
     assert read_limit_bytes(f"step_00000001/{MANIFEST_FILE}") < 16 * GIB
     assert read_limit_bytes(f"step_00000001/{METADATA_FILE}") < 16 * GIB
+
+
+def _ls_verify(root: str, capsys: pytest.CaptureFixture[str]) -> tuple[Any, Any]:
+    assert main(["ls", root, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    code = main(["verify", root, "--json"])
+    verified = json.loads(capsys.readouterr().out)
+    return listed, (code, verified)
+
+
+def _names(listed: Any) -> list[str]:
+    rows = listed["checkpoints"] if isinstance(listed, dict) else listed
+    return [row["name"] for row in rows]
+
+
+@pytest.mark.parametrize("how", ["symlink", "copy"])
+def test_ls_verify_and_restore_agree_on_a_step_that_is_not_its_manifests(root, capsys, how):
+    save_steps(root, 10, 30)
+    alias = "step_00000040" if how == "symlink" else "step_99999999"
+    if how == "symlink":
+        os.symlink("step_00000030", os.path.join(root, alias))
+    else:
+        shutil.copytree(os.path.join(root, "step_00000030"), os.path.join(root, alias))
+
+    listed, (code, verified) = _ls_verify(root, capsys)
+
+    assert alias not in _names(listed)
+    assert _names(listed) == ["step_00000010", "step_00000030"]
+    by_name = {c["name"]: c for c in verified["checkpoints"]}
+    assert by_name["step_00000010"]["ok"]
+    assert by_name["step_00000030"]["ok"]
+    assert not by_name[alias]["ok"], verified  # listed as a problem, not silently passed
+    assert "not a checkpoint" in " ".join(by_name[alias]["problems"])
+    assert "step 30" in " ".join(by_name[alias]["problems"])
+    assert code == 1
+    with ckptstore.CheckpointManager(root) as mgr:
+        assert mgr.restore(make_state()) == 30
+        assert [c.step for c in mgr.list()] == [10, 30]

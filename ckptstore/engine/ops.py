@@ -351,6 +351,9 @@ def verify(
         manifest = read_manifest(backend, name, manifest_key=manifest_key)
     except CkptStoreError as exc:
         return [str(exc)]
+    mismatch = step_mismatch(backend, name, manifest)
+    if mismatch is not None:
+        return [mismatch]
     problems = []
     try:
         read_dcp_metadata(backend, name, manifest)
@@ -397,6 +400,24 @@ def open_shards(
             reader.close()
 
 
+def step_mismatch(backend: StorageBackend, name: str, manifest: Manifest) -> str | None:
+    """Why ``name`` is not a checkpoint although its manifest checks out, or None.
+
+    A ``step_N`` name is a checkpoint only when its manifest says step N: a symlink to
+    another checkpoint, or a copy under another step's name, is not one. ``ls``,
+    ``verify``, restore and retention all go by this (through :func:`list_checkpoints`
+    or directly). Names saved by path (not ``step_*``) carry no step to disagree with.
+    """
+    match = STEP_NAME.match(name)
+    if match is None or manifest.step == int(match.group(1)):
+        return None
+    return (
+        f"{_where(backend, name)}: not a checkpoint: its manifest says step {manifest.step}, "
+        f"its name step {int(match.group(1))} (a copy or a link under another step's name?); "
+        "ls and restore ignore it: delete it, or move it to the name of the step it holds"
+    )
+
+
 def list_checkpoints(
     backend: StorageBackend,
     names: Iterable[str] | None = None,
@@ -417,7 +438,7 @@ def list_checkpoints(
             manifest = read_manifest(backend, name, manifest_key=manifest_key)
         except CkptStoreError:
             continue
-        if manifest.step != int(match.group(1)):
+        if step_mismatch(backend, name, manifest) is not None:
             continue
         infos.append(CheckpointInfo(name, _where(backend, name), manifest))
     infos.sort(key=lambda info: info.manifest.step or 0)
