@@ -34,6 +34,9 @@ LOCK_FILE = ".lock"
 POINTER_TEMP_PREFIX = ".pointer-"  # put_atomic's temp files; sweep removes stale ones
 
 STEP_NAME = re.compile(r"^step_(\d{8,})$")
+# The largest step: the largest integer a JSON reader that parses numbers as doubles
+# (jq, JavaScript) reads back exactly from a manifest. A larger step is a bug upstream.
+MAX_STEP = 2**53 - 1
 
 # The most bytes read whole from each kind of small file. Far above anything ckptstore
 # writes (a manifest is ~200 B per file it lists; DCP's metadata ~100 B per chunk per
@@ -44,9 +47,12 @@ SMALL_FILE_MAX_BYTES = 2 << 30  # anything else read whole: DCP's .metadata, cop
 
 
 def checkpoint_name(step: int) -> str:
-    """``step_00000500``: eight digits at least, so names sort like steps."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    """``step_00000500``: eight digits at least, so names sort like steps.
+
+    The public API checks steps first (``ckptstore.engine.ops.check_step``, which says
+    more); this refuses what slips past."""
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step must be an int in 0..{MAX_STEP}, got {step!r}")
     return f"step_{step:08d}"
 
 
