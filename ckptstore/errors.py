@@ -13,6 +13,8 @@ working::
     ├── IncompatibleCheckpointError    (+ ValueError)         keys / shapes / format differ
     ├── ExportError                    (+ ValueError)         cannot convert to / from a file
     ├── UnsupportedStateError          (+ TypeError)          a value ckptstore cannot save
+    ├── InvalidArgumentError           (+ ValueError)         a public call's argument is wrong
+    │   └── InvalidArgumentTypeError   (+ TypeError)          ... of the wrong type
     ├── StorageError                   (+ OSError)            I/O failed; errno kept
     │   └── StorageFullError                                  ENOSPC / quota
     ├── BackgroundSaveError                                   an earlier async save failed
@@ -44,6 +46,8 @@ __all__ = [
     "CorruptCheckpointError",
     "ExportError",
     "IncompatibleCheckpointError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "InvalidOperationError",
     "ManifestExistsError",
     "RankFailedError",
@@ -84,6 +88,16 @@ class IncompatibleCheckpointError(CkptStoreError, ValueError):
 
 class UnsupportedStateError(CkptStoreError, TypeError):
     """A ``state_dict`` value that ckptstore cannot save and load back safely."""
+
+
+class InvalidArgumentError(CkptStoreError, ValueError):
+    """Misuse: an argument of a public call (a step, a root, a codec, a config field)
+    that can never work. Raised before anything is read or written."""
+
+
+class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
+    """Misuse: an argument of the wrong type (a string or a tensor as a step). Also a
+    ``ValueError``, as every :class:`InvalidArgumentError` is."""
 
 
 class StorageError(CkptStoreError, OSError):

@@ -25,7 +25,7 @@ from ckptstore.cli._common import (
     table,
 )
 from ckptstore.cli.retention_options import add_retention_options, forever_parts
-from ckptstore.engine.ops import CheckpointInfo, read_manifest
+from ckptstore.engine.ops import CheckpointInfo, read_manifest, step_mismatch
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import DAMAGED_MARK, LATEST_FILE, STEP_NAME, TEMP_PREFIX, is_damaged_name
@@ -92,18 +92,10 @@ def scan(backend: StorageBackend, *, everything: bool) -> list[Entry]:
                 if everything:
                     entries.append(Entry(name, "corrupt", step, url, error=str(exc)))
                 continue
-            if manifest.step != step:
+            mismatch = step_mismatch(backend, name, manifest)
+            if mismatch is not None:
                 if everything:
-                    entries.append(
-                        Entry(
-                            name,
-                            "corrupt",
-                            step,
-                            url,
-                            manifest,
-                            error=f"{url}: its manifest says step {manifest.step}",
-                        )
-                    )
+                    entries.append(Entry(name, "corrupt", step, url, manifest, error=mismatch))
                 continue
             entries.append(Entry(name, "committed", step, url, manifest))
         elif everything and is_damaged_name(name):

@@ -40,6 +40,7 @@ from typing import Any
 from ckptstore.crashpoints import crash_point
 from ckptstore.errors import (
     CheckpointExistsError,
+    InvalidArgumentError,
     InvalidOperationError,
     ManifestExistsError,
     StorageError,
@@ -380,13 +381,17 @@ class FsspecBackend(StorageBackend):
 
 
 def filesystem_from_url(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
-    """``(fs, root)`` for an fsspec URL; a URL fsspec cannot open is a :class:`ValueError`."""
+    """``(fs, root)`` for an fsspec URL; a URL fsspec cannot open is an
+    :class:`~ckptstore.errors.InvalidArgumentError` (a ``ValueError``)."""
     import fsspec  # deferred: importing it pulls in its registry
 
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
     except (ImportError, ValueError) as exc:
-        raise ValueError(f"cannot open {url!r}: {type(exc).__name__}: {exc}") from exc
+        raise InvalidArgumentError(
+            f"cannot open {url!r}: {type(exc).__name__}: {exc}; a root is a local path or a URL "
+            "of a registered scheme (s3://, memory://, file://) or of an installed fsspec one"
+        ) from exc
     return fs, str(root)
 
 
