@@ -56,6 +56,7 @@ class RestoreMixin:
     _last_done: int | None
     _last_saved: int | None
     _last_epoch: int | None
+    _run_id: str
 
     def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]:
         raise NotImplementedError
@@ -283,5 +284,9 @@ class RestoreMixin:
         self._last_done = steps
         self._last_saved = steps
         self._last_epoch = info.manifest.epoch
+        if info.manifest.run_id is not None:
+            # The same run goes on: its next checkpoints, and the backup's retention,
+            # carry on with its id (a checkpoint without one: this run keeps its new id).
+            self._run_id = info.manifest.run_id
         log.info("resumed from %s (step %d)", info.name, steps)
         return steps
