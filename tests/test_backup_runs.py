@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
-from helpers import realistic_state, train
+from helpers import assert_same, realistic_state, train
 from helpers import train_state as make_state
 
 import ckptstore
-from ckptstore import CheckpointManager, SaveEvery
-from ckptstore.engine.ops import read_manifest, verify
+from ckptstore import CheckpointManager, KeepLast, SaveEvery
+from ckptstore.engine.ops import list_checkpoints, read_manifest, verify
 from ckptstore.errors import CorruptCheckpointError, StorageError
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import MANIFEST_FILE, checkpoint_name
+from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import open_backend
 from ckptstore.storage.testing.faulty import FaultyBackend
 from ckptstore.transfer import copy_checkpoint, replace_checkpoint
@@ -116,3 +118,94 @@ def test_replace_keeps_a_complete_checkpoint_on_the_destination_throughout(tmp_p
     with pytest.raises(StorageError):
         replace_checkpoint(new, dst2, name)
     assert read_manifest(inner2, name).same_checkpoint(read_manifest(old, name))
+
+
+# ---- the backup tier -----------------------------------------------------------------
+def test_backup_replaces_a_retired_branch_and_a_lost_disk_restores_the_new_one(
+    s3_server, s3_bucket, tmp_path, caplog
+):
+    url = f"s3://{s3_bucket}/branch"
+    local_root = tmp_path / "local"
+    caplog.set_level(logging.INFO, logger="ckptstore")
+    opts = {"save": SaveEvery(steps=10), "backup": url, "backup_max_queued": 3}
+    with CheckpointManager(local_root, **opts) as mgr:
+        train(mgr, make_state(), 30)
+        assert mgr.wait_backup() == []
+    state = make_state(seed=1)
+    with CheckpointManager(local_root, **opts) as mgr:
+        assert mgr.restore(state, 10, newer="discard") == 10
+        with torch.no_grad():  # the new branch takes another path
+            next(state.model.parameters()).add_(0.5)
+        train(mgr, state, 20, start=10)
+        assert mgr.wait_backup() == []
+        status = mgr.backup_status()
+    local, remote = open_backend(local_root), open_backend(url)
+    assert same_on_both(local, remote, 20)
+    assert same_on_both(local, remote, 30)
+    assert status is not None and set(status.replaced) == {"step_00000020", "step_00000030"}
+    assert "is not this checkpoint" in caplog.text
+    assert "already on" not in caplog.text
+    assert [n for n in remote.list_names() if n.endswith(".replacing")] == []
+    # The local disk is lost: the backup brings back the new branch, not the retired one.
+    fresh = make_state(seed=7)
+    with CheckpointManager(tmp_path / "elsewhere", backup=url) as mgr:
+        assert mgr.restore(fresh) == 30
+    assert_same(fresh.model.state_dict(), state.model.state_dict())
+    assert s3_server.open_uploads(s3_bucket) == []
+
+
+def test_a_second_run_on_the_same_backup_keeps_its_own_checkpoints(
+    s3_server, s3_bucket, tmp_path, caplog
+):
+    """Run B (started afresh) shares run A's backup prefix: A's steps 20-30 neither push
+    B's uploads out through the remote's retention nor pass for B's checkpoints."""
+    url = f"s3://{s3_bucket}/shared"
+    caplog.set_level(logging.INFO, logger="ckptstore")
+    opts = {
+        "save": SaveEvery(steps=5),
+        "backup": url,
+        "backup_keep": KeepLast(3),
+        "backup_max_queued": 6,
+    }
+    with CheckpointManager(tmp_path / "a", **opts) as mgr:
+        train(mgr, make_state(), 30)
+        assert mgr.wait_backup() == []
+    remote = open_backend(url)
+    assert [i.manifest.step for i in list_checkpoints(remote)] == [20, 25, 30]
+    local_b = open_backend(tmp_path / "b")
+    state = make_state(seed=1)
+    with CheckpointManager(tmp_path / "b", **opts) as mgr:
+        step = 0
+        while step < 30:
+            step = train(mgr, state, 5, start=step)
+            assert mgr.wait_backup() == []
+            # This run's newest upload is on the remote, as uploaded.
+            assert same_on_both(local_b, remote, step), step
+            assert remote.read_bytes("latest").decode().strip() == checkpoint_name(step)
+        status = mgr.backup_status()
+    on_remote = list_checkpoints(remote)
+    assert [i.manifest.step for i in on_remote] == [20, 25, 30]
+    assert all(same_on_both(local_b, remote, s) for s in (20, 25, 30))
+    assert status is not None
+    assert set(status.replaced) == {"step_00000020", "step_00000025", "step_00000030"}
+    assert "already on" not in caplog.text
+
+
+def test_a_checkpoint_unreadable_on_the_remote_is_replaced(s3_server, s3_bucket, tmp_path):
+    local = open_backend(tmp_path / "l")
+    with ckptstore.Checkpointer(local) as ckpt:
+        ckpt.save(realistic_state(), 1)
+    remote = open_backend(f"s3://{s3_bucket}/bad")
+    copy_checkpoint(local, remote, "step_00000001")
+    remote.put_atomic(f"step_00000001/{MANIFEST_FILE}", b"{not json")
+    with pytest.raises(CorruptCheckpointError):
+        read_manifest(remote, "step_00000001")
+    rep = Replicator(local, remote, catch_up=False)
+    try:
+        rep.submit("step_00000001")
+        assert rep.wait(timeout_s=60) == []
+        status = rep.status()
+    finally:
+        rep.close()
+    assert same_on_both(local, remote, 1)
+    assert status.replaced == ("step_00000001",)

@@ -254,6 +254,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                     on_backed_up=self._on_backed_up,
                     on_speed=self._ckpt.note_downstream,
                     manifest_key=self._manifest_key,
+                    run_id=self._run_id,
                 )
             else:
                 self._remote.check_access()

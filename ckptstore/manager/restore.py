@@ -30,6 +30,7 @@ from ckptstore.layout import (
 )
 from ckptstore.manager import pointer
 from ckptstore.manager.policies import CheckpointRecord, KeepBest
+from ckptstore.manager.replicate import Replicator
 from ckptstore.manager.resumable import Resumable
 from ckptstore.storage import StorageBackend, open_backend
 from ckptstore.transfer import fetch
@@ -57,6 +58,7 @@ class RestoreMixin:
     _last_saved: int | None
     _last_epoch: int | None
     _run_id: str
+    _backup: Replicator | None
 
     def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]:
         raise NotImplementedError
@@ -288,5 +290,7 @@ class RestoreMixin:
             # The same run goes on: its next checkpoints, and the backup's retention,
             # carry on with its id (a checkpoint without one: this run keeps its new id).
             self._run_id = info.manifest.run_id
+            if self._backup is not None:
+                self._backup.run_id = self._run_id
         log.info("resumed from %s (step %d)", info.name, steps)
         return steps
