@@ -209,3 +209,27 @@ def test_a_checkpoint_unreadable_on_the_remote_is_replaced(s3_server, s3_bucket,
         rep.close()
     assert same_on_both(local, remote, 1)
     assert status.replaced == ("step_00000001",)
+
+
+def test_a_fresh_run_warns_about_another_runs_checkpoints(s3_server, s3_bucket, tmp_path, caplog):
+    url = f"s3://{s3_bucket}/warn"
+    root = tmp_path / "run"
+    opts = {"save": SaveEvery(steps=2), "backup": url}
+    with CheckpointManager(root, **opts) as mgr:
+        train(mgr, make_state(), 4)
+        assert mgr.wait_backup() == []
+    earlier = read_manifest(open_backend(root), "step_00000004").run_id
+    caplog.set_level(logging.WARNING, logger="ckptstore")
+    # Resuming that run: nothing to say.
+    with CheckpointManager(root, **opts) as mgr:
+        assert mgr.restore(make_state()) == 4
+    assert "another run" not in caplog.text
+    # Starting afresh where it saved: both tiers are named, with what they hold.
+    caplog.clear()
+    with CheckpointManager(root, **opts) as mgr:
+        assert mgr.restore(make_state(), "none") == 0
+    warnings = [r.getMessage() for r in caplog.records if "another run" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert any(w.startswith(str(root)) for w in warnings)
+    assert any(w.startswith(url) for w in warnings)
+    assert all(f"run {earlier}: step_00000002, step_00000004" in w for w in warnings)

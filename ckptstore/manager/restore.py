@@ -84,7 +84,17 @@ class RestoreMixin:
         directory, or ``"none"``. Restoring an earlier checkpoint and training on would
         collide with the newer ones: ``newer="discard"`` deletes them (rank 0), else the
         first save past them fails.
+
+        Then (rank 0) a warning names the checkpoints of other runs found in the local
+        root or the backup, which this run did not resume.
         """
+        steps = self._restore(state, which, newer)
+        self._note_other_runs(resumed=steps > 0)
+        return steps
+
+    def _restore(
+        self, state: Resumable | dict[str, Any], which: str | int | None, newer: str
+    ) -> int:
         if newer not in ("keep", "discard"):
             raise ValueError(f"newer must be 'keep' or 'discard', got {newer!r}")
         if which is None or which == "none":
@@ -126,6 +136,37 @@ class RestoreMixin:
             f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)}); "
             "run Checkpointer(root).verify(step) to see what is damaged"
         )
+
+    def _note_other_runs(self, *, resumed: bool) -> None:
+        """Warn about checkpoints of another run than this one in either tier: a run
+        started afresh where an earlier one saved. (Checkpoints without a recorded run
+        count only when this run resumed nothing: an older ckptstore wrote them.)"""
+        if self._rank != 0 or not self.enabled:
+            return
+        for backend in (None if self._ckpt is None else self._ckpt.backend, self._remote):
+            if backend is None:
+                continue
+            try:
+                infos = list_checkpoints(backend, manifest_key=self._manifest_key)
+            except CkptStoreError as exc:
+                log.warning("could not list %s: %s", backend.url, exc)
+                continue
+            others: dict[str, builtins.list[str]] = {}
+            for i in infos:
+                run = i.manifest.run_id
+                if run != self._run_id and (run is not None or not resumed):
+                    others.setdefault(run or "(not recorded)", []).append(i.name)
+            if others:
+                log.warning(
+                    "%s holds checkpoints of another run than this one (run %s), which this "
+                    "run did not resume: %s. The backup's retention leaves them alone and "
+                    "replaces one of the same step with this run's; to resume that run "
+                    "instead, restore it; to keep runs apart, give each its own root and "
+                    "backup prefix",
+                    backend.url,
+                    self._run_id,
+                    "; ".join(f"run {r}: {', '.join(n)}" for r, n in others.items()),
+                )
 
     def _load_with_backup(self, state: Resumable | dict[str, Any], step: int) -> CheckpointInfo:
         """Load ``step`` from the local root; from the backup if it is missing or damaged
