@@ -21,6 +21,7 @@ from helpers import train_state as make_state
 
 import ckptstore
 from ckptstore import CheckpointManager, KeepLast, SaveEvery
+from ckptstore.cli import main
 from ckptstore.engine.ops import list_checkpoints, read_manifest, verify
 from ckptstore.errors import CorruptCheckpointError, StorageError
 from ckptstore.format.manifest import Manifest
@@ -233,3 +234,22 @@ def test_a_fresh_run_warns_about_another_runs_checkpoints(s3_server, s3_bucket, 
     assert any(w.startswith(str(root)) for w in warnings)
     assert any(w.startswith(url) for w in warnings)
     assert all(f"run {earlier}: step_00000002, step_00000004" in w for w in warnings)
+
+
+# ---- ckptstore sync ------------------------------------------------------------------
+def test_sync_reports_another_runs_checkpoint_of_the_same_name(tmp_path, capsys):
+    """``sync`` compares content and run, not names: another run's checkpoint of the same
+    step at the destination is reported DIFFERENT, with both runs, and left alone."""
+    for run, seed in (("a", 0), ("b", 1)):
+        with CheckpointManager(tmp_path / run, save=SaveEvery(steps=2)) as mgr:
+            train(mgr, make_state(seed=seed), 2)
+    dst = tmp_path / "dst"
+    assert main(["sync", str(tmp_path / "a"), str(dst)]) == 0
+    capsys.readouterr()
+    code = main(["sync", str(tmp_path / "b"), str(dst)])
+    out = capsys.readouterr().out
+    ran = {r: read_manifest(open_backend(tmp_path / r), "step_00000002").run_id for r in "ab"}
+    assert code == 1, out
+    assert "DIFFERENT step_00000002" in out and "present" not in out
+    assert f"run {ran['a']} there, {ran['b']} here" in out
+    assert same_on_both(open_backend(tmp_path / "a"), open_backend(dst), 2)
