@@ -300,6 +300,8 @@ class RestoreMixin:
     def _handle_newer(self, info: CheckpointInfo, newer: str) -> None:
         if not self.enabled or self._ckpt is None or self._rank != 0:
             return
+        if newer == "discard":
+            self._retire_on_backup(info)
         later = [i for i in self._ckpt.list() if (i.step or 0) > (info.step or 0)]
         if not later:
             return
@@ -320,6 +322,40 @@ class RestoreMixin:
                 len(later),
                 info.name,
                 later[-1].name,
+            )
+
+    def _retire_on_backup(self, info: CheckpointInfo) -> None:
+        """``newer="discard"`` retires the run's newer checkpoints on the backup too: else,
+        the local disk lost, a restore from the backup would bring the retired branch
+        back as the newest checkpoint until the new one had replaced each of its steps.
+        Only this run's: another run's checkpoints there are not this restore's to retire."""
+        if self._remote is None:
+            return
+        try:
+            later = [
+                i
+                for i in list_checkpoints(self._remote, manifest_key=self._manifest_key)
+                if (i.step or 0) > (info.step or 0) and i.manifest.run_id == info.manifest.run_id
+            ]
+            for i in later:
+                self._remote.delete(i.name)
+            if later and self._remote.exists(f"{info.name}/{MANIFEST_FILE}"):
+                pointer.write_latest(self._remote, info.name)
+        except CkptStoreError as exc:
+            log.warning(
+                "could not retire the checkpoints newer than %s on the backup %s: %s",
+                info.name,
+                self._remote.url,
+                exc,
+            )
+            return
+        if later:
+            log.warning(
+                "retired %d checkpoint(s) newer than %s on the backup %s: %s",
+                len(later),
+                info.name,
+                self._remote.url,
+                [i.name for i in later],
             )
 
     def _resumed(self, info: CheckpointInfo) -> int:
