@@ -188,6 +188,8 @@ def test_a_second_run_on_the_same_backup_keeps_its_own_checkpoints(
     assert status is not None
     assert set(status.replaced) == {"step_00000020", "step_00000025", "step_00000030"}
     assert "already on" not in caplog.text
+    assert [n for n in remote.list_names() if n.endswith(".replacing")] == []
+    assert s3_server.open_uploads(s3_bucket) == []
 
 
 def test_a_checkpoint_unreadable_on_the_remote_is_replaced(s3_server, s3_bucket, tmp_path):
