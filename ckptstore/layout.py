@@ -10,6 +10,8 @@
       latest                    LATEST_FILE: names the newest committed checkpoint
       finals                    FINALS_FILE: checkpoints that ended a completed run
       .tmp-step_00000600-<id>/  TEMP_PREFIX: a save in flight, or a dead one (swept)
+      step_00000500.replacing/  REPLACING_SUFFIX: the new copy of a checkpoint being
+                                replaced (transfer.replace_checkpoint), removed after
       .lock                     LOCK_FILE: flock-ed by a local writer
       .pointer-<id>             POINTER_TEMP_PREFIX: a pointer being replaced
       step_00000600.damaged-<UTC>  damaged_name(): a damaged checkpoint moved aside for
@@ -35,6 +37,7 @@ FINALS_FILE = "finals"  # names of checkpoints that ended a completed run, one p
 TEMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
 POINTER_TEMP_PREFIX = ".pointer-"  # put_atomic's temp files; sweep removes stale ones
+REPLACING_SUFFIX = ".replacing"  # beside a checkpoint being replaced: the complete new copy
 
 STEP_NAME = re.compile(r"^step_(\d{8,})$")
 DAMAGED_MARK = ".damaged-"

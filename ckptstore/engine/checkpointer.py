@@ -51,6 +51,7 @@ from ckptstore.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
+from ckptstore.format.manifest import check_run_id
 from ckptstore.layout import MANIFEST_FILE, checkpoint_name
 from ckptstore.storage import StorageBackend, open_backend
 from ckptstore.units import format_bytes
@@ -155,11 +156,12 @@ class Checkpointer:
         epoch: int | None = None,
         reason: str | None = None,
         metrics: dict[str, float] | None = None,
+        run_id: str | None = None,
     ) -> PendingSave:
         """Start saving ``state_dict`` as checkpoint ``step``.
 
-        ``epoch``, ``reason`` and ``metrics`` go into the manifest, where listings and
-        retention read them (the CheckpointManager sets them).
+        ``epoch``, ``reason``, ``metrics`` and ``run_id`` go into the manifest, where
+        listings, retention and the backup read them (the CheckpointManager sets them).
 
         Returns once the state is staged (the caller may then change its tensors). With
         ``block_until_staged=False`` the copy happens on the writer thread and the call
@@ -175,6 +177,7 @@ class Checkpointer:
         name = checkpoint_name(check_step(step))
         user_md = check_metadata(metadata)
         info = check_info(epoch, reason, metrics)
+        info["run_id"] = None if run_id is None else check_run_id(run_id)
         with self._lock:
             if step in self._inflight:
                 raise InvalidArgumentError(f"step {step} is already being saved; wait for it first")

@@ -64,9 +64,7 @@ import torch.distributed as dist
 from ckptstore.config import BackupConfig, CheckpointerConfig, ManagerConfig
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
-from ckptstore.engine.ops import (
-    CheckpointInfo,
-)
+from ckptstore.engine.ops import CheckpointInfo
 from ckptstore.engine.pending import PendingSave
 from ckptstore.errors import (
     BackgroundSaveError,
@@ -74,6 +72,7 @@ from ckptstore.errors import (
     CkptStoreError,
     RankFailedError,
 )
+from ckptstore.format.manifest import new_run_id
 from ckptstore.layout import LATEST_FILE, checkpoint_name
 from ckptstore.manager import pointer, retention
 from ckptstore.manager.guard import ABORT, GuardMixin
@@ -222,6 +221,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._stop_saving = False
         self._guarding = False
         self._closed = False
+        self._run_id = new_run_id()  # in every manifest; a restore adopts the checkpoint's
         # The backup tier lives on rank 0, which sees the whole local root (one machine
         # or a shared file system). A missing bucket or wrong credentials fail here.
         self._remote: StorageBackend | None = None
@@ -256,6 +256,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                     on_backed_up=self._on_backed_up,
                     on_speed=self._ckpt.note_downstream,
                     manifest_key=self._manifest_key,
+                    run_id=self._run_id,
                 )
             else:
                 self._remote.check_access()
@@ -372,7 +373,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             epoch = state.epoch if isinstance(state, Resumable) else self._last_epoch
         try:
             pending = self._ckpt.save_async(
-                sd, steps_done, epoch=epoch, reason=reason, metrics=metrics
+                sd, steps_done, epoch=epoch, reason=reason, metrics=metrics, run_id=self._run_id
             )
         except BackgroundSaveError as exc:
             # An earlier save failed; this one was still started: keep track of it.

@@ -48,6 +48,7 @@ def prune(
     spare: Iterable[str] = (),
     manifest_key: bytes | None = None,
     trusted: Iterable[str] = (),
+    infos: Sequence[CheckpointInfo] | None = None,
 ) -> list[str]:
     """Apply ``policy`` to the committed checkpoints under ``backend``; return what was
     deleted. Never deletes the newest, the one ``latest`` names, any in ``spare``, or
@@ -58,11 +59,13 @@ def prune(
     passes, and that one is kept whatever the policy says. Names in ``trusted`` (just
     committed and checked by the caller) count as verified without reading them again.
     With a ``manifest_key`` only validly signed checkpoints count (and are deleted): a
-    forged "newer" checkpoint must not push real ones out.
+    forged "newer" checkpoint must not push real ones out. ``infos`` limits retention to
+    those checkpoints (the backup tier passes its own run's; default: all listed).
     """
     if policy is None:
         return []
-    infos = list_checkpoints(backend, manifest_key=manifest_key)
+    if infos is None:
+        infos = list_checkpoints(backend, manifest_key=manifest_key)
     if not infos:
         return []
     keep = set(policy.keep(records(backend, infos)))
