@@ -35,6 +35,7 @@ from ckptstore.errors import (
     StorageFullError,
     UnsafeCheckpointError,
     UnsupportedStateError,
+    WriterLeaseError,
 )
 from ckptstore.integrations.data import ResumableDataLoader, ResumableSampler
 from ckptstore.integrations.trainstate import TrainState
@@ -83,6 +84,7 @@ __all__ = [
     "TrainState",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
+    "WriterLeaseError",
     "__version__",
     "load",
     "save",

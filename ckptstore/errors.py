@@ -20,6 +20,7 @@ working::
     ├── InvalidOperationError          (+ RuntimeError)       called in the wrong state
     │   └── CheckpointerClosedError                           used after close()
     ├── CopyStoppedError                                      a copy was asked to stop
+    ├── WriterLeaseError                                      another process writes this root
     ├── CliError                                              a command failed; carries its exit code
     └── BenchError                                            a benchmark's setup is wrong (exit 2)
 
@@ -51,6 +52,7 @@ __all__ = [
     "StorageFullError",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
+    "WriterLeaseError",
 ]
 
 
@@ -133,6 +135,15 @@ class ExportError(CkptStoreError, ValueError):
 class CopyStoppedError(CkptStoreError):
     """A copy between roots was asked to stop (Ctrl+C, or a replicator closing without
     waiting); nothing of the checkpoint it was copying was committed."""
+
+
+class WriterLeaseError(CkptStoreError):
+    """Another process holds the writer lease on this root (two training runs started on
+    one checkpoint directory). ``holder`` is what it recorded: host, pid, since."""
+
+    def __init__(self, message: str, *, holder: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 # Exit statuses of the command line (``ckptstore``): 0 ok, 1 failed, 2 usage.

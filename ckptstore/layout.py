@@ -11,6 +11,7 @@
       finals                    FINALS_FILE: checkpoints that ended a completed run
       .tmp-step_00000600-<id>/  TEMP_PREFIX: a save in flight, or a dead one (swept)
       .lock                     LOCK_FILE: flock-ed by a local writer
+      .writer-lease             WRITER_LEASE_FILE: flock-ed by the run writing this root
       .pointer-<id>             POINTER_TEMP_PREFIX: a pointer being replaced
 
 Names read from storage are untrusted: :func:`check_name` accepts plain relative names
@@ -29,6 +30,7 @@ LATEST_FILE = "latest"  # the name of the newest committed checkpoint, replaced 
 FINALS_FILE = "finals"  # names of checkpoints that ended a completed run, one per line
 TEMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
+WRITER_LEASE_FILE = ".writer-lease"  # holds the writer's host, pid and start time (JSON)
 POINTER_TEMP_PREFIX = ".pointer-"  # put_atomic's temp files; sweep removes stale ones
 
 STEP_NAME = re.compile(r"^step_(\d{8,})$")

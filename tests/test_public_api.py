@@ -39,6 +39,7 @@ EXPECTED = [
     "TrainState",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
+    "WriterLeaseError",
     "__version__",
     "load",
     "save",

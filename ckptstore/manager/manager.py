@@ -63,9 +63,7 @@ import torch.distributed as dist
 from ckptstore.config import BackupConfig, CheckpointerConfig, ManagerConfig
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
-from ckptstore.engine.ops import (
-    CheckpointInfo,
-)
+from ckptstore.engine.ops import CheckpointInfo
 from ckptstore.engine.pending import PendingSave
 from ckptstore.errors import (
     BackgroundSaveError,
@@ -74,7 +72,7 @@ from ckptstore.errors import (
     RankFailedError,
 )
 from ckptstore.layout import LATEST_FILE, checkpoint_name
-from ckptstore.manager import pointer, retention
+from ckptstore.manager import lease, pointer, retention
 from ckptstore.manager.guard import ABORT, GuardMixin
 from ckptstore.manager.listing import ManagedCheckpoint, describe
 from ckptstore.manager.policies import (
@@ -228,8 +226,14 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._has_backup = backup is not None
         self.backup_config = backup
         self.backup_keep = config.keep if backup is None or backup.keep is None else backup.keep
-        if backup is not None:
-            self._open_backup(backup)
+        self._lease: lease.WriterLease | None = None
+        try:  # one writer per root: a second is refused here, naming the first
+            self._lease = lease.take(backend, self._control) if enabled else None
+            if backup is not None:
+                self._open_backup(backup)
+        except BaseException:
+            self.close()
+            raise
         if enabled and self._rank == 0:
             self._prune()
 
@@ -258,11 +262,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             else:
                 self._remote.check_access()
 
-        try:
-            groups.decide(open_remote, self._control, what=f"open the backup {backup.url!r}")
-        except BaseException:
-            self.close()
-            raise
+        groups.decide(open_remote, self._control, what=f"open the backup {backup.url!r}")
         if self.enabled and self._ckpt is not None:
             # codec="auto" now minimises the time until backed up (every rank starts
             # compressed; rank 0 adapts to the upload speed it measures).
@@ -514,6 +514,8 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                 if self._housekeeping is not None:
                     self._housekeeping.shutdown(wait=True)
                 groups.release(self._control)
+                if self._lease is not None:
+                    self._lease.release()
 
     def backup_status(self) -> BackupStatus | None:
         """Where the backup stands (rank 0; None elsewhere or without ``backup=``)."""
