@@ -182,7 +182,10 @@ def storage_error(exc: OSError, action: str, path: str) -> StorageError:
             "more than you keep) and save again"
         )
     elif action in ("read", "open", "stat", "list"):
-        hint = "check that the storage is reachable and the checkpoint complete (Checkpointer(root).verify(step))"
+        hint = (
+            "check that the storage is reachable and the checkpoint complete "
+            "(`ckptstore verify ROOT` checks every checkpoint under ROOT)"
+        )
     else:
         hint = "check the path, its permissions and the device, then save again"
     if code is None:
