@@ -37,6 +37,7 @@ from ckptstore.errors import (
     StorageFullError,
     UnsafeCheckpointError,
     UnsupportedStateError,
+    WriterLeaseError,
 )
 from ckptstore.integrations.data import ResumableDataLoader, ResumableSampler
 from ckptstore.integrations.trainstate import TrainState
@@ -87,6 +88,7 @@ __all__ = [
     "TrainState",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
+    "WriterLeaseError",
     "__version__",
     "load",
     "save",

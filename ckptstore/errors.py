@@ -22,6 +22,7 @@ working::
     ├── InvalidOperationError          (+ RuntimeError)       called in the wrong state
     │   └── CheckpointerClosedError                           used after close()
     ├── CopyStoppedError                                      a copy was asked to stop
+    ├── WriterLeaseError                                      another process writes this root
     ├── CliError                                              a command failed; carries its exit code
     └── BenchError                                            a benchmark's setup is wrong (exit 2)
 
@@ -55,6 +56,7 @@ __all__ = [
     "StorageFullError",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
+    "WriterLeaseError",
 ]
 
 
@@ -149,6 +151,15 @@ class CopyStoppedError(CkptStoreError):
     waiting); nothing of the checkpoint it was copying was committed."""
 
 
+class WriterLeaseError(CkptStoreError):
+    """Another process holds the writer lease on this root (two training runs started on
+    one checkpoint directory). ``holder`` is what it recorded: host, pid, since."""
+
+    def __init__(self, message: str, *, holder: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 # Exit statuses of the command line (``ckptstore``): 0 ok, 1 failed, 2 usage.
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -185,7 +196,10 @@ def storage_error(exc: OSError, action: str, path: str) -> StorageError:
             "more than you keep) and save again"
         )
     elif action in ("read", "open", "stat", "list"):
-        hint = "check that the storage is reachable and the checkpoint complete (Checkpointer(root).verify(step))"
+        hint = (
+            "check that the storage is reachable and the checkpoint complete "
+            "(`ckptstore verify ROOT` checks every checkpoint under ROOT)"
+        )
     else:
         hint = "check the path, its permissions and the device, then save again"
     if code is None:

@@ -13,6 +13,7 @@
       step_00000500.replacing/  REPLACING_SUFFIX: the new copy of a checkpoint being
                                 replaced (transfer.replace_checkpoint), removed after
       .lock                     LOCK_FILE: flock-ed by a local writer
+      .writer-lease             WRITER_LEASE_FILE: flock-ed by the run writing this root
       .pointer-<id>             POINTER_TEMP_PREFIX: a pointer being replaced
       step_00000600.damaged-<UTC>  damaged_name(): a damaged checkpoint moved aside for
                                 inspection; never listed, loaded, swept or deleted by ckptstore
@@ -36,6 +37,7 @@ LATEST_FILE = "latest"  # the name of the newest committed checkpoint, replaced 
 FINALS_FILE = "finals"  # names of checkpoints that ended a completed run, one per line
 TEMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
+WRITER_LEASE_FILE = ".writer-lease"  # holds the writer's host, pid and start time (JSON)
 POINTER_TEMP_PREFIX = ".pointer-"  # put_atomic's temp files; sweep removes stale ones
 REPLACING_SUFFIX = ".replacing"  # beside a checkpoint being replaced: the complete new copy
 

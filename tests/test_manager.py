@@ -58,6 +58,7 @@ def test_retention_keeps_last_n_and_never_touches_foreign_entries(root):
         train(mgr, state, 6)
         assert [c.step for c in mgr.list()] == [5, 6]
     assert sorted(os.listdir(root)) == [
+        ".writer-lease",  # the writer lease's file stays (locks go with their holders)
         "README",
         "latest",
         "notes",

@@ -41,6 +41,7 @@ EXPECTED = [
     "TrainState",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
+    "WriterLeaseError",
     "__version__",
     "load",
     "save",

@@ -74,7 +74,7 @@ from ckptstore.errors import (
 )
 from ckptstore.format.manifest import new_run_id
 from ckptstore.layout import LATEST_FILE, checkpoint_name
-from ckptstore.manager import pointer, retention
+from ckptstore.manager import lease, pointer, retention
 from ckptstore.manager.guard import ABORT, GuardMixin
 from ckptstore.manager.listing import ManagedCheckpoint, describe
 from ckptstore.manager.policies import (
@@ -229,11 +229,17 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._has_backup = backup is not None
         self.backup_config = backup
         self.backup_keep = config.keep if backup is None or backup.keep is None else backup.keep
-        if backup is not None:
-            self._open_backup(backup)
         # No retention here: nothing is deleted before this run has restored and
         # committed a save of its own (the first commit's housekeeping catches up).
         self._committed: set[str] = set()  # saved by this manager: verified when written
+        self._lease: lease.WriterLease | None = None
+        try:  # one writer per root: a second is refused here, naming the first
+            self._lease = lease.take(backend, self._control) if enabled else None
+            if backup is not None:
+                self._open_backup(backup)
+        except BaseException:
+            self.close()
+            raise
 
     def _open_backup(self, backup: BackupConfig) -> None:
         options = dict(backup.storage_options) if backup.storage_options is not None else None
@@ -261,11 +267,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             else:
                 self._remote.check_access()
 
-        try:
-            groups.decide(open_remote, self._control, what=f"open the backup {backup.url!r}")
-        except BaseException:
-            self.close()
-            raise
+        groups.decide(open_remote, self._control, what=f"open the backup {backup.url!r}")
         if self.enabled and self._ckpt is not None:
             # codec="auto" now minimises the time until backed up (every rank starts
             # compressed; rank 0 adapts to the upload speed it measures).
@@ -522,6 +524,8 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                 if self._housekeeping is not None:
                     self._housekeeping.shutdown(wait=True)
                 groups.release(self._control)
+                if self._lease is not None:
+                    self._lease.release()
 
     def backup_status(self) -> BackupStatus | None:
         """Where the backup stands (rank 0; None elsewhere or without ``backup=``)."""
