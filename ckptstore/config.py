@@ -216,3 +216,56 @@ class BackupConfig:
             raise InvalidArgumentError(
                 f"retry_max_s must be a finite number, got {self.retry_max_s!r}"
             )
+
+
+def manager_configs(
+    config: ManagerConfig | None,
+    backup: Any,
+    *,
+    save: Any,
+    keep: Any,
+    enabled: bool,
+    best_metric: str | None,
+    best_mode: str,
+    backup_keep: Any,
+    backup_options: Mapping[str, Any] | None,
+    backup_max_queued: int,
+    backup_retry_max_s: float,
+    checkpointer_options: Mapping[str, Any],
+) -> tuple[ManagerConfig, BackupConfig | None]:
+    """The configs of a ``CheckpointManager`` from its arguments: ``config=`` (and
+    ``backup=BackupConfig(...)``) as given, or built from the keywords; both at once is
+    an error."""
+    if config is None:
+        config = ManagerConfig(
+            save=save,
+            keep=keep,
+            enabled=enabled,
+            best_metric=best_metric,
+            best_mode=best_mode,
+            checkpointer=CheckpointerConfig(**checkpointer_options),
+        )
+    elif (
+        save is not None
+        or keep is not None
+        or not enabled
+        or best_metric is not None
+        or best_mode != "min"
+        or checkpointer_options
+    ):
+        raise InvalidArgumentTypeError(
+            "pass either config=ManagerConfig(...) or its fields as keywords, not both"
+        )
+    if backup is not None and not isinstance(backup, BackupConfig):
+        backup = BackupConfig(
+            url=backup,
+            keep=backup_keep,
+            storage_options=backup_options,
+            max_queued=backup_max_queued,
+            retry_max_s=backup_retry_max_s,
+        )
+    elif backup_keep is not None or backup_options is not None:
+        raise InvalidArgumentTypeError(
+            "with backup=BackupConfig(...), put keep= and options inside it"
+        )
+    return config, backup

@@ -120,7 +120,7 @@ def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) ->
     """DCP's metadata, read only after its size and checksum match the manifest."""
     md_name = md_format.metadata_file(manifest.files)
     where = f"{_where(backend, name)}/{md_name or METADATA_FILE}"
-    hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step)"
+    hint = "restore an earlier checkpoint, or run `ckptstore verify ROOT` (Checkpointer.verify in Python)"
     entry = manifest.files.get(md_name) if md_name is not None else None
     if md_name is None or entry is None or entry.kind != "file":
         raise CorruptCheckpointError(

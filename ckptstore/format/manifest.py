@@ -153,7 +153,7 @@ class Manifest:
         With a ``key``, a manifest whose HMAC is
         missing or wrong raises :class:`UnsafeCheckpointError` before any field is used.
         """
-        hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step) on this one"
+        hint = "restore an earlier checkpoint, or run `ckptstore verify` on this one"
         try:
             body = json.loads(data, parse_constant=_not_json)
         except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, 5000-digit ints, deep nesting

@@ -61,7 +61,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ckptstore.config import BackupConfig, CheckpointerConfig, ManagerConfig
+from ckptstore.config import BackupConfig, ManagerConfig, manager_configs
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
 from ckptstore.engine.ops import CheckpointInfo
@@ -139,36 +139,20 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         backup_retry_max_s: float = 60.0,
         **checkpointer_options: Any,
     ) -> None:
-        if config is None:
-            config = ManagerConfig(
-                save=save,
-                keep=keep,
-                enabled=enabled,
-                best_metric=best_metric,
-                best_mode=best_mode,
-                checkpointer=CheckpointerConfig(**checkpointer_options),
-            )
-        elif (
-            save is not None
-            or keep is not None
-            or not enabled
-            or best_metric is not None
-            or best_mode != "min"
-            or checkpointer_options
-        ):
-            raise TypeError(
-                "pass either config=ManagerConfig(...) or its fields as keywords, not both"
-            )
-        if backup is not None and not isinstance(backup, BackupConfig):
-            backup = BackupConfig(
-                url=backup,
-                keep=backup_keep,
-                storage_options=backup_options,
-                max_queued=backup_max_queued,
-                retry_max_s=backup_retry_max_s,
-            )
-        elif backup_keep is not None or backup_options is not None:
-            raise TypeError("with backup=BackupConfig(...), put keep= and options inside it")
+        config, backup = manager_configs(
+            config,
+            backup,
+            save=save,
+            keep=keep,
+            enabled=enabled,
+            best_metric=best_metric,
+            best_mode=best_mode,
+            backup_keep=backup_keep,
+            backup_options=backup_options,
+            backup_max_queued=backup_max_queued,
+            backup_retry_max_s=backup_retry_max_s,
+            checkpointer_options=checkpointer_options,
+        )
         self.config = config
         self.save_policy = config.save
         self.keep_policy = config.keep

@@ -140,7 +140,7 @@ class RestoreMixin:
             return self._resumed(info)
         raise CorruptCheckpointError(
             f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)}); "
-            "run Checkpointer(root).verify(step) to see what is damaged"
+            "run `ckptstore verify ROOT` to see what is damaged"
         )
 
     def _note_other_runs(self, *, resumed: bool) -> None:
