@@ -193,7 +193,8 @@ def storage_error(exc: OSError, action: str, path: str) -> StorageError:
         hint = (
             "free space on that file system (or keep fewer checkpoints: retention deletes "
             "old ones only after the next one is committed, so the space must hold one "
-            "more than you keep) and save again"
+            "more than you keep; `ckptstore prune ROOT --keep-last N --yes` frees it now) "
+            "and save again"
         )
     elif action in ("read", "open", "stat", "list"):
         hint = (

@@ -208,3 +208,32 @@ def test_quarantine_moves_a_checkpoint_aside_by_hand(tmp_path):
     missing = cli("quarantine", root, 99)
     assert missing.returncode == 2 and "ls" in missing.stderr
     assert cli("quarantine", root, "latest").returncode == 2
+
+
+@pytest.mark.parametrize("kind", ["flipped shard", "deleted manifest"])
+def test_rerunning_the_training_command_after_damage_just_works(tmp_path, kind):
+    """The issue's own reproduction: damage the newest checkpoint, rerun the same command."""
+    root = tmp_path / "run"
+    base = [
+        sys.executable, "-m", "ckptstore.train", "--size", "tiny", "--device", "cpu",
+        "--batch-size", "4", "--eval-every", "100", "--eval-batches", "1",
+        "--save-every", "5", "--ckpt-dir", str(root),
+    ]  # fmt: skip
+    first = subprocess.run(
+        [*base, "--steps", "30", "--keep-last", "0"],
+        capture_output=True, text=True, timeout=300, env=env(), cwd=REPO,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert steps_listed(root)[-3:] == [20, 25, 30]
+    DAMAGE[kind](step_dir(root, 30))
+    for _ in range(2):  # the same command, twice: the second run finds the run finished
+        again = subprocess.run(
+            [*base, "--steps", "40", "--keep-last", "1"],
+            capture_output=True, text=True, timeout=300, env=env(), cwd=REPO,
+        )  # fmt: skip
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "Traceback" not in again.stderr
+    assert steps_listed(root) == [40]
+    with ckptstore.Checkpointer(root) as ckpt:
+        assert ckpt.verify(40) == []
+    assert len([n for n in names(root) if is_damaged_name(n)]) == 1
