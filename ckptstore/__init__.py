@@ -30,11 +30,14 @@ from ckptstore.errors import (
     CkptStoreError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
     RankFailedError,
     StorageError,
     StorageFullError,
     UnsafeCheckpointError,
     UnsupportedStateError,
+    WriterLeaseError,
 )
 from ckptstore.integrations.data import ResumableDataLoader, ResumableSampler
 from ckptstore.integrations.trainstate import TrainState
@@ -65,6 +68,8 @@ __all__ = [
     "CkptStoreError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "KeepBest",
     "KeepEvery",
     "KeepFinal",
@@ -83,6 +88,7 @@ __all__ = [
     "TrainState",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
+    "WriterLeaseError",
     "__version__",
     "load",
     "save",

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptstore.codecs import get_codec
+from ckptstore.errors import InvalidArgumentError, InvalidArgumentTypeError
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
 
 MANIFEST_KEY_ENV = "CKPTSTORE_MANIFEST_KEY"
@@ -33,7 +34,8 @@ def resolve_manifest_key(key: bytes | None = None) -> bytes | None:
     bytes of ``$CKPTSTORE_MANIFEST_KEY`` if set and non-empty, else None (unsigned)."""
     if key is not None:
         if not isinstance(key, (bytes, bytearray)) or not key:
-            raise ValueError("manifest_key must be non-empty bytes or None")  # never echo it
+            # never echo the key
+            raise InvalidArgumentError("manifest_key must be non-empty bytes or None")
         return bytes(key)
     env = os.environ.get(MANIFEST_KEY_ENV)
     return env.encode() if env else None
@@ -96,29 +98,31 @@ class CheckpointerConfig:
 
     def __post_init__(self) -> None:
         if self.backend_options is not None and not isinstance(self.backend_options, Mapping):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"backend_options must be a dict or None, got {type(self.backend_options).__name__}"
             )
         if self.codec != "auto":
-            get_codec(self.codec)  # raises ValueError naming the known codecs
+            get_codec(self.codec)  # raises InvalidArgumentError naming the known codecs
         if not isinstance(self.max_inflight, int) or self.max_inflight < 1:
-            raise ValueError(f"max_inflight must be an int >= 1, got {self.max_inflight!r}")
+            raise InvalidArgumentError(
+                f"max_inflight must be an int >= 1, got {self.max_inflight!r}"
+            )
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be an int >= 1 or None, got {self.threads!r}")
+            raise InvalidArgumentError(f"threads must be an int >= 1 or None, got {self.threads!r}")
         if (
             not isinstance(self.chunk_bytes, int)
             or not 4096 <= self.chunk_bytes <= MAX_CHUNK_BYTES
             or self.chunk_bytes % 4096
         ):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"chunk_bytes must be a multiple of 4096 up to {MAX_CHUNK_BYTES}, got {self.chunk_bytes!r}"
             )
         if self.max_staging_bytes is not None and self.max_staging_bytes <= 0:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"max_staging_bytes must be positive or None, got {self.max_staging_bytes!r}"
             )
         if self.sweep_grace_s is not None and self.sweep_grace_s < 0:
-            raise ValueError(f"sweep_grace_s must be >= 0, got {self.sweep_grace_s!r}")
+            raise InvalidArgumentError(f"sweep_grace_s must be >= 0, got {self.sweep_grace_s!r}")
         object.__setattr__(self, "manifest_key", resolve_manifest_key(self.manifest_key))
 
     @property
@@ -145,7 +149,7 @@ def check_policy(policy: object, kind: str) -> None:
         if not callable(getattr(p, method, None)):
             wanted = "SavePolicy" if kind == "save" else "RetentionPolicy"
             example = "SaveEvery(steps=500)" if kind == "save" else "KeepLast(3)"
-            raise TypeError(f"{kind}= needs {wanted}s such as {example}; got {p!r}")
+            raise InvalidArgumentTypeError(f"{kind}= needs {wanted}s such as {example}; got {p!r}")
 
 
 @dataclass(frozen=True)
@@ -172,9 +176,9 @@ class ManagerConfig:
         check_policy(self.save, "save")
         check_policy(self.keep, "keep")
         if self.best_mode not in ("min", "max"):
-            raise ValueError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
+            raise InvalidArgumentError(f"best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if not isinstance(self.checkpointer, CheckpointerConfig):
-            raise TypeError(
+            raise InvalidArgumentTypeError(
                 f"checkpointer must be a CheckpointerConfig, got {type(self.checkpointer).__name__}"
             )
 
@@ -202,11 +206,66 @@ class BackupConfig:
 
     def __post_init__(self) -> None:
         if self.url is None or self.url == "":
-            raise ValueError("BackupConfig needs url=, e.g. 's3://my-bucket/runs/exp1'")
+            raise InvalidArgumentError("BackupConfig needs url=, e.g. 's3://my-bucket/runs/exp1'")
         check_policy(self.keep, "keep")
         if isinstance(self.max_queued, bool) or not isinstance(self.max_queued, int):
-            raise ValueError(f"max_queued must be an int >= 1, got {self.max_queued!r}")
+            raise InvalidArgumentError(f"max_queued must be an int >= 1, got {self.max_queued!r}")
         if self.max_queued < 1:
-            raise ValueError(f"max_queued must be at least 1, got {self.max_queued}")
+            raise InvalidArgumentError(f"max_queued must be at least 1, got {self.max_queued}")
         if not (isinstance(self.retry_max_s, (int, float)) and math.isfinite(self.retry_max_s)):
-            raise ValueError(f"retry_max_s must be a finite number, got {self.retry_max_s!r}")
+            raise InvalidArgumentError(
+                f"retry_max_s must be a finite number, got {self.retry_max_s!r}"
+            )
+
+
+def manager_configs(
+    config: ManagerConfig | None,
+    backup: Any,
+    *,
+    save: Any,
+    keep: Any,
+    enabled: bool,
+    best_metric: str | None,
+    best_mode: str,
+    backup_keep: Any,
+    backup_options: Mapping[str, Any] | None,
+    backup_max_queued: int,
+    backup_retry_max_s: float,
+    checkpointer_options: Mapping[str, Any],
+) -> tuple[ManagerConfig, BackupConfig | None]:
+    """The configs of a ``CheckpointManager`` from its arguments: ``config=`` (and
+    ``backup=BackupConfig(...)``) as given, or built from the keywords; both at once is
+    an error."""
+    if config is None:
+        config = ManagerConfig(
+            save=save,
+            keep=keep,
+            enabled=enabled,
+            best_metric=best_metric,
+            best_mode=best_mode,
+            checkpointer=CheckpointerConfig(**checkpointer_options),
+        )
+    elif (
+        save is not None
+        or keep is not None
+        or not enabled
+        or best_metric is not None
+        or best_mode != "min"
+        or checkpointer_options
+    ):
+        raise InvalidArgumentTypeError(
+            "pass either config=ManagerConfig(...) or its fields as keywords, not both"
+        )
+    if backup is not None and not isinstance(backup, BackupConfig):
+        backup = BackupConfig(
+            url=backup,
+            keep=backup_keep,
+            storage_options=backup_options,
+            max_queued=backup_max_queued,
+            retry_max_s=backup_retry_max_s,
+        )
+    elif backup_keep is not None or backup_options is not None:
+        raise InvalidArgumentTypeError(
+            "with backup=BackupConfig(...), put keep= and options inside it"
+        )
+    return config, backup

@@ -13,6 +13,8 @@ working::
     ├── IncompatibleCheckpointError    (+ ValueError)         keys / shapes / format differ
     ├── ExportError                    (+ ValueError)         cannot convert to / from a file
     ├── UnsupportedStateError          (+ TypeError)          a value ckptstore cannot save
+    ├── InvalidArgumentError           (+ ValueError)         a public call's argument is wrong
+    │   └── InvalidArgumentTypeError   (+ TypeError)          ... of the wrong type
     ├── StorageError                   (+ OSError)            I/O failed; errno kept
     │   └── StorageFullError                                  ENOSPC / quota
     ├── BackgroundSaveError                                   an earlier async save failed
@@ -20,6 +22,7 @@ working::
     ├── InvalidOperationError          (+ RuntimeError)       called in the wrong state
     │   └── CheckpointerClosedError                           used after close()
     ├── CopyStoppedError                                      a copy was asked to stop
+    ├── WriterLeaseError                                      another process writes this root
     ├── CliError                                              a command failed; carries its exit code
     └── BenchError                                            a benchmark's setup is wrong (exit 2)
 
@@ -44,6 +47,8 @@ __all__ = [
     "CorruptCheckpointError",
     "ExportError",
     "IncompatibleCheckpointError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "InvalidOperationError",
     "ManifestExistsError",
     "RankFailedError",
@@ -51,6 +56,7 @@ __all__ = [
     "StorageFullError",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
+    "WriterLeaseError",
 ]
 
 
@@ -84,6 +90,16 @@ class IncompatibleCheckpointError(CkptStoreError, ValueError):
 
 class UnsupportedStateError(CkptStoreError, TypeError):
     """A ``state_dict`` value that ckptstore cannot save and load back safely."""
+
+
+class InvalidArgumentError(CkptStoreError, ValueError):
+    """Misuse: an argument of a public call (a step, a root, a codec, a config field)
+    that can never work. Raised before anything is read or written."""
+
+
+class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
+    """Misuse: an argument of the wrong type (a string or a tensor as a step). Also a
+    ``ValueError``, as every :class:`InvalidArgumentError` is."""
 
 
 class StorageError(CkptStoreError, OSError):
@@ -135,6 +151,15 @@ class CopyStoppedError(CkptStoreError):
     waiting); nothing of the checkpoint it was copying was committed."""
 
 
+class WriterLeaseError(CkptStoreError):
+    """Another process holds the writer lease on this root (two training runs started on
+    one checkpoint directory). ``holder`` is what it recorded: host, pid, since."""
+
+    def __init__(self, message: str, *, holder: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 # Exit statuses of the command line (``ckptstore``): 0 ok, 1 failed, 2 usage.
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -168,10 +193,14 @@ def storage_error(exc: OSError, action: str, path: str) -> StorageError:
         hint = (
             "free space on that file system (or keep fewer checkpoints: retention deletes "
             "old ones only after the next one is committed, so the space must hold one "
-            "more than you keep) and save again"
+            "more than you keep; `ckptstore prune ROOT --keep-last N --yes` frees it now) "
+            "and save again"
         )
     elif action in ("read", "open", "stat", "list"):
-        hint = "check that the storage is reachable and the checkpoint complete (Checkpointer(root).verify(step))"
+        hint = (
+            "check that the storage is reachable and the checkpoint complete "
+            "(`ckptstore verify ROOT` checks every checkpoint under ROOT)"
+        )
     else:
         hint = "check the path, its permissions and the device, then save again"
     if code is None:

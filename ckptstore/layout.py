@@ -10,11 +10,18 @@
       latest                    LATEST_FILE: names the newest committed checkpoint
       finals                    FINALS_FILE: checkpoints that ended a completed run
       .tmp-step_00000600-<id>/  TEMP_PREFIX: a save in flight, or a dead one (swept)
+      step_00000500.replacing/  REPLACING_SUFFIX: the new copy of a checkpoint being
+                                replaced (transfer.replace_checkpoint), removed after
       .lock                     LOCK_FILE: flock-ed by a local writer
+      .writer-lease             WRITER_LEASE_FILE: flock-ed by the run writing this root
       .pointer-<id>             POINTER_TEMP_PREFIX: a pointer being replaced
+      step_00000600.damaged-<UTC>  damaged_name(): a damaged checkpoint moved aside for
+                                inspection; never listed, loaded, swept or deleted by ckptstore
 
 Names read from storage are untrusted: :func:`check_name` accepts plain relative names
-only, so that nothing read from a manifest can point outside the root.
+only, so that nothing read from a manifest can point outside the root. What is read
+whole is capped by kind (:func:`read_limit_bytes`): a 16 GiB sparse ``latest`` is
+refused as corrupt, not read until memory runs out.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import time
 
 MANIFEST_FILE = "manifest.json"
 METADATA_FILE = ".metadata"
@@ -29,16 +37,54 @@ LATEST_FILE = "latest"  # the name of the newest committed checkpoint, replaced 
 FINALS_FILE = "finals"  # names of checkpoints that ended a completed run, one per line
 TEMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
+WRITER_LEASE_FILE = ".writer-lease"  # holds the writer's host, pid and start time (JSON)
 POINTER_TEMP_PREFIX = ".pointer-"  # put_atomic's temp files; sweep removes stale ones
+REPLACING_SUFFIX = ".replacing"  # beside a checkpoint being replaced: the complete new copy
 
 STEP_NAME = re.compile(r"^step_(\d{8,})$")
+DAMAGED_MARK = ".damaged-"
+# The largest step: the largest integer a JSON reader that parses numbers as doubles
+# (jq, JavaScript) reads back exactly from a manifest. A larger step is a bug upstream.
+MAX_STEP = 2**53 - 1
+
+# The most bytes read whole from each kind of small file. Far above anything ckptstore
+# writes (a manifest is ~200 B per file it lists; DCP's metadata ~100 B per chunk per
+# rank), far below what would exhaust a machine's memory.
+POINTER_MAX_BYTES = 1 << 20  # latest, finals: a few names
+MANIFEST_MAX_BYTES = 256 << 20
+SMALL_FILE_MAX_BYTES = 2 << 30  # anything else read whole: DCP's .metadata, copied pointers
 
 
 def checkpoint_name(step: int) -> str:
-    """``step_00000500``: eight digits at least, so names sort like steps."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    """``step_00000500``: eight digits at least, so names sort like steps.
+
+    The public API checks steps first (``ckptstore.engine.ops.check_step``, which says
+    more); this refuses what slips past."""
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step must be an int in 0..{MAX_STEP}, got {step!r}")
     return f"step_{step:08d}"
+
+
+def damaged_name(name: str, unix_s: float) -> str:
+    """Where a damaged checkpoint ``name`` is moved aside: ``step_00000030.damaged-20261203T101500Z``."""
+    return f"{name}{DAMAGED_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(unix_s))}"
+
+
+def is_damaged_name(name: str) -> bool:
+    """A checkpoint moved aside as damaged (see :func:`damaged_name`)."""
+    base, mark, _ = name.partition(DAMAGED_MARK)
+    return bool(mark) and STEP_NAME.match(base) is not None
+
+
+def read_limit_bytes(name: str) -> int:
+    """The most bytes a backend reads whole from ``name`` (by the kind of file its last
+    component names); a larger file is refused as corrupt."""
+    base = name.rsplit("/", 1)[-1]
+    if base in (LATEST_FILE, FINALS_FILE):
+        return POINTER_MAX_BYTES
+    if base == MANIFEST_FILE:
+        return MANIFEST_MAX_BYTES
+    return SMALL_FILE_MAX_BYTES
 
 
 def check_name(name: str, *, what: str = "name") -> str:

@@ -7,7 +7,10 @@ the source is hashed and checked against the source's manifest, so a damaged che
 is never propagated; on an object store every uploaded file is then read back and
 checked again, since the server's word that it stored the bytes is not enough.
 
-:func:`fetch` brings one back (restore from a backup). The background replicator that
+:func:`replace_checkpoint` copies one over a different checkpoint of the same name (another
+run's, or a retired branch's) so that the destination holds a complete checkpoint under
+that name or beside it at every moment. :func:`fetch` brings one back (restore from a
+backup). The background replicator that
 runs these copies for ``CheckpointManager(backup=...)`` is
 :mod:`ckptstore.manager.replicate`; the command line's ``sync``/``pull`` call
 :func:`copy_checkpoint` directly.
@@ -35,7 +38,7 @@ from ckptstore.errors import (
     StorageError,
 )
 from ckptstore.format.manifest import Manifest
-from ckptstore.layout import MANIFEST_FILE
+from ckptstore.layout import MANIFEST_FILE, REPLACING_SUFFIX
 from ckptstore.storage import StorageBackend
 
 log = logging.getLogger("ckptstore")
@@ -99,8 +102,10 @@ def copy_checkpoint(
     file_retries: int = 2,
     stop: threading.Event | None = None,
     manifest_key: bytes | None = None,
+    dst_name: str | None = None,
 ) -> Manifest:
-    """Copy committed checkpoint ``name`` from ``src`` to ``dst``; return its manifest.
+    """Copy committed checkpoint ``name`` from ``src`` to ``dst`` (as ``dst_name`` there,
+    default ``name``); return its manifest.
 
     Raises :class:`CorruptCheckpointError` if the source does not match its manifest
     (nothing is written to ``dst`` then), :class:`CheckpointExistsError` if ``dst``
@@ -117,13 +122,14 @@ def copy_checkpoint(
     manifest = Manifest.from_json(manifest_bytes, f"{src.url}/{name}", key=manifest_key)
     if manifest.step is not None and name != f"step_{manifest.step:08d}":
         raise CorruptCheckpointError(f"{src.url}/{name}: the manifest says step {manifest.step}")
-    exists = dst.exists(f"{name}/{MANIFEST_FILE}")
+    target = name if dst_name is None else dst_name
+    exists = dst.exists(f"{target}/{MANIFEST_FILE}")
     if exists and not replace:
-        raise CheckpointExistsError(f"{dst.url}/{name} already exists")
+        raise CheckpointExistsError(f"{dst.url}/{target} already exists")
     if exists:
         # Local disk commits by rename and refuses an existing name: make room first.
-        log.warning("replacing %s/%s with the copy from %s", dst.url, name, src.url)
-        dst.delete(name)
+        log.warning("replacing %s/%s with the copy from %s", dst.url, target, src.url)
+        dst.delete(target)
     if verify_upload is None:
         verify_upload = not dst.capabilities.local
     if src.capabilities.local:
@@ -138,10 +144,10 @@ def copy_checkpoint(
     files = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
     if progress is not None:
         progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
-    pending = dst.begin(name)
+    pending = dst.begin(target)
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="ckptstore-copy")
     try:
-        job = _CopyJob(src, dst, pending, name, verify_upload, retries, progress, stop)
+        job = _CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)
         futures = [pool.submit(job.copy_with_retries, fname, entry) for fname, entry in files]
         while True:
             done, not_done = wait(futures, timeout=0.5, return_when=FIRST_EXCEPTION)
@@ -167,9 +173,9 @@ def copy_checkpoint(
             progress.finish()
     if dst.capabilities.local:
         # Downloaded: check every chunk of the copy now (a local read) rather than at load.
-        problems = verify_checkpoint(dst, name, None, manifest_key=manifest_key)
+        problems = verify_checkpoint(dst, target, None, manifest_key=manifest_key)
         if problems:
-            dst.delete(name)
+            dst.delete(target)
             raise CorruptCheckpointError(f"the copy from {src.url} is damaged: {problems[0]}")
     return manifest
 
@@ -181,7 +187,8 @@ class _CopyJob:
     src: StorageBackend
     dst: StorageBackend
     pending: Any
-    name: str
+    name: str  # in src
+    dst_name: str
     verify_upload: bool
     retries: int
     progress: Progress | None
@@ -239,10 +246,10 @@ class _CopyJob:
                 raise
         if not self.verify_upload:
             return
-        back = f"{dst.url}/{name}/{fname}"
+        back = f"{dst.url}/{self.dst_name}/{fname}"
         h = xxhash.xxh3_64()
         try:
-            with dst.open_reader(f"{name}/{fname}") as reader:
+            with dst.open_reader(f"{self.dst_name}/{fname}") as reader:
                 if reader.size != size:
                     raise StorageError(f"{back}: {reader.size} B after upload, expected {size} B")
                 for piece in _pieces(reader, size):
@@ -290,6 +297,48 @@ def _pieces(reader: Any, size: int, ahead: int = 4) -> Iterable[memoryview]:
         finally:
             for f in window:
                 f.cancel()
+
+
+def replace_checkpoint(
+    src: StorageBackend,
+    dst: StorageBackend,
+    name: str,
+    *,
+    threads: int = 4,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    manifest_key: bytes | None = None,
+) -> Manifest:
+    """Copy committed checkpoint ``name`` from ``src`` over the checkpoint of that name
+    on ``dst`` (or to ``dst`` if it has none); return its manifest.
+
+    ``dst`` holds a complete checkpoint, the old or the new, at every moment: a copy is
+    not a rename, and an object store has none, so the new one is first copied in full
+    beside the old (``<name>.replacing``), then the old is deleted, the new copied again
+    under ``name``, and the one beside it deleted. Twice the transfer, for a rare event
+    (a checkpoint of another run, or of a branch retired by a restore, in the way).
+    Stopped or failed anywhere, a second call finishes the job. Raises what
+    :func:`copy_checkpoint` raises.
+    """
+    beside = f"{name}{REPLACING_SUFFIX}"
+    kw: dict[str, Any] = {"threads": threads, "stop": stop, "manifest_key": manifest_key}
+    if dst.exists(f"{name}/{MANIFEST_FILE}"):
+        # A leftover beside it is of an earlier attempt; the old one is complete.
+        dst.delete(beside)
+        copy_checkpoint(src, dst, name, dst_name=beside, progress=progress, **kw)
+        log.warning(
+            "replacing %s/%s with the copy from %s (copied beside it as %s first)",
+            dst.url,
+            name,
+            src.url,
+            beside,
+        )
+        dst.delete(name)
+    elif name in dst.list_names():
+        dst.delete(name)  # files without a manifest: an unfinished copy
+    manifest = copy_checkpoint(src, dst, name, **kw)
+    dst.delete(beside)
+    return manifest
 
 
 def fetch(

@@ -167,7 +167,7 @@ def scenario_commit(root: str) -> dict[str, Any]:
 def scenario_manager(root: str) -> dict[str, Any]:
     """CheckpointManager keeping the last 2 on a disk that holds 2.5 checkpoints:
     pruning runs after a commit, so the third save runs out of space. The error says
-    to keep fewer checkpoints; with KeepLast(1) the next save fits."""
+    to keep fewer checkpoints (ckptstore prune); after that the next save fits."""
     out: dict[str, Any] = {}
     state_of = {s: make_state(s) for s in (1, 2, 3, 4)}
     with ckptstore.CheckpointManager(
@@ -193,6 +193,11 @@ def scenario_manager(root: str) -> dict[str, Any]:
             }
         out["listed_after_error"] = [i.step for i in mgr.checkpointer.list()]  # type: ignore[union-attr]
         out["temps_after_error"] = temps(root)
+    # What the error says to do: keep fewer, now. (A manager deletes nothing before its
+    # run has committed a save of its own, so it cannot make the room itself.)
+    from ckptstore.cli import main as ckptstore_cli
+
+    out["prune_status"] = ckptstore_cli(["prune", root, "--keep-last", "1", "--yes"])
     with ckptstore.CheckpointManager(
         root, save=ckptstore.SaveEvery(steps=1), keep=ckptstore.KeepLast(1), codec="none"
     ) as mgr:

@@ -48,7 +48,7 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-POINTER_FILES = ("latest", "finals")
+POINTER_FILES = ("latest", "finals", ".writer-lease")  # .writer-lease: a manager wrote here
 
 
 class InvariantError(AssertionError):

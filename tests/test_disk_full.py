@@ -108,7 +108,8 @@ def test_running_out_of_space_at_the_rename_or_the_root_fsync(report):
 
 def test_retention_on_a_full_disk_says_to_keep_fewer(report):
     """KeepLast(2) on room for 2.5 checkpoints: the third save fails (pruning follows a
-    commit), the two kept ones survive, and with KeepLast(1) the next save fits."""
+    commit), the two kept ones survive, and after `ckptstore prune --keep-last 1 --yes`
+    (what the message says) the next save fits."""
     facts = scenario(report, "manager")
     err = facts.get("error")
     assert err is not None, f"the third save did not run out of space: {facts}"
@@ -117,4 +118,5 @@ def test_retention_on_a_full_disk_says_to_keep_fewer(report):
     assert "step 3" in err["outer"], err["outer"]
     assert facts["listed_after_error"] == [1, 2]
     assert facts["temps_after_error"] == []
+    assert facts["prune_status"] == 0
     assert facts["listed_at_end"] == [4]

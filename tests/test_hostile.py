@@ -234,9 +234,10 @@ def test_manager_restore_skips_a_forged_newest_checkpoint(root, tmp_path, caplog
         CheckpointManager(root, manifest_key=KEY) as mgr,
     ):
         assert mgr.restore(train_state(seed=5)) == 2
-        # Restoring it by path is refused too.
+        # It was moved aside (issue 14); restoring it by path is refused too.
+        (aside,) = [n for n in os.listdir(root) if n.startswith("step_00000004.damaged-")]
         with pytest.raises(ckptstore.UnsafeCheckpointError):
-            mgr.restore(train_state(), os.path.join(root, "step_00000004"))
+            mgr.restore(train_state(), os.path.join(root, aside))
     assert not (tmp_path / "pwned").exists()
 
 

@@ -58,6 +58,7 @@ def test_retention_keeps_last_n_and_never_touches_foreign_entries(root):
         train(mgr, state, 6)
         assert [c.step for c in mgr.list()] == [5, 6]
     assert sorted(os.listdir(root)) == [
+        ".writer-lease",  # the writer lease's file stays (locks go with their holders)
         "README",
         "latest",
         "notes",
@@ -67,14 +68,18 @@ def test_retention_keeps_last_n_and_never_touches_foreign_entries(root):
     ]
 
 
-def test_a_crash_between_save_and_prune_is_caught_up_at_start(root):
+def test_a_crash_between_save_and_prune_is_caught_up_at_the_first_commit(root):
+    """Issue 14: nothing is deleted before the run has restored and committed a save of
+    its own; then retention catches up what an earlier crash left."""
     state = make_state()
     with CheckpointManager(root, save=SaveEvery(steps=1)) as mgr:  # no retention yet
         train(mgr, state, 5)
     assert steps_on_disk(root) == [1, 2, 3, 4, 5]
-    with CheckpointManager(root, keep=KeepLast(2)):
-        pass
-    assert steps_on_disk(root) == [4, 5]
+    with CheckpointManager(root, save=SaveEvery(steps=1), keep=KeepLast(2)) as mgr:
+        assert steps_on_disk(root) == [1, 2, 3, 4, 5]  # not at start-up
+        assert mgr.restore(state) == 5
+        train(mgr, state, 1, start=5)
+    assert steps_on_disk(root) == [5, 6]
 
 
 def test_best_survives_a_restart(root):

@@ -21,6 +21,8 @@ EXPECTED = [
     "CkptStoreError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "KeepBest",
     "KeepEvery",
     "KeepFinal",
@@ -39,6 +41,7 @@ EXPECTED = [
     "TrainState",
     "UnsafeCheckpointError",
     "UnsupportedStateError",
+    "WriterLeaseError",
     "__version__",
     "load",
     "save",
@@ -63,6 +66,9 @@ def test_error_tree():
     assert issubclass(ckptstore.IncompatibleCheckpointError, ValueError)
     assert issubclass(ckptstore.StorageFullError, OSError)
     assert issubclass(ckptstore.UnsafeCheckpointError, ckptstore.CorruptCheckpointError)
+    assert issubclass(ckptstore.InvalidArgumentError, ValueError)
+    assert issubclass(ckptstore.InvalidArgumentTypeError, ckptstore.InvalidArgumentError)
+    assert issubclass(ckptstore.InvalidArgumentTypeError, TypeError)
 
 
 def test_import_starts_nothing_and_pulls_no_cloud_sdk():

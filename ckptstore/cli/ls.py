@@ -25,10 +25,10 @@ from ckptstore.cli._common import (
     table,
 )
 from ckptstore.cli.retention_options import add_retention_options, forever_parts
-from ckptstore.engine.ops import CheckpointInfo, read_manifest
+from ckptstore.engine.ops import CheckpointInfo, read_manifest, step_mismatch
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
 from ckptstore.format.manifest import Manifest
-from ckptstore.layout import LATEST_FILE, STEP_NAME, TEMP_PREFIX
+from ckptstore.layout import DAMAGED_MARK, LATEST_FILE, STEP_NAME, TEMP_PREFIX, is_damaged_name
 from ckptstore.manager import pointer, retention
 from ckptstore.manager.policies import FINAL, KeepBest, RetentionPolicy
 from ckptstore.storage import StorageBackend
@@ -62,7 +62,7 @@ class Entry:
     """One name under a root, as ``ls`` shows it."""
 
     name: str
-    status: str  # "committed", "uncommitted", "corrupt"
+    status: str  # "committed", "uncommitted", "corrupt", "damaged" (set aside)
     step: int | None
     url: str
     manifest: Manifest | None = None
@@ -92,20 +92,15 @@ def scan(backend: StorageBackend, *, everything: bool) -> list[Entry]:
                 if everything:
                     entries.append(Entry(name, "corrupt", step, url, error=str(exc)))
                 continue
-            if manifest.step != step:
+            mismatch = step_mismatch(backend, name, manifest)
+            if mismatch is not None:
                 if everything:
-                    entries.append(
-                        Entry(
-                            name,
-                            "corrupt",
-                            step,
-                            url,
-                            manifest,
-                            error=f"{url}: its manifest says step {manifest.step}",
-                        )
-                    )
+                    entries.append(Entry(name, "corrupt", step, url, manifest, error=mismatch))
                 continue
             entries.append(Entry(name, "committed", step, url, manifest))
+        elif everything and is_damaged_name(name):
+            base = STEP_NAME.match(name.partition(DAMAGED_MARK)[0])
+            entries.append(Entry(name, "damaged", int(base.group(1)) if base else None, url))
         elif everything and name.startswith(TEMP_PREFIX):
             inner = STEP_NAME.match(name[len(TEMP_PREFIX) :].rsplit("-", 1)[0])
             entries.append(Entry(name, "uncommitted", int(inner.group(1)) if inner else None, url))

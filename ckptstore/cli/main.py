@@ -89,6 +89,11 @@ COMMANDS: dict[str, Command] = {
         "prefixes older than the grace period, stale multipart uploads",
         "ckptstore.cli.gc",
     ),
+    "quarantine": Command(
+        "move a damaged checkpoint aside (step_N.damaged-<time>): kept for inspection, "
+        "no longer listed or loaded",
+        "ckptstore.cli.quarantine",
+    ),
 }
 
 

@@ -8,8 +8,19 @@ the manifests; the newest checkpoint and the one ``latest`` names are always kep
 from __future__ import annotations
 
 import argparse
+import sys
 
-from ckptstore.cli._common import OK, emit_json, manifest_key, open_root, size, table, usage_error
+from ckptstore.cli._common import (
+    FAILED,
+    OK,
+    emit_json,
+    manifest_key,
+    open_root,
+    size,
+    status,
+    table,
+    usage_error,
+)
 from ckptstore.cli.retention_options import add_retention_options, retention_parts
 from ckptstore.engine.ops import list_checkpoints
 from ckptstore.layout import LATEST_FILE
@@ -54,16 +65,36 @@ def run(args: argparse.Namespace) -> int:
     newest = max(r.step for r in records)
     why[newest].append("newest")
     latest = pointer.read_lines(backend, LATEST_FILE)[:1]
-    doomed = []
     for info, rec in zip(infos, records, strict=True):
         if info.name in latest:
             why[rec.step].append("latest")
-        if not why[rec.step]:
-            doomed.append(info)
+    good: str | None = None
+    if any(not reasons for reasons in why.values()):
+        # A damaged checkpoint never protects the run: find the newest that verifies.
+        status(f"verifying the newest checkpoints under {backend.url} (every byte)")
+        try:
+            good = retention.newest_verified(
+                backend, infos, trusted=set(), manifest_key=manifest_key()
+            )
+        finally:
+            status(None)
+        for info, rec in zip(infos, records, strict=True):
+            if info.name == good:
+                why[rec.step].append("newest that verifies")
+    doomed = [i for i, r in zip(infos, records, strict=True) if not why[r.step]]
+    if doomed and good is None:
+        print(
+            f"no checkpoint under {backend.url} verifies: nothing deleted; run `ckptstore "
+            f"verify {args.root}` to see what is damaged",
+            file=sys.stderr,
+        )
+        return FAILED
     deleted: list[str] = []
     if args.yes and doomed:
         # The engine's own pruning (the same decision, taken again on a fresh listing).
-        deleted = retention.prune(backend, policy, manifest_key=manifest_key())
+        deleted = retention.prune(
+            backend, policy, manifest_key=manifest_key(), trusted=() if good is None else (good,)
+        )
     if args.json:
         emit_json(
             {

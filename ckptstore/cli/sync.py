@@ -35,7 +35,7 @@ from ckptstore.errors import CheckpointExistsError, CkptStoreError, CopyStoppedE
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
 from ckptstore.storage import StorageBackend
-from ckptstore.transfer import Progress, copy_checkpoint
+from ckptstore.transfer import Progress, copy_checkpoint, replace_checkpoint
 
 TRANSFER_NOTES = (
     "\nEvery file is checked against its manifest on the way (uploads are read\n"
@@ -110,10 +110,12 @@ def existing_problems(
         theirs = read_manifest(dst, info.name, manifest_key=manifest_key())
     except CkptStoreError as exc:
         return "damaged", [str(exc)]
-    if theirs.files != info.manifest.files:
+    if not theirs.same_checkpoint(info.manifest):
+        unknown = "(not recorded)"
+        runs = f"run {theirs.run_id or unknown} there, {info.manifest.run_id or unknown} here"
         return "different", [
             f"{dst.url}/{info.name} holds a different checkpoint than {info.url} (other "
-            "files or checksums: another run's?)"
+            f"files or checksums, or another run: {runs})"
         ]
     if full:
         with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-verify") as pool:
@@ -200,12 +202,12 @@ def transfer(args: argparse.Namespace) -> int:
         start = time.monotonic()
         try:
             with _stop_on_ctrl_c(stop):
-                manifest = copy_checkpoint(
+                # A replace copies beside the damaged one first: never neither of them.
+                manifest = (replace_checkpoint if replace else copy_checkpoint)(
                     src,
                     dst,
                     info.name,
                     threads=threads,
-                    replace=replace,
                     progress=progress,
                     stop=stop,
                     manifest_key=manifest_key(),

@@ -64,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
             backend = open_root(args.target)
             entries = scan(backend, everything=True)
             for e in entries:
+                if e.status == "damaged":
+                    notes.append(
+                        f"{e.name}: set aside as damaged, not checked; remove it once you have "
+                        "looked at it (ckptstore never deletes it)"
+                    )
+                    continue
                 if e.status == "uncommitted" and (
                     e.name.startswith(TEMP_PREFIX) or not backend.capabilities.local
                 ):

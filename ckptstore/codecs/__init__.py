@@ -7,6 +7,7 @@ from typing import Any
 from ckptstore.codecs.base import Codec, ElementKind, EncodedChunk
 from ckptstore.codecs.raw import RawCodec
 from ckptstore.codecs.zstd import ZstdCodec
+from ckptstore.errors import InvalidArgumentError
 
 __all__ = ["Codec", "ElementKind", "EncodedChunk", "RawCodec", "ZstdCodec", "get_codec"]
 
@@ -23,14 +24,14 @@ def get_codec(spec: str | dict[str, Any] | Codec) -> Codec:
     if isinstance(spec, str):
         spec = {"id": spec}
     if not isinstance(spec, dict) or "id" not in spec:
-        raise ValueError(f"codec must be a name or a config dict with 'id', got {spec!r}")
+        raise InvalidArgumentError(f"codec must be a name or a config dict with 'id', got {spec!r}")
     params = dict(spec)
     codec_id = params.pop("id")
     cls = _REGISTRY.get(codec_id) if isinstance(codec_id, str) else None
     if cls is None:
         known = ", ".join(sorted([*_REGISTRY, "auto"]))
-        raise ValueError(f"unknown codec {codec_id!r}; choose one of: {known}")
+        raise InvalidArgumentError(f"unknown codec {codec_id!r}; choose one of: {known}")
     try:
         return cls(**params)
     except TypeError as exc:
-        raise ValueError(f"bad parameters for codec {codec_id!r}: {exc}") from None
+        raise InvalidArgumentError(f"bad parameters for codec {codec_id!r}: {exc}") from None

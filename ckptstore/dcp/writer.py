@@ -52,8 +52,9 @@ class SaveSpec:
 
     Made once per save by the Checkpointer (or a one-shot ``ckptstore.save``) and handed
     down whole: ``codec``, ``chunk_bytes`` and ``window`` (chunks in flight) say how
-    shards are encoded; ``step``, ``metadata`` (the user's JSON), ``epoch``, ``reason``
-    and ``metrics`` go into the manifest, which is signed with ``manifest_key`` if set.
+    shards are encoded; ``step``, ``metadata`` (the user's JSON), ``epoch``, ``reason``,
+    ``metrics`` and ``run_id`` go into the manifest, which is signed with
+    ``manifest_key`` if set.
     """
 
     codec: Codec
@@ -64,6 +65,7 @@ class SaveSpec:
     epoch: int | None = None
     reason: str | None = None
     metrics: Mapping[str, float | None] = field(default_factory=dict)
+    run_id: str | None = None
     manifest_key: bytes | None = field(default=None, repr=False)
 
 
@@ -263,6 +265,7 @@ class CkptStorageWriter(StorageWriter):
             epoch=spec.epoch,
             reason=spec.reason,
             metrics=dict(spec.metrics),
+            run_id=spec.run_id,
         )
         self._pending.commit(manifest.to_json(spec.manifest_key))
         self._committed = True

@@ -35,6 +35,7 @@ from ckptstore.engine.ops import (
     CheckpointInfo,
     check_info,
     check_metadata,
+    check_step,
     list_checkpoints,
     load_into,
     read_dcp_metadata,
@@ -47,7 +48,10 @@ from ckptstore.engine.stager import StagedState, StagingPool
 from ckptstore.errors import (
     CheckpointerClosedError,
     CheckpointNotFoundError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
 )
+from ckptstore.format.manifest import check_run_id
 from ckptstore.layout import MANIFEST_FILE, checkpoint_name
 from ckptstore.storage import StorageBackend, open_backend
 from ckptstore.units import format_bytes
@@ -82,7 +86,7 @@ class Checkpointer:
         **options: Any,
     ) -> None:
         if config is not None and options:
-            raise TypeError(
+            raise InvalidArgumentTypeError(
                 f"pass either config= or keyword options ({', '.join(sorted(options))}), not both"
             )
         self.config = config if config is not None else CheckpointerConfig(**options)
@@ -152,11 +156,12 @@ class Checkpointer:
         epoch: int | None = None,
         reason: str | None = None,
         metrics: dict[str, float] | None = None,
+        run_id: str | None = None,
     ) -> PendingSave:
         """Start saving ``state_dict`` as checkpoint ``step``.
 
-        ``epoch``, ``reason`` and ``metrics`` go into the manifest, where listings and
-        retention read them (the CheckpointManager sets them).
+        ``epoch``, ``reason``, ``metrics`` and ``run_id`` go into the manifest, where
+        listings, retention and the backup read them (the CheckpointManager sets them).
 
         Returns once the state is staged (the caller may then change its tensors). With
         ``block_until_staged=False`` the copy happens on the writer thread and the call
@@ -169,12 +174,13 @@ class Checkpointer:
         raised for the earlier one, with this save's handle as its ``pending``.
         """
         self._check_open()
-        name = checkpoint_name(step)
+        name = checkpoint_name(check_step(step))
         user_md = check_metadata(metadata)
         info = check_info(epoch, reason, metrics)
+        info["run_id"] = None if run_id is None else check_run_id(run_id)
         with self._lock:
             if step in self._inflight:
-                raise ValueError(f"step {step} is already being saved; wait for it first")
+                raise InvalidArgumentError(f"step {step} is already being saved; wait for it first")
         earlier = self._errors.take_unseen()
         start = time.perf_counter()
         self._slots.acquire()
@@ -378,7 +384,7 @@ class Checkpointer:
 
     def exists(self, step: int) -> bool:
         """Whether checkpoint ``step`` is committed (its manifest is there; not verified)."""
-        return self._backend.exists(f"{checkpoint_name(step)}/{MANIFEST_FILE}")
+        return self._backend.exists(f"{checkpoint_name(check_step(step))}/{MANIFEST_FILE}")
 
     def latest(self) -> CheckpointInfo | None:
         infos = self.list()
@@ -390,11 +396,15 @@ class Checkpointer:
         step: int | None = None,
         *,
         allow_partial: bool = False,
+        allow_cast: bool = False,
     ) -> CheckpointInfo:
         """Load checkpoint ``step`` (default: the latest) into ``state_dict`` in place.
 
         Waits for saves in flight first. Reshards: a checkpoint saved on N ranks loads on
         M. Raises :class:`~ckptstore.errors.CheckpointNotFoundError` if there is none.
+        A tensor whose target's dtype cannot hold its values exactly (fp32 into fp16 or
+        int64) is refused (:class:`~ckptstore.errors.IncompatibleCheckpointError`) unless
+        ``allow_cast``; a widening (fp32 into fp64) converts.
         """
         self._check_open()
         self._drain()  # the writer thread and this one must not use the gloo group at once
@@ -406,7 +416,7 @@ class Checkpointer:
                 )
             name = latest.name
         else:
-            name = checkpoint_name(step)
+            name = checkpoint_name(check_step(step))
         manifest = load_into(
             state_dict,
             self._backend,
@@ -414,13 +424,14 @@ class Checkpointer:
             pool=self._pool,
             group=self._group,
             allow_partial=allow_partial,
+            allow_cast=allow_cast,
             manifest_key=self.config.manifest_key,
         )
         return CheckpointInfo(name, f"{self.url}/{name}", manifest)
 
     def read_metadata(self, step: int) -> Metadata:
         """DCP's metadata of checkpoint ``step`` (what it holds), checked and safely read."""
-        name = checkpoint_name(step)
+        name = checkpoint_name(check_step(step))
         manifest = read_manifest(self._backend, name, manifest_key=self.config.manifest_key)
         return read_dcp_metadata(self._backend, name, manifest)
 
@@ -428,7 +439,10 @@ class Checkpointer:
         """Check every byte of checkpoint ``step``; one line per problem, empty if intact."""
         self._check_open()
         return verify(
-            self._backend, checkpoint_name(step), self._pool, manifest_key=self.config.manifest_key
+            self._backend,
+            checkpoint_name(check_step(step)),
+            self._pool,
+            manifest_key=self.config.manifest_key,
         )
 
     def sweep(self, grace_s: float | None = None) -> builtins.list[str]:

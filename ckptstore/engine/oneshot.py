@@ -21,12 +21,13 @@ from ckptstore.engine import groups
 from ckptstore.engine.ops import (
     CheckpointInfo,
     check_metadata,
+    check_step,
     load_into,
     read_manifest,
     save_staged,
 )
 from ckptstore.engine.stager import stage_in_place
-from ckptstore.errors import CheckpointNotFoundError
+from ckptstore.errors import CheckpointNotFoundError, InvalidArgumentError
 from ckptstore.layout import STEP_NAME, split_checkpoint_path
 from ckptstore.storage import StorageBackend, open_backend
 
@@ -34,7 +35,7 @@ from ckptstore.storage import StorageBackend, open_backend
 def _split(path: str | os.PathLike[str]) -> tuple[str, str]:
     root, name = split_checkpoint_path(os.fspath(path))
     if not name:
-        raise ValueError(f"{os.fspath(path)!r} does not name a checkpoint directory")
+        raise InvalidArgumentError(f"{os.fspath(path)!r} does not name a checkpoint directory")
     return root, name
 
 
@@ -55,6 +56,8 @@ def save(
     holds a committed checkpoint: ckptstore never overwrites one.
     """
     root, name = _split(path)
+    if step is not None:
+        check_step(step)
     user_md = check_metadata(metadata)
     key = resolve_manifest_key()
     backend = open_backend(root, storage_options=storage_options)
@@ -88,6 +91,7 @@ def load(
     path: str | os.PathLike[str],
     *,
     allow_partial: bool = False,
+    allow_cast: bool = False,
     process_group: dist.ProcessGroup | None = None,
     threads: int | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -95,7 +99,10 @@ def load(
     """Load the checkpoint at ``path`` into ``state_dict`` in place (resharding as needed).
 
     Every byte read is checked against the manifest; nothing is unpickled outside an
-    allowlist. ``allow_partial`` leaves keys the checkpoint lacks untouched.
+    allowlist. ``allow_partial`` leaves keys the checkpoint lacks untouched;
+    ``allow_cast`` converts tensors whose target's dtype cannot hold their values
+    exactly, fp32 into fp16 say (else :class:`~ckptstore.errors.IncompatibleCheckpointError`
+    names them); a widening (fp32 into fp64) converts without it.
     """
     root, name = _split(path)
     backend = open_backend(root, storage_options=storage_options, create=False)
@@ -113,6 +120,7 @@ def load(
                 pool=pool,
                 group=group,
                 allow_partial=allow_partial,
+                allow_cast=allow_cast,
                 manifest_key=resolve_manifest_key(),
             )
         except CheckpointNotFoundError as exc:

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -32,18 +31,20 @@ from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
 from ckptstore.dcp.writer import CkptStorageWriter, SaveSpec
 from ckptstore.engine import groups
-from ckptstore.engine.stager import StagedState
+from ckptstore.engine.stager import StagedState, flatten_checked
 from ckptstore.errors import (
     CheckpointNotFoundError,
     CkptStoreError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
     UnsupportedStateError,
 )
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardReader
-from ckptstore.layout import MANIFEST_FILE, METADATA_FILE, STEP_NAME
+from ckptstore.layout import MANIFEST_FILE, MAX_STEP, METADATA_FILE, STEP_NAME
 from ckptstore.storage.base import StorageBackend
 
 
@@ -119,7 +120,7 @@ def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) ->
     """DCP's metadata, read only after its size and checksum match the manifest."""
     md_name = md_format.metadata_file(manifest.files)
     where = f"{_where(backend, name)}/{md_name or METADATA_FILE}"
-    hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step)"
+    hint = "restore an earlier checkpoint, or run `ckptstore verify ROOT` (Checkpointer.verify in Python)"
     entry = manifest.files.get(md_name) if md_name is not None else None
     if md_name is None or entry is None or entry.kind != "file":
         raise CorruptCheckpointError(
@@ -190,18 +191,31 @@ def load_into(
     pool: Executor | None,
     group: dist.ProcessGroup | None,
     allow_partial: bool = False,
+    allow_cast: bool = False,
     manifest_key: bytes | None = None,
 ) -> Manifest:
     """Load checkpoint ``name`` into ``state_dict`` in place (DCP semantics; reshards).
 
     The manifest is checked (and its HMAC, with a ``manifest_key``) before any other
-    file is read; ``.metadata`` is unpickled only after its checksum matches.
+    file is read; ``.metadata`` is unpickled only after its checksum matches. A tensor
+    whose stored values its target's dtype cannot hold exactly (fp32 into fp16) is
+    refused unless ``allow_cast``.
     """
+    if not isinstance(state_dict, dict):
+        raise InvalidArgumentTypeError(
+            f"state_dict must be a dict to load into, got {type(state_dict).__name__}"
+        )
     manifest = read_manifest(backend, name, manifest_key=manifest_key)
     metadata = read_dcp_metadata(backend, name, manifest)
     keys = sorted(state_dict)
     target = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in state_dict.items()}
-    check_compatible(target, metadata, _where(backend, name), allow_partial=allow_partial)
+    check_compatible(
+        target,
+        metadata,
+        _where(backend, name),
+        allow_partial=allow_partial,
+        allow_cast=allow_cast,
+    )
     reader = CkptStorageReader(backend, name, manifest, metadata, pool)
     try:
         driver.load(target, reader, SafeLoadPlanner(allow_partial_load=allow_partial), group)
@@ -217,7 +231,12 @@ def load_into(
 
 
 def check_compatible(
-    target: dict[str, Any], metadata: Metadata, where: str, *, allow_partial: bool = False
+    target: dict[str, Any],
+    metadata: Metadata,
+    where: str,
+    *,
+    allow_partial: bool = False,
+    allow_cast: bool = False,
 ) -> None:
     """Raise :class:`IncompatibleCheckpointError` listing how ``target`` differs.
 
@@ -227,11 +246,21 @@ def check_compatible(
     until its first step, would load nothing). Other keys the target does not name are
     not loaded, by design: pass ``{"model": ...}`` to load only the model, or only this
     rank's entry of a per-rank dict. ``allow_partial`` accepts missing keys on either side.
+    A dtype that would lose values (an fp32 checkpoint into an fp16 or int64 model) is a
+    difference too, unless ``allow_cast``: then loading converts. A widening (fp32 into
+    fp64) converts without asking. Meta tensors cannot be loaded into.
     """
-    flat, _ = flatten_state_dict(target)
+    flat, _ = flatten_checked(target)
+    meta = [fqn for fqn, obj in flat.items() if isinstance(obj, torch.Tensor) and obj.is_meta]
+    if meta:
+        raise UnsupportedStateError(
+            f"cannot load {where} into meta tensors, which have no memory ({_first(meta)}); "
+            "materialize the model first (module.to_empty(device=...)), then load"
+        )
     stored = metadata.state_dict_metadata
     missing: list[str] = []
     differ: list[str] = []
+    cast: list[str] = []
     for fqn, obj in flat.items():
         md = stored.get(fqn)
         if md is None:
@@ -251,6 +280,13 @@ def check_compatible(
             and tuple(obj.shape) != tuple(md.size)
         ):
             differ.append(f"{fqn}: checkpoint {list(md.size)}, target {list(obj.shape)}")
+        elif (
+            is_tensor
+            and isinstance(md, TensorStorageMetadata)
+            and not allow_cast
+            and not _exact_conversion(md.properties.dtype, obj.dtype)
+        ):
+            cast.append(f"{fqn}: checkpoint {md.properties.dtype}, target {obj.dtype}")
     planner_data = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
 
     def lands_in_empty_container(fqn: str) -> bool:
@@ -275,9 +311,11 @@ def check_compatible(
         return node is not target and isinstance(node, (dict, list)) and len(node) == 0
 
     skipped = sorted(k for k in set(stored) - set(flat) if lands_in_empty_container(k))
-    if not missing and not differ and (allow_partial or not skipped):
+    if not missing and not differ and not cast and (allow_partial or not skipped):
         return
     parts = []
+    if cast:
+        parts.append(f"{len(cast)} dtype difference(s) ({_first(cast)})")
     if missing:
         parts.append(f"{len(missing)} key(s) missing from the checkpoint ({_first(missing)})")
     if differ:
@@ -296,6 +334,11 @@ def check_compatible(
                 "first, or save and load through torch.distributed.checkpoint.state_dict."
                 "get_state_dict / set_state_dict, which create it"
             )
+    if cast and not differ and not missing and not skipped:
+        advice = (
+            "load into tensors of the stored dtypes, or pass allow_cast=True to convert "
+            "while loading (an fp32 checkpoint into an fp16 or int64 model loses precision)"
+        )
     if (missing or skipped) and not differ:
         advice += ", or pass allow_partial=True to load only the keys both sides have"
     raise IncompatibleCheckpointError(
@@ -329,6 +372,21 @@ def fill_from_checkpoint(
     return added
 
 
+def _exact_conversion(stored: torch.dtype, target: torch.dtype) -> bool:
+    """Whether every ``stored`` value is exactly a ``target`` value (the same dtype, or a
+    widening: fp32 -> fp64, bf16 -> fp32, int32 -> int64); loading converts those
+    without asking. Integers into floats can round, so they are not among them."""
+    if stored == target:
+        return True
+    try:
+        widened = torch.promote_types(stored, target) == target
+    except RuntimeError:  # float8 and other types without promotion rules
+        return False
+    is_float = target.is_floating_point or target.is_complex
+    from_int = not (stored.is_floating_point or stored.is_complex) and stored != torch.bool
+    return widened and not (from_int and is_float)
+
+
 def _first(items: list[str], n: int = 5) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", ... {len(items) - n} more" if len(items) > n else "")
@@ -351,6 +409,9 @@ def verify(
         manifest = read_manifest(backend, name, manifest_key=manifest_key)
     except CkptStoreError as exc:
         return [str(exc)]
+    mismatch = step_mismatch(backend, name, manifest)
+    if mismatch is not None:
+        return [mismatch]
     problems = []
     try:
         read_dcp_metadata(backend, name, manifest)
@@ -397,6 +458,24 @@ def open_shards(
             reader.close()
 
 
+def step_mismatch(backend: StorageBackend, name: str, manifest: Manifest) -> str | None:
+    """Why ``name`` is not a checkpoint although its manifest checks out, or None.
+
+    A ``step_N`` name is a checkpoint only when its manifest says step N: a symlink to
+    another checkpoint, or a copy under another step's name, is not one. ``ls``,
+    ``verify``, restore and retention all go by this (through :func:`list_checkpoints`
+    or directly). Names saved by path (not ``step_*``) carry no step to disagree with.
+    """
+    match = STEP_NAME.match(name)
+    if match is None or manifest.step == int(match.group(1)):
+        return None
+    return (
+        f"{_where(backend, name)}: not a checkpoint: its manifest says step {manifest.step}, "
+        f"its name step {int(match.group(1))} (a copy or a link under another step's name?); "
+        "ls and restore ignore it: delete it, or move it to the name of the step it holds"
+    )
+
+
 def list_checkpoints(
     backend: StorageBackend,
     names: Iterable[str] | None = None,
@@ -417,11 +496,24 @@ def list_checkpoints(
             manifest = read_manifest(backend, name, manifest_key=manifest_key)
         except CkptStoreError:
             continue
-        if manifest.step != int(match.group(1)):
+        if step_mismatch(backend, name, manifest) is not None:
             continue
         infos.append(CheckpointInfo(name, _where(backend, name), manifest))
     infos.sort(key=lambda info: info.manifest.step or 0)
     return infos
+
+
+def check_step(step: int) -> int:
+    """``step`` if it is a valid step (an int in 0..MAX_STEP, not a bool), else
+    :class:`~ckptstore.errors.InvalidArgumentError` (its ``TypeError`` leaf for a
+    string, float or tensor)."""
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise InvalidArgumentTypeError(
+            f"step must be a non-negative int, got {type(step).__name__} {step!r}"
+        )
+    if not 0 <= step <= MAX_STEP:
+        raise InvalidArgumentError(f"step must be an int in 0..{MAX_STEP}, got {step!r}")
+    return step
 
 
 def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -441,16 +533,16 @@ def check_info(
     epoch: int | None, reason: str | None, metrics: dict[str, float] | None
 ) -> dict[str, Any]:
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
-        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        raise InvalidArgumentError(f"epoch must be a non-negative int, got {epoch!r}")
     if reason is not None and not isinstance(reason, str):
-        raise ValueError(f"reason must be a string, got {reason!r}")
+        raise InvalidArgumentError(f"reason must be a string, got {reason!r}")
     clean: dict[str, float | None] = {}
     for k, v in (metrics or {}).items():
         if not isinstance(k, str):
-            raise ValueError(f"metric names must be strings, got {k!r}")
+            raise InvalidArgumentError(f"metric names must be strings, got {k!r}")
         try:
             f = float(v)
         except (TypeError, ValueError):
-            raise ValueError(f"metric {k!r} must be a number, got {v!r}") from None
+            raise InvalidArgumentError(f"metric {k!r} must be a number, got {v!r}") from None
         clean[k] = f if math.isfinite(f) else None  # a NaN loss is recorded as null
     return {"epoch": epoch, "reason": reason, "metrics": clean}

@@ -277,8 +277,61 @@ def _flatten(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     """DCP's flattening (its rules decide which values are separate items)."""
     if not isinstance(state_dict, dict):
         raise UnsupportedStateError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-    flat, mappings = flatten_state_dict(_stateful_to_state_dict(state_dict))
+    return flatten_checked(_stateful_to_state_dict(state_dict))
+
+
+def flatten_checked(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DCP's ``flatten_state_dict`` after :func:`check_structure`; two entries that
+    flatten to one name (``{"a.b": t, "a": {"b": t}}``: one would replace the other)
+    are an :class:`~ckptstore.errors.UnsupportedStateError` too."""
+    check_structure(state_dict)
+    try:
+        flat, mappings = flatten_state_dict(state_dict)
+    except ValueError as exc:
+        if "duplicated flatten key" not in str(exc):
+            raise
+        name = str(exc).rsplit(" ", 1)[-1]
+        raise UnsupportedStateError(
+            f"two entries of the state_dict flatten to the same name {name!r} (a key with a "
+            "'.' next to a nested one, say): one would silently replace the other; rename one"
+        ) from None
     return flat, dict(mappings)
+
+
+def check_structure(state_dict: dict[str, Any]) -> None:
+    """Refuse what DCP's flattening cannot round-trip, before it tries, naming the key.
+
+    A container that holds itself (DCP recurses until ``RecursionError``); a dict that
+    mixes string keys with others (``{"a": t, 0: t}``: every key is written as a
+    string, and the stored ``"0"`` then matches no key on load).
+    """
+    _walk(state_dict, (), set())
+
+
+def _walk(obj: Any, path: tuple[Any, ...], open_ids: set[int]) -> None:
+    if not isinstance(obj, (dict, list, tuple)):
+        return
+    where = "state_dict" + "".join(f"[{p!r}]" for p in path)
+    if id(obj) in open_ids:
+        raise UnsupportedStateError(
+            f"{where} contains itself (a reference cycle), which cannot be saved; "
+            "save a copy without the cycle"
+        )
+    items: Any = enumerate(obj)
+    if isinstance(obj, dict):
+        if len({type(k) is str for k in obj}) > 1:
+            odd = [k for k in obj if type(k) is not str][:3]
+            raise UnsupportedStateError(
+                f"{where} mixes string keys with keys of other types ({odd!r}): all are "
+                "stored as strings and the others would not match on load; use one key type"
+            )
+        items = obj.items()
+    open_ids.add(id(obj))
+    try:
+        for key, value in items:
+            _walk(value, (*path, key), open_ids)
+    finally:
+        open_ids.discard(id(obj))
 
 
 def _plan(

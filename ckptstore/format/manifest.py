@@ -19,8 +19,17 @@ Example (abridged)::
       "raw_bytes": 1103527424, "stored_bytes": 912388424,
       "metadata": {"epoch": 3},
       "versions": {"ckptstore": "0.1.0", "torch": "2.13.0"},
+      "run_id": "4f0c2a9e1b7d4c83",
       "checksum": "xxh3-64:5e0d..."
     }
+
+**Run identity.** ``run_id`` (optional; absent in checkpoints written without a
+:class:`~ckptstore.CheckpointManager`, and in older ones) names the training run that
+wrote the checkpoint: a resumed run keeps it, a run started afresh gets a new one. Two
+checkpoints are the same checkpoint when they list the same files with the same sizes
+and checksums and belong to the same run (:meth:`Manifest.same_checkpoint`): a name is
+not enough, since another run (or a branch retired by ``restore(newer="discard")``) may
+have written a checkpoint of the same step.
 
 **Signed manifests.** With a manifest key configured (``Checkpointer(...,
 manifest_key=b"...")`` or the environment variable ``CKPTSTORE_MANIFEST_KEY``), the
@@ -44,6 +53,8 @@ import hashlib
 import hmac
 import json
 import math
+import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +70,7 @@ FORMAT_NAME = "ckptstore"
 FORMAT_VERSION = 1
 FILE_KINDS = ("file", "shard")
 HMAC_ALGORITHM = "hmac-sha256"
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _sign(key: bytes, body: dict[str, Any]) -> str:
@@ -93,11 +105,17 @@ class Manifest:
     epoch: int | None = None
     reason: str | None = None  # "interval", "epoch", "final", "signal", "error", "manual"
     metrics: dict[str, float | None] = field(default_factory=dict)  # None: not finite
+    run_id: str | None = None  # the run that wrote it (see module doc); None: not recorded
 
     @property
     def ratio(self) -> float:
         """Stored / raw bytes (1.0 for an empty state)."""
         return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+    def same_checkpoint(self, other: Manifest) -> bool:
+        """Whether ``other`` describes the same checkpoint: the same step, run and files
+        (names, sizes, checksums). A copy made by :mod:`ckptstore.transfer` is."""
+        return self.step == other.step and self.run_id == other.run_id and self.files == other.files
 
     def body(self) -> dict[str, Any]:
         return {
@@ -115,6 +133,8 @@ class Manifest:
             "epoch": self.epoch,
             "reason": self.reason,
             "metrics": self.metrics,
+            # Only when recorded: a manifest without one keeps its bytes, and its checksum.
+            **({"run_id": self.run_id} if self.run_id is not None else {}),
         }
 
     def to_json(self, key: bytes | None = None) -> bytes:
@@ -133,7 +153,7 @@ class Manifest:
         With a ``key``, a manifest whose HMAC is
         missing or wrong raises :class:`UnsafeCheckpointError` before any field is used.
         """
-        hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step) on this one"
+        hint = "restore an earlier checkpoint, or run `ckptstore verify` on this one"
         try:
             body = json.loads(data, parse_constant=_not_json)
         except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, 5000-digit ints, deep nesting
@@ -209,6 +229,9 @@ class Manifest:
         if reason is not None and not isinstance(reason, str):
             raise TypeError("reason must be a string")
         metrics = body.get("metrics", {})
+        run_id = body.get("run_id")
+        if run_id is not None:
+            check_run_id(run_id)
         for k, v in metrics.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise TypeError(f"metric {k!r} must be a number or null")
@@ -226,7 +249,20 @@ class Manifest:
             epoch=None if epoch is None else _nonneg_int(epoch, "epoch"),
             reason=reason,
             metrics=metrics,
+            run_id=run_id,
         )
+
+
+def new_run_id() -> str:
+    """A fresh run id: 16 random hex digits."""
+    return uuid.uuid4().hex[:16]
+
+
+def check_run_id(run_id: Any) -> str:
+    """A run id is 1 to 64 letters, digits, ``-`` or ``_``; anything else is a ValueError."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run_id must be 1-64 letters, digits, '-' or '_', got {run_id!r}")
+    return run_id
 
 
 def _not_json(constant: str) -> Any:

@@ -276,7 +276,7 @@ class ShardReader:
     ) -> None:
         self.where = where  # "<checkpoint>/<file>" for messages
         self._reader = reader
-        hint = "restore an earlier checkpoint, or run Checkpointer(root).verify(step) to see what else is damaged"
+        hint = "restore an earlier checkpoint, or run `ckptstore verify ROOT` to see what else is damaged"
         if reader.size != size_bytes:
             raise CorruptCheckpointError(
                 f"{where}: file is {reader.size} B, the manifest says {size_bytes} B "

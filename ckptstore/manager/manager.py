@@ -39,9 +39,10 @@ by each rank's clock), whether to stop on a signal, and whether a rank has faile
 rank whose loop raises tells the others, which then stop too instead of waiting.
 
 Retention and the ``latest`` pointer run on rank 0, on a housekeeping thread, after each
-commit and once at start-up (a crash between a save and its pruning is caught up). They
-never delete the newest checkpoint, the one ``latest`` names, or anything that is not a
-committed ckptstore checkpoint. A root belongs to one run (resumes included): retention
+commit of this run (the first one catches up what a crash between a save and its pruning
+left; nothing is deleted before this run has restored and committed a save). They never
+delete the newest checkpoint, the newest one that verifies, the one ``latest`` names, or
+anything that is not a committed ckptstore checkpoint. A root belongs to one run (resumes included): retention
 manages every committed checkpoint under it.
 """
 
@@ -60,12 +61,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ckptstore.config import BackupConfig, CheckpointerConfig, ManagerConfig
+from ckptstore.config import BackupConfig, ManagerConfig, manager_configs
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
-from ckptstore.engine.ops import (
-    CheckpointInfo,
-)
+from ckptstore.engine.ops import CheckpointInfo
 from ckptstore.engine.pending import PendingSave
 from ckptstore.errors import (
     BackgroundSaveError,
@@ -73,8 +72,9 @@ from ckptstore.errors import (
     CkptStoreError,
     RankFailedError,
 )
+from ckptstore.format.manifest import new_run_id
 from ckptstore.layout import LATEST_FILE, checkpoint_name
-from ckptstore.manager import pointer, retention
+from ckptstore.manager import lease, pointer, retention
 from ckptstore.manager.guard import ABORT, GuardMixin
 from ckptstore.manager.listing import ManagedCheckpoint, describe
 from ckptstore.manager.policies import (
@@ -139,36 +139,20 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         backup_retry_max_s: float = 60.0,
         **checkpointer_options: Any,
     ) -> None:
-        if config is None:
-            config = ManagerConfig(
-                save=save,
-                keep=keep,
-                enabled=enabled,
-                best_metric=best_metric,
-                best_mode=best_mode,
-                checkpointer=CheckpointerConfig(**checkpointer_options),
-            )
-        elif (
-            save is not None
-            or keep is not None
-            or not enabled
-            or best_metric is not None
-            or best_mode != "min"
-            or checkpointer_options
-        ):
-            raise TypeError(
-                "pass either config=ManagerConfig(...) or its fields as keywords, not both"
-            )
-        if backup is not None and not isinstance(backup, BackupConfig):
-            backup = BackupConfig(
-                url=backup,
-                keep=backup_keep,
-                storage_options=backup_options,
-                max_queued=backup_max_queued,
-                retry_max_s=backup_retry_max_s,
-            )
-        elif backup_keep is not None or backup_options is not None:
-            raise TypeError("with backup=BackupConfig(...), put keep= and options inside it")
+        config, backup = manager_configs(
+            config,
+            backup,
+            save=save,
+            keep=keep,
+            enabled=enabled,
+            best_metric=best_metric,
+            best_mode=best_mode,
+            backup_keep=backup_keep,
+            backup_options=backup_options,
+            backup_max_queued=backup_max_queued,
+            backup_retry_max_s=backup_retry_max_s,
+            checkpointer_options=checkpointer_options,
+        )
         self.config = config
         self.save_policy = config.save
         self.keep_policy = config.keep
@@ -221,6 +205,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._stop_saving = False
         self._guarding = False
         self._closed = False
+        self._run_id = new_run_id()  # in every manifest; a restore adopts the checkpoint's
         # The backup tier lives on rank 0, which sees the whole local root (one machine
         # or a shared file system). A missing bucket or wrong credentials fail here.
         self._remote: StorageBackend | None = None
@@ -228,10 +213,17 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._has_backup = backup is not None
         self.backup_config = backup
         self.backup_keep = config.keep if backup is None or backup.keep is None else backup.keep
-        if backup is not None:
-            self._open_backup(backup)
-        if enabled and self._rank == 0:
-            self._prune()
+        # No retention here: nothing is deleted before this run has restored and
+        # committed a save of its own (the first commit's housekeeping catches up).
+        self._committed: set[str] = set()  # saved by this manager: verified when written
+        self._lease: lease.WriterLease | None = None
+        try:  # one writer per root: a second is refused here, naming the first
+            self._lease = lease.take(backend, self._control) if enabled else None
+            if backup is not None:
+                self._open_backup(backup)
+        except BaseException:
+            self.close()
+            raise
 
     def _open_backup(self, backup: BackupConfig) -> None:
         options = dict(backup.storage_options) if backup.storage_options is not None else None
@@ -254,15 +246,12 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                     on_backed_up=self._on_backed_up,
                     on_speed=self._ckpt.note_downstream,
                     manifest_key=self._manifest_key,
+                    run_id=self._run_id,
                 )
             else:
                 self._remote.check_access()
 
-        try:
-            groups.decide(open_remote, self._control, what=f"open the backup {backup.url!r}")
-        except BaseException:
-            self.close()
-            raise
+        groups.decide(open_remote, self._control, what=f"open the backup {backup.url!r}")
         if self.enabled and self._ckpt is not None:
             # codec="auto" now minimises the time until backed up (every rank starts
             # compressed; rank 0 adapts to the upload speed it measures).
@@ -370,7 +359,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             epoch = state.epoch if isinstance(state, Resumable) else self._last_epoch
         try:
             pending = self._ckpt.save_async(
-                sd, steps_done, epoch=epoch, reason=reason, metrics=metrics
+                sd, steps_done, epoch=epoch, reason=reason, metrics=metrics, run_id=self._run_id
             )
         except BackgroundSaveError as exc:
             # An earlier save failed; this one was still started: keep track of it.
@@ -398,6 +387,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             pointer.write_latest(self._ckpt.backend, name)
         except CkptStoreError as exc:
             log.warning("could not update %s/%s: %s", self._ckpt.url, LATEST_FILE, exc)
+        self._committed.add(name)
         if self._backup is not None:
             self._backup.submit(name)
         self._prune()
@@ -432,12 +422,16 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         return retention.records(self._ckpt.backend, infos)
 
     def _prune(self) -> None:
-        if self.keep_policy is None or self._ckpt is None:
+        if self.keep_policy is None or self._ckpt is None or not self._committed:
             return
         try:
             spare = self._backup.busy() if self._backup is not None else set()
             retention.prune(
-                self._ckpt.backend, self.keep_policy, spare=spare, manifest_key=self._manifest_key
+                self._ckpt.backend,
+                self.keep_policy,
+                spare=spare,
+                manifest_key=self._manifest_key,
+                trusted=self._committed,
             )
         except CkptStoreError as exc:  # storage trouble must not fail the save it follows
             log.warning("retention under %s failed: %s", self._ckpt.url, exc)
@@ -514,6 +508,8 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                 if self._housekeeping is not None:
                     self._housekeeping.shutdown(wait=True)
                 groups.release(self._control)
+                if self._lease is not None:
+                    self._lease.release()
 
     def backup_status(self) -> BackupStatus | None:
         """Where the backup stands (rank 0; None elsewhere or without ``backup=``)."""

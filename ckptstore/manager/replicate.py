@@ -6,6 +6,16 @@ skipped for newer ones, and said so; the newest is always uploaded), retries wit
 exponential backoff while the remote is unreachable, warns how far behind the backup
 is, applies its own retention to the remote, and moves the remote's ``latest`` pointer.
 Each copy is :func:`ckptstore.transfer.copy_checkpoint`.
+
+A checkpoint counts as backed up when the remote holds the *same* checkpoint (its
+manifest lists the same files and checksums, of the same run:
+:meth:`~ckptstore.format.Manifest.same_checkpoint`), not merely one of the same name:
+another run pointed at the same prefix, or a branch retired by
+``restore(newer="discard")``, leaves checkpoints of the same steps there. Such a one is
+replaced (:func:`ckptstore.transfer.replace_checkpoint`), said in a warning and in
+:attr:`BackupStatus.replaced`. With a :attr:`Replicator.run_id`, the remote's retention
+and ``latest`` pointer only consider that run's checkpoints, so another run's
+newer-looking steps never push this run's out.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ckptstore.engine.ops import list_checkpoints
+from ckptstore.engine.ops import CheckpointInfo, list_checkpoints, read_manifest
 from ckptstore.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -26,12 +36,13 @@ from ckptstore.errors import (
     CorruptCheckpointError,
     StorageError,
 )
+from ckptstore.format.manifest import Manifest
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
 from ckptstore.manager.policies import RetentionPolicy
 from ckptstore.manager.retention import prune
 from ckptstore.storage import StorageBackend
-from ckptstore.transfer import Progress, copy_checkpoint
+from ckptstore.transfer import Progress, copy_checkpoint, replace_checkpoint
 
 log = logging.getLogger("ckptstore")
 
@@ -41,13 +52,16 @@ class BackupStatus:
     """Where the backup stands."""
 
     remote: str
-    newest_backed_up: str | None  # by this replicator, or found on the remote at start
+    newest_backed_up: str | None  # by this replicator, or found the same on the remote at start
     in_progress: str | None
     queued: tuple[str, ...]
     skipped: tuple[str, ...]  # superseded by newer checkpoints before they were uploaded
     failures: int  # consecutive failed attempts (0: healthy)
     last_error: str | None
     behind_s: float  # since the oldest committed checkpoint not yet backed up (0: none)
+    # The remote held a different checkpoint of that name (another run's, a retired
+    # branch's, or one it could not read): replaced with the local one.
+    replaced: tuple[str, ...] = ()
 
 
 class Replicator:
@@ -57,6 +71,10 @@ class Replicator:
     at most (beyond the one uploading): when a newer one arrives, the oldest waiting is
     skipped. A failed upload is retried with exponential backoff (``retry_initial_s`` up
     to ``retry_max_s``) until it succeeds or a newer checkpoint supersedes it.
+
+    ``run_id`` (settable: the manager sets it once a restore has decided which run this
+    is): the remote's retention and ``latest`` only consider checkpoints of that run.
+    None: all of them.
     """
 
     def __init__(
@@ -74,6 +92,7 @@ class Replicator:
         on_backed_up: Callable[[str], None] | None = None,
         on_speed: Callable[[float], None] | None = None,
         manifest_key: bytes | None = None,
+        run_id: str | None = None,
     ) -> None:
         if max_queued < 1:
             raise ValueError(f"max_queued must be at least 1, got {max_queued}")
@@ -87,11 +106,13 @@ class Replicator:
         self._on_backed_up = on_backed_up
         self._on_speed = on_speed
         self._manifest_key = manifest_key
+        self.run_id = run_id
         self._cond = threading.Condition()
         self._queue: list[str] = []
         self._queued_at: dict[str, float] = {}
         self._current: str | None = None
         self._skipped: list[str] = []
+        self._replaced: list[str] = []
         self._failures = 0
         self._last_error: str | None = None
         self._newest: str | None = None
@@ -178,6 +199,7 @@ class Replicator:
                 failures=self._failures,
                 last_error=self._last_error,
                 behind_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
+                replaced=tuple(self._replaced),
             )
 
     def wait(
@@ -297,13 +319,21 @@ class Replicator:
         except CkptStoreError as exc:
             log.warning("backup: could not list %s: %s", self.remote.url, exc)
             on_remote = []
-        remote = {i.name for i in on_remote}
-        newest_remote = max((i.manifest.step or 0 for i in on_remote), default=-1)
-        if remote:
+        theirs = {i.name: i.manifest for i in on_remote}
+        same = {
+            i.name for i in local if i.name in theirs and theirs[i.name].same_checkpoint(i.manifest)
+        }
+        # Another run's checkpoints on the remote say nothing about what this one lacks.
+        runs = {i.manifest.run_id for i in local}
+        newest_remote = max(
+            (i.manifest.step or 0 for i in on_remote if i.manifest.run_id in runs), default=-1
+        )
+        if same:
             with self._cond:
-                self._newest = max(remote)
+                self._newest = max(same)
+        # At the newest step: a different checkpoint of that name is in the way.
         missing = [
-            i.name for i in local if i.name not in remote and (i.manifest.step or 0) > newest_remote
+            i.name for i in local if i.name not in same and (i.manifest.step or 0) >= newest_remote
         ]
         for name in missing[-(self.max_queued) :]:
             self.submit(name)
@@ -315,36 +345,24 @@ class Replicator:
 
     def _attempt(self, name: str) -> bool:
         try:
-            if self.remote.exists(f"{name}/{MANIFEST_FILE}"):
+            mine = read_manifest(self.local, name, manifest_key=self._manifest_key)
+            if not self.remote.exists(f"{name}/{MANIFEST_FILE}"):
+                self._upload(name, replace=False)
+            elif (different := self._how_different(name, mine)) is None:
                 log.info("backup: %s is already on %s", name, self.remote.url)
             else:
-                if name in self.remote.list_names():
-                    # Files without a manifest: an upload by a process that died. This
-                    # replicator is the backup root's only writer: clear them, or the
-                    # new upload would refuse to write over them.
-                    log.info("backup: removing an unfinished upload of %s first", name)
-                    self.remote.delete(name)
-                self.progress = Progress(f"backing up {name} to {self.remote.url}", 0)
-                start = time.monotonic()
-                manifest = copy_checkpoint(
-                    self.local,
-                    self.remote,
-                    name,
-                    threads=self.threads,
-                    progress=self.progress,
-                    stop=self._stop,
-                    manifest_key=self._manifest_key,
-                )
-                elapsed = time.monotonic() - start
-                if self._on_speed is not None and manifest.stored_bytes >= (16 << 20):
-                    self._on_speed(manifest.stored_bytes / max(elapsed, 1e-6))
-                log.info(
-                    "backup: %s is on %s (%.1f MiB in %.1f s)",
-                    name,
+                log.warning(
+                    "backup: %s/%s is not this checkpoint (%s): replacing it with %s/%s",
                     self.remote.url,
-                    manifest.stored_bytes / 2**20,
-                    elapsed,
+                    name,
+                    different,
+                    self.local.url,
+                    name,
                 )
+                self._upload(name, replace=True)
+                with self._cond:
+                    self._replaced.append(name)
+                log.warning("backup: replaced %s/%s with this run's", self.remote.url, name)
         except CheckpointNotFoundError:
             log.info("backup: %s was deleted locally before it could be uploaded", name)
             return True
@@ -380,6 +398,51 @@ class Replicator:
         self._after_upload(name)
         return True
 
+    def _how_different(self, name: str, mine: Manifest) -> str | None:
+        """None if the remote's ``name`` is this very checkpoint, else how it differs."""
+        try:
+            theirs = read_manifest(self.remote, name, manifest_key=self._manifest_key)
+        except CkptStoreError as exc:
+            return f"its manifest cannot be read: {exc}"
+        if theirs.same_checkpoint(mine):
+            return None
+        if theirs.run_id != mine.run_id:
+            return (
+                f"written by run {theirs.run_id or '(not recorded)'}, "
+                f"this is run {mine.run_id or '(not recorded)'}"
+            )
+        return "same run, other files or checksums: of a branch retired by a restore?"
+
+    def _upload(self, name: str, *, replace: bool) -> None:
+        if not replace and name in self.remote.list_names():
+            # Files without a manifest: an upload by a process that died. This
+            # replicator is the backup root's only writer: clear them, or the
+            # new upload would refuse to write over them.
+            log.info("backup: removing an unfinished upload of %s first", name)
+            self.remote.delete(name)
+        self.progress = Progress(f"backing up {name} to {self.remote.url}", 0)
+        start = time.monotonic()
+        copy = replace_checkpoint if replace else copy_checkpoint
+        manifest = copy(
+            self.local,
+            self.remote,
+            name,
+            threads=self.threads,
+            progress=self.progress,
+            stop=self._stop,
+            manifest_key=self._manifest_key,
+        )
+        elapsed = time.monotonic() - start
+        if self._on_speed is not None and manifest.stored_bytes >= (16 << 20):
+            self._on_speed(manifest.stored_bytes / max(elapsed, 1e-6))
+        log.info(
+            "backup: %s is on %s (%.1f MiB in %.1f s)",
+            name,
+            self.remote.url,
+            manifest.stored_bytes / 2**20,
+            elapsed,
+        )
+
     def _after_upload(self, name: str) -> None:
         abort_orphans = getattr(self.remote, "abort_orphans", None)
         if abort_orphans is not None:
@@ -389,17 +452,32 @@ class Replicator:
                 log.warning("backup to %s works again", self.remote.url)
             self._failures = 0
             self._last_error = None
-            newer = self._newest is None or name > self._newest
-            if newer:
-                self._newest = name
         try:
             for small in (FINALS_FILE,):
                 with contextlib.suppress(FileNotFoundError):
                     self.remote.put_atomic(small, self.local.read_bytes(small))
+            ours = self._this_runs()
+            # The newest of this run's: another run's higher steps do not count.
+            newer = not ours or ours[-1].name <= name
             if newer:
+                with self._cond:
+                    self._newest = name
                 pointer.write_latest(self.remote, name)
-            prune(self.remote, self.keep, spare=self.busy(), manifest_key=self._manifest_key)
+            prune(
+                self.remote,
+                self.keep,
+                spare=self.busy(),
+                manifest_key=self._manifest_key,
+                trusted=(name,),  # read back and checked by the copy that just ended
+                infos=ours,  # another run's checkpoints are not this retention's business
+            )
         except CkptStoreError as exc:
             log.warning("backup: housekeeping on %s failed: %s", self.remote.url, exc)
         if self._on_backed_up is not None:
             self._on_backed_up(name)
+
+    def _this_runs(self) -> list[CheckpointInfo]:
+        """The remote's committed checkpoints of this run (all of them without a run id)."""
+        infos = list_checkpoints(self.remote, manifest_key=self._manifest_key)
+        run_id = self.run_id
+        return [i for i in infos if run_id is None or i.manifest.run_id == run_id]

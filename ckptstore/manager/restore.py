@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import time
 from typing import Any
 
 from ckptstore.engine import groups
@@ -26,10 +27,12 @@ from ckptstore.layout import (
     MANIFEST_FILE,
     STEP_NAME,
     checkpoint_name,
+    damaged_name,
     split_checkpoint_path,
 )
 from ckptstore.manager import pointer
 from ckptstore.manager.policies import CheckpointRecord, KeepBest
+from ckptstore.manager.replicate import Replicator
 from ckptstore.manager.resumable import Resumable
 from ckptstore.storage import StorageBackend, open_backend
 from ckptstore.transfer import fetch
@@ -56,6 +59,8 @@ class RestoreMixin:
     _last_done: int | None
     _last_saved: int | None
     _last_epoch: int | None
+    _run_id: str
+    _backup: Replicator | None
 
     def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]:
         raise NotImplementedError
@@ -81,7 +86,17 @@ class RestoreMixin:
         directory, or ``"none"``. Restoring an earlier checkpoint and training on would
         collide with the newer ones: ``newer="discard"`` deletes them (rank 0), else the
         first save past them fails.
+
+        Then (rank 0) a warning names the checkpoints of other runs found in the local
+        root or the backup, which this run did not resume.
         """
+        steps = self._restore(state, which, newer)
+        self._note_other_runs(resumed=steps > 0)
+        return steps
+
+    def _restore(
+        self, state: Resumable | dict[str, Any], which: str | int | None, newer: str
+    ) -> int:
         if newer not in ("keep", "discard"):
             raise ValueError(f"newer must be 'keep' or 'discard', got {newer!r}")
         if which is None or which == "none":
@@ -106,6 +121,7 @@ class RestoreMixin:
                 return 0
             raise CheckpointNotFoundError(f"no {which} checkpoint under {self._ckpt.url}")
         skipped: builtins.list[str] = []
+        damaged: set[int] = set()
         for step in candidates:
             try:
                 info = self._load_with_backup(state, step)
@@ -114,15 +130,49 @@ class RestoreMixin:
                     raise
                 log.warning("skipping step %d: %s", step, exc)
                 skipped.append(f"step {step} ({type(exc).__name__})")
+                if isinstance(exc, CorruptCheckpointError):
+                    damaged.add(step)
                 continue
             if skipped:
                 log.warning("restored step %d after skipping %s", info.step, ", ".join(skipped))
+            self._set_aside_newer(info, damaged)
             self._handle_newer(info, newer)
             return self._resumed(info)
         raise CorruptCheckpointError(
             f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)}); "
-            "run Checkpointer(root).verify(step) to see what is damaged"
+            "run `ckptstore verify ROOT` to see what is damaged"
         )
+
+    def _note_other_runs(self, *, resumed: bool) -> None:
+        """Warn about checkpoints of another run than this one in either tier: a run
+        started afresh where an earlier one saved. (Checkpoints without a recorded run
+        count only when this run resumed nothing: an older ckptstore wrote them.)"""
+        if self._rank != 0 or not self.enabled:
+            return
+        for backend in (None if self._ckpt is None else self._ckpt.backend, self._remote):
+            if backend is None:
+                continue
+            try:
+                infos = list_checkpoints(backend, manifest_key=self._manifest_key)
+            except CkptStoreError as exc:
+                log.warning("could not list %s: %s", backend.url, exc)
+                continue
+            others: dict[str, builtins.list[str]] = {}
+            for i in infos:
+                run = i.manifest.run_id
+                if run != self._run_id and (run is not None or not resumed):
+                    others.setdefault(run or "(not recorded)", []).append(i.name)
+            if others:
+                log.warning(
+                    "%s holds checkpoints of another run than this one (run %s), which this "
+                    "run did not resume: %s. The backup's retention leaves them alone and "
+                    "replaces one of the same step with this run's; to resume that run "
+                    "instead, restore it; to keep runs apart, give each its own root and "
+                    "backup prefix",
+                    backend.url,
+                    self._run_id,
+                    "; ".join(f"run {r}: {', '.join(n)}" for r, n in others.items()),
+                )
 
     def _load_with_backup(self, state: Resumable | dict[str, Any], step: int) -> CheckpointInfo:
         """Load ``step`` from the local root; from the backup if it is missing or damaged
@@ -253,9 +303,58 @@ class RestoreMixin:
                 manifest = load_into(state, backend, name, pool=None, group=group, manifest_key=key)
         return self._resumed(CheckpointInfo(name, f"{backend.url}/{name}", manifest))
 
+    def _set_aside_newer(self, info: CheckpointInfo, damaged: set[int]) -> None:
+        """Move aside what would block this run's next saves: newer checkpoints found
+        damaged while restoring, and entries at a newer checkpoint's name that are not
+        checkpoints (no or unreadable manifest; on object stores only an unreadable one,
+        since a prefix without a manifest may be a save in progress). Kept for
+        inspection as ``step_N.damaged-<UTC>``, never deleted; rank 0 only."""
+        if not self.enabled or self._ckpt is None or self._rank != 0:
+            return
+        backend = self._ckpt.backend
+        restored = info.step or 0
+        try:
+            names = backend.list_names()
+            listed = {i.name for i in self._ckpt.list()}
+        except CkptStoreError as exc:
+            log.warning("could not look for damaged checkpoints under %s: %s", backend.url, exc)
+            return
+        for name in names:
+            match = STEP_NAME.match(name)
+            if match is None or int(match.group(1)) <= restored:
+                continue
+            step = int(match.group(1))
+            if step in damaged:
+                why = "is damaged"
+            elif name in listed:
+                continue  # a good newer checkpoint: _handle_newer's business
+            elif backend.capabilities.local or backend.exists(f"{name}/{MANIFEST_FILE}"):
+                why = "is not a loadable checkpoint"
+            else:
+                continue
+            aside = damaged_name(name, time.time())
+            try:
+                backend.move_aside(name, aside)
+            except CkptStoreError as exc:
+                log.warning(
+                    "%s/%s %s and could not be moved aside: %s", backend.url, name, why, exc
+                )
+                continue
+            log.warning(
+                "%s/%s %s: moved aside to %s (kept for inspection, never loaded or deleted "
+                "by ckptstore; `ckptstore verify` says what is wrong with it), so that this "
+                "run can save that step again",
+                backend.url,
+                name,
+                why,
+                aside,
+            )
+
     def _handle_newer(self, info: CheckpointInfo, newer: str) -> None:
         if not self.enabled or self._ckpt is None or self._rank != 0:
             return
+        if newer == "discard":
+            self._retire_on_backup(info)
         later = [i for i in self._ckpt.list() if (i.step or 0) > (info.step or 0)]
         if not later:
             return
@@ -278,10 +377,50 @@ class RestoreMixin:
                 later[-1].name,
             )
 
+    def _retire_on_backup(self, info: CheckpointInfo) -> None:
+        """``newer="discard"`` retires the run's newer checkpoints on the backup too: else,
+        the local disk lost, a restore from the backup would bring the retired branch
+        back as the newest checkpoint until the new one had replaced each of its steps.
+        Only this run's: another run's checkpoints there are not this restore's to retire."""
+        if self._remote is None:
+            return
+        try:
+            later = [
+                i
+                for i in list_checkpoints(self._remote, manifest_key=self._manifest_key)
+                if (i.step or 0) > (info.step or 0) and i.manifest.run_id == info.manifest.run_id
+            ]
+            for i in later:
+                self._remote.delete(i.name)
+            if later and self._remote.exists(f"{info.name}/{MANIFEST_FILE}"):
+                pointer.write_latest(self._remote, info.name)
+        except CkptStoreError as exc:
+            log.warning(
+                "could not retire the checkpoints newer than %s on the backup %s: %s",
+                info.name,
+                self._remote.url,
+                exc,
+            )
+            return
+        if later:
+            log.warning(
+                "retired %d checkpoint(s) newer than %s on the backup %s: %s",
+                len(later),
+                info.name,
+                self._remote.url,
+                [i.name for i in later],
+            )
+
     def _resumed(self, info: CheckpointInfo) -> int:
         steps = info.step or 0
         self._last_done = steps
         self._last_saved = steps
         self._last_epoch = info.manifest.epoch
+        if info.manifest.run_id is not None:
+            # The same run goes on: its next checkpoints, and the backup's retention,
+            # carry on with its id (a checkpoint without one: this run keeps its new id).
+            self._run_id = info.manifest.run_id
+            if self._backup is not None:
+                self._backup.run_id = self._run_id
         log.info("resumed from %s (step %d)", info.name, steps)
         return steps

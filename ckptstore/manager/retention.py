@@ -9,11 +9,11 @@ so decisions survive restarts, and both spare the newest checkpoint and the one 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ckptstore.crashpoints import crash_point
-from ckptstore.engine.ops import list_checkpoints
+from ckptstore.engine.ops import CheckpointInfo, list_checkpoints, verify
 from ckptstore.layout import FINALS_FILE, LATEST_FILE
 from ckptstore.manager.pointer import read_lines
 from ckptstore.manager.policies import FINAL, CheckpointRecord, RetentionPolicy
@@ -47,26 +47,72 @@ def prune(
     *,
     spare: Iterable[str] = (),
     manifest_key: bytes | None = None,
+    trusted: Iterable[str] = (),
+    infos: Sequence[CheckpointInfo] | None = None,
 ) -> list[str]:
     """Apply ``policy`` to the committed checkpoints under ``backend``; return what was
-    deleted. Never deletes the newest, the one ``latest`` names, or any in ``spare``.
+    deleted. Never deletes the newest, the one ``latest`` names, any in ``spare``, or
+    the newest checkpoint that verifies.
 
+    A checkpoint found damaged never protects the run: before deleting anything, the
+    checkpoints are verified newest first (every byte against its manifest) until one
+    passes, and that one is kept whatever the policy says. Names in ``trusted`` (just
+    committed and checked by the caller) count as verified without reading them again.
     With a ``manifest_key`` only validly signed checkpoints count (and are deleted): a
-    forged "newer" checkpoint must not push real ones out.
+    forged "newer" checkpoint must not push real ones out. ``infos`` limits retention to
+    those checkpoints (the backup tier passes its own run's; default: all listed).
     """
     if policy is None:
         return []
-    infos = list_checkpoints(backend, manifest_key=manifest_key)
+    if infos is None:
+        infos = list_checkpoints(backend, manifest_key=manifest_key)
     if not infos:
         return []
     keep = set(policy.keep(records(backend, infos)))
     keep.add(max(info.manifest.step or 0 for info in infos))
-    spared = set(spare) | set(read_lines(backend, LATEST_FILE)[:1])
+    doomed = [i for i in infos if (i.manifest.step or 0) not in keep]
+    if not doomed:
+        return []
+    good = newest_verified(backend, infos, trusted=set(trusted), manifest_key=manifest_key)
+    if good is None:
+        log.warning(
+            "retention: no checkpoint under %s verifies; deleting nothing (run `ckptstore "
+            "verify %s` to see what is damaged)",
+            backend.url,
+            backend.url,
+        )
+        return []
+    spared = set(spare) | set(read_lines(backend, LATEST_FILE)[:1]) | {good}
     deleted = []
-    for info in infos:
-        if (info.manifest.step or 0) not in keep and info.name not in spared:
+    for info in doomed:
+        if info.name not in spared:
             backend.delete(info.name)
             crash_point("retention.after_delete")
             deleted.append(info.name)
             log.info("retention: deleted %s/%s", backend.url, info.name)
     return deleted
+
+
+def newest_verified(
+    backend: StorageBackend,
+    infos: Sequence[CheckpointInfo],
+    *,
+    trusted: set[str],
+    manifest_key: bytes | None,
+) -> str | None:
+    """The newest of ``infos`` (oldest first) that verifies, or None; names in
+    ``trusted`` are taken as verified. Damaged ones passed over are named in a warning."""
+    for info in reversed(infos):
+        if info.name in trusted:
+            return info.name
+        problems = verify(backend, info.name, None, manifest_key=manifest_key)
+        if not problems:
+            return info.name
+        log.warning(
+            "retention: %s/%s is damaged (%s); it does not count as the checkpoint that "
+            "protects the run",
+            backend.url,
+            info.name,
+            problems[0],
+        )
+    return None

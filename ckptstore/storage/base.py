@@ -46,6 +46,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from ckptstore.errors import InvalidOperationError
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -278,6 +280,16 @@ class StorageBackend(ABC):
     def delete(self, name: str) -> None:
         """Delete a committed checkpoint, manifest first so it is never half-listed.
         Deleting a name that is not there does nothing."""
+
+    def move_aside(self, name: str, new_name: str) -> None:
+        """Move the entry ``name`` (a damaged checkpoint, or a stray at a checkpoint's
+        name) to ``new_name`` under the root, keeping its content for inspection.
+
+        Called on the coordinator by the manager's restore and by ``ckptstore
+        quarantine``. A backend that cannot move entries raises
+        :class:`~ckptstore.errors.InvalidOperationError`.
+        """
+        raise InvalidOperationError(f"{self.url} cannot move {name} aside")
 
     @abstractmethod
     def sweep(self, grace_s: float) -> list[str]:

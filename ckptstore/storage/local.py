@@ -28,6 +28,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import time
 import uuid
 from typing import Any
@@ -35,12 +36,20 @@ from typing import Any
 from ckptstore.crashpoints import crash_point
 from ckptstore.errors import (
     CheckpointExistsError,
+    CorruptCheckpointError,
     InvalidOperationError,
     StorageError,
     UnsafeCheckpointError,
     storage_error,
 )
-from ckptstore.layout import LOCK_FILE, MANIFEST_FILE, POINTER_TEMP_PREFIX, TEMP_PREFIX, check_name
+from ckptstore.layout import (
+    LOCK_FILE,
+    MANIFEST_FILE,
+    POINTER_TEMP_PREFIX,
+    TEMP_PREFIX,
+    check_name,
+    read_limit_bytes,
+)
 from ckptstore.storage._direct_io import (
     ALIGN,
     O_DIRECT,
@@ -62,16 +71,41 @@ _NO_LOCKS = frozenset({errno.ENOLCK, errno.EBADF, errno.ENOSYS, errno.EOPNOTSUPP
 _MIN_SWEEP_AGE_S = 5.0
 
 
+def _open_regular(path: str) -> tuple[int, int]:
+    """``(fd, size)`` of the regular file ``path``, opened for reading.
+
+    Anything else under a checkpoint's names is refused as corrupt: a FIFO would block
+    ``open()`` forever (hence O_NONBLOCK, which regular files ignore), a device is not
+    something ckptstore wrote. A directory is a :class:`StorageError` (EISDIR), as
+    ``open()`` reports it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise  # "absent" is an answer, not an I/O failure
+    except OSError as exc:
+        raise storage_error(exc, "open", path) from exc
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise storage_error(exc, "stat", path) from exc
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):  # what open() says of one: the caller named it wrong
+            raise storage_error(OSError(errno.EISDIR, os.strerror(errno.EISDIR)), "read", path)
+        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket or device"
+        raise CorruptCheckpointError(
+            f"{path}: a {kind}, not a regular file; ckptstore writes only regular files there, "
+            "so refusing to read it. Remove it (a damaged checkpoint: restore an earlier one)"
+        )
+    return fd, st.st_size
+
+
 class _LocalReader(RangeReader):
     def __init__(self, path: str) -> None:
         self.path = path
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise  # "absent" is an answer, not an I/O failure
-        except OSError as exc:
-            raise storage_error(exc, "open", path) from exc
-        self.size = os.fstat(self._fd).st_size
+        self._fd, self.size = _open_regular(path)
 
     def read(self, offset: int, length: int) -> memoryview:
         out = bytearray(length)
@@ -288,13 +322,37 @@ class LocalBackend(StorageBackend):
 
     def read_bytes(self, name: str) -> bytes:
         path = self._read_path(name)
+        limit = read_limit_bytes(name)
+        fd, size = _open_regular(path)
         try:
-            with open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
+            if size > limit:
+                raise CorruptCheckpointError(
+                    f"{path}: {size} B, more than the {limit} B such a file may hold; refusing "
+                    "to read it (a damaged or planted file: remove it, or restore an earlier "
+                    "checkpoint)"
+                )
+            chunks = []
+            total = 0
+            while True:  # to the end, which may have moved since fstat; never past limit
+                # What fstat said is left, plus a page to see the end (or growth):
+                # never a buffer much larger than the file.
+                chunk = os.read(fd, min(limit + 1 - total, max(size - total, 0) + 4096))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise CorruptCheckpointError(
+                        f"{path}: grew past the {limit} B such a file may hold while being "
+                        "read; refusing it"
+                    )
+            return b"".join(chunks)
+        except CorruptCheckpointError:
             raise
         except OSError as exc:
             raise storage_error(exc, "read", path) from exc
+        finally:
+            os.close(fd)
 
     def open_reader(self, name: str) -> RangeReader:
         return _LocalReader(self._read_path(name))
@@ -375,6 +433,16 @@ class LocalBackend(StorageBackend):
             raise storage_error(exc, "delete", path) from exc
         crash_point("local.delete.before_rmtree")
         shutil.rmtree(doomed, ignore_errors=True)
+
+    def move_aside(self, name: str, new_name: str) -> None:
+        path, target = self._path(name), self._path(new_name)
+        if os.path.lexists(target):
+            raise StorageError(errno.EEXIST, "cannot move aside: the name is taken", target)
+        try:
+            os.rename(path, target)
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise storage_error(exc, "rename", path) from exc
 
     def sweep(self, grace_s: float) -> list[str]:
         removed = []

@@ -40,12 +40,13 @@ from typing import Any
 from ckptstore.crashpoints import crash_point
 from ckptstore.errors import (
     CheckpointExistsError,
+    InvalidArgumentError,
     InvalidOperationError,
     ManifestExistsError,
     StorageError,
     storage_error,
 )
-from ckptstore.layout import MANIFEST_FILE, check_name
+from ckptstore.layout import MANIFEST_FILE, check_name, is_damaged_name
 from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, StorageBackend
 
 # Checkpoints being written by this process, on any backend object: sweep() spares them.
@@ -329,12 +330,37 @@ class FsspecBackend(StorageBackend):
         except Exception as exc:
             raise translate_error(exc, "delete", self.store_path(name)) from exc
 
+    def move_aside(self, name: str, new_name: str) -> None:
+        # Object stores have no rename: copy every object, then delete the original
+        # (manifest first). A crash in between leaves both; neither is loaded as the
+        # damaged checkpoint's replacement, and the copy is never swept.
+        src, dst = self.store_path(name), self.store_path(new_name)
+        try:
+            if self.fs.exists(dst):
+                raise StorageError(errno.EEXIST, "cannot move aside: the name is taken", dst)
+            if self.fs.isdir(src):
+                self.fs.copy(src, dst, recursive=True)
+            else:
+                self.fs.copy(src, dst)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, "copy", src) from exc
+        self.delete(name)
+        if self.fs.exists(src):  # a stray file, not a checkpoint prefix
+            try:
+                self.fs.rm(src, recursive=True)
+            except Exception as exc:
+                raise translate_error(exc, "delete", src) from exc
+
     def sweep(self, grace_s: float) -> list[str]:
         removed = []
         now = time.time()
         for name in self.list_names():
             if self._live_key(name) in _LIVE:
                 continue  # being written by this process
+            if is_damaged_name(name):
+                continue  # moved aside for inspection: kept until a person removes it
             path = self.store_path(name)
             try:
                 if not self.fs.isdir(path) or self.fs.exists(f"{path}/{MANIFEST_FILE}"):
@@ -355,13 +381,17 @@ class FsspecBackend(StorageBackend):
 
 
 def filesystem_from_url(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
-    """``(fs, root)`` for an fsspec URL; a URL fsspec cannot open is a :class:`ValueError`."""
+    """``(fs, root)`` for an fsspec URL; a URL fsspec cannot open is an
+    :class:`~ckptstore.errors.InvalidArgumentError` (a ``ValueError``)."""
     import fsspec  # deferred: importing it pulls in its registry
 
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
     except (ImportError, ValueError) as exc:
-        raise ValueError(f"cannot open {url!r}: {type(exc).__name__}: {exc}") from exc
+        raise InvalidArgumentError(
+            f"cannot open {url!r}: {type(exc).__name__}: {exc}; a root is a local path or a URL "
+            "of a registered scheme (s3://, memory://, file://) or of an installed fsspec one"
+        ) from exc
     return fs, str(root)
 
 

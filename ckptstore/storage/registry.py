@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ckptstore.errors import InvalidArgumentError, InvalidArgumentTypeError
 from ckptstore.storage import local, objectstore, s3, s3_options
 from ckptstore.storage.base import StorageBackend
 
@@ -79,21 +80,21 @@ def register_backend(
     elif isinstance(schemes, Iterable):
         names = list(schemes)
     else:
-        raise ValueError(f"a URL scheme is a string (or several), got {schemes!r}")
+        raise InvalidArgumentError(f"a URL scheme is a string (or several), got {schemes!r}")
     if not names:
-        raise ValueError("register_backend needs at least one scheme")
+        raise InvalidArgumentError("register_backend needs at least one scheme")
     for name in names:
         if not isinstance(name, str) or not _SCHEME.fullmatch(name):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"a URL scheme is a letter then letters, digits, +, - or .; got {name!r}"
             )
     if not callable(factory):
-        raise ValueError(f"factory must be callable, got {factory!r}")
+        raise InvalidArgumentError(f"factory must be callable, got {factory!r}")
     entry = _Entry(factory, frozenset(options))
     with _LOCK:
         taken = [n for n in names if n in _FACTORIES]
         if taken and not replace:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"scheme(s) {taken} already have a backend; pass replace=True to replace it"
             )
         for name in names:
@@ -120,21 +121,25 @@ def open_backend(
     backend_opts = dict(backend_options or {})
     if isinstance(url, StorageBackend):
         if backend_opts:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"backend_options {sorted(backend_opts)} cannot apply to {url!r}, "
                 "a backend already made: pass them to its constructor"
             )
         return url
     if isinstance(url, os.PathLike):
         url = os.fspath(url)
-    if not isinstance(url, str) or not url:
-        raise ValueError(f"checkpoint root must be a path or URL, got {url!r}")
+    if not isinstance(url, str):
+        raise InvalidArgumentTypeError(
+            f"checkpoint root must be a path or URL, got {type(url).__name__} {url!r}"
+        )
+    if not url:
+        raise InvalidArgumentError("checkpoint root must be a path or URL, got ''")
     scheme = url.split("://", 1)[0] if "://" in url else LOCAL_SCHEME
     entry = _FACTORIES.get(scheme, _FALLBACK)
     unknown = sorted(set(backend_opts) - entry.options)
     if unknown:
         accepted = ", ".join(sorted(entry.options)) or "none"
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unknown backend option(s) {unknown} for {scheme}:// roots (accepted: {accepted})"
         )
     return entry.factory(

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -35,9 +33,12 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 import ckptstore
+from ckptstore.errors import EXIT_USAGE, CkptStoreError, CliError
 from ckptstore.integrations.data import ResumableDataLoader
 from ckptstore.manager.policies import AnyOf, KeepBest, KeepEvery, KeepLast, SaveEvery
+from ckptstore.train import checks
 from ckptstore.train.model import GPT, MODEL_SIZES
+from ckptstore.train.report import backup_summary, describe_policy, summary, write_report
 
 log = logging.getLogger("ckptstore.train")
 
@@ -50,8 +51,7 @@ def load_text(path: str | None) -> tuple[bytes, str]:
 
         text = "\n".join(topics.topics[k] for k in sorted(topics.topics)).encode()
         return text, "pydoc_data.topics (Python's own help text)"
-    with open(path, "rb") as f:
-        return f.read(), path
+    return checks.read_data(path), path
 
 
 class Windows(Dataset[torch.Tensor]):
@@ -74,9 +74,10 @@ def split(data: bytes, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     cut = int(len(tokens) * 0.9)
     train, val = tokens[:cut], tokens[cut:]
     if len(train) < 2 * (block + 1) or len(val) < block + 1:
-        raise SystemExit(
+        raise CliError(
             f"the text has {len(tokens)} bytes: too short for a block size of {block} "
-            "(choose a smaller --size or a longer --data file)"
+            "(choose a smaller --size or a longer --data file)",
+            EXIT_USAGE,
         )
     return train, val
 
@@ -147,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.steps is not None and args.epochs is not None:
         ap.error("give --steps or --epochs, not both")
+    for name in ("ckpt_dir", "backup", "data"):
+        if getattr(args, name) == "":
+            ap.error(f"--{name.replace('_', '-')} must not be empty")
     for name in ("batch_size", "eval_batches", "log_every"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -246,24 +250,6 @@ def autocast(run: Run) -> Any:
     return contextlib.nullcontext()
 
 
-def param_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter's full value, in order (gathered under FSDP2)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    h = hashlib.sha256()
-    for k in sorted(sd):
-        t = sd[k]
-        assert isinstance(t, torch.Tensor)
-        h.update(k.encode())
-        h.update(t.detach().float().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
 def train(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -273,6 +259,11 @@ def train(argv: list[str] | None = None) -> int:
         logging.getLogger("ckptstore").setLevel(logging.WARNING)
     try:
         return _train(run)
+    except (CkptStoreError, OSError) as exc:  # expected: one line that says what to do
+        message, code = checks.explain(exc, args)
+        where = f"[rank {run.rank}] " if run.world > 1 else ""
+        print(f"ckptstore train: error: {where}{message}", file=sys.stderr, flush=True)
+        return code
     finally:
         if run.world > 1 and dist.is_initialized():
             with contextlib.suppress(Exception):
@@ -285,13 +276,19 @@ def _train(run: Run) -> int:
     cfg = MODEL_SIZES[args.size]
     text, source = load_text(args.data)
     train_tokens, val_tokens = split(text, cfg.block_size)
+    if not args.no_checkpoint:  # fail now, not at the first save
+        checks.check_writable(args.ckpt_dir, "--ckpt-dir")
+    if args.backup:  # a missing bucket or credentials fail before training
+        checks.check_writable(args.backup, "--backup")
     dataset = Windows(train_tokens, cfg.block_size)
     loader = ResumableDataLoader(
         dataset, batch_size=args.batch_size, seed=args.seed, drop_last=True
     )
     per_epoch = loader.batches_per_epoch()
     if per_epoch < 1:
-        raise SystemExit("the training text is shorter than one batch: lower --batch-size")
+        raise CliError(
+            "the training text is shorter than one batch: lower --batch-size", EXIT_USAGE
+        )
     total = args.epochs * per_epoch if args.epochs is not None else (args.steps or 300)
     model, opt = build(run, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, total))
@@ -361,7 +358,11 @@ def _loop(
         f"Save checkpoints: {'disabled' if args.no_checkpoint else 'enabled'}"
         + ("" if args.no_checkpoint else f" ({describe_policy(args)}, codec {args.codec})")
     )
-    start = mgr.restore(state, args.resume)
+    with checks.noting_failures() as noted:
+        try:
+            start = mgr.restore(state, args.resume)
+        except (CkptStoreError, ValueError) as exc:
+            raise checks.resume_error(args.resume, args.ckpt_dir, exc, noted) from None
     if args.resume in ("none", None):
         run.say("Resume:           no (--resume none): starting from scratch")
     elif start:
@@ -444,88 +445,11 @@ def _loop(
         "step_times_s": step_times,
     }
     mgr.wait()
-    summary(run, mgr, state, steps_run, elapsed, blocked, tokens_per_step)
+    newest = summary(run, mgr, state, steps_run, elapsed, blocked, tokens_per_step)
     if args.report:
         write_report(run, state, model, mgr, interrupted=False)
-    return 0
-
-
-def describe_policy(args: argparse.Namespace) -> str:
-    parts = []
-    if args.save_every:
-        parts.append(f"every {args.save_every} steps")
-    if args.save_every_s:
-        parts.append(f"every {args.save_every_s:g} s")
-    parts.append("on exit and signals")
-    keep = [f"last {args.keep_last}"] if args.keep_last else ["all"]
-    if args.keep_every_epoch:
-        keep.append("each epoch")
-    if args.keep_best:
-        keep.append(f"best {args.keep_best} by val loss")
-    return ", ".join(parts) + "; keep " + ", ".join(keep)
-
-
-def summary(
-    run: Run,
-    mgr: ckptstore.CheckpointManager,
-    state: ckptstore.TrainState,
-    steps_run: int,
-    elapsed: float,
-    blocked: float,
-    tokens_per_step: int,
-) -> None:
-    if run.rank != 0:
-        return
-    kept = mgr.list()
-    run.say("-" * 72)
-    run.say(
-        f"Done: {state.step} steps ({steps_run} in this run) in {elapsed:.1f} s, "
-        f"{steps_run * tokens_per_step / max(elapsed, 1e-9):,.0f} tokens/s"
-    )
-    share = 100.0 * blocked / elapsed if elapsed else 0.0
-    run.say(f"Blocked on checkpoints: {blocked:.2f} s of {elapsed:.1f} s ({share:.1f}%)")
-    if kept:
-        tags = ", ".join(
-            f"{c.step}" + (f" [{' '.join(sorted(c.tags))}]" if c.tags else "") for c in kept
-        )
-        run.say(f"Checkpoints kept in {args_dir(run)}: {tags}")
-    elif run.args.no_checkpoint:
-        run.say("Checkpoints: none (--no-checkpoint)")
-    status = mgr.backup_status()
-    if status is not None:
-        run.say(
-            f"Backup {status.remote}: newest {status.newest_backed_up or 'none'}"
-            + (f", skipped {', '.join(status.skipped)}" if status.skipped else "")
-        )
-
-
-def args_dir(run: Run) -> str:
-    return str(run.args.ckpt_dir)
-
-
-def write_report(
-    run: Run,
-    state: ckptstore.TrainState,
-    model: torch.nn.Module,
-    mgr: ckptstore.CheckpointManager,
-    *,
-    interrupted: bool,
-) -> None:
-    digest = param_digest(model)  # a collective under FSDP2: every rank
-    if run.rank != 0:
-        return
-    with open(run.args.report, "w") as f:
-        json.dump(
-            {
-                "step": state.step,
-                "interrupted": interrupted,
-                "losses": {str(k): v for k, v in sorted(run.losses.items())},
-                "param_digest": digest,
-                "world_size": run.world,
-                **run.timing,
-            },
-            f,
-        )
+    mgr.close()  # waits for the backup's uploads
+    return backup_summary(run, mgr, newest)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,6 +114,10 @@ class FaultyBackend(StorageBackend):
         self.hit("delete", name)
         self.inner.delete(name)
 
+    def move_aside(self, name: str, new_name: str) -> None:
+        self.hit("move_aside", name)
+        self.inner.move_aside(name, new_name)
+
     def sweep(self, grace_s: float) -> list[str]:
         self.hit("sweep", "")
         return self.inner.sweep(grace_s)

@@ -1,0 +1,45 @@
+"""``ckptstore quarantine``: move a damaged checkpoint aside by hand.
+
+The checkpoint becomes ``step_N.damaged-<UTC>``: no longer listed, loaded or counted by
+retention, never deleted or swept by ckptstore, and shown by ``ckptstore ls --all`` until
+you remove it. A training run restored past a damaged newest checkpoint does the same
+on its own; this is the way to do it without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ckptstore.cli._common import OK, open_root, usage_error
+from ckptstore.layout import STEP_NAME, checkpoint_name, damaged_name
+
+EXAMPLES = (
+    "  ckptstore verify runs/exp1            # says which checkpoint is damaged\n"
+    "  ckptstore quarantine runs/exp1 30     # moves step_00000030 aside\n"
+    "  ckptstore ls runs/exp1 --all          # shows it as 'damaged'"
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("step", metavar="STEP", help="the step (30) or name (step_00000030)")
+
+
+def run(args: argparse.Namespace) -> int:
+    match = STEP_NAME.match(args.step)
+    if not (args.step.isdigit() or match):
+        raise usage_error(f"STEP must be a number or a name like step_00000030, got {args.step!r}")
+    name = match.group(0) if match else checkpoint_name(int(args.step))
+    backend = open_root(args.root)
+    if name not in backend.list_names():
+        raise usage_error(
+            f"{backend.url} has no {name}; `ckptstore ls {args.root} --all` lists what is there"
+        )
+    aside = damaged_name(name, time.time())
+    backend.move_aside(name, aside)
+    print(
+        f"moved {backend.url}/{name} aside to {aside}: it is no longer listed or loaded, and "
+        "ckptstore never deletes it; remove it by hand once you have looked at it"
+    )
+    return OK

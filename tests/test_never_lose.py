@@ -1,0 +1,239 @@
+"""Issue 14, data loss: a damaged or reused root never costs a checkpoint that verified.
+
+- Retention never leaves a root without a checkpoint that verifies: a damaged newest
+  checkpoint does not count as the one that protects the run (library, command line).
+- Nothing is deleted before the run has restored and committed its own first save.
+- A damaged newest checkpoint (or a stray entry at its name) is moved aside as
+  ``step_N.damaged-<time>`` when a run restores past it, so rerunning the same training
+  command just works; ``ckptstore quarantine`` does it by hand; ``ls --all`` shows it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import damage
+import pytest
+import torch
+from helpers import REPO
+
+import ckptstore
+from ckptstore.layout import is_damaged_name
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ckptstore", *map(str, args)],
+        capture_output=True, text=True, timeout=180, env=env(), cwd=REPO,
+    )  # fmt: skip
+
+
+def state(v: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((64, 64), v), "b": torch.arange(100, dtype=torch.int64) + int(v)}
+
+
+def blank() -> dict[str, torch.Tensor]:
+    return {"w": torch.zeros(64, 64), "b": torch.zeros(100, dtype=torch.int64)}
+
+
+def make_root(root, steps=(20, 25, 30)) -> None:
+    """Committed checkpoints at ``steps`` (steps done), each holding its own step's values."""
+    with ckptstore.CheckpointManager(root, codec="none") as mgr:
+        for s in steps:
+            mgr.save(s - 1, state(float(s)))
+        mgr.wait()
+
+
+def step_dir(root, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def rot(root, step: int) -> None:
+    """Flip bytes in the middle of the checkpoint's shard (its data, not padding)."""
+    shard = os.path.join(step_dir(root, step), damage.SHARD)
+    damage.xor(shard, os.path.getsize(shard) // 3, length=64)
+
+
+def names(root) -> list[str]:
+    return sorted(os.listdir(root))
+
+
+def steps_listed(root) -> list[int]:
+    with ckptstore.Checkpointer(root) as ckpt:
+        return [i.step for i in ckpt.list()]
+
+
+def test_retention_keeps_the_newest_checkpoint_that_verifies(tmp_path):
+    root = tmp_path / "r"
+    make_root(root)
+    rot(root, 30)
+    mgr = ckptstore.CheckpointManager(root, keep=ckptstore.KeepLast(1), codec="none")
+    try:
+        # Constructing the manager deletes nothing (it used to prune 20 and 25 here).
+        assert steps_listed(root) == [20, 25, 30]
+        sd = blank()
+        assert mgr.restore(sd) == 25  # the rotted 30 is skipped ...
+        assert torch.equal(sd["w"], state(25.0)["w"])
+        aside = [n for n in names(root) if is_damaged_name(n)]
+        assert len(aside) == 1 and aside[0].startswith("step_00000030.damaged-")  # ... set aside
+        mgr.save(29, state(30.5))  # the run saves step 30 again, and retention runs
+        mgr.wait()
+    finally:
+        mgr.close()
+    assert steps_listed(root) == [30]
+    with ckptstore.Checkpointer(root) as ckpt:
+        assert ckpt.verify(30) == []
+    assert any(is_damaged_name(n) for n in names(root)), "damaged ones are never deleted"
+
+
+def test_prune_never_deletes_the_newest_checkpoint_that_verifies(tmp_path):
+    root = tmp_path / "r"
+    make_root(root)
+    rot(root, 30)
+    plan = cli("prune", root, "--keep-last", "1")
+    assert plan.returncode == 0, plan.stderr
+    assert "newest that verifies" in plan.stdout
+    done = cli("prune", root, "--keep-last", "1", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert steps_listed(root) == [25, 30]  # it used to delete 25, leaving only the rotted 30
+    sd = blank()
+    with ckptstore.CheckpointManager(root, enabled=False) as mgr:
+        assert mgr.restore(sd) == 25
+
+
+def test_prune_refuses_when_nothing_verifies(tmp_path):
+    root = tmp_path / "r"
+    make_root(root, steps=(20, 25))
+    rot(root, 20)
+    rot(root, 25)
+    done = cli("prune", root, "--keep-last", "1", "--yes")
+    assert done.returncode == 1
+    assert "no checkpoint" in done.stderr and "verifies" in done.stderr
+    assert steps_listed(root) == [20, 25]
+
+
+def test_nothing_is_deleted_before_the_run_restores(tmp_path):
+    """--resume 20 --keep-last 1 on a root holding 20, 25, 30 kept 20 until now? No: the
+    manager's start-up retention deleted it before restore could load it."""
+    root = tmp_path / "r"
+    make_root(root)
+    with ckptstore.CheckpointManager(root, keep=ckptstore.KeepLast(1)) as mgr:
+        sd = blank()
+        assert mgr.restore(sd, 20, newer="discard") == 20
+        assert torch.equal(sd["w"], state(20.0)["w"])
+
+
+DAMAGE = {
+    "flipped shard": lambda d: damage.xor(
+        os.path.join(d, damage.SHARD),
+        os.path.getsize(os.path.join(d, damage.SHARD)) // 3,
+        length=64,
+    ),
+    "truncated shard": lambda d: damage.truncate(os.path.join(d, damage.SHARD), 1000),
+    # a link to the same file of the checkpoint before (another checkpoint's bytes)
+    "shard replaced by a symlink": lambda d: _link_to_previous(d, damage.SHARD),
+    "metadata replaced by a symlink": lambda d: _link_to_previous(d, ".metadata"),
+    "edited world_size": lambda d: _edit_manifest(d, b'"world_size": 1', b'"world_size": 2'),
+    "edited step": lambda d: _edit_manifest(d, b'"step": 30', b'"step": 31'),
+    "deleted manifest": lambda d: os.remove(os.path.join(d, damage.MANIFEST)),
+}
+
+
+def _link_to_previous(d: str, name: str) -> None:
+    os.remove(os.path.join(d, name))
+    os.symlink(os.path.join("..", "step_00000025", name), os.path.join(d, name))
+
+
+def _edit_manifest(d: str, old: bytes, new: bytes) -> None:
+    path = os.path.join(d, damage.MANIFEST)
+    with open(path, "rb") as f:
+        data = f.read()
+    assert old in data, data
+    with open(path, "wb") as f:
+        f.write(data.replace(old, new))
+
+
+def _stray_file(root) -> None:
+    import shutil
+
+    shutil.rmtree(step_dir(root, 30))
+    with open(step_dir(root, 30), "w") as f:
+        f.write("not a checkpoint\n")
+
+
+@pytest.mark.parametrize("kind", [*DAMAGE, "stray file at its name"])
+def test_a_run_restores_past_a_damaged_newest_checkpoint_and_saves_that_step_again(tmp_path, kind):
+    root = tmp_path / "r"
+    make_root(root)
+    if kind == "stray file at its name":
+        _stray_file(root)
+    else:
+        DAMAGE[kind](step_dir(root, 30))
+    for attempt in range(2):  # rerunning the same thing works every time
+        with ckptstore.CheckpointManager(root, keep=ckptstore.KeepLast(2), codec="none") as mgr:
+            sd = blank()
+            assert mgr.restore(sd) == (25 if attempt == 0 else 30), kind
+            if attempt == 0:
+                mgr.save(29, state(30.0))  # used to fail: "already exists ... newer='discard'"
+                mgr.wait()
+    assert steps_listed(root) == [25, 30]
+    aside = [n for n in names(root) if is_damaged_name(n)]
+    assert len(aside) == 1, names(root)
+    listing = cli("ls", root, "--all")
+    assert listing.returncode == 0, listing.stderr
+    assert aside[0] in listing.stdout and "damaged" in listing.stdout
+
+
+def test_quarantine_moves_a_checkpoint_aside_by_hand(tmp_path):
+    root = tmp_path / "r"
+    make_root(root)
+    rot(root, 30)
+    assert cli("verify", root).returncode == 1
+    moved = cli("quarantine", root, 30)
+    assert moved.returncode == 0, moved.stderr
+    assert "step_00000030.damaged-" in moved.stdout
+    assert steps_listed(root) == [20, 25]
+    assert cli("verify", root).returncode == 0
+    assert "damaged" in cli("ls", root, "--all").stdout
+    assert "damaged" not in cli("ls", root).stdout
+    missing = cli("quarantine", root, 99)
+    assert missing.returncode == 2 and "ls" in missing.stderr
+    assert cli("quarantine", root, "latest").returncode == 2
+
+
+@pytest.mark.parametrize("kind", ["flipped shard", "deleted manifest"])
+def test_rerunning_the_training_command_after_damage_just_works(tmp_path, kind):
+    """The issue's own reproduction: damage the newest checkpoint, rerun the same command."""
+    root = tmp_path / "run"
+    base = [
+        sys.executable, "-m", "ckptstore.train", "--size", "tiny", "--device", "cpu",
+        "--batch-size", "4", "--eval-every", "100", "--eval-batches", "1",
+        "--save-every", "5", "--ckpt-dir", str(root),
+    ]  # fmt: skip
+    first = subprocess.run(
+        [*base, "--steps", "30", "--keep-last", "0"],
+        capture_output=True, text=True, timeout=300, env=env(), cwd=REPO,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert steps_listed(root)[-3:] == [20, 25, 30]
+    DAMAGE[kind](step_dir(root, 30))
+    for _ in range(2):  # the same command, twice: the second run finds the run finished
+        again = subprocess.run(
+            [*base, "--steps", "40", "--keep-last", "1"],
+            capture_output=True, text=True, timeout=300, env=env(), cwd=REPO,
+        )  # fmt: skip
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "Traceback" not in again.stderr
+    assert steps_listed(root) == [40]
+    with ckptstore.Checkpointer(root) as ckpt:
+        assert ckpt.verify(40) == []
+    assert len([n for n in names(root) if is_damaged_name(n)]) == 1
