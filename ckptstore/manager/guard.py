@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptstore.engine.checkpointer import Checkpointer
 from ckptstore.engine.pending import PendingSave
@@ -48,28 +48,25 @@ class GuardMixin:
     _stop_saving: bool
     _guarding: bool
 
-    def _save(
-        self,
-        steps_done: int,
-        state: Resumable | dict[str, Any],
-        reason: str,
-        epoch: int | None,
-        metrics: dict[str, float] | None,
-        sd: dict[str, Any] | None = None,
-    ) -> PendingSave:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by CheckpointManager
 
-    def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]:
-        raise NotImplementedError
+        def _save(
+            self,
+            steps_done: int,
+            state: Resumable | dict[str, Any],
+            reason: str,
+            epoch: int | None,
+            metrics: dict[str, float] | None,
+            sd: dict[str, Any] | None = None,
+        ) -> PendingSave: ...
 
-    def _record_final(self, name: str) -> None:
-        raise NotImplementedError
+        def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]: ...
 
-    def wait(self) -> None:
-        raise NotImplementedError
+        def _record_final(self, name: str) -> None: ...
 
-    def wait_quietly(self) -> None:
-        raise NotImplementedError
+        def wait(self) -> None: ...
+
+        def wait_quietly(self) -> None: ...
 
     @contextlib.contextmanager
     def guard(self, state: Resumable | dict[str, Any]) -> Iterator[Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import builtins
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
@@ -62,14 +62,15 @@ class RestoreMixin:
     _run_id: str
     _backup: Replicator | None
 
-    def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by CheckpointManager
 
-    def _records(self, infos: builtins.list[CheckpointInfo]) -> builtins.list[CheckpointRecord]:
-        raise NotImplementedError
+        def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]: ...
 
-    def _read_latest(self) -> str | None:
-        raise NotImplementedError
+        def _records(
+            self, infos: builtins.list[CheckpointInfo]
+        ) -> builtins.list[CheckpointRecord]: ...
+
+        def _read_latest(self) -> str | None: ...
 
     def restore(
         self,
