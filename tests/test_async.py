@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
-from faults import FaultyBackend, fail_once
 from helpers import Randn, assert_same, blank_like, build_state, zero_value
 
 import ckptstore
 from ckptstore.storage import LocalBackend
+from ckptstore.storage.testing import FaultyBackend, fail_once
 
 
 def state_of(n: int = 100_000) -> dict[str, object]:

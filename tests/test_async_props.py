@@ -34,7 +34,6 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from faults import FaultyBackend
 from helpers import Randn, blank_like, build_state
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -44,6 +43,7 @@ import ckptstore
 from ckptstore.errors import storage_error
 from ckptstore.layout import checkpoint_name
 from ckptstore.storage import LocalBackend
+from ckptstore.storage.testing import FaultyBackend
 
 TIMEOUT_S = 60
 FAULTS = [("write", errno.EIO), ("close", errno.EIO), ("commit", errno.EIO)]

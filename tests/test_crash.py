@@ -17,7 +17,7 @@ CHILD = r"""
 import sys, time, torch
 sys.path.insert(0, {tests!r})
 import ckptstore
-from faults import FaultyBackend
+from ckptstore.storage.testing import FaultyBackend
 from ckptstore.storage import LocalBackend
 
 root = sys.argv[1]

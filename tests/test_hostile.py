@@ -32,7 +32,6 @@ import pytest
 import torch
 import zstandard
 from damage import SHARD, Boom, forge_manifest, forged, replace_file, replace_shard, split_shard
-from faults import FaultyBackend
 from helpers import Randn, blank_like, build_state, train, train_state, zero_value
 
 import ckptstore
@@ -42,6 +41,7 @@ from ckptstore.config import MANIFEST_KEY_ENV
 from ckptstore.dcp import metadata as md_format
 from ckptstore.format.checksum import digest
 from ckptstore.storage import RangeReader, StorageBackend, open_backend
+from ckptstore.storage.testing import FaultyBackend
 from ckptstore.storage.testing.s3server import SECRET_KEY
 
 KEY = b"CANARY-MANIFEST-KEY-51d0c9e2"

@@ -320,9 +320,8 @@ def test_training_past_an_earlier_restore_fails_fast_or_retires_newer(root):
 
 
 def test_the_save_started_while_an_earlier_failure_is_raised_is_still_tracked(root):
-    from faults import FaultyBackend, fail_once
-
     from ckptstore.storage import LocalBackend
+    from ckptstore.storage.testing import FaultyBackend, fail_once
 
     backend = FaultyBackend(LocalBackend(root), fault=fail_once("close"))
     state = make_state()

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import torch
-from faults import FaultyBackend
 
 import ckptstore
 from ckptstore.storage.local import LocalBackend
+from ckptstore.storage.testing import FaultyBackend
 
 T = torch.arange(6, dtype=torch.float32)
 

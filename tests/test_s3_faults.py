@@ -19,7 +19,6 @@ import time
 import damage
 import pytest
 import torch
-from faults import FaultyBackend
 from helpers import Randn, blank_like, build_state, train, train_state
 from tcp_proxy import FaultProxy
 
@@ -28,6 +27,7 @@ from ckptstore import CheckpointManager, KeepLast, SaveEvery
 from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import S3Backend, open_backend
 from ckptstore.storage.s3 import MIN_PART_BYTES
+from ckptstore.storage.testing import FaultyBackend
 from ckptstore.storage.testing.s3server import SECRET_KEY, S3Server
 
 MIB = 1 << 20

@@ -79,9 +79,8 @@ def main() -> int:
 
     root: object = args.root
     if args.slow_storage:
-        from faults import FaultyBackend
-
         from ckptstore.storage import LocalBackend
+        from ckptstore.storage.testing import FaultyBackend
 
         root = FaultyBackend(LocalBackend(args.root), delay_s=args.slow_storage)
     mgr = CheckpointManager(
