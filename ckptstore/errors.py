@@ -7,7 +7,8 @@ working::
     CkptStoreError(Exception)
     ├── CheckpointNotFoundError        (+ FileNotFoundError)  nothing committed there
     ├── CheckpointExistsError          (+ FileExistsError)    step already committed
-    │   └── ManifestExistsError                               lost a conditional manifest put
+    │   ├── ManifestExistsError                               lost a conditional manifest put
+    │   └── NewerCheckpointsError                             resuming would train past newer ones
     ├── CorruptCheckpointError         (+ OSError)            bytes on storage are wrong
     │   └── UnsafeCheckpointError                             refused unread: unsafe or unsigned
     ├── IncompatibleCheckpointError    (+ ValueError)         keys / shapes / format differ
@@ -51,6 +52,7 @@ __all__ = [
     "InvalidArgumentTypeError",
     "InvalidOperationError",
     "ManifestExistsError",
+    "NewerCheckpointsError",
     "RankFailedError",
     "StorageError",
     "StorageFullError",
@@ -70,6 +72,17 @@ class CheckpointNotFoundError(CkptStoreError, FileNotFoundError):
 
 class CheckpointExistsError(CkptStoreError, FileExistsError):
     """A committed checkpoint already holds that step; ckptstore never overwrites one."""
+
+
+class NewerCheckpointsError(CheckpointExistsError):
+    """A restore (``newer="refuse"``) found checkpoints newer than the one it restored
+    (or, restoring nothing, any checkpoint): training on would save over their steps.
+    Nothing was changed; ``names`` lists them, ``what`` says what is where."""
+
+    def __init__(self, message: str, names: list[str] | None = None, what: str = "") -> None:
+        super().__init__(message)
+        self.names = list(names or [])
+        self.what = what or message  # the facts alone, without advice
 
 
 class CorruptCheckpointError(CkptStoreError, OSError):

@@ -17,6 +17,8 @@
       .pointer-<id>             POINTER_TEMP_PREFIX: a pointer being replaced
       step_00000600.damaged-<UTC>  damaged_name(): a damaged checkpoint moved aside for
                                 inspection; never listed, loaded, swept or deleted by ckptstore
+      step_00000700.retired-<UTC>  retired_name(): a checkpoint of a discarded branch (a
+                                run resumed an earlier one), moved aside, kept likewise
 
 Names read from storage are untrusted: :func:`check_name` accepts plain relative names
 only, so that nothing read from a manifest can point outside the root. What is read
@@ -43,6 +45,7 @@ REPLACING_SUFFIX = ".replacing"  # beside a checkpoint being replaced: the compl
 
 STEP_NAME = re.compile(r"^step_(\d{8,})$")
 DAMAGED_MARK = ".damaged-"
+RETIRED_MARK = ".retired-"
 # The largest step: the largest integer a JSON reader that parses numbers as doubles
 # (jq, JavaScript) reads back exactly from a manifest. A larger step is a bug upstream.
 MAX_STEP = 2**53 - 1
@@ -74,6 +77,21 @@ def is_damaged_name(name: str) -> bool:
     """A checkpoint moved aside as damaged (see :func:`damaged_name`)."""
     base, mark, _ = name.partition(DAMAGED_MARK)
     return bool(mark) and STEP_NAME.match(base) is not None
+
+
+def retired_name(name: str, unix_s: float) -> str:
+    """Where a checkpoint of a discarded branch is moved aside (a run restored an earlier
+    one and trained on): ``step_00000030.retired-20261203T101500Z``."""
+    return f"{name}{RETIRED_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(unix_s))}"
+
+
+def set_aside_kind(name: str) -> str | None:
+    """``"damaged"`` or ``"retired"`` for a checkpoint moved aside, else None."""
+    for mark, kind in ((DAMAGED_MARK, "damaged"), (RETIRED_MARK, "retired")):
+        base, found, _ = name.partition(mark)
+        if found and STEP_NAME.match(base) is not None:
+            return kind
+    return None
 
 
 def read_limit_bytes(name: str) -> int:

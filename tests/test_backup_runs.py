@@ -25,7 +25,7 @@ from ckptstore.cli import main
 from ckptstore.engine.ops import list_checkpoints, read_manifest, verify
 from ckptstore.errors import CorruptCheckpointError, StorageError
 from ckptstore.format.manifest import Manifest
-from ckptstore.layout import MANIFEST_FILE, checkpoint_name
+from ckptstore.layout import MANIFEST_FILE, checkpoint_name, set_aside_kind
 from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import open_backend
 from ckptstore.storage.testing.faulty import FaultyBackend
@@ -142,7 +142,10 @@ def test_after_a_discard_the_backup_holds_the_new_branch_and_a_lost_disk_restore
     local, remote = open_backend(local_root), open_backend(url)
     assert same_on_both(local, remote, 20)
     assert same_on_both(local, remote, 30)
-    assert "retired 2 checkpoint(s) newer than step_00000010 on the backup" in caplog.text
+    assert f"moved 2 newer checkpoint(s) under {url} aside as a retired branch" in caplog.text
+    # Moved aside on both tiers, not deleted.
+    for backend in (local, remote):
+        assert len([n for n in backend.list_names() if set_aside_kind(n) == "retired"]) == 2
     assert "already on" not in caplog.text
     assert [n for n in remote.list_names() if n.endswith(".replacing")] == []
     # The local disk is lost: the backup brings back the new branch, not the retired one.

@@ -28,7 +28,7 @@ from ckptstore.cli.retention_options import add_retention_options, forever_parts
 from ckptstore.engine.ops import CheckpointInfo, read_manifest, step_mismatch
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
 from ckptstore.format.manifest import Manifest
-from ckptstore.layout import DAMAGED_MARK, LATEST_FILE, STEP_NAME, TEMP_PREFIX, is_damaged_name
+from ckptstore.layout import LATEST_FILE, STEP_NAME, TEMP_PREFIX, set_aside_kind
 from ckptstore.manager import pointer, retention
 from ckptstore.manager.policies import FINAL, KeepBest, RetentionPolicy
 from ckptstore.storage import StorageBackend
@@ -36,7 +36,7 @@ from ckptstore.storage import StorageBackend
 EXAMPLES = (
     "  ckptstore ls runs/exp1\n"
     "  ckptstore ls s3://my-bucket/runs/exp1 --json\n"
-    "  ckptstore ls runs/exp1 --all                 # also uncommitted and damaged ones\n"
+    "  ckptstore ls runs/exp1 --all                 # also uncommitted, damaged, retired\n"
     "  ckptstore ls runs/exp1 --remote s3://my-bucket/runs/exp1   # tag 'backed-up'\n\n"
     "tags: latest (the `latest` pointer), best (by --metric; default val_loss),\n"
     "final (ended a completed run), kept (kept forever by the retention options\n"
@@ -46,7 +46,11 @@ EXAMPLES = (
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT")
-    p.add_argument("--all", action="store_true", help="also uncommitted and damaged ones")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also uncommitted checkpoints, and those set aside as damaged or retired",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--remote", metavar="URL", help="tag checkpoints also present there")
     p.add_argument("--metric", metavar="NAME", help="what 'best' means (default: val_loss)")
@@ -62,7 +66,7 @@ class Entry:
     """One name under a root, as ``ls`` shows it."""
 
     name: str
-    status: str  # "committed", "uncommitted", "corrupt", "damaged" (set aside)
+    status: str  # "committed", "uncommitted", "corrupt", "damaged", "retired" (set aside)
     step: int | None
     url: str
     manifest: Manifest | None = None
@@ -98,9 +102,9 @@ def scan(backend: StorageBackend, *, everything: bool) -> list[Entry]:
                     entries.append(Entry(name, "corrupt", step, url, manifest, error=mismatch))
                 continue
             entries.append(Entry(name, "committed", step, url, manifest))
-        elif everything and is_damaged_name(name):
-            base = STEP_NAME.match(name.partition(DAMAGED_MARK)[0])
-            entries.append(Entry(name, "damaged", int(base.group(1)) if base else None, url))
+        elif everything and (aside := set_aside_kind(name)) is not None:
+            base = STEP_NAME.match(name.partition(".")[0])
+            entries.append(Entry(name, aside, int(base.group(1)) if base else None, url))
         elif everything and name.startswith(TEMP_PREFIX):
             inner = STEP_NAME.match(name[len(TEMP_PREFIX) :].rsplit("-", 1)[0])
             entries.append(Entry(name, "uncommitted", int(inner.group(1)) if inner else None, url))
@@ -223,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return OK
     if not entries:
-        hidden = "" if args.all else " (--all also shows uncommitted and damaged ones)"
+        hidden = "" if args.all else " (--all also shows uncommitted, damaged and retired ones)"
         print(f"no committed checkpoints under {backend.url}{hidden}")
         return OK
     rows = []

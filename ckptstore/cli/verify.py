@@ -70,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
                         "looked at it (ckptstore never deletes it)"
                     )
                     continue
+                if e.status == "retired":
+                    notes.append(
+                        f"{e.name}: set aside when a run resumed an earlier checkpoint and "
+                        "discarded the newer ones, not checked; remove it when you no longer "
+                        "want it (ckptstore never deletes it)"
+                    )
+                    continue
                 if e.status == "uncommitted" and (
                     e.name.startswith(TEMP_PREFIX) or not backend.capabilities.local
                 ):

@@ -32,9 +32,10 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from ckptstore.errors import CorruptCheckpointError
+from ckptstore.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardReader, run_all
+from ckptstore.layout import MANIFEST_FILE
 from ckptstore.storage.base import StorageBackend
 
 _MAX_TEMP_BYTES = 1 << 30
@@ -124,6 +125,13 @@ class CkptStorageReader(StorageReader):
             try:
                 reader = self._backend.open_reader(f"{self._name}/{file_name}")
             except FileNotFoundError:
+                if not self._backend.exists(f"{self._name}/{MANIFEST_FILE}"):
+                    # Not damage: deleted since the manifest was read (retention, a
+                    # discard) by the run writing this root.
+                    raise CheckpointNotFoundError(
+                        f"{self._where()} was retired while loading (deleted by the run "
+                        "writing that root); load the newer one"
+                    ) from None
                 raise CorruptCheckpointError(
                     f"{where}: shard file is missing; restore an earlier checkpoint"
                 ) from None

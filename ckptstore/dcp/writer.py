@@ -53,7 +53,7 @@ class SaveSpec:
     Made once per save by the Checkpointer (or a one-shot ``ckptstore.save``) and handed
     down whole: ``codec``, ``chunk_bytes`` and ``window`` (chunks in flight) say how
     shards are encoded; ``step``, ``metadata`` (the user's JSON), ``epoch``, ``reason``,
-    ``metrics`` and ``run_id`` go into the manifest, which is signed with
+    ``metrics``, ``run_id`` and ``lineage`` go into the manifest, which is signed with
     ``manifest_key`` if set.
     """
 
@@ -66,6 +66,7 @@ class SaveSpec:
     reason: str | None = None
     metrics: Mapping[str, float | None] = field(default_factory=dict)
     run_id: str | None = None
+    lineage: tuple[str, ...] = ()
     manifest_key: bytes | None = field(default=None, repr=False)
 
 
@@ -266,6 +267,7 @@ class CkptStorageWriter(StorageWriter):
             reason=spec.reason,
             metrics=dict(spec.metrics),
             run_id=spec.run_id,
+            lineage=spec.lineage,
         )
         self._pending.commit(manifest.to_json(spec.manifest_key))
         self._committed = True

@@ -157,11 +157,13 @@ class Checkpointer:
         reason: str | None = None,
         metrics: dict[str, float] | None = None,
         run_id: str | None = None,
+        lineage: tuple[str, ...] = (),
     ) -> PendingSave:
         """Start saving ``state_dict`` as checkpoint ``step``.
 
-        ``epoch``, ``reason``, ``metrics`` and ``run_id`` go into the manifest, where
-        listings, retention and the backup read them (the CheckpointManager sets them).
+        ``epoch``, ``reason``, ``metrics``, ``run_id`` and ``lineage`` (the runs this one
+        branched from) go into the manifest, where listings, retention and the backup
+        read them (the CheckpointManager sets them).
 
         Returns once the state is staged (the caller may then change its tensors). With
         ``block_until_staged=False`` the copy happens on the writer thread and the call
@@ -178,6 +180,9 @@ class Checkpointer:
         user_md = check_metadata(metadata)
         info = check_info(epoch, reason, metrics)
         info["run_id"] = None if run_id is None else check_run_id(run_id)
+        if isinstance(lineage, str):
+            raise InvalidArgumentTypeError(f"lineage must be a tuple of run ids, got {lineage!r}")
+        info["lineage"] = tuple(check_run_id(r) for r in lineage)
         with self._lock:
             if step in self._inflight:
                 raise InvalidArgumentError(f"step {step} is already being saved; wait for it first")

@@ -25,8 +25,12 @@ Example (abridged)::
 
 **Run identity.** ``run_id`` (optional; absent in checkpoints written without a
 :class:`~ckptstore.CheckpointManager`, and in older ones) names the training run that
-wrote the checkpoint: a resumed run keeps it, a run started afresh gets a new one. Two
-checkpoints are the same checkpoint when they list the same files with the same sizes
+wrote the checkpoint: a resumed run keeps it, a run started afresh gets a new one. A run
+that restored an earlier checkpoint and set the newer ones aside
+(``restore(newer="discard")``, ``ckptstore train --discard-newer``) is a new *branch*: a
+new ``run_id``, with ``"lineage"`` listing the runs it branched from, nearest first
+(absent when empty). Retention and the backup tier consider only the checkpoints of the
+current run and its lineage. Two checkpoints are the same checkpoint when they list the same files with the same sizes
 and checksums and belong to the same run (:meth:`Manifest.same_checkpoint`): a name is
 not enough, since another run (or a branch retired by ``restore(newer="discard")``) may
 have written a checkpoint of the same step.
@@ -106,6 +110,7 @@ class Manifest:
     reason: str | None = None  # "interval", "epoch", "final", "signal", "error", "manual"
     metrics: dict[str, float | None] = field(default_factory=dict)  # None: not finite
     run_id: str | None = None  # the run that wrote it (see module doc); None: not recorded
+    lineage: tuple[str, ...] = ()  # the runs it branched from, nearest first (module doc)
 
     @property
     def ratio(self) -> float:
@@ -135,6 +140,7 @@ class Manifest:
             "metrics": self.metrics,
             # Only when recorded: a manifest without one keeps its bytes, and its checksum.
             **({"run_id": self.run_id} if self.run_id is not None else {}),
+            **({"lineage": list(self.lineage)} if self.lineage else {}),
         }
 
     def to_json(self, key: bytes | None = None) -> bytes:
@@ -232,6 +238,11 @@ class Manifest:
         run_id = body.get("run_id")
         if run_id is not None:
             check_run_id(run_id)
+        lineage = body.get("lineage", [])
+        if not isinstance(lineage, list):
+            raise TypeError("lineage must be a list of run ids")
+        for ancestor in lineage:
+            check_run_id(ancestor)
         for k, v in metrics.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise TypeError(f"metric {k!r} must be a number or null")
@@ -250,6 +261,7 @@ class Manifest:
             reason=reason,
             metrics=metrics,
             run_id=run_id,
+            lineage=tuple(lineage),
         )
 
 

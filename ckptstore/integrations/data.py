@@ -26,7 +26,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ckptstore.errors import IncompatibleCheckpointError
+from ckptstore.errors import (
+    IncompatibleCheckpointError,
+    InvalidArgumentError,
+)
 
 
 class ResumableSampler(Sampler[int]):
@@ -48,9 +51,9 @@ class ResumableSampler(Sampler[int]):
         drop_last: bool = False,
     ) -> None:
         if num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+            raise InvalidArgumentError(f"num_samples must be >= 0, got {num_samples}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a world of {world_size}")
+            raise InvalidArgumentError(f"rank {rank} is not in a world of {world_size}")
         self.num_samples = num_samples
         self.shuffle = shuffle
         self.seed = seed
@@ -112,10 +115,12 @@ class ResumableDataLoader:
         **loader_kwargs: Any,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
         for reserved in ("sampler", "batch_sampler", "shuffle"):
             if reserved in loader_kwargs:
-                raise ValueError(f"ResumableDataLoader chooses its own {reserved}; do not pass it")
+                raise InvalidArgumentError(
+                    f"ResumableDataLoader chooses its own {reserved}; do not pass it"
+                )
         if rank is None or world_size is None:
             distributed = dist.is_available() and dist.is_initialized()
             rank = dist.get_rank() if distributed else 0

@@ -70,6 +70,7 @@ from ckptstore.errors import (
     BackgroundSaveError,
     CheckpointExistsError,
     CkptStoreError,
+    InvalidArgumentError,
     RankFailedError,
 )
 from ckptstore.format.manifest import new_run_id
@@ -92,7 +93,7 @@ from ckptstore.manager.policies import (
 )
 from ckptstore.manager.replicate import BackupStatus, Replicator
 from ckptstore.manager.restore import RestoreMixin
-from ckptstore.manager.resumable import Resumable
+from ckptstore.manager.resumable import Resumable, track_best
 from ckptstore.storage import StorageBackend, open_backend
 
 log = logging.getLogger("ckptstore")
@@ -206,6 +207,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._guarding = False
         self._closed = False
         self._run_id = new_run_id()  # in every manifest; a restore adopts the checkpoint's
+        self._lineage: tuple[str, ...] = ()  # the runs this one branched from
         # The backup tier lives on rank 0, which sees the whole local root (one machine
         # or a shared file system). A missing bucket or wrong credentials fail here.
         self._remote: StorageBackend | None = None
@@ -283,7 +285,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         if isinstance(state, Resumable):
             state.step = steps_done
             state.epoch = epoch if epoch is not None else state.epoch
-            self._track_best(state, metrics)
+            track_best(state, metrics, self.best_metric, self.best_mode)
             self._boundary = state.boundary()
         reason = None
         if self.enabled and self.save_policy is not None and self._last_saved != steps_done:
@@ -333,7 +335,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             return None
         if isinstance(state, Resumable):
             state.step = steps_done
-            self._track_best(state, metrics)
+            track_best(state, metrics, self.best_metric, self.best_mode)
         return self._save(steps_done, state, reason, epoch, metrics)
 
     def _save(
@@ -350,8 +352,8 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         if self._ckpt.exists(steps_done):
             raise CheckpointExistsError(
                 f"{self._ckpt.url}/{name} already exists: this run restored an earlier checkpoint "
-                "and is training past it. Restore with newer='discard' to retire the newer "
-                "checkpoints, or save into another root"
+                "and is training past it. Restore with newer='discard' to move the newer "
+                "ones aside (newer='refuse' says so before training), or save into another root"
             )
         if sd is None:
             sd = state.state_dict() if isinstance(state, Resumable) else state
@@ -359,7 +361,13 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             epoch = state.epoch if isinstance(state, Resumable) else self._last_epoch
         try:
             pending = self._ckpt.save_async(
-                sd, steps_done, epoch=epoch, reason=reason, metrics=metrics, run_id=self._run_id
+                sd,
+                steps_done,
+                epoch=epoch,
+                reason=reason,
+                metrics=metrics,
+                run_id=self._run_id,
+                lineage=self._lineage,
             )
         except BackgroundSaveError as exc:
             # An earlier save failed; this one was still started: keep track of it.
@@ -398,15 +406,6 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             with contextlib.suppress(RuntimeError):  # shut down: nothing more to do
                 self._housekeeping.submit(self._prune)
 
-    def _track_best(self, state: Resumable, metrics: dict[str, float] | None) -> None:
-        if not metrics or self.best_metric is None or self.best_metric not in metrics:
-            return
-        value = float(metrics[self.best_metric])
-        old = state.best.get(self.best_metric)
-        better = old is None or (value < old if self.best_mode == "min" else value > old)
-        if better and value == value:  # not NaN
-            state.best[self.best_metric] = value
-
     # ---- agreement between ranks ------------------------------------------------------
     def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]:
         """Every rank's save reason and stop code, agreed (the largest wins)."""
@@ -432,6 +431,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                 spare=spare,
                 manifest_key=self._manifest_key,
                 trusted=self._committed,
+                lineage=(self._run_id, *self._lineage),
             )
         except CkptStoreError as exc:  # storage trouble must not fail the save it follows
             log.warning("retention under %s failed: %s", self._ckpt.url, exc)
@@ -540,5 +540,5 @@ class CheckpointManager(RestoreMixin, GuardMixin):
 
 def _steps_done(step: int) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be the loop's 0-based step index, got {step!r}")
+        raise InvalidArgumentError(f"step must be the loop's 0-based step index, got {step!r}")
     return step + 1

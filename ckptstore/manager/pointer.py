@@ -41,3 +41,12 @@ def record_final(backend: StorageBackend, name: str) -> None:
             backend.put_atomic(FINALS_FILE, ("\n".join([*finals, name]) + "\n").encode())
         except CkptStoreError as exc:
             log.warning("could not record %s as final: %s", name, exc)
+
+
+def forget_finals(backend: StorageBackend, names: set[str]) -> None:
+    """Remove ``names`` from ``finals`` (checkpoints moved aside: a new checkpoint of the
+    same name did not end a run)."""
+    finals = read_lines(backend, FINALS_FILE)
+    if names & set(finals):
+        kept = [n for n in finals if n not in names]
+        backend.put_atomic(FINALS_FILE, "".join(f"{n}\n" for n in kept).encode())

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from ckptstore.errors import InvalidArgumentError, InvalidArgumentTypeError
+
 # Reasons a checkpoint was written, as recorded in its manifest.
 INTERVAL, EPOCH, FINAL, SIGNAL, ERROR, MANUAL = (
     "interval",
@@ -67,7 +69,7 @@ class RetentionPolicy(Protocol):
 
 def _positive(name: str, value: float | None) -> None:
     if value is not None and (isinstance(value, bool) or not value > 0):
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be positive, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -82,16 +84,16 @@ class SaveEvery:
     def __post_init__(self) -> None:
         given = [n for n in ("steps", "seconds", "epochs") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "SaveEvery takes exactly one of steps=, seconds=, epochs= "
                 "(combine several with AnyOf(SaveEvery(steps=...), SaveEvery(seconds=...)))"
             )
         for n in given:
             _positive(n, getattr(self, n))
         if self.steps is not None and not isinstance(self.steps, int):
-            raise ValueError(f"steps must be an int, got {self.steps!r}")
+            raise InvalidArgumentError(f"steps must be an int, got {self.steps!r}")
         if self.epochs is not None and not isinstance(self.epochs, int):
-            raise ValueError(f"epochs must be an int, got {self.epochs!r}")
+            raise InvalidArgumentError(f"epochs must be an int, got {self.epochs!r}")
 
     def should_save(self, ctx: SaveContext) -> str | None:
         if self.steps is not None:
@@ -113,7 +115,7 @@ class SaveAt:
     def __init__(self, steps: Sequence[int] | frozenset[int]) -> None:
         values = frozenset(steps)
         if not values or not all(isinstance(s, int) and s > 0 for s in values):
-            raise ValueError(f"SaveAt needs positive step counts, got {steps!r}")
+            raise InvalidArgumentError(f"SaveAt needs positive step counts, got {steps!r}")
         object.__setattr__(self, "steps", values)
 
     def should_save(self, ctx: SaveContext) -> str | None:
@@ -128,7 +130,7 @@ class KeepLast:
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"KeepLast needs n >= 1, got {self.n!r}")
+            raise InvalidArgumentError(f"KeepLast needs n >= 1, got {self.n!r}")
 
     def keep(self, records: Sequence[CheckpointRecord]) -> frozenset[int]:
         return frozenset(sorted(r.step for r in records)[-self.n :])
@@ -144,7 +146,7 @@ class KeepEvery:
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
-            raise ValueError("KeepEvery takes exactly one of steps=, epochs=")
+            raise InvalidArgumentError("KeepEvery takes exactly one of steps=, epochs=")
         _positive("steps", self.steps)
         _positive("epochs", self.epochs)
 
@@ -173,11 +175,11 @@ class KeepBest:
 
     def __post_init__(self) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"KeepBest needs k >= 1, got {self.k!r}")
+            raise InvalidArgumentError(f"KeepBest needs k >= 1, got {self.k!r}")
         if self.mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {self.mode!r}")
+            raise InvalidArgumentError(f"mode must be 'min' or 'max', got {self.mode!r}")
         if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError(f"metric must be a name, got {self.metric!r}")
+            raise InvalidArgumentError(f"metric must be a name, got {self.metric!r}")
 
     def ranked(self, records: Sequence[CheckpointRecord]) -> list[CheckpointRecord]:
         """Eligible records, best first (ties: newer first)."""
@@ -211,13 +213,13 @@ class AnyOf:
 
     def __init__(self, *policies: SavePolicy | RetentionPolicy) -> None:
         if not policies:
-            raise ValueError("AnyOf needs at least one policy")
+            raise InvalidArgumentError("AnyOf needs at least one policy")
         object.__setattr__(self, "policies", tuple(policies))
 
     def should_save(self, ctx: SaveContext) -> str | None:
         for p in self.policies:
             if not isinstance(p, SavePolicy):
-                raise TypeError(f"{p!r} is not a save policy")
+                raise InvalidArgumentTypeError(f"{p!r} is not a save policy")
             reason = p.should_save(ctx)
             if reason is not None:
                 return reason
@@ -227,7 +229,7 @@ class AnyOf:
         kept: set[int] = set()
         for p in self.policies:
             if not isinstance(p, RetentionPolicy):
-                raise TypeError(f"{p!r} is not a retention policy")
+                raise InvalidArgumentTypeError(f"{p!r} is not a retention policy")
             kept |= p.keep(records)
         return frozenset(kept)
 

@@ -34,13 +34,14 @@ from ckptstore.errors import (
     CkptStoreError,
     CopyStoppedError,
     CorruptCheckpointError,
+    InvalidArgumentError,
     StorageError,
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
 from ckptstore.manager.policies import RetentionPolicy
-from ckptstore.manager.retention import prune
+from ckptstore.manager.retention import of_lineage, prune
 from ckptstore.storage import StorageBackend
 from ckptstore.transfer import Progress, copy_checkpoint, replace_checkpoint
 
@@ -73,8 +74,8 @@ class Replicator:
     to ``retry_max_s``) until it succeeds or a newer checkpoint supersedes it.
 
     ``run_id`` (settable: the manager sets it once a restore has decided which run this
-    is): the remote's retention and ``latest`` only consider checkpoints of that run.
-    None: all of them.
+    is) and ``lineage`` (the runs it branched from): the remote's retention and
+    ``latest`` only consider checkpoints of those runs. None: all of them.
     """
 
     def __init__(
@@ -95,7 +96,7 @@ class Replicator:
         run_id: str | None = None,
     ) -> None:
         if max_queued < 1:
-            raise ValueError(f"max_queued must be at least 1, got {max_queued}")
+            raise InvalidArgumentError(f"max_queued must be at least 1, got {max_queued}")
         self.local = local
         self.remote = remote
         self.keep = keep
@@ -107,6 +108,7 @@ class Replicator:
         self._on_speed = on_speed
         self._manifest_key = manifest_key
         self.run_id = run_id
+        self.lineage: tuple[str, ...] = ()
         self._cond = threading.Condition()
         self._queue: list[str] = []
         self._queued_at: dict[str, float] = {}
@@ -477,7 +479,9 @@ class Replicator:
             self._on_backed_up(name)
 
     def _this_runs(self) -> list[CheckpointInfo]:
-        """The remote's committed checkpoints of this run (all of them without a run id)."""
+        """The remote's committed checkpoints of this run and its lineage (all of them
+        without a run id)."""
         infos = list_checkpoints(self.remote, manifest_key=self._manifest_key)
-        run_id = self.run_id
-        return [i for i in infos if run_id is None or i.manifest.run_id == run_id]
+        if self.run_id is None:
+            return infos
+        return of_lineage(infos, (self.run_id, *self.lineage), unrecorded=False)

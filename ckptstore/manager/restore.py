@@ -21,7 +21,13 @@ from ckptstore.engine.ops import (
     read_dcp_metadata,
     read_manifest,
 )
-from ckptstore.errors import CheckpointNotFoundError, CkptStoreError, CorruptCheckpointError
+from ckptstore.errors import (
+    CheckpointNotFoundError,
+    CkptStoreError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+)
+from ckptstore.format.manifest import new_run_id
 from ckptstore.layout import (
     LATEST_FILE,
     MANIFEST_FILE,
@@ -31,6 +37,7 @@ from ckptstore.layout import (
     split_checkpoint_path,
 )
 from ckptstore.manager import pointer
+from ckptstore.manager.branch import NEWER_CHOICES, newer_in, refuse, retire, summary
 from ckptstore.manager.policies import CheckpointRecord, KeepBest
 from ckptstore.manager.replicate import Replicator
 from ckptstore.manager.resumable import Resumable
@@ -60,6 +67,7 @@ class RestoreMixin:
     _last_saved: int | None
     _last_epoch: int | None
     _run_id: str
+    _lineage: tuple[str, ...]
     _backup: Replicator | None
 
     if TYPE_CHECKING:  # provided by CheckpointManager
@@ -84,13 +92,23 @@ class RestoreMixin:
         ``which``: ``"latest"`` (default: the newest checkpoint that loads; a missing,
         stale or damaged ``latest`` pointer or checkpoint is skipped with a warning),
         ``"best"``, a step (``500`` or ``"step_00000500"``), the path of a checkpoint
-        directory, or ``"none"``. Restoring an earlier checkpoint and training on would
-        collide with the newer ones: ``newer="discard"`` deletes them (rank 0), else the
-        first save past them fails.
+        directory, or ``"none"``.
+
+        ``newer``: what to do with checkpoints newer than the one restored (with
+        ``"none"``: with any checkpoint), here or on the backup, which training on would
+        save over. ``"keep"`` (default) leaves them, with a warning: the first save past
+        them fails. ``"refuse"`` raises :class:`~ckptstore.errors.NewerCheckpointsError`
+        before anything is changed (what ``ckptstore train`` does without
+        ``--discard-newer``). ``"discard"`` moves them aside as ``step_N.retired-<UTC>``
+        (never deleted) and goes on as a new branch of the run.
 
         Then (rank 0) a warning names the checkpoints of other runs found in the local
         root or the backup, which this run did not resume.
         """
+        if newer not in NEWER_CHOICES:
+            raise InvalidArgumentError(
+                f"newer must be one of {', '.join(NEWER_CHOICES)}, got {newer!r}"
+            )
         steps = self._restore(state, which, newer)
         self._note_other_runs(resumed=steps > 0)
         return steps
@@ -98,18 +116,19 @@ class RestoreMixin:
     def _restore(
         self, state: Resumable | dict[str, Any], which: str | int | None, newer: str
     ) -> int:
-        if newer not in ("keep", "discard"):
-            raise ValueError(f"newer must be 'keep' or 'discard', got {newer!r}")
         if which is None or which == "none":
+            self._handle_newer(None, newer)
             return 0
         if isinstance(which, str) and which not in ("latest", "best"):
             match = STEP_NAME.match(which)
             if which.isdigit() or match:
                 which = int(match.group(1)) if match else int(which)
             else:
-                return self._restore_path(state, which)
+                return self._restore_path(state, which, newer)
         if which == "best" and self.best_metric is None:
-            raise ValueError("restore('best') needs best_metric= (or a KeepBest in keep=)")
+            raise InvalidArgumentError(
+                "restore('best') needs best_metric= (or a KeepBest in keep=)"
+            )
         if self._ckpt is None:
             if which == "latest":
                 log.info("nothing to resume under %s: starting from scratch", self._root)
@@ -137,8 +156,9 @@ class RestoreMixin:
             if skipped:
                 log.warning("restored step %d after skipping %s", info.step, ", ".join(skipped))
             self._set_aside_newer(info, damaged)
+            steps = self._resumed(info)
             self._handle_newer(info, newer)
-            return self._resumed(info)
+            return steps
         raise CorruptCheckpointError(
             f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)}); "
             "run `ckptstore verify ROOT` to see what is damaged"
@@ -226,11 +246,16 @@ class RestoreMixin:
         local_count = len(infos)
         if self._remote is not None:
             here = {i.name for i in infos}
+            # With local checkpoints, the run is theirs: another run's on the backup are
+            # not candidates (a fresh machine, with none, resumes the backup's newest).
+            newest = infos[-1].manifest if infos else None
+            ours = None if newest is None or newest.run_id is None else newest
             try:
                 remote = [
                     i
                     for i in list_checkpoints(self._remote, manifest_key=self._manifest_key)
                     if i.name not in here
+                    and (ours is None or i.manifest.run_id in (None, ours.run_id, *ours.lineage))
                 ]
             except CkptStoreError as exc:
                 log.warning("could not list the backup %s: %s", self._remote.url, exc)
@@ -288,7 +313,7 @@ class RestoreMixin:
         state.load_state_dict(target)
         return info
 
-    def _restore_path(self, state: Resumable | dict[str, Any], path: str) -> int:
+    def _restore_path(self, state: Resumable | dict[str, Any], path: str, newer: str) -> int:
         root, name = split_checkpoint_path(path)
         backend = open_backend(root, storage_options=self._storage_options, create=False)
         key = self._manifest_key
@@ -302,7 +327,10 @@ class RestoreMixin:
                 state.load_state_dict(target)
             else:
                 manifest = load_into(state, backend, name, pool=None, group=group, manifest_key=key)
-        return self._resumed(CheckpointInfo(name, f"{backend.url}/{name}", manifest))
+        info = CheckpointInfo(name, f"{backend.url}/{name}", manifest)
+        steps = self._resumed(info)
+        self._handle_newer(info, newer)
+        return steps
 
     def _set_aside_newer(self, info: CheckpointInfo, damaged: set[int]) -> None:
         """Move aside what would block this run's next saves: newer checkpoints found
@@ -351,66 +379,61 @@ class RestoreMixin:
                 aside,
             )
 
-    def _handle_newer(self, info: CheckpointInfo, newer: str) -> None:
-        if not self.enabled or self._ckpt is None or self._rank != 0:
+    def _handle_newer(self, info: CheckpointInfo | None, newer: str) -> None:
+        """Checkpoints past the one restored (``info``; None: restoring nothing), in
+        either tier: kept with a warning, refused, or moved aside as a retired branch.
+        Decided on rank 0; a refusal is raised on every rank."""
+        if not self.enabled or self._ckpt is None:
             return
-        if newer == "discard":
-            self._retire_on_backup(info)
-        later = [i for i in self._ckpt.list() if (i.step or 0) > (info.step or 0)]
-        if not later:
-            return
-        if newer == "discard":
-            for i in later:
-                self._ckpt.backend.delete(i.name)
-            pointer.write_latest(self._ckpt.backend, info.name)
-            log.warning(
-                "retired %d checkpoint(s) newer than %s: %s",
-                len(later),
-                info.name,
-                [i.name for i in later],
-            )
-        else:
-            log.warning(
-                "%d checkpoint(s) newer than %s exist (%s); training on will fail to save where "
-                "they are: restore with newer='discard' to retire them",
-                len(later),
-                info.name,
-                later[-1].name,
-            )
+        restored = None if info is None else info.name
+        moved = groups.decide(
+            lambda: self._newer_on_rank0(info, newer),
+            self._control,
+            what="look for checkpoints newer than the one restored",
+        )
+        if moved and info is not None:
+            # A new branch: its own run id, with the run it left as its lineage, so
+            # that retention and the backup never take the retired branch for its own.
+            run = info.manifest.run_id
+            self._set_run(new_run_id(), (run, *info.manifest.lineage) if run else ())
+            log.warning("this run goes on from %s as a new branch (run %s)", restored, self._run_id)
 
-    def _retire_on_backup(self, info: CheckpointInfo) -> None:
-        """``newer="discard"`` retires the run's newer checkpoints on the backup too: else,
-        the local disk lost, a restore from the backup would bring the retired branch
-        back as the newest checkpoint until the new one had replaced each of its steps.
-        Only this run's: another run's checkpoints there are not this restore's to retire."""
-        if self._remote is None:
-            return
-        try:
-            later = [
-                i
-                for i in list_checkpoints(self._remote, manifest_key=self._manifest_key)
-                if (i.step or 0) > (info.step or 0) and i.manifest.run_id == info.manifest.run_id
-            ]
-            for i in later:
-                self._remote.delete(i.name)
-            if later and self._remote.exists(f"{info.name}/{MANIFEST_FILE}"):
-                pointer.write_latest(self._remote, info.name)
-        except CkptStoreError as exc:
-            log.warning(
-                "could not retire the checkpoints newer than %s on the backup %s: %s",
-                info.name,
-                self._remote.url,
-                exc,
-            )
-            return
-        if later:
-            log.warning(
-                "retired %d checkpoint(s) newer than %s on the backup %s: %s",
-                len(later),
-                info.name,
-                self._remote.url,
-                [i.name for i in later],
-            )
+    def _newer_on_rank0(self, info: CheckpointInfo | None, newer: str) -> bool:
+        assert self._ckpt is not None
+        than = None if info is None else info.step or 0
+        key = self._manifest_key
+        found = [(self._ckpt.backend, newer_in(self._ckpt.backend, than, manifest_key=key))]
+        if self._remote is not None:
+            try:
+                found.append((self._remote, newer_in(self._remote, than, manifest_key=key)))
+            except CkptStoreError as exc:
+                if newer != "keep":
+                    raise
+                log.warning("could not list the backup %s: %s", self._remote.url, exc)
+        if not any(infos for _, infos in found):
+            return False
+        if newer == "refuse":
+            raise refuse(found, None if info is None else info.name)
+        if newer == "keep":
+            if info is not None:
+                log.warning(
+                    "checkpoints newer than %s exist (%s); training on will fail to save "
+                    "where they are: restore with newer='discard' to move them aside",
+                    info.name,
+                    "; ".join(f"{b.url}: {summary(i)}" for b, i in found if i),
+                )
+            return False
+        for backend, infos in found:
+            retire(backend, infos)
+            if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
+                pointer.write_latest(backend, info.name)
+        return True
+
+    def _set_run(self, run_id: str, lineage: tuple[str, ...]) -> None:
+        """This run's id and lineage, in its next manifests and the backup's retention."""
+        self._run_id, self._lineage = run_id, lineage
+        if self._backup is not None:
+            self._backup.run_id, self._backup.lineage = run_id, lineage
 
     def _resumed(self, info: CheckpointInfo) -> int:
         steps = info.step or 0
@@ -420,8 +443,6 @@ class RestoreMixin:
         if info.manifest.run_id is not None:
             # The same run goes on: its next checkpoints, and the backup's retention,
             # carry on with its id (a checkpoint without one: this run keeps its new id).
-            self._run_id = info.manifest.run_id
-            if self._backup is not None:
-                self._backup.run_id = self._run_id
+            self._set_run(info.manifest.run_id, info.manifest.lineage)
         log.info("resumed from %s (step %d)", info.name, steps)
         return steps

@@ -41,3 +41,17 @@ class Resumable(Protocol):
     def optimizer_steps(self) -> int:
         """How many optimizer steps have run (to tell whether the model moved past a boundary)."""
         ...
+
+
+def track_best(
+    state: Resumable, metrics: dict[str, float] | None, metric: str | None, mode: str
+) -> None:
+    """Record ``metrics[metric]`` in ``state.best`` if it beats the value there
+    (``mode``: "min" or "max"); a NaN never does."""
+    if not metrics or metric is None or metric not in metrics:
+        return
+    value = float(metrics[metric])
+    old = state.best.get(metric)
+    better = old is None or (value < old if mode == "min" else value > old)
+    if better and value == value:  # not NaN
+        state.best[metric] = value

@@ -49,6 +49,7 @@ def prune(
     manifest_key: bytes | None = None,
     trusted: Iterable[str] = (),
     infos: Sequence[CheckpointInfo] | None = None,
+    lineage: Sequence[str] | None = None,
 ) -> list[str]:
     """Apply ``policy`` to the committed checkpoints under ``backend``; return what was
     deleted. Never deletes the newest, the one ``latest`` names, any in ``spare``, or
@@ -60,12 +61,15 @@ def prune(
     committed and checked by the caller) count as verified without reading them again.
     With a ``manifest_key`` only validly signed checkpoints count (and are deleted): a
     forged "newer" checkpoint must not push real ones out. ``infos`` limits retention to
-    those checkpoints (the backup tier passes its own run's; default: all listed).
+    those checkpoints (the backup tier passes its own run's; default: all listed);
+    ``lineage`` (run ids) to the checkpoints of those runs and those that record none.
     """
     if policy is None:
         return []
     if infos is None:
         infos = list_checkpoints(backend, manifest_key=manifest_key)
+    if lineage is not None:
+        infos = of_lineage(infos, lineage, unrecorded=True)
     if not infos:
         return []
     keep = set(policy.keep(records(backend, infos)))
@@ -91,6 +95,18 @@ def prune(
             deleted.append(info.name)
             log.info("retention: deleted %s/%s", backend.url, info.name)
     return deleted
+
+
+def of_lineage(
+    infos: Sequence[CheckpointInfo], lineage: Sequence[str], *, unrecorded: bool
+) -> list[CheckpointInfo]:
+    """The checkpoints written by a run in ``lineage`` (a run and the runs it branched
+    from), and with ``unrecorded`` those that record no run (older ckptstore). Another
+    run's checkpoints are never what retention deletes or what protects this run."""
+    runs = set(lineage)
+    return [
+        i for i in infos if i.manifest.run_id in runs or (unrecorded and i.manifest.run_id is None)
+    ]
 
 
 def newest_verified(

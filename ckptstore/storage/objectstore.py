@@ -46,7 +46,7 @@ from ckptstore.errors import (
     StorageError,
     storage_error,
 )
-from ckptstore.layout import MANIFEST_FILE, check_name, is_damaged_name
+from ckptstore.layout import MANIFEST_FILE, check_name, set_aside_kind
 from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, StorageBackend
 
 # Checkpoints being written by this process, on any backend object: sweep() spares them.
@@ -359,8 +359,8 @@ class FsspecBackend(StorageBackend):
         for name in self.list_names():
             if self._live_key(name) in _LIVE:
                 continue  # being written by this process
-            if is_damaged_name(name):
-                continue  # moved aside for inspection: kept until a person removes it
+            if set_aside_kind(name) is not None:
+                continue  # moved aside (damaged, retired): kept until a person removes it
             path = self.store_path(name)
             try:
                 if not self.fs.isdir(path) or self.fs.exists(f"{path}/{MANIFEST_FILE}"):

@@ -26,6 +26,8 @@ from ckptstore.errors import (
     CliError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    InvalidArgumentError,
+    NewerCheckpointsError,
     WriterLeaseError,
 )
 from ckptstore.layout import POINTER_TEMP_PREFIX
@@ -71,7 +73,9 @@ def check_writable(url: str, flag: str) -> None:
         backend = open_backend(url)
         backend.check_access()
         backend.put_atomic(probe, b"")
-        backend.delete(probe)
+        backend.delete(probe)  # a checkpoint's delete: on local disk, directories only
+        if backend.capabilities.local:
+            os.unlink(os.path.join(backend.url, probe))
     except (CkptStoreError, OSError, ValueError) as exc:
         raise CliError(cannot_write(url, flag, exc)) from None
 
@@ -185,8 +189,16 @@ def resume_error(
             f"--resume {which}: could not download the checkpoint from the backup: "
             f"{disk_full(root, full.errno)}"
         )
+    if isinstance(exc, NewerCheckpointsError):
+        resume = "" if which == "latest" else "resume the newest with --resume latest; "
+        return CliError(
+            f"--resume {which}: {exc.what}. Choose: {resume}keep them and train elsewhere "
+            f"with another --ckpt-dir (and --backup); or rerun with --discard-newer to move "
+            f"them aside (kept as step_N.retired-<time>, listed by `ckptstore ls {root} "
+            "--all`) and train on from here"
+        )
     if which not in ("latest", "best") and (
-        isinstance(exc, CheckpointNotFoundError) or type(exc) is ValueError
+        isinstance(exc, CheckpointNotFoundError) or type(exc) in (ValueError, InvalidArgumentError)
     ):
         return CliError(
             f"--resume {which}: {exc}. Give latest, best, none, a step that `ckptstore ls "

@@ -141,6 +141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument(
         "--resume", default="latest", help="latest (default), best, a step, a path, or none"
     )
+    c.add_argument(
+        "--discard-newer",
+        action="store_true",
+        help="when --resume picks a checkpoint older than others there (or none with "
+        "checkpoints there), move the newer ones aside as step_N.retired-<time> (not "
+        "deleted) and train on as a new branch; without it the run stops before training",
+    )
     c.add_argument("--backup", default=None, help="back checkpoints up to this URL (s3://...)")
     c.add_argument("--codec", default="auto", choices=["auto", "none", "zstd"])
     ap.add_argument("--report", default=None, help=argparse.SUPPRESS)  # JSON, for tests
@@ -360,7 +367,8 @@ def _loop(
     )
     with checks.noting_failures() as noted:
         try:
-            start = mgr.restore(state, args.resume)
+            newer = "discard" if args.discard_newer else "refuse"
+            start = mgr.restore(state, args.resume, newer=newer)
         except (CkptStoreError, ValueError) as exc:
             raise checks.resume_error(args.resume, args.ckpt_dir, exc, noted) from None
     if args.resume in ("none", None):
