@@ -380,6 +380,46 @@ def scenario_manager_abort(ckpts: str, rank: int, world: int) -> None:
             mgr.maybe_save(step, state)
 
 
+def _extras_state(seed: int) -> ckptstore.TrainState:
+    import random
+
+    import numpy as np
+
+    return ckptstore.TrainState(
+        extras={
+            "next_batch": torch.full((3,), float(seed)),
+            "tokens": seed * 100,
+            "np_gen": np.random.default_rng(seed),
+            "py_gen": random.Random(seed),
+        }
+    )
+
+
+def scenario_extras_save(ckpts: str, rank: int, world: int) -> None:
+    """Each rank saves its own extras (issue 16: not rank 0's for everyone)."""
+    state = _extras_state(rank)
+    state.extras["np_gen"].random(5)  # advanced: the state, not the seed, is what counts
+    with ckptstore.CheckpointManager(os.path.join(ckpts, "extras")) as mgr:
+        mgr.save(0, state)
+        mgr.wait()
+    print(f"NEXT {rank} {state.extras['np_gen'].random()} {state.extras['py_gen'].random()}")
+
+
+def scenario_extras_load(ckpts: str, rank: int, world: int) -> None:
+    """Each rank gets its own extras back; ranks past the saved world get rank 0's."""
+    state = _extras_state(99)
+    np_gen = state.extras["np_gen"]
+    with ckptstore.CheckpointManager(os.path.join(ckpts, "extras")) as mgr:
+        assert mgr.restore(state) == 1
+    with open(os.path.join(ckpts, "saved_world")) as f:
+        saved_world = int(f.read())
+    want = rank if rank < saved_world else 0
+    assert torch.equal(state.extras["next_batch"], torch.full((3,), float(want)))
+    assert state.extras["tokens"] == want * 100
+    assert state.extras["np_gen"] is np_gen  # restored in place
+    print(f"NEXT {want} {np_gen.random()} {state.extras['py_gen'].random()}")
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)

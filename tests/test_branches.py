@@ -23,7 +23,7 @@ import pytest
 from helpers import REPO, assert_same, train
 from helpers import train_state as make_state
 
-from ckptstore import CheckpointManager, Checkpointer, KeepLast, SaveEvery
+from ckptstore import Checkpointer, CheckpointManager, KeepLast, SaveEvery
 from ckptstore.engine.ops import list_checkpoints, load_into, read_manifest, verify
 from ckptstore.errors import CheckpointExistsError, CheckpointNotFoundError, NewerCheckpointsError
 from ckptstore.layout import checkpoint_name, set_aside_kind
@@ -60,9 +60,11 @@ def root_10_20_30(tmp_path) -> Path:
 def test_refuse_raises_before_changing_anything(root_10_20_30):
     before = tree(root_10_20_30)
     for which in (10, "none"):
-        with CheckpointManager(root_10_20_30, save=SaveEvery(steps=10)) as mgr:
-            with pytest.raises(NewerCheckpointsError) as err:
-                mgr.restore(make_state(seed=1), which, newer="refuse")
+        with (
+            CheckpointManager(root_10_20_30, save=SaveEvery(steps=10)) as mgr,
+            pytest.raises(NewerCheckpointsError) as err,
+        ):
+            mgr.restore(make_state(seed=1), which, newer="refuse")
         assert isinstance(err.value, CheckpointExistsError)
         expected = ["step_00000020", "step_00000030"]
         assert err.value.names == (expected if which == 10 else ["step_00000010", *expected])
@@ -138,9 +140,11 @@ def test_latest_does_not_take_another_runs_checkpoint_from_the_backup(tmp_path):
         state = make_state(seed=1)
         assert mgr.restore(state) == 20
     assert_same(state.model.state_dict(), mine.model.state_dict())
-    with CheckpointManager(local, **opts) as mgr:
-        with pytest.raises(NewerCheckpointsError, match="other-run"):
-            mgr.restore(make_state(seed=1), newer="refuse")
+    with (
+        CheckpointManager(local, **opts) as mgr,
+        pytest.raises(NewerCheckpointsError, match="other-run"),
+    ):
+        mgr.restore(make_state(seed=1), newer="refuse")
     # Left alone on the backup (which meanwhile caught up with this run's 10 and 20).
     assert read_manifest(open_backend(remote), checkpoint_name(40)).run_id == "other-run"
 

@@ -6,7 +6,10 @@ saved by parameter name, sharded where they are sharded, and loaded into any wor
 ``get_state_dict`` also creates a fresh optimizer's state, so a new process can load
 into it. Then the LR scheduler, gradient scaler, data position, counters, user extras,
 and the random number generators (Python, NumPy, torch CPU, every CUDA device), per
-rank: each rank saves and restores its own generators under ``rng.rank{r}``.
+rank: each rank saves and restores its own generators under ``rng.rank{r}`` and its own
+``extras`` under ``extras_by_rank.rank{r}`` (a rank past the saved world size gets rank
+0's, with a warning). Generator objects in ``extras`` (``random.Random``,
+``numpy.random.Generator``) are saved by state and restored in place.
 
 A saved state restores onto another device (CUDA to CPU and back): tensors are loaded
 into the target's tensors wherever they live; CUDA generator states are skipped, with a
@@ -32,7 +35,9 @@ from ckptstore.engine.ops import fill_from_checkpoint
 log = logging.getLogger("ckptstore")
 
 # Parts of the state whose shape only the checkpoint knows: loaded as stored.
-_FLEXIBLE = ("counters", "extras", "scaler")
+# ("extras": checkpoints written before extras were kept per rank.)
+_FLEXIBLE = ("counters", "extras", "extras_by_rank", "scaler")
+_GENERATOR = "__ckptstore_generator__"  # marks a generator object's saved state in extras
 
 
 @dataclass
@@ -41,8 +46,11 @@ class TrainState:
 
     ``dataloader`` is anything with ``state_dict``/``load_state_dict`` (a
     :class:`~ckptstore.ResumableDataLoader` resumes mid-epoch exactly). ``extras`` holds
-    your own numbers, strings, tensors, lists and dicts. ``step``, ``epoch`` and ``best``
-    are kept up to date by the CheckpointManager and restored with the rest.
+    your own numbers, strings, tensors, lists and dicts, and ``random.Random`` /
+    ``numpy.random.Generator`` objects (restored in place), per rank: loop-local state
+    such as the batch already fetched for the next step belongs here. ``step``,
+    ``epoch`` and ``best`` are kept up to date by the CheckpointManager and restored
+    with the rest.
     """
 
     model: nn.Module | None = None
@@ -117,7 +125,7 @@ class TrainState:
             sd["data"] = self.dataloader.state_dict()
         sd["counters"] = {"step": self.step, "epoch": self.epoch, "best": dict(self.best)}
         if self.extras:
-            sd["extras"] = self.extras
+            sd["extras_by_rank"] = {f"rank{_rank()}": _saved_extras(self.extras)}
         if self.rng:
             sd["rng"] = {f"rank{_rank()}": rng_state()}
         return sd
@@ -147,8 +155,20 @@ class TrainState:
         self.step = int(counters.get("step", self.step))
         self.epoch = int(counters.get("epoch", self.epoch))
         self.best = dict(counters.get("best") or {})
-        if "extras" in sd:
-            self.extras = sd["extras"]
+        by_rank = sd.get("extras_by_rank") or {}
+        if by_rank:
+            mine = by_rank.get(f"rank{_rank()}")
+            if mine is None:
+                log.warning(
+                    "the checkpoint has no extras for rank %d (saved by %d ranks): restored "
+                    "rank 0's",
+                    _rank(),
+                    len(by_rank),
+                )
+                mine = by_rank.get("rank0", {})
+            self.extras = _restored_extras(mine, self.extras)
+        elif "extras" in sd:  # written before extras were kept per rank
+            self.extras = _restored_extras(sd["extras"], self.extras)
         rngs = (sd.get("rng") or {}).get(f"rank{_rank()}")
         if self.rng and rngs:
             set_rng_state(rngs)
@@ -159,11 +179,14 @@ class TrainState:
         rank's generators) shaped as stored, and parts the checkpoint lacks left out."""
         target = self.state_dict()
         stored = {str(p[0]) for p in _paths(metadata)}
-        for part in ("scheduler", "scaler", "data", "extras"):
+        for part in ("scheduler", "scaler", "data", "extras_by_rank"):
             if part in target and part not in stored:
-                log.warning(
-                    "the checkpoint has no %r: that part of the state is not restored", part
-                )
+                if target[part] and not (part == "extras_by_rank" and "extras" in stored):
+                    # (An empty part, such as a disabled GradScaler's, stores nothing.)
+                    log.warning(
+                        "the checkpoint has no %r: that part of the state is not restored",
+                        part.replace("extras_by_rank", "extras"),
+                    )
                 target.pop(part)
         for part in _FLEXIBLE:
             target.pop(part, None)
@@ -178,6 +201,57 @@ class TrainState:
                 mine,
             )
         return target
+
+
+def _saved_extras(extras: dict[str, Any]) -> dict[str, Any]:
+    """``extras`` with generator objects replaced by their state (plain values)."""
+    out: dict[str, Any] = {}
+    for key, value in extras.items():
+        if isinstance(value, random.Random):
+            version, internal, gauss = value.getstate()
+            out[key] = {_GENERATOR: "random.Random", "state": [version, list(internal), gauss]}
+        elif type(value).__module__.startswith("numpy") and hasattr(value, "bit_generator"):
+            state = _plain(value.bit_generator.state)
+            out[key] = {_GENERATOR: "numpy.Generator", "state": state}
+        else:
+            out[key] = value
+    return out
+
+
+def _restored_extras(loaded: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """Loaded extras, with generator states put back into the objects ``current`` holds
+    under the same keys (so references the loop keeps stay valid), or into new ones."""
+    out = dict(loaded)
+    for key, value in loaded.items():
+        if not isinstance(value, dict) or _GENERATOR not in value:
+            continue
+        kind, state = value[_GENERATOR], value["state"]
+        if kind == "random.Random":
+            gen = current.get(key)
+            gen = gen if isinstance(gen, random.Random) else random.Random()
+            version, internal, gauss = state
+            gen.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        else:
+            import numpy as np
+
+            gen = current.get(key)
+            if not isinstance(gen, np.random.Generator):
+                gen = np.random.Generator(getattr(np.random, state["bit_generator"])())
+            gen.bit_generator.state = _plain(state)
+        out[key] = gen
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A generator's state in plain Python values (ints, lists, dicts), which save and
+    load back without unpickling NumPy objects; NumPy's setters accept them."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # NumPy arrays and scalars, tensors
+        return value.tolist()
+    return value
 
 
 def _rank() -> int:

@@ -94,6 +94,7 @@ from ckptstore.manager.policies import (
 from ckptstore.manager.replicate import BackupStatus, Replicator
 from ckptstore.manager.restore import RestoreMixin
 from ckptstore.manager.resumable import Resumable, track_best
+from ckptstore.manager.visible import show_progress_by_default
 from ckptstore.storage import StorageBackend, open_backend
 
 log = logging.getLogger("ckptstore")
@@ -206,6 +207,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._stop_saving = False
         self._guarding = False
         self._closed = False
+        show_progress_by_default()  # save lines and "resumed from" on stderr (visible.py)
         self._run_id = new_run_id()  # in every manifest; a restore adopts the checkpoint's
         self._lineage: tuple[str, ...] = ()  # the runs this one branched from
         # The backup tier lives on rank 0, which sees the whole local root (one machine

@@ -22,12 +22,14 @@ import contextlib
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
@@ -190,6 +192,9 @@ def setup_distributed(run: Run) -> None:
 
 
 def build(run: Run, cfg: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    # Every generator a run draws from starts from --seed (a resume restores them all).
+    random.seed(run.args.seed)
+    np.random.seed(run.args.seed)
     torch.manual_seed(run.args.seed)
     model: torch.nn.Module = GPT(cfg).to(run.device)
     if run.world > 1:
