@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ckptstore.config import resolve_manifest_key
-from ckptstore.engine.ops import list_checkpoints
+from ckptstore.engine.listing import list_checkpoints
 from ckptstore.errors import EXIT_FAILED, EXIT_USAGE, CliError, StorageError
 from ckptstore.layout import MANIFEST_FILE, STEP_NAME, checkpoint_name
 from ckptstore.storage import LocalBackend, StorageBackend, open_backend
