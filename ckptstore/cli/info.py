@@ -26,11 +26,12 @@ from ckptstore.cli._common import (
 from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import CkptStoreError, CliError
 from ckptstore.format.manifest import Manifest
-from ckptstore.format.shard import ItemEntry
 from ckptstore.storage import StorageBackend
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from ckptstore.format.shard import ItemEntry
 
 # What needs torch (DCP's metadata, the shard readers) is imported where it is used, so
 # that ``ckptstore info --help`` and its usage errors start without torch.
