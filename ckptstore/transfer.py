@@ -29,8 +29,7 @@ from typing import Any
 
 import xxhash
 
-from ckptstore.engine.ops import read_manifest
-from ckptstore.engine.ops import verify as verify_checkpoint
+from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import (
     CheckpointExistsError,
     CopyStoppedError,
@@ -132,6 +131,9 @@ def copy_checkpoint(
         dst.delete(target)
     if verify_upload is None:
         verify_upload = not dst.capabilities.local
+    # Imported here: verifying reads DCP's metadata (torch); listing and --help need neither.
+    from ckptstore.engine.ops import verify as verify_checkpoint
+
     if src.capabilities.local:
         # A shard's manifest checksum covers its index, which covers its chunks: check
         # them all (a local read) so that a damaged checkpoint is never propagated.

@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ckptstore.config import resolve_manifest_key
-from ckptstore.engine.ops import list_checkpoints
+from ckptstore.engine.listing import list_checkpoints
 from ckptstore.errors import EXIT_FAILED, EXIT_USAGE, CliError, StorageError
 from ckptstore.layout import MANIFEST_FILE, STEP_NAME, checkpoint_name
 from ckptstore.storage import LocalBackend, StorageBackend, open_backend
@@ -38,6 +37,8 @@ CREDENTIALS_HINT = (
 @functools.cache
 def manifest_key() -> bytes | None:
     """``$CKPTSTORE_MANIFEST_KEY``, read once: the command line takes the key from there only."""
+    from ckptstore.config import resolve_manifest_key  # the codecs (numpy): not for --help
+
     return resolve_manifest_key()
 
 

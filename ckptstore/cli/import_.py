@@ -25,8 +25,7 @@ from ckptstore.cli._common import (
     usage_error,
     usage_errors,
 )
-from ckptstore.convert import file_format, flat_tensors, local_input, read_file
-from ckptstore.engine.ops import list_checkpoints
+from ckptstore.engine.listing import list_checkpoints
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, CliError, ExportError
 from ckptstore.layout import LATEST_FILE, MANIFEST_FILE, checkpoint_name
 
@@ -49,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch: imported when the command runs, not for its --help or a usage error
+    from ckptstore.convert import file_format, flat_tensors, local_input, read_file
+
     with usage_errors(ExportError):
         fmt = file_format(args.file, args.format)
     if not is_url(args.file) and not os.path.isfile(local_path(args.file)):

@@ -7,9 +7,7 @@ It reads the manifest, DCP's metadata and the shard indices, not the tensors.
 from __future__ import annotations
 
 import argparse
-from typing import Any
-
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from typing import TYPE_CHECKING, Any
 
 from ckptstore.cli._common import (
     FAILED,
@@ -25,12 +23,18 @@ from ckptstore.cli._common import (
     table,
     usage_error,
 )
-from ckptstore.convert import paths, stored_nbytes
-from ckptstore.engine.ops import open_shards, read_dcp_metadata, read_manifest
+from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import CkptStoreError, CliError
 from ckptstore.format.manifest import Manifest
-from ckptstore.format.shard import ItemEntry
 from ckptstore.storage import StorageBackend
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from ckptstore.format.shard import ItemEntry
+
+# What needs torch (DCP's metadata, the shard readers) is imported where it is used, so
+# that ``ckptstore info --help`` and its usage errors start without torch.
 
 EXAMPLES = (
     "  ckptstore info runs/exp1/step_00000500\n"
@@ -50,6 +54,8 @@ def shard_items(
     backend: StorageBackend, name: str, manifest: Manifest
 ) -> tuple[dict[str, list[ItemEntry]], list[str]]:
     """Every shard's index (stored size and codec per item): reads indices only."""
+    from ckptstore.engine.ops import open_shards
+
     problems: list[str] = []
     items = {f: shard.items for f, shard in open_shards(backend, name, manifest, problems)}
     return items, problems
@@ -65,6 +71,11 @@ def sharding(md: TensorStorageMetadata) -> str:
 
 def describe(backend: StorageBackend, name: str, only: str | None) -> dict[str, Any]:
     """What ``info`` shows, as one JSON-ready dict."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    from ckptstore.convert import paths, stored_nbytes
+    from ckptstore.engine.ops import read_dcp_metadata
+
     manifest = read_manifest(backend, name, manifest_key=manifest_key())
     m = manifest
     out: dict[str, Any] = {

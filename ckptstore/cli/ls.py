@@ -25,7 +25,7 @@ from ckptstore.cli._common import (
     table,
 )
 from ckptstore.cli.retention_options import add_retention_options, forever_parts
-from ckptstore.engine.ops import CheckpointInfo, read_manifest, step_mismatch
+from ckptstore.engine.listing import CheckpointInfo, read_manifest, step_mismatch
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import LATEST_FILE, STEP_NAME, TEMP_PREFIX, set_aside_kind

@@ -22,7 +22,7 @@ from ckptstore.cli._common import (
     usage_error,
 )
 from ckptstore.cli.retention_options import add_retention_options, retention_parts
-from ckptstore.engine.ops import list_checkpoints
+from ckptstore.engine.listing import list_checkpoints
 from ckptstore.layout import LATEST_FILE
 from ckptstore.manager import pointer, retention
 from ckptstore.manager.policies import AnyOf, RetentionPolicy

@@ -30,7 +30,7 @@ from ckptstore.cli._common import (
     size,
     usage_error,
 )
-from ckptstore.engine.ops import CheckpointInfo, list_checkpoints, read_manifest, verify
+from ckptstore.engine.listing import CheckpointInfo, list_checkpoints, read_manifest
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, CopyStoppedError
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
@@ -118,6 +118,8 @@ def existing_problems(
             f"files or checksums, or another run: {runs})"
         ]
     if full:
+        from ckptstore.engine.ops import verify  # torch: imported only to verify
+
         with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-verify") as pool:
             problems = verify(dst, info.name, pool, manifest_key=manifest_key())
         return ("damaged" if problems else "ok"), problems

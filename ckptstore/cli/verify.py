@@ -25,7 +25,6 @@ from ckptstore.cli._common import (
     usage_error,
 )
 from ckptstore.cli.ls import scan
-from ckptstore.engine.ops import verify
 from ckptstore.layout import TEMP_PREFIX
 
 EXAMPLES = (
@@ -92,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
                     f"no checkpoints under {backend.url}: nothing to verify; check the path "
                     f"(ckptstore ls {args.target} --all)"
                 )
+    from ckptstore.engine.ops import verify  # torch (DCP metadata); --help does without
+
     # Reads are latency-bound on object stores (one request per chunk): more in flight.
     threads = args.jobs or (min(8, os.cpu_count() or 1) if backend.capabilities.local else 16)
     results: list[dict[str, Any]] = []

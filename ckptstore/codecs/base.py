@@ -17,26 +17,35 @@ stored in the shard file's index, never trusted beyond what ``decode_into`` chec
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from ckptstore.errors import CorruptCheckpointError
 
-# numpy has no bfloat16; the codecs see every dtype as raw bytes plus a "kind".
-_FLOAT_KINDS: dict[torch.dtype, str] = {
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-    torch.float32: "fp32",
-    torch.float64: "fp64",
-    torch.complex64: "fp32",  # pairs of fp32: same byte structure
-    torch.complex128: "fp64",
-    torch.complex32: "fp16",
-}
+if TYPE_CHECKING:
+    import torch
+
+
+@functools.cache
+def _float_kinds() -> dict[torch.dtype, str]:
+    """numpy has no bfloat16; the codecs see every dtype as raw bytes plus a "kind".
+    Built on first use, so that the codecs (and ``ckptstore ls``) import without torch."""
+    import torch
+
+    return {
+        torch.bfloat16: "bf16",
+        torch.float16: "fp16",
+        torch.float32: "fp32",
+        torch.float64: "fp64",
+        torch.complex64: "fp32",  # pairs of fp32: same byte structure
+        torch.complex128: "fp64",
+        torch.complex32: "fp16",
+    }
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class ElementKind:
         """``None`` means opaque bytes (a pickled Python value)."""
         if dtype is None:
             return cls(1, None)
-        fk = _FLOAT_KINDS.get(dtype)
+        fk = _float_kinds().get(dtype)
         size = dtype.itemsize
         if fk is not None and dtype.is_complex:
             size //= 2

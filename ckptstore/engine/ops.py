@@ -1,4 +1,5 @@
-"""One checkpoint: save a staged state, load into a state dict, verify, list.
+"""One checkpoint: save a staged state, load into a state dict, verify (listing and
+manifests: :mod:`ckptstore.engine.listing`, which needs no torch).
 
 This layer knows the format and drives DCP; it knows nothing about asynchrony (that is
 :mod:`ckptstore.engine.checkpointer`) or about policies (the manager). Everything here runs
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +32,16 @@ from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
 from ckptstore.dcp.writer import CkptStorageWriter, SaveSpec
 from ckptstore.engine import groups
+
+# The torch-free part (listing, manifests) lives in listing.py; these names stay importable
+# from here as they always were.
+from ckptstore.engine.listing import CheckpointInfo as CheckpointInfo
+from ckptstore.engine.listing import checkpoint_url
+from ckptstore.engine.listing import list_checkpoints as list_checkpoints
+from ckptstore.engine.listing import read_manifest as read_manifest
+from ckptstore.engine.listing import step_mismatch as step_mismatch
 from ckptstore.engine.stager import StagedState, flatten_checked
 from ckptstore.errors import (
-    CheckpointNotFoundError,
     CkptStoreError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
@@ -44,41 +52,8 @@ from ckptstore.errors import (
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardReader
-from ckptstore.layout import MANIFEST_FILE, MAX_STEP, METADATA_FILE, STEP_NAME
+from ckptstore.layout import MAX_STEP, METADATA_FILE
 from ckptstore.storage.base import StorageBackend
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint, as its manifest describes it."""
-
-    name: str
-    url: str
-    manifest: Manifest
-
-    @property
-    def step(self) -> int | None:
-        return self.manifest.step
-
-    @property
-    def created_unix_s(self) -> float:
-        return self.manifest.created_unix_s
-
-    @property
-    def raw_bytes(self) -> int:
-        return self.manifest.raw_bytes
-
-    @property
-    def stored_bytes(self) -> int:
-        return self.manifest.stored_bytes
-
-    @property
-    def ratio(self) -> float:
-        return self.manifest.ratio
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        return self.manifest.metadata
 
 
 @dataclass(frozen=True)
@@ -94,32 +69,10 @@ class WriteStats:
     total_s: float  # the whole DCP save, collectives included
 
 
-def _where(backend: StorageBackend, name: str) -> str:
-    return f"{backend.url}/{name}"
-
-
-def read_manifest(
-    backend: StorageBackend, name: str, *, manifest_key: bytes | None = None
-) -> Manifest:
-    """The manifest of ``name``, checked. A missing one means: not a checkpoint.
-
-    ``manifest_key`` (default: ``$CKPTSTORE_MANIFEST_KEY``): refuse a manifest that is
-    not signed with it (:class:`~ckptstore.errors.UnsafeCheckpointError`).
-    """
-    try:
-        data = backend.read_bytes(f"{name}/{MANIFEST_FILE}")
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(
-            f"no committed checkpoint at {_where(backend, name)} (no {MANIFEST_FILE}); "
-            "a save that did not finish leaves nothing loadable"
-        ) from None
-    return Manifest.from_json(data, _where(backend, name), key=manifest_key)
-
-
 def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) -> Metadata:
     """DCP's metadata, read only after its size and checksum match the manifest."""
     md_name = md_format.metadata_file(manifest.files)
-    where = f"{_where(backend, name)}/{md_name or METADATA_FILE}"
+    where = f"{checkpoint_url(backend, name)}/{md_name or METADATA_FILE}"
     hint = "restore an earlier checkpoint, or run `ckptstore verify ROOT` (Checkpointer.verify in Python)"
     entry = manifest.files.get(md_name) if md_name is not None else None
     if md_name is None or entry is None or entry.kind != "file":
@@ -212,7 +165,7 @@ def load_into(
     check_compatible(
         target,
         metadata,
-        _where(backend, name),
+        checkpoint_url(backend, name),
         allow_partial=allow_partial,
         allow_cast=allow_cast,
     )
@@ -436,7 +389,7 @@ def open_shards(
     for file_name, entry in sorted(manifest.files.items()):
         if entry.kind != "shard":
             continue
-        where = f"{_where(backend, name)}/{file_name}"
+        where = f"{checkpoint_url(backend, name)}/{file_name}"
         try:
             reader = backend.open_reader(f"{name}/{file_name}")
         except FileNotFoundError:
@@ -456,51 +409,6 @@ def open_shards(
             yield file_name, shard
         finally:
             reader.close()
-
-
-def step_mismatch(backend: StorageBackend, name: str, manifest: Manifest) -> str | None:
-    """Why ``name`` is not a checkpoint although its manifest checks out, or None.
-
-    A ``step_N`` name is a checkpoint only when its manifest says step N: a symlink to
-    another checkpoint, or a copy under another step's name, is not one. ``ls``,
-    ``verify``, restore and retention all go by this (through :func:`list_checkpoints`
-    or directly). Names saved by path (not ``step_*``) carry no step to disagree with.
-    """
-    match = STEP_NAME.match(name)
-    if match is None or manifest.step == int(match.group(1)):
-        return None
-    return (
-        f"{_where(backend, name)}: not a checkpoint: its manifest says step {manifest.step}, "
-        f"its name step {int(match.group(1))} (a copy or a link under another step's name?); "
-        "ls and restore ignore it: delete it, or move it to the name of the step it holds"
-    )
-
-
-def list_checkpoints(
-    backend: StorageBackend,
-    names: Iterable[str] | None = None,
-    *,
-    manifest_key: bytes | None = None,
-) -> list[CheckpointInfo]:
-    """Committed checkpoints named ``step_*`` under the root, by step.
-
-    A directory without a valid manifest (with a ``manifest_key``: a validly signed
-    one) is not a checkpoint and is not listed.
-    """
-    infos = []
-    for name in backend.list_names() if names is None else names:
-        match = STEP_NAME.match(name)
-        if not match:
-            continue
-        try:
-            manifest = read_manifest(backend, name, manifest_key=manifest_key)
-        except CkptStoreError:
-            continue
-        if step_mismatch(backend, name, manifest) is not None:
-            continue
-        infos.append(CheckpointInfo(name, _where(backend, name), manifest))
-    infos.sort(key=lambda info: info.manifest.step or 0)
-    return infos
 
 
 def check_step(step: int) -> int:

@@ -30,15 +30,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ckptstore.codecs import Codec, ElementKind, EncodedChunk, get_codec
 from ckptstore.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckptstore.format.checksum import digest, digest_parts, is_digest
 from ckptstore.storage.base import FileSink, RangeReader
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"CKPTIDX1"
 _TRAILER = struct.Struct("<Q8s")
@@ -52,21 +54,28 @@ _MAX_INDEX_BYTES = 256 << 20
 MAX_CHUNK_BYTES = 1 << 30
 MAX_VALUE_BYTES = 2 << 30  # one pickled Python value
 
-_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16,
-        torch.complex128, torch.complex64, torch.complex32,
-        torch.int64, torch.int32, torch.int16, torch.int8,
-        torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
-        torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
-    )
-}  # fmt: skip
+
+@functools.cache
+def _dtypes() -> dict[str, torch.dtype]:
+    """The dtypes a shard may hold, by name; built on first use, so that this module (and
+    ``ckptstore ls``, through the config) imports without torch."""
+    import torch
+
+    return {
+        str(d).removeprefix("torch."): d
+        for d in (
+            torch.float64, torch.float32, torch.float16, torch.bfloat16,
+            torch.complex128, torch.complex64, torch.complex32,
+            torch.int64, torch.int32, torch.int16, torch.int8,
+            torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
+            torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
+        )
+    }  # fmt: skip
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
+    if name not in _dtypes():
         raise ValueError(f"ckptstore cannot store tensors of dtype {dtype}")
     return name
 
@@ -407,7 +416,7 @@ def _parse_index(data: bytes, limit: int) -> list[ItemEntry]:
         if not isinstance(key, str):
             raise TypeError("item key must be a string")
         dname = raw_item["dtype"]
-        dtype = None if dname is None else _DTYPES[dname]
+        dtype = None if dname is None else _dtypes()[dname]
         nbytes = _int(raw_item["nbytes"])
         codec_cfg = raw_item["codec"]
         cache_key = json.dumps(codec_cfg, sort_keys=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckptstore.engine.ops import CheckpointInfo
+from ckptstore.engine.listing import CheckpointInfo
 from ckptstore.manager.policies import FINAL, CheckpointRecord
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ckptstore.crashpoints import crash_point
-from ckptstore.engine.ops import CheckpointInfo, list_checkpoints, verify
+from ckptstore.engine.listing import CheckpointInfo, list_checkpoints
 from ckptstore.layout import FINALS_FILE, LATEST_FILE
 from ckptstore.manager.pointer import read_lines
 from ckptstore.manager.policies import FINAL, CheckpointRecord, RetentionPolicy
@@ -118,6 +118,8 @@ def newest_verified(
 ) -> str | None:
     """The newest of ``infos`` (oldest first) that verifies, or None; names in
     ``trusted`` are taken as verified. Damaged ones passed over are named in a warning."""
+    from ckptstore.engine.ops import verify  # torch: imported here, not when listing
+
     for info in reversed(infos):
         if info.name in trusted:
             return info.name

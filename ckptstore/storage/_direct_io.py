@@ -27,8 +27,6 @@ import mmap
 import os
 from typing import Any
 
-import numpy as np
-
 from ckptstore.errors import StorageError, storage_error
 from ckptstore.storage.base import FileSink
 
@@ -71,6 +69,8 @@ def fsync_dir(path: str) -> None:
 
 
 def _address(mv: memoryview) -> int:
+    import numpy as np  # already loaded wherever data is written; not to open a root
+
     return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data)
 
 
