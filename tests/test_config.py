@@ -63,7 +63,9 @@ def test_manager_with_manager_and_backup_configs(tmp_path):
         keep=ckptstore.KeepLast(1),
         checkpointer=ckptstore.CheckpointerConfig(codec="none", threads=1),
     )
-    backup = ckptstore.BackupConfig(url=str(tmp_path / "remote"), keep=ckptstore.KeepLast(2))
+    backup = ckptstore.BackupConfig(
+        url=str(tmp_path / "remote"), keep=ckptstore.KeepLast(2), max_queued=3
+    )  # none skipped: the remote keeps 4 and 6 however fast the saves come
     sd = state()
     with ckptstore.CheckpointManager(tmp_path / "local", config=cfg, backup=backup) as mgr:
         assert mgr.config is cfg and mgr.backup_keep == ckptstore.KeepLast(2)

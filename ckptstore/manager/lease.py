@@ -8,11 +8,11 @@ kernel drops an ``flock`` with its last descriptor, even on SIGKILL), so a secon
 is refused at once, with the holder's host, pid and start time. Readers (``ckptstore
 ls``, ``verify``, an evaluation job restoring with ``enabled=False``) never take it.
 
-Local disk only, for now: the lease is an ``flock`` on ``root/.writer-lease``, whose
-JSON says who holds it. The file is never deleted: unlinking a lock file lets two
-processes lock two different inodes. A file system without locks (NFS without lockd)
-gets no lease, with a warning. Object stores get none yet (that needs a lease object
-with a heartbeat).
+On local disk the lease is an ``flock`` on ``root/.writer-lease``, whose JSON says who
+holds it. The file is never deleted: unlinking a lock file lets two processes lock two
+different inodes. A file system without locks (NFS without lockd) gets no lease, with a
+warning. On object stores it is a lease object with a heartbeat
+(:mod:`ckptstore.manager.remote_lease`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ import torch.distributed as dist
 from ckptstore.engine import groups
 from ckptstore.errors import WriterLeaseError, storage_error
 from ckptstore.layout import WRITER_LEASE_FILE
-from ckptstore.storage import StorageBackend
+from ckptstore.manager import remote_lease
+from ckptstore.manager.remote_lease import RemoteLease
+from ckptstore.storage import FsspecBackend, StorageBackend
 
 log = logging.getLogger("ckptstore")
 
@@ -57,15 +59,18 @@ class WriterLease:
             os.close(fd)  # drops the flock
 
 
-def take(backend: StorageBackend, group: dist.ProcessGroup | None) -> WriterLease | None:
+Lease = WriterLease | RemoteLease
+
+
+def take(backend: StorageBackend, group: dist.ProcessGroup | None) -> Lease | None:
     """Rank 0 of ``group`` takes the lease on ``backend``; every rank learns the outcome.
 
     Called by the manager's constructor on every rank (``group`` is its control group,
-    None in a single process). Returns the lease on rank 0 of a local root, else None.
+    None in a single process). Returns the lease on rank 0, else None.
     Raises :class:`~ckptstore.errors.WriterLeaseError` when another process holds it
     (on the other ranks: a ``CkptStoreError`` quoting rank 0's message).
     """
-    held: list[WriterLease] = []
+    held: list[Lease] = []
 
     def on_rank_0() -> None:  # the lease itself stays here: it must not be broadcast
         lease = acquire(backend)
@@ -76,8 +81,10 @@ def take(backend: StorageBackend, group: dist.ProcessGroup | None) -> WriterLeas
     return held[0] if held else None
 
 
-def acquire(backend: StorageBackend) -> WriterLease | None:
-    """The lease on a local ``backend``, or None where there can be none (see above)."""
+def acquire(backend: StorageBackend) -> Lease | None:
+    """The lease on ``backend``, or None where there can be none (see above)."""
+    if isinstance(backend, FsspecBackend):
+        return remote_lease.acquire(backend)
     if not backend.capabilities.local:
         return None
     path = os.path.join(backend.url, WRITER_LEASE_FILE)

@@ -40,13 +40,14 @@ from typing import Any
 from ckptstore.crashpoints import crash_point
 from ckptstore.errors import (
     CheckpointExistsError,
+    CorruptCheckpointError,
     InvalidArgumentError,
     InvalidOperationError,
     ManifestExistsError,
     StorageError,
     storage_error,
 )
-from ckptstore.layout import MANIFEST_FILE, check_name, set_aside_kind
+from ckptstore.layout import MANIFEST_FILE, check_name, read_limit_bytes, set_aside_kind
 from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, StorageBackend
 
 # Checkpoints being written by this process, on any backend object: sweep() spares them.
@@ -282,13 +283,27 @@ class FsspecBackend(StorageBackend):
             raise translate_error(exc, "stat", self.store_path(name)) from exc
 
     def read_bytes(self, name: str) -> bytes:
+        # At most one byte past the cap for this kind of file, in the same single GET:
+        # a 16 GiB object named ``latest`` is refused, not read until memory runs out.
         path = self.store_path(name)
+        limit = read_limit_bytes(name)
         try:
-            return bytes(self.fs.cat_file(path))
+            try:
+                data = bytes(self.fs.cat_file(path, start=0, end=limit + 1))
+            except OSError as exc:
+                if "range" not in str(exc).lower() or isinstance(exc, FileNotFoundError):
+                    raise
+                data = bytes(self.fs.cat_file(path))  # S3 has no range of an empty object
         except FileNotFoundError:
             raise
         except Exception as exc:
             raise translate_error(exc, "read", path) from exc
+        if len(data) > limit:
+            raise CorruptCheckpointError(
+                f"{path}: more than the {limit} B such a file may hold; refusing to read it "
+                "(it is not what ckptstore writes there)"
+            )
+        return data
 
     def open_reader(self, name: str) -> RangeReader:
         return ObjectStoreReader(self.fs, self.store_path(name))
