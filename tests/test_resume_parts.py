@@ -18,7 +18,7 @@ import torch
 from helpers import REPO
 from test_distributed import spawn_ranks
 
-from ckptstore import Checkpointer, CheckpointManager, TrainState
+from ckptstore import Checkpointer, CheckpointManager, IncompatibleCheckpointError, TrainState
 
 
 def next_values(results) -> dict[int, str]:
@@ -116,3 +116,25 @@ def test_save_lines_are_visible_unless_silenced_or_logging_is_configured(tmp_pat
         )
         line = "step_00000001 committed" if run == "first" else "resumed from step_00000001"
         assert (line in out.stderr) == (how == "default"), out.stderr
+
+
+def test_restore_takes_allow_partial_and_allow_cast(tmp_path):
+    """The error's suggested fixes are accepted by CheckpointManager.restore itself."""
+    small = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with CheckpointManager(tmp_path / "a") as mgr:
+        mgr.save(0, TrainState(model=small))
+        mgr.wait()
+    grown = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 3))
+    with CheckpointManager(tmp_path / "a") as mgr:
+        with pytest.raises(IncompatibleCheckpointError, match="allow_partial"):
+            mgr.restore(TrainState(model=grown))
+        assert mgr.restore(TrainState(model=grown), allow_partial=True) == 1
+    assert torch.equal(grown[0].weight, small[0].weight)
+    half = {"x": torch.zeros(3, dtype=torch.float16)}
+    with CheckpointManager(tmp_path / "b") as mgr:
+        mgr.save(0, {"x": torch.tensor([1.0, 2.0, 3.1])})
+        mgr.wait()
+        with pytest.raises(IncompatibleCheckpointError, match="dtype"):
+            mgr.restore(half)
+        assert mgr.restore(half, allow_cast=True) == 1
+    assert half["x"].dtype == torch.float16 and half["x"][2] == torch.tensor(3.1).half()

@@ -68,6 +68,7 @@ class RestoreMixin:
     _last_epoch: int | None
     _run_id: str
     _lineage: tuple[str, ...]
+    _load_options: dict[str, bool] = {}  # noqa: RUF012 - set per restore(), never mutated
     _backup: Replicator | None
 
     if TYPE_CHECKING:  # provided by CheckpointManager
@@ -86,6 +87,8 @@ class RestoreMixin:
         which: str | int | None = "latest",
         *,
         newer: str = "keep",
+        allow_partial: bool = False,
+        allow_cast: bool = False,
     ) -> int:
         """Restore ``state`` from a checkpoint; return the steps it had done (0: none).
 
@@ -102,6 +105,10 @@ class RestoreMixin:
         ``--discard-newer``). ``"discard"`` moves them aside as ``step_N.retired-<UTC>``
         (never deleted) and goes on as a new branch of the run.
 
+        ``allow_partial`` leaves the parts of ``state`` the checkpoint lacks as they are;
+        ``allow_cast`` loads tensors into targets of a dtype that cannot hold them exactly
+        (both as in :meth:`Checkpointer.load`).
+
         Then (rank 0) a warning names the checkpoints of other runs found in the local
         root or the backup, which this run did not resume.
         """
@@ -109,6 +116,7 @@ class RestoreMixin:
             raise InvalidArgumentError(
                 f"newer must be one of {', '.join(NEWER_CHOICES)}, got {newer!r}"
             )
+        self._load_options = {"allow_partial": allow_partial, "allow_cast": allow_cast}
         steps = self._restore(state, which, newer)
         self._note_other_runs(resumed=steps > 0)
         return steps
@@ -294,7 +302,7 @@ class RestoreMixin:
     def _load_step(self, state: Resumable | dict[str, Any], step: int) -> CheckpointInfo:
         assert self._ckpt is not None
         if not isinstance(state, Resumable):
-            return self._ckpt.load(state, step)
+            return self._ckpt.load(state, step, **self._load_options)
         # Every rank reads the metadata; they agree that all could before the collective
         # load, so that a rank that could not does not go its own way.
         metadata, problem = None, None
@@ -309,7 +317,7 @@ class RestoreMixin:
             )
         assert metadata is not None  # no rank failed, this one included
         target = state.load_target(metadata)
-        info = self._ckpt.load(target, step)
+        info = self._ckpt.load(target, step, **self._load_options)
         state.load_state_dict(target)
         return info
 
@@ -322,11 +330,25 @@ class RestoreMixin:
                 manifest = read_manifest(backend, name, manifest_key=key)
                 target = state.load_target(read_dcp_metadata(backend, name, manifest))
                 manifest = load_into(
-                    target, backend, name, pool=None, group=group, manifest_key=key
+                    target,
+                    backend,
+                    name,
+                    pool=None,
+                    group=group,
+                    manifest_key=key,
+                    **self._load_options,
                 )
                 state.load_state_dict(target)
             else:
-                manifest = load_into(state, backend, name, pool=None, group=group, manifest_key=key)
+                manifest = load_into(
+                    state,
+                    backend,
+                    name,
+                    pool=None,
+                    group=group,
+                    manifest_key=key,
+                    **self._load_options,
+                )
         info = CheckpointInfo(name, f"{backend.url}/{name}", manifest)
         steps = self._resumed(info)
         self._handle_newer(info, newer)
