@@ -420,6 +420,22 @@ def scenario_extras_load(ckpts: str, rank: int, world: int) -> None:
     print(f"NEXT {want} {np_gen.random()} {state.extras['py_gen'].random()}")
 
 
+def scenario_dcp_api_save(ckpts: str, rank: int, world: int) -> None:
+    """Sharded DTensors saved by plain dcp.save through ckptstore's public writer, then
+    loaded back by dcp.load through its reader, resharded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ckptstore.integrations.dcp import StorageReader, StorageWriter
+
+    mesh = init_device_mesh("cpu", (world,))
+    path = os.path.join(ckpts, "dcp-api")
+    dcp.save(sharded(full_state(0), mesh), storage_writer=StorageWriter(path, codec="zstd"))
+    got = sharded(full_state(1), mesh)
+    dcp.load(got, storage_reader=StorageReader(path))
+    check_full(got, full_state(0))
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)

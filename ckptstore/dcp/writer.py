@@ -114,10 +114,11 @@ class CkptStorageWriter(StorageWriter):
         spec: SaveSpec,
         *,
         pool: Executor,
-        world_size: int,
+        world_size: int | None,
         failure: str | None = None,
     ) -> None:
-        """``failure``: this rank could not stage its state; it still enters the save's
+        """``world_size``: recorded in the manifest (None: the ranks whose plans meet on
+        the coordinator). ``failure``: this rank could not stage its state; it still enters the save's
         collectives and fails them, so that every rank fails this save together and the
         ranks stay in step (a rank that skipped a save would pair its next one with the
         others' current one)."""
@@ -161,6 +162,8 @@ class CkptStorageWriter(StorageWriter):
                 f"ranks are saving different checkpoints in one collective ({shown}); every rank "
                 "must call save_async for the same steps, in the same order"
             )
+        if self._world_size is None:
+            self._world_size = len(plans)
         self._pending = self._backend.begin(self._name)
         token = self._pending.token
         return [
@@ -255,7 +258,7 @@ class CkptStorageWriter(StorageWriter):
         spec = self._spec
         manifest = Manifest(
             step=spec.step,
-            world_size=self._world_size,
+            world_size=self._world_size or 1,
             codec=spec.codec.get_config(),
             files=files,
             raw_bytes=raw_bytes,
