@@ -48,9 +48,10 @@ class TrainState:
     :class:`~ckptstore.ResumableDataLoader` resumes mid-epoch exactly). ``extras`` holds
     your own numbers, strings, tensors, lists and dicts, and ``random.Random`` /
     ``numpy.random.Generator`` objects (restored in place), per rank: loop-local state
-    such as the batch already fetched for the next step belongs here. ``step``,
-    ``epoch`` and ``best`` are kept up to date by the CheckpointManager and restored
-    with the rest.
+    such as the batch already fetched for the next step belongs here. ``optimizer`` may
+    be a wrapper (Accelerate's ``AcceleratedOptimizer``): the optimizer inside it is
+    saved. ``step``, ``epoch`` and ``best`` are kept up to date by the
+    CheckpointManager and restored with the rest.
     """
 
     model: nn.Module | None = None
@@ -101,7 +102,7 @@ class TrainState:
             def count(*_: Any) -> None:
                 self._optimizer_steps += 1
 
-            self._hooked = self.optimizer.register_step_post_hook(count)
+            self._hooked = base_optimizer(self.optimizer).register_step_post_hook(count)
 
     def state_dict(self) -> dict[str, Any]:
         """The state to save (also the target a checkpoint is loaded into)."""
@@ -114,7 +115,9 @@ class TrainState:
             from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
             if self.optimizer is not None:
-                sd["model"], sd["optim"] = get_state_dict(self.model, self.optimizer)
+                sd["model"], sd["optim"] = get_state_dict(
+                    self.model, base_optimizer(self.optimizer)
+                )
             else:
                 sd["model"] = get_model_state_dict(self.model)
         if self.scheduler is not None:
@@ -141,7 +144,7 @@ class TrainState:
             if self.optimizer is not None and "optim" in sd:
                 set_state_dict(
                     self.model,
-                    self.optimizer,
+                    base_optimizer(self.optimizer),
                     model_state_dict=sd["model"],
                     optim_state_dict=sd["optim"],
                 )
@@ -201,6 +204,18 @@ class TrainState:
                 mine,
             )
         return target
+
+
+def base_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer inside wrappers (Accelerate's ``AcceleratedOptimizer``, and any
+    other that keeps it as ``.optimizer`` or ``._optimizer``): the one whose state and
+    hooks are real."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            return optimizer
+        optimizer = inner
+    return optimizer
 
 
 def _saved_extras(extras: dict[str, Any]) -> dict[str, Any]:
