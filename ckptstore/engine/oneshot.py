@@ -182,11 +182,13 @@ def read(
         threads or default_threads(), thread_name_prefix="ckptstore-codec"
     ) as pool:
         load_into(flat, backend, name, pool=pool, group=None, manifest_key=key)
-    paths = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    stored = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
     state: dict[str, Any] = {}
     for fqn, value in flat.items():
-        path = paths.get(fqn)
-        set_element(state, path if isinstance(path, tuple) and path else tuple(fqn.split(".")), value)
+        where = stored.get(fqn)
+        set_element(
+            state, where if isinstance(where, tuple) and where else tuple(fqn.split(".")), value
+        )
     return state
 
 

@@ -50,7 +50,6 @@ from ckptstore.engine.ops import save_staged
 from ckptstore.engine.stager import StagedState, StagingPool
 from ckptstore.errors import (
     BackgroundSaveError,
-    CheckpointNotFoundError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
