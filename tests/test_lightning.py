@@ -102,13 +102,41 @@ def test_validate_and_load_module_from_a_checkpoint(tmp_path):
     assert same_weights(into, model)
 
 
-def test_overwrite_keeps_a_good_checkpoint_at_every_moment(tmp_path, monkeypatch):
+def test_overwrite_swaps_so_last_is_always_a_complete_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.ckpt")
+    io = CkptStoreCheckpointIO()
+    io.save_checkpoint({"w": torch.zeros(3), "global_step": 1}, path)
+    io.wait()
+    staging = io.staging_bytes
+    assert staging > 0
+
+    seen = []
+    real_delete = LocalBackend.delete
+
+    def delete(self, name):  # whenever anything is deleted, last.ckpt is complete
+        seen.append((name, ckptstore.read(path)["global_step"]))
+        real_delete(self, name)
+
+    monkeypatch.setattr(LocalBackend, "delete", delete)
+    for step in (2, 3):
+        io.save_checkpoint({"w": torch.full((3,), float(step)), "global_step": step}, path)
+    io.wait()
+    assert io.staging_bytes == staging  # the same buffers, reused
+    # The new one was written beside, swapped in, and the old one (now beside) deleted.
+    assert ("last.ckpt.replacing", 2) in seen and ("last.ckpt.replacing", 3) in seen
+    assert all(name != "last.ckpt" for name, _ in seen)
+    assert entries(str(tmp_path)) == ["last.ckpt"]
+    assert io.load_checkpoint(path)["global_step"] == 3
+    io.teardown()
+
+
+def test_overwrite_without_swap_keeps_a_good_checkpoint_at_every_moment(tmp_path, monkeypatch):
     path = str(tmp_path / "last.ckpt")
     io = CkptStoreCheckpointIO()
     io.save_checkpoint({"w": torch.zeros(3), "global_step": 1}, path)
     io.wait()
 
-    # Cut the replace short between its two steps: the old one deleted, the new one beside.
+    # An object store cannot swap; cut the replace short between its two steps there.
     def crash(self, name, new_name):
         raise OSError("power loss")
 
@@ -120,6 +148,7 @@ def test_overwrite_keeps_a_good_checkpoint_at_every_moment(tmp_path, monkeypatch
             seen.append(ckptstore.read(str(tmp_path / "last.ckpt.replacing"))["global_step"])
         real_delete(self, name)
 
+    monkeypatch.setattr(LocalBackend, "swap", lambda self, a, b: False)
     monkeypatch.setattr(LocalBackend, "move_aside", crash)
     monkeypatch.setattr(LocalBackend, "delete", delete)
     io.save_checkpoint({"w": torch.ones(3), "global_step": 2}, path)

@@ -16,9 +16,12 @@ in the order they came, so ``save_top_k`` never deletes a checkpoint whose repla
 is still queued. Lightning saves on rank 0 only: these saves run no collective, so
 ``strategy="ddp"`` does not wait for ranks that never join. Saving over a committed
 checkpoint (``last.ckpt``) writes the new one beside it (``last.ckpt.replacing``) and
-then moves it into place: a complete checkpoint is under one of the two names at every
-moment, and :meth:`~CkptStoreCheckpointIO.load_checkpoint` reads the one beside when
-the name itself is missing. Do not wrap this plugin in Lightning's ``AsyncCheckpointIO``:
+then swaps the two names in one step (local disk on Linux: ``renameat2(RENAME_EXCHANGE)``),
+so ``last.ckpt`` is a complete checkpoint at every moment. Where names cannot be
+swapped (object stores) the old one is deleted and the new one moved into place: a
+complete checkpoint is under one of the two names at every moment, and
+:meth:`~CkptStoreCheckpointIO.load_checkpoint` reads the one beside when the name itself
+is missing (Lightning's ``ckpt_path="last"`` does not look there). Do not wrap this plugin in Lightning's ``AsyncCheckpointIO``:
 it is asynchronous already.
 
 What Lightning's checkpoint holds comes back as saved, with these conversions: an
@@ -241,11 +244,15 @@ class CkptStoreCheckpointIO(CheckpointIO):
             assert self._pool is not None
             beside = f"{name}{REPLACING_SUFFIX}"
             if backend.exists(f"{name}/{MANIFEST_FILE}"):
-                # Replace: the new one complete beside the old, then switch.
+                # Replace: the new one complete beside the old, then switch: in one
+                # step where the backend can swap names, else delete and move.
                 backend.delete(beside)
                 stats = save_staged(staged, backend, beside, spec, pool=self._pool, group=None)
-                backend.delete(name)
-                backend.move_aside(beside, name)
+                if backend.swap(beside, name):
+                    backend.delete(beside)  # the old one, now beside
+                else:
+                    backend.delete(name)
+                    backend.move_aside(beside, name)
             else:
                 if name in backend.list_names():
                     backend.delete(name)  # files without a manifest: not a checkpoint
