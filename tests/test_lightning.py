@@ -200,6 +200,19 @@ def test_checkpoint_dict_comes_back_as_saved(tmp_path):
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], want)
 
 
+def test_resume_from_a_file_lightning_itself_wrote(tmp_path):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    L.seed_everything(0)
+    t = trainer(str(tmp_path / "torch"), io=TorchCheckpointIO(), max_steps=8)
+    t.fit(Tiny(), *loaders())
+    assert os.path.isfile(tmp_path / "torch" / "last.ckpt")
+    resumed = trainer(str(tmp_path / "ours"), max_steps=12)
+    resumed.fit(Tiny(), *loaders(), ckpt_path=str(tmp_path / "torch" / "last.ckpt"))
+    assert resumed.global_step == 12
+    assert ckptstore.read(tmp_path / "ours" / "last.ckpt")["global_step"] == 12
+
+
 def test_ddp_on_two_cpu_processes_does_not_hang(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])

@@ -145,12 +145,20 @@ class CkptStoreCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         """The checkpoint at ``path`` as Lightning's dict, after the saves queued before.
 
-        ``weights_only`` is accepted and moot: ckptstore never unpickles anything else.
+        ``weights_only`` is moot for ckptstore checkpoints (nothing else is ever
+        unpickled); a plain file at ``path`` (Lightning's own format) is read with
+        ``torch.load(weights_only=True)`` unless ``weights_only=False``.
         ``map_location``: a device (or its name) to move tensors to, a ``{from: to}``
         dict (applied to CPU tensors' ``"cpu"``), or None for the CPU.
         """
         self.wait()
         root, name = _split(path)
+        if "://" not in os.fspath(path) and os.path.isfile(path):
+            # A file Lightning's own TorchCheckpointIO wrote (resuming a run begun without
+            # this plugin): read it as Lightning would, never unpickling code by default.
+            safe = True if weights_only is None else weights_only
+            loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=safe)
+            return _map_location(loaded, map_location)
         backend = self._backend(root, self.storage_options)[0]
         if not backend.exists(f"{name}/{MANIFEST_FILE}") and backend.exists(
             f"{name}{REPLACING_SUFFIX}/{MANIFEST_FILE}"
