@@ -213,6 +213,19 @@ def test_resume_from_a_file_lightning_itself_wrote(tmp_path):
     assert ckptstore.read(tmp_path / "ours" / "last.ckpt")["global_step"] == 12
 
 
+def test_wrapping_in_async_checkpoint_io_is_called_out(tmp_path, caplog):
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    io = CkptStoreCheckpointIO()
+    wrapped = AsyncCheckpointIO(io)
+    with caplog.at_level("WARNING", logger="ckptstore"):
+        wrapped.save_checkpoint({"w": torch.ones(2)}, str(tmp_path / "a.ckpt"))
+        wrapped.teardown()
+        io.teardown()
+    assert "AsyncCheckpointIO" in caplog.text
+    assert ckptstore.read(tmp_path / "a.ckpt")["w"].tolist() == [1.0, 1.0]
+
+
 def test_ddp_on_two_cpu_processes_does_not_hang(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])

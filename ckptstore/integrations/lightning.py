@@ -102,6 +102,7 @@ class CkptStoreCheckpointIO(CheckpointIO):
         self._backends: dict[str, tuple[StorageBackend, AutoCodec]] = {}
         self._queued: list[Future[None]] = []
         self._failures: list[tuple[str, BaseException]] = []
+        self._warned = False
 
     # ---- Lightning's interface ------------------------------------------------------
     def save_checkpoint(
@@ -114,6 +115,15 @@ class CkptStoreCheckpointIO(CheckpointIO):
         """
         options = self._options(storage_options)
         root, name = _split(path)
+        if threading.current_thread() is not threading.main_thread() and not self._warned:
+            self._warned = True
+            log.warning(
+                "CkptStoreCheckpointIO.save_checkpoint called from thread %r: if it is "
+                "wrapped in Lightning's AsyncCheckpointIO, unwrap it (it is asynchronous "
+                "already; the wrapper clones every tensor and lets save_top_k's removals "
+                "overtake the saves it queues)",
+                threading.current_thread().name,
+            )
         state, shape = _prepare(checkpoint)
         writer, staging = self._start()
         self._slots.acquire()
