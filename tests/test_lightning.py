@@ -213,6 +213,20 @@ def test_resume_from_a_file_lightning_itself_wrote(tmp_path):
     assert ckptstore.read(tmp_path / "ours" / "last.ckpt")["global_step"] == 12
 
 
+def test_first_save_under_a_directory_removes_dead_saves_there(tmp_path):
+    dead = tmp_path / ".tmp-epoch=0-step=4.ckpt-0123456789ab"  # a killed run's save
+    dead.mkdir()
+    (dead / "__0_0.distcp").write_bytes(b"x" * 100)
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    io = CkptStoreCheckpointIO(async_save=False)
+    io.save_checkpoint({"w": torch.ones(2)}, str(tmp_path / "last.ckpt"))
+    io.teardown()
+    assert entries(str(tmp_path)) == ["last.ckpt"]
+    with pytest.raises(ckptstore.CheckpointNotFoundError):
+        io.load_checkpoint(str(tmp_path / "nothing" / "here.ckpt"))
+    assert not (tmp_path / "nothing").exists()  # reading creates nothing
+
+
 def test_wrapping_in_async_checkpoint_io_is_called_out(tmp_path, caplog):
     from lightning.pytorch.plugins.io import AsyncCheckpointIO
 

@@ -169,7 +169,7 @@ class CkptStoreCheckpointIO(CheckpointIO):
             safe = True if weights_only is None else weights_only
             loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=safe)
             return _map_location(loaded, map_location)
-        backend = self._backend(root, self.storage_options)[0]
+        backend = open_backend(root, storage_options=self.storage_options, create=False)
         if not backend.exists(f"{name}/{MANIFEST_FILE}") and backend.exists(
             f"{name}{REPLACING_SUFFIX}/{MANIFEST_FILE}"
         ):
@@ -233,14 +233,20 @@ class CkptStoreCheckpointIO(CheckpointIO):
     def _backend(
         self, root: str, options: dict[str, Any] | None
     ) -> tuple[StorageBackend, AutoCodec]:
+        """The backend a save writes through, opened once per root; on first use,
+        leftovers of saves that died there (a killed run) are removed."""
         key = f"{root}\0{sorted((options or {}).items())!r}"
         with self._lock:
             found = self._backends.get(key)
-            if found is None:
-                backend = open_backend(root, storage_options=options)
-                auto = AutoCodec(local=backend.capabilities.local, threads=self.threads)
-                found = self._backends[key] = (backend, auto)
+        if found is not None:
             return found
+        backend = open_backend(root, storage_options=options)
+        removed = backend.sweep(60.0 if backend.capabilities.save_locks else 3600.0)
+        if removed:
+            log.info("removed %d leftover(s) of dead saves under %s", len(removed), backend.url)
+        auto = AutoCodec(local=backend.capabilities.local, threads=self.threads)
+        with self._lock:
+            return self._backends.setdefault(key, (backend, auto))
 
     def _write(
         self,
