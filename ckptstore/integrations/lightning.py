@@ -65,7 +65,7 @@ _SHAPE_KEY = "lightning_shape"  # in the manifest's metadata: what the stored pa
 Path = tuple[str | int, ...]
 
 
-class CkptStoreCheckpointIO(CheckpointIO):
+class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when mypy lacks lightning
     """Lightning's ``CheckpointIO`` over ckptstore: ``Trainer(plugins=[CkptStoreCheckpointIO()])``.
 
     ``codec`` (``"auto"``, ``"zstd"``, ``"raw"``, ...), ``threads`` (the codec pool),
