@@ -7,6 +7,7 @@ checkpoints for PyTorch, on ``torch.distributed.checkpoint``.
 
     ckptstore.save(state_dict, "ckpt/final")            # synchronous, like dcp.save
     ckptstore.load(state_dict, "ckpt/final")            # in place, like dcp.load
+    state_dict = ckptstore.read("ckpt/final")           # all of it, no target needed
 
     with ckptstore.Checkpointer("runs/exp1") as ckpt:   # numbered, asynchronous
         pending = ckpt.save_async(state_dict, step=500)  # returns after one copy
@@ -29,7 +30,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ b
     from ckptstore.config import BackupConfig, CheckpointerConfig, ManagerConfig
     from ckptstore.engine.checkpointer import Checkpointer
     from ckptstore.engine.listing import CheckpointInfo
-    from ckptstore.engine.oneshot import load, save
+    from ckptstore.engine.oneshot import load, read, save
     from ckptstore.engine.pending import PendingSave, SaveResult
     from ckptstore.errors import (
         BackgroundSaveError,
@@ -88,6 +89,7 @@ _LAZY: dict[str, str] = {
     "ManagerConfig": "ckptstore.config",
     "PendingSave": "ckptstore.engine.pending",
     "RankFailedError": "ckptstore.errors",
+    "read": "ckptstore.engine.oneshot",
     "ResumableDataLoader": "ckptstore.integrations.data",
     "ResumableSampler": "ckptstore.integrations.data",
     "save": "ckptstore.engine.oneshot",
@@ -140,6 +142,7 @@ __all__ = [
     "WriterLeaseError",
     "__version__",
     "load",
+    "read",
     "save",
 ]
 

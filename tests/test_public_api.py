@@ -44,6 +44,7 @@ EXPECTED = [
     "WriterLeaseError",
     "__version__",
     "load",
+    "read",
     "save",
 ]
 

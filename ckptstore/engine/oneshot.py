@@ -2,16 +2,23 @@
 
 ``path`` is the checkpoint itself (a directory, or a prefix in a bucket), not a root
 of numbered checkpoints: that is :class:`~ckptstore.Checkpointer`'s job. Single process
-without a process group, and multi-rank (a collective) when one is initialised.
+without a process group, and multi-rank (a collective) when one is initialised;
+``no_dist=True`` makes a save or load this process's alone even then (a save that
+only rank 0 makes). :func:`read` returns a checkpoint's whole state dict, no target needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ckptstore.codecs import get_codec
 from ckptstore.codecs.auto import AutoCodec
@@ -23,6 +30,7 @@ from ckptstore.engine.ops import (
     check_metadata,
     check_step,
     load_into,
+    read_dcp_metadata,
     read_manifest,
     save_staged,
 )
@@ -49,11 +57,14 @@ def save(
     process_group: dist.ProcessGroup | None = None,
     threads: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    no_dist: bool = False,
 ) -> CheckpointInfo:
     """Save ``state_dict`` as the checkpoint ``path`` and return once it is durable.
 
     Fails with :class:`~ckptstore.errors.CheckpointExistsError` if ``path`` already
-    holds a committed checkpoint: ckptstore never overwrites one.
+    holds a committed checkpoint: ckptstore never overwrites one. With a process group
+    initialised, every rank of it must call this (a collective) unless ``no_dist``: then
+    this process saves ``state_dict`` alone, as the whole checkpoint, and runs no collective.
     """
     root, name = _split(path)
     if step is not None:
@@ -69,7 +80,7 @@ def save(
     )
     staged = stage_in_place(state_dict)
     with (
-        groups.caller_group(process_group) as group,
+        _group(process_group, no_dist) as group,
         ThreadPoolExecutor(n_threads, thread_name_prefix="ckptstore-codec") as pool,
     ):
         save_staged(
@@ -95,6 +106,7 @@ def load(
     process_group: dist.ProcessGroup | None = None,
     threads: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    no_dist: bool = False,
 ) -> CheckpointInfo:
     """Load the checkpoint at ``path`` into ``state_dict`` in place (resharding as needed).
 
@@ -102,12 +114,13 @@ def load(
     allowlist. ``allow_partial`` leaves keys the checkpoint lacks untouched;
     ``allow_cast`` converts tensors whose target's dtype cannot hold their values
     exactly, fp32 into fp16 say (else :class:`~ckptstore.errors.IncompatibleCheckpointError`
-    names them); a widening (fp32 into fp64) converts without it.
+    names them); a widening (fp32 into fp64) converts without it. ``no_dist``: this
+    process loads alone, without collectives, even with a process group initialised.
     """
     root, name = _split(path)
     backend = open_backend(root, storage_options=storage_options, create=False)
     with (
-        groups.caller_group(process_group) as group,
+        _group(process_group, no_dist) as group,
         ThreadPoolExecutor(
             threads or default_threads(), thread_name_prefix="ckptstore-codec"
         ) as pool,
@@ -129,6 +142,67 @@ def load(
                 raise CheckpointNotFoundError(f"{exc}. {hint}") from None
             raise
     return CheckpointInfo(name, f"{backend.url}/{name}", manifest)
+
+
+def read(
+    path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The whole state dict saved as checkpoint ``path``, without a target to load into.
+
+    Tensors come back on the CPU with their stored dtypes and shapes, other values as
+    saved (unpickled with ``weights_only=True``), every byte checked against the
+    manifest. This process reads alone: no collectives, whatever process group exists.
+    Rebuilt from the stored paths, so two things do not come back as saved: dict keys
+    are strings (``{0: t}`` returns as ``{"0": t}``) and an empty dict is absent.
+    """
+    root, name = _split(path)
+    backend = open_backend(root, storage_options=storage_options, create=False)
+    key = resolve_manifest_key()
+    try:
+        manifest = read_manifest(backend, name, manifest_key=key)
+    except CheckpointNotFoundError as exc:
+        hint = _root_hint(path)
+        if hint:
+            raise CheckpointNotFoundError(f"{exc}. {hint}") from None
+        raise
+    metadata = read_dcp_metadata(backend, name, manifest)
+    # Loaded flat (one entry per stored item, named as stored), then nested: a nested
+    # target would be flattened again by DCP's rules, which can differ for a rebuilt
+    # list of placeholders.
+    flat: dict[str, Any] = {
+        fqn: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        if isinstance(md, TensorStorageMetadata)
+        else None
+        for fqn, md in metadata.state_dict_metadata.items()
+    }
+    with ThreadPoolExecutor(
+        threads or default_threads(), thread_name_prefix="ckptstore-codec"
+    ) as pool:
+        load_into(flat, backend, name, pool=pool, group=None, manifest_key=key)
+    stored = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    state: dict[str, Any] = {}
+    for fqn, value in flat.items():
+        where = stored.get(fqn)
+        set_element(
+            state, where if isinstance(where, tuple) and where else tuple(fqn.split(".")), value
+        )
+    return state
+
+
+@contextlib.contextmanager
+def _group(
+    process_group: dist.ProcessGroup | None, no_dist: bool
+) -> Iterator[dist.ProcessGroup | None]:
+    if no_dist:
+        if process_group is not None:
+            raise InvalidArgumentError("pass process_group or no_dist=True, not both")
+        yield None
+        return
+    with groups.caller_group(process_group) as group:
+        yield group
 
 
 def _root_hint(path: str | os.PathLike[str]) -> str:

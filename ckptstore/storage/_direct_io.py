@@ -8,7 +8,8 @@
   before the fsync. Where the file system refuses direct I/O (at the ``fcntl`` that
   sets it, or with EINVAL at a write) the same bytes are written buffered.
 * :func:`renameat2_noreplace`: rename without replacing the target (libc's
-  ``renameat2(RENAME_NOREPLACE)``), or False where the kernel lacks it.
+  ``renameat2(RENAME_NOREPLACE)``), or False where the kernel lacks it;
+  :func:`renameat2_exchange` swaps two entries in one step (``RENAME_EXCHANGE``).
 * :func:`fsync_dir`: make a directory's entries durable.
 
 Every OS call goes through this module's ``os`` and ``fcntl`` globals and libc
@@ -40,6 +41,15 @@ _libc: Any = None  # loaded on first use; False where renameat2 is missing
 
 def renameat2_noreplace(src: str, dst: str) -> bool:
     """Rename without replacing; False if the kernel or file system lacks renameat2."""
+    return _renameat2(src, dst, 1)
+
+
+def renameat2_exchange(a: str, b: str) -> bool:
+    """Swap two existing entries atomically; False if the kernel or file system cannot."""
+    return _renameat2(a, b, 2)
+
+
+def _renameat2(src: str, dst: str, flags: int) -> bool:
     global _libc
     if _libc is None:
         try:
@@ -49,8 +59,8 @@ def renameat2_noreplace(src: str, dst: str) -> bool:
             _libc = False
     if _libc is False:
         return False
-    at_fdcwd, rename_noreplace = -100, 1
-    rc = _libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace)
+    at_fdcwd = -100
+    rc = _libc.renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags)
     if rc == 0:
         return True
     code = ctypes.get_errno()

@@ -281,6 +281,12 @@ class StorageBackend(ABC):
         """Delete a committed checkpoint, manifest first so it is never half-listed.
         Deleting a name that is not there does nothing."""
 
+    def swap(self, name: str, other: str) -> bool:
+        """Exchange two committed checkpoints' names in one atomic step (each is under
+        one of the two names at every moment); False where this backend cannot, and
+        then nothing was changed. Local disk on Linux can (``RENAME_EXCHANGE``)."""
+        return False
+
     def move_aside(self, name: str, new_name: str) -> None:
         """Move the entry ``name`` (a damaged checkpoint, or a stray at a checkpoint's
         name) to ``new_name`` under the root, keeping its content for inspection.

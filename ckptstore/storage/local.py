@@ -55,6 +55,7 @@ from ckptstore.storage._direct_io import (
     O_DIRECT,
     DirectFileSink,
     fsync_dir,
+    renameat2_exchange,
     renameat2_noreplace,
 )
 from ckptstore.storage.base import (
@@ -433,6 +434,18 @@ class LocalBackend(StorageBackend):
             raise storage_error(exc, "delete", path) from exc
         crash_point("local.delete.before_rmtree")
         shutil.rmtree(doomed, ignore_errors=True)
+
+    def swap(self, name: str, other: str) -> bool:
+        path, target = self._path(name), self._path(other)
+        if not (os.path.isdir(path) and os.path.isdir(target)):
+            return False
+        try:
+            if not renameat2_exchange(path, target):
+                return False
+            fsync_dir(self.root)
+        except OSError as exc:
+            raise storage_error(exc, "swap", path) from exc
+        return True
 
     def move_aside(self, name: str, new_name: str) -> None:
         path, target = self._path(name), self._path(new_name)

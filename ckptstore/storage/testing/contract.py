@@ -263,6 +263,18 @@ class BackendContract:
         commit_one(backend, "step_10", {"a.bin": b"new"})
         assert backend.read_bytes("step_10/a.bin") == b"new"
 
+    def test_swap_exchanges_two_checkpoints_or_changes_nothing(
+        self, backend: StorageBackend
+    ) -> None:
+        commit_one(backend, "a", {"f.bin": b"a"})
+        commit_one(backend, "b", {"f.bin": b"b"})
+        swapped = backend.swap("a", "b")
+        assert backend.read_bytes("a/f.bin") == (b"b" if swapped else b"a")
+        assert backend.read_bytes("b/f.bin") == (b"a" if swapped else b"b")
+        assert backend.list_names() == ["a", "b"]
+        assert backend.swap("a", "never_was") is False  # nothing to exchange with
+        assert backend.read_bytes("a/f.bin") == (b"b" if swapped else b"a")
+
     @pytest.mark.parametrize("bad", UNSAFE_NAMES, ids=repr)
     def test_unsafe_names_refused(self, backend: StorageBackend, bad: str) -> None:
         with pytest.raises(ValueError, match=BAD_NAME):

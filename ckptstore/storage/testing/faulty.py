@@ -114,6 +114,10 @@ class FaultyBackend(StorageBackend):
         self.hit("delete", name)
         self.inner.delete(name)
 
+    def swap(self, name: str, other: str) -> bool:
+        self.hit("swap", name)
+        return self.inner.swap(name, other)
+
     def move_aside(self, name: str, new_name: str) -> None:
         self.hit("move_aside", name)
         self.inner.move_aside(name, new_name)

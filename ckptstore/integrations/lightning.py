@@ -1,0 +1,460 @@
+"""PyTorch Lightning: checkpoints saved and loaded by ckptstore, in the background.
+
+::
+
+    from ckptstore.integrations.lightning import CkptStoreCheckpointIO
+
+    trainer = L.Trainer(plugins=[CkptStoreCheckpointIO()], callbacks=[ModelCheckpoint(...)])
+    trainer.fit(model, ckpt_path="last")                  # resumes from a ckptstore checkpoint
+    model = load_module(MyModule, "checkpoints/last.ckpt")  # LightningModule.load_from_checkpoint
+
+Each ``*.ckpt`` path Lightning asks for is a ckptstore checkpoint (a directory, or a
+prefix in a bucket). :meth:`CkptStoreCheckpointIO.save_checkpoint` returns once the
+checkpoint's tensors are copied into reused staging buffers; one writer thread encodes,
+writes and commits it, and runs :meth:`~CkptStoreCheckpointIO.remove_checkpoint` calls
+in the order they came, so ``save_top_k`` never deletes a checkpoint whose replacement
+is still queued. Lightning saves on rank 0 only: these saves run no collective, so
+``strategy="ddp"`` does not wait for ranks that never join. Saving over a committed
+checkpoint (``last.ckpt``) writes the new one beside it (``last.ckpt.replacing``) and
+then swaps the two names in one step (local disk on Linux: ``renameat2(RENAME_EXCHANGE)``),
+so ``last.ckpt`` is a complete checkpoint at every moment. Where names cannot be
+swapped (object stores) the old one is deleted and the new one moved into place: a
+complete checkpoint is under one of the two names at every moment, and
+:meth:`~CkptStoreCheckpointIO.load_checkpoint` reads the one beside when the name itself
+is missing (Lightning's ``ckpt_path="last"`` does not look there). Do not wrap this plugin in Lightning's ``AsyncCheckpointIO``:
+it is asynchronous already.
+
+What Lightning's checkpoint holds comes back as saved, with these conversions: an
+``argparse.Namespace`` is saved as a dict (``hparams`` of older scripts); dict keys
+other than strings and ints come back as strings. Values that ``torch.load(...,
+weights_only=True)`` refuses (a hyperparameter holding a class, say) fail the save at
+once with :class:`~ckptstore.errors.UnsupportedStateError` naming the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from ckptstore.codecs import get_codec
+from ckptstore.codecs.auto import AutoCodec
+from ckptstore.config import default_threads, io_window, resolve_manifest_key
+from ckptstore.dcp.writer import SaveSpec
+from ckptstore.engine.listing import read_manifest
+from ckptstore.engine.oneshot import read
+from ckptstore.engine.ops import save_staged
+from ckptstore.engine.stager import StagedState, StagingPool
+from ckptstore.errors import (
+    BackgroundSaveError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+)
+from ckptstore.layout import MANIFEST_FILE, REPLACING_SUFFIX, split_checkpoint_path
+from ckptstore.storage import StorageBackend, open_backend
+
+log = logging.getLogger("ckptstore")
+
+_SHAPE_KEY = "lightning_shape"  # in the manifest's metadata: what the stored paths lose
+Path = tuple[str | int, ...]
+
+
+class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when mypy lacks lightning
+    """Lightning's ``CheckpointIO`` over ckptstore: ``Trainer(plugins=[CkptStoreCheckpointIO()])``.
+
+    ``codec`` (``"auto"``, ``"zstd"``, ``"raw"``, ...), ``threads`` (the codec pool),
+    ``max_inflight`` (saves staged or being written at once; the next save waits for a
+    slot) and ``storage_options`` (fsspec's, for ``s3://`` paths) as elsewhere in
+    ckptstore. ``async_save=False`` makes every save return only once it is durable.
+    """
+
+    def __init__(
+        self,
+        *,
+        codec: str | dict[str, Any] = "auto",
+        threads: int | None = None,
+        max_inflight: int = 1,
+        async_save: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
+            raise InvalidArgumentError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
+        self.codec = codec
+        self.threads = threads or default_threads()
+        self.max_inflight = max_inflight
+        self.async_save = async_save
+        self.storage_options = storage_options
+        self.pin_memory = pin_memory
+        self._fixed = None if codec == "auto" else get_codec(codec)
+        self._lock = threading.Lock()
+        self._writer: ThreadPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._staging: StagingPool | None = None
+        self._slots = threading.Semaphore(max_inflight)
+        self._backends: dict[str, tuple[StorageBackend, AutoCodec]] = {}
+        self._queued: list[Future[None]] = []
+        self._failures: list[tuple[str, BaseException]] = []
+        self._warned = False
+
+    # ---- Lightning's interface ------------------------------------------------------
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Stage ``checkpoint`` and queue its write as checkpoint ``path``.
+
+        Raises an earlier background save's failure (after queueing this save) as
+        :class:`~ckptstore.errors.BackgroundSaveError`.
+        """
+        options = self._options(storage_options)
+        root, name = _split(path)
+        if threading.current_thread() is not threading.main_thread() and not self._warned:
+            self._warned = True
+            log.warning(
+                "CkptStoreCheckpointIO.save_checkpoint called from thread %r: if it is "
+                "wrapped in Lightning's AsyncCheckpointIO, unwrap it (it is asynchronous "
+                "already; the wrapper clones every tensor and lets save_top_k's removals "
+                "overtake the saves it queues)",
+                threading.current_thread().name,
+            )
+        state, shape = _prepare(checkpoint)
+        writer, staging = self._start()
+        self._slots.acquire()
+        try:
+            staged = staging.stage(state)
+        except BaseException:
+            self._slots.release()
+            raise
+        future = writer.submit(self._write, staged, root, name, shape, options)
+        with self._lock:
+            self._queued = [f for f in self._queued if not f.done()] + [future]
+        if not self.async_save:
+            future.result()
+        self._raise_failures()
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Delete checkpoint ``path`` once every save queued before this call has run."""
+        root, name = _split(path)
+        writer, _ = self._start()
+        future = writer.submit(self._remove, root, name)
+        with self._lock:
+            self._queued = [f for f in self._queued if not f.done()] + [future]
+        if not self.async_save:
+            future.result()
+        self._raise_failures()
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint at ``path`` as Lightning's dict, after the saves queued before.
+
+        ``weights_only`` is moot for ckptstore checkpoints (nothing else is ever
+        unpickled); a plain file at ``path`` (Lightning's own format) is read with
+        ``torch.load(weights_only=True)`` unless ``weights_only=False``.
+        ``map_location``: a device (or its name) to move tensors to, a ``{from: to}``
+        dict (applied to CPU tensors' ``"cpu"``), or None for the CPU.
+        """
+        self.wait()
+        root, name = _split(path)
+        if "://" not in os.fspath(path) and os.path.isfile(path):
+            # A file Lightning's own TorchCheckpointIO wrote (resuming a run begun without
+            # this plugin): read it as Lightning would, never unpickling code by default.
+            safe = True if weights_only is None else weights_only
+            loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=safe)
+            return _map_location(loaded, map_location)
+        backend = open_backend(root, storage_options=self.storage_options, create=False)
+        if not backend.exists(f"{name}/{MANIFEST_FILE}") and backend.exists(
+            f"{name}{REPLACING_SUFFIX}/{MANIFEST_FILE}"
+        ):
+            name += REPLACING_SUFFIX  # a replace was cut short between its two steps
+        location = f"{root.rstrip('/')}/{name}"
+        state = read(location, threads=self.threads, storage_options=self.storage_options)
+        manifest = read_manifest(backend, name, manifest_key=resolve_manifest_key())
+        _restore_shape(state, manifest.metadata.get(_SHAPE_KEY, {}))
+        return _map_location(state, map_location)
+
+    def teardown(self) -> None:
+        """Wait for every queued save and removal, free threads and staging buffers;
+        raise the first failure not raised yet. The plugin may be used again after."""
+        try:
+            self.wait()
+        finally:
+            with self._lock:
+                writer, pool, staging = self._writer, self._pool, self._staging
+                self._writer = self._pool = self._staging = None
+            if writer is not None:
+                writer.shutdown(wait=True)
+            if pool is not None:
+                pool.shutdown(wait=True)
+            if staging is not None:
+                staging.close()
+        self._raise_failures()
+
+    # ---- extra ----------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every queued save and removal has run; raise a failure among them."""
+        with self._lock:
+            queued, self._queued = self._queued, []
+        for f in queued:
+            f.exception()
+        self._raise_failures()
+
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory held by staging buffers (allocated once, reused by later saves)."""
+        staging = self._staging
+        return staging.allocated_bytes if staging is not None else 0
+
+    # ---- internals ------------------------------------------------------------------
+    def _start(self) -> tuple[ThreadPoolExecutor, StagingPool]:
+        with self._lock:
+            if self._writer is None or self._staging is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptstore-lightning")
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckptstore-codec")
+                self._staging = StagingPool(slots=self.max_inflight, pin_memory=self.pin_memory)
+            return self._writer, self._staging
+
+    def _options(self, storage_options: Any) -> dict[str, Any] | None:
+        if storage_options is None:
+            return self.storage_options
+        if not isinstance(storage_options, dict):
+            raise InvalidArgumentTypeError(
+                f"storage_options must be a dict of fsspec options, got {type(storage_options).__name__}"
+            )
+        return {**(self.storage_options or {}), **storage_options}
+
+    def _backend(
+        self, root: str, options: dict[str, Any] | None
+    ) -> tuple[StorageBackend, AutoCodec]:
+        """The backend a save writes through, opened once per root; on first use,
+        leftovers of saves that died there (a killed run) are removed."""
+        key = f"{root}\0{sorted((options or {}).items())!r}"
+        with self._lock:
+            found = self._backends.get(key)
+        if found is not None:
+            return found
+        backend = open_backend(root, storage_options=options)
+        removed = backend.sweep(60.0 if backend.capabilities.save_locks else 3600.0)
+        if removed:
+            log.info("removed %d leftover(s) of dead saves under %s", len(removed), backend.url)
+        auto = AutoCodec(local=backend.capabilities.local, threads=self.threads)
+        with self._lock:
+            return self._backends.setdefault(key, (backend, auto))
+
+    def _write(
+        self,
+        staged: StagedState,
+        root: str,
+        name: str,
+        shape: dict[str, Any],
+        options: dict[str, Any] | None,
+    ) -> None:
+        try:
+            backend, auto = self._backend(root, options)
+            codec = self._fixed or auto.choose()
+            spec = SaveSpec(
+                codec,
+                window=io_window(self.threads),
+                metadata={_SHAPE_KEY: shape},
+                manifest_key=resolve_manifest_key(),
+            )
+            assert self._pool is not None
+            beside = f"{name}{REPLACING_SUFFIX}"
+            if backend.exists(f"{name}/{MANIFEST_FILE}"):
+                # Replace: the new one complete beside the old, then switch: in one
+                # step where the backend can swap names, else delete and move.
+                backend.delete(beside)
+                stats = save_staged(staged, backend, beside, spec, pool=self._pool, group=None)
+                if backend.swap(beside, name):
+                    backend.delete(beside)  # the old one, now beside
+                else:
+                    backend.delete(name)
+                    backend.move_aside(beside, name)
+            else:
+                if name in backend.list_names():
+                    backend.delete(name)  # files without a manifest: not a checkpoint
+                stats = save_staged(staged, backend, name, spec, pool=self._pool, group=None)
+                backend.delete(beside)  # a replace cut short before: this one is newer
+            auto.observe(codec, stats.raw_bytes, stats.stored_bytes, stats.sink_s, stats.encode_s)
+            log.info("%s/%s committed", backend.url, name)
+        except BaseException as exc:
+            log.error("saving %s/%s failed: %s: %s", root, name, type(exc).__name__, exc)
+            with self._lock:
+                self._failures.append((f"saving {root}/{name}", exc))
+        finally:
+            if self._staging is not None:
+                self._staging.release(staged)
+            self._slots.release()
+
+    def _remove(self, root: str, name: str) -> None:
+        try:
+            backend = self._backend(root, self.storage_options)[0]
+            backend.delete(name)
+            backend.delete(f"{name}{REPLACING_SUFFIX}")
+        except BaseException as exc:
+            with self._lock:
+                self._failures.append((f"removing {root}/{name}", exc))
+
+    def _raise_failures(self) -> None:
+        with self._lock:
+            if not self._failures:
+                return
+            (what, exc), more = self._failures[0], len(self._failures) - 1
+            self._failures.clear()
+        extra = f" (and {more} more)" if more else ""
+        raise BackgroundSaveError(f"{what} failed{extra}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_module(
+    cls_or_module: Any,
+    path: str | os.PathLike[str],
+    *,
+    map_location: Any | None = None,
+    strict: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """``LightningModule.load_from_checkpoint`` for a ckptstore checkpoint.
+
+    Given a class, builds it from the checkpoint's ``hyper_parameters`` (``kwargs``
+    override them), then loads its ``state_dict``; given a module, loads into it. Calls
+    the module's ``on_load_checkpoint`` first, as Lightning does. Returns the module.
+    """
+    checkpoint = CkptStoreCheckpointIO().load_checkpoint(path, map_location=map_location)
+    module = cls_or_module
+    if isinstance(cls_or_module, type):
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        module = cls_or_module(**{**hparams, **kwargs})
+    elif kwargs:
+        raise InvalidArgumentError(
+            f"keyword arguments ({', '.join(sorted(kwargs))}) build a module from a class; "
+            "a module was given"
+        )
+    if hasattr(module, "on_load_checkpoint"):
+        module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return module
+
+
+def _split(path: Any) -> tuple[str, str]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentTypeError(f"path must be a str or os.PathLike, got {path!r}")
+    root, name = split_checkpoint_path(os.fspath(path))
+    if not name:
+        raise InvalidArgumentError(f"{os.fspath(path)!r} does not name a checkpoint")
+    return root, name
+
+
+def _prepare(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``checkpoint`` with Namespaces as dicts, and what reading it back needs to know:
+    the paths of dicts keyed by ints and of containers holding nothing (which the stored
+    paths do not record), each as DCP names it (dict keys as strings)."""
+    if not isinstance(checkpoint, dict):
+        raise InvalidArgumentTypeError(
+            f"checkpoint must be a dict, got {type(checkpoint).__name__}"
+        )
+    int_keyed: list[list[str | int]] = []
+    empty: list[list[Any]] = []
+
+    def walk(obj: Any, path: Path) -> tuple[Any, bool]:
+        """(the converted value, whether it holds anything DCP stores)."""
+        if isinstance(obj, argparse.Namespace):
+            obj = vars(obj)
+        if isinstance(obj, dict):
+            keys = list(obj)
+            if any(type(k) is int for k in keys):
+                int_keyed.append(list(path))
+            out: dict[Any, Any] = {}
+            filled = False
+            for k in keys:
+                out[k], has = walk(obj[k], (*path, str(k)))
+                filled = filled or has
+            if not filled:
+                empty.append([*path, "dict"])
+            return out, filled
+        if isinstance(obj, list) and obj:
+            items = [walk(v, (*path, i)) for i, v in enumerate(obj)]
+            filled = any(has for _, has in items)
+            if not filled:
+                empty.append([*path, "list"])
+            return [v for v, _ in items], filled
+        return obj, True  # a value, a tensor, or an empty list (stored as a value)
+
+    state, _ = walk(checkpoint, ())
+    return state, {"int_keys": int_keyed, "empty": [e for e in empty if len(e) > 1]}
+
+
+def _restore_shape(state: dict[str, Any], shape: Any) -> None:
+    """Undo what the stored paths lost (see :func:`_prepare`): empty containers first,
+    outermost first; then int keys, innermost first (their paths name string keys)."""
+    if not isinstance(shape, dict):
+        return
+    for entry in sorted(shape.get("empty", []), key=len):
+        *path, kind = entry
+        parent: Any = state
+        for part in path[:-1]:
+            parent = parent[part] if _has(parent, part) else None
+            if parent is None:
+                break
+        last = path[-1]
+        if parent is None or _has(parent, last):
+            continue
+        value: Any = {} if kind == "dict" else []
+        if isinstance(parent, dict):
+            parent[last] = value
+        elif isinstance(parent, list) and isinstance(last, int):
+            parent.extend([None] * (last + 1 - len(parent)))
+            parent[last] = value
+    for path in sorted(shape.get("int_keys", []), key=len, reverse=True):
+        node: Any = state
+        for part in path:
+            node = node[part] if _has(node, part) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            converted = {_int_key(k): v for k, v in node.items()}
+            node.clear()
+            node.update(converted)
+
+
+def _has(container: Any, key: Any) -> bool:
+    if isinstance(container, dict):
+        return key in container and container[key] is not None
+    if isinstance(container, list) and isinstance(key, int):
+        return 0 <= key < len(container) and container[key] is not None
+    return False
+
+
+def _int_key(key: Any) -> Any:
+    if isinstance(key, str) and key.lstrip("-").isdigit() and str(int(key)) == key:
+        return int(key)
+    return key
+
+
+def _map_location(state: dict[str, Any], map_location: Any) -> dict[str, Any]:
+    if map_location is None or callable(map_location):
+        return state  # a callable (torch.load's storage hook) has no tensor to act on here
+    if isinstance(map_location, dict):
+        map_location = map_location.get("cpu")
+        if map_location is None:
+            return state
+    device = torch.device(map_location)
+    if device.type == "cpu":
+        return state
+
+    def move(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj.to(device)
+        if isinstance(obj, dict):
+            return {k: move(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [move(v) for v in obj]
+        return obj
+
+    return dict(move(state))

@@ -1,0 +1,264 @@
+"""Lightning's Trainer saving and loading through CkptStoreCheckpointIO (real Lightning, CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+L = pytest.importorskip("lightning")
+
+import torch  # noqa: E402
+from helpers import REPO  # noqa: E402
+from lightning_worker import Tiny, loaders, trainer  # noqa: E402
+
+import ckptstore  # noqa: E402
+from ckptstore.errors import BackgroundSaveError  # noqa: E402
+from ckptstore.integrations.lightning import CkptStoreCheckpointIO, load_module  # noqa: E402
+from ckptstore.storage.local import LocalBackend  # noqa: E402
+
+pytestmark = [
+    # Lightning's own advice (few dataloader workers, a non-empty checkpoint directory, ...)
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+
+def entries(dirpath: str) -> list[str]:
+    return sorted(os.listdir(dirpath))
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class SlowIO(CkptStoreCheckpointIO):
+    """Writes slowly, so that saves queue up behind each other and removals behind them."""
+
+    def _write(self, *args, **kwargs):
+        time.sleep(0.05)
+        return super()._write(*args, **kwargs)
+
+
+@pytest.mark.parametrize("io_factory", [CkptStoreCheckpointIO, lambda: SlowIO(max_inflight=3)])
+def test_top_k_and_last_leave_exactly_what_was_asked(tmp_path, io_factory):
+    dirpath = str(tmp_path / "ckpts")
+    L.seed_everything(0)
+    t = trainer(dirpath, io=io_factory(), max_steps=20)
+    t.fit(Tiny(), *loaders())
+    callback = t.checkpoint_callback
+    names = entries(dirpath)
+    assert len(names) == 4, names  # three best and last, nothing beside them
+    assert "last.ckpt" in names
+    assert sorted(os.path.basename(p) for p in callback.best_k_models) == sorted(
+        n for n in names if n != "last.ckpt"
+    )
+    last = ckptstore.read(os.path.join(dirpath, "last.ckpt"))
+    assert last["global_step"] == 20
+    for path in callback.best_k_models:
+        assert ckptstore.read(path)["global_step"] in range(2, 21, 2)
+
+
+def test_resume_from_last_equals_an_uninterrupted_run(tmp_path):
+    L.seed_everything(0)
+    whole = Tiny()
+    trainer(str(tmp_path / "a"), max_epochs=4).fit(whole, *loaders())
+
+    L.seed_everything(0)
+    trainer(str(tmp_path / "b"), max_epochs=2).fit(Tiny(), *loaders())
+    L.seed_everything(0)
+    resumed = Tiny()
+    t = trainer(str(tmp_path / "b"), max_epochs=4)
+    t.fit(resumed, *loaders(), ckpt_path="last")
+    assert t.global_step == 32
+    assert same_weights(whole, resumed)
+    assert t.optimizers[0].state_dict()["state"].keys() == {0, 1, 2, 3}
+    assert len(entries(str(tmp_path / "b"))) == 4
+
+
+def test_validate_and_load_module_from_a_checkpoint(tmp_path):
+    dirpath = str(tmp_path / "ckpts")
+    L.seed_everything(0)
+    t = trainer(dirpath, max_steps=10)
+    model = Tiny(hidden=6, lr=0.02)
+    t.fit(model, *loaders())
+    best = t.checkpoint_callback.best_model_path
+    score = float(t.checkpoint_callback.best_model_score)
+
+    [metrics] = trainer(dirpath).validate(Tiny(hidden=6), loaders()[1], ckpt_path=best)
+    assert metrics["val_loss"] == pytest.approx(score, rel=1e-6)
+
+    loaded = load_module(Tiny, os.path.join(dirpath, "last.ckpt"))
+    assert dict(loaded.hparams) == {"hidden": 6, "lr": 0.02}
+    assert same_weights(loaded, model)
+    into = load_module(Tiny(hidden=6), os.path.join(dirpath, "last.ckpt"))
+    assert same_weights(into, model)
+
+
+def test_overwrite_swaps_so_last_is_always_a_complete_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.ckpt")
+    io = CkptStoreCheckpointIO()
+    io.save_checkpoint({"w": torch.zeros(3), "global_step": 1}, path)
+    io.wait()
+    staging = io.staging_bytes
+    assert staging > 0
+
+    seen = []
+    real_delete = LocalBackend.delete
+
+    def delete(self, name):  # whenever anything is deleted, last.ckpt is complete
+        seen.append((name, ckptstore.read(path)["global_step"]))
+        real_delete(self, name)
+
+    monkeypatch.setattr(LocalBackend, "delete", delete)
+    for step in (2, 3):
+        io.save_checkpoint({"w": torch.full((3,), float(step)), "global_step": step}, path)
+    io.wait()
+    assert io.staging_bytes == staging  # the same buffers, reused
+    # The new one was written beside, swapped in, and the old one (now beside) deleted.
+    assert ("last.ckpt.replacing", 2) in seen and ("last.ckpt.replacing", 3) in seen
+    assert all(name != "last.ckpt" for name, _ in seen)
+    assert entries(str(tmp_path)) == ["last.ckpt"]
+    assert io.load_checkpoint(path)["global_step"] == 3
+    io.teardown()
+
+
+def test_overwrite_without_swap_keeps_a_good_checkpoint_at_every_moment(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.ckpt")
+    io = CkptStoreCheckpointIO()
+    io.save_checkpoint({"w": torch.zeros(3), "global_step": 1}, path)
+    io.wait()
+
+    # An object store cannot swap; cut the replace short between its two steps there.
+    def crash(self, name, new_name):
+        raise OSError("power loss")
+
+    seen = []
+    real_delete = LocalBackend.delete
+
+    def delete(self, name):
+        if name == "last.ckpt":  # the old one goes only once the new one is complete
+            seen.append(ckptstore.read(str(tmp_path / "last.ckpt.replacing"))["global_step"])
+        real_delete(self, name)
+
+    monkeypatch.setattr(LocalBackend, "swap", lambda self, a, b: False)
+    monkeypatch.setattr(LocalBackend, "move_aside", crash)
+    monkeypatch.setattr(LocalBackend, "delete", delete)
+    io.save_checkpoint({"w": torch.ones(3), "global_step": 2}, path)
+    with pytest.raises(BackgroundSaveError, match="power loss"):
+        io.wait()
+    assert seen == [2]
+    monkeypatch.undo()
+    assert entries(str(tmp_path)) == ["last.ckpt.replacing"]
+    got = io.load_checkpoint(path)  # the complete new one, beside the name
+    assert got["global_step"] == 2
+    assert torch.equal(got["w"], torch.ones(3))
+
+    io.save_checkpoint({"w": torch.full((3,), 3.0), "global_step": 3}, path)
+    assert io.load_checkpoint(path)["global_step"] == 3
+    assert entries(str(tmp_path)) == ["last.ckpt"]
+    io.save_checkpoint({"w": torch.full((3,), 4.0), "global_step": 4}, path)
+    io.remove_checkpoint(path)  # runs after the save queued before it
+    io.teardown()
+    assert entries(str(tmp_path)) == []
+
+
+def test_checkpoint_dict_comes_back_as_saved(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1)  # no state yet: {"state": {}}
+    checkpoint = {
+        "state_dict": model.state_dict(),
+        "optimizer_states": [opt.state_dict(), fresh.state_dict()],
+        "lr_schedulers": [],
+        "hyper_parameters": {"lr": 0.1, "args": argparse.Namespace(depth=2)},
+        "callbacks": {"EarlyStopping{'monitor': 'val_loss'}": {"wait_count": 0}, "Empty": {}},
+        "nested": [{}, 5],
+    }
+    io = CkptStoreCheckpointIO(async_save=False)
+    io.save_checkpoint(checkpoint, str(tmp_path / "c.ckpt"))
+    got = io.load_checkpoint(str(tmp_path / "c.ckpt"), weights_only=True)
+    io.teardown()
+    assert got["optimizer_states"][0]["state"].keys() == {0, 1}
+    assert got["optimizer_states"][1]["state"] == {}
+    assert got["hyper_parameters"] == {"lr": 0.1, "args": {"depth": 2}}
+    assert got["callbacks"]["Empty"] == {}
+    assert got["nested"] == [{}, 5]
+    assert got["lr_schedulers"] == []
+    opt2 = torch.optim.Adam(torch.nn.Linear(3, 2).parameters())
+    opt2.load_state_dict(got["optimizer_states"][0])
+    want = opt.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], want)
+
+
+def test_resume_from_a_file_lightning_itself_wrote(tmp_path):
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    L.seed_everything(0)
+    t = trainer(str(tmp_path / "torch"), io=TorchCheckpointIO(), max_steps=8)
+    t.fit(Tiny(), *loaders())
+    assert os.path.isfile(tmp_path / "torch" / "last.ckpt")
+    resumed = trainer(str(tmp_path / "ours"), max_steps=12)
+    resumed.fit(Tiny(), *loaders(), ckpt_path=str(tmp_path / "torch" / "last.ckpt"))
+    assert resumed.global_step == 12
+    assert ckptstore.read(tmp_path / "ours" / "last.ckpt")["global_step"] == 12
+
+
+def test_first_save_under_a_directory_removes_dead_saves_there(tmp_path):
+    dead = tmp_path / ".tmp-epoch=0-step=4.ckpt-0123456789ab"  # a killed run's save
+    dead.mkdir()
+    (dead / "__0_0.distcp").write_bytes(b"x" * 100)
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    io = CkptStoreCheckpointIO(async_save=False)
+    io.save_checkpoint({"w": torch.ones(2)}, str(tmp_path / "last.ckpt"))
+    io.teardown()
+    assert entries(str(tmp_path)) == ["last.ckpt"]
+    with pytest.raises(ckptstore.CheckpointNotFoundError):
+        io.load_checkpoint(str(tmp_path / "nothing" / "here.ckpt"))
+    assert not (tmp_path / "nothing").exists()  # reading creates nothing
+
+
+def test_wrapping_in_async_checkpoint_io_is_called_out(tmp_path, caplog):
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    io = CkptStoreCheckpointIO()
+    wrapped = AsyncCheckpointIO(io)
+    with caplog.at_level("WARNING", logger="ckptstore"):
+        wrapped.save_checkpoint({"w": torch.ones(2)}, str(tmp_path / "a.ckpt"))
+        wrapped.teardown()
+        io.teardown()
+    assert "AsyncCheckpointIO" in caplog.text
+    assert ckptstore.read(tmp_path / "a.ckpt")["w"].tolist() == [1.0, 1.0]
+
+
+def test_ddp_on_two_cpu_processes_does_not_hang(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    # Lightning starts rank 1 by running the script again: its own session, so that a
+    # hang kills both ranks, not only the first.
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "lightning_worker.py"), "ddp", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the DDP run hung (killed after 120 s):\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-4000:]
+    assert (tmp_path / "ok").exists()
