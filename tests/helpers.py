@@ -260,3 +260,49 @@ def run_python(
         env=full_env,
         check=False,
     )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (for a torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_example(cwd: Any, script: str, procs: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``examples/<script>`` as a user would: plain python, or torchrun with
+    ``procs`` gloo processes on loopback."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    launch = [sys.executable]
+    if procs > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
+        launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return subprocess.run(
+        [*launch, os.path.join(REPO, "examples", script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def assert_interrupted_run_resumes_identically(
+    tmp_path: Any, script: str, procs: int, args: list[str], *, dir_flag: str, out_flag: str
+) -> None:
+    """An uninterrupted run, and a run SIGTERM-ed part way then rerun with the same
+    command, end with bit-identical weights (``out_flag`` names the file they go to)."""
+    whole = run_example(tmp_path, script, procs, dir_flag, "a", *args, out_flag, "a.pt")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = run_example(tmp_path, script, procs, dir_flag, "b", *args, "--stop-after", "8")
+    assert stopped.returncode != 0 and "SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
+    rerun = run_example(tmp_path, script, procs, dir_flag, "b", *args, out_flag, "b.pt")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from step_" in rerun.stderr
+    a = torch.load(os.path.join(tmp_path, "a.pt"), weights_only=True)
+    b = torch.load(os.path.join(tmp_path, "b.pt"), weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

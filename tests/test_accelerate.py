@@ -5,58 +5,24 @@ driving ``examples/accelerate_example.py`` as a user would: an interrupted run
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("accelerate")
 
-from helpers import REPO
-
-EXAMPLE = os.path.join(REPO, "examples", "accelerate_example.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run(tmp_path, procs: int, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    launch = [sys.executable]
-    if procs > 1:
-        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(procs)]
-        launch += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    return subprocess.run(
-        [*launch, EXAMPLE, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
+from helpers import assert_interrupted_run_resumes_identically
 
 
 @pytest.mark.parametrize("procs", [1, 2])
 def test_an_interrupted_accelerate_run_resumes_bit_identical(tmp_path, procs):
-    steps = ["--steps", "20", "--save-every", "5"]
-    whole = run(tmp_path, procs, "--ckpt-dir", "a", *steps, "--out", "a.pt")
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    stopped = run(tmp_path, procs, "--ckpt-dir", "b", *steps, "--stop-after", "8")
-    assert stopped.returncode != 0 and "SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
-    rerun = run(tmp_path, procs, "--ckpt-dir", "b", *steps, "--out", "b.pt")
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resumed from step_" in rerun.stderr
-    a = torch.load(tmp_path / "a.pt", weights_only=True)
-    b = torch.load(tmp_path / "b.pt", weights_only=True)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_interrupted_run_resumes_identically(
+        tmp_path,
+        "accelerate_example.py",
+        procs,
+        ["--steps", "20", "--save-every", "5"],
+        dir_flag="--ckpt-dir",
+        out_flag="--out",
+    )
 
 
 def test_the_optimizer_inside_acceleratedoptimizer_is_what_is_saved(tmp_path):
