@@ -414,7 +414,14 @@ def read_file(
     try:
         obj = _torch_load(local_path)
     except pickle.UnpicklingError as exc:
-        first = (str(exc).strip().splitlines() or [""])[0]
+        import re
+
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        first = (
+            f"{found.group(1)} is not an allowed type"
+            if found
+            else (str(exc).strip().splitlines() or [""])[0]
+        )
         raise ExportError(
             f"{shown} holds objects that torch.load(weights_only=True) refuses ({first}); "
             "ckptstore never unpickles arbitrary code: re-save it with plain tensors, numbers, "

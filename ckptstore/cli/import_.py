@@ -27,22 +27,32 @@ from ckptstore.cli._common import (
 )
 from ckptstore.engine.listing import list_checkpoints
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, CliError, ExportError
-from ckptstore.layout import LATEST_FILE, MANIFEST_FILE, checkpoint_name
+from ckptstore.layout import LATEST_FILE, MANIFEST_FILE, MAX_STEP, checkpoint_name
 
 EXAMPLES = (
     "  ckptstore import old/checkpoint_epoch3.pt runs/exp1 --step 3000\n"
+    "  ckptstore import out/ckpt.pt runs/nano      # nanoGPT's: its iter_num is the step\n"
     "  ckptstore import model.safetensors s3://my-bucket/models/gpt\n\n"
     "The file is read with torch.load(weights_only=True): tensors, numbers,\n"
     "strings, lists and dicts, nothing that runs code. It must hold a dict (a\n"
     "state_dict, or {'model': ..., 'optimizer': ..., 'epoch': ...}). An existing\n"
-    "step is never overwritten."
+    "step is never overwritten. Files laid out as {'model_state_dict', \n"
+    "'optimizer_state_dict', 'scheduler_state_dict', 'epoch', ...} or as nanoGPT's\n"
+    "{'model', 'optimizer', 'iter_num', ...} resume a TrainState afterwards:\n"
+    "CheckpointManager(ROOT).restore(state) puts each part where it belongs."
 )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE")
     p.add_argument("root", metavar="ROOT")
-    p.add_argument("--step", type=int_at_least(0), default=0, metavar="N", help="default: 0")
+    p.add_argument(
+        "--step",
+        type=int_at_least(0),
+        default=None,
+        metavar="N",
+        help="default: the file's iter_num, global_step or step, else 0",
+    )
     p.add_argument("--codec", choices=("auto", "none", "zstd"), default="auto")
     p.add_argument("--format", choices=("pt", "safetensors"), help="default: from the suffix")
 
@@ -55,17 +65,7 @@ def run(args: argparse.Namespace) -> int:
         fmt = file_format(args.file, args.format)
     if not is_url(args.file) and not os.path.isfile(local_path(args.file)):
         raise usage_error(f"{args.file}: no such file; check the path")
-    # The destination first: a taken step fails before a large file is read.
     backend = open_root(args.root, create=True)
-    name = checkpoint_name(args.step)
-    existing = list_checkpoints(backend, manifest_key=manifest_key())
-    if backend.exists(f"{name}/{MANIFEST_FILE}"):
-        newest = existing[-1].manifest.step if existing else args.step
-        raise CliError(
-            f"{backend.url}/{name} already exists and ckptstore never overwrites a checkpoint: "
-            f"pass --step N with a step not taken (the newest is {newest}; "
-            f"--step {int(newest or 0) + 1} is free), or import into another root"
-        )
     metadata: dict[str, Any] = {
         "imported_from": os.path.basename(args.file.rstrip("/")),
         "imported_format": "torch.save" if fmt == "pt" else "safetensors",
@@ -73,10 +73,19 @@ def run(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         with local_input(args.file) as local:
-            status(f"reading {args.file}")
-            state, header = read_file(local, fmt, shown=args.file)
+            state: dict[str, Any] | None = None
+            if args.step is None:  # the file's own step counter, read first
+                status(f"reading {args.file}")
+                state, header = read_file(local, fmt, shown=args.file)
+                args.step = step_in(state)
+            # The destination before a large file is read: a taken step fails at once.
+            existing = check_free(backend, args.step)
+            if state is None:
+                status(f"reading {args.file}")
+                state, header = read_file(local, fmt, shown=args.file)
             if header:
                 metadata["safetensors_metadata"] = header
+            name = checkpoint_name(args.step)
             status(f"saving {backend.url}/{name}")
             info = ckptstore.save(
                 state, f"{backend.url}/{name}", step=args.step, codec=args.codec, metadata=metadata
@@ -101,3 +110,31 @@ def run(args: argparse.Namespace) -> int:
         f"ratio {m.ratio:.3f}) in {time.monotonic() - start:.1f} s"
     )
     return OK
+
+
+# Where training scripts keep their step in a torch.save file (nanoGPT: iter_num).
+STEP_KEYS = ("iter_num", "global_step", "step")
+
+
+def step_in(state: dict[str, Any]) -> int:
+    """The step a training script recorded in its file (nanoGPT's ``iter_num``, others'
+    ``global_step`` / ``step``), else 0."""
+    for key in STEP_KEYS:
+        value = state.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEP:
+            return value
+    return 0
+
+
+def check_free(backend: Any, step: int) -> list[Any]:
+    """The root's checkpoints; a usage error if ``step`` is taken."""
+    existing = list_checkpoints(backend, manifest_key=manifest_key())
+    name = checkpoint_name(step)
+    if backend.exists(f"{name}/{MANIFEST_FILE}"):
+        newest = existing[-1].manifest.step if existing else step
+        raise CliError(
+            f"{backend.url}/{name} already exists and ckptstore never overwrites a checkpoint: "
+            f"pass --step N with a step not taken (the newest is {newest}; "
+            f"--step {int(newest or 0) + 1} is free), or import into another root"
+        )
+    return existing

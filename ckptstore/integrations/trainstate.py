@@ -31,6 +31,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata
 
 from ckptstore.engine.ops import fill_from_checkpoint
+from ckptstore.integrations import legacy
 
 log = logging.getLogger("ckptstore")
 
@@ -66,6 +67,8 @@ class TrainState:
     best: dict[str, float] = field(default_factory=dict)
     _optimizer_steps: int = field(default=0, init=False, repr=False, compare=False)
     _hooked: Any = field(default=None, init=False, repr=False, compare=False)
+    # Set by load_target when the checkpoint has a pre-ckptstore layout (legacy.py).
+    _legacy: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     # ---- step boundaries ---------------------------------------------------------------
     def boundary(self) -> dict[str, Any]:
@@ -135,6 +138,10 @@ class TrainState:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Apply a loaded state (what :meth:`state_dict` returned, filled from a checkpoint)."""
+        if self._legacy is not None:
+            layout, self._legacy = self._legacy, None
+            legacy.apply(self, sd, layout)
+            return
         if self.dataloader is not None and "data" in sd:
             # First: it is the part that can refuse (another dataset), before anything changed.
             self.dataloader.load_state_dict(sd["data"])
@@ -180,8 +187,11 @@ class TrainState:
         """What to load a checkpoint with DCP ``metadata`` into: :meth:`state_dict`, with
         the parts whose shape only the checkpoint knows (counters, extras, scaler, this
         rank's generators) shaped as stored, and parts the checkpoint lacks left out."""
-        target = self.state_dict()
         stored = {str(p[0]) for p in _paths(metadata)}
+        self._legacy = legacy.layout_of(stored)
+        if self._legacy is not None:  # a torch.save layout brought in by `ckptstore import`
+            return legacy.target_for(metadata, self._legacy)
+        target = self.state_dict()
         for part in ("scheduler", "scaler", "data", "extras_by_rank"):
             if part in target and part not in stored:
                 if target[part] and not (part == "extras_by_rank" and "extras" in stored):
