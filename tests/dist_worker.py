@@ -436,6 +436,15 @@ def scenario_dcp_api_save(ckpts: str, rank: int, world: int) -> None:
     check_full(got, full_state(0))
 
 
+def scenario_save_plain_dcp(ckpts: str, rank: int, world: int) -> None:
+    """Stock dcp.save (DCP's own FileSystemWriter) of DTensor shards from every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    dcp.save(sharded(full_state(0), mesh), checkpoint_id=os.path.join(ckpts, "plain-dcp"))
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)

@@ -35,7 +35,7 @@ LAYERS = [
     ("dcp", ["dcp"]),
     ("config", ["config"]),
     ("engine", ["engine"]),
-    ("transfer", ["transfer", "convert"]),
+    ("transfer", ["transfer", "convert", "interop"]),
     ("manager", ["manager"]),
     ("integrations", ["integrations"]),
     ("faces", ["cli", "train", "bench", "demo", "__main__", "__init__"]),

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ckptstore.cli._common import (
     OK,
     int_at_least,
+    is_url,
     manifest_key,
     note,
     resolve_checkpoint,
@@ -39,7 +40,8 @@ from ckptstore.errors import CliError, ExportError
 EXAMPLES = (
     "  ckptstore export runs/exp1/step_00000500 full.pt\n"
     "  ckptstore export runs/exp1 model.safetensors --only model --dtype bf16\n"
-    "  ckptstore export s3://my-bucket/runs/exp1 --step 500 optim.pt --only optim\n\n"
+    "  ckptstore export s3://my-bucket/runs/exp1 --step 500 optim.pt --only optim\n"
+    "  ckptstore export runs/exp1 out/step-500 --format dcp   # for stock dcp.load\n\n"
     "--only PREFIX keeps the keys under PREFIX and removes the prefix: --only model\n"
     "gives the model's state_dict as saved (model.load_state_dict() takes it);\n"
     "--keep-prefix keeps the full keys. .pt keeps the nesting and every Python value\n"
@@ -60,7 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", choices=sorted(DTYPES), metavar="DTYPE", help="bf16, fp16, fp32, fp64"
     )
-    p.add_argument("--format", choices=FORMATS, help="default: from OUT's suffix")
+    p.add_argument(
+        "--format",
+        choices=(*FORMATS, "dcp"),
+        help="default: from OUT's suffix; dcp: a directory stock dcp.load reads",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--jobs", type=int_at_least(1), metavar="N", help="threads (default: cores)")
 
@@ -70,8 +76,13 @@ def _threads(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    with usage_errors(ExportError):
-        fmt = file_format(args.out, args.format)
+    if args.format == "dcp":
+        fmt = "dcp"
+        if is_url(args.out):
+            raise usage_error("--format dcp writes a local directory: give a local OUT path")
+    else:
+        with usage_errors(ExportError):
+            fmt = file_format(args.out, args.format)
     dtype = None
     if args.dtype is not None:
         dtype = DTYPES[args.dtype]
@@ -105,6 +116,21 @@ def run(args: argparse.Namespace) -> int:
     header = {"format": "pt", "ckptstore_source": source}
     if exported.manifest.step is not None:
         header["ckptstore_step"] = str(exported.manifest.step)
+    if fmt == "dcp":
+        from ckptstore.interop import write_dcp_dir
+
+        status(f"writing {args.out}")
+        try:
+            write_dcp_dir(obj, args.out, overwrite=args.force)
+        except FileExistsError:
+            raise CliError(_exists_message(args.out)) from None
+        finally:
+            status(None)
+        print(
+            f"wrote {args.out}: a DCP checkpoint directory (dcp.load reads it), from {source} "
+            f"({time.monotonic() - start:.1f} s)"
+        )
+        return OK
     try:
         with local_output(args.out, overwrite=args.force) as tmp:
             status(f"writing {args.out}")

@@ -8,6 +8,7 @@ overwritten, and the ``latest`` pointer moves only if the new checkpoint is the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from typing import Any
@@ -32,7 +33,8 @@ from ckptstore.layout import LATEST_FILE, MANIFEST_FILE, MAX_STEP, checkpoint_na
 EXAMPLES = (
     "  ckptstore import old/checkpoint_epoch3.pt runs/exp1 --step 3000\n"
     "  ckptstore import out/ckpt.pt runs/nano      # nanoGPT's: its iter_num is the step\n"
-    "  ckptstore import model.safetensors s3://my-bucket/models/gpt\n\n"
+    "  ckptstore import model.safetensors s3://my-bucket/models/gpt\n"
+    "  ckptstore import outputs/checkpoint/step-1000 runs/titan   # a DCP directory\n\n"
     "The file is read with torch.load(weights_only=True): tensors, numbers,\n"
     "strings, lists and dicts, nothing that runs code. It must hold a dict (a\n"
     "state_dict, or {'model': ..., 'optimizer': ..., 'epoch': ...}). An existing\n"
@@ -59,30 +61,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # torch: imported when the command runs, not for its --help or a usage error
-    from ckptstore.convert import file_format, flat_tensors, local_input, read_file
+    from ckptstore.convert import file_format, flat_tensors, local_input
 
-    with usage_errors(ExportError):
-        fmt = file_format(args.file, args.format)
-    if not is_url(args.file) and not os.path.isfile(local_path(args.file)):
+    dcp_dir = not is_url(args.file) and os.path.isdir(local_path(args.file))
+    if dcp_dir:
+        from ckptstore.interop import is_dcp_dir
+
+        if not is_dcp_dir(local_path(args.file)):
+            raise usage_error(
+                f"{args.file} is a directory but not a DCP checkpoint (no .metadata, or a "
+                "ckptstore checkpoint already): give a .pt / .safetensors file or a "
+                "directory dcp.save wrote"
+            )
+        fmt = "dcp"
+    else:
+        with usage_errors(ExportError):
+            fmt = file_format(args.file, args.format)
+    if not dcp_dir and not is_url(args.file) and not os.path.isfile(local_path(args.file)):
         raise usage_error(f"{args.file}: no such file; check the path")
     backend = open_root(args.root, create=True)
     metadata: dict[str, Any] = {
         "imported_from": os.path.basename(args.file.rstrip("/")),
-        "imported_format": "torch.save" if fmt == "pt" else "safetensors",
+        "imported_format": {"pt": "torch.save", "dcp": "dcp"}.get(fmt, "safetensors"),
     }
     start = time.monotonic()
     try:
-        with local_input(args.file) as local:
+        with (
+            contextlib.nullcontext(local_path(args.file))
+            if dcp_dir
+            else local_input(args.file) as local
+        ):
             state: dict[str, Any] | None = None
             if args.step is None:  # the file's own step counter, read first
                 status(f"reading {args.file}")
-                state, header = read_file(local, fmt, shown=args.file)
+                state, header = read_any(local, fmt, args.file)
                 args.step = step_in(state)
             # The destination before a large file is read: a taken step fails at once.
             existing = check_free(backend, args.step)
             if state is None:
                 status(f"reading {args.file}")
-                state, header = read_file(local, fmt, shown=args.file)
+                state, header = read_any(local, fmt, args.file)
             if header:
                 metadata["safetensors_metadata"] = header
             name = checkpoint_name(args.step)
@@ -114,6 +132,17 @@ def run(args: argparse.Namespace) -> int:
 
 # Where training scripts keep their step in a torch.save file (nanoGPT: iter_num).
 STEP_KEYS = ("iter_num", "global_step", "step")
+
+
+def read_any(local: str, fmt: str, shown: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The state in a file (pt, safetensors) or a DCP directory, and its file metadata."""
+    if fmt == "dcp":
+        from ckptstore.interop import read_dcp_dir
+
+        return read_dcp_dir(local), {}
+    from ckptstore.convert import read_file
+
+    return read_file(local, fmt, shown=shown)
 
 
 def step_in(state: dict[str, Any]) -> int:

@@ -53,6 +53,16 @@ class _MetadataUnpickler(pickle.Unpickler):
             return torch.Size
         if module == "torch" and name in _TORCH_DTYPES:
             return getattr(torch, name)
+        if self.stock_dcp and (module, name) == _STOCK_STORAGE_INFO:
+            # DCP's own FileSystemWriter's per-item record (path, offset, length):
+            # allowed only when reading a plain DCP directory (ckptstore.interop).
+            from torch.distributed.checkpoint import filesystem
+
+            return filesystem._StorageInfo
+        if self.stock_dcp and module == "pathlib" and name in _PATHS:
+            import pathlib  # StorageMeta.checkpoint_id, when dcp.save was given a Path
+
+            return getattr(pathlib, name)
         if module == "torch.serialization" and name == "_get_layout":
             # Maps a name like "torch.strided" to the layout object: a dict lookup.
             return torch.serialization._get_layout
@@ -62,6 +72,11 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
     where = ""
+    stock_dcp = False
+
+
+_STOCK_STORAGE_INFO = ("torch.distributed.checkpoint.filesystem", "_StorageInfo")
+_PATHS = {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"}
 
 
 def metadata_file(names: Iterable[str]) -> str | None:
@@ -74,10 +89,12 @@ def dumps(metadata: dcp_metadata.Metadata) -> bytes:
     return pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def loads(data: bytes, where: str) -> dcp_metadata.Metadata:
-    """Unpickle DCP metadata through the allowlist. ``where`` names the file for errors."""
+def loads(data: bytes, where: str, *, stock_dcp: bool = False) -> dcp_metadata.Metadata:
+    """Unpickle DCP metadata through the allowlist. ``where`` names the file for errors;
+    ``stock_dcp`` also allows the record DCP's own file-system writer keeps per item."""
     unpickler = _MetadataUnpickler(io.BytesIO(data))
     unpickler.where = where
+    unpickler.stock_dcp = stock_dcp
     try:
         obj = unpickler.load()
     except UnsafeCheckpointError:
