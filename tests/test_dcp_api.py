@@ -124,3 +124,15 @@ def test_two_ranks_save_with_dcp_and_one_loads_with_ckptstore(tmp_path):
     ckptstore.load(got, tmp_path / "ckpts" / "dcp-api")
     assert_same(got, full_state(0))
     assert read_manifest(open_backend(tmp_path / "ckpts"), "dcp-api").world_size == 2
+
+
+def test_ckptstore_save_and_load_take_checkpoint_id_as_dcp_does(tmp_path):
+    info = ckptstore.save(model_state(), checkpoint_id=tmp_path / "c")
+    assert info.name == "c"
+    got = blank()
+    ckptstore.load(got, checkpoint_id=tmp_path / "c")
+    assert_same(got, model_state())
+    with pytest.raises(InvalidArgumentError, match="once"):
+        ckptstore.save(model_state(), tmp_path / "d", checkpoint_id=tmp_path / "d")
+    with pytest.raises(InvalidArgumentError, match="once"):
+        ckptstore.load(blank())

@@ -40,7 +40,17 @@ from ckptstore.layout import STEP_NAME, split_checkpoint_path
 from ckptstore.storage import StorageBackend, open_backend
 
 
-def _split(path: str | os.PathLike[str]) -> tuple[str, str]:
+def _split(
+    path: str | os.PathLike[str] | None, checkpoint_id: str | os.PathLike[str] | None = None
+) -> tuple[str, str]:
+    """``(root, name)`` of the checkpoint ``path`` (or ``checkpoint_id=``, DCP's name
+    for it: either, not both)."""
+    if (path is None) == (checkpoint_id is None):
+        raise InvalidArgumentError(
+            "give the checkpoint's path, as path or as checkpoint_id= (DCP's name), once"
+        )
+    path = path if path is not None else checkpoint_id
+    assert path is not None
     root, name = split_checkpoint_path(os.fspath(path))
     if not name:
         raise InvalidArgumentError(f"{os.fspath(path)!r} does not name a checkpoint directory")
@@ -49,8 +59,9 @@ def _split(path: str | os.PathLike[str]) -> tuple[str, str]:
 
 def save(
     state_dict: dict[str, Any],
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
+    checkpoint_id: str | os.PathLike[str] | None = None,
     step: int | None = None,
     codec: str | dict[str, Any] = "auto",
     metadata: dict[str, Any] | None = None,
@@ -66,7 +77,7 @@ def save(
     initialised, every rank of it must call this (a collective) unless ``no_dist``: then
     this process saves ``state_dict`` alone, as the whole checkpoint, and runs no collective.
     """
-    root, name = _split(path)
+    root, name = _split(path, checkpoint_id)
     if step is not None:
         check_step(step)
     user_md = check_metadata(metadata)
@@ -99,8 +110,9 @@ def save(
 
 def load(
     state_dict: dict[str, Any],
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     *,
+    checkpoint_id: str | os.PathLike[str] | None = None,
     allow_partial: bool = False,
     allow_cast: bool = False,
     process_group: dist.ProcessGroup | None = None,
@@ -117,7 +129,7 @@ def load(
     names them); a widening (fp32 into fp64) converts without it. ``no_dist``: this
     process loads alone, without collectives, even with a process group initialised.
     """
-    root, name = _split(path)
+    root, name = _split(path, checkpoint_id)
     backend = open_backend(root, storage_options=storage_options, create=False)
     with (
         _group(process_group, no_dist) as group,
@@ -137,7 +149,7 @@ def load(
                 manifest_key=resolve_manifest_key(),
             )
         except CheckpointNotFoundError as exc:
-            hint = _root_hint(path)
+            hint = _root_hint(f"{root}/{name}")
             if hint:
                 raise CheckpointNotFoundError(f"{exc}. {hint}") from None
             raise
