@@ -488,7 +488,7 @@ def _parse_index(data: bytes, limit: int) -> list[ItemEntry]:
         dtype = None if dname is None else _DTYPES[dname]
         nbytes = _int(raw_item["nbytes"])
         codec_cfg = raw_item["codec"]
-        cache_key = json.dumps(codec_cfg, sort_keys=True)
+        cache_key = repr(codec_cfg)  # distinguishes 1, 1.0 and true, as JSON does
         codec = codecs.get(cache_key)
         if codec is None:
             codec = codecs[cache_key] = get_codec(codec_cfg)
