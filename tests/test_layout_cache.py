@@ -160,6 +160,20 @@ def test_tied_tensors_that_come_apart_are_both_saved(root):
     assert_same(apart, target)
 
 
+def test_tensors_that_become_tied_are_both_saved(root):
+    w = torch.randn(6)
+    with ckptstore.Checkpointer(root, codec="none") as ckpt:
+        ckpt.save({"a": w, "b": torch.zeros(6)}, 1)
+        ckpt.save({"a": w, "b": torch.zeros(6)}, 2)
+        tied = {"a": w, "b": w}
+        ckpt.save(tied, 3)
+        expected = w.clone()
+        w.add_(1)  # after the save: not in it
+        target = blank_like(tied)
+        ckpt.load(target, 3)
+    assert torch.equal(target["a"], expected) and torch.equal(target["b"], expected)
+
+
 class Counter:
     """A Stateful: its state_dict() is asked for on every save."""
 

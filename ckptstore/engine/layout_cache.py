@@ -4,10 +4,11 @@ Planning a state (DCP's flattening, the checks of every entry, a place in the ar
 every tensor) costs several µs per tensor in Python. Saving the same model every time
 is the common case, so :class:`LayoutCache` keeps the last plan and, for the next state,
 only checks in one pass that it still has that layout: the same nesting and keys (and
-key types), and per tensor the same type, dtype, shape, strides, device and DTensor
-spec, and the same tensors tied to one another (``data_ptr``). Anything else (a key
-added or renamed, a dtype or shape changed, a value that became a container) plans the
-state again from scratch, with every check and its error message.
+key types), and per tensor the same type, dtype, shape, device, layout and DTensor
+spec; if some tensors were tied (one storage, copied once), also the same strides and
+the same ties (``data_ptr``). Anything else (a key added or renamed, a dtype or shape
+changed, a value that became a container) plans the state again from scratch, with
+every check and its error message.
 
 :func:`resolve_stateful` is DCP's ``_stateful_to_state_dict`` without its logging
 decorator, which cost ~100 µs per top-level entry (log records, a uuid, and a
@@ -195,7 +196,8 @@ class Layout:
     # what the next state is compared with
     template: Any  # the nesting (see _template); None: not cacheable, always re-plan
     types: list[type]
-    metas: list[Any]  # (dtype, shape, device) of each local tensor
+    metas: list[Any]  # (dtype, shape, device, layout) of each local tensor
+    tied: bool  # some tensors share a slot
     strides: list[tuple[int, ...]]
     contiguous: list[bool]
     odd: tuple[int, ...]  # the tensors that are not contiguous: their strides are compared
@@ -267,6 +269,7 @@ def plan_layout(resolved: dict[str, Any]) -> tuple[Layout, list[Any]]:
         strides=strides,
         contiguous=contiguous,
         odd=tuple(k for k, c in enumerate(contiguous) if not c),
+        tied=sum(1 for s in slots if s >= 0) != len(first),
         ptrs=ptrs,
         specs=[objs[i]._spec for i in tensor_pos if isinstance(objs[i], DTensor)]
         if any_dt
@@ -284,7 +287,7 @@ def _assign(
     offsets: list[int] = []
     seen: dict[tuple[Any, ...], int] = {}
     total = 0
-    for i, ((dtype, shape, device), stride, ptr) in enumerate(
+    for i, ((dtype, shape, device, _), stride, ptr) in enumerate(
         zip(metas, strides, ptrs, strict=True)
     ):
         nbytes = shape.numel() * dtype.itemsize
@@ -307,7 +310,7 @@ def _assign(
 # ---- the cache -----------------------------------------------------------------------------
 _DICT, _LIST = 0, 1
 _UNCACHEABLE = ("uncacheable",)
-_META = operator.attrgetter("dtype", "shape", "device")
+_META = operator.attrgetter("dtype", "shape", "device", "layout")
 _CONTIGUOUS = operator.methodcaller("is_contiguous")
 _PTR = operator.methodcaller("data_ptr")
 
@@ -346,14 +349,20 @@ class LayoutCache:
                 return None
             tensors = [t._local_tensor if isinstance(t, DTensor) else t for t in tensors]
         try:
-            if (
-                list(map(_META, tensors)) != last.metas
-                or list(map(_CONTIGUOUS, tensors)) != last.contiguous
-                or any(tensors[k].stride() != last.strides[k] for k in last.odd)
+            if list(map(_META, tensors)) != last.metas:
+                return None
+            if not last.tied:
+                # No tensors shared a slot: each is copied into its own, whatever its
+                # strides or storage, so only dtype, shape, device and layout matter. A
+                # pair that became tied now is saved twice, as a fresh plan would too
+                # (the arena only would hold it once).
+                return last, objs
+            if list(map(_CONTIGUOUS, tensors)) != last.contiguous or any(
+                tensors[k].stride() != last.strides[k] for k in last.odd
             ):
                 return None
             ptrs = list(map(_PTR, tensors))
-        except RuntimeError:  # sparse, nested, mkldnn: re-plan, which says what is wrong
+        except RuntimeError:  # nested tensors and the like: re-plan, which says what is wrong
             return None
         if ptrs != last.ptrs:  # other tensors: are the same ones tied as before?
             slots, _, _, _ = _assign(last.metas, last.strides, ptrs)

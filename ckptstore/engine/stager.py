@@ -114,7 +114,7 @@ class _Arena:
             views: list[torch.Tensor] = []
             by_slot: dict[int, torch.Tensor] = {}
             for k, slot in enumerate(layout.slots):
-                dtype, shape, _ = layout.metas[k]
+                dtype, shape, _, _ = layout.metas[k]
                 if slot < 0:
                     views.append(torch.empty(shape, dtype=dtype))
                     continue
