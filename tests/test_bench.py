@@ -183,6 +183,8 @@ def test_a_contender_that_is_not_installed_is_listed_as_skipped(tmp_path):
         (["--size", "huge"], "neither a byte size"),
         (["--runs", "0"], "--runs must be at least 1"),
         (["--storage-option", "endpoint_url"], "KEY=VALUE"),
+        (["--tensors", "0"], "--tensors wants positive counts"),
+        (["--tensors", "many"], "invalid literal"),
     ],
 )
 def test_bad_arguments_say_what_to_do(args, message, tmp_path, capsys):
@@ -191,6 +193,27 @@ def test_bad_arguments_say_what_to_do(args, message, tmp_path, capsys):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_many_tensors_reports_every_contender_per_tensor(tmp_path):
+    out = tmp_path / "out"
+    args = ["--tensors", "40,90", "--runs", "1", "--load-runs", "1"]
+    assert main([*args, "--target", str(tmp_path / "data"), "--out", str(out)]) == 0
+    [path] = glob.glob(str(out / "manytensors-*.json"))
+    payload = json.loads(_read(path))
+    assert payload["benchmark"] == "manytensors"
+    assert [r["tensors"] for r in payload["rows"]] == [40, 90]
+    for row in payload["rows"]:
+        assert set(row["medians"]) == {"copy_prealloc", "torch_save", "dcp_save", "ckptstore_none"}
+        ck = row["medians"]["ckptstore_none"]
+        for key in ("stall", "durable", "cold", "warm"):
+            assert ck[f"{key}_s"] > 0
+            assert ck[f"{key}_us_per_tensor"] == pytest.approx(
+                ck[f"{key}_s"] / row["tensors"] * 1e6
+            )
+        assert row["targets"]["stall_s"] > 0 and row["targets"]["durable_s"] > 0
+    table = _read(path[: -len(".json")] + ".md")
+    assert "| 90 |" in table and "*target*" in table
 
 
 def test_sizes_pick_a_model_of_about_that_size():

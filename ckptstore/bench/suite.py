@@ -5,6 +5,7 @@
     ckptstore bench --target s3://my-bucket/bench --storage-option endpoint_url=http://...
     ckptstore bench --all                            # + scaling (sizes, ranks) + codec study
     ckptstore bench --smoke                          # tiny sizes, 1 run: checks it all works
+    ckptstore bench --tensors 1000,10000,40000       # many small tensors instead (issue 15)
 
 The workload is a GPT-style model and its AdamW state after real optimizer steps on real
 text (``--size``: a byte size such as 250MB or 2GB, or a named config), in fp32 or bf16.
@@ -110,6 +111,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tiny sizes and 1 run: checks every contender works, measures nothing",
     )
+    ap.add_argument(
+        "--tensors",
+        default="",
+        metavar="N[,N...]",
+        help="instead of the GPT workload: states of N small fp32 tensors (64-2,048 elements) "
+        "each, against torch.save and DCP, with µs per tensor (ckptstore.bench.manytensors)",
+    )
     ap.add_argument("--no-plots", action="store_true")
     return ap
 
@@ -129,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.load_runs < 0:
         ap.error("--runs must be at least 1 and --load-runs at least 0")
     try:
+        counts = [int(n) for n in args.tensors.split(",") if n]
+        if any(n < 1 for n in counts):
+            raise ValueError("--tensors wants positive counts")
         options = _options(args.storage_option)
         names = [n for n in args.only.split(",") if n] or None
         if names is not None:
@@ -141,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
     try:
+        if counts:
+            return _many_tensors(args, options, counts)
         return _main(args, options, names)
     except BenchError as exc:
         print(f"ckptstore bench: {exc}", file=sys.stderr)
@@ -232,6 +245,23 @@ def _main(args: argparse.Namespace, options: dict[str, Any], names: list[str] | 
     print(f"results: {path}\ntable:   {md_path}")
     for p in plots:
         print(f"plot:    {p}")
+    return 0
+
+
+def _many_tensors(args: argparse.Namespace, options: dict[str, Any], counts: list[int]) -> int:
+    from ckptstore.bench import manytensors
+
+    payload: dict[str, Any] = {"benchmark": "manytensors", "command": command_line(args.argv)}
+    payload["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    with _run_dir(args.target, options) as target:
+        payload["machine"] = machine_info(target.url if target.local else ".")
+        payload["rows"] = manytensors.run(counts, target, args.runs, args.load_runs, args.threads)
+    path = write_json(args.out, "manytensors", payload)
+    table = manytensors.markdown(payload["rows"])
+    with open(path[: -len(".json")] + ".md", "w") as f:
+        f.write(table)
+    print("\n" + table)
+    print(f"results: {path}")
     return 0
 
 

@@ -33,18 +33,23 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
 from torch.distributed.tensor import DTensor
 
 from ckptstore.dcp.planner import SerializedValue
+from ckptstore.engine.layout_cache import (
+    PAGE,
+    Layout,
+    LayoutCache,
+    check_structure,
+    flatten_checked,
+    plan_layout,
+    resolve_stateful,
+)
 from ckptstore.errors import CkptStoreError, UnsupportedStateError
-from ckptstore.format.shard import dtype_name
 from ckptstore.units import format_bytes
 
-_PAGE = 4096
-_SMALL_ALIGN = 64
-_PAGE_ALIGN_FROM = 1 << 20  # tensors this big start on a page boundary (O_DIRECT)
+__all__ = ["PreparedState", "StagedState", "StagingPool", "check_structure", "flatten_checked"]
+_PAGE = PAGE
 
 
 @dataclass
@@ -68,10 +73,9 @@ class PreparedState:
     collectives on the training group there); copied later, on any thread.
     """
 
-    flat: dict[str, Any]
+    layout: Layout
+    objs: list[Any]  # the flattened entries, in ``layout.fqns`` order
     mappings: dict[str, Any]
-    leaves: list[_Leaf]
-    values: dict[str, Any]
     arena: _Arena | None
     tensor_bytes: int
     wait_s: float
@@ -81,12 +85,15 @@ class _Arena:
     """One block of host memory plus the layout it was made for."""
 
     def __init__(
-        self, signature: tuple[Any, ...], offsets: list[int], nbytes: int, pin: bool
+        self, signature: tuple[Any, ...], offsets: tuple[int, ...], nbytes: int, pin: bool
     ) -> None:
         self.signature = signature
         self.offsets = offsets
         self.nbytes = nbytes
         self._mmap: mmap.mmap | None = None
+        # Made by the first save into this arena, reused by the next (same layout):
+        self.views: list[torch.Tensor] | None = None  # per tensor of the layout
+        self.dsts: list[torch.Tensor] = []  # the views copied into: one per slot
         if nbytes == 0:
             self.buffer = torch.empty(0, dtype=torch.uint8)
         elif pin:
@@ -101,14 +108,25 @@ class _Arena:
                     self._mmap.madvise(mmap.MADV_HUGEPAGE)
             self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8)
 
-
-@dataclass(frozen=True)
-class _Leaf:
-    fqn: str
-    source: torch.Tensor  # the local tensor to copy (a DTensor's local shard)
-    dtensor: DTensor | None
-    slot: int  # index into the arena's slots; -1 for empty tensors
-    nbytes: int
+    def views_for(self, layout: Layout) -> list[torch.Tensor]:
+        """A view of this arena per tensor of ``layout`` (a layout it was made for)."""
+        if self.views is None:
+            views: list[torch.Tensor] = []
+            by_slot: dict[int, torch.Tensor] = {}
+            for k, slot in enumerate(layout.slots):
+                dtype, shape, _, _ = layout.metas[k]
+                if slot < 0:
+                    views.append(torch.empty(shape, dtype=dtype))
+                    continue
+                view = by_slot.get(slot)
+                if view is None:
+                    off = self.offsets[slot]
+                    view = self.buffer[off : off + layout.nbytes[k]].view(dtype).view(shape)
+                    by_slot[slot] = view
+                views.append(view)
+            self.dsts = [views[k] for k in layout.first]
+            self.views = views
+        return self.views
 
 
 class StagingPool:
@@ -132,6 +150,7 @@ class StagingPool:
         self._busy: list[_Arena] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._layouts = LayoutCache()
 
     @property
     def allocated_bytes(self) -> int:
@@ -151,22 +170,23 @@ class StagingPool:
         Call on the thread that owns the state. Follow with :meth:`copy` (any thread)
         or :meth:`discard`.
         """
-        flat, mappings = _flatten(state_dict)
-        leaves, values, signature, offsets, total = _plan(flat)
+        layout, objs = self._layouts.plan(_resolve(state_dict))
         start = time.perf_counter()
-        arena = self._acquire(signature, offsets, total, timeout_s) if leaves else None
+        arena = None
+        if layout.tensor_pos:
+            arena = self._acquire(layout.signature, layout.offsets, layout.total, timeout_s)
         return PreparedState(
-            flat, mappings, leaves, values, arena, total, time.perf_counter() - start
+            layout, objs, dict(layout.mappings), arena, layout.total, time.perf_counter() - start
         )
 
     def copy(self, prep: PreparedState) -> StagedState:
         """Copy a prepared state into its arena; on failure the arena is given back."""
         try:
             start = time.perf_counter()
-            staged = self._copy(prep.flat, prep.leaves, prep.arena)
+            staged = _copy(prep.layout, prep.objs, prep.arena)
             value_bytes = 0
-            for fqn, value in prep.values.items():
-                staged[fqn] = _serialize(fqn, value)
+            for i, fqn in zip(prep.layout.value_pos, prep.layout.value_fqns, strict=True):
+                staged[fqn] = _serialize(fqn, prep.objs[i])
                 value_bytes += len(staged[fqn].data)
             copy_s = time.perf_counter() - start
         except BaseException:
@@ -198,7 +218,11 @@ class StagingPool:
 
     # ---- internals ------------------------------------------------------------------
     def _acquire(
-        self, signature: tuple[Any, ...], offsets: list[int], nbytes: int, timeout_s: float | None
+        self,
+        signature: tuple[Any, ...],
+        offsets: tuple[int, ...],
+        nbytes: int,
+        timeout_s: float | None,
     ) -> _Arena:
         if self._max_bytes is not None and nbytes > self._max_bytes:
             raise CkptStoreError(
@@ -240,147 +264,46 @@ class StagingPool:
                     self._free.append(arena)
             self._cond.notify_all()
 
-    def _copy(
-        self, flat: dict[str, Any], leaves: list[_Leaf], arena: _Arena | None
-    ) -> dict[str, Any]:
-        staged: dict[str, Any] = {}
-        views: dict[int, torch.Tensor] = {}
-        cuda_used = False
-        with torch.no_grad():
-            for leaf in leaves:
-                src = leaf.source
-                if leaf.slot < 0:
-                    dst = torch.empty(src.shape, dtype=src.dtype)
-                elif leaf.slot in views:
-                    dst = views[leaf.slot]
-                else:
-                    assert arena is not None
-                    off = arena.offsets[leaf.slot]
-                    dst = arena.buffer[off : off + leaf.nbytes].view(src.dtype).view(src.shape)
-                    if src.is_conj():
-                        src = src.resolve_conj()
-                    if src.is_neg():
-                        src = src.resolve_neg()
-                    non_blocking = src.device.type == "cuda"
-                    cuda_used |= non_blocking
-                    dst.copy_(src, non_blocking=non_blocking)
-                    views[leaf.slot] = dst
-                if leaf.dtensor is not None:
-                    dst = DTensor(dst, leaf.dtensor._spec, requires_grad=False)  # type: ignore[no-untyped-call, call-arg]
-                staged[leaf.fqn] = dst
-        if cuda_used:
-            torch.cuda.synchronize()
-        return staged
 
-
-def _flatten(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """DCP's flattening (its rules decide which values are separate items)."""
+def _resolve(state_dict: Any) -> dict[str, Any]:
     if not isinstance(state_dict, dict):
         raise UnsupportedStateError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-    return flatten_checked(_stateful_to_state_dict(state_dict))
+    return resolve_stateful(state_dict)
 
 
-def flatten_checked(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """DCP's ``flatten_state_dict`` after :func:`check_structure`; two entries that
-    flatten to one name (``{"a.b": t, "a": {"b": t}}``: one would replace the other)
-    are an :class:`~ckptstore.errors.UnsupportedStateError` too."""
-    check_structure(state_dict)
-    try:
-        flat, mappings = flatten_state_dict(state_dict)
-    except ValueError as exc:
-        if "duplicated flatten key" not in str(exc):
-            raise
-        name = str(exc).rsplit(" ", 1)[-1]
-        raise UnsupportedStateError(
-            f"two entries of the state_dict flatten to the same name {name!r} (a key with a "
-            "'.' next to a nested one, say): one would silently replace the other; rename one"
-        ) from None
-    return flat, dict(mappings)
-
-
-def check_structure(state_dict: dict[str, Any]) -> None:
-    """Refuse what DCP's flattening cannot round-trip, before it tries, naming the key.
-
-    A container that holds itself (DCP recurses until ``RecursionError``); a dict that
-    mixes string keys with others (``{"a": t, 0: t}``: every key is written as a
-    string, and the stored ``"0"`` then matches no key on load).
-    """
-    _walk(state_dict, (), set())
-
-
-def _walk(obj: Any, path: tuple[Any, ...], open_ids: set[int]) -> None:
-    if not isinstance(obj, (dict, list, tuple)):
-        return
-    where = "state_dict" + "".join(f"[{p!r}]" for p in path)
-    if id(obj) in open_ids:
-        raise UnsupportedStateError(
-            f"{where} contains itself (a reference cycle), which cannot be saved; "
-            "save a copy without the cycle"
-        )
-    items: Any = enumerate(obj)
-    if isinstance(obj, dict):
-        if len({type(k) is str for k in obj}) > 1:
-            odd = [k for k in obj if type(k) is not str][:3]
-            raise UnsupportedStateError(
-                f"{where} mixes string keys with keys of other types ({odd!r}): all are "
-                "stored as strings and the others would not match on load; use one key type"
-            )
-        items = obj.items()
-    open_ids.add(id(obj))
-    try:
-        for key, value in items:
-            _walk(value, (*path, key), open_ids)
-    finally:
-        open_ids.discard(id(obj))
-
-
-def _plan(
-    flat: dict[str, Any],
-) -> tuple[list[_Leaf], dict[str, Any], tuple[Any, ...], list[int], int]:
-    leaves: list[_Leaf] = []
-    values: dict[str, Any] = {}
-    signature: list[Any] = []
-    offsets: list[int] = []
-    seen: dict[tuple[Any, ...], int] = {}  # tied tensors share one slot
-    total = 0
-    for fqn, obj in flat.items():
-        dtensor = obj if isinstance(obj, DTensor) else None
-        if dtensor is not None:
-            tensor = dtensor._local_tensor
-        elif isinstance(obj, torch.Tensor):
-            tensor = obj
-        else:
-            if type(obj).__name__ == "ShardedTensor":
-                raise UnsupportedStateError(
-                    f"state_dict[{fqn!r}] is a ShardedTensor, which ckptstore does not stage; "
-                    "use DTensor (FSDP2 / torch.distributed.tensor) instead"
-                )
-            values[fqn] = obj
-            continue
-        _check_tensor(fqn, tensor)
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes == 0:
-            leaves.append(_Leaf(fqn, tensor, dtensor, -1, 0))
-            signature.append((fqn, str(tensor.dtype), tuple(tensor.shape)))
-            continue
-        key = (
-            tensor.data_ptr(),
-            tensor.dtype,
-            tuple(tensor.shape),
-            tuple(tensor.stride()),
-            tensor.device,
-        )
-        slot = seen.get(key)
-        if slot is None:
-            align = _PAGE if nbytes >= _PAGE_ALIGN_FROM else _SMALL_ALIGN
-            total += (-total) % align
-            slot = len(offsets)
-            offsets.append(total)
-            total += nbytes
-            seen[key] = slot
-        leaves.append(_Leaf(fqn, tensor, dtensor, slot, nbytes))
-        signature.append((fqn, str(tensor.dtype), tuple(tensor.shape), slot))
-    return leaves, values, tuple(signature), offsets, total
+def _copy(layout: Layout, objs: list[Any], arena: _Arena | None) -> dict[str, Any]:
+    """Copy the tensors among ``objs`` into ``arena``; fqn -> staged tensor / DTensor."""
+    if not layout.tensor_pos:
+        return {}
+    assert arena is not None
+    tensors = [objs[i] for i in layout.tensor_pos] if layout.value_pos else objs
+    sources = tensors
+    if layout.is_dtensor is not None:
+        sources = [
+            t._local_tensor if d else t for t, d in zip(tensors, layout.is_dtensor, strict=True)
+        ]
+    views = arena.views_for(layout)
+    tied = len(layout.first) != len(sources)
+    firsts = [sources[k] for k in layout.first] if tied else sources
+    with torch.no_grad():
+        if layout.cuda:
+            for dst, src in zip(arena.dsts, firsts, strict=True):
+                if src.is_conj():
+                    src = src.resolve_conj()
+                if src.is_neg():
+                    src = src.resolve_neg()
+                dst.copy_(src, non_blocking=src.device.type == "cuda")
+            torch.cuda.synchronize()
+        elif firsts:
+            torch._foreach_copy_(arena.dsts, firsts)
+    staged: dict[str, Any] = dict(zip(layout.tensor_fqns, views, strict=True))
+    if layout.is_dtensor is not None:
+        for fqn, t, view, d in zip(
+            layout.tensor_fqns, tensors, views, layout.is_dtensor, strict=True
+        ):
+            if d:
+                staged[fqn] = DTensor(view, t._spec, requires_grad=False)  # type: ignore[no-untyped-call, call-arg]
+    return staged
 
 
 def stage_in_place(state_dict: dict[str, Any]) -> StagedState:
@@ -390,33 +313,15 @@ def stage_in_place(state_dict: dict[str, Any]) -> StagedState:
     are, moved to the CPU one at a time if they live on a GPU.
     """
     start = time.perf_counter()
-    flat, mappings = _flatten(state_dict)
-    leaves, values, _, _, total = _plan(flat)
-    staged: dict[str, Any] = {leaf.fqn: flat[leaf.fqn] for leaf in leaves}
+    layout, objs = plan_layout(_resolve(state_dict))
+    staged = {fqn: objs[i] for fqn, i in zip(layout.tensor_fqns, layout.tensor_pos, strict=True)}
     value_bytes = 0
-    for fqn, value in values.items():
-        staged[fqn] = _serialize(fqn, value)
+    for i, fqn in zip(layout.value_pos, layout.value_fqns, strict=True):
+        staged[fqn] = _serialize(fqn, objs[i])
         value_bytes += len(staged[fqn].data)
-    return StagedState(staged, mappings, None, total, value_bytes, time.perf_counter() - start)
-
-
-def _check_tensor(fqn: str, t: torch.Tensor) -> None:
-    problem = None
-    if t.layout != torch.strided:
-        problem = f"has layout {t.layout}; convert it with .to_dense()"
-    elif t.is_quantized:
-        problem = "is quantized; save its int_repr() and quantization parameters instead"
-    elif t.device.type == "meta":
-        problem = "is on the meta device and has no data"
-    elif getattr(t, "is_nested", False):
-        problem = "is a nested tensor; save its components"
-    else:
-        try:
-            dtype_name(t.dtype)
-        except ValueError:
-            problem = f"has dtype {t.dtype}, which ckptstore does not store"
-    if problem:
-        raise UnsupportedStateError(f"state_dict[{fqn!r}] {problem}")
+    return StagedState(
+        staged, dict(layout.mappings), None, layout.total, value_bytes, time.perf_counter() - start
+    )
 
 
 def _serialize(fqn: str, value: Any) -> SerializedValue:
