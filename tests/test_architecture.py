@@ -11,6 +11,7 @@ Layers, bottom up (a module may import its own unit and anything below it)::
     config         config.py
     engine         engine/
     transfer       transfer.py, convert.py
+    interop        interop.py (plain DCP directories; uses convert)
     manager        manager/
     integrations   integrations/
     faces          cli/, train/, bench/, demo.py, __main__.py, and the package itself
@@ -35,7 +36,8 @@ LAYERS = [
     ("dcp", ["dcp"]),
     ("config", ["config"]),
     ("engine", ["engine"]),
-    ("transfer", ["transfer", "convert", "interop"]),
+    ("transfer", ["transfer", "convert"]),
+    ("interop", ["interop"]),  # plain DCP directories: uses convert
     ("manager", ["manager"]),
     ("integrations", ["integrations"]),
     ("faces", ["cli", "train", "bench", "demo", "__main__", "__init__"]),
