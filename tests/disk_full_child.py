@@ -201,6 +201,8 @@ def scenario_manager(root: str) -> dict[str, Any]:
     with ckptstore.CheckpointManager(
         root, save=ckptstore.SaveEvery(steps=1), keep=ckptstore.KeepLast(1), codec="none"
     ) as mgr:
+        # The same run goes on (retention only ever deletes its own run's checkpoints).
+        mgr.restore({k: v.clone() for k, v in state_of[2].items()})
         mgr.save(3, state_of[4])
         mgr.wait()
         out["listed_at_end"] = [i.step for i in mgr.checkpointer.list()]  # type: ignore[union-attr]

@@ -640,6 +640,7 @@ def test_forged_newer_checkpoints_do_not_make_retention_delete_real_ones(root):
     with CheckpointManager(
         root, save=SaveEvery(steps=2), keep=KeepLast(2), manifest_key=KEY
     ) as mgr:
+        assert mgr.restore(state) == 4  # the forgeries are not candidates either
         train(mgr, state, 2, start=4)  # saves step 6, then prunes
         assert [c.step for c in mgr.list()] == [4, 6]
     assert os.path.exists(os.path.join(root, "step_00000006", "manifest.json"))
