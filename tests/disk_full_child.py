@@ -11,6 +11,7 @@ Mounts die with the namespace; they are unmounted on the way out as well.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -202,7 +203,7 @@ def scenario_manager(root: str) -> dict[str, Any]:
         root, save=ckptstore.SaveEvery(steps=1), keep=ckptstore.KeepLast(1), codec="none"
     ) as mgr:
         # The same run goes on (retention only ever deletes its own run's checkpoints).
-        mgr.restore({k: v.clone() for k, v in state_of[2].items()})
+        mgr.restore(copy.deepcopy(state_of[2]))
         mgr.save(3, state_of[4])
         mgr.wait()
         out["listed_at_end"] = [i.step for i in mgr.checkpointer.list()]  # type: ignore[union-attr]
