@@ -163,6 +163,10 @@ class ManagerConfig:
     best_metric / best_mode: what "best" means (default: the metric and mode of a
         ``KeepBest`` in ``keep``).
     checkpointer: how each checkpoint is written (:class:`CheckpointerConfig`).
+    overlap_copy: a TrainState's tensors are copied on the writer thread while the loop
+        goes on (``optimizer.step()`` waits for the copy; see
+        ``ckptstore.integrations.overlap``). False: every save copies before returning.
+        Plain dicts are always copied before returning.
     """
 
     save: Any = None
@@ -171,6 +175,7 @@ class ManagerConfig:
     best_metric: str | None = None
     best_mode: str = "min"
     checkpointer: CheckpointerConfig = field(default_factory=CheckpointerConfig)
+    overlap_copy: bool = True
 
     def __post_init__(self) -> None:
         check_policy(self.save, "save")

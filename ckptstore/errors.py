@@ -21,7 +21,8 @@ working::
     ├── BackgroundSaveError                                   an earlier async save failed
     ├── RankFailedError                                       another rank's loop failed
     ├── InvalidOperationError          (+ RuntimeError)       called in the wrong state
-    │   └── CheckpointerClosedError                           used after close()
+    │   ├── CheckpointerClosedError                           used after close()
+    │   └── StateChangedError                                 changed while copied in the background
     ├── CopyStoppedError                                      a copy was asked to stop
     ├── WriterLeaseError                                      another process writes this root
     ├── CliError                                              a command failed; carries its exit code
@@ -54,6 +55,7 @@ __all__ = [
     "ManifestExistsError",
     "NewerCheckpointsError",
     "RankFailedError",
+    "StateChangedError",
     "StorageError",
     "StorageFullError",
     "UnsafeCheckpointError",
@@ -148,6 +150,16 @@ class InvalidOperationError(CkptStoreError, RuntimeError):
 
 class CheckpointerClosedError(InvalidOperationError):
     """The :class:`~ckptstore.Checkpointer` was closed; make a new one."""
+
+
+class StateChangedError(InvalidOperationError):
+    """Tensors of a state changed while a background copy of them was running (an
+    in-place edit outside ``optimizer.step()``, which ckptstore waits for): that save
+    was abandoned rather than written torn. ``names`` lists what changed."""
+
+    def __init__(self, message: str, names: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.names = list(names or [])
 
 
 class ManifestExistsError(CheckpointExistsError):

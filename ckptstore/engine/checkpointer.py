@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import Metadata
@@ -57,6 +57,16 @@ from ckptstore.storage import StorageBackend, open_backend
 from ckptstore.units import format_bytes
 
 log = logging.getLogger("ckptstore")
+
+
+class StagingGuard(Protocol):
+    """Watches a state whose tensors are copied in the background (see ``save_async``)."""
+
+    def snapshot(self) -> None:
+        """On the caller's thread, once the state is prepared: note what may change."""
+
+    def check(self) -> None:
+        """On the writer thread, once the copy is done: raise if the state changed."""
 
 
 class Checkpointer:
@@ -158,6 +168,7 @@ class Checkpointer:
         metrics: dict[str, float] | None = None,
         run_id: str | None = None,
         lineage: tuple[str, ...] = (),
+        guard: StagingGuard | None = None,
     ) -> PendingSave:
         """Start saving ``state_dict`` as checkpoint ``step``.
 
@@ -170,6 +181,12 @@ class Checkpointer:
         returns once the staging buffer is reserved; then wait for ``pending.staged``
         before changing any tensor. Either way the call waits while ``max_inflight``
         saves are in flight (backpressure). ``metadata`` is JSON stored in the manifest.
+
+        ``guard`` (with ``block_until_staged=False``): its ``snapshot()`` runs on the
+        caller's thread once the state is prepared, its ``check()`` on the writer thread
+        once the tensors are copied; if ``check()`` raises, the save is abandoned (logged,
+        ``pending`` fails with that error, nothing is written, and no later call raises it
+        again: the guard's owner handles it).
 
         If an earlier save failed and nobody waited on it (``PendingSave.wait()``), this
         save is still started and then :class:`~ckptstore.errors.BackgroundSaveError` is
@@ -205,6 +222,8 @@ class Checkpointer:
             raise
         if staged is not None:
             pending.staged.set_result(None)
+        elif guard is not None:
+            guard.snapshot()
         stall_s = time.perf_counter() - start
 
         def job() -> None:
@@ -216,6 +235,8 @@ class Checkpointer:
                     pending.staged.set_exception(exc)
                     self._write_failure(pending, name, exc, True)
                     return
+                if guard is not None and not self._guard_passes(guard, pending, name, ready):
+                    return
                 pending.staged.set_result(None)
             self._write(pending, ready, name, user_md, info, start, stall_s, backpressure_s)
 
@@ -224,6 +245,20 @@ class Checkpointer:
             earlier.pending = pending
             raise earlier
         return pending
+
+    def _guard_passes(
+        self, guard: StagingGuard, pending: PendingSave, name: str, staged: StagedState
+    ) -> bool:
+        try:
+            guard.check()
+        except BaseException as exc:
+            log.error("saving step %d abandoned: %s", pending.step, exc)
+            self._staging.release(staged)
+            pending.staged.set_exception(exc)
+            pending.committed.set_exception(exc)
+            self._write_failure(pending, name, exc, False)
+            return False
+        return True
 
     def save(
         self, state_dict: dict[str, Any], step: int, *, metadata: dict[str, Any] | None = None

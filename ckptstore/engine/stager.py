@@ -79,6 +79,9 @@ class PreparedState:
     arena: _Arena | None
     tensor_bytes: int
     wait_s: float
+    # Python values, serialized on the thread that owns the state (it may change them
+    # as soon as prepare returns, even if the tensors are copied later elsewhere).
+    values: dict[str, SerializedValue]
 
 
 class _Arena:
@@ -171,12 +174,22 @@ class StagingPool:
         or :meth:`discard`.
         """
         layout, objs = self._layouts.plan(_resolve(state_dict))
+        values = {
+            fqn: _serialize(fqn, objs[i])
+            for i, fqn in zip(layout.value_pos, layout.value_fqns, strict=True)
+        }
         start = time.perf_counter()
         arena = None
         if layout.tensor_pos:
             arena = self._acquire(layout.signature, layout.offsets, layout.total, timeout_s)
         return PreparedState(
-            layout, objs, dict(layout.mappings), arena, layout.total, time.perf_counter() - start
+            layout,
+            objs,
+            dict(layout.mappings),
+            arena,
+            layout.total,
+            time.perf_counter() - start,
+            values,
         )
 
     def copy(self, prep: PreparedState) -> StagedState:
@@ -184,10 +197,8 @@ class StagingPool:
         try:
             start = time.perf_counter()
             staged = _copy(prep.layout, prep.objs, prep.arena)
-            value_bytes = 0
-            for i, fqn in zip(prep.layout.value_pos, prep.layout.value_fqns, strict=True):
-                staged[fqn] = _serialize(fqn, prep.objs[i])
-                value_bytes += len(staged[fqn].data)
+            staged.update(prep.values)
+            value_bytes = sum(len(v.data) for v in prep.values.values())
             copy_s = time.perf_counter() - start
         except BaseException:
             self.discard(prep)

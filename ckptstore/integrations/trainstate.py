@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata
 
 from ckptstore.engine.ops import fill_from_checkpoint
-from ckptstore.integrations import legacy
+from ckptstore.integrations import legacy, overlap
 
 log = logging.getLogger("ckptstore")
 
@@ -69,6 +69,20 @@ class TrainState:
     _hooked: Any = field(default=None, init=False, repr=False, compare=False)
     # Set by load_target when the checkpoint has a pre-ckptstore layout (legacy.py).
     _legacy: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
+    # Background copies (overlap.py): seconds the loop waited for them, so far.
+    copy_wait_s: float = field(default=0.0, init=False, compare=False)
+    _copies: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
+    _wait_hooks: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
+    _overlap_broken: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def staging_guard(self) -> overlap.CopyGuard | None:
+        """For a save that copies this state in the background: the guard that checks
+        the copy, after installing the waits that keep it exact (see ``overlap.py``).
+        None when that cannot be made safe: no model, or a copy was found torn before."""
+        if self.model is None or self._overlap_broken:
+            return None
+        overlap.install_waits(self)
+        return overlap.CopyGuard(self)
 
     # ---- step boundaries ---------------------------------------------------------------
     def boundary(self) -> dict[str, Any]:

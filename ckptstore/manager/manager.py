@@ -93,7 +93,7 @@ from ckptstore.manager.policies import (
 )
 from ckptstore.manager.replicate import BackupStatus, Replicator
 from ckptstore.manager.restore import RestoreMixin
-from ckptstore.manager.resumable import Resumable, track_best
+from ckptstore.manager.resumable import Resumable, copy_guard, track_best
 from ckptstore.manager.visible import show_progress_by_default
 from ckptstore.storage import StorageBackend, open_backend
 
@@ -361,25 +361,24 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             sd = state.state_dict() if isinstance(state, Resumable) else state
         if epoch is None:
             epoch = state.epoch if isinstance(state, Resumable) else self._last_epoch
+        guard = copy_guard(state, self.config.overlap_copy)  # None: copy before returning
+        info: dict[str, Any] = {"epoch": epoch, "reason": reason, "metrics": metrics}
         try:
             pending = self._ckpt.save_async(
-                sd,
-                steps_done,
-                epoch=epoch,
-                reason=reason,
-                metrics=metrics,
-                run_id=self._run_id,
-                lineage=self._lineage,
-            )
+                sd, steps_done, block_until_staged=guard is None, guard=guard, **info,
+                run_id=self._run_id, lineage=self._lineage,
+            )  # fmt: skip
         except BackgroundSaveError as exc:
             # An earlier save failed; this one was still started: keep track of it.
             if isinstance(exc.pending, PendingSave):
-                self._track(exc.pending, steps_done)
+                self._track(exc.pending, steps_done, guard)
             raise
-        self._track(pending, steps_done)
+        self._track(pending, steps_done, guard)
         return pending
 
-    def _track(self, pending: PendingSave, steps_done: int) -> None:
+    def _track(self, pending: PendingSave, steps_done: int, guard: Any = None) -> None:
+        if guard is not None:  # the loop waits for the copy before the state changes
+            guard.hold(pending.staged)
         self._last_saved = steps_done
         self._last_save_time = time.monotonic()
         if self._housekeeping is not None:

@@ -55,3 +55,11 @@ def track_best(
     better = old is None or (value < old if mode == "min" else value > old)
     if better and value == value:  # not NaN
         state.best[metric] = value
+
+
+def copy_guard(state: Any, overlap: bool) -> Any:
+    """A guard for copying ``state``'s tensors in the background while the loop goes on
+    (``state.staging_guard()``, which TrainState has: see integrations/overlap.py), or
+    None: then the save copies before returning."""
+    make = getattr(state, "staging_guard", None) if overlap else None
+    return make() if callable(make) else None

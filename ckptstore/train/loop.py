@@ -450,6 +450,7 @@ def _loop(
                 if step >= total:
                     break
     elapsed = time.perf_counter() - t_start
+    blocked += state.copy_wait_s  # optimizer.step() waiting for a background copy
     run.timing = {
         "elapsed_s": elapsed,
         "blocked_s": blocked,
