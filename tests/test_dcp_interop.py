@@ -8,12 +8,11 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import REPO, assert_same
+from helpers import assert_same, run_cli
 from test_distributed import run_ranks
 
 import ckptstore
@@ -22,13 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckptstore", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, PYTHONPATH=REPO),
-    )
+    return run_cli(*args)
 
 
 def state() -> dict:

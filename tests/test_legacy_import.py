@@ -8,12 +8,10 @@ A refused global is named."""
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 
 import torch
-from helpers import REPO
+from helpers import run_cli
 
 from ckptstore import CheckpointManager, TrainState
 from ckptstore.train.model import GPT, MODEL_SIZES
@@ -41,13 +39,7 @@ def fresh():
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckptstore", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, PYTHONPATH=REPO),
-    )
+    return run_cli(*args)
 
 
 def same_optimizer(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:

@@ -55,7 +55,33 @@ def _where(path: str | os.PathLike[str] | None, what: str) -> tuple[str, str]:
     return root, name
 
 
-class StorageWriter(_DCPWriter):
+class _ByPath:
+    """What DCP asks of a writer or reader about where it works: ``checkpoint_id`` (a
+    path or URL, set at construction or by each call's ``reset``). Pickles as its
+    settings: the working parts are made again by the next call."""
+
+    path: str | None
+    _inner: Any
+    _pool: ThreadPoolExecutor | None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_inner": None, "_pool": None}
+
+    @property
+    def checkpoint_id(self) -> str | None:
+        return self.path
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id is not None:
+            self.path = os.fspath(checkpoint_id)
+        self._inner = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return isinstance(checkpoint_id, (str, os.PathLike))
+
+
+class StorageWriter(_ByPath, _DCPWriter):
     """Writes ``dcp.save`` / ``dcp.async_save`` calls as ckptstore checkpoints.
 
     ``path``: the checkpoint (a directory or ``s3://`` prefix), or None to take each
@@ -86,22 +112,6 @@ class StorageWriter(_DCPWriter):
         self.storage_options = storage_options
         self._inner: CkptStorageWriter | None = None
         self._pool: ThreadPoolExecutor | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_inner": None, "_pool": None}
-
-    @property
-    def checkpoint_id(self) -> str | None:
-        return self.path
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self.path = os.fspath(checkpoint_id)
-        self._inner = None
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike))
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path)
@@ -145,7 +155,7 @@ class StorageWriter(_DCPWriter):
         self._writer().finish(metadata, results)
 
 
-class StorageReader(_DCPReader):
+class StorageReader(_ByPath, _DCPReader):
     """Reads ckptstore checkpoints for ``dcp.load``: every file checked against the
     manifest, DCP's metadata unpickled through ckptstore's allowlist. Non-tensor values
     are unpickled by the load planner: DCP's default one trusts them; pass
@@ -164,22 +174,6 @@ class StorageReader(_DCPReader):
         self.storage_options = storage_options
         self._inner: CkptStorageReader | None = None
         self._pool: ThreadPoolExecutor | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_inner": None, "_pool": None}
-
-    @property
-    def checkpoint_id(self) -> str | None:
-        return self.path
-
-    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id is not None:
-            self.path = os.fspath(checkpoint_id)
-        self._inner = None
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return isinstance(checkpoint_id, (str, os.PathLike))
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         root, name = _where(self.path, "StorageReader")
