@@ -422,7 +422,8 @@ def scenario_extras_load(ckpts: str, rank: int, world: int) -> None:
 
 def scenario_dcp_api_save(ckpts: str, rank: int, world: int) -> None:
     """Sharded DTensors saved by plain dcp.save through ckptstore's public writer, then
-    loaded back by dcp.load through its reader, resharded."""
+    loaded back by dcp.load through its reader, resharded; then a process-based
+    dcp.async_save that overwrites a committed checkpoint."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -434,6 +435,21 @@ def scenario_dcp_api_save(ckpts: str, rank: int, world: int) -> None:
     got = sharded(full_state(1), mesh)
     dcp.load(got, storage_reader=StorageReader(path))
     check_full(got, full_state(0))
+    # DCP's process-based async save (the writer pickled into DCP's background
+    # process), replacing the committed checkpoint on every rank's behalf.
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    other = os.path.join(ckpts, "dcp-api-process")
+    dcp.save(sharded(full_state(2), mesh), storage_writer=StorageWriter(other))
+    fut = dcp.async_save(
+        sharded(full_state(1), mesh),
+        storage_writer=StorageWriter(other, overwrite=True),
+        async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+    )
+    fut.result(timeout=240)
+    got = sharded(full_state(0), mesh)
+    dcp.load(got, storage_reader=StorageReader(other))
+    check_full(got, full_state(1))
 
 
 def scenario_save_plain_dcp(ckpts: str, rank: int, world: int) -> None:

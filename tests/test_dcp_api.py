@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -88,6 +89,65 @@ def test_an_existing_empty_directory_is_taken_a_committed_checkpoint_is_not(tmp_
     assert_same(got, model_state())  # untouched
 
 
+def test_overwrite_replaces_a_committed_checkpoint_and_leaves_nothing_beside(tmp_path):
+    path = tmp_path / "last"
+    dcp.save(model_state(0), storage_writer=StorageWriter(path))
+    writer = StorageWriter(path, overwrite=True)
+    for seed in (1, 2):  # reused, as DCP's writers are
+        dcp.save(model_state(seed), storage_writer=writer)
+        checked(path)
+        got = blank()
+        dcp.load(got, storage_reader=StorageReader(path))
+        assert_same(got, model_state(seed))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    ckptstore.save(model_state(3), path, overwrite=True)  # the one-shot API too
+    got = blank()
+    ckptstore.load(got, path)
+    assert_same(got, model_state(3))
+
+
+def test_a_replace_cut_short_loses_neither_copy(tmp_path):
+    """The two moments a killed replace can leave behind: the new copy committed beside
+    the old (killed before the switch), and, where the storage cannot swap names, the new
+    copy beside a deleted old one. Readers find a complete checkpoint in both; the next
+    replace cleans up."""
+    path, beside = tmp_path / "last", tmp_path / "last.replacing"
+    ckptstore.save(model_state(0), path)
+    ckptstore.save(model_state(1), beside)  # killed before the switch
+    got = blank()
+    ckptstore.load(got, path)
+    assert_same(got, model_state(0))
+    dcp.save(model_state(2), storage_writer=StorageWriter(path, overwrite=True))
+    assert not beside.exists()
+    shutil.rmtree(path)  # killed between deleting the old and moving the new in
+    ckptstore.save(model_state(3), beside)
+    for read in (
+        lambda got: ckptstore.load(got, path),
+        lambda got: dcp.load(got, storage_reader=StorageReader(path)),
+    ):
+        got = blank()
+        read(got)
+        assert_same(got, model_state(3))
+    assert ckptstore.read(path)["step"] == 10
+
+
+def test_overwrite_on_an_object_store_moves_the_new_copy_in(s3_server, s3_bucket):
+    url = f"s3://{s3_bucket}/last"
+    ckptstore.save(model_state(0), url)
+    for seed in (1, 2):
+        dcp.save(model_state(seed), storage_writer=StorageWriter(url, overwrite=True))
+        got = blank()
+        ckptstore.load(got, url)
+        assert_same(got, model_state(seed))
+    assert open_backend(f"s3://{s3_bucket}").list_names() == ["last"]
+
+
+def test_stock_dcp_pointed_at_a_ckptstore_checkpoint_says_what_to_use(tmp_path):
+    ckptstore.save(model_state(), tmp_path / "c", codec="none")
+    with pytest.raises(CheckpointException, match=r"ckptstore checkpoint.*StorageReader"):
+        dcp.load(blank(), checkpoint_id=tmp_path / "c")  # DCP's own FileSystemReader
+
+
 def test_bytesio_values_are_stored_raw(tmp_path):
     blob = io.BytesIO(b"\x00torchtitan train state\xff")
     dcp.save({"train_state": blob}, storage_writer=StorageWriter(tmp_path / "c"))
@@ -108,8 +168,6 @@ def test_async_save_in_a_thread_and_a_pickled_writer(tmp_path):
 
 
 def test_misuse_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(InvalidArgumentError, match="overwrite"):
-        StorageWriter(tmp_path / "x", overwrite=True)
     with pytest.raises(ValueError, match="codec"):
         StorageWriter(tmp_path / "x", codec="lz77")
     with pytest.raises(CheckpointException, match="needs a path"):

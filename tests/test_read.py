@@ -110,3 +110,25 @@ def test_no_dist_save_on_one_rank_runs_no_collective(tmp_path):
         pytest.fail("a no_dist save on rank 0 alone hung")
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
+
+
+def test_lazy_read_reads_a_tensor_when_it_is_looked_at(tmp_path, monkeypatch):
+    state = realistic_state()
+    ckptstore.save(state, tmp_path / "c")
+    from ckptstore.engine import lazyread
+
+    loaded: list[list[str]] = []
+    real = lazyread.load_flat
+    monkeypatch.setattr(
+        lazyread, "load_flat", lambda flat, *a: (loaded.append(sorted(flat)), real(flat, *a))
+    )
+    lazy = ckptstore.read(tmp_path / "c", lazy=True)
+    values_read = len(loaded)  # the non-tensor values, read on opening
+    assert set(lazy) == set(as_stored(state))
+    name, tensor = next((k, v) for k, v in state["model"].items() if isinstance(v, torch.Tensor))
+    got = lazy["model"][name]
+    assert loaded[values_read:] == [[f"model.{name}"]]  # that one tensor, nothing else
+    assert torch.equal(got, tensor) and got.dtype == tensor.dtype
+    assert lazy["model"][name] is got  # read once
+    assert_same(lazy.materialize(), as_stored(state))
+    assert lazy["optim"]["param_groups"] == state["optim"]["param_groups"]

@@ -32,6 +32,30 @@ from ckptstore.layout import METADATA_FILE
 # PendingCheckpoint.stored_name).
 _ATTEMPT_NAME = re.compile(r"^\.metadata-[0-9a-f]{12}$")
 
+
+class StoredItem(dict):  # type: ignore[type-arg]
+    """Where one item of a ckptstore checkpoint lives: ``{"file": ..., "item": ...}``.
+
+    A dict, pickled under this class's name so that stock DCP, whose file-system reader
+    expects its own per-item record (``relative_path``, ``offset``, ``length``), stops
+    with a message that says what to do instead of ``'dict' object has no attribute``.
+    Checkpoints written before it hold plain dicts; both read the same.
+    """
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"this is a ckptstore checkpoint (chunked, checksummed, maybe compressed), which "
+            f"stock DCP's FileSystemReader cannot read (it asked for {name!r}): load it with "
+            "dcp.load(..., storage_reader=ckptstore.integrations.dcp.StorageReader(path)) or "
+            "ckptstore.load, or convert it for stock DCP with "
+            "`ckptstore export CKPT OUT_DIR --format dcp`"
+        )
+
+
 _DCP_CLASSES = {
     "Metadata",
     "MetadataIndex",
@@ -49,6 +73,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch.distributed.checkpoint.metadata" and name in _DCP_CLASSES:
             return getattr(dcp_metadata, name)
+        if module == __name__ and name == "StoredItem":
+            return StoredItem
         if module == "torch" and name == "Size":
             return torch.Size
         if module == "torch" and name in _TORCH_DTYPES:

@@ -40,6 +40,7 @@ from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import FileEntry, Manifest
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, ShardInfo, ShardWriter
 from ckptstore.layout import METADATA_FILE
+from ckptstore.storage import replace
 from ckptstore.storage.base import PendingCheckpoint, StorageBackend
 from ckptstore.version import __version__
 
@@ -54,7 +55,9 @@ class SaveSpec:
     down whole: ``codec``, ``chunk_bytes`` and ``window`` (chunks in flight) say how
     shards are encoded; ``step``, ``metadata`` (the user's JSON), ``epoch``, ``reason``,
     ``metrics``, ``run_id`` and ``lineage`` go into the manifest, which is signed with
-    ``manifest_key`` if set.
+    ``manifest_key`` if set. ``overwrite``: a committed checkpoint of that name is
+    replaced (written beside it, then switched in: :mod:`ckptstore.storage.replace`)
+    instead of refused.
     """
 
     codec: Codec
@@ -68,6 +71,7 @@ class SaveSpec:
     run_id: str | None = None
     lineage: tuple[str, ...] = ()
     manifest_key: bytes | None = field(default=None, repr=False)
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ class CkptStorageWriter(StorageWriter):
         self._rank = 0
         self._backend = backend
         self._name = name
+        self._written = name  # where the coordinator writes: beside name when replacing it
         self._pool = pool
         self._world_size = world_size
         self._save_id = uuid.uuid4().hex
@@ -164,7 +169,9 @@ class CkptStorageWriter(StorageWriter):
             )
         if self._world_size is None:
             self._world_size = len(plans)
-        self._pending = self._backend.begin(self._name)
+        if self._spec.overwrite:
+            self._written = replace.begin_replace(self._backend, self._name)
+        self._pending = self._backend.begin(self._written)
         token = self._pending.token
         return [
             dataclasses.replace(plan, storage_data=_ShardPlan(token, f"__{rank}_"))
@@ -246,7 +253,7 @@ class CkptStorageWriter(StorageWriter):
                         "shard", shard["size_bytes"], shard["xxh3_64"]
                     )
                     raw_bytes += shard["raw_bytes"]
-                storage_md[wr.index] = storage
+                storage_md[wr.index] = md_format.StoredItem(storage)
         metadata.storage_data = storage_md
         metadata.storage_meta = StorageMeta(checkpoint_id=self._name, save_id=self._save_id)
         if hasattr(metadata, "version"):
@@ -274,6 +281,8 @@ class CkptStorageWriter(StorageWriter):
         )
         self._pending.commit(manifest.to_json(spec.manifest_key))
         self._committed = True
+        if spec.overwrite:
+            replace.finish_replace(self._backend, self._name, self._written)
         self.manifest = manifest
 
     @classmethod

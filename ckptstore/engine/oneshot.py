@@ -13,18 +13,16 @@ import contextlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal, overload
 
-import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ckptstore.codecs import get_codec
 from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import default_threads, io_window, resolve_manifest_key
 from ckptstore.dcp.writer import SaveSpec
 from ckptstore.engine import groups
+from ckptstore.engine.lazyread import LazyStateDict, empty_flat, load_flat, nest, open_lazy
 from ckptstore.engine.ops import (
     CheckpointInfo,
     check_metadata,
@@ -37,7 +35,7 @@ from ckptstore.engine.ops import (
 from ckptstore.engine.stager import stage_in_place
 from ckptstore.errors import CheckpointNotFoundError, InvalidArgumentError
 from ckptstore.layout import STEP_NAME, split_checkpoint_path
-from ckptstore.storage import StorageBackend, open_backend
+from ckptstore.storage import StorageBackend, open_backend, replace
 
 
 def _split(
@@ -69,11 +67,14 @@ def save(
     threads: int | None = None,
     storage_options: dict[str, Any] | None = None,
     no_dist: bool = False,
+    overwrite: bool = False,
 ) -> CheckpointInfo:
     """Save ``state_dict`` as the checkpoint ``path`` and return once it is durable.
 
     Fails with :class:`~ckptstore.errors.CheckpointExistsError` if ``path`` already
-    holds a committed checkpoint: ckptstore never overwrites one. With a process group
+    holds a committed checkpoint, unless ``overwrite``: then the new one is written
+    complete beside it and switched in (in one step on local disk; on object stores a
+    reader finds the new copy beside it for the moment between delete and move). With a process group
     initialised, every rank of it must call this (a collective) unless ``no_dist``: then
     this process saves ``state_dict`` alone, as the whole checkpoint, and runs no collective.
     """
@@ -99,7 +100,12 @@ def save(
             backend,
             name,
             SaveSpec(
-                chosen, step=step, window=io_window(n_threads), metadata=user_md, manifest_key=key
+                chosen,
+                step=step,
+                window=io_window(n_threads),
+                metadata=user_md,
+                manifest_key=key,
+                overwrite=overwrite,
             ),
             pool=pool,
             group=group,
@@ -131,6 +137,7 @@ def load(
     """
     root, name = _split(path, checkpoint_id)
     backend = open_backend(root, storage_options=storage_options, create=False)
+    name = replace.readable_name(backend, name)
     with (
         _group(process_group, no_dist) as group,
         ThreadPoolExecutor(
@@ -156,12 +163,33 @@ def load(
     return CheckpointInfo(name, f"{backend.url}/{name}", manifest)
 
 
+@overload
 def read(
     path: str | os.PathLike[str],
     *,
+    lazy: Literal[False] = False,
     threads: int | None = None,
     storage_options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any]: ...
+
+
+@overload
+def read(
+    path: str | os.PathLike[str],
+    *,
+    lazy: Literal[True],
+    threads: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> LazyStateDict: ...
+
+
+def read(
+    path: str | os.PathLike[str],
+    *,
+    lazy: bool = False,
+    threads: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any] | LazyStateDict:
     """The whole state dict saved as checkpoint ``path``, without a target to load into.
 
     Tensors come back on the CPU with their stored dtypes and shapes, other values as
@@ -169,9 +197,12 @@ def read(
     manifest. This process reads alone: no collectives, whatever process group exists.
     Rebuilt from the stored paths, so two things do not come back as saved: dict keys
     are strings (``{0: t}`` returns as ``{"0": t}``) and an empty dict is absent.
+    ``lazy=True``: a read-only mapping whose tensors are read on first access
+    (:class:`~ckptstore.engine.lazyread.LazyStateDict`), for a look at a few of them.
     """
     root, name = _split(path)
     backend = open_backend(root, storage_options=storage_options, create=False)
+    name = replace.readable_name(backend, name)
     key = resolve_manifest_key()
     try:
         manifest = read_manifest(backend, name, manifest_key=key)
@@ -181,27 +212,15 @@ def read(
             raise CheckpointNotFoundError(f"{exc}. {hint}") from None
         raise
     metadata = read_dcp_metadata(backend, name, manifest)
+    n_threads = threads or default_threads()
+    if lazy:
+        return open_lazy(backend, name, manifest, metadata, n_threads)
     # Loaded flat (one entry per stored item, named as stored), then nested: a nested
     # target would be flattened again by DCP's rules, which can differ for a rebuilt
     # list of placeholders.
-    flat: dict[str, Any] = {
-        fqn: torch.empty(tuple(md.size), dtype=md.properties.dtype)
-        if isinstance(md, TensorStorageMetadata)
-        else None
-        for fqn, md in metadata.state_dict_metadata.items()
-    }
-    with ThreadPoolExecutor(
-        threads or default_threads(), thread_name_prefix="ckptstore-codec"
-    ) as pool:
-        load_into(flat, backend, name, pool=pool, group=None, manifest_key=key)
-    stored = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    state: dict[str, Any] = {}
-    for fqn, value in flat.items():
-        where = stored.get(fqn)
-        set_element(
-            state, where if isinstance(where, tuple) and where else tuple(fqn.split(".")), value
-        )
-    return state
+    flat = empty_flat(metadata)
+    load_flat(flat, backend, name, manifest, metadata, n_threads)
+    return nest(metadata, flat)
 
 
 @contextlib.contextmanager

@@ -15,8 +15,14 @@ and the rest; multi-rank as DCP is (every rank calls ``dcp.save``; with
 ``no_dist=True`` one rank saves alone, without collectives). A writer or reader is
 reusable: ``checkpoint_id=`` names where each call goes, as with DCP's own. A save into
 an existing *empty* directory takes its place; into a committed checkpoint it fails
-(ckptstore never overwrites one; ``overwrite=True`` is refused, not yet supported).
+unless ``overwrite=True`` (DCP's ``FileSystemWriter`` overwrites by default; ckptstore
+asks): then the new checkpoint is written complete beside the old and switched in, so
+a reader finds one or the other, never neither (:mod:`ckptstore.storage.replace`).
 Writers pickle (for ``AsyncCheckpointerType.PROCESS``) as their settings.
+
+Stock DCP (``FileSystemReader``) cannot read a ckptstore checkpoint (chunked, checked,
+maybe compressed); pointed at one it fails with a message that says to use
+:class:`StorageReader` or ``ckptstore export --format dcp``.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from ckptstore.dcp.writer import SaveSpec
 from ckptstore.engine.ops import read_dcp_metadata, read_manifest
 from ckptstore.errors import InvalidArgumentError
 from ckptstore.layout import split_checkpoint_path
-from ckptstore.storage import open_backend
+from ckptstore.storage import open_backend, replace
 
 __all__ = ["StorageReader", "StorageWriter"]
 
@@ -86,8 +92,10 @@ class StorageWriter(_ByPath, _DCPWriter):
 
     ``path``: the checkpoint (a directory or ``s3://`` prefix), or None to take each
     call's ``checkpoint_id``. ``codec``: ``"none"`` (default), ``"zstd"`` or a codec
-    config. ``threads``: encode / upload workers (default: the cores). A manifest key
-    (``CKPTSTORE_MANIFEST_KEY``) signs the manifest as elsewhere.
+    config. ``threads``: encode / upload workers (default: the cores). ``overwrite``:
+    replace a committed checkpoint at the path (atomically where the storage can swap
+    names) instead of refusing. A manifest key (``CKPTSTORE_MANIFEST_KEY``) signs the
+    manifest as elsewhere.
     """
 
     def __init__(
@@ -100,16 +108,12 @@ class StorageWriter(_ByPath, _DCPWriter):
         overwrite: bool = False,
     ) -> None:
         super().__init__()
-        if overwrite:
-            raise InvalidArgumentError(
-                "overwrite=True is not supported: ckptstore never replaces a committed "
-                "checkpoint in place; save under a new checkpoint_id"
-            )
         get_codec(codec)  # an unknown codec fails here, not in the middle of a save
         self.path = None if path is None else os.fspath(path)
         self.codec = codec
         self.threads = threads
         self.storage_options = storage_options
+        self.overwrite = overwrite
         self._inner: CkptStorageWriter | None = None
         self._pool: ThreadPoolExecutor | None = None
 
@@ -126,7 +130,10 @@ class StorageWriter(_ByPath, _DCPWriter):
         threads = self.threads or default_threads()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-dcp")
         spec = SaveSpec(
-            get_codec(self.codec), window=io_window(threads), manifest_key=resolve_manifest_key()
+            get_codec(self.codec),
+            window=io_window(threads),
+            manifest_key=resolve_manifest_key(),
+            overwrite=self.overwrite,
         )
         # world_size=None: the ranks taking part, counted when their plans meet.
         self._inner = CkptStorageWriter(backend, name, spec, pool=self._pool, world_size=None)
@@ -178,6 +185,7 @@ class StorageReader(_ByPath, _DCPReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         root, name = _where(self.path, "StorageReader")
         backend = open_backend(root, storage_options=self.storage_options, create=False)
+        name = replace.readable_name(backend, name)
         key = resolve_manifest_key()
         manifest = read_manifest(backend, name, manifest_key=key)
         metadata = read_dcp_metadata(backend, name, manifest)

@@ -56,8 +56,8 @@ from ckptstore.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
-from ckptstore.layout import MANIFEST_FILE, REPLACING_SUFFIX, split_checkpoint_path
-from ckptstore.storage import StorageBackend, open_backend
+from ckptstore.layout import split_checkpoint_path
+from ckptstore.storage import StorageBackend, open_backend, replace
 
 log = logging.getLogger("ckptstore")
 
@@ -170,10 +170,7 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
             loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=safe)
             return _map_location(loaded, map_location)
         backend = open_backend(root, storage_options=self.storage_options, create=False)
-        if not backend.exists(f"{name}/{MANIFEST_FILE}") and backend.exists(
-            f"{name}{REPLACING_SUFFIX}/{MANIFEST_FILE}"
-        ):
-            name += REPLACING_SUFFIX  # a replace was cut short between its two steps
+        name = replace.readable_name(backend, name)
         location = f"{root.rstrip('/')}/{name}"
         state = read(location, threads=self.threads, storage_options=self.storage_options)
         manifest = read_manifest(backend, name, manifest_key=resolve_manifest_key())
@@ -264,24 +261,10 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                 window=io_window(self.threads),
                 metadata={_SHAPE_KEY: shape},
                 manifest_key=resolve_manifest_key(),
+                overwrite=True,  # Lightning saves over its own (last.ckpt): replaced atomically
             )
             assert self._pool is not None
-            beside = f"{name}{REPLACING_SUFFIX}"
-            if backend.exists(f"{name}/{MANIFEST_FILE}"):
-                # Replace: the new one complete beside the old, then switch: in one
-                # step where the backend can swap names, else delete and move.
-                backend.delete(beside)
-                stats = save_staged(staged, backend, beside, spec, pool=self._pool, group=None)
-                if backend.swap(beside, name):
-                    backend.delete(beside)  # the old one, now beside
-                else:
-                    backend.delete(name)
-                    backend.move_aside(beside, name)
-            else:
-                if name in backend.list_names():
-                    backend.delete(name)  # files without a manifest: not a checkpoint
-                stats = save_staged(staged, backend, name, spec, pool=self._pool, group=None)
-                backend.delete(beside)  # a replace cut short before: this one is newer
+            stats = save_staged(staged, backend, name, spec, pool=self._pool, group=None)
             auto.observe(codec, stats.raw_bytes, stats.stored_bytes, stats.sink_s, stats.encode_s)
             log.info("%s/%s committed", backend.url, name)
         except BaseException as exc:
@@ -297,7 +280,7 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         try:
             backend = self._backend(root, self.storage_options)[0]
             backend.delete(name)
-            backend.delete(f"{name}{REPLACING_SUFFIX}")
+            backend.delete(replace.beside(name))
         except BaseException as exc:
             with self._lock:
                 self._failures.append((f"removing {root}/{name}", exc))
