@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
@@ -146,22 +146,39 @@ class CkptStorageReader(StorageReader):
             return shard
 
     def _locate(self, req: ReadItem) -> tuple[ShardReader, int]:
-        storage = self._metadata.storage_data.get(req.storage_index)
+        return self._locate_index(req.storage_index)
+
+    def _locate_index(self, where: MetadataIndex) -> tuple[ShardReader, int]:
+        storage = self._metadata.storage_data.get(where)
         if (
             not isinstance(storage, dict)
             or not isinstance(storage.get("file"), str)  # a list would not even hash
             or "item" not in storage
         ):
-            raise CorruptCheckpointError(
-                f"{self._where()}: no storage entry for {req.storage_index.fqn!r}"
-            )
+            raise CorruptCheckpointError(f"{self._where()}: no storage entry for {where.fqn!r}")
         shard = self._shard(storage["file"])
         index = storage["item"]
         if not isinstance(index, int) or not 0 <= index < len(shard.items):
-            raise CorruptCheckpointError(
-                f"{shard.where}: no item {index!r} for {req.storage_index.fqn!r}"
-            )
+            raise CorruptCheckpointError(f"{shard.where}: no item {index!r} for {where.fqn!r}")
         return shard, index
+
+    def read_whole(self, pairs: list[tuple[MetadataIndex, torch.Tensor]]) -> None:
+        """Fill each target with the stored tensor at its index, which it matches exactly
+        (whole, same dtype and size, contiguous on the CPU): a load without DCP's
+        per-item planning, for callers that checked those conditions themselves."""
+        jobs: list[Callable[[], None]] = []
+        for index, target in pairs:
+            shard, item = self._locate_index(index)
+            if shard.items[item].dtype != target.dtype:
+                raise CorruptCheckpointError(
+                    f"{shard.where}: {index.fqn!r} is stored as {shard.items[item].dtype}, "
+                    f"the metadata says {target.dtype}"
+                )
+            if target.numel():
+                jobs.extend(shard.chunk_jobs(item, target.reshape(-1).view(torch.uint8).numpy()))
+            else:
+                jobs.extend(shard.chunk_jobs(item, np.empty(0, np.uint8)))
+        run_all(jobs, self._pool)  # the shards stay open for the rest of the load
 
     def _read(self, items: list[ReadItem], planner: LoadPlanner) -> None:
         jobs: list[Callable[[], None]] = []

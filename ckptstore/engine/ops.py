@@ -22,6 +22,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
+    MetadataIndex,
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.stateful import Stateful
@@ -162,7 +163,7 @@ def load_into(
     metadata = read_dcp_metadata(backend, name, manifest)
     keys = sorted(state_dict)
     target = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in state_dict.items()}
-    check_compatible(
+    flat, mappings = check_compatible(
         target,
         metadata,
         checkpoint_url(backend, name),
@@ -171,7 +172,10 @@ def load_into(
     )
     reader = CkptStorageReader(backend, name, manifest, metadata, pool)
     try:
-        driver.load(target, reader, SafeLoadPlanner(allow_partial_load=allow_partial), group)
+        if group is None:
+            _load_flat(flat, mappings, target, metadata, reader, allow_partial)
+        else:  # every rank takes DCP's path: its collectives pair the ranks' calls
+            driver.load(target, reader, SafeLoadPlanner(allow_partial_load=allow_partial), group)
     finally:
         reader.close()
     for key in keys:
@@ -183,6 +187,47 @@ def load_into(
     return manifest
 
 
+def _load_flat(
+    flat: dict[str, Any],
+    mappings: dict[str, Any],
+    target: dict[str, Any],
+    metadata: Metadata,
+    reader: CkptStorageReader,
+    allow_partial: bool,
+) -> None:
+    """One process's load: tensors stored whole that land unchanged in a contiguous CPU
+    tensor (the common case: same model, one process) are read straight in, without
+    DCP's per-item planning (~50 µs a tensor); the rest goes through DCP."""
+    stored = metadata.state_dict_metadata
+    exact: list[tuple[MetadataIndex, torch.Tensor]] = []
+    rest: dict[str, Any] = {}
+    for fqn, obj in flat.items():
+        md = stored.get(fqn)
+        if (
+            type(obj) in _PLAIN_TENSORS
+            and isinstance(md, TensorStorageMetadata)
+            and len(md.chunks) == 1
+            and obj.device.type == "cpu"
+            and obj.dtype == md.properties.dtype
+            and obj.size() == md.size == md.chunks[0].sizes
+            and not any(md.chunks[0].offsets)
+            and obj.is_contiguous()
+        ):
+            exact.append((MetadataIndex(fqn, md.chunks[0].offsets), obj))
+        else:
+            rest[fqn] = obj
+    reader.read_whole(exact)
+    if not rest:
+        return
+    driver.load(rest, reader, SafeLoadPlanner(allow_partial_load=allow_partial), None)
+    for fqn, obj in rest.items():
+        if not isinstance(obj, torch.Tensor):  # values are replaced, tensors filled in place
+            set_element(target, mappings[fqn], obj)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def check_compatible(
     target: dict[str, Any],
     metadata: Metadata,
@@ -190,8 +235,9 @@ def check_compatible(
     *,
     allow_partial: bool = False,
     allow_cast: bool = False,
-) -> None:
-    """Raise :class:`IncompatibleCheckpointError` listing how ``target`` differs.
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Raise :class:`IncompatibleCheckpointError` listing how ``target`` differs; else
+    return ``target`` flattened, with its mappings (:func:`flatten_checked`).
 
     Compared: keys the target has and the checkpoint lacks; shapes; tensor vs value; and
     keys the checkpoint holds inside a container that the target has but leaves empty
@@ -203,7 +249,7 @@ def check_compatible(
     difference too, unless ``allow_cast``: then loading converts. A widening (fp32 into
     fp64) converts without asking. Meta tensors cannot be loaded into.
     """
-    flat, _ = flatten_checked(target)
+    flat, mappings = flatten_checked(target)
     meta = [fqn for fqn, obj in flat.items() if isinstance(obj, torch.Tensor) and obj.is_meta]
     if meta:
         raise UnsupportedStateError(
@@ -265,7 +311,7 @@ def check_compatible(
 
     skipped = sorted(k for k in set(stored) - set(flat) if lands_in_empty_container(k))
     if not missing and not differ and not cast and (allow_partial or not skipped):
-        return
+        return flat, mappings
     parts = []
     if cast:
         parts.append(f"{len(cast)} dtype difference(s) ({_first(cast)})")

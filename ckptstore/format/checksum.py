@@ -8,6 +8,7 @@ sums too. Refusing to run code from a checkpoint is the unpickler's job, not thi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,7 +30,8 @@ def digest_parts(parts: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
+_DIGEST = re.compile(r"[0-9a-f]{16}")
+
+
 def is_digest(value: object) -> bool:
-    return (
-        isinstance(value, str) and len(value) == 16 and all(c in "0123456789abcdef" for c in value)
-    )
+    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
