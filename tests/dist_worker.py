@@ -461,6 +461,14 @@ def scenario_save_plain_dcp(ckpts: str, rank: int, world: int) -> None:
     dcp.save(sharded(full_state(0), mesh), checkpoint_id=os.path.join(ckpts, "plain-dcp"))
 
 
+def scenario_dcp_ported(ckpts: str, rank: int, world: int) -> None:
+    """The multi-rank cases ported from PyTorch's DCP tests (tests/dcp_ported_worker.py);
+    each records its own result, so one failing case does not hide the others."""
+    from dcp_ported_worker import run_all
+
+    run_all(ckpts, rank, world)
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)
