@@ -6,8 +6,9 @@ re-stated against ckptstore, each run two ways where both make sense:
 - ``ckptstore``: ``ckptstore.save`` / ``ckptstore.load``.
 
 The scenarios, shapes and assertions are upstream's; the code is ours. Upstream saves
-again and again into one directory; ckptstore never overwrites a committed checkpoint,
-so each save here goes to a fresh path. Multi-rank cases (gloo, CPU) run in one launch
+again and again into one directory; ckptstore overwrites a committed checkpoint only
+with ``overwrite=True``, so each save here goes to a fresh path unless the case is
+about overwriting. Multi-rank cases (gloo, CPU) run in one launch
 of two ranks (``dcp_ported_worker.py``), each case recording its own result.
 
 Upstream case (file::test)                                   here
@@ -37,7 +38,7 @@ test_checkpoint::test_load_error_handling                    [2 ranks] every_ran
 test_checkpoint::test_save_error_handling_no_dist            test_a_save_that_fails_*
 test_checkpoint::test_load_error_handling_no_dist            test_a_load_that_fails_*
 test_fsspec::test_fsspec                                     test_model_and_adam_through_an_fsspec_*
-test_fsspec::test_overwrite                                  test_overwrite_* (xfail) + refusal
+test_fsspec::test_overwrite                                  test_overwrite_* + refusal
 test_fsspec::TestFileSystem::test_remove_on_fail             test_a_save_that_fails_midway_*
 test_dtensor_checkpoint::test_distributed_tensor_planner     [2 ranks] dtensor_model_with_extra_state
 test_dtensor_resharding::test_1d_to_1d_reshard_placement_... [2 ranks] 1d_to_1d_reshard_...
@@ -60,16 +61,16 @@ e2e/test_e2e_save_and_load::test_e2e (sync, async thread)    test_train_save_loa
   ::test_no_dist                                             test_an_empty_state_dict_*
   ::test_partial_load                                        test_loading_part_of_a_checkpoint_*
   ::test_different_ordered_state_dict_keys                   [2 ranks] different_ordered_state_...
-  ::test_overwrite                                           test_overwrite_* (xfail) + refusal
+  ::test_overwrite                                           test_overwrite_* + refusal
   ::test_init_state_dict                                     test_loading_is_in_place_*
 
 Already in tests/test_dcp_api.py (not repeated): the "Checkpoint already exists" half of
 test_fsspec::test_overwrite through the writer, a BytesIO value through the writer, a
 reused writer with ``checkpoint_id=``, a pickled writer.
 
-Deliberate differences (asserted as refusals, with their messages): ckptstore never
-overwrites a committed checkpoint; ``ckptstore.load`` never unpickles outside torch's
-``weights_only`` allowlist (``ckptstore.save`` refuses such values up front); and it
+Deliberate differences (asserted as refusals, with their messages): ckptstore
+overwrites a committed checkpoint only when asked (``overwrite=True``);
+``ckptstore.load`` never unpickles outside torch's ``weights_only`` allowlist (``ckptstore.save`` refuses such values up front); and it
 refuses a narrowing dtype cast unless ``allow_cast=True`` (DCP's default casts silently).
 """
 
@@ -492,7 +493,6 @@ def test_model_and_adam_through_an_fsspec_url(way):
     assert torch.equal(first["exp_avg_sq"], first_2["exp_avg_sq"])
 
 
-@pytest.mark.xfail(strict=True, reason="overwrite=True not implemented")
 def test_overwrite_replaces_a_committed_checkpoint_when_asked(tmp_path):
     t1, t2 = torch.randn(10), torch.randn(10)
     dcp.save({"random": t1}, storage_writer=StorageWriter(tmp_path / "c", overwrite=False))
@@ -502,7 +502,6 @@ def test_overwrite_replaces_a_committed_checkpoint_when_asked(tmp_path):
     assert torch.equal(target["random"], t2)
 
 
-@pytest.mark.xfail(strict=True, reason="overwrite=True not implemented")
 def test_overwrite_through_checkpoint_id_on_a_reused_writer(tmp_path):
     t1, t2 = torch.randn(10), torch.randn(10)
     dcp.save({"random": t1}, checkpoint_id=tmp_path / "c", storage_writer=StorageWriter())
@@ -516,8 +515,9 @@ def test_overwrite_through_checkpoint_id_on_a_reused_writer(tmp_path):
     assert torch.equal(target["random"], t2)
 
 
-def test_ckptstore_save_never_overwrites_a_committed_checkpoint(tmp_path):
-    """Deliberate: upstream's "Checkpoint already exists", without an overwrite switch."""
+def test_ckptstore_save_overwrites_a_committed_checkpoint_only_when_asked(tmp_path):
+    """Deliberate: upstream's "Checkpoint already exists" unless overwrite=True (DCP's
+    writer overwrites by default; ckptstore asks)."""
     t1 = torch.randn(10)
     ckptstore.save({"random": t1}, tmp_path / "c")
     with pytest.raises(CheckpointExistsError, match="already committed"):
@@ -525,6 +525,10 @@ def test_ckptstore_save_never_overwrites_a_committed_checkpoint(tmp_path):
     target = {"random": torch.zeros(10)}
     ckptstore.load(target, tmp_path / "c")
     assert torch.equal(target["random"], t1)
+    t2 = torch.randn(10)
+    ckptstore.save({"random": t2}, tmp_path / "c", overwrite=True)
+    ckptstore.load(target, tmp_path / "c")
+    assert torch.equal(target["random"], t2)
 
 
 @pytest.mark.parametrize("way", WAYS)
@@ -933,20 +937,7 @@ MULTI_RANK = [
     "async_process_save_fails_then_serves_again",
 ]
 NOT_A_WAY = {("async_process_save_fails_then_serves_again", "ckptstore")}
-KNOWN: dict[tuple[str, str], Any] = {
-    ("list_stored_state_dict_metadata", "ckptstore"): pytest.mark.xfail(
-        strict=True,
-        reason="ckptstore.save refuses an io.BytesIO value (UnsupportedStateError: "
-        "'is a _io.BytesIO, which could not be loaded back without unpickling arbitrary "
-        "code'), though DCP stores BytesIO as raw bytes and StorageWriter does",
-    ),
-    ("one_rank_fails_to_save", "ckptstore"): pytest.mark.xfail(
-        run=False,
-        reason="hangs: ckptstore.save stages before its first collective, and a rank whose "
-        "staging fails (UnsupportedStateError) raises alone while the other ranks wait "
-        "in the collective for ever (DCP reports it to every rank as CheckpointException)",
-    ),
-}
+KNOWN: dict[tuple[str, str], Any] = {}
 
 
 @pytest.fixture(scope="module")

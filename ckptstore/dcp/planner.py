@@ -79,6 +79,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             raise CorruptCheckpointError(
                 f"value {fqn!r} does not load: {type(exc).__name__}: {_first_line(exc)}"
             ) from None
+        if isinstance(obj, bytes) and isinstance(self.state_dict.get(fqn), io.BytesIO):
+            obj = io.BytesIO(obj)  # a BytesIO was saved as its bytes; into one it goes back
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:

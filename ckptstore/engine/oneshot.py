@@ -32,7 +32,7 @@ from ckptstore.engine.ops import (
     read_manifest,
     save_staged,
 )
-from ckptstore.engine.stager import stage_in_place
+from ckptstore.engine.stager import StagedState, stage_in_place
 from ckptstore.errors import CheckpointNotFoundError, InvalidArgumentError
 from ckptstore.layout import STEP_NAME, split_checkpoint_path
 from ckptstore.storage import StorageBackend, open_backend, replace
@@ -90,26 +90,38 @@ def save(
         if codec == "auto"
         else get_codec(codec)
     )
-    staged = stage_in_place(state_dict)
+    failure: Exception | None = None
+    try:
+        staged = stage_in_place(state_dict)
+    except Exception as exc:  # the other ranks must hear of it, not wait for this one
+        failure, staged = exc, StagedState({}, {}, None, 0, 0, 0.0)
     with (
         _group(process_group, no_dist) as group,
         ThreadPoolExecutor(n_threads, thread_name_prefix="ckptstore-codec") as pool,
     ):
-        save_staged(
-            staged,
-            backend,
-            name,
-            SaveSpec(
-                chosen,
-                step=step,
-                window=io_window(n_threads),
-                metadata=user_md,
-                manifest_key=key,
-                overwrite=overwrite,
-            ),
-            pool=pool,
-            group=group,
-        )
+        if failure is not None and group is None:
+            raise failure
+        try:
+            save_staged(
+                staged,
+                backend,
+                name,
+                SaveSpec(
+                    chosen,
+                    step=step,
+                    window=io_window(n_threads),
+                    metadata=user_md,
+                    manifest_key=key,
+                    overwrite=overwrite,
+                ),
+                pool=pool,
+                group=group,
+                failure=None if failure is None else f"{type(failure).__name__}: {failure}",
+            )
+        except Exception:
+            if failure is not None:  # this rank's own error, not the save's echo of it
+                raise failure from None
+            raise
     manifest = read_manifest(backend, name, manifest_key=key)
     return CheckpointInfo(name, f"{backend.url}/{name}", manifest)
 

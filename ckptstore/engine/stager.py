@@ -336,6 +336,10 @@ def stage_in_place(state_dict: dict[str, Any]) -> StagedState:
 
 
 def _serialize(fqn: str, value: Any) -> SerializedValue:
+    if isinstance(value, io.BytesIO):
+        # DCP's convention for opaque bytes (torchtitan's train state): stored as the
+        # bytes it holds, loaded back into the target's BytesIO (SafeLoadPlanner).
+        value = value.getvalue()
     buf = io.BytesIO()
     try:
         torch.save(value, buf)
