@@ -365,6 +365,44 @@ def scenario_manager_clocks(ckpts: str, rank: int, world: int) -> None:
     print(f"SAVED {steps}", flush=True)
 
 
+def scenario_manager_no_blocking_agreement(ckpts: str, rank: int, world: int) -> None:
+    """Steps agree without a blocking collective: each maybe_save starts one asynchronous
+    all-reduce (collected at the next step) and waits on none; saves every 5 steps are
+    taken at once on every rank, a time-based one a step after it fell due."""
+    import time
+
+    calls: list[bool] = []
+    real = torch.distributed.all_reduce
+
+    def counting(*args, async_op=False, **kw):
+        calls.append(async_op)
+        return real(*args, async_op=async_op, **kw)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    state = ckptstore.TrainState(model=model, optimizer=opt)
+    policy = ckptstore.AnyOf(ckptstore.SaveEvery(steps=5), ckptstore.SaveEvery(seconds=3600))
+    with ckptstore.CheckpointManager(os.path.join(ckpts, "mgr"), save=policy) as mgr:
+        torch.distributed.all_reduce = counting
+        try:
+            for step in range(12):
+                model(torch.ones(2, 4)).sum().backward()
+                opt.step()
+                mgr.maybe_save(step, state)
+        finally:
+            torch.distributed.all_reduce = real
+        mgr.wait()
+        assert [c.step for c in mgr.list()] == [5, 10], mgr.list()
+        assert calls == [True] * 12, calls  # one per step, none blocking
+        mgr.save_policy = ckptstore.SaveEvery(seconds=0.2)
+        time.sleep(0.3 if rank == 0 else 0.0)  # due on rank 0 only: agreed, taken at 14
+        mgr.maybe_save(12, state)
+        mgr.maybe_save(13, state)
+        mgr.wait()
+        assert [c.step for c in mgr.list()] == [5, 10, 14], mgr.list()
+
+
 def scenario_manager_abort(ckpts: str, rank: int, world: int) -> None:
     """Rank 1's loop fails: rank 0 stops at its next step instead of waiting forever."""
     torch.manual_seed(0)

@@ -95,6 +95,10 @@ def test_time_based_saves_are_agreed_between_ranks(tmp_path):
     run_ranks("manager_clocks", str(tmp_path), 2)
 
 
+def test_steps_agree_without_a_blocking_collective(tmp_path):
+    run_ranks("manager_no_blocking_agreement", str(tmp_path), 2)
+
+
 def test_a_failing_rank_stops_the_others_instead_of_hanging(tmp_path):
     results = spawn_ranks("manager_abort", str(tmp_path), 2, timeout=120)
     outs = [out for _, out in results]

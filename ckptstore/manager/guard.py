@@ -105,6 +105,13 @@ class GuardMixin:
                 signal.signal(signum, handler)
 
     def _complete(self, state: Resumable | dict[str, Any]) -> None:
+        if self._control is not None:
+            # Every rank, once more, before the final save's collectives: a rank whose
+            # loop failed after the last step's agreement is waiting in this one.
+            _, stop = self._agree(None, None)
+            if stop == ABORT:
+                self.wait_quietly()
+                raise RankFailedError("another rank's training loop failed: stopping this one too")
         if self.enabled and self._last_done is not None:
             if self._last_saved != self._last_done:
                 self._save(self._last_done, state, FINAL, None, self._last_metrics)

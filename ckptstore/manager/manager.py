@@ -58,7 +58,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from ckptstore.config import BackupConfig, ManagerConfig, manager_configs
@@ -76,11 +75,10 @@ from ckptstore.errors import (
 from ckptstore.format.manifest import new_run_id
 from ckptstore.layout import LATEST_FILE, checkpoint_name
 from ckptstore.manager import lease, pointer, retention
+from ckptstore.manager.agreement import StepAgreement
 from ckptstore.manager.guard import ABORT, GuardMixin
 from ckptstore.manager.listing import ManagedCheckpoint, describe
 from ckptstore.manager.policies import (
-    EPOCH,
-    INTERVAL,
     MANUAL,
     SIGNAL,
     CheckpointRecord,
@@ -90,6 +88,7 @@ from ckptstore.manager.policies import (
     SavePolicy,
     find_policy,
     forever_parts,
+    split_by_agreement,
 )
 from ckptstore.manager.replicate import BackupStatus, Replicator
 from ckptstore.manager.restore import RestoreMixin
@@ -98,11 +97,6 @@ from ckptstore.manager.visible import show_progress_by_default
 from ckptstore.storage import StorageBackend, open_backend
 
 log = logging.getLogger("ckptstore")
-
-# Parts of a Resumable whose shape only the checkpoint knows: loaded as stored.
-# What the ranks agree on every step: a save reason (by code), and a stop code.
-_REASON_CODES = {None: 0, INTERVAL: 1, EPOCH: 2}
-_CODE_REASONS = {v: k for k, v in _REASON_CODES.items()}
 
 
 class CheckpointManager(RestoreMixin, GuardMixin):
@@ -189,6 +183,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._control = groups.dedicated_gloo_group(process_group)
         self._rank = groups.rank(self._control)
         self._world = groups.world_size(self._control)
+        self._agreement = StepAgreement(self._control) if self._control is not None else None
         # Pointer updates and pruning: off the writer thread, in commit order.
         self._housekeeping = (
             ThreadPoolExecutor(1, thread_name_prefix="ckptstore-housekeeping")
@@ -289,18 +284,26 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             state.epoch = epoch if epoch is not None else state.epoch
             track_best(state, metrics, self.best_metric, self.best_mode)
             self._boundary = state.boundary()
-        reason = None
+        reason = other = None  # other: a reason the ranks may not all see at this step
         if self.enabled and self.save_policy is not None and self._last_saved != steps_done:
-            reason = self.save_policy.should_save(
-                SaveContext(
-                    steps_done=steps_done,
-                    epoch=epoch,
-                    end_of_epoch=end_of_epoch,
-                    elapsed_s=time.monotonic() - self._last_save_time,
-                    last_saved_step=self._last_saved,
-                )
+            ctx = SaveContext(
+                steps_done=steps_done,
+                epoch=epoch,
+                end_of_epoch=end_of_epoch,
+                elapsed_s=time.monotonic() - self._last_save_time,
+                last_saved_step=self._last_saved,
             )
-        reason, stop = self._agree(reason, self._stop)
+            alike, others = split_by_agreement(self.save_policy, self._agreement is None)
+            reason = alike.should_save(ctx) if alike is not None else None
+            other = others.should_save(ctx) if others is not None else None
+        if self._agreement is None:
+            stop = self._stop
+        else:  # agreed one step late, without waiting on the ring: manager/agreement.py
+            late, stop = self._agreement.collect()
+            if late is not None and self._last_saved != steps_done:
+                reason = reason or late
+            if stop is None:  # (a stop ends the run at this step: nothing more to agree)
+                self._agreement.start(None if reason else other, self._stop)
         if stop == ABORT:
             raise RankFailedError("another rank's training loop failed: stopping this one too")
         if stop is not None:
@@ -410,11 +413,9 @@ class CheckpointManager(RestoreMixin, GuardMixin):
     # ---- agreement between ranks ------------------------------------------------------
     def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]:
         """Every rank's save reason and stop code, agreed (the largest wins)."""
-        if self._control is None:
+        if self._agreement is None:
             return reason, stop
-        flags = torch.tensor([_REASON_CODES.get(reason, 1), stop or 0], dtype=torch.int64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control)
-        return _CODE_REASONS[int(flags[0])], int(flags[1]) or None
+        return self._agreement.now(reason, stop)
 
     # ---- retention ------------------------------------------------------------------
     def _records(self, infos: builtins.list[CheckpointInfo]) -> builtins.list[CheckpointRecord]:
@@ -508,6 +509,9 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                     self._backup.close(wait=False)
                 if self._housekeeping is not None:
                     self._housekeeping.shutdown(wait=True)
+                if self._agreement is not None:  # the last step's, which every rank began
+                    with contextlib.suppress(Exception):
+                        self._agreement.collect(timeout_s=60)
                 groups.release(self._control)
                 if self._lease is not None:
                     self._lease.release()

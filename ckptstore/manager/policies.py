@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ckptstore.errors import InvalidArgumentError, InvalidArgumentTypeError
 
@@ -255,3 +255,32 @@ def forever_parts(policy: object) -> list[RetentionPolicy]:
             out += forever_parts(p)
         return out
     return []
+
+
+def split_by_agreement(
+    policy: SavePolicy, one_rank: bool = False
+) -> tuple[SavePolicy | None, SavePolicy | None]:
+    """``policy`` as (the part every rank answers alike from the step and epoch alone,
+    the rest). With several ranks the rest (``SaveEvery(seconds=)``, a policy of the
+    user's own unless it sets ``same_on_every_rank = True``) is agreed between the ranks
+    and acted on one step late; the first part at once. ``one_rank``: all of it at once."""
+    if one_rank:
+        return policy, None
+    parts = list(policy.policies) if isinstance(policy, AnyOf) else [policy]
+    alike = [p for p in parts if _alike(p)]
+    others = [p for p in parts if not _alike(p)]
+
+    def join(ps: list[Any]) -> SavePolicy | None:
+        return None if not ps else ps[0] if len(ps) == 1 else AnyOf(*ps)
+
+    return join(alike), join(others)
+
+
+def _alike(policy: Any) -> bool:
+    if isinstance(policy, SaveEvery):
+        return policy.seconds is None
+    if isinstance(policy, SaveAt):
+        return True
+    if isinstance(policy, AnyOf):
+        return all(_alike(p) for p in policy.policies)
+    return getattr(policy, "same_on_every_rank", False) is True
