@@ -5,9 +5,10 @@
 A compute loop (384x384 fp32 matrix multiplies on ``--compute-threads`` torch threads,
 standing for a CPU-bound training step) runs alone for ``--interference-alone-s``, then
 while a save of the state (8 fp32 tensors, ``--interference-size`` in all) runs in the
-background, until that save is durable (after one save of each, not counted). Reported per contender: the loop's speed
-during the save as a fraction of its speed alone just before (1.0: the save cost the
-loop nothing), and how long the save took. Contenders: ckptstore
+background until that save is durable, then alone again as long (after one save of
+each, not counted). Reported per contender: the loop's speed during the save as a
+fraction of the mean of its speeds alone before and after (1.0: the save cost the loop
+nothing), and how long the save took. Contenders: ckptstore
 ``Checkpointer.save_async`` with codecs none, zstd and auto; DCP ``async_save``;
 ``torch.save`` + fsync in a thread. Rounds alternate the contenders; medians reported.
 
@@ -145,20 +146,27 @@ def run(
     for rnd in range(rounds):
         for name, start in start_of.items():
             path = os.path.join(directory, f"{name}-{rnd}")
-            alone = compute_rate(lambda: True, alone_s)
+            before = compute_rate(lambda: True, alone_s)
             t0 = time.perf_counter()
             done = start(path)
             during = compute_rate(done, 0.0)
             took = time.perf_counter() - t0
+            shutil.rmtree(path, ignore_errors=True)
+            after = compute_rate(lambda: True, alone_s)
+            # Alone is measured on both sides of the save: on a machine that others use
+            # too, the loop's own speed drifts, and its mean is nearer what it would have
+            # done during the save than either side alone.
+            alone = (before + after) / 2
             runs[name].append(
                 {
+                    "alone_before_per_s": before,
+                    "alone_after_per_s": after,
                     "alone_per_s": alone,
                     "during_per_s": during,
                     "fraction": during / alone,
                     "save_s": took,
                 }
             )
-            shutil.rmtree(path, ignore_errors=True)
             print(
                 f"  round {rnd + 1}/{rounds} {name}: loop at {during / alone:.0%} of alone, "
                 f"save {took:.2f} s",

@@ -137,8 +137,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--interference-alone-s",
         type=float,
-        default=3.0,
-        help="seconds the loop runs alone before each save (%(default)s)",
+        default=2.0,
+        help="seconds the loop runs alone before and after each save (%(default)s)",
     )
     ap.add_argument(
         "--compute-threads",
