@@ -261,7 +261,8 @@ def test_interference_reports_a_fraction_per_contender(tmp_path, capsys):
         assert len(runs) == 2
         for r in runs:  # tiny saves: bounds, not timings
             assert 0 < r["fraction"] <= 1.5, (name, r)
-            assert r["save_s"] > 0 and r["alone_per_s"] > 0
+            assert r["save_s"] >= r["during_s"] > 0 and r["alone_per_s"] > 0
+            assert r["lost_loop_s"] == pytest.approx(r["during_s"] * (1 - r["fraction"]))
     printed = capsys.readouterr().out
     assert "ckptstore_none" in printed and "(target >= 75%" in printed
     assert "| ckptstore_none |" in _read(path[: -len(".json")] + ".md")
