@@ -185,6 +185,8 @@ def test_a_contender_that_is_not_installed_is_listed_as_skipped(tmp_path):
         (["--storage-option", "endpoint_url"], "KEY=VALUE"),
         (["--tensors", "0"], "--tensors wants positive counts"),
         (["--tensors", "many"], "invalid literal"),
+        (["--interference", "--interference-size", "big"], "--interference-size wants a size"),
+        (["--interference", "--only", "safetensors"], "unknown --only name"),
     ],
 )
 def test_bad_arguments_say_what_to_do(args, message, tmp_path, capsys):
@@ -236,3 +238,32 @@ def test_the_recorded_command_carries_no_credentials():
     )  # fmt: skip
     assert "s3cr3t" not in line and "AKIA" not in line
     assert "endpoint_url=http://127.0.0.1:9" in line and "s3://bucket/p" in line
+
+
+def test_interference_reports_a_fraction_per_contender(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--interference", "--interference-size", "2MB", "--interference-rounds", "2"]
+    args += ["--interference-alone-s", "0.1", "--compute-threads", "1"]
+    assert main([*args, "--target", str(tmp_path / "data"), "--out", str(out)]) == 0
+    [path] = glob.glob(str(out / "interference-*.json"))
+    payload = json.loads(_read(path))
+    assert payload["benchmark"] == "interference"
+    assert payload["command"].startswith("ckptstore bench --interference")
+    result = payload["result"]
+    assert result["compute_threads"] == 1 and result["rounds"] == 2
+    assert result["state_bytes"] == 2_000_000
+    assert len(result["load_avg_before"]) == 3 and len(result["load_avg_after"]) == 3
+    assert result["target"] == {"contender": "ckptstore_none", "fraction": 0.75}
+    assert set(result["medians"]) == {
+        "ckptstore_none", "ckptstore_zstd", "ckptstore_auto", "dcp_async_save", "torch_save_thread"
+    }  # fmt: skip
+    for name, runs in result["runs"].items():
+        assert len(runs) == 2
+        for r in runs:  # tiny saves: bounds, not timings
+            assert 0 < r["fraction"] <= 1.5, (name, r)
+            assert r["save_s"] >= r["during_s"] > 0 and r["alone_per_s"] > 0
+            assert r["lost_loop_s"] == pytest.approx(r["during_s"] * (1 - r["fraction"]))
+    printed = capsys.readouterr().out
+    assert "ckptstore_none" in printed and "(target >= 75%" in printed
+    assert "| ckptstore_none |" in _read(path[: -len(".json")] + ".md")
+    assert not list((tmp_path / "data").iterdir())  # its checkpoints were removed

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
+import threading
 
 import pytest
 import torch
 
 import ckptstore
+from ckptstore import config
 from ckptstore.config import MANIFEST_KEY_ENV
 
 
@@ -47,6 +51,38 @@ def test_configs_are_frozen_and_validated_when_made():
         ckptstore.BackupConfig(url="")
     with pytest.raises(ValueError, match="max_queued"):
         ckptstore.BackupConfig(url="s3://b/p", max_queued=0)
+
+
+def test_threads_default_leaves_torchs_intra_op_threads_their_cores(monkeypatch):
+    monkeypatch.setattr(config, "default_threads", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert ckptstore.CheckpointerConfig().resolved_threads == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert ckptstore.CheckpointerConfig().resolved_threads == 1  # never 0
+    assert ckptstore.CheckpointerConfig(threads=3).resolved_threads == 3
+
+
+@pytest.mark.parametrize("nice", [-1, 20, 1.5, True, "5"])
+def test_worker_nice_is_checked(nice):
+    with pytest.raises(ValueError, match="worker_nice must be an int from 0 to 19"):
+        ckptstore.CheckpointerConfig(worker_nice=nice)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+@pytest.mark.parametrize("nice", [0, 7])
+def test_codec_threads_run_at_a_lower_priority_the_writer_does_not(tmp_path, nice):
+    def niceness(t: threading.Thread) -> int:
+        assert t.native_id is not None
+        return os.getpriority(os.PRIO_PROCESS, t.native_id)
+
+    caller = niceness(threading.current_thread())
+    with ckptstore.Checkpointer(tmp_path, codec="none", threads=2, worker_nice=nice) as ckpt:
+        ckpt.save({"w": torch.randn(1 << 20)}, 1)  # starts the codec threads
+        alive = {t.name: niceness(t) for t in threading.enumerate()}
+    codec = {v for k, v in alive.items() if k.startswith("ckptstore-codec")}
+    writer = {v for k, v in alive.items() if k.startswith("ckptstore-writer")}
+    assert codec == {min(19, caller + nice)} and writer == {caller}
+    assert niceness(threading.current_thread()) == caller
 
 
 def test_the_manifest_key_comes_from_the_environment_once(monkeypatch):

@@ -6,6 +6,7 @@
     ckptstore bench --all                            # + scaling (sizes, ranks) + codec study
     ckptstore bench --smoke                          # tiny sizes, 1 run: checks it all works
     ckptstore bench --tensors 1000,10000,40000       # many small tensors instead (issue 15)
+    ckptstore bench --interference                   # the CPU a save takes from training (issue 15)
 
 The workload is a GPT-style model and its AdamW state after real optimizer steps on real
 text (``--size``: a byte size such as 250MB or 2GB, or a named config), in fp32 or bf16.
@@ -88,7 +89,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--only", default="", help="comma-separated contender names (default: all)")
     ap.add_argument("--out", default="bench-results", help="directory for JSON, table and plots")
     ap.add_argument(
-        "--threads", type=int, default=None, help="ckptstore worker threads (default: every core)"
+        "--threads",
+        type=int,
+        default=None,
+        help="ckptstore worker threads (default: CheckpointerConfig's threads=None)",
     )
     ap.add_argument(
         "--scaling",
@@ -118,6 +122,30 @@ def parser() -> argparse.ArgumentParser:
         help="instead of the GPT workload: states of N small fp32 tensors (64-2,048 elements) "
         "each, against torch.save and DCP, with µs per tensor (ckptstore.bench.manytensors)",
     )
+    ap.add_argument(
+        "--interference",
+        action="store_true",
+        help="instead of the GPT workload: a compute loop's speed while a save runs in the "
+        "background, against its speed alone (ckptstore.bench.interference)",
+    )
+    ap.add_argument(
+        "--interference-size", default="512MB", help="state saved by --interference (%(default)s)"
+    )
+    ap.add_argument(
+        "--interference-rounds", type=int, default=3, help="interleaved rounds (%(default)s)"
+    )
+    ap.add_argument(
+        "--interference-alone-s",
+        type=float,
+        default=2.0,
+        help="seconds the loop runs alone before and after each save (%(default)s)",
+    )
+    ap.add_argument(
+        "--compute-threads",
+        type=int,
+        default=2,
+        help="torch threads of the --interference compute loop (%(default)s)",
+    )
     ap.add_argument("--no-plots", action="store_true")
     return ap
 
@@ -142,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--tensors wants positive counts")
         options = _options(args.storage_option)
         names = [n for n in args.only.split(",") if n] or None
-        if names is not None:
+        if args.interference:
+            _check_interference(args, names)
+        elif names is not None:
             cont.check_names(names)
         for s in [args.size, *args.scaling_sizes.split(","), args.ranks_size]:
             if s != "minilm":
@@ -152,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
     try:
+        if args.interference:
+            return _interference(args, options, names)
         if counts:
             return _many_tensors(args, options, counts)
         return _main(args, options, names)
@@ -261,6 +293,68 @@ def _many_tensors(args: argparse.Namespace, options: dict[str, Any], counts: lis
     with open(path[: -len(".json")] + ".md", "w") as f:
         f.write(table)
     print("\n" + table)
+    print(f"results: {path}")
+    return 0
+
+
+def _check_interference(args: argparse.Namespace, names: list[str] | None) -> None:
+    from ckptstore.bench.common import parse_size
+    from ckptstore.bench.interference import NAMES
+
+    if args.smoke:
+        given = {a.split("=", 1)[0] for a in args.argv}
+        if "--interference-size" not in given:
+            args.interference_size = "4MB"
+        if "--interference-rounds" not in given:
+            args.interference_rounds = 1
+        if "--interference-alone-s" not in given:
+            args.interference_alone_s = 0.2
+    size = parse_size(args.interference_size)
+    if size is None or size < 1:
+        raise ValueError(
+            f"--interference-size wants a size such as 512MB, got {args.interference_size!r}"
+        )
+    args.interference_bytes = size
+    if args.interference_rounds < 1 or args.compute_threads < 1:
+        raise ValueError("--interference-rounds and --compute-threads must be at least 1")
+    if args.interference_alone_s <= 0:
+        raise ValueError("--interference-alone-s must be positive")
+    unknown = sorted(set(names or []) - set(NAMES))
+    if unknown:
+        raise ValueError(f"unknown --only name(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
+
+
+def _interference(
+    args: argparse.Namespace, options: dict[str, Any], names: list[str] | None
+) -> int:
+    from ckptstore.bench import interference
+
+    payload: dict[str, Any] = {"benchmark": "interference", "command": command_line(args.argv)}
+    payload["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    with _run_dir(args.target, options) as target:
+        if not target.local:
+            raise BenchError("--interference saves to a local --target only")
+        payload["machine"] = machine_info(target.url)
+        print(
+            f"\n== interference: a loop on {args.compute_threads} torch thread(s) while "
+            f"{args.interference_bytes / 1e6:.0f} MB are saved ==",
+            flush=True,
+        )
+        payload["result"] = interference.run(
+            target.url,
+            nbytes=args.interference_bytes,
+            rounds=args.interference_rounds,
+            compute_threads=args.compute_threads,
+            alone_s=args.interference_alone_s,
+            threads=args.threads,
+            names=names,
+        )
+    path = write_json(args.out, "interference", payload)
+    with open(path[: -len(".json")] + ".md", "w") as f:
+        f.write(interference.markdown(payload["result"]))
+    print()
+    for line in interference.lines(payload["result"]):
+        print(line)
     print(f"results: {path}")
     return 0
 

@@ -44,6 +44,7 @@ from ckptstore.engine.ops import (
     verify,
 )
 from ckptstore.engine.pending import ErrorLedger, PendingSave, SaveResult
+from ckptstore.engine.priority import lower_thread_priority
 from ckptstore.engine.stager import StagedState, StagingPool
 from ckptstore.errors import (
     CheckpointerClosedError,
@@ -110,7 +111,16 @@ class Checkpointer:
         self._group = groups.dedicated_gloo_group(process_group)
         self._rank = groups.rank(self._group)
         threads = self._threads = self.config.resolved_threads
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-codec")
+        # The codec pool (encoding, hashing) runs below the caller's priority, so that a
+        # busy training loop gets the cores first. The writer thread does not: with
+        # overlap_copy, optimizer.step() waits for the copy it makes, and its I/O
+        # pipeline would stall behind every wake-up.
+        self._pool = ThreadPoolExecutor(
+            threads,
+            "ckptstore-codec",
+            initializer=lower_thread_priority,
+            initargs=(self.config.worker_nice,),
+        )
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptstore-writer")
         self._staging = StagingPool(
             slots=self.config.max_inflight,
