@@ -80,16 +80,11 @@ class _Stored:
 
 
 class _Source:
-    def __init__(
-        self,
-        backend: StorageBackend,
-        name: str,
-        manifest: Manifest,
-        metadata: Metadata,
-        threads: int,
-    ) -> None:
-        self.where = (backend, name, manifest, metadata, threads)
-        self.metadata = metadata
+    """Where the tensors come from: ``load_flat``'s arguments after ``flat``."""
+
+    def __init__(self, where: tuple[StorageBackend, str, Manifest, Metadata, int]) -> None:
+        self.where = where
+        self.metadata = where[3]
         self._read: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
@@ -180,5 +175,5 @@ def open_lazy(
         small = empty_flat(metadata, values)
         load_flat(small, backend, name, manifest, metadata, threads)
         flat.update(small)
-    source = _Source(backend, name, manifest, metadata, threads)
+    source = _Source((backend, name, manifest, metadata, threads))
     return LazyStateDict(nest(metadata, flat), source)
