@@ -138,3 +138,27 @@ def test_restore_takes_allow_partial_and_allow_cast(tmp_path):
             mgr.restore(half)
         assert mgr.restore(half, allow_cast=True) == 1
     assert half["x"].dtype == torch.float16 and half["x"][2] == torch.tensor(3.1).half()
+
+
+def test_a_rank_the_saved_run_did_not_have_gets_derived_generators(tmp_path, monkeypatch):
+    """Resuming on more ranks: rank 3 of a run saved by one rank gets generators seeded
+    from rank 0's saved state and its rank: the same on every resume, not rank 0's."""
+    from ckptstore.integrations import trainstate
+
+    model = torch.nn.Linear(2, 2)
+    torch.manual_seed(1)
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(0, TrainState(model=model))
+        mgr.wait()
+    rank0_next = torch.rand(3)  # what rank 0's restored generator draws first
+    monkeypatch.setattr(trainstate, "_rank", lambda: 3)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(99)
+        with CheckpointManager(tmp_path) as mgr:
+            assert mgr.restore(TrainState(model=model)) == 1
+        draws.append((torch.rand(3), random.random(), np.random.random()))
+    assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1:] == draws[1][1:]
+    assert not torch.equal(draws[0][0], rank0_next)
+    torch.manual_seed(99)
+    assert not torch.equal(draws[0][0], torch.rand(3))  # set by the restore, not left alone

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import xxhash
 from torch import nn
 from torch.distributed.checkpoint.metadata import Metadata
 
@@ -193,9 +194,12 @@ class TrainState:
             self.extras = _restored_extras(mine, self.extras)
         elif "extras" in sd:  # written before extras were kept per rank
             self.extras = _restored_extras(sd["extras"], self.extras)
-        rngs = (sd.get("rng") or {}).get(f"rank{_rank()}")
+        saved = sd.get("rng") or {}
+        rngs = saved.get(f"rank{_rank()}")
         if self.rng and rngs:
             set_rng_state(rngs)
+        elif self.rng and saved.get("rank0"):
+            seed_new_rank(saved["rank0"], _rank())
 
     def load_target(self, metadata: Metadata) -> dict[str, Any]:
         """What to load a checkpoint with DCP ``metadata`` into: :meth:`state_dict`, with
@@ -223,10 +227,14 @@ class TrainState:
         if self.rng and not fill_from_checkpoint(
             target, metadata, lambda p: p[:2] == ("rng", mine)
         ):
-            log.warning(
-                "the checkpoint has no generator state for %s (saved on fewer ranks?): not restored",
-                mine,
-            )
+            if fill_from_checkpoint(target, metadata, lambda p: p[:2] == ("rng", "rank0")):
+                log.info(
+                    "the checkpoint has no generator state for %s (saved on fewer ranks): "
+                    "seeded from rank 0's and the rank number",
+                    mine,
+                )
+            else:
+                log.warning("the checkpoint has no generator state for %s: not restored", mine)
         return target
 
 
@@ -357,6 +365,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
             )
         else:
             torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+
+
+def seed_new_rank(rank0: dict[str, Any], rank: int) -> None:
+    """Generators for a rank the saved run did not have (resuming on more ranks): seeded
+    from rank 0's saved torch generator state and ``rank``, the same on every resume
+    and different per rank. Python's, NumPy's, torch's and every CUDA device's."""
+    base = rank0.get("torch")
+    data = base.numpy().tobytes() if isinstance(base, torch.Tensor) else b""
+    seed = xxhash.xxh3_64_intdigest(data + rank.to_bytes(8, "little"))
+    random.seed(seed)
+    torch.manual_seed(seed)  # also every CUDA device's
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
 
 
 def _under(part: str) -> Callable[[tuple[Any, ...]], bool]:
