@@ -403,6 +403,34 @@ def scenario_manager_no_blocking_agreement(ckpts: str, rank: int, world: int) ->
         assert [c.step for c in mgr.list()] == [5, 10, 14], mgr.list()
 
 
+def packed_state(rank: int) -> dict:
+    """Over 1,024 small tensors the ranks share, and some of this rank's own."""
+    g = torch.Generator().manual_seed(0)
+    shared = {f"b{i}.w": torch.randn(1 + i % 9, generator=g) for i in range(1100)}
+    g.manual_seed(100 + rank)
+    own = {f"o{i}": torch.randn(2, generator=g) for i in range(30)}
+    return {"model": shared, "own": {f"rank{rank}": own}}
+
+
+def scenario_packs_save(ckpts: str, rank: int, world: int) -> None:
+    """Packs on two ranks: the shared tensors written once, each rank's own kept."""
+    ckptstore.save(packed_state(rank), os.path.join(ckpts, "packed"))
+    got = packed_state(rank)
+    for part in got.values():
+        for t in (part.get(f"rank{rank}") or part).values():
+            t.zero_()
+    ckptstore.load(got, os.path.join(ckpts, "packed"))
+    for (k, a), b in zip(_leaves(got), (v for _, v in _leaves(packed_state(rank))), strict=True):
+        assert torch.equal(a, b), k
+
+
+def _leaves(d: dict, prefix: str = "") -> list:
+    out = []
+    for k, v in d.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    return out
+
+
 def scenario_manager_abort(ckpts: str, rank: int, world: int) -> None:
     """Rank 1's loop fails: rank 0 stops at its next step instead of waiting forever."""
     torch.manual_seed(0)

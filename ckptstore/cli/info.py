@@ -111,8 +111,11 @@ def describe(backend: StorageBackend, name: str, only: str | None) -> dict[str, 
         if shard is None or not isinstance(k, int) or not 0 <= k < len(shard):
             continue
         item = shard[k]
-        stored[index.fqn] = stored.get(index.fqn, 0) + item.stored_bytes
-        item_bytes[index.fqn] = item_bytes.get(index.fqn, 0) + item.nbytes
+        span = where.get("range")  # a small tensor packed with others: its share
+        part = span[1] if isinstance(span, list) and len(span) == 2 else item.nbytes
+        share = item.stored_bytes * part // item.nbytes if item.nbytes else item.stored_bytes
+        stored[index.fqn] = stored.get(index.fqn, 0) + share
+        item_bytes[index.fqn] = item_bytes.get(index.fqn, 0) + part
         codecs.setdefault(index.fqn, set()).add(item.codec.codec_id)
     groups: dict[str, dict[str, Any]] = {}
     entries = []

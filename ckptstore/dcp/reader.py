@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from ckptstore.dcp.packs import member_range
 from ckptstore.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardReader, run_all
@@ -60,6 +61,7 @@ class CkptStorageReader(StorageReader):
         self._pool = pool
         self._max_temp_bytes = max_temp_bytes
         self._shards: dict[str, ShardReader] = {}
+        self._packs: dict[tuple[str, int], np.ndarray] = {}  # decoded packs, per load
         self._lock = threading.Lock()
         # (fqn, chunk offsets) -> chunk sizes, to shape a stored tensor shard.
         self._chunk_sizes: dict[tuple[str, tuple[int, ...]], torch.Size] = {}
@@ -107,6 +109,7 @@ class CkptStorageReader(StorageReader):
             for shard in self._shards.values():
                 shard.close()
             self._shards.clear()
+            self._packs.clear()
 
     def _where(self) -> str:
         return f"{self._backend.url}/{self._name}"
@@ -145,10 +148,11 @@ class CkptStorageReader(StorageReader):
             self._shards[file_name] = shard
             return shard
 
-    def _locate(self, req: ReadItem) -> tuple[ShardReader, int]:
-        return self._locate_index(req.storage_index)
-
-    def _locate_index(self, where: MetadataIndex) -> tuple[ShardReader, int]:
+    def _locate_index(
+        self, where: MetadataIndex
+    ) -> tuple[ShardReader, int, tuple[int, int] | None]:
+        """The shard and item holding ``where``, and the byte range inside that item
+        for a packed tensor (None: the whole item)."""
         storage = self._metadata.storage_data.get(where)
         if (
             not isinstance(storage, dict)
@@ -160,24 +164,57 @@ class CkptStorageReader(StorageReader):
         index = storage["item"]
         if not isinstance(index, int) or not 0 <= index < len(shard.items):
             raise CorruptCheckpointError(f"{shard.where}: no item {index!r} for {where.fqn!r}")
-        return shard, index
+        md = self._metadata.state_dict_metadata.get(where.fqn)
+        nbytes = (
+            math.prod(md.size) * md.properties.dtype.itemsize
+            if isinstance(md, TensorStorageMetadata)
+            else -1
+        )
+        try:
+            found = member_range(storage, nbytes)
+        except ValueError as exc:
+            raise CorruptCheckpointError(f"{shard.where}: {where.fqn!r}: {exc}") from None
+        if found is not None and found[0] + found[1] > shard.items[index].nbytes:
+            raise CorruptCheckpointError(
+                f"{shard.where}: {where.fqn!r} lies past the end of item {index}"
+            )
+        return shard, index, found
 
     def read_whole(self, pairs: list[tuple[MetadataIndex, torch.Tensor]]) -> None:
         """Fill each target with the stored tensor at its index, which it matches exactly
         (whole, same dtype and size, contiguous on the CPU): a load without DCP's
         per-item planning, for callers that checked those conditions themselves."""
         jobs: list[Callable[[], None]] = []
+        packed: list[tuple[ShardReader, int, int, np.ndarray]] = []
         for index, target in pairs:
-            shard, item = self._locate_index(index)
+            shard, item, where = self._locate_index(index)
+            out = (
+                target.reshape(-1).view(torch.uint8).numpy()
+                if target.numel()
+                else np.empty(0, np.uint8)
+            )
+            if where is not None:  # a small tensor inside a pack
+                packed.append((shard, item, where[0], out))
+                continue
             if shard.items[item].dtype != target.dtype:
                 raise CorruptCheckpointError(
                     f"{shard.where}: {index.fqn!r} is stored as {shard.items[item].dtype}, "
                     f"the metadata says {target.dtype}"
                 )
-            if target.numel():
-                jobs.extend(shard.chunk_jobs(item, target.reshape(-1).view(torch.uint8).numpy()))
-            else:
-                jobs.extend(shard.chunk_jobs(item, np.empty(0, np.uint8)))
+            jobs.extend(shard.chunk_jobs(item, out))
+        self._decode_packs({(s, i) for s, i, _, _ in packed}, jobs)
+        for shard, item, offset, out in packed:
+            out[:] = self._packs[(shard.where, item)][offset : offset + out.nbytes]
+
+    def _decode_packs(
+        self, wanted: set[tuple[ShardReader, int]], jobs: list[Callable[[], None]]
+    ) -> None:
+        """Run ``jobs`` with those decoding each wanted pack not decoded yet."""
+        for shard, item in wanted:
+            if (shard.where, item) not in self._packs:
+                buf = np.empty(shard.items[item].nbytes, np.uint8)
+                self._packs[(shard.where, item)] = buf
+                jobs.extend(shard.chunk_jobs(item, buf))
         run_all(jobs, self._pool)  # the shards stay open for the rest of the load
 
     def _read(self, items: list[ReadItem], planner: LoadPlanner) -> None:
@@ -192,8 +229,12 @@ class CkptStorageReader(StorageReader):
                 finish()
             jobs, finishers, temp_bytes = [], [], 0
 
+        ranged: list[tuple[ReadItem, ShardReader, int, int]] = []
         for req in items:
-            shard, index = self._locate(req)
+            shard, index, where = self._locate_index(req.storage_index)
+            if where is not None:  # a small tensor inside a pack: after the rest
+                ranged.append((req, shard, index, where[0]))
+                continue
             entry = shard.items[index]
             if req.type == LoadItemType.BYTE_IO:
                 buf = np.empty(entry.nbytes, dtype=np.uint8)
@@ -260,6 +301,22 @@ class CkptStorageReader(StorageReader):
 
             finishers.append(finish)
         flush()
+        self._decode_packs({(s, i) for _, s, i, _ in ranged}, [])
+        for req, shard, index, offset in ranged:
+            md = self._metadata.state_dict_metadata[req.storage_index.fqn]
+            assert isinstance(md, TensorStorageMetadata)  # member_range checked its size
+            src = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+            if src.numel():
+                raw = src.reshape(-1).view(torch.uint8).numpy()
+                raw[:] = self._packs[(shard.where, index)][offset : offset + raw.nbytes]
+            target = planner.resolve_tensor(req).detach()
+            piece = narrow_tensor_by_index(src, req.storage_offsets, req.lengths)
+            if target.size() != piece.size():
+                raise CorruptCheckpointError(
+                    f"{self._where()}: {req.storage_index.fqn!r} read {list(piece.size())}, target wants {list(target.size())}"
+                )
+            target.copy_(piece)
+            planner.commit_tensor(req, target)
 
 
 def narrow_tensor_by_index(tensor: torch.Tensor, offsets: Any, sizes: Any) -> torch.Tensor:

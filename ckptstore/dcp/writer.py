@@ -35,6 +35,7 @@ from torch.futures import Future
 
 from ckptstore.codecs import Codec
 from ckptstore.dcp import metadata as md_format
+from ckptstore.dcp import packs as packs_mod
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import FileEntry, Manifest
@@ -77,6 +78,7 @@ class SaveSpec:
 @dataclass(frozen=True)
 class _RankPlan:
     name: str  # the checkpoint this rank believes it is saving
+    packs: packs_mod.Packs = field(default_factory=dict)  # its small tensors' groups
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class CkptStorageWriter(StorageWriter):
         pool: Executor,
         world_size: int | None,
         failure: str | None = None,
+        packs: packs_mod.Packs | None = None,
     ) -> None:
         """``world_size``: recorded in the manifest (None: the ranks whose plans meet on
         the coordinator). ``failure``: this rank could not stage its state; it still enters the save's
@@ -128,6 +131,7 @@ class CkptStorageWriter(StorageWriter):
         others' current one)."""
         super().__init__()
         self._failure = failure
+        self._packs = packs or {}  # this rank's (packs_mod.pack); all ranks' on the coordinator
         self._spec = spec
         self._rank = 0
         self._backend = backend
@@ -155,7 +159,7 @@ class CkptStorageWriter(StorageWriter):
             raise CkptStoreError(
                 f"rank {self._rank} could not stage its state for {self._name}: {self._failure}"
             )
-        return dataclasses.replace(plan, storage_data=_RankPlan(self._name))
+        return dataclasses.replace(plan, storage_data=_RankPlan(self._name, self._packs))
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         names = [
@@ -167,6 +171,10 @@ class CkptStorageWriter(StorageWriter):
                 f"ranks are saving different checkpoints in one collective ({shown}); every rank "
                 "must call save_async for the same steps, in the same order"
             )
+        merged: packs_mod.Packs = {}
+        for p in plans:
+            merged.update(p.storage_data.packs)
+        self._packs = merged
         if self._world_size is None:
             self._world_size = len(plans)
         if self._spec.overwrite:
@@ -255,6 +263,7 @@ class CkptStorageWriter(StorageWriter):
                     raw_bytes += shard["raw_bytes"]
                 storage_md[wr.index] = md_format.StoredItem(storage)
         metadata.storage_data = storage_md
+        packs_mod.expand(metadata, self._packs)
         metadata.storage_meta = StorageMeta(checkpoint_id=self._name, save_id=self._save_id)
         if hasattr(metadata, "version"):
             metadata.version = _DCP_VERSION

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from ckptstore.dcp import driver
 from ckptstore.dcp import metadata as md_format
+from ckptstore.dcp import packs as packs_mod
 from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
 from ckptstore.dcp.writer import CkptStorageWriter, SaveSpec
@@ -112,6 +113,7 @@ def save_staged(
     :class:`CkptStorageWriter`); the save then raises on every rank.
     """
     start = time.perf_counter()
+    flat, packs = packs_mod.pack(staged.flat, staged.mappings)
     writer = CkptStorageWriter(
         backend,
         name,
@@ -119,9 +121,10 @@ def save_staged(
         pool=pool,
         world_size=groups.world_size(group),
         failure=failure,
+        packs=packs,
     )
     try:
-        driver.save(staged.flat, writer, StagedSavePlanner(staged.mappings), group)
+        driver.save(flat, writer, StagedSavePlanner(staged.mappings), group)
     except BaseException:
         writer.abort()
         raise
