@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 L = pytest.importorskip("lightning")
 
 import torch  # noqa: E402
-from helpers import REPO  # noqa: E402
+from helpers import REPO, assert_same  # noqa: E402
 from lightning_worker import Tiny, loaders, trainer  # noqa: E402
 
 import ckptstore  # noqa: E402
@@ -262,3 +263,90 @@ def test_ddp_on_two_cpu_processes_does_not_hang(tmp_path):
         pytest.fail(f"the DDP run hung (killed after 120 s):\n{out[-3000:]}")
     assert proc.returncode == 0, out[-4000:]
     assert (tmp_path / "ok").exists()
+
+
+# ---- examples/lightning_example.py: SIGTERM mid-epoch, rerun, bit-identical (issue 16) ----
+
+EXAMPLE = os.path.join(REPO, "examples", "lightning_example.py")
+# 448 samples in batches of 32: 14 steps an epoch in 1 process, 7 per rank in 2; step 10
+# is mid-epoch either way, and no checkpoint or validation falls on it (every 7 steps).
+RUN = ["--steps", "24", "--epochs", "10"]
+
+
+def run_lightning_example(cwd, *args: str, timeout: float = 120) -> tuple[int, str]:
+    """The example as a user runs it, in its own session: under DDP Lightning starts
+    rank 1 by running the script again, and a hang or a leftover kills both."""
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.Popen(
+        [sys.executable, EXAMPLE, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)  # until every rank closed the pipe
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"lightning_example.py {' '.join(args)} hung (killed):\n{out[-3000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of it outlives the test
+    return proc.returncode, out
+
+
+def stop_at_step_10(tmp_path, devices: int) -> None:
+    """Run the example in ``tmp_path/b`` until SIGTERM after step 10; check what it saved."""
+    rc, out = run_lightning_example(
+        tmp_path, "--dir", "b", *RUN, "--devices", str(devices), "--stop-after", "10"
+    )
+    assert rc == 128 + signal.SIGTERM and "SIGTERM: saved" in out, out[-4000:]
+    saved = ckptstore.read(tmp_path / "b" / "on_exception.ckpt")
+    assert saved["global_step"] == 10
+    per_epoch = 14 // devices
+    # The train loader's position, which Lightning saves and hands back: mid-epoch.
+    [loader] = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert (loader["epoch"], loader["batches_taken"]) == divmod(10, per_epoch)
+    assert loader["world_size"] == devices
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_example_stopped_by_sigterm_mid_epoch_resumes_bit_identical(tmp_path, devices):
+    both = [*RUN, "--devices", str(devices)]
+    rc, out = run_lightning_example(tmp_path, "--dir", "a", *both, "--out", "a.pt")
+    assert rc == 0, out[-4000:]
+    stop_at_step_10(tmp_path, devices)
+    rc, out = run_lightning_example(tmp_path, "--dir", "b", *both, "--out", "b.pt")
+    assert rc == 0, out[-4000:]
+    assert "resumed from b/on_exception.ckpt" in out, out[-4000:]
+    whole = torch.load(tmp_path / "a.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert whole["optimizer"]["state"][0]["step"].item() == 24
+    assert_same(whole, resumed)  # weights and AdamW's moments, bit for bit
+    assert not (tmp_path / "b" / "on_exception.ckpt").exists()  # removed once fit finished
+
+
+def test_example_stopped_under_ddp_resumes_on_one_process(tmp_path):
+    stop_at_step_10(tmp_path, devices=2)
+    rc, out = run_lightning_example(tmp_path, "--dir", "b", *RUN, "--devices", "1", "--out", "b.pt")
+    assert rc == 0, out[-4000:]
+    assert "resumed from b/on_exception.ckpt" in out, out[-4000:]
+    resumed = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert resumed["optimizer"]["state"][0]["step"].item() == 24  # 10 on 2 ranks, 14 on 1
+
+
+def test_resumable_loader_starts_the_next_epoch_after_a_loop_that_stopped_at_its_length():
+    # Lightning takes len(loader) batches and never asks for one more, so the loader's
+    # iteration never ends by itself; the next iter() must begin the next epoch.
+    from torch.utils.data import TensorDataset
+
+    loader = ckptstore.ResumableDataLoader(TensorDataset(torch.arange(8)), batch_size=2, seed=0)
+    first = [b for _, b in zip(range(len(loader)), iter(loader), strict=False)]
+    assert (loader.epoch, loader.batches_taken) == (0, 4)
+    second = list(loader)
+    assert len(second) == 4 and loader.epoch == 2  # all of epoch 1, then its end
+    seen = [torch.cat([b for (b,) in batches]).sort().values for batches in (first, second)]
+    assert all(torch.equal(s, torch.arange(8)) for s in seen)

@@ -163,6 +163,11 @@ class ResumableDataLoader:
         return max(0, self.batches_per_epoch() - self.batches_taken)
 
     def __iter__(self) -> Iterator[Any]:
+        if self.batches_per_epoch() and self.batches_taken >= self.batches_per_epoch():
+            # The last iteration handed over the whole epoch but was not run to its end
+            # (a loop that stops after len(loader) batches, as Lightning does): this one
+            # is the next epoch, not an empty rest of that one.
+            self.epoch, self.batches_taken = self.epoch + 1, 0
         self.sampler.set_epoch(self.epoch)
         self.sampler.set_start(self.batches_taken * self.batch_size)
         self._generator.manual_seed(self.sampler.seed * 1_000_003 + self.epoch)  # worker seeds
