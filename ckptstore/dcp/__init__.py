@@ -1,4 +1,14 @@
-"""The DCP adapter: a StorageWriter/StorageReader pair over ckptstore's format."""
+"""The DCP adapter: a StorageWriter/StorageReader pair over ckptstore's format.
+
+::
+
+    writer.py    CkptStorageWriter: DCP's write items into shard files, the manifest
+    reader.py    CkptStorageReader: read items out of shard files, checked
+    planner.py   the save planner of staged states; SafeLoadPlanner (no arbitrary unpickling)
+    packs.py     many small tensors stored in groups, listed one by one in .metadata
+    metadata.py  .metadata: pickled by DCP's classes, unpickled through an allowlist
+    driver.py    DCP's save/load entry points, their errors unwrapped
+"""
 
 from ckptstore.dcp.planner import SafeLoadPlanner, SerializedValue, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader

@@ -9,7 +9,8 @@ the state, by byte tensors of up to :data:`PACK_BYTES` named ``__ckptstore_pack_
 (the hash of the members' names, dtypes and shapes: ranks holding the same replicated
 tensors make the same packs, which DCP then writes once). A pack never spans two
 top-level keys, so one rank's own entries (``extras_by_rank``, ``rng``) do not mix with
-shared ones.
+shared ones. A pack is a copy: while a save writes, the packed tensors' bytes are held
+twice (the state's larger tensors are not copied).
 
 The checkpoint's ``.metadata`` still lists every member as the tensor it is:
 :func:`expand` (on the coordinator, before the metadata is written) replaces each pack
