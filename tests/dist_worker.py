@@ -404,7 +404,7 @@ def scenario_manager_no_blocking_agreement(ckpts: str, rank: int, world: int) ->
 
 
 def packed_state(rank: int) -> dict:
-    """Over 1,024 small tensors the ranks share, and some of this rank's own."""
+    """More small tensors than packs.PACK_FROM the ranks share, and some of this rank's own."""
     g = torch.Generator().manual_seed(0)
     shared = {f"b{i}.w": torch.randn(1 + i % 9, generator=g) for i in range(1100)}
     g.manual_seed(100 + rank)

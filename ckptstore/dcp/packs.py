@@ -38,7 +38,7 @@ from ckptstore.format.shard import dtype_name
 
 PACK_PREFIX = "__ckptstore_pack_"
 SMALL_BYTES = 64 << 10  # tensors up to this size are packed ...
-PACK_FROM = 1024  # ... when a state has at least this many of them
+PACK_FROM = 256  # ... when a state has at least this many of them
 PACK_BYTES = 8 << 20  # a pack's size, at most (a member never straddles two)
 
 
