@@ -119,3 +119,16 @@ def test_two_ranks_pack_shared_and_own_tensors_and_reload_on_one(tmp_path):
         assert_same(got, want)
     with open(tmp_path / "ckpts" / "packed" / "manifest.json") as f:
         assert json.load(f)["world_size"] == 2
+
+
+def test_parameters_that_require_grad_load_in_place(tmp_path):
+    """Loading into ``nn.Parameter``s (a state dict of module.named_parameters()),
+    stored whole and packed: filled in place, still requiring grad."""
+    one = {"w": torch.nn.Parameter(torch.randn(5))}
+    many_params = {f"p{i}": torch.nn.Parameter(torch.randn(3)) for i in range(packs.PACK_FROM)}
+    for name, state in (("one", one), ("many", many_params)):
+        ckptstore.save(state, tmp_path / name)
+        target = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in state.items()}
+        ckptstore.load(target, tmp_path / name)
+        for k, v in state.items():
+            assert torch.equal(target[k], v) and target[k].requires_grad

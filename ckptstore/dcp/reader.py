@@ -189,7 +189,7 @@ class CkptStorageReader(StorageReader):
         for index, target in pairs:
             shard, item, where = self._locate_index(index)
             out = (
-                target.reshape(-1).view(torch.uint8).numpy()
+                target.detach().reshape(-1).view(torch.uint8).numpy()
                 if target.numel()
                 else np.empty(0, np.uint8)
             )
