@@ -218,6 +218,16 @@ def test_many_tensors_reports_every_contender_per_tensor(tmp_path):
     assert "| 90 |" in table and "*target*" in table
 
 
+def test_many_tensors_runs_only_the_contenders_named(tmp_path):
+    out = tmp_path / "out"
+    args = ["--tensors", "300", "--runs", "1", "--load-runs", "1"]
+    args += ["--only", "ckptstore_none,torch_save"]  # DCP at 200,000 tensors takes minutes
+    assert main([*args, "--target", str(tmp_path / "data"), "--out", str(out)]) == 0
+    [path] = glob.glob(str(out / "manytensors-*.json"))
+    [row] = json.loads(_read(path))["rows"]
+    assert set(row["medians"]) == {"torch_save", "ckptstore_none"}
+
+
 def test_sizes_pick_a_model_of_about_that_size():
     assert parse_size("250MB") == 250_000_000
     assert parse_size("2 GiB") == 2 * 2**30

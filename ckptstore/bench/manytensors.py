@@ -54,13 +54,21 @@ def memcpy_s(nbytes: int, repeats: int = 5) -> float:
 
 
 def run(
-    counts: list[int], target: cont.Target, runs: int, load_runs: int, threads: int | None
+    counts: list[int],
+    target: cont.Target,
+    runs: int,
+    load_runs: int,
+    threads: int | None,
+    only: list[str] | None = None,
 ) -> list[dict[str, Any]]:
+    """``only``: a subset of :data:`NAMES` (``--only``); a target that needs a missing
+    baseline (torch_save) is left out."""
+    names = [n for n in NAMES if only is None or n in only]
     rows = []
     for n in counts:
         state = many_tensor_state(n)
         print(f"\n== many tensors: {n:,} fp32 tensors of 64-2,048 elements ==", flush=True)
-        res = compare(state, target, NAMES, runs, load_runs, threads)
+        res = compare(state, target, names, runs, load_runs, threads)
         nbytes = res["state_bytes"]
         copy = memcpy_s(nbytes)
         per: dict[str, dict[str, float]] = {}

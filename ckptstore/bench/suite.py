@@ -287,7 +287,10 @@ def _many_tensors(args: argparse.Namespace, options: dict[str, Any], counts: lis
     payload["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
     with _run_dir(args.target, options) as target:
         payload["machine"] = machine_info(target.url if target.local else ".")
-        payload["rows"] = manytensors.run(counts, target, args.runs, args.load_runs, args.threads)
+        only = [n for n in args.only.split(",") if n] or None
+        payload["rows"] = manytensors.run(
+            counts, target, args.runs, args.load_runs, args.threads, only
+        )
     path = write_json(args.out, "manytensors", payload)
     table = manytensors.markdown(payload["rows"])
     with open(path[: -len(".json")] + ".md", "w") as f:
