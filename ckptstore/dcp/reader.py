@@ -288,18 +288,7 @@ class CkptStorageReader(StorageReader):
             )
             jobs.extend(shard.chunk_jobs(index, out))
 
-            def finish(
-                r: ReadItem = req, t: torch.Tensor = target, src: torch.Tensor = temp
-            ) -> None:
-                piece = narrow_tensor_by_index(src, r.storage_offsets, r.lengths)
-                if t.size() != piece.size():
-                    raise CorruptCheckpointError(
-                        f"{self._where()}: {r.storage_index.fqn!r} read {list(piece.size())}, target wants {list(t.size())}"
-                    )
-                t.copy_(piece)
-                planner.commit_tensor(r, t)
-
-            finishers.append(finish)
+            finishers.append(functools.partial(self._place, planner, req, target, temp))
         flush()
         self._decode_packs({(s, i) for _, s, i, _ in ranged}, [])
         for req, shard, index, offset in ranged:
@@ -309,14 +298,19 @@ class CkptStorageReader(StorageReader):
             if src.numel():
                 raw = src.reshape(-1).view(torch.uint8).numpy()
                 raw[:] = self._packs[(shard.where, index)][offset : offset + raw.nbytes]
-            target = planner.resolve_tensor(req).detach()
-            piece = narrow_tensor_by_index(src, req.storage_offsets, req.lengths)
-            if target.size() != piece.size():
-                raise CorruptCheckpointError(
-                    f"{self._where()}: {req.storage_index.fqn!r} read {list(piece.size())}, target wants {list(target.size())}"
-                )
-            target.copy_(piece)
-            planner.commit_tensor(req, target)
+            self._place(planner, req, planner.resolve_tensor(req).detach(), src)
+
+    def _place(
+        self, planner: LoadPlanner, req: ReadItem, target: torch.Tensor, src: torch.Tensor
+    ) -> None:
+        """Copy the part of stored tensor ``src`` that ``req`` asks for into ``target``."""
+        piece = narrow_tensor_by_index(src, req.storage_offsets, req.lengths)
+        if target.size() != piece.size():
+            raise CorruptCheckpointError(
+                f"{self._where()}: {req.storage_index.fqn!r} read {list(piece.size())}, target wants {list(target.size())}"
+            )
+        target.copy_(piece)
+        planner.commit_tensor(req, target)
 
 
 def narrow_tensor_by_index(tensor: torch.Tensor, offsets: Any, sizes: Any) -> torch.Tensor:
