@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("accelerate")
 
-from helpers import assert_interrupted_run_resumes_identically
+from helpers import assert_interrupted_run_resumes_identically, run_example
 
 
 @pytest.mark.parametrize("procs", [1, 2])
@@ -52,3 +52,20 @@ def test_the_optimizer_inside_acceleratedoptimizer_is_what_is_saved(tmp_path):
         fresh_opt.state_dict()["state"][0]["exp_avg"],
         opt.optimizer.state_dict()["state"][0]["exp_avg"],
     )
+
+
+def test_a_two_process_run_resumes_in_one_process(tmp_path):
+    """2 processes stopped by SIGTERM; the rerun in one process resumes from their
+    checkpoint (rank 0's generators, the data position carried to one process) and
+    finishes."""
+    args = ["--steps", "20", "--save-every", "5"]
+    stopped = run_example(
+        tmp_path, "accelerate_example.py", 2, "--ckpt-dir", "b", *args, "--stop-after", "8"
+    )
+    assert stopped.returncode != 0 and "SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
+    rerun = run_example(
+        tmp_path, "accelerate_example.py", 1, "--ckpt-dir", "b", *args, "--out", "b.pt"
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from step_" in rerun.stderr
+    assert (tmp_path / "b.pt").exists()
