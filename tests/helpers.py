@@ -308,6 +308,19 @@ def assert_interrupted_run_resumes_identically(
         assert torch.equal(a[k], b[k]), k
 
 
+def assert_two_process_run_resumes_in_one(
+    tmp_path: Any, script: str, args: list[str], *, dir_flag: str, out_flag: str
+) -> None:
+    """A 2-process run SIGTERM-ed part way; the same command in one process resumes
+    from its checkpoint and finishes (not bit-identical: the world size changed)."""
+    stopped = run_example(tmp_path, script, 2, dir_flag, "b", *args, "--stop-after", "8")
+    assert stopped.returncode != 0 and "SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
+    rerun = run_example(tmp_path, script, 1, dir_flag, "b", *args, out_flag, "b.pt")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from step_" in rerun.stderr
+    assert os.path.exists(os.path.join(tmp_path, "b.pt"))
+
+
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``python -m ckptstore ARGS`` in a fresh interpreter, as a user runs it."""
     return subprocess.run(

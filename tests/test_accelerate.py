@@ -10,7 +10,10 @@ import torch
 
 pytest.importorskip("accelerate")
 
-from helpers import assert_interrupted_run_resumes_identically, run_example
+from helpers import (
+    assert_interrupted_run_resumes_identically,
+    assert_two_process_run_resumes_in_one,
+)
 
 
 @pytest.mark.parametrize("procs", [1, 2])
@@ -58,14 +61,10 @@ def test_a_two_process_run_resumes_in_one_process(tmp_path):
     """2 processes stopped by SIGTERM; the rerun in one process resumes from their
     checkpoint (rank 0's generators, the data position carried to one process) and
     finishes."""
-    args = ["--steps", "20", "--save-every", "5"]
-    stopped = run_example(
-        tmp_path, "accelerate_example.py", 2, "--ckpt-dir", "b", *args, "--stop-after", "8"
+    assert_two_process_run_resumes_in_one(
+        tmp_path,
+        "accelerate_example.py",
+        ["--steps", "20", "--save-every", "5"],
+        dir_flag="--ckpt-dir",
+        out_flag="--out",
     )
-    assert stopped.returncode != 0 and "SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
-    rerun = run_example(
-        tmp_path, "accelerate_example.py", 1, "--ckpt-dir", "b", *args, "--out", "b.pt"
-    )
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resumed from step_" in rerun.stderr
-    assert (tmp_path / "b.pt").exists()

@@ -8,7 +8,10 @@ own ``extras``."""
 from __future__ import annotations
 
 import pytest
-from helpers import assert_interrupted_run_resumes_identically, run_example
+from helpers import (
+    assert_interrupted_run_resumes_identically,
+    assert_two_process_run_resumes_in_one,
+)
 
 
 @pytest.mark.parametrize("procs", [1, 2])
@@ -26,14 +29,10 @@ def test_an_interrupted_nanogpt_style_run_resumes_bit_identical(tmp_path, procs)
 def test_a_ddp_run_resumes_in_one_process(tmp_path):
     """2 DDP processes stopped by SIGTERM; the rerun in one process resumes from their
     checkpoint (rank 0's extras, rank 0's generators) and finishes."""
-    args = ["--max-iters", "30", "--save-every", "5", "--eval-interval", "10"]
-    stopped = run_example(
-        tmp_path, "nanogpt_style.py", 2, "--out-dir", "b", *args, "--stop-after", "8"
+    assert_two_process_run_resumes_in_one(
+        tmp_path,
+        "nanogpt_style.py",
+        ["--max-iters", "30", "--save-every", "5", "--eval-interval", "10"],
+        dir_flag="--out-dir",
+        out_flag="--final-out",
     )
-    assert stopped.returncode != 0 and "SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
-    rerun = run_example(
-        tmp_path, "nanogpt_style.py", 1, "--out-dir", "b", *args, "--final-out", "b.pt"
-    )
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resumed from step_" in rerun.stderr
-    assert (tmp_path / "b.pt").exists()
