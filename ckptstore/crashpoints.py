@@ -2,7 +2,7 @@
 
 When the environment variable ``CKPTSTORE_CRASH_AT`` names one of :data:`CRASH_POINTS`
 at the time ckptstore is imported, the process kills itself with ``SIGKILL`` the first
-time it reaches that point: the tests then check, in a fresh process, that nothing
+time it reaches that point (``NAME@N``: the N-th time): the tests then check, in a fresh process, that nothing
 committed was lost and nothing half-written is visible (``tests/test_crash_points.py``).
 
 The variable is read once, at import. Unset (every run outside the crash tests),
@@ -30,10 +30,13 @@ CRASH_POINTS = (
     "retention.after_delete",  # one checkpoint deleted, the next not yet
 )
 
-_CRASH_AT = os.environ.get("CKPTSTORE_CRASH_AT") or None
+_CRASH_AT, _, _NTH = (os.environ.get("CKPTSTORE_CRASH_AT") or "").partition("@")
+_reached = [int(_NTH) if _NTH.isdigit() else 1]  # times left to reach it, this one included
 
 
 def crash_point(name: str) -> None:
     """SIGKILL this process here if ``CKPTSTORE_CRASH_AT`` named ``name`` at import."""
-    if _CRASH_AT is not None and name == _CRASH_AT:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _CRASH_AT and name == _CRASH_AT:
+        _reached[0] -= 1
+        if _reached[0] <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)

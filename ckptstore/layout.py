@@ -15,6 +15,8 @@
       .lock                     LOCK_FILE: flock-ed by a local writer
       .writer-lease             WRITER_LEASE_FILE: flock-ed by the run writing this root
       .pointer-<id>             POINTER_TEMP_PREFIX: a pointer being replaced
+      .disk-id                  DISK_ID_FILE: names this disk, so that ranks can tell
+                                node-local roots from a shared one
       step_00000600.damaged-<UTC>  damaged_name(): a damaged checkpoint moved aside for
                                 inspection; never listed, loaded, swept or deleted by ckptstore
       step_00000700.retired-<UTC>  retired_name(): a checkpoint of a discarded branch (a
@@ -41,6 +43,7 @@ TEMP_PREFIX = ".tmp-"
 LOCK_FILE = ".lock"
 WRITER_LEASE_FILE = ".writer-lease"  # holds the writer's host, pid and start time (JSON)
 POINTER_TEMP_PREFIX = ".pointer-"  # put_atomic's temp files; sweep removes stale ones
+DISK_ID_FILE = ".disk-id"  # a random id, written once (StorageBackend.disk_id)
 REPLACING_SUFFIX = ".replacing"  # beside a checkpoint being replaced: the complete new copy
 
 STEP_NAME = re.compile(r"^step_(\d{8,})$")

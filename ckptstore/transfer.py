@@ -34,6 +34,7 @@ from ckptstore.errors import (
     CheckpointExistsError,
     CopyStoppedError,
     CorruptCheckpointError,
+    IncompatibleCheckpointError,
     StorageError,
 )
 from ckptstore.format.manifest import Manifest
@@ -121,6 +122,12 @@ def copy_checkpoint(
     manifest = Manifest.from_json(manifest_bytes, f"{src.url}/{name}", key=manifest_key)
     if manifest.step is not None and name != f"step_{manifest.step:08d}":
         raise CorruptCheckpointError(f"{src.url}/{name}: the manifest says step {manifest.step}")
+    if manifest.part is not None:
+        raise IncompatibleCheckpointError(
+            f"{src.url}/{name} is one node's part of a checkpoint written to node-local "
+            f"disks ({len(manifest.part.elsewhere)} shard files are on other nodes); copying "
+            "a part alone would look like a whole checkpoint, so it is refused"
+        )
     target = name if dst_name is None else dst_name
     exists = dst.exists(f"{target}/{MANIFEST_FILE}")
     if exists and not replace:

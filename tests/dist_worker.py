@@ -535,6 +535,127 @@ def scenario_dcp_ported(ckpts: str, rank: int, world: int) -> None:
     run_all(ckpts, rank, world)
 
 
+# ---- node-local disks: ranks 2r and 2r+1 share "node r"'s root --------------------------
+def node_root(ckpts: str, rank: int) -> str:
+    return os.path.join(ckpts, f"node{rank // 2}")
+
+
+def node_local_state(rank: int, mesh) -> dict[str, object]:
+    return {
+        "model": sharded(full_state(), mesh),  # sharded, and one replicated DTensor
+        "small": {f"n{i}": torch.full((4,), float(i)) for i in range(300)},  # packed
+        "per_rank": {f"rank{rank}": torch.full((3,), float(rank))},
+        "step": 5,
+    }
+
+
+def node_local_zeros(rank: int, mesh) -> dict[str, object]:
+    return {
+        "model": sharded({k: torch.zeros_like(v) for k, v in full_state().items()}, mesh),
+        "small": {f"n{i}": torch.zeros(4) for i in range(300)},
+        "per_rank": {f"rank{rank}": torch.zeros(3)},
+        "step": 0,
+    }
+
+
+def check_node_local(got: dict[str, object], rank: int) -> None:
+    check_full(got["model"], full_state())
+    for i in range(300):
+        assert torch.equal(got["small"][f"n{i}"], torch.full((4,), float(i))), i
+    assert torch.equal(got["per_rank"][f"rank{rank}"], torch.full((3,), float(rank)))
+    assert got["step"] == 5
+
+
+def scenario_node_local(ckpts: str, rank: int, world: int) -> None:
+    """Two 'nodes' of two ranks, each with its own root: every node's part loads alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    node_ranks = {r for r in range(world) if r // 2 == rank // 2}
+    with ckptstore.Checkpointer(node_root(ckpts, rank), codec="zstd") as ckpt:
+        assert len(set(ckpt.disks)) == 2, ckpt.disks
+        ckpt.save(node_local_state(rank, mesh), 1)
+        pending = ckpt.save_async(node_local_state(rank, mesh), 2)
+        result = pending.wait()
+        assert (result.manifest is not None) == (rank == 0)
+        infos = ckpt.list()
+        assert [i.step for i in infos] == [1, 2]
+        part = infos[-1].manifest.part
+        assert part is not None and part.coordinator == ckpt.disks[0]
+        here = {f for f in infos[-1].manifest.files if f.endswith(".distcp")}
+        assert here == {f"__{r}_0.distcp" for r in node_ranks}, here
+        assert set(part.elsewhere) == {f"__{r}_0.distcp" for r in range(world)} - here
+        assert not os.path.exists(
+            os.path.join(node_root(ckpts, 2), "step_00000002", "__0_0.distcp")
+        )
+        assert ckpt.verify(2) == []
+        target = node_local_zeros(rank, mesh)
+        ckpt.load(target)
+        check_node_local(target, rank)
+    # One node's part does not hold what the other node's ranks wrote: said plainly.
+    try:
+        ckptstore.load(
+            node_local_zeros(rank, mesh), os.path.join(node_root(ckpts, 0), "step_00000002")
+        )
+    except Exception as exc:
+        if rank >= 2:
+            assert "another node's disk" in str(exc), exc
+    else:
+        raise AssertionError("loading node 0's part on node 1's ranks should fail")
+
+
+def scenario_node_local_rank0_dies(ckpts: str, rank: int, world: int) -> None:
+    """Rank 0 dies after every other disk committed its part of step 2, before its own."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ckptstore.dcp.writer import CkptStorageWriter
+
+    mesh = init_device_mesh("cpu", (world,))
+    with ckptstore.Checkpointer(node_root(ckpts, rank), codec="none") as ckpt:
+        ckpt.save(node_local_state(rank, mesh), 1)
+        if rank == 0:
+            CkptStorageWriter.commit_coordinator_part = lambda self: os._exit(9)  # type: ignore[method-assign]
+        try:
+            ckpt.save(node_local_state(rank, mesh), 2)
+        except Exception as exc:
+            print(f"step 2 failed on rank {rank}: {type(exc).__name__}: {exc}", flush=True)
+            sys.stdout.flush()
+            os._exit(3)
+    raise AssertionError("step 2 should have failed")
+
+
+def scenario_node_local_resume(ckpts: str, rank: int, world: int) -> None:
+    """After scenario_node_local_rank0_dies: every rank restores step 1, the newest step
+    complete on both disks; saving step 2 again replaces node 1's orphaned part."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    root = node_root(ckpts, rank)
+    orphan = os.path.join(node_root(ckpts, 2), "step_00000002")
+    if rank == 2:
+        assert os.path.exists(os.path.join(orphan, "manifest.json"))
+    dist.barrier()
+    mgr = ckptstore.CheckpointManager(root, codec="none", keep=ckptstore.KeepLast(2))
+    try:
+        target = node_local_zeros(rank, mesh)
+        assert mgr.restore(target) == 1
+        check_node_local(target, rank)
+        for done in (1, 2, 3):  # saves step_2 (over node 1's orphan), step_3, step_4
+            mgr.save(done, node_local_state(rank, mesh))
+        mgr.wait()
+    finally:
+        mgr.close()
+    dist.barrier()
+    # Both disks keep what rank 0's retention keeps (node 1 follows one save behind).
+    steps = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+    assert steps[-2:] == ["step_00000003", "step_00000004"], steps
+    assert len(steps) <= 3, steps
+    target = node_local_zeros(rank, mesh)
+    with ckptstore.Checkpointer(root) as ckpt:
+        ckpt.load(target, 4)
+    check_node_local(target, rank)
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)

@@ -48,7 +48,8 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-POINTER_FILES = ("latest", "finals", ".writer-lease")  # .writer-lease: a manager wrote here
+# .writer-lease: a manager wrote here; .disk-id: a Checkpointer did
+POINTER_FILES = ("latest", "finals", ".writer-lease", ".disk-id")
 
 
 class InvariantError(AssertionError):

@@ -98,6 +98,8 @@ def describe(backend: StorageBackend, name: str, only: str | None) -> dict[str, 
         "metadata": m.metadata,
         "files": {f: {"kind": e.kind, "size_bytes": e.size_bytes} for f, e in m.files.items()},
     }
+    if m.part is not None:
+        out["part"] = {"disk": m.part.disk, "elsewhere": sorted(m.part.elsewhere)}
     metadata = read_dcp_metadata(backend, name, manifest)
     items, problems = shard_items(backend, name, manifest)
     stored: dict[str, int] = {}
@@ -197,6 +199,11 @@ def run(args: argparse.Namespace) -> int:
         ("metadata", str(info["metadata"]) if info["metadata"] else "-"),
         ("files", ", ".join(f"{f} ({size(e['size_bytes'])})" for f, e in sorted(info["files"].items()))),
     ]  # fmt: skip
+    if "part" in info:
+        elsewhere = info["part"]["elsewhere"]
+        lines.append(
+            ("node-local part", f"this disk's; on other nodes' disks: {', '.join(elsewhere)}")
+        )
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k.ljust(width)}  {v}")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem, WriteItem, WriteItemType
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
 
@@ -49,6 +51,30 @@ class StagedSavePlanner(DefaultSavePlanner):
     ) -> None:
         super().set_up_planner(state_dict, storage_meta, is_coordinator)
         self.mappings = self._staged_mappings
+
+    def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        """DCP's plan; but where ranks write to different disks (node-local roots, told
+        by the writer's local plans), what several ranks hold is written once per disk,
+        not once in all, so that each disk's part holds all that its ranks load."""
+        global_plan, metadata = super()._create_global_plan(all_plans)
+        disks = [getattr(p.storage_data, "disk", "") for p in all_plans]
+        if len(set(disks)) < 2:
+            return global_plan, metadata
+        hinted = {item.index: item for plan in global_plan for item in plan.items}
+        kept: list[list[WriteItem]] = [[] for _ in all_plans]
+        for disk in set(disks):
+            ranks = [r for r, d in enumerate(disks) if d == disk]
+            deduped = dedup_save_plans(
+                [all_plans[r] for r in ranks], self.dedup_save_to_lowest_rank
+            )
+            for r, plan in zip(ranks, deduped, strict=True):
+                # DCP's index hints (an item's place among its tensor's chunks) come from
+                # the global plan; an index compares equal without its hint.
+                kept[r] = [hinted[item.index] for item in plan.items]
+        return [
+            dataclasses.replace(plan, items=items)
+            for plan, items in zip(global_plan, kept, strict=True)
+        ], metadata
 
     def transform_object(self, write_item: WriteItem, object: Any) -> Any:
         if write_item.type == WriteItemType.BYTE_IO and isinstance(object, SerializedValue):

@@ -121,6 +121,14 @@ class CkptStorageReader(StorageReader):
                 return shard
             entry = self._manifest.files.get(file_name)
             where = f"{self._where()}/{file_name}"
+            part = self._manifest.part
+            if entry is None and part is not None and file_name in part.elsewhere:
+                raise CheckpointNotFoundError(
+                    f"{where} is on another node's disk: {self._where()} is this disk's part "
+                    "of a checkpoint written to node-local disks, and this rank needs data "
+                    "another node wrote. Restore with the same ranks on the same nodes, or "
+                    "copy that node's part into this root"
+                )
             if entry is None or entry.kind != "shard":
                 raise CorruptCheckpointError(
                     f"{where}: DCP metadata refers to a shard the manifest does not list"

@@ -10,6 +10,12 @@ DCP calls, in order (see ``torch.distributed.checkpoint.storage.StorageWriter``)
     finish()                  coordinator, after every rank's write succeeded:
                               .metadata, then the manifest, then the atomic commit
 
+Node-local disks (ranks whose roots have different ``disk_id``): each disk gets a part
+of the checkpoint (its ranks' shards, and its own ``.metadata`` and manifest); the ranks
+of a disk the coordinator's root is not on create that disk's part of the pending
+checkpoint (``join_part``) and ``finish`` only prepares the parts; the engine commits
+them after DCP returns, rank 0's last (:mod:`ckptstore.engine.nodelocal`).
+
 All of it runs on the checkpointer's writer thread (or the caller's, for a synchronous
 save); collectives between those steps go over ckptstore's own gloo group. If any rank
 fails, DCP never calls ``finish``; the caller then calls :meth:`abort`.
@@ -38,7 +44,7 @@ from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp import packs as packs_mod
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.checksum import digest
-from ckptstore.format.manifest import FileEntry, Manifest
+from ckptstore.format.manifest import FileEntry, Manifest, Part
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, ShardInfo, ShardWriter
 from ckptstore.layout import METADATA_FILE
 from ckptstore.storage import replace
@@ -79,12 +85,16 @@ class SaveSpec:
 class _RankPlan:
     name: str  # the checkpoint this rank believes it is saving
     packs: packs_mod.Packs = field(default_factory=dict)  # its small tensors' groups
+    disk: str = ""  # its root's StorageBackend.disk_id()
 
 
 @dataclass(frozen=True)
 class _ShardPlan:
     token: str  # the pending checkpoint, as backend.attach() knows it
     prefix: str  # "__{rank}_"
+    join: bool = False  # on a disk the coordinator's root is not on: join_part()
+    commits: str | None = None  # the name this rank commits its disk's part as
+    parts: bool = False  # the ranks write to several disks: commit_parts follows
 
 
 def item_key(index: Any) -> str:
@@ -123,6 +133,7 @@ class CkptStorageWriter(StorageWriter):
         world_size: int | None,
         failure: str | None = None,
         packs: packs_mod.Packs | None = None,
+        disk: str = "",
     ) -> None:
         """``world_size``: recorded in the manifest (None: the ranks whose plans meet on
         the coordinator). ``failure``: this rank could not stage its state; it still enters the save's
@@ -130,6 +141,7 @@ class CkptStorageWriter(StorageWriter):
         ranks stay in step (a rank that skipped a save would pair its next one with the
         others' current one)."""
         super().__init__()
+        self._disk = disk  # this rank's root's disk_id (several ranks: node-local disks?)
         self._failure = failure
         self._packs = packs or {}  # this rank's (packs_mod.pack); all ranks' on the coordinator
         self._spec = spec
@@ -142,6 +154,14 @@ class CkptStorageWriter(StorageWriter):
         self._save_id = uuid.uuid4().hex
         self._pending: PendingCheckpoint | None = None
         self._committed = False
+        self._disks: list[str] = []  # each rank's disk (coordinator)
+        # Node-local disks: this rank's part (if its disk is not the coordinator's), and
+        # on the coordinator each disk's (.metadata, manifest) bytes, committed later.
+        self.part: PendingCheckpoint | None = None
+        self.part_name: str | None = None  # set on the rank that commits self.part
+        self.parts: dict[str, tuple[bytes, bytes]] = {}
+        self.committers: dict[int, str] = {}  # rank -> the disk whose part it commits
+        self._in_parts = False
         self.manifest: Manifest | None = None  # set on the coordinator once committed
         self.shard_info: ShardInfo | None = None  # this rank's shard, once written
         self.io_seconds = 0.0  # time this rank spent in write_data
@@ -159,7 +179,9 @@ class CkptStorageWriter(StorageWriter):
             raise CkptStoreError(
                 f"rank {self._rank} could not stage its state for {self._name}: {self._failure}"
             )
-        return dataclasses.replace(plan, storage_data=_RankPlan(self._name, self._packs))
+        return dataclasses.replace(
+            plan, storage_data=_RankPlan(self._name, self._packs, self._disk)
+        )
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         names = [
@@ -177,20 +199,51 @@ class CkptStorageWriter(StorageWriter):
         self._packs = merged
         if self._world_size is None:
             self._world_size = len(plans)
+        self._disks = disks = [p.storage_data.disk for p in plans]
+        if self.node_local and self._spec.overwrite:
+            raise CkptStoreError(
+                "overwrite=True needs every rank's root on one file system; these ranks "
+                "write to different disks (node-local roots)"
+            )
         if self._spec.overwrite:
             self._written = replace.begin_replace(self._backend, self._name)
         self._pending = self._backend.begin(self._written)
         token = self._pending.token
+        first = {d: disks.index(d) for d in reversed(disks)}  # each disk's lowest rank
+        self.committers = {r: d for d, r in first.items() if d != disks[0]}
         return [
-            dataclasses.replace(plan, storage_data=_ShardPlan(token, f"__{rank}_"))
+            dataclasses.replace(
+                plan,
+                storage_data=_ShardPlan(
+                    token,
+                    f"__{rank}_",
+                    join=disks[rank] != disks[0],
+                    commits=self._written if rank in self.committers else None,
+                    parts=self.node_local,
+                ),
+            )
             for rank, plan in enumerate(plans)
         ]
+
+    @property
+    def node_local(self) -> bool:
+        """Whether this save's ranks write to more than one disk (coordinator; on
+        the others once ``write_data`` ran)."""
+        return len(set(self._disks)) > 1 or self._in_parts
+
+    @property
+    def coordinator_disk(self) -> str:
+        return self._disks[0]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         start = time.perf_counter()
         shard_plan: _ShardPlan = plan.storage_data
         pending = self._pending
-        if pending is None or pending.token != shard_plan.token:
+        self._in_parts = shard_plan.parts
+        if shard_plan.join:
+            pending = self.part = self._backend.join_part(shard_plan.token, shard_plan.commits)
+            self.part_name = shard_plan.commits
+        elif pending is None or pending.token != shard_plan.token:
             pending = self._backend.attach(shard_plan.token)
         results: list[WriteResult] = []
         if plan.items:
@@ -249,27 +302,51 @@ class CkptStorageWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         assert self._pending is not None, "finish() before prepare_global_plan()"
-        files: dict[str, FileEntry] = {}
-        storage_md: dict[Any, Any] = {}
-        raw_bytes = 0
-        for rank_results in results:
-            for wr in rank_results:
-                storage = dict(wr.storage_data)
-                shard = storage.pop("shard", None)
-                if shard is not None:
-                    files[storage["file"]] = FileEntry(
-                        "shard", shard["size_bytes"], shard["xxh3_64"]
-                    )
-                    raw_bytes += shard["raw_bytes"]
-                storage_md[wr.index] = md_format.StoredItem(storage)
-        metadata.storage_data = storage_md
-        packs_mod.expand(metadata, self._packs)
         metadata.storage_meta = StorageMeta(checkpoint_id=self._name, save_id=self._save_id)
         if hasattr(metadata, "version"):
             metadata.version = _DCP_VERSION
-        md_bytes = md_format.dumps(metadata)
+        if not self.node_local:
+            _, manifest = self._describe(metadata, results, range(len(results)))
+            self._pending.commit(manifest)
+            self._committed = True
+            if self._spec.overwrite:
+                replace.finish_replace(self._backend, self._name, self._written)
+            return
+        # Node-local disks: one part per disk, each pointing at its own ranks' copies of
+        # what several ranks wrote; committed by the engine once DCP returns.
+        for disk in dict.fromkeys(self._disks):
+            ranks = range(len(results))
+            mine = [r for r in ranks if self._disks[r] == disk]
+            others = [r for r in ranks if self._disks[r] != disk]
+            self.parts[disk] = self._describe(metadata, results, mine, others, disk)
+
+    def _describe(
+        self,
+        metadata: Metadata,
+        results: list[list[WriteResult]],
+        ranks: Any,
+        others: Any = (),
+        disk: str | None = None,
+    ) -> tuple[bytes, bytes]:
+        """The ``.metadata`` (written now) and the manifest of the files ``ranks`` wrote;
+        ``others``' shards, on other disks, listed as the part's ``elsewhere``."""
+        assert self._pending is not None
+        elsewhere, storage_md, _ = _collect(results, others)
+        files, mine, raw_bytes = _collect(results, ranks)
+        storage_md.update(mine)  # what both wrote: this disk's copy
+        md = dataclasses.replace(
+            metadata,
+            state_dict_metadata=dict(metadata.state_dict_metadata),
+            planner_data=dict(metadata.planner_data)
+            if isinstance(metadata.planner_data, dict)
+            else metadata.planner_data,
+            storage_data=storage_md,
+        )
+        packs_mod.expand(md, self._packs)
+        md_bytes = md_format.dumps(md)
         md_name = self._pending.stored_name(METADATA_FILE)
-        self._pending.write_file(md_name, md_bytes)
+        if disk is None or disk == self._disks[0]:
+            self._pending.write_file(md_name, md_bytes)
         files[md_name] = FileEntry("file", len(md_bytes), digest(md_bytes))
         spec = self._spec
         manifest = Manifest(
@@ -287,12 +364,17 @@ class CkptStorageWriter(StorageWriter):
             metrics=dict(spec.metrics),
             run_id=spec.run_id,
             lineage=spec.lineage,
+            part=None if disk is None else Part(disk, self._disks[0], elsewhere),
         )
-        self._pending.commit(manifest.to_json(spec.manifest_key))
+        if disk is None or disk == self._disks[0]:
+            self.manifest = manifest
+        return md_bytes, manifest.to_json(spec.manifest_key)
+
+    def commit_coordinator_part(self) -> None:
+        """Node-local disks: commit rank 0's part, the last one (coordinator)."""
+        assert self._pending is not None, "finish() before prepare_global_plan()"
+        self._pending.commit(self.parts[self._disks[0]][1])
         self._committed = True
-        if spec.overwrite:
-            replace.finish_replace(self._backend, self._name, self._written)
-        self.manifest = manifest
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
@@ -303,6 +385,34 @@ class CkptStorageWriter(StorageWriter):
 
     # ---- ours -----------------------------------------------------------------------
     def abort(self) -> None:
-        """After a failed save: remove what the coordinator's pending checkpoint wrote."""
+        """After a failed save: remove what the coordinator's pending checkpoint wrote
+        (and this rank's part on a node-local disk)."""
         if self._pending is not None and not self._committed:
             self._pending.abort()
+        self.release_part(abort=True)
+
+    def release_part(self, *, abort: bool = False) -> None:
+        """Let go of this rank's part (node-local disks); ``abort``: remove it too."""
+        part, self.part = self.part, None
+        if part is not None and abort:
+            part.abort()
+        elif part is not None:
+            part.release()
+
+
+def _collect(
+    results: list[list[WriteResult]], ranks: Any
+) -> tuple[dict[str, FileEntry], dict[Any, Any], int]:
+    """The shard files ``ranks`` wrote, where each of their items is, and their raw bytes."""
+    files: dict[str, FileEntry] = {}
+    storage_md: dict[Any, Any] = {}
+    raw_bytes = 0
+    for rank in ranks:
+        for wr in results[rank]:
+            storage = dict(wr.storage_data)
+            shard = storage.pop("shard", None)
+            if shard is not None:
+                files[storage["file"]] = FileEntry("shard", shard["size_bytes"], shard["xxh3_64"])
+                raw_bytes += shard["raw_bytes"]
+            storage_md[wr.index] = md_format.StoredItem(storage)
+    return files, storage_md, raw_bytes

@@ -134,7 +134,12 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._inflight: dict[int, PendingSave] = {}
         self._closed = False
-        if self._rank == 0:
+        # Each rank's disk: ranks with roots on different disks (node-local) save in
+        # parts (ckptstore.engine.nodelocal); each disk's lowest rank sweeps it.
+        self.disks: builtins.list[str] = (
+            groups.all_gather(self._backend.disk_id(), self._group) if self._group else [self.url]
+        )
+        if self._rank == self.disks.index(self.disks[self._rank]):
             removed = self._backend.sweep(self._grace_s())
             if removed:
                 log.info(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,26 @@ def broadcast(value: object, group: dist.ProcessGroup | None) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     return box[0]
+
+
+def all_gather(value: T, group: dist.ProcessGroup | None) -> list[T]:
+    """Every rank's ``value``, in rank order, on every rank of ``group``."""
+    if group is None:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out
+
+
+def scatter(values: list[Any] | None, group: dist.ProcessGroup | None) -> Any:
+    """Rank 0's ``values[r]`` on each rank ``r`` of ``group`` (``values``: rank 0's only)."""
+    if group is None:
+        assert values is not None
+        return values[0]
+    out: list[Any] = [None]
+    src = dist.get_global_rank(group, 0)
+    dist.scatter_object_list(out, values if rank(group) == 0 else None, src=src, group=group)
+    return out[0]
 
 
 def decide(fn: Callable[[], T], group: dist.ProcessGroup | None, *, what: str) -> T:

@@ -32,7 +32,7 @@ from ckptstore.dcp import packs as packs_mod
 from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
 from ckptstore.dcp.writer import CkptStorageWriter, SaveSpec
-from ckptstore.engine import groups
+from ckptstore.engine import groups, nodelocal
 from ckptstore.engine.compat import check_compatible
 
 # The torch-free part (listing, manifests) lives in listing.py; these names stay importable
@@ -121,12 +121,15 @@ def save_staged(
         world_size=groups.world_size(group),
         failure=failure,
         packs=packs,
+        disk=backend.disk_id() if group is not None else "",
     )
     try:
         driver.save(flat, writer, StagedSavePlanner(staged.mappings), group)
     except BaseException:
         writer.abort()
         raise
+    if writer.node_local and group is not None:
+        nodelocal.commit_parts(writer, backend, name, group)
     shard = writer.shard_info
     return WriteStats(
         manifest=writer.manifest,

@@ -46,6 +46,14 @@ manifest and its checksums to match altered files. A reader without a key ignore
 field, so signed checkpoints load anywhere. The files themselves are bound to the
 manifest by size and xxh3-64, which detects corruption but is not a cryptographic hash.
 
+**Node-local parts.** When the ranks of a job write to different disks (each node its
+own ``--ckpt-dir``), each disk holds a *part* of the checkpoint: its own ranks' shard
+files and a ``.metadata`` that points at them, committed under the same name. Its
+manifest has ``"part": {"disk": ..., "coordinator": ..., "elsewhere": {...}}``: the disk
+it lies on, the disk of the rank that commits the checkpoint (rank 0; its part is
+committed last), and the shard files that lie on the other disks, with their sizes and
+checksums. A checkpoint is complete when every disk's part is committed.
+
 For ``kind: "file"`` the checksum is of the whole file. A ``"shard"`` is covered by a
 hash tree: the manifest holds the checksum of the shard's index, and the index holds the
 checksum of every chunk (``ckptstore.format.shard``). Nothing is hashed twice on save.
@@ -94,6 +102,22 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One disk's part of a checkpoint written to node-local disks (see module doc)."""
+
+    disk: str  # the disk this part lies on (``StorageBackend.disk_id``)
+    coordinator: str  # the disk of rank 0, whose part is committed last
+    elsewhere: dict[str, FileEntry]  # shard files on the other disks
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "disk": self.disk,
+            "coordinator": self.coordinator,
+            "elsewhere": {n: e.to_json() for n, e in sorted(self.elsewhere.items())},
+        }
+
+
+@dataclass(frozen=True)
 class Manifest:
     step: int | None  # None for a checkpoint saved by path without a step
     world_size: int
@@ -111,6 +135,7 @@ class Manifest:
     metrics: dict[str, float | None] = field(default_factory=dict)  # None: not finite
     run_id: str | None = None  # the run that wrote it (see module doc); None: not recorded
     lineage: tuple[str, ...] = ()  # the runs it branched from, nearest first (module doc)
+    part: Part | None = None  # a node-local disk's part of the checkpoint (module doc)
 
     @property
     def ratio(self) -> float:
@@ -141,6 +166,7 @@ class Manifest:
             # Only when recorded: a manifest without one keeps its bytes, and its checksum.
             **({"run_id": self.run_id} if self.run_id is not None else {}),
             **({"lineage": list(self.lineage)} if self.lineage else {}),
+            **({"part": self.part.to_json()} if self.part is not None else {}),
         }
 
     def to_json(self, key: bytes | None = None) -> bytes:
@@ -210,20 +236,15 @@ class Manifest:
 
     @classmethod
     def _from_body(cls, body: dict[str, Any]) -> Manifest:
-        files: dict[str, FileEntry] = {}
-        raw_files = body["files"]
-        if not isinstance(raw_files, dict):
-            raise TypeError("files must be an object")
-        for name, e in raw_files.items():
-            check_name(name, what="file name")
-            if "/" in name:
-                raise ValueError(f"file name {name!r} has a directory part")
-            if not isinstance(e, dict) or e.get("kind") not in FILE_KINDS:
-                raise ValueError(f"file {name!r}: bad entry {e!r}")
-            size = _nonneg_int(e["size_bytes"], f"files.{name}.size_bytes")
-            if not is_digest(e["xxh3_64"]):
-                raise ValueError(f"file {name!r}: bad checksum {e['xxh3_64']!r}")
-            files[name] = FileEntry(e["kind"], size, e["xxh3_64"])
+        files = _file_entries(body["files"], "files")
+        part = body.get("part")
+        if part is not None:
+            if not isinstance(part, dict):
+                raise TypeError("part must be an object")
+            disks = (part["disk"], part["coordinator"])
+            if not all(isinstance(d, str) and d for d in disks):
+                raise TypeError("part.disk and part.coordinator must be strings")
+            part = Part(*disks, _file_entries(part["elsewhere"], "part.elsewhere"))
         created = body["created_unix_s"]
         if not isinstance(created, (int, float)) or not math.isfinite(created):
             raise TypeError("created_unix_s must be a number")
@@ -262,7 +283,25 @@ class Manifest:
             metrics=metrics,
             run_id=run_id,
             lineage=tuple(lineage),
+            part=part,
         )
+
+
+def _file_entries(raw_files: Any, what: str) -> dict[str, FileEntry]:
+    files: dict[str, FileEntry] = {}
+    if not isinstance(raw_files, dict):
+        raise TypeError(f"{what} must be an object")
+    for name, e in raw_files.items():
+        check_name(name, what="file name")
+        if "/" in name:
+            raise ValueError(f"file name {name!r} has a directory part")
+        if not isinstance(e, dict) or e.get("kind") not in FILE_KINDS:
+            raise ValueError(f"file {name!r}: bad entry {e!r}")
+        size = _nonneg_int(e["size_bytes"], f"{what}.{name}.size_bytes")
+        if not is_digest(e["xxh3_64"]):
+            raise ValueError(f"file {name!r}: bad checksum {e['xxh3_64']!r}")
+        files[name] = FileEntry(e["kind"], size, e["xxh3_64"])
+    return files
 
 
 def new_run_id() -> str:

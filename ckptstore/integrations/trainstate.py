@@ -185,10 +185,9 @@ class TrainState:
             mine = by_rank.get(f"rank{_rank()}")
             if mine is None:
                 log.warning(
-                    "the checkpoint has no extras for rank %d (saved by %d ranks): restored "
-                    "rank 0's",
+                    "the checkpoint has no extras for rank %d (saved on fewer ranks): "
+                    "restored rank 0's",
                     _rank(),
-                    len(by_rank),
                 )
                 mine = by_rank.get("rank0", {})
             self.extras = _restored_extras(mine, self.extras)
@@ -219,10 +218,19 @@ class TrainState:
                         part.replace("extras_by_rank", "extras"),
                     )
                 target.pop(part)
+        mine = f"rank{_rank()}"  # the global rank, as TrainState saves it
         for part in _FLEXIBLE:
             target.pop(part, None)
-            fill_from_checkpoint(target, metadata, _under(part))
-        mine = f"rank{_rank()}"  # the global rank, as TrainState saves it
+            if part != "extras_by_rank":
+                fill_from_checkpoint(target, metadata, _under(part))
+            # Only this rank's extras (rank 0's if it has none): with node-local disks,
+            # another node's are not on this one.
+            elif not fill_from_checkpoint(
+                target, metadata, lambda p: p[:2] == ("extras_by_rank", mine)
+            ):
+                fill_from_checkpoint(
+                    target, metadata, lambda p: p[:2] == ("extras_by_rank", "rank0")
+                )
         target.pop("rng", None)
         if self.rng and not fill_from_checkpoint(
             target, metadata, lambda p: p[:2] == ("rng", mine)

@@ -348,6 +348,16 @@ class Replicator:
     def _attempt(self, name: str) -> bool:
         try:
             mine = read_manifest(self.local, name, manifest_key=self._manifest_key)
+            if mine.part is not None:
+                # Rank 0 holds only its node's part: uploaded alone it would look complete
+                # and fail to restore. Per-rank uploads are not built yet (issue 17).
+                log.error(
+                    "backup: not uploading %s: it was written to node-local disks, and "
+                    "backing those up is not supported yet (save to a shared file system "
+                    "or straight to the object store for now)",
+                    name,
+                )
+                return True
             if not self.remote.exists(f"{name}/{MANIFEST_FILE}"):
                 self._upload(name, replace=False)
             elif (different := self._how_different(name, mine)) is None:

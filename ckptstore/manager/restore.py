@@ -12,7 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ckptstore.engine import groups
+from ckptstore.engine import groups, nodelocal
 from ckptstore.engine.checkpointer import Checkpointer
 from ckptstore.engine.ops import (
     CheckpointInfo,
@@ -246,6 +246,16 @@ class RestoreMixin:
         steps = groups.decide(
             lambda: self._order(which), self._control, what="choose a checkpoint to restore"
         )
+        if len(set(self._ckpt.disks)) > 1:
+            # Node-local disks: only a step committed on every disk is complete.
+            mine = [i.step for i in self._ckpt.list() if i.step is not None]
+            complete = nodelocal.complete_steps(
+                self._ckpt.backend, mine, self._ckpt.disks, self._control
+            )
+            dropped = [s for s in steps if s not in complete]
+            if dropped and self._rank == 0:
+                log.warning("not complete on every node's disk, so not restored: steps %s", dropped)
+            steps = [s for s in steps if s in complete]
         return [int(s) for s in steps]
 
     def _order(self, which: str | int) -> builtins.list[int]:

@@ -220,6 +220,9 @@ class PendingCheckpoint(ABC):
         committed the same name first; the other checkpoint is left untouched.
         """
 
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Let go of a pending checkpoint that another rank commits or aborts."""
+
     @abstractmethod
     def abort(self) -> None:
         """Remove what this pending checkpoint wrote; best effort, never raises, and
@@ -268,6 +271,21 @@ class StorageBackend(ABC):
     @abstractmethod
     def attach(self, token: str) -> PendingCheckpoint:
         """Join a pending checkpoint started by the coordinator (other ranks)."""
+
+    def disk_id(self) -> str:
+        """Names the storage this root lies on, the same from every process that sees it.
+
+        Ranks whose roots have different ids write a checkpoint in parts, one per disk
+        (node-local disks: :mod:`ckptstore.dcp.parts`). An object store is one store:
+        its URL."""
+        return self.url
+
+    def join_part(self, token: str, name: str | None) -> PendingCheckpoint:
+        """On a disk the coordinator's root is not on: this disk's part of the pending
+        checkpoint ``token``, created by the first rank to join; ``name`` for the rank
+        that commits the part. Only backends whose ``disk_id`` can differ between ranks
+        need it."""
+        raise InvalidOperationError(f"{self.url} cannot hold a part of a checkpoint")
 
     @abstractmethod
     def put_atomic(self, name: str, data: bytes) -> None:

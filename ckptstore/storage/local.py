@@ -43,6 +43,7 @@ from ckptstore.errors import (
     storage_error,
 )
 from ckptstore.layout import (
+    DISK_ID_FILE,
     LOCK_FILE,
     MANIFEST_FILE,
     POINTER_TEMP_PREFIX,
@@ -229,6 +230,9 @@ class _LocalPending(PendingCheckpoint):
         shutil.rmtree(self._dir, ignore_errors=True)
         self._unlock()
 
+    def release(self) -> None:
+        self._unlock()
+
     def _unlock(self) -> None:
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
@@ -263,6 +267,7 @@ class LocalBackend(StorageBackend):
         self.root = os.path.abspath(os.path.expanduser(root))
         self.url = self.root
         self.direct_io = direct_io
+        self._disk_id: str | None = None
         direct = bool(direct_io and O_DIRECT)
         self._capabilities = Capabilities(
             local=True,
@@ -396,6 +401,38 @@ class LocalBackend(StorageBackend):
                 os.path.join(self.root, token),
             )
         return _LocalPending(self, token, None, None)
+
+    def join_part(self, token: str, name: str | None) -> PendingCheckpoint:
+        check_name(token)
+        path = os.path.join(self.root, token)
+        try:
+            os.mkdir(path)  # the first rank of this disk creates the part, and locks it
+            lock_fd = _lock(os.path.join(path, LOCK_FILE))
+        except FileExistsError:
+            lock_fd = None
+        except OSError as exc:
+            raise storage_error(exc, "create temp directory", path) from exc
+        return _LocalPending(self, token, name, lock_fd)
+
+    def disk_id(self) -> str:
+        if self._disk_id is None:
+            path = os.path.join(self.root, DISK_ID_FILE)
+            tmp = os.path.join(self.root, f"{POINTER_TEMP_PREFIX}disk-id-{uuid.uuid4().hex[:12]}")
+            try:
+                if not os.path.exists(path):  # first use: create it, never over another's
+                    with open(tmp, "x") as f:
+                        f.write(uuid.uuid4().hex)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    with contextlib.suppress(FileExistsError):
+                        os.link(tmp, path)
+                    os.unlink(tmp)
+                    fsync_dir(self.root)
+                with open(path) as f:
+                    self._disk_id = f.read(64).strip() or "empty"
+            except OSError as exc:
+                raise storage_error(exc, "create or read", path) from exc
+        return self._disk_id
 
     def put_atomic(self, name: str, data: bytes) -> None:
         path = self._path(name)

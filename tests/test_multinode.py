@@ -1,0 +1,158 @@
+"""Two nodes on one machine: two ``torchrun --nnodes=2 --node_rank={0,1}`` launchers of
+the reference loop, each with its own ``--ckpt-dir`` standing for its node-local disk.
+
+Saves land in parts (each node's ranks' shards on its own disk); SIGKILL of one node's
+processes in a save (its part's files written, not yet renamed); a restart of both resumes from the newest step complete on
+both disks and ends bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from helpers import REPO
+from test_train import TINY, env
+
+STEPS = ["--steps", "24", "--save-every", "4", "--log-every", "4"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(
+    node: int, port: int, ckpt_dir, report, crash_at: str | None = None
+) -> subprocess.Popen[str]:
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [
+        torchrun, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=2",
+        "--rdzv_backend=static", f"--rdzv_endpoint=127.0.0.1:{port}", "--max_restarts=0",
+        "-m", "ckptstore.train", *TINY, *STEPS, "--ckpt-dir", str(ckpt_dir),
+        "--report", str(report),
+    ]  # fmt: skip
+    environ = env()
+    if crash_at:
+        environ["CKPTSTORE_CRASH_AT"] = crash_at
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=environ,
+        cwd=REPO,
+    )
+
+
+def run_two_nodes(tmp, name: str, timeout: float = 300) -> tuple[str, str]:
+    port = free_port()
+    nodes = [launch(n, port, tmp / f"{name}{n}", tmp / f"{name}.json") for n in (0, 1)]
+    outs = [finish(p, timeout) for p in nodes]
+    for p, out in zip(nodes, outs, strict=True):
+        assert p.returncode == 0, out[-5000:]
+    return outs[0], outs[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own,
+    so a kill of the launcher's process group misses them)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, p in parent.items() if p in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def kill_node(p: subprocess.Popen[str]) -> None:
+    """SIGKILL a launcher and all its workers: a node that dies."""
+    for pid in [*descendants(p.pid), p.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def finish(p: subprocess.Popen[str], timeout: float) -> str:
+    """``p``'s output once it exits; after ``timeout`` it is killed, workers and all."""
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_node(p)
+        out, _ = p.communicate()
+    finally:
+        if p.poll() is None:
+            kill_node(p)
+            p.wait()
+    return out
+
+
+def committed(root) -> list[int]:
+    return sorted(
+        int(n[5:])
+        for n in os.listdir(root)
+        if n.startswith("step_") and (root / n / "manifest.json").exists()
+    )
+
+
+def test_two_nodes_save_on_their_own_disks_and_resume_after_one_is_killed(tmp_path):
+    # Uninterrupted: 24 steps, a save every 4, each node's part on its own disk.
+    out0, _ = run_two_nodes(tmp_path, "straight")
+    assert "cpu x 4 process(es) (FSDP2)" in out0
+    for node in (0, 1):
+        root = tmp_path / f"straight{node}"
+        assert committed(root)[-1] == 24
+        manifest = json.loads((root / "step_00000024" / "manifest.json").read_text())
+        mine = {f"__{r}_0.distcp" for r in (2 * node, 2 * node + 1)}
+        assert {f for f in manifest["files"] if f.endswith(".distcp")} == mine
+        assert set(manifest["part"]["elsewhere"]) == {f"__{r}_0.distcp" for r in range(4)} - mine
+    want = json.loads((tmp_path / "straight.json").read_text())
+
+    # The same run; the rank that commits node 1's part is SIGKILLed in its third save
+    # (step 12), its files written and fsynced, before the rename; the rest of node 1
+    # is killed with it, and node 0's processes once they have stopped.
+    port = free_port()
+    cut0, cut1 = tmp_path / "cut0", tmp_path / "cut1"
+    crash = "local.commit.before_rename@3"
+    nodes = [
+        launch(0, port, cut0, tmp_path / "cut.json"),
+        launch(1, port, cut1, tmp_path / "cut1.json", crash),
+    ]
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and nodes[1].poll() is None:
+            if cut1.exists() and any(n.startswith(".tmp-step_00000012") for n in os.listdir(cut1)):
+                time.sleep(1.0)  # its committer crashes at the rename
+                break
+            time.sleep(0.01)
+        kill_node(nodes[1])
+    finally:
+        out1 = finish(nodes[1], 60)
+        out0 = finish(nodes[0], 120)
+    assert nodes[1].returncode != 0, out1[-3000:]
+    assert committed(cut0) == [4, 8], (committed(cut0), out0[-3000:])
+    assert committed(cut1) == [4, 8], (committed(cut1), out1[-3000:])
+
+    # Both nodes restarted: they resume from the newest step complete on both disks
+    # and end exactly where the uninterrupted run ended.
+    out0, _ = run_two_nodes(tmp_path, "cut")
+    assert "from step 8" in out0, out0[-3000:]
+    got = json.loads((tmp_path / "cut.json").read_text())
+    assert got["step"] == 24 and got["world_size"] == 4
+    assert got["param_digest"] == want["param_digest"]
+    assert got["losses"] and all(want["losses"][k] == v for k, v in got["losses"].items())
