@@ -306,3 +306,18 @@ def test_the_same_runs_checkpoint_with_other_content_is_replaced(tmp_path, caplo
     assert "same run, other files or checksums" in caplog.text
     assert verify(remote, "step_00000001", None) == []
     assert "step_00000001.replacing" not in remote.list_names()
+
+
+def test_a_checkpoint_restored_from_the_backup_counts_as_backed_up(s3_server, s3_bucket, tmp_path):
+    """A fresh machine resumes from the backup and saves nothing new: its backup is not
+    behind (it was reported "BEHIND: it has nothing" before)."""
+    url = f"s3://{s3_bucket}/run"
+    state = make_state()
+    with CheckpointManager(tmp_path / "a", save=SaveEvery(steps=2), backup=url) as mgr:
+        train(mgr, state, 2)
+        assert mgr.wait_backup(60) == []
+    fresh = make_state(seed=1)
+    with CheckpointManager(tmp_path / "b", backup=url) as mgr:
+        assert mgr.restore(fresh) == 2
+        status = mgr.backup_status()
+        assert status is not None and status.newest_backed_up == "step_00000002"

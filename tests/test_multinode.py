@@ -31,14 +31,19 @@ def free_port() -> int:
 
 
 def launch(
-    node: int, port: int, ckpt_dir, report, crash_at: str | None = None
+    node: int,
+    port: int,
+    ckpt_dir,
+    report,
+    crash_at: str | None = None,
+    extra: list[str] | None = None,
 ) -> subprocess.Popen[str]:
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [
         torchrun, "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=2",
         "--rdzv_backend=static", f"--rdzv_endpoint=127.0.0.1:{port}", "--max_restarts=0",
         "-m", "ckptstore.train", *TINY, *STEPS, "--ckpt-dir", str(ckpt_dir),
-        "--report", str(report),
+        "--report", str(report), *(extra or []),
     ]  # fmt: skip
     environ = env()
     if crash_at:
@@ -156,3 +161,56 @@ def test_two_nodes_save_on_their_own_disks_and_resume_after_one_is_killed(tmp_pa
     assert got["step"] == 24 and got["world_size"] == 4
     assert got["param_digest"] == want["param_digest"]
     assert got["losses"] and all(want["losses"][k] == v for k, v in got["losses"].items())
+
+
+def test_each_node_backs_up_its_part_and_a_fresh_cluster_restores_from_s3(tmp_path, s3_bucket):
+    backup = f"s3://{s3_bucket}/run"
+    short = ["--steps", "8"]
+    port = free_port()
+    nodes = [
+        launch(n, port, tmp_path / f"a{n}", tmp_path / "a.json", extra=[*short, "--backup", backup])
+        for n in (0, 1)
+    ]
+    outs = [finish(p, 300) for p in nodes]
+    for p, out in zip(nodes, outs, strict=True):
+        assert p.returncode == 0, out[-5000:]
+    from ckptstore.storage import open_backend
+
+    remote = open_backend(backup)
+    manifest = json.loads(remote.read_bytes("step_00000008/manifest.json"))
+    assert "part" not in manifest  # a whole checkpoint: every node's shards
+    assert {f for f in manifest["files"] if f.endswith(".distcp")} == {
+        f"__{r}_0.distcp" for r in range(4)
+    }
+    saved = json.loads((tmp_path / "a.json").read_text())
+
+    # A fresh two-node cluster, empty local disks: every rank reads from S3 what it needs.
+    port = free_port()
+    nodes = [
+        launch(
+            n,
+            port,
+            tmp_path / f"b{n}",
+            tmp_path / "b.json",
+            extra=["--steps", "8", "--backup", backup],
+        )
+        for n in (0, 1)
+    ]
+    outs = [finish(p, 300) for p in nodes]
+    for p, out in zip(nodes, outs, strict=True):
+        assert p.returncode == 0, out[-5000:]
+    assert "from step 8" in outs[0], outs[0][-3000:]
+    assert json.loads((tmp_path / "b.json").read_text())["param_digest"] == saved["param_digest"]
+
+    # One node of 3 ranks, an empty local disk: restores the same parameters from S3.
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [
+        torchrun, "--standalone", "--nproc_per_node=3", "-m", "ckptstore.train", *TINY,
+        "--steps", "8", "--ckpt-dir", str(tmp_path / "c"), "--report", str(tmp_path / "c.json"),
+        "--backup", backup,
+    ]  # fmt: skip
+    one = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    assert "from step 8" in one.stdout
+    got = json.loads((tmp_path / "c.json").read_text())
+    assert got["world_size"] == 3 and got["param_digest"] == saved["param_digest"]

@@ -452,8 +452,10 @@ class Checkpointer:
         *,
         allow_partial: bool = False,
         allow_cast: bool = False,
+        source: StorageBackend | None = None,
     ) -> CheckpointInfo:
-        """Load checkpoint ``step`` (default: the latest) into ``state_dict`` in place.
+        """Load checkpoint ``step`` (default: the latest) into ``state_dict`` in place
+        (from ``source``, another root such as the backup, if given).
 
         Waits for saves in flight first. Reshards: a checkpoint saved on N ranks loads on
         M. Raises :class:`~ckptstore.errors.CheckpointNotFoundError` if there is none.
@@ -472,9 +474,10 @@ class Checkpointer:
             name = latest.name
         else:
             name = checkpoint_name(check_step(step))
+        backend = self._backend if source is None else source
         manifest = load_into(
             state_dict,
-            self._backend,
+            backend,
             name,
             pool=self._pool,
             group=self._group,
@@ -482,13 +485,14 @@ class Checkpointer:
             allow_cast=allow_cast,
             manifest_key=self.config.manifest_key,
         )
-        return CheckpointInfo(name, f"{self.url}/{name}", manifest)
+        return CheckpointInfo(name, f"{backend.url}/{name}", manifest)
 
-    def read_metadata(self, step: int) -> Metadata:
+    def read_metadata(self, step: int, *, source: StorageBackend | None = None) -> Metadata:
         """DCP's metadata of checkpoint ``step`` (what it holds), checked and safely read."""
         name = checkpoint_name(check_step(step))
-        manifest = read_manifest(self._backend, name, manifest_key=self.config.manifest_key)
-        return read_dcp_metadata(self._backend, name, manifest)
+        backend = self._backend if source is None else source
+        manifest = read_manifest(backend, name, manifest_key=self.config.manifest_key)
+        return read_dcp_metadata(backend, name, manifest)
 
     def verify(self, step: int) -> builtins.list[str]:
         """Check every byte of checkpoint ``step``; one line per problem, empty if intact."""

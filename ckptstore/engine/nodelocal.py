@@ -108,15 +108,16 @@ def complete_steps(
     steps: list[int],
     disks: list[str],
     group: dist.ProcessGroup | None,
-) -> set[int]:
-    """Of ``steps`` (this rank's committed ones), those committed on every rank's disk.
+) -> tuple[set[int], set[int]]:
+    """Of ``steps`` (this rank's committed ones), those committed on every rank's disk;
+    and rank 0's.
 
     Collective, at restore. Each disk's lowest rank also removes the parts on its disk
     that rank 0's root does not hold (a save that died before rank 0 committed it), so
     that the run can save those steps again. One disk (a shared file system): ``steps``
     as they are, and nothing else is done."""
     if len(set(disks)) < 2:
-        return set(steps)
+        return set(steps), set(steps)
     everyone = groups.all_gather(sorted(steps), group)
     rank = groups.rank(group)
     if disks[rank] != disks[0] and disks.index(disks[rank]) == rank:
@@ -124,4 +125,4 @@ def complete_steps(
     common = set(everyone[0])
     for other in everyone[1:]:
         common &= set(other)
-    return common
+    return common, set(everyone[0])

@@ -145,7 +145,15 @@ class Manifest:
     def same_checkpoint(self, other: Manifest) -> bool:
         """Whether ``other`` describes the same checkpoint: the same step, run and files
         (names, sizes, checksums). A copy made by :mod:`ckptstore.transfer` is."""
-        return self.step == other.step and self.run_id == other.run_id and self.files == other.files
+        return (
+            self.step == other.step
+            and self.run_id == other.run_id
+            and self.all_files() == other.all_files()
+        )
+
+    def all_files(self) -> dict[str, FileEntry]:
+        """Every file of the checkpoint: with a node-local part's, those on other disks."""
+        return self.files if self.part is None else {**self.files, **self.part.elsewhere}
 
     def body(self) -> dict[str, Any]:
         return {

@@ -74,7 +74,7 @@ from ckptstore.errors import (
 )
 from ckptstore.format.manifest import new_run_id
 from ckptstore.layout import LATEST_FILE, checkpoint_name
-from ckptstore.manager import lease, pointer, retention
+from ckptstore.manager import lease, partbackup, pointer, retention
 from ckptstore.manager.agreement import StepAgreement
 from ckptstore.manager.guard import ABORT, GuardMixin
 from ckptstore.manager.listing import ManagedCheckpoint, describe
@@ -209,6 +209,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         # or a shared file system). A missing bucket or wrong credentials fail here.
         self._remote: StorageBackend | None = None
         self._backup: Replicator | None = None
+        self._part_backup: partbackup.PartUploader | None = None  # node-local disks
         self._has_backup = backup is not None
         self.backup_config = backup
         self.backup_keep = config.keep if backup is None or backup.keep is None else backup.keep
@@ -225,32 +226,20 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             raise
 
     def _open_backup(self, backup: BackupConfig) -> None:
-        options = dict(backup.storage_options) if backup.storage_options is not None else None
-        max_queued, retry_max_s = backup.max_queued, backup.retry_max_s
-
-        def open_remote() -> None:
-            assert self._ckpt is not None
-            self._remote = open_backend(
-                backup.url,
-                storage_options=options,
-                backend_options=dict(backup.backend_options or {}),
-            )
-            if self.enabled:
-                self._backup = Replicator(
-                    self._ckpt.backend,
-                    self._remote,
-                    keep=self.backup_keep,
-                    max_queued=max_queued,
-                    retry_max_s=retry_max_s,
-                    on_backed_up=self._on_backed_up,
-                    on_speed=self._ckpt.note_downstream,
-                    manifest_key=self._manifest_key,
-                    run_id=self._run_id,
-                )
-            else:
-                self._remote.check_access()
-
-        groups.decide(open_remote, self._control, what=f"open the backup {backup.url!r}")
+        assert self._ckpt is not None
+        self._remote, self._backup, self._part_backup = partbackup.open_tiers(
+            self._ckpt,
+            backup,
+            self._control,
+            enabled=self.enabled,
+            keep=self.backup_keep,
+            max_queued=backup.max_queued,
+            retry_max_s=backup.retry_max_s,
+            on_backed_up=self._on_backed_up,
+            on_speed=self._ckpt.note_downstream,
+            manifest_key=self._manifest_key,
+            run_id=self._run_id,
+        )
         if self.enabled and self._ckpt is not None:
             # codec="auto" now minimises the time until backed up (every rank starts
             # compressed; rank 0 adapts to the upload speed it measures).
@@ -386,12 +375,18 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._last_save_time = time.monotonic()
         if self._housekeeping is not None:
             pending.committed.add_done_callback(self._after_commit)
+        if self._part_backup is not None:  # this disk's part, once committed
+            pending.committed.add_done_callback(self._upload_part)
 
     def _after_commit(self, fut: Future[Any]) -> None:
         """Once a save is durable (on the writer thread): hand the rest to housekeeping."""
         if fut.exception() is None and self._housekeeping is not None:
             with contextlib.suppress(RuntimeError):  # shut down: nothing more to do
                 self._housekeeping.submit(self._point_and_prune, fut.result().name)
+
+    def _upload_part(self, fut: Future[Any]) -> None:
+        if fut.exception() is None and self._part_backup is not None:
+            self._part_backup.submit(fut.result().name)
 
     def _point_and_prune(self, name: str) -> None:
         assert self._ckpt is not None
@@ -498,6 +493,8 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                 self._ckpt.close()
         finally:
             try:
+                if self._part_backup is not None:
+                    self._part_backup.close(wait=wait_backup, timeout_s=backup_timeout_s)
                 if self._backup is not None and wait_backup:
                     if self._housekeeping is not None:  # the last commit's submit, first
                         self._housekeeping.submit(lambda: None).result()

@@ -43,7 +43,12 @@ from ckptstore.manager import pointer
 from ckptstore.manager.policies import RetentionPolicy
 from ckptstore.manager.retention import of_lineage, prune
 from ckptstore.storage import StorageBackend
-from ckptstore.transfer import Progress, copy_checkpoint, replace_checkpoint
+from ckptstore.transfer import (
+    Progress,
+    commit_parts_backup,
+    copy_checkpoint,
+    replace_checkpoint,
+)
 
 log = logging.getLogger("ckptstore")
 
@@ -182,6 +187,12 @@ class Replicator:
                 )
             self._cond.notify_all()
         self._wake.set()
+
+    def note_on_remote(self, name: str) -> None:
+        """``name`` is on the remote already (a restore read it from there)."""
+        with self._cond:
+            if self._newest is None or self._newest < name:
+                self._newest = name
 
     def busy(self) -> set[str]:
         """Checkpoints waiting or uploading: local retention must not delete them."""
@@ -348,17 +359,10 @@ class Replicator:
     def _attempt(self, name: str) -> bool:
         try:
             mine = read_manifest(self.local, name, manifest_key=self._manifest_key)
-            if mine.part is not None:
-                # Rank 0 holds only its node's part: uploaded alone it would look complete
-                # and fail to restore. Per-rank uploads are not built yet (issue 17).
-                log.error(
-                    "backup: not uploading %s: it was written to node-local disks, and "
-                    "backing those up is not supported yet (save to a shared file system "
-                    "or straight to the object store for now)",
-                    name,
-                )
-                return True
-            if not self.remote.exists(f"{name}/{MANIFEST_FILE}"):
+            if mine.part is not None:  # node-local disks: the other disks upload theirs
+                if not self.remote.exists(f"{name}/{MANIFEST_FILE}"):
+                    self._upload(name, replace=False, part=True)
+            elif not self.remote.exists(f"{name}/{MANIFEST_FILE}"):
                 self._upload(name, replace=False)
             elif (different := self._how_different(name, mine)) is None:
                 log.info("backup: %s is already on %s", name, self.remote.url)
@@ -425,8 +429,8 @@ class Replicator:
             )
         return "same run, other files or checksums: of a branch retired by a restore?"
 
-    def _upload(self, name: str, *, replace: bool) -> None:
-        if not replace and name in self.remote.list_names():
+    def _upload(self, name: str, *, replace: bool, part: bool = False) -> None:
+        if not replace and not part and name in self.remote.list_names():
             # Files without a manifest: an upload by a process that died. This
             # replicator is the backup root's only writer: clear them, or the
             # new upload would refuse to write over them.
@@ -435,15 +439,27 @@ class Replicator:
         self.progress = Progress(f"backing up {name} to {self.remote.url}", 0)
         start = time.monotonic()
         copy = replace_checkpoint if replace else copy_checkpoint
-        manifest = copy(
-            self.local,
-            self.remote,
-            name,
-            threads=self.threads,
-            progress=self.progress,
-            stop=self._stop,
-            manifest_key=self._manifest_key,
-        )
+        if part:  # the other nodes' files arrive from them; give up for a newer one
+            manifest = commit_parts_backup(
+                self.local,
+                self.remote,
+                name,
+                threads=self.threads,
+                progress=self.progress,
+                stop=self._stop,
+                manifest_key=self._manifest_key,
+                given_up=lambda: bool(self._queue),
+            )
+        else:
+            manifest = copy(
+                self.local,
+                self.remote,
+                name,
+                threads=self.threads,
+                progress=self.progress,
+                stop=self._stop,
+                manifest_key=self._manifest_key,
+            )
         elapsed = time.monotonic() - start
         if self._on_speed is not None and manifest.stored_bytes >= (16 << 20):
             self._on_speed(manifest.stored_bytes / max(elapsed, 1e-6))

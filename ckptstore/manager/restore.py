@@ -69,6 +69,7 @@ class RestoreMixin:
     _run_id: str
     _lineage: tuple[str, ...]
     _load_options: dict[str, bool] = {}  # noqa: RUF012 - set per restore(), never mutated
+    _from_backup: frozenset[int] | set[int] = frozenset()  # steps only on the backup (node-local)
     _backup: Replicator | None
 
     if TYPE_CHECKING:  # provided by CheckpointManager
@@ -206,6 +207,13 @@ class RestoreMixin:
     def _load_with_backup(self, state: Resumable | dict[str, Any], step: int) -> CheckpointInfo:
         """Load ``step`` from the local root; from the backup if it is missing or damaged
         locally (downloaded into the local root first, verified)."""
+        if step in self._from_backup:  # node-local disks: every rank reads its part
+            assert self._remote is not None
+            info = self._load_step(state, step, self._remote)
+            log.info("restored step %d from the backup %s", step, self._remote.url)
+            if self._backup is not None:
+                self._backup.note_on_remote(info.name)
+            return info
         fetched = self._fetch(step, replace=False)
         try:
             return self._load_step(state, step)
@@ -236,6 +244,8 @@ class RestoreMixin:
                         manifest_key=self._manifest_key,
                     )
                     outcome = "ok"
+                    if self._backup is not None:
+                        self._backup.note_on_remote(name)
             except Exception as exc:
                 log.warning("could not download %s from %s: %s", name, self._remote.url, exc)
         return groups.broadcast(outcome, self._control) == "ok"
@@ -247,15 +257,17 @@ class RestoreMixin:
             lambda: self._order(which), self._control, what="choose a checkpoint to restore"
         )
         if len(set(self._ckpt.disks)) > 1:
-            # Node-local disks: only a step committed on every disk is complete.
+            # Node-local disks: a step committed on some disks only is not complete; one
+            # only on the backup is read from there by every rank.
             mine = [i.step for i in self._ckpt.list() if i.step is not None]
-            complete = nodelocal.complete_steps(
+            complete, rank0 = nodelocal.complete_steps(
                 self._ckpt.backend, mine, self._ckpt.disks, self._control
             )
-            dropped = [s for s in steps if s not in complete]
+            self._from_backup = {s for s in steps if s not in rank0}
+            dropped = [s for s in steps if s not in complete and s in rank0]
             if dropped and self._rank == 0:
                 log.warning("not complete on every node's disk, so not restored: steps %s", dropped)
-            steps = [s for s in steps if s in complete]
+            steps = [s for s in steps if s not in dropped]
         return [int(s) for s in steps]
 
     def _order(self, which: str | int) -> builtins.list[int]:
@@ -309,15 +321,17 @@ class RestoreMixin:
             )
         return order
 
-    def _load_step(self, state: Resumable | dict[str, Any], step: int) -> CheckpointInfo:
+    def _load_step(
+        self, state: Resumable | dict[str, Any], step: int, source: StorageBackend | None = None
+    ) -> CheckpointInfo:
         assert self._ckpt is not None
         if not isinstance(state, Resumable):
-            return self._ckpt.load(state, step, **self._load_options)
+            return self._ckpt.load(state, step, source=source, **self._load_options)
         # Every rank reads the metadata; they agree that all could before the collective
         # load, so that a rank that could not does not go its own way.
         metadata, problem = None, None
         try:
-            metadata = self._ckpt.read_metadata(step)
+            metadata = self._ckpt.read_metadata(step, source=source)
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
             problem = exc
         _, failed = self._agree(None, 1 if problem is not None else None)
@@ -327,7 +341,7 @@ class RestoreMixin:
             )
         assert metadata is not None  # no rank failed, this one included
         target = state.load_target(metadata)
-        info = self._ckpt.load(target, step, **self._load_options)
+        info = self._ckpt.load(target, step, source=source, **self._load_options)
         state.load_state_dict(target)
         return info
 
