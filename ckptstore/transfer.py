@@ -246,7 +246,7 @@ class _CopyJob:
                 raise CorruptCheckpointError(
                     f"{where}: {reader.size} B, the manifest says {size} B"
                 )
-            sink = self.pending.create_file(fname)
+            sink = self.pending.create_file(fname, size_hint=size)
             try:
                 for piece in _pieces(reader, size):
                     if stop is not None and stop.is_set():

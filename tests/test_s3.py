@@ -327,3 +327,25 @@ def test_reads_share_windows_across_threads(s3_server, s3_bucket, monkeypatch):
     with pytest.raises(StorageError, match="past the end"):
         reader.read(len(data) - 10, 20)
     reader.close()
+
+
+def test_parts_grow_so_that_large_files_take_few_requests(s3_server, s3_bucket):
+    """Parts double every two parts up to max_part_bytes; a copy, which knows the size,
+    uses equal parts of half that or more. Counted in the multipart ETag ("-N")."""
+    backend = s3(s3_server, s3_bucket)
+    backend.part_bytes, backend.max_part_bytes = MIN_PART_BYTES, 4 * MIN_PART_BYTES
+    backend.parts_in_flight = 2
+    data = os.urandom(8 * MIN_PART_BYTES)
+    pending = backend.begin("step_00000001")
+    # Streamed: 5, 5, 10, 10, 10 MiB (8 parts at a fixed 5 MiB); sized: 4 x 10 MiB.
+    for name, hint, parts in (("streamed", None, 5), ("sized", len(data), 4)):
+        sink = pending.create_file(name, size_hint=hint)
+        for i in range(0, len(data), MIB):
+            sink.write(data[i : i + MIB])
+        sink.close()
+        head = s3_server.call("head_object", Bucket=s3_bucket, Key=f"run/step_00000001/{name}")
+        assert head["ETag"].strip('"').endswith(f"-{parts}"), (name, head["ETag"])
+        assert head["ContentLength"] == len(data)
+        with backend.open_reader(f"step_00000001/{name}") as reader:
+            assert bytes(reader.read(0, len(data))) == data
+    pending.abort()

@@ -198,8 +198,9 @@ class PendingCheckpoint(ABC):
         return name
 
     @abstractmethod
-    def create_file(self, name: str) -> FileSink:
-        """A new file inside the checkpoint; never replaces one."""
+    def create_file(self, name: str, size_hint: int | None = None) -> FileSink:
+        """A new file inside the checkpoint; never replaces one. ``size_hint``: its
+        size, where the writer knows it (a copy): object stores size their parts by it."""
 
     def write_file(self, name: str, data: bytes) -> None:
         """Write a small file in one go, durably."""

@@ -147,7 +147,7 @@ class _LocalPending(PendingCheckpoint):
         self._final = final
         self._lock_fd = lock_fd
 
-    def create_file(self, name: str) -> FileSink:
+    def create_file(self, name: str, size_hint: int | None = None) -> FileSink:
         check_name(name, what="file name")
         path = os.path.join(self._dir, name)
         if "/" in name:

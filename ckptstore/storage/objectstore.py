@@ -165,7 +165,7 @@ class _FsspecPending(PendingCheckpoint):
         stem, ext = posixpath.splitext(check_name(name, what="file name"))
         return f"{stem}-{self.attempt}{ext}"
 
-    def create_file(self, name: str) -> FileSink:
+    def create_file(self, name: str, size_hint: int | None = None) -> FileSink:
         check_name(name, what="file name")
         path = self._backend.store_path(f"{self.name}/{name}")
         try:
@@ -177,7 +177,7 @@ class _FsspecPending(PendingCheckpoint):
                 errno.EEXIST, "file exists; a checkpoint's files are written once", path
             )
         self._written.append(path)
-        return self._backend.create_sink(path)
+        return self._backend.create_sink(path, size_hint)
 
     def commit(self, manifest: bytes) -> None:
         if not self._coordinator:
@@ -242,7 +242,7 @@ class FsspecBackend(StorageBackend):
     # Both are called by this backend's pending checkpoints on the rank's writer thread,
     # with a path from store_path(); several at once, for different paths.
 
-    def create_sink(self, path: str) -> FileSink:
+    def create_sink(self, path: str, size_hint: int | None = None) -> FileSink:
         """A sink for the new object ``path`` (the pending checkpoint has checked that
         it does not exist). The object appears under ``path`` only when the sink's
         ``close`` succeeds; after ``abort``, or a failed close, nothing is published.

@@ -17,11 +17,13 @@ MAX_PARTS = 10_000  # S3's maximum parts per upload
 
 DEFAULT_PART_BYTES = 16 * MIB
 DEFAULT_PARTS_IN_FLIGHT = 4
+DEFAULT_MAX_PART_BYTES = 128 * MIB
 DEFAULT_CALL_TIMEOUT_S = 600.0
 # What open_backend(..., backend_options=...) accepts for an s3:// URL.
 BACKEND_OPTIONS = frozenset(
     {
         "part_bytes",
+        "max_part_bytes",
         "parts_in_flight",
         "call_timeout_s",
         "connect_timeout_s",

@@ -167,9 +167,9 @@ class _FaultyPending(PendingCheckpoint):
     def stored_name(self, name: str) -> str:
         return self.inner.stored_name(name)
 
-    def create_file(self, name: str) -> FileSink:
+    def create_file(self, name: str, size_hint: int | None = None) -> FileSink:
         self.backend.hit("create_file", name)
-        return _FaultySink(self.backend, name, self.inner.create_file(name))
+        return _FaultySink(self.backend, name, self.inner.create_file(name, size_hint))
 
     def commit(self, manifest: bytes) -> None:
         self.backend.hit("commit", self.token)
