@@ -362,3 +362,25 @@ def test_epoch_saves_without_an_explicit_epoch(root):
         mgr.maybe_save(0, state, end_of_epoch=True)
         mgr.wait()
         assert [(c.step, c.epoch, c.reason) for c in mgr.list()] == [(1, 4, "epoch")]
+
+
+def test_a_restore_reads_the_manifest_and_metadata_once(tmp_path, monkeypatch):
+    """restore() reads what the checkpoint holds to shape the target, then loads it:
+    ``.metadata`` (~100 B per chunk per rank: hundreds of MB at scale) is read once,
+    not once for each (issue 17). The small manifest is still read by each step that
+    lists or checks (5 times here)."""
+    from ckptstore.storage.local import LocalBackend
+
+    with ckptstore.CheckpointManager(tmp_path, save=ckptstore.SaveEvery(steps=2)) as mgr:
+        train(mgr, make_state(), 2)
+    reads: list[str] = []
+    original = LocalBackend.read_bytes
+
+    def counted(self, name):
+        reads.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(LocalBackend, "read_bytes", counted)
+    with ckptstore.CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore(make_state(seed=1)) == 2
+    assert reads.count("step_00000002/.metadata") == 1, reads

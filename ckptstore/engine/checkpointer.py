@@ -52,7 +52,7 @@ from ckptstore.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
-from ckptstore.format.manifest import check_run_id
+from ckptstore.format.manifest import Manifest, check_run_id
 from ckptstore.layout import MANIFEST_FILE, checkpoint_name
 from ckptstore.storage import StorageBackend, open_backend
 from ckptstore.units import format_bytes
@@ -134,6 +134,7 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._inflight: dict[int, PendingSave] = {}
         self._closed = False
+        self._preread: tuple[str, str, Manifest, Metadata] | None = None
         # Each rank's disk: ranks with roots on different disks (node-local) save in
         # parts (ckptstore.engine.nodelocal); each disk's lowest rank sweeps it.
         self.disks: builtins.list[str] = (
@@ -475,6 +476,7 @@ class Checkpointer:
         else:
             name = checkpoint_name(check_step(step))
         backend = self._backend if source is None else source
+        preread, self._preread = self._preread, None
         manifest = load_into(
             state_dict,
             backend,
@@ -484,6 +486,7 @@ class Checkpointer:
             allow_partial=allow_partial,
             allow_cast=allow_cast,
             manifest_key=self.config.manifest_key,
+            preread=preread[2:] if preread and preread[:2] == (backend.url, name) else None,
         )
         return CheckpointInfo(name, f"{backend.url}/{name}", manifest)
 
@@ -492,7 +495,10 @@ class Checkpointer:
         name = checkpoint_name(check_step(step))
         backend = self._backend if source is None else source
         manifest = read_manifest(backend, name, manifest_key=self.config.manifest_key)
-        return read_dcp_metadata(backend, name, manifest)
+        metadata = read_dcp_metadata(backend, name, manifest)
+        # A restore reads the metadata, then loads: the load reads neither again.
+        self._preread = (backend.url, name, manifest, metadata)
+        return metadata
 
     def verify(self, step: int) -> builtins.list[str]:
         """Check every byte of checkpoint ``step``; one line per problem, empty if intact."""

@@ -152,8 +152,10 @@ def load_into(
     allow_partial: bool = False,
     allow_cast: bool = False,
     manifest_key: bytes | None = None,
+    preread: tuple[Manifest, Metadata] | None = None,
 ) -> Manifest:
     """Load checkpoint ``name`` into ``state_dict`` in place (DCP semantics; reshards).
+    ``preread``: its manifest and DCP metadata, already read and checked (not again).
 
     The manifest is checked (and its HMAC, with a ``manifest_key``) before any other
     file is read; ``.metadata`` is unpickled only after its checksum matches. A tensor
@@ -164,8 +166,11 @@ def load_into(
         raise InvalidArgumentTypeError(
             f"state_dict must be a dict to load into, got {type(state_dict).__name__}"
         )
-    manifest = read_manifest(backend, name, manifest_key=manifest_key)
-    metadata = read_dcp_metadata(backend, name, manifest)
+    if preread is None:
+        manifest = read_manifest(backend, name, manifest_key=manifest_key)
+        metadata = read_dcp_metadata(backend, name, manifest)
+    else:
+        manifest, metadata = preread
     keys = sorted(state_dict)
     target = {k: (v.state_dict() if isinstance(v, Stateful) else v) for k, v in state_dict.items()}
     flat, mappings = check_compatible(

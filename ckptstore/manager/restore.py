@@ -352,7 +352,8 @@ class RestoreMixin:
         with groups.caller_group(self._process_group) as group:
             if isinstance(state, Resumable):
                 manifest = read_manifest(backend, name, manifest_key=key)
-                target = state.load_target(read_dcp_metadata(backend, name, manifest))
+                metadata = read_dcp_metadata(backend, name, manifest)
+                target = state.load_target(metadata)
                 manifest = load_into(
                     target,
                     backend,
@@ -360,7 +361,9 @@ class RestoreMixin:
                     pool=None,
                     group=group,
                     manifest_key=key,
-                    **self._load_options,
+                    preread=(manifest, metadata),
+                    allow_partial=self._load_options.get("allow_partial", False),
+                    allow_cast=self._load_options.get("allow_cast", False),
                 )
                 state.load_state_dict(target)
             else:
@@ -371,7 +374,8 @@ class RestoreMixin:
                     pool=None,
                     group=group,
                     manifest_key=key,
-                    **self._load_options,
+                    allow_partial=self._load_options.get("allow_partial", False),
+                    allow_cast=self._load_options.get("allow_cast", False),
                 )
         info = CheckpointInfo(name, f"{backend.url}/{name}", manifest)
         steps = self._resumed(info)
