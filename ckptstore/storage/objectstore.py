@@ -168,10 +168,15 @@ class _FsspecPending(PendingCheckpoint):
     def create_file(self, name: str, size_hint: int | None = None) -> FileSink:
         check_name(name, what="file name")
         path = self._backend.store_path(f"{self.name}/{name}")
-        try:
-            exists = self._backend.fs.exists(path)
-        except Exception as exc:
-            raise translate_error(exc, "stat", path) from exc
+        # A name this attempt made (stored_name) is new by construction: no probe (on S3
+        # a HEAD and a LIST, per file per rank per save). Copies keep their names: probed.
+        if name == self.stored_name(name.replace(f"-{self.attempt}", "")):
+            exists = False
+        else:
+            try:
+                exists = self._backend.fs.exists(path)
+            except Exception as exc:
+                raise translate_error(exc, "stat", path) from exc
         if exists:
             raise StorageError(
                 errno.EEXIST, "file exists; a checkpoint's files are written once", path
