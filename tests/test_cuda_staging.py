@@ -214,3 +214,26 @@ def test_pool_reports_pinned_bytes_truthfully_and_gives_them_back(cudart):
     unpinned.release(unpinned.stage(state))
     assert unpinned.pinned_bytes == 0 and unpinned.allocated_bytes == total
     unpinned.close()
+
+
+# ---- CUDA generator states across device counts ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("saved", "have", "restored", "says"),
+    [
+        (2, 2, 2, None),
+        (8, 2, 2, "restored device(s) 0-1; the saved states of device(s) 2-7 are not used"),
+        (1, 4, 1, "restored device(s) 0-0; device(s) 1-3 keep their current state"),
+        (4, 0, 0, "has no GPU: not restored"),
+    ],
+)
+def test_cuda_generators_restore_what_matches_and_say_what_does_not(saved, have, restored, says):
+    from ckptstore.integrations.trainstate import cuda_rng_plan
+
+    n, problem = cuda_rng_plan(saved, have)
+    assert n == restored
+    if says is None:
+        assert problem is None
+    else:
+        assert problem is not None and says in problem and f"{saved} device(s)" in problem

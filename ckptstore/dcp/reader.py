@@ -12,7 +12,7 @@ DCP calls, in order (see ``torch.distributed.checkpoint.storage.StorageReader``)
 covers a whole stored tensor and lands in a contiguous CPU tensor of the same dtype is
 decoded straight into it; anything else (resharding, device or dtype change) decodes
 into a temporary and is copied with DCP's narrowing rules. Temporaries are bounded by
-``max_temp_bytes`` per batch.
+``max_temp_bytes`` per batch; for a GPU target they are pinned and copied asynchronously.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ class CkptStorageReader(StorageReader):
                 raise CorruptCheckpointError(
                     f"{shard.where}: {entry.key!r} holds {entry.nbytes} B, metadata says {list(sizes)} {entry.dtype}"
                 )
-            temp = torch.empty(sizes, dtype=entry.dtype)
+            temp = torch.empty(sizes, dtype=entry.dtype, pin_memory=_pinned_for(target))
             if temp_bytes and temp_bytes + entry.nbytes > self._max_temp_bytes:
                 flush()
             temp_bytes += entry.nbytes
@@ -309,8 +309,21 @@ class CkptStorageReader(StorageReader):
             raise CorruptCheckpointError(
                 f"{self._where()}: {req.storage_index.fqn!r} read {list(piece.size())}, target wants {list(target.size())}"
             )
-        target.copy_(piece)
+        # Onto a GPU from a pinned temporary: asynchronous, on the caller's current
+        # stream (so later work there sees it); decoding the next items overlaps the
+        # transfer, and torch's pinned allocator keeps the temporary until it is done.
+        target.copy_(piece, non_blocking=target.device.type == "cuda" and piece.is_pinned())
         planner.commit_tensor(req, target)
+
+
+def _pinned_for(target: torch.Tensor) -> bool:
+    """Decode into pinned memory when the bytes go on to a GPU (3-5x faster copies).
+
+    These temporaries come from torch's caching pinned allocator, which reuses them from
+    one batch to the next (at most ``max_temp_bytes`` a batch, rounded up to powers of
+    two) instead of pinning fresh memory for every tensor.
+    """
+    return target.device.type == "cuda" and torch.cuda.is_available()
 
 
 def narrow_tensor_by_index(tensor: torch.Tensor, offsets: Any, sizes: Any) -> torch.Tensor:

@@ -366,11 +366,17 @@ def _copy(prep: PreparedState) -> dict[str, Any]:
 def stage_in_place(state_dict: dict[str, Any]) -> StagedState:
     """Stage without copying tensors: for a synchronous save, where the caller waits.
 
-    Values are still serialized (and checked) here; tensors are saved from where they
-    are, moved to the CPU one at a time if they live on a GPU.
+    Values are still serialized (and checked) here; CPU tensors are saved from where
+    they are. A state with tensors on a GPU is staged as an asynchronous save stages it
+    (one pinned buffer of exactly its size, copies on a staging stream per device),
+    rather than one pageable ``.cpu()`` copy per tensor; the buffer is unpinned and freed
+    when the returned state is dropped.
     """
     start = time.perf_counter()
-    layout, objs = plan_layout(_resolve(state_dict))
+    resolved = _resolve(state_dict)
+    layout, objs = plan_layout(resolved)
+    if layout.cuda:
+        return StagingPool(pin_memory=True).stage(resolved)
     staged = {fqn: objs[i] for fqn, i in zip(layout.tensor_fqns, layout.tensor_pos, strict=True)}
     value_bytes = 0
     for i, fqn in zip(layout.value_pos, layout.value_fqns, strict=True):
