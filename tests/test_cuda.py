@@ -9,7 +9,8 @@ machine without enough of them; ``benchmarks/gpu_check.sh`` runs them).
   lets the change after it leak into the checkpoint.
 * Staging memory is pinned at the state's exact size, and reported so.
 * Bit-exact reloads: GPU -> GPU, GPU -> CPU, CPU -> GPU, through a Checkpointer and
-  through the one-shot ``ckptstore.save`` / ``load``.
+  through the one-shot ``ckptstore.save`` / ``load``; a load onto the GPU decodes into
+  pinned memory and gives it back at its end.
 * CUDA generator states round-trip.
 * The reference loop on ``--device cuda``: SIGTERM + rerun equals the run never stopped;
   with two GPUs, torchrun with NCCL + FSDP2 saves and one process resumes it.
@@ -163,6 +164,23 @@ def test_cpu_state_reloads_onto_the_gpu_bit_exact(root):
         target = blank(state, "cuda")
         ckpt.load(target, 1)
     assert_bytes_equal(state, target)
+
+
+@pytest.mark.cuda
+def test_a_load_onto_the_gpu_goes_through_pinned_memory_and_gives_it_back(root):
+    if not hasattr(torch.cuda, "host_memory_stats"):
+        pytest.skip(f"torch {torch.__version__} has no torch.cuda.host_memory_stats")
+    state = {"a": torch.randn(8 << 20), "b": torch.randn(3, 5)}
+    with ckptstore.Checkpointer(root) as ckpt:
+        ckpt.save(state, 1)
+        before = torch.cuda.host_memory_stats()
+        target = blank(state, "cuda")
+        ckpt.load(target, 1)
+        after = torch.cuda.host_memory_stats()
+    assert_bytes_equal(state, target)
+    assert after.get("num_host_alloc", 0) > before.get("num_host_alloc", 0), after
+    held = after.get("allocated_bytes.current", 0)
+    assert held <= before.get("allocated_bytes.current", 0), "pinned temporaries kept cached"
 
 
 @pytest.mark.cuda

@@ -90,7 +90,7 @@ class CudaCopyEngine:
         return marks
 
     def submit(
-        self, dsts: list[torch.Tensor], srcs: list[torch.Tensor], marks: dict[int, Any]
+        self, dsts: list[torch.Tensor], srcs: list[torch.Tensor], marks: dict[int, Any] | None
     ) -> _Ticket:
         ticket = _Ticket()
         by_device: dict[int, list[int]] = {}
@@ -125,10 +125,10 @@ class CudaCopyEngine:
         index: int,
         dsts: list[torch.Tensor],
         srcs: list[torch.Tensor],
-        marks: dict[int, Any],
+        marks: dict[int, Any] | None,
         ticket: _Ticket,
     ) -> None:
-        mark = marks.get(index)
+        mark = marks.get(index) if marks else None
         if mark is None:  # not marked by the caller: order after its stream as of now
             mark = torch.cuda.Event()  # type: ignore[no-untyped-call]
             mark.record(torch.cuda.current_stream(index))

@@ -122,6 +122,7 @@ class _Arena:
         self.views = None
         self.dsts = []
         self._host.close()
+        self.buffer = self._host.tensor
 
     def views_for(self, layout: Layout) -> list[torch.Tensor]:
         """A view of this arena per tensor of ``layout`` (a layout it was made for)."""
