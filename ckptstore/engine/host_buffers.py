@@ -19,6 +19,7 @@ import contextlib
 import logging
 import mmap
 import weakref
+from typing import Any
 
 import torch
 
@@ -34,9 +35,13 @@ _REGISTER_PORTABLE = 1
 
 
 class HostBuffer:
-    """``nbytes`` of page-aligned host memory as a uint8 tensor, pinned if asked and possible."""
+    """``nbytes`` of page-aligned host memory as a uint8 tensor, pinned if asked and possible.
 
-    def __init__(self, nbytes: int, *, pin: bool = False) -> None:
+    ``device``: the GPU whose context registers (and later unregisters) the memory; the
+    registration is portable, so copies from any device of the process use it pinned.
+    """
+
+    def __init__(self, nbytes: int, *, pin: bool = False, device: int | None = None) -> None:
         self.nbytes = nbytes
         self.pinned = False
         self._mmap: mmap.mmap | None = None
@@ -52,8 +57,8 @@ class HostBuffer:
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         ptr = self.tensor.data_ptr()
         if pin and torch.cuda.is_available():
-            self.pinned = _register(ptr, nbytes)
-        self._finalizer = weakref.finalize(self, _release, ptr if self.pinned else None)
+            self.pinned = _register(ptr, nbytes, device)
+        self._finalizer = weakref.finalize(self, _release, ptr if self.pinned else None, device)
         # Never at interpreter exit: the CUDA context may already be gone by then.
         self._finalizer.atexit = False
 
@@ -66,9 +71,16 @@ class HostBuffer:
         self.tensor = torch.empty(0, dtype=torch.uint8)
 
 
-def _register(ptr: int, nbytes: int) -> bool:
+def _on(device: int | None) -> Any:
+    """The CUDA runtime calls run with ``device`` current: a thread that never chose one
+    would otherwise create a context on cuda:0 (hundreds of MB there, on every rank)."""
+    return contextlib.nullcontext() if device is None else torch.cuda.device(device)
+
+
+def _register(ptr: int, nbytes: int, device: int | None) -> bool:
     cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-    code = int(cudart.cudaHostRegister(ptr, nbytes, _REGISTER_PORTABLE))
+    with _on(device):
+        code = int(cudart.cudaHostRegister(ptr, nbytes, _REGISTER_PORTABLE))
     if code != 0:
         # Pinning is a matter of speed (and of limits such as RLIMIT_MEMLOCK): copy
         # through pageable memory rather than fail the save.
@@ -82,9 +94,10 @@ def _register(ptr: int, nbytes: int) -> bool:
     return True
 
 
-def _release(ptr: int | None) -> None:
+def _release(ptr: int | None, device: int | None) -> None:
     if ptr is not None:
         cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-        code = int(cudart.cudaHostUnregister(ptr))
+        with _on(device):
+            code = int(cudart.cudaHostUnregister(ptr))
         if code != 0:
             log.warning("cudaHostUnregister of a staging buffer failed with error %d", code)

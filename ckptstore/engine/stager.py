@@ -101,7 +101,12 @@ class _Arena:
     """One block of host memory plus the layout it was made for."""
 
     def __init__(
-        self, signature: tuple[Any, ...], offsets: tuple[int, ...], nbytes: int, pin: bool
+        self,
+        signature: tuple[Any, ...],
+        offsets: tuple[int, ...],
+        nbytes: int,
+        pin: bool,
+        device: int | None = None,
     ) -> None:
         self.signature = signature
         self.offsets = offsets
@@ -109,7 +114,7 @@ class _Arena:
         # Made by the first save into this arena, reused by the next (same layout):
         self.views: list[torch.Tensor] | None = None  # per tensor of the layout
         self.dsts: list[torch.Tensor] = []  # the views copied into: one per slot
-        self._host = HostBuffer(nbytes, pin=pin)
+        self._host = HostBuffer(nbytes, pin=pin, device=device)
         self.buffer = self._host.tensor
         assert self.buffer.data_ptr() % PAGE == 0 or nbytes == 0
 
@@ -209,7 +214,9 @@ class StagingPool:
         start = time.perf_counter()
         arena = None
         if layout.tensor_pos:
-            arena = self._acquire(layout.signature, layout.offsets, layout.total, timeout_s)
+            arena = self._acquire(
+                layout.signature, layout.offsets, layout.total, timeout_s, _gpu_of(layout)
+            )
         wait_s = time.perf_counter() - start
         engine = self.copy_engine
         if engine is None and layout.cuda:
@@ -278,6 +285,7 @@ class StagingPool:
         offsets: tuple[int, ...],
         nbytes: int,
         timeout_s: float | None,
+        device: int | None = None,
     ) -> _Arena:
         if self._max_bytes is not None and nbytes > self._max_bytes:
             raise CkptStoreError(
@@ -305,7 +313,7 @@ class StagingPool:
                     dropped.close()
                 fits = self._max_bytes is None or held + nbytes <= self._max_bytes
                 if len(self._busy) < self._slots and fits:
-                    arena = _Arena(signature, offsets, nbytes, self._pin)
+                    arena = _Arena(signature, offsets, nbytes, self._pin, device)
                     self._busy.append(arena)
                     return arena
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -323,6 +331,16 @@ class StagingPool:
             self._cond.notify_all()
         if closed:
             arena.close()
+
+
+def _gpu_of(layout: Layout) -> int | None:
+    """A GPU the state lives on (its arena is pinned through that device's context), or
+    None: then the thread's current device, never cuda:0 by default on another's rank."""
+    if layout.cuda:
+        for meta in layout.metas:
+            if meta[2].type == "cuda":
+                return int(meta[2].index or 0)
+    return None
 
 
 def _resolve(state_dict: Any) -> dict[str, Any]:
