@@ -54,12 +54,19 @@ if [ "${CKPTSTORE_GPU_NO_INSTALL:-0}" = 1 ]; then
 else
     if [ ! -x "$VENV/bin/python" ]; then
         "$PY" -m venv --system-site-packages "$VENV" || { echo "FAIL install: no venv" >&2; exit 1; }
+        # The machine's python may itself be a venv (its torch then is not in the base
+        # site-packages that --system-site-packages shows): point at torch's own folder.
+        torch_site=$("$PY" -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))" 2>/dev/null)
+        if [ -n "$torch_site" ]; then
+            purelib=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+            echo "$torch_site" >"$purelib/_machine_torch.pth"
+        fi
     fi
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
     links=()
     [ -d .whl ] && links=(--find-links .whl)
-    if ! python -m pip install -q "${links[@]}" -e ".[dev]" >>"$LOG" 2>&1; then
+    if ! python -m pip install -q --retries 1 --timeout 15 "${links[@]}" -e ".[dev]" >>"$LOG" 2>&1; then
         say "pip install -e .[dev] failed (offline?): installing .whl/ and the package alone"
         if [ -d .whl ]; then
             python -m pip install -q --no-index --no-deps .whl/*.whl >>"$LOG" 2>&1
