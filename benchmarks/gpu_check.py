@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import evict, machine_info, summarize, write_json
 
 import ckptstore
+from ckptstore.bench.contenders import dcp_async_save
 
 # Thresholds (issue 18 names the comparisons; these bounds are this script's):
 STALL_RATIO_MAX = 1.5  # ckptstore's stall / a bare device-to-pinned copy
@@ -131,15 +132,7 @@ def dcp_runs(
             path = os.path.join(root, f"dcp-{r}")
             sync(device)
             t0 = time.perf_counter()
-            resp = dcp.async_save(state, checkpoint_id=path, async_stager=stager)
-            stall = time.perf_counter() - t0
-            if hasattr(resp, "staging_completion"):
-                resp.staging_completion.result()
-                staged = time.perf_counter() - t0
-                resp.upload_completion.result()
-            else:
-                staged = stall
-                resp.result()
+            stall, staged = dcp_async_save(state, path, stager)  # returns once written
             os.sync()
             durable = time.perf_counter() - t0
             gc.collect()

@@ -47,6 +47,14 @@ verdict() {  # name, PASS|FAIL|DRY|SKIP, detail
     say "$2 $1: $3"
 }
 
+run_script() {  # tag, script, args...: run it, keep its output; sets rc and JSON (its results file)
+    local tag=$1
+    shift
+    python "$@" --out "$OUT" 2>&1 | tee "$OUT/gpu-check-$STAMP-$tag.txt" | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    JSON=$(sed -n 's/^results: //p' "$OUT/gpu-check-$STAMP-$tag.txt" | tail -1)
+}
+
 # ---- install --------------------------------------------------------------------------
 start=$(date +%s)
 if [ "${CKPTSTORE_GPU_NO_INSTALL:-0}" = 1 ]; then
@@ -120,9 +128,8 @@ if [ "$ALLOW_CPU" = 1 ] && [ "$GPUS" = 0 ]; then
 else
     bench=(--size-mb 2048 --repeats 3)
 fi
-python benchmarks/gpu_check.py "${bench[@]}" --out "$OUT" 2>&1 | tee "$OUT/gpu-check-$STAMP-bench.txt" | tee -a "$LOG"
-rc=${PIPESTATUS[0]}
-BENCH_JSON=$(sed -n 's/^results: //p' "$OUT/gpu-check-$STAMP-bench.txt" | tail -1)
+run_script bench benchmarks/gpu_check.py "${bench[@]}"
+BENCH_JSON=$JSON
 if [ "$rc" != 0 ] || [ -z "$BENCH_JSON" ]; then
     verdict measurements FAIL "benchmarks/gpu_check.py exit $rc"
 else
@@ -139,9 +146,8 @@ if [ "$GPUS" = 0 ]; then
 else
     train=(--device cuda --size medium --steps 300 --save-every 50 --repeats 2)
 fi
-python benchmarks/bench_train.py "${train[@]}" --out "$OUT" 2>&1 | tee "$OUT/gpu-check-$STAMP-train.txt" | tee -a "$LOG"
-rc=${PIPESTATUS[0]}
-TRAIN_JSON=$(sed -n 's/^results: //p' "$OUT/gpu-check-$STAMP-train.txt" | tail -1)
+run_script train benchmarks/bench_train.py "${train[@]}"
+TRAIN_JSON=$JSON
 if [ "$rc" != 0 ] || [ -z "$TRAIN_JSON" ]; then
     verdict training_overhead FAIL "benchmarks/bench_train.py exit $rc"
 else
