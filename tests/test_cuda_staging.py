@@ -237,3 +237,12 @@ def test_cuda_generators_restore_what_matches_and_say_what_does_not(saved, have,
         assert problem is None
     else:
         assert problem is not None and says in problem and f"{saved} device(s)" in problem
+
+
+def test_a_buffer_in_use_when_the_pool_closes_is_unpinned_when_released(cudart):
+    pool = StagingPool(pin_memory=True)
+    staged = pool.stage(make_state(6))
+    pool.close()
+    assert cudart.registered, "still in use by a save: not unpinned under it"
+    pool.release(staged)
+    assert cudart.registered == {}
