@@ -62,8 +62,7 @@ def assert_bytes_equal(want: Any, got: Any, path: str = "") -> None:
         assert isinstance(got, torch.Tensor) and got.dtype == want.dtype, path
         assert got.shape == want.shape, path
         if want.numel():
-            a = want.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            b = got.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            a, b = (plain_bytes(t) for t in (want, got))
             assert torch.equal(a, b), f"{path}: bytes differ"
         return
     if isinstance(want, dict):
@@ -72,6 +71,12 @@ def assert_bytes_equal(want: Any, got: Any, path: str = "") -> None:
             assert_bytes_equal(want[k], got[k], f"{path}.{k}")
         return
     assert want == got, path
+
+
+def plain_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t``'s values, on the CPU (lazy conjugation / negation applied)."""
+    t = t.detach().cpu().resolve_conj().resolve_neg()
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def keep_busy(device: torch.device, ms: float = 200) -> None:

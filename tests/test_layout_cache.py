@@ -160,6 +160,26 @@ def test_tied_tensors_that_come_apart_are_both_saved(root):
     assert_same(apart, target)
 
 
+def test_a_conjugate_or_negative_view_is_not_tied_to_the_tensor_it_views(root):
+    """``c.conj()`` and ``c.conj().imag`` share ``c``'s bytes but not its values: each
+    is saved with its own values, in a fresh plan and in a reused one that had them tied."""
+    c = torch.complex(torch.randn(5), torch.randn(5))
+    w = torch.randn(5)
+
+    def values(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.resolve_conj().resolve_neg().clone() for k, v in state.items()}
+
+    with ckptstore.Checkpointer(root, codec="none") as ckpt:
+        ckpt.save({"c": c, "cc": c, "im": w, "nim": w}, 1)  # tied: the plan to reuse
+        views = {"c": c, "cc": c.conj(), "im": c.imag, "nim": c.conj().imag}
+        assert views["cc"].is_conj() and views["nim"].is_neg()
+        for step in (2, 3):  # a new plan, then the same again
+            ckpt.save(views, step)
+            target = {k: torch.zeros_like(v.resolve_conj().resolve_neg()) for k, v in views.items()}
+            ckpt.load(target, step)
+            assert_same(values(views), target)
+
+
 def test_tensors_that_become_tied_are_both_saved(root):
     w = torch.randn(6)
     with ckptstore.Checkpointer(root, codec="none") as ckpt:

@@ -235,7 +235,7 @@ def plan_layout(resolved: dict[str, Any]) -> tuple[Layout, list[Any]]:
     metas = list(map(_META, locals_))
     strides = [t.stride() for t in locals_]
     contiguous = [t.is_contiguous() for t in locals_]
-    ptrs = [t.data_ptr() for t in locals_]
+    ptrs = _tie_ptrs(locals_)
     slots, first, offsets, total = _assign(metas, strides, ptrs)
     nbytes = tuple(t.numel() * t.element_size() for t in locals_)
     signature = tuple(
@@ -312,7 +312,13 @@ _DICT, _LIST = 0, 1
 _UNCACHEABLE = ("uncacheable",)
 _META = operator.attrgetter("dtype", "shape", "device", "layout")
 _CONTIGUOUS = operator.methodcaller("is_contiguous")
-_PTR = operator.methodcaller("data_ptr")
+
+
+def _tie_ptrs(tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's storage address, which ties tensors that share their data; a view
+    with a lazy conjugate or negative bit reads other values from the same bytes, so it
+    gets a key of its own (never an address) and is never tied."""
+    return [-(i + 1) if t.is_conj() or t.is_neg() else t.data_ptr() for i, t in enumerate(tensors)]
 
 
 class LayoutCache:
@@ -361,7 +367,7 @@ class LayoutCache:
                 tensors[k].stride() != last.strides[k] for k in last.odd
             ):
                 return None
-            ptrs = list(map(_PTR, tensors))
+            ptrs = _tie_ptrs(tensors)
         except RuntimeError:  # nested tensors and the like: re-plan, which says what is wrong
             return None
         if ptrs != last.ptrs:  # other tensors: are the same ones tied as before?
