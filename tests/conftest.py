@@ -13,12 +13,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _skip_cuda_without_gpus(items)
     if config.getoption("--run-slow") or os.environ.get("CKPTSTORE_RUN_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _skip_cuda_without_gpus(items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` need a GPU (``cuda(gpus=2)``: two); each skip says why, so
+    that ``-ra`` lists every GPU test this run did not prove."""
+    cuda = [item for item in items if "cuda" in item.keywords]
+    if not cuda:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in cuda:
+        need = item.get_closest_marker("cuda").kwargs.get("gpus", 1)  # type: ignore[union-attr]
+        if have < need:
+            why = "no CUDA device" if have == 0 else f"{have} CUDA device(s)"
+            item.add_marker(pytest.mark.skip(reason=f"cuda: needs {need} GPU(s), {why} here"))
 
 
 @pytest.fixture

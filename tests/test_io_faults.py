@@ -530,10 +530,13 @@ def test_root_fsync_error_whose_undo_also_fails_says_the_checkpoint_is_listed(ro
         check_root(root, [1, 2, 3], ckpt)
 
 
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EFAULT], ids=["EINVAL", "EFAULT"])
 @pytest.mark.parametrize("which", [0, -1], ids=["first", "last"])
-def test_o_direct_refused_mid_file_falls_back_to_buffered_writes(root, faults, which):
+def test_o_direct_refused_mid_file_falls_back_to_buffered_writes(root, faults, which, code):
     """A file system may refuse an O_DIRECT write with EINVAL (alignment rules it has
-    and we did not expect): the same bytes are written buffered, the save succeeds."""
+    and we did not expect), and the kernel with EFAULT when it cannot pin the source
+    memory for DMA (cudaHostAlloc'd pinned memory): the same bytes are written
+    buffered, the save succeeds and loads bit-exact."""
     faults.install()
     with ckptstore.Checkpointer(LocalBackend(root), codec="none") as ckpt:
         faults.reset()
@@ -542,7 +545,7 @@ def test_o_direct_refused_mid_file_falls_back_to_buffered_writes(root, faults, w
         assert len(writes) >= 2, faults.labels()
         faults.reset()
         faults.fail_at = writes[which].n
-        faults.code = errno.EINVAL
+        faults.code = code
         ckpt.save(make_state(2), 2)
         assert [c.label for c in faults.fired] == ["write(<tmp>/__0_0.distcp)"]
         # Retried without O_DIRECT: the same write call again, right after the flag change.

@@ -160,6 +160,27 @@ def test_tied_tensors_that_come_apart_are_both_saved(root):
     assert_same(apart, target)
 
 
+def test_a_conjugate_or_negative_view_is_not_tied_to_the_tensor_it_views(root):
+    """``c.conj()`` and ``c.conj().imag`` share ``c``'s bytes but not its values: each
+    is saved with its own values, by a fresh plan and by a reused one that had them tied."""
+    c = torch.complex(torch.randn(5), torch.randn(5))
+
+    def check(ckpt: ckptstore.Checkpointer, state: dict[str, torch.Tensor], step: int) -> None:
+        ckpt.save(state, step)
+        values = {k: v.resolve_conj().resolve_neg().clone() for k, v in state.items()}
+        target = {k: torch.zeros_like(v) for k, v in values.items()}
+        ckpt.load(target, step)
+        assert_same(values, target)
+
+    with ckptstore.Checkpointer(root, codec="none") as ckpt:
+        check(ckpt, {"c": c, "cc": c}, 1)  # tied: the plan the next save reuses
+        check(ckpt, {"c": c, "cc": c.conj()}, 2)  # same address, dtype, shape, strides
+        views = {"c": c, "cc": c.conj(), "im": c.imag, "nim": c.conj().imag}
+        assert views["cc"].is_conj() and views["nim"].is_neg()
+        check(ckpt, views, 3)  # a fresh plan
+        check(ckpt, views, 4)  # the same again
+
+
 def test_tensors_that_become_tied_are_both_saved(root):
     w = torch.randn(6)
     with ckptstore.Checkpointer(root, codec="none") as ckpt:

@@ -47,7 +47,14 @@ def report(path) -> dict:
 
 
 def test_sigterm_then_rerun_equals_the_uninterrupted_run(tmp_path):
-    steps = ["--steps", "40", "--save-every", "10", "--log-every", "1"]
+    assert_sigterm_then_rerun_equals_the_uninterrupted_run(tmp_path)
+
+
+def assert_sigterm_then_rerun_equals_the_uninterrupted_run(tmp_path, *extra: str) -> None:
+    """The reference loop (with ``extra`` arguments, e.g. ``--device cuda``) stopped by
+    SIGTERM at step 23 of 40 and rerun ends with the losses and parameters of a run
+    that was never stopped."""
+    steps = ["--steps", "40", "--save-every", "10", "--log-every", "1", *extra]
     whole = run(train_cmd(tmp_path / "a", tmp_path / "a.json", *steps))
     assert whole.returncode == 0, whole.stdout + whole.stderr
     want = report(tmp_path / "a.json")

@@ -12,7 +12,7 @@ DCP calls, in order (see ``torch.distributed.checkpoint.storage.StorageReader``)
 covers a whole stored tensor and lands in a contiguous CPU tensor of the same dtype is
 decoded straight into it; anything else (resharding, device or dtype change) decodes
 into a temporary and is copied with DCP's narrowing rules. Temporaries are bounded by
-``max_temp_bytes`` per batch.
+``max_temp_bytes`` per batch; for a GPU target they are pinned and copied asynchronously.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class CkptStorageReader(StorageReader):
         self._shards: dict[str, ShardReader] = {}
         self._packs: dict[tuple[str, int], np.ndarray] = {}  # decoded packs, per load
         self._lock = threading.Lock()
+        self._pinned_devices: set[int] = set()  # GPUs copied to from pinned temporaries
         # (fqn, chunk offsets) -> chunk sizes, to shape a stored tensor shard.
         self._chunk_sizes: dict[tuple[str, tuple[int, ...]], torch.Size] = {}
         for fqn, md in metadata.state_dict_metadata.items():
@@ -99,6 +100,8 @@ class CkptStorageReader(StorageReader):
             self._read(plan.items, planner)
         finally:
             self.close()
+            devices, self._pinned_devices = self._pinned_devices, set()
+            _release_pinned(devices)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
@@ -285,7 +288,10 @@ class CkptStorageReader(StorageReader):
                 raise CorruptCheckpointError(
                     f"{shard.where}: {entry.key!r} holds {entry.nbytes} B, metadata says {list(sizes)} {entry.dtype}"
                 )
-            temp = torch.empty(sizes, dtype=entry.dtype)
+            pinned = _pinned_for(target)
+            if pinned:
+                self._pinned_devices.add(target.device.index or 0)
+            temp = torch.empty(sizes, dtype=entry.dtype, pin_memory=pinned)
             if temp_bytes and temp_bytes + entry.nbytes > self._max_temp_bytes:
                 flush()
             temp_bytes += entry.nbytes
@@ -317,8 +323,37 @@ class CkptStorageReader(StorageReader):
             raise CorruptCheckpointError(
                 f"{self._where()}: {req.storage_index.fqn!r} read {list(piece.size())}, target wants {list(target.size())}"
             )
-        target.copy_(piece)
+        # Onto a GPU from a pinned temporary: asynchronous, on the caller's current
+        # stream (so later work there sees it); decoding the next items overlaps the
+        # transfer, and torch's pinned allocator keeps the temporary until it is done.
+        target.copy_(piece, non_blocking=target.device.type == "cuda" and piece.is_pinned())
         planner.commit_tensor(req, target)
+
+
+def _pinned_for(target: torch.Tensor) -> bool:
+    """Decode into pinned memory when the bytes go on to a GPU (3-5x faster copies).
+
+    These temporaries come from torch's caching pinned allocator, which reuses them from
+    one batch to the next (at most ``max_temp_bytes`` a batch, rounded up to powers of
+    two) instead of pinning fresh memory for every tensor; :func:`_release_pinned`
+    hands them back at the end of the load.
+    """
+    return target.device.type == "cuda" and torch.cuda.is_available()
+
+
+def _release_pinned(devices: set[int]) -> None:
+    """After a load that copied through pinned temporaries: wait for those copies (on
+    the streams they were queued on, not the whole device) and return the pinned blocks
+    that torch's allocator would otherwise keep for the life of the process."""
+    if not devices:
+        return
+    for index in devices:
+        torch.cuda.current_stream(index).synchronize()
+    # Private, but the only way to give cached pinned blocks back; blocks still in use
+    # elsewhere in the process (a DataLoader's, say) are not touched.
+    empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 def narrow_tensor_by_index(tensor: torch.Tensor, offsets: Any, sizes: Any) -> torch.Tensor:

@@ -21,8 +21,10 @@ import abc
 import contextlib
 import gc
 import operator
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from itertools import compress
 from typing import Any
 
 import torch
@@ -203,6 +205,7 @@ class Layout:
     odd: tuple[int, ...]  # the tensors that are not contiguous: their strides are compared
     ptrs: list[int]
     specs: list[Any] | None  # DTensor specs, per DTensor
+    tied_at: tuple[int, ...] = ()  # the tensors that share a slot with another
 
 
 def plan_layout(resolved: dict[str, Any]) -> tuple[Layout, list[Any]]:
@@ -235,7 +238,7 @@ def plan_layout(resolved: dict[str, Any]) -> tuple[Layout, list[Any]]:
     metas = list(map(_META, locals_))
     strides = [t.stride() for t in locals_]
     contiguous = [t.is_contiguous() for t in locals_]
-    ptrs = [t.data_ptr() for t in locals_]
+    ptrs = _tie_ptrs(locals_)
     slots, first, offsets, total = _assign(metas, strides, ptrs)
     nbytes = tuple(t.numel() * t.element_size() for t in locals_)
     signature = tuple(
@@ -274,8 +277,14 @@ def plan_layout(resolved: dict[str, Any]) -> tuple[Layout, list[Any]]:
         specs=[objs[i]._spec for i in tensor_pos if isinstance(objs[i], DTensor)]
         if any_dt
         else None,
+        tied_at=_tied_at(slots),
     )
     return layout, objs
+
+
+def _tied_at(slots: list[int]) -> tuple[int, ...]:
+    counts = Counter(slots)
+    return tuple(k for k, s in enumerate(slots) if s >= 0 and counts[s] > 1)
 
 
 def _assign(
@@ -312,6 +321,21 @@ _DICT, _LIST = 0, 1
 _UNCACHEABLE = ("uncacheable",)
 _META = operator.attrgetter("dtype", "shape", "device", "layout")
 _CONTIGUOUS = operator.methodcaller("is_contiguous")
+
+
+def _tie_ptrs(tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's storage address, which ties tensors that share their data; a view
+    with a lazy conjugate or negative bit reads other values from the same bytes, so it
+    gets a key of its own (never an address) and is never tied."""
+    ptrs = list(map(_PTR, tensors))
+    if len(set(ptrs)) < len(ptrs):  # some share bytes: only those can be tied
+        shared = {p for p, n in Counter(ptrs).items() if n > 1}
+        for i in compress(range(len(ptrs)), map(shared.__contains__, ptrs)):
+            if tensors[i].is_conj() or tensors[i].is_neg():
+                ptrs[i] = -(i + 1)
+    return ptrs  # (a reused plan checks its tied tensors instead: LayoutCache._reuse)
+
+
 _PTR = operator.methodcaller("data_ptr")
 
 
@@ -369,6 +393,8 @@ class LayoutCache:
             if tuple(slots) != last.slots:
                 return None
             last = self._last = replace(last, ptrs=ptrs)
+        if any(tensors[k].is_conj() or tensors[k].is_neg() for k in last.tied_at):
+            return None  # a lazy view shares bytes, not values: re-plan (it is not tied)
         return last, objs
 
 

@@ -9,8 +9,11 @@ change its tensors as soon as :meth:`StagingPool.stage` returns.
 * CPU arenas are anonymous mmaps with ``MADV_HUGEPAGE``: on this kind of machine the
   first touch of fresh memory costs ~2.2 s/GiB in page faults with 4 KiB pages and
   ~0.47 s/GiB with huge pages; a reused arena copies at ~17 GB/s.
-* With CUDA the arena is pinned memory, so device-to-host copies run at full speed and
-  asynchronously; staging waits for them once, at the end.
+* With CUDA the arena is pinned (``cudaHostRegister``, exactly its size; see
+  :mod:`ckptstore.engine.host_buffers`), so device-to-host copies run at full speed.
+  They run on a staging stream per device, after what the caller had queued when it
+  called save, and staging waits for exactly those copies (CUDA events), whichever
+  thread copies: see :mod:`ckptstore.engine.device_copy`.
 * Large tensors start on 4 KiB boundaries, so an uncompressed save writes them to disk
   straight from the arena with O_DIRECT.
 * A pool holds at most ``slots`` arenas (one per save in flight) and at most
@@ -23,9 +26,7 @@ change its tensors as soon as :meth:`StagingPool.stage` returns.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import mmap
 import pickle
 import threading
 import time
@@ -36,6 +37,8 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ckptstore.dcp.planner import SerializedValue
+from ckptstore.engine.device_copy import CopyEngine, cuda_copy_engine
+from ckptstore.engine.host_buffers import HostBuffer
 from ckptstore.engine.layout_cache import (
     PAGE,
     Layout,
@@ -48,8 +51,14 @@ from ckptstore.engine.layout_cache import (
 from ckptstore.errors import CkptStoreError, UnsupportedStateError
 from ckptstore.units import format_bytes
 
-__all__ = ["PreparedState", "StagedState", "StagingPool", "check_structure", "flatten_checked"]
-_PAGE = PAGE
+__all__ = [
+    "CopyEngine",
+    "PreparedState",
+    "StagedState",
+    "StagingPool",
+    "check_structure",
+    "flatten_checked",
+]
 
 
 @dataclass
@@ -82,34 +91,43 @@ class PreparedState:
     # Python values, serialized on the thread that owns the state (it may change them
     # as soon as prepare returns, even if the tensors are copied later elsewhere).
     values: dict[str, SerializedValue]
+    # What the copy engine noted on the caller's thread (CUDA: an event per device on
+    # the caller's current stream); None when the state is on the CPU only.
+    engine: CopyEngine | None = None
+    marks: Any = None
 
 
 class _Arena:
     """One block of host memory plus the layout it was made for."""
 
     def __init__(
-        self, signature: tuple[Any, ...], offsets: tuple[int, ...], nbytes: int, pin: bool
+        self,
+        signature: tuple[Any, ...],
+        offsets: tuple[int, ...],
+        nbytes: int,
+        pin: bool,
+        device: int | None = None,
     ) -> None:
         self.signature = signature
         self.offsets = offsets
         self.nbytes = nbytes
-        self._mmap: mmap.mmap | None = None
         # Made by the first save into this arena, reused by the next (same layout):
         self.views: list[torch.Tensor] | None = None  # per tensor of the layout
         self.dsts: list[torch.Tensor] = []  # the views copied into: one per slot
-        if nbytes == 0:
-            self.buffer = torch.empty(0, dtype=torch.uint8)
-        elif pin:
-            raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8, pin_memory=True)
-            skip = (-raw.data_ptr()) % _PAGE
-            self.buffer = raw[skip : skip + nbytes]
-        else:
-            self._mmap = mmap.mmap(-1, nbytes)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                # Without THP this fails: 4 KiB pages, a slower first save only.
-                with contextlib.suppress(OSError):
-                    self._mmap.madvise(mmap.MADV_HUGEPAGE)
-            self.buffer = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        self._host = HostBuffer(nbytes, pin=pin, device=device)
+        self.buffer = self._host.tensor
+        assert self.buffer.data_ptr() % PAGE == 0 or nbytes == 0
+
+    @property
+    def pinned(self) -> bool:
+        return self._host.pinned
+
+    def close(self) -> None:
+        """Give the memory back (unpinned at once; unmapped with the last view)."""
+        self.views = None
+        self.dsts = []
+        self._host.close()
+        self.buffer = self._host.tensor
 
     def views_for(self, layout: Layout) -> list[torch.Tensor]:
         """A view of this arena per tensor of ``layout`` (a layout it was made for)."""
@@ -137,10 +155,18 @@ class StagingPool:
 
     ``stage`` runs on the thread that holds the state (the training loop); ``release``
     on the writer thread once the save no longer needs the arena.
+
+    ``copy_engine`` copies device tensors into the arenas (default: CUDA's, for states
+    with tensors on a GPU; CPU tensors are copied directly). A test passes a fake one.
     """
 
     def __init__(
-        self, *, slots: int = 1, pin_memory: bool | None = None, max_bytes: int | None = None
+        self,
+        *,
+        slots: int = 1,
+        pin_memory: bool | None = None,
+        max_bytes: int | None = None,
+        copy_engine: CopyEngine | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
@@ -154,12 +180,19 @@ class StagingPool:
         self._cond = threading.Condition()
         self._closed = False
         self._layouts = LayoutCache()
+        self.copy_engine = copy_engine
 
     @property
     def allocated_bytes(self) -> int:
         """Host memory held by staging arenas right now (in use or kept for reuse)."""
         with self._cond:
             return sum(a.nbytes for a in self._free + self._busy)
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Of :attr:`allocated_bytes`, how much is pinned (page-locked for CUDA copies)."""
+        with self._cond:
+            return sum(a.nbytes for a in self._free + self._busy if a.pinned)
 
     def stage(self, state_dict: dict[str, Any], *, timeout_s: float | None = None) -> StagedState:
         """Copy ``state_dict`` into an arena. The caller may mutate its state afterwards."""
@@ -181,22 +214,38 @@ class StagingPool:
         start = time.perf_counter()
         arena = None
         if layout.tensor_pos:
-            arena = self._acquire(layout.signature, layout.offsets, layout.total, timeout_s)
+            arena = self._acquire(
+                layout.signature, layout.offsets, layout.total, timeout_s, _gpu_of(layout)
+            )
+        wait_s = time.perf_counter() - start
+        engine = self.copy_engine
+        if engine is None and layout.cuda:
+            engine = cuda_copy_engine()
+        marks = None
+        if engine is not None and layout.tensor_pos:
+            try:
+                marks = engine.mark(sorted({m[2] for m in layout.metas}, key=str))
+            except BaseException:
+                if arena is not None:
+                    self._give_back(arena)
+                raise
         return PreparedState(
             layout,
             objs,
             dict(layout.mappings),
             arena,
             layout.total,
-            time.perf_counter() - start,
+            wait_s,
             values,
+            engine,
+            marks,
         )
 
     def copy(self, prep: PreparedState) -> StagedState:
         """Copy a prepared state into its arena; on failure the arena is given back."""
         try:
             start = time.perf_counter()
-            staged = _copy(prep.layout, prep.objs, prep.arena)
+            staged = _copy(prep)
             staged.update(prep.values)
             value_bytes = sum(len(v.data) for v in prep.values.values())
             copy_s = time.perf_counter() - start
@@ -224,8 +273,10 @@ class StagingPool:
         """Drop every arena not in use; later ``stage`` calls raise."""
         with self._cond:
             self._closed = True
-            self._free.clear()
+            free, self._free = self._free, []
             self._cond.notify_all()
+        for arena in free:
+            arena.close()
 
     # ---- internals ------------------------------------------------------------------
     def _acquire(
@@ -234,6 +285,7 @@ class StagingPool:
         offsets: tuple[int, ...],
         nbytes: int,
         timeout_s: float | None,
+        device: int | None = None,
     ) -> _Arena:
         if self._max_bytes is not None and nbytes > self._max_bytes:
             raise CkptStoreError(
@@ -256,10 +308,12 @@ class StagingPool:
                     len(self._free) + len(self._busy) >= self._slots
                     or (self._max_bytes is not None and held + nbytes > self._max_bytes)
                 ):
-                    held -= self._free.pop(0).nbytes
+                    dropped = self._free.pop(0)
+                    held -= dropped.nbytes
+                    dropped.close()
                 fits = self._max_bytes is None or held + nbytes <= self._max_bytes
                 if len(self._busy) < self._slots and fits:
-                    arena = _Arena(signature, offsets, nbytes, self._pin)
+                    arena = _Arena(signature, offsets, nbytes, self._pin, device)
                     self._busy.append(arena)
                     return arena
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -269,11 +323,24 @@ class StagingPool:
 
     def _give_back(self, arena: _Arena) -> None:
         with self._cond:
+            closed = self._closed
             if arena in self._busy:
                 self._busy.remove(arena)
-                if not self._closed:
+                if not closed:
                     self._free.append(arena)
             self._cond.notify_all()
+        if closed:
+            arena.close()
+
+
+def _gpu_of(layout: Layout) -> int | None:
+    """A GPU the state lives on (its arena is pinned through that device's context), or
+    None: then the thread's current device, never cuda:0 by default on another's rank."""
+    if layout.cuda:
+        for meta in layout.metas:
+            if meta[2].type == "cuda":
+                return int(meta[2].index or 0)
+    return None
 
 
 def _resolve(state_dict: Any) -> dict[str, Any]:
@@ -282,8 +349,12 @@ def _resolve(state_dict: Any) -> dict[str, Any]:
     return resolve_stateful(state_dict)
 
 
-def _copy(layout: Layout, objs: list[Any], arena: _Arena | None) -> dict[str, Any]:
-    """Copy the tensors among ``objs`` into ``arena``; fqn -> staged tensor / DTensor."""
+def _copy(prep: PreparedState) -> dict[str, Any]:
+    """Copy the tensors of ``prep`` into its arena; fqn -> staged tensor / DTensor.
+
+    Returns once every byte is in the arena (the copy engine's ``complete``).
+    """
+    layout, objs, arena = prep.layout, prep.objs, prep.arena
     if not layout.tensor_pos:
         return {}
     assert arena is not None
@@ -297,14 +368,8 @@ def _copy(layout: Layout, objs: list[Any], arena: _Arena | None) -> dict[str, An
     tied = len(layout.first) != len(sources)
     firsts = [sources[k] for k in layout.first] if tied else sources
     with torch.no_grad():
-        if layout.cuda:
-            for dst, src in zip(arena.dsts, firsts, strict=True):
-                if src.is_conj():
-                    src = src.resolve_conj()
-                if src.is_neg():
-                    src = src.resolve_neg()
-                dst.copy_(src, non_blocking=src.device.type == "cuda")
-            torch.cuda.synchronize()
+        if prep.engine is not None:
+            prep.engine.complete(prep.engine.submit(arena.dsts, firsts, prep.marks))
         elif firsts:
             torch._foreach_copy_(arena.dsts, firsts)
     staged: dict[str, Any] = dict(zip(layout.tensor_fqns, views, strict=True))
@@ -320,11 +385,17 @@ def _copy(layout: Layout, objs: list[Any], arena: _Arena | None) -> dict[str, An
 def stage_in_place(state_dict: dict[str, Any]) -> StagedState:
     """Stage without copying tensors: for a synchronous save, where the caller waits.
 
-    Values are still serialized (and checked) here; tensors are saved from where they
-    are, moved to the CPU one at a time if they live on a GPU.
+    Values are still serialized (and checked) here; CPU tensors are saved from where
+    they are. A state with tensors on a GPU is staged as an asynchronous save stages it
+    (one pinned buffer of exactly its size, copies on a staging stream per device),
+    rather than one pageable ``.cpu()`` copy per tensor; the buffer is unpinned and freed
+    when the returned state is dropped.
     """
     start = time.perf_counter()
-    layout, objs = plan_layout(_resolve(state_dict))
+    resolved = _resolve(state_dict)
+    layout, objs = plan_layout(resolved)
+    if layout.cuda:
+        return StagingPool(pin_memory=True).stage(resolved)
     staged = {fqn: objs[i] for fqn, i in zip(layout.tensor_fqns, layout.tensor_pos, strict=True)}
     value_bytes = 0
     for i, fqn in zip(layout.value_pos, layout.value_fqns, strict=True):

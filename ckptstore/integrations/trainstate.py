@@ -361,18 +361,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
             )
     cuda = state.get("cuda")
     if cuda:
-        if not torch.cuda.is_available():
-            log.warning(
-                "the checkpoint has CUDA generator states but this machine has no GPU; skipped"
-            )
-        elif len(cuda) != torch.cuda.device_count():
-            log.warning(
-                "the checkpoint has CUDA generator states for %d devices, this machine has %d; skipped",
-                len(cuda),
-                torch.cuda.device_count(),
-            )
-        else:
-            torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        restore, problem = cuda_rng_plan(len(cuda), have)
+        for index in range(restore):
+            torch.cuda.set_rng_state(cuda[index].cpu(), device=index)
+        if problem:
+            log.warning("%s", problem)
+
+
+def cuda_rng_plan(saved: int, have: int) -> tuple[int, str | None]:
+    """How many CUDA generator states to restore (devices 0..n-1) when the checkpoint
+    has ``saved`` and this process sees ``have`` devices, and what to warn about."""
+    restore = min(saved, have)
+    if saved == have:
+        return restore, None
+    if have == 0:
+        return 0, (
+            f"the checkpoint has CUDA generator states for {saved} device(s) but this machine "
+            "has no GPU: not restored"
+        )
+    what = f"the checkpoint has CUDA generator states for {saved} device(s), this process sees {have}: "
+    what += f"restored device(s) 0-{restore - 1}; "
+    if saved > have:
+        return restore, what + f"the saved states of device(s) {have}-{saved - 1} are not used"
+    return restore, what + (
+        f"device(s) {saved}-{have - 1} keep their current state, so random numbers drawn there "
+        "will not repeat the saved run"
+    )
 
 
 def seed_new_rank(rank0: dict[str, Any], rank: int) -> None:

@@ -6,7 +6,7 @@
   one thread, against 1.1 GB/s buffered (``benchmarks/README.md``). Unaligned pieces go
   through a small aligned bounce buffer; the file is truncated to its exact length
   before the fsync. Where the file system refuses direct I/O (at the ``fcntl`` that
-  sets it, or with EINVAL at a write) the same bytes are written buffered.
+  sets it, or with EINVAL or EFAULT at a write) the same bytes are written buffered.
 * :func:`renameat2_noreplace`: rename without replacing the target (libc's
   ``renameat2(RENAME_NOREPLACE)``), or False where the kernel lacks it;
   :func:`renameat2_exchange` swaps two entries in one step (``RENAME_EXCHANGE``).
@@ -35,6 +35,11 @@ ALIGN = 4096  # O_DIRECT's address, length and offset multiple (the page size he
 BOUNCE_BYTES = 8 << 20
 MAX_WRITE = 64 << 20  # one write() call; Linux caps a write at ~2 GiB anyway
 O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+# Errors with which a direct write refuses what a buffered write takes: EINVAL from a
+# file system without direct I/O (or an alignment it does not accept), EFAULT from
+# memory the kernel cannot pin for DMA (cudaHostAlloc'd pinned memory, per kvikio).
+_DIRECT_REFUSED = frozenset({errno.EINVAL, errno.EFAULT})
 
 _libc: Any = None  # loaded on first use; False where renameat2 is missing
 
@@ -175,8 +180,8 @@ class DirectFileSink(FileSink):
             try:
                 n = os.write(self._fd, piece)
             except OSError as exc:
-                if exc.errno == errno.EINVAL and self._direct:
-                    self._drop_direct()  # the file system refused O_DIRECT: same bytes, buffered
+                if exc.errno in _DIRECT_REFUSED and self._direct:
+                    self._drop_direct()  # O_DIRECT refused: the same bytes, buffered
                     continue
                 raise
             if n <= 0:

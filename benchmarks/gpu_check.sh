@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# The CUDA path on a GPU machine, in one go (issue 18): install, the GPU tests, the
+# measurements; PASS/FAIL lines and JSON under benchmarks/results/. A few minutes.
+#
+#   bash benchmarks/gpu_check.sh              # from the repo root, on a machine with CUDA
+#   bash benchmarks/gpu_check.sh --allow-cpu  # dry run of the script itself, no GPU:
+#                                             # small sizes, nothing judged
+#   CKPTSTORE_GPU_NO_INSTALL=1 ...            # use the python on PATH as it is
+#
+# Install: a venv (outside the tree, $CKPTSTORE_GPU_VENV, default /tmp/ckptstore-gpu-venv)
+# that sees the machine's own CUDA build of torch (--system-site-packages), then
+# `pip install -e .[dev]`. Without network, wheels put in .whl/ are installed instead
+# (pip download ... -d .whl zstandard xxhash fsspec s3fs ...), and the package itself
+# without its dependencies.
+#
+# Checks:
+#   tests          pytest tests/test_cuda.py tests/test_cuda_staging.py (-m cuda tests run,
+#                  nothing skipped where two GPUs exist; with one GPU the two-GPU tests skip)
+#   stall, durable, load, pinned bytes    benchmarks/gpu_check.py
+#   training overhead   the reference loop (--size medium) saving every 50 steps vs
+#                  --no-checkpoint, benchmarks/bench_train.py; target <= 2%
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+
+ALLOW_CPU=0
+for arg in "$@"; do
+    case "$arg" in
+        --allow-cpu) ALLOW_CPU=1 ;;
+        *) echo "usage: bash benchmarks/gpu_check.sh [--allow-cpu]" >&2; exit 2 ;;
+    esac
+done
+
+OUT=benchmarks/results
+mkdir -p "$OUT"
+STAMP=$(date +%Y%m%d-%H%M%S)
+LOG="$OUT/gpu-check-$STAMP.log"
+VENV=${CKPTSTORE_GPU_VENV:-/tmp/ckptstore-gpu-venv}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+declare -A VERDICT
+FAILED=0
+
+say() { echo "$*" | tee -a "$LOG"; }
+verdict() {  # name, PASS|FAIL|DRY|SKIP, detail
+    VERDICT[$1]="$2"
+    [ "$2" = FAIL ] && FAILED=1
+    say "$2 $1: $3"
+}
+
+run_script() {  # tag, script, args...: run it, keep its output; sets rc and JSON (its results file)
+    local tag=$1
+    shift
+    python "$@" --out "$OUT" 2>&1 | tee "$OUT/gpu-check-$STAMP-$tag.txt" | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    JSON=$(sed -n 's/^results: //p' "$OUT/gpu-check-$STAMP-$tag.txt" | tail -1)
+}
+
+# ---- install --------------------------------------------------------------------------
+start=$(date +%s)
+if [ "${CKPTSTORE_GPU_NO_INSTALL:-0}" = 1 ]; then
+    say "install skipped (CKPTSTORE_GPU_NO_INSTALL=1): using $(command -v python)"
+else
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PY" -m venv --system-site-packages "$VENV" || { echo "FAIL install: no venv" >&2; exit 1; }
+        # The machine's python may itself be a venv (its torch then is not in the base
+        # site-packages that --system-site-packages shows): point at torch's own folder.
+        torch_site=$("$PY" -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))" 2>/dev/null)
+        if [ -n "$torch_site" ]; then
+            purelib=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+            echo "$torch_site" >"$purelib/_machine_torch.pth"
+        fi
+    fi
+    # shellcheck disable=SC1091
+    . "$VENV/bin/activate"
+    links=()
+    [ -d .whl ] && links=(--find-links .whl)
+    if ! python -m pip install -q --retries 1 --timeout 15 "${links[@]}" -e ".[dev]" >>"$LOG" 2>&1; then
+        say "pip install -e .[dev] failed (offline?): installing .whl/ and the package alone"
+        if [ -d .whl ]; then
+            python -m pip install -q --no-index --no-deps .whl/*.whl >>"$LOG" 2>&1
+        fi
+        python -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
+    fi
+fi
+missing=$(python - <<'EOF'
+import importlib
+names = ["torch", "numpy", "zstandard", "xxhash", "fsspec", "pytest", "ckptstore"]
+print(" ".join(n for n in names if importlib.util.find_spec(n) is None))
+EOF
+)
+if [ -n "$missing" ]; then
+    verdict install FAIL "missing: $missing (carry their wheels in .whl/)"
+    exit 1
+fi
+python - <<'EOF' | tee -a "$LOG"
+import torch
+n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+names = [torch.cuda.get_device_name(i) for i in range(n)]
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {n} GPU(s): {names}")
+EOF
+GPUS=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if [ "$GPUS" = 0 ] && [ "$ALLOW_CPU" = 0 ]; then
+    verdict cuda FAIL "no CUDA device (torch.cuda.is_available() is False); --allow-cpu for a dry run"
+    exit 1
+fi
+say "install: $(( $(date +%s) - start )) s"
+
+# ---- the GPU tests ----------------------------------------------------------------------
+start=$(date +%s)
+python -m pytest -ra -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_staging.py \
+    2>&1 | tee "$OUT/gpu-check-$STAMP-pytest.txt" | tee -a "$LOG" | tail -25
+rc=${PIPESTATUS[0]}
+summary=$(grep -E '^[0-9]+ (passed|failed)|(passed|failed|skipped).* in [0-9.]+s' "$OUT/gpu-check-$STAMP-pytest.txt" | tail -1)
+skipped_cuda=$(grep -c "SKIPPED.*cuda: needs" "$OUT/gpu-check-$STAMP-pytest.txt")
+if [ "$rc" != 0 ]; then
+    verdict tests FAIL "pytest exit $rc: $summary"
+elif [ "$GPUS" = 0 ]; then
+    verdict tests DRY "$summary (every cuda test skipped: no GPU)"
+else
+    verdict tests PASS "$summary ($skipped_cuda skipped for want of GPUs)"
+fi
+say "tests: $(( $(date +%s) - start )) s"
+
+# ---- stall, durable, load, pinned bytes ---------------------------------------------------
+start=$(date +%s)
+if [ "$ALLOW_CPU" = 1 ] && [ "$GPUS" = 0 ]; then
+    bench=(--allow-cpu --size-mb 128 --repeats 2)
+else
+    bench=(--size-mb 2048 --repeats 3)
+fi
+run_script bench benchmarks/gpu_check.py "${bench[@]}"
+BENCH_JSON=$JSON
+if [ "$rc" != 0 ] || [ -z "$BENCH_JSON" ]; then
+    verdict measurements FAIL "benchmarks/gpu_check.py exit $rc"
+else
+    while read -r word name rest; do
+        verdict "$name" "$word" "$rest"
+    done < <(grep -E '^(PASS|FAIL|DRY) ' "$OUT/gpu-check-$STAMP-bench.txt" | sed 's/: / /')
+fi
+say "measurements: $(( $(date +%s) - start )) s"
+
+# ---- training overhead ----------------------------------------------------------------------
+start=$(date +%s)
+if [ "$GPUS" = 0 ]; then
+    train=(--device cpu --size tiny --steps 60 --save-every 20 --repeats 1)
+else
+    train=(--device cuda --size medium --steps 300 --save-every 50 --repeats 2)
+fi
+run_script train benchmarks/bench_train.py "${train[@]}"
+TRAIN_JSON=$JSON
+if [ "$rc" != 0 ] || [ -z "$TRAIN_JSON" ]; then
+    verdict training_overhead FAIL "benchmarks/bench_train.py exit $rc"
+else
+    overhead=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['overhead']['median'])" "$TRAIN_JSON")
+    pct=$(python -c "print(f'{100 * float(\"$overhead\"):.2f}%')")
+    if [ "$GPUS" = 0 ]; then
+        verdict training_overhead DRY "$pct (CPU dry run, not judged)"
+    elif python -c "import sys; sys.exit(0 if float('$overhead') <= 0.02 else 1)"; then
+        verdict training_overhead PASS "$pct (target <= 2%)"
+    else
+        verdict training_overhead FAIL "$pct (target <= 2%)"
+    fi
+fi
+say "training overhead: $(( $(date +%s) - start )) s"
+
+# ---- summary ------------------------------------------------------------------------------
+SUMMARY="$OUT/gpu-check-summary-$STAMP.json"
+{
+    echo "{"
+    echo "  \"date\": \"$STAMP\", \"gpus\": $GPUS, \"dry_run\": $([ "$GPUS" = 0 ] && echo true || echo false),"
+    echo "  \"measurements\": \"${BENCH_JSON:-}\", \"training\": \"${TRAIN_JSON:-}\", \"log\": \"$LOG\","
+    echo "  \"verdicts\": {"
+    sep=""
+    for k in "${!VERDICT[@]}"; do
+        printf '%s    "%s": "%s"' "$sep" "$k" "${VERDICT[$k]}"
+        sep=$',\n'
+    done
+    printf '\n  }\n}\n'
+} >"$SUMMARY"
+say "summary: $SUMMARY"
+if [ "$FAILED" = 1 ]; then
+    say "gpu_check: FAIL"
+    exit 1
+fi
+say "gpu_check: $([ "$GPUS" = 0 ] && echo "DRY RUN (no GPU: nothing judged)" || echo PASS)"
