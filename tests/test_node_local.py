@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from test_distributed import run_ranks, spawn_ranks
 
+from ckptstore.cli import main
 
-def test_each_disk_holds_its_ranks_part_and_loads_alone(tmp_path):
+
+def test_each_disk_holds_its_ranks_part_and_loads_alone(tmp_path, capsys):
     run_ranks("node_local", str(tmp_path), 4)
+    # The command line says what a part is: verify checks what lies here, info names
+    # the rest; a part is never copied alone.
+    node1 = str(tmp_path / "ckpts" / "node1")
+    assert main(["verify", node1]) == 0
+    assert "OK   step_00000002 (this node's part; 2 shard file(s)" in capsys.readouterr().out
+    assert main(["info", f"{node1}/step_00000002"]) == 0
+    assert "on other nodes' disks: __0_0.distcp, __1_0.distcp" in capsys.readouterr().out
+    assert main(["pull", node1, str(tmp_path / "copy")]) != 0
+    assert "is one node's part of a checkpoint" in capsys.readouterr().out
 
 
 def test_a_step_rank_0_never_committed_is_not_restored_and_its_parts_are_replaced(tmp_path):

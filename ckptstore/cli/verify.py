@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     targets: list[tuple[str, str]] = []  # (name, status)
     notes: list[str] = []
+    parts: dict[str, int] = {}  # node-local parts: how many shard files lie elsewhere
     if args.step is not None:
         backend, name = resolve_checkpoint(args.target, args.step)
         targets.append((name, "committed"))
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
                     )
                     continue
                 targets.append((e.name, e.status))
+                if e.manifest is not None and e.manifest.part is not None:
+                    parts[e.name] = len(e.manifest.part.elsewhere)
             if not targets:
                 raise usage_error(
                     f"no checkpoints under {backend.url}: nothing to verify; check the path "
@@ -116,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
                     print(f"BAD  {name}")
                     for p in problems:
                         print(f"     {p}")
+                elif name in parts:
+                    print(
+                        f"OK   {name} (this node's part; {parts[name]} shard file(s) on other "
+                        "nodes' disks are checked there)"
+                    )
                 else:
                     print(f"OK   {name}")
                 sys.stdout.flush()
