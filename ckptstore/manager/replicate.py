@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ckptstore.engine.ops import CheckpointInfo, list_checkpoints, read_manifest
 from ckptstore.errors import (
@@ -438,28 +439,20 @@ class Replicator:
             self.remote.delete(name)
         self.progress = Progress(f"backing up {name} to {self.remote.url}", 0)
         start = time.monotonic()
-        copy = replace_checkpoint if replace else copy_checkpoint
+        copy: Callable[..., Manifest] = replace_checkpoint if replace else copy_checkpoint
+        extra: dict[str, Any] = {}
         if part:  # the other nodes' files arrive from them; give up for a newer one
-            manifest = commit_parts_backup(
-                self.local,
-                self.remote,
-                name,
-                threads=self.threads,
-                progress=self.progress,
-                stop=self._stop,
-                manifest_key=self._manifest_key,
-                given_up=lambda: bool(self._queue),
-            )
-        else:
-            manifest = copy(
-                self.local,
-                self.remote,
-                name,
-                threads=self.threads,
-                progress=self.progress,
-                stop=self._stop,
-                manifest_key=self._manifest_key,
-            )
+            copy, extra = commit_parts_backup, {"given_up": lambda: bool(self._queue)}
+        manifest = copy(
+            self.local,
+            self.remote,
+            name,
+            threads=self.threads,
+            progress=self.progress,
+            stop=self._stop,
+            manifest_key=self._manifest_key,
+            **extra,
+        )
         elapsed = time.monotonic() - start
         if self._on_speed is not None and manifest.stored_bytes >= (16 << 20):
             self._on_speed(manifest.stored_bytes / max(elapsed, 1e-6))
