@@ -270,7 +270,12 @@ def test_interference_reports_a_fraction_per_contender(tmp_path, capsys):
     for name, runs in result["runs"].items():
         assert len(runs) == 2
         for r in runs:  # tiny saves: bounds, not timings
-            assert 0 < r["fraction"] <= 1.5, (name, r)
+            # The loop alone is timed before and after; on a busy machine one of the two
+            # can be slowed 2x (a CI run: 337 then 693 steps/s), so the bound is against
+            # the better one.
+            assert r["fraction"] == pytest.approx(r["during_per_s"] / r["alone_per_s"])
+            best_alone = max(r["alone_before_per_s"], r["alone_after_per_s"])
+            assert 0 < r["during_per_s"] <= 1.5 * best_alone, (name, r)
             assert r["save_s"] >= r["during_s"] > 0 and r["alone_per_s"] > 0
             assert r["lost_loop_s"] == pytest.approx(r["during_s"] * (1 - r["fraction"]))
     printed = capsys.readouterr().out
