@@ -79,6 +79,7 @@ def test_two_saves_in_flight_with_max_inflight_2(root):
         assert not first.done(), "two slots: the second save did not wait"
         assert second.wait().backpressure_s < 0.05
         assert ckpt.staging_bytes >= 2 * 100_000 * 4  # one staging buffer per save in flight
+        assert ckpt.pinned_bytes == 0  # CPU state: nothing pinned
 
 
 def test_staging_buffers_are_allocated_once_and_reused(root):

@@ -138,7 +138,7 @@ def test_staging_memory_is_pinned_at_its_exact_size(root):
         held = ckpt.staging_bytes
         # 12 MiB and a bit, plus alignment: not rounded up to 16 MiB (a power of two).
         assert (3 << 20) * 4 < held < (3 << 20) * 4 + (1 << 20)
-        assert ckpt._staging.pinned_bytes == held
+        assert ckpt.pinned_bytes == held
 
 
 def cuda_state() -> dict[str, Any]:

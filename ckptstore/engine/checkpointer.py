@@ -171,6 +171,11 @@ class Checkpointer:
         """Host memory held by staging buffers (allocated once, reused by later saves)."""
         return self._staging.allocated_bytes
 
+    @property
+    def pinned_bytes(self) -> int:
+        """Of :attr:`staging_bytes`, how much is pinned (page-locked for GPU copies)."""
+        return self._staging.pinned_bytes
+
     # ---- saving ---------------------------------------------------------------------
     def save_async(
         self,
