@@ -494,7 +494,7 @@ def commit_parts_backup(
 
 
 def _part_manifest(src: StorageBackend, name: str, key: bytes | None) -> Manifest:
-    manifest = Manifest.from_json(src.read_bytes(f"{name}/{MANIFEST_FILE}"), name, key=key)
+    manifest = read_manifest(src, name, manifest_key=key)
     if manifest.part is None:
         raise IncompatibleCheckpointError(f"{src.url}/{name} is not a node-local part")
     return manifest

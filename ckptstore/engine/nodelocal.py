@@ -31,8 +31,8 @@ import torch.distributed as dist
 
 from ckptstore.dcp.writer import CkptStorageWriter
 from ckptstore.engine import groups
+from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import CkptStoreError
-from ckptstore.format.manifest import Manifest
 from ckptstore.layout import METADATA_FILE, STEP_NAME, checkpoint_name
 from ckptstore.storage.base import StorageBackend
 
@@ -92,7 +92,7 @@ def prune(backend: StorageBackend, keep: set[str], coordinator: str) -> list[str
         if not STEP_NAME.match(name) or name in keep:
             continue
         try:
-            manifest = Manifest.from_json(backend.read_bytes(f"{name}/manifest.json"), name)
+            manifest = read_manifest(backend, name)
         except (CkptStoreError, OSError):
             continue  # not a committed part of ours: not ours to delete
         if manifest.part is not None and manifest.part.coordinator == coordinator:
