@@ -132,3 +132,70 @@ def test_parameters_that_require_grad_load_in_place(tmp_path):
         ckptstore.load(target, tmp_path / name)
         for k, v in state.items():
             assert torch.equal(target[k], v) and target[k].requires_grad
+
+
+def test_staged_saves_pack_views_of_the_arena_and_plan_once_per_layout(tmp_path):
+    """Checkpointer saves: each pack is a view of the staging arena (no copy), the
+    grouping is planned once and reused while the layout holds, and every save still
+    holds the state as it was at its own save call."""
+    state = many()
+    want = {}
+    with ckptstore.Checkpointer(tmp_path / "root", codec="none") as ckpt:
+        cache = ckpt._save_cache.packs
+        ckpt.save_async(state, 1).wait()
+        first = cache.plan
+        assert first is not None and first.groups
+        assert all(g.span is not None for g in first.groups)  # every group lies in order
+        want[1] = {k: v.clone() for k, v in state["model"].items()}
+        for step in (2, 3):
+            state["model"]["block3.w"].add_(1)
+            state["model"]["block300.w"].mul_(-1)
+            ckpt.save_async(state, step).wait()
+            want[step] = {k: v.clone() for k, v in state["model"].items()}
+        assert cache.plan is first  # the same layout: planned once
+        state["model"]["added"] = torch.arange(5.0)  # a new layout: planned again
+        ckpt.save_async(state, 4).wait()
+        want[4] = {k: v.clone() for k, v in state["model"].items()}
+        assert cache.plan is not first
+        for step, model in want.items():
+            target = blank_like({**state, "model": model})
+            ckpt.load(target, step=step)
+            assert_same(target["model"], model)
+    from ckptstore.cli.main import main as cli
+
+    assert cli(["verify", str(tmp_path / "root")]) == 0
+
+
+def test_a_pack_is_a_view_only_of_members_in_order_and_gaps_are_zero():
+    arena = torch.zeros(64 * packs.PACK_FROM, dtype=torch.uint8)
+    flat = {}
+    at = 0
+    for i in range(packs.PACK_FROM):
+        n = 1 + i % 5  # 4-20 bytes: each member starts at the next multiple of 64
+        view = arena[at : at + 4 * n].view(torch.float32)
+        view.copy_(torch.arange(n, dtype=torch.float32) + i)
+        flat[f"m.t{i}"] = view
+        at += 64
+    arena = arena[:at]
+    out, got = packs.pack(flat, {}, arena=arena, layout=object(), cache=packs.PackCache())
+    [(name, members)] = got.items()
+    assert out[name].data_ptr() == arena.data_ptr()  # a view, not a copy
+    for m in members:
+        raw = out[name][m.offset : m.offset + m.nbytes]
+        assert torch.equal(raw.view(m.dtype).view(m.shape), flat[m.fqn])
+    covered = torch.zeros(out[name].numel(), dtype=torch.bool)
+    for m in members:
+        covered[m.offset : m.offset + m.nbytes] = True
+    assert not out[name][~covered].any()  # the alignment gaps are zero
+    # One member elsewhere: the group is copied, at the same offsets
+    flat["m.t7"] = flat["m.t7"].clone()
+    out2, got2 = packs.pack(flat, {}, arena=arena, layout=object(), cache=packs.PackCache())
+    [(name2, members2)] = got2.items()
+    assert out2[name2].data_ptr() != arena.data_ptr()
+    assert [m.offset for m in members2] == list(
+        torch.cumsum(torch.tensor([0] + [m.nbytes for m in members2[:-1]]), 0).tolist()
+    )
+    assert name2 != name  # the offsets are part of the name: other bytes, other name
+    for m in members2:
+        raw = out2[name2][m.offset : m.offset + m.nbytes]
+        assert torch.equal(raw.view(m.dtype).view(m.shape), flat[m.fqn])

@@ -110,3 +110,62 @@ def plot_all(payload: dict[str, Any], stem: str) -> list[str]:
         _scaling(payload, f"{stem}-scaling.png"),
     ]  # fmt: skip
     return [p for p in made if p]
+
+
+_LINE_COLORS = {
+    "ckptstore_none": "tab:blue",
+    "torch_save": "tab:green",
+    "dcp_save": "tab:orange",
+    "copy_prealloc": "tab:gray",
+}
+_PER_TENSOR = (
+    ("stall_us_per_tensor", "stall_s", "stall (the save call blocks)"),
+    ("durable_us_per_tensor", "durable_s", "until durable"),
+    ("cold_us_per_tensor", "cold_s", "load, cold page cache"),
+)
+
+
+def many_tensors(rows: list[dict[str, Any]], subtitle: str, path: str) -> str | None:
+    """µs per tensor against the number of tensors (``ckptstore bench --tensors``):
+    stall, durable and cold load, one line per contender, the issue's target dashed."""
+    rows = sorted(rows, key=lambda r: r["tensors"])
+    if not rows:
+        return None
+    names = list(dict.fromkeys(n for r in rows for n in r["medians"]))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    for ax, (key, target_key, title) in zip(axes, _PER_TENSOR, strict=True):
+        for name in names:
+            pts = [
+                (r["tensors"], r["medians"][name][key])
+                for r in rows
+                if key in r["medians"].get(name, {})
+            ]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="o",
+                    label=name,
+                    color=_LINE_COLORS.get(name),
+                )
+        tgt = [
+            (r["tensors"], r["targets"][target_key] / r["tensors"] * 1e6)
+            for r in rows
+            if r["targets"].get(target_key)
+        ]
+        if tgt:
+            xs, ys = zip(*tgt, strict=True)
+            ax.plot(xs, ys, linestyle="--", color="black", label="target")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("tensors")
+        ax.set_ylabel("µs per tensor")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(subtitle, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

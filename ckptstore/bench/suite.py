@@ -297,6 +297,19 @@ def _many_tensors(args: argparse.Namespace, options: dict[str, Any], counts: lis
         f.write(table)
     print("\n" + table)
     print(f"results: {path}")
+    if not args.no_plots:
+        try:
+            from ckptstore.bench import plots
+        except ImportError as exc:
+            print(f"plot skipped: matplotlib is not installed ({exc}); pip install matplotlib")
+        else:
+            m = payload["machine"]
+            subtitle = (
+                f"{m.get('cpu_model', '?')}, {m.get('cpu_affinity') or m.get('cpu_count')} cores, "
+                f"torch {m['torch']} · {payload['started'][:10]} · medians"
+            )
+            png = plots.many_tensors(payload["rows"], subtitle, path[: -len(".json")] + ".png")
+            print(f"plot:    {png}")
     return 0
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -113,6 +113,58 @@ def metadata_file(names: Iterable[str]) -> str | None:
 
 def dumps(metadata: dcp_metadata.Metadata) -> bytes:
     return pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class MetadataCache:
+    """The pickled ``.metadata`` of the last save (per part), reused while everything
+    in it but ``storage_meta`` (the checkpoint's name and the save's id) is the same:
+    saving the same state again pickles a few strings instead of an entry per tensor
+    (0.55 s at 40,000 tensors).
+
+    The cached bytes are the metadata pickled with ``storage_meta=None`` up to its last
+    BUILD (protocol 3: no frames, so the stream can go on); each save appends the new
+    ``storage_meta`` as a second BUILD, which any unpickler applies to the object's
+    attributes like the first. Nothing else changes in the file.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[Any, tuple[Any, bytes]] = {}
+
+    def dumps(
+        self,
+        part: Any,
+        key: Any,
+        make: Callable[[], dcp_metadata.Metadata],
+        storage_meta: Any,
+    ) -> bytes:
+        """The ``.metadata`` of ``make()`` with ``storage_meta`` set; ``make`` is called
+        (and pickled) only if ``key`` differs from the last one for ``part``."""
+        last = self._last.get(part)
+        if last is not None and last[0] == key:
+            body = last[1]
+        else:
+            self._last.pop(part, None)
+            md = make()
+            md.storage_meta = None
+            data = pickle.dumps(md, protocol=3)
+            if not data.endswith(b"b."):  # not a plain object + BUILD: pickle it whole
+                md.storage_meta = storage_meta
+                return dumps(md)
+            body = data[:-1]
+            self._last[part] = (key, body)
+        return body + _build_tail({"storage_meta": storage_meta})
+
+
+def _build_tail(attrs: dict[str, Any]) -> bytes:
+    """Opcodes that push ``attrs`` and BUILD them into the object below, then STOP."""
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, protocol=3)
+    pickler.fast = True  # no memo: the cached part's memo entries are left alone
+    pickler.dump(attrs)
+    data = buf.getvalue()
+    assert data[:2] == b"\x80\x03", data[:2]
+    assert data[-1:] == b".", data[-1:]
+    return data[2:-1] + b"b."
 
 
 def loads(data: bytes, where: str, *, stock_dcp: bool = False) -> dcp_metadata.Metadata:

@@ -9,8 +9,11 @@ the state, by byte tensors of up to :data:`PACK_BYTES` named ``__ckptstore_pack_
 (the hash of the members' names, dtypes and shapes: ranks holding the same replicated
 tensors make the same packs, which DCP then writes once). A pack never spans two
 top-level keys, so one rank's own entries (``extras_by_rank``, ``rng``) do not mix with
-shared ones. A pack is a copy: while a save writes, the packed tensors' bytes are held
-twice (the state's larger tensors are not copied).
+shared ones. A staged state's small tensors lie in its staging arena one after the
+other, so a pack is a view of the arena (the alignment gaps between members, under
+64 bytes each and zero, are written too); grouping and naming are done
+once per staged layout (:class:`PackCache`). Elsewhere (a synchronous save's own
+tensors, members the arena does not hold in order) a pack is a copy.
 
 The checkpoint's ``.metadata`` still lists every member as the tensor it is:
 :func:`expand` (on the coordinator, before the metadata is written) replaces each pack
@@ -40,6 +43,7 @@ PACK_PREFIX = "__ckptstore_pack_"
 SMALL_BYTES = 64 << 10  # tensors up to this size are packed ...
 PACK_FROM = 256  # ... when a state has at least this many of them
 PACK_BYTES = 8 << 20  # a pack's size, at most (a member never straddles two)
+_GAP = 64  # the most one member may start after the end of the one before (alignment)
 
 
 class Member(NamedTuple):
@@ -64,12 +68,82 @@ def _packable(value: Any) -> bool:
     )
 
 
-def pack(flat: dict[str, Any], mappings: Mapping[str, Any]) -> tuple[dict[str, Any], Packs]:
+class _Group(NamedTuple):
+    name: str
+    members: tuple[Member, ...]
+    span: tuple[int, int] | None  # the arena bytes the members fill, in order; None: copied
+    probe: tuple[str, int] | None  # a member with bytes, and where in the arena it starts
+
+
+class _Plan(NamedTuple):
+    key: Any  # the staged layout it was made for (its arena offsets are the layout's)
+    rest: tuple[str, ...]  # the entries not packed
+    groups: tuple[_Group, ...]
+
+
+class PackCache:
+    """The packs of the last staged layout, reused while the layout holds (one per
+    checkpointer; a save of the same state again skips grouping and naming)."""
+
+    def __init__(self) -> None:
+        self.plan: _Plan | None = None
+
+
+def pack(
+    flat: dict[str, Any],
+    mappings: Mapping[str, Any],
+    *,
+    arena: torch.Tensor | None = None,
+    layout: Any = None,
+    cache: PackCache | None = None,
+) -> tuple[dict[str, Any], Packs]:
     """``flat`` with its small tensors replaced by packs (or unchanged, with no packs,
-    when it has fewer than :data:`PACK_FROM` of them), and the packs' members."""
+    when it has fewer than :data:`PACK_FROM` of them), and the packs' members.
+
+    ``arena``: the staging buffer ``flat``'s tensors are views of. A group whose members
+    lie in it one after the other (apart from alignment gaps, which stay zero) is a view
+    of it, not a copy. ``layout`` and ``cache``: the staged layout ``flat`` was made
+    with (its identity is the key) and where the plan of the last one is kept.
+    """
+    plan = cache.plan if cache is not None else None
+    if plan is None or layout is None or arena is None or plan.key is not layout:
+        plan = _plan(flat, mappings, arena)
+        if cache is not None and layout is not None and arena is not None:
+            cache.plan = plan = plan._replace(key=layout)
+    if not plan.groups:
+        return flat, {}
+    out = {k: flat[k] for k in plan.rest}
+    packs: Packs = {}
+    for group in plan.groups:
+        span, probe = group.span, group.probe
+        if (
+            arena is not None
+            and span is not None
+            and probe is not None
+            and flat[probe[0]].data_ptr() - arena.data_ptr() == probe[1]
+        ):
+            out[group.name] = arena[span[0] : span[1]]
+        else:
+            out[group.name] = _copied(flat, group)
+        packs[group.name] = group.members
+    return out, packs
+
+
+def _copied(flat: dict[str, Any], group: _Group) -> torch.Tensor:
+    """The members of ``group`` copied into one byte tensor at their offsets."""
+    last = group.members[-1]
+    if group.span is None:
+        return torch.cat([flat[m.fqn].reshape(-1).view(torch.uint8) for m in group.members])
+    out = torch.zeros(last.offset + last.nbytes, dtype=torch.uint8)
+    for m in group.members:
+        out[m.offset : m.offset + m.nbytes] = flat[m.fqn].reshape(-1).view(torch.uint8)
+    return out
+
+
+def _plan(flat: dict[str, Any], mappings: Mapping[str, Any], arena: torch.Tensor | None) -> _Plan:
     small = [fqn for fqn, v in flat.items() if _packable(v)]
     if len(small) < PACK_FROM:
-        return flat, {}
+        return _Plan(None, (), ())
     groups: list[list[str]] = []
     size = 0
     top: Any = object()
@@ -83,27 +157,61 @@ def pack(flat: dict[str, Any], mappings: Mapping[str, Any]) -> tuple[dict[str, A
         groups[-1].append(fqn)
         size += nbytes
     packed = set(small)
-    out = {k: v for k, v in flat.items() if k not in packed}
-    packs: Packs = {}
     names_of: dict[torch.dtype, str] = {}
+    made: list[_Group] = []
     for names in groups:
+        tensors = [flat[fqn] for fqn in names]
+        placed = _place(tensors, arena)
+        span, probe, where = None, None, None
+        if placed is not None:
+            start, end, where = placed
+            span = (start, end)
+            first = next(f for f, t in zip(names, tensors, strict=True) if t.nbytes)
+            probe = (first, start)  # the first member with bytes starts the span
         members: list[Member] = []
-        parts: list[torch.Tensor] = []
         key: list[str] = []
         offset = 0
-        for fqn in names:
-            t = flat[fqn]
+        for k, (fqn, t) in enumerate(zip(names, tensors, strict=True)):
             shape = tuple(t.shape)
-            n = t.nbytes
-            members.append(Member(fqn, t.dtype, shape, offset, n))
-            parts.append(t.reshape(-1).view(torch.uint8))
+            if where is not None:
+                offset = where[k]
+            members.append(Member(fqn, t.dtype, shape, offset, t.nbytes))
             dname = names_of.get(t.dtype) or names_of.setdefault(t.dtype, dtype_name(t.dtype))
-            key.append(f"{fqn}\0{dname}\0{shape}")
-            offset += n
+            key.append(f"{fqn}\0{dname}\0{shape}\0{offset}")
+            offset += t.nbytes
         name = f"{PACK_PREFIX}{xxhash.xxh3_64_hexdigest(chr(10).join(key).encode())}"
-        out[name] = torch.cat(parts)
-        packs[name] = tuple(members)
-    return out, packs
+        made.append(_Group(name, tuple(members), span, probe))
+    rest = tuple(k for k in flat if k not in packed)
+    return _Plan(None, rest, tuple(made))
+
+
+def _place(
+    tensors: list[torch.Tensor], arena: torch.Tensor | None
+) -> tuple[int, int, list[int]] | None:
+    """``(start, end, offsets from start)`` of ``tensors`` in ``arena`` if they lie in it
+    in order, each less than an alignment gap after the one before (an empty tensor sits
+    where the one before ends); else None."""
+    if arena is None or arena.numel() == 0:
+        return None
+    base, end = arena.data_ptr(), arena.data_ptr() + arena.numel()
+    start = at = -1
+    where: list[int] = []
+    for t in tensors:
+        if t.nbytes == 0:
+            where.append(max(at - start, 0))
+            continue
+        p = t.data_ptr()
+        if p < base or p + t.nbytes > end:
+            return None
+        if start < 0:
+            start = at = p
+        elif not at <= p < at + _GAP:
+            return None
+        where.append(p - start)
+        at = p + t.nbytes
+    if start < 0:
+        return None
+    return start - base, at - base, where
 
 
 def expand(metadata: Metadata, packs: Packs) -> None:

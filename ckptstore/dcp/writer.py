@@ -134,6 +134,7 @@ class CkptStorageWriter(StorageWriter):
         failure: str | None = None,
         packs: packs_mod.Packs | None = None,
         disk: str = "",
+        md_cache: md_format.MetadataCache | None = None,
     ) -> None:
         """``world_size``: recorded in the manifest (None: the ranks whose plans meet on
         the coordinator). ``failure``: this rank could not stage its state; it still enters the save's
@@ -144,6 +145,7 @@ class CkptStorageWriter(StorageWriter):
         self._disk = disk  # this rank's root's disk_id (several ranks: node-local disks?)
         self._failure = failure
         self._packs = packs or {}  # this rank's (packs_mod.pack); all ranks' on the coordinator
+        self._md_cache = md_cache  # the last save's .metadata, reused if the same
         self._spec = spec
         self._rank = 0
         self._backend = backend
@@ -334,16 +336,31 @@ class CkptStorageWriter(StorageWriter):
         elsewhere, storage_md, _ = _collect(results, others)
         files, mine, raw_bytes = _collect(results, ranks)
         storage_md.update(mine)  # what both wrote: this disk's copy
-        md = dataclasses.replace(
-            metadata,
-            state_dict_metadata=dict(metadata.state_dict_metadata),
-            planner_data=dict(metadata.planner_data)
-            if isinstance(metadata.planner_data, dict)
-            else metadata.planner_data,
-            storage_data=storage_md,
-        )
-        packs_mod.expand(md, self._packs)
-        md_bytes = md_format.dumps(md)
+
+        def make() -> Metadata:
+            md = dataclasses.replace(
+                metadata,
+                state_dict_metadata=dict(metadata.state_dict_metadata),
+                planner_data=dict(metadata.planner_data)
+                if isinstance(metadata.planner_data, dict)
+                else metadata.planner_data,
+                storage_data=dict(storage_md),
+            )
+            packs_mod.expand(md, self._packs)
+            return md
+
+        if self._md_cache is None:
+            md_bytes = md_format.dumps(make())
+        else:
+            key = (
+                metadata.state_dict_metadata,
+                metadata.planner_data,
+                getattr(metadata, "version", None),
+                storage_md,
+                self._packs,
+                tuple(ranks),
+            )
+            md_bytes = self._md_cache.dumps(disk, key, make, metadata.storage_meta)
         md_name = self._pending.stored_name(METADATA_FILE)
         if disk is None or disk == self._disks[0]:
             self._pending.write_file(md_name, md_bytes)

@@ -33,6 +33,7 @@ from ckptstore.dcp.writer import SaveSpec
 from ckptstore.engine import groups
 from ckptstore.engine.ops import (
     CheckpointInfo,
+    SaveCache,
     check_info,
     check_metadata,
     check_step,
@@ -128,6 +129,7 @@ class Checkpointer:
             max_bytes=self.config.max_staging_bytes,
         )
         self._slots = threading.Semaphore(self.config.max_inflight)
+        self._save_cache = SaveCache()  # used on the writer thread only
         self._auto = AutoCodec(local=self._backend.capabilities.local, threads=threads)
         self._fixed_codec = None if self.config.codec == "auto" else get_codec(self.config.codec)
         self._errors = ErrorLedger()
@@ -311,7 +313,13 @@ class Checkpointer:
                 **info,
             )
             stats = save_staged(
-                staged, self._backend, name, spec, pool=self._pool, group=self._group
+                staged,
+                self._backend,
+                name,
+                spec,
+                pool=self._pool,
+                group=self._group,
+                cache=self._save_cache,
             )
             self._auto.observe(
                 codec, stats.raw_bytes, stats.stored_bytes, stats.sink_s, stats.encode_s

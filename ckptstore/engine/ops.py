@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -96,6 +96,15 @@ def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) ->
     return md_format.loads(data, where)
 
 
+@dataclass
+class SaveCache:
+    """What one checkpointer's saves reuse while the state's layout holds: how its small
+    tensors are packed, and the pickled ``.metadata``."""
+
+    packs: packs_mod.PackCache = field(default_factory=packs_mod.PackCache)
+    metadata: md_format.MetadataCache = field(default_factory=md_format.MetadataCache)
+
+
 def save_staged(
     staged: StagedState,
     backend: StorageBackend,
@@ -105,14 +114,22 @@ def save_staged(
     pool: Executor,
     group: dist.ProcessGroup | None,
     failure: str | None = None,
+    cache: SaveCache | None = None,
 ) -> WriteStats:
-    """Write ``staged`` as checkpoint ``name``; collective over ``group``.
+    """Write ``staged`` as checkpoint ``name``; collective over ``group``. ``cache``:
+    what the same caller's last save planned, reused while the state's layout holds.
 
     With ``failure`` set, this rank only enters the collectives to fail them (see
     :class:`CkptStorageWriter`); the save then raises on every rank.
     """
     start = time.perf_counter()
-    flat, packs = packs_mod.pack(staged.flat, staged.mappings)
+    flat, packs = packs_mod.pack(
+        staged.flat,
+        staged.mappings,
+        arena=staged.arena.buffer if staged.arena is not None else None,
+        layout=staged.layout,
+        cache=cache.packs if cache is not None else None,
+    )
     writer = CkptStorageWriter(
         backend,
         name,
@@ -122,6 +139,7 @@ def save_staged(
         failure=failure,
         packs=packs,
         disk=backend.disk_id() if group is not None else "",
+        md_cache=cache.metadata if cache is not None else None,
     )
     try:
         driver.save(flat, writer, StagedSavePlanner(staged.mappings), group)

@@ -72,6 +72,7 @@ class StagedState:
     value_bytes: int
     copy_s: float
     wait_s: float = 0.0  # time spent waiting for an arena (backpressure)
+    layout: Layout | None = None  # what it was staged with (None: staged in place)
 
 
 @dataclass
@@ -254,7 +255,14 @@ class StagingPool:
             raise
         arena, prep.arena = prep.arena, None
         return StagedState(
-            staged, prep.mappings, arena, prep.tensor_bytes, value_bytes, copy_s, prep.wait_s
+            staged,
+            prep.mappings,
+            arena,
+            prep.tensor_bytes,
+            value_bytes,
+            copy_s,
+            prep.wait_s,
+            prep.layout,
         )
 
     def discard(self, prep: PreparedState) -> None:
