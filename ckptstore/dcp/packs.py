@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from ckptstore.dcp import metadata as md_format
 from ckptstore.format.shard import dtype_name
 
 PACK_PREFIX = "__ckptstore_pack_"
@@ -222,6 +223,7 @@ def expand(metadata: Metadata, packs: Packs) -> None:
     # Members of one dtype and shape share their (read-only) metadata objects: fewer to
     # build and to pickle (pickle stores a shared object once).
     shared: dict[tuple[torch.dtype, tuple[int, ...]], TensorStorageMetadata] = {}
+    origin: dict[int, torch.Size] = {}  # one offset object per number of dimensions
     for name, members in packs.items():
         if name not in items:
             continue  # another rank's pack, written under the same name once
@@ -233,14 +235,16 @@ def expand(metadata: Metadata, packs: Packs) -> None:
                 continue  # a replicated tensor two ranks packed differently: one copy
             md = shared.get((m.dtype, m.shape))
             if md is None:
-                zeros = torch.Size([0] * len(m.shape))
+                zeros = origin.get(len(m.shape)) or origin.setdefault(
+                    len(m.shape), torch.Size([0] * len(m.shape))
+                )
                 md = shared[(m.dtype, m.shape)] = TensorStorageMetadata(
                     TensorProperties(dtype=m.dtype),
                     torch.Size(m.shape),
                     [ChunkStorageMetadata(offsets=zeros, sizes=torch.Size(m.shape))],
                 )
             items[m.fqn] = md
-            storage[MetadataIndex(m.fqn, md.chunks[0].offsets)] = type(where)(
+            storage[md_format.metadata_index(m.fqn, md.chunks[0].offsets)] = type(where)(
                 {**where, "range": [m.offset, m.nbytes]}
             )
 
@@ -253,9 +257,12 @@ def member_range(storage: Mapping[str, Any], nbytes: int) -> tuple[int, int] | N
     if found is None:
         return None
     if (
-        not isinstance(found, list)
+        type(found) is not list
         or len(found) != 2
-        or not all(type(x) is int and x >= 0 for x in found)
+        or type(found[0]) is not int
+        or type(found[1]) is not int
+        or found[0] < 0
+        or found[1] < 0
         or found[1] != nbytes
     ):
         raise ValueError(f"bad range {found!r} for {nbytes} B")

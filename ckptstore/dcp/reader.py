@@ -17,6 +17,7 @@ into a temporary and is copied with DCP's narrowing rules. Temporaries are bound
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
 import math
@@ -196,26 +197,34 @@ class CkptStorageReader(StorageReader):
         (whole, same dtype and size, contiguous on the CPU): a load without DCP's
         per-item planning, for callers that checked those conditions themselves."""
         jobs: list[Callable[[], None]] = []
-        packed: list[tuple[ShardReader, int, int, np.ndarray]] = []
+        packed: list[tuple[ShardReader, int, int, int, torch.Tensor]] = []
         for index, target in pairs:
             shard, item, where = self._locate_index(index)
+            if where is not None:  # a small tensor inside a pack: copied from it below
+                if target.nbytes != where[1] or not target.is_contiguous():
+                    raise ValueError(f"{index.fqn!r}: the target does not match what is stored")
+                packed.append((shard, item, where[0], where[1], target))
+                continue
             out = (
                 target.detach().reshape(-1).view(torch.uint8).numpy()
                 if target.numel()
                 else np.empty(0, np.uint8)
             )
-            if where is not None:  # a small tensor inside a pack
-                packed.append((shard, item, where[0], out))
-                continue
             if shard.items[item].dtype != target.dtype:
                 raise CorruptCheckpointError(
                     f"{shard.where}: {index.fqn!r} is stored as {shard.items[item].dtype}, "
                     f"the metadata says {target.dtype}"
                 )
             jobs.extend(shard.chunk_jobs(item, out))
-        self._decode_packs({(s, i) for s, i, _, _ in packed}, jobs)
-        for shard, item, offset, out in packed:
-            out[:] = self._packs[(shard.where, item)][offset : offset + out.nbytes]
+        self._decode_packs({(s, i) for s, i, _, _, _ in packed}, jobs)
+        # One memmove per member (a numpy view and slice of each cost ~8 µs a tensor):
+        # _locate_index checked that the range lies inside the decoded pack, and the
+        # target is contiguous and exactly that size.
+        bases = {key: buf.ctypes.data for key, buf in self._packs.items()}
+        memmove = ctypes.memmove
+        for shard, item, offset, nbytes, target in packed:
+            if nbytes:
+                memmove(target.data_ptr(), bases[(shard.where, item)] + offset, nbytes)
 
     def _decode_packs(
         self, wanted: set[tuple[ShardReader, int]], jobs: list[Callable[[], None]]

@@ -241,7 +241,7 @@ def _load_flat(
             and not any(md.chunks[0].offsets)
             and obj.is_contiguous()
         ):
-            exact.append((MetadataIndex(fqn, md.chunks[0].offsets), obj))
+            exact.append((md_format.metadata_index(fqn, md.chunks[0].offsets), obj))
         else:
             rest[fqn] = obj
     reader.read_whole(exact)
