@@ -656,6 +656,65 @@ def scenario_node_local_resume(ckpts: str, rank: int, world: int) -> None:
     check_node_local(target, rank)
 
 
+def replica_state(rank: int, world: int, step: int) -> dict[str, object]:
+    """A DDP-like state: the same tensors on every rank (big ones and enough small ones
+    to be packed), plus a sharded and a replicated DTensor; values depend on ``step``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(step)
+    model = {f"big{i}": torch.randn(5000, generator=g) for i in range(6)}
+    model.update({f"small{i}": torch.randn(1 + i % 9, generator=g) for i in range(300)})
+    return {
+        "model": model,
+        "sharded": distribute_tensor(torch.randn(8, 3, generator=g), mesh, [Shard(0)]),
+        "replicated": distribute_tensor(torch.randn(5, generator=g), mesh, [Replicate()]),
+    }
+
+
+def scenario_replicas_stage_once(ckpts: str, rank: int, world: int) -> None:
+    """After the first save, each rank stages only the tensors it wrote (DCP gave the
+    rest to another replica); every save still holds the whole state of its step."""
+    import json
+
+    ck = ckptstore.Checkpointer(ckpts, codec="none", process_group=dist.group.WORLD)
+    seen: list[list[str]] = []
+    copy = ck._staging.copy
+
+    def spy(prep):
+        staged = copy(prep)
+        seen.append(sorted(staged.skipped))
+        return staged
+
+    ck._staging.copy = spy
+    state = replica_state(rank, world, 0)
+    for step in (1, 2, 3):
+        fresh = replica_state(rank, world, step)  # new values, same layout: in place
+        for k, v in fresh["model"].items():
+            state["model"][k].copy_(v)
+        state["sharded"].to_local().copy_(fresh["sharded"].to_local())
+        state["replicated"].to_local().copy_(fresh["replicated"].to_local())
+        ck.save_async(state, step).wait()
+    state["model"]["added"] = torch.ones(3)  # a new layout: everything staged again
+    ck.save_async(state, 4).wait()
+    # A rank that claims it wrote only its own shard: it skips every replicated tensor
+    # next time, and what the other rank skipped is then held by nobody: that save must
+    # fail, not lose them.
+    if rank == 1:
+        layout, number, _ = ck._staging._written
+        ck._staging._written = (layout, number, frozenset({"sharded"}))
+    try:
+        ck.save_async(state, 5).wait()
+        failed = None
+    except ckptstore.errors.CkptStoreError as exc:
+        failed = str(exc)
+    ck.save_async(state, 6).wait()  # and the next one stages everything
+    ck.close()
+    with open(os.path.join(ckpts, f"seen-{rank}.json"), "w") as f:
+        json.dump({"seen": seen, "failed": failed}, f)
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)

@@ -199,3 +199,18 @@ def test_a_pack_is_a_view_only_of_members_in_order_and_gaps_are_zero():
     for m in members2:
         raw = out2[name2][m.offset : m.offset + m.nbytes]
         assert torch.equal(raw.view(m.dtype).view(m.shape), flat[m.fqn])
+
+
+def test_conj_and_neg_view_targets_load_the_saved_values(tmp_path):
+    """A packed member is copied into its target as raw bytes; a target that is a conj
+    or neg view goes through DCP instead, which honours the view (raw bytes would come
+    back conjugated or negated)."""
+    state = {f"c{i}": torch.randn(4, dtype=torch.complex64) for i in range(packs.PACK_FROM)}
+    state["n0"] = torch.randn(5)
+    state["big"] = torch.randn(40_000, dtype=torch.complex64)
+    ckptstore.save(state, tmp_path / "c", codec="none")
+    target = {k: torch.zeros_like(v).conj() for k, v in state.items() if v.is_complex()}
+    target["n0"] = torch._neg_view(torch.zeros(5))
+    ckptstore.load(target, tmp_path / "c")
+    for k, v in state.items():
+        assert torch.equal(target[k], v), k

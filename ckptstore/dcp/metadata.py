@@ -116,6 +116,8 @@ def metadata_index(fqn: str, offset: torch.Size) -> dcp_metadata.MetadataIndex:
     ``torch.Size``): several times faster, and entries that share one offset object
     are pickled with one copy of it."""
     index = dcp_metadata.MetadataIndex.__new__(dcp_metadata.MetadataIndex)
+    if type(offset) is not torch.Size:  # e.g. a list in a crafted .metadata
+        offset = torch.Size(offset)
     index.__dict__.update(fqn=fqn, index=None, offset=offset)
     return index
 
@@ -154,6 +156,9 @@ class MetadataCache:
         else:
             self._last.pop(part, None)
             md = make()
+            if not _builds_from_dict(type(md)):  # a second BUILD would not just add to it
+                md.storage_meta = storage_meta
+                return dumps(md)
             md.storage_meta = None
             data = pickle.dumps(md, protocol=3)
             if not data.endswith(b"b."):  # not a plain object + BUILD: pickle it whole
@@ -162,6 +167,14 @@ class MetadataCache:
             body = data[:-1]
             self._last[part] = (key, body)
         return body + _build_tail({"storage_meta": storage_meta})
+
+
+def _builds_from_dict(cls: type) -> bool:
+    """Whether pickle restores ``cls`` by updating its ``__dict__`` (object.__reduce_ex__,
+    no __setstate__ or __slots__): then a second BUILD only sets the attributes it names.
+    True for torch 2.13's Metadata, a plain dataclass."""
+    own = ("__slots__", "__setstate__", "__getstate__", "__reduce__", "__reduce_ex__")
+    return not any(name in klass.__dict__ for klass in cls.__mro__[:-1] for name in own)
 
 
 def _build_tail(attrs: dict[str, Any]) -> bytes:

@@ -44,7 +44,11 @@ PACK_PREFIX = "__ckptstore_pack_"
 SMALL_BYTES = 64 << 10  # tensors up to this size are packed ...
 PACK_FROM = 256  # ... when a state has at least this many of them
 PACK_BYTES = 8 << 20  # a pack's size, at most (a member never straddles two)
-_GAP = 64  # the most one member may start after the end of the one before (alignment)
+# Where a staging arena starts each small tensor: at a multiple of this (engine's
+# layout_cache uses it). A member may start less than this after the end of the one
+# before it in a pack that is a view: a gap holding another tensor is at least this.
+SMALL_ALIGN = 64
+_GAP = SMALL_ALIGN
 
 
 class Member(NamedTuple):

@@ -201,7 +201,13 @@ class CkptStorageReader(StorageReader):
         for index, target in pairs:
             shard, item, where = self._locate_index(index)
             if where is not None:  # a small tensor inside a pack: copied from it below
-                if target.nbytes != where[1] or not target.is_contiguous():
+                if (
+                    target.nbytes != where[1]
+                    or target.device.type != "cpu"
+                    or not target.is_contiguous()
+                    or target.is_conj()
+                    or target.is_neg()
+                ):  # memmove below writes raw bytes: a contiguous CPU tensor of that size
                     raise ValueError(f"{index.fqn!r}: the target does not match what is stored")
                 packed.append((shard, item, where[0], where[1], target))
                 continue
@@ -279,6 +285,8 @@ class CkptStorageReader(StorageReader):
                 and target.device.type == "cpu"
                 and target.dtype == entry.dtype
                 and target.is_contiguous()
+                and not target.is_conj()  # raw bytes into a conj/neg view: read back
+                and not target.is_neg()  # conjugated/negated; _place's copy_ honours it
                 and target.numel() * target.element_size() == entry.nbytes
             ):
                 out = (

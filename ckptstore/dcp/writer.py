@@ -86,6 +86,7 @@ class _RankPlan:
     name: str  # the checkpoint this rank believes it is saving
     packs: packs_mod.Packs = field(default_factory=dict)  # its small tensors' groups
     disk: str = ""  # its root's StorageBackend.disk_id()
+    skipped: frozenset[str] = frozenset()  # tensors it did not stage: others write them
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ class CkptStorageWriter(StorageWriter):
         packs: packs_mod.Packs | None = None,
         disk: str = "",
         md_cache: md_format.MetadataCache | None = None,
+        skipped: frozenset[str] = frozenset(),
+        cache: Any = None,
     ) -> None:
         """``world_size``: recorded in the manifest (None: the ranks whose plans meet on
         the coordinator). ``failure``: this rank could not stage its state; it still enters the save's
@@ -146,6 +149,9 @@ class CkptStorageWriter(StorageWriter):
         self._failure = failure
         self._packs = packs or {}  # this rank's (packs_mod.pack); all ranks' on the coordinator
         self._md_cache = md_cache  # the last save's .metadata, reused if the same
+        self._skipped = skipped  # this rank's tensors it did not stage (StagingPool)
+        self._cache = cache  # engine.ops.SaveCache: its .items, on the coordinator
+        self.written: set[str] = set()  # the tensors (and values) this rank wrote
         self._spec = spec
         self._rank = 0
         self._backend = backend
@@ -182,7 +188,7 @@ class CkptStorageWriter(StorageWriter):
                 f"rank {self._rank} could not stage its state for {self._name}: {self._failure}"
             )
         return dataclasses.replace(
-            plan, storage_data=_RankPlan(self._name, self._packs, self._disk)
+            plan, storage_data=_RankPlan(self._name, self._packs, self._disk, self._skipped)
         )
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -199,6 +205,7 @@ class CkptStorageWriter(StorageWriter):
         for p in plans:
             merged.update(p.storage_data.packs)
         self._packs = merged
+        self._check_skipped(plans)
         if self._world_size is None:
             self._world_size = len(plans)
         self._disks = disks = [p.storage_data.disk for p in plans]
@@ -227,6 +234,33 @@ class CkptStorageWriter(StorageWriter):
             for rank, plan in enumerate(plans)
         ]
 
+    def _check_skipped(self, plans: list[SavePlan]) -> None:
+        """Ranks stage only what they wrote last time (StagingPool.note_written): check
+        that every tensor a rank skipped is still written by another, against the last
+        save's global plan; a save that would lose one fails instead."""
+        if self._cache is None:
+            return
+        items: set[tuple[str, tuple[int, ...]]] = set()
+        for p in plans:
+            for item in p.items:
+                members = self._packs.get(item.index.fqn)
+                if members is not None:
+                    items.update((m.fqn, ()) for m in members)
+                else:
+                    items.add((item.index.fqn, tuple(item.index.offset or ())))
+        last, self._cache.items = self._cache.items, items
+        skipped = set().union(*(p.storage_data.skipped for p in plans))
+        if not skipped or last is None:
+            return
+        lost = sorted(k[0] for k in last - items if k[0] in skipped)
+        if lost:
+            self._cache.items = None
+            raise CkptStoreError(
+                f"{len(lost)} tensor(s) would be missing from {self._name} (e.g. {lost[0]!r}): "
+                "ranks skip staging what another rank wrote in the save before, and that "
+                "rank no longer holds it. This save fails; the next one stages everything"
+            )
+
     @property
     def node_local(self) -> bool:
         """Whether this save's ranks write to more than one disk (coordinator; on
@@ -247,6 +281,12 @@ class CkptStorageWriter(StorageWriter):
             self.part_name = shard_plan.commits
         elif pending is None or pending.token != shard_plan.token:
             pending = self._backend.attach(shard_plan.token)
+        for item in plan.items:
+            members = self._packs.get(item.index.fqn)
+            if members is not None:
+                self.written.update(m.fqn for m in members)
+            else:
+                self.written.add(item.index.fqn)
         results: list[WriteResult] = []
         if plan.items:
             results = self._write_shard(
@@ -352,10 +392,12 @@ class CkptStorageWriter(StorageWriter):
         if self._md_cache is None:
             md_bytes = md_format.dumps(make())
         else:
-            key = (
-                metadata.state_dict_metadata,
-                metadata.planner_data,
-                getattr(metadata, "version", None),
+            key = (  # every field of the metadata but storage_meta; this part's storage
+                tuple(
+                    getattr(metadata, f.name)
+                    for f in dataclasses.fields(metadata)
+                    if f.name not in ("storage_data", "storage_meta")
+                ),
                 storage_md,
                 self._packs,
                 tuple(ranks),

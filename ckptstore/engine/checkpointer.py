@@ -324,6 +324,8 @@ class Checkpointer:
             self._auto.observe(
                 codec, stats.raw_bytes, stats.stored_bytes, stats.sink_s, stats.encode_s
             )
+            if stats.written is not None:
+                self._staging.note_written(staged, stats.written)
             now = time.perf_counter()
             result = SaveResult(
                 step=pending.step,

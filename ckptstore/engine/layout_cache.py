@@ -32,11 +32,11 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
+from ckptstore.dcp.packs import SMALL_ALIGN  # small tensors start at a multiple of it
 from ckptstore.errors import UnsupportedStateError
 from ckptstore.format.shard import dtype_name
 
 PAGE = 4096
-_SMALL_ALIGN = 64
 _PAGE_ALIGN_FROM = 1 << 20  # tensors this big start on a page boundary (O_DIRECT)
 
 
@@ -306,7 +306,7 @@ def _assign(
         key = (ptr, dtype, tuple(shape), tuple(stride), device)
         slot = seen.get(key)
         if slot is None:
-            align = PAGE if nbytes >= _PAGE_ALIGN_FROM else _SMALL_ALIGN
+            align = PAGE if nbytes >= _PAGE_ALIGN_FROM else SMALL_ALIGN
             total += (-total) % align
             slot = seen[key] = len(offsets)
             offsets.append(total)

@@ -68,6 +68,7 @@ class WriteStats:
     sink_s: float  # of which: writing to storage
     encode_s: float  # thread-seconds spent encoding on the codec pool
     total_s: float  # the whole DCP save, collectives included
+    written: frozenset[str] | None = None  # several ranks: the tensors this rank wrote
 
 
 def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) -> Metadata:
@@ -103,6 +104,8 @@ class SaveCache:
 
     packs: packs_mod.PackCache = field(default_factory=packs_mod.PackCache)
     metadata: md_format.MetadataCache = field(default_factory=md_format.MetadataCache)
+    # The coordinator: what the last save's global plan held (see CkptStorageWriter)
+    items: set[tuple[str, tuple[int, ...]]] | None = None
 
 
 def save_staged(
@@ -127,7 +130,7 @@ def save_staged(
         staged.flat,
         staged.mappings,
         arena=staged.arena.buffer if staged.arena is not None else None,
-        layout=staged.layout,
+        layout=staged.layout if not staged.skipped else None,
         cache=cache.packs if cache is not None else None,
     )
     writer = CkptStorageWriter(
@@ -140,6 +143,8 @@ def save_staged(
         packs=packs,
         disk=backend.disk_id() if group is not None else "",
         md_cache=cache.metadata if cache is not None else None,
+        skipped=staged.skipped,
+        cache=cache,
     )
     try:
         driver.save(flat, writer, StagedSavePlanner(staged.mappings), group)
@@ -157,6 +162,7 @@ def save_staged(
         sink_s=shard.sink_s if shard else 0.0,
         encode_s=shard.encode_s if shard else 0.0,
         total_s=time.perf_counter() - start,
+        written=frozenset(writer.written) if group is not None else None,
     )
 
 
@@ -240,6 +246,8 @@ def _load_flat(
             and obj.size() == md.size == md.chunks[0].sizes
             and not any(md.chunks[0].offsets)
             and obj.is_contiguous()
+            and not obj.is_conj()
+            and not obj.is_neg()
         ):
             exact.append((md_format.metadata_index(fqn, md.chunks[0].offsets), obj))
         else:

@@ -73,6 +73,8 @@ class StagedState:
     copy_s: float
     wait_s: float = 0.0  # time spent waiting for an arena (backpressure)
     layout: Layout | None = None  # what it was staged with (None: staged in place)
+    number: int = 0  # which of this pool's saves it is (1, 2, ...)
+    skipped: frozenset[str] = frozenset()  # tensors not staged: another rank writes them
 
 
 @dataclass
@@ -96,6 +98,7 @@ class PreparedState:
     # the caller's current stream); None when the state is on the CPU only.
     engine: CopyEngine | None = None
     marks: Any = None
+    number: int = 0  # which of its pool's saves it is
 
 
 class _Arena:
@@ -182,6 +185,10 @@ class StagingPool:
         self._closed = False
         self._layouts = LayoutCache()
         self.copy_engine = copy_engine
+        self._prepared = 0  # saves prepared so far
+        # What this rank wrote of the last save that committed: (its layout, its number,
+        # the tensors it wrote); see note_written().
+        self._written: tuple[Layout, int, frozenset[str]] | None = None
 
     @property
     def allocated_bytes(self) -> int:
@@ -208,6 +215,9 @@ class StagingPool:
         or :meth:`discard`.
         """
         layout, objs = self._layouts.plan(_resolve(state_dict))
+        with self._cond:
+            self._prepared += 1
+            number = self._prepared
         values = {
             fqn: _serialize(fqn, objs[i])
             for i, fqn in zip(layout.value_pos, layout.value_fqns, strict=True)
@@ -240,13 +250,15 @@ class StagingPool:
             values,
             engine,
             marks,
+            number,
         )
 
     def copy(self, prep: PreparedState) -> StagedState:
         """Copy a prepared state into its arena; on failure the arena is given back."""
+        skip = self._skip_for(prep)
         try:
             start = time.perf_counter()
-            staged = _copy(prep)
+            staged = _copy(prep, skip)
             staged.update(prep.values)
             value_bytes = sum(len(v.data) for v in prep.values.values())
             copy_s = time.perf_counter() - start
@@ -263,7 +275,27 @@ class StagingPool:
             copy_s,
             prep.wait_s,
             prep.layout,
+            prep.number,
+            skip,
         )
+
+    def note_written(self, staged: StagedState, written: frozenset[str]) -> None:
+        """The save of ``staged`` committed, and of its tensors this rank wrote
+        ``written`` (DCP gave the rest to ranks holding the same data: replicas under
+        DDP or HSDP). The next save, if it is the very next one and has the same layout,
+        stages only those: every rank then holds what it wrote last time, so all of it
+        is still held by someone. A rank for which it is not the very next one (the
+        save before it had not committed when it was copied) stages everything, which
+        is always safe. The coordinator checks it anyway (CkptStorageWriter)."""
+        if staged.layout is not None and not staged.layout.tied:
+            self._written = (staged.layout, staged.number, written)
+
+    def _skip_for(self, prep: PreparedState) -> frozenset[str]:
+        """The tensors of ``prep`` not to stage (see note_written)."""
+        last = self._written
+        if last is None or last[0] is not prep.layout or last[1] != prep.number - 1:
+            return frozenset()
+        return frozenset(f for f in prep.layout.tensor_fqns if f not in last[2])
 
     def discard(self, prep: PreparedState) -> None:
         """Give back the arena of a prepared state that will not be copied."""
@@ -357,8 +389,9 @@ def _resolve(state_dict: Any) -> dict[str, Any]:
     return resolve_stateful(state_dict)
 
 
-def _copy(prep: PreparedState) -> dict[str, Any]:
-    """Copy the tensors of ``prep`` into its arena; fqn -> staged tensor / DTensor.
+def _copy(prep: PreparedState, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Copy the tensors of ``prep`` (but those in ``skip``: only for layouts without
+    ties) into its arena; fqn -> staged tensor / DTensor.
 
     Returns once every byte is in the arena (the copy engine's ``complete``).
     """
@@ -375,16 +408,29 @@ def _copy(prep: PreparedState) -> dict[str, Any]:
     views = arena.views_for(layout)
     tied = len(layout.first) != len(sources)
     firsts = [sources[k] for k in layout.first] if tied else sources
+    dsts = arena.dsts
+    fqns = layout.tensor_fqns
+    if skip:
+        assert not tied, "skipping needs a layout without ties"
+        keep = [k for k, f in enumerate(fqns) if f not in skip]
+        firsts = [firsts[k] for k in keep]
+        dsts = [dsts[k] for k in keep]
+        fqns = tuple(fqns[k] for k in keep)
+        views = [views[k] for k in keep]
+        tensors = [tensors[k] for k in keep]
     with torch.no_grad():
         if prep.engine is not None:
-            prep.engine.complete(prep.engine.submit(arena.dsts, firsts, prep.marks))
+            prep.engine.complete(prep.engine.submit(dsts, firsts, prep.marks))
         elif firsts:
-            torch._foreach_copy_(arena.dsts, firsts)
-    staged: dict[str, Any] = dict(zip(layout.tensor_fqns, views, strict=True))
+            torch._foreach_copy_(dsts, firsts)
+    staged: dict[str, Any] = dict(zip(fqns, views, strict=True))
     if layout.is_dtensor is not None:
-        for fqn, t, view, d in zip(
-            layout.tensor_fqns, tensors, views, layout.is_dtensor, strict=True
-        ):
+        is_dtensor = layout.is_dtensor
+        if skip:
+            is_dtensor = tuple(
+                d for f, d in zip(layout.tensor_fqns, is_dtensor, strict=True) if f not in skip
+            )
+        for fqn, t, view, d in zip(fqns, tensors, views, is_dtensor, strict=True):
             if d:
                 staged[fqn] = DTensor(view, t._spec, requires_grad=False)  # type: ignore[no-untyped-call, call-arg]
     return staged
