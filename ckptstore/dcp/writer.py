@@ -236,23 +236,26 @@ class CkptStorageWriter(StorageWriter):
 
     def _check_skipped(self, plans: list[SavePlan]) -> None:
         """Ranks stage only what they wrote last time (StagingPool.note_written): check
-        that every tensor a rank skipped is still written by another, against the last
-        save's global plan; a save that would lose one fails instead."""
+        that every tensor a rank skipped is still written by another on its disk (all
+        the same disk but with node-local roots), against the last save's global plan;
+        a save that would lose one fails instead."""
         if self._cache is None:
             return
-        items: set[tuple[str, tuple[int, ...]]] = set()
+        items: set[tuple[str, str, tuple[int, ...]]] = set()
+        skipped: set[tuple[str, str]] = set()
         for p in plans:
+            disk = p.storage_data.disk
+            skipped.update((disk, fqn) for fqn in p.storage_data.skipped)
             for item in p.items:
                 members = self._packs.get(item.index.fqn)
                 if members is not None:
-                    items.update((m.fqn, ()) for m in members)
+                    items.update((disk, m.fqn, ()) for m in members)
                 else:
-                    items.add((item.index.fqn, tuple(item.index.offset or ())))
+                    items.add((disk, item.index.fqn, tuple(item.index.offset or ())))
         last, self._cache.items = self._cache.items, items
-        skipped = set().union(*(p.storage_data.skipped for p in plans))
         if not skipped or last is None:
             return
-        lost = sorted(k[0] for k in last - items if k[0] in skipped)
+        lost = sorted(k[1] for k in last - items if k[:2] in skipped)
         if lost:
             self._cache.items = None
             raise CkptStoreError(

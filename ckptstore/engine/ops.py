@@ -105,7 +105,7 @@ class SaveCache:
     packs: packs_mod.PackCache = field(default_factory=packs_mod.PackCache)
     metadata: md_format.MetadataCache = field(default_factory=md_format.MetadataCache)
     # The coordinator: what the last save's global plan held (see CkptStorageWriter)
-    items: set[tuple[str, tuple[int, ...]]] | None = None
+    items: set[tuple[str, str, tuple[int, ...]]] | None = None
 
 
 def save_staged(
