@@ -689,6 +689,17 @@ def scenario_replicas_stage_once(ckpts: str, rank: int, world: int) -> None:
 
     ck._staging.copy = spy
     state = replica_state(rank, world, 0)
+    from ckptstore.dcp import packs
+
+    planned = [0]  # how often the small tensors were grouped: once for the layout
+    plan = packs._plan
+
+    def counted(*args):
+        planned[0] += 1
+        return plan(*args)
+
+    packs._plan = counted
+    plans: list[int] = []
     for step in (1, 2, 3):
         fresh = replica_state(rank, world, step)  # new values, same layout: in place
         for k, v in fresh["model"].items():
@@ -696,6 +707,7 @@ def scenario_replicas_stage_once(ckpts: str, rank: int, world: int) -> None:
         state["sharded"].to_local().copy_(fresh["sharded"].to_local())
         state["replicated"].to_local().copy_(fresh["replicated"].to_local())
         ck.save_async(state, step).wait()
+        plans.append(planned[0])
     state["model"]["added"] = torch.ones(3)  # a new layout: everything staged again
     ck.save_async(state, 4).wait()
     # A rank that claims it wrote only its own shard: it skips every replicated tensor
@@ -712,7 +724,7 @@ def scenario_replicas_stage_once(ckpts: str, rank: int, world: int) -> None:
     ck.save_async(state, 6).wait()  # and the next one stages everything
     ck.close()
     with open(os.path.join(ckpts, f"seen-{rank}.json"), "w") as f:
-        json.dump({"seen": seen, "failed": failed}, f)
+        json.dump({"seen": seen, "failed": failed, "plans": plans}, f)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ def test_replicas_stage_only_what_they_write_and_every_save_is_whole(tmp_path):
         assert {f"model.big{i}" for i in range(6)} <= skipped  # all replicated ones
         assert {f"model.small{i}" for i in range(300)} <= skipped
         assert "replicated" in skipped
+    for r in range(2):  # skipping saves reuse the layout's packing plan
+        assert seen[r]["plans"] == [1, 1, 1], seen[r]["plans"]
     assert per_save[3] == ([], [])  # a new layout: everything again
     for r in range(2):
         assert "tensor(s) would be missing" in seen[r]["failed"], seen[r]["failed"]

@@ -101,6 +101,7 @@ def pack(
     arena: torch.Tensor | None = None,
     layout: Any = None,
     cache: PackCache | None = None,
+    skipped: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, Any], Packs]:
     """``flat`` with its small tensors replaced by packs (or unchanged, with no packs,
     when it has fewer than :data:`PACK_FROM` of them), and the packs' members.
@@ -109,17 +110,27 @@ def pack(
     lie in it one after the other (apart from alignment gaps, which stay zero) is a view
     of it, not a copy. ``layout`` and ``cache``: the staged layout ``flat`` was made
     with (its identity is the key) and where the plan of the last one is kept.
+    ``skipped``: the layout's tensors left out of ``flat`` (another rank writes them):
+    the last plan of the layout still applies, less the groups left out whole; a group
+    left out in part is packed anew from what is left.
     """
     plan = cache.plan if cache is not None else None
     if plan is None or layout is None or arena is None or plan.key is not layout:
         plan = _plan(flat, mappings, arena)
-        if cache is not None and layout is not None and arena is not None:
+        if cache is not None and layout is not None and arena is not None and not skipped:
             cache.plan = plan = plan._replace(key=layout)
+        skipped = frozenset()  # a plan of flat itself
     if not plan.groups:
         return flat, {}
-    out = {k: flat[k] for k in plan.rest}
+    out = {k: flat[k] for k in plan.rest if k not in skipped}
     packs: Packs = {}
     for group in plan.groups:
+        if skipped:
+            kept = [m.fqn for m in group.members if m.fqn not in skipped]
+            if not kept:
+                continue
+            if len(kept) < len(group.members):
+                group = _group(kept, [flat[f] for f in kept], None, {})
         span, probe = group.span, group.probe
         if (
             arena is not None
@@ -163,31 +174,39 @@ def _plan(flat: dict[str, Any], mappings: Mapping[str, Any], arena: torch.Tensor
         size += nbytes
     packed = set(small)
     names_of: dict[torch.dtype, str] = {}
-    made: list[_Group] = []
-    for names in groups:
-        tensors = [flat[fqn] for fqn in names]
-        placed = _place(tensors, arena)
-        span, probe, where = None, None, None
-        if placed is not None:
-            start, end, where = placed
-            span = (start, end)
-            first = next(f for f, t in zip(names, tensors, strict=True) if t.nbytes)
-            probe = (first, start)  # the first member with bytes starts the span
-        members: list[Member] = []
-        key: list[str] = []
-        offset = 0
-        for k, (fqn, t) in enumerate(zip(names, tensors, strict=True)):
-            shape = tuple(t.shape)
-            if where is not None:
-                offset = where[k]
-            members.append(Member(fqn, t.dtype, shape, offset, t.nbytes))
-            dname = names_of.get(t.dtype) or names_of.setdefault(t.dtype, dtype_name(t.dtype))
-            key.append(f"{fqn}\0{dname}\0{shape}\0{offset}")
-            offset += t.nbytes
-        name = f"{PACK_PREFIX}{xxhash.xxh3_64_hexdigest(chr(10).join(key).encode())}"
-        made.append(_Group(name, tuple(members), span, probe))
+    made = [_group(names, [flat[fqn] for fqn in names], arena, names_of) for names in groups]
     rest = tuple(k for k in flat if k not in packed)
     return _Plan(None, rest, tuple(made))
+
+
+def _group(
+    names: list[str],
+    tensors: list[torch.Tensor],
+    arena: torch.Tensor | None,
+    names_of: dict[torch.dtype, str],
+) -> _Group:
+    """The pack of ``tensors`` (named ``names``): a view of ``arena`` where they lie in
+    it in order, else copied one after another."""
+    placed = _place(tensors, arena)
+    span, probe, where = None, None, None
+    if placed is not None:
+        start, end, where = placed
+        span = (start, end)
+        first = next(f for f, t in zip(names, tensors, strict=True) if t.nbytes)
+        probe = (first, start)  # the first member with bytes starts the span
+    members: list[Member] = []
+    key: list[str] = []
+    offset = 0
+    for k, (fqn, t) in enumerate(zip(names, tensors, strict=True)):
+        shape = tuple(t.shape)
+        if where is not None:
+            offset = where[k]
+        members.append(Member(fqn, t.dtype, shape, offset, t.nbytes))
+        dname = names_of.get(t.dtype) or names_of.setdefault(t.dtype, dtype_name(t.dtype))
+        key.append(f"{fqn}\0{dname}\0{shape}\0{offset}")
+        offset += t.nbytes
+    name = f"{PACK_PREFIX}{xxhash.xxh3_64_hexdigest(chr(10).join(key).encode())}"
+    return _Group(name, tuple(members), span, probe)
 
 
 def _place(

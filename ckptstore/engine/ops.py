@@ -130,8 +130,9 @@ def save_staged(
         staged.flat,
         staged.mappings,
         arena=staged.arena.buffer if staged.arena is not None else None,
-        layout=staged.layout if not staged.skipped else None,
+        layout=staged.layout,
         cache=cache.packs if cache is not None else None,
+        skipped=staged.skipped,
     )
     writer = CkptStorageWriter(
         backend,
