@@ -727,6 +727,43 @@ def scenario_replicas_stage_once(ckpts: str, rank: int, world: int) -> None:
         json.dump({"seen": seen, "failed": failed, "plans": plans}, f)
 
 
+def two_pack_state(step: int) -> dict[str, object]:
+    """Two top-level keys of 200 small tensors each: two packs, one per rank after
+    DCP's dedup, and fewer than PACK_FROM small tensors on each rank once it skips."""
+    g = torch.Generator().manual_seed(step)
+    return {
+        top: {f"t{i}": torch.randn(1 + i % 7, generator=g) for i in range(200)}
+        for top in ("a", "b")
+    }
+
+
+def scenario_replicas_two_packs(ckpts: str, rank: int, world: int) -> None:
+    import json
+
+    ck = ckptstore.Checkpointer(ckpts, codec="none", process_group=dist.group.WORLD)
+    seen: list[int] = []
+    copy = ck._staging.copy
+
+    def spy(prep):
+        staged = copy(prep)
+        seen.append(len(staged.skipped))
+        return staged
+
+    ck._staging.copy = spy
+    # No packing plan kept between saves (as when another layout's replaced it): a
+    # rank that skips then has too few small tensors to pack and writes them singly.
+    ck._save_cache.packs = None
+    state = two_pack_state(0)
+    for step in (1, 2, 3, 4):
+        for top, tensors in two_pack_state(step).items():
+            for k, v in tensors.items():
+                state[top][k].copy_(v)
+        ck.save_async(state, step).wait()
+    ck.close()
+    with open(os.path.join(ckpts, f"seen-{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)

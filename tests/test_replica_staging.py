@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import torch
-from dist_worker import replica_state
+from dist_worker import replica_state, two_pack_state
 from test_distributed import run_ranks
 
 import ckptstore
@@ -68,3 +68,21 @@ def _full(step: int) -> dict:
 
 
 assert replica_state  # the worker's state, mirrored by _full
+
+
+def test_a_rank_that_packs_no_longer_after_skipping_still_saves(tmp_path):
+    """Two packs, one written by each rank; skipping leaves each rank fewer small tensors
+    than it takes to pack, so it writes them one by one: the coordinator's check must
+    see them as the same tensors (a review found every second save failing here)."""
+    run_ranks("replicas_two_packs", str(tmp_path), 2)
+    ckpts = tmp_path / "ckpts"
+    seen = [json.loads((ckpts / f"seen-{r}.json").read_text()) for r in range(2)]
+    assert seen[0][0] == seen[1][0] == 0
+    assert all(n > 0 for n in seen[0][1:] + seen[1][1:]), seen
+    for step in (1, 2, 3, 4):
+        want = two_pack_state(step)
+        got = {top: {k: torch.zeros_like(v) for k, v in t.items()} for top, t in want.items()}
+        ckptstore.load(got, ckpts / f"step_{step:08d}")
+        for top, tensors in want.items():
+            for k, v in tensors.items():
+                assert torch.equal(got[top][k], v), (step, top, k)

@@ -249,7 +249,9 @@ class CkptStorageWriter(StorageWriter):
             for item in p.items:
                 members = self._packs.get(item.index.fqn)
                 if members is not None:
-                    items.update((disk, m.fqn, ()) for m in members)
+                    # as the member's own item would be keyed (a rank packs only from
+                    # PACK_FROM small tensors: after skipping, it may not pack them)
+                    items.update((disk, m.fqn, (0,) * len(m.shape)) for m in members)
                 else:
                     items.add((disk, item.index.fqn, tuple(item.index.offset or ())))
         last, self._cache.items = self._cache.items, items
