@@ -1,6 +1,7 @@
 """Rank 0's serial work per save at N ranks, from synthetic plans (no ranks are run).
 
     python benchmarks/bench_rank0.py [--ranks 8,64,256] [--layers 80] [--out DIR]
+    python benchmarks/bench_rank0.py --reuse [--ranks 8,64,256,1000] [--layers 8]
 
 Every rank holds an FSDP shard (dim 0) of each parameter of a Llama-70B-shaped model
 (``--layers`` x 9 matrices and norms; model, AdamW exp_avg and exp_avg_sq: 3 items per
@@ -11,11 +12,20 @@ ckptstore's per-disk dedup when the ranks' roots are node-local), the writer's
 of that ``.metadata``. Figures for 1,000 and 10,000 ranks are extrapolated from the
 largest N measured (linear in items for pickling; DCP's planner is worse than linear
 when shards overlap, see issue 17), and marked so. JSON in --out.
+
+``--reuse``: the coordinator's steps of a save through ckptstore's real code
+(``dcp.driver``'s global and finish steps: ``PlanCache``, ``CkptStorageWriter`` on a
+local root in a temp directory, ``.metadata`` and manifest written and committed),
+for the first save of a layout and for the saves after it, which reuse its plans; and
+the bytes rank 0 receives and sends in each save's object collectives (what gloo's
+object gather/scatter pickle; the last step broadcasts only the outcome). The other
+ranks' share (their local plans, their writes) is not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -76,10 +86,114 @@ def plans(ranks: int, layers: int, disks: int) -> list[SavePlan]:
             SavePlan(
                 items,
                 storage_data=_RankPlan("step_00000001", {}, f"disk{r * disks // ranks}"),
-                planner_data={},
+                planner_data={it.index.fqn: tuple(it.index.fqn.split(".")) for it in items},
             )
         )
     return out
+
+
+def reuse_rows(n: int, layers: int, saves: int) -> list[dict[str, object]]:
+    """The coordinator's work and traffic in ``saves`` saves at ``n`` ranks (--reuse)."""
+    import pickle
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    from ckptstore.codecs import get_codec
+    from ckptstore.dcp.plancache import PlanCache, Steady, Written
+    from ckptstore.dcp.writer import CkptStorageWriter, SaveSpec
+    from ckptstore.engine.ops import SaveCache
+    from ckptstore.storage.local import LocalBackend
+
+    full = plans(n, layers, 1)
+    cache = SaveCache()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
+        backend = LocalBackend(tmp, create=True)
+        plan_cache: PlanCache = cache.plans
+        for k in range(saves):
+            name = f"step_{k + 1:08d}"
+            writer = CkptStorageWriter(
+                backend,
+                name,
+                SaveSpec(codec=get_codec("none"), step=k + 1),
+                pool=pool,
+                world_size=n,
+                md_cache=cache.metadata,
+                cache=cache,
+            )
+            writer.set_up_storage_writer(True, rank=0)
+            mine = [
+                dataclasses.replace(p, storage_data=dataclasses.replace(p.storage_data, name=name))
+                for p in full
+            ]
+            t0 = time.perf_counter()
+            sent = [plan_cache.local_plan(mine[0])]
+            sent += [
+                SavePlan([], storage_data=Steady(name, plan_cache.gen)) if plan_cache.gen else p
+                for p in mine[1:]
+            ]
+            expanded, steady = plan_cache.expand(sent)
+            if steady:
+                global_plan, metadata = plan_cache.cached_global_plan(expanded)
+            else:
+                global_plan, metadata = StagedSavePlanner({}).create_global_plan(expanded)
+            plan_cache.note_global(expanded, global_plan, metadata)
+            central = writer.prepare_global_plan(
+                global_plan, gen=plan_cache.new_gen(steady), steady=steady
+            )
+            plan_s = time.perf_counter() - t0
+            # every rank's write results (not timed: the ranks' own work), then finish
+            gathered: list[object] = []
+            for r, plan in enumerate(central):
+                file = f"__{r}_0.distcp"
+                shard = {"size_bytes": 1 << 30, "xxh3_64": f"{r:016x}", "raw_bytes": 1 << 30}
+                if plan.storage_data.cached:
+                    gathered.append(Written(file, shard))
+                else:
+                    gathered.append(
+                        [
+                            WriteResult(
+                                index=item.index,
+                                size_in_bytes=1,
+                                storage_data={
+                                    "file": file,
+                                    "item": i,
+                                    **({"shard": shard} if i == 0 else {}),
+                                },
+                            )
+                            for i, item in enumerate(plan.items)
+                        ]
+                    )
+            plan_cache.final_plan(central[0])
+            t0 = time.perf_counter()
+            writer.finish_outcome(metadata, plan_cache.outcome(gathered))
+            plan_cache.commit()
+            finish_s = time.perf_counter() - t0
+            received = sum(len(pickle.dumps(x)) for x in sent) + sum(
+                len(pickle.dumps(x)) for x in gathered
+            )
+            sent_bytes = sum(len(pickle.dumps(x)) for x in central)
+            row = {
+                "ranks": n,
+                "layers": layers,
+                "save": k + 1,
+                "reused": steady,
+                "items": sum(len(p.items) for p in global_plan),
+                "plan_s": round(plan_s, 4),
+                "finish_s": round(finish_s, 4),
+                "serial_s": round(plan_s + finish_s, 4),
+                "received_bytes": received,
+                "sent_bytes": sent_bytes,
+            }
+            rows.append(row)
+            print(
+                f"{n:6} ranks, save {k + 1} ({'plans reused' if steady else 'planned':12}): "
+                f"plan {plan_s:8.3f} s, finish {finish_s:7.3f} s; rank 0 receives "
+                f"{received / 2**20:8.2f} MiB, sends {sent_bytes / 2**20:8.2f} MiB"
+            )
+    return rows
 
 
 def main() -> None:
@@ -87,8 +201,15 @@ def main() -> None:
     ap.add_argument("--ranks", default="8,64,256")
     ap.add_argument("--layers", type=int, default=80)
     ap.add_argument("--out", default="benchmarks/results/issue17-rank0")
+    ap.add_argument("--reuse", action="store_true", help="first save vs saves that reuse its plans")
+    ap.add_argument("--saves", type=int, default=3, help="with --reuse: saves per N")
     args = ap.parse_args()
     rows = []
+    if args.reuse:
+        for n in (int(x) for x in args.ranks.split(",")):
+            rows += reuse_rows(n, args.layers, args.saves)
+        write_json(args.out, "reuse", {"layers": args.layers, "rows": rows})
+        return
     for n in (int(x) for x in args.ranks.split(",")):
         for disks in sorted({1, max(1, n // 8)}):
             all_plans = plans(n, args.layers, disks)

@@ -16,10 +16,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from ranks_ab import add_rank_args, join, rounds, save_rows
 
 
 def rank_main(args: argparse.Namespace) -> None:
@@ -29,10 +31,7 @@ def rank_main(args: argparse.Namespace) -> None:
     import ckptstore
     from ckptstore.engine import stager
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{args.workdir}/store", rank=args.rank, world_size=args.ranks
-    )
+    join(args)
     if args.mode == "off":
         stager.StagingPool._skip_for = lambda self, prep: frozenset()  # type: ignore[method-assign]
     g = torch.Generator().manual_seed(0)
@@ -62,49 +61,28 @@ def main() -> None:
     ap.add_argument("--saves", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="bench-results")
-    ap.add_argument("--rank", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--mode", help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    add_rank_args(ap)
     args = ap.parse_args()
     if args.rank is not None:
         rank_main(args)
         return
     rows = []
-    for rnd in range(args.rounds):
-        for mode in ("off", "on"):
-            with tempfile.TemporaryDirectory() as work:
-                procs = [
-                    subprocess.Popen(
-                        [sys.executable, __file__, *sys.argv[1:], "--rank", str(r),
-                         "--mode", mode, "--workdir", work],
-                        stdout=subprocess.PIPE,
-                        text=True,
-                    )
-                    for r in range(args.ranks)
-                ]  # fmt: skip
-                outs = [p.communicate()[0] for p in procs]
-                if any(p.returncode for p in procs):
-                    sys.exit(f"a rank failed in round {rnd + 1}, mode {mode}")
-            for out in outs:
-                got = json.loads(out.strip().splitlines()[-1])
-                row = {
-                    "round": rnd + 1,
-                    "mode": mode,
-                    "rank": got["rank"],
-                    "stall_s": statistics.median(got["stall_s"][1:]),
-                    "durable_s": statistics.median(got["durable_s"][1:]),
-                }
-                rows.append(row)
-                print(
-                    f"round {row['round']} skip {mode:3} rank {row['rank']}: stall "
-                    f"{row['stall_s']:.4f} s, durable {row['durable_s']:.4f} s",
-                    flush=True,
-                )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"replicas-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump({"command": " ".join(["python", *sys.argv]), "rows": rows}, f, indent=1)
-    print(f"results: {path}")
+    for rnd, mode, ranks in rounds(__file__, args.ranks, ("off", "on"), args.rounds):
+        for got in ranks:
+            row = {
+                "round": rnd,
+                "mode": mode,
+                "rank": got["rank"],
+                "stall_s": statistics.median(got["stall_s"][1:]),
+                "durable_s": statistics.median(got["durable_s"][1:]),
+            }
+            rows.append(row)
+            print(
+                f"round {row['round']} skip {mode:3} rank {row['rank']}: stall "
+                f"{row['stall_s']:.4f} s, durable {row['durable_s']:.4f} s",
+                flush=True,
+            )
+    save_rows(args.out, "replicas", rows)
 
 
 if __name__ == "__main__":

@@ -764,6 +764,97 @@ def scenario_replicas_two_packs(ckpts: str, rank: int, world: int) -> None:
         json.dump(seen, f)
 
 
+def _scaled(state: dict[str, object], factor: float) -> None:
+    """Every tensor of ``state`` (a node_local_state) times ``factor``, in place."""
+    from torch.distributed.tensor import DTensor
+
+    def walk(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, DTensor):
+            v.to_local().mul_(factor)
+        elif isinstance(v, torch.Tensor):
+            v.mul_(factor)
+
+    walk(state)
+
+
+def scenario_plan_cache(ckpts: str, rank: int, world: int) -> None:
+    """Issue 17: a save after the first of a layout reuses DCP's plans (on one shared
+    root and on node-local roots); a layout change, a failed save and a rank whose
+    cache is out of step plan again. Reports per save: plans reused so far, failures."""
+    import json
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    report: dict[str, object] = {}
+    for kind in ("shared", "local"):
+        root = os.path.join(ckpts, kind if kind == "shared" else f"local{rank}")
+        ck = ckptstore.Checkpointer(root, codec="zstd", process_group=dist.group.WORLD)
+        cache = ck._save_cache.plans
+        state = node_local_state(rank, mesh)
+        reused: list[int] = []
+        failed: list[str] = []
+
+        def save(step: int, state=state, ck=ck, cache=cache, reused=reused, failed=failed):
+            try:
+                ck.save_async(state, step).wait()
+            except ckptstore.errors.CkptStoreError as exc:
+                failed.append(f"{step}: {exc}")
+            reused.append(cache.reused)
+
+        for step in (1, 2, 3, 4):
+            if step > 1:
+                _scaled(state, 2.0)  # new values, same layout
+            save(step)
+        state["per_rank"]["extra"] = torch.ones(2)  # a new layout
+        save(5)
+        save(6)
+        if rank == 0:
+            cache.drop()  # the coordinator forgot: the others' plans refer to nothing
+        save(7)
+        save(8)  # after a failure: planned from scratch
+        save(9)
+        if rank == 1:
+            cache.drop()  # a rank forgot: it sends its whole plan, the others not
+        save(10)
+        save(11)
+        # 12: rank 1 cannot stage (a value DCP cannot save): it enters the save only to
+        # fail it, and its plans must be dropped like everyone's, or 13 would fail too
+        if rank == 1:
+            import numpy as np
+
+            bad = dict(state, bad=np.zeros(3))
+            try:
+                ck.save_async(bad, 12).wait()
+            except ckptstore.errors.CkptStoreError as exc:
+                failed.append(f"12: {exc}")
+            reused.append(cache.reused)
+        else:
+            save(12)
+        save(13)
+        save(14)
+        assert ck.verify(14) == []
+        report[kind] = {"reused": reused, "failed": failed, "saves": cache.saves}
+        # every checkpoint of the first layout holds its step's values
+        for step in (1, 4):
+            target = node_local_zeros(rank, mesh)
+            ck.load(target, step=step)
+            want = node_local_state(rank, mesh)
+            _scaled(want, 2.0 ** (step - 1))
+            for top in ("model", "small", "per_rank"):
+                for k, v in want[top].items():
+                    a, b = target[top][k], v
+                    if top == "model":
+                        a, b = a.full_tensor(), b.full_tensor()
+                    assert torch.equal(a, b), (kind, step, top, k)
+        ck.close()
+    with open(os.path.join(ckpts, f"plans-{rank}.json"), "w") as f:
+        json.dump(report, f)
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)

@@ -1,10 +1,11 @@
 """The two DCP entry points ckptstore drives, and the translation of DCP's failures.
 
-We call ``_save_state_dict`` / ``_load_state_dict`` (what ``dcp.save`` / ``dcp.load``
-wrap) rather than the public functions because the public ones warn on every call
-without a process group (our single-process mode) and would pick a storage layer from
-``checkpoint_id``; everything else (planning, collectives, dedup, resharding) is the
-same code. Their signatures have been stable since torch 2.2; keyword arguments only.
+Loads call ``_load_state_dict`` (what ``dcp.load`` wraps) rather than the public
+function, which warns on every call without a process group (our single-process mode)
+and would pick a storage layer from ``checkpoint_id``; everything else (planning,
+collectives, resharding) is the same code; its signature has been stable since torch
+2.2, keyword arguments only. Saves run DCP's steps here (:func:`save`), through DCP's
+own ``_DistWrapper``, so that plans can be reused while the state's layout holds.
 
 DCP reports failures as ``CheckpointException``, a ``BaseException`` (``except
 Exception`` misses it) holding one wrapped exception per failed rank. We re-raise the
@@ -18,30 +19,70 @@ from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import LoadPlanner, SavePlanner
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadPlanner, SavePlan, SavePlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
-from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.distributed.checkpoint.utils import _DistWrapper
 
+from ckptstore.dcp.plancache import PlanCache
+from ckptstore.dcp.writer import CkptStorageWriter
 from ckptstore.errors import CkptStoreError
 
 
 def save(
     state_dict: dict[str, Any],
-    writer: StorageWriter,
+    writer: CkptStorageWriter,
     planner: SavePlanner,
     process_group: dist.ProcessGroup | None,
+    plans: PlanCache | None = None,
 ) -> None:
-    try:
-        _save_state_dict(
+    """DCP's save (``_save_state_dict``: the same steps, collectives and planner calls),
+    with two changes: plans are reused while the layout holds (``plans``: see
+    :mod:`ckptstore.dcp.plancache`), and the last step broadcasts only the outcome,
+    not the whole metadata (DCP returns it; ckptstore does not use it)."""
+    dist_w = _DistWrapper(process_group, process_group is not None, 0)
+    cache = plans if plans is not None else PlanCache()
+    metadata: Metadata | None = None
+
+    def local_step() -> SavePlan:
+        planner.set_up_planner(
             state_dict=state_dict,
-            storage_writer=writer,
-            process_group=process_group,
-            no_dist=process_group is None,
-            planner=planner,
+            storage_meta=writer.storage_meta(),
+            is_coordinator=dist_w.is_coordinator,
         )
-    except CheckpointException as exc:
-        raise _unwrap(exc, "save", process_group) from None
+        writer.set_up_storage_writer(dist_w.is_coordinator, rank=dist_w.rank)
+        return cache.local_plan(writer.prepare_local_plan(planner.create_local_plan()))
+
+    def global_step(sent: list[SavePlan]) -> list[SavePlan]:
+        nonlocal metadata
+        full, steady = cache.expand(sent)
+        if steady:
+            global_plan, metadata = cache.cached_global_plan(full)
+        else:
+            global_plan, metadata = planner.create_global_plan(full)
+        cache.note_global(full, global_plan, metadata)
+        return writer.prepare_global_plan(global_plan, gen=cache.new_gen(steady), steady=steady)
+
+    def write_step() -> Any:
+        final = planner.finish_plan(cache.final_plan(central))
+        results = writer.write_data(final, planner)
+        results.wait()
+        return cache.written(central, results.value())
+
+    def finish_step(gathered: list[Any]) -> None:
+        assert metadata is not None
+        writer.finish_outcome(metadata, cache.outcome(gathered))
+
+    try:
+        central: SavePlan = dist_w.reduce_scatter("plan", local_step, global_step)
+        dist_w.all_reduce("write", write_step, finish_step)
+    except BaseException as exc:
+        cache.drop()  # on every rank: DCP's steps fail on all of them together
+        if isinstance(exc, CheckpointException):
+            raise _unwrap(exc, "save", process_group) from None
+        raise
+    cache.commit()
 
 
 def load(

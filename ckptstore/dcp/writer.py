@@ -42,6 +42,7 @@ from torch.futures import Future
 from ckptstore.codecs import Codec
 from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp import packs as packs_mod
+from ckptstore.dcp.plancache import Fact, Outcome
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import FileEntry, Manifest, Part
@@ -96,6 +97,8 @@ class _ShardPlan:
     join: bool = False  # on a disk the coordinator's root is not on: join_part()
     commits: str | None = None  # the name this rank commits its disk's part as
     parts: bool = False  # the ranks write to several disks: commit_parts follows
+    gen: str = ""  # the generation of the plans (dcp.plancache)
+    cached: bool = False  # the items left out: the rank's cached final plan has them
 
 
 def item_key(index: Any) -> str:
@@ -191,7 +194,11 @@ class CkptStorageWriter(StorageWriter):
             plan, storage_data=_RankPlan(self._name, self._packs, self._disk, self._skipped)
         )
 
-    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+    def prepare_global_plan(
+        self, plans: list[SavePlan], gen: str = "", steady: bool = False
+    ) -> list[SavePlan]:
+        """``steady``: ``plans`` are those of the last save (dcp.plancache), whose
+        checks passed; each rank is sent only its storage plan."""
         names = [
             p.storage_data.name if isinstance(p.storage_data, _RankPlan) else None for p in plans
         ]
@@ -205,7 +212,8 @@ class CkptStorageWriter(StorageWriter):
         for p in plans:
             merged.update(p.storage_data.packs)
         self._packs = merged
-        self._check_skipped(plans)
+        if not steady:
+            self._check_skipped(plans)
         if self._world_size is None:
             self._world_size = len(plans)
         self._disks = disks = [p.storage_data.disk for p in plans]
@@ -223,12 +231,16 @@ class CkptStorageWriter(StorageWriter):
         return [
             dataclasses.replace(
                 plan,
+                items=[] if steady else plan.items,
+                planner_data=None if steady else plan.planner_data,
                 storage_data=_ShardPlan(
                     token,
                     f"__{rank}_",
                     join=disks[rank] != disks[0],
                     commits=self._written if rank in self.committers else None,
                     parts=self.node_local,
+                    gen=gen,
+                    cached=steady,
                 ),
             )
             for rank, plan in enumerate(plans)
@@ -348,12 +360,17 @@ class CkptStorageWriter(StorageWriter):
         return results
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        self.finish_outcome(metadata, Outcome.of(results))
+
+    def finish_outcome(self, metadata: Metadata, results: Outcome) -> None:
+        """``finish``, given the ranks' results as :class:`Outcome` (cheap when the
+        plans were reused: dcp.plancache)."""
         assert self._pending is not None, "finish() before prepare_global_plan()"
         metadata.storage_meta = StorageMeta(checkpoint_id=self._name, save_id=self._save_id)
         if hasattr(metadata, "version"):
             metadata.version = _DCP_VERSION
         if not self.node_local:
-            _, manifest = self._describe(metadata, results, range(len(results)))
+            _, manifest = self._describe(metadata, results, range(len(results.facts)))
             self._pending.commit(manifest)
             self._committed = True
             if self._spec.overwrite:
@@ -362,7 +379,7 @@ class CkptStorageWriter(StorageWriter):
         # Node-local disks: one part per disk, each pointing at its own ranks' copies of
         # what several ranks wrote; committed by the engine once DCP returns.
         for disk in dict.fromkeys(self._disks):
-            ranks = range(len(results))
+            ranks = range(len(results.facts))
             mine = [r for r in ranks if self._disks[r] == disk]
             others = [r for r in ranks if self._disks[r] != disk]
             self.parts[disk] = self._describe(metadata, results, mine, others, disk)
@@ -370,7 +387,7 @@ class CkptStorageWriter(StorageWriter):
     def _describe(
         self,
         metadata: Metadata,
-        results: list[list[WriteResult]],
+        results: Outcome,
         ranks: Any,
         others: Any = (),
         disk: str | None = None,
@@ -378,9 +395,9 @@ class CkptStorageWriter(StorageWriter):
         """The ``.metadata`` (written now) and the manifest of the files ``ranks`` wrote;
         ``others``' shards, on other disks, listed as the part's ``elsewhere``."""
         assert self._pending is not None
-        elsewhere, storage_md, _ = _collect(results, others)
-        files, mine, raw_bytes = _collect(results, ranks)
-        storage_md.update(mine)  # what both wrote: this disk's copy
+        elsewhere, _ = _files(results.facts, others)
+        files, raw_bytes = _files(results.facts, ranks)
+        storage_md = results.storage(tuple(ranks), tuple(others))
 
         def make() -> Metadata:
             md = dataclasses.replace(
@@ -464,19 +481,14 @@ class CkptStorageWriter(StorageWriter):
             part.release()
 
 
-def _collect(
-    results: list[list[WriteResult]], ranks: Any
-) -> tuple[dict[str, FileEntry], dict[Any, Any], int]:
-    """The shard files ``ranks`` wrote, where each of their items is, and their raw bytes."""
+def _files(facts: list[Fact], ranks: Any) -> tuple[dict[str, FileEntry], int]:
+    """The shard files ``ranks`` wrote, and their raw bytes."""
     files: dict[str, FileEntry] = {}
-    storage_md: dict[Any, Any] = {}
     raw_bytes = 0
     for rank in ranks:
-        for wr in results[rank]:
-            storage = dict(wr.storage_data)
-            shard = storage.pop("shard", None)
-            if shard is not None:
-                files[storage["file"]] = FileEntry("shard", shard["size_bytes"], shard["xxh3_64"])
-                raw_bytes += shard["raw_bytes"]
-            storage_md[wr.index] = md_format.StoredItem(storage)
-    return files, storage_md, raw_bytes
+        fact = facts[rank]
+        if fact is not None:
+            name, shard = fact
+            files[name] = FileEntry("shard", shard["size_bytes"], shard["xxh3_64"])
+            raw_bytes += shard["raw_bytes"]
+    return files, raw_bytes

@@ -382,6 +382,7 @@ class Checkpointer:
                         pool=self._pool,
                         group=self._group,
                         failure=f"{type(exc).__name__}: {exc}",
+                        cache=self._save_cache,  # its plans are dropped, as on every rank
                     )
         finally:
             if record:

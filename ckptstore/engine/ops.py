@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from ckptstore.dcp import driver
 from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp import packs as packs_mod
+from ckptstore.dcp.plancache import PlanCache
 from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
 from ckptstore.dcp.writer import CkptStorageWriter, SaveSpec
@@ -100,9 +101,10 @@ def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) ->
 @dataclass
 class SaveCache:
     """What one checkpointer's saves reuse while the state's layout holds: how its small
-    tensors are packed, and the pickled ``.metadata``."""
+    tensors are packed, DCP's plans, and the pickled ``.metadata``."""
 
     packs: packs_mod.PackCache = field(default_factory=packs_mod.PackCache)
+    plans: PlanCache = field(default_factory=PlanCache)
     metadata: md_format.MetadataCache = field(default_factory=md_format.MetadataCache)
     # The coordinator: what the last save's global plan held (see CkptStorageWriter)
     items: set[tuple[str, str, tuple[int, ...]]] | None = None
@@ -148,7 +150,8 @@ def save_staged(
         cache=cache,
     )
     try:
-        driver.save(flat, writer, StagedSavePlanner(staged.mappings), group)
+        planner = StagedSavePlanner(staged.mappings)
+        driver.save(flat, writer, planner, group, cache.plans if cache is not None else None)
     except BaseException:
         writer.abort()
         raise

@@ -1,0 +1,142 @@
+"""Issue 17: saves after the first of a layout reuse DCP's plans (``dcp.plancache``):
+the ranks send a generation instead of their plans and results, the coordinator reuses
+the global plan, the metadata and the item table. Each checkpoint must still be exactly
+what a save planned from scratch writes."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from test_distributed import run_ranks
+
+import ckptstore
+from ckptstore.dcp import metadata as md_format
+from ckptstore.dcp.plancache import PlanCache
+
+
+def _state(step: int) -> dict[str, object]:
+    g = torch.Generator().manual_seed(step)
+    return {
+        "model": {f"w{i}": torch.randn(64, 8, generator=g) for i in range(4)},
+        "small": {f"b{i}": torch.randn(3, generator=g) for i in range(200)},  # packed
+        "step": step,
+    }
+
+
+def _metadata(root, step: int):
+    ckpt = root / f"step_{step:08d}"
+    return md_format.loads((ckpt / ".metadata").read_bytes(), str(ckpt))
+
+
+def test_one_process_reuses_the_plan_and_writes_what_a_fresh_plan_writes(tmp_path):
+    with ckptstore.Checkpointer(tmp_path / "cached", codec="zstd") as ck:
+        cache: PlanCache = ck._save_cache.plans
+        for step in (1, 2, 3):
+            ck.save(_state(step), step)
+        assert (cache.saves, cache.reused) == (3, 2)
+        grown = _state(4)
+        grown["model"]["w9"] = torch.ones(2)  # a new layout: planned again
+        ck.save(grown, 4)
+        ck.save(grown, 5)
+        assert (cache.saves, cache.reused) == (5, 3)
+        assert ck.verify(3) == [] and ck.verify(5) == []
+    fresh = tmp_path / "fresh"
+    for step in (3, 5):  # the same states saved by one-shot saves (no cache)
+        ckptstore.save(_state(3) if step == 3 else grown, fresh / f"step_{step:08d}", codec="zstd")
+    for step in (3, 5):
+        a, b = _metadata(tmp_path / "cached", step), _metadata(fresh, step)
+        assert a.state_dict_metadata == b.state_dict_metadata
+        assert a.planner_data == b.planner_data
+        assert a.storage_data == b.storage_data
+    for step in (1, 3):
+        got = {"model": {k: torch.zeros_like(v) for k, v in _state(step)["model"].items()}}
+        got["small"] = {k: torch.zeros_like(v) for k, v in _state(step)["small"].items()}
+        got["step"] = 0
+        ckptstore.load(got, tmp_path / "cached" / f"step_{step:08d}")
+        want = _state(step)
+        for top in ("model", "small"):
+            for k, v in want[top].items():
+                assert torch.equal(got[top][k], v), (step, k)
+        assert got["step"] == step
+
+
+def test_a_failed_save_empties_the_cache(tmp_path):
+    with ckptstore.Checkpointer(tmp_path, codec="none") as ck:
+        cache: PlanCache = ck._save_cache.plans
+        ck.save(_state(1), 1)
+        ck.save(_state(2), 2)
+        assert cache.reused == 1
+        try:
+            ck.save(_state(3), 2)  # a step that exists: refused by the commit
+        except ckptstore.errors.CkptStoreError:
+            pass
+        else:
+            raise AssertionError("saving step 2 twice should fail")
+        assert cache.gen is None  # forgotten: the next save plans from scratch
+        ck.save(_state(3), 3)
+        ck.save(_state(4), 4)
+        assert (cache.saves, cache.reused) == (4, 2)
+        assert ck.verify(4) == []
+
+
+def test_ranks_reuse_plans_on_shared_and_node_local_roots(tmp_path):
+    run_ranks("plan_cache", str(tmp_path), 2)
+    ckpts = tmp_path / "ckpts"
+    reports = [json.loads((ckpts / f"plans-{r}.json").read_text()) for r in range(2)]
+    # Per save, the plans reused so far. Shared root: save 2 stages less than save 1
+    # (replicas skip what another rank wrote: issue 18), so its plan differs; 3 and 4
+    # reuse. Node-local roots: each rank writes its own copy, nothing is skipped, so 2
+    # reuses already. Save 5 changes the layout; 7 fails (the coordinator forgot its
+    # plans while the other rank sent a reference to them); 8 plans from scratch; at 10
+    # rank 1 forgot and sends its whole plan: planned again, no failure; 11 reuses.
+    # 12: rank 1 cannot stage, the save fails on both; 13 plans from scratch (not "out
+    # of step"), 14 reuses (node-local) or plans once more (shared: replicas skip again).
+    want = {
+        "shared": [0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3],
+        "local": [0, 1, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6, 6, 7],
+    }
+    for report in reports:
+        for kind in ("shared", "local"):
+            got = report[kind]
+            assert got["reused"] == want[kind], (kind, got)
+            failed = got["failed"]
+            assert [f.split(":")[0] for f in failed] == ["7", "12"], failed
+            assert "out of step" in failed[0], failed
+            assert "out of step" not in failed[1], failed
+    # On one root, every committed checkpoint verifies from the command line.
+    from ckptstore.cli.main import main as cli
+
+    assert cli(["verify", str(ckpts / "shared")]) == 0
+
+
+def test_object_store_roots_reuse_plans_with_files_named_per_attempt():
+    """Object stores name each attempt's files anew: the reused item table must point
+    at this save's files, not the last one's."""
+    import uuid
+
+    from ckptstore.engine.listing import read_manifest
+    from ckptstore.engine.ops import read_dcp_metadata
+
+    url = f"memory://plan-cache-{uuid.uuid4().hex[:8]}/run"
+    with ckptstore.Checkpointer(url, codec="none") as ck:
+        for step in (1, 2, 3):
+            ck.save(_state(step), step)
+        assert ck._save_cache.plans.reused == 2
+        seen = set()
+        for step in (2, 3):
+            name = f"step_{step:08d}"
+            manifest = read_manifest(ck._backend, name)
+            md = read_dcp_metadata(ck._backend, name, manifest)
+            files = {stored["file"] for stored in md.storage_data.values()}
+            assert files <= set(manifest.files), (files, manifest.files)
+            assert not files & seen  # this attempt's names, not the last save's
+            seen |= files
+            assert ck.verify(step) == []
+            got = {top: {k: torch.zeros_like(v) for k, v in _state(step)[top].items()}
+                   for top in ("model", "small")}  # fmt: skip
+            got["step"] = 0
+            ck.load(got, step=step)
+            for top in ("model", "small"):
+                for k, v in _state(step)[top].items():
+                    assert torch.equal(got[top][k], v), (step, k)
