@@ -5,7 +5,9 @@ writes one: every file through the destination's pending checkpoint (multipart o
 the manifest last, so the copy becomes visible only when complete. Every byte read from
 the source is hashed and checked against the source's manifest, so a damaged checkpoint
 is never propagated; on an object store every uploaded file is then read back and
-checked again, since the server's word that it stored the bytes is not enough.
+checked again, since the server's word that it stored the bytes is not enough, unless
+the store checks each part's checksum itself and reports it back (S3:
+:meth:`~ckptstore.storage.s3.S3Backend.checks_uploads`).
 
 :func:`replace_checkpoint` copies one over a different checkpoint of the same name (another
 run's, or a retired branch's) so that the destination holds a complete checkpoint under
@@ -264,6 +266,11 @@ class _CopyJob:
                 sink.abort()
                 raise
         if not self.verify_upload:
+            return
+        if getattr(sink, "confirmed", False) and dst.checks_uploads():
+            # The store checked every part against its CRC32 and reported the same one
+            # back: what it stored is what was read and hashed here.
+            _count(progress, counted, size)
             return
         back = f"{dst.url}/{self.dst_name}/{fname}"
         h = xxhash.xxh3_64()

@@ -330,6 +330,12 @@ class StorageBackend(ABC):
         """Fail now, with a message that says what to fix, if the root is unusable
         (missing bucket, wrong credentials); network trouble raises StorageError."""
 
+    def checks_uploads(self) -> bool:
+        """Whether the store itself checks what it received against a checksum sent with
+        it, and its sinks confirm each one (``FileSink.confirmed``): then a copy needs no
+        read-back. False unless a backend shows it (S3: a probe)."""
+        return False
+
     def is_local(self) -> bool:
         """True when this is a POSIX file system on this machine
         (``capabilities.local``; kept while callers move to the capabilities)."""

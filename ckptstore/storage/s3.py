@@ -15,6 +15,14 @@ What the generic object-store backend (:mod:`ckptstore.storage.objectstore`) doe
 * **Conditional commit.** ``manifest.json`` is created with ``If-None-Match: *``: of two
   writers committing the same name, S3 lets exactly one win (412 for the other). A
   server that does not implement it falls back to check-then-put, with a warning once.
+* **Checksums the store checks.** Every part and every small PUT carries its CRC32
+  (``x-amz-checksum-crc32``, computed here; botocore would otherwise compute the same
+  one itself), which S3 checks against the bytes it received, refusing a part that
+  differs; the sink then compares the checksum the store reports for each part with
+  its own (:attr:`_MultipartSink.confirmed`). A copy to a store that is seen to refuse
+  a wrong checksum (:meth:`S3Backend.checks_uploads`: one probe PUT per backend) skips
+  reading every file back; any other store (moto, some S3-compatible servers, which
+  accept or ignore the header) is still read back.
 * **Sweep** also aborts multipart uploads under the root that this process did not
   start and that are older than the grace period (they stay billed and invisible).
 * **check_access** asks for the bucket once, so a missing bucket or wrong credentials
@@ -31,10 +39,13 @@ Credentials stay inside the s3fs file system object; nothing here logs or format
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import threading
 import time
+import uuid
+import zlib
 from concurrent.futures import Future
 from typing import Any
 
@@ -70,6 +81,22 @@ _LIVE_UPLOADS: set[str] = set()
 # Uploads whose abort failed (the server was unreachable): aborted again later.
 _ORPHANS: list[tuple[str, str, str]] = []
 _LIVE_LOCK = threading.Lock()
+
+
+# What S3 and S3-compatible servers answer to a body whose checksum header does not match.
+_CHECKSUM_REFUSED = ("BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest")
+
+
+def _checksum_args(data: bytes | None) -> dict[str, str]:
+    """The algorithm (to start a multipart upload), and ``data``'s CRC32 if given."""
+    if data is None:
+        return {"ChecksumAlgorithm": "CRC32"}
+    return {"ChecksumAlgorithm": "CRC32", "ChecksumCRC32": _crc32(data)}
+
+
+def _crc32(data: bytes) -> str:
+    """S3's ``x-amz-checksum-crc32``: the big-endian CRC32, base64."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
 
 
 def open_s3_backend(
@@ -129,9 +156,13 @@ class _MultipartSink(FileSink):
         self._buf = bytearray()
         self._size = 0
         self._upload_id: str | None = None
-        self._inflight: list[tuple[int, Future[Any]]] = []
+        self._inflight: list[tuple[int, Future[Any], str | None]] = []
         self._parts: list[dict[str, Any]] = []
         self._closed = False
+        # Every part's (or the one PUT's) checksum, as reported by the store, matched
+        # the one computed here; False if the store reported none for one of them.
+        self.confirmed = True
+        self._with_crc = False  # this upload's parts carry CRC32s
 
     # -- talking to S3 on s3fs's event loop ----------------------------------------
     def _submit(self, method: str, **kwargs: Any) -> Future[Any]:
@@ -170,7 +201,9 @@ class _MultipartSink(FileSink):
     def _send_part(self, part: bytes) -> None:
         try:
             if self._upload_id is None:
-                response = self._call("create_multipart_upload", Bucket=self._bucket, Key=self._key)
+                response, self._with_crc = self._backend.call_with_checksum(
+                    "create_multipart_upload", None, Bucket=self._bucket, Key=self._key
+                )
                 self._upload_id = str(response["UploadId"])
                 with _LIVE_LOCK:
                     _LIVE_UPLOADS.add(self._upload_id)
@@ -185,6 +218,7 @@ class _MultipartSink(FileSink):
             room = min(most, max(2, most * self._part_bytes // max(1, len(part))))
             while len(self._inflight) >= room:
                 self._finish_oldest()
+            crc = _checksum_args(part) if self._with_crc else {}
             fut = self._submit(
                 "upload_part",
                 Bucket=self._bucket,
@@ -192,24 +226,43 @@ class _MultipartSink(FileSink):
                 UploadId=self._upload_id,
                 PartNumber=number,
                 Body=part,
+                **crc,
             )
-            self._inflight.append((number, fut))
+            self._inflight.append((number, fut, crc.get("ChecksumCRC32")))
         except StorageError:
             raise
         except Exception as exc:
             raise translate_error(exc, "upload", self.path) from exc
 
     def _finish_oldest(self) -> None:
-        number, fut = self._inflight.pop(0)
+        number, fut, crc = self._inflight.pop(0)
         response = fut.result(timeout=self._backend.call_timeout_s)
-        self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
+        part = {"PartNumber": number, "ETag": response["ETag"]}
+        if crc is not None:
+            part["ChecksumCRC32"] = crc
+        self._confirm(crc, response, f"part {number}")
+        self._parts.append(part)
+
+    def _confirm(self, sent: str | None, response: Any, what: str) -> None:
+        """Compare the CRC32 the store reports for ``what`` with the one sent."""
+        got = response.get("ChecksumCRC32") if isinstance(response, dict) else None
+        if sent is None or got is None:
+            self.confirmed = False
+        elif got != sent:
+            raise StorageError(
+                f"{self.path}: the store reports CRC32 {got} for {what}, {sent} was sent"
+            )
 
     def close(self) -> int:
         if self._closed:
             return self._size
         try:
             if self._upload_id is None:
-                self._call("put_object", Bucket=self._bucket, Key=self._key, Body=bytes(self._buf))
+                body = bytes(self._buf)
+                response, with_crc = self._backend.call_with_checksum(
+                    "put_object", body, Bucket=self._bucket, Key=self._key, Body=body
+                )
+                self._confirm(_crc32(body) if with_crc else None, response, "the object")
             else:
                 if self._buf or (not self._parts and not self._inflight):
                     self._send_part(bytes(self._buf))
@@ -236,9 +289,9 @@ class _MultipartSink(FileSink):
 
     def abort(self) -> None:
         self._buf = bytearray()
-        for _, fut in self._inflight:
+        for _, fut, _ in self._inflight:
             fut.cancel()
-        for _, fut in self._inflight:
+        for _, fut, _ in self._inflight:
             with contextlib.suppress(BaseException):
                 fut.result(timeout=self._backend.call_timeout_s)
         self._inflight = []
@@ -316,6 +369,9 @@ class S3Backend(FsspecBackend):
         self.parts_in_flight = parts_in_flight
         self.call_timeout_s = float(call_timeout_s)
         self._conditional = True  # the server honours If-None-Match (until it says not)
+        self._checksums = True  # send CRC32s (until the server refuses the header)
+        self._checks: bool | None = None  # the store refuses a wrong CRC32 (probed once)
+        self._checks_lock = threading.Lock()  # copy threads ask at once
         self.bucket = self.fs.split_path(self.root)[0]
 
     @property
@@ -338,6 +394,55 @@ class S3Backend(FsspecBackend):
 
     def create_sink(self, path: str, size_hint: int | None = None) -> FileSink:
         return _MultipartSink(self, path, size_hint)
+
+    def call_with_checksum(
+        self, method: str, data: bytes | None, **kwargs: Any
+    ) -> tuple[Any, bool]:
+        """``method`` with checksum arguments (the algorithm, to start a multipart
+        upload; with ``data``, also its CRC32), and whether they were sent: a server
+        that refuses them is asked again without, and never again (a warning, once)."""
+        if self._checksums:
+            try:
+                return self._call(method, **kwargs, **_checksum_args(data)), True
+            except Exception as exc:
+                if _code(exc) not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                    raise
+                log.warning(
+                    "%s does not take S3 checksums (x-amz-checksum-crc32: %s); uploads "
+                    "go without, and copies are read back",
+                    self.url,
+                    _code(exc),
+                )
+                self._checksums = False
+        return self._call(method, **kwargs), False
+
+    def checks_uploads(self) -> bool:
+        """Whether the store refuses a part whose CRC32 does not match its bytes; then
+        a sink whose parts' checksums it confirmed needs no read-back. Asked once, with
+        one PUT of a few bytes under a checksum that does not match: refused by S3
+        (``BadDigest``); a store that accepts it is deleted from again and is read back
+        after every copy."""
+        with self._checks_lock:
+            if self._checks is None:
+                self._checks = self._probe_checksums()
+        return self._checks
+
+    def _probe_checksums(self) -> bool:
+        """Put a few bytes under a CRC32 that does not match them: True if refused."""
+        if not self._checksums:
+            return False
+        key = f"{self._prefix()}.ckptstore-checksum-probe-{uuid.uuid4().hex[:12]}"
+        args = _checksum_args(b"not this")
+        try:
+            self._call("put_object", Bucket=self.bucket, Key=key, Body=b"probe", **args)
+        except Exception as exc:
+            if _code(exc) in _CHECKSUM_REFUSED:
+                return True
+            log.info("%s: checksum probe failed (%s); copies are read back", self.url, exc)
+            return False
+        with contextlib.suppress(Exception):
+            self._call("delete_object", Bucket=self.bucket, Key=key)
+        return False
 
     def open_reader(self, name: str) -> RangeReader:
         return S3Reader(self.fs, self.store_path(name), self._run)
