@@ -790,6 +790,16 @@ def scenario_plan_cache(ckpts: str, rank: int, world: int) -> None:
 
     mesh = init_device_mesh("cpu", (world,))
     report: dict[str, object] = {}
+    from ckptstore.engine import nodelocal
+
+    bodies: list[int] = []  # node-local: the .metadata body bytes a committer was sent
+    body = nodelocal._body
+
+    def counted(files, cache):
+        bodies.append(len(files.body))
+        return body(files, cache)
+
+    nodelocal._body = counted
     for kind in ("shared", "local"):
         root = os.path.join(ckpts, kind if kind == "shared" else f"local{rank}")
         ck = ckptstore.Checkpointer(root, codec="zstd", process_group=dist.group.WORLD)
@@ -801,7 +811,7 @@ def scenario_plan_cache(ckpts: str, rank: int, world: int) -> None:
         def save(step: int, state=state, ck=ck, cache=cache, reused=reused, failed=failed):
             try:
                 ck.save_async(state, step).wait()
-            except ckptstore.errors.CkptStoreError as exc:
+            except (ckptstore.errors.CkptStoreError, OSError) as exc:
                 failed.append(f"{step}: {exc}")
             reused.append(cache.reused)
 
@@ -836,8 +846,25 @@ def scenario_plan_cache(ckpts: str, rank: int, world: int) -> None:
             save(12)
         save(13)
         save(14)
+        if kind == "local":  # 15: rank 1's part fails to commit; 16 sends it whole again
+            prune = nodelocal.prune
+
+            def broken(*args):
+                raise OSError("disk full (injected)")
+
+            nodelocal.prune = broken if rank == 1 else prune
+            save(15)
+            nodelocal.prune = prune
+            save(16)
+            assert ck.verify(16) == []
         assert ck.verify(14) == []
-        report[kind] = {"reused": reused, "failed": failed, "saves": cache.saves}
+        report[kind] = {
+            "reused": reused,
+            "failed": failed,
+            "saves": cache.saves,
+            "bodies": list(bodies),
+        }
+        bodies.clear()
         # every checkpoint of the first layout holds its step's values
         for step in (1, 4):
             target = node_local_zeros(rank, mesh)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -139,7 +140,7 @@ class MetadataCache:
     """
 
     def __init__(self) -> None:
-        self._last: dict[Any, tuple[Any, bytes]] = {}
+        self._last: dict[Any, tuple[Any, bytes, str]] = {}
 
     def dumps(
         self,
@@ -150,23 +151,36 @@ class MetadataCache:
     ) -> bytes:
         """The ``.metadata`` of ``make()`` with ``storage_meta`` set; ``make`` is called
         (and pickled) only if ``key`` differs from the last one for ``part``."""
+        _, body, tail = self.dumps_split(part, key, make, storage_meta)
+        return body + tail
+
+    def dumps_split(
+        self,
+        part: Any,
+        key: Any,
+        make: Callable[[], dcp_metadata.Metadata],
+        storage_meta: Any,
+    ) -> tuple[str | None, bytes, bytes]:
+        """:meth:`dumps` as ``(ident, body, tail)``: the file is ``body + tail``, and
+        ``ident`` names ``body`` while it is reused (None: not cached, ``tail`` empty),
+        so that a body once sent elsewhere need not be sent again."""
         last = self._last.get(part)
         if last is not None and last[0] == key:
-            body = last[1]
+            body, ident = last[1], last[2]
         else:
             self._last.pop(part, None)
             md = make()
             if not _builds_from_dict(type(md)):  # a second BUILD would not just add to it
                 md.storage_meta = storage_meta
-                return dumps(md)
+                return None, dumps(md), b""
             md.storage_meta = None
             data = pickle.dumps(md, protocol=3)
             if not data.endswith(b"b."):  # not a plain object + BUILD: pickle it whole
                 md.storage_meta = storage_meta
-                return dumps(md)
-            body = data[:-1]
-            self._last[part] = (key, body)
-        return body + _build_tail({"storage_meta": storage_meta})
+                return None, dumps(md), b""
+            body, ident = data[:-1], uuid.uuid4().hex
+            self._last[part] = (key, body, ident)
+        return ident, body, _build_tail({"storage_meta": storage_meta})
 
 
 def _builds_from_dict(cls: type) -> bool:

@@ -83,6 +83,17 @@ class SaveSpec:
 
 
 @dataclass(frozen=True)
+class PartFiles:
+    """A part's ``.metadata`` (``body + tail``; ``ident`` names ``body`` while the
+    coordinator reuses it: ``MetadataCache.dumps_split``) and its manifest."""
+
+    ident: str | None
+    body: bytes
+    tail: bytes
+    manifest: bytes
+
+
+@dataclass(frozen=True)
 class _RankPlan:
     name: str  # the checkpoint this rank believes it is saving
     packs: packs_mod.Packs = field(default_factory=dict)  # its small tensors' groups
@@ -170,7 +181,7 @@ class CkptStorageWriter(StorageWriter):
         # on the coordinator each disk's (.metadata, manifest) bytes, committed later.
         self.part: PendingCheckpoint | None = None
         self.part_name: str | None = None  # set on the rank that commits self.part
-        self.parts: dict[str, tuple[bytes, bytes]] = {}
+        self.parts: dict[str, PartFiles] = {}
         self.committers: dict[int, str] = {}  # rank -> the disk whose part it commits
         self._in_parts = False
         self.manifest: Manifest | None = None  # set on the coordinator once committed
@@ -279,6 +290,11 @@ class CkptStorageWriter(StorageWriter):
             )
 
     @property
+    def cache(self) -> Any:
+        """The ``engine.ops.SaveCache`` this save reuses (None: a one-shot save)."""
+        return self._cache
+
+    @property
     def node_local(self) -> bool:
         """Whether this save's ranks write to more than one disk (coordinator; on
         the others once ``write_data`` ran)."""
@@ -370,7 +386,7 @@ class CkptStorageWriter(StorageWriter):
         if hasattr(metadata, "version"):
             metadata.version = _DCP_VERSION
         if not self.node_local:
-            _, manifest = self._describe(metadata, results, range(len(results.facts)))
+            manifest = self._describe(metadata, results, range(len(results.facts))).manifest
             self._pending.commit(manifest)
             self._committed = True
             if self._spec.overwrite:
@@ -391,9 +407,10 @@ class CkptStorageWriter(StorageWriter):
         ranks: Any,
         others: Any = (),
         disk: str | None = None,
-    ) -> tuple[bytes, bytes]:
-        """The ``.metadata`` (written now) and the manifest of the files ``ranks`` wrote;
-        ``others``' shards, on other disks, listed as the part's ``elsewhere``."""
+    ) -> PartFiles:
+        """The ``.metadata`` (written now on the coordinator's disk) and the manifest of
+        the files ``ranks`` wrote; ``others``' shards, on other disks, listed as the
+        part's ``elsewhere``."""
         assert self._pending is not None
         elsewhere, _ = _files(results.facts, others)
         files, raw_bytes = _files(results.facts, ranks)
@@ -411,8 +428,9 @@ class CkptStorageWriter(StorageWriter):
             packs_mod.expand(md, self._packs)
             return md
 
+        ident: str | None = None
         if self._md_cache is None:
-            md_bytes = md_format.dumps(make())
+            body, tail = md_format.dumps(make()), b""
         else:
             key = (  # every field of the metadata but storage_meta; this part's storage
                 tuple(
@@ -424,7 +442,8 @@ class CkptStorageWriter(StorageWriter):
                 self._packs,
                 tuple(ranks),
             )
-            md_bytes = self._md_cache.dumps(disk, key, make, metadata.storage_meta)
+            ident, body, tail = self._md_cache.dumps_split(disk, key, make, metadata.storage_meta)
+        md_bytes = body + tail
         md_name = self._pending.stored_name(METADATA_FILE)
         if disk is None or disk == self._disks[0]:
             self._pending.write_file(md_name, md_bytes)
@@ -449,12 +468,12 @@ class CkptStorageWriter(StorageWriter):
         )
         if disk is None or disk == self._disks[0]:
             self.manifest = manifest
-        return md_bytes, manifest.to_json(spec.manifest_key)
+        return PartFiles(ident, body, tail, manifest.to_json(spec.manifest_key))
 
     def commit_coordinator_part(self) -> None:
         """Node-local disks: commit rank 0's part, the last one (coordinator)."""
         assert self._pending is not None, "finish() before prepare_global_plan()"
-        self._pending.commit(self.parts[self._disks[0]][1])
+        self._pending.commit(self.parts[self._disks[0]].manifest)
         self._committed = True
 
     @classmethod

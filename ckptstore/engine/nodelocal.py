@@ -7,7 +7,10 @@ apart by :meth:`~ckptstore.storage.base.StorageBackend.disk_id`), a save writes 
 one disk (``ckptstore.dcp.writer``); once DCP returns, :func:`commit_parts`:
 
 1. rank 0 hands each disk's committing rank (its lowest) that disk's ``.metadata`` and
-   manifest, and the names of the checkpoints committed in its own root;
+   manifest, and the names of the checkpoints committed in its own root; while the
+   layout holds, the ``.metadata`` differs from the last save's only in its tail
+   (``MetadataCache.dumps_split``), and a committer that holds the last one's body is
+   sent the tail alone (what it holds, both sides learn from step 3's outcome);
 2. each of those ranks removes the parts on its disk that rank 0's root no longer has
    (retention there, or a save that died before rank 0 committed it), then commits its
    part (fsync, rename, fsync: as any local checkpoint);
@@ -24,12 +27,13 @@ checkpointer's own group; none on a shared file system.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
 import torch.distributed as dist
 
-from ckptstore.dcp.writer import CkptStorageWriter
+from ckptstore.dcp.writer import CkptStorageWriter, PartFiles
 from ckptstore.engine import groups
 from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import CkptStoreError
@@ -44,21 +48,28 @@ def commit_parts(
 ) -> None:
     """Commit the parts of a node-local save on every disk, rank 0's last (module doc)."""
     rank = groups.rank(group)
+    cache = writer.cache  # what each committer holds of its part's .metadata
+    handed: dict[int, str] = cache.handed if cache is not None else {}
     handout: list[Any] | None = None
     if rank == 0:
         keep = [n for n in backend.list_names() if STEP_NAME.match(n)]
         handout = [None] * groups.world_size(group)
         for r, disk in writer.committers.items():
-            handout[r] = (writer.parts[disk], keep, writer.coordinator_disk)
+            files = writer.parts[disk]
+            if files.ident is not None and handed.get(r) == files.ident:
+                files = dataclasses.replace(files, body=b"")  # it holds that body
+            handout[r] = (files, keep, writer.coordinator_disk)
     mine = groups.scatter(handout, group)
     error: str | None = None
     failure: BaseException | None = None
+    body: bytes | None = None
     if mine is not None and writer.part is not None:
-        (md_bytes, manifest), keep, coordinator = mine
+        files, keep, coordinator = mine
         try:
+            body = _body(files, cache)
             prune(backend, set(keep), coordinator)
-            writer.part.write_file(METADATA_FILE, md_bytes)
-            writer.part.commit(manifest)
+            writer.part.write_file(METADATA_FILE, body + files.tail)
+            writer.part.commit(files.manifest)
         except Exception as exc:
             failure, error = exc, f"{type(exc).__name__}: {exc}"
     errors = groups.all_gather(error, group)
@@ -71,6 +82,14 @@ def commit_parts(
     outcome = groups.broadcast(errors, group)
     assert isinstance(outcome, list)
     failed = [(r, e) for r, e in enumerate(outcome) if e]
+    if cache is not None:  # what each committer holds now: known alike on both sides
+        if failed:
+            cache.handed, cache.held = {}, None
+        elif rank == 0:
+            idents = {r: writer.parts[d].ident for r, d in writer.committers.items()}
+            cache.handed = {r: i for r, i in idents.items() if i is not None}
+        elif mine is not None and body is not None:
+            cache.held = (mine[0].ident, body) if mine[0].ident is not None else None
     if not failed:
         writer.release_part()
         return
@@ -82,6 +101,20 @@ def commit_parts(
         raise failure
     r, e = failed[0]
     raise CkptStoreError(f"rank {r} could not commit its disk's part of {name}: {e}")
+
+
+def _body(files: PartFiles, cache: Any) -> bytes:
+    """The part's ``.metadata`` body: as sent, or the one this rank holds from the
+    last save (rank 0 sends none when the committer holds it)."""
+    if files.body or files.ident is None:
+        return files.body
+    held = cache.held if cache is not None else None
+    if held is None or held[0] != files.ident:
+        raise CkptStoreError(
+            "this rank does not hold the .metadata rank 0 expects it to (caches out of "
+            "step); this save fails, and the next one sends it whole"
+        )
+    return bytes(held[1])
 
 
 def prune(backend: StorageBackend, keep: set[str], coordinator: str) -> list[str]:
