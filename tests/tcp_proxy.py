@@ -22,6 +22,10 @@ Faults can be changed at any time from the test thread:
   from, but nothing is forwarded either way. Existing connections stop forwarding too;
   turning it off closes those and new connections forward normally again.
 - ``refuse(on)``: a server that is down. New connections are accepted and reset at once.
+- ``slow_down(n)``: S3 throttling. The next ``n`` new connections get, for their first
+  HTTP request, ``503 SlowDown`` (S3's error body, ``Connection: close``) instead of the
+  server's answer; existing connections are closed, so that the client's next request
+  opens one. Counted in ``slowdowns``.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class FaultProxy:
 
         self.resets: int = 0
         self.connections: int = 0
+        self.slowdowns: int = 0
 
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -117,6 +122,7 @@ class FaultProxy:
         self._reset_at = 0
         self._reset_left = 0
         self._reset_gen = 0
+        self._slow_left = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -195,12 +201,27 @@ class FaultProxy:
     def refuse(self, on: bool = True) -> None:
         self._refuse = on
 
+    def slow_down(self, times: int) -> None:
+        with self._lock:
+            self._slow_left = times
+            conns = list(self._conns)
+        for conn in conns:
+            conn.close()
+
     def clear(self) -> None:
         self._latency = 0.0
         self._blackhole = False
         self._refuse = False
         with self._lock:
             self._reset_left = 0
+            self._slow_left = 0
+
+    def _take_slow_down(self) -> bool:
+        with self._lock:
+            if self._slow_left <= 0:
+                return False
+            self._slow_left -= 1
+            return True
 
     # -- internals -----------------------------------------------------------------
 
@@ -277,6 +298,9 @@ class _Conn:
                 self.blackholed = True
                 self._drain()
                 return
+            if self.proxy._take_slow_down():
+                self._answer_slow_down()
+                return
             self.upstream = self._connect()
             if self.upstream is None:
                 # Nothing listening upstream: the client sees what it would have seen.
@@ -299,6 +323,56 @@ class _Conn:
             if s2c is not None:
                 s2c.join()
             self.close()
+
+    def _answer_slow_down(self) -> None:
+        """Read one HTTP request (its body too, unless it waits for ``100-continue``)
+        and answer it as S3 does when throttling."""
+        data = self._recv_until(lambda d: b"\r\n\r\n" in d, b"")
+        if data is None:
+            return
+        head, _, body = data.partition(b"\r\n\r\n")
+        fields = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip().lower()
+        if fields.get(b"expect") != b"100-continue":
+            length = int(fields.get(b"content-length", b"0") or 0)
+            if self._recv_until(lambda d: len(d) >= length, body) is None:
+                return
+        xml = (
+            b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+            b"<Message>Please reduce your request rate.</Message></Error>"
+        )
+        answer = (
+            b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(xml)
+        ) + (b"" if head.startswith(b"HEAD ") else xml)  # no body in an answer to HEAD
+        while answer and not self._done():
+            if not _ready(self.client, self.proxy._wake_r, write=True, timeout=_TICK):
+                continue
+            try:
+                answer = answer[self.client.send(answer) :]
+            except (BlockingIOError, InterruptedError):
+                continue
+        with self.proxy._lock:
+            self.proxy.slowdowns += 1
+
+    def _recv_until(self, enough, data: bytes) -> bytes | None:
+        """Read from the client until ``enough(data)``; None if it closed first."""
+        deadline = time.monotonic() + 30
+        while not enough(data):
+            if self._done() or time.monotonic() > deadline:
+                return None
+            if not _ready(self.client, self.proxy._wake_r, write=False, timeout=_TICK):
+                continue
+            try:
+                chunk = self.client.recv(CHUNK)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if not chunk:
+                return None
+            data += chunk
+        return data
 
     def close(self) -> None:
         with self.lock:

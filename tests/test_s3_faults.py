@@ -387,3 +387,39 @@ def test_a_dead_writers_leftovers_at_the_same_step_do_not_block_the_next_save(s3
     assert not any(
         "0123456789ab" in f or f in ("__0_0.distcp", ".metadata") for f in manifest.files
     )
+
+
+def test_throttled_by_slowdown_a_direct_save_backs_off_and_completes(s3_server, s3_bucket, proxy):
+    """S3 answers 503 SlowDown when a prefix takes more requests than it serves; with
+    stock client settings the save backs off, asks again and completes: no partial
+    object, the checkpoint verifies and loads bit-exact."""
+    backend = open_backend(
+        f"s3://{s3_bucket}/throttled", storage_options=s3_server.options(proxy.url)
+    )
+    backend.part_bytes = MIN_PART_BYTES
+    g = torch.Generator().manual_seed(7)
+    state = {"w": torch.randn(3 * MIB, generator=g), "step": 1}  # 12 MiB: multipart
+    with ckptstore.Checkpointer(backend, codec="none") as ckpt:
+        proxy.slow_down(4)
+        ckpt.save(state, 1)
+        assert proxy.slowdowns == 4  # every one was answered, and the request retried
+        assert ckpt.verify(1) == []
+        got = {"w": torch.zeros(3 * MIB), "step": 0}
+        ckpt.load(got)
+    assert torch.equal(got["w"], state["w"]) and got["step"] == 1
+    assert s3_server.open_uploads(s3_bucket) == []
+
+
+def test_uploads_go_on_asking_when_the_clients_own_retries_give_up(s3_server, s3_bucket, proxy):
+    """With botocore's and s3fs's retries off, ckptstore's own back-off carries a
+    multipart upload (start, parts, completion) through a run of SlowDowns."""
+    backend = via(s3_server, proxy, s3_bucket, "throttled")
+    backend.fs.retries = 1
+    data = os.urandom(12 * MIB)
+    sink = backend.create_sink(f"{s3_bucket}/throttled/x.bin")
+    proxy.slow_down(3)
+    sink.write(data)
+    sink.close()
+    assert proxy.slowdowns == 3
+    assert s3_server.fs().cat_file(f"{s3_bucket}/throttled/x.bin") == data
+    assert s3_server.open_uploads(s3_bucket) == []

@@ -15,6 +15,11 @@ What the generic object-store backend (:mod:`ckptstore.storage.objectstore`) doe
 * **Conditional commit.** ``manifest.json`` is created with ``If-None-Match: *``: of two
   writers committing the same name, S3 lets exactly one win (412 for the other). A
   server that does not implement it falls back to check-then-put, with a warning once.
+* **Back-off when throttled.** S3 answers ``503 SlowDown`` when a prefix takes more
+  requests than it serves (1,000 ranks putting parts under one checkpoint): botocore
+  and s3fs retry a few times; the calls made here (parts, PUTs, multipart starts and
+  completions) then go on asking, after pauses that double from about 0.5 s with
+  jitter, up to :data:`THROTTLE_RETRIES` more times.
 * **Checksums the store checks.** Every part and every small PUT carries its CRC32
   (``x-amz-checksum-crc32``, computed here; botocore would otherwise compute the same
   one itself), which S3 checks against the bytes it received, refusing a part that
@@ -41,7 +46,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
+import itertools
 import logging
+import random
 import threading
 import time
 import uuid
@@ -85,6 +93,23 @@ _LIVE_LOCK = threading.Lock()
 
 # What S3 and S3-compatible servers answer to a body whose checksum header does not match.
 _CHECKSUM_REFUSED = ("BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest")
+
+
+# S3's answers when a prefix takes more requests than it serves: asked again, after a
+# growing, jittered pause (botocore and s3fs retry first; these calls go on after them).
+_THROTTLED = ("SlowDown", "503", "ServiceUnavailable", "Throttling", "RequestLimitExceeded")
+THROTTLE_RETRIES = 6  # pauses of about 0.5, 1, 2, 4, 8, 16 s (jittered): ~30 s more in all
+
+
+def _back_off(exc: Exception, attempt: int, what: str) -> None:
+    """Return after a pause if ``exc`` is S3 throttling and ``attempt`` may be retried;
+    else raise ``exc``."""
+    throttled = _code(exc) in _THROTTLED or getattr(exc, "errno", None) == errno.EBUSY
+    if not throttled or attempt >= THROTTLE_RETRIES:
+        raise exc
+    pause = 0.5 * 2**attempt * random.uniform(0.5, 1.5)
+    log.info("%s: throttled by the store (%s); asking again in %.1f s", what, _code(exc), pause)
+    time.sleep(pause)
 
 
 def _checksum_args(data: bytes | None) -> dict[str, str]:
@@ -156,7 +181,7 @@ class _MultipartSink(FileSink):
         self._buf = bytearray()
         self._size = 0
         self._upload_id: str | None = None
-        self._inflight: list[tuple[int, Future[Any], str | None]] = []
+        self._inflight: list[tuple[int, Future[Any], dict[str, Any]]] = []
         self._parts: list[dict[str, Any]] = []
         self._closed = False
         # Every part's (or the one PUT's) checksum, as reported by the store, matched
@@ -219,8 +244,7 @@ class _MultipartSink(FileSink):
             while len(self._inflight) >= room:
                 self._finish_oldest()
             crc = _checksum_args(part) if self._with_crc else {}
-            fut = self._submit(
-                "upload_part",
+            args = dict(
                 Bucket=self._bucket,
                 Key=self._key,
                 UploadId=self._upload_id,
@@ -228,15 +252,22 @@ class _MultipartSink(FileSink):
                 Body=part,
                 **crc,
             )
-            self._inflight.append((number, fut, crc.get("ChecksumCRC32")))
+            self._inflight.append((number, self._submit("upload_part", **args), args))
         except StorageError:
             raise
         except Exception as exc:
             raise translate_error(exc, "upload", self.path) from exc
 
     def _finish_oldest(self) -> None:
-        number, fut, crc = self._inflight.pop(0)
-        response = fut.result(timeout=self._backend.call_timeout_s)
+        number, fut, args = self._inflight.pop(0)
+        for attempt in itertools.count():
+            try:
+                response = fut.result(timeout=self._backend.call_timeout_s)
+                break
+            except Exception as exc:
+                _back_off(exc, attempt, f"{self.path} part {number}")
+                fut = self._submit("upload_part", **args)
+        crc = args.get("ChecksumCRC32")
         part = {"PartNumber": number, "ETag": response["ETag"]}
         if crc is not None:
             part["ChecksumCRC32"] = crc
@@ -390,7 +421,12 @@ class S3Backend(FsspecBackend):
         return self._submit(coro).result(timeout=self.call_timeout_s)
 
     def _call(self, method: str, **kwargs: Any) -> Any:
-        return self._run(self.fs._call_s3(method, **kwargs))
+        for attempt in itertools.count():
+            try:
+                return self._run(self.fs._call_s3(method, **kwargs))
+            except Exception as exc:
+                _back_off(exc, attempt, f"{self.url}: {method}")
+        raise AssertionError("unreachable")
 
     def create_sink(self, path: str, size_hint: int | None = None) -> FileSink:
         return _MultipartSink(self, path, size_hint)
