@@ -347,6 +347,8 @@ class _Conn:
             b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(xml)
         ) + (b"" if head.startswith(b"HEAD ") else xml)  # no body in an answer to HEAD
+        with self.proxy._lock:  # counted before the client can see it
+            self.proxy.slowdowns += 1
         while answer and not self._done():
             if not _ready(self.client, self.proxy._wake_r, write=True, timeout=_TICK):
                 continue
@@ -354,8 +356,6 @@ class _Conn:
                 answer = answer[self.client.send(answer) :]
             except (BlockingIOError, InterruptedError):
                 continue
-        with self.proxy._lock:
-            self.proxy.slowdowns += 1
 
     def _recv_until(self, enough, data: bytes) -> bytes | None:
         """Read from the client until ``enough(data)``; None if it closed first."""

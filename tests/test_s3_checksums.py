@@ -17,7 +17,8 @@ from test_s3 import keys, s3
 
 import ckptstore
 from ckptstore.errors import StorageError
-from ckptstore.storage.s3 import MIN_PART_BYTES, _crc32
+from ckptstore.storage.s3 import MIN_PART_BYTES
+from ckptstore.storage.s3_upload import crc32_b64
 from ckptstore.transfer import copy_checkpoint
 
 MIB = 1 << 20
@@ -29,8 +30,8 @@ def _raw(b64: str) -> bytes:
 
 def test_crc32_is_s3s_encoding():
     # S3's x-amz-checksum-crc32: big-endian CRC-32 (IEEE), base64
-    assert _crc32(b"hello") == "NhCmhg=="
-    assert _crc32(b"") == "AAAAAA=="
+    assert crc32_b64(b"hello") == "NhCmhg=="
+    assert crc32_b64(b"") == "AAAAAA=="
 
 
 def test_every_part_carries_its_crc32_and_the_store_keeps_the_composite(s3_server, s3_bucket):
@@ -43,7 +44,7 @@ def test_every_part_carries_its_crc32_and_the_store_keeps_the_composite(s3_serve
     sent = [p["ChecksumCRC32"] for p in sink._parts]  # as complete_multipart_upload got them
     # parts of 5, 5 and 2 MiB (part_bytes doubles every two parts), each its own CRC32
     bounds = [0, 5 * MIB, 10 * MIB, 12 * MIB]
-    assert sent == [_crc32(data[a:b]) for a, b in itertools.pairwise(bounds)]
+    assert sent == [crc32_b64(data[a:b]) for a, b in itertools.pairwise(bounds)]
     assert sink.confirmed  # moto reported each part's checksum back
     head = s3_server.call("head_object", Bucket=s3_bucket, Key="run/x.bin", ChecksumMode="ENABLED")
     composite = zlib.crc32(b"".join(_raw(c) for c in sent))
@@ -54,8 +55,8 @@ def test_a_checksum_the_store_reports_differently_fails_the_upload(s3_server, s3
     backend = s3(s3_server, s3_bucket)
     sink = backend.create_sink(f"{s3_bucket}/run/y.bin")
     with pytest.raises(StorageError, match="reports CRC32"):
-        sink._confirm(_crc32(b"a"), {"ChecksumCRC32": _crc32(b"b")}, "part 1")
-    sink._confirm(_crc32(b"a"), {}, "part 2")  # a store that reports none: not confirmed
+        sink._confirm(crc32_b64(b"a"), {"ChecksumCRC32": crc32_b64(b"b")}, "part 1")
+    sink._confirm(crc32_b64(b"a"), {}, "part 2")  # a store that reports none: not confirmed
     assert not sink.confirmed
     sink.abort()
 
@@ -102,3 +103,23 @@ def _count_reads(backend) -> list[str]:
 
     backend.open_reader = recording
     return reads
+
+
+def test_the_whole_object_is_checked_against_its_parts(s3_server, s3_bucket):
+    """Every written byte went into a part, and where the store reports the object's
+    composite CRC32 it is the one the parts make."""
+    backend = s3(s3_server, s3_bucket)
+    sink = backend.create_sink(f"{s3_bucket}/run/z.bin")
+    parts = [{"PartNumber": 1, "ChecksumCRC32": crc32_b64(b"ab")},
+             {"PartNumber": 2, "ChecksumCRC32": crc32_b64(b"cd")}]  # fmt: skip
+    composite = crc32_b64(base64.b64decode(parts[0]["ChecksumCRC32"]) +
+                          base64.b64decode(parts[1]["ChecksumCRC32"]))  # fmt: skip
+    sink._confirm_whole(parts, {"ChecksumCRC32": f"{composite}-2"})  # AWS's form
+    sink._confirm_whole(parts, {"ChecksumCRC32": composite})  # moto's
+    sink._confirm_whole(parts, {})  # none reported: the parts decide
+    with pytest.raises(StorageError, match="for the object"):
+        sink._confirm_whole(parts, {"ChecksumCRC32": f"{crc32_b64(b'x')}-2"})
+    sink._size = 5  # a byte written that no part carried
+    with pytest.raises(StorageError, match="sent in parts"):
+        sink._confirm_whole(parts, {})
+    sink.abort()

@@ -37,6 +37,8 @@ from ckptstore.dcp.writer import CkptStorageWriter, PartFiles
 from ckptstore.engine import groups
 from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import CkptStoreError
+from ckptstore.format.checksum import digest
+from ckptstore.format.manifest import Manifest
 from ckptstore.layout import METADATA_FILE, STEP_NAME, checkpoint_name
 from ckptstore.storage.base import StorageBackend
 
@@ -67,8 +69,9 @@ def commit_parts(
         files, keep, coordinator = mine
         try:
             body = _body(files, cache)
+            data = _checked(body + files.tail, files.manifest)
             prune(backend, set(keep), coordinator)
-            writer.part.write_file(METADATA_FILE, body + files.tail)
+            writer.part.write_file(METADATA_FILE, data)
             writer.part.commit(files.manifest)
         except Exception as exc:
             failure, error = exc, f"{type(exc).__name__}: {exc}"
@@ -115,6 +118,18 @@ def _body(files: PartFiles, cache: Any) -> bytes:
             "step); this save fails, and the next one sends it whole"
         )
     return bytes(held[1])
+
+
+def _checked(data: bytes, manifest: bytes) -> bytes:
+    """``data``, if it is the ``.metadata`` ``manifest`` lists (a part put together
+    from a held body and a sent tail is checked before it is written)."""
+    entry = Manifest.from_json(manifest, "this disk's part").files.get(METADATA_FILE)
+    if entry is None or digest(data) != entry.xxh3_64:
+        raise CkptStoreError(
+            "the .metadata put together for this disk's part does not match its manifest "
+            "(caches out of step); this save fails, and the next one sends it whole"
+        )
+    return data
 
 
 def prune(backend: StorageBackend, keep: set[str], coordinator: str) -> list[str]:
