@@ -7,7 +7,8 @@
     planner.py   the save planner of staged states; SafeLoadPlanner (no arbitrary unpickling)
     packs.py     many small tensors stored in groups, listed one by one in .metadata
     metadata.py  .metadata: pickled by DCP's classes, unpickled through an allowlist
-    driver.py    DCP's save/load entry points, their errors unwrapped
+    plancache.py plans, metadata and item tables reused while the state's layout holds
+    driver.py    DCP's save steps (with the plan cache) and load entry point, errors unwrapped
 """
 
 from ckptstore.dcp.planner import SafeLoadPlanner, SerializedValue, StagedSavePlanner

@@ -11,6 +11,7 @@
     s3.py           S3Backend: multipart uploads, conditional commit
     s3_options.py   its settings (part size, timeouts, retries): defaults, checks
     s3_reader.py    its reads: window cache, one-GET streams
+    s3_upload.py    its uploads (MultipartSink): CRC32s the store checks, back-off
     testing/        the contract suite every backend runs (BackendContract) and
                     FaultyBackend; imports pytest, so nothing imports it from here
 """
