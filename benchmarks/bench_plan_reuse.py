@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ranks_ab import add_rank_args, join, rounds, save_rows
+from ranks_ab import join, parser, rounds, save_rows
 
 
 def rank_main(args: argparse.Namespace) -> None:
@@ -115,14 +115,9 @@ def rank_main(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ranks", type=int, default=4)
+    ap = parser(__doc__, ranks=4, saves=6)
     ap.add_argument("--tensors", type=int, default=2000, help="tensors per rank")
     ap.add_argument("--kb", type=int, default=80, help="KB per tensor")
-    ap.add_argument("--saves", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default="bench-results")
-    add_rank_args(ap)
     args = ap.parse_args()
     if args.rank is not None:
         rank_main(args)

@@ -139,7 +139,7 @@ def reuse_rows(n: int, layers: int, saves: int) -> list[dict[str, object]]:
                 global_plan, metadata = plan_cache.cached_global_plan(expanded)
             else:
                 global_plan, metadata = StagedSavePlanner({}).create_global_plan(expanded)
-            plan_cache.note_global(expanded, global_plan, metadata)
+            plan_cache.note_global(expanded, metadata)
             central = writer.prepare_global_plan(
                 global_plan, gen=plan_cache.new_gen(steady), steady=steady
             )
@@ -150,7 +150,7 @@ def reuse_rows(n: int, layers: int, saves: int) -> list[dict[str, object]]:
                 file = f"__{r}_0.distcp"
                 shard = {"size_bytes": 1 << 30, "xxh3_64": f"{r:016x}", "raw_bytes": 1 << 30}
                 if plan.storage_data.cached:
-                    gathered.append(Written(file, shard))
+                    gathered.append(Written((file, shard)))
                 else:
                     gathered.append(
                         [

@@ -25,10 +25,17 @@ def join(args: Any) -> None:
     )
 
 
-def add_rank_args(ap: Any) -> None:
-    """The arguments ``rounds`` gives each rank (hidden from --help)."""
+def parser(doc: str, *, ranks: int, saves: int) -> argparse.ArgumentParser:
+    """The arguments both scripts take (--ranks, --saves, --rounds, --out) and those
+    ``rounds`` gives each rank (hidden from --help); each script adds its own."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--ranks", type=int, default=ranks)
+    ap.add_argument("--saves", type=int, default=saves)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default="bench-results")
     for name, kind in (("--rank", int), ("--mode", str), ("--workdir", str)):
         ap.add_argument(name, type=kind, help=argparse.SUPPRESS)
+    return ap
 
 
 def rounds(

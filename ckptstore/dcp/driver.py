@@ -61,7 +61,7 @@ def save(
             global_plan, metadata = cache.cached_global_plan(full)
         else:
             global_plan, metadata = planner.create_global_plan(full)
-        cache.note_global(full, global_plan, metadata)
+        cache.note_global(full, metadata)
         return writer.prepare_global_plan(global_plan, gen=cache.new_gen(steady), steady=steady)
 
     def write_step() -> Any:

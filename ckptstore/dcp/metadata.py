@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import xxhash
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
@@ -141,6 +142,7 @@ class MetadataCache:
 
     def __init__(self) -> None:
         self._last: dict[Any, tuple[Any, bytes, str]] = {}
+        self._hashed: dict[Any, tuple[str, Any]] = {}  # part -> (ident, xxh3 after body)
 
     def dumps(
         self,
@@ -181,6 +183,20 @@ class MetadataCache:
             body, ident = data[:-1], uuid.uuid4().hex
             self._last[part] = (key, body, ident)
         return ident, body, _build_tail({"storage_meta": storage_meta})
+
+    def digest(self, part: Any, ident: str | None, body: bytes, tail: bytes) -> str:
+        """The xxh3 of ``body + tail`` (``dumps_split``'s), hashing a reused body once:
+        the hash state after it is kept per part while ``ident`` names it."""
+        saved = self._hashed.get(part)
+        if ident is not None and saved is not None and saved[0] == ident:
+            h = saved[1].copy()
+        else:
+            h = xxhash.xxh3_64()
+            h.update(body)
+            if ident is not None:
+                self._hashed[part] = (ident, h.copy())
+        h.update(tail)
+        return str(h.hexdigest())
 
 
 def _builds_from_dict(cls: type) -> bool:

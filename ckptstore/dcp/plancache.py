@@ -55,15 +55,15 @@ class Steady:
     gen: str
 
 
+# A rank's shard file and its facts (size_bytes, xxh3_64, raw_bytes); None: it wrote nothing
+Fact = tuple[str, dict[str, Any]] | None
+
+
 @dataclass(frozen=True)
 class Written:
     """A rank's write results, when its items are those of the cached final plan."""
 
-    file: str | None  # its shard file (None: it wrote nothing)
-    shard: dict[str, Any] | None  # size_bytes, xxh3_64, raw_bytes
-
-
-Fact = tuple[str, dict[str, Any]] | None  # a rank's shard file and its facts
+    fact: Fact
 
 
 class PlanCache:
@@ -75,7 +75,6 @@ class PlanCache:
         self.final: SavePlan | None = None  # this rank's final plan
         # the coordinator's
         self.all_plans: list[SavePlan] | None = None  # every rank's full local plan
-        self.global_plan: list[SavePlan] | None = None  # the planner's, per rank
         self.metadata: Metadata | None = None
         # each part's item table, and the file names it holds: (ranks, others) -> ...
         self.storage: dict[Any, tuple[tuple[str | None, ...], dict[Any, Any]]] = {}
@@ -115,10 +114,7 @@ class PlanCache:
         """What this rank sends for ``results``: ``Written`` if its plan was cached."""
         if not getattr(central.storage_data, "cached", False):
             return results
-        if not results:
-            return Written(None, None)
-        first = results[0].storage_data
-        return Written(first["file"], first["shard"])
+        return Written(_fact(results))
 
     def commit(self) -> None:
         """The save went through on every rank: it is the one to compare with next."""
@@ -132,7 +128,6 @@ class PlanCache:
         )
         if "metadata" in nxt:  # the coordinator
             self.all_plans = nxt["all_plans"]
-            self.global_plan = nxt["global_plan"]
             self.metadata = nxt["metadata"]
             self.storage = nxt["storage"]
         self.saves += 1
@@ -166,24 +161,17 @@ class PlanCache:
         return full, all(steady)
 
     def cached_global_plan(self, plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
-        """The cached global plan with this save's name (``plans``: expanded)."""
-        assert self.global_plan is not None
+        """The global plan of a save whose plans (``plans``: expanded) are all the
+        cached ones: no items (each rank keeps its final plan), each rank's storage data
+        (DCP's global plan keeps the local plans'), and the cached metadata."""
         assert self.metadata is not None
-        return [
-            dataclasses.replace(g, storage_data=p.storage_data)
-            for g, p in zip(self.global_plan, plans, strict=True)
-        ], self.metadata
+        return [SavePlan([], storage_data=p.storage_data) for p in plans], self.metadata
 
     def new_gen(self, steady: bool) -> str:
         return self.gen if steady and self.gen is not None else uuid.uuid4().hex
 
-    def note_global(
-        self, all_plans: list[SavePlan], global_plan: list[SavePlan], metadata: Metadata
-    ) -> None:
-        # The global plan's items are not sent again (each rank keeps its final plan):
-        # only its per-rank storage data is kept.
-        kept = [SavePlan([], storage_data=g.storage_data) for g in global_plan]
-        self._next.update(all_plans=all_plans, global_plan=kept, metadata=metadata)
+    def note_global(self, all_plans: list[SavePlan], metadata: Metadata) -> None:
+        self._next.update(all_plans=all_plans, metadata=metadata)
 
     def outcome(self, gathered: list[Any]) -> Outcome:
         """Every rank's results, as the writer's ``finish`` reads them."""
@@ -191,7 +179,7 @@ class PlanCache:
             memo: dict[Any, tuple[tuple[str | None, ...], dict[Any, Any]]] = {}
             self._next["storage"] = memo
             return Outcome([_fact(r) for r in gathered], gathered, memo)
-        facts: list[Fact] = [None if w.file is None else (w.file, w.shard) for w in gathered]
+        facts: list[Fact] = [w.fact for w in gathered]
         self._next["storage"] = self.storage
         return Outcome(facts, None, self.storage)
 

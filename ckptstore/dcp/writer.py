@@ -431,6 +431,7 @@ class CkptStorageWriter(StorageWriter):
         ident: str | None = None
         if self._md_cache is None:
             body, tail = md_format.dumps(make()), b""
+            md_digest = digest(body)
         else:
             key = (  # every field of the metadata but storage_meta; this part's storage
                 tuple(
@@ -443,11 +444,11 @@ class CkptStorageWriter(StorageWriter):
                 tuple(ranks),
             )
             ident, body, tail = self._md_cache.dumps_split(disk, key, make, metadata.storage_meta)
-        md_bytes = body + tail
+            md_digest = self._md_cache.digest(disk, ident, body, tail)
         md_name = self._pending.stored_name(METADATA_FILE)
-        if disk is None or disk == self._disks[0]:
-            self._pending.write_file(md_name, md_bytes)
-        files[md_name] = FileEntry("file", len(md_bytes), digest(md_bytes))
+        if disk is None or disk == self._disks[0]:  # other disks' committers write theirs
+            self._pending.write_file(md_name, body + tail)
+        files[md_name] = FileEntry("file", len(body) + len(tail), md_digest)
         spec = self._spec
         manifest = Manifest(
             step=spec.step,

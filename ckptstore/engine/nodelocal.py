@@ -117,7 +117,8 @@ def _body(files: PartFiles, cache: Any) -> bytes:
             "this rank does not hold the .metadata rank 0 expects it to (caches out of "
             "step); this save fails, and the next one sends it whole"
         )
-    return bytes(held[1])
+    body: bytes = held[1]  # as held: no copy
+    return body
 
 
 def _checked(data: bytes, manifest: bytes) -> bytes:
