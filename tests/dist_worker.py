@@ -882,6 +882,68 @@ def scenario_plan_cache(ckpts: str, rank: int, world: int) -> None:
         json.dump(report, f)
 
 
+def scenario_restore_reads_once(ckpts: str, rank: int, world: int) -> None:
+    """A shared root: rank 0 reads each checkpoint's manifest and ``.metadata`` and
+    broadcasts them; the other ranks read neither (issue 17). A damaged ``.metadata`` is
+    a damaged checkpoint on every rank, so every rank skips it the same way."""
+    from ckptstore.storage.local import LocalBackend
+
+    root = os.path.join(ckpts, "once")
+    for kind in ("train_state", "dict"):
+
+        def make(seed: int, kind: str = kind):
+            torch.manual_seed(seed)
+            if kind == "dict":
+                return {"w": torch.randn(64, 8), "b": torch.randn(8)}
+            return ckptstore.TrainState(model=torch.nn.Linear(8, 64))
+
+        where = os.path.join(root, kind)
+        saved = {}
+        with ckptstore.CheckpointManager(where, save=ckptstore.SaveEvery(steps=2)) as mgr:
+            for step in range(4):  # saves step_00000002 and step_00000004 (steps done)
+                state = make(step)
+                mgr.maybe_save(step, state)
+                saved[step + 1] = {k: v.clone() for k, v in _flat(state).items()}
+            mgr.wait()
+        dist.barrier()
+        if rank == 0:  # damage the newest checkpoint's .metadata
+            path = os.path.join(where, "step_00000004", ".metadata")
+            with open(path, "r+b") as f:
+                f.seek(10)
+                byte = f.read(1)
+                f.seek(10)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        dist.barrier()
+        reads: list[str] = []
+        original = LocalBackend.read_bytes
+
+        def counted(self, name, _orig=original, _reads=reads):
+            _reads.append(name)
+            return _orig(self, name)
+
+        LocalBackend.read_bytes = counted  # type: ignore[method-assign]
+        try:
+            target = make(99)
+            with ckptstore.CheckpointManager(where) as mgr:
+                assert mgr.restore(target) == 2
+        finally:
+            LocalBackend.read_bytes = original  # type: ignore[method-assign]
+        for k, v in saved[2].items():
+            assert torch.equal(_flat(target)[k], v), k
+        metadata_reads = [n for n in reads if n.endswith("/.metadata")]
+        print(f"READS {kind} rank {rank}: {reads}", flush=True)
+        if rank == 0:
+            assert sorted(metadata_reads) == ["step_00000002/.metadata", "step_00000004/.metadata"]
+        else:
+            assert reads == [], reads
+
+
+def _flat(state) -> dict[str, torch.Tensor]:
+    if isinstance(state, dict):
+        return state
+    return dict(state.model.state_dict())
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     main(name, workdir, r, n)

@@ -160,3 +160,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 def test_four_ranks_save_then_two_load(tmp_path):
     run_ranks("save_sharded", str(tmp_path), 4)
     run_ranks("load_plain", str(tmp_path), 2)
+
+
+def test_a_restore_on_a_shared_root_reads_the_manifest_and_metadata_on_rank_0_only(tmp_path):
+    run_ranks("restore_reads_once", str(tmp_path), 2)

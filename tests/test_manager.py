@@ -368,7 +368,8 @@ def test_a_restore_reads_the_manifest_and_metadata_once(tmp_path, monkeypatch):
     """restore() reads what the checkpoint holds to shape the target, then loads it:
     ``.metadata`` (~100 B per chunk per rank: hundreds of MB at scale) is read once,
     not once for each (issue 17). The small manifest is still read by each step that
-    lists or checks (5 times here)."""
+    lists or checks (5 times here, on rank 0; the other ranks of a shared root read
+    neither: tests/test_distributed.py)."""
     from ckptstore.storage.local import LocalBackend
 
     with ckptstore.CheckpointManager(tmp_path, save=ckptstore.SaveEvery(steps=2)) as mgr:

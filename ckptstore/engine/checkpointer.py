@@ -493,6 +493,8 @@ class Checkpointer:
             name = checkpoint_name(check_step(step))
         backend = self._backend if source is None else source
         preread, self._preread = self._preread, None
+        if not preread or preread[:2] != (backend.url, name):
+            preread = (backend.url, name, *self._read_once(backend, name))
         manifest = load_into(
             state_dict,
             backend,
@@ -502,19 +504,34 @@ class Checkpointer:
             allow_partial=allow_partial,
             allow_cast=allow_cast,
             manifest_key=self.config.manifest_key,
-            preread=preread[2:] if preread and preread[:2] == (backend.url, name) else None,
+            preread=preread[2:],
         )
         return CheckpointInfo(name, f"{backend.url}/{name}", manifest)
 
     def read_metadata(self, step: int, *, source: StorageBackend | None = None) -> Metadata:
         """DCP's metadata of checkpoint ``step`` (what it holds), checked and safely read."""
+        self._check_open()
+        self._drain()  # a collective on the group the writer thread uses
         name = checkpoint_name(check_step(step))
         backend = self._backend if source is None else source
-        manifest = read_manifest(backend, name, manifest_key=self.config.manifest_key)
-        metadata = read_dcp_metadata(backend, name, manifest)
+        manifest, metadata = self._read_once(backend, name)
         # A restore reads the metadata, then loads: the load reads neither again.
         self._preread = (backend.url, name, manifest, metadata)
         return metadata
+
+    def _read_once(self, backend: StorageBackend, name: str) -> tuple[Manifest, Metadata]:
+        """The manifest and DCP metadata of ``name``, checked: read by rank 0 and
+        broadcast where every rank reads the same root (``.metadata`` is hundreds of MB
+        at 1,000 ranks); by each rank where ranks have their own disks (each disk's
+        part has its own)."""
+
+        def read() -> tuple[Manifest, Metadata]:
+            manifest = read_manifest(backend, name, manifest_key=self.config.manifest_key)
+            return manifest, read_dcp_metadata(backend, name, manifest)
+
+        if self._group is None or (backend is self._backend and len(set(self.disks)) > 1):
+            return read()
+        return groups.decide(read, self._group, what=f"read {backend.url}/{name}")
 
     def verify(self, step: int) -> builtins.list[str]:
         """Check every byte of checkpoint ``step``; one line per problem, empty if intact."""

@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.distributed as dist
 
+from ckptstore import errors
 from ckptstore.errors import CkptStoreError
 
 T = TypeVar("T")
@@ -121,21 +122,32 @@ def scatter(values: list[Any] | None, group: dist.ProcessGroup | None) -> Any:
 def decide(fn: Callable[[], T], group: dist.ProcessGroup | None, *, what: str) -> T:
     """Rank 0 runs ``fn`` and every rank of ``group`` gets its result, errors included.
 
-    If ``fn`` raises on rank 0, rank 0 re-raises it and the other ranks raise
-    :class:`~ckptstore.errors.CkptStoreError` saying "rank 0 could not {what}" with its
-    message: no rank is left waiting for a broadcast that never comes.
+    If ``fn`` raises on rank 0, rank 0 re-raises it and the other ranks raise an error
+    saying "rank 0 could not {what}" with its message: of the same class when it is one
+    of ckptstore's (a missing or damaged checkpoint is then one on every rank), else
+    :class:`~ckptstore.errors.CkptStoreError`. No rank is left waiting for a broadcast
+    that never comes.
     """
-    outcome: tuple[str, object] = ("ok", None)
+    outcome: tuple[str, object, str] = ("ok", None, "")
     failure: Exception | None = None
     if rank(group) == 0:
         try:
-            outcome = ("ok", fn())
+            outcome = ("ok", fn(), "")
         except Exception as exc:
             failure = exc
-            outcome = ("error", f"{type(exc).__name__}: {exc}")
-    outcome = cast(tuple[str, object], broadcast(outcome, group))
+            outcome = ("error", f"{type(exc).__name__}: {exc}", type(exc).__name__)
+    outcome = cast(tuple[str, object, str], broadcast(outcome, group))
     if outcome[0] == "error":
         if failure is not None:
             raise failure
-        raise CkptStoreError(f"rank 0 could not {what}: {outcome[1]}")
+        raise _error_class(outcome[2])(f"rank 0 could not {what}: {outcome[1]}")
     return cast(T, outcome[1])
+
+
+def _error_class(name: str) -> type[CkptStoreError]:
+    """ckptstore's error class called ``name`` (one whose first argument is the message),
+    else :class:`CkptStoreError`."""
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, CkptStoreError):
+        return cls
+    return CkptStoreError
