@@ -112,6 +112,12 @@ class CheckpointerConfig:
     backend_options: options for the root's storage backend, e.g. for S3
         ``{"part_bytes": 64 << 20, "parts_in_flight": 8, "read_timeout_s": 60}`` (see
         :class:`~ckptstore.storage.S3Backend`); unknown names are refused when it opens.
+    incremental: tensors byte-identical to this checkpointer's last committed save are
+        not written again: the files holding them are hard-linked into the new
+        checkpoint (local disk; elsewhere every save is full). Off by default while it
+        is proven (:mod:`ckptstore.dcp.incremental`).
+    full_every: with ``incremental``, every this many saves one writes everything
+        (bounds the bytes a chain of links keeps; 0: never).
     """
 
     codec: str | dict[str, Any] = "auto"
@@ -124,6 +130,8 @@ class CheckpointerConfig:
     manifest_key: bytes | None = field(default=None, repr=False)
     backend_options: Mapping[str, Any] | None = None
     worker_nice: int = 5
+    incremental: bool = False
+    full_every: int = 10
 
     def __post_init__(self) -> None:
         if self.backend_options is not None and not isinstance(self.backend_options, Mapping):
@@ -158,6 +166,16 @@ class CheckpointerConfig:
             raise InvalidArgumentError(
                 f"max_staging_bytes must be positive or None, got {self.max_staging_bytes!r}"
             )
+        if not isinstance(self.incremental, bool):
+            raise InvalidArgumentTypeError(
+                f"incremental must be True or False, got {self.incremental!r}"
+            )
+        if (
+            isinstance(self.full_every, bool)
+            or not isinstance(self.full_every, int)
+            or self.full_every < 0
+        ):
+            raise InvalidArgumentError(f"full_every must be an int >= 0, got {self.full_every!r}")
         if self.sweep_grace_s is not None and self.sweep_grace_s < 0:
             raise InvalidArgumentError(f"sweep_grace_s must be >= 0, got {self.sweep_grace_s!r}")
         object.__setattr__(self, "manifest_key", resolve_manifest_key(self.manifest_key))

@@ -52,7 +52,8 @@ def make_state(step: int, numel: int) -> dict[str, Any]:
             "b": torch.arange(37, dtype=torch.int64) + step,
             "h": Randn((3, 5), torch.bfloat16),
         },
-        opt={"m": torch.full((257,), float(step))},
+        # the same every step: what incremental saves link instead of writing
+        opt={"m": torch.full((257,), float(step)), "frozen": torch.arange(60_000) * 0.5},
     )
 
 
@@ -118,6 +119,8 @@ def run_loop(job: dict[str, Any]) -> None:
     root = _open_root(job)
     numel = job["numel"]
     config = {"codec": job.get("codec", "none"), "chunk_bytes": 64 << 10, "threads": 2}
+    if job.get("incremental"):
+        config["incremental"] = True
     baseline = job.get("baseline", 0)
     if baseline:
         with ckptstore.Checkpointer(root, **config) as ckpt:

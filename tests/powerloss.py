@@ -184,6 +184,10 @@ class PowerLossFS:
         self._count(f"renameat2({self.label(src)} -> {self.label(dst)})")
         return bool(_REAL_RENAMEAT2(src, dst))
 
+    def link(self, src: str, dst: str) -> None:
+        self._count(f"link({self.label(src)} -> {self.label(dst)})")
+        os.link(src, dst)  # the same object: its synced content is the source's
+
     def unlink(self, path: str) -> None:
         self._count(f"unlink({self.label(path)})")
         os.unlink(path)
@@ -314,6 +318,7 @@ _OS_NAMES = (
     "close",
     "rename",
     "replace",
+    "link",
     "unlink",
     "remove",
     "rmdir",

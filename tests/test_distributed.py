@@ -164,3 +164,7 @@ def test_four_ranks_save_then_two_load(tmp_path):
 
 def test_a_restore_on_a_shared_root_reads_the_manifest_and_metadata_on_rank_0_only(tmp_path):
     run_ranks("restore_reads_once", str(tmp_path), 2)
+
+
+def test_incremental_saves_on_four_ranks_shared_and_node_local_roots(tmp_path):
+    run_ranks("incremental", str(tmp_path), 4)

@@ -84,6 +84,24 @@ def _op_prune(top: str, run: Callable[[Callable[[], object]], None]) -> None:
     run(lambda: retention.prune(backend, ckptstore.KeepLast(1)))
 
 
+def _op_incremental(top: str, run: Callable[[Callable[[], object]], None]) -> None:
+    """Two saves of one incremental checkpointer: the second links the first's file
+    (issue 19); the power is cut at every call of both."""
+    ckpt = ckptstore.Checkpointer(os.path.join(top, "root"), incremental=True, **CONFIG)
+
+    def two_saves() -> None:
+        ckpt.save(make_state(2, NUMEL), 2)
+        ckpt.save(make_state(3, NUMEL), 3)
+        info = ckpt.latest()
+        assert info is not None and info.manifest.linked, "the second save linked nothing"
+
+    try:
+        run(two_saves)
+    finally:
+        with _quiet():
+            ckpt.close()
+
+
 def _prep_new_root(top: str) -> None:
     pass  # nothing: the save creates root's parents and root itself
 
@@ -102,6 +120,7 @@ SCENARIOS: dict[str, tuple[Any, Any, str, int | None, int | None, int]] = {
     "manager_save_pointer_retention": (_prep_manager, _op_manager, "root", 3, 2, 3),
     "retention_deletes_two": (_prep_prune, _op_prune, "root", 3, 3, 3),
     "first_save_into_new_root": (_prep_new_root, _op_new_root, "a/b/root", 1, None, 1),
+    "incremental_saves": (_prep_save, _op_incremental, "root", 3, 1, 3),
 }
 
 

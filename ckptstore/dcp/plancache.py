@@ -79,6 +79,7 @@ class PlanCache:
         # each part's item table, and the file names it holds: (ranks, others) -> ...
         self.storage: dict[Any, tuple[tuple[str | None, ...], dict[Any, Any]]] = {}
         self._next: dict[str, Any] = {}  # this save's, kept if it goes through
+        self.itemized = False  # every rank sends its results item by item (incremental)
         self.saves = 0  # saves that went through (for tests and benchmarks)
         self.reused = 0  # of those, planned from this cache
 
@@ -111,8 +112,9 @@ class PlanCache:
         return final
 
     def written(self, central: SavePlan, results: list[WriteResult]) -> Any:
-        """What this rank sends for ``results``: ``Written`` if its plan was cached."""
-        if not getattr(central.storage_data, "cached", False):
+        """What this rank sends for ``results``: ``Written`` if its plan was cached
+        (unless ``itemized``: incremental saves move items between files each save)."""
+        if self.itemized or not getattr(central.storage_data, "cached", False):
             return results
         return Written(_fact(results))
 
@@ -135,9 +137,9 @@ class PlanCache:
 
     def drop(self) -> None:
         """The save failed (on any rank): plan the next one from scratch."""
-        saves, reused = self.saves, self.reused
+        saves, reused, itemized = self.saves, self.reused, self.itemized
         self.__init__()  # type: ignore[misc]
-        self.saves, self.reused = saves, reused
+        self.saves, self.reused, self.itemized = saves, reused, itemized
 
     # ---- the coordinator ------------------------------------------------------------
     def expand(self, plans: list[SavePlan]) -> tuple[list[SavePlan], bool]:
@@ -229,7 +231,7 @@ def _fact(results: list[WriteResult]) -> Fact:
     if not results:
         return None
     first = results[0].storage_data
-    return first["file"], first["shard"]
+    return first["shard"].get("name", first["file"]), first["shard"]
 
 
 _OUT_OF_STEP = (

@@ -323,7 +323,7 @@ class CkptStorageWriter(StorageWriter):
         results: list[WriteResult] = []
         if plan.items:
             results = self._write_shard(
-                pending, pending.stored_name(f"{shard_plan.prefix}0.distcp"), plan.items, planner
+                pending, f"{shard_plan.prefix}0.distcp", plan.items, planner
             )
         self.io_seconds = time.perf_counter() - start
         fut: Future[list[WriteResult]] = Future()
@@ -333,10 +333,11 @@ class CkptStorageWriter(StorageWriter):
     def _write_shard(
         self,
         pending: PendingCheckpoint,
-        file_name: str,
+        base_name: str,
         items: list[WriteItem],
         planner: SavePlanner,
     ) -> list[WriteResult]:
+        file_name = pending.stored_name(base_name)
         writer = ShardWriter(
             pending.create_file(file_name),
             self._spec.codec,
@@ -344,32 +345,44 @@ class CkptStorageWriter(StorageWriter):
             chunk_bytes=self._spec.chunk_bytes,
             window=self._spec.window,
         )
-        placed: list[tuple[WriteItem, int, int]] = []
+        placed: list[tuple[str, int]] = []  # each item's file and index in it
+        entries: list[tuple[str, Any, torch.dtype | None]] = []
+        inc = None if self._cache is None or self._spec.overwrite else self._cache.incremental
         try:
             for item in items:
                 data = planner.resolve_data(item)
-                raw: Any
-                dtype: torch.dtype | None
                 if isinstance(data, io.BytesIO):
-                    raw, dtype = data.getvalue(), None
+                    entries.append((item_key(item.index), data.getvalue(), None))
                 else:
-                    raw, dtype = tensor_bytes(data), data.dtype
-                index = writer.add(item_key(item.index), raw, dtype)
-                placed.append((item, index, len(raw) if dtype is None else raw.nbytes))
+                    entries.append((item_key(item.index), tensor_bytes(data), data.dtype))
+            reuse = None
+            if inc is not None:  # incremental saves: link what did not change
+                reuse = inc.plan(pending, entries, self._spec.codec.get_config(), self._pool)
+            for pos, (key, raw, dtype) in enumerate(entries):
+                linked = None if reuse is None else reuse.items.get(pos)
+                placed.append(linked or (file_name, writer.add(key, raw, dtype)))
             info = writer.finish()
         except BaseException:
             writer.abort()
             raise
         self.shard_info = info
+        shard: dict[str, Any] = {
+            "name": file_name,
+            "size_bytes": info.size_bytes,
+            "xxh3_64": info.index_xxh3,
+            "raw_bytes": info.raw_bytes,
+        }
+        if inc is not None and reuse is not None:
+            keys = [e[0] for e in entries]
+            links = inc.written(self._name, (base_name, file_name, info), keys, placed, reuse)
+            if links:
+                shard.update(links=links, raw_bytes=info.raw_bytes + reuse.raw_linked)
         results = []
-        for n, (item, index, nbytes) in enumerate(placed):
-            storage: dict[str, Any] = {"file": file_name, "item": index}
+        for n, (item, (in_file, index)) in enumerate(zip(items, placed, strict=True)):
+            storage: dict[str, Any] = {"file": in_file, "item": index}
             if n == 0:  # the coordinator collects per-file facts from the first result
-                storage["shard"] = {
-                    "size_bytes": info.size_bytes,
-                    "xxh3_64": info.index_xxh3,
-                    "raw_bytes": info.raw_bytes,
-                }
+                storage["shard"] = shard
+            nbytes = len(entries[n][1])
             results.append(
                 WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=storage)
             )
@@ -412,8 +425,8 @@ class CkptStorageWriter(StorageWriter):
         the files ``ranks`` wrote; ``others``' shards, on other disks, listed as the
         part's ``elsewhere``."""
         assert self._pending is not None
-        elsewhere, _ = _files(results.facts, others)
-        files, raw_bytes = _files(results.facts, ranks)
+        elsewhere, _, _ = _files(results.facts, others)
+        files, raw_bytes, linked = _files(results.facts, ranks)
         storage_md = results.storage(tuple(ranks), tuple(others))
 
         def make() -> Metadata:
@@ -466,6 +479,7 @@ class CkptStorageWriter(StorageWriter):
             run_id=spec.run_id,
             lineage=spec.lineage,
             part=None if disk is None else Part(disk, self._disks[0], elsewhere),
+            linked=linked,
         )
         if disk is None or disk == self._disks[0]:
             self.manifest = manifest
@@ -501,14 +515,21 @@ class CkptStorageWriter(StorageWriter):
             part.release()
 
 
-def _files(facts: list[Fact], ranks: Any) -> tuple[dict[str, FileEntry], int]:
-    """The shard files ``ranks`` wrote, and their raw bytes."""
+def _files(facts: list[Fact], ranks: Any) -> tuple[dict[str, FileEntry], int, dict[str, str]]:
+    """The shard files ``ranks`` wrote or linked, their raw bytes, and the linked files'
+    first writers (dcp.incremental)."""
     files: dict[str, FileEntry] = {}
+    linked: dict[str, str] = {}
     raw_bytes = 0
     for rank in ranks:
         fact = facts[rank]
         if fact is not None:
             name, shard = fact
-            files[name] = FileEntry("shard", shard["size_bytes"], shard["xxh3_64"])
+            files[shard.get("name", name)] = FileEntry(
+                "shard", shard["size_bytes"], shard["xxh3_64"]
+            )
             raw_bytes += shard["raw_bytes"]
-    return files, raw_bytes
+            for link, entry in shard.get("links", {}).items():
+                files[link] = FileEntry("shard", entry["size_bytes"], entry["xxh3_64"])
+                linked[link] = entry["from"]
+    return files, raw_bytes, linked

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from ckptstore.codecs import RawCodec, get_codec
 from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import CheckpointerConfig, io_window
+from ckptstore.dcp.incremental import IncrementalCache
 from ckptstore.dcp.writer import SaveSpec
 from ckptstore.engine import groups
 from ckptstore.engine.ops import (
@@ -39,8 +40,7 @@ from ckptstore.engine.ops import (
     check_step,
     list_checkpoints,
     load_into,
-    read_dcp_metadata,
-    read_manifest,
+    read_checked,
     save_staged,
     verify,
 )
@@ -56,7 +56,6 @@ from ckptstore.errors import (
 from ckptstore.format.manifest import Manifest, check_run_id
 from ckptstore.layout import MANIFEST_FILE, checkpoint_name
 from ckptstore.storage import StorageBackend, open_backend
-from ckptstore.units import format_bytes
 
 log = logging.getLogger("ckptstore")
 
@@ -130,6 +129,9 @@ class Checkpointer:
         )
         self._slots = threading.Semaphore(self.config.max_inflight)
         self._save_cache = SaveCache()  # used on the writer thread only
+        if self.config.incremental:
+            self._save_cache.incremental = IncrementalCache(self.config.full_every)
+            self._save_cache.plans.itemized = True
         self._auto = AutoCodec(local=self._backend.capabilities.local, threads=threads)
         self._fixed_codec = None if self.config.codec == "auto" else get_codec(self.config.codec)
         self._errors = ErrorLedger()
@@ -345,18 +347,8 @@ class Checkpointer:
         except BaseException as exc:
             self._fail(pending, exc)
         else:
-            reason = stats.manifest.reason if stats.manifest is not None else None
-            log.info(
-                "%s committed%s: %s -> %s (%s, ratio %.2f), stall %.0f ms, durable after %.2f s",
-                name,
-                f" ({reason})" if reason else "",
-                format_bytes(result.raw_bytes),
-                format_bytes(result.stored_bytes),
-                result.codec,
-                result.ratio,
-                stall_s * 1e3,
-                result.commit_s,
-            )
+            inc = self._save_cache.incremental
+            log.info("%s", result.describe(inc.linked_bytes if inc is not None else 0))
             pending.committed.set_result(result)
         finally:
             self._finish(pending, staged)
@@ -520,18 +512,9 @@ class Checkpointer:
         return metadata
 
     def _read_once(self, backend: StorageBackend, name: str) -> tuple[Manifest, Metadata]:
-        """The manifest and DCP metadata of ``name``, checked: read by rank 0 and
-        broadcast where every rank reads the same root (``.metadata`` is hundreds of MB
-        at 1,000 ranks); by each rank where ranks have their own disks (each disk's
-        part has its own)."""
-
-        def read() -> tuple[Manifest, Metadata]:
-            manifest = read_manifest(backend, name, manifest_key=self.config.manifest_key)
-            return manifest, read_dcp_metadata(backend, name, manifest)
-
-        if self._group is None or (backend is self._backend and len(set(self.disks)) > 1):
-            return read()
-        return groups.decide(read, self._group, what=f"read {backend.url}/{name}")
+        node_local = backend is self._backend and len(set(self.disks)) > 1
+        group = None if node_local else self._group  # each disk's part has its own
+        return read_checked(backend, name, group, self.config.manifest_key)
 
     def verify(self, step: int) -> builtins.list[str]:
         """Check every byte of checkpoint ``step``; one line per problem, empty if intact."""

@@ -19,7 +19,7 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.distributed as dist
 
-from ckptstore import errors
+import ckptstore.errors as errors
 from ckptstore.errors import CkptStoreError
 
 T = TypeVar("T")

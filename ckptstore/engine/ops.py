@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from ckptstore.dcp import driver
 from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp import packs as packs_mod
+from ckptstore.dcp.incremental import IncrementalCache
 from ckptstore.dcp.plancache import PlanCache
 from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
@@ -112,6 +113,8 @@ class SaveCache:
     # rank holds; on a committing rank, the body it holds (ident, bytes)
     handed: dict[int, str] = field(default_factory=dict)
     held: tuple[str, bytes] | None = None
+    # Incremental saves: this rank's last committed save, item by item (None: off)
+    incremental: IncrementalCache | None = None
 
 
 def save_staged(
@@ -158,9 +161,18 @@ def save_staged(
         driver.save(flat, writer, planner, group, cache.plans if cache is not None else None)
     except BaseException:
         writer.abort()
+        if cache is not None and cache.incremental is not None:
+            cache.incremental.drop()
         raise
     if writer.node_local and group is not None:
-        nodelocal.commit_parts(writer, backend, name, group)
+        try:
+            nodelocal.commit_parts(writer, backend, name, group)
+        except BaseException:
+            if cache is not None and cache.incremental is not None:
+                cache.incremental.drop()
+            raise
+    if cache is not None and cache.incremental is not None:
+        cache.incremental.commit()
     shard = writer.shard_info
     return WriteStats(
         manifest=writer.manifest,
@@ -172,6 +184,22 @@ def save_staged(
         total_s=time.perf_counter() - start,
         written=frozenset(writer.written) if group is not None else None,
     )
+
+
+def read_checked(
+    backend: StorageBackend, name: str, group: dist.ProcessGroup | None, key: bytes | None
+) -> tuple[Manifest, Metadata]:
+    """The manifest and DCP metadata of ``name``, checked: read by rank 0 of ``group``
+    and broadcast (``.metadata`` is hundreds of MB at 1,000 ranks; issue 17), so pass a
+    group only where every rank of it reads the same root."""
+
+    def read() -> tuple[Manifest, Metadata]:
+        manifest = read_manifest(backend, name, manifest_key=key)
+        return manifest, read_dcp_metadata(backend, name, manifest)
+
+    if group is None:
+        return read()
+    return groups.decide(read, group, what=f"read {backend.url}/{name}")
 
 
 def load_into(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ckptstore.errors import BackgroundSaveError
 from ckptstore.format.manifest import Manifest
+from ckptstore.units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,18 @@ class SaveResult:
     @property
     def ratio(self) -> float:
         return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+    def describe(self, linked_bytes: int = 0) -> str:
+        """The log line of a committed save (``linked_bytes``: raw bytes not written
+        again, linked from the save before: ckptstore.dcp.incremental)."""
+        reason = self.manifest.reason if self.manifest is not None else None
+        linked = f", {format_bytes(linked_bytes)} unchanged (linked)" if linked_bytes else ""
+        return (
+            f"{self.name} committed{f' ({reason})' if reason else ''}: "
+            f"{format_bytes(self.raw_bytes)} -> {format_bytes(self.stored_bytes)} "
+            f"({self.codec}, ratio {self.ratio:.2f}){linked}, stall {self.stall_s * 1e3:.0f} ms, "
+            f"durable after {self.commit_s:.2f} s"
+        )
 
 
 class _ErrorRecord:

@@ -54,6 +54,14 @@ it lies on, the disk of the rank that commits the checkpoint (rank 0; its part i
 committed last), and the shard files that lie on the other disks, with their sizes and
 checksums. A checkpoint is complete when every disk's part is committed.
 
+**Linked files (incremental saves).** A save that finds some of its tensors
+byte-identical to its last save's does not write them again: it hard-links the shard
+files that hold them into the new checkpoint, and DCP's ``.metadata`` points those
+tensors there. The manifest lists such a file like any other and names, under
+``"linked"``, the checkpoint that first wrote it: ``"linked": {"__0_0-step_00000100.distcp":
+"step_00000100"}``. Every checkpoint is still a directory that holds every byte it
+needs: deleting one never touches another's data (the file system counts the links).
+
 For ``kind: "file"`` the checksum is of the whole file. A ``"shard"`` is covered by a
 hash tree: the manifest holds the checksum of the shard's index, and the index holds the
 checksum of every chunk (``ckptstore.format.shard``). Nothing is hashed twice on save.
@@ -136,6 +144,14 @@ class Manifest:
     run_id: str | None = None  # the run that wrote it (see module doc); None: not recorded
     lineage: tuple[str, ...] = ()  # the runs it branched from, nearest first (module doc)
     part: Part | None = None  # a node-local disk's part of the checkpoint (module doc)
+    # Incremental saves: shard files this checkpoint shares with earlier ones (hard
+    # links), by name, and the checkpoint that first wrote each (module doc)
+    linked: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def owned_bytes(self) -> int:
+        """Stored bytes of the files this checkpoint wrote itself (not ``linked``)."""
+        return sum(e.size_bytes for n, e in self.files.items() if n not in self.linked)
 
     @property
     def ratio(self) -> float:
@@ -175,6 +191,7 @@ class Manifest:
             **({"run_id": self.run_id} if self.run_id is not None else {}),
             **({"lineage": list(self.lineage)} if self.lineage else {}),
             **({"part": self.part.to_json()} if self.part is not None else {}),
+            **({"linked": dict(sorted(self.linked.items()))} if self.linked else {}),
         }
 
     def to_json(self, key: bytes | None = None) -> bytes:
@@ -275,6 +292,13 @@ class Manifest:
         for k, v in metrics.items():
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise TypeError(f"metric {k!r} must be a number or null")
+        linked = body.get("linked", {})
+        if not isinstance(linked, dict):
+            raise TypeError("linked must be an object")
+        for name, origin in linked.items():
+            if name not in files or files[name].kind != "shard":
+                raise ValueError(f"linked file {name!r} is not a shard the manifest lists")
+            check_name(origin, what="checkpoint name")
         return cls(
             step=None if body["step"] is None else _nonneg_int(body["step"], "step"),
             world_size=_nonneg_int(body["world_size"], "world_size"),
@@ -292,6 +316,7 @@ class Manifest:
             run_id=run_id,
             lineage=tuple(lineage),
             part=part,
+            linked=dict(linked),
         )
 
 

@@ -74,6 +74,22 @@ def _renameat2(src: str, dst: str, flags: int) -> bool:
     raise OSError(code, os.strerror(code), dst)
 
 
+def link_all(pairs: list[tuple[str, str]]) -> bool:
+    """Hard-link each ``(source, target)``: all of them, or none (False; the links made
+    are removed) where one fails: no hard links here, another file system, a source gone."""
+    made: list[str] = []
+    try:
+        for source, target in pairs:
+            os.link(source, target)
+            made.append(target)
+    except OSError:
+        for target in made:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+        return False
+    return True
+
+
 def fsync_dir(path: str) -> None:
     """fsync the directory ``path``: its entries (creations, renames) become durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -212,6 +212,13 @@ class PendingCheckpoint(ABC):
             sink.abort()
             raise
 
+    def link_files(self, links: dict[str, str]) -> bool:
+        """Make each file ``name`` of this checkpoint share the bytes of ``links[name]``
+        (``"<checkpoint>/<file>"`` under the same root, committed): all of them or
+        none. False where the store cannot (no hard links, another file system, the
+        source gone): the caller then writes the bytes. Incremental saves use it."""
+        return False
+
     @abstractmethod
     def commit(self, manifest: bytes) -> None:
         """Write the manifest and make the checkpoint visible, atomically and durably.

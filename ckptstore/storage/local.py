@@ -6,19 +6,16 @@ write files -> fsync each file -> write manifest, fsync it -> fsync the temp dir
 committed checkpoint) -> fsync the root. An fsync error fails the checkpoint and is
 never retried: after one, Linux may have dropped the dirty pages and a second fsync
 can report success for data that is gone. A rename that reports an error but took
-effect (the temp directory gone, the final name holding this manifest) counts as done:
-a save reports success exactly when its checkpoint is listed and durable.
+effect (the final name holding this manifest) counts as done: a save reports success
+exactly when its checkpoint is listed and durable.
 
 Large files are written with O_DIRECT where the file system supports it (the sink, the
-rename and the directory fsync live in :mod:`ckptstore.storage._direct_io`). Every OS
-call goes through this module's globals (``os``, ``fcntl``, ``shutil``, ``fsync_dir``,
-``renameat2_noreplace``) or that module's: the fault-injection and power-loss tests
-replace exactly those.
-
-Each temp directory holds a ``.lock`` file ``flock``-ed by the process that writes it
-(removed just before the rename). The lock dies with the process (even on SIGKILL), so
-:meth:`LocalBackend.sweep` can tell a dead save's leftovers from a live one's, in this
-process or another. On a file system without locks, sweep goes by age alone.
+rename, links and the directory fsync live in :mod:`ckptstore.storage._direct_io`). Every
+OS call goes through this module's globals (``os``, ``fcntl``, ``shutil``, ``fsync_dir``,
+``renameat2_noreplace``) or that module's: the fault and power-loss tests replace those.
+Each temp directory holds a ``.lock`` file ``flock``-ed by its writer (removed just before
+the rename); it dies with the process (even on SIGKILL), so :meth:`LocalBackend.sweep`
+tells a dead save's leftovers from a live one's; without locks, by age alone.
 """
 
 from __future__ import annotations
@@ -56,6 +53,7 @@ from ckptstore.storage._direct_io import (
     O_DIRECT,
     DirectFileSink,
     fsync_dir,
+    link_all,
     renameat2_exchange,
     renameat2_noreplace,
 )
@@ -156,6 +154,10 @@ class _LocalPending(PendingCheckpoint):
             except OSError as exc:
                 raise storage_error(exc, "create directory", os.path.dirname(path)) from exc
         return DirectFileSink(path, direct=self._backend.direct_io)
+
+    def link_files(self, links: dict[str, str]) -> bool:
+        root = self._backend.root  # the commit's fsync of self._dir makes the links durable
+        return link_all([(os.path.join(root, check_name(s)), os.path.join(self._dir, check_name(n))) for n, s in links.items()])  # fmt: skip
 
     def commit(self, manifest: bytes) -> None:
         if self._final is None:

@@ -184,6 +184,23 @@ class _FsspecPending(PendingCheckpoint):
         self._written.append(path)
         return self._backend.create_sink(path, size_hint)
 
+    def link_files(self, links: dict[str, str]) -> bool:
+        # No links in an object store: a copy inside the store (S3's CopyObject), which
+        # sends no bytes from this machine; each checkpoint keeps its own copy.
+        made: list[str] = []
+        try:
+            for name, source in links.items():
+                path = self._backend.store_path(f"{self.name}/{check_name(name)}")
+                self._backend.fs.copy(self._backend.store_path(source), path)
+                made.append(path)
+        except Exception:
+            for path in made:
+                with contextlib.suppress(Exception):
+                    self._backend.fs.rm_file(path)
+            return False
+        self._written.extend(made)
+        return True
+
     def commit(self, manifest: bytes) -> None:
         if not self._coordinator:
             raise InvalidOperationError("only the rank that began a checkpoint commits it")

@@ -1,0 +1,159 @@
+"""Incremental saves: what did not change since this rank's last save is linked, not
+written again (issue 19).
+
+Every item a rank writes (a tensor, a tensor's shard, a pack of small tensors, a pickled
+value) is hashed whole before it is encoded: xxh3 of its raw bytes, on the codec pool,
+never on the training thread (~13 GB/s a core here, against ~1.3 GB/s for zstd). An
+item whose key, dtype, size, codec and hash are those of the same item in this rank's
+last committed save is not written: the shard file that holds it in that checkpoint is
+hard-linked into the new one (:meth:`PendingCheckpoint.link_files`) under a name that
+says which checkpoint first wrote it (``__0_0-step_00000100.distcp``), and DCP's
+``.metadata`` points the item there. The manifest lists the linked file like any other,
+and names its first writer under ``"linked"`` (:mod:`ckptstore.format.manifest`).
+
+So every checkpoint is still a directory holding every byte it needs: every reader,
+``verify``, retention and deletion work on it as on any other, and deleting the
+checkpoint that first wrote the frozen weights leaves every later one loadable (the file
+system counts the links). A linked file also holds its first save's items that changed
+since (they are not read); a full save every ``full_every`` saves bounds those stale bytes.
+
+Where links cannot be made (object stores, a file system without hard links) the save
+writes everything, as without this. What this rank remembers is its last *committed*
+save, in memory: the first save after a restart is a full one.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptstore.format.checksum import digest
+from ckptstore.format.shard import ShardInfo
+
+
+@dataclass(frozen=True)
+class _Held:
+    """Where an item of the last save lies, and what it was."""
+
+    file: str  # the name its file gets when linked into the next checkpoint
+    item: int  # its index in that file
+    digest: str  # xxh3 of its raw bytes
+    kind: str  # dtype, size and codec, as one string
+
+
+@dataclass(frozen=True)
+class _File:
+    """A shard file of the last save, linkable into the next one."""
+
+    source: str  # "<last checkpoint>/<its name there>"
+    origin: str  # the checkpoint that first wrote it
+    size_bytes: int
+    xxh3_64: str
+
+
+@dataclass
+class Reuse:
+    """One save's decision for one rank's shard: which items it links, from where."""
+
+    digests: list[str]
+    kinds: list[str]
+    items: dict[int, tuple[str, int]] = field(default_factory=dict)  # position -> (file, item)
+    links: dict[str, _File] = field(default_factory=dict)  # file name -> the file linked
+    raw_linked: int = 0  # raw bytes of the items linked
+    stored: dict[str, str] = field(default_factory=dict)  # stored name -> file name
+
+
+class IncrementalCache:
+    """One rank's memory of its last committed save (module doc); writer thread only."""
+
+    def __init__(self, full_every: int = 10) -> None:
+        self.full_every = full_every
+        self._items: dict[str, _Held] = {}
+        self._files: dict[str, _File] = {}
+        self._since_full = 0
+        self._next: tuple[dict[str, _Held], dict[str, _File], bool] | None = None
+        self.linked_bytes = 0  # raw bytes the last save linked (for tests, benchmarks)
+
+    def plan(
+        self,
+        pending: Any,
+        entries: list[tuple[str, Any, Any]],
+        codec: dict[str, Any],
+        pool: Executor,
+    ) -> Reuse:
+        """Hash ``entries`` (key, raw bytes, dtype) and link what the last save holds
+        unchanged into ``pending``."""
+        cfg = json.dumps(codec, sort_keys=True)
+        reuse = Reuse(
+            list(pool.map(lambda e: digest(e[1]), entries)),
+            [f"{e[2]}|{len(e[1])}|{cfg}" for e in entries],
+        )
+        if not self._items or (self.full_every > 0 and self._since_full + 1 >= self.full_every):
+            return reuse  # a full save
+        for pos, (key, raw, _) in enumerate(entries):
+            held = self._items.get(key)
+            if held is not None and (held.digest, held.kind) == (
+                reuse.digests[pos],
+                reuse.kinds[pos],
+            ):
+                reuse.items[pos] = (held.file, held.item)
+                reuse.links[held.file] = self._files[held.file]
+                reuse.raw_linked += len(raw)
+        # Each file is linked under this attempt's name for it (object stores make
+        # names unique per attempt: PendingCheckpoint.stored_name)
+        stored = {name: pending.stored_name(name) for name in reuse.links}
+        if reuse.links and not pending.link_files(
+            {stored[name]: f.source for name, f in reuse.links.items()}
+        ):
+            reuse.items, reuse.links, reuse.raw_linked = {}, {}, 0
+        reuse.items = {pos: (stored[f], i) for pos, (f, i) in reuse.items.items()}
+        reuse.stored = {stored[name]: name for name in reuse.links}
+        return reuse
+
+    def written(
+        self,
+        checkpoint: str,
+        shard: tuple[str, str, ShardInfo],
+        keys: list[str],
+        placed: list[tuple[str, int]],
+        reuse: Reuse,
+    ) -> dict[str, Any]:
+        """Note where checkpoint ``checkpoint`` holds each item (``placed[pos]``: the
+        stored file and item of ``keys[pos]``; ``shard``: the file this save wrote, its
+        name and stored name, and info), to be compared with if the save commits.
+        Returns the linked files' facts, by stored name."""
+        name, own, info = shard
+        stem, ext = posixpath.splitext(name)
+        renamed = {own: f"{stem}-{checkpoint}{ext}", **reuse.stored}  # stored -> file name
+        files = {
+            renamed[s]: _File(f"{checkpoint}/{s}", f.origin, f.size_bytes, f.xxh3_64)
+            for s, f in ((s, reuse.links[n]) for s, n in reuse.stored.items())
+        }
+        files[renamed[own]] = _File(
+            f"{checkpoint}/{own}", checkpoint, info.size_bytes, info.index_xxh3
+        )
+        items = {
+            key: _Held(renamed[f], i, reuse.digests[pos], reuse.kinds[pos])
+            for pos, (key, (f, i)) in enumerate(zip(keys, placed, strict=True))
+        }
+        self._next = (items, files, not reuse.items)
+        self.linked_bytes = reuse.raw_linked
+        return {
+            s: {"size_bytes": f.size_bytes, "xxh3_64": f.xxh3_64, "from": f.origin}
+            for s, f in ((s, reuse.links[n]) for s, n in reuse.stored.items())
+        }
+
+    def commit(self) -> None:
+        """The save committed on every rank: the next one compares with it."""
+        if self._next is None:
+            return
+        self._items, self._files, full = self._next
+        self._next = None
+        self._since_full = 0 if full else self._since_full + 1
+
+    def drop(self) -> None:
+        """The save failed: the next compares with the last committed one, as before."""
+        self._next = None

@@ -1,0 +1,168 @@
+"""Incremental saves (issue 19): tensors byte-identical to the last save are linked into
+the new checkpoint, not written again; every checkpoint still loads and verifies alone,
+and deleting the one that first wrote them leaves the later ones whole."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+import ckptstore
+import ckptstore.storage._direct_io as direct_io_mod
+from ckptstore.format.shard import ShardWriter
+
+FROZEN = 8  # tensors of 1 MiB each that never change
+
+
+def frozen_state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return {f"frozen.{i}": torch.randn(256, 1024, generator=g) for i in range(FROZEN)}
+
+
+def state_at(step: int, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    return {**frozen, "adapter": torch.randn(64, 64, generator=g), "step": torch.tensor(step)}
+
+
+def files_of(root: str, step: int) -> dict[str, os.stat_result]:
+    d = os.path.join(root, f"step_{step:08d}")
+    return {f: os.stat(os.path.join(d, f)) for f in os.listdir(d)}
+
+
+def load_equal(ckpt: ckptstore.Checkpointer, step: int, want: dict[str, torch.Tensor]) -> None:
+    got = {k: torch.zeros_like(v) for k, v in want.items()}
+    ckpt.load(got, step)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), f"step {step}: {k} differs"
+    assert ckpt.verify(step) == []
+
+
+def test_unchanged_tensors_are_linked_not_written(root):
+    frozen = frozen_state()
+    saved = {}
+    with ckptstore.Checkpointer(root, codec="zstd", incremental=True) as ckpt:
+        results = []
+        for step in range(1, 5):
+            saved[step] = {k: v.clone() for k, v in state_at(step, frozen).items()}
+            results.append(ckpt.save(state_at(step, frozen), step=step))
+        full = results[0].stored_bytes
+        for r in results[1:]:
+            # only the adapter and the step counter are written again
+            assert r.stored_bytes < 0.01 * full, (r.stored_bytes, full)
+        first = files_of(root, 1)["__0_0.distcp"]
+        for step in (2, 3, 4):
+            info = ckpt.list()[step - 1]
+            linked = info.manifest.linked
+            assert linked == {"__0_0-step_00000001.distcp": "step_00000001"}, linked
+            shared = files_of(root, step)["__0_0-step_00000001.distcp"]
+            assert (shared.st_ino, shared.st_dev) == (first.st_ino, first.st_dev)
+            assert info.manifest.owned_bytes < 0.01 * full
+            load_equal(ckpt, step, saved[step])
+
+
+def test_deleting_the_checkpoint_that_wrote_the_frozen_weights_keeps_the_later_ones(root):
+    frozen = frozen_state()
+    saved = {}
+    with ckptstore.CheckpointManager(
+        root, keep=ckptstore.KeepLast(2), incremental=True, codec="none"
+    ) as mgr:
+        for step in range(5):  # checkpoints of 1..5 steps done
+            saved[step + 1] = {k: v.clone() for k, v in state_at(step, frozen).items()}
+            mgr.save(step, state_at(step, frozen))
+            mgr.wait()
+    assert sorted(n for n in os.listdir(root) if n.startswith("step_")) == [
+        "step_00000004",
+        "step_00000005",
+    ]
+    with ckptstore.Checkpointer(root) as ckpt:
+        for step in (4, 5):
+            assert ckpt.list()[step - 4].manifest.linked  # still sharing step 1's bytes
+            load_equal(ckpt, step, saved[step])
+
+
+def test_a_state_that_changes_entirely_links_nothing(root):
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        sizes = []
+        for step in range(1, 4):
+            state = state_at(step, {f"w{i}": torch.randn(1000) for i in range(4)})
+            sizes.append(ckpt.save(state, step=step).stored_bytes)
+            assert not ckpt.latest().manifest.linked
+        assert len(set(sizes)) == 1  # every save is a full one
+
+
+def test_every_full_every_saves_one_writes_everything(root):
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=3) as ckpt:
+        linked = []
+        for step in range(1, 8):
+            ckpt.save(state_at(step, frozen), step=step)
+            linked.append(bool(ckpt.latest().manifest.linked))
+    assert linked == [False, True, True, False, True, True, False]
+
+
+def test_where_links_cannot_be_made_the_save_writes_everything(root, monkeypatch):
+    frozen = frozen_state()
+    want = {k: v.clone() for k, v in state_at(2, frozen).items()}
+
+    def no_links(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        full = ckpt.save(state_at(1, frozen), step=1).stored_bytes
+        monkeypatch.setattr(direct_io_mod.os, "link", no_links)
+        result = ckpt.save(state_at(2, frozen), step=2)
+        assert not ckpt.latest().manifest.linked
+        assert result.stored_bytes == full
+        monkeypatch.undo()
+        load_equal(ckpt, 2, want)
+        assert sorted(files_of(root, 2)) == [".metadata", "__0_0.distcp", "manifest.json"]
+
+
+def test_a_failed_save_is_not_what_the_next_one_links_from(root, monkeypatch):
+    frozen = frozen_state()
+    want = {k: v.clone() for k, v in state_at(4, frozen).items()}
+    real_finish = ShardWriter.finish
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        ckpt.save(state_at(1, frozen), step=1)
+        ckpt.save(state_at(2, frozen), step=2)
+
+        def failing(self):
+            self.abort()
+            raise ckptstore.errors.StorageError(errno.EIO, "injected")
+
+        monkeypatch.setattr(ShardWriter, "finish", failing)
+        with pytest.raises(ckptstore.CkptStoreError):
+            ckpt.save(state_at(3, frozen), step=3)
+        monkeypatch.setattr(ShardWriter, "finish", real_finish)
+        ckpt.save(state_at(4, frozen), step=4)
+        assert [i.step for i in ckpt.list()] == [1, 2, 4]
+        assert ckpt.latest().manifest.linked == {"__0_0-step_00000001.distcp": "step_00000001"}
+        load_equal(ckpt, 4, want)
+
+
+def test_incremental_saves_to_s3_copy_inside_the_store(s3_server, s3_bucket):
+    """Object stores have no hard links: the unchanged file is copied by the store
+    (CopyObject), nothing uploaded again."""
+    frozen = frozen_state()
+    url = f"s3://{s3_bucket}/run"
+    saved = {}
+    with ckptstore.Checkpointer(url, codec="none", incremental=True) as ckpt:
+        results = []
+        for step in range(1, 4):
+            saved[step] = {k: v.clone() for k, v in state_at(step, frozen).items()}
+            results.append(ckpt.save(state_at(step, frozen), step=step))
+        assert results[2].stored_bytes < 0.01 * results[0].stored_bytes
+        linked = ckpt.latest().manifest.linked
+        assert list(linked.values()) == ["step_00000001"], linked
+        for step in (1, 2, 3):
+            load_equal(ckpt, step, saved[step])
+
+
+def test_the_option_is_checked():
+    with pytest.raises(ckptstore.InvalidArgumentError, match="incremental"):
+        ckptstore.CheckpointerConfig(incremental="yes")
+    with pytest.raises(ckptstore.InvalidArgumentError, match="full_every"):
+        ckptstore.CheckpointerConfig(full_every=-1)
