@@ -160,6 +160,11 @@ def copy_checkpoint(
         progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
     pending = dst.begin(target)
     try:
+        linked = _held_by(dst, manifest, target, manifest_key)
+        if linked and pending.link_files(linked):  # incremental: only what dst lacks
+            files = [(f, e) for f, e in files if f not in linked]
+            if progress is not None:
+                progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
         job = _CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)
         job.copy_all(files, threads)
         pending.commit(manifest_bytes)
@@ -176,6 +181,20 @@ def copy_checkpoint(
             dst.delete(target)
             raise CorruptCheckpointError(f"the copy from {src.url} is damaged: {problems[0]}")
     return manifest
+
+
+def _held_by(
+    dst: StorageBackend, manifest: Manifest, target: str, key: bytes | None
+) -> dict[str, str]:
+    """Linked files (incremental saves) that another checkpoint in ``dst`` lists with
+    the same size and checksum: their name -> ``"<checkpoint>/<file>"`` there."""
+    if not manifest.linked:
+        return {}
+    from ckptstore.engine.listing import list_checkpoints
+
+    there = {(e.size_bytes, e.xxh3_64): f"{i.name}/{f}" for i in list_checkpoints(dst, manifest_key=key) if i.name != target for f, e in i.manifest.files.items() if e.kind == "shard"}  # fmt: skip
+    wanted = {f: (manifest.files[f].size_bytes, manifest.files[f].xxh3_64) for f in manifest.linked}
+    return {f: there[k] for f, k in wanted.items() if k in there}
 
 
 @dataclass

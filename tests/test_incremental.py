@@ -166,3 +166,55 @@ def test_the_option_is_checked():
         ckptstore.CheckpointerConfig(incremental="yes")
     with pytest.raises(ckptstore.InvalidArgumentError, match="full_every"):
         ckptstore.CheckpointerConfig(full_every=-1)
+
+
+def test_the_backup_uploads_only_what_the_remote_lacks_and_a_fresh_machine_restores(
+    tmp_path, s3_server, s3_bucket, monkeypatch
+):
+    """The backup tier copies a linked file inside the store from the checkpoint there
+    that holds it (nothing uploaded again); a new machine with an empty disk restores
+    the newest checkpoint bit-exact, and later pulls link what it already has."""
+    from ckptstore import transfer
+
+    uploaded: list[str] = []
+    real_copy = transfer._CopyJob.copy
+
+    def counting(self, fname, *args):
+        where = "local" if self.dst.capabilities.local else "s3"
+        uploaded.append(f"{where}:{self.dst_name}/{fname}")
+        return real_copy(self, fname, *args)
+
+    monkeypatch.setattr(transfer._CopyJob, "copy", counting)
+    frozen = frozen_state()
+    url = f"s3://{s3_bucket}/run"
+    saved = {}
+    with ckptstore.CheckpointManager(
+        tmp_path / "a", backup=url, incremental=True, codec="none"
+    ) as mgr:
+        for step in range(4):
+            saved[step + 1] = {k: v.clone() for k, v in state_at(step, frozen).items()}
+            mgr.save(step, state_at(step, frozen))
+            mgr.wait()
+            assert mgr.wait_backup() == []
+    to_s3 = [u for u in uploaded if u.startswith("s3:")]
+    shards = sorted(u for u in to_s3 if u.endswith(".distcp"))
+    # step 1's shard once; after it, only each save's own small file
+    assert shards == [f"s3:step_{s:08d}/__0_0.distcp" for s in range(1, 5)], to_s3
+    remote = ckptstore.storage.open_backend(url)
+    with ckptstore.Checkpointer(remote) as on_s3:
+        assert on_s3.latest().manifest.linked == {"__0_0-step_00000001.distcp": "step_00000001"}
+        load_equal(on_s3, 4, saved[4])
+    # A fresh machine: nothing on its disk; restore comes from the backup.
+    uploaded.clear()
+    target = {k: torch.zeros_like(v) for k, v in saved[4].items()}
+    with ckptstore.CheckpointManager(tmp_path / "b", backup=url) as mgr:
+        assert mgr.restore(target) == 4
+    for k, v in saved[4].items():
+        assert torch.equal(target[k], v), k
+    # A later pull of another checkpoint of the chain links what that disk already has.
+    uploaded.clear()
+    local_b = ckptstore.storage.open_backend(str(tmp_path / "b"))
+    transfer.copy_checkpoint(remote, local_b, "step_00000003")
+    assert [u for u in uploaded if u.endswith(".distcp")] == ["local:step_00000003/__0_0.distcp"]
+    with ckptstore.Checkpointer(local_b) as here:
+        load_equal(here, 3, saved[3])
