@@ -218,3 +218,35 @@ def test_the_backup_uploads_only_what_the_remote_lacks_and_a_fresh_machine_resto
     assert [u for u in uploaded if u.endswith(".distcp")] == ["local:step_00000003/__0_0.distcp"]
     with ckptstore.Checkpointer(local_b) as here:
         load_equal(here, 3, saved[3])
+
+
+def test_a_few_unchanged_tensors_do_not_pin_a_whole_earlier_shard(root):
+    """Linking a file keeps all of it on disk: it is linked only when what is used from
+    it is at least half of it. A small unchanged buffer beside weights that all change
+    is written again; no bytes beyond a full save."""
+    buffer = torch.arange(1000.0)
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        sizes = [
+            ckpt.save({"buffer": buffer, "w": torch.randn(100_000)}, step=s).stored_bytes
+            for s in (1, 2, 3)
+        ]
+        assert not ckpt.latest().manifest.linked
+    assert len(set(sizes)) == 1
+
+
+def test_ls_and_info_say_what_is_shared(root, capsys):
+    from ckptstore.cli.main import main
+
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(state_at(step, frozen), step=step)
+    assert main(["ls", root]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "3 committed checkpoint(s), 25.2" in out
+        and "MB on disk: incremental saves share files" in out
+    ), out
+    assert main(["info", root]) == 0
+    out = capsys.readouterr().out
+    assert "written by this save; the rest shared with step_00000001" in out, out

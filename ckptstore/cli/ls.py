@@ -187,6 +187,20 @@ def tag(
         entry.tags = [t for t in TAG_ORDER if t in tags]
 
 
+def disk_bytes(manifests: list[Any]) -> int:
+    """The stored bytes of these checkpoints on local disk, where incremental saves
+    hard-link files: a shard file listed by several (same size and checksum) once."""
+    seen: set[tuple[int, str]] = set()
+    total = 0
+    for m in manifests:
+        for e in m.files.values():
+            if e.kind == "shard" and (e.size_bytes, e.xxh3_64) in seen:
+                continue
+            seen.add((e.size_bytes, e.xxh3_64))
+            total += e.size_bytes
+    return total
+
+
 def entry_json(e: Entry) -> dict[str, Any]:
     m = e.manifest
     out: dict[str, Any] = {"name": e.name, "url": e.url, "status": e.status, "step": e.step}
@@ -197,6 +211,7 @@ def entry_json(e: Entry) -> dict[str, Any]:
             created=iso_utc(m.created_unix_s),
             reason=m.reason,
             stored_bytes=m.stored_bytes,
+            owned_bytes=m.owned_bytes,
             raw_bytes=m.raw_bytes,
             ratio=round(m.ratio, 6),
             codec=m.codec.get("id"),
@@ -254,7 +269,11 @@ def run(args: argparse.Namespace) -> int:
     print(table(rows, header, right=(1, 2, 5, 6)))
     committed = [e for e in entries if e.status == "committed"]
     total = sum(e.manifest.stored_bytes for e in committed if e.manifest)
-    print(f"{len(committed)} committed checkpoint(s), {size(total)}, under {backend.url}")
+    shared = disk_bytes([e.manifest for e in committed if e.manifest])
+    alone = ""
+    if backend.capabilities.local and shared < total:
+        alone = f" ({size(shared)} on disk: incremental saves share files)"
+    print(f"{len(committed)} committed checkpoint(s), {size(total)}{alone}, under {backend.url}")
     if metric is not None:
         print(f"best: by {metric} ({mode})")
     pointed = pointer.read_latest(backend)

@@ -24,6 +24,7 @@ save, in memory: the first save after a restart is a full one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 from concurrent.futures import Executor
@@ -52,6 +53,13 @@ class _File:
     origin: str  # the checkpoint that first wrote it
     size_bytes: int
     xxh3_64: str
+    raw_bytes: int  # of every item it holds, those no save uses any more included
+
+
+# A file is linked only if the items used from it hold at least this share of its raw
+# bytes: what a link keeps alive is then at most twice what it saves writing (a few
+# unchanged buffers do not pin a whole earlier shard on disk).
+MIN_USED = 0.5
 
 
 @dataclass
@@ -93,6 +101,7 @@ class IncrementalCache:
         )
         if not self._items or (self.full_every > 0 and self._since_full + 1 >= self.full_every):
             return reuse  # a full save
+        used: dict[str, int] = {}
         for pos, (key, raw, _) in enumerate(entries):
             held = self._items.get(key)
             if held is not None and (held.digest, held.kind) == (
@@ -100,8 +109,11 @@ class IncrementalCache:
                 reuse.kinds[pos],
             ):
                 reuse.items[pos] = (held.file, held.item)
-                reuse.links[held.file] = self._files[held.file]
-                reuse.raw_linked += len(raw)
+                used[held.file] = used.get(held.file, 0) + len(raw)
+        worth = {f for f, n in used.items() if n >= MIN_USED * self._files[f].raw_bytes}
+        reuse.items = {pos: fi for pos, fi in reuse.items.items() if fi[0] in worth}
+        reuse.links = {f: self._files[f] for f in worth}
+        reuse.raw_linked = sum(used[f] for f in worth)
         # Each file is linked under this attempt's name for it (object stores make
         # names unique per attempt: PendingCheckpoint.stored_name)
         stored = {name: pending.stored_name(name) for name in reuse.links}
@@ -129,11 +141,11 @@ class IncrementalCache:
         stem, ext = posixpath.splitext(name)
         renamed = {own: f"{stem}-{checkpoint}{ext}", **reuse.stored}  # stored -> file name
         files = {
-            renamed[s]: _File(f"{checkpoint}/{s}", f.origin, f.size_bytes, f.xxh3_64)
+            renamed[s]: dataclasses.replace(f, source=f"{checkpoint}/{s}")
             for s, f in ((s, reuse.links[n]) for s, n in reuse.stored.items())
         }
         files[renamed[own]] = _File(
-            f"{checkpoint}/{own}", checkpoint, info.size_bytes, info.index_xxh3
+            f"{checkpoint}/{own}", checkpoint, info.size_bytes, info.index_xxh3, info.raw_bytes
         )
         items = {
             key: _Held(renamed[f], i, reuse.digests[pos], reuse.kinds[pos])

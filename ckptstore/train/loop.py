@@ -152,6 +152,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     c.add_argument("--backup", default=None, help="back checkpoints up to this URL (s3://...)")
     c.add_argument("--codec", default="auto", choices=["auto", "none", "zstd"])
+    c.add_argument(
+        "--incremental",
+        action="store_true",
+        help="write only tensors that changed since the last save; the rest is linked "
+        "from it (hard links on local disk, copies inside the store on S3)",
+    )
     ap.add_argument("--report", default=None, help=argparse.SUPPRESS)  # JSON, for tests
     ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -331,6 +337,7 @@ def _train(run: Run) -> int:
         best_metric="val_loss",
         backup=args.backup,
         codec=args.codec,
+        incremental=args.incremental,
     )
     try:
         return _loop(run, mgr, state, cfg, source, train_tokens, val_tokens, total)
