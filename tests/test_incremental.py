@@ -250,3 +250,38 @@ def test_ls_and_info_say_what_is_shared(root, capsys):
     assert main(["info", root]) == 0
     out = capsys.readouterr().out
     assert "written by this save; the rest shared with step_00000001" in out, out
+
+
+def test_a_full_save_on_demand_links_nothing(root):
+    frozen = frozen_state()
+    with ckptstore.CheckpointManager(root, incremental=True, codec="none") as mgr:
+        mgr.save(0, state_at(0, frozen)).wait()
+        mgr.save(1, state_at(1, frozen), full=True).wait()
+        mgr.save(2, state_at(2, frozen)).wait()
+    with ckptstore.Checkpointer(root) as ckpt:
+        linked = [i.manifest.linked for i in ckpt.list()]
+    assert linked == [{}, {}, {"__0_0-step_00000002.distcp": "step_00000002"}], linked
+
+
+def test_tensors_whose_version_moved_are_written_without_hashing_and_the_hash_decides_the_rest(
+    root,
+):
+    """Cheap detection first: a tensor changed in place (its version counter moved) is
+    written without being hashed. The hash is the truth for the rest: a change that
+    bypasses the version counter (through ``.data``) is still caught."""
+    w = torch.randn(100_000)
+    frozen = torch.randn(100_000)
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        inc = ckpt._save_cache.incremental
+        ckpt.save({"w": w, "frozen": frozen}, step=1)
+        assert inc.hashed_bytes == 800_000  # the first save hashes everything
+        w.add_(1.0)  # in place: its version counter moves
+        ckpt.save({"w": w, "frozen": frozen}, step=2)
+        assert inc.hashed_bytes == 400_000  # only frozen was hashed, and linked
+        assert ckpt.latest().manifest.linked
+        frozen.data.add_(1.0)  # no version bump
+        w.add_(1.0)
+        ckpt.save({"w": w, "frozen": frozen}, step=3)
+        assert inc.hashed_bytes == 400_000
+        assert not ckpt.latest().manifest.linked  # the hash saw frozen change
+        load_equal(ckpt, 3, {"w": w.clone(), "frozen": frozen.clone()})

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ckptstore.bench import contenders as cont
-from ckptstore.bench.common import gpt_config_for, machine_info, write_json
+from ckptstore.bench.common import gpt_config_for, machine_info, parse_size, write_json
 from ckptstore.bench.compare import compare
 from ckptstore.bench.report import command_line, markdown, redact
 from ckptstore.bench.workload import build_workload
@@ -51,6 +51,8 @@ USAGE = 2
 SCALING_NAMES = ["torch_save", "dcp_save", "ckptstore_none", "ckptstore_zstd"]
 SMOKE = {
     "size": "1MB",
+    "incremental_size": "8MB",
+    "incremental_saves": 3,
     "runs": 1,
     "load_runs": 1,
     "scaling_sizes": "1MB,2MB,4MB",
@@ -146,6 +148,19 @@ def parser() -> argparse.ArgumentParser:
         default=2,
         help="torch threads of the --interference compute loop (%(default)s)",
     )
+    ap.add_argument(
+        "--incremental",
+        action="store_true",
+        help="instead of the GPT workload: incremental saves against full ones, fine-tuning "
+        "(95%% of the bytes frozen) and full training, with issue 19's targets "
+        "(ckptstore.bench.incremental)",
+    )
+    ap.add_argument(
+        "--incremental-size", default="256MB", help="state saved by --incremental (%(default)s)"
+    )
+    ap.add_argument(
+        "--incremental-saves", type=int, default=10, help="saves per chain (%(default)s)"
+    )
     ap.add_argument("--no-plots", action="store_true")
     return ap
 
@@ -182,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
     try:
+        if args.incremental:
+            return _incremental(args, options)
         if args.interference:
             return _interference(args, options, names)
         if counts:
@@ -310,6 +327,28 @@ def _many_tensors(args: argparse.Namespace, options: dict[str, Any], counts: lis
             )
             png = plots.many_tensors(payload["rows"], subtitle, path[: -len(".json")] + ".png")
             print(f"plot:    {png}")
+    return 0
+
+
+def _incremental(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    from ckptstore.bench import incremental
+
+    size = parse_size(args.incremental_size)
+    if size is None or size <= 0 or args.incremental_saves < 2:
+        raise BenchError("--incremental-size wants a size such as 256MB, --incremental-saves >= 2")
+    payload: dict[str, Any] = {"benchmark": "incremental", "command": command_line(args.argv)}
+    payload["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    with _run_dir(args.target, options) as target:
+        if not target.local:
+            raise BenchError("--incremental saves to a local --target (it backs up to S3 itself)")
+        payload["machine"] = machine_info(target.url)
+        payload["result"] = incremental.run(size, args.incremental_saves, target.url)
+    path = write_json(args.out, "incremental", payload)
+    table = incremental.markdown(payload["result"])
+    with open(path[: -len(".json")] + ".md", "w") as f:
+        f.write(table)
+    print("\n" + table)
+    print(f"results: {path}")
     return 0
 
 

@@ -41,8 +41,9 @@ class _Held:
 
     file: str  # the name its file gets when linked into the next checkpoint
     item: int  # its index in that file
-    digest: str  # xxh3 of its raw bytes
+    digest: str  # xxh3 of its raw bytes ("": not hashed, it had changed)
     kind: str  # dtype, size and codec, as one string
+    version: tuple[int, int] | None  # its tensor's (version counter, data pointer)
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,28 @@ class Reuse:
 
     digests: list[str]
     kinds: list[str]
+    versions: list[tuple[int, int] | None]
     items: dict[int, tuple[str, int]] = field(default_factory=dict)  # position -> (file, item)
     links: dict[str, _File] = field(default_factory=dict)  # file name -> the file linked
     raw_linked: int = 0  # raw bytes of the items linked
     stored: dict[str, str] = field(default_factory=dict)  # stored name -> file name
+
+
+_PIECE = 8 << 20  # large items are hashed in pieces of this size, on every thread
+
+
+def _digests(raws: list[Any], pool: Executor) -> list[str]:
+    """Each item's digest: xxh3 of its bytes, or, above one piece, xxh3 of its pieces'
+    (stable from save to save, which is all a comparison needs)."""
+    pieces = [
+        (i, raw[k : k + _PIECE])
+        for i, raw in enumerate(raws)
+        for k in range(0, max(len(raw), 1), _PIECE)
+    ]
+    parts: list[list[str]] = [[] for _ in raws]
+    for (i, _), d in zip(pieces, pool.map(lambda p: digest(p[1]), pieces), strict=True):
+        parts[i].append(d)
+    return [p[0] if len(p) == 1 else digest("".join(p).encode()) for p in parts]
 
 
 class IncrementalCache:
@@ -84,6 +103,9 @@ class IncrementalCache:
         self._since_full = 0
         self._next: tuple[dict[str, _Held], dict[str, _File], bool] | None = None
         self.linked_bytes = 0  # raw bytes the last save linked (for tests, benchmarks)
+        self.hashed_bytes = 0  # raw bytes the last save hashed (for tests, benchmarks)
+        # fqn -> (version counter, data pointer) of the save being written (StagedState)
+        self.versions: dict[str, tuple[int, int]] | None = None
 
     def plan(
         self,
@@ -91,22 +113,48 @@ class IncrementalCache:
         entries: list[tuple[str, Any, Any]],
         codec: dict[str, Any],
         pool: Executor,
+        *,
+        fqns: list[str] | None = None,
+        full: bool = False,
     ) -> Reuse:
-        """Hash ``entries`` (key, raw bytes, dtype) and link what the last save holds
-        unchanged into ``pending``."""
+        """Hash ``entries`` (key, raw bytes, dtype; ``fqns``: each one's tensor) and link
+        what the last save holds unchanged into ``pending`` (``full``: nothing, a full
+        save on demand). An item whose tensor's version counter or data pointer moved
+        since the last save has changed for certain: it is written, not hashed (cheap
+        detection first; the hash decides whether an item is unchanged)."""
         cfg = json.dumps(codec, sort_keys=True)
-        reuse = Reuse(
-            list(pool.map(lambda e: digest(e[1]), entries)),
-            [f"{e[2]}|{len(e[1])}|{cfg}" for e in entries],
+        known = self.versions or {}
+        versions: list[tuple[int, int] | None] = (
+            [known.get(f) for f in fqns] if fqns is not None else [None] * len(entries)
         )
-        if not self._items or (self.full_every > 0 and self._since_full + 1 >= self.full_every):
+        hashed = []
+        for pos, (key, _, _) in enumerate(entries):
+            held = self._items.get(key)
+            moved = (
+                held is not None
+                and None not in (held.version, versions[pos])
+                and held.version != versions[pos]
+            )
+            if not moved:
+                hashed.append(pos)
+        digests = [""] * len(entries)
+        for pos, d in zip(hashed, _digests([entries[p][1] for p in hashed], pool), strict=True):
+            digests[pos] = d
+        self.hashed_bytes = sum(len(entries[p][1]) for p in hashed)
+        reuse = Reuse(digests, [f"{e[2]}|{len(e[1])}|{cfg}" for e in entries], versions)
+        if (
+            full
+            or not self._items
+            or (self.full_every > 0 and self._since_full + 1 >= self.full_every)
+        ):
             return reuse  # a full save
         used: dict[str, int] = {}
         for pos, (key, raw, _) in enumerate(entries):
             held = self._items.get(key)
-            if held is not None and (held.digest, held.kind) == (
-                reuse.digests[pos],
-                reuse.kinds[pos],
+            if (
+                held is not None
+                and reuse.digests[pos]
+                and (held.digest, held.kind) == (reuse.digests[pos], reuse.kinds[pos])
             ):
                 reuse.items[pos] = (held.file, held.item)
                 used[held.file] = used.get(held.file, 0) + len(raw)
@@ -148,7 +196,7 @@ class IncrementalCache:
             f"{checkpoint}/{own}", checkpoint, info.size_bytes, info.index_xxh3, info.raw_bytes
         )
         items = {
-            key: _Held(renamed[f], i, reuse.digests[pos], reuse.kinds[pos])
+            key: _Held(renamed[f], i, reuse.digests[pos], reuse.kinds[pos], reuse.versions[pos])
             for pos, (key, (f, i)) in enumerate(zip(keys, placed, strict=True))
         }
         self._next = (items, files, not reuse.items)

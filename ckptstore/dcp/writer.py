@@ -80,6 +80,7 @@ class SaveSpec:
     lineage: tuple[str, ...] = ()
     manifest_key: bytes | None = field(default=None, repr=False)
     overwrite: bool = False
+    full: bool = False  # incremental saves: link nothing this time (dcp.incremental)
 
 
 @dataclass(frozen=True)
@@ -357,7 +358,11 @@ class CkptStorageWriter(StorageWriter):
                     entries.append((item_key(item.index), tensor_bytes(data), data.dtype))
             reuse = None
             if inc is not None:  # incremental saves: link what did not change
-                reuse = inc.plan(pending, entries, self._spec.codec.get_config(), self._pool)
+                codec = self._spec.codec.get_config()
+                fqns = [str(item.index.fqn) for item in items]
+                reuse = inc.plan(
+                    pending, entries, codec, self._pool, fqns=fqns, full=self._spec.full
+                )
             for pos, (key, raw, dtype) in enumerate(entries):
                 linked = None if reuse is None else reuse.items.get(pos)
                 placed.append(linked or (file_name, writer.add(key, raw, dtype)))

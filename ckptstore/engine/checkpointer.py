@@ -132,6 +132,7 @@ class Checkpointer:
         if self.config.incremental:
             self._save_cache.incremental = IncrementalCache(self.config.full_every)
             self._save_cache.plans.itemized = True
+            self._staging.track_versions = True
         self._auto = AutoCodec(local=self._backend.capabilities.local, threads=threads)
         self._fixed_codec = None if self.config.codec == "auto" else get_codec(self.config.codec)
         self._errors = ErrorLedger()
@@ -194,8 +195,10 @@ class Checkpointer:
         run_id: str | None = None,
         lineage: tuple[str, ...] = (),
         guard: StagingGuard | None = None,
+        full: bool = False,
     ) -> PendingSave:
-        """Start saving ``state_dict`` as checkpoint ``step``.
+        """Start saving ``state_dict`` as checkpoint ``step`` (``full``: write every
+        tensor, even with ``incremental=True``).
 
         ``epoch``, ``reason``, ``metrics``, ``run_id`` and ``lineage`` (the runs this one
         branched from) go into the manifest, where listings, retention and the backup
@@ -225,6 +228,7 @@ class Checkpointer:
         if isinstance(lineage, str):
             raise InvalidArgumentTypeError(f"lineage must be a tuple of run ids, got {lineage!r}")
         info["lineage"] = tuple(check_run_id(r) for r in lineage)
+        info["full"] = bool(full)
         with self._lock:
             if step in self._inflight:
                 raise InvalidArgumentError(f"step {step} is already being saved; wait for it first")

@@ -156,6 +156,8 @@ def save_staged(
         skipped=staged.skipped,
         cache=cache,
     )
+    if cache is not None and cache.incremental is not None:
+        cache.incremental.versions = staged.versions
     try:
         planner = StagedSavePlanner(staged.mappings)
         driver.save(flat, writer, planner, group, cache.plans if cache is not None else None)

@@ -75,6 +75,8 @@ class StagedState:
     layout: Layout | None = None  # what it was staged with (None: staged in place)
     number: int = 0  # which of this pool's saves it is (1, 2, ...)
     skipped: frozenset[str] = frozenset()  # tensors not staged: another rank writes them
+    # With track_versions: each tensor's (version counter, data pointer) when prepared
+    versions: dict[str, tuple[int, int]] | None = None
 
 
 @dataclass
@@ -99,6 +101,7 @@ class PreparedState:
     engine: CopyEngine | None = None
     marks: Any = None
     number: int = 0  # which of its pool's saves it is
+    versions: dict[str, tuple[int, int]] | None = None  # see StagingPool.track_versions
 
 
 class _Arena:
@@ -185,6 +188,10 @@ class StagingPool:
         self._closed = False
         self._layouts = LayoutCache()
         self.copy_engine = copy_engine
+        # Incremental saves (dcp.incremental): note each tensor's version counter and
+        # data pointer on the caller's thread; a tensor whose either changed since the
+        # last save is written without being hashed (~0.5 µs a tensor here)
+        self.track_versions = False
         self._prepared = 0  # saves prepared so far
         # What this rank wrote of the last save that committed: (its layout, its number,
         # the tensors it wrote); see note_written().
@@ -240,6 +247,12 @@ class StagingPool:
                 if arena is not None:
                     self._give_back(arena)
                 raise
+        versions = None
+        if self.track_versions:
+            versions = {
+                fqn: (t._version, t.data_ptr())
+                for fqn, t in zip(layout.tensor_fqns, (_local(objs[i]) for i in layout.tensor_pos), strict=True)
+            }  # fmt: skip
         return PreparedState(
             layout,
             objs,
@@ -251,6 +264,7 @@ class StagingPool:
             engine,
             marks,
             number,
+            versions,
         )
 
     def copy(self, prep: PreparedState) -> StagedState:
@@ -277,6 +291,7 @@ class StagingPool:
             prep.layout,
             prep.number,
             skip,
+            prep.versions,
         )
 
     def note_written(self, staged: StagedState, written: frozenset[str]) -> None:
@@ -387,6 +402,10 @@ def _resolve(state_dict: Any) -> dict[str, Any]:
     if not isinstance(state_dict, dict):
         raise UnsupportedStateError(f"state_dict must be a dict, got {type(state_dict).__name__}")
     return resolve_stateful(state_dict)
+
+
+def _local(t: Any) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _copy(prep: PreparedState, skip: frozenset[str] = frozenset()) -> dict[str, Any]:

@@ -320,9 +320,11 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         reason: str = MANUAL,
         epoch: int | None = None,
         metrics: dict[str, float] | None = None,
+        full: bool = False,
     ) -> PendingSave | None:
         """Save now, whatever the policy says; ``step`` as in :meth:`maybe_save` (the
-        index of the step just done). None when checkpointing is disabled."""
+        index of the step just done; ``full``: write every tensor, even incremental).
+        None when checkpointing is disabled."""
         steps_done = _steps_done(step)
         self._last_done = steps_done
         if not self.enabled:
@@ -330,7 +332,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         if isinstance(state, Resumable):
             state.step = steps_done
             track_best(state, metrics, self.best_metric, self.best_mode)
-        return self._save(steps_done, state, reason, epoch, metrics)
+        return self._save(steps_done, state, reason, epoch, metrics, full=full)
 
     def _save(
         self,
@@ -340,6 +342,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         epoch: int | None,
         metrics: dict[str, float] | None,
         sd: dict[str, Any] | None = None,
+        full: bool = False,
     ) -> PendingSave:
         assert self._ckpt is not None
         name = checkpoint_name(steps_done)
@@ -354,7 +357,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         if epoch is None:
             epoch = state.epoch if isinstance(state, Resumable) else self._last_epoch
         guard = copy_guard(state, self.config.overlap_copy)  # None: copy before returning
-        info: dict[str, Any] = {"epoch": epoch, "reason": reason, "metrics": metrics}
+        info: dict[str, Any] = {"epoch": epoch, "reason": reason, "metrics": metrics, "full": full}
         try:
             pending = self._ckpt.save_async(
                 sd, steps_done, block_until_staged=guard is None, guard=guard, **info,

@@ -1,0 +1,281 @@
+"""``ckptstore bench --incremental``: incremental saves against full ones (issue 19).
+
+    ckptstore bench --incremental [--incremental-size 256MB] [--incremental-saves 10]
+
+Two states, each saved ``--incremental-saves`` times by a ``Checkpointer`` with
+``incremental=True`` and by one without (codec none), interleaved save by save, and by
+``torch.save`` + fsync and ``dcp.save`` (the baselines, in the same run):
+
+- **fine-tuning**: a GPT whose weights are frozen and LoRA-style adapters (two r x d
+  matrices per block; r such that the adapters and their AdamW moments are ~5% of the
+  state's bytes), AdamW over the adapters only;
+- **full training**: the GPT and AdamW over all of it.
+
+Between saves one AdamW step on synthetic gradients changes what is trained (which
+bytes a checkpoint holds does not depend on where the gradients came from). Per save:
+seconds until durable (``save`` returns once committed and fsynced), bytes written
+(``SaveResult.stored_bytes``: linked files are not written), and the disk the
+checkpoints take so far (each file counted once per inode). Then each chain is copied
+to a backup (the moto S3 server on 127.0.0.1 when the test extra is installed, else a
+local directory), the bytes sent counted, and its newest checkpoint is restored on a
+"fresh machine" (an empty root) from there, timed and compared bit for bit.
+
+Issue 19's targets, each printed PASS/FAIL: fine-tuning saves after the first write
+<= 8% of a full save's bytes and are durable in <= 0.15x its time (medians); the backup
+sends <= 8% of the full chain's bytes; the checkpoints take <= 1.5x the disk of one;
+full training is no slower (incremental / full durable medians <= 1.1) and writes no
+extra bytes; restoring the newest incremental checkpoint takes <= 1.1x a full one's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+import ckptstore
+from ckptstore.bench.common import gpt_config_for, rm, state_bytes
+from ckptstore.storage import open_backend
+from ckptstore.train.model import GPT
+from ckptstore.transfer import Progress, copy_checkpoint
+
+
+def trained(size_bytes: int, frozen: bool, seed: int = 0) -> tuple[dict[str, Any], Any]:
+    """The state (``{"model", "optim"}``) and a function that takes one AdamW step."""
+    torch.manual_seed(seed)
+    weights = size_bytes * (0.95 if frozen else 1 / 3)  # bytes of GPT weights
+    cfg, _ = gpt_config_for(f"{int(weights * 3)}B")
+    model = GPT(cfg)
+    params = list(model.parameters())
+    if frozen:
+        model.requires_grad_(False)
+        d, n = cfg.n_embd, cfg.n_layer
+        rank = max(1, round(size_bytes * 0.05 / 3 / 4 / (2 * d * n)))
+        model.adapters = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(rank, d) * 0.01) for _ in range(2 * n)
+        )
+        params = list(model.adapters)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def step() -> None:
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+
+    step()
+    return {"model": model.state_dict(), "optim": opt.state_dict()}, step
+
+
+def _disk(root: str) -> int:
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _backup_root(work: str) -> Iterator[tuple[str, dict[str, Any], str]]:
+    try:
+        from ckptstore.storage.testing.s3server import S3Server
+
+        server = S3Server().start()
+    except Exception as exc:  # moto not installed: a local directory stands for it
+        print(f"backup: a local directory (no S3 test server here: {exc})", flush=True)
+        yield os.path.join(work, "backup"), {}, "local directory"
+        return
+    try:
+        yield f"s3://{server.new_bucket()}/run", server.options(), "moto S3 server on 127.0.0.1"
+    finally:
+        server.stop()
+
+
+def run_case(
+    name: str, size_bytes: int, saves: int, work: str, backup: tuple[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """One state, saved ``saves`` times each way (module doc)."""
+    frozen = name == "fine-tuning"
+    state, step = trained(size_bytes, frozen)
+    nbytes = state_bytes(state)
+    print(f"\n== {name}: {nbytes / 1e6:,.0f} MB, {saves} saves each ==", flush=True)
+    roots = {
+        "incremental": os.path.join(work, f"{name}-inc"),
+        "full": os.path.join(work, f"{name}-full"),
+    }
+    ckpts = {
+        k: ckptstore.Checkpointer(r, codec="none", incremental=k == "incremental")
+        for k, r in roots.items()
+    }
+    rows: list[dict[str, Any]] = []
+    try:
+        for n in range(1, saves + 1):
+            row: dict[str, Any] = {"save": n}
+            for kind, ckpt in ckpts.items():
+                t0 = time.perf_counter()
+                result = ckpt.save(state, step=n)
+                row[f"{kind}_durable_s"] = time.perf_counter() - t0
+                row[f"{kind}_written_bytes"] = result.stored_bytes
+                row[f"{kind}_disk_bytes"] = _disk(roots[kind])
+            pt, dcp_dir = os.path.join(work, "torch.pt"), os.path.join(work, "dcp")
+            row["torch_save_s"] = _timed(lambda: _torch_save(state, pt))  # noqa: B023
+            row["dcp_save_s"] = _timed(lambda: dcp.save(state, checkpoint_id=dcp_dir))  # noqa: B023
+            rm(pt)
+            rm(dcp_dir)
+            rows.append(row)
+            print(
+                f"save {n}: incremental {row['incremental_durable_s']:.3f} s, "
+                f"{row['incremental_written_bytes'] / 1e6:,.1f} MB written; full "
+                f"{row['full_durable_s']:.3f} s; torch.save {row['torch_save_s']:.3f} s; "
+                f"dcp.save {row['dcp_save_s']:.3f} s",
+                flush=True,
+            )
+            if n == saves:  # what the newest checkpoint holds, before the state moves on
+                want = {k: v.clone() for k, v in state["model"].items()}
+            step()
+    finally:
+        for ckpt in ckpts.values():
+            ckpt.close()
+    url, options = backup
+    out: dict[str, Any] = {"case": name, "state_bytes": nbytes, "saves": rows}
+    for kind, root in roots.items():
+        remote = open_backend(f"{url}/{name}-{kind}", storage_options=options)
+        local = open_backend(root)
+        sent = []
+        for n in range(1, saves + 1):
+            progress = Progress("backup", 0, enabled=False)
+            copy_checkpoint(local, remote, f"step_{n:08d}", progress=progress, verify_upload=False)
+            sent.append(progress.total)
+        out[f"{kind}_backup_sent_bytes"] = sent
+        fresh = os.path.join(work, f"{name}-{kind}-fresh")
+        target = {"model": {k: torch.zeros_like(v) for k, v in want.items()}}
+        t0 = time.perf_counter()
+        copy_checkpoint(remote, open_backend(fresh), f"step_{saves:08d}")
+        with ckptstore.Checkpointer(fresh) as here:
+            here.load(target, saves, allow_partial=True)
+        out[f"{kind}_restore_s"] = time.perf_counter() - t0
+        out[f"{kind}_restore_bit_exact"] = all(
+            torch.equal(target["model"][k], v) for k, v in want.items()
+        )
+        rm(fresh)
+    for root in roots.values():
+        rm(root)
+    return out
+
+
+def _torch_save(state: dict[str, Any], path: str) -> None:
+    torch.save(state, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def targets(fine: dict[str, Any], full: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
+    """(what, measured, target, met) for each of issue 19's targets."""
+    f_rows, t_rows = fine["saves"][1:], full["saves"][1:]
+    med = statistics.median
+    first_full = fine["saves"][0]["full_written_bytes"]
+    written = med(r["incremental_written_bytes"] for r in f_rows) / first_full
+    durable = med(r["incremental_durable_s"] for r in f_rows) / med(
+        r["full_durable_s"] for r in f_rows
+    )
+    sent = med(fine["incremental_backup_sent_bytes"][1:]) / fine["full_backup_sent_bytes"][0]
+    one = fine["saves"][0]["incremental_disk_bytes"]
+    disk = fine["saves"][-1]["incremental_disk_bytes"] / one
+    slower = med(r["incremental_durable_s"] for r in t_rows) / med(
+        r["full_durable_s"] for r in t_rows
+    )
+    extra = max(r["incremental_written_bytes"] - r["full_written_bytes"] for r in full["saves"])
+    restore = fine["incremental_restore_s"] / fine["full_restore_s"]
+    n = len(fine["saves"])
+    return [
+        (
+            "fine-tuning: bytes written per save after the first / a full save",
+            written,
+            0.08,
+            written <= 0.08,
+        ),
+        (
+            "fine-tuning: durable per save after the first / a full save (medians)",
+            durable,
+            0.15,
+            durable <= 0.15,
+        ),
+        (
+            "fine-tuning: backup bytes sent per save after the first / a full save's",
+            sent,
+            0.08,
+            sent <= 0.08,
+        ),
+        (f"fine-tuning: disk of {n} checkpoints / one", disk, 1.5, disk <= 1.5),
+        ("full training: durable incremental / full (medians)", slower, 1.1, slower <= 1.1),
+        ("full training: extra bytes written per save (most)", float(extra), 0.0, extra <= 0),
+        (
+            "fine-tuning: restore of the newest from the backup, incremental / full",
+            restore,
+            1.1,
+            restore <= 1.1,
+        ),
+    ]
+
+
+def run(size_bytes: int, saves: int, base: str) -> dict[str, Any]:
+    """Both cases under a temporary directory in ``base`` (local disk)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="incremental-", dir=base) as work,
+        _backup_root(work) as (url, options, what),
+    ):
+        cases = [
+            run_case(c, size_bytes, saves, work, (url, options))
+            for c in ("fine-tuning", "full training")
+        ]
+    checks = targets(*cases)
+    return {"backup": what, "cases": cases, "targets": [
+        {"what": w, "measured": m, "target": t, "met": ok} for w, m, t, ok in checks
+    ]}  # fmt: skip
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    out = ["| case | save | incremental durable s | written MB | disk MB | full durable s | written MB | disk MB | torch.save+fsync s | dcp.save s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for case in payload["cases"]:
+        for r in case["saves"]:
+            out.append(
+                f"| {case['case']} | {r['save']} | {r['incremental_durable_s']:.3f} | "
+                f"{r['incremental_written_bytes'] / 1e6:,.1f} | {r['incremental_disk_bytes'] / 1e6:,.0f} | "
+                f"{r['full_durable_s']:.3f} | {r['full_written_bytes'] / 1e6:,.1f} | "
+                f"{r['full_disk_bytes'] / 1e6:,.0f} | {r['torch_save_s']:.3f} | {r['dcp_save_s']:.3f} |"
+            )
+    out += ["", f"Backup and restore through: {payload['backup']}.", "",
+            "| case | backup sent MB (whole chain), incremental / full | restore of the newest s, incremental / full | bit-exact |",
+            "|---|---:|---:|---|"]  # fmt: skip
+    for case in payload["cases"]:
+        out.append(
+            f"| {case['case']} | {sum(case['incremental_backup_sent_bytes']) / 1e6:,.1f} / "
+            f"{sum(case['full_backup_sent_bytes']) / 1e6:,.1f} | {case['incremental_restore_s']:.3f} / "
+            f"{case['full_restore_s']:.3f} | {case['incremental_restore_bit_exact'] and case['full_restore_bit_exact']} |"
+        )
+    out += ["", "| target | measured | bound | |", "|---|---:|---:|---|"]
+    for t in payload["targets"]:
+        out.append(
+            f"| {t['what']} | {t['measured']:.3f} | {t['target']:g} | {'PASS' if t['met'] else 'FAIL'} |"
+        )
+    return "\n".join(out) + "\n"
