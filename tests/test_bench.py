@@ -282,3 +282,25 @@ def test_interference_reports_a_fraction_per_contender(tmp_path, capsys):
     assert "ckptstore_none" in printed and "(target >= 75%" in printed
     assert "| ckptstore_none |" in _read(path[: -len(".json")] + ".md")
     assert not list((tmp_path / "data").iterdir())  # its checkpoints were removed
+
+
+def test_incremental_reports_both_cases_and_every_target(tmp_path, s3_server):
+    """``--incremental --smoke``: fine-tuning and full training, incremental against
+    full saves, backed up to the S3 test server and restored bit-exact."""
+    out = tmp_path / "out"
+    args = ["--incremental", "--smoke", "--target", str(tmp_path / "data"), "--out", str(out)]
+    assert main(args) == 0
+    [path] = glob.glob(str(out / "incremental-*.json"))
+    result = json.loads(_read(path))["result"]
+    assert result["backup"] == "moto S3 server on 127.0.0.1"
+    fine, full = result["cases"]
+    assert (fine["case"], full["case"], len(fine["saves"])) == ("fine-tuning", "full training", 3)
+    for case in (fine, full):
+        assert case["incremental_restore_bit_exact"] and case["full_restore_bit_exact"]
+    # measured, not asserted: the bytes are not machine load
+    assert (
+        fine["saves"][1]["incremental_written_bytes"] < 0.1 * fine["saves"][0]["full_written_bytes"]
+    )
+    assert all(r["incremental_written_bytes"] == r["full_written_bytes"] for r in full["saves"])
+    assert len(result["targets"]) == 7
+    assert "PASS" in _read(path[: -len(".json")] + ".md")

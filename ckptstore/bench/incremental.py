@@ -1,9 +1,11 @@
 """``ckptstore bench --incremental``: incremental saves against full ones (issue 19).
 
     ckptstore bench --incremental [--incremental-size 256MB] [--incremental-saves 10]
+                                  [--incremental-codec none|zstd]
 
 Two states, each saved ``--incremental-saves`` times by a ``Checkpointer`` with
-``incremental=True`` and by one without (codec none), interleaved save by save, and by
+``incremental=True`` and by one without (codec none unless ``--incremental-codec``),
+interleaved save by save, and by
 ``torch.save`` + fsync and ``dcp.save`` (the baselines, in the same run):
 
 - **fine-tuning**: a GPT whose weights are frozen and LoRA-style adapters (two r x d
@@ -107,8 +109,16 @@ def _backup_root(work: str) -> Iterator[tuple[str, dict[str, Any], str]]:
         server.stop()
 
 
+RESTORES = 3  # restores of each chain's newest checkpoint, alternating between chains
+
+
 def run_case(
-    name: str, size_bytes: int, saves: int, work: str, backup: tuple[str, dict[str, Any]]
+    name: str,
+    size_bytes: int,
+    saves: int,
+    work: str,
+    backup: tuple[str, dict[str, Any]],
+    codec: str = "none",
 ) -> dict[str, Any]:
     """One state, saved ``saves`` times each way (module doc)."""
     frozen = name == "fine-tuning"
@@ -120,7 +130,7 @@ def run_case(
         "full": os.path.join(work, f"{name}-full"),
     }
     ckpts = {
-        k: ckptstore.Checkpointer(r, codec="none", incremental=k == "incremental")
+        k: ckptstore.Checkpointer(r, codec=codec, incremental=k == "incremental")
         for k, r in roots.items()
     }
     rows: list[dict[str, Any]] = []
@@ -153,9 +163,10 @@ def run_case(
         for ckpt in ckpts.values():
             ckpt.close()
     url, options = backup
-    out: dict[str, Any] = {"case": name, "state_bytes": nbytes, "saves": rows}
+    out: dict[str, Any] = {"case": name, "codec": codec, "state_bytes": nbytes, "saves": rows}
+    remotes = {}
     for kind, root in roots.items():
-        remote = open_backend(f"{url}/{name}-{kind}", storage_options=options)
+        remotes[kind] = remote = open_backend(f"{url}/{name}-{kind}", storage_options=options)
         local = open_backend(root)
         sent = []
         for n in range(1, saves + 1):
@@ -163,17 +174,20 @@ def run_case(
             copy_checkpoint(local, remote, f"step_{n:08d}", progress=progress, verify_upload=False)
             sent.append(progress.total)
         out[f"{kind}_backup_sent_bytes"] = sent
-        fresh = os.path.join(work, f"{name}-{kind}-fresh")
-        target = {"model": {k: torch.zeros_like(v) for k, v in want.items()}}
-        t0 = time.perf_counter()
-        copy_checkpoint(remote, open_backend(fresh), f"step_{saves:08d}")
-        with ckptstore.Checkpointer(fresh) as here:
-            here.load(target, saves, allow_partial=True)
-        out[f"{kind}_restore_s"] = time.perf_counter() - t0
-        out[f"{kind}_restore_bit_exact"] = all(
-            torch.equal(target["model"][k], v) for k, v in want.items()
-        )
-        rm(fresh)
+    for r in range(RESTORES):  # alternating, so that drift hits both alike
+        for kind in roots if r % 2 == 0 else reversed(roots):
+            fresh = os.path.join(work, f"{name}-{kind}-fresh")
+            target = {"model": {k: torch.zeros_like(v) for k, v in want.items()}}
+            t0 = time.perf_counter()
+            copy_checkpoint(remotes[kind], open_backend(fresh), f"step_{saves:08d}")
+            with ckptstore.Checkpointer(fresh) as here:
+                here.load(target, saves, allow_partial=True)
+            out.setdefault(f"{kind}_restores_s", []).append(time.perf_counter() - t0)
+            exact = all(torch.equal(target["model"][k], v) for k, v in want.items())
+            out[f"{kind}_restore_bit_exact"] = out.get(f"{kind}_restore_bit_exact", True) and exact
+            rm(fresh)
+    for kind in roots:
+        out[f"{kind}_restore_s"] = statistics.median(out[f"{kind}_restores_s"])
     for root in roots.values():
         rm(root)
     return out
@@ -237,18 +251,18 @@ def targets(fine: dict[str, Any], full: dict[str, Any]) -> list[tuple[str, float
     ]
 
 
-def run(size_bytes: int, saves: int, base: str) -> dict[str, Any]:
+def run(size_bytes: int, saves: int, base: str, codec: str = "none") -> dict[str, Any]:
     """Both cases under a temporary directory in ``base`` (local disk)."""
     with (
         tempfile.TemporaryDirectory(prefix="incremental-", dir=base) as work,
         _backup_root(work) as (url, options, what),
     ):
         cases = [
-            run_case(c, size_bytes, saves, work, (url, options))
+            run_case(c, size_bytes, saves, work, (url, options), codec)
             for c in ("fine-tuning", "full training")
         ]
     checks = targets(*cases)
-    return {"backup": what, "cases": cases, "targets": [
+    return {"backup": what, "codec": codec, "cases": cases, "targets": [
         {"what": w, "measured": m, "target": t, "met": ok} for w, m, t, ok in checks
     ]}  # fmt: skip
 
@@ -264,7 +278,8 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"{r['full_durable_s']:.3f} | {r['full_written_bytes'] / 1e6:,.1f} | "
                 f"{r['full_disk_bytes'] / 1e6:,.0f} | {r['torch_save_s']:.3f} | {r['dcp_save_s']:.3f} |"
             )
-    out += ["", f"Backup and restore through: {payload['backup']}.", "",
+    out += ["", f"Codec {payload['codec']}. Backup and restore through: {payload['backup']}; "
+            f"restore: medians of {RESTORES}, alternating.", "",
             "| case | backup sent MB (whole chain), incremental / full | restore of the newest s, incremental / full | bit-exact |",
             "|---|---:|---:|---|"]  # fmt: skip
     for case in payload["cases"]:

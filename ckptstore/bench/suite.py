@@ -161,6 +161,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--incremental-saves", type=int, default=10, help="saves per chain (%(default)s)"
     )
+    ap.add_argument(
+        "--incremental-codec",
+        default="none",
+        choices=["none", "zstd"],
+        help="codec of both chains (%(default)s)",
+    )
     ap.add_argument("--no-plots", action="store_true")
     return ap
 
@@ -342,7 +348,9 @@ def _incremental(args: argparse.Namespace, options: dict[str, Any]) -> int:
         if not target.local:
             raise BenchError("--incremental saves to a local --target (it backs up to S3 itself)")
         payload["machine"] = machine_info(target.url)
-        payload["result"] = incremental.run(size, args.incremental_saves, target.url)
+        payload["result"] = incremental.run(
+            size, args.incremental_saves, target.url, args.incremental_codec
+        )
     path = write_json(args.out, "incremental", payload)
     table = incremental.markdown(payload["result"])
     with open(path[: -len(".json")] + ".md", "w") as f:

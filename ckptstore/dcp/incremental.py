@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,18 +80,34 @@ class Reuse:
 _PIECE = 8 << 20  # large items are hashed in pieces of this size, on every thread
 
 
-def _digests(raws: list[Any], pool: Executor) -> list[str]:
-    """Each item's digest: xxh3 of its bytes, or, above one piece, xxh3 of its pieces'
-    (stable from save to save, which is all a comparison needs)."""
+def _digests(raws: list[Any], pool: Executor) -> Callable[[], list[str]]:
+    """Start hashing; the returned call gives each item's digest: xxh3 of its bytes,
+    or, above one piece, xxh3 of its pieces' (stable from save to save, which is all a
+    comparison needs)."""
     pieces = [
         (i, raw[k : k + _PIECE])
         for i, raw in enumerate(raws)
         for k in range(0, max(len(raw), 1), _PIECE)
     ]
-    parts: list[list[str]] = [[] for _ in raws]
-    for (i, _), d in zip(pieces, pool.map(lambda p: digest(p[1]), pieces), strict=True):
-        parts[i].append(d)
-    return [p[0] if len(p) == 1 else digest("".join(p).encode()) for p in parts]
+    futures = [pool.submit(digest, p) for _, p in pieces]
+
+    def result() -> list[str]:
+        parts: list[list[str]] = [[] for _ in raws]
+        for (i, _), fut in zip(pieces, futures, strict=True):
+            parts[i].append(fut.result())
+        return [p[0] if len(p) == 1 else digest("".join(p).encode()) for p in parts]
+
+    return result
+
+
+@dataclass
+class Hashing:
+    """Items being hashed (:meth:`IncrementalCache.start`)."""
+
+    moved: list[int]  # positions that changed for certain: not hashed
+    hashed: list[int]  # positions being hashed
+    result: Callable[[], list[str]]  # their digests, once done
+    versions: list[tuple[int, int] | None]
 
 
 class IncrementalCache:
@@ -107,40 +124,48 @@ class IncrementalCache:
         # fqn -> (version counter, data pointer) of the save being written (StagedState)
         self.versions: dict[str, tuple[int, int]] | None = None
 
+    def start(
+        self, entries: list[tuple[str, Any, Any]], fqns: list[str] | None, pool: Executor
+    ) -> Hashing:
+        """Start hashing ``entries`` (key, raw bytes, dtype; ``fqns``: each one's
+        tensor) on ``pool``, but those that changed for certain: an item whose tensor's
+        version counter or data pointer moved since the last save (cheap detection
+        first; the hash decides whether an item is unchanged). The caller writes those
+        (:attr:`Hashing.moved`) while the rest are hashed."""
+        known = self.versions or {}
+        versions: list[tuple[int, int] | None] = (
+            [known.get(f) for f in fqns] if fqns is not None else [None] * len(entries)
+        )
+        moved, hashed = [], []
+        for pos, (key, _, _) in enumerate(entries):
+            held = self._items.get(key)
+            if (
+                held is not None
+                and None not in (held.version, versions[pos])
+                and held.version != versions[pos]
+            ):
+                moved.append(pos)
+            else:
+                hashed.append(pos)
+        self.hashed_bytes = sum(len(entries[p][1]) for p in hashed)
+        return Hashing(moved, hashed, _digests([entries[p][1] for p in hashed], pool), versions)
+
     def plan(
         self,
         pending: Any,
         entries: list[tuple[str, Any, Any]],
         codec: dict[str, Any],
-        pool: Executor,
+        hashing: Hashing,
         *,
-        fqns: list[str] | None = None,
         full: bool = False,
     ) -> Reuse:
-        """Hash ``entries`` (key, raw bytes, dtype; ``fqns``: each one's tensor) and link
-        what the last save holds unchanged into ``pending`` (``full``: nothing, a full
-        save on demand). An item whose tensor's version counter or data pointer moved
-        since the last save has changed for certain: it is written, not hashed (cheap
-        detection first; the hash decides whether an item is unchanged)."""
+        """Once ``hashing`` is done: link what the last save holds unchanged into
+        ``pending`` (``full``: nothing, a full save on demand)."""
         cfg = json.dumps(codec, sort_keys=True)
-        known = self.versions or {}
-        versions: list[tuple[int, int] | None] = (
-            [known.get(f) for f in fqns] if fqns is not None else [None] * len(entries)
-        )
-        hashed = []
-        for pos, (key, _, _) in enumerate(entries):
-            held = self._items.get(key)
-            moved = (
-                held is not None
-                and None not in (held.version, versions[pos])
-                and held.version != versions[pos]
-            )
-            if not moved:
-                hashed.append(pos)
         digests = [""] * len(entries)
-        for pos, d in zip(hashed, _digests([entries[p][1] for p in hashed], pool), strict=True):
+        for pos, d in zip(hashing.hashed, hashing.result(), strict=True):
             digests[pos] = d
-        self.hashed_bytes = sum(len(entries[p][1]) for p in hashed)
+        versions = hashing.versions
         reuse = Reuse(digests, [f"{e[2]}|{len(e[1])}|{cfg}" for e in entries], versions)
         if (
             full

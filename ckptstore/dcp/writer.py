@@ -23,6 +23,7 @@ fails, DCP never calls ``finish``; the caller then calls :meth:`abort`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import time
@@ -349,6 +350,7 @@ class CkptStorageWriter(StorageWriter):
         placed: list[tuple[str, int]] = []  # each item's file and index in it
         entries: list[tuple[str, Any, torch.dtype | None]] = []
         inc = None if self._cache is None or self._spec.overwrite else self._cache.incremental
+        hashing = None
         try:
             for item in items:
                 data = planner.resolve_data(item)
@@ -356,19 +358,22 @@ class CkptStorageWriter(StorageWriter):
                     entries.append((item_key(item.index), data.getvalue(), None))
                 else:
                     entries.append((item_key(item.index), tensor_bytes(data), data.dtype))
-            reuse = None
+            reuse, at = None, {}
             if inc is not None:  # incremental saves: link what did not change
+                hashing = inc.start(entries, [str(i.index.fqn) for i in items], self._pool)
+                # changed for certain: written while the rest are hashed
+                at = {pos: (file_name, writer.add(*entries[pos])) for pos in hashing.moved}
                 codec = self._spec.codec.get_config()
-                fqns = [str(item.index.fqn) for item in items]
-                reuse = inc.plan(
-                    pending, entries, codec, self._pool, fqns=fqns, full=self._spec.full
-                )
+                reuse = inc.plan(pending, entries, codec, hashing, full=self._spec.full)
             for pos, (key, raw, dtype) in enumerate(entries):
                 linked = None if reuse is None else reuse.items.get(pos)
-                placed.append(linked or (file_name, writer.add(key, raw, dtype)))
+                placed.append(at.get(pos) or linked or (file_name, writer.add(key, raw, dtype)))
             info = writer.finish()
         except BaseException:
             writer.abort()
+            if hashing is not None:  # they read the staging buffer: let them end first
+                with contextlib.suppress(BaseException):
+                    hashing.result()
             raise
         self.shard_info = info
         shard: dict[str, Any] = {
