@@ -285,3 +285,123 @@ def test_tensors_whose_version_moved_are_written_without_hashing_and_the_hash_de
         assert inc.hashed_bytes == 400_000
         assert not ckpt.latest().manifest.linked  # the hash saw frozen change
         load_equal(ckpt, 3, {"w": w.clone(), "frozen": frozen.clone()})
+
+
+# ---- bit rot in a shared file, and random sequences -------------------------------------
+
+
+def test_bit_rot_in_a_shared_file_is_named_in_every_checkpoint_that_links_it(root, caplog):
+    """A linked file is one file: damage in it is damage in each checkpoint holding
+    it, and verify says so for each; a restore falls back past all of them to a full
+    save (full_every bounds how far back that is)."""
+    import logging
+
+    import damage
+
+    frozen = frozen_state()
+    with ckptstore.CheckpointManager(root, incremental=True, full_every=3, codec="none") as mgr:
+        for step in range(5):  # steps 1 (full), 2, 3 (linked), 4 (full), 5 (linked)
+            mgr.save(step, state_at(step, frozen)).wait()
+    damage.xor(os.path.join(root, "step_00000004", "__0_0.distcp"), 1 << 20)
+    with ckptstore.Checkpointer(root) as ckpt:
+        linked = {i.step: i.manifest.linked for i in ckpt.list()}
+        assert linked[5] == {"__0_0-step_00000004.distcp": "step_00000004"}
+        problems = {step: ckpt.verify(step) for step in range(1, 6)}
+    assert problems[1] == problems[2] == problems[3] == []
+    assert problems[4] and problems[5], problems
+    with (
+        caplog.at_level(logging.WARNING, logger="ckptstore"),
+        ckptstore.CheckpointManager(root) as mgr,
+    ):
+        target = {k: torch.zeros_like(v) for k, v in state_at(2, frozen).items()}
+        assert mgr.restore(target) == 3
+    for k, v in state_at(2, frozen).items():
+        assert torch.equal(target[k], v), k
+
+
+def _random_sequence(root: str, ops: list[tuple[str, int]], tally: dict[str, int]) -> None:
+    """Saves (some tensors changed, some not), deletions, retention, failed saves and
+    restarts of the checkpointer, in random order; after each step every listed
+    checkpoint verifies and loads bit-exact."""
+    from ckptstore.manager import retention
+    from ckptstore.storage import LocalBackend
+
+    base = {
+        f"w{i}": torch.randn(20_000, generator=torch.Generator().manual_seed(i)) for i in range(6)
+    }
+    expected: dict[int, dict[str, torch.Tensor]] = {}
+    step = 0
+    ckpt = ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=4)
+    try:
+        for op, arg in ops:
+            if op == "save":
+                step += 1
+                state = {k: v.clone() for k, v in base.items()}
+                for i in range(arg):  # the first ``arg`` tensors change
+                    state[f"w{i}"] += step
+                ckpt.save(state, step=step)
+                expected[step] = state
+                tally["linked"] += bool(ckpt.latest().manifest.linked)
+            elif op == "fail":
+                step += 1
+                real = ShardWriter.finish
+
+                def failing(self):
+                    self.abort()
+                    raise ckptstore.errors.StorageError(errno.EIO, "injected")
+
+                ShardWriter.finish = failing  # type: ignore[method-assign]
+                try:
+                    with pytest.raises(ckptstore.CkptStoreError):
+                        ckpt.save(dict(base), step=step)
+                finally:
+                    ShardWriter.finish = real  # type: ignore[method-assign]
+            elif op == "delete" and expected:
+                victim = sorted(expected)[arg % len(expected)]
+                origin = f"step_{victim:08d}"
+                tally["origins_deleted"] += any(
+                    origin in i.manifest.linked.values() for i in ckpt.list() if i.step != victim
+                )
+                LocalBackend(root).delete(origin)
+                del expected[victim]
+            elif op == "prune" and expected:
+                retention.prune(LocalBackend(root), ckptstore.KeepLast(1 + arg % 3))
+                listed = {i.step for i in ckpt.list()}
+                expected = {s: v for s, v in expected.items() if s in listed}
+            elif op == "restart":
+                ckpt.close()
+                ckpt = ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=4)
+            assert sorted(i.step for i in ckpt.list()) == sorted(expected)
+            for s, want in expected.items():
+                load_equal(ckpt, s, want)
+    finally:
+        ckpt.close()
+
+
+def test_random_sequences_of_saves_deletions_retention_and_failures(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    op = st.one_of(
+        st.tuples(st.just("save"), st.integers(0, 6)),
+        st.tuples(st.sampled_from(["delete", "prune", "fail", "restart"]), st.integers(0, 5)),
+    )
+    counter = [0]
+    tally = {"linked": 0, "origins_deleted": 0}
+
+    @settings(
+        max_examples=int(os.environ.get("CKPTSTORE_INCREMENTAL_EXAMPLES", "25")),
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(ops=st.lists(op, min_size=3, max_size=12))
+    def run(ops):
+        counter[0] += 1
+        _random_sequence(str(tmp_path / f"run{counter[0]}"), ops, tally)
+
+    run()
+    # the sequences did what they are for: saves that link, and deletions of
+    # checkpoints whose files later ones still hold
+    assert tally["linked"] >= 10 and tally["origins_deleted"] >= 2, tally

@@ -129,8 +129,8 @@ class IncrementalCache:
     ) -> Hashing:
         """Start hashing ``entries`` (key, raw bytes, dtype; ``fqns``: each one's
         tensor) on ``pool``, but those that changed for certain: an item whose tensor's
-        version counter or data pointer moved since the last save (cheap detection
-        first; the hash decides whether an item is unchanged). The caller writes those
+        version counter moved since the last save, its storage the same (cheap
+        detection first; the hash decides whether an item is unchanged). The caller writes those
         (:attr:`Hashing.moved`) while the rest are hashed."""
         known = self.versions or {}
         versions: list[tuple[int, int] | None] = (
@@ -139,10 +139,15 @@ class IncrementalCache:
         moved, hashed = [], []
         for pos, (key, _, _) in enumerate(entries):
             held = self._items.get(key)
+            now = versions[pos]
+            # The same storage with another version: written to since, for certain.
+            # Another storage (a state built anew each save) says nothing: hashed.
             if (
                 held is not None
-                and None not in (held.version, versions[pos])
-                and held.version != versions[pos]
+                and held.version is not None
+                and now is not None
+                and held.version[1] == now[1]
+                and held.version[0] != now[0]
             ):
                 moved.append(pos)
             else:

@@ -189,8 +189,8 @@ class StagingPool:
         self._layouts = LayoutCache()
         self.copy_engine = copy_engine
         # Incremental saves (dcp.incremental): note each tensor's version counter and
-        # data pointer on the caller's thread; a tensor whose either changed since the
-        # last save is written without being hashed (~0.5 µs a tensor here)
+        # data pointer on the caller's thread; a tensor whose counter moved on the same
+        # storage since the last save is written without being hashed (~0.5 us a tensor)
         self.track_versions = False
         self._prepared = 0  # saves prepared so far
         # What this rank wrote of the last save that committed: (its layout, its number,
