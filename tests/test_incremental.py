@@ -243,6 +243,7 @@ def test_ls_and_info_say_what_is_shared(root, capsys):
             ckpt.save(state_at(step, frozen), step=step)
     assert main(["ls", root]) == 0
     out = capsys.readouterr().out
+    assert "KB own)" in out  # what the linked checkpoints wrote themselves
     assert (
         "3 committed checkpoint(s), 25.2" in out
         and "MB on disk: incremental saves share files" in out

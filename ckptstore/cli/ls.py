@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
                     "-" if m.epoch is None else str(m.epoch),
                     local_time(m.created_unix_s),
                     m.reason or "-",
-                    size(m.stored_bytes),
+                    size(m.stored_bytes) + (f" ({size(m.owned_bytes)} own)" if m.linked else ""),
                     f"{m.ratio:.2f}",
                     metrics_text(m.metrics) or "-",
                     ",".join(e.tags),
