@@ -52,8 +52,8 @@ def make_state(step: int, numel: int) -> dict[str, Any]:
             "b": torch.arange(37, dtype=torch.int64) + step,
             "h": Randn((3, 5), torch.bfloat16),
         },
-        # the same every step: what incremental saves link instead of writing
-        opt={"m": torch.full((257,), float(step)), "frozen": torch.arange(60_000) * 0.5},
+        # the same every step, over half the bytes: what incremental saves link
+        opt={"m": torch.full((257,), float(step)), "frozen": torch.arange(numel * 6 // 5) * 0.5},
     )
 
 

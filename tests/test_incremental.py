@@ -406,3 +406,64 @@ def test_random_sequences_of_saves_deletions_retention_and_failures(tmp_path):
     # the sequences did what they are for: saves that link, and deletions of
     # checkpoints whose files later ones still hold
     assert tally["linked"] >= 10 and tally["origins_deleted"] >= 2, tally
+
+
+# ---- found in review ----------------------------------------------------------------
+
+
+def test_a_step_deleted_and_saved_again_gets_link_names_of_its_own(root):
+    """Deleting step 1 and saving it again while step 2 links step 1's first file: the
+    new file must not take the name the old one has in the chain."""
+    import shutil
+
+    def full(v):
+        return torch.full((256, 1024), float(v))
+
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        state = {f"t{i}": full(i) for i in range(4)}
+        ckpt.save(state, step=1)
+        ckpt.save(state, step=2)
+        shutil.rmtree(os.path.join(root, "step_00000001"))
+        again = {"t0": state["t0"], "t1": state["t1"], "t2": full(20), "t3": full(30)}
+        ckpt.save(again, step=1)
+        ckpt.save(again, step=3)
+        assert len(ckpt.latest().manifest.linked) == 2
+        load_equal(ckpt, 3, again)
+
+
+def test_a_checkpoint_replaced_under_its_name_is_not_linked_from(root):
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        ckpt.save({**frozen, "a": torch.zeros(4)}, step=1)
+        other = {k: v + 1 for k, v in frozen.items()}
+        ckptstore.save(
+            {**other, "a": torch.zeros(4)}, os.path.join(root, "step_00000001"), overwrite=True
+        )
+        want = {**frozen, "a": torch.ones(4)}
+        ckpt.save(want, step=2)
+        assert not ckpt.latest().manifest.linked
+        load_equal(ckpt, 2, want)
+
+
+def test_inference_tensors_have_no_version_counter_and_are_hashed(root):
+    with torch.inference_mode():
+        frozen = torch.randn(100_000)
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        ckpt.save({"frozen": frozen, "a": torch.zeros(4)}, step=1)
+        ckpt.save({"frozen": frozen, "a": torch.ones(4)}, step=2)
+        assert ckpt.latest().manifest.linked
+        load_equal(ckpt, 2, {"frozen": frozen.clone(), "a": torch.ones(4)})
+
+
+def test_a_copy_never_links_over_a_file_another_copy_made():
+    """On an object store a copy keeps the source's names: a name another attempt
+    already wrote is not linked over, so a failed attempt cannot remove it."""
+    from ckptstore.storage import open_backend
+
+    dst = open_backend("memory://incremental-links/run")
+    dst.fs.pipe_file(dst.store_path("step_00000001/a.distcp"), b"source")
+    dst.fs.pipe_file(dst.store_path("step_00000002/a.distcp"), b"the other copy's")
+    pending = dst.begin("step_00000002")
+    assert not pending.link_files({"a.distcp": "step_00000001/a.distcp"})
+    pending.abort()
+    assert dst.fs.cat_file(dst.store_path("step_00000002/a.distcp")) == b"the other copy's"

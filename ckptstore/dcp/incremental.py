@@ -2,11 +2,12 @@
 written again (issue 19).
 
 Every item a rank writes (a tensor, a tensor's shard, a pack of small tensors, a pickled
-value) is hashed whole before it is encoded: xxh3 of its raw bytes, on the codec pool,
+value) is hashed whole before it is encoded: xxh3-128 of its raw bytes, on the codec pool,
 never on the training thread (~13 GB/s a core here, against ~1.3 GB/s for zstd). An
 item whose key, dtype, size, codec and hash are those of the same item in this rank's
 last committed save is not written: the shard file that holds it in that checkpoint is
-hard-linked into the new one (:meth:`PendingCheckpoint.link_files`) under a name that
+hard-linked into the new one (:meth:`PendingCheckpoint.link_files`; first checked to be
+the file this rank wrote, by size and index checksum) under a name that
 says which checkpoint first wrote it (``__0_0-step_00000100.distcp``), and DCP's
 ``.metadata`` points the item there. The manifest lists the linked file like any other,
 and names its first writer under ``"linked"`` (:mod:`ckptstore.format.manifest`).
@@ -28,12 +29,15 @@ import dataclasses
 import json
 import posixpath
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptstore.format.checksum import digest
-from ckptstore.format.shard import ShardInfo
+import xxhash
+
+from ckptstore.errors import CkptStoreError
+from ckptstore.format.shard import ShardInfo, ShardReader
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class _Held:
 
     file: str  # the name its file gets when linked into the next checkpoint
     item: int  # its index in that file
-    digest: str  # xxh3 of its raw bytes ("": not hashed, it had changed)
+    digest: str  # xxh3-128 of its raw bytes ("": not hashed, it had changed)
     kind: str  # dtype, size and codec, as one string
     version: tuple[int, int] | None  # its tensor's (version counter, data pointer)
 
@@ -80,24 +84,22 @@ class Reuse:
 _PIECE = 8 << 20  # large items are hashed in pieces of this size, on every thread
 
 
-def _digests(raws: list[Any], pool: Executor) -> Callable[[], list[str]]:
-    """Start hashing; the returned call gives each item's digest: xxh3 of its bytes,
-    or, above one piece, xxh3 of its pieces' (stable from save to save, which is all a
-    comparison needs)."""
-    pieces = [
-        (i, raw[k : k + _PIECE])
-        for i, raw in enumerate(raws)
-        for k in range(0, max(len(raw), 1), _PIECE)
-    ]
-    futures = [pool.submit(digest, p) for _, p in pieces]
+def _digests(raws: list[Any], pool: Executor) -> tuple[Callable[[], list[str]], list[Future[str]]]:
+    """Start hashing; the returned call gives each item's digest: xxh3-128 of its
+    bytes, or, above one piece, of its pieces' digests (stable from save to save, which
+    is all a comparison needs); and the jobs, which read the items until they end."""
+    pieces = [(i, raw[k : k + _PIECE]) for i, raw in enumerate(raws) for k in range(0, max(len(raw), 1), _PIECE)]  # fmt: skip
+    futures = [pool.submit(xxhash.xxh3_128_hexdigest, p) for _, p in pieces]
 
     def result() -> list[str]:
         parts: list[list[str]] = [[] for _ in raws]
         for (i, _), fut in zip(pieces, futures, strict=True):
             parts[i].append(fut.result())
-        return [p[0] if len(p) == 1 else digest("".join(p).encode()) for p in parts]
+        return [
+            p[0] if len(p) == 1 else xxhash.xxh3_128_hexdigest("".join(p).encode()) for p in parts
+        ]
 
-    return result
+    return result, futures
 
 
 @dataclass
@@ -107,7 +109,22 @@ class Hashing:
     moved: list[int]  # positions that changed for certain: not hashed
     hashed: list[int]  # positions being hashed
     result: Callable[[], list[str]]  # their digests, once done
+    jobs: list[Future[str]]
     versions: list[tuple[int, int] | None]
+
+    def wait(self) -> None:
+        """Until no job reads the items any more (before their buffer is given back)."""
+        futures_wait(self.jobs)
+
+
+def _unchanged(backend: Any, f: _File) -> bool:
+    """Whether ``f.source`` in ``backend`` is still the file noted: size and index."""
+    try:
+        with backend.open_reader(f.source) as reader:
+            ShardReader(reader, f.source, size_bytes=f.size_bytes, index_xxh3=f.xxh3_64)
+    except (OSError, CkptStoreError):
+        return False
+    return True
 
 
 class IncrementalCache:
@@ -122,7 +139,7 @@ class IncrementalCache:
         self.linked_bytes = 0  # raw bytes the last save linked (for tests, benchmarks)
         self.hashed_bytes = 0  # raw bytes the last save hashed (for tests, benchmarks)
         # fqn -> (version counter, data pointer) of the save being written (StagedState)
-        self.versions: dict[str, tuple[int, int]] | None = None
+        self.versions: dict[str, tuple[int, int] | None] | None = None
 
     def start(
         self, entries: list[tuple[str, Any, Any]], fqns: list[str] | None, pool: Executor
@@ -153,11 +170,13 @@ class IncrementalCache:
             else:
                 hashed.append(pos)
         self.hashed_bytes = sum(len(entries[p][1]) for p in hashed)
-        return Hashing(moved, hashed, _digests([entries[p][1] for p in hashed], pool), versions)
+        result, jobs = _digests([entries[p][1] for p in hashed], pool)
+        return Hashing(moved, hashed, result, jobs, versions)
 
     def plan(
         self,
         pending: Any,
+        backend: Any,
         entries: list[tuple[str, Any, Any]],
         codec: dict[str, Any],
         hashing: Hashing,
@@ -165,7 +184,9 @@ class IncrementalCache:
         full: bool = False,
     ) -> Reuse:
         """Once ``hashing`` is done: link what the last save holds unchanged into
-        ``pending`` (``full``: nothing, a full save on demand)."""
+        ``pending`` (``full``: nothing, a full save on demand), from ``backend``'s
+        files, each first checked to be the one this rank wrote (its size and index
+        checksum: a checkpoint replaced under the same name is not linked from)."""
         cfg = json.dumps(codec, sort_keys=True)
         digests = [""] * len(entries)
         for pos, d in zip(hashing.hashed, hashing.result(), strict=True):
@@ -195,8 +216,9 @@ class IncrementalCache:
         # Each file is linked under this attempt's name for it (object stores make
         # names unique per attempt: PendingCheckpoint.stored_name)
         stored = {name: pending.stored_name(name) for name in reuse.links}
-        if reuse.links and not pending.link_files(
-            {stored[name]: f.source for name, f in reuse.links.items()}
+        if reuse.links and not (
+            all(_unchanged(backend, f) for f in reuse.links.values())
+            and pending.link_files({stored[name]: f.source for name, f in reuse.links.items()})
         ):
             reuse.items, reuse.links, reuse.raw_linked = {}, {}, 0
         reuse.items = {pos: (stored[f], i) for pos, (f, i) in reuse.items.items()}
@@ -217,7 +239,14 @@ class IncrementalCache:
         Returns the linked files' facts, by stored name."""
         name, own, info = shard
         stem, ext = posixpath.splitext(name)
-        renamed = {own: f"{stem}-{checkpoint}{ext}", **reuse.stored}  # stored -> file name
+        renamed = dict(reuse.stored)  # stored name -> file name
+        # Named after this checkpoint, but unlike any file it links (a step deleted
+        # and saved again: a file linked from its first incarnation has that name)
+        link_as, n = f"{stem}-{checkpoint}{ext}", 1
+        while link_as in renamed.values():
+            n += 1
+            link_as = f"{stem}-{checkpoint}.{n}{ext}"
+        renamed[own] = link_as
         files = {
             renamed[s]: dataclasses.replace(f, source=f"{checkpoint}/{s}")
             for s, f in ((s, reuse.links[n]) for s, n in reuse.stored.items())

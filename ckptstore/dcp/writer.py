@@ -23,7 +23,6 @@ fails, DCP never calls ``finish``; the caller then calls :meth:`abort`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import time
@@ -351,29 +350,34 @@ class CkptStorageWriter(StorageWriter):
         entries: list[tuple[str, Any, torch.dtype | None]] = []
         inc = None if self._cache is None or self._spec.overwrite else self._cache.incremental
         hashing = None
+        sizes: list[int] = []  # each item's raw bytes
         try:
             for item in items:
                 data = planner.resolve_data(item)
-                if isinstance(data, io.BytesIO):
-                    entries.append((item_key(item.index), data.getvalue(), None))
+                raw = data.getvalue() if isinstance(data, io.BytesIO) else tensor_bytes(data)
+                dtype = None if isinstance(data, io.BytesIO) else data.dtype
+                sizes.append(len(raw))
+                if inc is None:  # written as resolved: one copy (if any) held at a time
+                    placed.append((file_name, writer.add(item_key(item.index), raw, dtype)))
                 else:
-                    entries.append((item_key(item.index), tensor_bytes(data), data.dtype))
-            reuse, at = None, {}
+                    entries.append((item_key(item.index), raw, dtype))
+            reuse = None
             if inc is not None:  # incremental saves: link what did not change
                 hashing = inc.start(entries, [str(i.index.fqn) for i in items], self._pool)
                 # changed for certain: written while the rest are hashed
                 at = {pos: (file_name, writer.add(*entries[pos])) for pos in hashing.moved}
                 codec = self._spec.codec.get_config()
-                reuse = inc.plan(pending, entries, codec, hashing, full=self._spec.full)
-            for pos, (key, raw, dtype) in enumerate(entries):
-                linked = None if reuse is None else reuse.items.get(pos)
-                placed.append(at.get(pos) or linked or (file_name, writer.add(key, raw, dtype)))
+                reuse = inc.plan(
+                    pending, self._backend, entries, codec, hashing, full=self._spec.full
+                )
+                for pos, (key, raw, dtype) in enumerate(entries):
+                    linked = reuse.items.get(pos)
+                    placed.append(at.get(pos) or linked or (file_name, writer.add(key, raw, dtype)))
             info = writer.finish()
         except BaseException:
             writer.abort()
             if hashing is not None:  # they read the staging buffer: let them end first
-                with contextlib.suppress(BaseException):
-                    hashing.result()
+                hashing.wait()
             raise
         self.shard_info = info
         shard: dict[str, Any] = {
@@ -392,9 +396,8 @@ class CkptStorageWriter(StorageWriter):
             storage: dict[str, Any] = {"file": in_file, "item": index}
             if n == 0:  # the coordinator collects per-file facts from the first result
                 storage["shard"] = shard
-            nbytes = len(entries[n][1])
             results.append(
-                WriteResult(index=item.index, size_in_bytes=nbytes, storage_data=storage)
+                WriteResult(index=item.index, size_in_bytes=sizes[n], storage_data=storage)
             )
         return results
 

@@ -76,7 +76,7 @@ class StagedState:
     number: int = 0  # which of this pool's saves it is (1, 2, ...)
     skipped: frozenset[str] = frozenset()  # tensors not staged: another rank writes them
     # With track_versions: each tensor's (version counter, data pointer) when prepared
-    versions: dict[str, tuple[int, int]] | None = None
+    versions: dict[str, tuple[int, int] | None] | None = None
 
 
 @dataclass
@@ -101,7 +101,7 @@ class PreparedState:
     engine: CopyEngine | None = None
     marks: Any = None
     number: int = 0  # which of its pool's saves it is
-    versions: dict[str, tuple[int, int]] | None = None  # see StagingPool.track_versions
+    versions: dict[str, tuple[int, int] | None] | None = None  # StagingPool.track_versions
 
 
 class _Arena:
@@ -250,7 +250,7 @@ class StagingPool:
         versions = None
         if self.track_versions:
             versions = {
-                fqn: (t._version, t.data_ptr())
+                fqn: _version(t)
                 for fqn, t in zip(layout.tensor_fqns, (_local(objs[i]) for i in layout.tensor_pos), strict=True)
             }  # fmt: skip
         return PreparedState(
@@ -402,6 +402,15 @@ def _resolve(state_dict: Any) -> dict[str, Any]:
     if not isinstance(state_dict, dict):
         raise UnsupportedStateError(f"state_dict must be a dict, got {type(state_dict).__name__}")
     return resolve_stateful(state_dict)
+
+
+def _version(t: torch.Tensor) -> tuple[int, int] | None:
+    """``t``'s (version counter, data pointer); None for a tensor without a counter
+    (made under ``torch.inference_mode()``)."""
+    try:
+        return (t._version, t.data_ptr())
+    except RuntimeError:
+        return None
 
 
 def _local(t: Any) -> torch.Tensor:

@@ -191,6 +191,8 @@ class _FsspecPending(PendingCheckpoint):
         try:
             for name, source in links.items():
                 path = self._backend.store_path(f"{self.name}/{check_name(name)}")
+                if self._backend.fs.exists(path):  # another copy's: never ours to remove
+                    raise FileExistsError(path)
                 self._backend.fs.copy(self._backend.store_path(source), path)
                 made.append(path)
         except Exception:
