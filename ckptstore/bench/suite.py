@@ -7,6 +7,7 @@
     ckptstore bench --smoke                          # tiny sizes, 1 run: checks it all works
     ckptstore bench --tensors 1000,10000,40000       # many small tensors instead (issue 15)
     ckptstore bench --interference                   # the CPU a save takes from training (issue 15)
+    ckptstore bench --incremental                    # incremental saves against full ones (issue 19)
 
 The workload is a GPT-style model and its AdamW state after real optimizer steps on real
 text (``--size``: a byte size such as 250MB or 2GB, or a named config), in fp32 or bf16.

@@ -8,6 +8,7 @@
     packs.py     many small tensors stored in groups, listed one by one in .metadata
     metadata.py  .metadata: pickled by DCP's classes, unpickled through an allowlist
     plancache.py plans, metadata and item tables reused while the state's layout holds
+    incremental.py  incremental saves: unchanged items linked from the last save, not written
     driver.py    DCP's save steps (with the plan cache) and load entry point, errors unwrapped
 """
 
