@@ -168,3 +168,18 @@ def test_a_restore_on_a_shared_root_reads_the_manifest_and_metadata_on_rank_0_on
 
 def test_incremental_saves_on_four_ranks_shared_and_node_local_roots(tmp_path):
     run_ranks("incremental", str(tmp_path), 4)
+
+
+def test_node_local_incremental_saves_back_up_whole_and_restore_from_s3(
+    tmp_path, s3_server, s3_bucket
+):
+    results = spawn_ranks(
+        "incremental_backup",
+        str(tmp_path),
+        4,
+        extra_env={"CKPTSTORE_TEST_BACKUP": f"s3://{s3_bucket}/run"},
+    )
+    failed = [(r, rc, out) for r, (rc, out) in enumerate(results) if rc != 0]
+    assert not failed, "\n".join(
+        f"--- rank {r} exited {rc}:\n{out[-3000:]}" for r, rc, out in failed
+    )
