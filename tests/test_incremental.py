@@ -467,3 +467,22 @@ def test_a_copy_never_links_over_a_file_another_copy_made():
     assert not pending.link_files({"a.distcp": "step_00000001/a.distcp"})
     pending.abort()
     assert dst.fs.cat_file(dst.store_path("step_00000002/a.distcp")) == b"the other copy's"
+
+
+def test_prune_counts_only_the_bytes_deleting_frees(root, capsys):
+    """Deleting checkpoints whose files later ones link frees only what no kept one
+    shares: the dry run says so, not the sum of their sizes."""
+    from ckptstore.cli.main import main
+
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        for step in range(1, 6):
+            ckpt.save(state_at(step, frozen), step=step)
+    assert main(["prune", root, "--keep-last", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "would delete 3 checkpoint(s), " in out and " KB: step_00000001" in out, out
+    assert main(["prune", root, "--keep-last", "2", "--yes"]) == 0
+    capsys.readouterr()
+    with ckptstore.Checkpointer(root) as ckpt:
+        assert [i.step for i in ckpt.list()] == [4, 5]
+        load_equal(ckpt, 5, state_at(5, frozen))

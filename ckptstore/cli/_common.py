@@ -251,3 +251,17 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str], right: Sequence[
         out = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)]
         lines.append("  ".join(out).rstrip())
     return "\n".join(lines)
+
+
+def disk_bytes(manifests: list[Any]) -> int:
+    """The stored bytes of these checkpoints on local disk, where incremental saves
+    hard-link files: a shard file listed by several (same size and checksum) once."""
+    seen: set[tuple[int, str]] = set()
+    total = 0
+    for m in manifests:
+        for e in m.files.values():
+            if e.kind == "shard" and (e.size_bytes, e.xxh3_64) in seen:
+                continue
+            seen.add((e.size_bytes, e.xxh3_64))
+            total += e.size_bytes
+    return total

@@ -15,6 +15,7 @@ from typing import Any
 
 from ckptstore.cli._common import (
     OK,
+    disk_bytes,
     emit_json,
     iso_utc,
     local_time,
@@ -185,20 +186,6 @@ def tag(
         if other is not None and entry.manifest is not None and other.files == entry.manifest.files:
             tags.add("backed-up")
         entry.tags = [t for t in TAG_ORDER if t in tags]
-
-
-def disk_bytes(manifests: list[Any]) -> int:
-    """The stored bytes of these checkpoints on local disk, where incremental saves
-    hard-link files: a shard file listed by several (same size and checksum) once."""
-    seen: set[tuple[int, str]] = set()
-    total = 0
-    for m in manifests:
-        for e in m.files.values():
-            if e.kind == "shard" and (e.size_bytes, e.xxh3_64) in seen:
-                continue
-            seen.add((e.size_bytes, e.xxh3_64))
-            total += e.size_bytes
-    return total
 
 
 def entry_json(e: Entry) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import sys
 from ckptstore.cli._common import (
     FAILED,
     OK,
+    disk_bytes,
     emit_json,
     manifest_key,
     open_root,
@@ -120,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append([info.name, size(info.manifest.stored_bytes), action, ", ".join(why[rec.step])])
     print(table(rows, ["NAME", "SIZE", "ACTION", "WHY"], right=(1,)))
     freed = sum(i.manifest.stored_bytes for i in doomed)
+    if backend.capabilities.local:  # files incremental saves share go with the last one
+        kept = [i.manifest for i in infos if i not in doomed]
+        freed = disk_bytes([i.manifest for i in infos]) - disk_bytes(kept)
     names = ", ".join(i.name for i in doomed)
     if not doomed:
         print("nothing to delete: the policy keeps every checkpoint")
