@@ -176,18 +176,17 @@ def _named(server: ForkServer, job: dict[str, Any], tmp: str, before_check: Any 
     raise_on_problems(_check_after(server, job, tmp))
 
 
+def _local_kill(server: ForkServer, tmp_path: Any, case: tuple[Any, ...], **kw: Any) -> None:
+    """One LOCAL_CASES case (``kw``: the crash point as armed, and more job options)."""
+    point, mode, baseline, keep, steps = case
+    job = _job(str(tmp_path), str(tmp_path / "root"), mode=mode, baseline=baseline,
+               keep=keep, steps=steps, **{"crash_at": point, **kw})  # fmt: skip
+    _named(server, job, str(tmp_path))
+
+
 @pytest.mark.parametrize(("point", "mode", "baseline", "keep", "steps"), LOCAL_CASES)
 def test_kill_at_named_point_local(forkserver, tmp_path, point, mode, baseline, keep, steps):
-    job = _job(
-        str(tmp_path),
-        str(tmp_path / "root"),
-        mode=mode,
-        baseline=baseline,
-        keep=keep,
-        steps=steps,
-        crash_at=point,
-    )
-    _named(forkserver, job, str(tmp_path))
+    _local_kill(forkserver, tmp_path, (point, mode, baseline, keep, steps))
 
 
 @pytest.mark.parametrize(("point", "mode", "baseline", "keep", "steps"), LOCAL_CASES)
@@ -199,17 +198,9 @@ def test_kill_at_named_point_local_incremental(
     third passage (the third save after the baseline: one that links, after one that
     linked), but for the deletions at start-up."""
     at_startup = point == "retention.after_delete"
-    job = _job(
-        str(tmp_path),
-        str(tmp_path / "root"),
-        mode=mode,
-        baseline=baseline,
-        keep=keep,
-        steps=steps,
-        crash_at=point if at_startup else f"{point}@3",
-        incremental=True,
-    )
-    _named(forkserver, job, str(tmp_path))
+    armed = point if at_startup else f"{point}@3"
+    case = (point, mode, baseline, keep, steps)
+    _local_kill(forkserver, tmp_path, case, crash_at=armed, incremental=True)
     linked = [
         os.path.join(d, f)
         for d, _, files in os.walk(tmp_path / "root")

@@ -40,14 +40,19 @@ def load_equal(ckpt: ckptstore.Checkpointer, step: int, want: dict[str, torch.Te
     assert ckpt.verify(step) == []
 
 
+def save_chain(ckpt: ckptstore.Checkpointer, frozen: dict[str, torch.Tensor], steps: int):
+    """Saves 1..``steps`` of :func:`state_at`: what each holds, and each save's result."""
+    saved, results = {}, []
+    for step in range(1, steps + 1):
+        saved[step] = {k: v.clone() for k, v in state_at(step, frozen).items()}
+        results.append(ckpt.save(state_at(step, frozen), step=step))
+    return saved, results
+
+
 def test_unchanged_tensors_are_linked_not_written(root):
     frozen = frozen_state()
-    saved = {}
     with ckptstore.Checkpointer(root, codec="zstd", incremental=True) as ckpt:
-        results = []
-        for step in range(1, 5):
-            saved[step] = {k: v.clone() for k, v in state_at(step, frozen).items()}
-            results.append(ckpt.save(state_at(step, frozen), step=step))
+        saved, results = save_chain(ckpt, frozen, 4)
         full = results[0].stored_bytes
         for r in results[1:]:
             # only the adapter and the step counter are written again
@@ -148,12 +153,8 @@ def test_incremental_saves_to_s3_copy_inside_the_store(s3_server, s3_bucket):
     (CopyObject), nothing uploaded again."""
     frozen = frozen_state()
     url = f"s3://{s3_bucket}/run"
-    saved = {}
     with ckptstore.Checkpointer(url, codec="none", incremental=True) as ckpt:
-        results = []
-        for step in range(1, 4):
-            saved[step] = {k: v.clone() for k, v in state_at(step, frozen).items()}
-            results.append(ckpt.save(state_at(step, frozen), step=step))
+        saved, results = save_chain(ckpt, frozen, 3)
         assert results[2].stored_bytes < 0.01 * results[0].stored_bytes
         linked = ckpt.latest().manifest.linked
         assert list(linked.values()) == ["step_00000001"], linked
