@@ -349,3 +349,22 @@ def test_parts_grow_so_that_large_files_take_few_requests(s3_server, s3_bucket):
         with backend.open_reader(f"step_00000001/{name}") as reader:
             assert bytes(reader.read(0, len(data))) == data
     pending.abort()
+
+
+def test_a_probe_for_a_file_is_one_head_and_no_listing(s3_server, s3_bucket, monkeypatch):
+    """s3fs's ``exists`` follows a missing key with a LIST (a "directory" of that name?);
+    ckptstore asks about files only, with one HEAD (issue 17: probes per save)."""
+    backend = s3(s3_server, s3_bucket)
+    backend.put_atomic("step_1/there.bin", b"x")
+    calls: list[str] = []
+    original = type(backend.fs)._call_s3
+
+    async def counted(self, method, *args, **kwargs):
+        calls.append(method)
+        return await original(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(type(backend.fs), "_call_s3", counted)
+    assert backend.exists("step_1/there.bin")
+    assert not backend.exists("step_1/missing.bin")
+    assert not backend.exists("step_1")  # a prefix is not a file
+    assert calls == ["head_object"] * 3, calls

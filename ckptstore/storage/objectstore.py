@@ -174,7 +174,7 @@ class _FsspecPending(PendingCheckpoint):
             exists = False
         else:
             try:
-                exists = self._backend.fs.exists(path)
+                exists = self._backend.object_exists(path)
             except Exception as exc:
                 raise translate_error(exc, "stat", path) from exc
         if exists:
@@ -191,7 +191,7 @@ class _FsspecPending(PendingCheckpoint):
         try:
             for name, source in links.items():
                 path = self._backend.store_path(f"{self.name}/{check_name(name)}")
-                if self._backend.fs.exists(path):  # another copy's: never ours to remove
+                if self._backend.object_exists(path):  # another copy's: never ours to remove
                     raise FileExistsError(path)
                 self._backend.fs.copy(self._backend.store_path(source), path)
                 made.append(path)
@@ -285,7 +285,7 @@ class FsspecBackend(StorageBackend):
         conditional create where the store has one (and declare ``conditional_put``).
         Other exceptions may be raw; the caller translates them.
         """
-        if self.fs.exists(path):
+        if self.object_exists(path):
             raise ManifestExistsError(path)
         self.fs.pipe_file(path, data)
 
@@ -302,9 +302,17 @@ class FsspecBackend(StorageBackend):
 
     def exists(self, name: str) -> bool:
         try:
-            return bool(self.fs.exists(self.store_path(name)))
+            return self.object_exists(self.store_path(name))
         except Exception as exc:
             raise translate_error(exc, "stat", self.store_path(name)) from exc
+
+    def object_exists(self, path: str) -> bool:
+        """Whether the object (a file, not a prefix) at store path ``path`` exists.
+
+        ``fs.exists`` here; S3 answers it with one HEAD (s3fs's ``exists`` follows a
+        missing key with a LIST, to find a "directory" of that name).
+        """
+        return bool(self.fs.exists(path))
 
     def read_bytes(self, name: str) -> bytes:
         # At most one byte past the cap for this kind of file, in the same single GET:
@@ -402,7 +410,7 @@ class FsspecBackend(StorageBackend):
                 continue  # moved aside (damaged, retired): kept until a person removes it
             path = self.store_path(name)
             try:
-                if not self.fs.isdir(path) or self.fs.exists(f"{path}/{MANIFEST_FILE}"):
+                if not self.fs.isdir(path) or self.object_exists(f"{path}/{MANIFEST_FILE}"):
                     continue
                 newest = 0.0
                 for info in self.fs.find(path, detail=True).values():

@@ -214,6 +214,15 @@ class S3Backend(FsspecBackend):
     def create_sink(self, path: str, size_hint: int | None = None) -> FileSink:
         return MultipartSink(self, path, size_hint)
 
+    def object_exists(self, path: str) -> bool:
+        # One HEAD: s3fs's ``exists`` follows a missing key with a LIST (a "directory"?).
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self._call("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        return True
+
     def call_with_checksum(
         self, method: str, data: bytes | None, **kwargs: Any
     ) -> tuple[Any, bool]:
