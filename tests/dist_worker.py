@@ -8,6 +8,7 @@ FileStore in WORKDIR; gloo talks over loopback only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -1036,6 +1037,40 @@ def scenario_incremental_backup(ckpts: str, rank: int, world: int) -> None:
     ckptstore.load(target, f"{url}/step_00000003")
     assert torch.equal(target["w"].full_tensor(), big["w"])
     assert torch.equal(target[f"rank{rank}"], torch.full((8,), float(rank + 2)))
+
+
+def _sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def scenario_lazy_groups(ckpts: str, rank: int, world: int) -> None:
+    """ckptstore's own gloo groups connect a pair of ranks when it first talks, not
+    every pair when the group is made (issue 17: a full mesh is ~2,000 sockets per rank
+    per group at 1,000 ranks). CKPTSTORE_GLOO_LAZY=0 (set by the test) keeps them
+    eager: then a group opens world - 1 at once. A manager's save and restore then work
+    on such groups."""
+    from ckptstore.engine import groups
+
+    eager = os.environ.get("CKPTSTORE_GLOO_LAZY") == "0"
+    before = _sockets()
+    group = groups.dedicated_gloo_group()
+    opened = _sockets() - before
+    groups.release(group)
+    print(f"SOCKETS rank {rank}: {opened} opened by creating a group", flush=True)
+    assert opened >= world - 1 if eager else opened <= 1, opened  # 1: its listening socket
+    assert "TORCH_GLOO_LAZY_INIT" not in os.environ  # set only while a group is made
+    with ckptstore.CheckpointManager(os.path.join(ckpts, "lazy")) as mgr:
+        state = {"w": torch.linspace(0, 1, 64), "b": torch.arange(8.0)}  # replicated
+        mgr.save(1, state)
+        mgr.wait()
+        target = {"w": torch.zeros(64), "b": torch.zeros(8)}
+        assert mgr.restore(target) == 2  # step_00000002: the steps done
+        assert torch.equal(target["w"], state["w"]) and torch.equal(target["b"], state["b"])
+    print(f"SOCKETS rank {rank}: {_sockets() - before} open after a save and a restore")
 
 
 if __name__ == "__main__":

@@ -50,8 +50,14 @@ def spawn_ranks(
     return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
 
 
-def run_ranks(scenario: str, workdir: str, world: int, timeout: float = 180) -> None:
-    results = spawn_ranks(scenario, workdir, world, timeout)
+def run_ranks(
+    scenario: str,
+    workdir: str,
+    world: int,
+    timeout: float = 180,
+    extra_env: dict[str, str] | None = None,
+) -> None:
+    results = spawn_ranks(scenario, workdir, world, timeout, extra_env)
     failed = [(r, rc, out) for r, (rc, out) in enumerate(results) if rc != 0]
     assert not failed, "\n".join(
         f"--- rank {r} exited {rc}:\n{out[-4000:]}" for r, rc, out in failed
@@ -183,3 +189,8 @@ def test_node_local_incremental_saves_back_up_whole_and_restore_from_s3(
     assert not failed, "\n".join(
         f"--- rank {r} exited {rc}:\n{out[-3000:]}" for r, rc, out in failed
     )
+
+
+@pytest.mark.parametrize("lazy", ["1", "0"], ids=["lazy", "eager"])
+def test_ckptstore_groups_connect_ranks_lazily_unless_told_not_to(tmp_path, lazy):
+    run_ranks("lazy_groups", str(tmp_path), 4, extra_env={"CKPTSTORE_GLOO_LAZY": lazy})

@@ -8,11 +8,19 @@ carry CPU tensors, else a temporary gloo group.
 
 ``new_group`` is itself a collective over the whole world: every rank creates the
 group at the same point (the Checkpointer's constructor, or the synchronous call).
+
+The groups made here connect their pairs lazily (``TORCH_GLOO_LAZY_INIT=1`` while the
+group is created; torch >= 2.8 reads it then, older releases ignore it): a gloo group
+otherwise opens a socket to every other rank, ~2,000 per rank per group at 1,000
+ranks, while ckptstore's collectives (gathers and scatters through rank 0, ring
+all-reduces) talk to a few peers. ``CKPTSTORE_GLOO_LAZY=0`` in the environment keeps
+them eager.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, cast
 
@@ -41,7 +49,21 @@ def dedicated_gloo_group(
     if not is_distributed():
         return None
     ranks = None if process_group is None else dist.get_process_group_ranks(process_group)
-    return cast(dist.ProcessGroup, dist.new_group(ranks=ranks, backend="gloo"))
+    with _lazy_connections():
+        return cast(dist.ProcessGroup, dist.new_group(ranks=ranks, backend="gloo"))
+
+
+@contextlib.contextmanager
+def _lazy_connections() -> Iterator[None]:
+    """Have a gloo group created meanwhile connect each pair at its first use."""
+    if os.environ.get("CKPTSTORE_GLOO_LAZY", "1") == "0" or "TORCH_GLOO_LAZY_INIT" in os.environ:
+        yield  # the user's choice, either way
+        return
+    os.environ["TORCH_GLOO_LAZY_INIT"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCH_GLOO_LAZY_INIT", None)
 
 
 @contextlib.contextmanager
