@@ -5,7 +5,17 @@
 #   bash benchmarks/gpu_check.sh              # from the repo root, on a machine with CUDA
 #   bash benchmarks/gpu_check.sh --allow-cpu  # dry run of the script itself, no GPU:
 #                                             # small sizes, nothing judged
-#   CKPTSTORE_GPU_NO_INSTALL=1 ...            # use the python on PATH as it is
+#   bash benchmarks/gpu_check.sh --copy-to DIR  # also copy this run's files into DIR
+#   CKPTSTORE_GPU_NO_INSTALL=1 ...            # use $PYTHON (default python3) as it is
+#
+# On this project's lent GPU machine (no network; its image has torch, numpy, xxhash,
+# fsspec, pytest, but not zstandard): once, here, put zstandard's wheel in .whl/
+# (ignored by git):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_17_x86_64 -d .whl zstandard==0.25.0
+# then run, with .whl carried and a timeout that leaves room for a rerun (~480 s):
+#   bash benchmarks/gpu_check.sh --copy-to "$OUT"
+# and commit the JSON files that come back under benchmarks/results/.
 #
 # Install: a venv (outside the tree, $CKPTSTORE_GPU_VENV, default /tmp/ckptstore-gpu-venv)
 # that sees the machine's own CUDA build of torch (--system-site-packages), then
@@ -21,13 +31,23 @@
 #                  --no-checkpoint, benchmarks/bench_train.py; target <= 2%
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
+# The tree itself, whatever the install does (an offline editable install can fail).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 ALLOW_CPU=0
-for arg in "$@"; do
-    case "$arg" in
+COPY_TO=""
+usage="usage: bash benchmarks/gpu_check.sh [--allow-cpu] [--copy-to DIR]"
+while [ $# -gt 0 ]; do
+    case "$1" in
         --allow-cpu) ALLOW_CPU=1 ;;
-        *) echo "usage: bash benchmarks/gpu_check.sh [--allow-cpu]" >&2; exit 2 ;;
+        --copy-to)
+            [ $# -ge 2 ] || { echo "$usage: --copy-to needs a directory" >&2; exit 2; }
+            COPY_TO=$2
+            shift
+            ;;
+        *) echo "$usage" >&2; exit 2 ;;
     esac
+    shift
 done
 
 OUT=benchmarks/results
@@ -41,6 +61,16 @@ declare -A VERDICT
 FAILED=0
 
 say() { echo "$*" | tee -a "$LOG"; }
+copy_out() {  # on every exit: this run's files into --copy-to's directory
+    if [ -n "$COPY_TO" ]; then
+        mkdir -p "$COPY_TO" && cp "$OUT"/gpu-check-*"$STAMP"* "$COPY_TO"/ 2>/dev/null
+        for f in "${BENCH_JSON:-}" "${TRAIN_JSON:-}"; do
+            [ -n "$f" ] && [ -f "$f" ] && cp "$f" "$COPY_TO"/
+        done
+    fi
+    return 0
+}
+trap copy_out EXIT
 verdict() {  # name, PASS|FAIL|DRY|SKIP, detail
     VERDICT[$1]="$2"
     [ "$2" = FAIL ] && FAILED=1
@@ -50,7 +80,7 @@ verdict() {  # name, PASS|FAIL|DRY|SKIP, detail
 run_script() {  # tag, script, args...: run it, keep its output; sets rc and JSON (its results file)
     local tag=$1
     shift
-    python "$@" --out "$OUT" 2>&1 | tee "$OUT/gpu-check-$STAMP-$tag.txt" | tee -a "$LOG"
+    "$PY" "$@" --out "$OUT" 2>&1 | tee "$OUT/gpu-check-$STAMP-$tag.txt" | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     JSON=$(sed -n 's/^results: //p' "$OUT/gpu-check-$STAMP-$tag.txt" | tail -1)
 }
@@ -58,10 +88,16 @@ run_script() {  # tag, script, args...: run it, keep its output; sets rc and JSO
 # ---- install --------------------------------------------------------------------------
 start=$(date +%s)
 if [ "${CKPTSTORE_GPU_NO_INSTALL:-0}" = 1 ]; then
-    say "install skipped (CKPTSTORE_GPU_NO_INSTALL=1): using $(command -v python)"
+    say "install skipped (CKPTSTORE_GPU_NO_INSTALL=1): using $(command -v "$PY")"
+elif ! { [ -x "$VENV/bin/python" ] || "$PY" -m venv --system-site-packages "$VENV" >>"$LOG" 2>&1; }; then
+    # No venv here: the machine's python as it is, the carried wheels beside it.
+    say "no venv could be made: using $(command -v "$PY") with .whl/ in $VENV-site"
+    if [ -d .whl ]; then
+        "$PY" -m pip install -q --no-index --no-deps --target "$VENV-site" .whl/*.whl >>"$LOG" 2>&1
+        export PYTHONPATH="$PYTHONPATH:$VENV-site"
+    fi
 else
-    if [ ! -x "$VENV/bin/python" ]; then
-        "$PY" -m venv --system-site-packages "$VENV" || { echo "FAIL install: no venv" >&2; exit 1; }
+    if [ ! -f "$VENV/.ckptstore-torch" ]; then
         # The machine's python may itself be a venv (its torch then is not in the base
         # site-packages that --system-site-packages shows): point at torch's own folder.
         torch_site=$("$PY" -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))" 2>/dev/null)
@@ -69,20 +105,22 @@ else
             purelib=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
             echo "$torch_site" >"$purelib/_machine_torch.pth"
         fi
+        touch "$VENV/.ckptstore-torch"
     fi
     # shellcheck disable=SC1091
     . "$VENV/bin/activate"
+    PY=python
     links=()
     [ -d .whl ] && links=(--find-links .whl)
-    if ! python -m pip install -q --retries 1 --timeout 15 "${links[@]}" -e ".[dev]" >>"$LOG" 2>&1; then
+    if ! "$PY" -m pip install -q --retries 1 --timeout 15 "${links[@]}" -e ".[dev]" >>"$LOG" 2>&1; then
         say "pip install -e .[dev] failed (offline?): installing .whl/ and the package alone"
         if [ -d .whl ]; then
-            python -m pip install -q --no-index --no-deps .whl/*.whl >>"$LOG" 2>&1
+            "$PY" -m pip install -q --no-index --no-deps .whl/*.whl >>"$LOG" 2>&1
         fi
-        python -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
+        "$PY" -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
     fi
 fi
-missing=$(python - <<'EOF'
+missing=$("$PY" - <<'EOF'
 import importlib
 names = ["torch", "numpy", "zstandard", "xxhash", "fsspec", "pytest", "ckptstore"]
 print(" ".join(n for n in names if importlib.util.find_spec(n) is None))
@@ -92,13 +130,13 @@ if [ -n "$missing" ]; then
     verdict install FAIL "missing: $missing (carry their wheels in .whl/)"
     exit 1
 fi
-python - <<'EOF' | tee -a "$LOG"
+"$PY" - <<'EOF' | tee -a "$LOG"
 import torch
 n = torch.cuda.device_count() if torch.cuda.is_available() else 0
 names = [torch.cuda.get_device_name(i) for i in range(n)]
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {n} GPU(s): {names}")
 EOF
-GPUS=$(python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 if [ "$GPUS" = 0 ] && [ "$ALLOW_CPU" = 0 ]; then
     verdict cuda FAIL "no CUDA device (torch.cuda.is_available() is False); --allow-cpu for a dry run"
     exit 1
@@ -107,11 +145,13 @@ say "install: $(( $(date +%s) - start )) s"
 
 # ---- the GPU tests ----------------------------------------------------------------------
 start=$(date +%s)
-python -m pytest -ra -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_staging.py \
+"$PY" -m pytest -ra -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_staging.py \
     2>&1 | tee "$OUT/gpu-check-$STAMP-pytest.txt" | tee -a "$LOG" | tail -25
 rc=${PIPESTATUS[0]}
 summary=$(grep -E '^[0-9]+ (passed|failed)|(passed|failed|skipped).* in [0-9.]+s' "$OUT/gpu-check-$STAMP-pytest.txt" | tail -1)
-skipped_cuda=$(grep -c "SKIPPED.*cuda: needs" "$OUT/gpu-check-$STAMP-pytest.txt")
+# "SKIPPED [N] file:line: cuda: needs ...": N tests per line
+skipped_cuda=$(sed -n 's/^SKIPPED \[\([0-9]*\)\].*cuda: needs.*/\1/p' "$OUT/gpu-check-$STAMP-pytest.txt" |
+    awk '{n += $1} END {print n + 0}')
 if [ "$rc" != 0 ]; then
     verdict tests FAIL "pytest exit $rc: $summary"
 elif [ "$GPUS" = 0 ]; then
@@ -151,11 +191,11 @@ TRAIN_JSON=$JSON
 if [ "$rc" != 0 ] || [ -z "$TRAIN_JSON" ]; then
     verdict training_overhead FAIL "benchmarks/bench_train.py exit $rc"
 else
-    overhead=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['overhead']['median'])" "$TRAIN_JSON")
-    pct=$(python -c "print(f'{100 * float(\"$overhead\"):.2f}%')")
+    overhead=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['overhead']['median'])" "$TRAIN_JSON")
+    pct=$("$PY" -c "print(f'{100 * float(\"$overhead\"):.2f}%')")
     if [ "$GPUS" = 0 ]; then
         verdict training_overhead DRY "$pct (CPU dry run, not judged)"
-    elif python -c "import sys; sys.exit(0 if float('$overhead') <= 0.02 else 1)"; then
+    elif "$PY" -c "import sys; sys.exit(0 if float('$overhead') <= 0.02 else 1)"; then
         verdict training_overhead PASS "$pct (target <= 2%)"
     else
         verdict training_overhead FAIL "$pct (target <= 2%)"

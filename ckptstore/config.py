@@ -98,7 +98,7 @@ class CheckpointerConfig:
     chunk_bytes: size of independently encoded chunks.
     max_staging_bytes: cap on host memory for staging buffers (None: max_inflight x
         the state size).
-    pin_memory: pin staging buffers (default: when CUDA is available).
+    pin_memory: pin staging buffers (default: when the state has tensors on a GPU).
     sweep_grace_s: at start-up, leftovers of dead saves older than this are removed.
         Default: 60 s on local disk, where a lock protects a save in progress whatever
         its age; 1 hour on object stores, where nothing but age can (make it longer

@@ -19,6 +19,7 @@ machine without CUDA. The same paths on real GPUs are in ``test_cuda.py``.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -237,6 +238,50 @@ def test_cuda_generators_restore_what_matches_and_say_what_does_not(saved, have,
         assert problem is None
     else:
         assert problem is not None and says in problem and f"{saved} device(s)" in problem
+
+
+def test_a_cpu_state_is_not_pinned_unless_asked_even_where_cuda_is(cudart):
+    """Pinning a CPU state's arena buys nothing and would create a CUDA context on the
+    thread's current device (cuda:0, on every rank): the default pins GPU states only."""
+    pool = StagingPool()  # pin_memory=None: the default
+    pool.release(pool.stage(make_state(3)))
+    assert pool.pinned_bytes == 0 and cudart.calls == []
+    pool.close()
+    asked = StagingPool(pin_memory=True)
+    asked.release(asked.stage(make_state(3)))
+    assert asked.pinned_bytes == asked.allocated_bytes > 0
+    asked.close()
+
+
+def test_a_refused_registration_clears_the_error_it_left(cudart, monkeypatch):
+    """cudaHostRegister's error stays as the thread's last CUDA error, which torch would
+    report as the failure of the next kernel: it is read (and so reset) at once."""
+    cleared = []
+    monkeypatch.setattr(host_buffers, "_clear_last_cuda_error", lambda: cleared.append(1))
+    cudart.refuse = True
+    HostBuffer(1 << 16, pin=True).close()
+    assert cleared == [1]
+    cudart.refuse = False
+    HostBuffer(1 << 16, pin=True).close()
+    assert cleared == [1]  # only after a failure
+
+
+def test_host_buffers_are_private_mappings_kept_from_forked_children():
+    """A shared mapping ignores MADV_HUGEPAGE; MADV_DONTFORK keeps the pages out of a
+    forked DataLoader worker. The child sees no mapping at that address."""
+    buf = HostBuffer(1 << 20)
+    start = buf.tensor.data_ptr()
+    with open("/proc/self/maps") as f:
+        line = next(x for x in f if int(x.split("-")[0], 16) == start)
+    assert line.split()[1][3] == "p", line  # private
+    pid = os.fork()
+    if pid == 0:  # the child: is the buffer's address mapped here?
+        with open("/proc/self/maps") as f:
+            mapped = any(int(x.split("-")[0], 16) == start for x in f)
+        os._exit(1 if mapped else 0)
+    _, status = os.waitpid(pid, 0)
+    buf.close()
+    assert os.waitstatus_to_exitcode(status) == 0, "the buffer was inherited by the child"
 
 
 def test_a_buffer_in_use_when_the_pool_closes_is_unpinned_when_released(cudart):

@@ -194,3 +194,15 @@ def test_node_local_incremental_saves_back_up_whole_and_restore_from_s3(
 @pytest.mark.parametrize("lazy", ["1", "0"], ids=["lazy", "eager"])
 def test_ckptstore_groups_connect_ranks_lazily_unless_told_not_to(tmp_path, lazy):
     run_ranks("lazy_groups", str(tmp_path), 4, extra_env={"CKPTSTORE_GLOO_LAZY": lazy})
+
+
+def test_fsdp2_torchrun_worker_of_the_gpu_tests_runs_on_gloo(tmp_path):
+    """tests/fsdp_worker.py is what test_cuda.py runs on a GPU with NCCL; here on gloo, so
+    that the script itself is known to work before a GPU runs it."""
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_worker.py")
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [exe, "--standalone", "--nproc_per_node=2", worker, "cpu", str(tmp_path / "c")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fsdp_worker: bit-exact on 2 rank(s) (gloo)" in done.stdout, done.stdout

@@ -1,7 +1,9 @@
 """Host memory for staging: exactly the size asked for, pinned where CUDA is used.
 
-A :class:`HostBuffer` is an anonymous ``mmap`` (page-aligned, so O_DIRECT writes go
-straight from it) with ``MADV_HUGEPAGE`` where the kernel has it. With ``pin=True`` and
+A :class:`HostBuffer` is a private anonymous ``mmap`` (page-aligned, so O_DIRECT writes
+go straight from it) with ``MADV_HUGEPAGE`` where the kernel has it (a shared mapping
+would ignore it) and ``MADV_DONTFORK`` (a forked DataLoader worker neither inherits the
+pinned pages nor makes them copy-on-write). With ``pin=True`` and
 CUDA available it is registered with ``cudaHostRegister`` (as DCP's own stager does)
 rather than taken from torch's pinned allocator, which rounds every request up to the
 next power of two and keeps freed blocks for the life of the process: here 2.05 GiB
@@ -16,6 +18,7 @@ and torch views of it keep the mapping (not the registration) alive after ``clos
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import mmap
 import weakref
@@ -49,11 +52,12 @@ class HostBuffer:
             self.tensor = torch.empty(0, dtype=torch.uint8)
             self._finalizer = None
             return
-        self._mmap = mmap.mmap(-1, nbytes)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            # Without THP this fails: 4 KiB pages, a slower first save only.
-            with contextlib.suppress(OSError):
-                self._mmap.madvise(mmap.MADV_HUGEPAGE)
+        self._mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for advice in ("MADV_HUGEPAGE", "MADV_DONTFORK"):
+            # Without THP MADV_HUGEPAGE fails: 4 KiB pages, a slower first save only.
+            if hasattr(mmap, advice):
+                with contextlib.suppress(OSError):
+                    self._mmap.madvise(getattr(mmap, advice))
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         ptr = self.tensor.data_ptr()
         if pin and torch.cuda.is_available():
@@ -83,7 +87,10 @@ def _register(ptr: int, nbytes: int, device: int | None) -> bool:
         code = int(cudart.cudaHostRegister(ptr, nbytes, _REGISTER_PORTABLE))
     if code != 0:
         # Pinning is a matter of speed (and of limits such as RLIMIT_MEMLOCK): copy
-        # through pageable memory rather than fail the save.
+        # through pageable memory rather than fail the save. The failed call left its
+        # error as the thread's last CUDA error, which torch would otherwise report as
+        # the failure of the next kernel launched on this thread.
+        _clear_last_cuda_error()
         log.warning(
             "could not pin %s of staging memory (cudaHostRegister error %d); device-to-host "
             "copies into it will be slower",
@@ -92,6 +99,20 @@ def _register(ptr: int, nbytes: int, device: int | None) -> bool:
         )
         return False
     return True
+
+
+def _clear_last_cuda_error() -> bool:
+    """``cudaGetLastError()`` (which resets it) of the CUDA runtime this process already
+    loaded (torch binds no such call); never another copy, which would start a runtime
+    of its own. False where none is loaded."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libcudart.so" in line}
+        for path in sorted(paths):
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(path).cudaGetLastError()
+                return True
+    return False
 
 
 def _release(ptr: int | None, device: int | None) -> None:

@@ -180,7 +180,7 @@ class StagingPool:
         if max_bytes is not None and max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self._slots = slots
-        self._pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self._pin = pin_memory  # None: pin the arenas of states with tensors on a GPU
         self._max_bytes = max_bytes
         self._free: list[_Arena] = []
         self._busy: list[_Arena] = []
@@ -368,7 +368,10 @@ class StagingPool:
                     dropped.close()
                 fits = self._max_bytes is None or held + nbytes <= self._max_bytes
                 if len(self._busy) < self._slots and fits:
-                    arena = _Arena(signature, offsets, nbytes, self._pin, device)
+                    # Pinning a CPU state's arena would only create a CUDA context on
+                    # the thread's current device (cuda:0 on every rank).
+                    pin = device is not None if self._pin is None else self._pin
+                    arena = _Arena(signature, offsets, nbytes, pin, device)
                     self._busy.append(arena)
                     return arena
                 remaining = None if deadline is None else deadline - time.monotonic()
