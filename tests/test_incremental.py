@@ -332,7 +332,7 @@ def _random_sequence(root: str, ops: list[tuple[str, int]], tally: dict[str, int
         f"w{i}": torch.randn(20_000, generator=torch.Generator().manual_seed(i)) for i in range(6)
     }
     expected: dict[int, dict[str, torch.Tensor]] = {}
-    step = 0
+    step, fresh = 0, False
     ckpt = ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=4)
     try:
         for op, arg in ops:
@@ -344,6 +344,8 @@ def _random_sequence(root: str, ops: list[tuple[str, int]], tally: dict[str, int
                 ckpt.save(state, step=step)
                 expected[step] = state
                 tally["linked"] += bool(ckpt.latest().manifest.linked)
+                tally["linked_after_restart"] += fresh and bool(ckpt.latest().manifest.linked)
+                fresh = False
             elif op == "fail":
                 step += 1
                 real = ShardWriter.finish
@@ -370,9 +372,10 @@ def _random_sequence(root: str, ops: list[tuple[str, int]], tally: dict[str, int
                 retention.prune(LocalBackend(root), ckptstore.KeepLast(1 + arg % 3))
                 listed = {i.step for i in ckpt.list()}
                 expected = {s: v for s, v in expected.items() if s in listed}
-            elif op == "restart":
+            elif op == "restart":  # it then loads every checkpoint: links from the last
                 ckpt.close()
                 ckpt = ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=4)
+                fresh = True
             assert sorted(i.step for i in ckpt.list()) == sorted(expected)
             for s, want in expected.items():
                 load_equal(ckpt, s, want)
@@ -389,7 +392,7 @@ def test_random_sequences_of_saves_deletions_retention_and_failures(tmp_path):
         st.tuples(st.sampled_from(["delete", "prune", "fail", "restart"]), st.integers(0, 5)),
     )
     counter = [0]
-    tally = {"linked": 0, "origins_deleted": 0}
+    tally = {"linked": 0, "origins_deleted": 0, "linked_after_restart": 0}
 
     @settings(
         max_examples=int(os.environ.get("CKPTSTORE_INCREMENTAL_EXAMPLES", "25")),
@@ -404,9 +407,10 @@ def test_random_sequences_of_saves_deletions_retention_and_failures(tmp_path):
         _random_sequence(str(tmp_path / f"run{counter[0]}"), ops, tally)
 
     run()
-    # the sequences did what they are for: saves that link, and deletions of
-    # checkpoints whose files later ones still hold
+    # the sequences did what they are for: saves that link (some right after a
+    # restart), and deletions of checkpoints whose files later ones still hold
     assert tally["linked"] >= 10 and tally["origins_deleted"] >= 2, tally
+    assert tally["linked_after_restart"] >= 1, tally
 
 
 # ---- found in review ----------------------------------------------------------------
@@ -487,3 +491,88 @@ def test_prune_counts_only_the_bytes_deleting_frees(root, capsys):
     with ckptstore.Checkpointer(root) as ckpt:
         assert [i.step for i in ckpt.list()] == [4, 5]
         load_equal(ckpt, 5, state_at(5, frozen))
+
+
+# ---- after a restart ------------------------------------------------------------------
+
+
+def test_after_a_restart_the_first_save_links_from_the_checkpoint_it_restored(root):
+    """A rank's memory of its last save is also a note in that save's shard: a new
+    process that restored a checkpoint (through a manager, or a checkpointer's load)
+    links its first save from it; one that restored nothing saves in full. The note is
+    not state: loads and verify ignore it. A save that links from nothing (the first;
+    full training) has no note: there, it would be bytes for nothing."""
+    frozen = frozen_state()
+    blank = {k: torch.zeros_like(v) for k, v in state_at(0, frozen).items()}
+    # mgr.save(step, ...) names the checkpoint after the steps done: step + 1
+    with ckptstore.CheckpointManager(root, incremental=True) as mgr:
+        for step in (1, 2):
+            mgr.save(step - 1, state_at(step, frozen)).wait()
+    with ckptstore.CheckpointManager(root, incremental=True) as mgr:
+        assert mgr.restore(dict(blank)) == 2
+        mgr.save(2, state_at(3, frozen)).wait()
+    with ckptstore.CheckpointManager(root, incremental=True) as mgr:  # restored nothing
+        mgr.save(3, state_at(4, frozen)).wait()
+    with ckptstore.Checkpointer(root, incremental=True) as ckpt:
+        assert [bool(i.manifest.linked) for i in ckpt.list()] == [False, True, True, False]
+        ckpt.load(dict(blank), 3)  # not the newest: links from what it loaded
+        ckpt.save(state_at(5, frozen), step=5)
+        assert ckpt.latest().manifest.linked == {"__0_0-step_00000001.distcp": "step_00000001"}
+    with ckptstore.Checkpointer(root) as ckpt:
+        for step in range(1, 6):
+            load_equal(ckpt, step, state_at(step, frozen))
+    assert files_of(root, 5)["__0_0-step_00000001.distcp"].st_ino == (
+        files_of(root, 1)["__0_0.distcp"].st_ino
+    )
+
+
+def _flip_note_byte(root: str, step: int) -> None:
+    from ckptstore.dcp.incremental import NOTE_KEY
+    from ckptstore.storage import LocalBackend
+
+    name = f"step_{step:08d}"
+    with ckptstore.Checkpointer(root) as ckpt:
+        entry = next(i for i in ckpt.list() if i.step == step).manifest.files["__0_0.distcp"]
+    backend = LocalBackend(root)
+    with backend.open_reader(f"{name}/__0_0.distcp") as reader:
+        shard = ckptstore.format.shard.ShardReader(
+            reader, name, size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
+        )
+        (note,) = [i for i in shard.items if i.key == NOTE_KEY]
+    path = os.path.join(root, name, "__0_0.distcp")
+    with open(path, "r+b") as f:
+        f.seek(note.chunks[0].offset + 3)
+        byte = f.read(1)
+        f.seek(note.chunks[0].offset + 3)
+        f.write(bytes([byte[0] ^ 0x20]))
+
+
+def test_a_damaged_note_means_a_full_save_never_a_wrong_link(root):
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, incremental=True) as ckpt:
+        save_chain(ckpt, frozen, 2)
+    _flip_note_byte(root, 2)
+    with ckptstore.Checkpointer(root, incremental=True) as ckpt:
+        intact = {k: torch.zeros_like(v) for k, v in state_at(2, frozen).items()}
+        ckpt.load(intact, 2)  # the state itself is intact: it loads
+        ckpt.save(state_at(3, frozen), step=3)
+        assert not ckpt.latest().manifest.linked  # the note could not be read: in full
+        load_equal(ckpt, 3, state_at(3, frozen))
+        assert ckpt.verify(2), "the damaged note is damage like any other"
+
+
+def test_an_item_not_where_the_memory_says_is_not_linked(root):
+    """Before linking, each item used is checked at its position in the file (its key
+    and size), whatever said where it lies (this process's memory or a note)."""
+    import dataclasses
+
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, incremental=True) as ckpt:
+        save_chain(ckpt, frozen, 1)
+        inc = ckpt._save_cache.incremental
+        held = inc._items["frozen.0@0,0"]
+        other = inc._items["frozen.1@0,0"].item
+        inc._items["frozen.0@0,0"] = dataclasses.replace(held, item=other)
+        ckpt.save(state_at(2, frozen), step=2)
+        assert not ckpt.latest().manifest.linked
+        load_equal(ckpt, 2, state_at(2, frozen))

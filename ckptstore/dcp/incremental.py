@@ -18,15 +18,23 @@ checkpoint that first wrote the frozen weights leaves every later one loadable (
 system counts the links). A linked file also holds its first save's items that changed
 since (they are not read); a full save every ``full_every`` saves bounds those stale bytes.
 
-Where links cannot be made (object stores, a file system without hard links) the save
-writes everything, as without this. What this rank remembers is its last *committed*
-save, in memory: the first save after a restart is a full one.
+Where links cannot be made (a file system without hard links) the save writes
+everything, as without this. What this rank remembers is its last *committed* save, in
+memory, and in that save's shard file as one more item (``@ckptstore.incremental``, a
+key no DCP item has, JSON; not in ``.metadata``, so no load reads it): where each item
+lies and its digest. After a restart, a rank that loaded a checkpoint from this root
+(:meth:`IncrementalCache.restored_from`) reads that note from its own shard there, and
+its first save links from that checkpoint; a rank that loaded nothing, or whose note is
+missing, damaged or of another layout, saves in full. Every file is checked before it is
+linked from: its size and index checksum, and, for each item used, its key and size at
+the noted position.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import posixpath
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -34,10 +42,16 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from ckptstore.errors import CkptStoreError
+from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardInfo, ShardReader
+
+log = logging.getLogger(__name__)
+
+NOTE_KEY = "@ckptstore.incremental"  # DCP's keys start with a state dict key's name
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,8 @@ class Reuse:
     links: dict[str, _File] = field(default_factory=dict)  # file name -> the file linked
     raw_linked: int = 0  # raw bytes of the items linked
     stored: dict[str, str] = field(default_factory=dict)  # stored name -> file name
+    note_bytes: int = 0  # the note's, in this save's shard (not state: not counted)
+    noted: bool = False  # whether this save's shard gets a note (place())
 
 
 _PIECE = 8 << 20  # large items are hashed in pieces of this size, on every thread
@@ -117,14 +133,30 @@ class Hashing:
         futures_wait(self.jobs)
 
 
-def _unchanged(backend: Any, f: _File) -> bool:
-    """Whether ``f.source`` in ``backend`` is still the file noted: size and index."""
+def _index(backend: Any, f: _File) -> list[tuple[str, int]] | None:
+    """The items (key, raw size) of ``f.source`` in ``backend`` if it is still the file
+    noted (size and index checksum); None if not."""
     try:
         with backend.open_reader(f.source) as reader:
-            ShardReader(reader, f.source, size_bytes=f.size_bytes, index_xxh3=f.xxh3_64)
+            shard = ShardReader(reader, f.source, size_bytes=f.size_bytes, index_xxh3=f.xxh3_64)
+            return [(item.key, item.nbytes) for item in shard.items]
     except (OSError, CkptStoreError):
-        return False
-    return True
+        return None
+
+
+def _read_note(backend: Any, name: str, own: str, entry: Any) -> tuple[dict[str, Any], int]:
+    """The note in ``name/own`` (:data:`NOTE_KEY`), and the raw bytes of the state there."""
+    with backend.open_reader(f"{name}/{own}") as reader:
+        shard = ShardReader(
+            reader, f"{name}/{own}", size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
+        )
+        at = [i for i, item in enumerate(shard.items) if item.key == NOTE_KEY]
+        if len(at) != 1:
+            raise ValueError("no note in that shard")
+        out = np.empty(shard.items[at[0]].nbytes, dtype=np.uint8)
+        shard.read_item(at[0], out, None)
+        state = sum(item.nbytes for item in shard.items if item.key != NOTE_KEY)
+        return json.loads(out.tobytes()), state
 
 
 class IncrementalCache:
@@ -140,6 +172,103 @@ class IncrementalCache:
         self.hashed_bytes = 0  # raw bytes the last save hashed (for tests, benchmarks)
         # fqn -> (version counter, data pointer) of the save being written (StagedState)
         self.versions: dict[str, tuple[int, int] | None] | None = None
+        self._restored: tuple[str, Manifest] | None = None  # see restored_from()
+
+    def restored_from(self, name: str, manifest: Manifest) -> None:
+        """This process loaded checkpoint ``name`` from the root it saves to: a rank that
+        remembers no save of its own links its next save from that one (module doc)."""
+        self._restored = (name, manifest)
+
+    def _seed(self, backend: Any, base_name: str) -> None:
+        """Remember the restored checkpoint as if this rank had just saved it, from the
+        note in its shard file there; on any doubt, nothing (a full save)."""
+        assert self._restored is not None
+        name, manifest = self._restored
+        self._restored = None
+        stem, ext = posixpath.splitext(base_name)
+        own = [
+            f
+            for f, e in manifest.files.items()
+            if e.kind == "shard"
+            and f not in manifest.linked
+            and (f == base_name or (f.startswith(f"{stem}-") and f.endswith(ext)))
+        ]
+        if len(own) != 1:
+            return
+        try:
+            note, raw_bytes = _read_note(backend, name, own[0], manifest.files[own[0]])
+            files = {
+                link: _File(f"{name}/{src}", origin, int(size), str(xxh3), int(raw))
+                for link, (src, origin, size, xxh3, raw) in note["files"].items()
+            }
+            entry = manifest.files[own[0]]
+            files[note["own"]] = _File(
+                f"{name}/{own[0]}", name, entry.size_bytes, entry.xxh3_64, raw_bytes
+            )
+            items = {
+                str(key): _Held(str(file), int(item), str(d), str(kind), None)
+                for key, file, item, d, kind in note["items"]
+            }
+            if any(h.file not in files for h in items.values()):
+                raise ValueError("an item lies in a file the note does not name")
+            since_full = int(note["since_full"])
+        except (OSError, CkptStoreError, ValueError, TypeError, KeyError) as exc:
+            log.info("%s: no incremental note to link from (%s): a full save", name, exc)
+            return
+        self._items, self._files, self._since_full = items, files, since_full
+
+    def place(
+        self,
+        writer: Any,
+        pending: Any,
+        backend: Any,
+        entries: list[tuple[str, Any, Any]],
+        hashing: Hashing,
+        names: tuple[str, str, str],
+        spec: Any,
+    ) -> tuple[Reuse, list[tuple[str, int]]]:
+        """Write into ``writer`` (a ``ShardWriter``) what changed, link the rest, and add
+        the note; returns the decision and each entry's (stored file, item).
+        ``names``: the checkpoint's, its shard file's, and that file's stored name;
+        ``spec``: the save's (its codec and whether it is ``full``)."""
+        checkpoint, file_names = names[0], (names[1], names[2])
+        # changed for certain: written while the rest are hashed
+        at = {pos: (names[2], writer.add(*entries[pos])) for pos in hashing.moved}
+        codec = spec.codec.get_config()
+        reuse = self.plan(pending, backend, entries, codec, hashing, file_names, spec.full)
+        placed = [
+            at.get(pos) or reuse.items.get(pos) or (names[2], writer.add(key, raw, dtype))
+            for pos, (key, raw, dtype) in enumerate(entries)
+        ]
+        if reuse.noted:
+            note = self.note(checkpoint, file_names, [e[0] for e in entries], placed, reuse)
+            writer.add(NOTE_KEY, note, None)
+            reuse.note_bytes = len(note)
+        return reuse, placed
+
+    def note(
+        self,
+        checkpoint: str,
+        names: tuple[str, str],
+        keys: list[str],
+        placed: list[tuple[str, int]],
+        reuse: Reuse,
+    ) -> bytes:
+        """What :meth:`written` will remember of this save (``names``: its shard file's
+        name, and as stored), as an item of that shard (:data:`NOTE_KEY`)."""
+        own = names[1]
+        renamed = _renamed(checkpoint, names[0], own, reuse)
+        files = {
+            renamed[s]: [s, f.origin, f.size_bytes, f.xxh3_64, f.raw_bytes]
+            for s, f in ((s, reuse.links[n]) for s, n in reuse.stored.items())
+        }
+        items = [
+            [key, renamed[f], i, reuse.digests[pos], reuse.kinds[pos]]
+            for pos, (key, (f, i)) in enumerate(zip(keys, placed, strict=True))
+        ]
+        since_full = 0 if not reuse.items else self._since_full + 1
+        body = {"own": renamed[own], "files": files, "items": items, "since_full": since_full}
+        return json.dumps(body, separators=(",", ":")).encode()
 
     def start(
         self, entries: list[tuple[str, Any, Any]], fqns: list[str] | None, pool: Executor
@@ -180,25 +309,21 @@ class IncrementalCache:
         entries: list[tuple[str, Any, Any]],
         codec: dict[str, Any],
         hashing: Hashing,
-        *,
+        names: tuple[str, str] = ("", ""),
         full: bool = False,
     ) -> Reuse:
         """Once ``hashing`` is done: link what the last save holds unchanged into
         ``pending`` (``full``: nothing, a full save on demand), from ``backend``'s
         files, each first checked to be the one this rank wrote (its size and index
         checksum: a checkpoint replaced under the same name is not linked from)."""
+        if self._restored is not None and not self._items:
+            self._seed(backend, names[0])
         cfg = json.dumps(codec, sort_keys=True)
         digests = [""] * len(entries)
         for pos, d in zip(hashing.hashed, hashing.result(), strict=True):
             digests[pos] = d
         versions = hashing.versions
         reuse = Reuse(digests, [f"{e[2]}|{len(e[1])}|{cfg}" for e in entries], versions)
-        if (
-            full
-            or not self._items
-            or (self.full_every > 0 and self._since_full + 1 >= self.full_every)
-        ):
-            return reuse  # a full save
         used: dict[str, int] = {}
         for pos, (key, raw, _) in enumerate(entries):
             held = self._items.get(key)
@@ -210,17 +335,31 @@ class IncrementalCache:
                 reuse.items[pos] = (held.file, held.item)
                 used[held.file] = used.get(held.file, 0) + len(raw)
         worth = {f for f, n in used.items() if n >= MIN_USED * self._files[f].raw_bytes}
+        # A state that links from its last save is worth a note for after a restart
+        # (where everything changes, as in full training, it would be bytes for nothing).
+        reuse.noted = bool(worth)
+        if full or (self.full_every > 0 and self._since_full + 1 >= self.full_every):
+            reuse.items = {}
+            return reuse  # a full save
         reuse.items = {pos: fi for pos, fi in reuse.items.items() if fi[0] in worth}
         reuse.links = {f: self._files[f] for f in worth}
         reuse.raw_linked = sum(used[f] for f in worth)
         # Each file is linked under this attempt's name for it (object stores make
         # names unique per attempt: PendingCheckpoint.stored_name)
         stored = {name: pending.stored_name(name) for name in reuse.links}
+        indexes = {name: _index(backend, f) for name, f in reuse.links.items()}
+        where_ok = all(
+            (index := indexes[f]) is not None
+            and i < len(index)
+            and index[i] == (entries[pos][0], len(entries[pos][1]))
+            for pos, (f, i) in reuse.items.items()
+        )
         if reuse.links and not (
-            all(_unchanged(backend, f) for f in reuse.links.values())
+            where_ok
             and pending.link_files({stored[name]: f.source for name, f in reuse.links.items()})
         ):
             reuse.items, reuse.links, reuse.raw_linked = {}, {}, 0
+            reuse.noted = False  # as without incremental saves: nothing but the state
         reuse.items = {pos: (stored[f], i) for pos, (f, i) in reuse.items.items()}
         reuse.stored = {stored[name]: name for name in reuse.links}
         return reuse
@@ -229,34 +368,30 @@ class IncrementalCache:
         self,
         checkpoint: str,
         shard: tuple[str, str, ShardInfo],
-        keys: list[str],
+        entries: list[tuple[str, Any, Any]],
         placed: list[tuple[str, int]],
         reuse: Reuse,
     ) -> dict[str, Any]:
         """Note where checkpoint ``checkpoint`` holds each item (``placed[pos]``: the
-        stored file and item of ``keys[pos]``; ``shard``: the file this save wrote, its
+        stored file and item of ``entries[pos]``; ``shard``: the file this save wrote, its
         name and stored name, and info), to be compared with if the save commits.
         Returns the linked files' facts, by stored name."""
         name, own, info = shard
-        stem, ext = posixpath.splitext(name)
-        renamed = dict(reuse.stored)  # stored name -> file name
-        # Named after this checkpoint, but unlike any file it links (a step deleted
-        # and saved again: a file linked from its first incarnation has that name)
-        link_as, n = f"{stem}-{checkpoint}{ext}", 1
-        while link_as in renamed.values():
-            n += 1
-            link_as = f"{stem}-{checkpoint}.{n}{ext}"
-        renamed[own] = link_as
+        renamed = _renamed(checkpoint, name, own, reuse)
         files = {
             renamed[s]: dataclasses.replace(f, source=f"{checkpoint}/{s}")
             for s, f in ((s, reuse.links[n]) for s, n in reuse.stored.items())
         }
         files[renamed[own]] = _File(
-            f"{checkpoint}/{own}", checkpoint, info.size_bytes, info.index_xxh3, info.raw_bytes
+            f"{checkpoint}/{own}",
+            checkpoint,
+            info.size_bytes,
+            info.index_xxh3,
+            info.raw_bytes - reuse.note_bytes,
         )
         items = {
             key: _Held(renamed[f], i, reuse.digests[pos], reuse.kinds[pos], reuse.versions[pos])
-            for pos, (key, (f, i)) in enumerate(zip(keys, placed, strict=True))
+            for pos, (key, (f, i)) in enumerate(zip([e[0] for e in entries], placed, strict=True))
         }
         self._next = (items, files, not reuse.items)
         self.linked_bytes = reuse.raw_linked
@@ -276,3 +411,18 @@ class IncrementalCache:
     def drop(self) -> None:
         """The save failed: the next compares with the last committed one, as before."""
         self._next = None
+
+
+def _renamed(checkpoint: str, name: str, own: str, reuse: Reuse) -> dict[str, str]:
+    """stored name -> the name each file of this save gets when the next one links it:
+    a linked file keeps its name; this save's own is named after it (``own``, stored as
+    ``name``), unlike any file it links (a step deleted and saved again: a file linked
+    from its first incarnation has that name)."""
+    stem, ext = posixpath.splitext(name)
+    renamed = dict(reuse.stored)
+    link_as, n = f"{stem}-{checkpoint}{ext}", 1
+    while link_as in renamed.values():
+        n += 1
+        link_as = f"{stem}-{checkpoint}.{n}{ext}"
+    renamed[own] = link_as
+    return renamed

@@ -364,15 +364,10 @@ class CkptStorageWriter(StorageWriter):
             reuse = None
             if inc is not None:  # incremental saves: link what did not change
                 hashing = inc.start(entries, [str(i.index.fqn) for i in items], self._pool)
-                # changed for certain: written while the rest are hashed
-                at = {pos: (file_name, writer.add(*entries[pos])) for pos in hashing.moved}
-                codec = self._spec.codec.get_config()
-                reuse = inc.plan(
-                    pending, self._backend, entries, codec, hashing, full=self._spec.full
+                names = (self._name, base_name, file_name)
+                reuse, placed = inc.place(
+                    writer, pending, self._backend, entries, hashing, names, self._spec
                 )
-                for pos, (key, raw, dtype) in enumerate(entries):
-                    linked = reuse.items.get(pos)
-                    placed.append(at.get(pos) or linked or (file_name, writer.add(key, raw, dtype)))
             info = writer.finish()
         except BaseException:
             writer.abort()
@@ -387,8 +382,7 @@ class CkptStorageWriter(StorageWriter):
             "raw_bytes": info.raw_bytes,
         }
         if inc is not None and reuse is not None:
-            keys = [e[0] for e in entries]
-            links = inc.written(self._name, (base_name, file_name, info), keys, placed, reuse)
+            links = inc.written(self._name, (base_name, file_name, info), entries, placed, reuse)
             if links:
                 shard.update(links=links, raw_bytes=info.raw_bytes + reuse.raw_linked)
         results = []

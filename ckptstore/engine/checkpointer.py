@@ -502,6 +502,8 @@ class Checkpointer:
             manifest_key=self.config.manifest_key,
             preread=preread[2:],
         )
+        if source is None and self._save_cache.incremental is not None:  # link from it next
+            self._save_cache.incremental.restored_from(name, manifest)
         return CheckpointInfo(name, f"{backend.url}/{name}", manifest)
 
     def read_metadata(self, step: int, *, source: StorageBackend | None = None) -> Metadata:
