@@ -949,7 +949,7 @@ def scenario_incremental(ckpts: str, rank: int, world: int) -> None:
     """Incremental saves on 4 ranks (issue 19): a shared root, then node-local roots (two
     'nodes' of two ranks). Sharded and replicated tensors that do not change (most of
     each rank's bytes) are linked from the save before on every disk; each checkpoint
-    loads bit-exact."""
+    loads bit-exact. After a restart that loads the newest, every rank links again."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -1004,6 +1004,18 @@ def scenario_incremental(ckpts: str, rank: int, world: int) -> None:
                 )
                 assert target["step"] == step
                 assert ckpt.verify(step) == []
+            dist.barrier()
+        # A restart: each rank links its first save from the checkpoint it loaded
+        with ckptstore.Checkpointer(root, codec="zstd", incremental=True) as ckpt:
+            ckpt.load(zeros(), 3)
+            ckpt.save(state(4), 4)
+            linked = ckpt.latest().manifest.linked
+            assert {int(n[2:].split("_")[0]) for n in linked} == on_disk, (layout, linked)
+            target = zeros()
+            ckpt.load(target, 4)
+            check_full(target["frozen"], big)
+            assert torch.equal(target["hot"][f"rank{rank}"], torch.full((8,), float(rank + 4)))
+            assert ckpt.verify(4) == []
             dist.barrier()
 
 
