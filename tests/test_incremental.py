@@ -5,6 +5,7 @@ and deleting the one that first wrote them leaves the later ones whole."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -576,3 +577,89 @@ def test_an_item_not_where_the_memory_says_is_not_linked(root):
         ckpt.save(state_at(2, frozen), step=2)
         assert not ckpt.latest().manifest.linked
         load_equal(ckpt, 2, state_at(2, frozen))
+
+
+def _note_files_as_a_list(body):
+    body["files"] = list(body["files"].values())
+    return json.dumps(body).encode()
+
+
+def _note_since_full_infinite(body):
+    body["since_full"] = float("inf")
+    return json.dumps(body).encode()
+
+
+def _note_with_unsafe_names(body):
+    body["files"] = {k: ["../elsewhere/" + v[0], *v[1:]] for k, v in body["files"].items()}
+    return json.dumps(body).encode()
+
+
+def _note_with_negative_items(body):
+    body["items"] = [[k, f, i - 1000, d, kind] for k, f, i, d, kind in body["items"]]
+    return json.dumps(body).encode()
+
+
+def _note_of_another_version(body):
+    body["v"] = 2
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _note_files_as_a_list,
+        _note_since_full_infinite,
+        _note_with_unsafe_names,
+        _note_with_negative_items,
+        _note_of_another_version,
+        lambda body: b"[" * 100_000 + b"]" * 100_000,  # nested past the recursion limit
+        lambda body: b"\xff\x00 not json",
+    ],
+    ids=["files-list", "infinite", "unsafe-names", "negative-items", "version-2", "deep", "bytes"],
+)
+def test_a_note_that_makes_no_sense_means_a_full_save_not_a_failed_one(root, monkeypatch, damage):
+    """The note is read from disk: whatever it says (a checkpoint written by another
+    version, or by hand), the save after a restart goes through, in full if in doubt."""
+    from ckptstore.dcp.incremental import IncrementalCache
+
+    frozen = frozen_state()
+    real = IncrementalCache.note
+    monkeypatch.setattr(
+        IncrementalCache, "note", lambda self, *a: damage(json.loads(real(self, *a)))
+    )
+    with ckptstore.Checkpointer(root, incremental=True) as ckpt:
+        save_chain(ckpt, frozen, 2)
+        assert ckpt.latest().manifest.linked
+    monkeypatch.undo()
+    with ckptstore.Checkpointer(root, incremental=True) as ckpt:
+        ckpt.load({k: torch.zeros_like(v) for k, v in state_at(2, frozen).items()}, 2)
+        ckpt.save(state_at(3, frozen), step=3)
+        assert not ckpt.latest().manifest.linked
+        load_equal(ckpt, 3, state_at(3, frozen))
+        load_equal(ckpt, 2, state_at(2, frozen))
+
+
+def test_a_run_that_restarts_after_every_save_links_from_the_second_on(root):
+    """A preemptible job: each process restores, saves once and is gone. The save of a
+    process that restored a checkpoint without a note notes itself anyway."""
+    frozen = frozen_state()
+    blank = {k: torch.zeros_like(v) for k, v in state_at(0, frozen).items()}
+    for step in (1, 2, 3, 4):
+        with ckptstore.Checkpointer(root, incremental=True) as ckpt:
+            if step > 1:
+                ckpt.load(dict(blank), step - 1)
+            ckpt.save(state_at(step, frozen), step=step)
+    with ckptstore.Checkpointer(root) as ckpt:
+        assert [bool(i.manifest.linked) for i in ckpt.list()] == [False, False, True, True]
+        for step in (1, 2, 3, 4):
+            load_equal(ckpt, step, state_at(step, frozen))
+
+
+def test_the_note_is_not_counted_as_state(tmp_path):
+    frozen = frozen_state()
+    raw = []
+    for incremental in (True, False):
+        with ckptstore.Checkpointer(tmp_path / str(incremental), incremental=incremental) as ckpt:
+            save_chain(ckpt, frozen, 2)
+            raw.append(ckpt.latest().manifest.raw_bytes)
+    assert raw[0] == raw[1]

@@ -20,12 +20,14 @@ since (they are not read); a full save every ``full_every`` saves bounds those s
 
 Where links cannot be made (a file system without hard links) the save writes
 everything, as without this. What this rank remembers is its last *committed* save, in
-memory, and in that save's shard file as one more item (``@ckptstore.incremental``, a
-key no DCP item has, JSON; not in ``.metadata``, so no load reads it): where each item
-lies and its digest. After a restart, a rank that loaded a checkpoint from this root
+memory, and (where that save linked something, or was the first after a restore) in its
+shard file as one more item (``@ckptstore.incremental``, a key no DCP item has, JSON;
+not in ``.metadata``, so no load reads it): where each item lies and its digest. After a
+restart, a rank that loaded a checkpoint from this root
 (:meth:`IncrementalCache.restored_from`) reads that note from its own shard there, and
 its first save links from that checkpoint; a rank that loaded nothing, or whose note is
-missing, damaged or of another layout, saves in full. Every file is checked before it is
+missing, damaged, of another version or layout, or otherwise makes no sense (it is read
+from disk: every field is checked), saves in full. Every file is checked before it is
 linked from: its size and index checksum, and, for each item used, its key and size at
 the noted position.
 """
@@ -52,6 +54,35 @@ from ckptstore.format.shard import ShardInfo, ShardReader
 log = logging.getLogger(__name__)
 
 NOTE_KEY = "@ckptstore.incremental"  # DCP's keys start with a state dict key's name
+_NOTE_VERSION = 1
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _plain(value: Any) -> str:
+    """A file or checkpoint name: one path component."""
+    name = _text(value)
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"not a plain name: {name!r}")
+    return name
+
+
+def _hex(value: Any) -> str:
+    """A digest, or "" (an item not hashed: it had changed for certain)."""
+    text = _text(value)
+    if text:
+        int(text, 16)  # ValueError if not hexadecimal
+    return text
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"expected a count, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -197,22 +228,24 @@ class IncrementalCache:
             return
         try:
             note, raw_bytes = _read_note(backend, name, own[0], manifest.files[own[0]])
+            if note.get("v") != _NOTE_VERSION:
+                raise ValueError(f"a note of version {note.get('v')!r}")
             files = {
-                link: _File(f"{name}/{src}", origin, int(size), str(xxh3), int(raw))
+                _plain(link): _File(f"{name}/{_plain(src)}", _plain(origin), _count(size), _hex(xxh3), _count(raw))
                 for link, (src, origin, size, xxh3, raw) in note["files"].items()
-            }
+            }  # fmt: skip
             entry = manifest.files[own[0]]
-            files[note["own"]] = _File(
+            files[_plain(note["own"])] = _File(
                 f"{name}/{own[0]}", name, entry.size_bytes, entry.xxh3_64, raw_bytes
             )
             items = {
-                str(key): _Held(str(file), int(item), str(d), str(kind), None)
+                _text(key): _Held(_plain(file), _count(item), _hex(d), _text(kind), None)
                 for key, file, item, d, kind in note["items"]
             }
             if any(h.file not in files for h in items.values()):
                 raise ValueError("an item lies in a file the note does not name")
-            since_full = int(note["since_full"])
-        except (OSError, CkptStoreError, ValueError, TypeError, KeyError) as exc:
+            since_full = _count(note["since_full"])
+        except Exception as exc:  # untrusted input: any doubt means a full save
             log.info("%s: no incremental note to link from (%s): a full save", name, exc)
             return
         self._items, self._files, self._since_full = items, files, since_full
@@ -267,7 +300,8 @@ class IncrementalCache:
             for pos, (key, (f, i)) in enumerate(zip(keys, placed, strict=True))
         ]
         since_full = 0 if not reuse.items else self._since_full + 1
-        body = {"own": renamed[own], "files": files, "items": items, "since_full": since_full}
+        body = {"v": _NOTE_VERSION, "own": renamed[own], "files": files, "items": items}
+        body["since_full"] = since_full
         return json.dumps(body, separators=(",", ":")).encode()
 
     def start(
@@ -316,7 +350,11 @@ class IncrementalCache:
         ``pending`` (``full``: nothing, a full save on demand), from ``backend``'s
         files, each first checked to be the one this rank wrote (its size and index
         checksum: a checkpoint replaced under the same name is not linked from)."""
-        if self._restored is not None and not self._items:
+        # A rank with nothing in memory that restored a checkpoint notes this save even
+        # if it links nothing (its restored one had no note): a run that restarts after
+        # every save still links from the save before.
+        restarted = self._restored is not None and not self._items
+        if restarted:
             self._seed(backend, names[0])
         cfg = json.dumps(codec, sort_keys=True)
         digests = [""] * len(entries)
@@ -337,7 +375,7 @@ class IncrementalCache:
         worth = {f for f, n in used.items() if n >= MIN_USED * self._files[f].raw_bytes}
         # A state that links from its last save is worth a note for after a restart
         # (where everything changes, as in full training, it would be bytes for nothing).
-        reuse.noted = bool(worth)
+        reuse.noted = bool(worth) or restarted
         if full or (self.full_every > 0 and self._since_full + 1 >= self.full_every):
             reuse.items = {}
             return reuse  # a full save
@@ -350,7 +388,7 @@ class IncrementalCache:
         indexes = {name: _index(backend, f) for name, f in reuse.links.items()}
         where_ok = all(
             (index := indexes[f]) is not None
-            and i < len(index)
+            and 0 <= i < len(index)
             and index[i] == (entries[pos][0], len(entries[pos][1]))
             for pos, (f, i) in reuse.items.items()
         )
@@ -387,7 +425,7 @@ class IncrementalCache:
             checkpoint,
             info.size_bytes,
             info.index_xxh3,
-            info.raw_bytes - reuse.note_bytes,
+            info.raw_bytes,  # the note's bytes taken out (the writer)
         )
         items = {
             key: _Held(renamed[f], i, reuse.digests[pos], reuse.kinds[pos], reuse.versions[pos])

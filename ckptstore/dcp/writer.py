@@ -374,6 +374,8 @@ class CkptStorageWriter(StorageWriter):
             if hashing is not None:  # they read the staging buffer: let them end first
                 hashing.wait()
             raise
+        if reuse is not None:  # the note is not state
+            info = dataclasses.replace(info, raw_bytes=info.raw_bytes - reuse.note_bytes)
         self.shard_info = info
         shard: dict[str, Any] = {
             "name": file_name,
