@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -44,55 +43,12 @@ from ckptstore.errors import (
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import MANIFEST_FILE, REPLACING_SUFFIX
+from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
 
 log = logging.getLogger("ckptstore")
 
 PIECE_BYTES = 8 << 20  # read and hashed in pieces of this size
-
-
-class Progress:
-    """Bytes done of a total, printed at most every ``every_s`` (a ``\\r`` line on a tty)."""
-
-    def __init__(self, what: str, total: int, *, every_s: float = 2.0, enabled: bool = True):
-        self.what = what
-        self.total = total
-        self.done = 0
-        self._lock = threading.Lock()
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._every_s = every_s
-        self._enabled = enabled
-        self._tty = enabled and sys.stderr.isatty()
-        self._printed = False
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self.done += n
-
-    def show(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self._enabled or (not force and now - self._last < self._every_s):
-            return
-        self._last = now
-        elapsed = max(now - self._start, 1e-9)
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        line = (
-            f"{self.what}: {pct:5.1f}% ({self.done / 2**20:,.0f} of {self.total / 2**20:,.0f} MiB, "
-            f"{self.done / elapsed / 1e6:,.0f} MB/s)"
-        )
-        if self._tty:
-            sys.stderr.write("\r" + line)
-            sys.stderr.flush()
-            self._printed = True
-        else:
-            log.info("%s", line)
-
-    def finish(self) -> None:
-        if self._printed:
-            self.show(force=True)
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def copy_checkpoint(
@@ -160,11 +116,9 @@ def copy_checkpoint(
         progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
     pending = dst.begin(target)
     try:
-        linked = _held_by(dst, manifest, target, manifest_key)
-        if linked and pending.link_files(linked):  # incremental: only what dst lacks
-            files = [(f, e) for f, e in files if f not in linked]
-            if progress is not None:
-                progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
+        files = _without_held(dst, pending, manifest, target, manifest_key, files)
+        if progress is not None:  # incremental: only what dst lacks
+            progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
         job = _CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)
         job.copy_all(files, threads)
         pending.commit(manifest_bytes)
@@ -181,6 +135,24 @@ def copy_checkpoint(
             dst.delete(target)
             raise CorruptCheckpointError(f"the copy from {src.url} is damaged: {problems[0]}")
     return manifest
+
+
+def _without_held(
+    dst: StorageBackend,
+    pending: Any,
+    manifest: Manifest,
+    target: str,
+    key: bytes | None,
+    files: list[tuple[str, Any]],
+) -> list[tuple[str, Any]]:
+    """Of ``files`` (name, manifest entry), those left to send once the linked files
+    (incremental saves) that another checkpoint in ``dst`` holds are linked, or copied
+    inside the store, into ``pending``."""
+    names = {f for f, _ in files}
+    held = {f: at for f, at in _held_by(dst, manifest, target, key).items() if f in names}
+    if held and pending.link_files(held):
+        return [(f, e) for f, e in files if f not in held]
+    return files
 
 
 def _held_by(
@@ -436,8 +408,10 @@ def upload_part(
 
     Run by each disk's committing rank, other than rank 0's: :func:`commit_parts_backup`
     on rank 0 commits the whole checkpoint there once every disk's files are in. A file
-    already there whole (its size and index checksum as listed) is not sent again. Each
-    file is read back after the upload, as in :func:`copy_checkpoint`.
+    already there whole (its size and index checksum as listed) is not sent again, nor
+    is a linked file (incremental saves) that another checkpoint there holds: it is
+    copied inside the store. Each file is read back after the upload, as in
+    :func:`copy_checkpoint`.
     """
     manifest = _part_manifest(src, name, manifest_key)
     todo = [
@@ -449,6 +423,7 @@ def upload_part(
         pending = dst.attach(f"{name}#{uuid.uuid4().hex[:12]}")
         job = _CopyJob(src, dst, pending, name, name, True, 2, None, stop)
         try:
+            todo = _without_held(dst, pending, manifest, name, manifest_key, todo)
             job.copy_all(todo, threads)
         except BaseException:
             pending.abort()
@@ -484,6 +459,7 @@ def commit_parts_backup(
     pending = dst.begin(name)
     try:
         files = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
+        files = _without_held(dst, pending, manifest, name, manifest_key, files)
         if progress is not None:
             progress.total = 2 * sum(e.size_bytes for _, e in files)
         job = _CopyJob(src, dst, pending, name, name, True, 2, progress, stop)

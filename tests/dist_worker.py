@@ -1021,8 +1021,9 @@ def scenario_incremental(ckpts: str, rank: int, world: int) -> None:
 
 def scenario_incremental_backup(ckpts: str, rank: int, world: int) -> None:
     """Node-local roots (two 'nodes' of two ranks), incremental saves, backed up to S3
-    (the URL in CKPTSTORE_TEST_BACKUP): every node uploads its part, linked files too,
-    and the backup's newest checkpoint loads bit-exact on every rank."""
+    (the URL in CKPTSTORE_TEST_BACKUP): every node uploads its part, but not the files it
+    links that an earlier checkpoint in the backup holds (copied inside the store), and
+    the backup's newest checkpoint loads bit-exact on every rank."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -1036,14 +1037,32 @@ def scenario_incremental_backup(ckpts: str, rank: int, world: int) -> None:
             f"rank{rank}": torch.full((8,), float(rank + step)),
         }
 
+    from ckptstore import transfer
+
+    sent: dict[str, list[str]] = {}  # checkpoint -> the files this rank uploaded
+    real = transfer._CopyJob.copy_all
+
+    def recording(job, files, threads):
+        sent.setdefault(job.name, []).extend(f for f, _ in files)
+        return real(job, files, threads)
+
+    transfer._CopyJob.copy_all = recording  # type: ignore[method-assign]
     root = node_root(os.path.join(ckpts, "inc-backup"), rank)
     with ckptstore.CheckpointManager(root, backup=url, incremental=True, codec="none") as mgr:
         for step in range(3):
             mgr.save(step, state(step, big))
             mgr.wait()
-        assert mgr.wait_backup(timeout_s=120) == [], "backups not done"
+            # each backup in before the next save: the files it links are there
+            assert mgr.wait_backup(timeout_s=120) == [], "backups not done"
+            dist.barrier()
+    transfer._CopyJob.copy_all = real  # type: ignore[method-assign]
     with ckptstore.Checkpointer(root) as ckpt:
-        assert ckpt.latest().manifest.linked, "node-local incremental saves linked nothing"
+        linked = ckpt.latest().manifest.linked
+        assert linked, "node-local incremental saves linked nothing"
+    if rank in (0, 2):  # each disk's committing rank uploads that disk's part
+        uploaded = sent.get("step_00000003", [])
+        print(f"UPLOADED rank {rank}: {uploaded}; linked: {sorted(linked)}", flush=True)
+        assert uploaded and not set(uploaded) & set(linked), (uploaded, linked)
     dist.barrier()
     target = state(0, {"w": torch.zeros_like(big["w"])})
     ckptstore.load(target, f"{url}/step_00000003")

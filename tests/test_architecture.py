@@ -29,7 +29,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "ckptstore"
 MAX_LINES = 550
 
 LAYERS = [
-    ("foundation", ["errors", "layout", "version", "units", "crashpoints"]),
+    ("foundation", ["errors", "layout", "version", "units", "crashpoints", "progress"]),
     ("storage", ["storage"]),
     ("codecs", ["codecs"]),
     ("format", ["format"]),

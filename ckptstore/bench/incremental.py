@@ -44,9 +44,10 @@ import torch.distributed.checkpoint as dcp
 
 import ckptstore
 from ckptstore.bench.common import gpt_config_for, rm, state_bytes
+from ckptstore.progress import Progress
 from ckptstore.storage import open_backend
 from ckptstore.train.model import GPT
-from ckptstore.transfer import Progress, copy_checkpoint
+from ckptstore.transfer import copy_checkpoint
 
 
 def trained(size_bytes: int, frozen: bool, seed: int = 0) -> tuple[dict[str, Any], Any]:

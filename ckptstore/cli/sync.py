@@ -34,8 +34,9 @@ from ckptstore.engine.listing import CheckpointInfo, list_checkpoints, read_mani
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, CopyStoppedError
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
+from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
-from ckptstore.transfer import Progress, copy_checkpoint, replace_checkpoint
+from ckptstore.transfer import copy_checkpoint, replace_checkpoint
 
 TRANSFER_NOTES = (
     "\nEvery file is checked against its manifest on the way (uploads are read\n"

@@ -43,9 +43,9 @@ from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
 from ckptstore.manager.policies import RetentionPolicy
 from ckptstore.manager.retention import of_lineage, prune
+from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
 from ckptstore.transfer import (
-    Progress,
     commit_parts_backup,
     copy_checkpoint,
     replace_checkpoint,
