@@ -35,6 +35,10 @@ class StepAgreement:
     def __init__(self, group: Any) -> None:
         self._group = group
         self._pending: tuple[Any, torch.Tensor] | None = None
+        # Two flag tensors, used in turn: the one in flight is never written to. Reused
+        # rather than made each step (the per-step cost is what matters here).
+        self._buffers = (torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+        self._turn = 0
 
     def now(self, reason: str | None, stop: int | None) -> Flags:
         """Agree at once (a blocking all-reduce): the largest reason and stop code win.
@@ -48,7 +52,9 @@ class StepAgreement:
     def start(self, reason: str | None, stop: int | None) -> None:
         """Begin this step's agreement of ``reason`` and ``stop``, collected (with
         :meth:`collect`) at the next step; every rank begins one per step."""
-        flags = _encode(reason, stop)
+        self._turn ^= 1
+        flags = self._buffers[self._turn]
+        flags[0], flags[1] = _REASON_CODES.get(reason, 1), stop or 0
         work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         self._pending = (work, flags)
 
@@ -70,4 +76,5 @@ def _encode(reason: str | None, stop: int | None) -> torch.Tensor:
 
 
 def _decode(flags: torch.Tensor) -> Flags:
-    return _CODE_REASONS[int(flags[0])], int(flags[1]) or None
+    code, stop = flags.tolist()
+    return _CODE_REASONS[code], stop or None

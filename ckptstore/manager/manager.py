@@ -92,7 +92,7 @@ from ckptstore.manager.policies import (
 )
 from ckptstore.manager.replicate import BackupStatus, Replicator
 from ckptstore.manager.restore import RestoreMixin
-from ckptstore.manager.resumable import Resumable, copy_guard, track_best
+from ckptstore.manager.resumable import Resumable, ResumableCheck, copy_guard, track_best
 from ckptstore.manager.visible import show_progress_by_default
 from ckptstore.storage import StorageBackend, open_backend
 
@@ -184,6 +184,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         self._rank = groups.rank(self._control)
         self._world = groups.world_size(self._control)
         self._agreement = StepAgreement(self._control) if self._control is not None else None
+        self._resumable = ResumableCheck()  # maybe_save's, per state object
         # Pointer updates and pruning: off the writer thread, in commit order.
         self._housekeeping = (
             ThreadPoolExecutor(1, thread_name_prefix="ckptstore-housekeeping")
@@ -264,11 +265,11 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         steps_done = _steps_done(step)
         self._last_done = steps_done
         self._last_metrics = dict(metrics) if metrics else None
-        if epoch is None and isinstance(state, Resumable):
+        if epoch is None and self._resumable(state):
             epoch = state.epoch
         if epoch is not None:
             self._last_epoch = epoch
-        if isinstance(state, Resumable):
+        if self._resumable(state):
             state.step = steps_done
             state.epoch = epoch if epoch is not None else state.epoch
             track_best(state, metrics, self.best_metric, self.best_mode)
