@@ -15,6 +15,15 @@ import ckptstore
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 
 
+def rank_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a rank process: this checkout importable, gloo on loopback."""
+    env = {**os.environ, **(extra_env or {})}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
 def spawn_ranks(
     scenario: str,
     workdir: str,
@@ -23,10 +32,7 @@ def spawn_ranks(
     extra_env: dict[str, str] | None = None,
 ) -> list[tuple[int, str]]:
     """Run ``world`` real processes of ``dist_worker.py``; each one's exit code and output."""
-    env = {**os.environ, **(extra_env or {})}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    env["OMP_NUM_THREADS"] = "1"
+    env = rank_env(extra_env)
     procs = [
         subprocess.Popen(
             [sys.executable, WORKER, scenario, workdir, str(r), str(world)],
@@ -201,8 +207,9 @@ def test_fsdp2_torchrun_worker_of_the_gpu_tests_runs_on_gloo(tmp_path):
     that the script itself is known to work before a GPU runs it."""
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_worker.py")
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [exe, "--standalone", "--nproc_per_node=2", worker, "cpu", str(tmp_path / "c")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, env=rank_env(), cwd=REPO
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "fsdp_worker: bit-exact on 2 rank(s) (gloo)" in done.stdout, done.stdout
