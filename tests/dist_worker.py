@@ -367,17 +367,33 @@ def scenario_manager_clocks(ckpts: str, rank: int, world: int) -> None:
 
 
 def scenario_manager_no_blocking_agreement(ckpts: str, rank: int, world: int) -> None:
-    """Steps agree without a blocking collective: each maybe_save starts one asynchronous
-    all-reduce (collected at the next step) and waits on none; saves every 5 steps are
-    taken at once on every rank, a time-based one a step after it fell due."""
+    """Steps agree without a blocking collective: each maybe_save hands one all-reduce to
+    the agreement thread (collected at the next step) and the training thread calls
+    none; saves every 5 steps are taken at once on every rank, a time-based one a step
+    after it fell due."""
+    import threading
     import time
 
-    calls: list[bool] = []
+    blocking: list[object] = []
     real = torch.distributed.all_reduce
 
-    def counting(*args, async_op=False, **kw):
-        calls.append(async_op)
-        return real(*args, async_op=async_op, **kw)
+    def counting(*args, **kw):
+        blocking.append((args, kw))
+        return real(*args, **kw)
+
+    launched: list[str] = []
+
+    class CountingGroup:  # the manager's group, seen by its agreement
+        def __init__(self, group):
+            self.group = group
+
+        slow = False
+
+        def allreduce(self, tensors, opts):
+            launched.append(threading.current_thread().name)
+            if self.slow and rank == 0:
+                time.sleep(0.5)  # the launch lags: restore's collectives must wait for it
+            return self.group.allreduce(tensors, opts)
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
@@ -385,6 +401,8 @@ def scenario_manager_no_blocking_agreement(ckpts: str, rank: int, world: int) ->
     state = ckptstore.TrainState(model=model, optimizer=opt)
     policy = ckptstore.AnyOf(ckptstore.SaveEvery(steps=5), ckptstore.SaveEvery(seconds=3600))
     with ckptstore.CheckpointManager(os.path.join(ckpts, "mgr"), save=policy) as mgr:
+        agreement = mgr._agreement
+        agreement._group = CountingGroup(agreement._group)
         torch.distributed.all_reduce = counting
         try:
             for step in range(12):
@@ -395,13 +413,19 @@ def scenario_manager_no_blocking_agreement(ckpts: str, rank: int, world: int) ->
             torch.distributed.all_reduce = real
         mgr.wait()
         assert [c.step for c in mgr.list()] == [5, 10], mgr.list()
-        assert calls == [True] * 12, calls  # one per step, none blocking
+        assert not blocking, blocking  # none on the training thread
+        agreement.collect()  # the last step's
+        assert launched == ["ckptstore-agreement"] * 12, launched  # one per step
         mgr.save_policy = ckptstore.SaveEvery(seconds=0.2)
         time.sleep(0.3 if rank == 0 else 0.0)  # due on rank 0 only: agreed, taken at 14
         mgr.maybe_save(12, state)
         mgr.maybe_save(13, state)
         mgr.wait()
         assert [c.step for c in mgr.list()] == [5, 10, 14], mgr.list()
+        agreement._group.slow = True
+        mgr.maybe_save(14, state)  # an agreement handed over, launched late on rank 0
+        assert mgr.restore(state) == 14  # collectives on the same group, after it
+        mgr.maybe_save(15, state)
 
 
 def packed_state(rank: int) -> dict:

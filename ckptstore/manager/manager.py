@@ -33,17 +33,17 @@ scheduler) come from a snapshot taken at the end of that step, and if the except
 came after ``optimizer.step()`` of the failing step nothing is saved, since model and
 optimizer no longer match that step. Single process only.
 
-Several ranks: at every :meth:`maybe_save` the ranks agree, with one tiny all-reduce on
-a gloo group of the manager's own, on whether to save (a time-based policy is decided
-by each rank's clock), whether to stop on a signal, and whether a rank has failed: a
-rank whose loop raises tells the others, which then stop too instead of waiting.
+Several ranks: the ranks agree, one step late and off the training thread (a tiny
+all-reduce per step on a gloo group of the manager's own: manager/agreement.py), on
+whether to save by a time-based policy, to stop on a signal, or to give up because
+another rank's loop raised.
 
 Retention and the ``latest`` pointer run on rank 0, on a housekeeping thread, after each
 commit of this run (the first one catches up what a crash between a save and its pruning
 left; nothing is deleted before this run has restored and committed a save). They never
 delete the newest checkpoint, the newest one that verifies, the one ``latest`` names, or
-anything that is not a committed ckptstore checkpoint. A root belongs to one run (resumes included): retention
-manages every committed checkpoint under it.
+anything that is not a committed ckptstore checkpoint. A root belongs to one run
+(resumes included): retention manages every committed checkpoint under it.
 """
 
 from __future__ import annotations
@@ -150,15 +150,13 @@ class CheckpointManager(RestoreMixin, GuardMixin):
             checkpointer_options=checkpointer_options,
         )
         self.config = config
-        self.save_policy = config.save
-        self.keep_policy = config.keep
+        self.save_policy, self.keep_policy = config.save, config.keep
         self.enabled = enabled = config.enabled
         best_metric, best_mode = config.best_metric, config.best_mode
         found = find_policy(config.keep, KeepBest)
         if best_metric is None and isinstance(found, KeepBest):
             best_metric, best_mode = found.metric, found.mode
-        self.best_metric = best_metric
-        self.best_mode = best_mode
+        self.best_metric, self.best_mode = best_metric, best_mode
         self._root = os.fspath(root) if isinstance(root, os.PathLike) else root
         self._storage_options = storage_options
         self._process_group = process_group
@@ -179,11 +177,12 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         )
         if enabled or backup is not None or backend.list_names():
             self._ckpt = Checkpointer(backend, config=ckpt_config, process_group=process_group)
-        # The caller's thread agrees with the other ranks on a group of its own.
+        # The ranks agree on a gloo group of the manager's own (manager/agreement.py).
         self._control = groups.dedicated_gloo_group(process_group)
         self._rank = groups.rank(self._control)
         self._world = groups.world_size(self._control)
         self._agreement = StepAgreement(self._control) if self._control is not None else None
+        self._split: tuple[Any, SavePolicy | None, SavePolicy | None] = (None, None, None)
         self._resumable = ResumableCheck()  # maybe_save's, per state object
         # Pointer updates and pruning: off the writer thread, in commit order.
         self._housekeeping = (
@@ -206,8 +205,8 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         show_progress_by_default()  # save lines and "resumed from" on stderr (visible.py)
         self._run_id = new_run_id()  # in every manifest; a restore adopts the checkpoint's
         self._lineage: tuple[str, ...] = ()  # the runs this one branched from
-        # The backup tier lives on rank 0, which sees the whole local root (one machine
-        # or a shared file system). A missing bucket or wrong credentials fail here.
+        # The backup tier (rank 0's, and each disk's part: partbackup). A missing bucket
+        # or wrong credentials fail here.
         self._remote: StorageBackend | None = None
         self._backup: Replicator | None = None
         self._part_backup: partbackup.PartUploader | None = None  # node-local disks
@@ -265,15 +264,13 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         steps_done = _steps_done(step)
         self._last_done = steps_done
         self._last_metrics = dict(metrics) if metrics else None
-        if epoch is None and self._resumable(state):
-            epoch = state.epoch
-        if epoch is not None:
-            self._last_epoch = epoch
         if self._resumable(state):
-            state.step = steps_done
-            state.epoch = epoch if epoch is not None else state.epoch
+            epoch = state.epoch if epoch is None else epoch
+            state.step, state.epoch = steps_done, epoch
             track_best(state, metrics, self.best_metric, self.best_mode)
             self._boundary = state.boundary()
+        if epoch is not None:
+            self._last_epoch = epoch
         reason = other = None  # other: a reason the ranks may not all see at this step
         if self.enabled and self.save_policy is not None and self._last_saved != steps_done:
             ctx = SaveContext(
@@ -283,7 +280,10 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                 elapsed_s=time.monotonic() - self._last_save_time,
                 last_saved_step=self._last_saved,
             )
-            alike, others = split_by_agreement(self.save_policy, self._agreement is None)
+            if self._split[0] is not self.save_policy:  # (per step: split once per policy)
+                parts = split_by_agreement(self.save_policy, self._agreement is None)
+                self._split = (self.save_policy, *parts)
+            _, alike, others = self._split
             reason = alike.should_save(ctx) if alike is not None else None
             other = others.should_save(ctx) if others is not None else None
         if self._agreement is None:
@@ -471,8 +471,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
 
     # ---- waiting and closing --------------------------------------------------------
     def wait(self) -> None:
-        """Wait until every save in flight is durable and ``latest`` has moved; raise if
-        a save failed."""
+        """Wait until every save in flight is durable and ``latest`` moved; raise if one failed."""
         if self._ckpt is not None:
             self._ckpt.wait()
         if self._housekeeping is not None:
@@ -513,6 +512,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                 if self._agreement is not None:  # the last step's, which every rank began
                     with contextlib.suppress(Exception):
                         self._agreement.collect(timeout_s=60)
+                    self._agreement.close()
                 groups.release(self._control)
                 if self._lease is not None:
                     self._lease.release()

@@ -37,6 +37,7 @@ from ckptstore.layout import (
     split_checkpoint_path,
 )
 from ckptstore.manager import pointer
+from ckptstore.manager.agreement import StepAgreement
 from ckptstore.manager.branch import NEWER_CHOICES, newer_in, refuse, retire, summary
 from ckptstore.manager.policies import CheckpointRecord, KeepBest
 from ckptstore.manager.replicate import Replicator
@@ -59,6 +60,7 @@ class RestoreMixin:
     _remote: StorageBackend | None
     _has_backup: bool
     _control: Any
+    _agreement: StepAgreement | None  # None with one rank
     _rank: int
     _manifest_key: bytes | None
     _storage_options: dict[str, Any] | None
@@ -118,6 +120,8 @@ class RestoreMixin:
                 f"newer must be one of {', '.join(NEWER_CHOICES)}, got {newer!r}"
             )
         self._load_options = {"allow_partial": allow_partial, "allow_cast": allow_cast}
+        if self._agreement is not None:  # its collectives go after a step's agreement
+            self._agreement.settle()
         steps = self._restore(state, which, newer)
         self._note_other_runs(resumed=steps > 0)
         return steps
