@@ -428,6 +428,33 @@ def scenario_manager_no_blocking_agreement(ckpts: str, rank: int, world: int) ->
         mgr.maybe_save(15, state)
 
 
+def scenario_manager_rollback_with_stop_pending(ckpts: str, rank: int, world: int) -> None:
+    """A restore mid-run (a rollback) right after a step whose agreement carries a stop
+    (SIGTERM on rank 0): the restore is not taken for a rank that could not read the
+    metadata (step 6 was once moved aside as damaged), and the stop still ends the run
+    at the next step, with the signal's exit status."""
+    import signal
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    state = ckptstore.TrainState(model=model, optimizer=opt)
+    root = os.path.join(ckpts, "mgr")
+    mgr = ckptstore.CheckpointManager(root, save=ckptstore.SaveEvery(steps=3))
+    with mgr, mgr.guard(state):
+        for step in range(6):
+            mgr.maybe_save(step, state)
+        mgr.wait()
+        if rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        mgr.maybe_save(6, state)  # its agreement carries rank 0's stop
+        assert mgr.restore(state) == 6
+        assert not [n for n in os.listdir(root) if "damaged" in n], os.listdir(root)
+        print(f"restored rank {rank}", flush=True)
+        mgr.maybe_save(7, state)  # the stop: saved, and exits 143
+    raise AssertionError("the stop did not end the run")
+
+
 def packed_state(rank: int) -> dict:
     """More small tensors than packs.PACK_FROM the ranks share, and some of this rank's own."""
     g = torch.Generator().manual_seed(0)
@@ -1128,6 +1155,30 @@ def scenario_lazy_groups(ckpts: str, rank: int, world: int) -> None:
     print(f"SOCKETS rank {rank}: {_sockets() - before} open after a save and a restore")
 
 
+def exit_unclosed(workdir: str, rank: int, world: int) -> None:
+    """A manager never closed, and a rank that exits while the last step's agreement
+    is still in flight (its peer lags): the interpreter's own shutdown, no os._exit."""
+    import time
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{workdir}/store-unclosed", rank=rank, world_size=world
+    )
+    state = {"w": torch.zeros(4)}
+    mgr = ckptstore.CheckpointManager(
+        os.path.join(workdir, "mgr"), save=ckptstore.SaveEvery(steps=100)
+    )
+    for step in range(5):
+        if rank == 1 and step == 4:
+            time.sleep(0.1)
+        mgr.maybe_save(step, state)
+    print(f"OK exit_unclosed rank {rank}/{world}", flush=True)
+    if rank == 1:
+        time.sleep(0.5)  # rank 0 exits first
+
+
 if __name__ == "__main__":
     name, workdir, r, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    main(name, workdir, r, n)
+    if name == "exit_unclosed":
+        exit_unclosed(workdir, r, n)
+    else:
+        main(name, workdir, r, n)

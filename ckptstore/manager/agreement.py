@@ -16,14 +16,19 @@ loop failed) stops the others one step after they last met it.
 
 from __future__ import annotations
 
+import atexit
+import logging
 import queue
 import threading
+import weakref
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ckptstore.manager.policies import EPOCH, INTERVAL
+
+log = logging.getLogger("ckptstore")
 
 _REASON_CODES = {None: 0, INTERVAL: 1, EPOCH: 2}
 _CODE_REASONS = {v: k for k, v in _REASON_CODES.items()}
@@ -34,17 +39,22 @@ class StepAgreement:
     """The agreements of one manager's ranks over its dedicated gloo group.
 
     The per-step all-reduce is launched and waited for on a thread of its own: the
-    training thread only writes two flags and hands them over (launching a gloo
-    all-reduce costs ~50-150 us of the caller's time on a busy 2-core machine, most of
-    the per-step budget). Every other collective on the group runs on the caller's
-    thread, and only once nothing is in flight (:meth:`settle`, :meth:`now`): one
-    thread's order per rank, the same on every rank.
+    training thread writes two flags, hands them over, and collects the outcome at the
+    next step (launching a gloo all-reduce costs ~50-150 us of the caller's time on a
+    busy 2-core machine, most of the per-step budget; waiting there for one long
+    finished cost another ~30-90 us a step, measured). The thread is ended at exit, a
+    manager never closed included, before the interpreter stops: a thread still waiting
+    inside torch then aborts the process when it takes the GIL back. Every other
+    collective on the group runs on the caller's thread, and only once nothing is in
+    flight (:meth:`settle`, :meth:`now`): one thread's order per rank, the same on every
+    rank.
     """
 
     def __init__(self, group: Any) -> None:
         self._group = group
         self._in_flight = False
         self._ready: Flags | None = None  # collected by settle(), not yet by collect()
+        self._closed = False
         # Two flag tensors, used in turn: the one in flight is never written to. Reused
         # rather than made each step (the per-step cost is what matters here).
         self._buffers = (torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
@@ -57,10 +67,15 @@ class StepAgreement:
         self._results: queue.SimpleQueue[torch.Tensor | BaseException] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def now(self, reason: str | None, stop: int | None) -> Flags:
+    def now(self, reason: str | None, stop: int | None, *, fold: bool = True) -> Flags:
         """Agree at once (a blocking all-reduce): the largest reason and stop code win.
-        Folds in a step's agreement still in flight."""
-        late_reason, late_stop = self.collect()
+        ``fold``: fold in a step's agreement still in flight; else it is kept for the
+        next :meth:`collect` (an agreement about something else: restore's)."""
+        late_reason, late_stop = None, None
+        if fold:
+            late_reason, late_stop = self.collect()
+        else:
+            self.settle()
         flags = _encode(reason, stop)
         flags = torch.maximum(flags, _encode(late_reason, late_stop))
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
@@ -68,13 +83,18 @@ class StepAgreement:
 
     def start(self, reason: str | None, stop: int | None) -> None:
         """Begin this step's agreement of ``reason`` and ``stop``, collected (with
-        :meth:`collect`) at the next step; every rank begins one per step."""
-        assert not self._in_flight, "collect() the last one first"
+        :meth:`collect`) at the next step; every rank begins one per step. Once closed,
+        nothing (the group is gone)."""
+        if self._in_flight or self._ready is not None:
+            raise RuntimeError("StepAgreement.start(): collect() the last one first")
+        if self._closed:
+            return
         if self._thread is None:
             self._thread = threading.Thread(
                 target=self._run, name="ckptstore-agreement", daemon=True
             )
             self._thread.start()
+            _LIVE.add(self)
         self._turn ^= 1
         view = self._views[self._turn]
         view[0], view[1] = _REASON_CODES.get(reason, 1), stop or 0
@@ -106,22 +126,36 @@ class StepAgreement:
         if self._in_flight:
             self._ready = self.collect()
 
-    def close(self) -> None:
-        """End the agreement thread (after the last :meth:`collect`)."""
+    def close(self, wait_s: float = 5.0) -> None:
+        """End the agreement thread (after the last :meth:`collect`; one still in
+        flight is waited for up to ``wait_s``); later :meth:`start` calls begin nothing."""
+        self._closed = True
         if self._thread is not None:
             self._requests.put(None)
-            if not self._in_flight:
-                self._thread.join(timeout=5)
+            self._thread.join(timeout=wait_s)
+            if self._thread.is_alive():
+                log.warning("the ranks' last step agreement did not complete in %g s", wait_s)
             self._thread = None
 
     def _run(self) -> None:
         while (flags := self._requests.get()) is not None:
             try:
                 self._group.allreduce([flags], self._max).wait()
-            except BaseException as exc:  # (handed to the training thread's collect())
+            except BaseException as exc:  # (raised by the training thread's collect())
                 self._results.put(exc)
             else:
                 self._results.put(flags)
+
+
+_LIVE: weakref.WeakSet[StepAgreement] = weakref.WeakSet()  # those with a thread
+
+
+@atexit.register
+def _end_threads() -> None:
+    """At exit, before the interpreter stops other threads: end every agreement thread
+    (one in the middle of a launch finishes it first)."""
+    for agreement in list(_LIVE):  # the other ranks are at their last step too
+        agreement.close(wait_s=60)
 
 
 def _encode(reason: str | None, stop: int | None) -> torch.Tensor:

@@ -76,8 +76,6 @@ class RestoreMixin:
 
     if TYPE_CHECKING:  # provided by CheckpointManager
 
-        def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]: ...
-
         def _records(
             self, infos: builtins.list[CheckpointInfo]
         ) -> builtins.list[CheckpointRecord]: ...
@@ -338,7 +336,9 @@ class RestoreMixin:
             metadata = self._ckpt.read_metadata(step, source=source)
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
             problem = exc
-        _, failed = self._agree(None, 1 if problem is not None else None)
+        code = 1 if problem is not None else None  # (a step's stop or abort is kept for
+        # its next maybe_save, not read as a rank that could not read the metadata)
+        failed = self._agreement.now(None, code, fold=False)[1] if self._agreement else code
         if failed:
             raise problem or CorruptCheckpointError(
                 f"step {step}: another rank could not read its metadata"
