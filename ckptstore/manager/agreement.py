@@ -64,20 +64,20 @@ class StepAgreement:
         self._max = dist.AllreduceOptions()
         self._max.reduceOp = dist.ReduceOp.MAX  # type: ignore[assignment]
         self._requests: queue.SimpleQueue[torch.Tensor | None] = queue.SimpleQueue()
-        self._results: queue.SimpleQueue[torch.Tensor | BaseException] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     def now(self, reason: str | None, stop: int | None, *, fold: bool = True) -> Flags:
         """Agree at once (a blocking all-reduce): the largest reason and stop code win.
         ``fold``: fold in a step's agreement still in flight; else it is kept for the
         next :meth:`collect` (an agreement about something else: restore's)."""
-        late_reason, late_stop = None, None
+        late: Flags = (None, None)
         if fold:
-            late_reason, late_stop = self.collect()
+            late = self.collect()
         else:
-            self.settle()
-        flags = _encode(reason, stop)
-        flags = torch.maximum(flags, _encode(late_reason, late_stop))
+            self.settle()  # (restore() has; nothing may be in flight on the group)
+        codes = zip(_codes(reason, stop), _codes(*late), strict=True)
+        flags = torch.tensor([max(a, b) for a, b in codes], dtype=torch.int64)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         return _decode(flags)
 
@@ -97,7 +97,7 @@ class StepAgreement:
             _LIVE.add(self)
         self._turn ^= 1
         view = self._views[self._turn]
-        view[0], view[1] = _REASON_CODES.get(reason, 1), stop or 0
+        view[0], view[1] = _codes(reason, stop)
         self._in_flight = True
         self._requests.put(self._buffers[self._turn])
 
@@ -117,8 +117,7 @@ class StepAgreement:
         self._in_flight = False
         if isinstance(done, BaseException):
             raise done
-        code, stop = self._views[self._turn].tolist()  # (the buffer just reduced)
-        return _CODE_REASONS[code], stop or None
+        return _decode(self._views[self._turn])  # (the buffer just reduced)
 
     def settle(self) -> None:
         """Before another collective on the group: let the agreement in flight finish
@@ -144,7 +143,7 @@ class StepAgreement:
             except BaseException as exc:  # (raised by the training thread's collect())
                 self._results.put(exc)
             else:
-                self._results.put(flags)
+                self._results.put(None)  # (the outcome is in the buffer)
 
 
 _LIVE: weakref.WeakSet[StepAgreement] = weakref.WeakSet()  # those with a thread
@@ -153,15 +152,16 @@ _LIVE: weakref.WeakSet[StepAgreement] = weakref.WeakSet()  # those with a thread
 @atexit.register
 def _end_threads() -> None:
     """At exit, before the interpreter stops other threads: end every agreement thread
-    (one in the middle of a launch finishes it first)."""
+    (one waiting for its all-reduce gets up to 60 s)."""
     for agreement in list(_LIVE):  # the other ranks are at their last step too
         agreement.close(wait_s=60)
 
 
-def _encode(reason: str | None, stop: int | None) -> torch.Tensor:
-    return torch.tensor([_REASON_CODES.get(reason, 1), stop or 0], dtype=torch.int64)
+def _codes(reason: str | None, stop: int | None) -> tuple[int, int]:
+    return _REASON_CODES.get(reason, 1), stop or 0
 
 
-def _decode(flags: torch.Tensor) -> Flags:
+def _decode(flags: Any) -> Flags:
+    """Flags from a reduced buffer (a tensor, or its numpy view)."""
     code, stop = flags.tolist()
     return _CODE_REASONS[code], stop or None

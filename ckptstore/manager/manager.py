@@ -75,7 +75,7 @@ from ckptstore.errors import (
 from ckptstore.format.manifest import new_run_id
 from ckptstore.layout import LATEST_FILE, checkpoint_name
 from ckptstore.manager import lease, partbackup, pointer, retention
-from ckptstore.manager.agreement import StepAgreement
+from ckptstore.manager.agreement import Flags, StepAgreement
 from ckptstore.manager.guard import ABORT, GuardMixin
 from ckptstore.manager.listing import ManagedCheckpoint, describe
 from ckptstore.manager.policies import (
@@ -410,11 +410,11 @@ class CheckpointManager(RestoreMixin, GuardMixin):
                 self._housekeeping.submit(self._prune)
 
     # ---- agreement between ranks ------------------------------------------------------
-    def _agree(self, reason: str | None, stop: int | None) -> tuple[str | None, int | None]:
-        """Every rank's save reason and stop code, agreed (the largest wins)."""
+    def _agree(self, reason: str | None, stop: int | None, *, fold: bool = True) -> Flags:
+        """Every rank's save reason and stop code, agreed (the largest wins); see now()."""
         if self._agreement is None:
             return reason, stop
-        return self._agreement.now(reason, stop)
+        return self._agreement.now(reason, stop, fold=fold)
 
     # ---- retention ------------------------------------------------------------------
     def _records(self, infos: builtins.list[CheckpointInfo]) -> builtins.list[CheckpointRecord]:

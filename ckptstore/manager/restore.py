@@ -37,7 +37,7 @@ from ckptstore.layout import (
     split_checkpoint_path,
 )
 from ckptstore.manager import pointer
-from ckptstore.manager.agreement import StepAgreement
+from ckptstore.manager.agreement import Flags, StepAgreement
 from ckptstore.manager.branch import NEWER_CHOICES, newer_in, refuse, retire, summary
 from ckptstore.manager.policies import CheckpointRecord, KeepBest
 from ckptstore.manager.replicate import Replicator
@@ -75,6 +75,8 @@ class RestoreMixin:
     _backup: Replicator | None
 
     if TYPE_CHECKING:  # provided by CheckpointManager
+
+        def _agree(self, reason: str | None, stop: int | None, *, fold: bool = True) -> Flags: ...
 
         def _records(
             self, infos: builtins.list[CheckpointInfo]
@@ -336,9 +338,9 @@ class RestoreMixin:
             metadata = self._ckpt.read_metadata(step, source=source)
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
             problem = exc
-        code = 1 if problem is not None else None  # (a step's stop or abort is kept for
-        # its next maybe_save, not read as a rank that could not read the metadata)
-        failed = self._agreement.now(None, code, fold=False)[1] if self._agreement else code
+        # (a step's stop or abort is kept for its next maybe_save, not read as a rank
+        # that could not read the metadata)
+        _, failed = self._agree(None, 1 if problem is not None else None, fold=False)
         if failed:
             raise problem or CorruptCheckpointError(
                 f"step {step}: another rank could not read its metadata"
