@@ -60,6 +60,7 @@ def _full(step: int) -> dict:
     g = torch.Generator().manual_seed(step)
     model = {f"big{i}": torch.randn(5000, generator=g) for i in range(6)}
     model.update({f"small{i}": torch.randn(1 + i % 9, generator=g) for i in range(300)})
+    model["empty"] = torch.zeros(0)
     return {
         "model": model,
         "sharded": torch.randn(8, 3, generator=g),

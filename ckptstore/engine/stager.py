@@ -441,11 +441,12 @@ def _copy(prep: PreparedState, skip: frozenset[str] = frozenset()) -> dict[str, 
     firsts = [sources[k] for k in layout.first] if tied else sources
     dsts = arena.dsts
     fqns = layout.tensor_fqns
-    if skip:
-        assert not tied, "skipping needs a layout without ties"
+    if skip:  # firsts and dsts are per slot, the rest per tensor (an empty one: no slot)
+        assert not layout.tied, "skipping needs a layout without ties"
+        slots = [s for f, s in zip(fqns, layout.slots, strict=True) if f not in skip and s >= 0]
+        firsts = [firsts[s] for s in slots]
+        dsts = [dsts[s] for s in slots]
         keep = [k for k, f in enumerate(fqns) if f not in skip]
-        firsts = [firsts[k] for k in keep]
-        dsts = [dsts[k] for k in keep]
         fqns = tuple(fqns[k] for k in keep)
         views = [views[k] for k in keep]
         tensors = [tensors[k] for k in keep]
