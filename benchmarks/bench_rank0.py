@@ -1,7 +1,7 @@
 """Rank 0's serial work per save at N ranks, from synthetic plans (no ranks are run).
 
     python benchmarks/bench_rank0.py [--ranks 8,64,256] [--layers 80] [--out DIR]
-    python benchmarks/bench_rank0.py --reuse [--ranks 8,64,256,1000] [--layers 8]
+    python benchmarks/bench_rank0.py --reuse [--ranks 8,64,256,1000] [--layers 8] [--node-local]
 
 Every rank holds an FSDP shard (dim 0) of each parameter of a Llama-70B-shaped model
 (``--layers`` x 9 matrices and norms; model, AdamW exp_avg and exp_avg_sq: 3 items per
@@ -19,7 +19,9 @@ local root in a temp directory, ``.metadata`` and manifest written and committed
 for the first save of a layout and for the saves after it, which reuse its plans; and
 the bytes rank 0 receives and sends in each save's object collectives (what gloo's
 object gather/scatter pickle; the last step broadcasts only the outcome). The other
-ranks' share (their local plans, their writes) is not run.
+ranks' share (their local plans, their writes) is not run. ``--node-local``: the ranks'
+roots on node-local disks, 8 ranks per disk (the finish step then makes every disk's
+part; the hand-out to the disks' committers is not run).
 """
 
 from __future__ import annotations
@@ -92,8 +94,9 @@ def plans(ranks: int, layers: int, disks: int) -> list[SavePlan]:
     return out
 
 
-def reuse_rows(n: int, layers: int, saves: int) -> list[dict[str, object]]:
-    """The coordinator's work and traffic in ``saves`` saves at ``n`` ranks (--reuse)."""
+def reuse_rows(n: int, layers: int, saves: int, disks: int = 1) -> list[dict[str, object]]:
+    """The coordinator's work and traffic in ``saves`` saves at ``n`` ranks (--reuse),
+    their roots on ``disks`` node-local disks."""
     import pickle
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
@@ -106,7 +109,7 @@ def reuse_rows(n: int, layers: int, saves: int) -> list[dict[str, object]]:
     from ckptstore.engine.ops import SaveCache
     from ckptstore.storage.local import LocalBackend
 
-    full = plans(n, layers, 1)
+    full = plans(n, layers, disks)
     cache = SaveCache()
     rows = []
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
@@ -177,6 +180,7 @@ def reuse_rows(n: int, layers: int, saves: int) -> list[dict[str, object]]:
             sent_bytes = sum(len(pickle.dumps(x)) for x in central)
             row = {
                 "ranks": n,
+                "disks": disks,
                 "layers": layers,
                 "save": k + 1,
                 "reused": steady,
@@ -189,7 +193,7 @@ def reuse_rows(n: int, layers: int, saves: int) -> list[dict[str, object]]:
             }
             rows.append(row)
             print(
-                f"{n:6} ranks, save {k + 1} ({'plans reused' if steady else 'planned':12}): "
+                f"{n:6} ranks, {disks:4} disk(s), save {k + 1} ({'plans reused' if steady else 'planned':12}): "
                 f"plan {plan_s:8.3f} s, finish {finish_s:7.3f} s; rank 0 receives "
                 f"{received / 2**20:8.2f} MiB, sends {sent_bytes / 2**20:8.2f} MiB"
             )
@@ -203,11 +207,17 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/issue17-rank0")
     ap.add_argument("--reuse", action="store_true", help="first save vs saves that reuse its plans")
     ap.add_argument("--saves", type=int, default=3, help="with --reuse: saves per N")
+    ap.add_argument(
+        "--node-local",
+        action="store_true",
+        help="with --reuse: the ranks' roots on node-local disks, 8 ranks per disk",
+    )
     args = ap.parse_args()
     rows = []
     if args.reuse:
         for n in (int(x) for x in args.ranks.split(",")):
-            rows += reuse_rows(n, args.layers, args.saves)
+            disks = max(1, n // 8) if args.node_local else 1
+            rows += reuse_rows(n, args.layers, args.saves, disks)
         write_json(args.out, "reuse", {"layers": args.layers, "rows": rows})
         return
     for n in (int(x) for x in args.ranks.split(",")):

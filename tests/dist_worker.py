@@ -618,15 +618,57 @@ def check_node_local(got: dict[str, object], rank: int) -> None:
     assert got["step"] == 5
 
 
+def _count_commit_bytes() -> list[int]:
+    """The bytes this rank deserialises from object collectives and sends while it
+    commits a node-local save's parts (each message's as received, padding and all)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    from ckptstore.engine import nodelocal
+
+    received: list[int] = []
+    counting = [False]
+    to_object, commit = c10d._tensor_to_object, nodelocal.commit_parts
+
+    def counted(tensor, size, group):
+        if counting[0]:
+            received.append(tensor.numel())
+        return to_object(tensor, size, group)
+
+    def commit_counted(*args, **kwargs):
+        counting[0] = True
+        try:
+            return commit(*args, **kwargs)
+        finally:
+            counting[0] = False
+
+    c10d._tensor_to_object = counted
+    nodelocal.commit_parts = commit_counted
+    return received
+
+
 def scenario_node_local(ckpts: str, rank: int, world: int) -> None:
-    """Two 'nodes' of two ranks, each with its own root: every node's part loads alone."""
+    """'Nodes' of two ranks, each with its own root: every node's part loads alone."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
     node_ranks = {r for r in range(world) if r // 2 == rank // 2}
+    committers = set(range(2, world, 2))  # each other node's lowest rank
+    received = _count_commit_bytes()
     with ckptstore.Checkpointer(node_root(ckpts, rank), codec="zstd") as ckpt:
-        assert len(set(ckpt.disks)) == 2, ckpt.disks
+        assert len(set(ckpt.disks)) == world // 2, ckpt.disks
         ckpt.save(node_local_state(rank, mesh), 1)
+        # Only the other nodes' committers are sent the parts' .metadata (its body
+        # through a tree, to committers alone); the other ranks hear two small
+        # outcomes (a scatter padded everyone's to the largest).
+        everyone = [0] * world
+        dist.all_gather_object(everyone, sum(received))
+        md = {
+            r: os.path.getsize(os.path.join(node_root(ckpts, r), "step_00000001", ".metadata"))
+            for r in committers
+        }
+        assert all(everyone[r] >= md[r] for r in committers), (everyone, md)
+        others = set(range(world)) - committers
+        assert max(everyone[r] for r in others) < min(md.values()) / 20, (everyone, md)
         pending = ckpt.save_async(node_local_state(rank, mesh), 2)
         result = pending.wait()
         assert (result.manifest is not None) == (rank == 0)
@@ -641,9 +683,10 @@ def scenario_node_local(ckpts: str, rank: int, world: int) -> None:
             os.path.join(node_root(ckpts, 2), "step_00000002", "__0_0.distcp")
         )
         assert ckpt.verify(2) == []
-        target = node_local_zeros(rank, mesh)
-        ckpt.load(target)
-        check_node_local(target, rank)
+        for step in (1, 2):  # the first save's .metadata (sent) and the second's (held)
+            target = node_local_zeros(rank, mesh)
+            ckpt.load(target, step=step)
+            check_node_local(target, rank)
     # One node's part does not hold what the other node's ranks wrote: said plainly.
     try:
         ckptstore.load(
@@ -653,7 +696,7 @@ def scenario_node_local(ckpts: str, rank: int, world: int) -> None:
         if rank >= 2:
             assert "another node's disk" in str(exc), exc
     else:
-        raise AssertionError("loading node 0's part on node 1's ranks should fail")
+        raise AssertionError("loading node 0's part on the other nodes' ranks should fail")
 
 
 def scenario_node_local_rank0_dies(ckpts: str, rank: int, world: int) -> None:
@@ -848,9 +891,9 @@ def scenario_plan_cache(ckpts: str, rank: int, world: int) -> None:
     bodies: list[int] = []  # node-local: the .metadata body bytes a committer was sent
     body = nodelocal._body
 
-    def counted(files, cache):
-        bodies.append(len(files.body))
-        return body(files, cache)
+    def counted(files, cache, sent):  # sent: through the tree of committers
+        bodies.append(len(files.body if sent is None else sent))
+        return body(files, cache, sent)
 
     nodelocal._body = counted
     for kind in ("shared", "local"):
@@ -1128,6 +1171,18 @@ def _sockets() -> int:
         with contextlib.suppress(OSError):
             count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
     return count
+
+
+def scenario_tree_broadcast(ckpts: str, rank: int, world: int) -> None:
+    from ckptstore.engine import groups
+
+    group = groups.dedicated_gloo_group()
+    members = [0, 5, 1, 3, 4]
+    sent = {"body": torch.arange(10)}
+    if rank in members:  # rank 2 takes no part
+        got = groups.tree_broadcast(sent if rank == 0 else None, members, group)
+        assert torch.equal(got["body"], torch.arange(10)), got
+    dist.barrier(group)
 
 
 def scenario_lazy_groups(ckpts: str, rank: int, world: int) -> None:

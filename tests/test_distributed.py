@@ -221,6 +221,12 @@ def test_ckptstore_groups_connect_ranks_lazily_unless_told_not_to(tmp_path, lazy
     run_ranks("lazy_groups", str(tmp_path), 4, extra_env={"CKPTSTORE_GLOO_LAZY": lazy})
 
 
+def test_a_tree_broadcast_reaches_its_members_and_no_other_rank(tmp_path):
+    """groups.tree_broadcast (a node-local save's shared .metadata body to the disks'
+    committers) over 5 of 6 ranks, listed out of order: 3 levels of the tree."""
+    run_ranks("tree_broadcast", str(tmp_path), 6)
+
+
 def test_fsdp2_torchrun_worker_of_the_gpu_tests_runs_on_gloo(tmp_path):
     """tests/fsdp_worker.py is what test_cuda.py runs on a GPU with NCCL; here on gloo, so
     that the script itself is known to work before a GPU runs it."""

@@ -75,6 +75,54 @@ def test_the_same_metadata_is_pickled_once_and_read_back_with_each_saves_name():
     assert len(made) == 3  # each part keeps its own
 
 
+def test_parts_share_one_pickled_body_and_differ_by_a_head_that_patches_their_table():
+    """Node-local parts: one body pickled once, each part's head sets its own entries
+    (more than one SETITEMS batch of them) in the item table, keeping its order, and
+    is made once while its changes hold; stock pickle and the allowlist read each file
+    as the whole table it stands for, and its digest is the file's."""
+    from ckptstore.format.checksum import digest
+
+    cache = md_format.MetadataCache()
+    made = []
+
+    def make():
+        made.append(1)
+        return metadata(3000)
+
+    plain = metadata(3000)
+    keys = list(plain.storage_data)
+    patches = {
+        "a": {},
+        "b": {
+            k: md_format.StoredItem({"file": "__2_0.distcp", "item": j})
+            for j, k in enumerate(keys[::2])
+        },
+        "c": {keys[7]: md_format.StoredItem({"file": "__3_0.distcp", "item": 0})},
+    }
+    shared, idents = set(), {}
+    for step in (1, 2):
+        meta = StorageMeta(checkpoint_id=f"step_{step}")
+        for part, patch in patches.items():
+            pp = cache.dumps_part(("k",), make, meta, part, dict(patch))
+            shared.add((pp.shared, pp.body))
+            idents.setdefault(part, set()).add(pp.ident)
+            data = pp.body + pp.head + pp.tail
+            assert cache.digest_part(part, pp) == digest(data)
+            want = {**plain.storage_data, **patch}
+            for got in (pickle.loads(data), md_format.loads(data, "test")):
+                assert got.storage_data == want
+                assert list(got.storage_data) == keys
+                assert got.storage_meta == meta
+                assert got.state_dict_metadata == plain.state_dict_metadata
+    assert len(made) == 1
+    assert len(shared) == 1  # one body for every part and both saves
+    assert all(len(i) == 1 for i in idents.values())  # each part's head made once
+    assert len({i for ids in idents.values() for i in ids}) == 3
+    # A part whose changes change gets a new head (and ident), the body stays.
+    pp = cache.dumps_part(("k",), make, StorageMeta(), "c", {})
+    assert pp.ident not in idents["c"] and pp.head == b"" and len(made) == 1
+
+
 def test_saves_of_a_changing_state_each_write_their_own_metadata(tmp_path):
     """Saves of one layout, then of another (a dtype, then a shape changed): each
     checkpoint's .metadata describes its own state."""

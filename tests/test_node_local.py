@@ -25,6 +25,12 @@ def test_each_disk_holds_its_ranks_part_and_loads_alone(tmp_path, capsys):
     assert "is one node's part of a checkpoint" in capsys.readouterr().out
 
 
+def test_three_disks_each_hold_their_part_and_load_alone(tmp_path):
+    """Three nodes: two committers are sent the parts' shared .metadata body through a
+    tree, each with its own changes (its copies of the replicated and packed items)."""
+    run_ranks("node_local", str(tmp_path), 6)
+
+
 def test_a_step_rank_0_never_committed_is_not_restored_and_its_parts_are_replaced(tmp_path):
     results = spawn_ranks("node_local_rank0_dies", str(tmp_path), 4, timeout=120)
     assert results[0][0] == 9, results[0][1][-3000:]

@@ -152,3 +152,42 @@ def test_object_store_roots_reuse_plans_with_files_named_per_attempt():
             for top in ("model", "small"):
                 for k, v in _state(step)[top].items():
                     assert torch.equal(got[top][k], v), (step, k)
+
+
+def test_node_local_parts_tables_are_one_table_and_each_parts_changes():
+    """``Outcome.part_tables`` gives, for every part, exactly the table ``storage``
+    builds for it alone (its own copy of what ranks on several disks wrote, the one
+    writer's entry for the rest), for random layouts of writers over 4 ranks on 2-3
+    disks; and the tables are kept while the files stay the same."""
+    import random
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    from ckptstore.dcp.plancache import Outcome
+
+    rng = random.Random(7)
+    for _ in range(50):
+        world = 4
+        disks = [rng.randrange(3) for _ in range(world)]
+        results: list[list[WriteResult]] = [[] for _ in range(world)]
+        for i in range(40):
+            for r in rng.sample(range(world), rng.randint(1, world)):
+                results[r].append(
+                    WriteResult(
+                        MetadataIndex(f"t{i}"),
+                        1,
+                        {"file": f"__{r}_0.distcp", "item": len(results[r])},
+                    )
+                )
+        for r in range(world):
+            if results[r]:
+                shard = {"size_bytes": 1, "xxh3_64": "0", "raw_bytes": 1}
+                results[r][0].storage_data["shard"] = shard
+        outcome = Outcome.of(results)
+        parts = tuple(tuple(r for r in range(world) if disks[r] == d) for d in dict.fromkeys(disks))
+        common, changes = outcome.part_tables(parts)
+        for ranks, change in zip(parts, changes, strict=True):
+            others = tuple(r for r in range(world) if r not in ranks)
+            assert {**common, **change} == outcome.storage(ranks, others)
+        assert outcome.part_tables(parts)[0] is common  # kept while the files are the same

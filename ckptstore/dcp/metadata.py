@@ -16,12 +16,15 @@ attacker who can write ``.metadata`` can rewrite the manifest too.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+import pickletools
 import re
+import struct
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import xxhash
@@ -141,7 +144,8 @@ class MetadataCache:
     """
 
     def __init__(self) -> None:
-        self._last: dict[Any, tuple[Any, bytes, str]] = {}
+        self._last: dict[Any, tuple[Any, bytes, str, int | None]] = {}
+        self._heads: dict[Any, tuple[str, dict[Any, Any], str, bytes]] = {}  # parts' heads
         self._hashed: dict[Any, tuple[str, Any]] = {}  # part -> (ident, xxh3 after body)
 
     def dumps(
@@ -172,31 +176,103 @@ class MetadataCache:
         else:
             self._last.pop(part, None)
             md = make()
-            if not _builds_from_dict(type(md)):  # a second BUILD would not just add to it
-                md.storage_meta = storage_meta
-                return None, dumps(md), b""
-            md.storage_meta = None
-            data = pickle.dumps(md, protocol=3)
-            if not data.endswith(b"b."):  # not a plain object + BUILD: pickle it whole
-                md.storage_meta = storage_meta
-                return None, dumps(md), b""
-            body, ident = data[:-1], uuid.uuid4().hex
-            self._last[part] = (key, body, ident)
+            split = _split_body(md, table_first=False)
+            if split is None:
+                return None, dumps(_whole(md, None, storage_meta)), b""
+            body, ident = split[0], uuid.uuid4().hex
+            self._last[part] = (key, body, ident, None)
         return ident, body, _build_tail({"storage_meta": storage_meta})
+
+    def dumps_part(
+        self,
+        key: Any,
+        make: Callable[[], dcp_metadata.Metadata],
+        storage_meta: Any,
+        part: Any,
+        patch: dict[Any, Any],
+    ) -> PartPickle:
+        """One node-local part's ``.metadata``: the body every part shares (``make()``,
+        pickled once while ``key`` holds), this part's ``head`` (opcodes that set
+        ``patch``'s entries in the item table: its own copies of replicated items; kept
+        while the body and ``patch`` are the same) and the ``storage_meta`` tail."""
+        last = self._last.get(_SHARED)
+        if last is not None and last[0] == key:
+            body, shared, table = last[1], last[2], last[3]
+        else:
+            self._last.pop(_SHARED, None)
+            md = make()
+            split = _split_body(md, table_first=True)
+            if split is None:  # each part pickled whole
+                return PartPickle(None, dumps(_whole(md, patch, storage_meta)), None, b"", b"")
+            (body, table), shared = split, uuid.uuid4().hex
+            self._last[_SHARED] = (key, body, shared, table)
+        held = self._heads.get(part)
+        if held is not None and held[0] == shared and (held[1] is patch or held[1] == patch):
+            ident, head = held[2], held[3]
+        else:
+            head = _patch_ops(table, patch) if patch else b""
+            ident = uuid.uuid4().hex
+            self._heads[part] = (shared, patch, ident, head)
+        return PartPickle(shared, body, ident, head, _build_tail({"storage_meta": storage_meta}))
 
     def digest(self, part: Any, ident: str | None, body: bytes, tail: bytes) -> str:
         """The xxh3 of ``body + tail`` (``dumps_split``'s), hashing a reused body once:
         the hash state after it is kept per part while ``ident`` names it."""
+        return self.digest_part(part, PartPickle(None, body, ident, b"", tail))
+
+    def digest_part(self, part: Any, pp: PartPickle) -> str:
+        """The xxh3 of ``pp``'s file; the hash states after the shared body and after
+        this part's head are kept while their idents name them."""
         saved = self._hashed.get(part)
-        if ident is not None and saved is not None and saved[0] == ident:
+        if pp.ident is not None and saved is not None and saved[0] == pp.ident:
             h = saved[1].copy()
         else:
-            h = xxhash.xxh3_64()
-            h.update(body)
-            if ident is not None:
-                self._hashed[part] = (ident, h.copy())
-        h.update(tail)
+            base = self._hashed.get(_SHARED)
+            if pp.shared is not None and base is not None and base[0] == pp.shared:
+                h = base[1].copy()
+            else:
+                h = xxhash.xxh3_64()
+                h.update(pp.body)
+                if pp.shared is not None:
+                    self._hashed[_SHARED] = (pp.shared, h.copy())
+            h.update(pp.head)
+            if pp.ident is not None:
+                self._hashed[part] = (pp.ident, h.copy())
+        h.update(pp.tail)
         return str(h.hexdigest())
+
+
+class PartPickle(NamedTuple):
+    """A node-local part's ``.metadata``: ``body + head + tail``. ``shared`` names the
+    body all parts share, ``ident`` body and head (None: not cached)."""
+
+    shared: str | None
+    body: bytes
+    ident: str | None
+    head: bytes
+    tail: bytes
+
+
+_SHARED = ("the body node-local parts share",)
+
+
+def _split_body(md: dcp_metadata.Metadata, table_first: bool) -> tuple[bytes, int | None] | None:
+    """``md`` pickled without ``storage_meta`` and its STOP, to be followed by a tail;
+    with ``table_first``, also the memo slot of its item table (for a part's head).
+    None where the pickle cannot be continued so (then pickle it whole)."""
+    if not _builds_from_dict(type(md)):  # a second BUILD would not just add to it
+        return None
+    md.storage_meta = None
+    if table_first:  # the table first, for a head to find its memo slot
+        attrs = md.__dict__
+        md.__dict__ = {"storage_data": attrs.pop("storage_data"), **attrs}
+    data = pickle.dumps(md, protocol=3)
+    if not data.endswith(b"b."):  # not a plain object + BUILD
+        return None
+    table = _table_slot(data) if table_first else None
+    if table_first and table is None:
+        return None
+    return data[:-1], table
 
 
 def _builds_from_dict(cls: type) -> bool:
@@ -205,6 +281,45 @@ def _builds_from_dict(cls: type) -> bool:
     True for torch 2.13's Metadata, a plain dataclass."""
     own = ("__slots__", "__setstate__", "__getstate__", "__reduce__", "__reduce_ex__")
     return not any(name in klass.__dict__ for klass in cls.__mro__[:-1] for name in own)
+
+
+def _whole(
+    md: dcp_metadata.Metadata, patch: dict[Any, Any] | None, storage_meta: Any
+) -> dcp_metadata.Metadata:
+    if patch:
+        md.storage_data = {**md.storage_data, **patch}
+    md.storage_meta = storage_meta
+    return md
+
+
+def _table_slot(data: bytes) -> int | None:
+    """The memo slot of the item table in ``data`` (pickled with ``storage_data`` as
+    the first attribute, so it starts within the first few opcodes)."""
+    key = table = False  # just past the "storage_data" key; past the dict after it
+    with contextlib.suppress(ValueError):  # the prefix ends mid-opcode
+        for op, arg, _ in pickletools.genops(io.BytesIO(data[:512])):
+            if op.name.endswith("PUT"):  # memoizes the object just pushed
+                if table:
+                    return int(arg)  # type: ignore[arg-type]
+                continue
+            table = key and op.name == "EMPTY_DICT"
+            key = op.name.endswith("UNICODE") and arg == "storage_data"
+    return None  # not where it was put
+
+
+def _patch_ops(table: int | None, patch: dict[Any, Any]) -> bytes:
+    """Opcodes that fetch the item table from the memo (slot ``table``), set
+    ``patch``'s entries in it and pop it again, leaving the stack as it was."""
+    assert table is not None
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, protocol=3)
+    pickler.fast = True  # no memo: the body's memo entries are left alone
+    pickler.dump(patch)
+    data = buf.getvalue()
+    assert data[:3] == b"\x80\x03}", data[:3]
+    assert data[-1:] == b".", data[-1:]
+    # LONG_BINGET the table; the dict's MARK ... SETITEMS batches; POP
+    return b"j" + struct.pack("<I", table) + data[3:-1] + b"0"
 
 
 def _build_tail(attrs: dict[str, Any]) -> bytes:

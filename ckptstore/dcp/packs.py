@@ -272,6 +272,34 @@ def expand(metadata: Metadata, packs: Packs) -> None:
             )
 
 
+def expand_entries(
+    entries: dict[Any, Any], packs: Packs, items: Mapping[str, Any]
+) -> dict[Any, Any]:
+    """Storage ``entries`` (a node-local part's changes to the item table) as
+    :func:`expand` leaves them in metadata whose items are ``items``: each pack's entry
+    replaced by the entries of the members taken from that pack."""
+    out: dict[Any, Any] = {}
+    taken: set[str] = set()
+    owner: dict[str, str] = {}  # as expand: the first pack that holds a member wins
+    for name, members in packs.items():
+        if name in items:
+            for m in members:
+                if m.fqn not in items and m.fqn not in taken:
+                    taken.add(m.fqn)
+                    owner[m.fqn] = name
+    for index, where in entries.items():
+        if index.fqn not in items or index.fqn not in packs:
+            out[index] = where
+            continue
+        for m in packs[index.fqn]:
+            if owner.get(m.fqn) == index.fqn:
+                offsets = torch.Size([0] * len(m.shape))
+                out[md_format.metadata_index(m.fqn, offsets)] = type(where)(
+                    {**where, "range": [m.offset, m.nbytes]}
+                )
+    return out
+
+
 def member_range(storage: Mapping[str, Any], nbytes: int) -> tuple[int, int] | None:
     """``(offset, nbytes)`` of a packed tensor's bytes inside its item; None if the
     entry is a whole item. Raises ``ValueError`` for a range that is not two

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from ckptstore.dcp.metadata import StoredItem
 from ckptstore.errors import CkptStoreError
+from ckptstore.format.manifest import FileEntry
 
 
 @dataclass(frozen=True)
@@ -219,12 +221,82 @@ class Outcome:
                     table[wr.index] = StoredItem(storage)
         elif last is not None:  # the same items, in files named anew (object stores)
             renamed = {old: new for old, new in zip(last[0], files, strict=True) if old}
-            for index, stored in last[1].items():
-                table[index] = StoredItem(stored, file=renamed[stored["file"]])
+            table = _renamed(last[1], renamed)
         else:
             raise CkptStoreError(_OUT_OF_STEP)
         self._memo[(ranks, others)] = (files, table)
         return table
+
+    def files(self, ranks: Any) -> tuple[dict[str, FileEntry], int, dict[str, str]]:
+        """The shard files ``ranks`` wrote or linked, their raw bytes, and the linked
+        files' first writers (dcp.incremental)."""
+        files: dict[str, FileEntry] = {}
+        linked: dict[str, str] = {}
+        raw_bytes = 0
+        for rank in ranks:
+            fact = self.facts[rank]
+            if fact is not None:
+                name, shard = fact
+                files[shard.get("name", name)] = FileEntry(
+                    "shard", shard["size_bytes"], shard["xxh3_64"]
+                )
+                raw_bytes += shard["raw_bytes"]
+                for link, entry in shard.get("links", {}).items():
+                    files[link] = FileEntry("shard", entry["size_bytes"], entry["xxh3_64"])
+                    linked[link] = entry["from"]
+        return files, raw_bytes, linked
+
+    def part_tables(
+        self,
+        parts: tuple[tuple[int, ...], ...],
+        expand: Callable[[dict[Any, Any]], dict[Any, Any]] | None = None,
+    ) -> tuple[dict[Any, Any], list[Any]]:
+        """The item tables of node-local parts (``parts[p]``: the ranks whose part
+        ``p`` is), as one table and each part's changes to it. An item that ranks of
+        several parts wrote (replicated state) points, in each part, at that part's
+        own copy (its last writer's), and in the common table at its last writer's;
+        every other item at the one rank that wrote it. So the parts share one
+        ``.metadata`` body and differ in a few entries (dcp.metadata.MetadataCache).
+        ``expand``: applied to each part's changes (packs), and kept with them."""
+        files = tuple(None if f is None else f[0] for f in self.facts)
+        last = self._memo.get(("parts", parts))
+        if last is not None and last[0] == files:
+            return last[1]  # type: ignore[return-value]
+        part_of = {r: p for p, ranks in enumerate(parts) for r in ranks}
+        common: dict[Any, Any] = {}
+        changes: list[dict[Any, Any]] = [{} for _ in parts]
+        if self._results is not None:
+            writer: dict[Any, int] = {}
+            copies: dict[Any, dict[int, Any]] = {}  # replicated item -> part -> its copy
+            for rank, results in enumerate(self._results):  # the last writer wins
+                for wr in results:
+                    stored = StoredItem({k: v for k, v in wr.storage_data.items() if k != "shard"})
+                    before = writer.get(wr.index)
+                    if before is not None:
+                        mine = copies.setdefault(wr.index, {part_of[before]: common[wr.index]})
+                        mine[part_of[rank]] = stored
+                    writer[wr.index] = rank
+                    common[wr.index] = stored
+            for index, mine in copies.items():
+                last_part = part_of[writer[index]]
+                for p, stored in mine.items():
+                    if p != last_part:
+                        changes[p][index] = stored
+            if expand is not None:
+                changes = [expand(c) if c else c for c in changes]
+        elif last is not None:  # the same items, in files named anew (object stores)
+            renamed = {old: new for old, new in zip(last[0], files, strict=True) if old}
+            old_common, old_changes = last[1]  # type: ignore[misc]
+            common = _renamed(old_common, renamed)
+            changes = [_renamed(c, renamed) for c in old_changes]
+        else:
+            raise CkptStoreError(_OUT_OF_STEP)
+        self._memo[("parts", parts)] = (files, (common, changes))  # type: ignore[assignment]
+        return common, changes
+
+
+def _renamed(table: dict[Any, Any], renamed: dict[Any, Any]) -> dict[Any, Any]:
+    return {i: StoredItem(s, file=renamed[s["file"]]) for i, s in table.items()}
 
 
 def _fact(results: list[WriteResult]) -> Fact:

@@ -42,7 +42,7 @@ from torch.futures import Future
 from ckptstore.codecs import Codec
 from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp import packs as packs_mod
-from ckptstore.dcp.plancache import Fact, Outcome
+from ckptstore.dcp.plancache import Outcome
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import FileEntry, Manifest, Part
@@ -85,13 +85,16 @@ class SaveSpec:
 
 @dataclass(frozen=True)
 class PartFiles:
-    """A part's ``.metadata`` (``body + tail``; ``ident`` names ``body`` while the
-    coordinator reuses it: ``MetadataCache.dumps_split``) and its manifest."""
+    """A part's ``.metadata`` (``body + head + tail``: ``MetadataCache.dumps_part``;
+    ``shared`` names the body all parts share, ``ident`` body and head, while the
+    coordinator reuses them) and its manifest."""
 
     ident: str | None
     body: bytes
     tail: bytes
     manifest: bytes
+    head: bytes = b""
+    shared: str | None = None
 
 
 @dataclass(frozen=True)
@@ -416,11 +419,20 @@ class CkptStorageWriter(StorageWriter):
             return
         # Node-local disks: one part per disk, each pointing at its own ranks' copies of
         # what several ranks wrote; committed by the engine once DCP returns.
-        for disk in dict.fromkeys(self._disks):
-            ranks = range(len(results.facts))
-            mine = [r for r in ranks if self._disks[r] == disk]
+        # The parts share one .metadata body (one pickle); each differs in the
+        # entries of what ranks on several disks wrote (Outcome.part_tables).
+        disks = list(dict.fromkeys(self._disks))
+        ranks = range(len(results.facts))
+        parts = tuple(tuple(r for r in ranks if self._disks[r] == d) for d in disks)
+        items, packs = metadata.state_dict_metadata, self._packs
+        common, changes = results.part_tables(
+            parts, (lambda c: packs_mod.expand_entries(c, packs, items)) if packs else None
+        )
+        for disk, mine, change in zip(disks, parts, changes, strict=True):
             others = [r for r in ranks if self._disks[r] != disk]
-            self.parts[disk] = self._describe(metadata, results, mine, others, disk)
+            self.parts[disk] = self._describe(
+                metadata, results, mine, others, disk, (common, change)
+            )
 
     def _describe(
         self,
@@ -429,14 +441,16 @@ class CkptStorageWriter(StorageWriter):
         ranks: Any,
         others: Any = (),
         disk: str | None = None,
+        tables: tuple[dict[Any, Any], dict[Any, Any]] | None = None,
     ) -> PartFiles:
         """The ``.metadata`` (written now on the coordinator's disk) and the manifest of
         the files ``ranks`` wrote; ``others``' shards, on other disks, listed as the
-        part's ``elsewhere``."""
+        part's ``elsewhere``. ``tables``: a node-local part's item table, as the one
+        all parts share and this part's changes to it."""
         assert self._pending is not None
-        elsewhere, _, _ = _files(results.facts, others)
-        files, raw_bytes, linked = _files(results.facts, ranks)
-        storage_md = results.storage(tuple(ranks), tuple(others))
+        elsewhere, _, _ = results.files(others)
+        files, raw_bytes, linked = results.files(ranks)
+        storage_md, patch = tables or (results.storage(tuple(ranks), tuple(others)), {})
 
         def make() -> Metadata:
             md = dataclasses.replace(
@@ -450,12 +464,13 @@ class CkptStorageWriter(StorageWriter):
             packs_mod.expand(md, self._packs)
             return md
 
-        ident: str | None = None
         if self._md_cache is None:
-            body, tail = md_format.dumps(make()), b""
-            md_digest = digest(body)
+            md = make()
+            md.storage_data.update(patch)
+            pp = md_format.PartPickle(None, md_format.dumps(md), None, b"", b"")
+            md_digest = digest(pp.body)
         else:
-            key = (  # every field of the metadata but storage_meta; this part's storage
+            key = (  # every field of the metadata but storage_meta; the item table
                 tuple(
                     getattr(metadata, f.name)
                     for f in dataclasses.fields(metadata)
@@ -463,14 +478,19 @@ class CkptStorageWriter(StorageWriter):
                 ),
                 storage_md,
                 self._packs,
-                tuple(ranks),
+                tuple(ranks) if tables is None else None,
             )
-            ident, body, tail = self._md_cache.dumps_split(disk, key, make, metadata.storage_meta)
-            md_digest = self._md_cache.digest(disk, ident, body, tail)
+            if tables is None:
+                split = self._md_cache.dumps_split(disk, key, make, metadata.storage_meta)
+                pp = md_format.PartPickle(None, split[1], split[0], b"", split[2])
+            else:
+                pp = self._md_cache.dumps_part(key, make, metadata.storage_meta, disk, patch)
+            md_digest = self._md_cache.digest_part(disk, pp)
         md_name = self._pending.stored_name(METADATA_FILE)
+        size = len(pp.body) + len(pp.head) + len(pp.tail)
         if disk is None or disk == self._disks[0]:  # other disks' committers write theirs
-            self._pending.write_file(md_name, body + tail)
-        files[md_name] = FileEntry("file", len(body) + len(tail), md_digest)
+            self._pending.write_file(md_name, pp.body + pp.head + pp.tail)
+        files[md_name] = FileEntry("file", size, md_digest)
         spec = self._spec
         manifest = Manifest(
             step=spec.step,
@@ -492,7 +512,9 @@ class CkptStorageWriter(StorageWriter):
         )
         if disk is None or disk == self._disks[0]:
             self.manifest = manifest
-        return PartFiles(ident, body, tail, manifest.to_json(spec.manifest_key))
+        return PartFiles(
+            pp.ident, pp.body, pp.tail, manifest.to_json(spec.manifest_key), pp.head, pp.shared
+        )
 
     def commit_coordinator_part(self) -> None:
         """Node-local disks: commit rank 0's part, the last one (coordinator)."""
@@ -524,21 +546,4 @@ class CkptStorageWriter(StorageWriter):
             part.release()
 
 
-def _files(facts: list[Fact], ranks: Any) -> tuple[dict[str, FileEntry], int, dict[str, str]]:
-    """The shard files ``ranks`` wrote or linked, their raw bytes, and the linked files'
-    first writers (dcp.incremental)."""
-    files: dict[str, FileEntry] = {}
-    linked: dict[str, str] = {}
-    raw_bytes = 0
-    for rank in ranks:
-        fact = facts[rank]
-        if fact is not None:
-            name, shard = fact
-            files[shard.get("name", name)] = FileEntry(
-                "shard", shard["size_bytes"], shard["xxh3_64"]
-            )
-            raw_bytes += shard["raw_bytes"]
-            for link, entry in shard.get("links", {}).items():
-                files[link] = FileEntry("shard", entry["size_bytes"], entry["xxh3_64"])
-                linked[link] = entry["from"]
-    return files, raw_bytes, linked
+_SHARED_BODY = ("node-local parts",)  # the MetadataCache entry the parts share

@@ -130,15 +130,47 @@ def all_gather(value: T, group: dist.ProcessGroup | None) -> list[T]:
     return out
 
 
-def scatter(values: list[Any] | None, group: dist.ProcessGroup | None) -> Any:
-    """Rank 0's ``values[r]`` on each rank ``r`` of ``group`` (``values``: rank 0's only)."""
+def hand_out(
+    values: dict[int, Any] | None, group: dist.ProcessGroup | None, *, receives: bool
+) -> Any:
+    """Rank 0 sends ``values[r]`` to each rank ``r`` it names, point to point; a rank
+    that ``receives`` (exactly those rank 0 names) gets its own, the others None.
+
+    Unlike torch's ``scatter_object_list`` (which pads every rank's value to the
+    largest and sends it to every rank), each named rank is sent its value alone and
+    no other rank anything: what a node-local save hands each disk's committer.
+    """
     if group is None:
+        return None if values is None else values.get(0)
+    if rank(group) == 0:
         assert values is not None
-        return values[0]
-    out: list[Any] = [None]
-    src = dist.get_global_rank(group, 0)
-    dist.scatter_object_list(out, values if rank(group) == 0 else None, src=src, group=group)
-    return out[0]
+        for r, value in values.items():
+            if r != 0:
+                dist.send_object_list([value], dst=dist.get_global_rank(group, r), group=group)
+        return values.get(0)
+    if not receives:
+        return None
+    box: list[Any] = [None]
+    dist.recv_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def tree_broadcast(value: Any, members: list[int], group: dist.ProcessGroup) -> Any:
+    """``members[0]``'s ``value`` on every rank of ``members`` (ranks of ``group``;
+    every one of them calls this with the same list), sent point to point down a
+    binomial tree: the first member sends it log2(len(members)) times, each other one
+    receives it once and passes it on. No other rank takes part."""
+    me = members.index(rank(group))
+    if me:  # from the member that differs from this one in its highest bit
+        box: list[Any] = [None]
+        parent = members[me - (1 << (me.bit_length() - 1))]
+        dist.recv_object_list(box, src=dist.get_global_rank(group, parent), group=group)
+        value = box[0]
+    children = [me + (1 << j) for j in range(me.bit_length(), len(members).bit_length())]
+    for child in reversed([c for c in children if c < len(members)]):  # largest subtree first
+        dst = dist.get_global_rank(group, members[child])
+        dist.send_object_list([value], dst=dst, group=group)
+    return value
 
 
 def decide(fn: Callable[[], T], group: dist.ProcessGroup | None, *, what: str) -> T:

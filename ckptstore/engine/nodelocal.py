@@ -6,11 +6,14 @@ apart by :meth:`~ckptstore.storage.base.StorageBackend.disk_id`), a save writes 
 (``Manifest.part``). DCP's planning, writing and the coordinator's ``finish`` run as for
 one disk (``ckptstore.dcp.writer``); once DCP returns, :func:`commit_parts`:
 
-1. rank 0 hands each disk's committing rank (its lowest) that disk's ``.metadata`` and
-   manifest, and the names of the checkpoints committed in its own root; while the
-   layout holds, the ``.metadata`` differs from the last save's only in its tail
-   (``MetadataCache.dumps_split``), and a committer that holds the last one's body is
-   sent the tail alone (what it holds, both sides learn from step 3's outcome);
+1. rank 0 sends each disk's committing rank (its lowest), point to point and no other
+   rank, that disk's manifest and ``.metadata``, and the names of the checkpoints
+   committed in its own root. The parts' ``.metadata`` share one body (pickled once,
+   ``MetadataCache.dumps_part``), which goes down a binomial tree of the committers
+   that lack it (rank 0 sends it log2(D) times, not D - 1); each part's own head (its
+   copies of replicated items) and tail go in its message. While the layout holds, a
+   committer that holds its part's body and head (both sides learn it from step 3's
+   outcome) is sent the tail alone (the checkpoint's name);
 2. each of those ranks removes the parts on its disk that rank 0's root no longer has
    (retention there, or a save that died before rank 0 committed it), then commits its
    part (fsync, rename, fsync: as any local checkpoint);
@@ -19,9 +22,11 @@ one disk (``ckptstore.dcp.writer``); once DCP returns, :func:`commit_parts`:
 
 A checkpoint whose part is missing on a disk (a node died between 2 and 3, or after)
 is not complete: restore picks the newest step committed on every disk, and removes
-the parts rank 0 lacks (:func:`complete_steps`). A failure anywhere fails the save on every rank, and the
-parts already committed are removed again. Three small collectives per save, on the
-checkpointer's own group; none on a shared file system.
+the parts rank 0 lacks (:func:`complete_steps`). A failure anywhere fails the save on
+every rank, and the parts already committed are removed again. Per save, on the
+checkpointer's own group: one send from rank 0 to each committer (and, on the first
+save of a layout, the tree's sends), and two small collectives; none on a shared file
+system.
 """
 
 from __future__ import annotations
@@ -52,29 +57,37 @@ def commit_parts(
     rank = groups.rank(group)
     cache = writer.cache  # what each committer holds of its part's .metadata
     handed: dict[int, str] = cache.handed if cache is not None else {}
-    handout: list[Any] | None = None
-    if rank == 0:
-        keep = [n for n in backend.list_names() if STEP_NAME.match(n)]
-        handout = [None] * groups.world_size(group)
-        for r, disk in writer.committers.items():
-            files = writer.parts[disk]
-            if files.ident is not None and handed.get(r) == files.ident:
-                files = dataclasses.replace(files, body=b"")  # it holds that body
-            handout[r] = (files, keep, writer.coordinator_disk)
-    mine = groups.scatter(handout, group)
+    handout: dict[int, Any] | None = None
     error: str | None = None
     failure: BaseException | None = None
-    body: bytes | None = None
-    if mine is not None and writer.part is not None:
-        files, keep, coordinator = mine
+    tree: list[int] | None = None
+    if rank == 0:
+        keep: list[str] | None = None
         try:
-            body = _body(files, cache)
+            keep = [n for n in backend.list_names() if STEP_NAME.match(n)]
+        except Exception as exc:  # every committer still hears from rank 0 (None)
+            failure, error = exc, f"{type(exc).__name__}: {exc}"
+        handout, tree = _handout(writer, handed, keep)
+    # Each committer is sent its own disk's files alone, the shared body through a tree
+    # (a scatter would send every rank the largest .metadata: world size x its bytes).
+    commits = writer.part is not None and writer.part_name is not None
+    mine = groups.hand_out(handout, group, receives=commits)
+    body: bytes | None = None
+    if mine is None and commits:
+        error = "rank 0 sent this disk no part to commit (see rank 0's error)"
+    elif mine is not None and writer.part is not None:
+        files, keep, coordinator, tree = mine
+        try:
+            sent = groups.tree_broadcast(None, tree, group) if tree is not None else None
+            body = _body(files, cache, sent)  # and this part's head
             data = _checked(body + files.tail, files.manifest)
             prune(backend, set(keep), coordinator)
             writer.part.write_file(METADATA_FILE, data)
             writer.part.commit(files.manifest)
         except Exception as exc:
             failure, error = exc, f"{type(exc).__name__}: {exc}"
+    if rank == 0 and tree is not None:
+        groups.tree_broadcast(writer.parts[writer.coordinator_disk].body, tree, group)
     errors = groups.all_gather(error, group)
     if rank == 0 and not any(errors):
         try:
@@ -106,19 +119,43 @@ def commit_parts(
     raise CkptStoreError(f"rank {r} could not commit its disk's part of {name}: {e}")
 
 
-def _body(files: PartFiles, cache: Any) -> bytes:
-    """The part's ``.metadata`` body: as sent, or the one this rank holds from the
-    last save (rank 0 sends none when the committer holds it)."""
-    if files.body or files.ident is None:
-        return files.body
+def _handout(
+    writer: CkptStorageWriter, handed: dict[int, str], keep: list[str] | None
+) -> tuple[dict[int, Any], list[int] | None]:
+    """What rank 0 sends each committer (None for all when ``keep`` is: rank 0 failed),
+    and the ranks the parts' shared ``.metadata`` body goes to through a tree (rank 0
+    first): the committers that do not hold their part's body and head. Each part's
+    head and tail go in its own message; a committer that holds them gets the tail."""
+    parts = {r: writer.parts[d] for r, d in writer.committers.items()}
+    tree: list[int] | None = None
+    lacking = sorted(r for r, files in parts.items() if handed.get(r) != files.ident)
+    if keep is not None and lacking and len({parts[r].shared for r in lacking}) == 1:
+        tree = [0, *lacking] if parts[lacking[0]].shared is not None else None
+    handout: dict[int, Any] = {}
+    for r, files in parts.items():
+        if files.ident is not None and handed.get(r) == files.ident:
+            files = dataclasses.replace(files, body=b"", head=b"")  # it holds them
+        elif tree is not None:
+            files = dataclasses.replace(files, body=b"")  # the tree brings the body
+        mine = tree if tree is not None and r in tree else None
+        handout[r] = None if keep is None else (files, keep, writer.coordinator_disk, mine)
+    return handout, tree
+
+
+def _body(files: PartFiles, cache: Any, sent: bytes | None) -> bytes:
+    """The part's ``.metadata`` but its tail: the body as sent (through the tree, or
+    with the part's files) and its head, or what this rank holds from the last save
+    (rank 0 sends neither when the committer holds them)."""
+    if sent is not None or files.body or files.ident is None:
+        body = files.body if sent is None else sent
+        return body + files.head if files.head else body
     held = cache.held if cache is not None else None
     if held is None or held[0] != files.ident:
         raise CkptStoreError(
             "this rank does not hold the .metadata rank 0 expects it to (caches out of "
             "step); this save fails, and the next one sends it whole"
         )
-    body: bytes = held[1]  # as held: no copy
-    return body
+    return held[1]  # type: ignore[no-any-return]  # as held: no copy
 
 
 def _checked(data: bytes, manifest: bytes) -> bytes:
