@@ -191,3 +191,99 @@ def test_node_local_parts_tables_are_one_table_and_each_parts_changes():
             others = tuple(r for r in range(world) if r not in ranks)
             assert {**common, **change} == outcome.storage(ranks, others)
         assert outcome.part_tables(parts)[0] is common  # kept while the files are the same
+
+
+def test_node_local_parts_metadata_reads_as_a_whole_table_per_part():
+    """Each node-local part's .metadata as saves write it (one shared body, the part's
+    head and tail: MetadataCache.dumps_part) reads back, with stock pickle and the
+    allowlist, as the metadata built from that part's whole table (the way it was built
+    before), with packs that ranks made differently, items some ranks did not write,
+    and files renamed (object stores); its digest is the file's, and a part's idents
+    hold from save to save."""
+    import dataclasses
+    import pickle
+    import random
+
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    from ckptstore.dcp import packs as packs_mod
+    from ckptstore.dcp.plancache import Outcome
+    from ckptstore.format.checksum import digest
+
+    rng = random.Random(1)
+    members = [f"m{i}" for i in range(12)]
+    for trial in range(60):
+        packs = {
+            f"__ckptstore_pack_{j}": tuple(
+                packs_mod.Member(f, torch.float32, (2,), 16 * k, 8)
+                for k, f in enumerate(rng.sample(members, rng.randint(1, 5)))
+            )
+            for j in range(5)
+        }
+        names = [*packs, *(f"t{i}" for i in range(6)), *rng.sample(members, 2)]
+        world = rng.randint(2, 6)
+        disks = [rng.randrange(3) for _ in range(world)]
+        results: list[list[WriteResult]] = [[] for _ in range(world)]
+        for name in names:
+            if rng.random() < 0.15:
+                continue  # nobody wrote it
+            for r in rng.sample(range(world), rng.randint(1, world)):
+                index = MetadataIndex(name, torch.Size([0]))
+                data = {"file": f"__{r}_0.distcp", "item": len(results[r])}
+                results[r].append(WriteResult(index, 1, data))
+        for r in range(world):
+            if results[r]:
+                shard = {"size_bytes": 1, "xxh3_64": "0", "raw_bytes": 1}
+                results[r][0].storage_data["shard"] = shard
+        written = {wr.index.fqn for rs in results for wr in rs}
+        props = TensorProperties(dtype=torch.float32)
+        chunk = [ChunkStorageMetadata(torch.Size([0]), torch.Size([2]))]
+        items = {n: TensorStorageMetadata(props, torch.Size([2]), chunk) for n in written}
+        base = Metadata(state_dict_metadata=items, planner_data={})
+
+        def made(table, base=base, packs=packs):
+            md = dataclasses.replace(
+                base, state_dict_metadata=dict(base.state_dict_metadata), storage_data=dict(table)
+            )
+            packs_mod.expand(md, packs)
+            return md
+
+        parts = tuple(tuple(r for r in range(world) if disks[r] == d) for d in dict.fromkeys(disks))
+        memo: dict = {}
+        cache = md_format.MetadataCache()
+        idents: dict = {}
+        for save in range(3):
+            if save < 2:
+                outcome = Outcome([f for f in Outcome.of(results).facts], results, memo)
+            else:  # an object store: the same items in files named anew
+                renamed = [None if f is None else (f[0] + "-b", f[1]) for f in outcome.facts]
+                outcome = Outcome(renamed, None, memo)
+            common, changes = outcome.part_tables(
+                parts, lambda c, p=packs, i=items: packs_mod.expand_entries(c, p, i)
+            )
+            meta = StorageMeta(checkpoint_id=f"step_{save}")
+            for p, (ranks, change) in enumerate(zip(parts, changes, strict=True)):
+                others = tuple(r for r in range(world) if r not in ranks)
+                if save < 2:
+                    want = made(outcome.storage(ranks, others))
+                else:
+                    table = Outcome.of(results).storage(ranks, others)
+                    table = {k: {**v, "file": v["file"] + "-b"} for k, v in table.items()}
+                    want = made(table)
+                want.storage_meta = meta
+                pp = cache.dumps_part(("k", save // 2), lambda c=common: made(c), meta, p, change)
+                data = pp.body + pp.head + pp.tail
+                assert cache.digest_part(p, pp) == digest(data)
+                if save == 1:
+                    assert idents[p] == (pp.shared, pp.ident)  # held from save to save
+                idents[p] = (pp.shared, pp.ident)
+                for got in (pickle.loads(data), md_format.loads(data, "test")):
+                    assert got == want, (trial, save, p)

@@ -140,13 +140,14 @@ class MetadataCache:
     The cached bytes are the metadata pickled with ``storage_meta=None`` up to its last
     BUILD (protocol 3: no frames, so the stream can go on); each save appends the new
     ``storage_meta`` as a second BUILD, which any unpickler applies to the object's
-    attributes like the first. Nothing else changes in the file.
+    attributes like the first. Nothing else changes in the file, but in a node-local
+    part's (:meth:`dumps_part`), whose head before that BUILD sets its own entries.
     """
 
     def __init__(self) -> None:
         self._last: dict[Any, tuple[Any, bytes, str, int | None]] = {}
         self._heads: dict[Any, tuple[str, dict[Any, Any], str, bytes]] = {}  # parts' heads
-        self._hashed: dict[Any, tuple[str, Any]] = {}  # part -> (ident, xxh3 after body)
+        self._hashed: dict[Any, tuple[str, Any]] = {}  # part -> (ident, xxh3 up to tail)
 
     def dumps(
         self,
@@ -215,10 +216,11 @@ class MetadataCache:
             self._heads[part] = (shared, patch, ident, head)
         return PartPickle(shared, body, ident, head, _build_tail({"storage_meta": storage_meta}))
 
-    def digest(self, part: Any, ident: str | None, body: bytes, tail: bytes) -> str:
-        """The xxh3 of ``body + tail`` (``dumps_split``'s), hashing a reused body once:
-        the hash state after it is kept per part while ``ident`` names it."""
-        return self.digest_part(part, PartPickle(None, body, ident, b"", tail))
+    def keep_parts(self, parts: list[Any]) -> None:
+        """Forget the heads and hash states of parts not in ``parts`` (disks gone)."""
+        for kept in (self._heads, self._hashed):
+            for part in [p for p in kept if p not in parts and p != _SHARED]:
+                del kept[part]
 
     def digest_part(self, part: Any, pp: PartPickle) -> str:
         """The xxh3 of ``pp``'s file; the hash states after the shared body and after

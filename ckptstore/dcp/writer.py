@@ -433,6 +433,8 @@ class CkptStorageWriter(StorageWriter):
             self.parts[disk] = self._describe(
                 metadata, results, mine, others, disk, (common, change)
             )
+        if self._md_cache is not None:
+            self._md_cache.keep_parts(disks)
 
     def _describe(
         self,
@@ -544,6 +546,3 @@ class CkptStorageWriter(StorageWriter):
             part.abort()
         elif part is not None:
             part.release()
-
-
-_SHARED_BODY = ("node-local parts",)  # the MetadataCache entry the parts share

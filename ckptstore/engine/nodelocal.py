@@ -135,7 +135,7 @@ def _handout(
     for r, files in parts.items():
         if files.ident is not None and handed.get(r) == files.ident:
             files = dataclasses.replace(files, body=b"", head=b"")  # it holds them
-        elif tree is not None:
+        elif tree is not None and r in tree:
             files = dataclasses.replace(files, body=b"")  # the tree brings the body
         mine = tree if tree is not None and r in tree else None
         handout[r] = None if keep is None else (files, keep, writer.coordinator_disk, mine)

@@ -109,8 +109,8 @@ class SaveCache:
     metadata: md_format.MetadataCache = field(default_factory=md_format.MetadataCache)
     # The coordinator: what the last save's global plan held (see CkptStorageWriter)
     items: set[tuple[str, str, tuple[int, ...]]] | None = None
-    # Node-local disks (engine.nodelocal): on rank 0, the .metadata body each committing
-    # rank holds; on a committing rank, the body it holds (ident, bytes)
+    # Node-local disks (engine.nodelocal): on rank 0, the .metadata body and head each
+    # committing rank holds; on a committing rank, the body and head it holds (ident, bytes)
     handed: dict[int, str] = field(default_factory=dict)
     held: tuple[str, bytes] | None = None
     # Incremental saves: this rank's last committed save, item by item (None: off)
