@@ -266,9 +266,7 @@ def test_node_local_parts_metadata_reads_as_a_whole_table_per_part():
             else:  # an object store: the same items in files named anew
                 renamed = [None if f is None else (f[0] + "-b", f[1]) for f in outcome.facts]
                 outcome = Outcome(renamed, None, memo)
-            common, changes = outcome.part_tables(
-                parts, lambda c, p=packs, i=items: packs_mod.expand_entries(c, p, i)
-            )
+            common, changes = outcome.part_tables(parts, packs_mod.expander(packs, items))
             meta = StorageMeta(checkpoint_id=f"step_{save}")
             for p, (ranks, change) in enumerate(zip(parts, changes, strict=True)):
                 others = tuple(r for r in range(world) if r not in ranks)

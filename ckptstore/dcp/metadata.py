@@ -158,8 +158,8 @@ class MetadataCache:
     ) -> bytes:
         """The ``.metadata`` of ``make()`` with ``storage_meta`` set; ``make`` is called
         (and pickled) only if ``key`` differs from the last one for ``part``."""
-        _, body, tail = self.dumps_split(part, key, make, storage_meta)
-        return body + tail
+        pp = self.dumps_split(part, key, make, storage_meta)
+        return pp.body + pp.tail
 
     def dumps_split(
         self,
@@ -167,22 +167,15 @@ class MetadataCache:
         key: Any,
         make: Callable[[], dcp_metadata.Metadata],
         storage_meta: Any,
-    ) -> tuple[str | None, bytes, bytes]:
-        """:meth:`dumps` as ``(ident, body, tail)``: the file is ``body + tail``, and
-        ``ident`` names ``body`` while it is reused (None: not cached, ``tail`` empty),
-        so that a body once sent elsewhere need not be sent again."""
-        last = self._last.get(part)
-        if last is not None and last[0] == key:
-            body, ident = last[1], last[2]
-        else:
-            self._last.pop(part, None)
-            md = make()
-            split = _split_body(md, table_first=False)
-            if split is None:
-                return None, dumps(_whole(md, None, storage_meta)), b""
-            body, ident = split[0], uuid.uuid4().hex
-            self._last[part] = (key, body, ident, None)
-        return ident, body, _build_tail({"storage_meta": storage_meta})
+    ) -> PartPickle:
+        """:meth:`dumps` as a :class:`PartPickle` without a head: ``ident`` names the
+        body while it is reused (None: not cached, the tail empty), so that a body once
+        sent elsewhere need not be sent again."""
+        got = self._body(part, key, make, table_first=False)
+        if isinstance(got, dcp_metadata.Metadata):
+            return PartPickle(None, dumps(_whole(got, None, storage_meta)), None, b"", b"")
+        body, ident, _ = got
+        return PartPickle(None, body, ident, b"", _build_tail({"storage_meta": storage_meta}))
 
     def dumps_part(
         self,
@@ -196,17 +189,10 @@ class MetadataCache:
         pickled once while ``key`` holds), this part's ``head`` (opcodes that set
         ``patch``'s entries in the item table: its own copies of replicated items; kept
         while the body and ``patch`` are the same) and the ``storage_meta`` tail."""
-        last = self._last.get(_SHARED)
-        if last is not None and last[0] == key:
-            body, shared, table = last[1], last[2], last[3]
-        else:
-            self._last.pop(_SHARED, None)
-            md = make()
-            split = _split_body(md, table_first=True)
-            if split is None:  # each part pickled whole
-                return PartPickle(None, dumps(_whole(md, patch, storage_meta)), None, b"", b"")
-            (body, table), shared = split, uuid.uuid4().hex
-            self._last[_SHARED] = (key, body, shared, table)
+        got = self._body(_SHARED, key, make, table_first=True)
+        if isinstance(got, dcp_metadata.Metadata):  # each part pickled whole
+            return PartPickle(None, dumps(_whole(got, patch, storage_meta)), None, b"", b"")
+        body, shared, table = got
         held = self._heads.get(part)
         if held is not None and held[0] == shared and (held[1] is patch or held[1] == patch):
             ident, head = held[2], held[3]
@@ -215,6 +201,25 @@ class MetadataCache:
             ident = uuid.uuid4().hex
             self._heads[part] = (shared, patch, ident, head)
         return PartPickle(shared, body, ident, head, _build_tail({"storage_meta": storage_meta}))
+
+    def _body(
+        self, slot: Any, key: Any, make: Callable[[], dcp_metadata.Metadata], table_first: bool
+    ) -> tuple[bytes, str, int | None] | dcp_metadata.Metadata:
+        """The body kept in ``slot`` while ``key`` holds (with its ident and its item
+        table's memo slot), else ``make()`` pickled and kept; the made metadata itself
+        where it cannot be continued by a tail (then it is pickled whole)."""
+        last = self._last.get(slot)
+        if last is not None and last[0] == key:
+            return last[1], last[2], last[3]
+        self._last.pop(slot, None)
+        md = make()
+        split = _split_body(md, table_first)
+        if split is None:
+            return md
+        body, table = split
+        ident = uuid.uuid4().hex
+        self._last[slot] = (key, body, ident, table)
+        return body, ident, table
 
     def keep_parts(self, parts: list[Any]) -> None:
         """Forget the heads and hash states of parts not in ``parts`` (disks gone)."""

@@ -24,7 +24,7 @@ on) see the state as saved; nothing else in the format changes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -272,21 +272,39 @@ def expand(metadata: Metadata, packs: Packs) -> None:
             )
 
 
-def expand_entries(
-    entries: dict[Any, Any], packs: Packs, items: Mapping[str, Any]
-) -> dict[Any, Any]:
-    """Storage ``entries`` (a node-local part's changes to the item table) as
-    :func:`expand` leaves them in metadata whose items are ``items``: each pack's entry
-    replaced by the entries of the members taken from that pack."""
-    out: dict[Any, Any] = {}
-    taken: set[str] = set()
-    owner: dict[str, str] = {}  # as expand: the first pack that holds a member wins
+def expander(packs: Packs, items: Mapping[str, Any]) -> Callable[[dict[Any, Any]], dict[Any, Any]]:
+    """:func:`expand_entries` for one save's parts (a node-local part's changes to the
+    item table): which pack each member is taken from is worked out once."""
+    owner: dict[str, str] = {}
+
+    def expand(entries: dict[Any, Any]) -> dict[Any, Any]:
+        if not owner:
+            owner.update(pack_owners(packs, items))
+        return expand_entries(entries, packs, items, owner)
+
+    return expand
+
+
+def pack_owners(packs: Packs, items: Mapping[str, Any]) -> dict[str, str]:
+    """The pack each packed tensor's entry comes from once :func:`expand` has run on
+    metadata whose items are ``items``: the first pack that holds it, unless it is an
+    item of its own."""
+    owner: dict[str, str] = {}
     for name, members in packs.items():
         if name in items:
             for m in members:
-                if m.fqn not in items and m.fqn not in taken:
-                    taken.add(m.fqn)
-                    owner[m.fqn] = name
+                if m.fqn not in items:
+                    owner.setdefault(m.fqn, name)
+    return owner
+
+
+def expand_entries(
+    entries: dict[Any, Any], packs: Packs, items: Mapping[str, Any], owner: dict[str, str]
+) -> dict[Any, Any]:
+    """Storage ``entries`` as :func:`expand` leaves them in metadata whose items are
+    ``items``: each pack's entry replaced by the entries of the members taken from that
+    pack (``owner``: :func:`pack_owners`)."""
+    out: dict[Any, Any] = {}
     for index, where in entries.items():
         if index.fqn not in items or index.fqn not in packs:
             out[index] = where

@@ -424,10 +424,9 @@ class CkptStorageWriter(StorageWriter):
         disks = list(dict.fromkeys(self._disks))
         ranks = range(len(results.facts))
         parts = tuple(tuple(r for r in ranks if self._disks[r] == d) for d in disks)
-        items, packs = metadata.state_dict_metadata, self._packs
-        common, changes = results.part_tables(
-            parts, (lambda c: packs_mod.expand_entries(c, packs, items)) if packs else None
-        )
+        items = metadata.state_dict_metadata
+        expand = packs_mod.expander(self._packs, items) if self._packs else None
+        common, changes = results.part_tables(parts, expand)
         for disk, mine, change in zip(disks, parts, changes, strict=True):
             others = [r for r in ranks if self._disks[r] != disk]
             self.parts[disk] = self._describe(
@@ -483,8 +482,7 @@ class CkptStorageWriter(StorageWriter):
                 tuple(ranks) if tables is None else None,
             )
             if tables is None:
-                split = self._md_cache.dumps_split(disk, key, make, metadata.storage_meta)
-                pp = md_format.PartPickle(None, split[1], split[0], b"", split[2])
+                pp = self._md_cache.dumps_split(disk, key, make, metadata.storage_meta)
             else:
                 pp = self._md_cache.dumps_part(key, make, metadata.storage_meta, disk, patch)
             md_digest = self._md_cache.digest_part(disk, pp)

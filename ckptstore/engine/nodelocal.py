@@ -129,15 +129,16 @@ def _handout(
     parts = {r: writer.parts[d] for r, d in writer.committers.items()}
     tree: list[int] | None = None
     lacking = sorted(r for r, files in parts.items() if handed.get(r) != files.ident)
-    if keep is not None and lacking and len({parts[r].shared for r in lacking}) == 1:
-        tree = [0, *lacking] if parts[lacking[0]].shared is not None else None
+    if keep is not None and lacking and parts[lacking[0]].shared is not None:
+        tree = [0, *lacking]  # every part's body is the one shared (dumps_part)
     handout: dict[int, Any] = {}
     for r, files in parts.items():
+        in_tree = tree is not None and r in tree
         if files.ident is not None and handed.get(r) == files.ident:
             files = dataclasses.replace(files, body=b"", head=b"")  # it holds them
-        elif tree is not None and r in tree:
+        elif in_tree:
             files = dataclasses.replace(files, body=b"")  # the tree brings the body
-        mine = tree if tree is not None and r in tree else None
+        mine = tree if in_tree else None
         handout[r] = None if keep is None else (files, keep, writer.coordinator_disk, mine)
     return handout, tree
 

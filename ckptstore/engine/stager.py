@@ -437,8 +437,8 @@ def _copy(prep: PreparedState, skip: frozenset[str] = frozenset()) -> dict[str, 
             t._local_tensor if d else t for t, d in zip(tensors, layout.is_dtensor, strict=True)
         ]
     views = arena.views_for(layout)
-    tied = len(layout.first) != len(sources)
-    firsts = [sources[k] for k in layout.first] if tied else sources
+    per_slot = len(layout.first) != len(sources)  # ties, or empty tensors (no slot)
+    firsts = [sources[k] for k in layout.first] if per_slot else sources
     dsts = arena.dsts
     fqns = layout.tensor_fqns
     if skip:  # firsts and dsts are per slot, the rest per tensor (an empty one: no slot)
