@@ -280,14 +280,109 @@ def test_tensors_whose_version_moved_are_written_without_hashing_and_the_hash_de
         assert inc.hashed_bytes == 800_000  # the first save hashes everything
         w.add_(1.0)  # in place: its version counter moves
         ckpt.save({"w": w, "frozen": frozen}, step=2)
-        assert inc.hashed_bytes == 400_000  # only frozen was hashed, and linked
+        # frozen was hashed where it lies while staging (engine.unchanged): its arena
+        # slot held those bytes already, so it was neither copied nor hashed again
+        assert inc.hashed_bytes == 0
+        assert set(inc.given) == {"frozen"}
         assert ckpt.latest().manifest.linked
         frozen.data.add_(1.0)  # no version bump
         w.add_(1.0)
         ckpt.save({"w": w, "frozen": frozen}, step=3)
-        assert inc.hashed_bytes == 400_000
+        assert inc.given == {}  # staging's hash saw frozen change: copied
+        assert inc.hashed_bytes == 400_000  # and hashed by the writer, as any other
         assert not ckpt.latest().manifest.linked  # the hash saw frozen change
         load_equal(ckpt, 3, {"w": w.clone(), "frozen": frozen.clone()})
+
+
+# ---- tensors the staging arena holds already are not copied (engine.unchanged) ----------
+
+
+def test_a_tensor_the_arena_holds_is_not_copied_and_a_bypassing_change_is_copied():
+    """White-box, on the stager alone: a slot noted as holding a digest is not copied
+    into when the tensor hashes to it (proven by a slot whose bytes differ from what
+    its note says: they stay), and is copied when the tensor's hash differs (a write
+    through ``.data``, which leaves the version counter alone)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckptstore.dcp.incremental import start_hashing
+    from ckptstore.dcp.writer import tensor_bytes
+    from ckptstore.engine.stager import StagingPool
+
+    def digest(t):
+        with ThreadPoolExecutor(2) as pool:
+            return start_hashing([tensor_bytes(t)], pool)[0]()[0]
+
+    big, small = torch.randn(200_000), torch.randn(100)  # 800 KB: noted; 400 B: not
+    with ThreadPoolExecutor(2) as pool:
+        staging = StagingPool()
+        staging.track_versions, staging.hash_pool = True, pool
+        first = staging.stage({"big": big, "small": small})
+        assert first.verified == {}
+        staging.note_hashed(first, {"big": (digest(big), big.nbytes), "small": ("0", 400)})
+        staging.release(first)
+        second = staging.stage({"big": big, "small": small})  # nothing changed
+        assert second.verified == {"big": (digest(big), big.nbytes)}
+        assert torch.equal(second.flat["big"], big)
+        # A note that lies (the slot's bytes are not what it says): the slot is not
+        # copied into, which is how one sees the copy skipped. Staging trusts only
+        # notes the writer made from the arena's own bytes.
+        second.flat["big"].zero_()
+        staging.release(second)
+        third = staging.stage({"big": big, "small": small})
+        assert set(third.verified) == {"big"} and not third.flat["big"].any()
+        staging.release(third)
+        big.data.add_(1.0)  # bypasses the version counter: hashed, differs, copied
+        fourth = staging.stage({"big": big, "small": small})
+        assert fourth.verified == {} and torch.equal(fourth.flat["big"], big)
+        staging.release(fourth)
+        fifth = staging.stage({"big": big, "small": small})  # the slot's note is gone
+        assert fifth.verified == {} and torch.equal(fifth.flat["big"], big)
+        staging.release(fifth)
+        staging.close()
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["linked", "full"])
+def test_a_change_after_staging_returns_never_reaches_the_save(root, full):
+    """The hash that spares a copy is taken while the caller waits: a write that
+    bypasses the version counter after ``save_async`` returned is not in the save,
+    linked or (a full save on demand) written from the arena."""
+    frozen = torch.randn(400_000)
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        inc = ckpt._save_cache.incremental
+        ckpt.save({"frozen": frozen, "w": torch.zeros(8)}, step=1)
+        before = frozen.clone()
+        pending = ckpt.save_async({"frozen": frozen, "w": torch.ones(8)}, step=2, full=full)
+        frozen.data.mul_(2.0)  # after staging returned: not part of step 2
+        pending.wait()
+        assert set(inc.given) == {"frozen"}  # not copied: the arena held it
+        assert bool(ckpt.latest().manifest.linked) is not full
+        load_equal(ckpt, 2, {"frozen": before, "w": torch.ones(8)})
+        ckpt.save({"frozen": frozen, "w": torch.ones(8)}, step=3)  # now it is
+        assert inc.given == {}
+        load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": torch.ones(8)})
+
+
+def test_the_shard_file_is_created_expecting_what_staging_did_not_find_unchanged(root, monkeypatch):
+    """The writer tells the store how much it expects to write (local disk writes a
+    small file through the page cache: storage._direct_io.BUFFERED_BYTES)."""
+    import ckptstore.storage.local as local_mod
+
+    expected = []
+
+    class Spy(local_mod.DirectFileSink):
+        def __init__(self, path, direct=True, expect=None):
+            if path.endswith(".distcp"):
+                expected.append(expect)
+            super().__init__(path, direct, expect)
+
+    monkeypatch.setattr(local_mod, "DirectFileSink", Spy)
+    frozen, w = torch.randn(400_000), torch.randn(1000)
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        ckpt.save({"frozen": frozen, "w": w}, step=1)
+        w.add_(1.0)
+        ckpt.save({"frozen": frozen, "w": w}, step=2)
+        load_equal(ckpt, 2, {"frozen": frozen.clone(), "w": w.clone()})
+    assert expected == [1_604_000, 4_000], expected  # all of it; then w alone
 
 
 # ---- bit rot in a shared file, and random sequences -------------------------------------

@@ -363,16 +363,25 @@ def test_local_delete_renames_first(local, monkeypatch):
 # ---- local disk: the O_DIRECT sink ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "buffered"])
-def test_local_sink_mixed_aligned_and_unaligned(tmp_path, monkeypatch, direct_io):
+@pytest.mark.parametrize(
+    ("direct_io", "expect"),
+    [(True, None), (True, PAGE), (False, None)],
+    ids=["direct", "expected-small-grows-past-two-pages", "buffered"],
+)
+def test_local_sink_mixed_aligned_and_unaligned(tmp_path, monkeypatch, direct_io, expect):
+    """``expect``: a file expected small starts buffered, and turns O_DIRECT on at the
+    first block boundary past BUFFERED_BYTES (here two pages) once it grows past them."""
+    buffered_bytes = 2 * PAGE if expect else direct_io_mod.BUFFERED_BYTES
+    monkeypatch.setattr(direct_io_mod, "BUFFERED_BYTES", buffered_bytes)
     backend = LocalBackend(str(tmp_path / "ckpts"), direct_io=direct_io)
     pending = backend.begin("step_1")
-    sink = pending.create_file("__0_0.distcp")
+    sink = pending.create_file("__0_0.distcp", size_hint=expect)
     if direct_io and not sink.wants_alignment:
         sink.abort()
         pending.abort()
         pytest.skip("this file system has no O_DIRECT")
     assert sink.wants_alignment is direct_io
+    assert sink._direct is (direct_io and not expect)
 
     # Record which buffer addresses reach os.write for this file.
     addresses: list[int] = []
@@ -403,6 +412,8 @@ def test_local_sink_mixed_aligned_and_unaligned(tmp_path, monkeypatch, direct_io
     put(b"x" * 100)
     align(PAGE)
     put(bytearray(rand_bytes(5000, 2)))
+    # The first write at a block boundary past BUFFERED_BYTES turns O_DIRECT on
+    assert sink._direct is direct_io
     align(512)
     put(memoryview(as_kind(rand_bytes(7000, 3), "numpy_unaligned")))
     put(b"")

@@ -131,7 +131,9 @@ class Reuse:
 _PIECE = 8 << 20  # large items are hashed in pieces of this size, on every thread
 
 
-def _digests(raws: list[Any], pool: Executor) -> tuple[Callable[[], list[str]], list[Future[str]]]:
+def start_hashing(
+    raws: list[Any], pool: Executor
+) -> tuple[Callable[[], list[str]], list[Future[str]]]:
     """Start hashing; the returned call gives each item's digest: xxh3-128 of its
     bytes, or, above one piece, of its pieces' digests (stable from save to save, which
     is all a comparison needs); and the jobs, which read the items until they end."""
@@ -158,6 +160,9 @@ class Hashing:
     result: Callable[[], list[str]]  # their digests, once done
     jobs: list[Future[str]]
     versions: list[tuple[int, int] | None]
+    given: dict[int, str] = field(default_factory=dict)  # position -> digest found in staging
+    fqns: list[str] | None = None  # each position's tensor
+    expected: int = 0  # raw bytes not found unchanged while staging: at most what is written
 
     def wait(self) -> None:
         """Until no job reads the items any more (before their buffer is given back)."""
@@ -203,6 +208,11 @@ class IncrementalCache:
         self.hashed_bytes = 0  # raw bytes the last save hashed (for tests, benchmarks)
         # fqn -> (version counter, data pointer) of the save being written (StagedState)
         self.versions: dict[str, tuple[int, int] | None] | None = None
+        # fqn -> (digest, bytes) of the tensors staging found unchanged by hashing them
+        # where they lie (engine.unchanged; StagedState.verified): not hashed again
+        self.given: dict[str, tuple[str, int]] = {}
+        # fqn -> (digest, bytes) of each item this save hashed (engine.unchanged notes them)
+        self.hashed_tensors: dict[str, tuple[str, int]] = {}
         self._restored: tuple[str, Manifest] | None = None  # see restored_from()
 
     def restored_from(self, name: str, manifest: Manifest) -> None:
@@ -316,8 +326,8 @@ class IncrementalCache:
         versions: list[tuple[int, int] | None] = (
             [known.get(f) for f in fqns] if fqns is not None else [None] * len(entries)
         )
-        moved, hashed = [], []
-        for pos, (key, _, _) in enumerate(entries):
+        moved, hashed, given = [], [], {}
+        for pos, (key, raw, _) in enumerate(entries):
             held = self._items.get(key)
             now = versions[pos]
             # The same storage with another version: written to since, for certain.
@@ -330,11 +340,15 @@ class IncrementalCache:
                 and held.version[0] != now[0]
             ):
                 moved.append(pos)
+            elif fqns is not None and (found := self.given.get(fqns[pos])) and found[1] == len(raw):
+                given[pos] = found[0]  # hashed where it lay while staging, and unchanged
             else:
                 hashed.append(pos)
         self.hashed_bytes = sum(len(entries[p][1]) for p in hashed)
-        result, jobs = _digests([entries[p][1] for p in hashed], pool)
-        return Hashing(moved, hashed, result, jobs, versions)
+        self.hashed_tensors = {}
+        result, jobs = start_hashing([entries[p][1] for p in hashed], pool)
+        expected = sum(len(e[1]) for p, e in enumerate(entries) if p not in given)
+        return Hashing(moved, hashed, result, jobs, versions, given, fqns, expected)
 
     def plan(
         self,
@@ -358,7 +372,15 @@ class IncrementalCache:
             self._seed(backend, names[0])
         cfg = json.dumps(codec, sort_keys=True)
         digests = [""] * len(entries)
-        for pos, d in zip(hashing.hashed, hashing.result(), strict=True):
+        got = hashing.result()
+        for pos, d in zip(hashing.hashed, got, strict=True):
+            digests[pos] = d
+        if hashing.fqns is not None:  # what staging compares with next (engine.unchanged)
+            self.hashed_tensors = {
+                hashing.fqns[p]: (d, len(entries[p][1]))
+                for p, d in zip(hashing.hashed, got, strict=True)
+            }
+        for pos, d in hashing.given.items():
             digests[pos] = d
         versions = hashing.versions
         reuse = Reuse(digests, [f"{e[2]}|{len(e[1])}|{cfg}" for e in entries], versions)

@@ -342,38 +342,39 @@ class CkptStorageWriter(StorageWriter):
         planner: SavePlanner,
     ) -> list[WriteResult]:
         file_name = pending.stored_name(base_name)
-        writer = ShardWriter(
-            pending.create_file(file_name),
-            self._spec.codec,
-            self._pool,
-            chunk_bytes=self._spec.chunk_bytes,
-            window=self._spec.window,
-        )
         placed: list[tuple[str, int]] = []  # each item's file and index in it
         entries: list[tuple[str, Any, torch.dtype | None]] = []
         inc = None if self._cache is None or self._spec.overwrite else self._cache.incremental
-        hashing = None
+        hashing = writer = None
         sizes: list[int] = []  # each item's raw bytes
+
+        def resolve(item: WriteItem) -> tuple[str, Any, torch.dtype | None]:
+            data = planner.resolve_data(item)
+            raw = data.getvalue() if isinstance(data, io.BytesIO) else tensor_bytes(data)
+            sizes.append(len(raw))
+            return item_key(item.index), raw, None if isinstance(data, io.BytesIO) else data.dtype
+
         try:
-            for item in items:
-                data = planner.resolve_data(item)
-                raw = data.getvalue() if isinstance(data, io.BytesIO) else tensor_bytes(data)
-                dtype = None if isinstance(data, io.BytesIO) else data.dtype
-                sizes.append(len(raw))
-                if inc is None:  # written as resolved: one copy (if any) held at a time
-                    placed.append((file_name, writer.add(item_key(item.index), raw, dtype)))
-                else:
-                    entries.append((item_key(item.index), raw, dtype))
-            reuse = None
             if inc is not None:  # incremental saves: link what did not change
+                entries = [resolve(item) for item in items]
                 hashing = inc.start(entries, [str(i.index.fqn) for i in items], self._pool)
+            writer = ShardWriter(
+                pending.create_file(file_name, size_hint=hashing.expected if hashing else None),
+                self._spec.codec, self._pool,
+                chunk_bytes=self._spec.chunk_bytes, window=self._spec.window,
+            )  # fmt: skip
+            reuse = None
+            if inc is None or hashing is None:  # written as resolved: one copy held at a time
+                placed = [(file_name, writer.add(*resolve(item))) for item in items]
+            else:
                 names = (self._name, base_name, file_name)
                 reuse, placed = inc.place(
                     writer, pending, self._backend, entries, hashing, names, self._spec
                 )
             info = writer.finish()
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             if hashing is not None:  # they read the staging buffer: let them end first
                 hashing.wait()
             raise

@@ -133,6 +133,7 @@ class Checkpointer:
             self._save_cache.incremental = IncrementalCache(self.config.full_every)
             self._save_cache.plans.itemized = True
             self._staging.track_versions = True
+            self._staging.hash_pool = self._pool
         self._auto = AutoCodec(local=self._backend.capabilities.local, threads=threads)
         self._fixed_codec = None if self.config.codec == "auto" else get_codec(self.config.codec)
         self._errors = ErrorLedger()
@@ -332,6 +333,8 @@ class Checkpointer:
             )
             if stats.written is not None:
                 self._staging.note_written(staged, stats.written)
+            if (inc := self._save_cache.incremental) is not None:
+                self._staging.note_hashed(staged, inc.hashed_tensors)
             now = time.perf_counter()
             result = SaveResult(
                 step=pending.step,

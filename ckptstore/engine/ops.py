@@ -158,6 +158,8 @@ def save_staged(
     )
     if cache is not None and cache.incremental is not None:
         cache.incremental.versions = staged.versions
+        cache.incremental.given = staged.verified
+        cache.incremental.hashed_tensors = {}
     try:
         planner = StagedSavePlanner(staged.mappings)
         driver.save(flat, writer, planner, group, cache.plans if cache is not None else None)

@@ -30,13 +30,15 @@ import io
 import pickle
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from ckptstore.dcp.planner import SerializedValue
+from ckptstore.engine import unchanged
 from ckptstore.engine.device_copy import CopyEngine, cuda_copy_engine
 from ckptstore.engine.host_buffers import HostBuffer
 from ckptstore.engine.layout_cache import (
@@ -77,6 +79,9 @@ class StagedState:
     skipped: frozenset[str] = frozenset()  # tensors not staged: another rank writes them
     # With track_versions: each tensor's (version counter, data pointer) when prepared
     versions: dict[str, tuple[int, int] | None] | None = None
+    # With hash_pool: tensors not copied, the arena holding their bytes already
+    # (engine.unchanged): fqn -> (digest, bytes)
+    verified: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,6 +126,7 @@ class _Arena:
         # Made by the first save into this arena, reused by the next (same layout):
         self.views: list[torch.Tensor] | None = None  # per tensor of the layout
         self.dsts: list[torch.Tensor] = []  # the views copied into: one per slot
+        self.held = unchanged.Held()  # what its slots hold, by digest (incremental saves)
         self._host = HostBuffer(nbytes, pin=pin, device=device)
         self.buffer = self._host.tensor
         assert self.buffer.data_ptr() % PAGE == 0 or nbytes == 0
@@ -192,6 +198,9 @@ class StagingPool:
         # data pointer on the caller's thread; a tensor whose counter moved on the same
         # storage since the last save is written without being hashed (~0.5 us a tensor)
         self.track_versions = False
+        # With it, a tensor the arena holds already is hashed where it lies, on this
+        # pool, instead of copied (engine.unchanged)
+        self.hash_pool: Executor | None = None
         self._prepared = 0  # saves prepared so far
         # What this rank wrote of the last save that committed: (its layout, its number,
         # the tensors it wrote); see note_written().
@@ -272,7 +281,18 @@ class StagingPool:
         skip = self._skip_for(prep)
         try:
             start = time.perf_counter()
-            staged = _copy(prep, skip)
+            verified: dict[str, tuple[str, int]] = {}
+            if (arena := prep.arena) is not None and self.hash_pool and prep.engine is None:
+                objs, pos = prep.objs, prep.layout.tensor_pos
+                state = (prep.layout, lambda k: _local(objs[pos[k]]), prep.versions, skip)
+                staged, verified = unchanged.copy(
+                    arena, state, self.hash_pool,
+                    lambda nocopy: _copy(prep, skip, nocopy),
+                )  # fmt: skip
+            else:
+                if arena is not None:
+                    arena.held.slots.clear()  # every slot is copied into (engine.unchanged)
+                staged = _copy(prep, skip)
             staged.update(prep.values)
             value_bytes = sum(len(v.data) for v in prep.values.values())
             copy_s = time.perf_counter() - start
@@ -292,7 +312,14 @@ class StagingPool:
             prep.number,
             skip,
             prep.versions,
+            verified,
         )
+
+    def note_hashed(self, staged: StagedState, hashed: dict[str, tuple[str, int]]) -> None:
+        """The writer hashed these tensors' staged bytes (fqn -> digest, bytes): the
+        next save into the same arena need not copy them if they are unchanged."""
+        if self.hash_pool is not None and staged.arena is not None and staged.layout is not None:
+            staged.arena.held.note(staged.layout, staged.versions or {}, hashed)
 
     def note_written(self, staged: StagedState, written: frozenset[str]) -> None:
         """The save of ``staged`` committed, and of its tensors this rank wrote
@@ -420,9 +447,12 @@ def _local(t: Any) -> torch.Tensor:
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
-def _copy(prep: PreparedState, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+def _copy(
+    prep: PreparedState, skip: frozenset[str] = frozenset(), nocopy: frozenset[int] = frozenset()
+) -> dict[str, Any]:
     """Copy the tensors of ``prep`` (but those in ``skip``: only for layouts without
-    ties) into its arena; fqn -> staged tensor / DTensor.
+    ties; and the slots in ``nocopy``, which hold their bytes already) into its arena;
+    fqn -> staged tensor / DTensor (all but ``skip``'s).
 
     Returns once every byte is in the arena (the copy engine's ``complete``).
     """
@@ -441,11 +471,13 @@ def _copy(prep: PreparedState, skip: frozenset[str] = frozenset()) -> dict[str, 
     firsts = [sources[k] for k in layout.first] if per_slot else sources
     dsts = arena.dsts
     fqns = layout.tensor_fqns
-    if skip:  # firsts and dsts are per slot, the rest per tensor (an empty one: no slot)
-        assert not layout.tied, "skipping needs a layout without ties"
-        slots = [s for f, s in zip(fqns, layout.slots, strict=True) if f not in skip and s >= 0]
+    if skip or nocopy:  # firsts and dsts are per slot, the rest per tensor (empty: no slot)
+        assert not (skip and layout.tied), "skipping needs a layout without ties"
+        skipped = {s for f, s in zip(fqns, layout.slots, strict=True) if f in skip}
+        slots = [s for s in range(len(dsts)) if s not in skipped and s not in nocopy]
         firsts = [firsts[s] for s in slots]
         dsts = [dsts[s] for s in slots]
+    if skip:
         keep = [k for k, f in enumerate(fqns) if f not in skip]
         fqns = tuple(fqns[k] for k in keep)
         views = [views[k] for k in keep]

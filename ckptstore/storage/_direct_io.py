@@ -35,6 +35,13 @@ ALIGN = 4096  # O_DIRECT's address, length and offset multiple (the page size he
 BOUNCE_BYTES = 8 << 20
 MAX_WRITE = 64 << 20  # one write() call; Linux caps a write at ~2 GiB anyway
 O_DIRECT = getattr(os, "O_DIRECT", 0)
+# A file expected to be smaller than this is written through the page cache: fdatasync
+# writes it back in large requests, where its O_DIRECT writes would each wait for the
+# device in turn (12.8 MB: 24 ms buffered, write + fdatasync, against 37 ms direct on
+# the 2-core VM; an incremental save writes little: issue 19). If it grows past this
+# after all, the rest is written with O_DIRECT. A large file (or one of unknown size)
+# is direct from its first byte: buffering its head made 250 MB saves ~8% slower here.
+BUFFERED_BYTES = 32 << 20
 
 # Errors with which a direct write refuses what a buffered write takes: EINVAL from a
 # file system without direct I/O (or an alignment it does not accept), EFAULT from
@@ -106,9 +113,10 @@ def _address(mv: memoryview) -> int:
 
 
 class DirectFileSink(FileSink):
-    """A new file (``O_EXCL``), written with ``O_DIRECT`` when ``direct`` and possible."""
+    """A new file (``O_EXCL``), written with ``O_DIRECT`` when ``direct`` and possible
+    (past its first :data:`BUFFERED_BYTES` where it is ``expect``-ed to be smaller)."""
 
-    def __init__(self, path: str, direct: bool = True) -> None:
+    def __init__(self, path: str, direct: bool = True, expect: int | None = None) -> None:
         self.path = path
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         try:
@@ -116,25 +124,31 @@ class DirectFileSink(FileSink):
         except OSError as exc:
             raise storage_error(exc, "create", path) from exc
         self._direct = False
+        self._later = False  # O_DIRECT once BUFFERED_BYTES are written (at a block)
         if direct and O_DIRECT:
             # Set O_DIRECT after the open: opening with it creates the file and then
             # fails with EINVAL where the file system has no direct I/O (tmpfs before
             # Linux 6.6), leaving a file behind. fcntl refuses cleanly instead.
             try:
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | O_DIRECT)
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | O_DIRECT)
                 self._direct = True
+                if expect is not None and expect < BUFFERED_BYTES:  # buffered for now
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+                    self._direct, self._later = False, True
             except OSError:
                 pass  # buffered writes, same bytes
         self._fd = fd
         self._failed = False
         self._size = 0  # logical bytes accepted
-        self._bounce: mmap.mmap | None = mmap.mmap(-1, BOUNCE_BYTES) if self._direct else None
+        direct = self._direct or self._later
+        self._bounce: mmap.mmap | None = mmap.mmap(-1, BOUNCE_BYTES) if direct else None
         self._fill = 0
         self._closed = False
 
     @property
     def wants_alignment(self) -> bool:
-        return self._direct
+        return self._direct or self._later
 
     def tell(self) -> int:
         return self._size
@@ -145,6 +159,15 @@ class DirectFileSink(FileSink):
             return
         if mv.ndim != 1 or mv.itemsize != 1 or not mv.c_contiguous:
             mv = mv.cast("B") if mv.c_contiguous else memoryview(bytes(mv))
+        if self._later and self._size >= BUFFERED_BYTES and self._size % ALIGN == 0:
+            self._later = False  # buffered so far (nothing in the bounce buffer)
+            with contextlib.suppress(OSError):  # larger than expected; refused: buffered
+                fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fl | O_DIRECT)
+                self._direct = True
+                # Start writing the buffered bytes back now, while the rest is written
+                # (Linux starts writeback of dirty pages in the range; fdatasync waits)
+                os.posix_fadvise(self._fd, 0, self._size, os.POSIX_FADV_DONTNEED)
         self._size += mv.nbytes
         # Invariant: the bounce buffer holds the bytes that come next in the file, so
         # it is flushed before anything is written around it.
@@ -171,7 +194,7 @@ class DirectFileSink(FileSink):
             raise storage_error(exc, "write", self.path) from exc
 
     def align(self, boundary: int) -> None:
-        if self._direct and self._size % boundary:
+        if (self._direct or self._later) and self._size % boundary:
             self.write(bytes(boundary - self._size % boundary))
 
     def _buffer(self, mv: memoryview) -> None:

@@ -200,7 +200,9 @@ class PendingCheckpoint(ABC):
     @abstractmethod
     def create_file(self, name: str, size_hint: int | None = None) -> FileSink:
         """A new file inside the checkpoint; never replaces one. ``size_hint``: its
-        size, where the writer knows it (a copy): object stores size their parts by it."""
+        size, where the writer knows it (a copy) or expects it (an incremental save):
+        object stores size their parts by it, local disk writes a small file through
+        the page cache. A file may still end up larger."""
 
     def write_file(self, name: str, data: bytes) -> None:
         """Write a small file in one go, durably."""

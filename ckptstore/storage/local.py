@@ -153,7 +153,7 @@ class _LocalPending(PendingCheckpoint):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             except OSError as exc:
                 raise storage_error(exc, "create directory", os.path.dirname(path)) from exc
-        return DirectFileSink(path, direct=self._backend.direct_io)
+        return DirectFileSink(path, direct=self._backend.direct_io, expect=size_hint)
 
     def link_files(self, links: dict[str, str]) -> bool:
         root = self._backend.root  # the commit's fsync of self._dir makes the links durable
