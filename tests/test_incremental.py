@@ -341,6 +341,30 @@ def test_a_tensor_the_arena_holds_is_not_copied_and_a_bypassing_change_is_copied
         staging.close()
 
 
+def test_ctrl_c_while_staging_waits_for_hashes_is_not_swallowed():
+    """A KeyboardInterrupt while the caller waits for the in-place hashes ends the
+    staging (after the hash jobs stop reading the tensors), not turned into copies."""
+    from concurrent.futures import Future
+
+    from ckptstore.engine.unchanged import Check, Held
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    done: Future[str] = Future()
+    done.set_result("x")
+    held = Held(slots={3: ("d", (0, 0))})
+    check = Check([(3, "d")], interrupted, [done], {3: ["t"]}, [8])
+    with pytest.raises(KeyboardInterrupt):
+        check.finish(held)
+
+    def failed():
+        raise RuntimeError("a hash job failed")
+
+    verified, same = Check([(3, "d")], failed, [done], {3: ["t"]}, [8]).finish(held)
+    assert (verified, same, held.slots) == ({}, frozenset(), {})  # copied, and forgotten
+
+
 @pytest.mark.parametrize("full", [False, True], ids=["linked", "full"])
 def test_a_change_after_staging_returns_never_reaches_the_save(root, full):
     """The hash that spares a copy is taken while the caller waits: a write that
@@ -377,12 +401,14 @@ def test_the_shard_file_is_created_expecting_what_staging_did_not_find_unchanged
 
     monkeypatch.setattr(local_mod, "DirectFileSink", Spy)
     frozen, w = torch.randn(400_000), torch.randn(1000)
-    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
-        ckpt.save({"frozen": frozen, "w": w}, step=1)
-        w.add_(1.0)
-        ckpt.save({"frozen": frozen, "w": w}, step=2)
-        load_equal(ckpt, 2, {"frozen": frozen.clone(), "w": w.clone()})
-    assert expected == [1_604_000, 4_000], expected  # all of it; then w alone
+    with ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=3) as ckpt:
+        for step in range(1, 6):
+            w.add_(1.0)
+            ckpt.save_async({"frozen": frozen, "w": w}, step=step, full=step == 5).wait()
+            load_equal(ckpt, step, {"frozen": frozen.clone(), "w": w.clone()})
+    # Nothing to link from, then w alone twice, then the save full_every=3 makes full,
+    # then one full on demand: a save that writes everything says nothing
+    assert expected == [None, 4_000, 4_000, None, None], expected
 
 
 # ---- bit rot in a shared file, and random sequences -------------------------------------

@@ -331,14 +331,16 @@ def test_reads_share_windows_across_threads(s3_server, s3_bucket, monkeypatch):
 
 def test_parts_grow_so_that_large_files_take_few_requests(s3_server, s3_bucket):
     """Parts double every two parts up to max_part_bytes; a copy, which knows the size,
-    uses equal parts of half that or more. Counted in the multipart ETag ("-N")."""
+    uses equal parts of half that or more; a file that grows past an estimate (an
+    incremental save's) doubles again. Counted in the multipart ETag ("-N")."""
     backend = s3(s3_server, s3_bucket)
     backend.part_bytes, backend.max_part_bytes = MIN_PART_BYTES, 4 * MIN_PART_BYTES
     backend.parts_in_flight = 2
     data = os.urandom(8 * MIN_PART_BYTES)
     pending = backend.begin("step_00000001")
     # Streamed: 5, 5, 10, 10, 10 MiB (8 parts at a fixed 5 MiB); sized: 4 x 10 MiB.
-    for name, hint, parts in (("streamed", None, 5), ("sized", len(data), 4)):
+    cases = (("streamed", None, 5), ("sized", len(data), 4), ("estimated-too-small", 1000, 5))
+    for name, hint, parts in cases:
         sink = pending.create_file(name, size_hint=hint)
         for i in range(0, len(data), MIB):
             sink.write(data[i : i + MIB])

@@ -370,8 +370,10 @@ def test_local_delete_renames_first(local, monkeypatch):
 )
 def test_local_sink_mixed_aligned_and_unaligned(tmp_path, monkeypatch, direct_io, expect):
     """``expect``: a file expected small starts buffered, and turns O_DIRECT on at the
-    first block boundary past BUFFERED_BYTES (here two pages) once it grows past them."""
-    buffered_bytes = 2 * PAGE if expect else direct_io_mod.BUFFERED_BYTES
+    first block boundary past BUFFERED_BYTES (here 3 pages + 50 B: the 100-byte write
+    crosses it short of a boundary, the padding after it reaches one) once it grows
+    past them."""
+    buffered_bytes = 3 * PAGE + 50 if expect else direct_io_mod.BUFFERED_BYTES
     monkeypatch.setattr(direct_io_mod, "BUFFERED_BYTES", buffered_bytes)
     backend = LocalBackend(str(tmp_path / "ckpts"), direct_io=direct_io)
     pending = backend.begin("step_1")
@@ -410,6 +412,7 @@ def test_local_sink_mixed_aligned_and_unaligned(tmp_path, monkeypatch, direct_io
     first = page_aligned(rand_bytes(3 * PAGE + 5, 1))
     put(first)  # three pages straight from the buffer, 5 bytes to the bounce buffer
     put(b"x" * 100)
+    assert sink._direct is (direct_io and not expect)
     align(PAGE)
     put(bytearray(rand_bytes(5000, 2)))
     # The first write at a block boundary past BUFFERED_BYTES turns O_DIRECT on
@@ -442,6 +445,30 @@ def test_local_sink_mixed_aligned_and_unaligned(tmp_path, monkeypatch, direct_io
         assert second.ctypes.data in addresses
     pending.commit(MANIFEST)
     assert backend.read_bytes("step_1/__0_0.distcp") == bytes(expected)
+
+
+@pytest.mark.parametrize("codec_like", [False, True], ids=["aligned", "never-aligned"])
+def test_local_sink_expected_small_turns_direct_inside_one_large_write(
+    tmp_path, monkeypatch, codec_like
+):
+    """One write that crosses BUFFERED_BYTES (a large item, or compressed chunks that
+    never call align()) goes buffered to the next block boundary and direct after."""
+    monkeypatch.setattr(direct_io_mod, "BUFFERED_BYTES", 2 * PAGE)
+    backend = LocalBackend(str(tmp_path / "ckpts"))
+    pending = backend.begin("step_1")
+    sink = pending.create_file("f.bin", size_hint=100)
+    if not sink.wants_alignment:
+        sink.abort()
+        pending.abort()
+        pytest.skip("this file system has no O_DIRECT")
+    want = rand_bytes(101 if codec_like else PAGE, 1) + rand_bytes(5 * MIB + 7, 2)
+    sink.write(want[: len(want) - 5 * MIB - 7])
+    assert not sink._direct
+    sink.write(want[len(want) - 5 * MIB - 7 :])
+    assert sink._direct  # the rest of that one write went direct
+    assert sink.close() == len(want)
+    pending.commit(MANIFEST)
+    assert backend.read_bytes("step_1/f.bin") == want
 
 
 def _reject_direct_writes(monkeypatch: pytest.MonkeyPatch, sink: Any) -> None:

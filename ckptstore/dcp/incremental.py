@@ -162,7 +162,7 @@ class Hashing:
     versions: list[tuple[int, int] | None]
     given: dict[int, str] = field(default_factory=dict)  # position -> digest found in staging
     fqns: list[str] | None = None  # each position's tensor
-    expected: int = 0  # raw bytes not found unchanged while staging: at most what is written
+    expected: int | None = None  # raw bytes this save expects to write (start())
 
     def wait(self) -> None:
         """Until no job reads the items any more (before their buffer is given back)."""
@@ -314,8 +314,15 @@ class IncrementalCache:
         body["since_full"] = since_full
         return json.dumps(body, separators=(",", ":")).encode()
 
+    def _full_due(self) -> bool:
+        return self.full_every > 0 and self._since_full + 1 >= self.full_every
+
     def start(
-        self, entries: list[tuple[str, Any, Any]], fqns: list[str] | None, pool: Executor
+        self,
+        entries: list[tuple[str, Any, Any]],
+        fqns: list[str] | None,
+        pool: Executor,
+        full: bool = False,
     ) -> Hashing:
         """Start hashing ``entries`` (key, raw bytes, dtype; ``fqns``: each one's
         tensor) on ``pool``, but those that changed for certain: an item whose tensor's
@@ -328,6 +335,9 @@ class IncrementalCache:
         )
         moved, hashed, given = [], [], {}
         for pos, (key, raw, _) in enumerate(entries):
+            if fqns is not None and (found := self.given.get(fqns[pos])) and found[1] == len(raw):
+                given[pos] = found[0]  # hashed where it lay while staging, and unchanged
+                continue
             held = self._items.get(key)
             now = versions[pos]
             # The same storage with another version: written to since, for certain.
@@ -340,14 +350,16 @@ class IncrementalCache:
                 and held.version[0] != now[0]
             ):
                 moved.append(pos)
-            elif fqns is not None and (found := self.given.get(fqns[pos])) and found[1] == len(raw):
-                given[pos] = found[0]  # hashed where it lay while staging, and unchanged
             else:
                 hashed.append(pos)
         self.hashed_bytes = sum(len(entries[p][1]) for p in hashed)
         self.hashed_tensors = {}
         result, jobs = start_hashing([entries[p][1] for p in hashed], pool)
-        expected = sum(len(e[1]) for p, e in enumerate(entries) if p not in given)
+        # What staging did not find unchanged is (at most) what is written, if this save
+        # can link at all; a full one writes everything (None: size unknown)
+        expected: int | None = sum(len(e[1]) for p, e in enumerate(entries) if p not in given)
+        if full or not (self._items or self._restored) or self._full_due():
+            expected = None
         return Hashing(moved, hashed, result, jobs, versions, given, fqns, expected)
 
     def plan(
@@ -398,7 +410,7 @@ class IncrementalCache:
         # A state that links from its last save is worth a note for after a restart
         # (where everything changes, as in full training, it would be bytes for nothing).
         reuse.noted = bool(worth) or restarted
-        if full or (self.full_every > 0 and self._since_full + 1 >= self.full_every):
+        if full or self._full_due():
             reuse.items = {}
             return reuse  # a full save
         reuse.items = {pos: fi for pos, fi in reuse.items.items() if fi[0] in worth}

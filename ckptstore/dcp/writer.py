@@ -357,9 +357,10 @@ class CkptStorageWriter(StorageWriter):
         try:
             if inc is not None:  # incremental saves: link what did not change
                 entries = [resolve(item) for item in items]
-                hashing = inc.start(entries, [str(i.index.fqn) for i in items], self._pool)
+                fqns = [str(i.index.fqn) for i in items]
+                hashing = inc.start(entries, fqns, self._pool, self._spec.full)
             writer = ShardWriter(
-                pending.create_file(file_name, size_hint=hashing.expected if hashing else None),
+                pending.create_file(file_name, size_hint=hashing and hashing.expected),
                 self._spec.codec, self._pool,
                 chunk_bytes=self._spec.chunk_bytes, window=self._spec.window,
             )  # fmt: skip

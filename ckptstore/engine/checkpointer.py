@@ -133,7 +133,8 @@ class Checkpointer:
             self._save_cache.incremental = IncrementalCache(self.config.full_every)
             self._save_cache.plans.itemized = True
             self._staging.track_versions = True
-            self._staging.hash_pool = self._pool
+            # the caller waits for these hashes: its priority, not behind a save's jobs
+            self._staging.hash_pool = ThreadPoolExecutor(threads, "ckptstore-stage-hash")
         self._auto = AutoCodec(local=self._backend.capabilities.local, threads=threads)
         self._fixed_codec = None if self.config.codec == "auto" else get_codec(self.config.codec)
         self._errors = ErrorLedger()

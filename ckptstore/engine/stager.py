@@ -198,8 +198,7 @@ class StagingPool:
         # data pointer on the caller's thread; a tensor whose counter moved on the same
         # storage since the last save is written without being hashed (~0.5 us a tensor)
         self.track_versions = False
-        # With it, a tensor the arena holds already is hashed where it lies, on this
-        # pool, instead of copied (engine.unchanged)
+        # Set: what an arena holds already is hashed in place on it, not copied (engine.unchanged; closed with this)
         self.hash_pool: Executor | None = None
         self._prepared = 0  # saves prepared so far
         # What this rank wrote of the last save that committed: (its layout, its number,
@@ -282,16 +281,14 @@ class StagingPool:
         try:
             start = time.perf_counter()
             verified: dict[str, tuple[str, int]] = {}
-            if (arena := prep.arena) is not None and self.hash_pool and prep.engine is None:
+            if (arena := prep.arena) is not None:
                 objs, pos = prep.objs, prep.layout.tensor_pos
                 state = (prep.layout, lambda k: _local(objs[pos[k]]), prep.versions, skip)
+                pool = self.hash_pool if prep.engine is None else None
                 staged, verified = unchanged.copy(
-                    arena, state, self.hash_pool,
-                    lambda nocopy: _copy(prep, skip, nocopy),
-                )  # fmt: skip
+                    arena, state, pool, lambda nocopy: _copy(prep, skip, nocopy)
+                )
             else:
-                if arena is not None:
-                    arena.held.slots.clear()  # every slot is copied into (engine.unchanged)
                 staged = _copy(prep, skip)
             staged.update(prep.values)
             value_bytes = sum(len(v.data) for v in prep.values.values())
@@ -359,6 +356,8 @@ class StagingPool:
             self._cond.notify_all()
         for arena in free:
             arena.close()
+        if self.hash_pool is not None:
+            self.hash_pool.shutdown(wait=True)
 
     # ---- internals ------------------------------------------------------------------
     def _acquire(

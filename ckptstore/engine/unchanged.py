@@ -91,9 +91,12 @@ class Check:
         by ``held`` (it is copied into)."""
         try:
             got = self.result()
-        except BaseException:
+        except Exception:
             futures_wait(self.jobs)
             got = [""] * len(self.candidates)  # a hash that failed: copy them all
+        except BaseException:  # Ctrl-C: the caller's copy fails, nothing was copied
+            futures_wait(self.jobs)
+            raise
         verified: dict[str, tuple[str, int]] = {}
         same = []
         for (slot, digest), now, nbytes in zip(self.candidates, got, self.nbytes, strict=True):
@@ -110,15 +113,20 @@ def copy(
     state: tuple[
         Any, Callable[[int], torch.Tensor], dict[str, tuple[int, int] | None] | None, frozenset[str]
     ],
-    pool: Executor,
+    pool: Executor | None,
     copy_all_but: Callable[[frozenset[int]], dict[str, Any]],
 ) -> tuple[dict[str, Any], dict[str, tuple[str, int]]]:
     """Stage a state into ``arena`` (the stager's; ``arena.held`` says what it holds).
     ``state``: its layout, a function giving its k-th local tensor, the tensors' version
     counters, and the tensors not staged (``skip``). Hashes what the arena may hold
-    already, then ``copy_all_but(slots)`` copies the rest. (Hashing first: copies run on torch's threads, which spin a while
-    after each copy and would slow the hashes down.) Returns what ``copy_all_but``
-    does, and fqn -> (digest, bytes) of the tensors not copied (the arena holds them)."""
+    already, then ``copy_all_but(slots)`` copies the rest. (Hashing first: copies run
+    on torch's threads, which spin a while after each copy and would slow the hashes
+    down.) Returns what ``copy_all_but`` does, and fqn -> (digest, bytes) of the
+    tensors not copied (the arena holds them). Without a ``pool`` (not an incremental
+    save, or a state a device's copy engine copies) everything is copied, and forgotten."""
+    if pool is None:
+        arena.held.slots.clear()
+        return copy_all_but(frozenset()), {}
     check = start(arena.held, *state, pool)
     if check is None:
         return copy_all_but(frozenset()), {}

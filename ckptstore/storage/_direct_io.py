@@ -1,7 +1,8 @@
 """Low-level file I/O for :mod:`ckptstore.storage.local`; private to ``storage/``.
 
 * :class:`DirectFileSink`: a file written front to back with ``O_DIRECT`` where the
-  file system supports it: from a page-aligned staging buffer straight to the device,
+  file system supports it (one expected to be small: through the page cache, see
+  :data:`BUFFERED_BYTES`): from a page-aligned staging buffer straight to the device,
   without a copy into the page cache. On this kind of machine that wrote 3.3 GB/s from
   one thread, against 1.1 GB/s buffered (``benchmarks/README.md``). Unaligned pieces go
   through a small aligned bounce buffer; the file is truncated to its exact length
@@ -39,8 +40,9 @@ O_DIRECT = getattr(os, "O_DIRECT", 0)
 # writes it back in large requests, where its O_DIRECT writes would each wait for the
 # device in turn (12.8 MB: 24 ms buffered, write + fdatasync, against 37 ms direct on
 # the 2-core VM; an incremental save writes little: issue 19). If it grows past this
-# after all, the rest is written with O_DIRECT. A large file (or one of unknown size)
-# is direct from its first byte: buffering its head made 250 MB saves ~8% slower here.
+# after all, the rest is written with O_DIRECT (from the first block boundary past it).
+# A large file, or one of unknown size, is direct from its first byte: buffering the
+# first 32 MiB of every file made 250 MB saves ~8% slower here.
 BUFFERED_BYTES = 32 << 20
 
 # Errors with which a direct write refuses what a buffered write takes: EINVAL from a
@@ -141,8 +143,7 @@ class DirectFileSink(FileSink):
         self._fd = fd
         self._failed = False
         self._size = 0  # logical bytes accepted
-        direct = self._direct or self._later
-        self._bounce: mmap.mmap | None = mmap.mmap(-1, BOUNCE_BYTES) if direct else None
+        self._bounce: mmap.mmap | None = mmap.mmap(-1, BOUNCE_BYTES) if self._direct else None
         self._fill = 0
         self._closed = False
 
@@ -159,15 +160,8 @@ class DirectFileSink(FileSink):
             return
         if mv.ndim != 1 or mv.itemsize != 1 or not mv.c_contiguous:
             mv = mv.cast("B") if mv.c_contiguous else memoryview(bytes(mv))
-        if self._later and self._size >= BUFFERED_BYTES and self._size % ALIGN == 0:
-            self._later = False  # buffered so far (nothing in the bounce buffer)
-            with contextlib.suppress(OSError):  # larger than expected; refused: buffered
-                fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, fl | O_DIRECT)
-                self._direct = True
-                # Start writing the buffered bytes back now, while the rest is written
-                # (Linux starts writeback of dirty pages in the range; fdatasync waits)
-                os.posix_fadvise(self._fd, 0, self._size, os.POSIX_FADV_DONTNEED)
+        if self._later and self._size + mv.nbytes > BUFFERED_BYTES:
+            mv = self._go_direct(mv)  # larger than expected after all
         self._size += mv.nbytes
         # Invariant: the bounce buffer holds the bytes that come next in the file, so
         # it is flushed before anything is written around it.
@@ -192,6 +186,33 @@ class DirectFileSink(FileSink):
         except OSError as exc:
             self._failed = True
             raise storage_error(exc, "write", self.path) from exc
+
+    def _go_direct(self, mv: memoryview) -> memoryview:
+        """Write the head of ``mv`` buffered up to a block boundary, then turn O_DIRECT
+        on for the rest; returns what is left of ``mv``."""
+        head = min(-self._size % ALIGN, mv.nbytes)
+        if head:
+            try:
+                self._write_all(mv[:head])  # buffered so far: nothing in the bounce buffer
+            except OSError as exc:
+                self._failed = True
+                raise storage_error(exc, "write", self.path) from exc
+            self._size += head
+        if self._size % ALIGN:
+            return mv[head:]  # all of it went: the next write tries again
+        self._later = False
+        try:
+            fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+            fcntl.fcntl(self._fd, fcntl.F_SETFL, fl | O_DIRECT)
+        except OSError:
+            return mv[head:]  # refused: buffered to the end, same bytes
+        self._direct = True
+        self._bounce = mmap.mmap(-1, BOUNCE_BYTES)
+        # Start writing the buffered bytes back now, while the rest is written (Linux
+        # starts writeback of the range's dirty pages; the fdatasync at close waits).
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, 0, self._size, os.POSIX_FADV_DONTNEED)
+        return mv[head:]
 
     def align(self, boundary: int) -> None:
         if (self._direct or self._later) and self._size % boundary:

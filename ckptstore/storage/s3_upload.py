@@ -123,10 +123,11 @@ class MultipartSink(FileSink):
     def _next_part_bytes(self) -> int:
         """Parts grow to ``max_part_bytes``, so that a large file takes few requests
         (each PUT costs; S3 allows 3,500 a second per prefix): of a known size, equal
-        parts of half that to all of it; of an unknown one, ``part_bytes`` doubling every
-        two parts."""
+        parts of half that to all of it; of an unknown one, or one grown past the size
+        hinted (an estimate: an incremental save's), ``part_bytes`` doubling every two
+        parts."""
         base, top = self._part_bytes, max(self._part_bytes, self._backend.max_part_bytes)
-        if self._size_hint is not None:
+        if self._size_hint is not None and self._size <= self._size_hint:
             parts = max(1, self._size_hint // max(base, top // 2))
             return max(base, -(-self._size_hint // parts))
         sent = len(self._parts) + len(self._inflight)
