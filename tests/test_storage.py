@@ -471,6 +471,32 @@ def test_local_sink_expected_small_turns_direct_inside_one_large_write(
     assert backend.read_bytes("step_1/f.bin") == want
 
 
+def test_local_sink_expected_small_stays_buffered_without_memory_for_its_bounce_buffer(
+    tmp_path, monkeypatch
+):
+    """The switch to O_DIRECT needs an 8 MiB bounce buffer; without one (ENOMEM) the file
+    is written buffered to its end: the same bytes, its exact length."""
+    import mmap as mmap_mod
+    import types
+
+    def no_memory(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+    monkeypatch.setattr(direct_io_mod, "BUFFERED_BYTES", 2 * PAGE)
+    backend = LocalBackend(str(tmp_path / "ckpts"))
+    pending = backend.begin("step_1")
+    sink = pending.create_file("f.bin", size_hint=100)
+    monkeypatch.setattr(direct_io_mod, "mmap", types.SimpleNamespace(mmap=no_memory))
+    want = rand_bytes(PAGE + 10, 1) + rand_bytes(3 * PAGE + 7, 2)
+    sink.write(want[: PAGE + 10])
+    sink.write(want[PAGE + 10 :])
+    assert not sink._direct
+    monkeypatch.setattr(direct_io_mod, "mmap", mmap_mod)
+    assert sink.close() == len(want)
+    pending.commit(MANIFEST)
+    assert backend.read_bytes("step_1/f.bin") == want
+
+
 def _reject_direct_writes(monkeypatch: pytest.MonkeyPatch, sink: Any) -> None:
     """Simulate a file system that opens with O_DIRECT but refuses O_DIRECT writes."""
     real_write = os.write

@@ -202,12 +202,16 @@ class DirectFileSink(FileSink):
             return mv[head:]  # all of it went: the next write tries again
         self._later = False
         try:
+            bounce = mmap.mmap(-1, BOUNCE_BYTES)
+        except OSError:
+            return mv[head:]  # no memory for it: buffered to the end, same bytes
+        try:
             fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
             fcntl.fcntl(self._fd, fcntl.F_SETFL, fl | O_DIRECT)
         except OSError:
+            bounce.close()
             return mv[head:]  # refused: buffered to the end, same bytes
-        self._direct = True
-        self._bounce = mmap.mmap(-1, BOUNCE_BYTES)
+        self._direct, self._bounce = True, bounce
         # Start writing the buffered bytes back now, while the rest is written (Linux
         # starts writeback of the range's dirty pages; the fdatasync at close waits).
         with contextlib.suppress(OSError):
