@@ -471,6 +471,37 @@ def test_local_sink_expected_small_turns_direct_inside_one_large_write(
     assert backend.read_bytes("step_1/f.bin") == want
 
 
+@pytest.mark.parametrize("refused", [False, True], ids=["kicked", "fadvise-refused"])
+def test_local_sink_expected_small_starts_writeback_as_it_goes(tmp_path, monkeypatch, refused):
+    """A file written through the page cache has its writeback started every
+    KICK_BYTES (POSIX_FADV_DONTNEED over what came since the last kick), so the
+    fdatasync at close waits for the tail only; a refused hint changes nothing."""
+    monkeypatch.setattr(direct_io_mod, "KICK_BYTES", MIB)
+    kicks: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_DONTNEED:
+            kicks.append((offset, length))
+        if refused:
+            raise OSError(errno.ESPIPE, os.strerror(errno.ESPIPE))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(direct_io_mod.os, "posix_fadvise", fadvise)
+    backend = LocalBackend(str(tmp_path / "ckpts"))
+    pending = backend.begin("step_1")
+    sink = pending.create_file("f.bin", size_hint=4 * MIB)
+    want = rand_bytes(3 * MIB + 11, 3)
+    for k in range(0, len(want), 700_000):
+        sink.write(want[k : k + 700_000])
+    assert not sink._direct
+    # 700 KB pieces: a kick after the 2nd, 4th (past 1 MiB since the last) ...
+    assert kicks == [(0, 1_400_000), (1_400_000, 1_400_000)], kicks
+    assert sink.close() == len(want)
+    pending.commit(MANIFEST)
+    assert backend.read_bytes("step_1/f.bin") == want
+
+
 def test_local_sink_expected_small_stays_buffered_without_memory_for_its_bounce_buffer(
     tmp_path, monkeypatch
 ):

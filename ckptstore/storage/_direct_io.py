@@ -44,6 +44,10 @@ O_DIRECT = getattr(os, "O_DIRECT", 0)
 # A large file, or one of unknown size, is direct from its first byte: buffering the
 # first 32 MiB of every file made 250 MB saves ~8% slower here.
 BUFFERED_BYTES = 32 << 20
+# While a file is written through the page cache, its writeback is started every this
+# many bytes, so the device writes while the rest is produced and the fdatasync at close
+# waits for the tail only.
+KICK_BYTES = 2 << 20
 
 # Errors with which a direct write refuses what a buffered write takes: EINVAL from a
 # file system without direct I/O (or an alignment it does not accept), EFAULT from
@@ -145,6 +149,7 @@ class DirectFileSink(FileSink):
         self._size = 0  # logical bytes accepted
         self._bounce: mmap.mmap | None = mmap.mmap(-1, BOUNCE_BYTES) if self._direct else None
         self._fill = 0
+        self._kicked = 0  # writeback started up to here (expected-small files)
         self._closed = False
 
     @property
@@ -183,6 +188,8 @@ class DirectFileSink(FileSink):
             else:
                 self._flush_bounce()
                 self._write_all(mv)
+                if self._later and self._size - self._kicked >= KICK_BYTES:
+                    self._kick()
         except OSError as exc:
             self._failed = True
             raise storage_error(exc, "write", self.path) from exc
@@ -217,6 +224,15 @@ class DirectFileSink(FileSink):
         with contextlib.suppress(OSError):
             os.posix_fadvise(self._fd, 0, self._size, os.POSIX_FADV_DONTNEED)
         return mv[head:]
+
+    def _kick(self) -> None:
+        """Start writing back what was written since the last kick (Linux starts
+        writeback of the range's dirty pages; the fdatasync at close waits for it)."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(
+                self._fd, self._kicked, self._size - self._kicked, os.POSIX_FADV_DONTNEED
+            )
+        self._kicked = self._size
 
     def align(self, boundary: int) -> None:
         if (self._direct or self._later) and self._size % boundary:
