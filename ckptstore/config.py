@@ -118,6 +118,14 @@ class CheckpointerConfig:
         is proven (:mod:`ckptstore.dcp.incremental`).
     full_every: with ``incremental``, every this many saves one writes everything
         (bounds the bytes a chain of links keeps; 0: never).
+    trust_version_counters: with ``incremental``, a large CPU tensor whose bytes were
+        found unchanged once (by hash, its version counter unmoved) is from then on hashed
+        after ``save`` returns, not before: the training loop does not wait for it. A
+        save whose tensor then hashes differently with its counter still unmoved (a write
+        through ``.data`` or a raw pointer, before the save or while it was written)
+        fails with ``StateChangedError`` instead of committing stale bytes, and that
+        tensor is hashed before returning from then on. Off by default: leave it off if
+        anything writes a frozen tensor through ``.data`` (PEFT's merge and unmerge do).
     """
 
     codec: str | dict[str, Any] = "auto"
@@ -132,6 +140,7 @@ class CheckpointerConfig:
     worker_nice: int = 5
     incremental: bool = False
     full_every: int = 10
+    trust_version_counters: bool = False
 
     def __post_init__(self) -> None:
         if self.backend_options is not None and not isinstance(self.backend_options, Mapping):
@@ -169,6 +178,10 @@ class CheckpointerConfig:
         if not isinstance(self.incremental, bool):
             raise InvalidArgumentTypeError(
                 f"incremental must be True or False, got {self.incremental!r}"
+            )
+        if not isinstance(self.trust_version_counters, bool):
+            raise InvalidArgumentTypeError(
+                f"trust_version_counters must be True or False, got {self.trust_version_counters!r}"
             )
         if (
             isinstance(self.full_every, bool)

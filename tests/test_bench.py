@@ -284,14 +284,17 @@ def test_interference_reports_a_fraction_per_contender(tmp_path, capsys):
     assert not list((tmp_path / "data").iterdir())  # its checkpoints were removed
 
 
-def test_incremental_reports_both_cases_and_every_target(tmp_path, s3_server):
-    """``--incremental --smoke``: fine-tuning and full training, incremental against
-    full saves, backed up to the S3 test server and restored bit-exact."""
+@pytest.mark.parametrize("trust", [False, True], ids=["default", "trusting-counters"])
+def test_incremental_reports_both_cases_and_every_target(tmp_path, s3_server, trust):
+    """``--incremental --smoke`` (and ``--incremental-trust``): fine-tuning and full
+    training, incremental against full saves, backed up to the S3 test server and
+    restored bit-exact."""
     out = tmp_path / "out"
     args = ["--incremental", "--smoke", "--target", str(tmp_path / "data"), "--out", str(out)]
-    assert main(args) == 0
+    assert main(args + ["--incremental-trust"] * trust) == 0
     [path] = glob.glob(str(out / "incremental-*.json"))
     result = json.loads(_read(path))["result"]
+    assert result["trust_version_counters"] is trust
     assert result["backup"] == "moto S3 server on 127.0.0.1"
     fine, full = result["cases"]
     assert (fine["case"], full["case"], len(fine["saves"])) == ("fine-tuning", "full training", 3)

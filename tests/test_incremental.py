@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -317,11 +318,11 @@ def test_a_tensor_the_arena_holds_is_not_copied_and_a_bypassing_change_is_copied
         staging = StagingPool()
         staging.track_versions, staging.hash_pool = True, pool
         first = staging.stage({"big": big, "small": small})
-        assert first.verified == {}
+        assert first.found.verified == {}
         staging.note_hashed(first, {"big": (digest(big), big.nbytes), "small": ("0", 400)})
         staging.release(first)
         second = staging.stage({"big": big, "small": small})  # nothing changed
-        assert second.verified == {"big": (digest(big), big.nbytes)}
+        assert second.found.verified == {"big": (digest(big), big.nbytes)}
         assert torch.equal(second.flat["big"], big)
         # A note that lies (the slot's bytes are not what it says): the slot is not
         # copied into, which is how one sees the copy skipped. Staging trusts only
@@ -329,14 +330,14 @@ def test_a_tensor_the_arena_holds_is_not_copied_and_a_bypassing_change_is_copied
         second.flat["big"].zero_()
         staging.release(second)
         third = staging.stage({"big": big, "small": small})
-        assert set(third.verified) == {"big"} and not third.flat["big"].any()
+        assert set(third.found.verified) == {"big"} and not third.flat["big"].any()
         staging.release(third)
         big.data.add_(1.0)  # bypasses the version counter: hashed, differs, copied
         fourth = staging.stage({"big": big, "small": small})
-        assert fourth.verified == {} and torch.equal(fourth.flat["big"], big)
+        assert fourth.found.verified == {} and torch.equal(fourth.flat["big"], big)
         staging.release(fourth)
         fifth = staging.stage({"big": big, "small": small})  # the slot's note is gone
-        assert fifth.verified == {} and torch.equal(fifth.flat["big"], big)
+        assert fifth.found.verified == {} and torch.equal(fifth.flat["big"], big)
         staging.release(fifth)
         staging.close()
 
@@ -361,8 +362,9 @@ def test_ctrl_c_while_staging_waits_for_hashes_is_not_swallowed():
     def failed():
         raise RuntimeError("a hash job failed")
 
-    verified, same = Check([(3, "d")], failed, [done], {3: ["t"]}, [8]).finish(held)
-    assert (verified, same, held.slots) == ({}, frozenset(), {})  # copied, and forgotten
+    found, same = Check([(3, "d")], failed, [done], {3: ["t"]}, [8]).finish(held)
+    assert (found.verified, same, held.slots) == ({}, frozenset(), {})  # copied, forgotten
+    assert held.bypassed == set()  # a failed hash says nothing of the counter
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["linked", "full"])
@@ -384,6 +386,101 @@ def test_a_change_after_staging_returns_never_reaches_the_save(root, full):
         ckpt.save({"frozen": frozen, "w": torch.ones(8)}, step=3)  # now it is
         assert inc.given == {}
         load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": torch.ones(8)})
+
+
+def _hold_hash_pool(ckpt: ckptstore.Checkpointer) -> Any:
+    """Occupy every thread of the stager's hash pool until the returned event is set:
+    hashes started meanwhile run after it."""
+    import threading
+
+    release, started = threading.Event(), []
+    pool = ckpt._staging.hash_pool
+    for _ in range(pool._max_workers):
+        started.append(threading.Event())
+        pool.submit(lambda e=started[-1]: (e.set(), release.wait(30)))
+    for e in started:
+        assert e.wait(30)
+    return release
+
+
+def test_trusting_version_counters_hashes_after_returning_and_a_bypassing_write_fails_the_save(
+    root,
+):
+    """trust_version_counters: once a tensor's hash matched with its counter unmoved,
+    later saves do not wait for its hash; it is checked before the commit. A write
+    through ``.data`` (no counter move) then fails that save (StateChangedError, stale
+    bytes never committed) and the tensor is hashed before returning from then on."""
+    frozen, w = torch.randn(400_000), torch.zeros(8)
+    cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
+    with ckptstore.Checkpointer(root, **cfg) as ckpt:
+        inc = ckpt._save_cache.incremental
+        arena_held = []
+
+        def later(step: int) -> bool:
+            pending = ckpt.save_async({"frozen": frozen, "w": w}, step=step)
+            pending.wait()
+            held = next(a.held for a in ckpt._staging._free)
+            arena_held.append(held)
+            return bool(held.trusted)
+
+        assert not later(1)  # copied whole
+        w.add_(1.0)
+        assert later(2)  # hashed in place, matched: trusted from now on
+        assert set(inc.given) == {"frozen"} and ckpt.latest().manifest.linked
+        w.add_(1.0)
+        release = _hold_hash_pool(ckpt)
+        pending = ckpt.save_async({"frozen": frozen, "w": w}, step=3)
+        assert not pending.committed.done()  # returned before frozen was hashed
+        release.set()
+        pending.wait()
+        assert set(inc.given) == {"frozen"} and ckpt.latest().manifest.linked
+        load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": w.clone()})
+
+        before = frozen.clone()
+        frozen.data.add_(1.0)  # before the save, behind the counter
+        w.add_(1.0)
+        with pytest.raises(ckptstore.StateChangedError, match="frozen") as err:
+            ckpt.save({"frozen": frozen, "w": w}, step=4)
+        assert err.value.names == ["frozen"]
+        assert ckpt.latest().step == 3 and not ckpt.exists(4)
+        load_equal(ckpt, 3, {"frozen": before, "w": w - 1.0})
+        ckpt.save({"frozen": frozen, "w": w}, step=4)  # hashed in place: differs, copied
+        load_equal(ckpt, 4, {"frozen": frozen.clone(), "w": w.clone()})
+        w.add_(1.0)
+        assert not later(5)  # unchanged again, but never trusted again
+        assert set(inc.given) == {"frozen"}
+        load_equal(ckpt, 5, {"frozen": frozen.clone(), "w": w.clone()})
+
+
+@pytest.mark.parametrize("through", ["torch", "data"])
+def test_trusting_version_counters_a_write_after_returning(root, through):
+    """A trusted tensor written after ``save_async`` returned, before its hash: through
+    torch (the counter moves) the save commits the bytes the counter vouched for; through
+    ``.data`` nothing says when it happened, so the save fails rather than guess."""
+    frozen, w = torch.randn(400_000), torch.zeros(8)
+    cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
+    with ckptstore.Checkpointer(root, **cfg) as ckpt:
+        ckpt.save({"frozen": frozen, "w": w}, step=1)
+        ckpt.save({"frozen": frozen, "w": w + 1}, step=2)  # matched: trusted
+        before = frozen.clone()
+        release = _hold_hash_pool(ckpt)
+        pending = ckpt.save_async({"frozen": frozen, "w": w + 2}, step=3)
+        (frozen if through == "torch" else frozen.data).mul_(2.0)
+        release.set()
+        if through == "torch":
+            pending.wait()
+            load_equal(ckpt, 3, {"frozen": before, "w": w + 2})
+        else:
+            with pytest.raises(ckptstore.StateChangedError, match="frozen"):
+                pending.wait()
+            assert not ckpt.exists(3)
+            ckpt.save({"frozen": frozen, "w": w + 2}, step=3)  # hashed in place now
+            load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": w + 2})
+
+
+def test_trust_version_counters_must_be_a_bool(root):
+    with pytest.raises(ckptstore.InvalidArgumentError, match="trust_version_counters"):
+        ckptstore.Checkpointer(root, incremental=True, trust_version_counters="yes")
 
 
 def test_the_shard_file_is_created_expecting_what_staging_did_not_find_unchanged(root, monkeypatch):

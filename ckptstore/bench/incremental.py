@@ -1,10 +1,11 @@
 """``ckptstore bench --incremental``: incremental saves against full ones (issue 19).
 
     ckptstore bench --incremental [--incremental-size 256MB] [--incremental-saves 10]
-                                  [--incremental-codec none|zstd]
+                                  [--incremental-codec none|zstd] [--incremental-trust]
 
 Two states, each saved ``--incremental-saves`` times by a ``Checkpointer`` with
-``incremental=True`` and by one without (codec none unless ``--incremental-codec``),
+``incremental=True`` (and ``trust_version_counters=True`` with ``--incremental-trust``)
+and by one without (codec none unless ``--incremental-codec``),
 interleaved save by save (each first in every other round), and by
 ``torch.save`` + fsync and ``dcp.save`` (the baselines, in the same run):
 
@@ -121,6 +122,7 @@ def run_case(
     work: str,
     backup: tuple[str, dict[str, Any]],
     codec: str = "none",
+    trust: bool = False,
 ) -> dict[str, Any]:
     """One state, saved ``saves`` times each way (module doc)."""
     frozen = name == "fine-tuning"
@@ -132,7 +134,9 @@ def run_case(
         "full": os.path.join(work, f"{name}-full"),
     }
     ckpts = {
-        k: ckptstore.Checkpointer(r, codec=codec, incremental=k == "incremental")
+        k: ckptstore.Checkpointer(
+            r, codec=codec, incremental=k == "incremental", trust_version_counters=trust
+        )
         for k, r in roots.items()
     }
     rows: list[dict[str, Any]] = []
@@ -258,18 +262,20 @@ def targets(fine: dict[str, Any], full: dict[str, Any]) -> list[tuple[str, float
     ]
 
 
-def run(size_bytes: int, saves: int, base: str, codec: str = "none") -> dict[str, Any]:
+def run(
+    size_bytes: int, saves: int, base: str, codec: str = "none", trust: bool = False
+) -> dict[str, Any]:
     """Both cases under a temporary directory in ``base`` (local disk)."""
     with (
         tempfile.TemporaryDirectory(prefix="incremental-", dir=base) as work,
         _backup_root(work) as (url, options, what),
     ):
         cases = [
-            run_case(c, size_bytes, saves, work, (url, options), codec)
+            run_case(c, size_bytes, saves, work, (url, options), codec, trust)
             for c in ("fine-tuning", "full training")
         ]
     checks = targets(*cases)
-    return {"backup": what, "codec": codec, "cases": cases, "targets": [
+    return {"backup": what, "codec": codec, "trust_version_counters": trust, "cases": cases, "targets": [
         {"what": w, "measured": m, "target": t, "met": ok} for w, m, t, ok in checks
     ]}  # fmt: skip
 
@@ -285,7 +291,8 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"{r['full_durable_s']:.3f} | {r['full_written_bytes'] / 1e6:,.1f} | "
                 f"{r['full_disk_bytes'] / 1e6:,.0f} | {r['torch_save_s']:.3f} | {r['dcp_save_s']:.3f} |"
             )
-    out += ["", f"Codec {payload['codec']}. Backup and restore through: {payload['backup']}; "
+    trusting = ", trust_version_counters=True" if payload.get("trust_version_counters") else ""
+    out += ["", f"Codec {payload['codec']}{trusting}. Backup and restore through: {payload['backup']}; "
             f"restore: medians of {RESTORES} after an untimed one, alternating.", "",
             "| case | backup sent MB (whole chain), incremental / full | restore of the newest s, incremental / full | bit-exact |",
             "|---|---:|---:|---|"]  # fmt: skip

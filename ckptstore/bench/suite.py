@@ -168,6 +168,12 @@ def parser() -> argparse.ArgumentParser:
         choices=["none", "zstd"],
         help="codec of both chains (%(default)s)",
     )
+    ap.add_argument(
+        "--incremental-trust",
+        action="store_true",
+        help="the incremental chain trusts a tensor's version counter once its hash matched "
+        "(CheckpointerConfig.trust_version_counters): it is hashed after save returns",
+    )
     ap.add_argument("--no-plots", action="store_true")
     return ap
 
@@ -350,8 +356,9 @@ def _incremental(args: argparse.Namespace, options: dict[str, Any]) -> int:
             raise BenchError("--incremental saves to a local --target (it backs up to S3 itself)")
         payload["machine"] = machine_info(target.url)
         payload["result"] = incremental.run(
-            size, args.incremental_saves, target.url, args.incremental_codec
-        )
+            size, args.incremental_saves, target.url, args.incremental_codec,
+            args.incremental_trust,
+        )  # fmt: skip
     path = write_json(args.out, "incremental", payload)
     table = incremental.markdown(payload["result"])
     with open(path[: -len(".json")] + ".md", "w") as f:

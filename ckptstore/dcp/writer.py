@@ -329,6 +329,8 @@ class CkptStorageWriter(StorageWriter):
             results = self._write_shard(
                 pending, f"{shard_plan.prefix}0.distcp", plan.items, planner
             )
+        if self._cache is not None and self._cache.confirm is not None:
+            self._cache.confirm()  # what staging trusted unchanged (engine.unchanged)
         self.io_seconds = time.perf_counter() - start
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)

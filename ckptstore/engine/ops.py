@@ -115,6 +115,8 @@ class SaveCache:
     held: tuple[str, bytes] | None = None
     # Incremental saves: this rank's last committed save, item by item (None: off)
     incremental: IncrementalCache | None = None
+    # Of the save being written: raises if what staging trusted unchanged was not
+    confirm: Callable[[], None] | None = None
 
 
 def save_staged(
@@ -156,9 +158,11 @@ def save_staged(
         skipped=staged.skipped,
         cache=cache,
     )
+    if cache is not None:
+        cache.confirm = staged.found.confirm if staged.found.later is not None else None
     if cache is not None and cache.incremental is not None:
         cache.incremental.versions = staged.versions
-        cache.incremental.given = staged.verified
+        cache.incremental.given = staged.found.verified
         cache.incremental.hashed_tensors = {}
     try:
         planner = StagedSavePlanner(staged.mappings)

@@ -80,8 +80,7 @@ class StagedState:
     # With track_versions: each tensor's (version counter, data pointer) when prepared
     versions: dict[str, tuple[int, int] | None] | None = None
     # With hash_pool: tensors not copied, the arena holding their bytes already
-    # (engine.unchanged): fqn -> (digest, bytes)
-    verified: dict[str, tuple[str, int]] = field(default_factory=dict)
+    found: unchanged.Found = field(default_factory=unchanged.Found)
 
 
 @dataclass
@@ -198,8 +197,10 @@ class StagingPool:
         # data pointer on the caller's thread; a tensor whose counter moved on the same
         # storage since the last save is written without being hashed (~0.5 us a tensor)
         self.track_versions = False
-        # Set: what an arena holds already is hashed in place on it, not copied (engine.unchanged; closed with this)
+        # Set: what an arena holds is hashed in place, not copied (engine.unchanged;
+        # closed with this); with trust_counters, once found unchanged, after returning
         self.hash_pool: Executor | None = None
+        self.trust_counters = False
         self._prepared = 0  # saves prepared so far
         # What this rank wrote of the last save that committed: (its layout, its number,
         # the tensors it wrote); see note_written().
@@ -280,13 +281,13 @@ class StagingPool:
         skip = self._skip_for(prep)
         try:
             start = time.perf_counter()
-            verified: dict[str, tuple[str, int]] = {}
+            found = unchanged.Found()
             if (arena := prep.arena) is not None:
                 objs, pos = prep.objs, prep.layout.tensor_pos
                 state = (prep.layout, lambda k: _local(objs[pos[k]]), prep.versions, skip)
                 pool = self.hash_pool if prep.engine is None else None
-                staged, verified = unchanged.copy(
-                    arena, state, pool, lambda nocopy: _copy(prep, skip, nocopy)
+                staged, found = unchanged.copy(
+                    arena, state, pool, lambda n: _copy(prep, skip, n), self.trust_counters
                 )
             else:
                 staged = _copy(prep, skip)
@@ -309,7 +310,7 @@ class StagingPool:
             prep.number,
             skip,
             prep.versions,
-            verified,
+            found,
         )
 
     def note_hashed(self, staged: StagedState, hashed: dict[str, tuple[str, int]]) -> None:

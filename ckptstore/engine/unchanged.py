@@ -8,15 +8,24 @@ hashes items: the writer thread hashed them during the save that copied them) an
 version counter and data pointer of the tensor they were copied from.
 
 At the next save into that arena, a tensor whose version counter has not moved on the
-same storage is hashed where it lies, on the codec pool, while the caller waits, as it
-waits for the copy this replaces: one read of its bytes instead of a read and a write.
-If the digest is the one the arena holds, the bytes are already there: the tensor is
-not copied, and the writer takes the digest as given instead of hashing the arena
-again. If it differs (a change that bypassed the counter, through ``.data`` or a raw
-pointer), the tensor is copied, as any other. The hash is the truth, and it is taken
-while the caller waits, so a change made after staging returns cannot reach the save.
-A tensor whose counter moved, a small one, one on a GPU, and a non-contiguous one are
-copied without this.
+same storage is not copied if its bytes hash to the slot's digest; the writer takes the
+digest as given instead of hashing the arena again. A tensor whose counter moved, a
+small one, one on a GPU, and a non-contiguous one are copied without this. The hash is
+the truth; the counter says only which tensors are worth hashing. It is taken while the
+caller waits (as it waits for the copy this replaces: one read of the bytes instead of a
+read and a write). A different digest (a write that bypassed the counter, through
+``.data`` or a raw pointer) is copied, and that slot is never trusted (below).
+
+With ``trust_version_counters`` (``CheckpointerConfig``, off by default), a slot whose
+hash has matched once with its counter unmoved is trusted (:attr:`Held.trusted`): from
+then on the caller does not wait for its hash. It is hashed where it lies after ``save``
+returned, and the save commits only once that hash matches (:meth:`Found.confirm`, from
+the writer). If it differs while the counter still has not moved, the bytes at the save
+cannot be known (the write bypassed the counter before the save, or after it returned):
+that save fails with :class:`~ckptstore.errors.StateChangedError` naming the tensors,
+stale bytes are never committed, and the slot is never trusted again
+(:attr:`Held.bypassed`). If the counter moved meanwhile, the change came through torch
+after the save returned, and the save holds the bytes the counter vouched for.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import torch
 
 from ckptstore.dcp.incremental import start_hashing
 from ckptstore.dcp.writer import tensor_bytes
+from ckptstore.errors import StateChangedError
 
 # Below this a tensor is copied: its copy costs about what starting a hash job does.
 MIN_BYTES = 256 << 10
@@ -42,9 +52,20 @@ class Held:
     pointer) of the tensor they came from). Only large slots are ever noted."""
 
     slots: dict[int, tuple[str, tuple[int, int]]] = field(default_factory=dict)
+    trusted: set[int] = field(default_factory=set)  # hashed once, unchanged: hashed later
+    bypassed: set[int] = field(default_factory=set)  # changed behind the counter once
     # Of the arena's layout (an arena serves one: its signature names every tensor)
     index: dict[str, int] | None = None  # fqn -> tensor position
     tied: dict[int, list[str]] | None = None  # slot -> its tensors, where several share it
+
+    def forget(self, slot: int | None = None) -> None:
+        """The slot (None: every slot) is copied into: what it held is not known."""
+        if slot is None:
+            self.slots.clear()
+            self.trusted.clear()
+        else:
+            self.slots.pop(slot, None)
+            self.trusted.discard(slot)
 
     def names(self, layout: Any, slot: int) -> list[str]:
         """The tensors whose bytes ``slot`` holds (more than one where tied)."""
@@ -76,19 +97,74 @@ class Held:
 
 
 @dataclass
+class Later:
+    """Trusted tensors being hashed after the save returned (:attr:`Held.trusted`)."""
+
+    held: Held
+    candidates: list[tuple[int, str]]  # (slot, the digest it holds)
+    result: Callable[[], list[str]]
+    jobs: list[Future[str]]
+    tensors: list[torch.Tensor]
+    versions: list[tuple[int, int]]  # each one's counter and pointer at the save
+    names: dict[int, list[str]]
+
+    def confirm(self) -> None:
+        """Wait for the hashes; raise StateChangedError where one differs and the
+        tensor's counter has still not moved (module doc). Writer thread."""
+        try:
+            got = self.result()
+        except BaseException:
+            futures_wait(self.jobs)
+            raise
+        changed: list[str] = []
+        for (slot, digest), now, t, version in zip(
+            self.candidates, got, self.tensors, self.versions, strict=True
+        ):
+            if now != digest and (t._version, t.data_ptr()) == version:
+                self.held.forget(slot)
+                self.held.bypassed.add(slot)
+                changed += self.names[slot]
+        if changed:
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            raise StateChangedError(
+                f"{', '.join(changed[:3])}{more} changed without the version counter moving "
+                "(a write through .data or a raw pointer) after the save before found them "
+                "unchanged, so their bytes at this save cannot be known: this save is not "
+                "committed (the checkpoints before it are intact), and from now on they are "
+                "hashed before each save returns",
+                changed,
+            )
+
+
+@dataclass
+class Found:
+    """What staging did not copy, the arena holding it already."""
+
+    verified: dict[str, tuple[str, int]] = field(default_factory=dict)  # fqn -> (digest, bytes)
+    later: Later | None = None  # of those, the ones not hashed yet
+
+    def confirm(self) -> None:
+        """Before the save commits: raise if what was trusted had changed (Later)."""
+        if self.later is not None:
+            self.later.confirm()
+
+
+@dataclass
 class Check:
-    """Tensors being hashed where they lie (:func:`start`)."""
+    """Tensors being hashed where they lie (:func:`start`): ``now`` while the caller
+    waits, ``later`` (trusted) after."""
 
     candidates: list[tuple[int, str]]  # (slot, the digest it holds)
     result: Callable[[], list[str]]
     jobs: list[Future[str]]
     names: dict[int, list[str]]  # slot -> its tensors (more than one where tied)
     nbytes: list[int]
+    later: Later | None = None
 
-    def finish(self, held: Held) -> tuple[dict[str, tuple[str, int]], frozenset[int]]:
-        """Wait for the hashes: fqn -> (digest, bytes) of the tensors whose bytes the
-        arena holds already, and their slots. A slot whose tensor differs is forgotten
-        by ``held`` (it is copied into)."""
+    def finish(self, held: Held) -> tuple[Found, frozenset[int]]:
+        """Wait for the hashes of ``now``: what the arena holds already (fqn -> (digest,
+        bytes), and the trusted ones to confirm), and their slots. A slot whose tensor
+        differs is forgotten by ``held`` (it is copied into), and never trusted."""
         try:
             got = self.result()
         except Exception:
@@ -97,15 +173,23 @@ class Check:
         except BaseException:  # Ctrl-C: the caller's copy fails, nothing was copied
             futures_wait(self.jobs)
             raise
-        verified: dict[str, tuple[str, int]] = {}
+        found = Found(later=self.later)
         same = []
         for (slot, digest), now, nbytes in zip(self.candidates, got, self.nbytes, strict=True):
             if now and now == digest:
-                verified.update((f, (digest, nbytes)) for f in self.names[slot])
+                found.verified.update((f, (digest, nbytes)) for f in self.names[slot])
                 same.append(slot)
+                if slot not in held.bypassed:
+                    held.trusted.add(slot)
             else:
-                held.slots.pop(slot, None)
-        return verified, frozenset(same)
+                held.forget(slot)
+                if now:
+                    held.bypassed.add(slot)
+        if (later := self.later) is not None:
+            for (slot, digest), t in zip(later.candidates, later.tensors, strict=True):
+                found.verified.update((f, (digest, t.nbytes)) for f in later.names[slot])
+                same.append(slot)
+        return found, frozenset(same)
 
 
 def copy(
@@ -115,23 +199,24 @@ def copy(
     ],
     pool: Executor | None,
     copy_all_but: Callable[[frozenset[int]], dict[str, Any]],
-) -> tuple[dict[str, Any], dict[str, tuple[str, int]]]:
+    trust: bool = False,
+) -> tuple[dict[str, Any], Found]:
     """Stage a state into ``arena`` (the stager's; ``arena.held`` says what it holds).
     ``state``: its layout, a function giving its k-th local tensor, the tensors' version
     counters, and the tensors not staged (``skip``). Hashes what the arena may hold
     already, then ``copy_all_but(slots)`` copies the rest. (Hashing first: copies run
     on torch's threads, which spin a while after each copy and would slow the hashes
-    down.) Returns what ``copy_all_but`` does, and fqn -> (digest, bytes) of the
-    tensors not copied (the arena holds them). Without a ``pool`` (not an incremental
-    save, or a state a device's copy engine copies) everything is copied, and forgotten."""
+    down.) ``trust``: the trusted ones are hashed after it returns (module doc). Returns
+    what ``copy_all_but`` does, and what was not copied (the arena holds it). Without a ``pool`` (not an incremental save, or a state a device's copy engine
+    copies) everything is copied, and forgotten."""
     if pool is None:
-        arena.held.slots.clear()
-        return copy_all_but(frozenset()), {}
-    check = start(arena.held, *state, pool)
+        arena.held.forget()
+        return copy_all_but(frozenset()), Found()
+    check = start(arena.held, *state, pool, trust)
     if check is None:
-        return copy_all_but(frozenset()), {}
-    verified, same = check.finish(arena.held)
-    return copy_all_but(same), verified
+        return copy_all_but(frozenset()), Found()
+    found, same = check.finish(arena.held)
+    return copy_all_but(same), found
 
 
 def start(
@@ -141,17 +226,20 @@ def start(
     versions: dict[str, tuple[int, int] | None] | None,
     skip: frozenset[str],
     pool: Executor,
+    trust: bool = False,
 ) -> Check | None:
     """Start hashing, on ``pool``, the tensors of ``layout`` (``tensor(k)``: the k-th,
     local) whose arena slot ``held`` knows and whose version counter has not moved on
-    the same storage since (``versions``: now); forget every other slot ``held`` knows
-    that is copied this time (all of them but ``skip``'s)."""
+    the same storage since (``versions``: now), those ``held`` trusts after the rest
+    (:class:`Later`; only where ``trust``); forget every other slot ``held`` knows that
+    is copied this time (all of them but ``skip``'s)."""
     if not held.slots:
         return None
     if versions is None or layout.cuda:
-        held.slots.clear()
+        held.forget()
         return None
-    candidates, tensors = [], []
+    now: list[tuple[int, str, torch.Tensor]] = []
+    later: list[tuple[int, str, torch.Tensor]] = []
     for slot, (digest, version) in list(held.slots.items()):
         k = layout.first[slot]
         fqn, t = layout.tensor_fqns[k], tensor(k)
@@ -164,12 +252,17 @@ def start(
             and not t.is_conj()
             and not t.is_neg()
         ):
-            candidates.append((slot, digest))
-            tensors.append(t)
+            (later if trust and slot in held.trusted else now).append((slot, digest, t))
         else:
-            del held.slots[slot]
-    if not candidates:
+            held.forget(slot)
+    if not now and not later:
         return None
-    names = {slot: held.names(layout, slot) for slot, _ in candidates}
-    result, jobs = start_hashing([tensor_bytes(t) for t in tensors], pool)
-    return Check(candidates, result, jobs, names, [t.nbytes for t in tensors])
+    names = {slot: held.names(layout, slot) for slot, _, _ in now + later}
+    result, jobs = start_hashing([tensor_bytes(t) for _, _, t in now], pool)
+    check = Check([(s, d) for s, d, _ in now], result, jobs, names, [t.nbytes for *_, t in now])
+    if later:
+        result, jobs = start_hashing([tensor_bytes(t) for _, _, t in later], pool)
+        at_save = [held.slots[s][1] for s, _, _ in later]  # = versions now
+        got = [(s, d) for s, d, _ in later]
+        check.later = Later(held, got, result, jobs, [t for *_, t in later], at_save, names)
+    return check
