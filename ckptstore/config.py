@@ -119,13 +119,14 @@ class CheckpointerConfig:
     full_every: with ``incremental``, every this many saves one writes everything
         (bounds the bytes a chain of links keeps; 0: never).
     trust_version_counters: with ``incremental``, a large CPU tensor whose bytes were
-        found unchanged once (by hash, its version counter unmoved) is from then on hashed
-        after ``save`` returns, not before: the training loop does not wait for it. A
-        save whose tensor then hashes differently with its counter still unmoved (a write
-        through ``.data`` or a raw pointer, before the save or while it was written)
-        fails with ``StateChangedError`` instead of committing stale bytes, and that
-        tensor is hashed before returning from then on. Off by default: leave it off if
-        anything writes a frozen tensor through ``.data`` (PEFT's merge and unmerge do).
+        found unchanged (by hash, its version counter unmoved) is from then on, while it
+        keeps that storage, hashed after ``save`` returns, not before: the training loop
+        does not wait for it. A save whose tensor then hashes differently (written
+        through ``.data`` or a raw pointer before the save, or written at all after
+        ``save`` returned and before its hash) fails with ``StateChangedError`` instead
+        of committing stale bytes, and that tensor is hashed before returning from then
+        on. Off by default: leave it off if anything writes a frozen tensor through
+        ``.data`` (PEFT's merge and unmerge do) or right after a save.
     """
 
     codec: str | dict[str, Any] = "auto"

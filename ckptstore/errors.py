@@ -154,8 +154,10 @@ class CheckpointerClosedError(InvalidOperationError):
 
 class StateChangedError(InvalidOperationError):
     """Tensors of a state changed while a background copy of them was running (an
-    in-place edit outside ``optimizer.step()``, which ckptstore waits for): that save
-    was abandoned rather than written torn. ``names`` lists what changed."""
+    in-place edit outside ``optimizer.step()``, which ckptstore waits for), or, with
+    ``trust_version_counters=True``, a tensor earlier saves found unchanged hashed
+    differently after the save returned: that save was abandoned rather than written
+    torn or stale. ``names`` lists what changed."""
 
     def __init__(self, message: str, names: list[str] | None = None) -> None:
         super().__init__(message)

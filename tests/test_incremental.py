@@ -355,16 +355,18 @@ def test_ctrl_c_while_staging_waits_for_hashes_is_not_swallowed():
     done: Future[str] = Future()
     done.set_result("x")
     held = Held(slots={3: ("d", (0, 0))})
-    check = Check([(3, "d")], interrupted, [done], {3: ["t"]}, [8])
+    t = torch.zeros(2)
+    check = Check([(3, "d")], interrupted, [done], {3: ["t"]}, [t], set())
     with pytest.raises(KeyboardInterrupt):
         check.finish(held)
 
     def failed():
         raise RuntimeError("a hash job failed")
 
-    found, same = Check([(3, "d")], failed, [done], {3: ["t"]}, [8]).finish(held)
+    untrusted: set[str] = set()
+    found, same = Check([(3, "d")], failed, [done], {3: ["t"]}, [t], untrusted).finish(held)
     assert (found.verified, same, held.slots) == ({}, frozenset(), {})  # copied, forgotten
-    assert held.bypassed == set()  # a failed hash says nothing of the counter
+    assert untrusted == set()  # a failed hash says nothing of the counter
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["linked", "full"])
@@ -435,6 +437,7 @@ def test_trusting_version_counters_hashes_after_returning_and_a_bypassing_write_
         pending.wait()
         assert set(inc.given) == {"frozen"} and ckpt.latest().manifest.linked
         load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": w.clone()})
+        assert ckpt._save_cache.confirm is None  # its tensors are not held past the save
 
         before = frozen.clone()
         frozen.data.add_(1.0)  # before the save, behind the counter
@@ -454,28 +457,86 @@ def test_trusting_version_counters_hashes_after_returning_and_a_bypassing_write_
 
 @pytest.mark.parametrize("through", ["torch", "data"])
 def test_trusting_version_counters_a_write_after_returning(root, through):
-    """A trusted tensor written after ``save_async`` returned, before its hash: through
-    torch (the counter moves) the save commits the bytes the counter vouched for; through
-    ``.data`` nothing says when it happened, so the save fails rather than guess."""
+    """A trusted tensor written after ``save_async`` returned, before its hash, through
+    torch or ``.data``: the bytes at the save cannot be known (a ``.data`` write before
+    the save looks the same), so the save fails rather than guess; the next one, hashed
+    before returning, holds the new bytes."""
     frozen, w = torch.randn(400_000), torch.zeros(8)
     cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
     with ckptstore.Checkpointer(root, **cfg) as ckpt:
         ckpt.save({"frozen": frozen, "w": w}, step=1)
         ckpt.save({"frozen": frozen, "w": w + 1}, step=2)  # matched: trusted
-        before = frozen.clone()
         release = _hold_hash_pool(ckpt)
         pending = ckpt.save_async({"frozen": frozen, "w": w + 2}, step=3)
         (frozen if through == "torch" else frozen.data).mul_(2.0)
         release.set()
-        if through == "torch":
+        with pytest.raises(ckptstore.StateChangedError, match="frozen") as err:
             pending.wait()
-            load_equal(ckpt, 3, {"frozen": before, "w": w + 2})
-        else:
-            with pytest.raises(ckptstore.StateChangedError, match="frozen"):
-                pending.wait()
-            assert not ckpt.exists(3)
-            ckpt.save({"frozen": frozen, "w": w + 2}, step=3)  # hashed in place now
-            load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": w + 2})
+        assert ("version counter moved" in str(err.value)) is (through == "torch")
+        assert not ckpt.exists(3)
+        ckpt.save({"frozen": frozen, "w": w + 2}, step=3)  # hashed in place now
+        load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": w + 2})
+
+
+def test_trusting_version_counters_a_data_write_before_and_a_torch_write_after_fail_the_save(
+    root,
+):
+    """A ``.data`` write before the save, then a tracked one after it returned: the
+    counter moved, but not for the first change. The save fails; nothing stale (the
+    arena's bytes from before the ``.data`` write) is committed."""
+    frozen, w = torch.randn(400_000), torch.zeros(8)
+    cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
+    with ckptstore.Checkpointer(root, **cfg) as ckpt:
+        ckpt.save({"frozen": frozen, "w": w}, step=1)
+        ckpt.save({"frozen": frozen, "w": w + 1}, step=2)  # trusted
+        frozen.data.add_(1.0)
+        release = _hold_hash_pool(ckpt)
+        pending = ckpt.save_async({"frozen": frozen, "w": w + 2}, step=3)
+        frozen.add_(0.0)  # the counter moves; the bytes are those of the save
+        release.set()
+        with pytest.raises(ckptstore.StateChangedError, match="frozen"):
+            pending.wait()
+        assert not ckpt.exists(3)
+
+
+def test_trusting_version_counters_never_trusts_a_state_built_anew_each_save(root):
+    """Tensors cloned for each save are new ones: one may land at the address of the
+    last with its counter at 0 again, which says nothing. Only the storage whose hash
+    matched is trusted, so a change is copied, not reported as a failure."""
+    frozen = torch.randn(400_000)
+    cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
+    with ckptstore.Checkpointer(root, **cfg) as ckpt:
+        for step in range(1, 7):
+            if step == 5:
+                frozen.add_(1.0)
+            ckpt.save({"frozen": frozen.clone(), "w": torch.full((8,), float(step))}, step)
+            held = next(a.held for a in ckpt._staging._free)
+            assert all(ref() is None for ref in held.trusted.values())  # the clone is gone
+            load_equal(ckpt, step, {"frozen": frozen.clone(), "w": torch.full((8,), float(step))})
+
+
+def test_trusting_version_counters_a_failure_untrusts_the_tensor_in_every_arena(root):
+    """With two saves in flight the arenas alternate; a tensor one of them found
+    changed behind its counter is not trusted by the other either: one failed save."""
+    frozen, w = torch.randn(400_000), torch.zeros(8)
+    cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
+    with ckptstore.Checkpointer(root, max_inflight=2, **cfg) as ckpt:
+        first = ckpt.save_async({"frozen": frozen, "w": w + 1}, step=1)
+        ckpt.save_async({"frozen": frozen, "w": w + 2}, step=2).wait()  # the second arena
+        first.wait()
+        for step in (3, 4, 5, 6):  # the arenas alternate: both trust frozen
+            ckpt.save({"frozen": frozen, "w": w + step}, step=step)
+        assert [len(a.held.trusted) for a in ckpt._staging._free] == [1, 1]
+        frozen.data.add_(1.0)
+        failed = []
+        for step in range(7, 11):
+            try:
+                ckpt.save({"frozen": frozen, "w": w + step}, step=step)
+                load_equal(ckpt, step, {"frozen": frozen.clone(), "w": w + step})
+            except ckptstore.StateChangedError:
+                failed.append(step)
+        assert failed == [7], failed
+        assert ckpt._staging.untrusted == {"frozen"}
 
 
 def test_trust_version_counters_must_be_a_bool(root):

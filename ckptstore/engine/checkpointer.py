@@ -135,7 +135,7 @@ class Checkpointer:
             self._staging.track_versions = True
             # the caller waits for these hashes: its priority, not behind a save's jobs
             self._staging.hash_pool = ThreadPoolExecutor(threads, "ckptstore-stage-hash")
-            self._staging.trust_counters = self.config.trust_version_counters
+            self._staging.untrusted = set() if self.config.trust_version_counters else None
         self._auto = AutoCodec(local=self._backend.capabilities.local, threads=threads)
         self._fixed_codec = None if self.config.codec == "auto" else get_codec(self.config.codec)
         self._errors = ErrorLedger()

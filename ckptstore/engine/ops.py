@@ -172,6 +172,9 @@ def save_staged(
         if cache is not None and cache.incremental is not None:
             cache.incremental.drop()
         raise
+    finally:
+        if cache is not None:
+            cache.confirm = None  # it holds the state's tensors: not past the save
     if writer.node_local and group is not None:
         try:
             nodelocal.commit_parts(writer, backend, name, group)

@@ -198,9 +198,9 @@ class StagingPool:
         # storage since the last save is written without being hashed (~0.5 us a tensor)
         self.track_versions = False
         # Set: what an arena holds is hashed in place, not copied (engine.unchanged;
-        # closed with this); with trust_counters, once found unchanged, after returning
+        # closed with this); a set: trust_version_counters, but for the tensors in it
         self.hash_pool: Executor | None = None
-        self.trust_counters = False
+        self.untrusted: set[str] | None = None
         self._prepared = 0  # saves prepared so far
         # What this rank wrote of the last save that committed: (its layout, its number,
         # the tensors it wrote); see note_written().
@@ -287,7 +287,7 @@ class StagingPool:
                 state = (prep.layout, lambda k: _local(objs[pos[k]]), prep.versions, skip)
                 pool = self.hash_pool if prep.engine is None else None
                 staged, found = unchanged.copy(
-                    arena, state, pool, lambda n: _copy(prep, skip, n), self.trust_counters
+                    arena, state, pool, lambda n: _copy(prep, skip, n), self.untrusted
                 )
             else:
                 staged = _copy(prep, skip)

@@ -17,19 +17,24 @@ read and a write). A different digest (a write that bypassed the counter, throug
 ``.data`` or a raw pointer) is copied, and that slot is never trusted (below).
 
 With ``trust_version_counters`` (``CheckpointerConfig``, off by default), a slot whose
-hash has matched once with its counter unmoved is trusted (:attr:`Held.trusted`): from
-then on the caller does not wait for its hash. It is hashed where it lies after ``save``
-returned, and the save commits only once that hash matches (:meth:`Found.confirm`, from
-the writer). If it differs while the counter still has not moved, the bytes at the save
-cannot be known (the write bypassed the counter before the save, or after it returned):
-that save fails with :class:`~ckptstore.errors.StateChangedError` naming the tensors,
-stale bytes are never committed, and the slot is never trusted again
-(:attr:`Held.bypassed`). If the counter moved meanwhile, the change came through torch
-after the save returned, and the save holds the bytes the counter vouched for.
+hash has matched with its counter unmoved is trusted (:attr:`Held.trusted`) for as long
+as the tensor keeps that same storage (a state built anew each save, whose tensors are
+new ones that may reuse an old address with a counter at 0 again, is never trusted):
+from then on the caller does not wait for its hash. It is hashed where it lies after
+``save`` returned, and the save commits only once that hash matches
+(:meth:`Found.confirm`, from the writer). If it differs, the bytes at the save cannot be
+known: the tensor changed behind its counter (``.data``, a raw pointer) before the save,
+or changed after it returned, before its hash (whether or not the counter moved since:
+a change before the save and another after it look alike). So that save fails with
+:class:`~ckptstore.errors.StateChangedError` naming the tensors, stale bytes are never
+committed, and the tensors are never trusted again by that checkpointer (the pool's
+``untrusted`` set, shared by its arenas). A tensor whose in-place hash ever differs is
+never trusted either.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as futures_wait
@@ -52,8 +57,8 @@ class Held:
     pointer) of the tensor they came from). Only large slots are ever noted."""
 
     slots: dict[int, tuple[str, tuple[int, int]]] = field(default_factory=dict)
-    trusted: set[int] = field(default_factory=set)  # hashed once, unchanged: hashed later
-    bypassed: set[int] = field(default_factory=set)  # changed behind the counter once
+    # slot -> the storage whose hash matched it: while the tensor has it, hashed later
+    trusted: dict[int, weakref.ref[Any]] = field(default_factory=dict)
     # Of the arena's layout (an arena serves one: its signature names every tensor)
     index: dict[str, int] | None = None  # fqn -> tensor position
     tied: dict[int, list[str]] | None = None  # slot -> its tensors, where several share it
@@ -65,7 +70,7 @@ class Held:
             self.trusted.clear()
         else:
             self.slots.pop(slot, None)
-            self.trusted.discard(slot)
+            self.trusted.pop(slot, None)
 
     def names(self, layout: Any, slot: int) -> list[str]:
         """The tensors whose bytes ``slot`` holds (more than one where tied)."""
@@ -107,31 +112,40 @@ class Later:
     tensors: list[torch.Tensor]
     versions: list[tuple[int, int]]  # each one's counter and pointer at the save
     names: dict[int, list[str]]
+    untrusted: set[str]  # the pool's: tensors never to trust again
 
     def confirm(self) -> None:
-        """Wait for the hashes; raise StateChangedError where one differs and the
-        tensor's counter has still not moved (module doc). Writer thread."""
+        """Wait for the hashes; raise StateChangedError where one differs (module doc).
+        Writer thread."""
         try:
             got = self.result()
         except BaseException:
             futures_wait(self.jobs)
             raise
         changed: list[str] = []
+        moved = False
         for (slot, digest), now, t, version in zip(
             self.candidates, got, self.tensors, self.versions, strict=True
         ):
-            if now != digest and (t._version, t.data_ptr()) == version:
+            if now != digest:
                 self.held.forget(slot)
-                self.held.bypassed.add(slot)
+                self.untrusted.update(self.names[slot])
                 changed += self.names[slot]
+                moved = moved or (t._version, t.data_ptr()) != version
         if changed:
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            how = (
+                "changed while this save was written (their version counter moved since "
+                "save() returned; a write through .data before the save looks the same)"
+                if moved
+                else "changed without their version counter moving (a write through .data or "
+                "a raw pointer, before this save or while it was written)"
+            )
             raise StateChangedError(
-                f"{', '.join(changed[:3])}{more} changed without the version counter moving "
-                "(a write through .data or a raw pointer) after the save before found them "
-                "unchanged, so their bytes at this save cannot be known: this save is not "
-                "committed (the checkpoints before it are intact), and from now on they are "
-                "hashed before each save returns",
+                f"{', '.join(changed[:3])}{more} {how}, after earlier saves found them "
+                "unchanged (trust_version_counters=True): their bytes at this save cannot be "
+                "known, so it is not committed; the checkpoints before it are intact, and from "
+                "now on they are hashed before each save returns",
                 changed,
             )
 
@@ -158,7 +172,8 @@ class Check:
     result: Callable[[], list[str]]
     jobs: list[Future[str]]
     names: dict[int, list[str]]  # slot -> its tensors (more than one where tied)
-    nbytes: list[int]
+    tensors: list[torch.Tensor]
+    untrusted: set[str] | None  # the pool's (None: counters are never trusted)
     later: Later | None = None
 
     def finish(self, held: Held) -> tuple[Found, frozenset[int]]:
@@ -175,16 +190,18 @@ class Check:
             raise
         found = Found(later=self.later)
         same = []
-        for (slot, digest), now, nbytes in zip(self.candidates, got, self.nbytes, strict=True):
+        untrusted = self.untrusted
+        for (slot, digest), now, t in zip(self.candidates, got, self.tensors, strict=True):
+            names = self.names[slot]
             if now and now == digest:
-                found.verified.update((f, (digest, nbytes)) for f in self.names[slot])
+                found.verified.update((f, (digest, t.nbytes)) for f in names)
                 same.append(slot)
-                if slot not in held.bypassed:
-                    held.trusted.add(slot)
+                if untrusted is not None and untrusted.isdisjoint(names):
+                    held.trusted[slot] = weakref.ref(t.untyped_storage())
             else:
                 held.forget(slot)
-                if now:
-                    held.bypassed.add(slot)
+                if now and untrusted is not None:
+                    untrusted.update(names)  # changed behind its counter
         if (later := self.later) is not None:
             for (slot, digest), t in zip(later.candidates, later.tensors, strict=True):
                 found.verified.update((f, (digest, t.nbytes)) for f in later.names[slot])
@@ -199,16 +216,18 @@ def copy(
     ],
     pool: Executor | None,
     copy_all_but: Callable[[frozenset[int]], dict[str, Any]],
-    trust: bool = False,
+    trust: set[str] | None = None,
 ) -> tuple[dict[str, Any], Found]:
     """Stage a state into ``arena`` (the stager's; ``arena.held`` says what it holds).
     ``state``: its layout, a function giving its k-th local tensor, the tensors' version
     counters, and the tensors not staged (``skip``). Hashes what the arena may hold
     already, then ``copy_all_but(slots)`` copies the rest. (Hashing first: copies run
     on torch's threads, which spin a while after each copy and would slow the hashes
-    down.) ``trust``: the trusted ones are hashed after it returns (module doc). Returns
-    what ``copy_all_but`` does, and what was not copied (the arena holds it). Without a ``pool`` (not an incremental save, or a state a device's copy engine
-    copies) everything is copied, and forgotten."""
+    down.) ``trust``: None, or the tensors never to trust (trust_version_counters: the
+    trusted ones are hashed after it returns; module doc). Returns what ``copy_all_but``
+    does, and what was not copied (the arena holds it). Without a ``pool`` (not an
+    incremental save, or a state a device's copy engine copies) everything is copied,
+    and forgotten."""
     if pool is None:
         arena.held.forget()
         return copy_all_but(frozenset()), Found()
@@ -226,13 +245,14 @@ def start(
     versions: dict[str, tuple[int, int] | None] | None,
     skip: frozenset[str],
     pool: Executor,
-    trust: bool = False,
+    trust: set[str] | None = None,
 ) -> Check | None:
     """Start hashing, on ``pool``, the tensors of ``layout`` (``tensor(k)``: the k-th,
     local) whose arena slot ``held`` knows and whose version counter has not moved on
     the same storage since (``versions``: now), those ``held`` trusts after the rest
-    (:class:`Later`; only where ``trust``); forget every other slot ``held`` knows that
-    is copied this time (all of them but ``skip``'s)."""
+    (:class:`Later`; only where ``trust``, the tensors not to trust, is given); forget
+    every other slot ``held`` knows that is copied this time (all of them but
+    ``skip``'s)."""
     if not held.slots:
         return None
     if versions is None or layout.cuda:
@@ -252,17 +272,29 @@ def start(
             and not t.is_conj()
             and not t.is_neg()
         ):
-            (later if trust and slot in held.trusted else now).append((slot, digest, t))
+            ref = held.trusted.get(slot) if trust is not None else None
+            if (
+                ref is not None
+                and ref() is t.untyped_storage()  # the storage whose hash matched
+                and trust is not None
+                and trust.isdisjoint(held.names(layout, slot))
+            ):
+                later.append((slot, digest, t))
+            else:
+                now.append((slot, digest, t))
         else:
             held.forget(slot)
     if not now and not later:
         return None
     names = {slot: held.names(layout, slot) for slot, _, _ in now + later}
     result, jobs = start_hashing([tensor_bytes(t) for _, _, t in now], pool)
-    check = Check([(s, d) for s, d, _ in now], result, jobs, names, [t.nbytes for *_, t in now])
+    got = [(s, d) for s, d, _ in now]
+    check = Check(got, result, jobs, names, [t for *_, t in now], trust)
     if later:
+        assert trust is not None
         result, jobs = start_hashing([tensor_bytes(t) for _, _, t in later], pool)
         at_save = [held.slots[s][1] for s, _, _ in later]  # = versions now
         got = [(s, d) for s, d, _ in later]
-        check.later = Later(held, got, result, jobs, [t for *_, t in later], at_save, names)
+        tensors = [t for *_, t in later]
+        check.later = Later(held, got, result, jobs, tensors, at_save, names, trust)
     return check
