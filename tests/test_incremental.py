@@ -539,6 +539,24 @@ def test_trusting_version_counters_a_failure_untrusts_the_tensor_in_every_arena(
         assert ckpt._staging.untrusted == {"frozen"}
 
 
+def test_trusting_version_counters_two_entries_sharing_memory_each_with_a_counter(root):
+    """Two entries over the same memory with counters of their own (from_numpy twice)
+    share a staging slot: a write through one moves only its counter, so the slot is
+    copied, not trusted on the other's counter (and the save does not fail)."""
+    import numpy as np
+
+    arr = np.random.default_rng(0).random(100_000, dtype=np.float32)
+    a, b = torch.from_numpy(arr), torch.from_numpy(arr)
+    cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
+    with ckptstore.Checkpointer(root, **cfg) as ckpt:
+        for step in range(1, 7):
+            if step == 5:
+                b.add_(1.0)
+            state = {"a": a, "b": b, "w": torch.full((4,), float(step))}
+            ckpt.save(state, step)
+            load_equal(ckpt, step, {k: v.clone() for k, v in state.items()})
+
+
 def test_trust_version_counters_must_be_a_bool(root):
     with pytest.raises(ckptstore.InvalidArgumentError, match="trust_version_counters"):
         ckptstore.Checkpointer(root, incremental=True, trust_version_counters="yes")

@@ -266,7 +266,8 @@ def start(
         if fqn in skip:
             continue  # not copied: its slot keeps its bytes
         if (
-            versions.get(fqn) == version
+            # every tensor of the slot: entries that share memory may each have a counter
+            all(versions.get(f) == version for f in held.names(layout, slot))
             and t.device.type == "cpu"
             and t.is_contiguous()
             and not t.is_conj()
