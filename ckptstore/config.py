@@ -184,6 +184,10 @@ class CheckpointerConfig:
             raise InvalidArgumentTypeError(
                 f"trust_version_counters must be True or False, got {self.trust_version_counters!r}"
             )
+        if self.trust_version_counters and not self.incremental:
+            raise InvalidArgumentError(
+                "trust_version_counters=True is about incremental saves: pass incremental=True too"
+            )
         if (
             isinstance(self.full_every, bool)
             or not isinstance(self.full_every, int)

@@ -560,6 +560,8 @@ def test_trusting_version_counters_two_entries_sharing_memory_each_with_a_counte
 def test_trust_version_counters_must_be_a_bool(root):
     with pytest.raises(ckptstore.InvalidArgumentError, match="trust_version_counters"):
         ckptstore.Checkpointer(root, incremental=True, trust_version_counters="yes")
+    with pytest.raises(ckptstore.InvalidArgumentError, match="incremental=True"):
+        ckptstore.CheckpointManager(root, trust_version_counters=True)
 
 
 def test_the_shard_file_is_created_expecting_what_staging_did_not_find_unchanged(root, monkeypatch):
