@@ -141,7 +141,10 @@ def run_case(
     }
     ckpts = {
         k: ckptstore.Checkpointer(
-            r, codec=codec, incremental=k == "incremental", trust_version_counters=trust
+            r,
+            codec=codec,
+            incremental=k == "incremental",
+            trust_version_counters=trust and k == "incremental",
         )
         for k, r in roots.items()
     }
