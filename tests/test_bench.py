@@ -187,6 +187,7 @@ def test_a_contender_that_is_not_installed_is_listed_as_skipped(tmp_path):
         (["--tensors", "many"], "invalid literal"),
         (["--interference", "--interference-size", "big"], "--interference-size wants a size"),
         (["--interference", "--only", "safetensors"], "unknown --only name"),
+        (["--incremental-trust"], "--incremental-trust goes with --incremental"),
     ],
 )
 def test_bad_arguments_say_what_to_do(args, message, tmp_path, capsys):

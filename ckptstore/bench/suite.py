@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = [int(n) for n in args.tensors.split(",") if n]
         if any(n < 1 for n in counts):
             raise ValueError("--tensors wants positive counts")
+        if args.incremental_trust and not args.incremental:
+            raise ValueError("--incremental-trust goes with --incremental")
         options = _options(args.storage_option)
         names = [n for n in args.only.split(",") if n] or None
         if args.interference:
