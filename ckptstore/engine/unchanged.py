@@ -260,34 +260,33 @@ def start(
         return None
     now: list[tuple[int, str, torch.Tensor]] = []
     later: list[tuple[int, str, torch.Tensor]] = []
+    names: dict[int, list[str]] = {}  # slot -> its tensors
     for slot, (digest, version) in list(held.slots.items()):
         k = layout.first[slot]
         fqn, t = layout.tensor_fqns[k], tensor(k)
         if fqn in skip:
             continue  # not copied: its slot keeps its bytes
-        if (
+        names[slot] = held.names(layout, slot)
+        if not (
             # every tensor of the slot: entries that share memory may each have a counter
-            all(versions.get(f) == version for f in held.names(layout, slot))
+            all(versions.get(f) == version for f in names[slot])
             and t.device.type == "cpu"
             and t.is_contiguous()
             and not t.is_conj()
             and not t.is_neg()
         ):
-            ref = held.trusted.get(slot) if trust is not None else None
-            if (
-                ref is not None
-                and ref() is t.untyped_storage()  # the storage whose hash matched
-                and trust is not None
-                and trust.isdisjoint(held.names(layout, slot))
-            ):
-                later.append((slot, digest, t))
-            else:
-                now.append((slot, digest, t))
-        else:
             held.forget(slot)
+            continue
+        ref = held.trusted.get(slot)
+        trusted = (
+            trust is not None
+            and ref is not None
+            and ref() is t.untyped_storage()  # the storage whose hash matched
+            and trust.isdisjoint(names[slot])
+        )
+        (later if trusted else now).append((slot, digest, t))
     if not now and not later:
         return None
-    names = {slot: held.names(layout, slot) for slot, _, _ in now + later}
     result, jobs = start_hashing([tensor_bytes(t) for _, _, t in now], pool)
     got = [(s, d) for s, d, _ in now]
     check = Check(got, result, jobs, names, [t for *_, t in now], trust)
