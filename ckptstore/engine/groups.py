@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 import torch
@@ -95,6 +97,35 @@ def release(group: dist.ProcessGroup | None) -> None:
     if group is not None and is_distributed():
         with contextlib.suppress(Exception):
             dist.destroy_process_group(group)
+
+
+def held_counts(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """The Python reference counts of ``tensors``; taken while no collective holds
+    them, the baseline :func:`wait_released` waits to see again."""
+    return [sys.getrefcount(t) for t in tensors]
+
+
+def wait_released(tensors: Sequence[torch.Tensor], quiet: Sequence[int], timeout_s: float) -> bool:
+    """Wait until no collective still holds ``tensors`` (their counts are back at
+    ``quiet``, from :func:`held_counts`); False if ``timeout_s`` ran out first.
+
+    Before the interpreter stops, after the last collective on tensors made here. In
+    torch 2.13 a tensor's Python object gains a reference while C++ holds the tensor
+    too, and loses it (under the GIL) on whichever thread drops the last C++ holder:
+    for a gloo collective, a worker thread of the group, a moment *after* ``wait()``
+    returned. Should that moment fall after the interpreter began to stop, taking the
+    GIL ends the worker inside a noexcept frame and the process aborts ("terminate
+    called without an active exception"; pytorch/pytorch#190489). Where torch keeps
+    no such reference (older releases), the counts never rise and this returns at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = 1e-4
+    while any(now > was for now, was in zip(held_counts(tensors), quiet, strict=True)):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)  # (the worker needs the GIL to let go)
+        pause = min(pause * 2, 0.01)
+    return True
 
 
 def _supports_cpu(group: dist.ProcessGroup) -> bool:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ckptstore.engine import groups
 from ckptstore.manager.policies import EPOCH, INTERVAL
 
 log = logging.getLogger("ckptstore")
@@ -44,7 +45,9 @@ class StepAgreement:
     busy 2-core machine, most of the per-step budget; waiting there for one long
     finished cost another ~30-90 us a step, measured). The thread is ended at exit, a
     manager never closed included, before the interpreter stops: a thread still waiting
-    inside torch then aborts the process when it takes the GIL back. Every other
+    inside torch then aborts the process when it takes the GIL back. So does a gloo
+    worker thread that lets go of the flag tensors late (:func:`groups.wait_released`),
+    which closing waits for. Every other
     collective on the group runs on the caller's thread, and only once nothing is in
     flight (:meth:`settle`, :meth:`now`): one thread's order per rank, the same on every
     rank.
@@ -60,6 +63,10 @@ class StepAgreement:
         self._buffers = (torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
         # written through numpy: torch's indexing costs ~70 us a step, a view ~8 us
         self._views = tuple(b.numpy() for b in self._buffers)
+        self._now = torch.zeros(2, dtype=torch.int64)  # now()'s, on the caller's thread
+        self._now_view = self._now.numpy()
+        self._held = (*self._buffers, self._now)  # every tensor a collective is given
+        self._quiet = groups.held_counts(self._held)
         self._turn = 0
         self._max = dist.AllreduceOptions()
         self._max.reduceOp = dist.ReduceOp.MAX  # type: ignore[assignment]
@@ -77,9 +84,10 @@ class StepAgreement:
         else:
             self.settle()  # (restore() has; nothing may be in flight on the group)
         codes = zip(_codes(reason, stop), _codes(*late), strict=True)
-        flags = torch.tensor([max(a, b) for a, b in codes], dtype=torch.int64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        return _decode(flags)
+        self._now_view[:] = [max(a, b) for a, b in codes]
+        _LIVE.add(self)  # (its tensor is let go of before the interpreter stops)
+        dist.all_reduce(self._now, op=dist.ReduceOp.MAX, group=self._group)
+        return _decode(self._now_view)
 
     def start(self, reason: str | None, stop: int | None) -> None:
         """Begin this step's agreement of ``reason`` and ``stop``, collected (with
@@ -127,14 +135,18 @@ class StepAgreement:
 
     def close(self, wait_s: float = 5.0) -> None:
         """End the agreement thread (after the last :meth:`collect`; one still in
-        flight is waited for up to ``wait_s``); later :meth:`start` calls begin nothing."""
+        flight is waited for up to ``wait_s``), and wait until gloo has let go of the
+        flag tensors (up to ``wait_s`` more); later :meth:`start` calls begin nothing."""
         self._closed = True
         if self._thread is not None:
             self._requests.put(None)
             self._thread.join(timeout=wait_s)
             if self._thread.is_alive():
                 log.warning("the ranks' last step agreement did not complete in %g s", wait_s)
+                return  # (its all-reduce still holds a flag tensor)
             self._thread = None
+        if not groups.wait_released(self._held, self._quiet, wait_s):
+            log.warning("gloo still held the step agreement's tensors after %g s", wait_s)
 
     def _run(self) -> None:
         while (flags := self._requests.get()) is not None:
@@ -146,13 +158,13 @@ class StepAgreement:
                 self._results.put(None)  # (the outcome is in the buffer)
 
 
-_LIVE: weakref.WeakSet[StepAgreement] = weakref.WeakSet()  # those with a thread
+_LIVE: weakref.WeakSet[StepAgreement] = weakref.WeakSet()  # those that ran a collective
 
 
 @atexit.register
 def _end_threads() -> None:
     """At exit, before the interpreter stops other threads: end every agreement thread
-    (one waiting for its all-reduce gets up to 60 s)."""
+    (one waiting for its all-reduce gets up to 60 s) and wait for gloo to let go."""
     for agreement in list(_LIVE):  # the other ranks are at their last step too
         agreement.close(wait_s=60)
 
