@@ -25,7 +25,8 @@ from typing import Any
 
 from ckptstore.codecs import get_codec
 from ckptstore.errors import InvalidArgumentError, InvalidArgumentTypeError
-from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES
+from ckptstore.format.shard import DEFAULT_CHUNK_BYTES
+from ckptstore.format.shard_index import MAX_CHUNK_BYTES
 
 MANIFEST_KEY_ENV = "CKPTSTORE_MANIFEST_KEY"
 

@@ -3,6 +3,8 @@ runs chunk jobs in batches; the file format stays the same and round trips are e
 
 from __future__ import annotations
 
+import collections
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -12,7 +14,9 @@ import torch
 from helpers import assert_same, blank_like
 
 import ckptstore
+from ckptstore.errors import CorruptCheckpointError
 from ckptstore.format.shard import run_all
+from ckptstore.layout import checkpoint_name
 
 
 def many(n: int) -> dict[str, Any]:
@@ -79,3 +83,58 @@ def test_uncompressed_items_below_a_mebibyte_share_pool_tasks(root, monkeypatch)
         ckpt.load(target, 1)
     assert_same(state, target)
     assert sum(tasks) == 40 and len(tasks) <= 3, tasks  # 8 MB in batches of ~4 MiB
+
+
+@pytest.fixture
+def counted_parses(monkeypatch):
+    """Each index parse, by the index's size in bytes, with nothing kept beforehand."""
+    import ckptstore.format.shard_index as index_mod
+
+    calls: list[int] = []
+    real = index_mod.parse_index
+
+    def counted(data: bytes, limit: int) -> Any:
+        calls.append(len(data))
+        return real(data, limit)
+
+    monkeypatch.setattr(index_mod, "parse_index", counted)
+    monkeypatch.setattr(index_mod, "_kept", collections.OrderedDict())
+    monkeypatch.setattr(index_mod, "_kept_bytes", 0)
+    return calls
+
+
+def test_a_shard_index_read_again_is_not_parsed_again(root, counted_parses):
+    """An incremental save reads the index of each file it links from every save: a
+    file whose index (by checksum) was parsed before is not parsed again; one damaged
+    since is still refused."""
+    state = many(300)
+    with ckptstore.Checkpointer(root, codec="none") as ckpt:
+        ckpt.save(state, 1)
+        for _ in range(3):
+            target = blank_like(state)
+            ckpt.load(target, 1)
+            assert_same(state, target)
+        assert len(counted_parses) == 1, counted_parses  # one shard file, parsed once
+        shard = os.path.join(root, checkpoint_name(1), "__0_0.distcp")
+        with open(shard, "r+b") as f:
+            f.seek(-20, os.SEEK_END)  # in the index
+            byte = f.read(1)
+            f.seek(-20, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(CorruptCheckpointError, match="index checksum mismatch"):
+            ckpt.load(blank_like(state), 1)
+
+
+def test_parsed_indexes_are_kept_up_to_a_bound(root, counted_parses, monkeypatch):
+    import ckptstore.format.shard_index as index_mod
+
+    monkeypatch.setattr(index_mod, "_KEEP_BYTES", 10_000)  # one of these indexes, not two
+    with ckptstore.Checkpointer(root, codec="none") as ckpt:
+        ckpt.save(many(50), 1)
+        ckpt.save(many(60), 2)
+        for step in (1, 2, 2, 1):  # parsed, parsed (1 let go), kept, parsed again
+            ckpt.load(blank_like(many(50 if step == 1 else 60)), step)
+    first, second, again = counted_parses
+    assert max(first, second) <= 10_000 < first + second
+    assert again == first
+    assert len(index_mod._kept) == 1 and index_mod._kept_bytes == first

@@ -31,7 +31,7 @@ from ckptstore.storage import StorageBackend
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from ckptstore.format.shard import ItemEntry
+    from ckptstore.format.shard_index import ItemEntry
 
 # What needs torch (DCP's metadata, the shard readers) is imported where it is used, so
 # that ``ckptstore info --help`` and its usage errors start without torch.

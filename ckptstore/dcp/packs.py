@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from ckptstore.dcp import metadata as md_format
-from ckptstore.format.shard import dtype_name
+from ckptstore.format.shard_index import dtype_name
 
 PACK_PREFIX = "__ckptstore_pack_"
 SMALL_BYTES = 64 << 10  # tensors up to this size are packed ...

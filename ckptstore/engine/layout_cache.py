@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from ckptstore.dcp.packs import SMALL_ALIGN  # small tensors start at a multiple of it
 from ckptstore.errors import UnsupportedStateError
-from ckptstore.format.shard import dtype_name
+from ckptstore.format.shard_index import dtype_name
 
 PAGE = 4096
 _PAGE_ALIGN_FROM = 1 << 20  # tensors this big start on a page boundary (O_DIRECT)

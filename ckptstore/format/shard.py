@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
 import json
 import struct
 import threading
@@ -34,9 +33,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ckptstore.codecs import Codec, ElementKind, EncodedChunk, get_codec
-from ckptstore.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from ckptstore.format.checksum import digest, digest_parts, is_digest
+from ckptstore.codecs import Codec, ElementKind, EncodedChunk
+from ckptstore.errors import CorruptCheckpointError
+from ckptstore.format.checksum import digest, digest_parts
+from ckptstore.format.shard_index import (
+    INDEX_FORMAT,
+    ChunkEntry,
+    ItemEntry,
+    dtype_name,
+    parsed_index,
+)
 from ckptstore.storage.base import FileSink, RangeReader
 
 if TYPE_CHECKING:
@@ -44,62 +50,12 @@ if TYPE_CHECKING:
 
 MAGIC = b"CKPTIDX1"
 _TRAILER = struct.Struct("<Q8s")
-INDEX_FORMAT = 1
 DEFAULT_CHUNK_BYTES = 4 << 20
 _ALIGN = 4096
 _ALIGN_MIN_ITEM = 1 << 20
 # Sizes read from a file are untrusted: anything past these is not something ckptstore
 # wrote, and is refused before it is allocated.
 _MAX_INDEX_BYTES = 256 << 20
-MAX_CHUNK_BYTES = 1 << 30
-MAX_VALUE_BYTES = 2 << 30  # one pickled Python value
-
-
-@functools.cache
-def _dtypes() -> dict[str, torch.dtype]:
-    """The dtypes a shard may hold, by name; built on first use, so that this module (and
-    ``ckptstore ls``, through the config) imports without torch."""
-    import torch
-
-    return {
-        str(d).removeprefix("torch."): d
-        for d in (
-            torch.float64, torch.float32, torch.float16, torch.bfloat16,
-            torch.complex128, torch.complex64, torch.complex32,
-            torch.int64, torch.int32, torch.int16, torch.int8,
-            torch.uint64, torch.uint32, torch.uint16, torch.uint8, torch.bool,
-            torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz,
-        )
-    }  # fmt: skip
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if name not in _dtypes():
-        raise ValueError(f"ckptstore cannot store tensors of dtype {dtype}")
-    return name
-
-
-@dataclass(frozen=True)
-class ChunkEntry:
-    offset: int
-    stored: int
-    raw: int
-    xxh3: str
-    layout: list[int]
-
-
-@dataclass(frozen=True)
-class ItemEntry:
-    key: str
-    dtype: torch.dtype | None  # None: opaque bytes
-    nbytes: int
-    codec: Codec
-    chunks: list[ChunkEntry]
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(c.stored for c in self.chunks)
 
 
 @dataclass(frozen=True)
@@ -359,7 +315,7 @@ class ShardReader:
                 f"{where}: index checksum mismatch (expected {index_xxh3}, got {digest(index)}); {hint}"
             )
         try:
-            self.items = _parse_index(index, index_offset)
+            self.items = parsed_index(index, index_xxh3, index_offset)
         except (KeyError, TypeError, ValueError, IndexError, RecursionError) as exc:
             raise CorruptCheckpointError(
                 f"{where}: malformed shard index ({exc}); {hint}"
@@ -480,70 +436,3 @@ def _run_batch(jobs: list[Callable[[], None]]) -> BaseException | None:
             if first is None:
                 first = exc
     return first
-
-
-def _parse_index(data: bytes, limit: int) -> list[ItemEntry]:
-    body = json.loads(data)
-    if not isinstance(body, dict) or body.get("format") != "ckptstore-shard":
-        raise ValueError("not a ckptstore shard index")
-    if body.get("version") != INDEX_FORMAT:
-        raise IncompatibleCheckpointError(
-            f"shard index version {body.get('version')!r} is not supported"
-        )
-    items = []
-    extents = []
-    codecs: dict[str, Codec] = {}
-    for raw_item in body["items"]:
-        key = raw_item["key"]
-        if not isinstance(key, str):
-            raise TypeError("item key must be a string")
-        dname = raw_item["dtype"]
-        dtype = None if dname is None else _dtypes()[dname]
-        nbytes = _int(raw_item["nbytes"])
-        codec_cfg = raw_item["codec"]
-        cache_key = repr(codec_cfg)  # distinguishes 1, 1.0 and true, as JSON does
-        codec = codecs.get(cache_key)
-        if codec is None:
-            codec = codecs[cache_key] = get_codec(codec_cfg)
-        chunks = []
-        total = 0
-        itemsize = ElementKind.of(dtype).itemsize
-        for c in raw_item["chunks"]:
-            offset, stored, raw, xxh3, layout = c
-            offset, stored, raw = _int(offset), _int(stored), _int(raw)
-            if offset + stored > limit:
-                raise ValueError(f"chunk at {offset} (+{stored}) runs into the index")
-            if raw > MAX_CHUNK_BYTES or stored > raw:
-                # Streams are stored compressed only when smaller, else raw: never larger.
-                raise ValueError(
-                    f"chunk of {stored} B stored / {raw} B raw is not one ckptstore writes"
-                )
-            if (
-                not is_digest(xxh3)
-                or not isinstance(layout, list)
-                or not all(isinstance(x, int) for x in layout)
-            ):
-                raise ValueError(f"bad chunk entry {c!r}")
-            if raw % itemsize:
-                raise ValueError(
-                    f"chunk of {raw} B is not a whole number of {itemsize}-byte elements"
-                )
-            extents.append((offset, offset + stored))
-            chunks.append(ChunkEntry(offset, stored, raw, xxh3, layout))
-            total += raw
-        if total != nbytes:
-            raise ValueError(f"chunks of {key!r} add up to {total} B, not {nbytes} B")
-        if dtype is None and nbytes > MAX_VALUE_BYTES:
-            raise ValueError(f"value {key!r} of {nbytes} B is larger than any ckptstore writes")
-        items.append(ItemEntry(key, dtype, nbytes, codec, chunks))
-    extents.sort()
-    for (_, end), (start, _) in itertools.pairwise(extents):
-        if start < end:
-            raise ValueError("chunks overlap")
-    return items
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a non-negative integer, got {value!r}")
-    return value
