@@ -285,3 +285,34 @@ def test_node_local_parts_metadata_reads_as_a_whole_table_per_part():
                 idents[p] = (pp.shared, pp.ident)
                 for got in (pickle.loads(data), md_format.loads(data, "test")):
                     assert got == want, (trial, save, p)
+
+
+def test_dcp_makes_a_local_plan_once_per_layout(tmp_path, monkeypatch):
+    """A local plan depends only on the state's layout (dcp.planner.LocalPlans): DCP
+    makes it for the first save of a layout, and again whenever the layout changes."""
+    from torch.distributed.checkpoint import default_planner
+
+    made = []
+    real = default_planner.create_default_local_save_plan
+
+    def counted(state_dict, is_coordinator):
+        made.append(len(state_dict))
+        return real(state_dict, is_coordinator)
+
+    monkeypatch.setattr(default_planner, "create_default_local_save_plan", counted)
+    recast = _state(4)
+    recast["model"]["w1"] = recast["model"]["w1"].double()  # same keys and shapes
+    with ckptstore.Checkpointer(tmp_path, codec="none", max_inflight=2) as ck:
+        for step in (1, 2, 3):
+            ck.save_async(_state(step), step)  # two arenas in turn
+        ck.wait()
+        assert len(made) == 1, made
+        ck.save(recast, 4)
+        ck.save(_state(5), 5)  # the first layout again: a new layout object
+        assert len(made) == 3, made
+        got = {"model": {k: torch.zeros_like(v) for k, v in recast["model"].items()}}
+        got["small"] = {k: torch.zeros_like(v) for k, v in recast["small"].items()}
+        got["step"] = 0
+        ck.load(got, 4)
+    assert got["model"]["w1"].dtype == torch.float64
+    assert torch.equal(got["model"]["w1"], recast["model"]["w1"]), "planned as the old dtype"

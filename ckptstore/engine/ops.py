@@ -31,7 +31,7 @@ from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp import packs as packs_mod
 from ckptstore.dcp.incremental import IncrementalCache
 from ckptstore.dcp.plancache import PlanCache
-from ckptstore.dcp.planner import SafeLoadPlanner, StagedSavePlanner
+from ckptstore.dcp.planner import LocalPlans, SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
 from ckptstore.dcp.writer import CkptStorageWriter, SaveSpec
 from ckptstore.engine import groups, nodelocal
@@ -106,6 +106,7 @@ class SaveCache:
 
     packs: packs_mod.PackCache = field(default_factory=packs_mod.PackCache)
     plans: PlanCache = field(default_factory=PlanCache)
+    local_plans: LocalPlans = field(default_factory=LocalPlans)  # DCP's, by layout
     metadata: md_format.MetadataCache = field(default_factory=md_format.MetadataCache)
     # The coordinator: what the last save's global plan held (see CkptStorageWriter)
     items: set[tuple[str, str, tuple[int, ...]]] | None = None
@@ -165,7 +166,12 @@ def save_staged(
         cache.incremental.given = staged.found.verified
         cache.incremental.hashed_tensors = {}
     try:
-        planner = StagedSavePlanner(staged.mappings)
+        layout = None  # what the local plan depends on (dcp.planner.LocalPlans)
+        if cache is not None and staged.layout is not None and staged.arena is not None:
+            layout = (staged.layout, (staged.arena.pinned, staged.skipped))
+        planner = StagedSavePlanner(
+            staged.mappings, cache.local_plans if cache is not None else None, layout
+        )
         driver.save(flat, writer, planner, group, cache.plans if cache is not None else None)
     except BaseException:
         writer.abort()
