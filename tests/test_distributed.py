@@ -128,6 +128,20 @@ def test_closing_an_agreement_waits_until_gloo_lets_go_of_its_tensors(which):
     assert groups.held_counts(agreement._held) == agreement._quiet
 
 
+def test_a_failed_agreement_does_not_hold_up_the_exit():
+    """A collective that raised leaves its tensor in torch's frames of the traceback
+    for as long as the exception lives (to the very end, if uncaught): closing does not
+    wait for that one (it would, 60 s at exit)."""
+    agreement = StepAgreement(None)  # no process group: all_reduce raises in torch
+    with pytest.raises(ValueError, match="process group") as failed:
+        agreement.now(None, None, fold=False)
+    assert failed.value.__traceback__ is not None  # (kept alive while closing)
+    start = time.monotonic()
+    agreement.close(wait_s=5)
+    assert time.monotonic() - start < 1
+    assert groups.held_counts(agreement._held) == agreement._quiet
+
+
 def test_a_rollback_restore_keeps_a_pending_stop(tmp_path):
     results = spawn_ranks("manager_rollback_with_stop_pending", str(tmp_path), 2)
     for r, (rc, out) in enumerate(results):

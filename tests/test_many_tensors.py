@@ -138,3 +138,21 @@ def test_parsed_indexes_are_kept_up_to_a_bound(root, counted_parses, monkeypatch
     assert max(first, second) <= 10_000 < first + second
     assert again == first
     assert len(index_mod._kept) == 1 and index_mod._kept_bytes == first
+
+
+def test_kept_indexes_share_one_codec_per_config(root, counted_parses):
+    """A codec keeps scratch per thread that decodes with it (zstd: a chunk's worth);
+    the indexes kept share one codec per config, not one each (~6 MiB per thread per
+    file loaded, held as long as the index was kept)."""
+    import ckptstore.format.shard_index as index_mod
+
+    with ckptstore.Checkpointer(root, codec="zstd") as ckpt:
+        for step in (1, 2, 3):
+            state = many(20 + step)  # a different index each
+            ckpt.save(state, step)
+            ckpt.load(blank_like(state), step)
+    assert len(counted_parses) == 3
+    codecs = {id(item.codec) for items in index_mod._kept.values() for item in items}
+    assert len(codecs) == len(
+        {repr(item.codec.get_config()) for items in index_mod._kept.values() for item in items}
+    )

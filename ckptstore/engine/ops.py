@@ -168,7 +168,8 @@ def save_staged(
     try:
         layout = None  # what the local plan depends on (dcp.planner.LocalPlans)
         if cache is not None and staged.layout is not None and staged.arena is not None:
-            layout = (staged.layout, (staged.arena.pinned, staged.skipped))
+            packed = tuple((name, flat[name].nbytes) for name in packs)  # (packs.pack)
+            layout = (staged.layout, (staged.arena.pinned, staged.skipped, packed))
         planner = StagedSavePlanner(
             staged.mappings, cache.local_plans if cache is not None else None, layout
         )

@@ -84,6 +84,25 @@ _kept_bytes = 0
 _kept_lock = threading.Lock()
 
 
+_codecs: dict[str, Codec] = {}
+_MAX_CODECS = 64
+
+
+def _codec(config: Any) -> Codec:
+    """The codec of ``config``, one per config for every index parsed: a codec keeps
+    scratch per thread that decodes with it (zstd: a chunk and two rows), which one
+    codec per kept index would hold per file read."""
+    key = repr(config)  # distinguishes 1, 1.0 and true, as JSON does
+    with _kept_lock:
+        codec = _codecs.get(key)
+    if codec is None:
+        codec = get_codec(config)  # (raises for a config no codec takes: not kept)
+        with _kept_lock:
+            if len(_codecs) < _MAX_CODECS:
+                codec = _codecs.setdefault(key, codec)
+    return codec
+
+
 def parsed_index(data: bytes, xxh3: str, limit: int) -> list[ItemEntry]:
     """The entries of index ``data`` (whose checksum ``xxh3`` the caller checked), its
     chunks ending before ``limit``. Raises what :func:`parse_index` raises."""
@@ -116,7 +135,6 @@ def parse_index(data: bytes, limit: int) -> list[ItemEntry]:
         )
     items = []
     extents = []
-    codecs: dict[str, Codec] = {}
     for raw_item in body["items"]:
         key = raw_item["key"]
         if not isinstance(key, str):
@@ -125,10 +143,7 @@ def parse_index(data: bytes, limit: int) -> list[ItemEntry]:
         dtype = None if dname is None else _dtypes()[dname]
         nbytes = _int(raw_item["nbytes"])
         codec_cfg = raw_item["codec"]
-        cache_key = repr(codec_cfg)  # distinguishes 1, 1.0 and true, as JSON does
-        codec = codecs.get(cache_key)
-        if codec is None:
-            codec = codecs[cache_key] = get_codec(codec_cfg)
+        codec = _codec(codec_cfg)
         chunks = []
         total = 0
         itemsize = ElementKind.of(dtype).itemsize

@@ -63,10 +63,8 @@ class StepAgreement:
         self._buffers = (torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
         # written through numpy: torch's indexing costs ~70 us a step, a view ~8 us
         self._views = tuple(b.numpy() for b in self._buffers)
-        self._now = torch.zeros(2, dtype=torch.int64)  # now()'s, on the caller's thread
-        self._now_view = self._now.numpy()
-        self._held = (*self._buffers, self._now)  # every tensor a collective is given
-        self._quiet = groups.held_counts(self._held)
+        self._quiet: list[int] = []  # (see _new_now)
+        self._new_now()
         self._turn = 0
         self._max = dist.AllreduceOptions()
         self._max.reduceOp = dist.ReduceOp.MAX  # type: ignore[assignment]
@@ -86,8 +84,24 @@ class StepAgreement:
         codes = zip(_codes(reason, stop), _codes(*late), strict=True)
         self._now_view[:] = [max(a, b) for a, b in codes]
         _LIVE.add(self)  # (its tensor is let go of before the interpreter stops)
-        dist.all_reduce(self._now, op=dist.ReduceOp.MAX, group=self._group)
+        try:
+            dist.all_reduce(self._now, op=dist.ReduceOp.MAX, group=self._group)
+        except BaseException:
+            # torch's frames in the traceback hold the tensor as long as the exception
+            # lives (to the end, if uncaught), and gloo may still reduce into it
+            self._new_now()
+            raise
         return _decode(self._now_view)
+
+    def _new_now(self) -> None:
+        """A new tensor for :meth:`now` (on the caller's thread), and the counts of
+        every tensor a collective is given, taken while none holds them: the step
+        buffers' are those of the first call (later, the agreement thread may hold one)."""
+        self._now = torch.zeros(2, dtype=torch.int64)
+        self._now_view = self._now.numpy()
+        self._held = (*self._buffers, self._now)
+        counts = groups.held_counts(self._held)
+        self._quiet = counts if not self._quiet else [*self._quiet[:2], counts[2]]
 
     def start(self, reason: str | None, stop: int | None) -> None:
         """Begin this step's agreement of ``reason`` and ``stop``, collected (with
