@@ -93,13 +93,11 @@ def _codec(config: Any) -> Codec:
     scratch per thread that decodes with it (zstd: a chunk and two rows), which one
     codec per kept index would hold per file read."""
     key = repr(config)  # distinguishes 1, 1.0 and true, as JSON does
-    with _kept_lock:
-        codec = _codecs.get(key)
+    codec = _codecs.get(key)
     if codec is None:
         codec = get_codec(config)  # (raises for a config no codec takes: not kept)
-        with _kept_lock:
-            if len(_codecs) < _MAX_CODECS:
-                codec = _codecs.setdefault(key, codec)
+        if len(_codecs) < _MAX_CODECS:
+            codec = _codecs.setdefault(key, codec)  # (atomic: the first one made wins)
     return codec
 
 
