@@ -455,6 +455,40 @@ def test_trusting_version_counters_hashes_after_returning_and_a_bypassing_write_
         load_equal(ckpt, 5, {"frozen": frozen.clone(), "w": w.clone()})
 
 
+def test_trusting_version_counters_hashes_the_trusted_only_once_the_copy_is_done(root, monkeypatch):
+    """The trusted tensors' hashes start once the rest is copied, not alongside the
+    copy (on two cores the two slowed each other down, and the caller waits for the
+    copy), and before ``save_async`` returns."""
+    import ckptstore.engine.stager as stager_mod
+
+    frozen, w = torch.randn(400_000), torch.zeros(70_000)  # w: copied every save
+    cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
+    with ckptstore.Checkpointer(root, **cfg) as ckpt:
+        ckpt.save({"frozen": frozen, "w": w}, step=1)
+        w.add_(1.0)
+        ckpt.save({"frozen": frozen, "w": w}, step=2)  # matched: trusted
+        w.add_(1.0)
+        pool = ckpt._staging.hash_pool
+        submitted: list[str] = []
+        real_submit, real_copy = pool.submit, stager_mod._copy
+
+        def submit(fn, *args, **kwargs):
+            submitted.append("hash")
+            return real_submit(fn, *args, **kwargs)
+
+        def copy(*args, **kwargs):
+            submitted.append("copy")
+            return real_copy(*args, **kwargs)
+
+        monkeypatch.setattr(pool, "submit", submit)
+        monkeypatch.setattr(stager_mod, "_copy", copy)
+        pending = ckpt.save_async({"frozen": frozen, "w": w}, step=3)
+        assert submitted[0] == "copy" and submitted.count("hash") >= 1, submitted
+        pending.wait()
+        assert ckpt.latest().manifest.linked
+        load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": w.clone()})
+
+
 @pytest.mark.parametrize("through", ["torch", "data"])
 def test_trusting_version_counters_a_write_after_returning(root, through):
     """A trusted tensor written after ``save_async`` returned, before its hash, through

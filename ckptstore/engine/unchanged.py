@@ -20,8 +20,9 @@ With ``trust_version_counters`` (``CheckpointerConfig``, off by default), a slot
 hash has matched with its counter unmoved is trusted (:attr:`Held.trusted`) for as long
 as the tensor keeps that same storage (a state built anew each save, whose tensors are
 new ones that may reuse an old address with a counter at 0 again, is never trusted):
-from then on the caller does not wait for its hash. It is hashed where it lies after
-``save`` returned, and the save commits only once that hash matches
+from then on the caller does not wait for its hash. It is hashed where it lies once
+the copy of the rest is done (as ``save`` returns), and the save commits only once that
+hash matches
 (:meth:`Found.confirm`, from the writer). If it differs, the bytes at the save cannot be
 known: the tensor changed behind its counter (``.data``, a raw pointer) before the save,
 or changed after it returned, before its hash (whether or not the counter moved since:
@@ -103,20 +104,32 @@ class Held:
 
 @dataclass
 class Later:
-    """Trusted tensors being hashed after the save returned (:attr:`Held.trusted`)."""
+    """Trusted tensors hashed after the save returned (:attr:`Held.trusted`), once
+    :meth:`begin` starts them."""
 
     held: Held
     candidates: list[tuple[int, str]]  # (slot, the digest it holds)
-    result: Callable[[], list[str]]
-    jobs: list[Future[str]]
     tensors: list[torch.Tensor]
     versions: list[tuple[int, int]]  # each one's counter and pointer at the save
     names: dict[int, list[str]]
     untrusted: set[str]  # the pool's: tensors never to trust again
+    pool: Executor
+    result: Callable[[], list[str]] | None = None  # None: not started
+    jobs: list[Future[str]] = field(default_factory=list)
+
+    def begin(self) -> None:
+        """Start the hashes (once the copy is done: copies and hashes running together
+        on two cores slowed both, and the caller waits for the copy)."""
+        if self.result is None:
+            self.result, self.jobs = start_hashing(
+                [tensor_bytes(t) for t in self.tensors], self.pool
+            )
 
     def confirm(self) -> None:
         """Wait for the hashes; raise StateChangedError where one differs (module doc).
         Writer thread."""
+        self.begin()
+        assert self.result is not None
         try:
             got = self.result()
         except BaseException:
@@ -223,7 +236,8 @@ def copy(
     counters, and the tensors not staged (``skip``). Hashes what the arena may hold
     already, then ``copy_all_but(slots)`` copies the rest. (Hashing first: copies run
     on torch's threads, which spin a while after each copy and would slow the hashes
-    down.) ``trust``: None, or the tensors never to trust (trust_version_counters: the
+    down; the trusted ones are hashed once the copy is done, for the same reason.)
+    ``trust``: None, or the tensors never to trust (trust_version_counters: the
     trusted ones are hashed after it returns; module doc). Returns what ``copy_all_but``
     does, and what was not copied (the arena holds it). Without a ``pool`` (not an
     incremental save, or a state a device's copy engine copies) everything is copied,
@@ -235,7 +249,10 @@ def copy(
     if check is None:
         return copy_all_but(frozenset()), Found()
     found, same = check.finish(arena.held)
-    return copy_all_but(same), found
+    staged = copy_all_but(same)
+    if found.later is not None:
+        found.later.begin()
+    return staged, found
 
 
 def start(
@@ -290,11 +307,10 @@ def start(
     result, jobs = start_hashing([tensor_bytes(t) for _, _, t in now], pool)
     got = [(s, d) for s, d, _ in now]
     check = Check(got, result, jobs, names, [t for *_, t in now], trust)
-    if later:
+    if later:  # hashed once the copy is done (Later.begin)
         assert trust is not None
-        result, jobs = start_hashing([tensor_bytes(t) for _, _, t in later], pool)
         at_save = [held.slots[s][1] for s, _, _ in later]  # = versions now
         got = [(s, d) for s, d, _ in later]
         tensors = [t for *_, t in later]
-        check.later = Later(held, got, result, jobs, tensors, at_save, names, trust)
+        check.later = Later(held, got, tensors, at_save, names, trust, pool)
     return check
