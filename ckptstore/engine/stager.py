@@ -21,13 +21,12 @@ change its tensors as soon as :meth:`StagingPool.stage` returns.
   flight to release one (backpressure) instead of allocating without bound.
 * Non-tensor values are serialized here, on the caller's thread, and checked to load
   back with ``torch.load(weights_only=True)``: a value that could not be loaded safely
-  fails the save at once with the key that holds it, not at restore time.
+  fails the save at once with the key that holds it, not at restore time. A plain value
+  the same as at the last save is not serialized again (:mod:`ckptstore.engine.values`).
 """
 
 from __future__ import annotations
 
-import io
-import pickle
 import threading
 import time
 from concurrent.futures import Executor
@@ -50,6 +49,7 @@ from ckptstore.engine.layout_cache import (
     plan_layout,
     resolve_stateful,
 )
+from ckptstore.engine.values import ValueCache, serialize
 from ckptstore.errors import CkptStoreError, UnsupportedStateError
 from ckptstore.units import format_bytes
 
@@ -192,6 +192,7 @@ class StagingPool:
         self._cond = threading.Condition()
         self._closed = False
         self._layouts = LayoutCache()
+        self._values = ValueCache()  # what the last save's plain values serialized to
         self.copy_engine = copy_engine
         # Incremental saves (dcp.incremental): note each tensor's version counter and
         # data pointer on the caller's thread; a tensor whose counter moved on the same
@@ -234,10 +235,9 @@ class StagingPool:
         with self._cond:
             self._prepared += 1
             number = self._prepared
-        values = {
-            fqn: _serialize(fqn, objs[i])
-            for i, fqn in zip(layout.value_pos, layout.value_fqns, strict=True)
-        }
+        values = self._values.serialize_all(
+            {fqn: objs[i] for i, fqn in zip(layout.value_pos, layout.value_fqns, strict=True)}
+        )
         start = time.perf_counter()
         arena = None
         if layout.tensor_pos:
@@ -517,34 +517,8 @@ def stage_in_place(state_dict: dict[str, Any]) -> StagedState:
     staged = {fqn: objs[i] for fqn, i in zip(layout.tensor_fqns, layout.tensor_pos, strict=True)}
     value_bytes = 0
     for i, fqn in zip(layout.value_pos, layout.value_fqns, strict=True):
-        staged[fqn] = _serialize(fqn, objs[i])
+        staged[fqn] = serialize(fqn, objs[i])
         value_bytes += len(staged[fqn].data)
     return StagedState(
         staged, dict(layout.mappings), None, layout.total, value_bytes, time.perf_counter() - start
     )
-
-
-def _serialize(fqn: str, value: Any) -> SerializedValue:
-    if isinstance(value, io.BytesIO):
-        # DCP's convention for opaque bytes (torchtitan's train state): stored as the
-        # bytes it holds, loaded back into the target's BytesIO (SafeLoadPlanner).
-        value = value.getvalue()
-    buf = io.BytesIO()
-    try:
-        torch.save(value, buf)
-    except Exception as exc:
-        raise UnsupportedStateError(
-            f"state_dict[{fqn!r}] ({type(value).__name__}) cannot be saved: {exc}"
-        ) from None
-    data = buf.getvalue()
-    try:
-        torch.load(io.BytesIO(data), weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedStateError(
-            f"state_dict[{fqn!r}] is a {type(value).__module__}.{type(value).__qualname__}, which "
-            "could not be loaded back without unpickling arbitrary code (torch.load with "
-            "weights_only=True refuses it). Store it as tensors or plain Python values "
-            f"(numbers, strings, lists, tuples, dicts). ({first})"
-        ) from None
-    return SerializedValue(data)
