@@ -316,3 +316,37 @@ def test_dcp_makes_a_local_plan_once_per_layout(tmp_path, monkeypatch):
         ck.load(got, 4)
     assert got["model"]["w1"].dtype == torch.float64
     assert torch.equal(got["model"]["w1"], recast["model"]["w1"]), "planned as the old dtype"
+
+
+def test_a_staged_state_is_set_up_as_dcp_would_without_walking_it(monkeypatch):
+    """StagedSavePlanner skips DCP's flattening of a staged (flat) state: the state,
+    mappings and local plan are what DCP's own set-up gives; a nested state still goes
+    through DCP's walk."""
+    from torch.distributed.checkpoint import default_planner
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from ckptstore.dcp.planner import SerializedValue, StagedSavePlanner
+
+    flat = {
+        "model.w": torch.randn(4, 3),
+        "model.b": torch.zeros(3, dtype=torch.bfloat16),
+        "optim.param_groups": SerializedValue(b"x"),
+    }
+    mappings = {k: tuple(k.split(".")) for k in flat}
+    ours, dcps = StagedSavePlanner(mappings), DefaultSavePlanner()
+    dcps.set_up_planner(flat, is_coordinator=True)
+    walks = []
+    real = default_planner.flatten_state_dict
+    monkeypatch.setattr(
+        default_planner, "flatten_state_dict", lambda sd: walks.append(1) or real(sd)
+    )
+    ours.set_up_planner(flat, is_coordinator=True)
+    assert not walks
+    assert ours.state_dict == dcps.state_dict and ours.state_dict is not flat
+    assert ours.is_coordinator is True and ours.mappings is mappings
+    assert ours.create_local_plan().items == dcps.create_local_plan().items
+
+    nested = {"model": {"w": torch.randn(2)}, "step": 3}
+    planner = StagedSavePlanner({"model.w": ("model", "w"), "step": ("step",)})
+    planner.set_up_planner(nested)
+    assert set(planner.state_dict) == {"model.w", "step"} and walks
