@@ -350,3 +350,29 @@ def test_a_staged_state_is_set_up_as_dcp_would_without_walking_it(monkeypatch):
     planner = StagedSavePlanner({"model.w": ("model", "w"), "step": ("step",)})
     planner.set_up_planner(nested)
     assert set(planner.state_dict) == {"model.w", "step"} and walks
+
+
+def test_a_sharded_tensor_is_refused_by_name_and_never_taken_for_a_staged_tensor(monkeypatch):
+    """ShardedTensor is a torch.Tensor subclass: staging names it (it used to fail deep
+    in its tensor checks), and the planner does not take it for a staged tensor."""
+    import pytest
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from ckptstore.dcp.planner import _STAGED, StagedSavePlanner
+
+    assert issubclass(ShardedTensor, torch.Tensor) and ShardedTensor not in _STAGED
+    # One needs a process group to be made; a subclass of the same name stands for it
+    # (staging tells it by name)
+    fake = torch.Tensor._make_subclass(type("ShardedTensor", (torch.Tensor,), {}), torch.zeros(2))
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    walked = []
+    monkeypatch.setattr(  # DCP's own set-up: the walks
+        DefaultSavePlanner, "set_up_planner", lambda *args: walked.append(1)
+    )
+    StagedSavePlanner({}).set_up_planner({"st": fake})
+    assert walked
+    from ckptstore.engine.layout_cache import plan_layout
+
+    with pytest.raises(ckptstore.UnsupportedStateError, match=r"\['st'\] is a ShardedTensor"):
+        plan_layout({"st": fake})

@@ -119,3 +119,24 @@ def test_a_learning_rate_changed_between_saves_is_restored(root):
             target = {"optim": fresh.state_dict()}
             ckpt.load(target, step=step)
             assert target["optim"]["param_groups"][0]["lr"] == lr
+
+
+def test_a_value_nested_deeper_than_pickle_goes_is_refused_naming_its_key(root):
+    """Review D1: the cache's pickle must not turn torch.save's refusal, which names the
+    key, into a bare RecursionError."""
+    deep: object = 0
+    for _ in range(900):
+        deep = [deep]
+    assert plain_key(deep) is None
+    with pytest.raises(UnsupportedStateError, match="'k'"):
+        ValueCache().serialize_all({"k": deep})
+
+
+def test_a_large_string_is_not_pickled_for_the_cache(monkeypatch):
+    """A value whose strings alone pass the size bound is given up while walking it."""
+    import pickle
+
+    calls = []
+    monkeypatch.setattr(pickle, "dumps", lambda *a, **k: calls.append(1) or b"")
+    assert plain_key(["x" * (300 << 10)]) is None and plain_key([b"y" * (300 << 10)]) is None
+    assert not calls

@@ -13,6 +13,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem, SavePlan, WriteItem, WriteItemType
+from torch.distributed.tensor import DTensor
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
 
@@ -53,6 +54,10 @@ class LocalPlans:
 
     def put(self, key: tuple[object, tuple[Any, ...]], plan: SavePlan) -> None:
         self._kept = [(key, plan), *self._kept][: self._keep]
+
+
+# What a staged state holds beside DTensors, as exact types (StagedSavePlanner)
+_STAGED = frozenset({torch.Tensor, torch.nn.Parameter, SerializedValue})
 
 
 class StagedSavePlanner(DefaultSavePlanner):
@@ -98,10 +103,10 @@ class StagedSavePlanner(DefaultSavePlanner):
         """DCP's set-up. A staged state is flat already (fqn -> tensor, DTensor or
         serialized value; staging refuses ShardedTensors), so DCP's two walks over it
         (flattening, then ShardedTensors), each giving back the same keys and values,
-        are skipped: ~2 ms a save at 260 items here. Anything else goes through them."""
-        if all(
-            type(v) is SerializedValue or isinstance(v, torch.Tensor) for v in state_dict.values()
-        ):
+        are skipped: ~2 ms a save at 260 items here. Only where every value is one of
+        those (exact types: a ShardedTensor is a torch.Tensor subclass); anything else
+        goes through DCP's walks."""
+        if all(type(v) in _STAGED or isinstance(v, DTensor) for v in state_dict.values()):
             self.state_dict = dict(state_dict)
             self.is_coordinator = is_coordinator
         else:

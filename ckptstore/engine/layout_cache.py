@@ -219,16 +219,16 @@ def plan_layout(resolved: dict[str, Any]) -> tuple[Layout, list[Any]]:
     locals_: list[torch.Tensor] = []
     dtensor_flags: list[bool] = []
     for i, (fqn, obj) in enumerate(flat.items()):
+        if type(obj).__name__ == "ShardedTensor":  # a torch.Tensor subclass: ask first
+            raise UnsupportedStateError(
+                f"state_dict[{fqn!r}] is a ShardedTensor, which ckptstore does not stage; "
+                "use DTensor (FSDP2 / torch.distributed.tensor) instead"
+            )
         if isinstance(obj, DTensor):
             tensor = obj._local_tensor
         elif isinstance(obj, torch.Tensor):
             tensor = obj
         else:
-            if type(obj).__name__ == "ShardedTensor":
-                raise UnsupportedStateError(
-                    f"state_dict[{fqn!r}] is a ShardedTensor, which ckptstore does not stage; "
-                    "use DTensor (FSDP2 / torch.distributed.tensor) instead"
-                )
             continue
         check_tensor(fqn, tensor)
         tensor_pos.append(i)

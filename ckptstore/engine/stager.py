@@ -355,6 +355,7 @@ class StagingPool:
             self._closed = True
             free, self._free = self._free, []
             self._cond.notify_all()
+        self._values.clear()
         for arena in free:
             arena.close()
         if self.hash_pool is not None:

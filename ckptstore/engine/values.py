@@ -59,24 +59,32 @@ def serialize(fqn: str, value: Any) -> SerializedValue:
 
 
 def plain_key(value: Any) -> bytes | None:
-    """The pickle of ``value`` if it is a small plain value (module doc), else None."""
-    todo, nodes = [value], 0
+    """The pickle of ``value`` if it is a small plain value (module doc), else None
+    (then :func:`serialize` reports whatever keeps it from being saved)."""
+    todo, nodes, size = [value], 0, 0
     while todo:
         v = todo.pop()
         nodes += 1
         if nodes > _MAX_NODES:
             return None
         kind = type(v)
-        if kind in _PLAIN:
+        if kind is str or kind is bytes:
+            size += len(v)
+            if size > _MAX_BYTES:
+                return None  # not pickled only to be thrown away
+        elif kind in _PLAIN:
             continue
-        if kind is tuple or kind is list:
+        elif kind is tuple or kind is list:
             todo.extend(v)
         elif kind is dict:
             todo.extend(v.keys())
             todo.extend(v.values())
         else:
             return None
-    key = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        key = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except RecursionError:  # nested deeper than pickle goes
+        return None
     return key if len(key) <= _MAX_BYTES else None
 
 
@@ -86,6 +94,9 @@ class ValueCache:
 
     def __init__(self) -> None:
         self._kept: dict[str, tuple[bytes, SerializedValue]] = {}
+
+    def clear(self) -> None:
+        self._kept = {}
 
     def serialize_all(self, values: dict[str, Any]) -> dict[str, SerializedValue]:
         """fqn -> serialized value, for each of ``values`` (fqn -> value)."""
