@@ -104,8 +104,8 @@ class Held:
 
 @dataclass
 class Later:
-    """Trusted tensors hashed after the save returned (:attr:`Held.trusted`), once
-    :meth:`begin` starts them."""
+    """Trusted tensors (:attr:`Held.trusted`), hashed where they lie from :meth:`begin`
+    (once the copy of the rest is done) while the save goes on."""
 
     held: Held
     candidates: list[tuple[int, str]]  # (slot, the digest it holds)
@@ -237,8 +237,8 @@ def copy(
     already, then ``copy_all_but(slots)`` copies the rest. (Hashing first: copies run
     on torch's threads, which spin a while after each copy and would slow the hashes
     down; the trusted ones are hashed once the copy is done, for the same reason.)
-    ``trust``: None, or the tensors never to trust (trust_version_counters: the
-    trusted ones are hashed after it returns; module doc). Returns what ``copy_all_but``
+    ``trust``: None, or the tensors never to trust (trust_version_counters; module
+    doc). Returns what ``copy_all_but``
     does, and what was not copied (the arena holds it). Without a ``pool`` (not an
     incremental save, or a state a device's copy engine copies) everything is copied,
     and forgotten."""
