@@ -62,6 +62,59 @@ def test_direct_save_and_load_multipart(s3_server, s3_bucket):
     assert s3_server.open_uploads(s3_bucket) == []
 
 
+def test_copies_inside_the_store_of_multipart_files_read_back(s3_server, s3_bucket):
+    """An incremental save links (copies inside the store) a shard uploaded in parts,
+    and a damaged checkpoint moved aside is copied too: every copy reads back. Without
+    a checksum algorithm on the copy, moto gave it the source's composite checksum and
+    every GET of it failed (FlexibleChecksumError; found by the S3 crash stress)."""
+    backend = s3(s3_server, s3_bucket)
+    backend.part_bytes = MIN_PART_BYTES
+    frozen = big_state()["w"]
+    with ckptstore.Checkpointer(backend, codec="none", incremental=True) as ckpt:
+        for step in (1, 2):
+            ckpt.save({"w": frozen, "step": torch.tensor(step)}, step)
+        assert ckpt.latest().manifest.linked, "nothing linked: the test tests nothing"
+        assert ckpt.verify(2) == []
+        target = {"w": torch.zeros_like(frozen), "step": torch.tensor(0)}
+        ckpt.load(target, step=2)
+        assert torch.equal(target["w"], frozen) and int(target["step"]) == 2
+    backend.move_aside("step_00000001", "step_00000001.damaged-test")
+    moved = backend.fs.ls(backend.store_path("step_00000001.damaged-test"))
+    shards = [p.rsplit("/", 1)[1] for p in moved if p.endswith(".distcp")]
+    assert shards, moved
+    for name in shards:
+        with backend.open_reader(f"step_00000001.damaged-test/{name}") as reader:
+            assert len(reader.read(0, reader.size)) == reader.size
+
+
+def test_a_store_that_refuses_a_checksum_on_copies_is_copied_without(s3_server, s3_bucket, caplog):
+    """An S3-compatible store that refuses the checksum algorithm on CopyObject still
+    gets its incremental links (copied without), with a warning once."""
+    from botocore.exceptions import ClientError
+
+    backend = s3(s3_server, s3_bucket)
+    real_copy, asked = backend.fs.copy, []
+
+    def copy(src, dst, recursive=False, **kw):
+        asked.append(sorted(kw))
+        if kw:
+            raise ClientError({"Error": {"Code": "InvalidArgument"}}, "CopyObject")
+        return real_copy(src, dst, recursive=recursive)
+
+    backend.fs.copy = copy
+    frozen = torch.randn(300_000)
+    with (
+        caplog.at_level(logging.WARNING, logger="ckptstore"),
+        ckptstore.Checkpointer(backend, codec="none", incremental=True) as ckpt,
+    ):
+        for step in (1, 2, 3):
+            ckpt.save({"w": frozen, "step": torch.tensor(step)}, step)
+        assert ckpt.latest().manifest.linked
+        assert ckpt.verify(3) == []
+    assert asked == [["ChecksumAlgorithm"], [], []], asked  # refused once, never asked again
+    assert "refused a checksum algorithm on a copy" in caplog.text
+
+
 def test_direct_save_through_the_public_url_api(s3_server, s3_bucket):
     """Credentials and endpoint from the AWS environment variables, as for AWS itself."""
     state = realistic_state()

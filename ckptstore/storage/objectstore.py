@@ -193,7 +193,7 @@ class _FsspecPending(PendingCheckpoint):
                 path = self._backend.store_path(f"{self.name}/{check_name(name)}")
                 if self._backend.object_exists(path):  # another copy's: never ours to remove
                     raise FileExistsError(path)
-                self._backend.fs.copy(self._backend.store_path(source), path)
+                self._backend.copy_inside(self._backend.store_path(source), path)
                 made.append(path)
         except Exception:
             for path in made:
@@ -254,6 +254,11 @@ class FsspecBackend(StorageBackend):
         self.fs = fs
         self.root = root.rstrip("/")
         self.url = url.rstrip("/")
+
+    def copy_inside(self, src: str, dst: str, recursive: bool = False) -> None:
+        """Copy ``src`` to ``dst`` (store paths) inside the store: no bytes through
+        this machine."""
+        self.fs.copy(src, dst, recursive=recursive)
 
     def store_path(self, name: str) -> str:
         """The file system's path of ``name`` (checked by ``check_name``) under the root."""
@@ -385,10 +390,7 @@ class FsspecBackend(StorageBackend):
         try:
             if self.fs.exists(dst):
                 raise StorageError(errno.EEXIST, "cannot move aside: the name is taken", dst)
-            if self.fs.isdir(src):
-                self.fs.copy(src, dst, recursive=True)
-            else:
-                self.fs.copy(src, dst)
+            self.copy_inside(src, dst, recursive=self.fs.isdir(src))
         except StorageError:
             raise
         except Exception as exc:
