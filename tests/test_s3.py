@@ -115,6 +115,46 @@ def test_a_store_that_refuses_a_checksum_on_copies_is_copied_without(s3_server, 
     assert "refused a checksum algorithm on a copy" in caplog.text
 
 
+def test_copies_above_s3fs_part_copy_size_and_half_refused_moves(s3_server, s3_bucket, monkeypatch):
+    """Above s3fs's MANAGED_COPY_THRESHOLD a copy goes in parts, completed without the
+    parts' checksums (AWS refuses that for an upload created with an algorithm): no
+    algorithm is asked there. And a store that refuses it for some files only still
+    moves a checkpoint aside whole, file for file, nothing nested or left half."""
+    import s3fs.core
+    from botocore.exceptions import ClientError
+
+    backend = s3(s3_server, s3_bucket)
+    backend.part_bytes = MIN_PART_BYTES
+    real_copy, asked = backend.fs.copy, []
+
+    def copy(src, dst, recursive=False, **kw):
+        asked.append((src.rsplit("/", 1)[1], sorted(kw)))
+        if kw and src.endswith(".distcp") and refuse:
+            raise ClientError({"Error": {"Code": "InvalidArgument"}}, "CopyObject")
+        return real_copy(src, dst, recursive=recursive, **kw)
+
+    backend.fs.copy, refuse = copy, False
+    monkeypatch.setattr(s3fs.core, "MANAGED_COPY_THRESHOLD", 6 << 20)
+    frozen = big_state()["w"]  # 12 MiB: above the threshold as patched
+    with ckptstore.Checkpointer(backend, codec="none", incremental=True) as ckpt:
+        for step in (1, 2):
+            ckpt.save({"w": frozen, "step": torch.tensor(step)}, step)
+        assert ckpt.latest().manifest.linked
+        assert ckpt.verify(2) == []
+    assert [a for a in asked if a[0].endswith(".distcp")] == [(asked[0][0], [])], asked
+    monkeypatch.setattr(s3fs.core, "MANAGED_COPY_THRESHOLD", 5 << 30)
+    asked.clear()
+    refuse = True
+    before = sorted(
+        p.rsplit("/", 1)[1] for p in backend.fs.find(backend.store_path("step_00000001"))
+    )
+    backend.move_aside("step_00000001", "step_00000001.damaged-test")
+    moved = backend.fs.find(backend.store_path("step_00000001.damaged-test"))
+    top = backend.fs._strip_protocol(backend.store_path("step_00000001.damaged-test"))
+    assert sorted(p[len(top) + 1 :] for p in moved) == before, moved
+    assert any(kw for _, kw in asked) and any(not kw for _, kw in asked), asked
+
+
 def test_direct_save_through_the_public_url_api(s3_server, s3_bucket):
     """Credentials and endpoint from the AWS environment variables, as for AWS itself."""
     state = realistic_state()

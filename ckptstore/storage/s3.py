@@ -280,20 +280,41 @@ class S3Backend(FsspecBackend):
         return False
 
     def copy_inside(self, src: str, dst: str, recursive: bool = False) -> None:
+        # File by file (a directory's: each object under it), each a copy of its own:
+        # a refusal below then retries that file alone, with nothing half copied.
+        if not recursive:
+            return self._copy_object(src, dst)
+        top = self.fs._strip_protocol(src).rstrip("/")
+        for path in self.fs.find(src):
+            rest = self.fs._strip_protocol(path)[len(top) :]
+            if rest.startswith("/"):
+                self._copy_object(path, f"{dst.rstrip('/')}{rest}")
+        return None
+
+    def _copy_object(self, src: str, dst: str) -> None:
         # With a checksum algorithm the copy gets a CRC32 of its own bytes. Without, a
         # copy of a multipart upload's object kept the source's composite checksum
         # (moto 5.2), which every GET of the copy then failed to match (botocore's
-        # FlexibleChecksumError): incremental links and moved-aside checkpoints.
-        if self._checksums and self._copy_checksums:
+        # FlexibleChecksumError): incremental links and moved-aside checkpoints. Only
+        # where s3fs makes one CopyObject of it: above MANAGED_COPY_THRESHOLD it copies
+        # in parts and completes them without the parts' checksums, which AWS refuses
+        # for an upload created with an algorithm.
+        import s3fs.core
+
+        if (
+            self._checksums
+            and self._copy_checksums
+            and self.fs.size(src) <= s3fs.core.MANAGED_COPY_THRESHOLD
+        ):
             try:
-                self.fs.copy(src, dst, recursive=recursive, ChecksumAlgorithm="CRC32")
+                self.fs.copy(src, dst, ChecksumAlgorithm="CRC32")
                 return
-            except Exception as exc:
+            except Exception as exc:  # CopyObject is all or nothing: nothing to undo
                 if error_code(exc) not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
                     raise
                 log.warning("%s refused a checksum algorithm on a copy (%s); copying without", self.url, error_code(exc))  # fmt: skip
                 self._copy_checksums = False
-        self.fs.copy(src, dst, recursive=recursive)
+        self.fs.copy(src, dst)
 
     def open_reader(self, name: str) -> RangeReader:
         return S3Reader(self.fs, self.store_path(name), self._run)
