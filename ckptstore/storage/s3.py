@@ -126,6 +126,11 @@ def is_s3(fs: Any) -> bool:
     return any(p in ("s3", "s3a") for p in protocols)
 
 
+# How a store that lacks an optional argument (a checksum, If-None-Match) refuses it:
+# asked again without, and never again.
+ARGUMENT_REFUSED = ("NotImplemented", "InvalidArgument", "InvalidRequest")
+
+
 class S3Backend(FsspecBackend):
     """A prefix in an S3 bucket, through an ``s3fs.S3FileSystem``.
 
@@ -238,7 +243,7 @@ class S3Backend(FsspecBackend):
             try:
                 return self._call(method, **kwargs, **checksum_args(data)), True
             except Exception as exc:
-                if error_code(exc) not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                if error_code(exc) not in ARGUMENT_REFUSED:
                     raise
                 log.warning(
                     "%s refused S3 checksum arguments (x-amz-checksum-crc32: %s); asking "
@@ -283,13 +288,13 @@ class S3Backend(FsspecBackend):
         # File by file (a directory's: each object under it), each a copy of its own:
         # a refusal below then retries that file alone, with nothing half copied.
         if not recursive:
-            return self._copy_object(src, dst)
+            self._copy_object(src, dst)
+            return
         top = self.fs._strip_protocol(src).rstrip("/")
         for path in self.fs.find(src):
             rest = self.fs._strip_protocol(path)[len(top) :]
             if rest.startswith("/"):
                 self._copy_object(path, f"{dst.rstrip('/')}{rest}")
-        return None
 
     def _copy_object(self, src: str, dst: str) -> None:
         # With a checksum algorithm the copy gets a CRC32 of its own bytes. Without, a
@@ -310,7 +315,7 @@ class S3Backend(FsspecBackend):
                 self.fs.copy(src, dst, ChecksumAlgorithm="CRC32")
                 return
             except Exception as exc:  # CopyObject is all or nothing: nothing to undo
-                if error_code(exc) not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                if error_code(exc) not in ARGUMENT_REFUSED:
                     raise
                 log.warning("%s refused a checksum algorithm on a copy (%s); copying without", self.url, error_code(exc))  # fmt: skip
                 self._copy_checksums = False
@@ -329,7 +334,7 @@ class S3Backend(FsspecBackend):
             except FileExistsError:  # s3fs's word for 412 Precondition Failed
                 raise ManifestExistsError(path) from None
             except Exception as exc:
-                if error_code(exc) not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                if error_code(exc) not in ARGUMENT_REFUSED:
                     raise
                 log.warning(
                     "%s does not support conditional writes (If-None-Match); committing with "
