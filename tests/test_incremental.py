@@ -295,6 +295,29 @@ def test_tensors_whose_version_moved_are_written_without_hashing_and_the_hash_de
         load_equal(ckpt, 3, {"w": w.clone(), "frozen": frozen.clone()})
 
 
+def test_small_items_share_a_hash_job_and_keep_their_digests():
+    """Hundreds of small items are hashed a few jobs at a time, not one job each, and
+    every digest is the item's own xxh3-128 (an item above one piece: of its pieces')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import xxhash
+
+    from ckptstore.dcp.incremental import _PIECE, start_hashing
+
+    rng = np.random.default_rng(0)
+    raws = [rng.integers(0, 256, n, dtype=np.uint8) for n in [0, 10] + [5000] * 300]
+    raws.append(rng.integers(0, 256, 2 * _PIECE + 4096, dtype=np.uint8))  # 3 pieces
+    with ThreadPoolExecutor(2) as pool:
+        result, jobs = start_hashing(raws, pool)
+        got = result()
+    pieces = [xxhash.xxh3_128_hexdigest(raws[-1][k : k + _PIECE]) for k in (0, _PIECE, 2 * _PIECE)]
+    want = [xxhash.xxh3_128_hexdigest(r) for r in raws[:-1]]
+    want.append(xxhash.xxh3_128_hexdigest("".join(pieces).encode()))
+    assert got == want
+    assert len(jobs) == 4  # the small ones together (1.5 MB), then each 8 MiB piece
+
+
 # ---- tensors the staging arena holds already are not copied (engine.unchanged) ----------
 
 

@@ -131,19 +131,38 @@ class Reuse:
 _PIECE = 8 << 20  # large items are hashed in pieces of this size, on every thread
 
 
+def _hash_all(pieces: list[Any]) -> list[str]:
+    return [xxhash.xxh3_128_hexdigest(p) for p in pieces]
+
+
 def start_hashing(
     raws: list[Any], pool: Executor
-) -> tuple[Callable[[], list[str]], list[Future[str]]]:
+) -> tuple[Callable[[], list[str]], list[Future[list[str]]]]:
     """Start hashing; the returned call gives each item's digest: xxh3-128 of its
     bytes, or, above one piece, of its pieces' digests (stable from save to save, which
-    is all a comparison needs); and the jobs, which read the items until they end."""
-    pieces = [(i, raw[k : k + _PIECE]) for i, raw in enumerate(raws) for k in range(0, max(len(raw), 1), _PIECE)]  # fmt: skip
-    futures = [pool.submit(xxhash.xxh3_128_hexdigest, p) for _, p in pieces]
+    is all a comparison needs); and the jobs, which read the items until they end.
+    Small items share a job, up to a piece's bytes: the issue-19 bench state's 194
+    items below 256 KiB (13.5 MB) took 2.3-2.6 ms to hash one job each, 0.5 ms
+    together (2 threads, this project's 2-core VM, medians of 200)."""
+    owner: list[int] = []  # each piece's item
+    jobs: list[list[Any]] = []
+    size = 0  # of the last job
+    for i, raw in enumerate(raws):
+        for k in range(0, max(len(raw), 1), _PIECE):
+            piece = raw[k : k + _PIECE]
+            if not jobs or size + len(piece) > _PIECE:
+                jobs.append([])
+                size = 0
+            jobs[-1].append(piece)
+            size += len(piece)
+            owner.append(i)
+    futures = [pool.submit(_hash_all, job) for job in jobs]
 
     def result() -> list[str]:
         parts: list[list[str]] = [[] for _ in raws]
-        for (i, _), fut in zip(pieces, futures, strict=True):
-            parts[i].append(fut.result())
+        got = (d for fut in futures for d in fut.result())
+        for i, d in zip(owner, got, strict=True):
+            parts[i].append(d)
         return [
             p[0] if len(p) == 1 else xxhash.xxh3_128_hexdigest("".join(p).encode()) for p in parts
         ]
@@ -158,7 +177,7 @@ class Hashing:
     moved: list[int]  # positions that changed for certain: not hashed
     hashed: list[int]  # positions being hashed
     result: Callable[[], list[str]]  # their digests, once done
-    jobs: list[Future[str]]
+    jobs: list[Future[list[str]]]
     versions: list[tuple[int, int] | None]
     given: dict[int, str] = field(default_factory=dict)  # position -> digest found in staging
     fqns: list[str] | None = None  # each position's tensor

@@ -115,7 +115,7 @@ class Later:
     untrusted: set[str]  # the pool's: tensors never to trust again
     pool: Executor
     result: Callable[[], list[str]] | None = None  # None: not started
-    jobs: list[Future[str]] = field(default_factory=list)
+    jobs: list[Future[list[str]]] = field(default_factory=list)
 
     def begin(self) -> None:
         """Start the hashes (once the copy is done: copies and hashes running together
@@ -183,7 +183,7 @@ class Check:
 
     candidates: list[tuple[int, str]]  # (slot, the digest it holds)
     result: Callable[[], list[str]]
-    jobs: list[Future[str]]
+    jobs: list[Future[list[str]]]
     names: dict[int, list[str]]  # slot -> its tensors (more than one where tied)
     tensors: list[torch.Tensor]
     untrusted: set[str] | None  # the pool's (None: counters are never trusted)
