@@ -307,4 +307,10 @@ def test_incremental_reports_both_cases_and_every_target(tmp_path, s3_server, tr
     )
     assert all(r["incremental_written_bytes"] == r["full_written_bytes"] for r in full["saves"])
     assert len(result["targets"]) == 7
-    assert "PASS" in _read(path[: -len(".json")] + ".md")
+    # the floor: the frozen weights (95% of the state) hashed once a round after the first
+    floors = [r for r in fine["saves"] if "hash_unchanged_s" in r]
+    assert [r["save"] for r in floors] == [2, 3]
+    assert 0.9 * fine["state_bytes"] < floors[0]["unchanged_bytes"] < fine["state_bytes"]
+    assert not any("hash_unchanged_s" in r for r in full["saves"])  # everything changes
+    md = _read(path[: -len(".json")] + ".md")
+    assert "PASS" in md and "Floor, not a target: hashing the" in md

@@ -20,7 +20,10 @@ one AdamW step on synthetic gradients changes what is trained (which
 bytes a checkpoint holds does not depend on where the gradients came from). Per save:
 seconds until durable (``save`` returns once committed and fsynced), bytes written
 (``SaveResult.stored_bytes``: linked files are not written), and the disk the
-checkpoints take so far (each file counted once per inode). Then each chain is copied
+checkpoints take so far (each file counted once per inode). In fine-tuning, also the
+floor an incremental save here cannot go below (not a target; untimed saves aside): one
+hash of the tensors the step left unchanged (their version counters did not move), where
+they lie, as a save hashes them (xxh3-128, the Checkpointer's thread count). Then each chain is copied
 to a backup (the moto S3 server on 127.0.0.1 when the test extra is installed, else a
 local directory), the bytes sent counted, and its newest checkpoint is restored on a
 "fresh machine" (an empty root) from there, timed and compared bit for bit.
@@ -40,6 +43,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -47,6 +51,9 @@ import torch.distributed.checkpoint as dcp
 
 import ckptstore
 from ckptstore.bench.common import gpt_config_for, rm, state_bytes
+from ckptstore.config import background_threads
+from ckptstore.dcp.incremental import start_hashing
+from ckptstore.dcp.writer import tensor_bytes
 from ckptstore.progress import Progress
 from ckptstore.storage import open_backend
 from ckptstore.train.model import GPT
@@ -89,6 +96,23 @@ def _disk(root: str) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_size
     return total
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _hash_s(tensors: list[torch.Tensor], pool: ThreadPoolExecutor) -> float:
+    """Seconds to hash ``tensors`` where they lie, as an incremental save does."""
+    t0 = time.perf_counter()
+    start_hashing([tensor_bytes(t) for t in tensors], pool)[0]()
+    return time.perf_counter() - t0
 
 
 def _timed(fn: Any) -> float:
@@ -149,9 +173,16 @@ def run_case(
         for k, r in roots.items()
     }
     rows: list[dict[str, Any]] = []
+    tensors = _tensors(state)
+    versions = [t._version for t in tensors]
+    unchanged: list[torch.Tensor] = []  # by the step (known after the first)
+    pool = ThreadPoolExecutor(background_threads())
     try:
         for n in range(1, saves + 1):
             row: dict[str, Any] = {"save": n}
+            if unchanged:
+                row["hash_unchanged_s"] = _hash_s(unchanged, pool)
+                row["unchanged_bytes"] = sum(t.nbytes for t in unchanged)
             # each first in every other round: the save after another pays for its writeback
             for kind in list(ckpts) if n % 2 else list(reversed(ckpts)):
                 ckpt = ckpts[kind]
@@ -177,7 +208,10 @@ def run_case(
             if n == saves:  # what the newest checkpoint holds, before the state moves on
                 want = {k: v.clone() for k, v in state["model"].items()}
             step()
+            if n == 1 and frozen:
+                unchanged = [t for t, v in zip(tensors, versions, strict=True) if t._version == v]
     finally:
+        pool.shutdown()
         for ckpt in ckpts.values():
             ckpt.close()
     url, options = backup
@@ -317,4 +351,20 @@ def markdown(payload: dict[str, Any]) -> str:
         out.append(
             f"| {t['what']} | {t['measured']:.3f} | {t['target']:g} | {'PASS' if t['met'] else 'FAIL'} |"
         )
+    if (floor := hash_floor(payload["cases"][0])) is not None:
+        mb, s, ratio = floor
+        out += ["", f"Floor, not a target: hashing the {mb:,.0f} MB that the step left unchanged, "
+                f"where they lie, took {s * 1e3:.1f} ms (median), {ratio:.3f}x a full save's "
+                "durable median: an incremental save waits for that hash before it commits."]  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def hash_floor(fine: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(MB, seconds, / a full save) of hashing fine-tuning's unchanged tensors; None if
+    not measured (results from before it was)."""
+    rows = [r for r in fine["saves"] if "hash_unchanged_s" in r]
+    if not rows:
+        return None
+    s = statistics.median(r["hash_unchanged_s"] for r in rows)
+    full = statistics.median(r["full_durable_s"] for r in fine["saves"][1:])
+    return rows[0]["unchanged_bytes"] / 1e6, s, s / full
