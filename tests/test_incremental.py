@@ -318,6 +318,26 @@ def test_small_items_share_a_hash_job_and_keep_their_digests():
     assert len(jobs) == 4  # the small ones together (1.5 MB), then each 8 MiB piece
 
 
+def test_the_writer_takes_the_staged_tensors_arrays_from_the_arena(tmp_path, monkeypatch):
+    """White-box: from the second save into an arena, the writer looks each staged
+    tensor's bytes up (made once per arena) instead of making them again, and keeps
+    nothing of the arena past the save; what it writes and links loads back exactly."""
+    import ckptstore.dcp.incremental as inc_mod
+
+    state = {"frozen": torch.randn(300_000), "w": torch.randn(200_000)}
+    with ckptstore.Checkpointer(str(tmp_path), codec="none", incremental=True) as ckpt:
+        ckpt.save(state, step=1)
+        made: list[Any] = []
+        real = inc_mod.tensor_bytes
+        monkeypatch.setattr(inc_mod, "tensor_bytes", lambda t: made.append(t) or real(t))
+        with torch.no_grad():
+            state["w"].add_(1.0)
+        ckpt.save(state, step=2)
+        assert made == []
+        assert ckpt._save_cache.incremental.raws == {}
+        load_equal(ckpt, 2, {k: v.clone() for k, v in state.items()})
+
+
 # ---- tensors the staging arena holds already are not copied (engine.unchanged) ----------
 
 

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from ckptstore.dcp.writer import tensor_bytes
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardInfo, ShardReader
@@ -232,7 +233,14 @@ class IncrementalCache:
         self.given: dict[str, tuple[str, int]] = {}
         # fqn -> (digest, bytes) of each item this save hashed (engine.unchanged notes them)
         self.hashed_tensors: dict[str, tuple[str, int]] = {}
+        # id(staged tensor) -> its bytes, for the save being written (_Arena.raws)
+        self.raws: dict[int, Any] = {}
         self._restored: tuple[str, Manifest] | None = None  # see restored_from()
+
+    def bytes_of(self, t: Any) -> Any:
+        """``tensor_bytes(t)``, looked up in :attr:`raws` where ``t`` is staged there."""
+        raw = self.raws.get(id(t))
+        return tensor_bytes(t) if raw is None else raw
 
     def restored_from(self, name: str, manifest: Manifest) -> None:
         """This process loaded checkpoint ``name`` from the root it saves to: a rank that

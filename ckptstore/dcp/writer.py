@@ -349,10 +349,11 @@ class CkptStorageWriter(StorageWriter):
         inc = None if self._cache is None or self._spec.overwrite else self._cache.incremental
         hashing = writer = None
         sizes: list[int] = []  # each item's raw bytes
+        to_bytes = tensor_bytes if inc is None else inc.bytes_of  # (a staged tensor's: kept)
 
         def resolve(item: WriteItem) -> tuple[str, Any, torch.dtype | None]:
             data = planner.resolve_data(item)
-            raw = data.getvalue() if isinstance(data, io.BytesIO) else tensor_bytes(data)
+            raw = data.getvalue() if isinstance(data, io.BytesIO) else to_bytes(data)
             sizes.append(len(raw))
             return item_key(item.index), raw, None if isinstance(data, io.BytesIO) else data.dtype
 
@@ -421,10 +422,9 @@ class CkptStorageWriter(StorageWriter):
             if self._spec.overwrite:
                 replace.finish_replace(self._backend, self._name, self._written)
             return
-        # Node-local disks: one part per disk, each pointing at its own ranks' copies of
-        # what several ranks wrote; committed by the engine once DCP returns.
-        # The parts share one .metadata body (one pickle); each differs in the
-        # entries of what ranks on several disks wrote (Outcome.part_tables).
+        # Node-local disks: a part per disk, pointing at its ranks' copies of what several
+        # ranks wrote, committed by the engine once DCP returns; the parts share one .metadata
+        # body (one pickle), and differ in what ranks on several disks wrote (part_tables).
         disks = list(dict.fromkeys(self._disks))
         ranks = range(len(results.facts))
         parts = tuple(tuple(r for r in ranks if self._disks[r] == d) for d in disks)

@@ -165,6 +165,7 @@ def save_staged(
         cache.incremental.versions = staged.versions
         cache.incremental.given = staged.found.verified
         cache.incremental.hashed_tensors = {}
+        cache.incremental.raws = staged.arena.raws() if staged.arena is not None else {}
     try:
         layout = None  # what the local plan depends on (dcp.planner.LocalPlans)
         if cache is not None and staged.layout is not None and staged.arena is not None:
@@ -182,6 +183,8 @@ def save_staged(
     finally:
         if cache is not None:
             cache.confirm = None  # it holds the state's tensors: not past the save
+            if cache.incremental is not None:
+                cache.incremental.raws = {}  # the arena's: not past the save
     if writer.node_local and group is not None:
         try:
             nodelocal.commit_parts(writer, backend, name, group)

@@ -37,6 +37,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ckptstore.dcp.planner import SerializedValue
+from ckptstore.dcp.writer import tensor_bytes
 from ckptstore.engine import unchanged
 from ckptstore.engine.device_copy import CopyEngine, cuda_copy_engine
 from ckptstore.engine.host_buffers import HostBuffer
@@ -126,6 +127,7 @@ class _Arena:
         self.views: list[torch.Tensor] | None = None  # per tensor of the layout
         self.dsts: list[torch.Tensor] = []  # the views copied into: one per slot
         self.held = unchanged.Held()  # what its slots hold, by digest (incremental saves)
+        self._raws: dict[int, Any] | None = None  # id(view) -> its bytes (raws())
         self._host = HostBuffer(nbytes, pin=pin, device=device)
         self.buffer = self._host.tensor
         assert self.buffer.data_ptr() % PAGE == 0 or nbytes == 0
@@ -138,6 +140,7 @@ class _Arena:
         """Give the memory back (unpinned at once; unmapped with the last view)."""
         self.views = None
         self.dsts = []
+        self._raws = None
         self._host.close()
         self.buffer = self._host.tensor
 
@@ -160,6 +163,15 @@ class _Arena:
             self.dsts = [views[k] for k in layout.first]
             self.views = views
         return self.views
+
+    def raws(self) -> dict[int, Any]:
+        """id(view) -> ``tensor_bytes(view)``, for each of :attr:`views`: an incremental
+        save's writer looks its staged tensors up here instead of making their arrays
+        again (~4 us a tensor). Valid while the views are (the ids are those of live
+        views, which the arena holds until :meth:`close`)."""
+        if self._raws is None and self.views is not None:
+            self._raws = {id(v): tensor_bytes(v) for v in self.views}
+        return self._raws or {}
 
 
 class StagingPool:
