@@ -306,7 +306,8 @@ def test_small_items_share_a_hash_job_and_keep_their_digests():
     from ckptstore.dcp.incremental import _PIECE, start_hashing
 
     rng = np.random.default_rng(0)
-    raws = [rng.integers(0, 256, n, dtype=np.uint8) for n in [0, 10] + [5000] * 300]
+    sizes = [0, 10] + [5000] * 300 + [2 << 20] * 3  # 1.5 MB of small ones, 3 of 2 MiB
+    raws = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
     raws.append(rng.integers(0, 256, 2 * _PIECE + 4096, dtype=np.uint8))  # 3 pieces
     with ThreadPoolExecutor(2) as pool:
         result, jobs = start_hashing(raws, pool)
@@ -315,7 +316,63 @@ def test_small_items_share_a_hash_job_and_keep_their_digests():
     want = [xxhash.xxh3_128_hexdigest(r) for r in raws[:-1]]
     want.append(xxhash.xxh3_128_hexdigest("".join(pieces).encode()))
     assert got == want
-    assert len(jobs) == 4  # the small ones together (1.5 MB), then each 8 MiB piece
+    # the small ones together (1.5 MB); each piece of 1 MiB or more alone (2 MiB items,
+    # the 8 MiB pieces), so a host's every thread gets one; the 4 KiB tail after them
+    assert len(jobs) == 1 + 3 + 2 + 1
+
+
+def test_a_tensor_is_taken_from_the_arenas_arrays_only_if_it_is_the_one_noted():
+    """An id in the map that now belongs to another tensor (the noted one gone, its id
+    reused) gives that tensor's own bytes, not the noted ones."""
+    from ckptstore.dcp.incremental import IncrementalCache
+
+    noted, other = torch.zeros(4), torch.ones(4)
+    cache = IncrementalCache()
+    cache.raws = {id(other): (noted, noted.numpy().view("uint8"))}  # as if id reused
+    assert bytes_of_equal(cache.bytes_of(other), other)
+    cache.raws = {id(noted): (noted, "noted")}
+    assert cache.bytes_of(noted) == "noted"
+
+
+def bytes_of_equal(raw: Any, t: torch.Tensor) -> bool:
+    return bytes(raw) == t.numpy().tobytes()
+
+
+DTENSOR_SAVES = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+import ckptstore, ckptstore.dcp.incremental as inc_mod
+work = sys.argv[1]
+dist.init_process_group("gloo", store=dist.FileStore(os.path.join(work, "store"), 1), rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+state = {"w": DTensor.from_local(torch.randn(100_000), mesh, [Replicate()]), "b": torch.randn(70_000)}
+with ckptstore.Checkpointer(os.path.join(work, "c"), codec="none", incremental=True) as ckpt:
+    ckpt.save(state, step=1)
+    made = []
+    real = inc_mod.tensor_bytes
+    inc_mod.tensor_bytes = lambda t: made.append(t) or real(t)
+    ckpt.save(state, step=2)
+    target = {"w": DTensor.from_local(torch.zeros(100_000), mesh, [Replicate()]), "b": torch.zeros(70_000)}
+    ckpt.load(target, 2)
+assert torch.equal(target["w"].to_local(), state["w"].to_local()) and torch.equal(target["b"], state["b"])
+print("made", len(made))
+dist.destroy_process_group()
+"""
+
+
+def test_a_staged_dtensor_is_found_in_the_arenas_arrays_too(tmp_path):
+    """A DTensor's local tensor is its arena view itself while the writer resolves it
+    (no autograd there), so it too is looked up, not made again."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run(
+        [sys.executable, "-c", DTENSOR_SAVES, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "made 0" in done.stdout
 
 
 def test_the_writer_takes_the_staged_tensors_arrays_from_the_arena(tmp_path, monkeypatch):

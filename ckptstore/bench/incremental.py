@@ -99,13 +99,14 @@ def _disk(root: str) -> int:
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
+    """The tensors in ``obj``, each memory once (a tied weight is listed twice in a
+    ``state_dict``; a save hashes it once)."""
     if isinstance(obj, dict):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
+        found = {(t.data_ptr(), t.nbytes): t for v in obj for t in _tensors(v)}
+        return list(found.values())
+    return [obj] if isinstance(obj, torch.Tensor) else []
 
 
 def _hash_s(tensors: list[torch.Tensor], pool: ThreadPoolExecutor) -> float:
@@ -351,7 +352,8 @@ def markdown(payload: dict[str, Any]) -> str:
         out.append(
             f"| {t['what']} | {t['measured']:.3f} | {t['target']:g} | {'PASS' if t['met'] else 'FAIL'} |"
         )
-    if (floor := hash_floor(payload["cases"][0])) is not None:
+    fine = [c for c in payload["cases"] if c["case"] == "fine-tuning"]
+    if fine and (floor := hash_floor(fine[0])) is not None:
         mb, s, ratio = floor
         out += ["", f"Floor, not a target: hashing the {mb:,.0f} MB that the step left unchanged, "
                 f"where they lie, took {s * 1e3:.1f} ms (median), {ratio:.3f}x a full save's "

@@ -130,6 +130,7 @@ class Reuse:
 
 
 _PIECE = 8 << 20  # large items are hashed in pieces of this size, on every thread
+_SHARED_BELOW = 1 << 20  # smaller pieces are hashed several to a job (start_hashing)
 
 
 def _hash_all(pieces: list[Any]) -> list[str]:
@@ -142,20 +143,22 @@ def start_hashing(
     """Start hashing; the returned call gives each item's digest: xxh3-128 of its
     bytes, or, above one piece, of its pieces' digests (stable from save to save, which
     is all a comparison needs); and the jobs, which read the items until they end.
-    Small items share a job, up to a piece's bytes: the issue-19 bench state's 194
-    items below 256 KiB (13.5 MB) took 2.3-2.6 ms to hash one job each, 0.5 ms
-    together (2 threads, this project's 2-core VM, medians of 200)."""
+    Pieces below :data:`_SHARED_BELOW` share a job, up to a piece's bytes in all: the
+    issue-19 bench state's 194 items below 256 KiB (13.5 MB) took 2.3-2.6 ms to hash one
+    job each, 0.5 ms together (2 threads, this project's 2-core VM, medians of 200);
+    larger ones keep a job each, for as many threads as a host has."""
     owner: list[int] = []  # each piece's item
     jobs: list[list[Any]] = []
-    size = 0  # of the last job
+    size = 0  # of the last job (_PIECE: closed)
     for i, raw in enumerate(raws):
         for k in range(0, max(len(raw), 1), _PIECE):
             piece = raw[k : k + _PIECE]
-            if not jobs or size + len(piece) > _PIECE:
+            alone = len(piece) >= _SHARED_BELOW
+            if alone or not jobs or size + len(piece) > _PIECE:
                 jobs.append([])
                 size = 0
             jobs[-1].append(piece)
-            size += len(piece)
+            size = _PIECE if alone else size + len(piece)
             owner.append(i)
     futures = [pool.submit(_hash_all, job) for job in jobs]
 
@@ -233,14 +236,14 @@ class IncrementalCache:
         self.given: dict[str, tuple[str, int]] = {}
         # fqn -> (digest, bytes) of each item this save hashed (engine.unchanged notes them)
         self.hashed_tensors: dict[str, tuple[str, int]] = {}
-        # id(staged tensor) -> its bytes, for the save being written (_Arena.raws)
-        self.raws: dict[int, Any] = {}
+        # id(staged tensor) -> (it, its bytes), for the save being written (_Arena.raws)
+        self.raws: dict[int, tuple[Any, Any]] = {}
         self._restored: tuple[str, Manifest] | None = None  # see restored_from()
 
     def bytes_of(self, t: Any) -> Any:
         """``tensor_bytes(t)``, looked up in :attr:`raws` where ``t`` is staged there."""
-        raw = self.raws.get(id(t))
-        return tensor_bytes(t) if raw is None else raw
+        hit = self.raws.get(id(t))
+        return hit[1] if hit is not None and hit[0] is t else tensor_bytes(t)
 
     def restored_from(self, name: str, manifest: Manifest) -> None:
         """This process loaded checkpoint ``name`` from the root it saves to: a rank that

@@ -165,8 +165,9 @@ def save_staged(
         cache.incremental.versions = staged.versions
         cache.incremental.given = staged.found.verified
         cache.incremental.hashed_tensors = {}
-        cache.incremental.raws = staged.arena.raws() if staged.arena is not None else {}
     try:
+        if cache is not None and cache.incremental is not None and staged.arena is not None:
+            cache.incremental.raws = staged.arena.raws()
         layout = None  # what the local plan depends on (dcp.planner.LocalPlans)
         if cache is not None and staged.layout is not None and staged.arena is not None:
             packed = tuple((name, flat[name].nbytes) for name in packs)  # (packs.pack)
@@ -174,7 +175,10 @@ def save_staged(
         planner = StagedSavePlanner(
             staged.mappings, cache.local_plans if cache is not None else None, layout
         )
-        driver.save(flat, writer, planner, group, cache.plans if cache is not None else None)
+        # Without autograd: a staged DTensor's to_local() is then its arena view itself
+        # (IncrementalCache.bytes_of finds it), not a new view_as of it
+        with torch.no_grad():
+            driver.save(flat, writer, planner, group, cache.plans if cache is not None else None)
     except BaseException:
         writer.abort()
         if cache is not None and cache.incremental is not None:

@@ -127,7 +127,7 @@ class _Arena:
         self.views: list[torch.Tensor] | None = None  # per tensor of the layout
         self.dsts: list[torch.Tensor] = []  # the views copied into: one per slot
         self.held = unchanged.Held()  # what its slots hold, by digest (incremental saves)
-        self._raws: dict[int, Any] | None = None  # id(view) -> its bytes (raws())
+        self._raws: dict[int, tuple[torch.Tensor, Any]] | None = None  # (raws())
         self._host = HostBuffer(nbytes, pin=pin, device=device)
         self.buffer = self._host.tensor
         assert self.buffer.data_ptr() % PAGE == 0 or nbytes == 0
@@ -164,13 +164,13 @@ class _Arena:
             self.views = views
         return self.views
 
-    def raws(self) -> dict[int, Any]:
-        """id(view) -> ``tensor_bytes(view)``, for each of :attr:`views`: an incremental
-        save's writer looks its staged tensors up here instead of making their arrays
-        again (~4 us a tensor). Valid while the views are (the ids are those of live
-        views, which the arena holds until :meth:`close`)."""
+    def raws(self) -> dict[int, tuple[torch.Tensor, Any]]:
+        """id(view) -> (the view, ``tensor_bytes(view)``), for each of :attr:`views`: an
+        incremental save's writer looks its staged tensors up here instead of making
+        their arrays again (~4 us a tensor; ``IncrementalCache.bytes_of`` checks that
+        what it found is the very tensor it looked up)."""
         if self._raws is None and self.views is not None:
-            self._raws = {id(v): tensor_bytes(v) for v in self.views}
+            self._raws = {id(v): (v, tensor_bytes(v)) for v in self.views}
         return self._raws or {}
 
 
