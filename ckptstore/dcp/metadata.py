@@ -74,7 +74,12 @@ _DCP_CLASSES = {
 _TORCH_DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _Allowlist:
+    """``find_class`` for DCP metadata: only the classes a ``.metadata`` holds."""
+
+    where = ""
+    stock_dcp = False
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch.distributed.checkpoint.metadata" and name in _DCP_CLASSES:
             return getattr(dcp_metadata, name)
@@ -102,8 +107,16 @@ class _MetadataUnpickler(pickle.Unpickler):
             "contains it, so this file was crafted or damaged. Do not load it."
         )
 
-    where = ""
-    stock_dcp = False
+
+class _MetadataUnpickler(_Allowlist, pickle.Unpickler):
+    """The C unpickler: for bytes whose checksum matched the manifest's."""
+
+
+class _UncheckedMetadataUnpickler(_Allowlist, pickle._Unpickler):
+    """The pure-Python unpickler, for bytes nothing vouches for (a plain DCP directory).
+    Its memo is a dict: the C unpickler grows an array to the largest index a memo
+    opcode names, so 5 bytes (LONG_BINPUT 0x47e57000) made it zero ~19 GB for ~40 s
+    here (found by tests/test_fuzz.py), where this one stores one entry."""
 
 
 _STOCK_STORAGE_INFO = ("torch.distributed.checkpoint.filesystem", "_StorageInfo")
@@ -341,10 +354,16 @@ def _build_tail(attrs: dict[str, Any]) -> bytes:
     return data[2:-1] + b"b."
 
 
-def loads(data: bytes, where: str, *, stock_dcp: bool = False) -> dcp_metadata.Metadata:
+def loads(
+    data: bytes, where: str, *, stock_dcp: bool = False, checked: bool = False
+) -> dcp_metadata.Metadata:
     """Unpickle DCP metadata through the allowlist. ``where`` names the file for errors;
-    ``stock_dcp`` also allows the record DCP's own file-system writer keeps per item."""
-    unpickler = _MetadataUnpickler(io.BytesIO(data))
+    ``stock_dcp`` also allows the record DCP's own file-system writer keeps per item;
+    ``checked``: ``data``'s size and checksum matched its manifest (the fast C
+    unpickler; otherwise the pure-Python one, whose memory a damaged file cannot blow
+    up: :class:`_UncheckedMetadataUnpickler`)."""
+    cls = _MetadataUnpickler if checked else _UncheckedMetadataUnpickler
+    unpickler = cls(io.BytesIO(data))
     unpickler.where = where
     unpickler.stock_dcp = stock_dcp
     try:

@@ -96,7 +96,7 @@ def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) ->
         raise CorruptCheckpointError(
             f"{where}: checksum mismatch (expected {entry.xxh3_64}, got {got}); {hint}"
         )
-    return md_format.loads(data, where)
+    return md_format.loads(data, where, checked=True)
 
 
 @dataclass
