@@ -247,10 +247,12 @@ def test_a_memo_index_far_past_the_file_costs_nothing_unchecked(sample, index):
     """Found by the stress run: 5 bytes (LONG_BINPUT of a huge index) made the C
     unpickler zero an array of ~19 GB for ~40 s. Bytes no manifest vouches for (a
     plain DCP directory) go through the pure-Python unpickler, whose memo is a dict."""
+    import pickletools
     import time
 
     data = sample[".metadata"]
-    for at in (2, len(data) // 2, len(data) - 1):
+    starts = [pos for _, _, pos in pickletools.genops(data)]  # where an opcode begins
+    for at in (starts[1], starts[len(starts) // 2], starts[-1]):  # the last: STOP
         bad = data[:at] + b"r" + index.to_bytes(4, "little") + data[at:]
         start = time.perf_counter()
         only_typed_errors_rss(_unpickle, bad, max_growth=16 * MIB)

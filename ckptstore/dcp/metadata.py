@@ -4,14 +4,21 @@ DCP stores its checkpoint metadata as a raw pickle, and ``dcp.load`` unpickles i
 ``pickle.load``: a crafted ``.metadata`` runs code in the loading process. ckptstore
 keeps the pickle (the metadata objects are DCP's, and DCP's planners need them) but:
 
-1. never reads it before its size and checksum match the manifest, and
-2. unpickles it with :class:`_MetadataUnpickler`, which resolves only the handful of
+1. reads its own checkpoints' ``.metadata`` only once its size and checksum match
+   the manifest (with CPython's C unpickler; a plain DCP directory's, which nothing
+   vouches for, with the pure-Python one: :func:`loads`), and
+2. unpickles it through :class:`_Allowlist`, which resolves only the handful of
    globals a DCP ``Metadata`` is made of (listed below, found by pickling real
    metadata of every kind of state); anything else raises
    :class:`~ckptstore.errors.UnsafeCheckpointError` before it is touched.
 
 The checksum guards against corruption, the allowlist against a hostile file: an
-attacker who can write ``.metadata`` can rewrite the manifest too.
+attacker who can write ``.metadata`` can rewrite the manifest too. The allowlist bounds
+what a file can call, not what unpickling it costs: a crafted pickle can still take
+time or memory out of proportion to its size (a memo index on the C unpickler: up to
+tens of GB; repeated BUILDs of a large dict, or many empty sets, on either), which a
+manifest key (refusing a rewritten manifest before anything else is read) prevents for
+ckptstore's own checkpoints.
 """
 
 from __future__ import annotations
@@ -360,8 +367,8 @@ def loads(
     """Unpickle DCP metadata through the allowlist. ``where`` names the file for errors;
     ``stock_dcp`` also allows the record DCP's own file-system writer keeps per item;
     ``checked``: ``data``'s size and checksum matched its manifest (the fast C
-    unpickler; otherwise the pure-Python one, whose memory a damaged file cannot blow
-    up: :class:`_UncheckedMetadataUnpickler`)."""
+    unpickler; otherwise the pure-Python one, whose memo a damaged index cannot blow
+    up: :class:`_UncheckedMetadataUnpickler`; other crafted patterns: module doc)."""
     cls = _MetadataUnpickler if checked else _UncheckedMetadataUnpickler
     unpickler = cls(io.BytesIO(data))
     unpickler.where = where
