@@ -96,9 +96,9 @@ def unpickle_log(monkeypatch):
     calls: list[str] = []
     real = md_format.loads
 
-    def spy(data: bytes, where: str):
+    def spy(data: bytes, where: str, **kwargs):
         calls.append(where)
-        return real(data, where)
+        return real(data, where, **kwargs)
 
     monkeypatch.setattr(md_format, "loads", spy)
     return calls

@@ -62,11 +62,10 @@ def test_the_save_returns_before_the_copy_and_optimizer_step_waits(tmp_path, slo
     model, opt, sched, state = make()
     step(model, opt, sched)
     with CheckpointManager(tmp_path, save=SaveEvery(steps=1)) as mgr:
-        start = time.perf_counter()
         pending = mgr.maybe_save(0, state)
-        returned = time.perf_counter() - start
-        assert pending is not None and not pending.staged.done()  # copying meanwhile
-        assert returned < SLOW_S
+        # returned while the copy (SLOW_S at least) goes on: no wall-clock bound here,
+        # which a loaded machine broke once (0.69 s to return, the copy still going)
+        assert pending is not None and not pending.staged.done()
         want = copy.deepcopy(model.state_dict())
         want_sched = sched.state_dict()["last_epoch"]
         step(model, opt, sched)  # optimizer.step() waits; the scheduler changes at once
