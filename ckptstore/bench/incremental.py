@@ -22,11 +22,12 @@ seconds until durable (``save`` returns once committed and fsynced), bytes writt
 (``SaveResult.stored_bytes``: linked files are not written), and the disk the
 checkpoints take so far (each file counted once per inode). In fine-tuning, also the
 floor an incremental save here cannot go below (not a target; untimed saves aside): one
-hash of the tensors the step left unchanged (their version counters did not move), where
-they lie, as a save hashes them (xxh3-128, the Checkpointer's thread count). Then each chain is copied
-to a backup (the moto S3 server on 127.0.0.1 when the test extra is installed, else a
-local directory), the bytes sent counted, and its newest checkpoint is restored on a
-"fresh machine" (an empty root) from there, timed and compared bit for bit.
+hash of the tensors the step left unchanged (their version counters did not move),
+where they lie, as a save hashes them (xxh3-128, the Checkpointer's thread count). Then
+each chain is copied to a backup (the moto S3 server on 127.0.0.1 when the test extra
+is installed, else a local directory), the bytes sent counted, and its newest checkpoint
+is restored on a "fresh machine" (an empty root) from there, timed and compared bit for
+bit.
 
 Issue 19's targets, each printed PASS/FAIL: fine-tuning saves after the first write
 <= 8% of a full save's bytes and are durable in <= 0.15x its time (medians); the backup
@@ -51,6 +52,7 @@ import torch.distributed.checkpoint as dcp
 
 import ckptstore
 from ckptstore.bench.common import gpt_config_for, rm, state_bytes
+from ckptstore.bench.contenders import tensors as all_tensors
 from ckptstore.config import background_threads
 from ckptstore.dcp.incremental import start_hashing
 from ckptstore.dcp.writer import tensor_bytes
@@ -96,17 +98,6 @@ def _disk(root: str) -> int:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_size
     return total
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors in ``obj``, each memory once (a tied weight is listed twice in a
-    ``state_dict``; a save hashes it once)."""
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        found = {(t.data_ptr(), t.nbytes): t for v in obj for t in _tensors(v)}
-        return list(found.values())
-    return [obj] if isinstance(obj, torch.Tensor) else []
 
 
 def _hash_s(tensors: list[torch.Tensor], pool: ThreadPoolExecutor) -> float:
@@ -174,7 +165,8 @@ def run_case(
         for k, r in roots.items()
     }
     rows: list[dict[str, Any]] = []
-    tensors = _tensors(state)
+    # each memory once (a tied weight is listed twice in a state_dict; a save hashes it once)
+    tensors = list({(t.data_ptr(), t.nbytes): t for t in all_tensors(state)}.values())
     versions = [t._version for t in tensors]
     unchanged: list[torch.Tensor] = []  # by the step (known after the first)
     pool = ThreadPoolExecutor(background_threads())
