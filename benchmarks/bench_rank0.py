@@ -105,7 +105,8 @@ def reuse_rows(n: int, layers: int, saves: int, disks: int = 1) -> list[dict[str
 
     from ckptstore.codecs import get_codec
     from ckptstore.dcp.plancache import PlanCache, Steady, Written
-    from ckptstore.dcp.writer import CkptStorageWriter, SaveSpec
+    from ckptstore.dcp.spec import SaveSpec
+    from ckptstore.dcp.writer import CkptStorageWriter
     from ckptstore.engine.ops import SaveCache
     from ckptstore.storage.local import LocalBackend
 

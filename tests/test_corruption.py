@@ -16,7 +16,7 @@ from helpers import Randn, blank_like, build_state, train, train_state, zero_val
 import ckptstore
 from ckptstore.codecs import get_codec
 from ckptstore.dcp.planner import SerializedValue
-from ckptstore.dcp.writer import SaveSpec
+from ckptstore.dcp.spec import SaveSpec
 from ckptstore.engine.ops import save_staged
 from ckptstore.engine.stager import stage_in_place
 from ckptstore.storage import LocalBackend

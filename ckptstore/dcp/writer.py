@@ -27,7 +27,6 @@ import dataclasses
 import io
 import time
 import uuid
-from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,62 +38,20 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ckptstore.codecs import Codec
 from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp import packs as packs_mod
 from ckptstore.dcp.plancache import Outcome
+from ckptstore.dcp.spec import PartFiles, SaveSpec
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import FileEntry, Manifest, Part
-from ckptstore.format.shard import DEFAULT_CHUNK_BYTES, ShardInfo, ShardWriter
+from ckptstore.format.shard import ShardInfo, ShardWriter
 from ckptstore.layout import METADATA_FILE
 from ckptstore.storage import replace
 from ckptstore.storage.base import PendingCheckpoint, StorageBackend
 from ckptstore.version import __version__
 
 _DCP_VERSION = "1.0.0"  # the metadata version DCP's own FileSystemWriter writes
-
-
-@dataclass(frozen=True)
-class SaveSpec:
-    """How one save is written and what its manifest records besides the files.
-
-    Made once per save by the Checkpointer (or a one-shot ``ckptstore.save``) and handed
-    down whole: ``codec``, ``chunk_bytes`` and ``window`` (chunks in flight) say how
-    shards are encoded; ``step``, ``metadata`` (the user's JSON), ``epoch``, ``reason``,
-    ``metrics``, ``run_id`` and ``lineage`` go into the manifest, which is signed with
-    ``manifest_key`` if set. ``overwrite``: a committed checkpoint of that name is
-    replaced (written beside it, then switched in: :mod:`ckptstore.storage.replace`)
-    instead of refused.
-    """
-
-    codec: Codec
-    step: int | None = None
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    window: int = 8
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    epoch: int | None = None
-    reason: str | None = None
-    metrics: Mapping[str, float | None] = field(default_factory=dict)
-    run_id: str | None = None
-    lineage: tuple[str, ...] = ()
-    manifest_key: bytes | None = field(default=None, repr=False)
-    overwrite: bool = False
-    full: bool = False  # incremental saves: link nothing this time (dcp.incremental)
-
-
-@dataclass(frozen=True)
-class PartFiles:
-    """A part's ``.metadata`` (``body + head + tail``: ``MetadataCache.dumps_part``;
-    ``shared`` names the body all parts share, ``ident`` body and head, while the
-    coordinator reuses them) and its manifest."""
-
-    ident: str | None
-    body: bytes
-    tail: bytes
-    manifest: bytes
-    head: bytes = b""
-    shared: str | None = None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from ckptstore.codecs import RawCodec, get_codec
 from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import CheckpointerConfig, io_window
 from ckptstore.dcp.incremental import IncrementalCache
-from ckptstore.dcp.writer import SaveSpec
+from ckptstore.dcp.spec import SaveSpec
 from ckptstore.engine import groups
 from ckptstore.engine.ops import (
     CheckpointInfo,

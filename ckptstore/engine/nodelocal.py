@@ -38,7 +38,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ckptstore.dcp.writer import CkptStorageWriter, PartFiles
+from ckptstore.dcp.spec import PartFiles
+from ckptstore.dcp.writer import CkptStorageWriter
 from ckptstore.engine import groups
 from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import CkptStoreError

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ckptstore.codecs import get_codec
 from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import default_threads, io_window, resolve_manifest_key
-from ckptstore.dcp.writer import SaveSpec
+from ckptstore.dcp.spec import SaveSpec
 from ckptstore.engine import groups
 from ckptstore.engine.lazyread import LazyStateDict, empty_flat, load_flat, nest, open_lazy
 from ckptstore.engine.ops import (

@@ -33,7 +33,8 @@ from ckptstore.dcp.incremental import IncrementalCache
 from ckptstore.dcp.plancache import PlanCache
 from ckptstore.dcp.planner import LocalPlans, SafeLoadPlanner, StagedSavePlanner
 from ckptstore.dcp.reader import CkptStorageReader
-from ckptstore.dcp.writer import CkptStorageWriter, SaveSpec
+from ckptstore.dcp.spec import SaveSpec
+from ckptstore.dcp.writer import CkptStorageWriter
 from ckptstore.engine import groups, nodelocal
 from ckptstore.engine.compat import check_compatible
 

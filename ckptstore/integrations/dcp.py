@@ -41,7 +41,7 @@ from torch.futures import Future
 from ckptstore.codecs import get_codec
 from ckptstore.config import default_threads, io_window, resolve_manifest_key
 from ckptstore.dcp import CkptStorageReader, CkptStorageWriter
-from ckptstore.dcp.writer import SaveSpec
+from ckptstore.dcp.spec import SaveSpec
 from ckptstore.engine.ops import read_dcp_metadata, read_manifest
 from ckptstore.errors import InvalidArgumentError
 from ckptstore.layout import split_checkpoint_path

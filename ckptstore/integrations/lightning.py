@@ -46,7 +46,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from ckptstore.codecs import get_codec
 from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import default_threads, io_window, resolve_manifest_key
-from ckptstore.dcp.writer import SaveSpec
+from ckptstore.dcp.spec import SaveSpec
 from ckptstore.engine.listing import read_manifest
 from ckptstore.engine.oneshot import read
 from ckptstore.engine.ops import save_staged
