@@ -1114,6 +1114,49 @@ def scenario_incremental(ckpts: str, rank: int, world: int) -> None:
             dist.barrier()
 
 
+def scenario_incremental_trust(ckpts: str, rank: int, world: int) -> None:
+    """trust_version_counters on 2 ranks: each rank checks the hash of what it trusted,
+    rank 0 just before it commits, the others before their write step ends. A write
+    behind the counter on either one fails the save on both, and leaves the checkpoint
+    before it intact."""
+    frozen = torch.randn(100_000, generator=torch.Generator().manual_seed(rank))
+    hot = torch.zeros(8)
+    root = os.path.join(ckpts, "trust")
+    with ckptstore.Checkpointer(
+        root, codec="none", incremental=True, trust_version_counters=True
+    ) as ckpt:
+
+        def state() -> dict[str, torch.Tensor]:
+            return {f"frozen{rank}": frozen, f"hot{rank}": hot}
+
+        for step in (1, 2, 3):  # copied, then hashed in place, then trusted
+            hot.add_(1.0)
+            ckpt.save(state(), step)
+        assert ckpt._staging.untrusted == set()
+        assert ckpt.latest().manifest.linked, "the trusted tensors were not linked"
+        kept = {k: v.clone() for k, v in state().items()}
+        for step, who in ((4, 1), (5, 0)):
+            hot.add_(1.0)
+            if rank == who:
+                frozen.data.add_(1.0)  # behind the counter
+            try:
+                ckpt.save(state(), step)
+            except ckptstore.StateChangedError as exc:
+                assert f"frozen{who}" in str(exc), exc
+            else:
+                raise AssertionError(f"save {step} committed after rank {who} changed frozen")
+            assert ckpt.latest().step == 3 and not ckpt.exists(step)
+            dist.barrier()
+        assert ckpt._staging.untrusted == ({f"frozen{rank}"})
+        target = {k: torch.zeros_like(v) for k, v in kept.items()}
+        ckpt.load(target, 3)
+        assert all(torch.equal(target[k], kept[k]) for k in kept)
+        assert ckpt.verify(3) == []
+        dist.barrier()
+    if rank == 0:
+        assert not [n for n in os.listdir(root) if n.startswith(".tmp-")], os.listdir(root)
+
+
 def scenario_incremental_backup(ckpts: str, rank: int, world: int) -> None:
     """Node-local roots (two 'nodes' of two ranks), incremental saves, backed up to S3
     (the URL in CKPTSTORE_TEST_BACKUP): every node uploads its part, but not the files it

@@ -255,6 +255,10 @@ def test_incremental_saves_on_four_ranks_shared_and_node_local_roots(tmp_path):
     run_ranks("incremental", str(tmp_path), 4)
 
 
+def test_trusting_version_counters_on_two_ranks_a_write_behind_one_fails_the_save(tmp_path):
+    run_ranks("incremental_trust", str(tmp_path), 2)
+
+
 def test_node_local_incremental_saves_back_up_whole_and_restore_from_s3(
     tmp_path, s3_server, s3_bucket
 ):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pathlib
 from typing import Any
 
 import pytest
@@ -553,6 +554,40 @@ def test_trusting_version_counters_hashes_after_returning_and_a_bypassing_write_
         assert not later(5)  # unchanged again, but never trusted again
         assert set(inc.given) == {"frozen"}
         load_equal(ckpt, 5, {"frozen": frozen.clone(), "w": w.clone()})
+
+
+def test_trusting_version_counters_the_metadata_is_written_while_the_trusted_hash_runs(root):
+    """The coordinator checks the trusted hash only just before it commits: ``.metadata``
+    is written meanwhile (it does not depend on that hash), and a hash that differs
+    still fails the save with nothing of it left behind."""
+    import time
+
+    frozen, w = torch.randn(400_000), torch.zeros(8)
+    cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
+    with ckptstore.Checkpointer(root, **cfg) as ckpt:
+        for step in (1, 2):  # copied, then hashed in place and trusted
+            w.add_(1.0)
+            ckpt.save({"frozen": frozen, "w": w}, step=step)
+        for step, bypass in ((3, False), (4, True)):
+            w.add_(1.0)
+            if bypass:
+                frozen.data.add_(1.0)  # behind the counter: the trusted hash differs
+            release = _hold_hash_pool(ckpt)
+            pending = ckpt.save_async({"frozen": frozen, "w": w}, step=step)
+            deadline = time.monotonic() + 10
+            while not list(pathlib.Path(root).glob(".tmp-*/.metadata")):
+                assert time.monotonic() < deadline, "no .metadata while the hash was held"
+                time.sleep(0.005)
+            assert not pending.committed.done() and not ckpt.exists(step)
+            release.set()
+            if bypass:
+                with pytest.raises(ckptstore.StateChangedError, match="frozen"):
+                    pending.wait()
+            else:
+                pending.wait()
+        assert [c.step for c in ckpt.list()] == [1, 2, 3]
+        assert not list(pathlib.Path(root).glob(".tmp-*"))  # the failed save's is gone
+        assert ckpt.verify(3) == []
 
 
 def test_trusting_version_counters_hashes_the_trusted_only_once_the_copy_is_done(root, monkeypatch):

@@ -9,6 +9,7 @@ DCP calls, in order (see ``torch.distributed.checkpoint.storage.StorageWriter``)
     write_data()              all ranks: one shard file per rank, fsynced
     finish()                  coordinator, after every rank's write succeeded:
                               .metadata, then the manifest, then the atomic commit
+                              (once the hash of what it trusted unchanged matched)
 
 Node-local disks (ranks whose roots have different ``disk_id``): each disk gets a part
 of the checkpoint (its ranks' shards, and its own ``.metadata`` and manifest); the ranks
@@ -286,8 +287,8 @@ class CkptStorageWriter(StorageWriter):
             results = self._write_shard(
                 pending, f"{shard_plan.prefix}0.distcp", plan.items, planner
             )
-        if self._cache is not None and self._cache.confirm is not None:
-            self._cache.confirm()  # what staging trusted unchanged (engine.unchanged)
+        if not self._is_coordinator:  # the coordinator's: in finish, before it commits
+            self._confirm()
         self.io_seconds = time.perf_counter() - start
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
@@ -374,6 +375,7 @@ class CkptStorageWriter(StorageWriter):
             metadata.version = _DCP_VERSION
         if not self.node_local:
             manifest = self._describe(metadata, results, range(len(results.facts))).manifest
+            self._confirm()
             self._pending.commit(manifest)
             self._committed = True
             if self._spec.overwrite:
@@ -395,6 +397,14 @@ class CkptStorageWriter(StorageWriter):
             )
         if self._md_cache is not None:
             self._md_cache.keep_parts(disks)
+        self._confirm()
+
+    def _confirm(self) -> None:
+        """Raise if what staging trusted unchanged was not (engine.unchanged). That hash
+        reads the tensors where they lie; on the coordinator it runs on while ``finish``
+        writes ``.metadata`` (1.3-1.7 ms less per save in issue 19's bench)."""
+        if self._cache is not None and self._cache.confirm is not None:
+            self._cache.confirm()
 
     def _describe(
         self,
