@@ -790,31 +790,50 @@ def test_bit_rot_in_a_shared_file_is_named_in_every_checkpoint_that_links_it(roo
         assert torch.equal(target[k], v), k
 
 
-def _random_sequence(root: str, ops: list[tuple[str, int]], tally: dict[str, int]) -> None:
+def _random_sequence(
+    root: str, ops: list[tuple[str, int]], tally: dict[str, int], trust: bool = False
+) -> None:
     """Saves (some tensors changed, some not), deletions, retention, failed saves and
     restarts of the checkpointer, in random order; after each step every listed
-    checkpoint verifies and loads bit-exact."""
+    checkpoint verifies and loads bit-exact. ``trust``: trust_version_counters, with
+    the same tensors from save to save (changed in place), and writes behind their
+    counters ("bypass"): the next save then either fails with StateChangedError (the
+    tensor was trusted; it is not listed, and saving again works) or holds the new bytes."""
     from ckptstore.manager import retention
     from ckptstore.storage import LocalBackend
 
-    base = {
-        f"w{i}": torch.randn(20_000, generator=torch.Generator().manual_seed(i)) for i in range(6)
-    }
+    n = 100_000 if trust else 20_000  # trusted: large enough to be hashed in place
+    base = {f"w{i}": torch.randn(n, generator=torch.Generator().manual_seed(i)) for i in range(6)}
+    live = {k: v.clone() for k, v in base.items()}
+    cfg = {"codec": "none", "incremental": True, "full_every": 4, "trust_version_counters": trust}
     expected: dict[int, dict[str, torch.Tensor]] = {}
     step, fresh = 0, False
-    ckpt = ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=4)
+    ckpt = ckptstore.Checkpointer(root, **cfg)
     try:
         for op, arg in ops:
             if op == "save":
                 step += 1
-                state = {k: v.clone() for k, v in base.items()}
-                for i in range(arg):  # the first ``arg`` tensors change
-                    state[f"w{i}"] += step
-                ckpt.save(state, step=step)
-                expected[step] = state
+                if trust:
+                    for i in range(arg):  # the first ``arg`` tensors change, in place
+                        live[f"w{i}"].add_(1.0)
+                    state = live
+                else:
+                    state = {k: v.clone() for k, v in base.items()}
+                    for i in range(arg):
+                        state[f"w{i}"] += step
+                try:
+                    ckpt.save(state, step=step)
+                except ckptstore.StateChangedError:
+                    assert trust
+                    tally["refused"] += 1
+                    assert not ckpt.exists(step)
+                    ckpt.save(state, step=step)  # hashed before returning now: copied
+                expected[step] = {k: v.clone() for k, v in state.items()}
                 tally["linked"] += bool(ckpt.latest().manifest.linked)
                 tally["linked_after_restart"] += fresh and bool(ckpt.latest().manifest.linked)
                 fresh = False
+            elif op == "bypass" and trust:
+                live[f"w{arg}"].data.add_(1.0)  # behind its version counter
             elif op == "fail":
                 step += 1
                 real = ShardWriter.finish
@@ -826,7 +845,7 @@ def _random_sequence(root: str, ops: list[tuple[str, int]], tally: dict[str, int
                 ShardWriter.finish = failing  # type: ignore[method-assign]
                 try:
                     with pytest.raises(ckptstore.CkptStoreError):
-                        ckpt.save(dict(base), step=step)
+                        ckpt.save(live if trust else dict(base), step=step)
                 finally:
                     ShardWriter.finish = real  # type: ignore[method-assign]
             elif op == "delete" and expected:
@@ -843,7 +862,7 @@ def _random_sequence(root: str, ops: list[tuple[str, int]], tally: dict[str, int
                 expected = {s: v for s, v in expected.items() if s in listed}
             elif op == "restart":  # it then loads every checkpoint: links from the last
                 ckpt.close()
-                ckpt = ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=4)
+                ckpt = ckptstore.Checkpointer(root, **cfg)
                 fresh = True
             assert sorted(i.step for i in ckpt.list()) == sorted(expected)
             for s, want in expected.items():
@@ -852,16 +871,26 @@ def _random_sequence(root: str, ops: list[tuple[str, int]], tally: dict[str, int
         ckpt.close()
 
 
-def test_random_sequences_of_saves_deletions_retention_and_failures(tmp_path):
-    from hypothesis import HealthCheck, given, settings
+def _run_random_sequences(tmp_path: Any, trust: bool) -> dict[str, int]:
+    from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
+    kinds = ["delete", "prune", "fail", "restart"] + (["bypass"] if trust else [])
     op = st.one_of(
         st.tuples(st.just("save"), st.integers(0, 6)),
-        st.tuples(st.sampled_from(["delete", "prune", "fail", "restart"]), st.integers(0, 5)),
+        st.tuples(st.sampled_from(kinds), st.integers(0, 5)),
     )
+    # sequences that do what the tallies below ask for, whatever else is drawn: links
+    # right after a restart, origins deleted while later checkpoints link them, and (when
+    # trusting) a write behind the counter of a tensor two saves trusted on each arena
+    linking = [("save", 0), ("save", 2), ("delete", 0), ("save", 2), ("restart", 0)]
+    linking += [("save", 2), ("delete", 0), ("save", 3), ("prune", 0), ("save", 3)]
+    behind = [("save", 0)] * 4 + [("bypass", 3), ("save", 1), ("save", 1), ("fail", 0)]
+
     counter = [0]
-    tally = {"linked": 0, "origins_deleted": 0, "linked_after_restart": 0}
+    tally = {
+        "linked": 0, "origins_deleted": 0, "linked_after_restart": 0, "refused": 0
+    }  # fmt: skip
 
     @settings(
         max_examples=int(os.environ.get("CKPTSTORE_INCREMENTAL_EXAMPLES", "25")),
@@ -870,16 +899,28 @@ def test_random_sequences_of_saves_deletions_retention_and_failures(tmp_path):
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
+    @example(ops=linking)
+    @example(ops=behind if trust else linking[::-1])
     @given(ops=st.lists(op, min_size=3, max_size=12))
     def run(ops):
         counter[0] += 1
-        _random_sequence(str(tmp_path / f"run{counter[0]}"), ops, tally)
+        _random_sequence(str(tmp_path / f"run{counter[0]}"), ops, tally, trust)
 
     run()
     # the sequences did what they are for: saves that link (some right after a
     # restart), and deletions of checkpoints whose files later ones still hold
     assert tally["linked"] >= 10 and tally["origins_deleted"] >= 2, tally
     assert tally["linked_after_restart"] >= 1, tally
+    return tally
+
+
+def test_random_sequences_of_saves_deletions_retention_and_failures(tmp_path):
+    _run_random_sequences(tmp_path, trust=False)
+
+
+def test_random_sequences_trusting_version_counters_with_writes_behind_them(tmp_path):
+    tally = _run_random_sequences(tmp_path, trust=True)
+    assert tally["refused"] >= 1, tally  # a trusted tensor written behind its counter
 
 
 # ---- found in review ----------------------------------------------------------------
