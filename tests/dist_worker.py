@@ -9,6 +9,7 @@ FileStore in WORKDIR; gloo talks over loopback only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 
@@ -1115,46 +1116,84 @@ def scenario_incremental(ckpts: str, rank: int, world: int) -> None:
 
 
 def scenario_incremental_trust(ckpts: str, rank: int, world: int) -> None:
-    """trust_version_counters on 2 ranks: each rank checks the hash of what it trusted,
-    rank 0 just before it commits, the others before their write step ends. A write
-    behind the counter on either one fails the save on both, and leaves the checkpoint
-    before it intact."""
-    frozen = torch.randn(100_000, generator=torch.Generator().manual_seed(rank))
-    hot = torch.zeros(8)
-    root = os.path.join(ckpts, "trust")
-    with ckptstore.Checkpointer(
-        root, codec="none", incremental=True, trust_version_counters=True
-    ) as ckpt:
+    """trust_version_counters on 2 ranks, on a shared root and on a root per rank (two
+    disks: node-local parts): each rank checks the hash of what it trusted, rank 0 just
+    before it commits, the others before their write step ends. A write behind the
+    counter on either one fails the save on both, and leaves the checkpoint before it
+    intact. A save that fails for another reason first (rank 1's shard) still settles
+    rank 0's hash: the tensor it caught is no longer trusted, so the next save works."""
+    from ckptstore.format.shard import ShardWriter
 
-        def state() -> dict[str, torch.Tensor]:
-            return {f"frozen{rank}": frozen, f"hot{rank}": hot}
+    for layout, root in (
+        ("shared", os.path.join(ckpts, "trust")),
+        ("node-local", os.path.join(ckpts, f"trust-node{rank}")),
+    ):
+        gen = torch.Generator().manual_seed(rank)
+        frozen, other = torch.randn(100_000, generator=gen), torch.randn(100_000, generator=gen)
+        hot = torch.zeros(8)
+        with ckptstore.Checkpointer(
+            root, codec="none", incremental=True, trust_version_counters=True
+        ) as ckpt:
+            live = {
+                f"frozen{rank}": frozen,
+                f"other{rank}": other,
+                f"hot{rank}": hot,
+            }  # the same tensors at every save
 
-        for step in (1, 2, 3):  # copied, then hashed in place, then trusted
+            for step in (1, 2, 3):  # copied, then hashed in place, then trusted
+                hot.add_(1.0)
+                ckpt.save(live, step)
+            assert ckpt._staging.untrusted == set(), layout
+            assert ckpt.latest().manifest.linked, f"{layout}: the trusted tensors were not linked"
+            kept = {k: v.clone() for k, v in live.items()}
+            for step, who in ((4, 1), (5, 0)):
+                hot.add_(1.0)
+                if rank == who:
+                    frozen.data.add_(1.0)  # behind the counter
+                try:
+                    ckpt.save(live, step)
+                except ckptstore.StateChangedError as exc:
+                    assert f"frozen{who}" in str(exc), exc
+                else:
+                    raise AssertionError(
+                        f"{layout}: save {step} committed after rank {who} changed frozen"
+                    )
+                assert ckpt.latest().step == 3 and not ckpt.exists(step), layout
+                dist.barrier()
+            assert ckpt._staging.untrusted == {f"frozen{rank}"}, layout
+            # rank 0 writes behind a trusted tensor's counter while rank 1's shard fails
             hot.add_(1.0)
-            ckpt.save(state(), step)
-        assert ckpt._staging.untrusted == set()
-        assert ckpt.latest().manifest.linked, "the trusted tensors were not linked"
-        kept = {k: v.clone() for k, v in state().items()}
-        for step, who in ((4, 1), (5, 0)):
-            hot.add_(1.0)
-            if rank == who:
-                frozen.data.add_(1.0)  # behind the counter
-            try:
-                ckpt.save(state(), step)
-            except ckptstore.StateChangedError as exc:
-                assert f"frozen{who}" in str(exc), exc
+            real = ShardWriter.finish
+            if rank == 0:
+                other.data.add_(1.0)
             else:
-                raise AssertionError(f"save {step} committed after rank {who} changed frozen")
-            assert ckpt.latest().step == 3 and not ckpt.exists(step)
+
+                def failing(self):
+                    self.abort()
+                    raise ckptstore.errors.StorageError(errno.EIO, "injected")
+
+                ShardWriter.finish = failing  # type: ignore[method-assign]
+            try:
+                ckpt.save(live, 6)
+            except ckptstore.CkptStoreError:
+                pass
+            else:
+                raise AssertionError(f"{layout}: save 6 committed while rank 1 failed")
+            finally:
+                ShardWriter.finish = real  # type: ignore[method-assign]
             dist.barrier()
-        assert ckpt._staging.untrusted == ({f"frozen{rank}"})
-        target = {k: torch.zeros_like(v) for k, v in kept.items()}
-        ckpt.load(target, 3)
-        assert all(torch.equal(target[k], kept[k]) for k in kept)
-        assert ckpt.verify(3) == []
-        dist.barrier()
-    if rank == 0:
+            ckpt.save(live, 7)  # other0 is hashed before returning now: copied
+            want = {f"frozen{rank}", f"other{rank}"} if rank == 0 else {f"frozen{rank}"}
+            assert ckpt._staging.untrusted == want, (layout, ckpt._staging.untrusted)
+            target = {k: torch.zeros_like(v) for k, v in kept.items()}
+            ckpt.load(target, 3)
+            assert all(torch.equal(target[k], kept[k]) for k in kept), layout
+            ckpt.load(target, 7)
+            assert all(torch.equal(target[k], v) for k, v in live.items()), layout
+            assert ckpt.verify(3) == [] and ckpt.verify(7) == [], layout
+            dist.barrier()
         assert not [n for n in os.listdir(root) if n.startswith(".tmp-")], os.listdir(root)
+        dist.barrier()
 
 
 def scenario_incremental_backup(ckpts: str, rank: int, world: int) -> None:

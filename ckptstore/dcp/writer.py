@@ -138,6 +138,7 @@ class CkptStorageWriter(StorageWriter):
         self._save_id = uuid.uuid4().hex
         self._pending: PendingCheckpoint | None = None
         self._committed = False
+        self._is_coordinator = False  # (set_up_storage_writer)
         self._disks: list[str] = []  # each rank's disk (coordinator)
         # Node-local disks: this rank's part (if its disk is not the coordinator's), and
         # on the coordinator each disk's (.metadata, manifest) bytes, committed later.
