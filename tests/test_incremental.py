@@ -590,6 +590,37 @@ def test_trusting_version_counters_the_metadata_is_written_while_the_trusted_has
         assert ckpt.verify(3) == []
 
 
+def test_trusting_version_counters_an_abandoned_save_still_settles_the_trusted_hash(root):
+    """A save abandoned once staged (its guard raised) never reaches the commit that
+    checks the trusted hash: releasing its staging buffer settles it, so a tensor changed
+    behind its counter is not trusted again, and the next save works."""
+
+    class Refuse:
+        def snapshot(self) -> None:
+            pass
+
+        def check(self) -> None:
+            raise RuntimeError("the state moved during the copy")
+
+    frozen, w = torch.randn(400_000), torch.zeros(8)
+    cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
+    with ckptstore.Checkpointer(root, **cfg) as ckpt:
+        for step in (1, 2, 3):  # copied, then hashed in place, then trusted
+            w.add_(1.0)
+            ckpt.save({"frozen": frozen, "w": w}, step=step)
+        frozen.data.add_(1.0)  # behind the counter
+        pending = ckpt.save_async(
+            {"frozen": frozen, "w": w}, step=4, block_until_staged=False, guard=Refuse()
+        )
+        with pytest.raises(RuntimeError, match="moved"):
+            pending.wait()
+        ckpt.wait()
+        assert ckpt._staging.untrusted == {"frozen"}
+        ckpt.save({"frozen": frozen, "w": w}, step=5)
+        load_equal(ckpt, 5, {"frozen": frozen.clone(), "w": w.clone()})
+        assert [c.step for c in ckpt.list()] == [1, 2, 3, 5]
+
+
 def test_trusting_version_counters_hashes_the_trusted_only_once_the_copy_is_done(root, monkeypatch):
     """The trusted tensors' hashes start once the rest is copied, not alongside the
     copy (on two cores the two slowed each other down, and the caller waits for the

@@ -27,6 +27,7 @@ change its tensors as soon as :meth:`StagingPool.stage` returns.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from concurrent.futures import Executor
@@ -356,7 +357,11 @@ class StagingPool:
             self._give_back(arena)
 
     def release(self, staged: StagedState) -> None:
-        """The save is done with ``staged``; its arena may be reused."""
+        """The save is done with ``staged``; its arena may be reused. What staging
+        trusted unchanged is settled first where the save did not check it (abandoned
+        before it was written): a tensor found changed is not trusted again."""
+        with contextlib.suppress(Exception):
+            staged.found.confirm()
         if staged.arena is not None:
             arena, staged.arena = staged.arena, None
             self._give_back(arena)

@@ -171,9 +171,11 @@ class Found:
     later: Later | None = None  # of those, the ones not hashed yet
 
     def confirm(self) -> None:
-        """Before the save commits: raise if what was trusted had changed (Later)."""
+        """Before the save commits: raise if what was trusted had changed (Later). Once:
+        a second call does nothing."""
         if self.later is not None:
-            self.later.confirm()
+            later, self.later = self.later, None
+            later.confirm()
 
 
 @dataclass
