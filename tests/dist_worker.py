@@ -1175,8 +1175,10 @@ def scenario_incremental_trust(ckpts: str, rank: int, world: int) -> None:
                 ShardWriter.finish = failing  # type: ignore[method-assign]
             try:
                 ckpt.save(live, 6)
-            except ckptstore.CkptStoreError:
-                pass
+            except ckptstore.CkptStoreError as exc:
+                assert "injected" in str(exc), exc  # rank 1's failure, on both ranks
+                if rank == 0:  # settled: not trusted again
+                    assert f"other{rank}" in ckpt._staging.untrusted, layout
             else:
                 raise AssertionError(f"{layout}: save 6 committed while rank 1 failed")
             finally:

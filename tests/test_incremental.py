@@ -590,7 +590,7 @@ def test_trusting_version_counters_the_metadata_is_written_while_the_trusted_has
         assert ckpt.verify(3) == []
 
 
-def test_trusting_version_counters_an_abandoned_save_still_settles_the_trusted_hash(root):
+def test_trusting_version_counters_an_abandoned_save_still_settles_the_trusted_hash(root, caplog):
     """A save abandoned once staged (its guard raised) never reaches the commit that
     checks the trusted hash: releasing its staging buffer settles it, so a tensor changed
     behind its counter is not trusted again, and the next save works."""
@@ -619,6 +619,7 @@ def test_trusting_version_counters_an_abandoned_save_still_settles_the_trusted_h
         ckpt.save({"frozen": frozen, "w": w}, step=5)
         load_equal(ckpt, 5, {"frozen": frozen.clone(), "w": w.clone()})
         assert [c.step for c in ckpt.list()] == [1, 2, 3, 5]
+    assert "hashing them after a failed save: frozen changed" in caplog.text
 
 
 def test_trusting_version_counters_hashes_the_trusted_only_once_the_copy_is_done(root, monkeypatch):

@@ -8,7 +8,6 @@ on the calling thread; collectives go over the gloo group it is given.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -185,12 +184,9 @@ def save_staged(
         writer.abort()
         if cache is not None and cache.incremental is not None:
             cache.incremental.drop()
-        if cache is not None and cache.confirm is not None:
-            # Settle what staging trusted (rank 0 checks it only as it commits, which a
-            # failure elsewhere skips): a tensor found changed is not trusted again, and
-            # no hash of this save still reads the state once it has failed
-            with contextlib.suppress(Exception):
-                cache.confirm()
+        # what staging trusted: rank 0 checks it only as it commits, which a failure
+        # elsewhere skips; settled before the caller hears of the failure
+        staged.found.settle()
         raise
     finally:
         if cache is not None:

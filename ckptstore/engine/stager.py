@@ -27,7 +27,6 @@ change its tensors as soon as :meth:`StagingPool.stage` returns.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from concurrent.futures import Executor
@@ -360,11 +359,12 @@ class StagingPool:
         """The save is done with ``staged``; its arena may be reused. What staging
         trusted unchanged is settled first where the save did not check it (abandoned
         before it was written): a tensor found changed is not trusted again."""
-        with contextlib.suppress(Exception):
-            staged.found.confirm()
-        if staged.arena is not None:
-            arena, staged.arena = staged.arena, None
-            self._give_back(arena)
+        try:
+            staged.found.settle()
+        finally:
+            if staged.arena is not None:
+                arena, staged.arena = staged.arena, None
+                self._give_back(arena)
 
     def close(self) -> None:
         """Drop every arena not in use; later ``stage`` calls raise."""

@@ -35,6 +35,7 @@ never trusted either.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -47,6 +48,8 @@ import torch
 from ckptstore.dcp.incremental import start_hashing
 from ckptstore.dcp.writer import tensor_bytes
 from ckptstore.errors import StateChangedError
+
+log = logging.getLogger("ckptstore")
 
 # Below this a tensor is copied: its copy costs about what starting a hash job does.
 MIN_BYTES = 256 << 10
@@ -176,6 +179,17 @@ class Found:
         if self.later is not None:
             later, self.later = self.later, None
             later.confirm()
+
+    def settle(self) -> None:
+        """:meth:`confirm`, for a save that failed or was abandoned before it did: a
+        tensor found changed is not trusted again (logged), and no hash of the save
+        still reads the state; the save's own error is the one raised."""
+        try:
+            self.confirm()
+        except StateChangedError as exc:
+            log.warning("hashing them after a failed save: %s", exc)
+        except Exception:  # a hash that failed: the tensors are hashed again next save
+            pass
 
 
 @dataclass
