@@ -385,3 +385,38 @@ def test_a_restore_reads_the_manifest_and_metadata_once(tmp_path, monkeypatch):
     with ckptstore.CheckpointManager(tmp_path) as mgr:
         assert mgr.restore(make_state(seed=1)) == 2
     assert reads.count("step_00000002/.metadata") == 1, reads
+
+
+def test_latest_never_names_a_checkpoint_an_earlier_turn_pruned(root, monkeypatch):
+    """Housekeeping runs behind saves that commit faster than it points and prunes
+    (found by the crash stress: a kill then left ``latest`` naming a deleted step).
+    An earlier commit's turn prunes with the newer commits already listed; the turn of
+    a commit it pruned must not point ``latest`` at it."""
+    import threading
+
+    from ckptstore.manager import pointer
+
+    pointed: list[tuple[str, bool]] = []
+    real = pointer.write_latest
+
+    def write_latest(backend, name):
+        pointed.append((name, backend.exists(f"{name}/manifest.json")))
+        real(backend, name)
+
+    monkeypatch.setattr(pointer, "write_latest", write_latest)
+    state = {"w": torch.zeros(1000)}
+    with ckptstore.CheckpointManager(root, keep=ckptstore.KeepLast(2)) as mgr:
+        hold = threading.Event()
+        mgr._housekeeping.submit(hold.wait, 30)  # every turn waits behind this
+        for step in range(1, 6):
+            state["w"] += 1.0
+            mgr.save(step, state)
+        mgr._ckpt.wait()  # all five committed, none pointed at or pruned yet
+        hold.set()
+        mgr.wait()
+    from ckptstore.storage import LocalBackend
+
+    assert pointed and all(ok for _, ok in pointed), pointed
+    with ckptstore.Checkpointer(root) as ckpt:
+        kept = [i.name for i in ckpt.list()]
+    assert len(kept) == 2 and pointer.read_latest(LocalBackend(root)) == kept[-1], kept

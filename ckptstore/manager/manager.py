@@ -395,7 +395,7 @@ class CheckpointManager(RestoreMixin, GuardMixin):
     def _point_and_prune(self, name: str) -> None:
         assert self._ckpt is not None
         try:
-            pointer.write_latest(self._ckpt.backend, name)
+            pointer.move_latest(self._ckpt.backend, name)  # unless pruned already
         except CkptStoreError as exc:
             log.warning("could not update %s/%s: %s", self._ckpt.url, LATEST_FILE, exc)
         self._committed.add(name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from ckptstore.errors import CkptStoreError
-from ckptstore.layout import FINALS_FILE, LATEST_FILE
+from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE
 from ckptstore.storage import StorageBackend
 
 log = logging.getLogger("ckptstore")
@@ -31,6 +31,18 @@ def read_latest(backend: StorageBackend) -> str | None:
 def write_latest(backend: StorageBackend, name: str) -> None:
     """Point ``latest`` at ``name`` (atomically)."""
     backend.put_atomic(LATEST_FILE, f"{name}\n".encode())
+
+
+def move_latest(backend: StorageBackend, name: str) -> bool:
+    """Point ``latest`` at ``name`` if it is still committed; False if it is gone. The
+    manager's housekeeping runs behind saves that commit faster than it points and
+    prunes: an earlier commit's turn may have pruned this one already (newer ones kept),
+    and pointing at it then would leave ``latest`` naming nothing until the next turn,
+    or for good after a crash; a newer commit's turn moves the pointer instead."""
+    if not backend.exists(f"{name}/{MANIFEST_FILE}"):
+        return False
+    write_latest(backend, name)
+    return True
 
 
 def record_final(backend: StorageBackend, name: str) -> None:
