@@ -115,8 +115,9 @@ class CheckpointerConfig:
         :class:`~ckptstore.storage.S3Backend`); unknown names are refused when it opens.
     incremental: tensors byte-identical to this checkpointer's last committed save are
         not written again: the files holding them are hard-linked into the new
-        checkpoint (local disk; elsewhere every save is full). Off by default while it
-        is proven (:mod:`ckptstore.dcp.incremental`).
+        checkpoint on local disk, copied inside the store on an object store (no bytes
+        from this machine), and written in full where neither can be made. Off by
+        default while it is proven (:mod:`ckptstore.dcp.incremental`).
     full_every: with ``incremental``, every this many saves one writes everything
         (bounds the bytes a chain of links keeps; 0: never).
     trust_version_counters: with ``incremental``, a large CPU tensor whose bytes were

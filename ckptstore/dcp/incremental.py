@@ -6,9 +6,10 @@ value) is hashed whole before it is encoded: xxh3-128 of its raw bytes, on the c
 never on the training thread (~13 GB/s a core here, against ~1.3 GB/s for zstd). An
 item whose key, dtype, size, codec and hash are those of the same item in this rank's
 last committed save is not written: the shard file that holds it in that checkpoint is
-hard-linked into the new one (:meth:`PendingCheckpoint.link_files`; first checked to be
-the file this rank wrote, by size and index checksum) under a name that
-says which checkpoint first wrote it (``__0_0-step_00000100.distcp``), and DCP's
+hard-linked into the new one (:meth:`PendingCheckpoint.link_files`; on an object store,
+copied inside the store; first checked to be the file this rank wrote, by size and index
+checksum) under a name that says which checkpoint first wrote it
+(``__0_0-step_00000100.distcp``), and DCP's
 ``.metadata`` points the item there. The manifest lists the linked file like any other,
 and names its first writer under ``"linked"`` (:mod:`ckptstore.format.manifest`).
 
