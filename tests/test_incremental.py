@@ -765,12 +765,11 @@ def test_trust_version_counters_must_be_a_bool(root):
         ckptstore.CheckpointManager(root, trust_version_counters=True)
 
 
-def test_the_shard_file_is_created_expecting_what_staging_did_not_find_unchanged(root, monkeypatch):
-    """The writer tells the store how much it expects to write (local disk writes a
-    small file through the page cache: storage._direct_io.BUFFERED_BYTES)."""
+def expectations(monkeypatch) -> list[int | None]:
+    """The size each shard file is created expecting (``size_hint``), in order."""
     import ckptstore.storage.local as local_mod
 
-    expected = []
+    expected: list[int | None] = []
 
     class Spy(local_mod.DirectFileSink):
         def __init__(self, path, direct=True, expect=None):
@@ -779,6 +778,13 @@ def test_the_shard_file_is_created_expecting_what_staging_did_not_find_unchanged
             super().__init__(path, direct, expect)
 
     monkeypatch.setattr(local_mod, "DirectFileSink", Spy)
+    return expected
+
+
+def test_the_shard_file_is_created_expecting_what_staging_did_not_find_unchanged(root, monkeypatch):
+    """The writer tells the store how much it expects to write (local disk writes a
+    small file through the page cache: storage._direct_io.BUFFERED_BYTES)."""
+    expected = expectations(monkeypatch)
     frozen, w = torch.randn(400_000), torch.randn(1000)
     with ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=3) as ckpt:
         for step in range(1, 6):
@@ -788,6 +794,47 @@ def test_the_shard_file_is_created_expecting_what_staging_did_not_find_unchanged
     # Nothing to link from, then w alone twice, then the save full_every=3 makes full,
     # then one full on demand: a save that writes everything says nothing
     assert expected == [None, 4_000, 4_000, None, None], expected
+
+
+def test_full_training_writes_its_shard_as_a_full_save_does(root, monkeypatch):
+    """Where nothing was worth linking the last time and staging found nothing unchanged
+    (everything changes: full training), the shard is created as a full save's (size
+    unknown: direct I/O on local disk); where the last save linked, it expects what it
+    may write. (On this project's VM the page cache path took 2x as long for a 40 MB
+    shard of 40,000 changing tensors: 218 against 109 ms.)"""
+    expected = expectations(monkeypatch)
+    # small tensors: staging copies them, so only the writer's hash finds them unchanged
+    state = {f"p{i}": torch.randn(100) for i in range(300)}
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        for step in range(1, 7):
+            if step <= 3 or step == 6:
+                for t in state.values():
+                    t.add_(1.0)
+            else:
+                state["p0"].add_(1.0)  # the rest frozen
+            ckpt.save(state, step=step)
+            load_equal(ckpt, step, {k: v.clone() for k, v in state.items()})
+    # 1-3 and after them 4: the last save linked nothing; 5: it did; 6 everything
+    # changed, but the last save linked: it cannot know before hashing
+    assert expected == [None, None, None, None, 120_000, 120_000], expected
+
+
+def test_only_the_counters_of_tensors_too_large_to_pack_are_read(root, monkeypatch):
+    """A save reads no version counter of a tensor small enough to pack: it is hashed
+    whatever its counter says (reading 40,000 of them took 26 ms of the caller's time)."""
+    import ckptstore.engine.stager as stager_mod
+
+    read = []
+    version = stager_mod._version
+    monkeypatch.setattr(stager_mod, "_version", lambda t: read.append(t.numel()) or version(t))
+    state = {f"p{i}": torch.randn(100) for i in range(300)}
+    state["big"] = torch.randn(100_000)
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        for step in (1, 2):
+            state["big"].add_(1.0)
+            ckpt.save(state, step=step)
+            load_equal(ckpt, step, {k: v.clone() for k, v in state.items()})
+    assert read == [100_000, 100_000]
 
 
 # ---- bit rot in a shared file, and random sequences -------------------------------------

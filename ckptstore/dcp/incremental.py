@@ -128,6 +128,7 @@ class Reuse:
     stored: dict[str, str] = field(default_factory=dict)  # stored name -> file name
     note_bytes: int = 0  # the note's, in this save's shard (not state: not counted)
     noted: bool = False  # whether this save's shard gets a note (place())
+    matched: bool = False  # whether it found files worth linking (a full save links none)
 
 
 _PIECE = 8 << 20  # large items are hashed in pieces of this size, on every thread
@@ -227,7 +228,8 @@ class IncrementalCache:
         self._items: dict[str, _Held] = {}
         self._files: dict[str, _File] = {}
         self._since_full = 0
-        self._next: tuple[dict[str, _Held], dict[str, _File], bool] | None = None
+        self._next: tuple[dict[str, _Held], dict[str, _File], bool, bool] | None = None
+        self._matched = False  # whether the last committed save found files worth linking
         self.linked_bytes = 0  # raw bytes the last save linked (for tests, benchmarks)
         self.hashed_bytes = 0  # raw bytes the last save hashed (for tests, benchmarks)
         # fqn -> (version counter, data pointer) of the save being written (StagedState)
@@ -387,9 +389,12 @@ class IncrementalCache:
         self.hashed_tensors = {}
         result, jobs = start_hashing([entries[p][1] for p in hashed], pool)
         # What staging did not find unchanged is (at most) what is written, if this save
-        # can link at all; a full one writes everything (None: size unknown)
+        # can link at all; a full one writes everything (None: size unknown, the file is
+        # written as a full save's). Where staging found nothing and the last save had
+        # nothing worth linking (full training), it is likely a full one too.
         expected: int | None = sum(len(e[1]) for p, e in enumerate(entries) if p not in given)
-        if full or not (self._items or self._restored) or self._full_due():
+        likely_full = not given and self._items and not self._matched
+        if full or not (self._items or self._restored) or self._full_due() or likely_full:
             expected = None
         return Hashing(moved, hashed, result, jobs, versions, given, fqns, expected)
 
@@ -440,7 +445,8 @@ class IncrementalCache:
         worth = {f for f, n in used.items() if n >= MIN_USED * self._files[f].raw_bytes}
         # A state that links from its last save is worth a note for after a restart
         # (where everything changes, as in full training, it would be bytes for nothing).
-        reuse.noted = bool(worth) or restarted
+        reuse.noted = reuse.matched = bool(worth)
+        reuse.noted |= restarted
         if full or self._full_due():
             reuse.items = {}
             return reuse  # a full save
@@ -496,7 +502,7 @@ class IncrementalCache:
             key: _Held(renamed[f], i, reuse.digests[pos], reuse.kinds[pos], reuse.versions[pos])
             for pos, (key, (f, i)) in enumerate(zip([e[0] for e in entries], placed, strict=True))
         }
-        self._next = (items, files, not reuse.items)
+        self._next = (items, files, not reuse.items, reuse.matched)
         self.linked_bytes = reuse.raw_linked
         return {
             s: {"size_bytes": f.size_bytes, "xxh3_64": f.xxh3_64, "from": f.origin}
@@ -507,7 +513,7 @@ class IncrementalCache:
         """The save committed on every rank: the next one compares with it."""
         if self._next is None:
             return
-        self._items, self._files, full = self._next
+        self._items, self._files, full, self._matched = self._next
         self._next = None
         self._since_full = 0 if full else self._since_full + 1
 

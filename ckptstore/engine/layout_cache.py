@@ -32,7 +32,7 @@ from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
-from ckptstore.dcp.packs import SMALL_ALIGN  # small tensors start at a multiple of it
+from ckptstore.dcp.packs import SMALL_ALIGN, SMALL_BYTES  # small tensors start at a multiple of it
 from ckptstore.errors import UnsupportedStateError
 from ckptstore.format.shard_index import dtype_name
 
@@ -206,6 +206,8 @@ class Layout:
     ptrs: list[int]
     specs: list[Any] | None  # DTensor specs, per DTensor
     tied_at: tuple[int, ...] = ()  # the tensors that share a slot with another
+    # the tensors too large to pack (dcp.packs): incremental saves read their counters
+    large: tuple[int, ...] = ()
 
 
 def plan_layout(resolved: dict[str, Any]) -> tuple[Layout, list[Any]]:
@@ -278,6 +280,7 @@ def plan_layout(resolved: dict[str, Any]) -> tuple[Layout, list[Any]]:
         if any_dt
         else None,
         tied_at=_tied_at(slots),
+        large=tuple(k for k, n in enumerate(nbytes) if n > SMALL_BYTES),
     )
     return layout, objs
 
