@@ -475,7 +475,9 @@ def test_local_sink_expected_small_turns_direct_inside_one_large_write(
 def test_local_sink_expected_small_starts_writeback_as_it_goes(tmp_path, monkeypatch, refused):
     """A file written through the page cache has its writeback started every
     KICK_BYTES (POSIX_FADV_DONTNEED over what came since the last kick), so the
-    fdatasync at close waits for the tail only; a refused hint changes nothing."""
+    fdatasync at close waits for the tail only, and once durable its pages are let go
+    (DONTNEED over the whole file); a refused hint changes nothing. A file too small
+    for a kick keeps its pages (manifests, .metadata: read again soon)."""
     monkeypatch.setattr(direct_io_mod, "KICK_BYTES", MIB)
     kicks: list[tuple[int, int]] = []
     real = os.posix_fadvise
@@ -498,6 +500,11 @@ def test_local_sink_expected_small_starts_writeback_as_it_goes(tmp_path, monkeyp
     # 700 KB pieces: a kick after the 2nd, 4th (past 1 MiB since the last) ...
     assert kicks == [(0, 1_400_000), (1_400_000, 1_400_000)], kicks
     assert sink.close() == len(want)
+    assert kicks[2:] == [(0, 0)], kicks
+    small = pending.create_file("g.bin", size_hint=4 * MIB)
+    small.write(want[:700_000])
+    assert small.close() == 700_000
+    assert kicks[3:] == [], kicks
     pending.commit(MANIFEST)
     assert backend.read_bytes("step_1/f.bin") == want
 

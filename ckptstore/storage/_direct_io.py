@@ -238,6 +238,16 @@ class DirectFileSink(FileSink):
             )
         self._kicked = self._size
 
+    def _drop_cached(self) -> None:
+        """Once durable, let go of the file's pages in the page cache (as direct I/O
+        never holds them): the next save's file reuses that memory. On this project's
+        VM, memory the page cache had not used before cost ~20 ms per 8 MB written
+        (~10 us a page: first touches, in a VM whose memory is backed as it is
+        touched); a file written into pages freed this way took 1.5-2.5 ms per 8 MB
+        (40 MB files, buffered, kept: 107 against 27 ms each, write to fdatasync)."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def align(self, boundary: int) -> None:
         if (self._direct or self._later) and self._size % boundary:
             self.write(bytes(boundary - self._size % boundary))
@@ -301,6 +311,8 @@ class DirectFileSink(FileSink):
             else:
                 self._flush_bounce()
             os.fdatasync(self._fd)
+            if self._kicked:
+                self._drop_cached()
         except OSError as exc:
             # Never retried: after a failed fsync the kernel may have dropped the dirty
             # pages, and a second fsync can report success for data that is gone.
