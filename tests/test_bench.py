@@ -314,3 +314,27 @@ def test_incremental_reports_both_cases_and_every_target(tmp_path, s3_server, tr
     assert not any("hash_unchanged_s" in r for r in full["saves"])  # everything changes
     md = _read(path[: -len(".json")] + ".md")
     assert "PASS" in md and "Floor, not a target: hashing the" in md
+
+
+def test_incremental_shapes_script_compares_full_training_with_and_without(tmp_path):
+    """``benchmarks/bench_incremental_shapes.py`` runs as its docstring says and writes
+    both modes' medians and their ratio; a wrong shape is refused by name."""
+    script = os.path.join(REPO, "benchmarks", "bench_incremental_shapes.py")
+    args = ["--target", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    done = subprocess.run(
+        [sys.executable, script, "--shapes", "small", "--saves", "3", *args],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (path,) = glob.glob(str(tmp_path / "out" / "incremental-shapes-*.json"))
+    got = json.loads(_read(path))["result"]["small"]
+    assert got["tensors"] == 40_000 and got["durable_ratio"] > 0
+    for key in ("stall_s", "durable_s"):
+        assert set(got[key]) == {"incremental", "full"}
+        assert all(_finite_positive(s) and s["n"] == 1 for s in got[key].values())
+    assert os.listdir(tmp_path / "data") == []  # its checkpoints are removed
+    bad = subprocess.run(
+        [sys.executable, script, "--shapes", "tiny", *args],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--shapes takes small, mid, large" in bad.stderr
