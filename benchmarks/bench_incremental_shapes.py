@@ -1,7 +1,8 @@
 """Full training with incremental saves on and off, in three shapes of state (issue 19:
 "full training: no slower than today's full save").
 
-    python benchmarks/bench_incremental_shapes.py [--shapes small,mid,large] [--saves 12] [--target DIR]
+    python benchmarks/bench_incremental_shapes.py [--shapes small,mid,large] [--saves 12]
+        [--target DIR] [--out DIR] [--frozen]
 
 Every tensor is changed in place before every save (full training: nothing can be
 linked), and two ``Checkpointer`` (codec none) save the same state, one with
@@ -10,7 +11,9 @@ linked), and two ``Checkpointer`` (codec none) save the same state, one with
 Reported per shape and mode: the caller's stall and the time until durable (``save``
 returns once committed), medians over the saves after the first two, and the ratio of
 the durable medians. ``--frozen`` changes nothing between saves instead (everything is
-linked). JSON in --out.
+linked). Each mode keeps its last two checkpoints (the newest is what the next save links
+from), so ``--target`` needs ~4x the state: 1 GB for ``large``. JSON in --out, with the
+ckptstore it ran (its path, and the git commit where it is a checkout).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +33,7 @@ import torch
 from common import machine_info, summarize, write_json
 
 import ckptstore
+from ckptstore.layout import checkpoint_name
 
 SHAPES = {"small": (40_000, 256), "mid": (1_000, 64 << 10), "large": (4, 16 << 20)}
 
@@ -59,6 +64,8 @@ def run_shape(shape: str, saves: int, target: str, frozen: bool) -> dict:
                 if n > 2:
                     stall[m].append(result.stall_s)
                     durable[m].append(took)
+                if n > 2:  # keep the disk bounded: the next save links from step n only
+                    ckpts[m].backend.delete(checkpoint_name(n - 2))
     finally:
         for ck in ckpts.values():
             ck.close()
@@ -73,6 +80,24 @@ def run_shape(shape: str, saves: int, target: str, frozen: bool) -> dict:
         durable["full"]
     )
     return out
+
+
+def ckptstore_source() -> dict[str, str | None]:
+    """Where the ckptstore that runs lives, and its git commit (None outside a checkout)."""
+    where = os.path.dirname(os.path.dirname(os.path.abspath(ckptstore.__file__)))
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "-C", where, "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"path": ckptstore.__file__, "commit": commit}
 
 
 def main() -> None:
@@ -114,6 +139,7 @@ def main() -> None:
             "benchmark": "incremental-shapes",
             "command": " ".join(sys.argv),
             "machine": machine_info(args.target),
+            "ckptstore": ckptstore_source(),
             "frozen": args.frozen,
             "result": results,
         },

@@ -329,6 +329,8 @@ def test_incremental_shapes_script_compares_full_training_with_and_without(tmp_p
     (path,) = glob.glob(str(tmp_path / "out" / "incremental-shapes-*.json"))
     got = json.loads(_read(path))["result"]["small"]
     assert got["tensors"] == 40_000 and got["durable_ratio"] > 0
+    source = json.loads(_read(path))["ckptstore"]
+    assert source["path"].startswith(REPO) and len(source["commit"] or "x" * 40) == 40
     for key in ("stall_s", "durable_s"):
         assert set(got[key]) == {"incremental", "full"}
         assert all(_finite_positive(s) and s["n"] == 1 for s in got[key].values())

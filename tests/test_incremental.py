@@ -805,18 +805,20 @@ def test_full_training_writes_its_shard_as_a_full_save_does(root, monkeypatch):
     expected = expectations(monkeypatch)
     # small tensors: staging copies them, so only the writer's hash finds them unchanged
     state = {f"p{i}": torch.randn(100) for i in range(300)}
-    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
-        for step in range(1, 7):
-            if step <= 3 or step == 6:
+    with ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=3) as ckpt:
+        for step in range(1, 9):
+            if step <= 3 or step == 8:
                 for t in state.values():
                     t.add_(1.0)
             else:
                 state["p0"].add_(1.0)  # the rest frozen
             ckpt.save(state, step=step)
             load_equal(ckpt, step, {k: v.clone() for k, v in state.items()})
-    # 1-3 and after them 4: the last save linked nothing; 5: it did; 6 everything
-    # changed, but the last save linked: it cannot know before hashing
-    assert expected == [None, None, None, None, 120_000, 120_000], expected
+    # 1-3 and after them 4: the last save found nothing worth linking; 5: it linked; 6:
+    # the save full_every=3 makes full; 7: that one found what it could have linked; 8:
+    # everything changed, but the last save linked: it cannot know before hashing
+    want = [None, None, None, None, 120_000, None, 120_000, 120_000]
+    assert expected == want, expected
 
 
 def test_only_the_counters_of_tensors_too_large_to_pack_are_read(root, monkeypatch):

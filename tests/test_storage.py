@@ -477,7 +477,7 @@ def test_local_sink_expected_small_starts_writeback_as_it_goes(tmp_path, monkeyp
     KICK_BYTES (POSIX_FADV_DONTNEED over what came since the last kick), so the
     fdatasync at close waits for the tail only, and once durable its pages are let go
     (DONTNEED over the whole file); a refused hint changes nothing. A file too small
-    for a kick keeps its pages (manifests, .metadata: read again soon)."""
+    for a kick keeps its pages."""
     monkeypatch.setattr(direct_io_mod, "KICK_BYTES", MIB)
     kicks: list[tuple[int, int]] = []
     real = os.posix_fadvise
@@ -505,6 +505,39 @@ def test_local_sink_expected_small_starts_writeback_as_it_goes(tmp_path, monkeyp
     small.write(want[:700_000])
     assert small.close() == 700_000
     assert kicks[3:] == [], kicks
+    pending.commit(MANIFEST)
+    assert backend.read_bytes("step_1/f.bin") == want
+
+
+def test_local_sink_expected_small_that_grows_past_it_is_still_dropped_once_durable(
+    tmp_path, monkeypatch
+):
+    """A file expected small that turns O_DIRECT on past BUFFERED_BYTES had its first part
+    written through the page cache: once durable, that is let go too."""
+    monkeypatch.setattr(direct_io_mod, "KICK_BYTES", MIB)
+    monkeypatch.setattr(direct_io_mod, "BUFFERED_BYTES", 2 * MIB)
+    advised: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_DONTNEED:
+            advised.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(direct_io_mod.os, "posix_fadvise", fadvise)
+    backend = LocalBackend(str(tmp_path / "ckpts"))
+    pending = backend.begin("step_1")
+    sink = pending.create_file("f.bin", size_hint=MIB)
+    if not sink.wants_alignment:
+        sink.abort()
+        pending.abort()
+        pytest.skip("this file system has no O_DIRECT")
+    want = rand_bytes(5 * MIB + 7, 4)
+    for k in range(0, len(want), 700_000):
+        sink.write(want[k : k + 700_000])
+    assert sink._direct  # past BUFFERED_BYTES
+    assert sink.close() == len(want)
+    assert advised and advised[-1] == (0, 0) and advised.count((0, 0)) == 1, advised
     pending.commit(MANIFEST)
     assert backend.read_bytes("step_1/f.bin") == want
 

@@ -128,7 +128,9 @@ class Reuse:
     stored: dict[str, str] = field(default_factory=dict)  # stored name -> file name
     note_bytes: int = 0  # the note's, in this save's shard (not state: not counted)
     noted: bool = False  # whether this save's shard gets a note (place())
-    matched: bool = False  # whether it found files worth linking (a full save links none)
+    # whether it found files worth linking (found before a full save or a failed link
+    # drops the links: a scheduled full save in fine-tuning has matched)
+    matched: bool = False
 
 
 _PIECE = 8 << 20  # large items are hashed in pieces of this size, on every thread
@@ -393,7 +395,7 @@ class IncrementalCache:
         # written as a full save's). Where staging found nothing and the last save had
         # nothing worth linking (full training), it is likely a full one too.
         expected: int | None = sum(len(e[1]) for p, e in enumerate(entries) if p not in given)
-        likely_full = not given and self._items and not self._matched
+        likely_full = bool(not given and self._items and not self._matched)
         if full or not (self._items or self._restored) or self._full_due() or likely_full:
             expected = None
         return Hashing(moved, hashed, result, jobs, versions, given, fqns, expected)
