@@ -821,6 +821,38 @@ def test_full_training_writes_its_shard_as_a_full_save_does(root, monkeypatch):
     assert expected == want, expected
 
 
+def test_a_save_that_fails_at_its_commit_leaves_the_guess_to_the_last_committed_one(
+    root, monkeypatch
+):
+    """Whether the last save found anything worth linking is taken from the last save
+    that committed: one that failed after its shard was written (at the manifest) does
+    not count."""
+    import ckptstore.storage.local as local_mod
+
+    expected = expectations(monkeypatch)
+    state = {f"p{i}": torch.randn(100) for i in range(300)}
+    real_commit = local_mod._LocalPending.commit
+
+    def failing(self, manifest):
+        raise ckptstore.errors.StorageError(errno.EIO, "injected")
+
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        for step in range(1, 6):
+            for t in state.values() if step <= 2 else [state["p0"]]:
+                t.add_(1.0)
+            if step == 3:  # would link (the rest is frozen from here), but fails
+                monkeypatch.setattr(local_mod._LocalPending, "commit", failing)
+                with pytest.raises(ckptstore.CkptStoreError):
+                    ckpt.save(state, step=step)
+                monkeypatch.setattr(local_mod._LocalPending, "commit", real_commit)
+                continue
+            ckpt.save(state, step=step)
+            load_equal(ckpt, step, {k: v.clone() for k, v in state.items()})
+        assert [i.step for i in ckpt.list()] == [1, 2, 4, 5]
+    # 3 failed: 4 goes by 2 (nothing worth linking), 5 by 4 (linked)
+    assert expected == [None, None, None, None, 120_000], expected
+
+
 def test_only_the_counters_of_tensors_too_large_to_pack_are_read(root, monkeypatch):
     """A save reads no version counter of a tensor small enough to pack: it is hashed
     whatever its counter says (reading 40,000 of them took 26 ms of the caller's time)."""
