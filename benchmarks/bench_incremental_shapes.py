@@ -114,10 +114,12 @@ def main() -> None:
     args = ap.parse_args()
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
-    if unknown or args.saves < 3:
-        ap.error(
-            f"--shapes takes {', '.join(SHAPES)}; --saves at least 3 (got {unknown or args.saves})"
-        )
+    if not shapes:
+        ap.error(f"--shapes names none: give one or more of {', '.join(SHAPES)}")
+    if unknown:
+        ap.error(f"--shapes takes {', '.join(SHAPES)} (got {', '.join(unknown)})")
+    if args.saves < 3:
+        ap.error(f"--saves must be at least 3: the first two are not counted (got {args.saves})")
     os.makedirs(args.target, exist_ok=True)
     results = {}
     print("| shape | stall incremental / full (ms) | durable incremental / full (ms) | ratio |")
