@@ -554,6 +554,7 @@ def test_local_sink_expected_small_stays_buffered_without_memory_for_its_bounce_
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
 
     monkeypatch.setattr(direct_io_mod, "BUFFERED_BYTES", 2 * PAGE)
+    monkeypatch.setattr(direct_io_mod, "_spare", [])  # none kept from earlier files
     backend = LocalBackend(str(tmp_path / "ckpts"))
     pending = backend.begin("step_1")
     sink = pending.create_file("f.bin", size_hint=100)
@@ -566,6 +567,41 @@ def test_local_sink_expected_small_stays_buffered_without_memory_for_its_bounce_
     assert sink.close() == len(want)
     pending.commit(MANIFEST)
     assert backend.read_bytes("step_1/f.bin") == want
+
+
+def test_local_sink_reuses_the_bounce_buffer_of_a_file_closed_cleanly(tmp_path, monkeypatch):
+    """A file closed cleanly leaves its bounce buffer for the next (at most
+    SPARE_BOUNCES kept); one whose write failed does not (a view of it may live on in
+    the error's traceback). The bytes a reused buffer held before never reach a file."""
+    monkeypatch.setattr(direct_io_mod, "_spare", [])
+    backend = LocalBackend(str(tmp_path / "ckpts"))
+    pending = backend.begin("step_1")
+    first = pending.create_file("a.bin")
+    if not first._direct:
+        first.abort()
+        pytest.skip("no O_DIRECT on this file system: no bounce buffer")
+    bounce = first._bounce
+    first.write(b"\xff" * (3 * PAGE + 5))  # unaligned: through the bounce buffer
+    first.close()
+    assert direct_io_mod._spare == [bounce]
+    second = pending.create_file("b.bin")
+    assert second._bounce is bounce and direct_io_mod._spare == []
+    second.write(b"\x01" * 7)  # the tail is padded with zeros, then cut off
+    second.close()
+    for r in range(direct_io_mod.SPARE_BOUNCES + 1):  # several open at once: a few kept
+        sinks = [pending.create_file(f"c{r}-{i}.bin") for i in range(3)]
+        for s in sinks:
+            s.close()
+    assert len(direct_io_mod._spare) == direct_io_mod.SPARE_BOUNCES
+    kept = list(direct_io_mod._spare)
+    failing = pending.create_file("d.bin")
+    assert failing._bounce is kept[-1]
+    failing._failed = True  # as after a write that failed
+    failing.abort()
+    assert direct_io_mod._spare == kept[:-1] and kept[-1].closed  # closed, not kept
+    pending.commit(MANIFEST)
+    assert backend.read_bytes("step_1/a.bin") == b"\xff" * (3 * PAGE + 5)
+    assert backend.read_bytes("step_1/b.bin") == b"\x01" * 7
 
 
 def _reject_direct_writes(monkeypatch: pytest.MonkeyPatch, sink: Any) -> None:

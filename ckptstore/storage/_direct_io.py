@@ -27,6 +27,7 @@ import errno
 import fcntl
 import mmap
 import os
+import threading
 from typing import Any
 
 from ckptstore.errors import StorageError, storage_error
@@ -59,6 +60,40 @@ KICK_BYTES = 2 << 20
 _DIRECT_REFUSED = frozenset({errno.EINVAL, errno.EFAULT})
 
 _libc: Any = None  # loaded on first use; False where renameat2 is missing
+
+# Bounce buffers of files closed cleanly, kept for the next file (at most this many,
+# 8 MiB each, held for the life of the process): a new mapping costs a page fault and
+# a zeroed page for every 4 KiB that a file's unaligned pieces pass through. On the
+# 2-core VM, 2026-12-06, full saves of a 250 MB GPT state took 114-116 ms with them
+# kept against 125-128 ms with a new one per file (medians of 16; system CPU halved).
+SPARE_BOUNCES = 2
+_spare: list[mmap.mmap] = []
+_spare_lock = threading.Lock()
+
+
+def _take_bounce() -> mmap.mmap:
+    with _spare_lock:
+        if _spare:
+            return _spare.pop()
+    return mmap.mmap(-1, BOUNCE_BYTES)
+
+
+def _keep_bounce(bounce: mmap.mmap) -> None:
+    with _spare_lock:
+        if len(_spare) < SPARE_BOUNCES:
+            _spare.append(bounce)
+            return
+    bounce.close()
+
+
+def _forget_spares() -> None:  # a forked child starts without them (and the lock)
+    global _spare_lock
+    _spare.clear()
+    _spare_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_spares)
 
 
 def renameat2_noreplace(src: str, dst: str) -> bool:
@@ -151,7 +186,7 @@ class DirectFileSink(FileSink):
         self._fd = fd
         self._failed = False
         self._size = 0  # logical bytes accepted
-        self._bounce: mmap.mmap | None = mmap.mmap(-1, BOUNCE_BYTES) if self._direct else None
+        self._bounce: mmap.mmap | None = _take_bounce() if self._direct else None
         self._fill = 0
         self._kicked = 0  # writeback started up to here (expected-small files)
         self._closed = False
@@ -213,7 +248,7 @@ class DirectFileSink(FileSink):
             return mv[head:]  # all of it went: the next write tries again
         self._later = False
         try:
-            bounce = mmap.mmap(-1, BOUNCE_BYTES)
+            bounce = _take_bounce()
         except OSError:
             return mv[head:]  # no memory for it: buffered to the end, same bytes
         try:
@@ -346,6 +381,9 @@ class DirectFileSink(FileSink):
     def _release_bounce(self) -> None:
         if self._bounce is not None:
             bounce, self._bounce = self._bounce, None
+            if not self._failed:
+                _keep_bounce(bounce)  # for the next file
+                return
             # After a failed write the exception's traceback may still hold a view of
             # the buffer; then it is freed with the last reference instead.
             with contextlib.suppress(BufferError):
