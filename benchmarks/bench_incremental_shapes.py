@@ -22,7 +22,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -82,24 +81,6 @@ def run_shape(shape: str, saves: int, target: str, frozen: bool) -> dict:
     return out
 
 
-def ckptstore_source() -> dict[str, str | None]:
-    """Where the ckptstore that runs lives, and its git commit (None outside a checkout)."""
-    where = os.path.dirname(os.path.dirname(os.path.abspath(ckptstore.__file__)))
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "-C", where, "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"path": ckptstore.__file__, "commit": commit}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -141,7 +122,6 @@ def main() -> None:
             "benchmark": "incremental-shapes",
             "command": " ".join(sys.argv),
             "machine": machine_info(args.target),
-            "ckptstore": ckptstore_source(),
             "frozen": args.frozen,
             "result": results,
         },

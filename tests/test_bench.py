@@ -86,6 +86,7 @@ def test_smoke_runs_every_contender_scaling_and_codecs(tmp_path):
     m = payload["machine"]
     for key in ("cpu_count", "mem_total_gib", "torch", "python", "date", "disk", "target"):
         assert m.get(key), key
+    assert m["ckptstore"]["path"] == os.path.join(REPO, "ckptstore")
     assert payload["command"].startswith("ckptstore bench --smoke --all")
     w = payload["workload"]
     assert w["dtype"] == "fp32" and 0.5e6 < w["state_bytes"] < 2e6
@@ -329,8 +330,9 @@ def test_incremental_shapes_script_compares_full_training_with_and_without(tmp_p
     (path,) = glob.glob(str(tmp_path / "out" / "incremental-shapes-*.json"))
     got = json.loads(_read(path))["result"]["small"]
     assert got["tensors"] == 40_000 and got["durable_ratio"] > 0
-    source = json.loads(_read(path))["ckptstore"]
+    source = json.loads(_read(path))["machine"]["ckptstore"]
     assert source["path"].startswith(REPO) and len(source["commit"] or "x" * 40) == 40
+    assert source["dirty"] in (True, False, None)
     for key in ("stall_s", "durable_s"):
         assert set(got[key]) == {"incremental", "full"}
         assert all(_finite_positive(s) and s["n"] == 1 for s in got[key].values())

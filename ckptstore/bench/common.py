@@ -98,6 +98,7 @@ def machine_info(target: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
+        "ckptstore": ckptstore_source(),
     }
     try:
         with open("/proc/meminfo") as f:
@@ -117,6 +118,30 @@ def machine_info(target: str) -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def ckptstore_source() -> dict[str, Any]:
+    """The ckptstore that runs: where it lives, and where that is a git checkout, its
+    commit and whether files differ from it (``dirty``); None where git cannot tell."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    where = os.path.dirname(package)
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", where, *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        "path": package,
+        "commit": commit,
+        "dirty": None if status is None else bool(status),
+    }
 
 
 def cpu_seconds() -> float:
