@@ -622,6 +622,46 @@ def test_trusting_version_counters_an_abandoned_save_still_settles_the_trusted_h
     assert "hashing them after a failed save: frozen changed" in caplog.text
 
 
+def test_trusting_version_counters_a_save_that_fails_settles_the_trusted_hash_first(
+    root, monkeypatch, caplog
+):
+    """A save that fails before its commit (here: its shard's fsync) never checks the
+    trusted hash there: it is settled before the caller hears of the failure, so by
+    then a tensor changed behind its counter is never trusted again (logged), no hash
+    of the save still reads the state, and the save's own error is the one raised."""
+    import ckptstore.storage._direct_io as direct_io_mod
+
+    frozen, w = torch.randn(400_000), torch.zeros(8)
+    cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
+    with ckptstore.Checkpointer(root, **cfg) as ckpt:
+        for step in (1, 2, 3):  # copied, then hashed in place, then trusted
+            w.add_(1.0)
+            ckpt.save({"frozen": frozen, "w": w}, step=step)
+        frozen.data.add_(1.0)  # behind the counter
+        w.add_(1.0)
+        real = direct_io_mod.os.fdatasync
+        calls: list[int] = []
+
+        def fdatasync(fd: int) -> None:
+            calls.append(fd)
+            if len(calls) == 1:  # the shard's
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real(fd)
+
+        monkeypatch.setattr(direct_io_mod.os, "fdatasync", fdatasync)
+        pending = ckpt.save_async({"frozen": frozen, "w": w}, step=4)
+        with pytest.raises(ckptstore.StorageError, match="Input/output error"):
+            pending.wait()
+        # settled as the error was raised, not later when the buffer is given back
+        assert ckpt._staging.untrusted == {"frozen"}
+        assert "hashing them after a failed save: frozen changed" in caplog.text
+        monkeypatch.setattr(direct_io_mod.os, "fdatasync", real)
+        ckpt.wait()
+        ckpt.save({"frozen": frozen, "w": w}, step=5)
+        load_equal(ckpt, 5, {"frozen": frozen.clone(), "w": w.clone()})
+        assert [c.step for c in ckpt.list()] == [1, 2, 3, 5]
+
+
 def test_trusting_version_counters_hashes_the_trusted_only_once_the_copy_is_done(root, monkeypatch):
     """The trusted tensors' hashes start once the rest is copied, not alongside the
     copy (on two cores the two slowed each other down, and the caller waits for the
