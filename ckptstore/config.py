@@ -87,10 +87,7 @@ class CheckpointerConfig:
         torch's default of 2 threads that is 1; on a GPU machine whose training runs
         fewer intra-op threads than cores, the rest. Raise it where the CPU is idle
         while saving (GPU training with ``torch.set_num_threads`` left at its default)
-        and zstd saves or loads are too slow. With None, an incremental save's hashes
-        of tensors where they lie also get a helper thread on every other core at the
-        lowest priority (19), which runs only where a core would idle
-        (:func:`ckptstore.engine.priority.hash_pool`); a number set here gets none.
+        and zstd saves or loads are too slow.
     worker_nice: how much lower the worker threads' CPU priority is than the thread
         that made the ``Checkpointer`` (Linux: per-thread niceness, 0-19; 0: the same;
         ignored elsewhere). Default 5: when training keeps every core busy it gets them

@@ -85,33 +85,6 @@ def test_codec_threads_run_at_a_lower_priority_the_writer_does_not(tmp_path, nic
     assert niceness(threading.current_thread()) == caller
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
-@pytest.mark.parametrize("threads", [None, 2])
-def test_incremental_hash_threads_keep_the_callers_priority_helpers_take_idle_cores(
-    monkeypatch, threads
-):
-    """The pool hashing tensors where they lie (incremental saves): ``threads`` (resolved)
-    threads at the caller's priority; with ``threads=None`` also a helper on every other
-    core at the lowest priority, and none where the user chose ``threads``."""
-    from ckptstore.engine import priority
-
-    monkeypatch.setattr(priority, "default_threads", lambda: 4)
-    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    pool = priority.hash_pool(threads, 2)
-    size = 4 if threads is None else 2
-    everyone = threading.Barrier(size)
-
-    def nice(_: int) -> int:
-        everyone.wait(10)  # every thread of the pool started, each runs one
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    try:
-        got = sorted(pool.map(nice, range(size)))
-    finally:
-        pool.shutdown()
-    assert got == [caller, caller] + [priority.MAX_NICE] * (size - 2)
-
-
 def test_the_manifest_key_comes_from_the_environment_once(monkeypatch):
     monkeypatch.setenv(MANIFEST_KEY_ENV, "from the environment")
     cfg = ckptstore.CheckpointerConfig()

@@ -45,7 +45,7 @@ from ckptstore.engine.ops import (
     verify,
 )
 from ckptstore.engine.pending import ErrorLedger, PendingSave, SaveResult
-from ckptstore.engine.priority import hash_pool, lower_thread_priority
+from ckptstore.engine.priority import lower_thread_priority
 from ckptstore.engine.stager import StagedState, StagingPool
 from ckptstore.errors import (
     CheckpointerClosedError,
@@ -133,8 +133,8 @@ class Checkpointer:
             self._save_cache.incremental = IncrementalCache(self.config.full_every)
             self._save_cache.plans.itemized = True
             self._staging.track_versions = True
-            # waited for by the caller or a trusting save's commit (engine.priority)
-            self._staging.hash_pool = hash_pool(self.config.threads, threads)
+            # the caller waits for these hashes: its priority, not behind a save's jobs
+            self._staging.hash_pool = ThreadPoolExecutor(threads, "ckptstore-stage-hash")
             self._staging.untrusted = set() if self.config.trust_version_counters else None
         self._auto = AutoCodec(local=self._backend.capabilities.local, threads=threads)
         self._fixed_codec = None if self.config.codec == "auto" else get_codec(self.config.codec)
