@@ -629,6 +629,8 @@ def test_trusting_version_counters_a_save_that_fails_settles_the_trusted_hash_fi
     trusted hash there: it is settled before the caller hears of the failure, so by
     then a tensor changed behind its counter is never trusted again (logged), no hash
     of the save still reads the state, and the save's own error is the one raised."""
+    import threading
+
     import ckptstore.storage._direct_io as direct_io_mod
 
     frozen, w = torch.randn(400_000), torch.zeros(8)
@@ -644,17 +646,25 @@ def test_trusting_version_counters_a_save_that_fails_settles_the_trusted_hash_fi
 
         def fdatasync(fd: int) -> None:
             calls.append(fd)
-            if len(calls) == 1:  # the shard's
+            if len(calls) == 1:  # the first file's (its shard's)
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             real(fd)
 
         monkeypatch.setattr(direct_io_mod.os, "fdatasync", fdatasync)
+        # Giving the staging buffer back settles too: held until checked, so that only
+        # the save's own failure path can have settled it by then
+        checked, give_back = threading.Event(), ckpt._staging.release
+        monkeypatch.setattr(
+            ckpt._staging, "release", lambda staged: (checked.wait(10), give_back(staged))
+        )
         pending = ckpt.save_async({"frozen": frozen, "w": w}, step=4)
         with pytest.raises(ckptstore.StorageError, match="Input/output error"):
             pending.wait()
-        # settled as the error was raised, not later when the buffer is given back
-        assert ckpt._staging.untrusted == {"frozen"}
-        assert "hashing them after a failed save: frozen changed" in caplog.text
+        try:
+            assert ckpt._staging.untrusted == {"frozen"}
+            assert "hashing them after a failed save: frozen changed" in caplog.text
+        finally:
+            checked.set()
         monkeypatch.setattr(direct_io_mod.os, "fdatasync", real)
         ckpt.wait()
         ckpt.save({"frozen": frozen, "w": w}, step=5)

@@ -572,7 +572,8 @@ def test_local_sink_expected_small_stays_buffered_without_memory_for_its_bounce_
 def test_local_sink_reuses_the_bounce_buffer_of_a_file_closed_cleanly(tmp_path, monkeypatch):
     """A file closed cleanly leaves its bounce buffer for the next (at most
     SPARE_BOUNCES kept); one whose write failed does not (a view of it may live on in
-    the error's traceback). The bytes a reused buffer held before never reach a file."""
+    the error's traceback). What a reused buffer held before is not written again: the
+    tail's block is padded with zeros (and cut off)."""
     monkeypatch.setattr(direct_io_mod, "_spare", [])
     backend = LocalBackend(str(tmp_path / "ckpts"))
     pending = backend.begin("step_1")
@@ -587,7 +588,16 @@ def test_local_sink_reuses_the_bounce_buffer_of_a_file_closed_cleanly(tmp_path, 
     second = pending.create_file("b.bin")
     assert second._bounce is bounce and direct_io_mod._spare == []
     second.write(b"\x01" * 7)  # the tail is padded with zeros, then cut off
+    written: list[bytes] = []
+    real_write = direct_io_mod.os.write
+    monkeypatch.setattr(
+        direct_io_mod.os,
+        "write",
+        lambda fd, data: written.append(bytes(data)) or real_write(fd, data),
+    )
     second.close()
+    monkeypatch.setattr(direct_io_mod.os, "write", real_write)
+    assert written == [b"\x01" * 7 + bytes(PAGE - 7)]
     for r in range(direct_io_mod.SPARE_BOUNCES + 1):  # several open at once: a few kept
         sinks = [pending.create_file(f"c{r}-{i}.bin") for i in range(3)]
         for s in sinks:

@@ -64,8 +64,9 @@ _libc: Any = None  # loaded on first use; False where renameat2 is missing
 # Bounce buffers of files closed cleanly, kept for the next file (at most this many,
 # 8 MiB each, held for the life of the process): a new mapping costs a page fault and
 # a zeroed page for every 4 KiB that a file's unaligned pieces pass through. On the
-# 2-core VM, 2026-12-06, full saves of a 250 MB GPT state took 114-116 ms with them
-# kept against 125-128 ms with a new one per file (medians of 16; system CPU halved).
+# 2-core VM, 2026-12-06, full saves of a 250 MB GPT state took 114.8, 117.2 and 123.9 ms
+# with them kept against 128.7, 131.9 and 133.1 ms with a new one per file (three
+# rounds, medians of 16 saves; system CPU per save about halved).
 SPARE_BOUNCES = 2
 _spare: list[mmap.mmap] = []
 _spare_lock = threading.Lock()
@@ -83,7 +84,10 @@ def _keep_bounce(bounce: mmap.mmap) -> None:
         if len(_spare) < SPARE_BOUNCES:
             _spare.append(bounce)
             return
-    bounce.close()
+    # A view may live on in a traceback (an interrupt during a write): then it is
+    # freed with the last reference instead
+    with contextlib.suppress(BufferError):
+        bounce.close()
 
 
 def _forget_spares() -> None:  # a forked child starts without them (and the lock)
@@ -186,7 +190,17 @@ class DirectFileSink(FileSink):
         self._fd = fd
         self._failed = False
         self._size = 0  # logical bytes accepted
-        self._bounce: mmap.mmap | None = _take_bounce() if self._direct else None
+        self._bounce: mmap.mmap | None = None
+        if self._direct:
+            try:
+                self._bounce = _take_bounce()
+            except OSError as exc:  # no memory for it: buffered, the same bytes
+                try:
+                    self._drop_direct()
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    raise storage_error(exc, "create", path) from exc
         self._fill = 0
         self._kicked = 0  # writeback started up to here (expected-small files)
         self._closed = False
@@ -255,7 +269,7 @@ class DirectFileSink(FileSink):
             fl = fcntl.fcntl(self._fd, fcntl.F_GETFL)
             fcntl.fcntl(self._fd, fcntl.F_SETFL, fl | O_DIRECT)
         except OSError:
-            bounce.close()
+            _keep_bounce(bounce)
             return mv[head:]  # refused: buffered to the end, same bytes
         self._direct, self._bounce = True, bounce
         # Start writing the buffered bytes back now, while the rest is written (Linux
