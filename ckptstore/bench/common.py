@@ -121,22 +121,32 @@ def machine_info(target: str) -> dict[str, Any]:
 
 
 def ckptstore_source() -> dict[str, Any]:
-    """The ckptstore that runs: where it lives, and where that is a git checkout, its
-    commit and whether files differ from it (``dirty``); None where git cannot tell."""
+    """The ckptstore that runs: where it lives, and where that is a git checkout's own
+    package, its commit and whether the code differs from it (``dirty``: tracked files
+    under ``ckptstore/`` or ``benchmarks/``, results aside); None where git cannot tell
+    (an installed copy, even inside some other checkout)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     where = os.path.dirname(package)
 
     def git(*args: str) -> str | None:
         try:
             out = subprocess.run(
-                ["git", "-C", where, *args], capture_output=True, text=True, timeout=10
+                ["git", "--no-optional-locks", "-C", where, *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
             )
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD") or None
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    top = git("rev-parse", "--show-toplevel")
+    own = top is not None and os.path.realpath(top) == os.path.realpath(where)
+    commit = (git("rev-parse", "HEAD") or None) if own else None
+    status = None
+    if commit:
+        code = ["--", "ckptstore", "benchmarks", ":(exclude)benchmarks/results"]
+        status = git("status", "--porcelain", "--untracked-files=no", *code)
     return {
         "path": package,
         "commit": commit,
