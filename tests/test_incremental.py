@@ -304,7 +304,8 @@ def test_small_items_share_a_hash_job_and_keep_their_digests():
     import numpy as np
     import xxhash
 
-    from ckptstore.dcp.incremental import _PIECE, start_hashing
+    from ckptstore.dcp.hashing import PIECE as _PIECE
+    from ckptstore.dcp.hashing import start_hashing
 
     rng = np.random.default_rng(0)
     sizes = [0, 10] + [5000] * 300 + [2 << 20] * 3  # 1.5 MB of small ones, 3 of 2 MiB
@@ -320,6 +321,39 @@ def test_small_items_share_a_hash_job_and_keep_their_digests():
     # the small ones together (1.5 MB); each piece of 1 MiB or more alone (2 MiB items,
     # the 8 MiB pieces), so a host's every thread gets one; the 4 KiB tail after them
     assert len(jobs) == 1 + 3 + 2 + 1
+
+
+def test_the_thread_waiting_for_hashes_runs_the_jobs_no_pool_thread_has_started(monkeypatch):
+    """A waiter never waits for a job that no pool thread has started (a pool thread
+    held by other work, or starved of CPU): it runs those itself; a job's error reaches
+    it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import wait as futures_wait
+
+    import numpy as np
+    import xxhash
+
+    import ckptstore.dcp.hashing as hashing_mod
+
+    raws = [np.full(n, n % 251, dtype=np.uint8) for n in (10, 3 << 20, 2 << 20)]
+    with ThreadPoolExecutor(1) as pool:
+        busy = threading.Event()
+        pool.submit(busy.wait, 30)  # the pool's only thread is taken
+        result, tasks = hashing_mod.start_hashing(raws, pool)
+        assert result() == [xxhash.xxh3_128_hexdigest(r) for r in raws]
+        assert not any(t.done() for t in tasks)  # none ran: the waiter hashed them all
+        busy.set()
+        futures_wait(tasks)
+
+        def fails(pieces):
+            raise MemoryError("no memory for a hash")
+
+        monkeypatch.setattr(hashing_mod, "_hash_all", fails)
+        result, tasks = hashing_mod.start_hashing(raws, pool)
+        with pytest.raises(MemoryError, match="no memory"):
+            result()
+        futures_wait(tasks)
 
 
 def test_a_tensor_is_taken_from_the_arenas_arrays_only_if_it_is_the_one_noted():
@@ -406,7 +440,7 @@ def test_a_tensor_the_arena_holds_is_not_copied_and_a_bypassing_change_is_copied
     through ``.data``, which leaves the version counter alone)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ckptstore.dcp.incremental import start_hashing
+    from ckptstore.dcp.hashing import start_hashing
     from ckptstore.dcp.writer import tensor_bytes
     from ckptstore.engine.stager import StagingPool
 
@@ -491,23 +525,27 @@ def test_a_change_after_staging_returns_never_reaches_the_save(root, full):
         load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": torch.ones(8)})
 
 
-def _hold_hash_pool(ckpt: ckptstore.Checkpointer) -> Any:
-    """Occupy every thread of the stager's hash pool until the returned event is set:
-    hashes started meanwhile run after it."""
+def _hold_hashes(monkeypatch: pytest.MonkeyPatch, nbytes: int) -> Any:
+    """Hashes of pieces ``nbytes`` long (a trusted tensor's) wait until the returned
+    event is set, whichever thread runs them: a pool's, or the one that waits for them
+    (dcp.hashing)."""
     import threading
 
-    release, started = threading.Event(), []
-    pool = ckpt._staging.hash_pool
-    for _ in range(pool._max_workers):
-        started.append(threading.Event())
-        pool.submit(lambda e=started[-1]: (e.set(), release.wait(30)))
-    for e in started:
-        assert e.wait(30)
+    import ckptstore.dcp.hashing as hashing_mod
+
+    release, real = threading.Event(), hashing_mod._hash_all
+
+    def held(pieces: list[Any]) -> list[str]:
+        if any(len(p) == nbytes for p in pieces):
+            assert release.wait(30)
+        return real(pieces)
+
+    monkeypatch.setattr(hashing_mod, "_hash_all", held)
     return release
 
 
 def test_trusting_version_counters_hashes_after_returning_and_a_bypassing_write_fails_the_save(
-    root,
+    root, monkeypatch
 ):
     """trust_version_counters: once a tensor's hash matched with its counter unmoved,
     later saves do not wait for its hash; it is checked before the commit. A write
@@ -531,7 +569,7 @@ def test_trusting_version_counters_hashes_after_returning_and_a_bypassing_write_
         assert later(2)  # hashed in place, matched: trusted from now on
         assert set(inc.given) == {"frozen"} and ckpt.latest().manifest.linked
         w.add_(1.0)
-        release = _hold_hash_pool(ckpt)
+        release = _hold_hashes(monkeypatch, frozen.nbytes)
         pending = ckpt.save_async({"frozen": frozen, "w": w}, step=3)
         assert not pending.committed.done()  # returned before frozen was hashed
         release.set()
@@ -556,7 +594,9 @@ def test_trusting_version_counters_hashes_after_returning_and_a_bypassing_write_
         load_equal(ckpt, 5, {"frozen": frozen.clone(), "w": w.clone()})
 
 
-def test_trusting_version_counters_the_metadata_is_written_while_the_trusted_hash_runs(root):
+def test_trusting_version_counters_the_metadata_is_written_while_the_trusted_hash_runs(
+    root, monkeypatch
+):
     """The coordinator checks the trusted hash only just before it commits: ``.metadata``
     is written meanwhile (it does not depend on that hash), and a hash that differs
     still fails the save with nothing of it left behind."""
@@ -572,7 +612,7 @@ def test_trusting_version_counters_the_metadata_is_written_while_the_trusted_has
             w.add_(1.0)
             if bypass:
                 frozen.data.add_(1.0)  # behind the counter: the trusted hash differs
-            release = _hold_hash_pool(ckpt)
+            release = _hold_hashes(monkeypatch, frozen.nbytes)
             pending = ckpt.save_async({"frozen": frozen, "w": w}, step=step)
             deadline = time.monotonic() + 10
             while not list(pathlib.Path(root).glob(".tmp-*/.metadata")):
@@ -707,7 +747,7 @@ def test_trusting_version_counters_hashes_the_trusted_only_once_the_copy_is_done
 
 
 @pytest.mark.parametrize("through", ["torch", "data"])
-def test_trusting_version_counters_a_write_after_returning(root, through):
+def test_trusting_version_counters_a_write_after_returning(root, through, monkeypatch):
     """A trusted tensor written after ``save_async`` returned, before its hash, through
     torch or ``.data``: the bytes at the save cannot be known (a ``.data`` write before
     the save looks the same), so the save fails rather than guess; the next one, hashed
@@ -717,7 +757,7 @@ def test_trusting_version_counters_a_write_after_returning(root, through):
     with ckptstore.Checkpointer(root, **cfg) as ckpt:
         ckpt.save({"frozen": frozen, "w": w}, step=1)
         ckpt.save({"frozen": frozen, "w": w + 1}, step=2)  # matched: trusted
-        release = _hold_hash_pool(ckpt)
+        release = _hold_hashes(monkeypatch, frozen.nbytes)
         pending = ckpt.save_async({"frozen": frozen, "w": w + 2}, step=3)
         (frozen if through == "torch" else frozen.data).mul_(2.0)
         release.set()
@@ -730,7 +770,7 @@ def test_trusting_version_counters_a_write_after_returning(root, through):
 
 
 def test_trusting_version_counters_a_data_write_before_and_a_torch_write_after_fail_the_save(
-    root,
+    root, monkeypatch
 ):
     """A ``.data`` write before the save, then a tracked one after it returned: the
     counter moved, but not for the first change. The save fails; nothing stale (the
@@ -741,7 +781,7 @@ def test_trusting_version_counters_a_data_write_before_and_a_torch_write_after_f
         ckpt.save({"frozen": frozen, "w": w}, step=1)
         ckpt.save({"frozen": frozen, "w": w + 1}, step=2)  # trusted
         frozen.data.add_(1.0)
-        release = _hold_hash_pool(ckpt)
+        release = _hold_hashes(monkeypatch, frozen.nbytes)
         pending = ckpt.save_async({"frozen": frozen, "w": w + 2}, step=3)
         frozen.add_(0.0)  # the counter moves; the bytes are those of the save
         release.set()

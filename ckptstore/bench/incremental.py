@@ -54,7 +54,7 @@ import ckptstore
 from ckptstore.bench.common import gpt_config_for, rm, state_bytes
 from ckptstore.bench.contenders import tensors as all_tensors
 from ckptstore.config import background_threads
-from ckptstore.dcp.incremental import start_hashing
+from ckptstore.dcp.hashing import start_hashing
 from ckptstore.dcp.writer import tensor_bytes
 from ckptstore.progress import Progress
 from ckptstore.storage import open_backend

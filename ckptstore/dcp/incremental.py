@@ -2,8 +2,8 @@
 written again (issue 19).
 
 Every item a rank writes (a tensor, a tensor's shard, a pack of small tensors, a pickled
-value) is hashed whole before it is encoded: xxh3-128 of its raw bytes, on the codec pool,
-never on the training thread (~13 GB/s a core here, against ~1.3 GB/s for zstd). An
+value) is hashed whole before it is encoded: xxh3-128 of its raw bytes, on the codec pool
+and the writer thread (:mod:`ckptstore.dcp.hashing`), never on the training thread (~13 GB/s a core here, against ~1.3 GB/s for zstd). An
 item whose key, dtype, size, codec and hash are those of the same item in this rank's
 last committed save is not written: the shard file that holds it in that checkpoint is
 hard-linked into the new one (:meth:`PendingCheckpoint.link_files`; on an object store,
@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import xxhash
 
+from ckptstore.dcp.hashing import start_hashing
 from ckptstore.dcp.writer import tensor_bytes
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.manifest import Manifest
@@ -133,51 +133,6 @@ class Reuse:
     matched: bool = False
 
 
-_PIECE = 8 << 20  # large items are hashed in pieces of this size, on every thread
-_SHARED_BELOW = 1 << 20  # smaller pieces are hashed several to a job (start_hashing)
-
-
-def _hash_all(pieces: list[Any]) -> list[str]:
-    return [xxhash.xxh3_128_hexdigest(p) for p in pieces]
-
-
-def start_hashing(
-    raws: list[Any], pool: Executor
-) -> tuple[Callable[[], list[str]], list[Future[list[str]]]]:
-    """Start hashing; the returned call gives each item's digest: xxh3-128 of its
-    bytes, or, above one piece, of its pieces' digests (stable from save to save, which
-    is all a comparison needs); and the jobs, which read the items until they end.
-    Pieces below :data:`_SHARED_BELOW` share a job, up to a piece's bytes in all: the
-    issue-19 bench state's 194 items below 256 KiB (13.5 MB) took 2.3-2.6 ms to hash one
-    job each, 0.5 ms together (2 threads, this project's 2-core VM, medians of 200);
-    larger ones keep a job each, for as many threads as a host has."""
-    owner: list[int] = []  # each piece's item
-    jobs: list[list[Any]] = []
-    size = 0  # of the last job (_PIECE: closed)
-    for i, raw in enumerate(raws):
-        for k in range(0, max(len(raw), 1), _PIECE):
-            piece = raw[k : k + _PIECE]
-            alone = len(piece) >= _SHARED_BELOW
-            if alone or not jobs or size + len(piece) > _PIECE:
-                jobs.append([])
-                size = 0
-            jobs[-1].append(piece)
-            size = _PIECE if alone else size + len(piece)
-            owner.append(i)
-    futures = [pool.submit(_hash_all, job) for job in jobs]
-
-    def result() -> list[str]:
-        parts: list[list[str]] = [[] for _ in raws]
-        got = (d for fut in futures for d in fut.result())
-        for i, d in zip(owner, got, strict=True):
-            parts[i].append(d)
-        return [
-            p[0] if len(p) == 1 else xxhash.xxh3_128_hexdigest("".join(p).encode()) for p in parts
-        ]
-
-    return result, futures
-
-
 @dataclass
 class Hashing:
     """Items being hashed (:meth:`IncrementalCache.start`)."""
@@ -185,7 +140,7 @@ class Hashing:
     moved: list[int]  # positions that changed for certain: not hashed
     hashed: list[int]  # positions being hashed
     result: Callable[[], list[str]]  # their digests, once done
-    jobs: list[Future[list[str]]]
+    jobs: list[Future[bool]]
     versions: list[tuple[int, int] | None]
     given: dict[int, str] = field(default_factory=dict)  # position -> digest found in staging
     fqns: list[str] | None = None  # each position's tensor

@@ -13,7 +13,8 @@ digest as given instead of hashing the arena again. A tensor whose counter moved
 small one, one on a GPU, and a non-contiguous one are copied without this. The hash is
 the truth; the counter says only which tensors are worth hashing. It is taken while the
 caller waits (as it waits for the copy this replaces: one read of the bytes instead of a
-read and a write). A different digest (a write that bypassed the counter, through
+read and a write), on the hash pool and on the caller's thread beside it
+(:mod:`ckptstore.dcp.hashing`: the one that waits runs queued jobs itself). A different digest (a write that bypassed the counter, through
 ``.data`` or a raw pointer) is copied, and that slot is never trusted (below).
 
 With ``trust_version_counters`` (``CheckpointerConfig``, off by default), a slot whose
@@ -45,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ckptstore.dcp.incremental import start_hashing
+from ckptstore.dcp.hashing import start_hashing
 from ckptstore.dcp.writer import tensor_bytes
 from ckptstore.errors import StateChangedError
 
@@ -118,7 +119,7 @@ class Later:
     untrusted: set[str]  # the pool's: tensors never to trust again
     pool: Executor
     result: Callable[[], list[str]] | None = None  # None: not started
-    jobs: list[Future[list[str]]] = field(default_factory=list)
+    jobs: list[Future[bool]] = field(default_factory=list)
 
     def begin(self) -> None:
         """Start the hashes (once the copy is done: copies and hashes running together
@@ -199,7 +200,7 @@ class Check:
 
     candidates: list[tuple[int, str]]  # (slot, the digest it holds)
     result: Callable[[], list[str]]
-    jobs: list[Future[list[str]]]
+    jobs: list[Future[bool]]
     names: dict[int, list[str]]  # slot -> its tensors (more than one where tied)
     tensors: list[torch.Tensor]
     untrusted: set[str] | None  # the pool's (None: counters are never trusted)
