@@ -94,8 +94,9 @@ class CheckpointerConfig:
         first and a save's encoding and hashing take what is left (on 2 busy cores a
         512 MB zstd save took 3.0 s instead of 1.2 s and the loop kept 69% of its speed
         instead of 22%: the same CPU, spread); on an idle machine it changes nothing. The writer thread
-        (the staging copy with ``overlap_copy``, the writes) keeps the caller's
-        priority, since the training step may wait for it.
+        (the staging copy with ``overlap_copy``, the writes, and, in incremental saves,
+        the hash jobs no worker has started when it needs their digests) keeps the
+        caller's priority, since the training step may wait for it.
     chunk_bytes: size of independently encoded chunks.
     max_staging_bytes: cap on host memory for staging buffers (None: max_inflight x
         the state size).

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pathlib
+import time
 from typing import Any
 
 import pytest
@@ -325,8 +326,9 @@ def test_small_items_share_a_hash_job_and_keep_their_digests():
 
 def test_the_thread_waiting_for_hashes_runs_the_jobs_no_pool_thread_has_started(monkeypatch):
     """A waiter never waits for a job that no pool thread has started (a pool thread
-    held by other work, or starved of CPU): it runs those itself; a job's error reaches
-    it."""
+    held by other work, or starved of CPU): it runs those itself. A job a pool thread
+    runs is waited for, not run twice, and its error reaches the waiter; an interrupt
+    is raised before an ordinary error."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import wait as futures_wait
@@ -337,23 +339,68 @@ def test_the_thread_waiting_for_hashes_runs_the_jobs_no_pool_thread_has_started(
     import ckptstore.dcp.hashing as hashing_mod
 
     raws = [np.full(n, n % 251, dtype=np.uint8) for n in (10, 3 << 20, 2 << 20)]
+    want = [xxhash.xxh3_128_hexdigest(r) for r in raws]
+    real = hashing_mod._hash_all
     with ThreadPoolExecutor(1) as pool:
         busy = threading.Event()
-        pool.submit(busy.wait, 30)  # the pool's only thread is taken
-        result, tasks = hashing_mod.start_hashing(raws, pool)
-        assert result() == [xxhash.xxh3_128_hexdigest(r) for r in raws]
-        assert not any(t.done() for t in tasks)  # none ran: the waiter hashed them all
-        busy.set()
+        try:
+            pool.submit(busy.wait, 30)  # the pool's only thread is taken
+            result, tasks = hashing_mod.start_hashing(raws, pool)
+            assert result() == want
+            assert not any(t.done() for t in tasks)  # none ran: the waiter hashed them all
+        finally:
+            busy.set()
         futures_wait(tasks)
 
-        def fails(pieces):
-            raise MemoryError("no memory for a hash")
+        # the pool's thread takes the first job and holds it; the waiter runs the rest
+        ran: list[str] = []
+        started, go = threading.Event(), threading.Event()
 
-        monkeypatch.setattr(hashing_mod, "_hash_all", fails)
+        def counted(pieces):
+            ran.append(threading.current_thread().name)
+            if len(ran) == 1:
+                started.set()
+                assert go.wait(30)
+                raise MemoryError("no memory for a hash")
+            return real(pieces)
+
+        monkeypatch.setattr(hashing_mod, "_hash_all", counted)
         result, tasks = hashing_mod.start_hashing(raws, pool)
-        with pytest.raises(MemoryError, match="no memory"):
-            result()
+        assert started.wait(30)
+        waiter = threading.Thread(target=lambda: ran.append(repr(_raises(result))))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while len(ran) < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(ran) == 3 and waiter.is_alive()  # the rest done, the held one awaited
+        go.set()
+        waiter.join(30)
         futures_wait(tasks)
+        assert ran[0] != ran[1] == ran[2] and "MemoryError" in ran[3] and len(ran) == 4
+
+        def interrupted(pieces):  # an ordinary error first, then an interrupt
+            if len(pieces[0]) == 10:
+                raise MemoryError("no memory for a hash")
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(hashing_mod, "_hash_all", interrupted)
+        busy = threading.Event()
+        try:
+            pool.submit(busy.wait, 30)
+            result, tasks = hashing_mod.start_hashing(raws, pool)
+            with pytest.raises(KeyboardInterrupt):
+                result()
+        finally:
+            busy.set()
+        futures_wait(tasks)
+
+
+def _raises(fn: Any) -> BaseException | None:
+    try:
+        fn()
+    except BaseException as exc:
+        return exc
+    return None
 
 
 def test_a_tensor_is_taken_from_the_arenas_arrays_only_if_it_is_the_one_noted():
@@ -537,9 +584,11 @@ def _hold_hashes(monkeypatch: pytest.MonkeyPatch, nbytes: int) -> Any:
 
     def held(pieces: list[Any]) -> list[str]:
         if any(len(p) == nbytes for p in pieces):
+            release.hits += 1
             assert release.wait(30)
         return real(pieces)
 
+    release.hits = 0  # the test checks that the hold held something
     monkeypatch.setattr(hashing_mod, "_hash_all", held)
     return release
 
@@ -574,6 +623,7 @@ def test_trusting_version_counters_hashes_after_returning_and_a_bypassing_write_
         assert not pending.committed.done()  # returned before frozen was hashed
         release.set()
         pending.wait()
+        assert release.hits == 1  # the hold held the trusted hash
         assert set(inc.given) == {"frozen"} and ckpt.latest().manifest.linked
         load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": w.clone()})
         assert ckpt._save_cache.confirm is None  # its tensors are not held past the save
@@ -625,6 +675,7 @@ def test_trusting_version_counters_the_metadata_is_written_while_the_trusted_has
                     pending.wait()
             else:
                 pending.wait()
+            assert release.hits == 1  # the hold held the trusted hash
         assert [c.step for c in ckpt.list()] == [1, 2, 3]
         assert not list(pathlib.Path(root).glob(".tmp-*"))  # the failed save's is gone
         assert ckpt.verify(3) == []
@@ -764,6 +815,7 @@ def test_trusting_version_counters_a_write_after_returning(root, through, monkey
         with pytest.raises(ckptstore.StateChangedError, match="frozen") as err:
             pending.wait()
         assert ("version counter moved" in str(err.value)) is (through == "torch")
+        assert release.hits == 1  # the hold held the trusted hash
         assert not ckpt.exists(3)
         ckpt.save({"frozen": frozen, "w": w + 2}, step=3)  # hashed in place now
         load_equal(ckpt, 3, {"frozen": frozen.clone(), "w": w + 2})
@@ -787,6 +839,7 @@ def test_trusting_version_counters_a_data_write_before_and_a_torch_write_after_f
         release.set()
         with pytest.raises(ckptstore.StateChangedError, match="frozen"):
             pending.wait()
+        assert release.hits == 1  # the hold held the trusted hash
         assert not ckpt.exists(3)
 
 

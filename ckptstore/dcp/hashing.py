@@ -17,6 +17,7 @@ import collections
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from concurrent.futures import wait as futures_wait
 from typing import Any
 
 import xxhash
@@ -38,7 +39,8 @@ class _Queue:
         self.done = [threading.Event() for _ in jobs]
 
     def run_one(self) -> bool:
-        """Run the next queued job; False when none is left."""
+        """Run the next queued job; False when none is left. An interrupt (not an
+        Exception) empties the queue: what no thread has started is then never run."""
         try:
             i, job = self._todo.popleft()
         except IndexError:
@@ -47,9 +49,34 @@ class _Queue:
             self.out[i] = _hash_all(job)
         except BaseException as exc:  # raised to the waiter, not lost in a pool task
             self.out[i] = exc
+            if not isinstance(exc, Exception):
+                self.cancel()
         finally:
+            job = []  # the items' bytes: not held by a stored error's traceback
             self.done[i].set()
         return True
+
+    def cancel(self) -> None:
+        """Drop the jobs no thread has started (each marked done, never run)."""
+        while True:
+            try:
+                i, _ = self._todo.popleft()
+            except IndexError:
+                return
+            self.out[i] = _Cancelled()
+            self.done[i].set()
+
+    def error(self) -> BaseException | None:
+        """The error to raise: an interrupt before any Exception, else the first."""
+        errors = [o for o in self.out if isinstance(o, BaseException)]
+        errors = [e for e in errors if not isinstance(e, _Cancelled)] or errors
+        return next((e for e in errors if not isinstance(e, Exception)), None) or (
+            errors[0] if errors else None
+        )
+
+
+class _Cancelled(Exception):
+    """A job dropped after an interrupt (never raised while the interrupt is there)."""
 
 
 def start_hashing(
@@ -58,7 +85,8 @@ def start_hashing(
     """Start hashing; the returned call gives each item's digest: xxh3-128 of its
     bytes, or, above one piece, of its pieces' digests (stable from save to save, which
     is all a comparison needs). It runs the jobs no pool thread has taken yet itself
-    (module doc). Also returns the pool's tasks, which read the items until they end.
+    (module doc); one thread calls it, once. Also returns the pool's tasks, which read
+    the items until they end (while that call runs, it reads them too).
     Pieces below :data:`SHARED_BELOW` share a job, up to a piece's bytes in all: the
     issue-19 bench state's 194 items below 256 KiB (13.5 MB) took 2.3-2.6 ms to hash one
     job each, 0.5 ms together (2 threads, this project's 2-core VM, medians of 200);
@@ -77,19 +105,33 @@ def start_hashing(
             size = PIECE if alone else size + len(piece)
             owner.append(i)
     queue = _Queue(jobs)
-    tasks = [pool.submit(queue.run_one) for _ in jobs]
+    tasks: list[Future[bool]] = []
+    try:
+        for _ in jobs:
+            tasks.append(pool.submit(queue.run_one))
+    except BaseException:  # a pool shutting down: none left running on the items
+        queue.cancel()
+        futures_wait(tasks)
+        raise
 
     def result() -> list[str]:
-        while queue.run_one():
-            pass
+        try:
+            while queue.run_one():
+                pass
+        except BaseException:  # an interrupt outside a job: what is left never runs
+            queue.cancel()
+            raise
         for done in queue.done:  # the jobs pool threads took (not those yet to start)
             done.wait()
+        if (err := queue.error()) is not None:
+            try:
+                raise err
+            finally:
+                err = None  # no cycle through this frame
         parts: list[list[str]] = [[] for _ in raws]
         got: list[str] = []
         for out in queue.out:
-            if isinstance(out, BaseException):
-                raise out
-            assert out is not None
+            assert isinstance(out, list)
             got += out
         for i, d in zip(owner, got, strict=True):
             parts[i].append(d)

@@ -3,7 +3,7 @@
 
 A save into a reused arena overwrites every byte of it, although with frozen weights
 most of those bytes are the ones it already holds. So each arena remembers, per large
-slot, the digest of the bytes it holds (xxh3-128, as :mod:`ckptstore.dcp.incremental`
+slot, the digest of the bytes it holds (xxh3-128, as :mod:`ckptstore.dcp.hashing`
 hashes items: the writer thread hashed them during the save that copied them) and the
 version counter and data pointer of the tensor they were copied from.
 
