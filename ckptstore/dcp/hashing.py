@@ -35,7 +35,7 @@ class _Queue:
 
     def __init__(self, jobs: list[list[Any]]) -> None:
         self._todo = collections.deque(enumerate(jobs))  # popleft: atomic
-        self.out: list[list[str] | BaseException | None] = [None] * len(jobs)
+        self.out: list[list[str] | BaseException | object] = [None] * len(jobs)
         self.done = [threading.Event() for _ in jobs]
 
     def run_one(self) -> bool:
@@ -63,20 +63,17 @@ class _Queue:
                 i, _ = self._todo.popleft()
             except IndexError:
                 return
-            self.out[i] = _Cancelled()
+            self.out[i] = _CANCELLED
             self.done[i].set()
 
     def error(self) -> BaseException | None:
         """The error to raise: an interrupt before any Exception, else the first."""
         errors = [o for o in self.out if isinstance(o, BaseException)]
-        errors = [e for e in errors if not isinstance(e, _Cancelled)] or errors
-        return next((e for e in errors if not isinstance(e, Exception)), None) or (
-            errors[0] if errors else None
-        )
+        first = next((e for e in errors if not isinstance(e, Exception)), None)
+        return first or (errors[0] if errors else None)
 
 
-class _Cancelled(Exception):
-    """A job dropped after an interrupt (never raised while the interrupt is there)."""
+_CANCELLED = object()  # a job dropped after an interrupt (which is what is raised)
 
 
 def start_hashing(
