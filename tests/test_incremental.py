@@ -681,6 +681,15 @@ def test_trusting_version_counters_the_metadata_is_written_while_the_trusted_has
         assert ckpt.verify(3) == []
 
 
+def _trust_then_write_behind(ckpt: ckptstore.Checkpointer, frozen: Any, w: Any) -> None:
+    """Three saves (``frozen`` copied, then hashed in place, then trusted), then a write
+    to ``frozen`` behind its version counter."""
+    for step in (1, 2, 3):
+        w.add_(1.0)
+        ckpt.save({"frozen": frozen, "w": w}, step=step)
+    frozen.data.add_(1.0)
+
+
 def test_trusting_version_counters_an_abandoned_save_still_settles_the_trusted_hash(root, caplog):
     """A save abandoned once staged (its guard raised) never reaches the commit that
     checks the trusted hash: releasing its staging buffer settles it, so a tensor changed
@@ -696,10 +705,7 @@ def test_trusting_version_counters_an_abandoned_save_still_settles_the_trusted_h
     frozen, w = torch.randn(400_000), torch.zeros(8)
     cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
     with ckptstore.Checkpointer(root, **cfg) as ckpt:
-        for step in (1, 2, 3):  # copied, then hashed in place, then trusted
-            w.add_(1.0)
-            ckpt.save({"frozen": frozen, "w": w}, step=step)
-        frozen.data.add_(1.0)  # behind the counter
+        _trust_then_write_behind(ckpt, frozen, w)
         pending = ckpt.save_async(
             {"frozen": frozen, "w": w}, step=4, block_until_staged=False, guard=Refuse()
         )
@@ -722,15 +728,10 @@ def test_trusting_version_counters_a_save_that_fails_settles_the_trusted_hash_fi
     of the save still reads the state, and the save's own error is the one raised."""
     import threading
 
-    import ckptstore.storage._direct_io as direct_io_mod
-
     frozen, w = torch.randn(400_000), torch.zeros(8)
     cfg = {"codec": "none", "incremental": True, "trust_version_counters": True}
     with ckptstore.Checkpointer(root, **cfg) as ckpt:
-        for step in (1, 2, 3):  # copied, then hashed in place, then trusted
-            w.add_(1.0)
-            ckpt.save({"frozen": frozen, "w": w}, step=step)
-        frozen.data.add_(1.0)  # behind the counter
+        _trust_then_write_behind(ckpt, frozen, w)
         w.add_(1.0)
         real = direct_io_mod.os.fdatasync
         calls: list[int] = []
