@@ -20,7 +20,8 @@ import torch
 from helpers import REPO
 
 import ckptstore
-from ckptstore.layout import is_damaged_name
+from ckptstore.layout import FINALS_FILE, is_damaged_name
+from ckptstore.manager import pointer
 
 
 def env() -> dict[str, str]:
@@ -61,6 +62,18 @@ def rot(root, step: int) -> None:
     """Flip bytes in the middle of the checkpoint's shard (its data, not padding)."""
     shard = os.path.join(step_dir(root, step), damage.SHARD)
     damage.xor(shard, os.path.getsize(shard) // 3, length=64)
+
+
+def mark_final(root, step: int) -> None:
+    """Record ``step`` as the one that ended a completed run, as the training loop does."""
+    with ckptstore.Checkpointer(root) as ckpt:
+        pointer.record_final(ckpt.backend, f"step_{step:08d}")
+    assert finals(root) == [f"step_{step:08d}"]
+
+
+def finals(root) -> list[str]:
+    with ckptstore.Checkpointer(root) as ckpt:
+        return pointer.read_lines(ckpt.backend, FINALS_FILE)
 
 
 def names(root) -> list[str]:
@@ -174,6 +187,7 @@ def _stray_file(root) -> None:
 def test_a_run_restores_past_a_damaged_newest_checkpoint_and_saves_that_step_again(tmp_path, kind):
     root = tmp_path / "r"
     make_root(root)
+    mark_final(root, 30)
     if kind == "stray file at its name":
         _stray_file(root)
     else:
@@ -188,6 +202,8 @@ def test_a_run_restores_past_a_damaged_newest_checkpoint_and_saves_that_step_aga
     assert steps_listed(root) == [25, 30]
     aside = [n for n in names(root) if is_damaged_name(n)]
     assert len(aside) == 1, names(root)
+    with ckptstore.CheckpointManager(root) as mgr:  # the old 30 ended a run; the new one did not
+        assert [c.tags for c in mgr.list() if c.step == 30] == [frozenset({"latest"})], kind
     listing = cli("ls", root, "--all")
     assert listing.returncode == 0, listing.stderr
     assert aside[0] in listing.stdout and "damaged" in listing.stdout
@@ -196,6 +212,7 @@ def test_a_run_restores_past_a_damaged_newest_checkpoint_and_saves_that_step_aga
 def test_quarantine_moves_a_checkpoint_aside_by_hand(tmp_path):
     root = tmp_path / "r"
     make_root(root)
+    mark_final(root, 30)
     rot(root, 30)
     assert cli("verify", root).returncode == 1
     moved = cli("quarantine", root, 30)
@@ -205,6 +222,7 @@ def test_quarantine_moves_a_checkpoint_aside_by_hand(tmp_path):
     assert cli("verify", root).returncode == 0
     assert "damaged" in cli("ls", root, "--all").stdout
     assert "damaged" not in cli("ls", root).stdout
+    assert finals(root) == []  # a step 30 saved again later did not end a run
     missing = cli("quarantine", root, 99)
     assert missing.returncode == 2 and "ls" in missing.stderr
     assert cli("quarantine", root, "latest").returncode == 2

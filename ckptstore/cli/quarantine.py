@@ -12,7 +12,8 @@ import argparse
 import time
 
 from ckptstore.cli._common import OK, open_root, usage_error
-from ckptstore.layout import STEP_NAME, checkpoint_name, damaged_name
+from ckptstore.layout import STEP_NAME, checkpoint_name
+from ckptstore.manager import pointer
 
 EXAMPLES = (
     "  ckptstore verify runs/exp1            # says which checkpoint is damaged\n"
@@ -36,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise usage_error(
             f"{backend.url} has no {name}; `ckptstore ls {args.root} --all` lists what is there"
         )
-    aside = damaged_name(name, time.time())
-    backend.move_aside(name, aside)
+    aside = pointer.set_aside(backend, name, time.time())
     print(
         f"moved {backend.url}/{name} aside to {aside}: it is no longer listed or loaded, and "
         "ckptstore never deletes it; remove it by hand once you have looked at it"

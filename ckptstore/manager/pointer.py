@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from ckptstore.errors import CkptStoreError
-from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE
+from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE, damaged_name
 from ckptstore.storage import StorageBackend
 
 log = logging.getLogger("ckptstore")
@@ -60,3 +60,17 @@ def forget_finals(backend: StorageBackend, names: set[str]) -> None:
     if names & set(finals):
         kept = [n for n in finals if n not in names]
         backend.put_atomic(FINALS_FILE, "".join(f"{n}\n" for n in kept).encode())
+
+
+def set_aside(backend: StorageBackend, name: str, when_unix_s: float) -> str:
+    """Move ``name`` aside as ``step_N.damaged-<UTC>`` and drop it from ``finals``, so
+    that a new checkpoint saved at that name is not taken for the end of a run. The move
+    comes first: a crash between the two leaves a stale mark, which only keeps more.
+    Returns the new name; a failed move raises and changes nothing."""
+    aside = damaged_name(name, when_unix_s)
+    backend.move_aside(name, aside)
+    try:
+        forget_finals(backend, {name})
+    except CkptStoreError as exc:
+        log.warning("could not drop %s from %s: %s", name, FINALS_FILE, exc)
+    return aside

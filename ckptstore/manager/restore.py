@@ -33,7 +33,6 @@ from ckptstore.layout import (
     MANIFEST_FILE,
     STEP_NAME,
     checkpoint_name,
-    damaged_name,
     split_checkpoint_path,
 )
 from ckptstore.manager import pointer
@@ -417,9 +416,8 @@ class RestoreMixin:
                 why = "is not a loadable checkpoint"
             else:
                 continue
-            aside = damaged_name(name, time.time())
             try:
-                backend.move_aside(name, aside)
+                aside = pointer.set_aside(backend, name, time.time())
             except CkptStoreError as exc:
                 log.warning(
                     "%s/%s %s and could not be moved aside: %s", backend.url, name, why, exc
