@@ -267,8 +267,17 @@ def test_interference_reports_a_fraction_per_contender(tmp_path, capsys):
     assert len(result["load_avg_before"]) == 3 and len(result["load_avg_after"]) == 3
     assert result["target"] == {"contender": "ckptstore_none", "fraction": 0.75}
     assert set(result["medians"]) == {
-        "ckptstore_none", "ckptstore_zstd", "ckptstore_auto", "dcp_async_save", "torch_save_thread"
+        "ckptstore_none", "ckptstore_zstd", "ckptstore_auto", "dcp_async_save", "torch_save_thread",
+        "ckptstore_incremental", "ckptstore_incremental_trust",
     }  # fmt: skip
+    for name, runs in result["runs"].items():  # what each ckptstore save wrote
+        written = [r.get("written_bytes") for r in runs]
+        if name == "ckptstore_none":
+            assert written == [2_000_000] * 2
+        elif name.startswith("ckptstore_incremental"):  # the changed 5%; the rest linked
+            assert all(w is not None and 0 < w < 0.06 * 2_000_000 for w in written), written
+        elif not name.startswith("ckptstore"):
+            assert written == [None] * 2
     for name, runs in result["runs"].items():
         assert len(runs) == 2
         for r in runs:  # tiny saves: bounds, not timings
