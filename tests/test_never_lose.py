@@ -255,3 +255,42 @@ def test_rerunning_the_training_command_after_damage_just_works(tmp_path, kind):
     with ckptstore.Checkpointer(root) as ckpt:
         assert ckpt.verify(40) == []
     assert len([n for n in names(root) if is_damaged_name(n)]) == 1
+
+
+def test_retention_reads_what_this_run_linked_before_it_counts_as_verified(tmp_path):
+    """Issue 19: a save that links an earlier file (incremental) vouches for bytes written
+    long before. Bit rot in a linked file is shared by every later checkpoint, so those
+    are verified, not trusted, and the last checkpoint that verifies is kept."""
+    root = tmp_path / "r"
+    frozen = torch.arange(1 << 18, dtype=torch.float32)  # 1 MB, never changes
+
+    def tuned(step: int) -> dict[str, torch.Tensor]:
+        return {"frozen": frozen, "w": torch.full((64, 64), float(step))}
+
+    opts = dict(keep=ckptstore.KeepLast(2), codec="none", incremental=True, full_every=3)
+    with ckptstore.CheckpointManager(root, **opts) as mgr:
+        for step in (10, 20, 30, 40):  # 10 and 40 write everything, 20 and 30 link 10's
+            mgr.save(step - 1, tuned(step))
+            mgr.wait()
+        with ckptstore.Checkpointer(root) as ckpt:
+            assert [sorted(i.manifest.linked.values()) for i in ckpt.list()] == [
+                ["step_00000010"],
+                [],  # 30, 40: what KeepLast(2) kept
+            ]
+        shard = os.path.join(step_dir(root, 40), damage.SHARD)
+        damage.xor(shard, os.path.getsize(shard) // 2)  # in the frozen tensor's bytes
+        for step in (50, 60):  # they link 40's rotten file
+            mgr.save(step - 1, tuned(step))
+            mgr.wait()
+    with ckptstore.Checkpointer(root) as ckpt:
+        listed = {i.step: i for i in ckpt.list()}
+        linked = [list(listed[s].manifest.linked.values()) for s in (50, 60)]
+        assert linked == [["step_00000040"]] * 2
+        assert 30 in listed, sorted(listed)  # was deleted: 50 and 60 were trusted
+        assert ckpt.verify(30) == [] and ckpt.verify(60) != []
+        sd = blank() | {"frozen": torch.zeros_like(frozen), "w": torch.zeros(64, 64)}
+        del sd["b"]
+        ckpt.load(sd, 30)
+        assert torch.equal(sd["frozen"], frozen) and torch.equal(
+            sd["w"], torch.full((64, 64), 30.0)
+        )

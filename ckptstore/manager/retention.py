@@ -58,7 +58,10 @@ def prune(
     A checkpoint found damaged never protects the run: before deleting anything, the
     checkpoints are verified newest first (every byte against its manifest) until one
     passes, and that one is kept whatever the policy says. Names in ``trusted`` (just
-    committed and checked by the caller) count as verified without reading them again.
+    committed and checked by the caller) count as verified without reading them again,
+    unless on a local disk they link files of earlier checkpoints (incremental saves):
+    those bytes were written long before and may have rotted since, and every later
+    checkpoint would share the damage, so they are read.
     With a ``manifest_key`` only validly signed checkpoints count (and are deleted): a
     forged "newer" checkpoint must not push real ones out. ``infos`` limits retention to
     those checkpoints (the backup tier passes its own run's; default: all listed);
@@ -77,7 +80,8 @@ def prune(
     doomed = [i for i in infos if (i.manifest.step or 0) not in keep]
     if not doomed:
         return []
-    good = newest_verified(backend, infos, trusted=set(trusted), manifest_key=manifest_key)
+    linked = {i.name for i in infos if i.manifest.linked and backend.capabilities.local}
+    good = newest_verified(backend, infos, trusted=set(trusted) - linked, manifest_key=manifest_key)
     if good is None:
         log.warning(
             "retention: no checkpoint under %s verifies; deleting nothing (run `ckptstore "
@@ -117,7 +121,9 @@ def newest_verified(
     manifest_key: bytes | None,
 ) -> str | None:
     """The newest of ``infos`` (oldest first) that verifies, or None; names in
-    ``trusted`` are taken as verified. Damaged ones passed over are named in a warning."""
+    ``trusted`` are taken as verified until a newer one is found damaged (it may link
+    the damaged file from an older one: incremental saves). Damaged ones passed over
+    are named in a warning."""
     from ckptstore.engine.ops import verify  # torch: imported here, not when listing
 
     for info in reversed(infos):
@@ -133,4 +139,5 @@ def newest_verified(
             info.name,
             problems[0],
         )
+        trusted = set()
     return None
