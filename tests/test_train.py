@@ -144,6 +144,9 @@ def test_no_checkpoint_writes_nothing(tmp_path):
     [
         (["--steps", "5", "--epochs", "1"], "not both"),
         (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--steps", "0"], "--steps must be at least 1"),  # was taken for the default
+        (["--steps", "-3"], "--steps must be at least 1"),  # was trained as 0 steps
+        (["--save-every-s", "-1"], "--save-every-s must be >= 0"),  # named a parameter
         (["--device", "cuda:0"] if not os.path.exists("/dev/nvidia0") else ["--size", "nope"], ""),
     ],
 )

@@ -166,10 +166,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("ckpt_dir", "backup", "data"):
         if getattr(args, name) == "":
             ap.error(f"--{name.replace('_', '-')} must not be empty")
-    for name in ("batch_size", "eval_batches", "log_every"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "epochs", "batch_size", "eval_batches", "log_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("save_every", "keep_last", "keep_best", "warmup", "eval_every"):
+    for name in (
+        "save_every",
+        "save_every_s",
+        "keep_last",
+        "keep_best",
+        "warmup",
+        "eval_every",
+        "clip",
+        "lr",
+    ):
         if getattr(args, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
