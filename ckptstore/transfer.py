@@ -111,29 +111,39 @@ def copy_checkpoint(
     retries = (
         file_retries if not dst.capabilities.local else 0
     )  # a local temp file cannot be redone
-    files = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
-    if progress is not None:
-        progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
-    pending = dst.begin(target)
-    try:
-        files = _without_held(dst, pending, manifest, target, manifest_key, files)
-        if progress is not None:  # incremental: only what dst lacks
-            progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
-        job = _CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)
-        job.copy_all(files, threads)
-        pending.commit(manifest_bytes)
-    except BaseException:
-        pending.abort()
-        raise
-    finally:
-        if progress is not None:
-            progress.finish()
-    if dst.capabilities.local:
+    every = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
+    for link in (True, False):  # without links: a linked file there was damaged
+        pending = dst.begin(target)
+        try:
+            files = _without_held(dst, pending, manifest, target, manifest_key, every, link)
+            if progress is not None:  # incremental: only what dst lacks
+                progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
+            job = _CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)
+            job.copy_all(files, threads)
+            pending.commit(manifest_bytes)
+        except BaseException:
+            pending.abort()
+            if progress is not None:
+                progress.finish()
+            raise
+        if not dst.capabilities.local:
+            break
         # Downloaded: check every chunk of the copy now (a local read) rather than at load.
         problems = verify_checkpoint(dst, target, None, manifest_key=manifest_key)
-        if problems:
-            dst.delete(target)
+        if not problems:
+            break
+        dst.delete(target)
+        if len(files) == len(every):
+            if progress is not None:
+                progress.finish()
             raise CorruptCheckpointError(f"the copy from {src.url} is damaged: {problems[0]}")
+        log.warning(
+            "a file %s/%s linked from another checkpoint there is damaged (%s): copying "
+            "every file of it from %s instead",
+            dst.url, target, problems[0], src.url,
+        )  # fmt: skip
+    if progress is not None:
+        progress.finish()
     return manifest
 
 
@@ -144,10 +154,13 @@ def _without_held(
     target: str,
     key: bytes | None,
     files: list[tuple[str, Any]],
+    link: bool = True,
 ) -> list[tuple[str, Any]]:
     """Of ``files`` (name, manifest entry), those left to send once the linked files
     (incremental saves) that another checkpoint in ``dst`` holds are linked, or copied
-    inside the store, into ``pending``."""
+    inside the store, into ``pending`` (``link`` False: all of them)."""
+    if not link:
+        return files
     names = {f for f, _ in files}
     held = {f: at for f, at in _held_by(dst, manifest, target, key).items() if f in names}
     if held and pending.link_files(held):

@@ -1429,3 +1429,35 @@ def test_the_note_is_not_counted_as_state(tmp_path):
             save_chain(ckpt, frozen, 2)
             raw.append(ckpt.latest().manifest.raw_bytes)
     assert raw[0] == raw[1]
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated"])
+def test_pull_replace_damaged_repairs_a_chain_whose_shared_file_is_damaged(tmp_path, capsys, how):
+    """A pulled chain links one file from its first checkpoint into the later ones (hard
+    links): damage to it is every checkpoint's. `pull --replace-damaged` finds it by
+    reading every byte (a local destination) and replaces each checkpoint, copying the
+    file again where the one it would link is the damaged one."""
+    import damage
+
+    from ckptstore.cli.main import main
+
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    with ckptstore.Checkpointer(src, codec="none", incremental=True) as ckpt:
+        saved, _ = save_chain(ckpt, frozen_state(), 3)
+    assert main(["pull", src, dst]) == 0
+    shard = os.path.join(dst, "step_00000001", "__0_0.distcp")
+    linked = os.path.join(dst, "step_00000003", "__0_0-step_00000001.distcp")
+    assert os.stat(shard).st_ino == os.stat(linked).st_ino  # one file, three checkpoints
+    if how == "flipped":  # bit rot: sizes still match the manifests
+        damage.xor(shard, os.path.getsize(shard) // 2)
+    else:
+        os.truncate(shard, os.path.getsize(shard) // 2)
+    capsys.readouterr()
+    assert main(["verify", dst]) == 1
+    assert main(["pull", src, dst, "--replace-damaged"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("replaced step_0000000") == 3, out
+    assert main(["verify", dst]) == 0
+    with ckptstore.Checkpointer(dst) as ckpt:
+        for step in (1, 2, 3):
+            load_equal(ckpt, step, saved[step])

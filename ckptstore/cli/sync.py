@@ -81,7 +81,9 @@ def add_transfer_arguments(p: argparse.ArgumentParser, *, src: str, dst: str) ->
     p.add_argument(
         "--replace-damaged",
         action="store_true",
-        help="replace a damaged copy at the destination with the source's",
+        help="replace a damaged copy at the destination with the source's (on a local "
+        "destination, every byte of the copies there is read to find the damage, as with "
+        "--verify-existing)",
     )
     p.add_argument(
         "--grace-s",
@@ -177,7 +179,9 @@ def transfer(args: argparse.Namespace) -> int:
             failed.append(info.name)
             continue
         if dst.exists(f"{info.name}/{MANIFEST_FILE}"):
-            state, problems = existing_problems(src, dst, info, args.verify_existing, threads)
+            # Damage to replace is found by reading every byte (local: a local read)
+            full = args.verify_existing or (args.replace_damaged and dst.capabilities.local)
+            state, problems = existing_problems(src, dst, info, full, threads)
             if state == "ok":
                 print(f"present  {info.name}")
                 continue
