@@ -507,6 +507,28 @@ def test_prune_shows_then_deletes_with_yes_and_gc_removes_dead_saves(
     assert code == 0 and "deleted 1 checkpoint(s): step_00000020" in out
 
 
+def test_prune_yes_deletes_only_what_its_table_said_while_a_run_saves_meanwhile(
+    run_copy, capsys, monkeypatch
+):
+    """A run commits step 40 between prune's listing and its deletion (stranger test):
+    step 30, shown "keep" as the newest, stays; it used to be deleted from a fresh listing."""
+    import ckptstore.cli.prune as prune_cli
+
+    listed = prune_cli.list_checkpoints
+
+    def before_step_40(backend, **kw):
+        return [i for i in listed(backend, **kw) if i.name != "step_00000040"]
+
+    monkeypatch.setattr(prune_cli, "list_checkpoints", before_step_40)
+    code, out, _ = run_main(capsys, "prune", run_copy, "--keep-last", "1", "--yes")
+    assert code == 0, out
+    assert "step_00000030" in out and "deleted 2 checkpoint(s): step_00000010, step_00000020" in out
+    assert [n for n in sorted(os.listdir(run_copy)) if n.startswith("step_")] == [
+        "step_00000030",
+        "step_00000040",
+    ]
+
+
 # ---- S3: sync / pull and every command on an s3:// root -----------------------------
 def test_sync_pull_and_commands_on_s3(saved, run_copy, s3_server, s3_bucket, tmp_path, capsys):
     _root, state = saved

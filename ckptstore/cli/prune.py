@@ -92,9 +92,14 @@ def run(args: argparse.Namespace) -> int:
         return FAILED
     deleted: list[str] = []
     if args.yes and doomed:
-        # The engine's own pruning (the same decision, taken again on a fresh listing).
+        # The engine's own pruning, on the listing shown (a run saving meanwhile: its
+        # newer checkpoints are neither shown nor counted, so nothing shown "keep" goes)
         deleted = retention.prune(
-            backend, policy, manifest_key=manifest_key(), trusted=() if good is None else (good,)
+            backend,
+            policy,
+            manifest_key=manifest_key(),
+            trusted=() if good is None else (good,),
+            infos=infos,
         )
     if args.json:
         emit_json(
