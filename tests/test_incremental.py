@@ -926,7 +926,7 @@ def expectations(monkeypatch) -> list[int | None]:
 
 
 def test_the_shard_file_is_created_expecting_what_staging_did_not_find_unchanged(root, monkeypatch):
-    """The writer tells the store how much it expects to write (local disk writes a
+    """The writer tells the store how much it expects to write (a local disk can write a
     small file through the page cache: storage._direct_io.BUFFERED_BYTES)."""
     expected = expectations(monkeypatch)
     frozen, w = torch.randn(400_000), torch.randn(1000)

@@ -477,8 +477,9 @@ def test_local_sink_expected_small_starts_writeback_as_it_goes(tmp_path, monkeyp
     KICK_BYTES (POSIX_FADV_DONTNEED over what came since the last kick), so the
     fdatasync at close waits for the tail only, and once durable its pages are let go
     (DONTNEED over the whole file); a refused hint changes nothing. A file too small
-    for a kick keeps its pages."""
+    for a kick keeps its pages (with BUFFERED_BYTES set: 0 by default)."""
     monkeypatch.setattr(direct_io_mod, "KICK_BYTES", MIB)
+    monkeypatch.setattr(direct_io_mod, "BUFFERED_BYTES", 128 * MIB)
     kicks: list[tuple[int, int]] = []
     real = os.posix_fadvise
 

@@ -37,18 +37,19 @@ ALIGN = 4096  # O_DIRECT's address, length and offset multiple (the page size he
 BOUNCE_BYTES = 8 << 20
 MAX_WRITE = 64 << 20  # one write() call; Linux caps a write at ~2 GiB anyway
 O_DIRECT = getattr(os, "O_DIRECT", 0)
-# A file expected to be smaller than this is written through the page cache: fdatasync
-# writes it back in large requests, where its O_DIRECT writes would each wait for the
-# device in turn (an incremental save writes little: issue 19). On the 2-core VM,
-# 2026-12-05, writing the changed 50 MB of a 95%-frozen 1 GB state (~700 KB items):
-# 30.6 ms buffered against 60.8 ms direct in the writer (medians of 10 saves); a bare
-# write + fdatasync of 13-128 MB in 180 KB-8 MB pieces was faster buffered (writeback
-# kicked every 2 MiB, below) at every size tried (128 MB: 64-70 ms against 72-115 ms).
-# If it grows past this after all, the rest is written with O_DIRECT (from the first
-# block boundary past it). A large file, or one of unknown size (a full save's), is
-# direct from its first byte: buffering the first 32 MiB of every file made 250 MB
-# saves ~8% slower here.
-BUFFERED_BYTES = 128 << 20
+# A file expected to be smaller than this is written through the page cache (writeback
+# kicked every KICK_BYTES), then with O_DIRECT from the first block boundary past it.
+# 0 since 2026-12-06: every file is direct from its first byte. Through the page cache,
+# an incremental save's small shard (issue 19) had been faster on the idle 2-core VM
+# (2026-12-05: 30.6 against 60.8 ms for 50 MB), but with the bounce buffers kept
+# (37b259a) the two tie there (medians of 16 durable saves, separate processes
+# alternating: 250 MB state 31.3-37.3 ms direct against 31.9-34.9 buffered, 1 GB
+# 76.0-77.4 against 73.5-82.7), with 5-20 ms less system CPU a save; and under a busy
+# training loop, beside other saves, buffered saves sometimes took 0.2-0.3 s instead of
+# 0.05 s while the loop all but stopped (`ckptstore bench --interference`, incremental
+# contenders: the loop lost 0.08-0.11 s a save buffered, 0.003-0.024 s direct, medians
+# of 4 rounds). Kept as a knob (and tested) for file systems where buffered wins.
+BUFFERED_BYTES = 0
 # While a file is written through the page cache, its writeback is started every this
 # many bytes, so the device writes while the rest is produced and the fdatasync at close
 # waits for the tail only.
