@@ -266,6 +266,13 @@ def test_ls_info_and_verify_on_a_local_root(saved, run_copy, capsys):
     code, out, _ = run_main(capsys, "ls", run_copy, "--all")
     assert code == 0
     assert "CORRUPT" in out and "UNCOMMITTED" in out and f"ckptstore gc {run_copy}" in out
+    # gc never removes a step directory without a manifest: not promised (stranger test)
+    assert "step_00000060: no manifest, so no checkpoint" in out
+    assert f"ckptstore quarantine {run_copy} STEP" in out
+    os.makedirs(os.path.join(run_copy, ".tmp-deleted-step_00000005-0123456789ab"))
+    code, out, _ = run_main(capsys, "ls", run_copy, "--all")
+    assert ".tmp-deleted-step_00000005-0123456789ab: a deletion in progress" in out
+    os.rmdir(os.path.join(run_copy, ".tmp-deleted-step_00000005-0123456789ab"))
     code, out, _ = run_main(capsys, "verify", f"{root}/step_00000020")
     assert code == 0 and "OK   step_00000020" in out
     code, out, _ = run_main(capsys, "ls", root, "--keep-every-steps", "20")

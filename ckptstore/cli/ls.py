@@ -272,9 +272,24 @@ def run(args: argparse.Namespace) -> int:
     for e in entries:
         if e.status == "corrupt":
             print(f"CORRUPT {e.name}: {e.error}")
-    if any(e.status == "uncommitted" for e in entries):
+    uncommitted = {e.name for e in entries if e.status == "uncommitted"}
+    deleting = {n for n in uncommitted if n.startswith(f"{TEMP_PREFIX}deleted-")}
+    local = backend.capabilities.local  # an object store writes a save in place
+    bare = {n for n in uncommitted if local and not n.startswith(TEMP_PREFIX)}
+    if uncommitted - deleting - bare:
         print(
             "UNCOMMITTED: a save in progress, or one that died; never loaded. "
             f"ckptstore gc {args.root} removes dead ones"
+        )
+    if deleting:
+        print(
+            f"{', '.join(sorted(deleting))}: a deletion in progress, or one that died (a "
+            f"checkpoint renamed away, then removed); ckptstore gc {args.root} removes dead ones"
+        )
+    if bare:
+        print(
+            f"{', '.join(sorted(bare))}: no manifest, so no checkpoint (its manifest was "
+            f"lost, or it was not made by a save); gc leaves it: `ckptstore quarantine "
+            f"{args.root} STEP` moves it aside, as a run restoring past it does"
         )
     return OK
