@@ -112,38 +112,37 @@ def copy_checkpoint(
         file_retries if not dst.capabilities.local else 0
     )  # a local temp file cannot be redone
     every = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
-    for link in (True, False):  # without links: a linked file there was damaged
-        pending = dst.begin(target)
-        try:
-            files = _without_held(dst, pending, manifest, target, manifest_key, every, link)
-            if progress is not None:  # incremental: only what dst lacks
-                progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)
-            job = _CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)
-            job.copy_all(files, threads)
-            pending.commit(manifest_bytes)
-        except BaseException:
-            pending.abort()
-            if progress is not None:
-                progress.finish()
-            raise
-        if not dst.capabilities.local:
-            break
-        # Downloaded: check every chunk of the copy now (a local read) rather than at load.
-        problems = verify_checkpoint(dst, target, None, manifest_key=manifest_key)
-        if not problems:
-            break
-        dst.delete(target)
-        if len(files) == len(every):
-            if progress is not None:
-                progress.finish()
-            raise CorruptCheckpointError(f"the copy from {src.url} is damaged: {problems[0]}")
-        log.warning(
-            "a file %s/%s linked from another checkpoint there is damaged (%s): copying "
-            "every file of it from %s instead",
-            dst.url, target, problems[0], src.url,
-        )  # fmt: skip
-    if progress is not None:
-        progress.finish()
+    try:
+        for link in (True, False):  # without links: a linked file there was damaged
+            pending = dst.begin(target)
+            try:
+                files = _without_held(dst, pending, manifest, target, manifest_key, every, link)
+                if progress is not None:  # incremental: only what dst lacks
+                    progress.done = 0
+                    progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)  # fmt: skip
+                job = _CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)  # fmt: skip
+                job.copy_all(files, threads)
+                pending.commit(manifest_bytes)
+            except BaseException:
+                pending.abort()
+                raise
+            if not dst.capabilities.local:
+                break
+            # Downloaded: check every chunk of the copy now (a local read), not at load.
+            problems = verify_checkpoint(dst, target, None, manifest_key=manifest_key)
+            if not problems:
+                break
+            dst.delete(target)
+            if len(files) == len(every):
+                raise CorruptCheckpointError(f"the copy from {src.url} is damaged: {problems[0]}")
+            log.warning(
+                "a file %s/%s linked from another checkpoint there is damaged (%s): copying "
+                "every file of it from %s instead",
+                dst.url, target, problems[0], src.url,
+            )  # fmt: skip
+    finally:
+        if progress is not None:
+            progress.finish()
     return manifest
 
 
@@ -172,12 +171,15 @@ def _held_by(
     dst: StorageBackend, manifest: Manifest, target: str, key: bytes | None
 ) -> dict[str, str]:
     """Linked files (incremental saves) that another checkpoint in ``dst`` lists with
-    the same size and checksum: their name -> ``"<checkpoint>/<file>"`` there."""
+    the same size and checksum: their name -> ``"<checkpoint>/<file>"`` there, the
+    oldest such checkpoint's (the one that wrote it, or a repaired one: replacing a
+    chain oldest first links each from the one just replaced, not a damaged newer)."""
     if not manifest.linked:
         return {}
     from ckptstore.engine.listing import list_checkpoints
 
-    there = {(e.size_bytes, e.xxh3_64): f"{i.name}/{f}" for i in list_checkpoints(dst, manifest_key=key) if i.name != target for f, e in i.manifest.files.items() if e.kind == "shard"}  # fmt: skip
+    infos = list_checkpoints(dst, manifest_key=key)[::-1]  # newest first: the oldest wins
+    there = {(e.size_bytes, e.xxh3_64): f"{i.name}/{f}" for i in infos if i.name != target for f, e in i.manifest.files.items() if e.kind == "shard"}  # fmt: skip
     wanted = {f: (manifest.files[f].size_bytes, manifest.files[f].xxh3_64) for f in manifest.linked}
     return {f: there[k] for f, k in wanted.items() if k in there}
 

@@ -289,9 +289,7 @@ def test_interference_reports_a_fraction_per_contender(tmp_path, capsys):
             assert 0 < r["during_per_s"] <= 1.5 * best_alone, (name, r)
             assert r["save_s"] >= r["during_s"] > 0 and r["alone_per_s"] > 0
             assert r["lost_loop_s"] == pytest.approx(r["during_s"] * (1 - r["fraction"]))
-            assert (
-                r["blocked_s"] == pytest.approx(r["save_s"] - r["during_s"]) and r["blocked_s"] > 0
-            )
+            assert 0 < r["blocked_s"] < r["save_s"]
     printed = capsys.readouterr().out
     assert "ckptstore_none" in printed and "(target >= 75%" in printed
     assert "| ckptstore_none |" in _read(path[: -len(".json")] + ".md")

@@ -536,6 +536,32 @@ def test_prune_yes_deletes_only_what_its_table_said_while_a_run_saves_meanwhile(
     ]
 
 
+def test_prune_yes_spares_the_latest_its_table_showed_when_latest_moves_meanwhile(
+    run_copy, capsys, monkeypatch
+):
+    """`latest` names step 20 when prune reads it (a run's housekeeping lagging) and
+    step 40 when it deletes: step 20, shown "keep" as latest, stays."""
+    import ckptstore.cli.prune as prune_cli
+    from ckptstore.layout import LATEST_FILE
+
+    with open(os.path.join(run_copy, LATEST_FILE), "w") as f:
+        f.write("step_00000020\n")
+    real = prune_cli.retention.prune
+
+    def latest_moves_first(backend, *args, **kwargs):
+        backend.put_atomic(LATEST_FILE, b"step_00000040\n")
+        return real(backend, *args, **kwargs)
+
+    monkeypatch.setattr(prune_cli.retention, "prune", latest_moves_first)
+    code, out, _ = run_main(capsys, "prune", run_copy, "--keep-last", "1", "--yes")
+    assert code == 0, out
+    assert "deleted 2 checkpoint(s): step_00000010, step_00000030" in out
+    assert [n for n in sorted(os.listdir(run_copy)) if n.startswith("step_")] == [
+        "step_00000020",
+        "step_00000040",
+    ]
+
+
 # ---- S3: sync / pull and every command on an s3:// root -----------------------------
 def test_sync_pull_and_commands_on_s3(saved, run_copy, s3_server, s3_bucket, tmp_path, capsys):
     _root, state = saved

@@ -1461,3 +1461,5 @@ def test_pull_replace_damaged_repairs_a_chain_whose_shared_file_is_damaged(tmp_p
     with ckptstore.Checkpointer(dst) as ckpt:
         for step in (1, 2, 3):
             load_equal(ckpt, step, saved[step])
+    # Still one file: each replaced checkpoint linked the one replaced before it
+    assert os.stat(shard).st_ino == os.stat(linked).st_ino

@@ -147,6 +147,8 @@ def test_no_checkpoint_writes_nothing(tmp_path):
         (["--steps", "0"], "--steps must be at least 1"),  # was taken for the default
         (["--steps", "-3"], "--steps must be at least 1"),  # was trained as 0 steps
         (["--save-every-s", "-1"], "--save-every-s must be >= 0"),  # named a parameter
+        (["--save-every-s", "nan"], "--save-every-s must be >= 0"),
+        (["--lr", "nan"], "--lr must be >= 0"),  # trained on NaN
         (["--device", "cuda:0"] if not os.path.exists("/dev/nvidia0") else ["--size", "nope"], ""),
     ],
 )

@@ -120,7 +120,10 @@ def contenders(
         steps = iter(range(1, 1 << 30))
         options: dict[str, Any] = {"codec": codec, "threads": threads}
         if incremental:
-            options.update(incremental=True, trust_version_counters=incremental == "-trust")
+            # no scheduled full saves (full_every=0): every save after the first links
+            options.update(
+                incremental=True, trust_version_counters=incremental == "-trust", full_every=0
+            )
 
         def start(path: str) -> tuple[Started, str | None]:
             if root not in opened:

@@ -98,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
             backend,
             policy,
             manifest_key=manifest_key(),
-            trusted=() if good is None else (good,),
+            verified=() if good is None else (good,),  # read in full above
             infos=infos,
+            spare=latest,  # the one the table showed: `latest` may move meanwhile
         )
     if args.json:
         emit_json(

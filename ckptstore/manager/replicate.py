@@ -489,7 +489,7 @@ class Replicator:
                 self.keep,
                 spare=self.busy(),
                 manifest_key=self._manifest_key,
-                trusted=(name,),  # read back and checked by the copy that just ended
+                verified=(name,),  # read back and checked by the copy that just ended
                 infos=ours,  # another run's checkpoints are not this retention's business
             )
         except CkptStoreError as exc:

@@ -48,6 +48,7 @@ def prune(
     spare: Iterable[str] = (),
     manifest_key: bytes | None = None,
     trusted: Iterable[str] = (),
+    verified: Iterable[str] = (),
     infos: Sequence[CheckpointInfo] | None = None,
     lineage: Sequence[str] | None = None,
 ) -> list[str]:
@@ -61,7 +62,8 @@ def prune(
     committed and checked by the caller) count as verified without reading them again,
     unless on a local disk they link files of earlier checkpoints (incremental saves):
     those bytes were written long before and may have rotted since, and every later
-    checkpoint would share the damage, so they are read.
+    checkpoint would share the damage, so they are read. Names in ``verified`` (every
+    byte just read by the caller, linked files too) count as verified as they are.
     With a ``manifest_key`` only validly signed checkpoints count (and are deleted): a
     forged "newer" checkpoint must not push real ones out. ``infos`` limits retention to
     those checkpoints (the backup tier passes its own run's; default: all listed);
@@ -81,7 +83,9 @@ def prune(
     if not doomed:
         return []
     linked = {i.name for i in infos if i.manifest.linked and backend.capabilities.local}
-    good = newest_verified(backend, infos, trusted=set(trusted) - linked, manifest_key=manifest_key)
+    good = newest_verified(
+        backend, infos, trusted=(set(trusted) - linked) | set(verified), manifest_key=manifest_key
+    )
     if good is None:
         log.warning(
             "retention: no checkpoint under %s verifies; deleting nothing (run `ckptstore "

@@ -1,8 +1,8 @@
 """Low-level file I/O for :mod:`ckptstore.storage.local`; private to ``storage/``.
 
 * :class:`DirectFileSink`: a file written front to back with ``O_DIRECT`` where the
-  file system supports it (one expected to be small: through the page cache, see
-  :data:`BUFFERED_BYTES`): from a page-aligned staging buffer straight to the device,
+  file system supports it (one expected below :data:`BUFFERED_BYTES`, 0 by default:
+  through the page cache first): from a page-aligned staging buffer straight to the device,
   without a copy into the page cache. On this kind of machine that wrote 3.3 GB/s from
   one thread, against 1.1 GB/s buffered (``benchmarks/README.md``). Unaligned pieces go
   through a small aligned bounce buffer; the file is truncated to its exact length

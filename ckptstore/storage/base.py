@@ -201,8 +201,9 @@ class PendingCheckpoint(ABC):
     def create_file(self, name: str, size_hint: int | None = None) -> FileSink:
         """A new file inside the checkpoint; never replaces one. ``size_hint``: its
         size, where the writer knows it (a copy) or expects it (an incremental save):
-        object stores size their parts by it, local disk writes a small file through
-        the page cache. A file may still end up larger."""
+        object stores size their parts by it (local disk can write a small file
+        through the page cache: ``_direct_io.BUFFERED_BYTES``, off by default). A file
+        may still end up larger."""
 
     def write_file(self, name: str, data: bytes) -> None:
         """Write a small file in one go, durably."""

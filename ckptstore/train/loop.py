@@ -179,7 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "clip",
         "lr",
     ):
-        if getattr(args, name) < 0:
+        if not 0 <= getattr(args, name) < float("inf"):  # NaN and inf too
             ap.error(f"--{name.replace('_', '-')} must be >= 0")
     return args
 
