@@ -165,4 +165,5 @@ def test_the_console_command_runs_the_same_loop(tmp_path):
     start = time.monotonic()
     out = run([exe, "train", "--help"], timeout=60)
     assert out.returncode == 0 and "--save-every" in out.stdout, out.stderr
+    assert out.stdout.startswith("usage: ckptstore train"), out.stdout[:80]
     assert time.monotonic() - start < 60

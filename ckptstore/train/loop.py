@@ -114,8 +114,10 @@ class Run:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    launcher = sys.argv[0].replace(os.sep, "/")  # `ckptstore train` forwards here too
+    via_cli = launcher.endswith(("/ckptstore", "ckptstore/__main__.py"))
     ap = argparse.ArgumentParser(
-        prog="python -m ckptstore.train",
+        prog="ckptstore train" if via_cli else "python -m ckptstore.train",
         description="Train a GPT-style model on text, checkpointed by ckptstore.",
     )
     g = ap.add_argument_group("run")
