@@ -55,7 +55,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch.distributed as dist
@@ -63,20 +63,19 @@ import torch.distributed as dist
 from ckptstore.config import BackupConfig, ManagerConfig, manager_configs
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
-from ckptstore.engine.ops import CheckpointInfo
 from ckptstore.engine.pending import PendingSave
 from ckptstore.errors import (
     BackgroundSaveError,
     CheckpointExistsError,
-    CkptStoreError,
     InvalidArgumentError,
     RankFailedError,
 )
 from ckptstore.format.manifest import new_run_id
-from ckptstore.layout import LATEST_FILE, checkpoint_name
-from ckptstore.manager import lease, partbackup, pointer, retention
+from ckptstore.layout import checkpoint_name
+from ckptstore.manager import lease, partbackup
 from ckptstore.manager.agreement import Flags, StepAgreement
 from ckptstore.manager.guard import ABORT, GuardMixin
+from ckptstore.manager.housekeeping import HousekeepingMixin
 from ckptstore.manager.listing import ManagedCheckpoint, describe
 from ckptstore.manager.policies import (
     MANUAL,
@@ -99,7 +98,7 @@ from ckptstore.storage import StorageBackend, open_backend
 log = logging.getLogger("ckptstore")
 
 
-class CheckpointManager(RestoreMixin, GuardMixin):
+class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
     """Save policies, retention, the ``latest`` pointer, ``best``, and full resume.
 
     Configure it with ``config=ManagerConfig(...)`` (and ``backup=BackupConfig(...)``),
@@ -382,67 +381,12 @@ class CheckpointManager(RestoreMixin, GuardMixin):
         if self._part_backup is not None:  # this disk's part, once committed
             pending.committed.add_done_callback(self._upload_part)
 
-    def _after_commit(self, fut: Future[Any]) -> None:
-        """Once a save is durable (on the writer thread): hand the rest to housekeeping."""
-        if fut.exception() is None and self._housekeeping is not None:
-            with contextlib.suppress(RuntimeError):  # shut down: nothing more to do
-                self._housekeeping.submit(self._point_and_prune, fut.result().name)
-
-    def _upload_part(self, fut: Future[Any]) -> None:
-        if fut.exception() is None and self._part_backup is not None:
-            self._part_backup.submit(fut.result().name)
-
-    def _point_and_prune(self, name: str) -> None:
-        assert self._ckpt is not None
-        try:
-            pointer.move_latest(self._ckpt.backend, name)  # unless pruned already
-        except CkptStoreError as exc:
-            log.warning("could not update %s/%s: %s", self._ckpt.url, LATEST_FILE, exc)
-        self._committed.add(name)
-        if self._backup is not None:
-            self._backup.submit(name)
-        self._prune()
-
-    def _on_backed_up(self, name: str) -> None:
-        """(backup thread) A checkpoint local retention had to spare may go now."""
-        if self._housekeeping is not None:
-            with contextlib.suppress(RuntimeError):  # shut down: nothing more to do
-                self._housekeeping.submit(self._prune)
-
     # ---- agreement between ranks ------------------------------------------------------
     def _agree(self, reason: str | None, stop: int | None, *, fold: bool = True) -> Flags:
         """Every rank's save reason and stop code, agreed (the largest wins); see now()."""
         if self._agreement is None:
             return reason, stop
         return self._agreement.now(reason, stop, fold=fold)
-
-    # ---- retention ------------------------------------------------------------------
-    def _records(self, infos: builtins.list[CheckpointInfo]) -> builtins.list[CheckpointRecord]:
-        assert self._ckpt is not None
-        return retention.records(self._ckpt.backend, infos)
-
-    def _prune(self) -> None:
-        if self.keep_policy is None or self._ckpt is None or not self._committed:
-            return
-        try:
-            spare = self._backup.busy() if self._backup is not None else set()
-            retention.prune(
-                self._ckpt.backend,
-                self.keep_policy,
-                spare=spare,
-                manifest_key=self._manifest_key,
-                trusted=self._committed,
-                lineage=(self._run_id, *self._lineage),
-            )
-        except CkptStoreError as exc:  # storage trouble must not fail the save it follows
-            log.warning("retention under %s failed: %s", self._ckpt.url, exc)
-
-    def _read_latest(self) -> str | None:
-        return None if self._ckpt is None else pointer.read_latest(self._ckpt.backend)
-
-    def _record_final(self, name: str) -> None:
-        assert self._ckpt is not None
-        pointer.record_final(self._ckpt.backend, name)
 
     # ---- listing ----------------------------------------------------------------------
     def list(self) -> builtins.list[ManagedCheckpoint]:

@@ -1,0 +1,95 @@
+"""The manager's housekeeping: after each commit of this run, on rank 0 and off the
+writer thread, the ``latest`` pointer moves, the backup tier is handed the checkpoint,
+and retention prunes (:mod:`ckptstore.manager.retention`).
+
+See :class:`~ckptstore.CheckpointManager` for the rules; this is the half of it that
+runs behind the saves.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from ckptstore.engine.checkpointer import Checkpointer
+from ckptstore.engine.ops import CheckpointInfo
+from ckptstore.errors import CkptStoreError
+from ckptstore.layout import LATEST_FILE
+from ckptstore.manager import partbackup, pointer, retention
+from ckptstore.manager.policies import CheckpointRecord, RetentionPolicy
+from ckptstore.manager.replicate import Replicator
+
+log = logging.getLogger("ckptstore")
+
+
+class HousekeepingMixin:
+    """Pointer, backup hand-off and retention after each commit; mixed into the
+    manager, whose constructor sets these attributes."""
+
+    keep_policy: RetentionPolicy | None
+    _ckpt: Checkpointer | None
+    _housekeeping: ThreadPoolExecutor | None
+    _backup: Replicator | None
+    _part_backup: partbackup.PartUploader | None
+    _committed: set[str]  # saved by this manager: verified when written
+    _manifest_key: bytes | None
+    _run_id: str
+    _lineage: tuple[str, ...]
+
+    def _after_commit(self, fut: Future[Any]) -> None:
+        """Once a save is durable (on the writer thread): hand the rest to housekeeping."""
+        if fut.exception() is None and self._housekeeping is not None:
+            with contextlib.suppress(RuntimeError):  # shut down: nothing more to do
+                self._housekeeping.submit(self._point_and_prune, fut.result().name)
+
+    def _upload_part(self, fut: Future[Any]) -> None:
+        if fut.exception() is None and self._part_backup is not None:
+            self._part_backup.submit(fut.result().name)
+
+    def _point_and_prune(self, name: str) -> None:
+        assert self._ckpt is not None
+        try:
+            pointer.move_latest(self._ckpt.backend, name)  # unless pruned already
+        except CkptStoreError as exc:
+            log.warning("could not update %s/%s: %s", self._ckpt.url, LATEST_FILE, exc)
+        self._committed.add(name)
+        if self._backup is not None:
+            self._backup.submit(name)
+        self._prune()
+
+    def _on_backed_up(self, name: str) -> None:
+        """(backup thread) A checkpoint local retention had to spare may go now."""
+        if self._housekeeping is not None:
+            with contextlib.suppress(RuntimeError):  # shut down: nothing more to do
+                self._housekeeping.submit(self._prune)
+
+    # ---- retention ------------------------------------------------------------------
+    def _records(self, infos: builtins.list[CheckpointInfo]) -> builtins.list[CheckpointRecord]:
+        assert self._ckpt is not None
+        return retention.records(self._ckpt.backend, infos)
+
+    def _prune(self) -> None:
+        if self.keep_policy is None or self._ckpt is None or not self._committed:
+            return
+        try:
+            spare = self._backup.busy() if self._backup is not None else set()
+            retention.prune(
+                self._ckpt.backend,
+                self.keep_policy,
+                spare=spare,
+                manifest_key=self._manifest_key,
+                trusted=self._committed,
+                lineage=(self._run_id, *self._lineage),
+            )
+        except CkptStoreError as exc:  # storage trouble must not fail the save it follows
+            log.warning("retention under %s failed: %s", self._ckpt.url, exc)
+
+    def _read_latest(self) -> str | None:
+        return None if self._ckpt is None else pointer.read_latest(self._ckpt.backend)
+
+    def _record_final(self, name: str) -> None:
+        assert self._ckpt is not None
+        pointer.record_final(self._ckpt.backend, name)
