@@ -71,6 +71,12 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(name: str) -> int | None:
+    """The step :func:`checkpoint_name` made ``name`` of, or None for any other name."""
+    digits = name.removeprefix("step_")
+    return int(digits) if digits != name and digits.isascii() and digits.isdigit() else None
+
+
 def damaged_name(name: str, unix_s: float) -> str:
     """Where a damaged checkpoint ``name`` is moved aside: ``step_00000030.damaged-20261203T101500Z``."""
     return f"{name}{DAMAGED_MARK}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(unix_s))}"

@@ -1115,6 +1115,47 @@ def scenario_incremental(ckpts: str, rank: int, world: int) -> None:
             dist.barrier()
 
 
+def scenario_incremental_heal(ckpts: str, rank: int, world: int) -> None:
+    """Issue 19: bit rot in the file every incremental save links (rank 1's) is found by
+    rank 0's retention; the ranks agree at the next step, and the save after that writes
+    everything on every rank. The chain links from that one again, and it verifies."""
+    import damage
+
+    frozen = torch.arange(1 << 18, dtype=torch.float32) + rank  # 1 MB a rank, never changes
+
+    def state(step: int) -> dict[str, torch.Tensor]:
+        return {f"frozen{rank}": frozen, f"hot{rank}": torch.full((64,), float(step))}
+
+    root = os.path.join(ckpts, "heal")
+    opts = dict(keep=ckptstore.KeepLast(2), codec="none", incremental=True, full_every=100)
+    with ckptstore.CheckpointManager(root, save=ckptstore.SaveEvery(steps=1), **opts) as mgr:
+
+        def step(index: int) -> dict[str, str]:
+            mgr.maybe_save(index, state(index + 1))
+            mgr.wait()
+            dist.barrier()  # rank 0's housekeeping is done too
+            info = mgr.checkpointer.latest()
+            assert info is not None and info.step == index + 1, info
+            return dict(info.manifest.linked)
+
+        assert step(0) == {}
+        assert len(step(1)) == world  # every rank links its file of step 1
+        if rank == 0:
+            damage.xor(os.path.join(root, "step_00000001", "__1_0.distcp"), 1 << 19)
+        dist.barrier()
+        assert len(step(2)) == world  # found damaged by retention: rank 0 asks
+        assert len(step(3)) == world  # (agreed one step late)
+        assert step(4) == {}  # every rank writes everything
+        assert len(step(5)) == world  # and links from that one again
+        for steps_done in (5, 6):
+            assert mgr.checkpointer.verify(steps_done) == []
+            target = {f"frozen{rank}": torch.zeros_like(frozen), f"hot{rank}": torch.zeros(64)}
+            mgr.checkpointer.load(target, steps_done)
+            assert torch.equal(target[f"frozen{rank}"], frozen)
+            assert torch.equal(target[f"hot{rank}"], torch.full((64,), float(steps_done)))
+        dist.barrier()
+
+
 def scenario_incremental_trust(ckpts: str, rank: int, world: int) -> None:
     """trust_version_counters on 2 ranks, on a shared root and on a root per rank (two
     disks: node-local parts): each rank checks the hash of what it trusted, rank 0 just

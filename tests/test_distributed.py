@@ -255,6 +255,10 @@ def test_incremental_saves_on_four_ranks_shared_and_node_local_roots(tmp_path):
     run_ranks("incremental", str(tmp_path), 4)
 
 
+def test_rot_in_a_linked_file_makes_every_rank_save_in_full_after_the_next_step(tmp_path):
+    run_ranks("incremental_heal", str(tmp_path), 2)
+
+
 def test_trusting_version_counters_on_two_ranks_a_write_behind_one_fails_the_save(tmp_path):
     run_ranks("incremental_trust", str(tmp_path), 2)
 

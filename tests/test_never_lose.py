@@ -279,18 +279,22 @@ def test_retention_reads_what_this_run_linked_before_it_counts_as_verified(tmp_p
             ]
         shard = os.path.join(step_dir(root, 40), damage.SHARD)
         damage.xor(shard, os.path.getsize(shard) // 2)  # in the frozen tensor's bytes
-        for step in (50, 60):  # they link 40's rotten file
-            mgr.save(step - 1, tuned(step))
-            mgr.wait()
+        mgr.save(50 - 1, tuned(50))  # links 40's rotten file
+        mgr.wait()
+        with ckptstore.Checkpointer(root) as ckpt:
+            listed = {i.step: i for i in ckpt.list()}
+            assert list(listed[50].manifest.linked.values()) == ["step_00000040"]
+            assert 30 in listed, sorted(listed)  # was deleted: 50 was trusted
+            assert ckpt.verify(30) == [] and ckpt.verify(50) != []
+            sd = blank() | {"frozen": torch.zeros_like(frozen), "w": torch.zeros(64, 64)}
+            del sd["b"]
+            ckpt.load(sd, 30)
+            assert torch.equal(sd["frozen"], frozen) and torch.equal(
+                sd["w"], torch.full((64, 64), 30.0)
+            )
+        mgr.save(60 - 1, tuned(60))  # retention found 50 damaged: 60 links nothing
+        mgr.wait()
     with ckptstore.Checkpointer(root) as ckpt:
         listed = {i.step: i for i in ckpt.list()}
-        linked = [list(listed[s].manifest.linked.values()) for s in (50, 60)]
-        assert linked == [["step_00000040"]] * 2
-        assert 30 in listed, sorted(listed)  # was deleted: 50 and 60 were trusted
-        assert ckpt.verify(30) == [] and ckpt.verify(60) != []
-        sd = blank() | {"frozen": torch.zeros_like(frozen), "w": torch.zeros(64, 64)}
-        del sd["b"]
-        ckpt.load(sd, 30)
-        assert torch.equal(sd["frozen"], frozen) and torch.equal(
-            sd["w"], torch.full((64, 64), 30.0)
-        )
+        assert sorted(listed) == [50, 60]  # 60 verifies: 30 may go now
+        assert not listed[60].manifest.linked and ckpt.verify(60) == []

@@ -11,7 +11,9 @@ finished by then; what it says (a save, a stop, an abort) is acted on at this st
 every rank alike. A save whose policy answers the same on every rank without asking
 (every N steps, at given steps, every N epochs) is taken at once, as in one process. A
 stop signal therefore stops every rank one step after it arrives; an abort (a rank's
-loop failed) stops the others one step after they last met it.
+loop failed) stops the others one step after they last met it. A request for a full
+save (rank 0's housekeeping found this run's newest checkpoint damaged: its files must
+not be linked again) rides along the same way, and is kept until taken.
 """
 
 from __future__ import annotations
@@ -58,9 +60,10 @@ class StepAgreement:
         self._in_flight = False
         self._ready: Flags | None = None  # collected by settle(), not yet by collect()
         self._closed = False
-        # Two flag tensors, used in turn: the one in flight is never written to. Reused
-        # rather than made each step (the per-step cost is what matters here).
-        self._buffers = (torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+        self._full = False  # a full save was asked for by some rank: see take_full()
+        # Two flag tensors (reason, stop, full), used in turn: the one in flight is never
+        # written to. Reused rather than made each step (the per-step cost is what matters).
+        self._buffers = (torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
         # written through numpy: torch's indexing costs ~70 us a step, a view ~8 us
         self._views = tuple(b.numpy() for b in self._buffers)
         self._quiet: list[int] = []  # (see _new_now)
@@ -82,7 +85,7 @@ class StepAgreement:
         else:
             self.settle()  # (restore() has; nothing may be in flight on the group)
         codes = zip(_codes(reason, stop), _codes(*late), strict=True)
-        self._now_view[:] = [max(a, b) for a, b in codes]
+        self._now_view[:] = [max(a, b) for a, b in codes]  # (full: already taken in)
         _LIVE.add(self)  # (its tensor is let go of before the interpreter stops)
         try:
             dist.all_reduce(self._now, op=dist.ReduceOp.MAX, group=self._group)
@@ -91,22 +94,22 @@ class StepAgreement:
             # lives (to the end, if uncaught), and gloo may still reduce into it
             self._new_now()
             raise
-        return _decode(self._now_view)
+        return self._decode(self._now_view)
 
     def _new_now(self) -> None:
         """A new tensor for :meth:`now` (on the caller's thread), and the counts of
         every tensor a collective is given, taken while none holds them: the step
         buffers' are those of the first call (later, the agreement thread may hold one)."""
-        self._now = torch.zeros(2, dtype=torch.int64)
+        self._now = torch.zeros(3, dtype=torch.int64)
         self._now_view = self._now.numpy()
         self._held = (*self._buffers, self._now)
         counts = groups.held_counts(self._held)
         self._quiet = counts if not self._quiet else [*self._quiet[:2], counts[2]]
 
-    def start(self, reason: str | None, stop: int | None) -> None:
-        """Begin this step's agreement of ``reason`` and ``stop``, collected (with
-        :meth:`collect`) at the next step; every rank begins one per step. Once closed,
-        nothing (the group is gone)."""
+    def start(self, reason: str | None, stop: int | None, *, full: bool = False) -> None:
+        """Begin this step's agreement of ``reason``, ``stop`` and ``full`` (this rank
+        asks for a full save), collected (with :meth:`collect`) at the next step; every
+        rank begins one per step. Once closed, nothing (the group is gone)."""
         if self._in_flight or self._ready is not None:
             raise RuntimeError("StepAgreement.start(): collect() the last one first")
         if self._closed:
@@ -119,7 +122,7 @@ class StepAgreement:
             _LIVE.add(self)
         self._turn ^= 1
         view = self._views[self._turn]
-        view[0], view[1] = _codes(reason, stop)
+        view[0], view[1], view[2] = _codes(reason, stop, full)
         self._in_flight = True
         self._requests.put(self._buffers[self._turn])
 
@@ -139,7 +142,20 @@ class StepAgreement:
         self._in_flight = False
         if isinstance(done, BaseException):
             raise done
-        return _decode(self._views[self._turn])  # (the buffer just reduced)
+        return self._decode(self._views[self._turn])  # (the buffer just reduced)
+
+    def take_full(self) -> bool:
+        """Whether a rank asked for a full save in an agreement collected since the last
+        call: the same answer on every rank, at the same step."""
+        full, self._full = self._full, False
+        return full
+
+    def _decode(self, flags: Any) -> Flags:
+        """Flags from a reduced buffer (a tensor, or its numpy view); a full save asked
+        for is kept for :meth:`take_full`."""
+        code, stop, full = flags.tolist()
+        self._full = self._full or bool(full)
+        return _CODE_REASONS[code], stop or None
 
     def settle(self) -> None:
         """Before another collective on the group: let the agreement in flight finish
@@ -183,11 +199,5 @@ def _end_threads() -> None:
         agreement.close(wait_s=60)
 
 
-def _codes(reason: str | None, stop: int | None) -> tuple[int, int]:
-    return _REASON_CODES.get(reason, 1), stop or 0
-
-
-def _decode(flags: Any) -> Flags:
-    """Flags from a reduced buffer (a tensor, or its numpy view)."""
-    code, stop = flags.tolist()
-    return _CODE_REASONS[code], stop or None
+def _codes(reason: str | None, stop: int | None, full: bool = False) -> tuple[int, int, int]:
+    return _REASON_CODES.get(reason, 1), stop or 0, int(full)

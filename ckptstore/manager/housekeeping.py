@@ -17,7 +17,7 @@ from typing import Any
 from ckptstore.engine.checkpointer import Checkpointer
 from ckptstore.engine.ops import CheckpointInfo
 from ckptstore.errors import CkptStoreError
-from ckptstore.layout import LATEST_FILE
+from ckptstore.layout import LATEST_FILE, checkpoint_name, step_of
 from ckptstore.manager import partbackup, pointer, retention
 from ckptstore.manager.policies import CheckpointRecord, RetentionPolicy
 from ckptstore.manager.replicate import Replicator
@@ -38,6 +38,11 @@ class HousekeepingMixin:
     _manifest_key: bytes | None
     _run_id: str
     _lineage: tuple[str, ...]
+    _agreement: Any  # StepAgreement with several ranks, else None
+    _full_next: bool  # the next save writes everything
+    _heal: bool  # rank 0: ask every rank for that at the next step
+    _heal_pending: bool  # rank 0: asked for, not yet started
+    _healed_from: int  # rank 0: the step of the last full save asked for (0: none)
 
     def _after_commit(self, fut: Future[Any]) -> None:
         """Once a save is durable (on the writer thread): hand the rest to housekeeping."""
@@ -74,6 +79,7 @@ class HousekeepingMixin:
     def _prune(self) -> None:
         if self.keep_policy is None or self._ckpt is None or not self._committed:
             return
+        damaged: set[str] = set()
         try:
             spare = self._backup.busy() if self._backup is not None else set()
             retention.prune(
@@ -83,9 +89,34 @@ class HousekeepingMixin:
                 manifest_key=self._manifest_key,
                 trusted=self._committed,
                 lineage=(self._run_id, *self._lineage),
+                damaged=damaged,
             )
         except CkptStoreError as exc:  # storage trouble must not fail the save it follows
             log.warning("retention under %s failed: %s", self._ckpt.url, exc)
+        ours = [s for n in damaged & self._committed if (s := step_of(n)) is not None]
+        if ours and self._ckpt.config.incremental:
+            self._ask_for_full_save(max(ours))
+
+    def _ask_for_full_save(self, step: int) -> None:
+        """Checkpoint ``step``, saved by this run, is damaged: its files (bit rot, or a
+        file an incremental save linked from an earlier one) must not be linked into the
+        next checkpoints, so the next save writes everything; with several ranks, every
+        rank at the same step (asked for at the next step's agreement). Once: the saves
+        started before that one link the same files, and are found damaged too."""
+        assert self._ckpt is not None
+        if self._heal_pending or step < self._healed_from:
+            return
+        self._heal_pending = True
+        log.warning(
+            "%s/%s, saved by this run, is damaged: the next save writes every tensor again "
+            "instead of linking its files (incremental)",
+            self._ckpt.url,
+            checkpoint_name(step),
+        )
+        if self._agreement is None:
+            self._full_next = True
+        else:
+            self._heal = True
 
     def _read_latest(self) -> str | None:
         return None if self._ckpt is None else pointer.read_latest(self._ckpt.backend)

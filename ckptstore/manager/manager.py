@@ -43,7 +43,9 @@ commit of this run (the first one catches up what a crash between a save and its
 left; nothing is deleted before this run has restored and committed a save). They never
 delete the newest checkpoint, the newest one that verifies, the one ``latest`` names, or
 anything that is not a committed ckptstore checkpoint. A root belongs to one run
-(resumes included): retention manages every committed checkpoint under it.
+(resumes included): retention manages every committed checkpoint under it. With
+incremental saves, a checkpoint of this run that retention finds damaged makes the next
+save a full one, so later checkpoints stop linking its files (manager/housekeeping.py).
 """
 
 from __future__ import annotations
@@ -199,6 +201,9 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
         self._stop: int | None = None
         self._stop_at = 0.0
         self._stop_saving = False
+        self._full_next = False  # the next save writes everything (housekeeping's heal)
+        self._heal = False  # rank 0: ask the ranks for that at the next step's agreement
+        self._heal_pending, self._healed_from = False, 0  # (see housekeeping.py)
         self._guarding = False
         self._closed = False
         show_progress_by_default()  # save lines and "resumed from" on stderr (visible.py)
@@ -291,8 +296,10 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
             late, stop = self._agreement.collect()
             if late is not None and self._last_saved != steps_done:
                 reason = reason or late
+            self._full_next = self._full_next or self._agreement.take_full()
             if stop is None:  # (a stop ends the run at this step: nothing more to agree)
-                self._agreement.start(None if reason else other, self._stop)
+                heal, self._heal = self._heal, False
+                self._agreement.start(None if reason else other, self._stop, full=heal)
         if stop == ABORT:
             raise RankFailedError("another rank's training loop failed: stopping this one too")
         if stop is not None:
@@ -357,6 +364,9 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
         if epoch is None:
             epoch = state.epoch if isinstance(state, Resumable) else self._last_epoch
         guard = copy_guard(state, self.config.overlap_copy)  # None: copy before returning
+        if self._full_next:  # (the ranks agreed on it at the same step)
+            full, self._full_next = True, False
+            self._heal_pending, self._healed_from = False, steps_done
         info: dict[str, Any] = {"epoch": epoch, "reason": reason, "metrics": metrics, "full": full}
         try:
             pending = self._ckpt.save_async(

@@ -51,6 +51,7 @@ def prune(
     verified: Iterable[str] = (),
     infos: Sequence[CheckpointInfo] | None = None,
     lineage: Sequence[str] | None = None,
+    damaged: set[str] | None = None,
 ) -> list[str]:
     """Apply ``policy`` to the committed checkpoints under ``backend``; return what was
     deleted. Never deletes the newest, the one ``latest`` names, any in ``spare``, or
@@ -68,6 +69,7 @@ def prune(
     forged "newer" checkpoint must not push real ones out. ``infos`` limits retention to
     those checkpoints (the backup tier passes its own run's; default: all listed);
     ``lineage`` (run ids) to the checkpoints of those runs and those that record none.
+    ``damaged`` (a set) gets the names of those found damaged on the way.
     """
     if policy is None:
         return []
@@ -84,7 +86,11 @@ def prune(
         return []
     linked = {i.name for i in infos if i.manifest.linked and backend.capabilities.local}
     good = newest_verified(
-        backend, infos, trusted=(set(trusted) - linked) | set(verified), manifest_key=manifest_key
+        backend,
+        infos,
+        trusted=(set(trusted) - linked) | set(verified),
+        manifest_key=manifest_key,
+        damaged=damaged,
     )
     if good is None:
         log.warning(
@@ -123,11 +129,12 @@ def newest_verified(
     *,
     trusted: set[str],
     manifest_key: bytes | None,
+    damaged: set[str] | None = None,
 ) -> str | None:
     """The newest of ``infos`` (oldest first) that verifies, or None; names in
     ``trusted`` are taken as verified until a newer one is found damaged (it may link
     the damaged file from an older one: incremental saves). Damaged ones passed over
-    are named in a warning."""
+    are named in a warning, and added to ``damaged``."""
     from ckptstore.engine.ops import verify  # torch: imported here, not when listing
 
     for info in reversed(infos):
@@ -143,5 +150,7 @@ def newest_verified(
             info.name,
             problems[0],
         )
+        if damaged is not None:
+            damaged.add(info.name)
         trusted = set()
     return None
