@@ -39,6 +39,7 @@ from ckptstore.errors import EXIT_USAGE, CkptStoreError, CliError
 from ckptstore.integrations.data import ResumableDataLoader
 from ckptstore.manager.policies import AnyOf, KeepBest, KeepEvery, KeepLast, SaveEvery
 from ckptstore.train import checks
+from ckptstore.train.args import parse_args
 from ckptstore.train.model import GPT, MODEL_SIZES
 from ckptstore.train.report import backup_summary, describe_policy, summary, write_report
 
@@ -111,79 +112,6 @@ class Run:
     def say(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, flush=True)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    launcher = sys.argv[0].replace(os.sep, "/")  # `ckptstore train` forwards here too
-    via_cli = launcher.endswith(("/ckptstore", "ckptstore/__main__.py"))
-    ap = argparse.ArgumentParser(
-        prog="ckptstore train" if via_cli else "python -m ckptstore.train",
-        description="Train a GPT-style model on text, checkpointed by ckptstore.",
-    )
-    g = ap.add_argument_group("run")
-    g.add_argument("--size", default="small", choices=sorted(MODEL_SIZES), help="model size")
-    g.add_argument("--steps", type=int, default=None, help="total steps (default 300)")
-    g.add_argument("--epochs", type=int, default=None, help="total epochs (instead of --steps)")
-    g.add_argument("--batch-size", type=int, default=8, help="per process")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    g.add_argument("--warmup", type=int, default=20, help="warmup steps")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
-    g.add_argument("--data", default=None, help="a text file (default: Python's help text)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eval-every", type=int, default=50, help="validation every N steps")
-    g.add_argument("--eval-batches", type=int, default=4)
-    g.add_argument("--log-every", type=int, default=25, help="a progress line every N steps")
-    c = ap.add_argument_group("checkpointing")
-    c.add_argument("--ckpt-dir", default="runs/gpt", help="local checkpoint directory or URL")
-    c.add_argument("--save-every", type=int, default=50, metavar="STEPS", help="0: off")
-    c.add_argument("--save-every-s", type=float, default=0, metavar="SECONDS", help="0: off")
-    c.add_argument("--keep-last", type=int, default=3, metavar="N", help="0: keep all")
-    c.add_argument("--keep-every-epoch", action="store_true", help="keep each epoch's end")
-    c.add_argument("--keep-best", type=int, default=0, metavar="N", help="by validation loss")
-    c.add_argument("--no-checkpoint", action="store_true", help="save nothing")
-    c.add_argument(
-        "--resume", default="latest", help="latest (default), best, a step, a path, or none"
-    )
-    c.add_argument(
-        "--discard-newer",
-        action="store_true",
-        help="when --resume picks a checkpoint older than others there (or none with "
-        "checkpoints there), move the newer ones aside as step_N.retired-<time> (not "
-        "deleted) and train on as a new branch; without it the run stops before training",
-    )
-    c.add_argument("--backup", default=None, help="back checkpoints up to this URL (s3://...)")
-    c.add_argument("--codec", default="auto", choices=["auto", "none", "zstd"])
-    c.add_argument(
-        "--incremental",
-        action="store_true",
-        help="write only tensors that changed since the last save; the rest is linked "
-        "from it (hard links on local disk, copies inside the store on S3)",
-    )
-    ap.add_argument("--report", default=None, help=argparse.SUPPRESS)  # JSON, for tests
-    ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.steps is not None and args.epochs is not None:
-        ap.error("give --steps or --epochs, not both")
-    for name in ("ckpt_dir", "backup", "data"):
-        if getattr(args, name) == "":
-            ap.error(f"--{name.replace('_', '-')} must not be empty")
-    for name in ("steps", "epochs", "batch_size", "eval_batches", "log_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in (
-        "save_every",
-        "save_every_s",
-        "keep_last",
-        "keep_best",
-        "warmup",
-        "eval_every",
-        "clip",
-        "lr",
-    ):
-        if not 0 <= getattr(args, name) < float("inf"):  # NaN and inf too
-            ap.error(f"--{name.replace('_', '-')} must be >= 0")
-    return args
 
 
 def pick_device(arg: str, local_rank: int) -> torch.device:
