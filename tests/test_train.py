@@ -96,6 +96,21 @@ def assert_sigterm_then_rerun_equals_the_uninterrupted_run(tmp_path, *extra: str
         assert line in again.stdout
 
 
+def test_fine_tuning_with_incremental_saves_links_the_frozen_blocks_and_resumes_exactly(tmp_path):
+    """--freeze-blocks --incremental: saves after the first link the blocks, and a run
+    stopped by SIGTERM and rerun still ends where the uninterrupted one does."""
+    extra = ("--freeze-blocks", "--incremental", "--full-every", "0", "--trust-version-counters")
+    assert_sigterm_then_rerun_equals_the_uninterrupted_run(tmp_path, *extra)
+    out = run(train_cmd(tmp_path / "a", tmp_path / "r.json", "--steps", "50", *extra))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "M train: --freeze-blocks)" in out.stdout
+    assert "incremental, never full, trusting version counters" in out.stdout
+    manifests = [
+        json.loads(p.read_text()) for p in sorted((tmp_path / "a").glob("*/manifest.json"))
+    ]
+    assert len(manifests) == 3 and all(m["linked"] for m in manifests), manifests
+
+
 def test_torchrun_two_processes_resume_with_one_and_back(tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [
@@ -149,6 +164,8 @@ def test_no_checkpoint_writes_nothing(tmp_path):
         (["--save-every-s", "-1"], "--save-every-s must be >= 0"),  # named a parameter
         (["--save-every-s", "nan"], "--save-every-s must be >= 0"),
         (["--lr", "nan"], "--lr must be >= 0"),  # trained on NaN
+        (["--full-every", "2"], "--full-every is about incremental saves: add --incremental"),
+        (["--incremental", "--full-every", "-1"], "--full-every must be >= 0"),
         (["--device", "cuda:0"] if not os.path.exists("/dev/nvidia0") else ["--size", "nope"], ""),
     ],
 )

@@ -31,6 +31,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=50, help="validation every N steps")
     g.add_argument("--eval-batches", type=int, default=4)
     g.add_argument("--log-every", type=int, default=25, help="a progress line every N steps")
+    g.add_argument(
+        "--freeze-blocks",
+        action="store_true",
+        help="fine-tune: the transformer blocks stay as they are (most of the state); "
+        "only the embeddings and the final norm train (with --incremental, each save "
+        "then writes little)",
+    )
     c = ap.add_argument_group("checkpointing")
     c.add_argument("--ckpt-dir", default="runs/gpt", help="local checkpoint directory or URL")
     c.add_argument("--save-every", type=int, default=50, metavar="STEPS", help="0: off")
@@ -57,6 +64,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write only tensors that changed since the last save; the rest is linked "
         "from it (hard links on local disk, copies inside the store on S3)",
     )
+    c.add_argument(
+        "--full-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --incremental: every Nth save writes everything (default 10; 0: never)",
+    )
+    c.add_argument(
+        "--trust-version-counters",
+        action="store_true",
+        help="with --incremental: a tensor found unchanged is hashed after the save "
+        "returns, not before (the loop waits less; a write that bypasses torch's "
+        "version counter then fails that save)",
+    )
     ap.add_argument("--report", default=None, help=argparse.SUPPRESS)  # JSON, for tests
     ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -77,7 +98,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "eval_every",
         "clip",
         "lr",
+        "full_every",
     ):
-        if not 0 <= getattr(args, name) < float("inf"):  # NaN and inf too
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < float("inf"):  # NaN and inf too
             ap.error(f"--{name.replace('_', '-')} must be >= 0")
+    for flag, given in (
+        ("--full-every", args.full_every is not None),
+        ("--trust-version-counters", args.trust_version_counters),
+    ):
+        if given and not args.incremental:
+            ap.error(f"{flag} is about incremental saves: add --incremental")
     return args

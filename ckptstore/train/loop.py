@@ -142,6 +142,8 @@ def build(run: Run, cfg: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     np.random.seed(run.args.seed)
     torch.manual_seed(run.args.seed)
     model: torch.nn.Module = GPT(cfg).to(run.device)
+    if run.args.freeze_blocks:  # fine-tuning: the optimizer keeps no state for these
+        model.blocks.requires_grad_(False)
     if run.world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -158,6 +160,11 @@ def build(run: Run, cfg: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         betas=(0.9, 0.95),
     )
     return model, opt
+
+
+def trainable(model: torch.nn.Module) -> int:
+    """Parameters that train (a tied one counted once; a sharded one whole)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def policies(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -277,6 +284,8 @@ def _train(run: Run) -> int:
         backup=args.backup,
         codec=args.codec,
         incremental=args.incremental,
+        trust_version_counters=args.trust_version_counters,
+        **({} if args.full_every is None else {"full_every": args.full_every}),
     )
     try:
         return _loop(run, mgr, state, cfg, source, train_tokens, val_tokens, total)
@@ -314,6 +323,11 @@ def _loop(
     run.say(
         f"Model:            GPT {args.size}: {cfg.n_layer} layers, {cfg.n_embd} wide, "
         f"{cfg.num_params() / 1e6:.2f} M parameters"
+        + (
+            f" ({trainable(model) / 1e6:.2f} M train: --freeze-blocks)"
+            if args.freeze_blocks
+            else ""
+        )
     )
     run.say(
         f"Data:             {source}: {len(train_tokens):,} train / "

@@ -46,7 +46,12 @@ def describe_policy(args: argparse.Namespace) -> str:
         keep.append("each epoch")
     if args.keep_best:
         keep.append(f"best {args.keep_best} by val loss")
-    return ", ".join(parts) + "; keep " + ", ".join(keep)
+    done = ", ".join(parts) + "; keep " + ", ".join(keep)
+    if args.incremental:
+        full = 10 if args.full_every is None else args.full_every
+        done += "; incremental, " + (f"full every {full} saves" if full else "never full")
+        done += ", trusting version counters" if args.trust_version_counters else ""
+    return done
 
 
 def summary(
