@@ -1295,6 +1295,12 @@ def test_after_a_restart_the_first_save_links_from_the_checkpoint_it_restored(ro
 
 def _flip_note_byte(root: str, step: int) -> None:
     from ckptstore.dcp.incremental import NOTE_KEY
+
+    _flip_item_byte(root, step, lambda key: key == NOTE_KEY)
+
+
+def _flip_item_byte(root: str, step: int, which: Any) -> str:
+    """Flip a byte in the first item of step's own shard whose key ``which`` accepts."""
     from ckptstore.storage import LocalBackend
 
     name = f"step_{step:08d}"
@@ -1305,13 +1311,31 @@ def _flip_note_byte(root: str, step: int) -> None:
         shard = ckptstore.format.shard.ShardReader(
             reader, name, size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
         )
-        (note,) = [i for i in shard.items if i.key == NOTE_KEY]
+        item = next(i for i in shard.items if which(i.key))
     path = os.path.join(root, name, "__0_0.distcp")
     with open(path, "r+b") as f:
-        f.seek(note.chunks[0].offset + 3)
+        f.seek(item.chunks[0].offset + 3)
         byte = f.read(1)
-        f.seek(note.chunks[0].offset + 3)
+        f.seek(item.chunks[0].offset + 3)
         f.write(bytes([byte[0] ^ 0x20]))
+    return item.key
+
+
+def test_rot_in_what_a_linked_file_holds_but_no_longer_uses_damages_only_its_first_writer(root):
+    """A linked file keeps its first save's items that changed since: rot there damages
+    that save, not the checkpoints that link the file for its other items."""
+    from ckptstore.dcp.incremental import NOTE_KEY
+
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, incremental=True, codec="none") as ckpt:
+        saved, _ = save_chain(ckpt, frozen, 3)
+        assert ckpt.latest().manifest.linked == {"__0_0-step_00000001.distcp": "step_00000001"}
+        key = _flip_item_byte(root, 1, lambda k: not k.startswith("frozen.") and k != NOTE_KEY)
+        assert ckpt.verify(1) != [], key
+        for step in (2, 3):
+            load_equal(ckpt, step, saved[step])  # verify() == [] included
+        frozen_key = _flip_item_byte(root, 1, lambda k: k.startswith("frozen."))
+        assert all(ckpt.verify(step) != [] for step in (1, 2, 3)), frozen_key
 
 
 def test_a_damaged_note_means_a_full_save_never_a_wrong_link(root):

@@ -26,7 +26,7 @@ import json
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -376,11 +376,13 @@ class ShardReader:
             pos += chunk.raw
         return jobs
 
-    def verify(self, pool: Executor | None) -> None:
-        """Check every chunk of every item (reads the whole file); raise on the first bad one."""
+    def verify(self, pool: Executor | None, items: Collection[int] | None = None) -> None:
+        """Check every chunk of every item (reads the whole file), or of the items at
+        these indices only; raise on the first bad one."""
         jobs: list[Callable[[], None]] = [
             functools.partial(self._verify_chunk, item, chunk)
-            for item in self.items
+            for i, item in enumerate(self.items)
+            if items is None or i in items
             for chunk in item.chunks
         ]
         run_all(jobs, pool)
