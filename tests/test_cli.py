@@ -562,6 +562,23 @@ def test_prune_yes_spares_the_latest_its_table_showed_when_latest_moves_meanwhil
     ]
 
 
+def test_prune_yes_and_quarantine_are_refused_while_a_run_writes_the_root(run_copy, capsys):
+    """A run holds the root's writer lease: `prune --yes` and `quarantine` say who holds
+    it and what to do, and change nothing; `prune` without --yes still shows its plan."""
+    before = sorted(os.listdir(run_copy))
+    with ckptstore.CheckpointManager(run_copy, keep=ckptstore.KeepLast(10)):
+        code, out, _ = run_main(capsys, "prune", run_copy, "--keep-last", "1")
+        assert code == 0 and "would delete" in out, out
+        code, _, err = run_main(capsys, "prune", run_copy, "--keep-last", "1", "--yes")
+        assert code == 1 and f"is being written by process {os.getpid()}" in err, err
+        assert "once it has stopped" in err
+        code, _, err = run_main(capsys, "quarantine", run_copy, "20")
+        assert code == 1 and "stop that run first" in err, err
+        assert sorted(os.listdir(run_copy)) == before
+    code, out, _ = run_main(capsys, "prune", run_copy, "--keep-last", "1", "--yes")
+    assert code == 0 and "deleted 3 checkpoint(s)" in out, out  # (the run has ended)
+
+
 # ---- S3: sync / pull and every command on an s3:// root -----------------------------
 def test_sync_pull_and_commands_on_s3(saved, run_copy, s3_server, s3_bucket, tmp_path, capsys):
     _root, state = saved

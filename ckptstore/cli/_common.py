@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ckptstore.engine.listing import list_checkpoints
-from ckptstore.errors import EXIT_FAILED, EXIT_USAGE, CliError, StorageError
+from ckptstore.errors import EXIT_FAILED, EXIT_USAGE, CliError, StorageError, WriterLeaseError
 from ckptstore.layout import MANIFEST_FILE, STEP_NAME, checkpoint_name
 from ckptstore.storage import LocalBackend, StorageBackend, open_backend
 from ckptstore.units import format_bytes
@@ -198,6 +198,25 @@ def find_named(text: str) -> tuple[StorageBackend, str, bool] | None:
     if os.path.isfile(os.path.join(parent, name, MANIFEST_FILE)):
         return open_root(parent), name, True
     return None
+
+
+@contextlib.contextmanager
+def writer_lease(backend: StorageBackend, refused: str) -> Iterator[None]:
+    """Hold ``backend``'s writer lease while a command changes what a run would (deletes
+    or moves checkpoints aside): a run writing the root refuses the command, which says
+    ``refused`` after naming it; the command in turn holds a run off until it ends."""
+    from ckptstore.manager import lease  # (imports torch.distributed)
+
+    try:
+        held = lease.acquire(backend)
+    except WriterLeaseError as exc:
+        who = lease.describe_holder(exc.holder)
+        raise CliError(f"{backend.url} is being written by {who}: {refused}") from None
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.release()
 
 
 # ---- output -------------------------------------------------------------------------

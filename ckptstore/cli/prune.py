@@ -21,12 +21,14 @@ from ckptstore.cli._common import (
     status,
     table,
     usage_error,
+    writer_lease,
 )
 from ckptstore.cli.retention_options import add_retention_options, retention_parts
 from ckptstore.engine.listing import list_checkpoints
 from ckptstore.layout import LATEST_FILE
 from ckptstore.manager import pointer, retention
 from ckptstore.manager.policies import AnyOf, RetentionPolicy
+from ckptstore.storage import StorageBackend
 
 EXAMPLES = (
     "  ckptstore prune runs/exp1 --keep-last 3\n"
@@ -34,7 +36,8 @@ EXAMPLES = (
     "  ckptstore prune s3://my-bucket/runs/exp1 --keep-every-steps 1000 --keep-final\n\n"
     "The decision is the CheckpointManager's, from the manifests. A training run\n"
     "with backup= spares checkpoints still uploading; this command cannot know\n"
-    "about those: prune a root while its run is not saving into it."
+    "about those: prune a root while its run is not saving into it (--yes is\n"
+    "refused while a run holds the root's writer lease)."
 )
 
 
@@ -54,6 +57,23 @@ def run(args: argparse.Namespace) -> int:
         )
     policy: RetentionPolicy = parts[0][1] if len(parts) == 1 else AnyOf(*(p for _, p in parts))
     backend = open_root(args.root)
+    if not args.yes:
+        return _prune(args, backend, parts, policy)
+    refused = (
+        "a run prunes its own root by its keep= policy (`ckptstore train --keep-last`); "
+        "run `ckptstore prune --yes` once it has stopped (without --yes, prune only shows "
+        "what it would delete)"
+    )
+    with writer_lease(backend, refused):  # and no run starts saving while this deletes
+        return _prune(args, backend, parts, policy)
+
+
+def _prune(
+    args: argparse.Namespace,
+    backend: StorageBackend,
+    parts: list[tuple[str, RetentionPolicy]],
+    policy: RetentionPolicy,
+) -> int:
     infos = list_checkpoints(backend, manifest_key=manifest_key())
     if not infos:
         print(f"no committed checkpoints under {backend.url}: nothing to prune")

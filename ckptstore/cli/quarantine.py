@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ckptstore.cli._common import OK, open_root, usage_error
+from ckptstore.cli._common import OK, open_root, usage_error, writer_lease
 from ckptstore.layout import STEP_NAME, checkpoint_name
 from ckptstore.manager import pointer
 
@@ -37,7 +37,12 @@ def run(args: argparse.Namespace) -> int:
         raise usage_error(
             f"{backend.url} has no {name}; `ckptstore ls {args.root} --all` lists what is there"
         )
-    aside = pointer.set_aside(backend, name, time.time())
+    refused = (
+        "stop that run first (a run that restores past a damaged newest checkpoint moves "
+        "it aside itself)"
+    )
+    with writer_lease(backend, refused):
+        aside = pointer.set_aside(backend, name, time.time())
     print(
         f"moved {backend.url}/{name} aside to {aside}: it is no longer listed or loaded, and "
         "ckptstore never deletes it; remove it by hand once you have looked at it"

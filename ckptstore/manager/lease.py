@@ -118,19 +118,23 @@ def acquire(backend: StorageBackend) -> Lease | None:
     return WriterLease(path, fd)
 
 
+def describe_holder(holder: dict[str, object] | None) -> str:
+    """Who holds a lease, from its record: process, host, since when, and its command."""
+    if holder is None:
+        return "another process (it has not recorded its host and pid yet)"
+    who = (
+        f"process {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
+        f"since {holder.get('since', '?')}"
+    )
+    if holder.get("command"):
+        who += f" ({holder['command']})"
+    return who
+
+
 def refusal(url: str, holder: dict[str, object] | None) -> str:
     """What a refused writer is told."""
-    if holder is None:
-        who = "another process (it has not recorded its host and pid yet)"
-    else:
-        who = (
-            f"process {holder.get('pid', '?')} on host {holder.get('host', '?')}, "
-            f"since {holder.get('since', '?')}"
-        )
-        if holder.get("command"):
-            who += f" ({holder['command']})"
     return (
-        f"{url} is being written by {who}. Two runs writing one checkpoint directory would "
+        f"{url} is being written by {describe_holder(holder)}. Two runs writing one checkpoint directory would "
         "overwrite each other's checkpoints: stop that run first, or write this one to "
         "another directory (reading it, with `ckptstore ls` or `verify`, is fine meanwhile)"
     )
