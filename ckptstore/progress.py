@@ -18,6 +18,7 @@ class Progress:
         self.what = what
         self.total = total
         self.done = 0
+        self.payload = 0  # bytes the work moves, set by it (a copy: not what dst held)
         self._lock = threading.Lock()
         self._start = time.monotonic()
         self._last = 0.0
@@ -25,6 +26,11 @@ class Progress:
         self._enabled = enabled
         self._tty = enabled and sys.stderr.isatty()
         self._printed = False
+
+    def restart(self, total: int, payload: int) -> None:
+        """The work starts (again) at 0 of ``total``, moving ``payload`` bytes."""
+        with self._lock:
+            self.done, self.total, self.payload = 0, total, payload
 
     def add(self, n: int) -> None:
         with self._lock:

@@ -15,17 +15,16 @@ that name or beside it at every moment. :func:`fetch` brings one back (restore f
 backup). The background replicator that
 runs these copies for ``CheckpointManager(backup=...)`` is
 :mod:`ckptstore.manager.replicate`; the command line's ``sync``/``pull`` call
-:func:`copy_checkpoint` directly.
+:func:`copy_checkpoint` directly; node-local checkpoints' backups are
+:mod:`ckptstore.transfer_parts`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,6 @@ import xxhash
 from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import (
     CheckpointExistsError,
-    CkptStoreError,
     CopyStoppedError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
@@ -45,6 +43,7 @@ from ckptstore.format.manifest import Manifest
 from ckptstore.layout import MANIFEST_FILE, REPLACING_SUFFIX
 from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
+from ckptstore.units import format_bytes
 
 log = logging.getLogger("ckptstore")
 
@@ -116,11 +115,11 @@ def copy_checkpoint(
         for link in (True, False):  # without links: a linked file there was damaged
             pending = dst.begin(target)
             try:
-                files = _without_held(dst, pending, manifest, target, manifest_key, every, link)
+                files = without_held(dst, pending, manifest, target, manifest_key, every, link)
                 if progress is not None:  # incremental: only what dst lacks
-                    progress.done = 0
-                    progress.total = sum(e.size_bytes for _, e in files) * (2 if verify_upload else 1)  # fmt: skip
-                job = _CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)  # fmt: skip
+                    payload = sum(e.size_bytes for _, e in files)
+                    progress.restart(payload * (2 if verify_upload else 1), payload)
+                job = CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)  # fmt: skip
                 job.copy_all(files, threads)
                 pending.commit(manifest_bytes)
             except BaseException:
@@ -146,7 +145,17 @@ def copy_checkpoint(
     return manifest
 
 
-def _without_held(
+def moved(manifest: Manifest, progress: Progress) -> str:
+    """What a copy moved, said for a person: its bytes, or of a chain's checkpoint
+    (incremental) the part copied, the rest linked from a checkpoint the destination held."""
+    whole = format_bytes(manifest.stored_bytes)
+    if progress.payload >= manifest.stored_bytes:
+        return whole
+    linked = format_bytes(manifest.stored_bytes - progress.payload)
+    return f"{format_bytes(progress.payload)} copied, {linked} linked"
+
+
+def without_held(
     dst: StorageBackend,
     pending: Any,
     manifest: Manifest,
@@ -185,7 +194,7 @@ def _held_by(
 
 
 @dataclass
-class _CopyJob:
+class CopyJob:
     """What every file of one checkpoint copy shares."""
 
     src: StorageBackend
@@ -368,7 +377,7 @@ def replace_checkpoint(
         dst.delete(name)
     elif name in dst.list_names():
         dst.delete(name)  # files without a manifest: an unfinished copy
-    manifest = copy_checkpoint(src, dst, name, **kw)
+    manifest = copy_checkpoint(src, dst, name, progress=progress, **kw)
     dst.delete(beside)
     return manifest
 
@@ -399,141 +408,10 @@ def fetch(
         manifest_key=manifest_key,
     )
     log.info(
-        "downloaded %s from %s (%.1f MiB in %.1f s)",
+        "downloaded %s from %s (%s, in %.1f s)",
         name,
         remote.url,
-        manifest.stored_bytes / 2**20,
+        moved(manifest, progress),
         time.monotonic() - start,
     )
     return manifest
-
-
-# ---- node-local checkpoints: each disk uploads its part, rank 0 commits the whole ------
-def upload_part(
-    src: StorageBackend,
-    dst: StorageBackend,
-    name: str,
-    *,
-    threads: int = 4,
-    stop: threading.Event | None = None,
-    manifest_key: bytes | None = None,
-) -> list[str]:
-    """Upload this disk's shard files of ``name``, one part of a checkpoint written to
-    node-local disks (``Manifest.part``), into ``dst``'s ``name``; return those uploaded.
-
-    Run by each disk's committing rank, other than rank 0's: :func:`commit_parts_backup`
-    on rank 0 commits the whole checkpoint there once every disk's files are in. A file
-    already there whole (its size and index checksum as listed) is not sent again, nor
-    is a linked file (incremental saves) that another checkpoint there holds: it is
-    copied inside the store. Each file is read back after the upload, as in
-    :func:`copy_checkpoint`.
-    """
-    manifest = _part_manifest(src, name, manifest_key)
-    todo = [
-        (f, e)
-        for f, e in manifest.files.items()
-        if e.kind == "shard" and not _there(dst, name, f, e)
-    ]
-    if todo:
-        pending = dst.attach(f"{name}#{uuid.uuid4().hex[:12]}")
-        job = _CopyJob(src, dst, pending, name, name, True, 2, None, stop)
-        try:
-            todo = _without_held(dst, pending, manifest, name, manifest_key, todo)
-            job.copy_all(todo, threads)
-        except BaseException:
-            pending.abort()
-            raise
-    return [f for f, _ in todo]
-
-
-def commit_parts_backup(
-    src: StorageBackend,
-    dst: StorageBackend,
-    name: str,
-    *,
-    threads: int = 4,
-    progress: Progress | None = None,
-    stop: threading.Event | None = None,
-    manifest_key: bytes | None = None,
-    wait_s: float = 600.0,
-    given_up: Callable[[], bool] = lambda: False,
-) -> Manifest:
-    """On rank 0: upload rank 0's part of ``name`` (node-local disks), wait until the
-    other disks' shard files are in ``dst`` (:func:`upload_part`, checked by size and
-    index checksum), then commit the whole checkpoint there: ``.metadata`` is rank 0's
-    (it names every shard), the manifest lists every disk's files and no ``part``.
-
-    Gives up with :class:`StorageError` after ``wait_s`` seconds, or at once when
-    ``given_up()`` (a newer checkpoint is waiting).
-    """
-    manifest = _part_manifest(src, name, manifest_key)
-    assert manifest.part is not None
-    problems = verify_checkpoint_files(src, name, manifest_key)
-    if problems:
-        raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
-    pending = dst.begin(name)
-    try:
-        files = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
-        files = _without_held(dst, pending, manifest, name, manifest_key, files)
-        if progress is not None:
-            progress.total = 2 * sum(e.size_bytes for _, e in files)
-        job = _CopyJob(src, dst, pending, name, name, True, 2, progress, stop)
-        job.copy_all(files, threads)
-        deadline = time.monotonic() + wait_s
-        missing = dict(manifest.part.elsewhere)
-        while True:
-            missing = {f: e for f, e in missing.items() if not _there(dst, name, f, e)}
-            if not missing:
-                break
-            if (stop is not None and stop.is_set()) or given_up():
-                raise CopyStoppedError(f"backup of {name} stopped while waiting for other nodes")
-            if time.monotonic() > deadline:
-                raise StorageError(
-                    f"backup of {name}: after {wait_s:.0f} s, {dst.url} still lacks the other "
-                    f"nodes' shard files {sorted(missing)[:4]}; is their backup failing?"
-                )
-            time.sleep(1.0)
-        all_files = {**manifest.files, **manifest.part.elsewhere}
-        whole = dataclasses.replace(
-            manifest,
-            files=all_files,
-            stored_bytes=sum(e.size_bytes for e in all_files.values()),
-            part=None,
-        )
-        pending.commit(whole.to_json(manifest_key))
-    except BaseException:
-        pending.abort()
-        raise
-    finally:
-        if progress is not None:
-            progress.finish()
-    return whole
-
-
-def _part_manifest(src: StorageBackend, name: str, key: bytes | None) -> Manifest:
-    manifest = read_manifest(src, name, manifest_key=key)
-    if manifest.part is None:
-        raise IncompatibleCheckpointError(f"{src.url}/{name} is not a node-local part")
-    return manifest
-
-
-def verify_checkpoint_files(src: StorageBackend, name: str, key: bytes | None) -> list[str]:
-    from ckptstore.engine.ops import verify as verify_checkpoint
-
-    return verify_checkpoint(src, name, None, manifest_key=key)
-
-
-def _there(dst: StorageBackend, name: str, fname: str, entry: Any) -> bool:
-    """Whether ``dst`` holds ``name/fname`` as ``entry`` lists it (a shard: its size and
-    index checksum)."""
-    from ckptstore.format.shard import ShardReader
-
-    try:
-        with dst.open_reader(f"{name}/{fname}") as reader:
-            if reader.size != entry.size_bytes:
-                return False
-            where = f"{dst.url}/{name}/{fname}"
-            ShardReader(reader, where, size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64)
-            return True
-    except (FileNotFoundError, CkptStoreError):
-        return False

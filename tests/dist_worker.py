@@ -1260,13 +1260,13 @@ def scenario_incremental_backup(ckpts: str, rank: int, world: int) -> None:
     from ckptstore import transfer
 
     sent: dict[str, list[str]] = {}  # checkpoint -> the files this rank uploaded
-    real = transfer._CopyJob.copy_all
+    real = transfer.CopyJob.copy_all
 
     def recording(job, files, threads):
         sent.setdefault(job.name, []).extend(f for f, _ in files)
         return real(job, files, threads)
 
-    transfer._CopyJob.copy_all = recording  # type: ignore[method-assign]
+    transfer.CopyJob.copy_all = recording  # type: ignore[method-assign]
     root = node_root(os.path.join(ckpts, "inc-backup"), rank)
     with ckptstore.CheckpointManager(root, backup=url, incremental=True, codec="none") as mgr:
         for step in range(3):
@@ -1275,7 +1275,7 @@ def scenario_incremental_backup(ckpts: str, rank: int, world: int) -> None:
             # each backup in before the next save: the files it links are there
             assert mgr.wait_backup(timeout_s=120) == [], "backups not done"
             dist.barrier()
-    transfer._CopyJob.copy_all = real  # type: ignore[method-assign]
+    transfer.CopyJob.copy_all = real  # type: ignore[method-assign]
     with ckptstore.Checkpointer(root) as ckpt:
         linked = ckpt.latest().manifest.linked
         assert linked, "node-local incremental saves linked nothing"

@@ -11,6 +11,7 @@ Layers, bottom up (a module may import its own unit and anything below it)::
     config         config.py
     engine         engine/
     transfer       transfer.py, convert.py
+    transfer_parts transfer_parts.py (node-local backups, part by part; uses transfer)
     interop        interop.py (plain DCP directories; uses convert)
     manager        manager/
     integrations   integrations/
@@ -37,6 +38,7 @@ LAYERS = [
     ("config", ["config"]),
     ("engine", ["engine"]),
     ("transfer", ["transfer", "convert"]),
+    ("transfer_parts", ["transfer_parts"]),  # node-local backups: uses transfer
     ("interop", ["interop"]),  # plain DCP directories: uses convert
     ("manager", ["manager"]),
     ("integrations", ["integrations"]),

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -174,7 +176,7 @@ def test_the_option_is_checked():
 
 
 def test_the_backup_uploads_only_what_the_remote_lacks_and_a_fresh_machine_restores(
-    tmp_path, s3_server, s3_bucket, monkeypatch
+    tmp_path, s3_server, s3_bucket, monkeypatch, caplog
 ):
     """The backup tier copies a linked file inside the store from the checkpoint there
     that holds it (nothing uploaded again); a new machine with an empty disk restores
@@ -182,17 +184,18 @@ def test_the_backup_uploads_only_what_the_remote_lacks_and_a_fresh_machine_resto
     from ckptstore import transfer
 
     uploaded: list[str] = []
-    real_copy = transfer._CopyJob.copy
+    real_copy = transfer.CopyJob.copy
 
     def counting(self, fname, *args):
         where = "local" if self.dst.capabilities.local else "s3"
         uploaded.append(f"{where}:{self.dst_name}/{fname}")
         return real_copy(self, fname, *args)
 
-    monkeypatch.setattr(transfer._CopyJob, "copy", counting)
+    monkeypatch.setattr(transfer.CopyJob, "copy", counting)
     frozen = frozen_state()
     url = f"s3://{s3_bucket}/run"
     saved = {}
+    caplog.set_level(logging.INFO, logger="ckptstore")
     with ckptstore.CheckpointManager(
         tmp_path / "a", backup=url, incremental=True, codec="none"
     ) as mgr:
@@ -201,6 +204,11 @@ def test_the_backup_uploads_only_what_the_remote_lacks_and_a_fresh_machine_resto
             mgr.save(step, state_at(step, frozen))
             mgr.wait()
             assert mgr.wait_backup() == []
+    backed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("backup: step")]
+    assert len(backed) == 4 and " linked, in " not in backed[0], backed
+    assert all(
+        re.search(r"\(\d+\.\d\d KB copied, 8\.\d\d MB linked, in ", m) for m in backed[1:]
+    ), backed
     to_s3 = [u for u in uploaded if u.startswith("s3:")]
     shards = sorted(u for u in to_s3 if u.endswith(".distcp"))
     # step 1's shard once; after it, only each save's own small file

@@ -36,7 +36,7 @@ from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
 from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
-from ckptstore.transfer import copy_checkpoint, replace_checkpoint
+from ckptstore.transfer import copy_checkpoint, moved, replace_checkpoint
 
 TRANSFER_NOTES = (
     "\nEvery file is checked against its manifest on the way (uploads are read\n"
@@ -240,7 +240,7 @@ def transfer(args: argparse.Namespace) -> int:
         copied.append(info.name)
         elapsed = time.monotonic() - start
         print(
-            f"{'replaced' if replace else 'copied':8} {info.name} ({size(manifest.stored_bytes)} "
+            f"{'replaced' if replace else 'copied':8} {info.name} ({moved(manifest, progress)}, "
             f"in {elapsed:.1f} s, verified)"
         )
         sys.stdout.flush()

@@ -6,7 +6,7 @@ lowest) runs a :class:`PartUploader`: after each commit it uploads that disk's s
 files into the backup, in the background, newest first. Rank 0's
 :class:`~ckptstore.manager.replicate.Replicator` uploads its own part, waits until the
 other disks' files are there (checked by size and index checksum), and then commits
-the whole checkpoint with one manifest (:func:`ckptstore.transfer.commit_parts_backup`).
+the whole checkpoint with one manifest (:func:`ckptstore.transfer_parts.commit_parts_backup`).
 No collective: the ranks meet only in the object store. A checkpoint a newer one
 superseded before every disk uploaded it is skipped, as on one disk.
 """
@@ -26,7 +26,7 @@ from ckptstore.errors import CkptStoreError
 from ckptstore.layout import MANIFEST_FILE
 from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import StorageBackend, open_backend
-from ckptstore.transfer import upload_part
+from ckptstore.transfer_parts import upload_part
 
 log = logging.getLogger("ckptstore")
 

@@ -45,11 +45,9 @@ from ckptstore.manager.policies import RetentionPolicy
 from ckptstore.manager.retention import of_lineage, prune
 from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
-from ckptstore.transfer import (
-    commit_parts_backup,
-    copy_checkpoint,
-    replace_checkpoint,
-)
+from ckptstore.transfer import copy_checkpoint, moved, replace_checkpoint
+from ckptstore.transfer_parts import commit_parts_backup
+from ckptstore.units import format_bytes
 
 log = logging.getLogger("ckptstore")
 
@@ -437,7 +435,7 @@ class Replicator:
             # new upload would refuse to write over them.
             log.info("backup: removing an unfinished upload of %s first", name)
             self.remote.delete(name)
-        self.progress = Progress(f"backing up {name} to {self.remote.url}", 0)
+        progress = self.progress = Progress(f"backing up {name} to {self.remote.url}", 0)
         start = time.monotonic()
         copy: Callable[..., Manifest] = replace_checkpoint if replace else copy_checkpoint
         extra: dict[str, Any] = {}
@@ -448,21 +446,17 @@ class Replicator:
             self.remote,
             name,
             threads=self.threads,
-            progress=self.progress,
+            progress=progress,
             stop=self._stop,
             manifest_key=self._manifest_key,
             **extra,
         )
         elapsed = time.monotonic() - start
-        if self._on_speed is not None and manifest.stored_bytes >= (16 << 20):
-            self._on_speed(manifest.stored_bytes / max(elapsed, 1e-6))
-        log.info(
-            "backup: %s is on %s (%.1f MiB in %.1f s)",
-            name,
-            self.remote.url,
-            manifest.stored_bytes / 2**20,
-            elapsed,
-        )
+        sent = progress.payload  # (incremental: what the remote held was linked)
+        if self._on_speed is not None and sent >= (16 << 20):
+            self._on_speed(sent / max(elapsed, 1e-6))
+        what = f"{format_bytes(sent)} from this node" if part else moved(manifest, progress)
+        log.info("backup: %s is on %s (%s, in %.1f s)", name, self.remote.url, what, elapsed)
 
     def _after_upload(self, name: str) -> None:
         abort_orphans = getattr(self.remote, "abort_orphans", None)
