@@ -10,6 +10,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import time
 from typing import Any
 
@@ -261,9 +262,17 @@ def test_ls_and_info_say_what_is_shared(root, capsys):
         "3 committed checkpoint(s), 25.2" in out
         and "MB on disk: incremental saves share files" in out
     ), out
+    assert main(["ls", root, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["stored_bytes"] == sum(c["stored_bytes"] for c in listed["checkpoints"])
+    assert 0 < listed["disk_bytes"] < 0.5 * listed["stored_bytes"], listed
     assert main(["info", root]) == 0
     out = capsys.readouterr().out
-    assert "written by this save; the rest shared with step_00000001" in out, out
+    assert "is in files first written by step_00000001, linked" in out, out
+    shutil.rmtree(os.path.join(root, "step_00000001"))
+    assert main(["info", root]) == 0
+    out = capsys.readouterr().out
+    assert "first written by step_00000001 (deleted since: the file lives on here)" in out, out
 
 
 def test_a_full_save_on_demand_links_nothing(root):

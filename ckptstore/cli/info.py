@@ -26,6 +26,7 @@ from ckptstore.cli._common import (
 from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import CkptStoreError, CliError
 from ckptstore.format.manifest import Manifest
+from ckptstore.layout import MANIFEST_FILE
 from ckptstore.storage import StorageBackend
 
 if TYPE_CHECKING:
@@ -95,6 +96,9 @@ def describe(backend: StorageBackend, name: str, only: str | None) -> dict[str, 
         "stored_bytes": m.stored_bytes,
         "owned_bytes": m.owned_bytes,
         "linked": m.linked,
+        "linked_from_deleted": sorted(  # their files live on in the checkpoints linking them
+            o for o in set(m.linked.values()) if not backend.exists(f"{o}/{MANIFEST_FILE}")
+        ),
         "ratio": round(m.ratio, 6),
         "metrics": m.metrics,
         "metadata": m.metadata,
@@ -166,6 +170,19 @@ def describe(backend: StorageBackend, name: str, only: str | None) -> dict[str, 
     return out
 
 
+def incremental_text(info: dict[str, Any]) -> str:
+    """What an incremental save wrote, and which checkpoints first wrote the rest."""
+    gone = set(info["linked_from_deleted"])
+    origins = ", ".join(
+        o + (" (deleted since: the file lives on here)" if o in gone else "")
+        for o in sorted(set(info["linked"].values()))
+    )
+    return (
+        f"{size(info['owned_bytes'])} written by this save; the rest (unchanged since) is "
+        f"in files first written by {origins}, linked"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     backend, name = resolve_checkpoint(args.ckpt, args.step, what="info")
     try:
@@ -197,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         ("world size", str(info["world_size"])),
         ("codec", f"{codec_text} (rank 0's choice; per group below)"),
         ("size", f"{size(info['stored_bytes'])} stored, {size(info['raw_bytes'])} raw, ratio {info['ratio']:.3f}"),
-        *([("incremental", f"{size(info['owned_bytes'])} written by this save; the rest shared with " + ", ".join(sorted(set(info["linked"].values()))) + " (linked: unchanged since)")] if info["linked"] else []),
+        *([("incremental", incremental_text(info))] if info["linked"] else []),
         ("metrics", metrics_text(info["metrics"]) or "-"),
         ("metadata", str(info["metadata"]) if info["metadata"] else "-"),
         ("files", ", ".join(f"{f} ({size(e['size_bytes'])})" for f, e in sorted(info["files"].items()))),

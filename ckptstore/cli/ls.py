@@ -211,6 +211,17 @@ def entry_json(e: Entry) -> dict[str, Any]:
     return out
 
 
+def totals(backend: StorageBackend, entries: list[Entry]) -> dict[str, Any]:
+    """The committed checkpoints' bytes: as their manifests list them, and on a local
+    disk what they take there (files incremental saves share counted once; None
+    elsewhere: on object stores a linked file is a copy)."""
+    manifests = [e.manifest for e in entries if e.status == "committed" and e.manifest]
+    return {
+        "stored_bytes": sum(m.stored_bytes for m in manifests),
+        "disk_bytes": disk_bytes(manifests) if backend.capabilities.local else None,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     forever = forever_parts(args)
     backend = open_root(args.root)
@@ -225,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
                 "best_metric": metric,
                 "best_mode": mode,
                 "checkpoints": [entry_json(e) for e in entries],
+                **totals(backend, entries),
             }
         )
         return OK
@@ -255,10 +267,10 @@ def run(args: argparse.Namespace) -> int:
     header = ["NAME", "STEP", "EPOCH", "SAVED", "REASON", "SIZE", "RATIO", "METRICS", "TAGS"]
     print(table(rows, header, right=(1, 2, 5, 6)))
     committed = [e for e in entries if e.status == "committed"]
-    total = sum(e.manifest.stored_bytes for e in committed if e.manifest)
-    shared = disk_bytes([e.manifest for e in committed if e.manifest])
+    sums = totals(backend, entries)
+    total, shared = sums["stored_bytes"], sums["disk_bytes"]
     alone = ""
-    if backend.capabilities.local and shared < total:
+    if shared is not None and shared < total:
         alone = f" ({size(shared)} on disk: incremental saves share files)"
     print(f"{len(committed)} committed checkpoint(s), {size(total)}{alone}, under {backend.url}")
     if metric is not None:
