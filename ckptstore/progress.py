@@ -18,7 +18,7 @@ class Progress:
         self.what = what
         self.total = total
         self.done = 0
-        self.payload = 0  # bytes the work moves, set by it (a copy: not what dst held)
+        self.payload = 0  # bytes the work moved in all (a copy: not what dst held)
         self._lock = threading.Lock()
         self._start = time.monotonic()
         self._last = 0.0
@@ -28,9 +28,10 @@ class Progress:
         self._printed = False
 
     def restart(self, total: int, payload: int) -> None:
-        """The work starts (again) at 0 of ``total``, moving ``payload`` bytes."""
+        """The work starts (again) at 0 of ``total``, moving ``payload`` bytes more."""
         with self._lock:
-            self.done, self.total, self.payload = 0, total, payload
+            self.done, self.total = 0, total
+            self.payload += payload
 
     def add(self, n: int) -> None:
         with self._lock:

@@ -1156,6 +1156,32 @@ def scenario_incremental_heal(ckpts: str, rank: int, world: int) -> None:
         dist.barrier()
 
 
+def scenario_incremental_heal_at_the_end(ckpts: str, rank: int, world: int) -> None:
+    """A heal asked for after the last step's agreement began still reaches the final
+    save of guard() on every rank (the agreement there carries it)."""
+    import damage
+
+    frozen = torch.arange(1 << 18, dtype=torch.float32) + rank
+    state = {f"frozen{rank}": frozen, f"hot{rank}": torch.zeros(64)}
+    root = os.path.join(ckpts, "heal-end")
+    opts = dict(keep=ckptstore.KeepLast(1), codec="none", incremental=True, full_every=100)
+    mgr = ckptstore.CheckpointManager(root, save=ckptstore.SaveEvery(steps=2), **opts)
+    with mgr, mgr.guard(state):
+        for index in range(5):  # saves after steps 2 and 4, and the final one (5)
+            state[f"hot{rank}"].fill_(float(index + 1))
+            mgr.maybe_save(index, state)
+            mgr.wait()  # (rank 0's retention too)
+            dist.barrier()
+            if index == 1 and rank == 0:  # rank 1's file, which step 4 links
+                damage.xor(os.path.join(root, "step_00000002", "__1_0.distcp"), 1 << 19)
+            dist.barrier()
+    with ckptstore.Checkpointer(root) as ckpt:
+        final = ckpt.latest()
+        assert final is not None and final.step == 5, final
+        assert final.manifest.linked == {}, final.manifest.linked
+        assert ckpt.verify(5) == []
+
+
 def scenario_incremental_trust(ckpts: str, rank: int, world: int) -> None:
     """trust_version_counters on 2 ranks, on a shared root and on a root per rank (two
     disks: node-local parts): each rank checks the hash of what it trusted, rank 0 just

@@ -27,6 +27,7 @@ from ckptstore.errors import CorruptCheckpointError, StorageError
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import MANIFEST_FILE, checkpoint_name, set_aside_kind
 from ckptstore.manager.replicate import Replicator
+from ckptstore.progress import Progress
 from ckptstore.storage import open_backend
 from ckptstore.storage.testing.faulty import FaultyBackend
 from ckptstore.transfer import copy_checkpoint, replace_checkpoint
@@ -105,10 +106,15 @@ def test_replace_keeps_a_complete_checkpoint_on_the_destination_throughout(tmp_p
     assert read_manifest(inner, beside).same_checkpoint(read_manifest(new, name))
     assert verify(inner, beside, None) == []
     failing["on"] = False
-    replace_checkpoint(new, dst, name)
+    progress = Progress("replacing", 0, enabled=False)
+    replace_checkpoint(new, dst, name, progress=progress)  # (the old one went before)
+    assert progress.payload == read_manifest(new, name).stored_bytes
     assert read_manifest(inner, name).same_checkpoint(read_manifest(new, name))
     assert verify(inner, name, None) == []
     assert beside not in inner.list_names()
+    progress = Progress("replacing", 0, enabled=False)
+    replace_checkpoint(new, inner, name, progress=progress)  # beside, then in its place
+    assert progress.payload == 2 * read_manifest(new, name).stored_bytes
     # Deleted before: writing the new one beside failed, the old one stays.
     inner2 = open_backend(tmp_path / "dst2")
     copy_checkpoint(old, inner2, name)

@@ -579,6 +579,35 @@ def test_prune_yes_and_quarantine_are_refused_while_a_run_writes_the_root(run_co
     assert code == 0 and "deleted 3 checkpoint(s)" in out, out  # (the run has ended)
 
 
+@pytest.mark.parametrize("fails", ["create", "write"])
+def test_prune_yes_works_on_a_full_disk(run_copy, capsys, monkeypatch, fails):
+    """The lease file cannot be created, or its record written (ENOSPC): prune --yes,
+    what a full disk's error recommends, still frees space."""
+    import errno
+
+    from ckptstore.layout import WRITER_LEASE_FILE
+    from ckptstore.manager import lease
+
+    lease_file = os.path.join(str(run_copy), WRITER_LEASE_FILE)
+    if os.path.exists(lease_file):
+        os.unlink(lease_file)
+    real_open = os.open
+
+    def full_open(path, *args, **kwargs):
+        if fails == "create" and str(path).endswith(WRITER_LEASE_FILE):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_open(path, *args, **kwargs)
+
+    def full_pwrite(fd, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lease.os, "open", full_open)
+    if fails == "write":
+        monkeypatch.setattr(lease.os, "pwrite", full_pwrite)
+    code, out, err = run_main(capsys, "prune", run_copy, "--keep-last", "1", "--yes")
+    assert code == 0 and "deleted 3 checkpoint(s)" in out, out + err
+
+
 # ---- S3: sync / pull and every command on an s3:// root -----------------------------
 def test_sync_pull_and_commands_on_s3(saved, run_copy, s3_server, s3_bucket, tmp_path, capsys):
     _root, state = saved

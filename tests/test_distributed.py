@@ -259,6 +259,10 @@ def test_rot_in_a_linked_file_makes_every_rank_save_in_full_after_the_next_step(
     run_ranks("incremental_heal", str(tmp_path), 2)
 
 
+def test_a_heal_asked_for_at_the_last_step_reaches_the_final_save_of_every_rank(tmp_path):
+    run_ranks("incremental_heal_at_the_end", str(tmp_path), 2)
+
+
 def test_trusting_version_counters_on_two_ranks_a_write_behind_one_fails_the_save(tmp_path):
     run_ranks("incremental_trust", str(tmp_path), 2)
 

@@ -1338,6 +1338,25 @@ def _flip_item_byte(root: str, step: int, which: Any) -> str:
     return item.key
 
 
+def test_the_items_a_checkpoint_uses_skip_malformed_storage_entries():
+    """A storage entry that is not a {file: str, item: int} is not counted (a load of
+    it says what is wrong); verify must not fail on it (it did: a list is unhashable)."""
+    from types import SimpleNamespace
+
+    from ckptstore.dcp.metadata import StoredItem
+    from ckptstore.engine.ops import items_used
+
+    storage = {
+        "a": StoredItem(file="f", item=3),
+        "b": StoredItem(file=["f"], item=0),
+        "c": {"file": "f", "item": [1]},
+        "d": "junk",
+        "e": {"file": "g", "item": 5},
+        "f": {"item": 7},
+    }
+    assert items_used(SimpleNamespace(storage_data=storage), ["f"]) == {"f": {3}}
+
+
 def test_rot_in_what_a_linked_file_holds_but_no_longer_uses_damages_only_its_first_writer(root):
     """A linked file keeps its first save's items that changed since: rot there damages
     that save, not the checkpoints that link the file for its other items."""

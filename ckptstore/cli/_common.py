@@ -208,7 +208,7 @@ def writer_lease(backend: StorageBackend, refused: str) -> Iterator[None]:
     from ckptstore.manager import lease  # (imports torch.distributed)
 
     try:
-        held = lease.acquire(backend)
+        held = lease.acquire(backend, full_disk_ok=True)  # (prune frees a full disk)
     except WriterLeaseError as exc:
         who = lease.describe_holder(exc.holder)
         raise CliError(f"{backend.url} is being written by {who}: {refused}") from None

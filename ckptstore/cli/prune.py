@@ -37,7 +37,7 @@ EXAMPLES = (
     "The decision is the CheckpointManager's, from the manifests. A training run\n"
     "with backup= spares checkpoints still uploading; this command cannot know\n"
     "about those: prune a root while its run is not saving into it (--yes is\n"
-    "refused while a run holds the root's writer lease)."
+    "refused while a run saves into the root; a backup root has no such lease)."
 )
 
 

@@ -400,8 +400,11 @@ def items_used(metadata: Metadata, files: Iterable[str]) -> dict[str, set[int]]:
     """
     used: dict[str, set[int]] = {name: set() for name in files}
     for stored in metadata.storage_data.values():
-        if isinstance(stored, dict) and stored.get("file") in used:
-            used[stored["file"]].add(stored.get("item", -1))  # (a bad one: load says so)
+        if not isinstance(stored, dict):
+            continue  # (a malformed entry: load says so)
+        where, item = stored.get("file"), stored.get("item")
+        if isinstance(where, str) and where in used and isinstance(item, int):
+            used[where].add(item)
     return used
 
 

@@ -75,17 +75,20 @@ class StepAgreement:
         self._results: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def now(self, reason: str | None, stop: int | None, *, fold: bool = True) -> Flags:
-        """Agree at once (a blocking all-reduce): the largest reason and stop code win.
-        ``fold``: fold in a step's agreement still in flight; else it is kept for the
-        next :meth:`collect` (an agreement about something else: restore's)."""
+    def now(
+        self, reason: str | None, stop: int | None, *, fold: bool = True, full: bool = False
+    ) -> Flags:
+        """Agree at once (a blocking all-reduce): the largest reason and stop code win;
+        ``full`` as in :meth:`start`. ``fold``: fold in a step's agreement still in
+        flight; else it is kept for the next :meth:`collect` (an agreement about
+        something else: restore's)."""
         late: Flags = (None, None)
         if fold:
             late = self.collect()
         else:
             self.settle()  # (restore() has; nothing may be in flight on the group)
-        codes = zip(_codes(reason, stop), _codes(*late), strict=True)
-        self._now_view[:] = [max(a, b) for a, b in codes]  # (full: already taken in)
+        codes = zip(_codes(reason, stop, full), _codes(*late), strict=True)
+        self._now_view[:] = [max(a, b) for a, b in codes]  # (late's full: already kept)
         _LIVE.add(self)  # (its tensor is let go of before the interpreter stops)
         try:
             dist.all_reduce(self._now, op=dist.ReduceOp.MAX, group=self._group)

@@ -93,6 +93,8 @@ class HousekeepingMixin:
             )
         except CkptStoreError as exc:  # storage trouble must not fail the save it follows
             log.warning("retention under %s failed: %s", self._ckpt.url, exc)
+        except Exception:  # (on an executor: it would vanish, and retention with it)
+            log.exception("retention under %s failed", self._ckpt.url)
         ours = [s for n in damaged & self._committed if (s := step_of(n)) is not None]
         if ours and self._ckpt.config.incremental:
             self._ask_for_full_save(max(ours))

@@ -40,6 +40,7 @@ log = logging.getLogger("ckptstore")
 
 # flock errors that mean "this file system has no locks".
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EBADF, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class WriterLease:
@@ -81,8 +82,13 @@ def take(backend: StorageBackend, group: dist.ProcessGroup | None) -> Lease | No
     return held[0] if held else None
 
 
-def acquire(backend: StorageBackend) -> Lease | None:
-    """The lease on ``backend``, or None where there can be none (see above)."""
+def acquire(backend: StorageBackend, *, full_disk_ok: bool = False) -> Lease | None:
+    """The lease on ``backend``, or None where there can be none (see above).
+
+    ``full_disk_ok`` (commands that free space): on a full disk the lease file cannot be
+    created (then there is no lease, with a warning) or its record written (the lock
+    is still held, unnamed).
+    """
     if isinstance(backend, FsspecBackend):
         return remote_lease.acquire(backend)
     if not backend.capabilities.local:
@@ -91,6 +97,9 @@ def acquire(backend: StorageBackend) -> Lease | None:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
+        if full_disk_ok and exc.errno in _FULL:
+            log.warning("%s is full: going on without the writer lease", backend.url)
+            return None
         raise storage_error(exc, "create", path) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -113,8 +122,9 @@ def acquire(backend: StorageBackend) -> Lease | None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
     except OSError as exc:
-        os.close(fd)
-        raise storage_error(exc, "write", path) from exc
+        if not (full_disk_ok and exc.errno in _FULL):
+            os.close(fd)
+            raise storage_error(exc, "write", path) from exc
     return WriterLease(path, fd)
 
 

@@ -393,10 +393,14 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
 
     # ---- agreement between ranks ------------------------------------------------------
     def _agree(self, reason: str | None, stop: int | None, *, fold: bool = True) -> Flags:
-        """Every rank's save reason and stop code, agreed (the largest wins); see now()."""
+        """Every rank's save reason and stop code, agreed (the largest wins); see now().
+        A full save asked for (housekeeping's heal) rides along, as at every step."""
         if self._agreement is None:
             return reason, stop
-        return self._agreement.now(reason, stop, fold=fold)
+        heal, self._heal = self._heal, False
+        flags = self._agreement.now(reason, stop, fold=fold, full=heal)
+        self._full_next = self._full_next or self._agreement.take_full()
+        return flags
 
     # ---- listing ----------------------------------------------------------------------
     def list(self) -> builtins.list[ManagedCheckpoint]:

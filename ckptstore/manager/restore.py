@@ -72,6 +72,8 @@ class RestoreMixin:
     _load_options: dict[str, bool] = {}  # noqa: RUF012 - set per restore(), never mutated
     _from_backup: frozenset[int] | set[int] = frozenset()  # steps only on the backup (node-local)
     _backup: Replicator | None
+    _heal_pending: bool
+    _healed_from: int
 
     if TYPE_CHECKING:  # provided by CheckpointManager
 
@@ -494,6 +496,7 @@ class RestoreMixin:
         self._last_done = steps
         self._last_saved = steps
         self._last_epoch = info.manifest.epoch
+        self._heal_pending, self._healed_from = False, 0  # (a rollback: steps count anew)
         if info.manifest.run_id is not None:
             # The same run goes on: its next checkpoints, and the backup's retention,
             # carry on with its id (a checkpoint without one: this run keeps its new id).

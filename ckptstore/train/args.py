@@ -74,9 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c.add_argument(
         "--trust-version-counters",
         action="store_true",
-        help="with --incremental: a tensor found unchanged is hashed after the save "
-        "returns, not before (the loop waits less; a write that bypasses torch's "
-        "version counter then fails that save)",
+        help="with --incremental: a large CPU tensor found unchanged is hashed after "
+        "the save returns, not before (the loop waits less; a write that bypasses "
+        "torch's version counter then fails that save; no effect on GPU tensors)",
     )
     ap.add_argument("--report", default=None, help=argparse.SUPPRESS)  # JSON, for tests
     ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
