@@ -562,9 +562,15 @@ def test_prune_yes_spares_the_latest_its_table_showed_when_latest_moves_meanwhil
     ]
 
 
-def test_prune_yes_and_quarantine_are_refused_while_a_run_writes_the_root(run_copy, capsys):
-    """A run holds the root's writer lease: `prune --yes` and `quarantine` say who holds
-    it and what to do, and change nothing; `prune` without --yes still shows its plan."""
+def test_commands_that_change_a_root_are_refused_while_a_run_writes_it(
+    saved, run_copy, capsys, tmp_path
+):
+    """A run holds the root's writer lease: `prune --yes`, `quarantine`, and `sync`,
+    `pull` and `import` into it say who holds it and what to do, and change nothing;
+    `prune` without --yes still shows its plan."""
+    exported = str(tmp_path / "w.pt")
+    torch.save({"w": torch.zeros(3)}, exported)
+    shutil.rmtree(os.path.join(run_copy, "step_00000020"))  # for sync and pull to copy
     before = sorted(os.listdir(run_copy))
     with ckptstore.CheckpointManager(run_copy, keep=ckptstore.KeepLast(10)):
         code, out, _ = run_main(capsys, "prune", run_copy, "--keep-last", "1")
@@ -572,11 +578,37 @@ def test_prune_yes_and_quarantine_are_refused_while_a_run_writes_the_root(run_co
         code, _, err = run_main(capsys, "prune", run_copy, "--keep-last", "1", "--yes")
         assert code == 1 and f"is being written by process {os.getpid()}" in err, err
         assert "once it has stopped" in err
-        code, _, err = run_main(capsys, "quarantine", run_copy, "20")
+        code, _, err = run_main(capsys, "quarantine", run_copy, "30")
         assert code == 1 and "stop that run first" in err, err
+        for command in (
+            ["sync", saved[0], run_copy],  # (a copy in would collide with the run's saves)
+            ["pull", saved[0], run_copy, "--step", "20"],
+            ["import", exported, run_copy, "--step", "99"],
+        ):
+            code, _, err = run_main(capsys, *command)
+            assert code == 1 and "is being written by process" in err, (command, err)
         assert sorted(os.listdir(run_copy)) == before
     code, out, _ = run_main(capsys, "prune", run_copy, "--keep-last", "1", "--yes")
-    assert code == 0 and "deleted 3 checkpoint(s)" in out, out  # (the run has ended)
+    assert code == 0 and "deleted 2 checkpoint(s)" in out, out  # (the run has ended)
+
+
+@pytest.mark.parametrize("command", [["ls"], ["verify"], ["gc"], ["sync", "SRC"], ["pull", "SRC"]])
+def test_an_empty_root_is_refused_not_taken_for_the_current_directory(
+    saved, tmp_path, monkeypatch, capsys, command
+):
+    monkeypatch.chdir(tmp_path)
+    args = [saved[0] if a == "SRC" else a for a in command]
+    code, _, err = run_main(capsys, *args, "")
+    assert code == 2 and "must not be empty" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_is_refused_as_the_root_to_copy_or_import_into(saved, run_copy, capsys):
+    inside = os.path.join(run_copy, "step_00000030")
+    before = sorted(os.listdir(inside))
+    code, _, err = run_main(capsys, "sync", saved[0], inside)
+    assert code == 2 and "is a checkpoint, not a checkpoint root" in err, err
+    assert sorted(os.listdir(inside)) == before
 
 
 @pytest.mark.parametrize("fails", ["create", "write"])

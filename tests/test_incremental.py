@@ -272,7 +272,13 @@ def test_ls_and_info_say_what_is_shared(root, capsys):
     shutil.rmtree(os.path.join(root, "step_00000001"))
     assert main(["info", root]) == 0
     out = capsys.readouterr().out
-    assert "first written by step_00000001 (deleted since: the file lives on here)" in out, out
+    assert "first written by step_00000001 (no longer there: the file lives on here)" in out, out
+    ckpt = ckptstore.Checkpointer(root, codec="none")
+    ckpt.save({"other": torch.zeros(4)}, step=1)  # another checkpoint under that name
+    ckpt.close()
+    assert main(["info", root]) == 0
+    out = capsys.readouterr().out
+    assert "first written by step_00000001 (no longer there: the file lives on here)" in out, out
 
 
 def test_a_full_save_on_demand_links_nothing(root):

@@ -223,6 +223,11 @@ def test_quarantine_moves_a_checkpoint_aside_by_hand(tmp_path):
     assert "damaged" in cli("ls", root, "--all").stdout
     assert "damaged" not in cli("ls", root).stdout
     assert finals(root) == []  # a step 30 saved again later did not end a run
+    intact = cli("quarantine", root, 25)
+    assert intact.returncode == 1 and "verifies intact" in intact.stderr, intact.stderr
+    assert steps_listed(root) == [20, 25]
+    forced = cli("quarantine", root, 25, "--force")
+    assert forced.returncode == 0 and steps_listed(root) == [20], forced.stderr
     missing = cli("quarantine", root, 99)
     assert missing.returncode == 2 and "ls" in missing.stderr
     assert cli("quarantine", root, "latest").returncode == 2

@@ -85,10 +85,17 @@ def open_root(url: str, *, must_exist: bool = True, create: bool = False) -> Sto
     root must be reachable (its bucket exists, the credentials work). An empty prefix
     in a bucket cannot be told from a missing one: it is a root with no checkpoints.
     """
+    if not url.strip():  # (an unset shell variable: never the current directory)
+        raise usage_error("a checkpoint root must not be empty: give a directory or an s3:// URL")
     if not is_url(url):
         path = local_path(url)
         if os.path.exists(path) and not os.path.isdir(path):
             raise usage_error(f"{url} is a file, not a checkpoint root (a directory)")
+        if create and os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+            raise usage_error(
+                f"{url} is a checkpoint, not a checkpoint root: give the directory that "
+                f"holds it ({os.path.dirname(path)}), or another one"
+            )
         if must_exist and not create and not os.path.isdir(path):
             raise usage_error(
                 f"{url}: no such directory; check the path (ckptstore ls PARENT lists the "

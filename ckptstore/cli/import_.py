@@ -25,10 +25,12 @@ from ckptstore.cli._common import (
     status,
     usage_error,
     usage_errors,
+    writer_lease,
 )
 from ckptstore.engine.listing import list_checkpoints
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, CliError, ExportError
 from ckptstore.layout import LATEST_FILE, MANIFEST_FILE, MAX_STEP, checkpoint_name
+from ckptstore.storage import StorageBackend
 
 EXAMPLES = (
     "  ckptstore import old/checkpoint_epoch3.pt runs/exp1 --step 3000\n"
@@ -61,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # torch: imported when the command runs, not for its --help or a usage error
-    from ckptstore.convert import file_format, flat_tensors, local_input
+    from ckptstore.convert import file_format
 
     dcp_dir = not is_url(args.file) and os.path.isdir(local_path(args.file))
     if dcp_dir:
@@ -80,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
     if not dcp_dir and not is_url(args.file) and not os.path.isfile(local_path(args.file)):
         raise usage_error(f"{args.file}: no such file; check the path")
     backend = open_root(args.root, create=True)
+    with writer_lease(backend, "stop that run first, or import into another directory"):
+        return _import(args, backend, fmt, dcp_dir)
+
+
+def _import(args: argparse.Namespace, backend: StorageBackend, fmt: str, dcp_dir: bool) -> int:
+    from ckptstore.convert import flat_tensors, local_input
+
     metadata: dict[str, Any] = {
         "imported_from": os.path.basename(args.file.rstrip("/")),
         "imported_format": {"pt": "torch.save", "dcp": "dcp"}.get(fmt, "safetensors"),

@@ -26,7 +26,6 @@ from ckptstore.cli._common import (
 from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import CkptStoreError, CliError
 from ckptstore.format.manifest import Manifest
-from ckptstore.layout import MANIFEST_FILE
 from ckptstore.storage import StorageBackend
 
 if TYPE_CHECKING:
@@ -96,9 +95,7 @@ def describe(backend: StorageBackend, name: str, only: str | None) -> dict[str, 
         "stored_bytes": m.stored_bytes,
         "owned_bytes": m.owned_bytes,
         "linked": m.linked,
-        "linked_from_deleted": sorted(  # their files live on in the checkpoints linking them
-            o for o in set(m.linked.values()) if not backend.exists(f"{o}/{MANIFEST_FILE}")
-        ),
+        "linked_from_deleted": gone_origins(backend, m),
         "ratio": round(m.ratio, 6),
         "metrics": m.metrics,
         "metadata": m.metadata,
@@ -170,11 +167,28 @@ def describe(backend: StorageBackend, name: str, only: str | None) -> dict[str, 
     return out
 
 
+def gone_origins(backend: StorageBackend, m: Manifest) -> list[str]:
+    """The checkpoints that first wrote a file ``m`` links and no longer hold it: deleted,
+    or another checkpoint saved since under that name (the file lives on in ``m``)."""
+    gone = []
+    for origin in sorted(set(m.linked.values())):
+        try:
+            theirs = read_manifest(backend, origin, manifest_key=manifest_key())
+        except CkptStoreError:
+            gone.append(origin)
+            continue
+        held = {(e.size_bytes, e.xxh3_64) for e in theirs.files.values()}
+        mine = [e for f, e in m.files.items() if m.linked.get(f) == origin]
+        if any((e.size_bytes, e.xxh3_64) not in held for e in mine):
+            gone.append(origin)
+    return gone
+
+
 def incremental_text(info: dict[str, Any]) -> str:
     """What an incremental save wrote, and which checkpoints first wrote the rest."""
     gone = set(info["linked_from_deleted"])
     origins = ", ".join(
-        o + (" (deleted since: the file lives on here)" if o in gone else "")
+        o + (" (no longer there: the file lives on here)" if o in gone else "")
         for o in sorted(set(info["linked"].values()))
     )
     return (

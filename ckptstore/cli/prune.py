@@ -146,18 +146,22 @@ def _prune(
         action = "keep" if why[rec.step] else ("deleted" if info.name in deleted else "delete")
         rows.append([info.name, size(info.manifest.stored_bytes), action, ", ".join(why[rec.step])])
     print(table(rows, ["NAME", "SIZE", "ACTION", "WHY"], right=(1,)))
-    freed = sum(i.manifest.stored_bytes for i in doomed)
+    gone = [i for i in infos if i.name in deleted] if args.yes else doomed
+    freed = sum(i.manifest.stored_bytes for i in gone)
     if backend.capabilities.local:  # files incremental saves share go with the last one
-        kept = [i.manifest for i in infos if i not in doomed]
+        kept = [i.manifest for i in infos if i not in gone]
         freed = disk_bytes([i.manifest for i in infos]) - disk_bytes(kept)
     names = ", ".join(i.name for i in doomed)
     if not doomed:
         print("nothing to delete: the policy keeps every checkpoint")
     elif not args.yes:
         print(
-            f"would delete {len(doomed)} checkpoint(s), {size(freed)}: {names}\n"
+            f"would delete {len(doomed)} checkpoint(s), freeing {size(freed)}: {names}\n"
             f"nothing deleted: run again with --yes to delete them"
         )
     else:
-        print(f"deleted {len(deleted)} checkpoint(s): {', '.join(deleted) or 'none'}")
+        print(
+            f"deleted {len(deleted)} checkpoint(s): {', '.join(deleted) or 'none'} "
+            f"(freed {size(freed)})"
+        )
     return OK

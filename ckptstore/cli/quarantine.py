@@ -11,7 +11,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from ckptstore.cli._common import OK, open_root, usage_error, writer_lease
+from ckptstore.cli._common import (
+    OK,
+    manifest_key,
+    open_root,
+    status,
+    usage_error,
+    writer_lease,
+)
+from ckptstore.engine.listing import list_checkpoints
+from ckptstore.errors import CliError
 from ckptstore.layout import STEP_NAME, checkpoint_name
 from ckptstore.manager import pointer
 
@@ -25,6 +34,11 @@ EXAMPLES = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT")
     p.add_argument("step", metavar="STEP", help="the step (30) or name (step_00000030)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="move it aside even though it verifies (e.g. a checkpoint of a run that diverged)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +56,22 @@ def run(args: argparse.Namespace) -> int:
         "it aside itself)"
     )
     with writer_lease(backend, refused):
+        if not args.force and name in {
+            i.name for i in list_checkpoints(backend, manifest_key=manifest_key())
+        }:
+            from ckptstore.engine.ops import verify  # (torch)
+
+            status(f"verifying {backend.url}/{name} (every byte)")
+            try:
+                problems = verify(backend, name, None, manifest_key=manifest_key())
+            finally:
+                status(None)
+            if not problems:
+                raise CliError(
+                    f"{backend.url}/{name} verifies intact (every byte): quarantine is for "
+                    "damaged checkpoints, and a run would no longer resume from it; add "
+                    "--force to move it aside anyway"
+                )
         aside = pointer.set_aside(backend, name, time.time())
     print(
         f"moved {backend.url}/{name} aside to {aside}: it is no longer listed or loaded, and "

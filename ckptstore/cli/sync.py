@@ -29,6 +29,7 @@ from ckptstore.cli._common import (
     open_root,
     size,
     usage_error,
+    writer_lease,
 )
 from ckptstore.engine.listing import CheckpointInfo, list_checkpoints, read_manifest
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, CopyStoppedError
@@ -146,6 +147,15 @@ def transfer(args: argparse.Namespace) -> int:
     src_url, dst_url = args.src, args.dst
     src = open_root(src_url)
     dst = open_root(dst_url, create=not is_url(dst_url))
+    if args.dry_run:
+        return _transfer(args, src, dst)
+    refused = "stop that run first, or copy into another directory"
+    with writer_lease(dst, refused):  # its saves would collide with what is copied in
+        return _transfer(args, src, dst)
+
+
+def _transfer(args: argparse.Namespace, src: StorageBackend, dst: StorageBackend) -> int:
+    src_url = args.src
     infos = list_checkpoints(src, manifest_key=manifest_key())
     if args.step:
         wanted = set(args.step)

@@ -137,9 +137,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"all {len(results)} checkpoint(s) intact" if not single else "intact")
         return OK
     names = ", ".join(r["name"] for r in bad)
+    resume = (
+        "Load or resume from an intact one (ckptstore ls shows them), pull"
+        if len(bad) < len(results)
+        else "None is intact: pull"
+    )
     print(
-        f"{len(bad)} of {len(results)} checkpoint(s) damaged: {names}. Load or resume from an "
-        "intact one (ckptstore ls shows them), pull a good copy from a backup with ckptstore "
-        "pull --replace-damaged, or delete the damaged ones"
+        f"{len(bad)} of {len(results)} checkpoint(s) damaged: {names}. {resume} a good copy "
+        "from a backup with ckptstore pull --replace-damaged, or delete the damaged ones"
     )
     return FAILED

@@ -193,20 +193,23 @@ class RestoreMixin:
                 log.warning("could not list %s: %s", backend.url, exc)
                 continue
             others: dict[str, builtins.list[str]] = {}
+            ours = {self._run_id, *self._lineage}  # (a branch goes on from its parents)
             for i in infos:
                 run = i.manifest.run_id
-                if run != self._run_id and (run is not None or not resumed):
+                if run not in ours and (run is not None or not resumed):
                     others.setdefault(run or "(not recorded)", []).append(i.name)
             if others:
                 log.warning(
                     "%s holds checkpoints of another run than this one (run %s), which this "
-                    "run did not resume: %s. The backup's retention leaves them alone and "
-                    "replaces one of the same step with this run's; to resume that run "
-                    "instead, restore it; to keep runs apart, give each its own root and "
-                    "backup prefix",
+                    "run did not resume: %s. %sTo resume that run instead, restore it; to "
+                    "keep runs apart, give each its own root and backup prefix",
                     backend.url,
                     self._run_id,
                     "; ".join(f"run {r}: {', '.join(n)}" for r, n in others.items()),
+                    "The backup's retention leaves them alone and replaces one of the same "
+                    "step with this run's. "
+                    if backend is self._remote
+                    else "",
                 )
 
     def _load_with_backup(self, state: Resumable | dict[str, Any], step: int) -> CheckpointInfo:

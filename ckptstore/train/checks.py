@@ -30,7 +30,7 @@ from ckptstore.errors import (
     NewerCheckpointsError,
     WriterLeaseError,
 )
-from ckptstore.layout import POINTER_TEMP_PREFIX
+from ckptstore.layout import MANIFEST_FILE, POINTER_TEMP_PREFIX
 from ckptstore.storage import open_backend
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -66,6 +66,12 @@ def check_writable(url: str, flag: str) -> None:
     if "://" not in url and os.path.exists(url) and not os.path.isdir(url):
         raise CliError(
             f"{flag} {url} is a file, not a directory: give a directory (it is created if missing)",
+            EXIT_USAGE,
+        )
+    if "://" not in url and os.path.isfile(os.path.join(url, MANIFEST_FILE)):
+        raise CliError(
+            f"{flag} {url} is a checkpoint, not a checkpoint directory: give the directory "
+            f"that holds it ({flag} {os.path.dirname(os.path.abspath(url))}), or another one",
             EXIT_USAGE,
         )
     probe = f"{POINTER_TEMP_PREFIX}probe-{uuid.uuid4().hex}"  # swept if we die meanwhile
@@ -206,10 +212,12 @@ def resume_error(
             EXIT_USAGE,
         )
     if isinstance(exc, IncompatibleCheckpointError):
+        what = str(exc).split(". Fix: ")[0]  # (its fix names Python arguments)
         return CliError(
-            f"--resume {which}: {exc}. That checkpoint was written with other settings: "
-            "rerun with those (the same --size), or start over with --resume none or "
-            "another --ckpt-dir"
+            f"--resume {which}: {what}. That checkpoint was written with other settings: "
+            "rerun with those (the same --size, and --freeze-blocks if it was given), or "
+            "start over with another --ckpt-dir, or here with --resume none --discard-newer "
+            "(the checkpoints there are moved aside, not deleted)"
         )
     return exc
 
