@@ -266,9 +266,13 @@ def test_ls_and_info_say_what_is_shared(root, capsys):
     listed = json.loads(capsys.readouterr().out)
     assert listed["stored_bytes"] == sum(c["stored_bytes"] for c in listed["checkpoints"])
     assert 0 < listed["disk_bytes"] < 0.5 * listed["stored_bytes"], listed
+    ratios = [c["ratio"] for c in listed["checkpoints"]]  # linked files hold stale items
+    assert ratios[0] == pytest.approx(1.0, abs=0.01) and ratios[1:] == [None, None], ratios
     assert main(["info", root]) == 0
     out = capsys.readouterr().out
     assert "is in files first written by step_00000001, linked" in out, out
+    ratio = re.search(r"ratio (\d\.\d+) \(of the items it uses\)", out)
+    assert ratio and 0.99 < float(ratio.group(1)) < 1.01, out  # codec none
     shutil.rmtree(os.path.join(root, "step_00000001"))
     assert main(["info", root]) == 0
     out = capsys.readouterr().out

@@ -161,6 +161,8 @@ def describe(backend: StorageBackend, name: str, only: str | None) -> dict[str, 
     for g in groups.values():
         g["codecs"] = sorted(g["codecs"])
         g["ratio"] = round(g["stored_bytes"] / g["raw_bytes"], 6) if g["raw_bytes"] else 1.0
+    if m.linked and m.raw_bytes:  # of the items it uses (linked files hold others too)
+        out["ratio"] = round(sum(stored.values()) / m.raw_bytes, 6)
     out["groups"] = groups
     out["entries"] = entries
     out["problems"] = problems
@@ -227,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         ("saved", f"{local_time(info['created_unix_s'])} ({info['created']})"),
         ("world size", str(info["world_size"])),
         ("codec", f"{codec_text} (rank 0's choice; per group below)"),
-        ("size", f"{size(info['stored_bytes'])} stored, {size(info['raw_bytes'])} raw, ratio {info['ratio']:.3f}"),
+        ("size", f"{size(info['stored_bytes'])} stored" + (" (its linked files whole)" if info["linked"] else "") + f", {size(info['raw_bytes'])} raw, ratio {info['ratio']:.3f}" + (" (of the items it uses)" if info["linked"] else "")),
         *([("incremental", incremental_text(info))] if info["linked"] else []),
         ("metrics", metrics_text(info["metrics"]) or "-"),
         ("metadata", str(info["metadata"]) if info["metadata"] else "-"),

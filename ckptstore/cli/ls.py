@@ -200,7 +200,7 @@ def entry_json(e: Entry) -> dict[str, Any]:
             stored_bytes=m.stored_bytes,
             owned_bytes=m.owned_bytes,
             raw_bytes=m.raw_bytes,
-            ratio=round(m.ratio, 6),
+            ratio=None if m.linked else round(m.ratio, 6),  # (see the table's RATIO)
             codec=m.codec.get("id"),
             world_size=m.world_size,
             metrics=m.metrics,
@@ -256,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
                     local_time(m.created_unix_s),
                     m.reason or "-",
                     size(m.stored_bytes) + (f" ({size(m.owned_bytes)} own)" if m.linked else ""),
-                    f"{m.ratio:.2f}",
+                    # linked files hold the items changed since too: info says the ratio
+                    "-" if m.linked else f"{m.ratio:.2f}",
                     metrics_text(m.metrics) or "-",
                     ",".join(e.tags),
                 ]

@@ -43,13 +43,15 @@ class SaveResult:
     def ratio(self) -> float:
         return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
 
-    def describe(self, linked_bytes: int = 0) -> str:
+    def describe(self, linked_bytes: int = 0, ranks: int = 1) -> str:
         """The log line of a committed save (``linked_bytes``: raw bytes not written
-        again, linked from the save before: ckptstore.dcp.incremental)."""
+        again, linked from the save before: ckptstore.dcp.incremental); its bytes are
+        this rank's, which the line says when ``ranks`` > 1."""
         reason = self.manifest.reason if self.manifest is not None else None
         linked = f", {format_bytes(linked_bytes)} unchanged (linked)" if linked_bytes else ""
+        mine = "this rank's part " if ranks > 1 else ""
         return (
-            f"{self.name} committed{f' ({reason})' if reason else ''}: "
+            f"{self.name} committed{f' ({reason})' if reason else ''}: {mine}"
             f"{format_bytes(self.raw_bytes)} -> {format_bytes(self.stored_bytes)} "
             f"({self.codec}, ratio {self.ratio:.2f}){linked}, stall {self.stall_s * 1e3:.0f} ms, "
             f"durable after {self.commit_s:.2f} s"

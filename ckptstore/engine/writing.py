@@ -18,6 +18,7 @@ from ckptstore.codecs.auto import AutoCodec
 from ckptstore.codecs.base import Codec
 from ckptstore.config import CheckpointerConfig, io_window
 from ckptstore.dcp.spec import SaveSpec
+from ckptstore.engine import groups
 from ckptstore.engine.ops import SaveCache, save_staged
 from ckptstore.engine.pending import ErrorLedger, PendingSave, SaveResult
 from ckptstore.engine.stager import StagedState, StagingPool
@@ -108,7 +109,8 @@ class WriterMixin:
             self._fail(pending, exc)
         else:
             inc = self._save_cache.incremental
-            log.info("%s", result.describe(inc.linked_bytes if inc is not None else 0))
+            linked = inc.linked_bytes if inc is not None else 0
+            log.info("%s", result.describe(linked, groups.world_size(self._group)))
             pending.committed.set_result(result)
         finally:
             self._finish(pending, staged)

@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps is not None and args.epochs is not None:
         ap.error("give --steps or --epochs, not both")
     for name in ("ckpt_dir", "backup", "data"):
-        if getattr(args, name) == "":
+        if getattr(args, name) is not None and not getattr(args, name).strip():
             ap.error(f"--{name.replace('_', '-')} must not be empty")
     for name in ("steps", "epochs", "batch_size", "eval_batches", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
