@@ -592,23 +592,53 @@ def test_commands_that_change_a_root_are_refused_while_a_run_writes_it(
     assert code == 0 and "deleted 2 checkpoint(s)" in out, out  # (the run has ended)
 
 
-@pytest.mark.parametrize("command", [["ls"], ["verify"], ["gc"], ["sync", "SRC"], ["pull", "SRC"]])
+@pytest.mark.parametrize(
+    "command", [["ls"], ["verify"], ["info"], ["export"], ["gc"], ["sync", "SRC"], ["pull", "SRC"]]
+)
 def test_an_empty_root_is_refused_not_taken_for_the_current_directory(
     saved, tmp_path, monkeypatch, capsys, command
 ):
     monkeypatch.chdir(tmp_path)
     args = [saved[0] if a == "SRC" else a for a in command]
-    code, _, err = run_main(capsys, *args, "")
+    tail = [str(tmp_path / "out.pt")] if command == ["export"] else []
+    code, _, err = run_main(capsys, *args, "", *tail)
     assert code == 2 and "must not be empty" in err, err
     assert os.listdir(tmp_path) == []
 
 
-def test_a_checkpoint_is_refused_as_the_root_to_copy_or_import_into(saved, run_copy, capsys):
+def test_a_checkpoint_is_refused_as_the_root_to_copy_or_import_into(
+    saved, run_copy, capsys, tmp_path
+):
+    exported = str(tmp_path / "w.pt")
+    torch.save({"w": torch.zeros(3)}, exported)
     inside = os.path.join(run_copy, "step_00000030")
     before = sorted(os.listdir(inside))
-    code, _, err = run_main(capsys, "sync", saved[0], inside)
-    assert code == 2 and "is a checkpoint, not a checkpoint root" in err, err
+    for command in (
+        ["sync", saved[0], inside],
+        ["import", exported, inside, "--step", "7"],
+        ["prune", inside, "--keep-last", "1", "--yes"],
+    ):
+        code, _, err = run_main(capsys, *command)
+        assert code == 2 and "is a checkpoint, not a checkpoint root" in err, (command, err)
     assert sorted(os.listdir(inside)) == before
+
+
+def test_a_sync_with_nothing_to_copy_takes_no_lease(saved, run_copy, capsys):
+    """Comparing a mirror that is up to date writes nothing: it needs no writer lease
+    (a run may hold it; the destination may be read-only)."""
+    with ckptstore.CheckpointManager(run_copy, keep=ckptstore.KeepLast(10)):
+        code, out, err = run_main(capsys, "sync", saved[0], run_copy)
+    assert code == 0 and "0 copied" in out, out + err
+
+
+def test_verify_of_one_damaged_checkpoint_does_not_say_none_is_intact(run_copy, capsys):
+    flip_byte(os.path.join(run_copy, "step_00000030", "__0_0.distcp"), 100)
+    code, out, _ = run_main(capsys, "verify", os.path.join(run_copy, "step_00000030"))
+    assert code == 1 and "Load or resume from an intact one" in out, out
+    for name in ("step_00000010", "step_00000020", "step_00000040"):
+        flip_byte(os.path.join(run_copy, name, "__0_0.distcp"), 100)
+    code, out, _ = run_main(capsys, "verify", run_copy)
+    assert code == 1 and "None is intact" in out, out
 
 
 @pytest.mark.parametrize("fails", ["create", "write"])

@@ -1279,12 +1279,29 @@ def test_prune_counts_only_the_bytes_deleting_frees(root, capsys):
             ckpt.save(state_at(step, frozen), step=step)
     assert main(["prune", root, "--keep-last", "2"]) == 0
     out = capsys.readouterr().out
-    assert "would delete 3 checkpoint(s), " in out and " KB: step_00000001" in out, out
-    assert main(["prune", root, "--keep-last", "2", "--yes"]) == 0
-    capsys.readouterr()
+    assert "would delete 3 checkpoint(s), freeing " in out and " KB: step_00000001" in out, out
+    # a copy of step 2 set aside (hard links) keeps its files: they are not freed
+    two = os.path.join(root, "step_00000002")
+    shutil.copytree(two, two + ".damaged-x", copy_function=os.link)
+    before = unique_bytes(root)
+    assert main(["prune", root, "--keep-last", "1", "--yes"]) == 0
+    out = capsys.readouterr().out
+    number, unit = re.search(r"\(freed ([\d.]+) (B|KB|MB)\)", out).groups()
+    freed = float(number) * {"B": 1, "KB": 1e3, "MB": 1e6}[unit]
+    assert abs((before - unique_bytes(root)) - freed) <= 10, out  # (shown to 10 B)
     with ckptstore.Checkpointer(root) as ckpt:
-        assert [i.step for i in ckpt.list()] == [4, 5]
+        assert [i.step for i in ckpt.list()] == [5]
         load_equal(ckpt, 5, state_at(5, frozen))
+
+
+def unique_bytes(root: str) -> int:
+    """The bytes of the files under ``root``, each inode once."""
+    seen: dict[int, int] = {}
+    for top, _, names in os.walk(root):
+        for name in names:
+            st = os.lstat(os.path.join(top, name))
+            seen[st.st_ino] = st.st_size
+    return sum(seen.values())
 
 
 # ---- after a restart ------------------------------------------------------------------

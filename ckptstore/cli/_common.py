@@ -85,17 +85,13 @@ def open_root(url: str, *, must_exist: bool = True, create: bool = False) -> Sto
     root must be reachable (its bucket exists, the credentials work). An empty prefix
     in a bucket cannot be told from a missing one: it is a root with no checkpoints.
     """
-    if not url.strip():  # (an unset shell variable: never the current directory)
-        raise usage_error("a checkpoint root must not be empty: give a directory or an s3:// URL")
+    refuse_empty(url)
     if not is_url(url):
         path = local_path(url)
         if os.path.exists(path) and not os.path.isdir(path):
             raise usage_error(f"{url} is a file, not a checkpoint root (a directory)")
         if create and os.path.isfile(os.path.join(path, MANIFEST_FILE)):
-            raise usage_error(
-                f"{url} is a checkpoint, not a checkpoint root: give the directory that "
-                f"holds it ({os.path.dirname(path)}), or another one"
-            )
+            raise not_a_root(url)
         if must_exist and not create and not os.path.isdir(path):
             raise usage_error(
                 f"{url}: no such directory; check the path (ckptstore ls PARENT lists the "
@@ -117,8 +113,18 @@ def open_root(url: str, *, must_exist: bool = True, create: bool = False) -> Sto
     return backend
 
 
+def refuse_empty(text: str) -> None:
+    """A root or checkpoint argument that is empty or blank (an unset shell variable)
+    is a usage error, never the current directory."""
+    if not text.strip():
+        raise usage_error(
+            "a checkpoint root or checkpoint must not be empty: give a directory or an s3:// URL"
+        )
+
+
 def split_checkpoint(text: str) -> tuple[str, str] | None:
     """``ROOT/NAME`` -> (ROOT, NAME); None when there is no parent to split off."""
+    refuse_empty(text)
     stripped = text.rstrip("/")
     if is_url(stripped):
         scheme, rest = stripped.split("://", 1)
@@ -207,6 +213,13 @@ def find_named(text: str) -> tuple[StorageBackend, str, bool] | None:
     return None
 
 
+def not_a_root(url: str) -> CliError:
+    """A command asked to write into a committed checkpoint as if it were a root."""
+    return usage_error(
+        f"{url} is a checkpoint, not a checkpoint root: give the root that holds it, or another one"
+    )
+
+
 @contextlib.contextmanager
 def writer_lease(backend: StorageBackend, refused: str) -> Iterator[None]:
     """Hold ``backend``'s writer lease while a command changes what a run would (deletes
@@ -214,6 +227,8 @@ def writer_lease(backend: StorageBackend, refused: str) -> Iterator[None]:
     ``refused`` after naming it; the command in turn holds a run off until it ends."""
     from ckptstore.manager import lease  # (imports torch.distributed)
 
+    if backend.exists(MANIFEST_FILE):
+        raise not_a_root(backend.url)
     try:
         held = lease.acquire(backend, full_disk_ok=True)  # (prune frees a full disk)
     except WriterLeaseError as exc:

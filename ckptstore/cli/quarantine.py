@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with writer_lease(backend, refused):
         if not args.force and name in {
-            i.name for i in list_checkpoints(backend, manifest_key=manifest_key())
+            i.name for i in list_checkpoints(backend, [name], manifest_key=manifest_key())
         }:
             from ckptstore.engine.ops import verify  # (torch)
 

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -147,14 +147,26 @@ def transfer(args: argparse.Namespace) -> int:
     src_url, dst_url = args.src, args.dst
     src = open_root(src_url)
     dst = open_root(dst_url, create=not is_url(dst_url))
-    if args.dry_run:
-        return _transfer(args, src, dst)
     refused = "stop that run first, or copy into another directory"
-    with writer_lease(dst, refused):  # its saves would collide with what is copied in
-        return _transfer(args, src, dst)
+    taken: list[bool] = []
+    with contextlib.ExitStack() as held:
+
+        def before_writing() -> None:
+            """The destination's writer lease, at the first write (a run's next saves
+            would collide with what is copied in); none where nothing is written."""
+            if not taken:
+                held.enter_context(writer_lease(dst, refused))
+                taken.append(True)
+
+        return _transfer(args, src, dst, before_writing)
 
 
-def _transfer(args: argparse.Namespace, src: StorageBackend, dst: StorageBackend) -> int:
+def _transfer(
+    args: argparse.Namespace,
+    src: StorageBackend,
+    dst: StorageBackend,
+    before_writing: Callable[[], None],
+) -> int:
     src_url = args.src
     infos = list_checkpoints(src, manifest_key=manifest_key())
     if args.step:
@@ -175,7 +187,7 @@ def _transfer(args: argparse.Namespace, src: StorageBackend, dst: StorageBackend
     copied: list[str] = []
     failed: list[str] = []
     planned: list[str] = []
-    leftovers = _clear_leftovers(args, dst, infos)
+    leftovers = _clear_leftovers(args, dst, infos, before_writing)
     stop = threading.Event()
     for info in infos:
         replace = False
@@ -217,6 +229,7 @@ def _transfer(args: argparse.Namespace, src: StorageBackend, dst: StorageBackend
             f"{'replacing' if replace else 'copying'} {info.name}", 0, enabled=sys.stderr.isatty()
         )
         start = time.monotonic()
+        before_writing()
         try:
             with _stop_on_ctrl_c(stop):
                 # A replace copies beside the damaged one first: never neither of them.
@@ -298,7 +311,10 @@ def _stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
 
 
 def _clear_leftovers(
-    args: argparse.Namespace, dst: StorageBackend, infos: list[CheckpointInfo]
+    args: argparse.Namespace,
+    dst: StorageBackend,
+    infos: list[CheckpointInfo],
+    before_writing: Callable[[], None],
 ) -> dict[str, float]:
     """Make room for the checkpoints to copy where an earlier copy died half-way.
 
@@ -318,6 +334,7 @@ def _clear_leftovers(
     if not wanted:
         return {}
     grace = 3600.0 if args.grace_s is None else args.grace_s
+    before_writing()
     for removed in dst.sweep(grace):
         print(f"removed  {removed} (uncommitted, older than {grace:g} s)")
     names = set(dst.list_names())

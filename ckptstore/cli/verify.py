@@ -138,9 +138,9 @@ def run(args: argparse.Namespace) -> int:
         return OK
     names = ", ".join(r["name"] for r in bad)
     resume = (
-        "Load or resume from an intact one (ckptstore ls shows them), pull"
-        if len(bad) < len(results)
-        else "None is intact: pull"
+        "None is intact: pull"
+        if len(bad) == len(results) and not single
+        else "Load or resume from an intact one (ckptstore ls shows them), pull"
     )
     print(
         f"{len(bad)} of {len(results)} checkpoint(s) damaged: {names}. {resume} a good copy "

@@ -68,20 +68,22 @@ def check_writable(url: str, flag: str) -> None:
             f"{flag} {url} is a file, not a directory: give a directory (it is created if missing)",
             EXIT_USAGE,
         )
-    if "://" not in url and os.path.isfile(os.path.join(url, MANIFEST_FILE)):
-        raise CliError(
-            f"{flag} {url} is a checkpoint, not a checkpoint directory: give the directory "
-            f"that holds it ({flag} {os.path.dirname(os.path.abspath(url))}), or another one",
-            EXIT_USAGE,
-        )
     probe = f"{POINTER_TEMP_PREFIX}probe-{uuid.uuid4().hex}"  # swept if we die meanwhile
     try:
         backend = open_backend(url)
         backend.check_access()
+        if backend.exists(MANIFEST_FILE):
+            raise CliError(
+                f"{flag} {url} is a checkpoint, not a checkpoint directory: give the "
+                "directory that holds it, or another one",
+                EXIT_USAGE,
+            )
         backend.put_atomic(probe, b"")
         backend.delete(probe)  # a checkpoint's delete: on local disk, directories only
         if backend.capabilities.local:
             os.unlink(os.path.join(backend.url, probe))
+    except CliError:
+        raise
     except (CkptStoreError, OSError, ValueError) as exc:
         raise CliError(cannot_write(url, flag, exc)) from None
 
@@ -217,7 +219,7 @@ def resume_error(
             f"--resume {which}: {what}. That checkpoint was written with other settings: "
             "rerun with those (the same --size, and --freeze-blocks if it was given), or "
             "start over with another --ckpt-dir, or here with --resume none --discard-newer "
-            "(the checkpoints there are moved aside, not deleted)"
+            "(the checkpoints there and on --backup are moved aside, not deleted)"
         )
     return exc
 
