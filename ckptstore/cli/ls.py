@@ -78,8 +78,19 @@ class Entry:
 def scan(backend: StorageBackend, *, everything: bool) -> list[Entry]:
     """Committed checkpoints by step; with ``everything`` also the names that look like
     checkpoints but are not committed (a save in progress or a dead one) or whose
-    manifest is damaged."""
+    manifest is damaged. A checkpoint deleted between the listing and the reading of
+    its manifest (a run's retention, saving fast) means a new listing, up to 5."""
+    for _ in range(4):
+        entries, missing = _scan(backend, everything)
+        if not missing or not missing - set(backend.list_names()):
+            return entries
+    return _scan(backend, everything)[0]
+
+
+def _scan(backend: StorageBackend, everything: bool) -> tuple[list[Entry], set[str]]:
+    """The entries, and the step names listed whose manifest was not found."""
     entries: list[Entry] = []
+    missing: set[str] = set()
     names = backend.list_names()
     manifests = _read_manifests(backend, [n for n in names if STEP_NAME.match(n)])
     for name in names:
@@ -90,6 +101,7 @@ def scan(backend: StorageBackend, *, everything: bool) -> list[Entry]:
             try:
                 manifest = manifests[name]()
             except CheckpointNotFoundError:
+                missing.add(name)
                 if everything:
                     entries.append(Entry(name, "uncommitted", step, url))
                 continue
@@ -110,7 +122,7 @@ def scan(backend: StorageBackend, *, everything: bool) -> list[Entry]:
             inner = STEP_NAME.match(name[len(TEMP_PREFIX) :].rsplit("-", 1)[0])
             entries.append(Entry(name, "uncommitted", int(inner.group(1)) if inner else None, url))
     entries.sort(key=lambda e: (e.step if e.step is not None else -1, e.status != "committed"))
-    return entries
+    return entries, missing
 
 
 def _read_manifests(backend: StorageBackend, names: list[str]) -> dict[str, Callable[[], Manifest]]:
