@@ -1268,6 +1268,33 @@ def test_a_copy_never_links_over_a_file_another_copy_made():
     assert dst.fs.cat_file(dst.store_path("step_00000002/a.distcp")) == b"the other copy's"
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_dry_run_sync_says_what_the_copy_will_send_and_link(
+    root, tmp_path, capsys, request, where
+):
+    from ckptstore.cli.main import main
+
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        for step in range(1, 4):
+            ckpt.save(state_at(step, frozen), step=step)
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+        dst = f"s3://{request.getfixturevalue('s3_bucket')}/mirror"
+    else:
+        dst = str(tmp_path / "mirror")
+    assert main(["sync", root, dst, "--dry-run"]) == 0
+    planned = re.findall(r"would copy (step_\d+) \((.*)\)", capsys.readouterr().out)
+    assert main(["sync", root, dst]) == 0
+    done = re.findall(
+        r"copied +(step_\d+) \((.*), in [\d.]+ s, verified\)", capsys.readouterr().out
+    )
+    assert [n for n, _ in planned] == [n for n, _ in done] == [f"step_{s:08d}" for s in (1, 2, 3)]
+    for (_, plan), (_, did) in zip(planned, done, strict=True):
+        assert plan.replace(" to copy", " copied").replace(" to link", " linked") == did
+    assert " linked" in done[1][1] and " linked" not in done[0][1], done
+
+
 def test_prune_counts_only_the_bytes_deleting_frees(root, capsys):
     """Deleting checkpoints whose files later ones link frees only what no kept one
     shares: the dry run says so, not the sum of their sizes."""

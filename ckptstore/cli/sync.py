@@ -33,6 +33,7 @@ from ckptstore.cli._common import (
 )
 from ckptstore.engine.listing import CheckpointInfo, list_checkpoints, read_manifest
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, CopyStoppedError
+from ckptstore.format.manifest import Manifest
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
 from ckptstore.progress import Progress
@@ -188,6 +189,7 @@ def _transfer(
     failed: list[str] = []
     planned: list[str] = []
     leftovers = _clear_leftovers(args, dst, infos, before_writing)
+    there: set[tuple[int, str]] | None = None  # (dry run) the shard files dst will hold
     stop = threading.Event()
     for info in infos:
         replace = False
@@ -222,7 +224,9 @@ def _transfer(
             replace = True
         if args.dry_run:
             verb = "would replace" if replace else "would copy"
-            print(f"{verb} {info.name} ({size(info.manifest.stored_bytes)})")
+            if there is None:  # (read once: the destination's files, and those planned)
+                there = shard_files(list_checkpoints(dst, manifest_key=manifest_key()))
+            print(f"{verb} {info.name} ({would_move(info.manifest, there)})")
             planned.append(info.name)
             continue
         progress = Progress(
@@ -308,6 +312,32 @@ def _stop_on_ctrl_c(stop: threading.Event) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def shard_files(infos: list[CheckpointInfo]) -> set[tuple[int, str]]:
+    """The (size, index checksum) of every shard file of ``infos``: what a linked file
+    (incremental saves) is recognised by when copied."""
+    return set().union(*(shard_files_of(i.manifest) for i in infos))
+
+
+def would_move(manifest: Manifest, there: set[tuple[int, str]]) -> str:
+    """What copying ``manifest``'s checkpoint would send, given the shard files the
+    destination holds by then (``there``, which this adds its own to): its linked files
+    found there are linked, not sent."""
+    linkable = [
+        e
+        for f, e in manifest.files.items()
+        if f in manifest.linked and (e.size_bytes, e.xxh3_64) in there
+    ]
+    there |= shard_files_of(manifest)
+    if not linkable:
+        return size(manifest.stored_bytes)
+    linked = sum(e.size_bytes for e in linkable)
+    return f"{size(manifest.stored_bytes - linked)} to copy, {size(linked)} to link"
+
+
+def shard_files_of(manifest: Manifest) -> set[tuple[int, str]]:
+    return {(e.size_bytes, e.xxh3_64) for e in manifest.files.values() if e.kind == "shard"}
 
 
 def _clear_leftovers(
