@@ -109,4 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if given and not args.incremental:
             ap.error(f"{flag} is about incremental saves: add --incremental")
+    if args.no_checkpoint:  # each would be ignored without a word
+        for flag, given in (
+            ("--incremental", args.incremental),
+            ("--backup", args.backup is not None),
+            ("--keep-every-epoch", args.keep_every_epoch),
+            ("--keep-best", args.keep_best > 0),
+        ):
+            if given:
+                ap.error(f"{flag} is about saving, and --no-checkpoint saves nothing: drop one")
     return args
