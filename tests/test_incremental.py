@@ -1285,6 +1285,7 @@ def test_a_dry_run_sync_says_what_the_copy_will_send_and_link(
         dst = str(tmp_path / "mirror")
     assert main(["sync", root, dst, "--dry-run"]) == 0
     planned = re.findall(r"would copy (step_\d+) \((.*)\)", capsys.readouterr().out)
+    assert where == "s3" or not os.path.exists(dst)  # a dry run creates nothing
     assert main(["sync", root, dst]) == 0
     done = re.findall(
         r"copied +(step_\d+) \((.*), in [\d.]+ s, verified\)", capsys.readouterr().out

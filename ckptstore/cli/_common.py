@@ -90,7 +90,7 @@ def open_root(url: str, *, must_exist: bool = True, create: bool = False) -> Sto
         path = local_path(url)
         if os.path.exists(path) and not os.path.isdir(path):
             raise usage_error(f"{url} is a file, not a checkpoint root (a directory)")
-        if create and os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        if (create or not must_exist) and os.path.isfile(os.path.join(path, MANIFEST_FILE)):
             raise not_a_root(url)
         if must_exist and not create and not os.path.isdir(path):
             raise usage_error(

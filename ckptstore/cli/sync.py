@@ -147,7 +147,8 @@ def transfer(args: argparse.Namespace) -> int:
     ``args.src``."""
     src_url, dst_url = args.src, args.dst
     src = open_root(src_url)
-    dst = open_root(dst_url, create=not is_url(dst_url))
+    # a dry run changes nothing: a missing local destination is not created
+    dst = open_root(dst_url, create=not is_url(dst_url) and not args.dry_run, must_exist=False)
     refused = "stop that run first, or copy into another directory"
     taken: list[bool] = []
     with contextlib.ExitStack() as held:
