@@ -120,7 +120,8 @@ class CheckpointerConfig:
         from this machine), and written in full where neither can be made. Off by
         default while it is proven (:mod:`ckptstore.dcp.incremental`).
     full_every: with ``incremental``, every this many saves one writes everything
-        (bounds the bytes a chain of links keeps; 0: never).
+        (bounds the bytes a chain of links keeps; 0: never; 1: every save, as without
+        ``incremental``: nothing is hashed).
     trust_version_counters: with ``incremental``, a large CPU tensor whose bytes were
         found unchanged (by hash, its version counter unmoved) is from then on, while it
         keeps that storage, hashed after ``save`` returns, not before: the training loop

@@ -115,6 +115,20 @@ def test_every_full_every_saves_one_writes_everything(root):
     assert linked == [False, True, True, False, True, True, False]
 
 
+def test_full_every_1_saves_as_without_incremental(root, tmp_path):
+    """Every save writes everything, and nothing is hashed or noted for a next save to
+    link from: the bytes are those of a save without incremental (a note was written)."""
+    frozen = frozen_state()
+    with (
+        ckptstore.Checkpointer(root, codec="none", incremental=True, full_every=1) as each,
+        ckptstore.Checkpointer(str(tmp_path / "plain"), codec="none") as plain,
+    ):
+        for step in range(1, 4):
+            state = state_at(step, frozen)
+            assert each.save(state, step=step).stored_bytes == plain.save(state, step).stored_bytes
+            assert not each.latest().manifest.linked
+
+
 def test_where_links_cannot_be_made_the_save_writes_everything(root, monkeypatch):
     frozen = frozen_state()
     want = {k: v.clone() for k, v in state_at(2, frozen).items()}

@@ -128,7 +128,9 @@ class Checkpointer(WriterMixin):
         )
         self._slots = threading.Semaphore(self.config.max_inflight)
         self._save_cache = SaveCache()  # used on the writer thread only
-        if self.config.incremental:
+        # full_every=1: every save writes everything, so nothing is hashed or noted for
+        # a next save to link (as incremental=False)
+        if self.config.incremental and self.config.full_every != 1:
             self._save_cache.incremental = IncrementalCache(self.config.full_every)
             self._save_cache.plans.itemized = True
             self._staging.track_versions = True

@@ -49,7 +49,8 @@ def describe_policy(args: argparse.Namespace) -> str:
     done = ", ".join(parts) + "; keep " + ", ".join(keep)
     if args.incremental:
         full = 10 if args.full_every is None else args.full_every
-        done += "; incremental, " + (f"full every {full} saves" if full else "never full")
+        how = {0: "never full", 1: "every save full (as without --incremental)"}
+        done += "; incremental, " + how.get(full, f"full every {full} saves")
         done += ", trusting version counters" if args.trust_version_counters else ""
     return done
 
