@@ -63,9 +63,12 @@ def copy_checkpoint(
     stop: threading.Event | None = None,
     manifest_key: bytes | None = None,
     dst_name: str | None = None,
+    link_from: str | None = None,
 ) -> Manifest:
     """Copy committed checkpoint ``name`` from ``src`` to ``dst`` (as ``dst_name`` there,
-    default ``name``); return its manifest.
+    default ``name``); return its manifest. ``link_from``: a checkpoint in ``dst`` that
+    is a verified copy of the same one, whose files are linked (on an object store,
+    copied inside it) instead of sent again.
 
     Raises :class:`CorruptCheckpointError` if the source does not match its manifest
     (nothing is written to ``dst`` then), :class:`CheckpointExistsError` if ``dst``
@@ -115,7 +118,9 @@ def copy_checkpoint(
         for link in (True, False):  # without links: a linked file there was damaged
             pending = dst.begin(target)
             try:
-                files = without_held(dst, pending, manifest, target, manifest_key, every, link)
+                files = without_held(
+                    dst, pending, manifest, target, manifest_key, every, link, link_from
+                )
                 if progress is not None:  # incremental: only what dst lacks
                     payload = sum(e.size_bytes for _, e in files)
                     progress.restart(payload * (2 if verify_upload else 1), payload)
@@ -163,14 +168,19 @@ def without_held(
     key: bytes | None,
     files: list[tuple[str, Any]],
     link: bool = True,
+    link_from: str | None = None,
 ) -> list[tuple[str, Any]]:
     """Of ``files`` (name, manifest entry), those left to send once the linked files
     (incremental saves) that another checkpoint in ``dst`` holds are linked, or copied
-    inside the store, into ``pending`` (``link`` False: all of them)."""
+    inside the store, into ``pending`` (``link`` False: all of them; ``link_from``: a
+    copy of this checkpoint there, every file of which is linked)."""
     if not link:
         return files
     names = {f for f, _ in files}
-    held = {f: at for f, at in _held_by(dst, manifest, target, key).items() if f in names}
+    if link_from is not None:
+        held = {f: f"{link_from}/{f}" for f in names}
+    else:
+        held = {f: at for f, at in _held_by(dst, manifest, target, key).items() if f in names}
     if held and pending.link_files(held):
         return [(f, e) for f, e in files if f not in held]
     return files
@@ -356,13 +366,14 @@ def replace_checkpoint(
     ``dst`` holds a complete checkpoint, the old or the new, at every moment: a copy is
     not a rename, and an object store has none, so the new one is first copied in full
     beside the old (``<name>.replacing``), then the old is deleted, the new copied again
-    under ``name``, and the one beside it deleted. Twice the transfer, for a rare event
-    (a checkpoint of another run, or of a branch retired by a restore, in the way).
+    under ``name`` (its files linked from the one beside it, or copied inside an object
+    store: the bytes are sent once), and the one beside it deleted.
     Stopped or failed anywhere, a second call finishes the job. Raises what
     :func:`copy_checkpoint` raises.
     """
     beside = f"{name}{REPLACING_SUFFIX}"
     kw: dict[str, Any] = {"threads": threads, "stop": stop, "manifest_key": manifest_key}
+    link_from = None
     if dst.exists(f"{name}/{MANIFEST_FILE}"):
         # A leftover beside it is of an earlier attempt; the old one is complete.
         dst.delete(beside)
@@ -375,9 +386,10 @@ def replace_checkpoint(
             beside,
         )
         dst.delete(name)
+        link_from = beside  # verified: its files are linked, not sent a second time
     elif name in dst.list_names():
         dst.delete(name)  # files without a manifest: an unfinished copy
-    manifest = copy_checkpoint(src, dst, name, progress=progress, **kw)
+    manifest = copy_checkpoint(src, dst, name, progress=progress, link_from=link_from, **kw)
     dst.delete(beside)
     return manifest
 
