@@ -118,8 +118,10 @@ def copy_checkpoint(
         for link in (True, False):  # without links: a linked file there was damaged
             pending = dst.begin(target)
             try:
+                # not from the one a copy beside replaces: presumably damaged
+                skip = (target, name)
                 files = without_held(
-                    dst, pending, manifest, target, manifest_key, every, link, link_from
+                    dst, pending, manifest, skip, manifest_key, every, link, link_from
                 )
                 if progress is not None:  # incremental: only what dst lacks
                     payload = sum(e.size_bytes for _, e in files)
@@ -164,14 +166,15 @@ def without_held(
     dst: StorageBackend,
     pending: Any,
     manifest: Manifest,
-    target: str,
+    skip: tuple[str, ...],
     key: bytes | None,
     files: list[tuple[str, Any]],
     link: bool = True,
     link_from: str | None = None,
 ) -> list[tuple[str, Any]]:
     """Of ``files`` (name, manifest entry), those left to send once the linked files
-    (incremental saves) that another checkpoint in ``dst`` holds are linked, or copied
+    (incremental saves) that a checkpoint in ``dst`` not named in ``skip`` (the one
+    being written among them) holds are linked, or copied
     inside the store, into ``pending`` (``link`` False: all of them; ``link_from``: a
     copy of this checkpoint there, every file of which is linked)."""
     if not link:
@@ -180,14 +183,14 @@ def without_held(
     if link_from is not None:
         held = {f: f"{link_from}/{f}" for f in names}
     else:
-        held = {f: at for f, at in _held_by(dst, manifest, target, key).items() if f in names}
+        held = {f: at for f, at in _held_by(dst, manifest, skip, key).items() if f in names}
     if held and pending.link_files(held):
         return [(f, e) for f, e in files if f not in held]
     return files
 
 
 def _held_by(
-    dst: StorageBackend, manifest: Manifest, target: str, key: bytes | None
+    dst: StorageBackend, manifest: Manifest, skip: tuple[str, ...], key: bytes | None
 ) -> dict[str, str]:
     """Linked files (incremental saves) that another checkpoint in ``dst`` lists with
     the same size and checksum: their name -> ``"<checkpoint>/<file>"`` there, the
@@ -198,7 +201,7 @@ def _held_by(
     from ckptstore.engine.listing import list_checkpoints
 
     infos = list_checkpoints(dst, manifest_key=key)[::-1]  # newest first: the oldest wins
-    there = {(e.size_bytes, e.xxh3_64): f"{i.name}/{f}" for i in infos if i.name != target for f, e in i.manifest.files.items() if e.kind == "shard"}  # fmt: skip
+    there = {(e.size_bytes, e.xxh3_64): f"{i.name}/{f}" for i in infos if i.name not in skip for f, e in i.manifest.files.items() if e.kind == "shard"}  # fmt: skip
     wanted = {f: (manifest.files[f].size_bytes, manifest.files[f].xxh3_64) for f in manifest.linked}
     return {f: there[k] for f, k in wanted.items() if k in there}
 

@@ -1560,6 +1560,32 @@ def test_the_note_is_not_counted_as_state(tmp_path):
     assert raw[0] == raw[1]
 
 
+def test_sync_replace_damaged_on_s3_never_links_from_the_damaged_copy(
+    tmp_path, capsys, s3_server, s3_bucket
+):
+    """On an object store each checkpoint of a chain holds its own copy of the shared
+    file. Replacing the damaged copy must not take it from the checkpoint it replaces
+    (the oldest holder, which linking prefers), nor the copy under its name from the
+    one beside it if that were damaged: the repaired checkpoint verifies."""
+    from ckptstore.cli.main import main
+
+    src, remote = str(tmp_path / "src"), f"s3://{s3_bucket}/mirror"
+    with ckptstore.Checkpointer(src, codec="none", incremental=True) as ckpt:
+        saved, _ = save_chain(ckpt, frozen_state(), 4)
+    assert main(["prune", src, "--keep-last", "3", "--yes"]) == 0  # 2 links 1's file first
+    assert main(["sync", src, remote]) == 0
+    fs = s3_server.fs()
+    key = f"{s3_bucket}/mirror/step_00000002/__0_0-step_00000001.distcp"
+    fs.pipe_file(key, fs.cat_file(key)[:-10])
+    capsys.readouterr()
+    assert main(["verify", remote]) == 1
+    assert main(["sync", src, remote, "--replace-damaged"]) == 0
+    assert "replaced step_00000002" in capsys.readouterr().out
+    assert main(["verify", remote]) == 0, capsys.readouterr().out
+    with ckptstore.Checkpointer(remote) as ckpt:
+        load_equal(ckpt, 2, saved[2])
+
+
 @pytest.mark.parametrize("how", ["flipped", "truncated"])
 def test_pull_replace_damaged_repairs_a_chain_whose_shared_file_is_damaged(tmp_path, capsys, how):
     """A pulled chain links one file from its first checkpoint into the later ones (hard
