@@ -1182,6 +1182,44 @@ def scenario_incremental_heal_at_the_end(ckpts: str, rank: int, world: int) -> N
         assert ckpt.verify(5) == []
 
 
+def scenario_incremental_heal_on_a_signal(ckpts: str, rank: int, world: int) -> None:
+    """A heal rank 0 asks for while a stop (SIGTERM on rank 1) is being agreed still
+    reaches the signal's save on every rank: that save writes everything, so the newest
+    checkpoint does not link the damaged file (it did, and the restart lost a step)."""
+    import signal
+
+    import damage
+
+    frozen = torch.arange(1 << 18, dtype=torch.float32) + rank
+    state = {f"frozen{rank}": frozen, f"hot{rank}": torch.zeros(64)}
+    root = os.path.join(ckpts, "heal-signal")
+    opts = dict(keep=ckptstore.KeepLast(1), codec="none", incremental=True, full_every=100)
+    mgr = ckptstore.CheckpointManager(root, save=ckptstore.SaveEvery(steps=2), **opts)
+    try:
+        with mgr, mgr.guard(state):
+            for index in range(6):  # saves after steps 2 and 4; the stop's after step 5
+                state[f"hot{rank}"].fill_(float(index + 1))
+                if index == 3 and rank == 1:  # carried by this step's agreement
+                    os.kill(os.getpid(), signal.SIGTERM)
+                mgr.maybe_save(index, state)
+                mgr.wait()  # step 4's retention finds the damage: rank 0 asks for a heal
+                dist.barrier()
+                if index == 1 and rank == 0:  # rank 1's file, which step 4 links
+                    damage.xor(os.path.join(root, "step_00000002", "__1_0.distcp"), 1 << 19)
+                dist.barrier()
+        raise AssertionError("the stop did not end the run")
+    except SystemExit:
+        pass
+    dist.barrier()
+    with ckptstore.Checkpointer(root) as ckpt:
+        final = ckpt.latest()
+        assert final is not None and final.step == 5, final
+        assert final.manifest.reason == "signal", final.manifest.reason
+        assert final.manifest.linked == {}, final.manifest.linked
+        assert ckpt.verify(5) == []
+    raise SystemExit(143)
+
+
 def scenario_incremental_trust(ckpts: str, rank: int, world: int) -> None:
     """trust_version_counters on 2 ranks, on a shared root and on a root per rank (two
     disks: node-local parts): each rank checks the hash of what it trusted, rank 0 just

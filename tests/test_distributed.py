@@ -263,6 +263,12 @@ def test_a_heal_asked_for_at_the_last_step_reaches_the_final_save_of_every_rank(
     run_ranks("incremental_heal_at_the_end", str(tmp_path), 2)
 
 
+def test_a_heal_asked_for_while_a_stop_is_agreed_reaches_the_signal_save(tmp_path):
+    results = spawn_ranks("incremental_heal_on_a_signal", str(tmp_path), 2)
+    for rc, out in results:
+        assert rc == 128 + signal.SIGTERM, out[-4000:]
+
+
 def test_trusting_version_counters_on_two_ranks_a_write_behind_one_fails_the_save(tmp_path):
     run_ranks("incremental_trust", str(tmp_path), 2)
 

@@ -305,6 +305,9 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
         if stop is not None:
             self._stop = self._stop or stop  # a signal to another rank stops this one too
             self._stop_saving = True
+            # Every rank stops at this step: a heal asked for since the last agreement
+            # began rides on one more, so that the stop's save writes everything too
+            self._agree(None, stop)
             if self.enabled and self._last_saved != steps_done:
                 reason = reason or SIGNAL
         pending = None
