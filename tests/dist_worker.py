@@ -1220,6 +1220,12 @@ def scenario_incremental_heal_on_a_signal(ckpts: str, rank: int, world: int) -> 
     raise SystemExit(143)
 
 
+def scenario_node_local_parts(ckpts: str, rank: int, world: int) -> None:
+    """One save to a root per rank (each stands for a node's own disk): a part each."""
+    with ckptstore.Checkpointer(os.path.join(ckpts, f"disk{rank}")) as ckpt:
+        ckpt.save({f"rank{rank}": torch.full((1000,), float(rank))}, step=1)
+
+
 def scenario_incremental_trust(ckpts: str, rank: int, world: int) -> None:
     """trust_version_counters on 2 ranks, on a shared root and on a root per rank (two
     disks: node-local parts): each rank checks the hash of what it trusted, rank 0 just

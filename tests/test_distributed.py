@@ -269,6 +269,18 @@ def test_a_heal_asked_for_while_a_stop_is_agreed_reaches_the_signal_save(tmp_pat
         assert rc == 128 + signal.SIGTERM, out[-4000:]
 
 
+def test_quarantine_of_an_intact_part_says_the_other_disks_were_not_read(tmp_path, capsys):
+    from ckptstore.cli.main import main
+
+    run_ranks("node_local_parts", str(tmp_path), 2)
+    disk = str(tmp_path / "ckpts" / "disk1")
+    assert main(["quarantine", disk, "1"]) == 1
+    err = capsys.readouterr().err
+    assert "is one node's part of a checkpoint" in err and "1 more are on the other" in err, err
+    assert main(["quarantine", disk, "1", "--force"]) == 0
+    assert not [n for n in os.listdir(disk) if n == "step_00000001"]
+
+
 def test_trusting_version_counters_on_two_ranks_a_write_behind_one_fails_the_save(tmp_path):
     run_ranks("incremental_trust", str(tmp_path), 2)
 

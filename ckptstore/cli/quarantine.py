@@ -56,9 +56,8 @@ def run(args: argparse.Namespace) -> int:
         "it aside itself)"
     )
     with writer_lease(backend, refused):
-        if not args.force and name in {
-            i.name for i in list_checkpoints(backend, [name], manifest_key=manifest_key())
-        }:
+        listed = list_checkpoints(backend, [name], manifest_key=manifest_key())
+        if not args.force and listed:
             from ckptstore.engine.ops import verify  # (torch)
 
             status(f"verifying {backend.url}/{name} (every byte)")
@@ -67,10 +66,17 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 status(None)
             if not problems:
+                part = listed[0].manifest.part
+                what = (
+                    "verifies intact (every byte)"
+                    if part is None
+                    else f"is one node's part of a checkpoint, and its {len(listed[0].manifest.files)} "
+                    f"file(s) on this disk verify intact (every byte; {len(part.elsewhere)} more "
+                    "are on the other nodes' disks: run `ckptstore verify` there)"
+                )
                 raise CliError(
-                    f"{backend.url}/{name} verifies intact (every byte): quarantine is for "
-                    "damaged checkpoints, and a run would no longer resume from it; add "
-                    "--force to move it aside anyway"
+                    f"{backend.url}/{name} {what}: quarantine is for damaged checkpoints, and "
+                    "a run would no longer resume from it; add --force to move it aside anyway"
                 )
         aside = pointer.set_aside(backend, name, time.time())
     print(
