@@ -19,6 +19,9 @@ class Progress:
         self.total = total
         self.done = 0
         self.payload = 0  # bytes the work moved in all (a copy: not what dst held)
+        # seconds moving them took, where the work also waited (a node-local part's backup
+        # waits for the other nodes' files); None: the work's whole time
+        self.moving_s: float | None = None
         self._lock = threading.Lock()
         self._start = time.monotonic()
         self._last = 0.0

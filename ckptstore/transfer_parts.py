@@ -100,7 +100,10 @@ def commit_parts_backup(
             payload = sum(e.size_bytes for _, e in files)
             progress.restart(2 * payload, payload)
         job = CopyJob(src, dst, pending, name, name, True, 2, progress, stop)
+        started = time.monotonic()
         job.copy_all(files, threads)
+        if progress is not None:  # (not the wait below: an upload speed is taken from it)
+            progress.moving_s = time.monotonic() - started
         deadline = time.monotonic() + wait_s
         missing = dict(manifest.part.elsewhere)
         while True:

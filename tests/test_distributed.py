@@ -281,6 +281,35 @@ def test_quarantine_of_an_intact_part_says_the_other_disks_were_not_read(tmp_pat
     assert not [n for n in os.listdir(disk) if n == "step_00000001"]
 
 
+def test_a_part_backup_times_its_upload_without_the_wait_for_other_nodes(
+    tmp_path, s3_server, s3_bucket
+):
+    """codec="auto" takes the upload speed from a backup's bytes and seconds: rank 0's
+    part backup then waits for the other nodes' files, which is not upload time."""
+    from ckptstore.progress import Progress
+    from ckptstore.storage import open_backend
+    from ckptstore.transfer_parts import commit_parts_backup, upload_part
+
+    run_ranks("node_local_parts", str(tmp_path), 2)
+    disks = [open_backend(str(tmp_path / "ckpts" / f"disk{r}")) for r in (0, 1)]
+    backup = open_backend(f"s3://{s3_bucket}/parts")
+    name, progress = "step_00000001", Progress("backup", 0, enabled=False)
+    late = threading.Timer(1.5, lambda: upload_part(disks[1], backup, name))
+    late.start()
+    start = time.monotonic()
+    try:
+        commit_parts_backup(disks[0], backup, name, progress=progress, wait_s=30)
+    finally:
+        late.join()
+    assert time.monotonic() - start >= 1.5
+    assert progress.payload > 0 and progress.moving_s is not None and progress.moving_s < 1.0
+    with ckptstore.Checkpointer(backup) as ckpt:
+        assert ckpt.verify(1) == []
+        got = {"rank0": torch.zeros(1000), "rank1": torch.zeros(1000)}
+        ckpt.load(got, 1)
+    assert all(torch.equal(got[f"rank{r}"], torch.full((1000,), float(r))) for r in (0, 1))
+
+
 def test_trusting_version_counters_on_two_ranks_a_write_behind_one_fails_the_save(tmp_path):
     run_ranks("incremental_trust", str(tmp_path), 2)
 

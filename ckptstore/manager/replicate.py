@@ -454,7 +454,8 @@ class Replicator:
         elapsed = time.monotonic() - start
         sent = progress.payload  # (incremental: what the remote held was linked)
         if self._on_speed is not None and sent >= (16 << 20):
-            self._on_speed(sent / max(elapsed, 1e-6))
+            moving_s = elapsed if progress.moving_s is None else progress.moving_s
+            self._on_speed(sent / max(moving_s, 1e-6))
         what = f"{format_bytes(sent)} from this node" if part else moved(manifest, progress)
         log.info("backup: %s is on %s (%s, in %.1f s)", name, self.remote.url, what, elapsed)
 
