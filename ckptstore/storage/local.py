@@ -10,7 +10,7 @@ effect (the final name holding this manifest) counts as done: a save reports suc
 exactly when its checkpoint is listed and durable.
 
 Large files are written with O_DIRECT where the file system supports it (the sink, the
-rename, links and the directory fsync live in :mod:`ckptstore.storage._direct_io`). Every
+rename, links, the directory fsync and the reader live in :mod:`ckptstore.storage._direct_io`). Every
 OS call goes through this module's globals (``os``, ``fcntl``, ``shutil``, ``fsync_dir``,
 ``renameat2_noreplace``) or that module's: the fault and power-loss tests replace those.
 Each temp directory holds a ``.lock`` file ``flock``-ed by its writer (removed just before
@@ -25,7 +25,6 @@ import errno
 import fcntl
 import os
 import shutil
-import stat
 import time
 import uuid
 from typing import Any
@@ -52,8 +51,10 @@ from ckptstore.storage._direct_io import (
     ALIGN,
     O_DIRECT,
     DirectFileSink,
+    LocalReader,
     fsync_dir,
     link_all,
+    open_regular,
     renameat2_exchange,
     renameat2_noreplace,
 )
@@ -69,70 +70,6 @@ from ckptstore.storage.base import (
 # mounted without -o flock): then a save in progress is protected by sweep's age only.
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EBADF, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 _MIN_SWEEP_AGE_S = 5.0
-
-
-def _open_regular(path: str) -> tuple[int, int]:
-    """``(fd, size)`` of the regular file ``path``, opened for reading.
-
-    Anything else under a checkpoint's names is refused as corrupt: a FIFO would block
-    ``open()`` forever (hence O_NONBLOCK, which regular files ignore), a device is not
-    something ckptstore wrote. A directory is a :class:`StorageError` (EISDIR), as
-    ``open()`` reports it.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise  # "absent" is an answer, not an I/O failure
-    except OSError as exc:
-        raise storage_error(exc, "open", path) from exc
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        os.close(fd)
-        raise storage_error(exc, "stat", path) from exc
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        if stat.S_ISDIR(st.st_mode):  # what open() says of one: the caller named it wrong
-            raise storage_error(OSError(errno.EISDIR, os.strerror(errno.EISDIR)), "read", path)
-        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket or device"
-        raise CorruptCheckpointError(
-            f"{path}: a {kind}, not a regular file; ckptstore writes only regular files there, "
-            "so refusing to read it. Remove it (a damaged checkpoint: restore an earlier one)"
-        )
-    return fd, st.st_size
-
-
-class _LocalReader(RangeReader):
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd, self.size = _open_regular(path)
-
-    def read(self, offset: int, length: int) -> memoryview:
-        out = bytearray(length)
-        self.read_into(offset, memoryview(out))
-        return memoryview(out)
-
-    def read_into(self, offset: int, out: memoryview) -> None:
-        if offset < 0 or offset + out.nbytes > self.size:
-            raise StorageError(
-                errno.EIO,
-                f"read of {out.nbytes} B at offset {offset} runs past the end ({self.size} B)",
-                self.path,
-            )
-        mv = out.cast("B") if out.format != "B" else out
-        done = 0
-        try:
-            while done < mv.nbytes:
-                n = os.preadv(self._fd, [mv[done:]], offset + done)
-                if n == 0:
-                    raise OSError(errno.EIO, "file shrank while reading", self.path)
-                done += n
-        except OSError as exc:
-            raise storage_error(exc, "read", self.path) from exc
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
 
 
 class _LocalPending(PendingCheckpoint):
@@ -331,7 +268,7 @@ class LocalBackend(StorageBackend):
     def read_bytes(self, name: str) -> bytes:
         path = self._read_path(name)
         limit = read_limit_bytes(name)
-        fd, size = _open_regular(path)
+        fd, size = open_regular(path)
         try:
             if size > limit:
                 raise CorruptCheckpointError(
@@ -363,7 +300,7 @@ class LocalBackend(StorageBackend):
             os.close(fd)
 
     def open_reader(self, name: str) -> RangeReader:
-        return _LocalReader(self._read_path(name))
+        return LocalReader(self._read_path(name))
 
     def begin(self, name: str) -> PendingCheckpoint:
         check_name(name)
