@@ -752,6 +752,53 @@ def scenario_node_local_resume(ckpts: str, rank: int, world: int) -> None:
     check_node_local(target, rank)
 
 
+def scenario_node_local_newer_parts(ckpts: str, rank: int, world: int) -> None:
+    """A restore past newer checkpoints moves them aside on every node's disk, not only
+    rank 0's: the damaged newest (rot in node 1's part), and with newer="discard" the
+    good newer ones. Node 1's ranks then save those steps again (their parts there made
+    the save fail on them alone, and the job hung in the others' collectives)."""
+    import damage
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    root = node_root(ckpts, rank)
+
+    def manager() -> ckptstore.CheckpointManager:
+        return ckptstore.CheckpointManager(root, codec="none")
+
+    def aside(kind: str) -> list[str]:
+        return sorted(n for n in os.listdir(root) if f".{kind}-" in n)
+
+    with manager() as mgr:
+        for done in (0, 1):  # steps 1 and 2 (named after the steps done)
+            mgr.save(done, node_local_state(rank, mesh))
+        mgr.wait()
+    dist.barrier()
+    if rank == 2:  # rot in rank 2's shard: node 1's part of step 2
+        damage.xor(os.path.join(root, "step_00000002", "__2_0.distcp"), 100)
+    dist.barrier()
+    with manager() as mgr:
+        target = node_local_zeros(rank, mesh)
+        assert mgr.restore(target) == 1
+        check_node_local(target, rank)
+        assert [n.split(".")[0] for n in aside("damaged")] == ["step_00000002"], os.listdir(root)
+        for done in (1, 2):  # step 2 again, over the damaged one on every disk; 3
+            mgr.save(done, node_local_state(rank, mesh))
+        mgr.wait()
+    dist.barrier()
+    with manager() as mgr:  # back to step 2: 3 is newer, and good
+        assert mgr.restore(node_local_zeros(rank, mesh), 2, newer="discard") == 2
+        assert [n.split(".")[0] for n in aside("retired")] == ["step_00000003"], os.listdir(root)
+        mgr.save(2, node_local_state(rank, mesh))  # step 3 again
+        mgr.wait()
+    dist.barrier()
+    with ckptstore.Checkpointer(root) as ckpt:
+        assert [i.step for i in ckpt.list()] == [1, 2, 3]
+        target = node_local_zeros(rank, mesh)
+        ckpt.load(target, 3)
+    check_node_local(target, rank)
+
+
 def replica_state(rank: int, world: int, step: int) -> dict[str, object]:
     """A DDP-like state: the same tensors on every rank (big ones and enough small ones
     to be packed), plus a sharded and a replicated DTensor; values depend on ``step``."""

@@ -190,6 +190,8 @@ def test_a_failing_rank_stops_the_others_instead_of_hanging(tmp_path):
     assert [rc for rc, _ in results] == [1, 1], outs
     assert "FAILED manager_abort rank 0: RankFailedError" in outs[0]
     assert "injected failure on rank 1" in outs[1]
+    # said before the rank waits for the others (which may hang in a collective)
+    assert "the loop failed on this rank (RuntimeError: injected failure on rank 1)" in outs[1]
 
 
 def test_trainstate_with_fsdp2_resumes_unsharded_on_one_rank(tmp_path):

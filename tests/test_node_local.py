@@ -41,3 +41,7 @@ def test_a_step_rank_0_never_committed_is_not_restored_and_its_parts_are_replace
     assert (node1 / "step_00000002" / "manifest.json").exists()
     assert not (node0 / "step_00000002").exists()
     run_ranks("node_local_resume", str(tmp_path), 4)
+
+
+def test_a_restore_moves_newer_parts_aside_on_every_disk(tmp_path):
+    run_ranks("node_local_newer_parts", str(tmp_path), 4, timeout=120)

@@ -149,7 +149,7 @@ class Checkpointer(WriterMixin):
         self.disks: builtins.list[str] = (
             groups.all_gather(self._backend.disk_id(), self._group) if self._group else [self.url]
         )
-        if self._rank == self.disks.index(self.disks[self._rank]):
+        if self.first_on_disk:
             removed = self._backend.sweep(self._grace_s())
             if removed:
                 log.info(
@@ -186,6 +186,12 @@ class Checkpointer(WriterMixin):
         return self._staging.pinned_bytes
 
     # ---- saving ---------------------------------------------------------------------
+    @property
+    def first_on_disk(self) -> bool:
+        """Whether this rank is the lowest of those whose root is on its disk: the one
+        that sweeps it and, with node-local disks, commits and tends that disk's part."""
+        return self.disks.index(self.disks[self._rank]) == self._rank
+
     def save_async(
         self,
         state_dict: dict[str, Any],

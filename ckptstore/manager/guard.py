@@ -89,8 +89,14 @@ class GuardMixin:
             raise
         except BaseException as exc:
             if self._control is not None:
+                # Said first: telling the others may wait on ranks stuck in a collective
+                log.error(
+                    "the loop failed on this rank (%s: %s); telling the other ranks to stop at "
+                    "their next step (with several ranks, no checkpoint is saved on an error)",
+                    type(exc).__name__,
+                    exc,
+                )
                 self._tell_others_and_leave()
-                log.error("the loop failed on this rank; with several ranks the error is not saved")
             else:
                 self._save_last(state, SIGNAL if isinstance(exc, KeyboardInterrupt) else ERROR)
             self.wait_quietly()

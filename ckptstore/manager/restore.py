@@ -397,8 +397,9 @@ class RestoreMixin:
         damaged while restoring, and entries at a newer checkpoint's name that are not
         checkpoints (no or unreadable manifest; on object stores only an unreadable one,
         since a prefix without a manifest may be a save in progress). Kept for
-        inspection as ``step_N.damaged-<UTC>``, never deleted; rank 0 only."""
-        if not self.enabled or self._ckpt is None or self._rank != 0:
+        inspection as ``step_N.damaged-<UTC>``, never deleted; by each disk's first rank
+        (node-local disks: a part left on one would fail that node's next save)."""
+        if not self.enabled or self._ckpt is None or not self._ckpt.first_on_disk:
             return
         backend = self._ckpt.backend
         restored = info.step or 0
@@ -450,12 +451,26 @@ class RestoreMixin:
             self._control,
             what="look for checkpoints newer than the one restored",
         )
+        if moved and self._ckpt.first_on_disk and self._rank != 0:
+            self._retire_part(info)  # node-local disks: this node's parts too
         if moved and info is not None:
             # A new branch: its own run id, with the run it left as its lineage, so
             # that retention and the backup never take the retired branch for its own.
             run = info.manifest.run_id
             self._set_run(new_run_id(), (run, *info.manifest.lineage) if run else ())
             log.warning("this run goes on from %s as a new branch (run %s)", restored, self._run_id)
+
+    def _retire_part(self, info: CheckpointInfo | None) -> None:
+        """On a node-local disk other than rank 0's: retire this disk's parts of the
+        checkpoints rank 0 retired (newer than ``info``), as rank 0 did its own."""
+        assert self._ckpt is not None
+        backend, than = self._ckpt.backend, None if info is None else info.step or 0
+        try:
+            retire(backend, newer_in(backend, than, manifest_key=self._manifest_key))
+            if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
+                pointer.write_latest(backend, info.name)
+        except CkptStoreError as exc:  # its next save of such a step fails, naming it
+            log.warning("could not move the newer parts under %s aside: %s", backend.url, exc)
 
     def _newer_on_rank0(self, info: CheckpointInfo | None, newer: str) -> bool:
         assert self._ckpt is not None
