@@ -369,8 +369,9 @@ def replace_checkpoint(
     ``dst`` holds a complete checkpoint, the old or the new, at every moment: a copy is
     not a rename, and an object store has none, so the new one is first copied in full
     beside the old (``<name>.replacing``), then the old is deleted, the new copied again
-    under ``name`` (its files linked from the one beside it, or copied inside an object
-    store: the bytes are sent once), and the one beside it deleted.
+    under ``name`` (on a local disk its files are hard-linked from the one beside it, and
+    read in full; an object store's copies inside it are not read back, so there the
+    bytes are sent again, and read back), and the one beside it deleted.
     Stopped or failed anywhere, a second call finishes the job. Raises what
     :func:`copy_checkpoint` raises.
     """
@@ -389,7 +390,8 @@ def replace_checkpoint(
             beside,
         )
         dst.delete(name)
-        link_from = beside  # verified: its files are linked, not sent a second time
+        if dst.capabilities.local:  # hard links, read in full after the commit
+            link_from = beside  # its files are linked, not sent a second time
     elif name in dst.list_names():
         dst.delete(name)  # files without a manifest: an unfinished copy
     manifest = copy_checkpoint(src, dst, name, progress=progress, link_from=link_from, **kw)

@@ -499,6 +499,30 @@ def scenario_manager_abort(ckpts: str, rank: int, world: int) -> None:
             mgr.maybe_save(step, state)
 
 
+def scenario_manager_abort_after_a_stop(ckpts: str, rank: int, world: int) -> None:
+    """A stop (SIGTERM on rank 0) is agreed, and rank 1's loop fails before the step at
+    which every rank stops: rank 0 learns of it at that step's last agreement and stops
+    with RankFailedError, without a signal save that would wait for rank 1."""
+    import signal
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    state = ckptstore.TrainState(model=model, optimizer=opt)
+    mgr = ckptstore.CheckpointManager(
+        os.path.join(ckpts, "mgr"), save=ckptstore.SaveEvery(steps=100)
+    )
+    with mgr, mgr.guard(state):
+        for step in range(1000):
+            model(torch.ones(2, 4)).sum().backward()
+            opt.step()
+            if rank == 0 and step == 3:  # carried by this step's agreement
+                os.kill(os.getpid(), signal.SIGTERM)
+            if rank == 1 and step == 4:  # before the step whose collect finds the stop
+                raise RuntimeError("injected failure on rank 1")
+            mgr.maybe_save(step, state)
+
+
 def _extras_state(seed: int) -> ckptstore.TrainState:
     import random
 

@@ -3,7 +3,7 @@
 SIGKILL cannot find a missing fsync: the page cache survives the process. A power cut
 keeps only what was made durable. :class:`PowerLossFS` stands in for the ``os`` and
 ``shutil`` modules and for ``renameat2`` inside ``ckptstore.storage.local`` and
-``ckptstore.storage._direct_io`` (its file sink and directory fsync; nowhere else) and lets every call through to the real disk while it records, per file, its
+``ckptstore.storage._direct_io`` (its file sink, directory fsync and reader; nowhere else) and lets every call through to the real disk while it records, per file, its
 content at its last ``fsync``/``fdatasync``, and per directory, its entries at its
 last ``fsync``. Everything under ``top`` present at construction counts as durable.
 

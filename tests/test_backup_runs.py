@@ -129,6 +129,34 @@ def test_replace_keeps_a_complete_checkpoint_on_the_destination_throughout(tmp_p
     assert read_manifest(inner2, name).same_checkpoint(read_manifest(old, name))
 
 
+def test_a_replace_on_s3_ends_intact_though_the_stores_copies_go_wrong(
+    tmp_path, s3_server, s3_bucket, monkeypatch
+):
+    """On an object store a copy inside it (CopyObject) is not read back: a replace
+    must not build the checkpoint under its name from such copies of the one beside it
+    and then delete that one (with a store whose copies flip a byte, only a damaged
+    checkpoint was left)."""
+    from ckptstore.storage.s3 import S3Backend
+
+    old, new = open_backend(tmp_path / "old"), open_backend(tmp_path / "new")
+    with ckptstore.Checkpointer(old) as ckpt:
+        ckpt.save(small(1), 1)
+    with ckptstore.Checkpointer(new) as ckpt:
+        ckpt.save(small(2), 1)
+    name, dst = "step_00000001", open_backend(f"s3://{s3_bucket}/replace")
+    copy_checkpoint(old, dst, name)
+
+    def damaging_copy(self, src, to, recursive=False):
+        data = bytearray(self.fs.cat_file(src))
+        data[len(data) // 2] ^= 1
+        self.fs.pipe_file(to, bytes(data))
+
+    monkeypatch.setattr(S3Backend, "copy_inside", damaging_copy)
+    replace_checkpoint(new, dst, name)
+    assert read_manifest(dst, name).same_checkpoint(read_manifest(new, name))
+    assert verify(dst, name, None) == []
+
+
 # ---- the backup tier -----------------------------------------------------------------
 def test_after_a_discard_the_backup_holds_the_new_branch_and_a_lost_disk_restores_it(
     s3_server, s3_bucket, tmp_path, caplog

@@ -194,6 +194,14 @@ def test_a_failing_rank_stops_the_others_instead_of_hanging(tmp_path):
     assert "the loop failed on this rank (RuntimeError: injected failure on rank 1)" in outs[1]
 
 
+def test_a_rank_failing_after_a_stop_is_agreed_stops_the_others(tmp_path):
+    results = spawn_ranks("manager_abort_after_a_stop", str(tmp_path), 2, timeout=120)
+    outs = [out for _, out in results]
+    assert [rc for rc, _ in results] == [1, 1], outs
+    assert "FAILED manager_abort_after_a_stop rank 0: RankFailedError" in outs[0], outs[0]
+    assert "committed (signal)" not in outs[0], outs[0]
+
+
 def test_trainstate_with_fsdp2_resumes_unsharded_on_one_rank(tmp_path):
     run_ranks("manager_fsdp_save", str(tmp_path), 2)
     run_ranks("manager_plain_restore", str(tmp_path), 1)

@@ -167,7 +167,7 @@ def test_no_checkpoint_writes_nothing(tmp_path):
         (["--full-every", "2"], "--full-every is about incremental saves: add --incremental"),
         (["--incremental", "--full-every", "-1"], "--full-every must be >= 0"),
         (["--no-checkpoint", "--incremental"], "--incremental is about saving, and --no-che"),
-        (["--no-checkpoint", "--backup", "s3://b/r"], "--backup is about saving"),
+        (["--no-checkpoint", "--keep-best", "2"], "--keep-best is about saving"),
         (["--device", "cuda:0"] if not os.path.exists("/dev/nvidia0") else ["--size", "nope"], ""),
     ],
 )

@@ -96,7 +96,7 @@ class HousekeepingMixin:
         except Exception:  # (on an executor: it would vanish, and retention with it)
             log.exception("retention under %s failed", self._ckpt.url)
         ours = [s for n in damaged & self._committed if (s := step_of(n)) is not None]
-        if ours and self._ckpt.config.incremental:
+        if ours and self._ckpt.config.incremental and self._ckpt.config.full_every != 1:
             self._ask_for_full_save(max(ours))
 
     def _ask_for_full_save(self, step: int) -> None:

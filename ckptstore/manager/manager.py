@@ -306,8 +306,10 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
             self._stop = self._stop or stop  # a signal to another rank stops this one too
             self._stop_saving = True
             # Every rank stops at this step: a heal asked for since the last agreement
-            # began rides on one more, so that the stop's save writes everything too
-            self._agree(None, stop)
+            # began rides on one more, so that the stop's save writes everything too; a
+            # rank whose loop failed since joins it with the abort code
+            if self._agree(None, stop)[1] == ABORT:
+                raise RankFailedError("another rank's training loop failed: stopping this one too")
             if self.enabled and self._last_saved != steps_done:
                 reason = reason or SIGNAL
         pending = None

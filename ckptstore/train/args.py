@@ -112,7 +112,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.no_checkpoint:  # each would be ignored without a word
         for flag, given in (
             ("--incremental", args.incremental),
-            ("--backup", args.backup is not None),
             ("--keep-every-epoch", args.keep_every_epoch),
             ("--keep-best", args.keep_best > 0),
         ):
