@@ -776,6 +776,25 @@ def scenario_node_local_resume(ckpts: str, rank: int, world: int) -> None:
     check_node_local(target, rank)
 
 
+def scenario_node_local_other_shape(ckpts: str, rank: int, world: int) -> None:
+    """After scenario_node_local (4 ranks, 2 disks): 2 ranks on node 0's disk alone
+    cannot restore its parts, and are told why and what works, not to look for damage."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    with ckptstore.CheckpointManager(node_root(ckpts, 0)) as mgr:
+        try:
+            mgr.restore(node_local_zeros(rank, mesh))
+        except ckptstore.CheckpointNotFoundError as exc:
+            text = str(exc)
+            assert "could be loaded (tried step 2" in text, text
+            assert "another node's disk" in text and "from its backup" in text, text
+            assert "damaged" not in text and "copy that node's part" not in text, text
+        else:
+            raise AssertionError("restored node 0's parts on another shape")
+        assert not [n for n in os.listdir(node_root(ckpts, 0)) if "damaged" in n]
+
+
 def scenario_node_local_newer_parts(ckpts: str, rank: int, world: int) -> None:
     """A restore past newer checkpoints moves them aside on every node's disk, not only
     rank 0's: the damaged newest (rot in node 1's part), and with newer="discard" the

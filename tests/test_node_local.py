@@ -14,6 +14,8 @@ from ckptstore.cli import main
 
 def test_each_disk_holds_its_ranks_part_and_loads_alone(tmp_path, capsys):
     run_ranks("node_local", str(tmp_path), 4)
+    # Restarted on another shape without a backup: told why nothing loads, and what does
+    run_ranks("node_local_other_shape", str(tmp_path), 2)
     # The command line says what a part is: verify checks what lies here, info names
     # the rest; a part is never copied alone.
     node1 = str(tmp_path / "ckpts" / "node1")

@@ -130,8 +130,10 @@ class CkptStorageReader(StorageReader):
                 raise CheckpointNotFoundError(
                     f"{where} is on another node's disk: {self._where()} is this disk's part "
                     "of a checkpoint written to node-local disks, and this rank needs data "
-                    "another node wrote. Restore with the same ranks on the same nodes, or "
-                    "copy that node's part into this root"
+                    "another node wrote. Restore with the same nodes and ranks per node as "
+                    "the run that saved it, or from its backup (backup=, `ckptstore train "
+                    "--backup URL`), where the nodes' parts are one checkpoint that a "
+                    "cluster of any shape restores"
                 )
             if entry is None or entry.kind != "shard":
                 raise CorruptCheckpointError(

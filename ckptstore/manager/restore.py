@@ -156,6 +156,7 @@ class RestoreMixin:
             raise CheckpointNotFoundError(f"no {which} checkpoint under {self._ckpt.url}")
         skipped: builtins.list[str] = []
         damaged: set[int] = set()
+        first: Exception | None = None
         for step in candidates:
             try:
                 info = self._load_with_backup(state, step)
@@ -164,6 +165,7 @@ class RestoreMixin:
                     raise
                 log.warning("skipping step %d: %s", step, exc)
                 skipped.append(f"step {step} ({type(exc).__name__})")
+                first = first or exc
                 if isinstance(exc, CorruptCheckpointError):
                     damaged.add(step)
                 continue
@@ -173,10 +175,10 @@ class RestoreMixin:
             steps = self._resumed(info)
             self._handle_newer(info, newer)
             return steps
-        raise CorruptCheckpointError(
-            f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)}); "
-            "run `ckptstore verify ROOT` to see what is damaged"
-        )
+        tried = f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)})"
+        if not damaged:  # none damaged (another node's part, say): the first reason says why
+            raise CheckpointNotFoundError(f"{tried}: {first}")
+        raise CorruptCheckpointError(f"{tried}; run `ckptstore verify ROOT` to see what is damaged")
 
     def _note_other_runs(self, *, resumed: bool) -> None:
         """Warn about checkpoints of another run than this one in either tier: a run
