@@ -109,3 +109,30 @@ def test_a_refused_global_is_named(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "argparse.Namespace is not an allowed type" in out.stderr
     assert not (tmp_path / "root" / "step_00000000").exists()
+
+
+def test_an_exported_trainstate_imports_at_its_own_step(tmp_path):
+    """`ckptstore export` of a TrainState checkpoint, imported again, keeps its step
+    (counters.step; it was imported as step 0, and a run resuming it said it started
+    from scratch); a checkpoint of step 0 counts as restored (mgr.restored)."""
+    model, opt, sched = trained()
+    state = TrainState(model=model, optimizer=opt, scheduler=sched)
+    with CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(19, state)  # the checkpoint of 20 steps done
+    exported = str(tmp_path / "m.pt")
+    assert cli("export", str(tmp_path / "run"), exported).returncode == 0
+    out = cli("import", exported, str(tmp_path / "imported"))
+    assert out.returncode == 0, out.stderr
+    assert "step_00000020" in out.stdout, out.stdout
+    m2, o2, s2 = fresh()
+    again = TrainState(model=m2, optimizer=o2, scheduler=s2)
+    with CheckpointManager(tmp_path / "imported") as mgr:
+        assert mgr.restore(again) == 20 and mgr.restored == "step_00000020"
+    for a, b in zip(model.state_dict().values(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert cli("import", exported, str(tmp_path / "zero"), "--step", "0").returncode == 0
+    with CheckpointManager(tmp_path / "zero") as mgr:
+        assert mgr.restore(TrainState(*fresh()[:2])) == 0
+        assert mgr.restored == "step_00000000"
+    with CheckpointManager(tmp_path / "empty") as mgr:
+        assert mgr.restore(TrainState(*fresh()[:2])) == 0 and mgr.restored is None

@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int_at_least(0),
         default=None,
         metavar="N",
-        help="default: the file's iter_num, global_step or step, else 0",
+        help="default: the file's iter_num, global_step or step (a TrainState's "
+        "counters.step), else 0",
     )
     p.add_argument("--codec", choices=("auto", "none", "zstd"), default="auto")
     p.add_argument("--format", choices=("pt", "safetensors"), help="default: from the suffix")
@@ -104,7 +105,7 @@ def _import(args: argparse.Namespace, backend: StorageBackend, fmt: str, dcp_dir
             if args.step is None:  # the file's own step counter, read first
                 status(f"reading {args.file}")
                 state, header = read_any(local, fmt, args.file)
-                args.step = step_in(state)
+                args.step = step_in(state, header)
             # The destination before a large file is read: a taken step fails at once.
             existing = check_free(backend, args.step)
             if state is None:
@@ -154,11 +155,17 @@ def read_any(local: str, fmt: str, shown: str) -> tuple[dict[str, Any], dict[str
     return read_file(local, fmt, shown=shown)
 
 
-def step_in(state: dict[str, Any]) -> int:
+def step_in(state: dict[str, Any], header: dict[str, str] | None = None) -> int:
     """The step a training script recorded in its file (nanoGPT's ``iter_num``, others'
-    ``global_step`` / ``step``), else 0."""
-    for key in STEP_KEYS:
-        value = state.get(key)
+    ``global_step`` / ``step``; a ckptstore TrainState's ``counters.step``; the
+    ``ckptstore_step`` of a safetensors file ``ckptstore export`` wrote), else 0."""
+    counters = state.get("counters")
+    values = [state.get(key) for key in STEP_KEYS]
+    values.append(counters.get("step") if isinstance(counters, dict) else None)
+    values.append((header or {}).get("ckptstore_step"))
+    for value in values:
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEP:
             return value
     return 0

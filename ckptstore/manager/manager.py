@@ -193,6 +193,7 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
         )
         self._lock = threading.Lock()
         self._last_done: int | None = None
+        self.restored: str | None = None  # the checkpoint restore() loaded (its name)
         self._last_metrics: dict[str, float] | None = None
         self._last_epoch: int | None = None
         self._last_saved: int | None = None

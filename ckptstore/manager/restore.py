@@ -65,6 +65,7 @@ class RestoreMixin:
     _storage_options: dict[str, Any] | None
     _process_group: Any
     _last_done: int | None
+    restored: str | None
     _last_saved: int | None
     _last_epoch: int | None
     _run_id: str
@@ -114,7 +115,8 @@ class RestoreMixin:
         (both as in :meth:`Checkpointer.load`).
 
         Then (rank 0) a warning names the checkpoints of other runs found in the local
-        root or the backup, which this run did not resume.
+        root or the backup, which this run did not resume. :attr:`restored` names the
+        checkpoint loaded (None: none; a checkpoint of step 0 returns 0 too).
         """
         if newer not in NEWER_CHOICES:
             raise InvalidArgumentError(
@@ -123,8 +125,9 @@ class RestoreMixin:
         self._load_options = {"allow_partial": allow_partial, "allow_cast": allow_cast}
         if self._agreement is not None:  # its collectives go after a step's agreement
             self._agreement.settle()
+        self.restored = None
         steps = self._restore(state, which, newer)
-        self._note_other_runs(resumed=steps > 0)
+        self._note_other_runs(resumed=self.restored is not None)
         return steps
 
     def _restore(
@@ -522,4 +525,5 @@ class RestoreMixin:
             # carry on with its id (a checkpoint without one: this run keeps its new id).
             self._set_run(info.manifest.run_id, info.manifest.lineage)
         log.info("resumed from %s (step %d)", info.name, steps)
+        self.restored = info.name
         return steps

@@ -353,7 +353,7 @@ def _loop(
             raise checks.resume_error(args.resume, args.ckpt_dir, exc, noted) from None
     if args.resume in ("none", None):
         run.say("Resume:           no (--resume none): starting from scratch")
-    elif start:
+    elif mgr.restored is not None:  # (an imported checkpoint may be step 0)
         run.say(
             f"Resume:           from step {start} (epoch {loader.epoch}, "
             f"{loader.batches_taken} batches into it)"
