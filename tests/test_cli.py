@@ -434,6 +434,19 @@ class NotAllowed:
     """A custom class: torch.load(weights_only=True) refuses to unpickle it."""
 
 
+def test_export_refuses_to_write_inside_a_checkpoint(tmp_path, capsys):
+    from ckptstore.cli.main import main
+
+    with ckptstore.Checkpointer(str(tmp_path / "root")) as ckpt:
+        ckpt.save({"w": torch.ones(3)}, step=1)
+    inside = tmp_path / "root" / "step_00000001"
+    for out, extra in ((inside / "x.pt", []), (inside, ["--format", "dcp", "--force"])):
+        assert main(["export", str(tmp_path / "root"), str(out), *extra]) == 2
+        assert "is inside the committed checkpoint" in capsys.readouterr().err
+    assert sorted(os.listdir(inside)) == [".metadata", "__0_0.distcp", "manifest.json"]
+    assert main(["verify", str(tmp_path / "root")]) == 0
+
+
 def test_import_then_export_round_trips(tmp_path, capsys):
     g = torch.Generator().manual_seed(3)
     emb = torch.randn(16, 8, generator=g)

@@ -113,6 +113,22 @@ def open_root(url: str, *, must_exist: bool = True, create: bool = False) -> Sto
     return backend
 
 
+def refuse_inside_checkpoint(path: str, what: str) -> None:
+    """A usage error if local ``path`` is, or lies inside, a committed checkpoint: a
+    file written there would sit among its files, unlisted (``what``: the argument)."""
+    here = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+    while True:
+        if os.path.isfile(os.path.join(here, MANIFEST_FILE)):
+            raise usage_error(
+                f"{what} {path} is inside the committed checkpoint {here}: a file written "
+                "there would lie among its files; give a path outside every checkpoint"
+            )
+        parent = os.path.dirname(here)
+        if parent == here:
+            return
+        here = parent
+
+
 def refuse_empty(text: str) -> None:
     """A root or checkpoint argument that is empty or blank (an unset shell variable)
     is a usage error, never the current directory."""

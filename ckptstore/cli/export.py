@@ -18,6 +18,7 @@ from ckptstore.cli._common import (
     is_url,
     manifest_key,
     note,
+    refuse_inside_checkpoint,
     resolve_checkpoint,
     size,
     status,
@@ -87,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype is not None:
         dtype = DTYPES[args.dtype]
     backend, name = resolve_checkpoint(args.ckpt, args.step, what="export")
+    if not is_url(args.out):
+        refuse_inside_checkpoint(args.out, "OUT")
     if not args.force and output_exists(args.out):  # before reading gigabytes
         raise CliError(_exists_message(args.out))
     start = time.monotonic()
