@@ -434,6 +434,22 @@ class NotAllowed:
     """A custom class: torch.load(weights_only=True) refuses to unpickle it."""
 
 
+def test_a_root_of_checkpoints_named_otherwise_is_pointed_at_them(tmp_path, capsys):
+    """A directory of Lightning checkpoints (``*.ckpt``, each a checkpoint): ls and
+    verify said there were none; they name them, and take one at a time."""
+    from ckptstore.cli.main import main
+
+    root = tmp_path / "lightning"
+    for name in ("epoch=0-step=4.ckpt", "last.ckpt"):
+        ckptstore.save({"w": torch.ones(3)}, str(root / name))
+    assert main(["ls", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "2 checkpoint(s) under other names (epoch=0-step=4.ckpt, last.ckpt" in out, out
+    assert main(["verify", str(root)]) == 2
+    assert f"give one, e.g. {root}/epoch=0-step=4.ckpt" in capsys.readouterr().err
+    assert main(["verify", str(root / "last.ckpt")]) == 0
+
+
 def test_export_refuses_to_write_inside_a_checkpoint(tmp_path, capsys):
     from ckptstore.cli.main import main
 

@@ -129,6 +129,29 @@ def refuse_inside_checkpoint(path: str, what: str) -> None:
         here = parent
 
 
+def named_otherwise(backend: StorageBackend, target: str) -> str:
+    """For a root with no ``step_N`` checkpoints: a hint naming the checkpoints in it
+    under other names (Lightning's ``*.ckpt``, an export's), which a command takes one
+    at a time; empty if there are none (local roots only: one listing)."""
+    if not backend.capabilities.local:
+        return ""
+    try:
+        names = [
+            n
+            for n in backend.list_names()
+            if not STEP_NAME.match(n) and backend.exists(f"{n}/{MANIFEST_FILE}")
+        ]
+    except (OSError, StorageError):
+        return ""
+    if not names:
+        return ""
+    shown = ", ".join(sorted(names)[:4]) + (" ..." if len(names) > 4 else "")
+    return (
+        f"; it holds {len(names)} checkpoint(s) under other names ({shown}, as Lightning "
+        f"names them): give one, e.g. {target.rstrip('/')}/{sorted(names)[0]}"
+    )
+
+
 def refuse_empty(text: str) -> None:
     """A root or checkpoint argument that is empty or blank (an unset shell variable)
     is a usage error, never the current directory."""

@@ -21,6 +21,7 @@ from ckptstore.cli._common import (
     local_time,
     manifest_key,
     metrics_text,
+    named_otherwise,
     open_root,
     size,
     table,
@@ -254,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
         return OK
     if not entries:
         hidden = "" if args.all else " (--all also shows uncommitted, damaged and retired ones)"
-        print(f"no committed checkpoints under {backend.url}{hidden}")
+        other = named_otherwise(backend, args.root)
+        print(f"no committed checkpoints under {backend.url}{other or hidden}")
         return OK
     rows = []
     for e in entries:

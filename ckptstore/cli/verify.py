@@ -19,6 +19,7 @@ from ckptstore.cli._common import (
     find_named,
     int_at_least,
     manifest_key,
+    named_otherwise,
     open_root,
     resolve_checkpoint,
     status,
@@ -90,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
                 if e.manifest is not None and e.manifest.part is not None:
                     parts[e.name] = len(e.manifest.part.elsewhere)
             if not targets:
+                other = named_otherwise(backend, args.target)
                 raise usage_error(
-                    f"no checkpoints under {backend.url}: nothing to verify; check the path "
-                    f"(ckptstore ls {args.target} --all)"
+                    f"no checkpoints under {backend.url}: nothing to verify"
+                    + (other or f"; check the path (ckptstore ls {args.target} --all)")
                 )
     from ckptstore.engine.ops import verify  # torch (DCP metadata); --help does without
 
