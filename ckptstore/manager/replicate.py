@@ -117,6 +117,7 @@ class Replicator:
         self._queue: list[str] = []
         self._queued_at: dict[str, float] = {}
         self._current: str | None = None
+        self._current_sent = False  # its upload is done: only housekeeping is left
         self._skipped: list[str] = []
         self._replaced: list[str] = []
         self._failures = 0
@@ -243,7 +244,10 @@ class Replicator:
             return [*([self._current] if self._current else []), *self._queue]
 
     def _say_waiting(self) -> None:
-        names = [*([self._current] if self._current else []), *self._queue]
+        sending = self._current if self._current and not self._current_sent else None
+        names = [*([sending] if sending else []), *self._queue]
+        if not names:  # (the housekeeping after the last upload)
+            return
         extra = f"; last error: {self._last_error}" if self._failures else ""
         log.warning(
             "waiting for the backup to %s: %s not uploaded yet%s",
@@ -300,7 +304,7 @@ class Replicator:
                 if self._leave:
                     return
                 name = self._queue.pop(0)
-                self._current = name
+                self._current, self._current_sent = name, False
             ok = False
             try:
                 ok = self._attempt(name)
@@ -460,6 +464,7 @@ class Replicator:
         log.info("backup: %s is on %s (%s, in %.1f s)", name, self.remote.url, what, elapsed)
 
     def _after_upload(self, name: str) -> None:
+        self._current_sent = True
         abort_orphans = getattr(self.remote, "abort_orphans", None)
         if abort_orphans is not None:
             abort_orphans()  # uploads a failed attempt could not abort while unreachable

@@ -41,7 +41,13 @@ from ckptstore.manager.policies import AnyOf, KeepBest, KeepEvery, KeepLast, Sav
 from ckptstore.train import checks
 from ckptstore.train.args import parse_args
 from ckptstore.train.model import GPT, MODEL_SIZES
-from ckptstore.train.report import backup_summary, describe_policy, summary, write_report
+from ckptstore.train.report import (
+    backup_summary,
+    describe_policy,
+    kept_summary,
+    summary,
+    write_report,
+)
 
 log = logging.getLogger("ckptstore.train")
 
@@ -434,11 +440,11 @@ def _loop(
         "step_times_s": step_times,
     }
     mgr.wait()
-    newest = summary(run, mgr, state, steps_run, elapsed, blocked, tokens_per_step)
+    summary(run, mgr, state, steps_run, elapsed, blocked, tokens_per_step)
     if args.report:
         write_report(run, state, model, mgr, interrupted=False)
-    mgr.close()  # waits for the backup's uploads
-    return backup_summary(run, mgr, newest)
+    mgr.close()  # waits for the backup's uploads (and the retention after them)
+    return backup_summary(run, mgr, kept_summary(run, mgr))
 
 
 def main(argv: list[str] | None = None) -> int:

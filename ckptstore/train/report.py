@@ -63,12 +63,11 @@ def summary(
     elapsed: float,
     blocked: float,
     tokens_per_step: int,
-) -> str | None:
-    """Print the summary (rank 0); return the newest checkpoint's name, for
-    :func:`backup_summary` (which runs once the manager is closed)."""
+) -> None:
+    """Print the summary (rank 0); the checkpoints kept are said by :func:`kept_summary`
+    once the manager is closed (retention still runs as the backup's uploads end)."""
     if run.rank != 0:
-        return None
-    kept = mgr.list()
+        return
     run.say("-" * 72)
     run.say(
         f"Done: {state.step} steps ({steps_run} in this run) in {elapsed:.1f} s, "
@@ -76,6 +75,14 @@ def summary(
     )
     share = 100.0 * blocked / elapsed if elapsed else 0.0
     run.say(f"Blocked on checkpoints: {blocked:.2f} s of {elapsed:.1f} s ({share:.1f}%)")
+
+
+def kept_summary(run: Run, mgr: ckptstore.CheckpointManager) -> str | None:
+    """After ``mgr.close()``: the checkpoints kept (rank 0); returns the newest one's
+    name, for :func:`backup_summary`."""
+    if run.rank != 0:
+        return None
+    kept = mgr.list()
     if kept:
         tags = ", ".join(
             f"{c.step}" + (f" [{' '.join(sorted(c.tags))}]" if c.tags else "") for c in kept
