@@ -223,6 +223,8 @@ def autocast(run: Run) -> Any:
 def train(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for chatty in ("botocore", "aiobotocore", "s3fs", "fsspec"):  # "Found credentials ..."
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     run = Run(args)
     setup_distributed(run)
     if run.rank != 0:
