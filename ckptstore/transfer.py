@@ -149,6 +149,11 @@ def copy_checkpoint(
     finally:
         if progress is not None:
             progress.finish()
+    beside = f"{name}{REPLACING_SUFFIX}"
+    if dst_name is None and dst.exists(f"{beside}/{MANIFEST_FILE}"):
+        # A replace that failed once the old one was gone left its new copy beside it
+        # (replace_checkpoint); this copy under the name supersedes it
+        dst.delete(beside)
     return manifest
 
 

@@ -106,6 +106,13 @@ def test_replace_keeps_a_complete_checkpoint_on_the_destination_throughout(tmp_p
     assert read_manifest(inner, beside).same_checkpoint(read_manifest(new, name))
     assert verify(inner, beside, None) == []
     failing["on"] = False
+    # A plain copy (what sync and the backup tier make of a name without a manifest)
+    # finishes the job too: the copy left beside it is removed (it stayed forever)
+    copy_checkpoint(new, inner, name)
+    assert beside not in inner.list_names()
+    assert read_manifest(inner, name).same_checkpoint(read_manifest(new, name))
+    inner.delete(name)
+    copy_checkpoint(new, inner, name, dst_name=beside)  # as the failure left it
     progress = Progress("replacing", 0, enabled=False)
     replace_checkpoint(new, dst, name, progress=progress)  # (the old one went before)
     assert progress.payload == read_manifest(new, name).stored_bytes
