@@ -460,7 +460,16 @@ def test_export_refuses_to_write_inside_a_checkpoint(tmp_path, capsys):
         assert main(["export", str(tmp_path / "root"), str(out), *extra]) == 2
         assert "is inside the committed checkpoint" in capsys.readouterr().err
     assert sorted(os.listdir(inside)) == [".metadata", "__0_0.distcp", "manifest.json"]
-    assert main(["verify", str(tmp_path / "root")]) == 0
+    # The root itself (--force renamed it aside and deleted it) and a file in it (latest)
+    root = str(tmp_path / "root")
+    assert main(["export", root, root, "--format", "dcp", "--force"]) == 2
+    assert "holds checkpoints" in capsys.readouterr().err
+    assert main(["export", root, os.path.join(root, "latest"), "--format", "pt", "--force"]) == 2
+    assert "is inside the checkpoint root" in capsys.readouterr().err
+    os.symlink(inside, tmp_path / "link")  # a link into one is inside it too
+    assert main(["export", root, str(tmp_path / "link" / "x.pt")]) == 2
+    assert main(["verify", root]) == 0
+    assert main(["export", root, str(tmp_path / "out" / "x.pt")]) == 0  # elsewhere: fine
 
 
 def test_import_then_export_round_trips(tmp_path, capsys):

@@ -136,3 +136,13 @@ def test_an_exported_trainstate_imports_at_its_own_step(tmp_path):
         assert mgr.restored == "step_00000000"
     with CheckpointManager(tmp_path / "empty") as mgr:
         assert mgr.restore(TrainState(*fresh()[:2])) == 0 and mgr.restored is None
+
+
+def test_the_step_an_import_takes_from_the_file():
+    from ckptstore.cli.import_ import step_in
+
+    assert step_in({"iter_num": 7, "counters": {"step": 9}}) == 7
+    assert step_in({"counters": {"step": 9}}) == 9  # a TrainState's
+    assert step_in({}, {"ckptstore_step": "12"}) == 12  # an exported safetensors file's
+    assert step_in({}, {"ckptstore_step": "\u00b2"}) == 0  # (isdigit() says yes; int() fails)
+    assert step_in({"step": -1, "counters": "x"}, {"ckptstore_step": "no"}) == 0

@@ -114,9 +114,12 @@ def open_root(url: str, *, must_exist: bool = True, create: bool = False) -> Sto
 
 
 def refuse_inside_checkpoint(path: str, what: str) -> None:
-    """A usage error if local ``path`` is, or lies inside, a committed checkpoint: a
-    file written there would sit among its files, unlisted (``what``: the argument)."""
-    here = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+    """A usage error if local ``path`` is, or lies inside, a committed checkpoint or a
+    root that holds some (a file written there would lie among their files, or replace
+    ``latest``), or is a directory that holds some (``--force`` would delete them).
+    ``what``: the argument, for the message."""
+    full = os.path.realpath(os.path.expanduser(path.removeprefix("file://")))
+    here = full
     while True:
         if os.path.isfile(os.path.join(here, MANIFEST_FILE)):
             raise usage_error(
@@ -125,8 +128,29 @@ def refuse_inside_checkpoint(path: str, what: str) -> None:
             )
         parent = os.path.dirname(here)
         if parent == here:
-            return
+            break
         here = parent
+    if os.path.isdir(full) and _holds_checkpoints(full):
+        raise usage_error(
+            f"{what} {path} holds checkpoints: writing it would replace them; give a path "
+            "outside every checkpoint root"
+        )
+    if _holds_checkpoints(os.path.dirname(full)):
+        raise usage_error(
+            f"{what} {path} is inside the checkpoint root {os.path.dirname(full)}; give a "
+            "path outside every checkpoint root"
+        )
+
+
+def _holds_checkpoints(directory: str) -> bool:
+    """Whether a local directory holds a committed checkpoint (one level down)."""
+    try:
+        with os.scandir(directory) as entries:
+            return any(
+                e.is_dir() and os.path.isfile(os.path.join(e.path, MANIFEST_FILE)) for e in entries
+            )
+    except OSError:
+        return False
 
 
 def named_otherwise(backend: StorageBackend, target: str) -> str:

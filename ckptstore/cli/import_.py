@@ -164,7 +164,7 @@ def step_in(state: dict[str, Any], header: dict[str, str] | None = None) -> int:
     values.append(counters.get("step") if isinstance(counters, dict) else None)
     values.append((header or {}).get("ckptstore_step"))
     for value in values:
-        if isinstance(value, str) and value.isdigit():
+        if isinstance(value, str) and value.isascii() and value.isdigit():
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STEP:
             return value

@@ -207,6 +207,8 @@ def resume_error(
             f"them aside (kept as step_N.retired-<time>, listed by `ckptstore ls {root} "
             "--all`) and train on from here"
         )
+    if "another node's disk" in str(exc):  # it is there: on this shape it cannot load
+        return CliError(f"--resume {which}: {exc}; or start over with --resume none")
     if which not in ("latest", "best") and (
         isinstance(exc, CheckpointNotFoundError) or type(exc) in (ValueError, InvalidArgumentError)
     ):
