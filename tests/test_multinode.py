@@ -64,6 +64,7 @@ def run_two_nodes(tmp, name: str, timeout: float = 300) -> tuple[str, str]:
     outs = [finish(p, timeout) for p in nodes]
     for p, out in zip(nodes, outs, strict=True):
         assert p.returncode == 0, out[-5000:]
+    assert "ckptstore train: node 1, ranks 2-3 of 4, checkpoints in" in outs[1], outs[1][-3000:]
     return outs[0], outs[1]
 
 

@@ -140,6 +140,15 @@ def setup_distributed(run: Run) -> None:
         backend = "nccl" if run.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=run.device if backend == "nccl" else None)
         run.rank, run.world = dist.get_rank(), dist.get_world_size()
+        if local_rank == 0 and run.rank != 0:  # another node: a line, not silence
+            node = os.environ.get("GROUP_RANK", "?")
+            print(
+                f"ckptstore train: node {node}, ranks {run.rank}-"
+                f"{run.rank + int(os.environ.get('LOCAL_WORLD_SIZE', '1')) - 1} of {run.world}, "
+                f"checkpoints in {run.args.ckpt_dir}; rank 0's node prints the run's progress, "
+                "this node its own errors",
+                flush=True,
+            )
 
 
 def build(run: Run, cfg: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
