@@ -114,12 +114,11 @@ def copy_checkpoint(
         file_retries if not dst.capabilities.local else 0
     )  # a local temp file cannot be redone
     every = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
+    skip = (target, name)  # not linked from: the one a copy beside replaces is presumably damaged
     try:
         for link in (True, False):  # without links: a linked file there was damaged
             pending = dst.begin(target)
             try:
-                # not from the one a copy beside replaces: presumably damaged
-                skip = (target, name)
                 files = without_held(
                     dst, pending, manifest, skip, manifest_key, every, link, link_from
                 )

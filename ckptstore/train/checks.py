@@ -149,8 +149,6 @@ def explain(exc: BaseException, args: argparse.Namespace) -> tuple[str, int]:
         what = f"saving step {step}" if step is not None else "writing"
         where = getattr(full, "filename", None) or root
         return f"{what} failed at {where}: {disk_full(root, full.errno)}", EXIT_FAILED
-    if "another node's disk" in message:  # nothing is damaged: no other step loads here
-        return f"{message}; or start over with --resume none", EXIT_FAILED
     if isinstance(exc, (CheckpointNotFoundError, CorruptCheckpointError)):
         return (
             f"{message}. `ckptstore ls {root} --all` lists the checkpoints and `ckptstore "
