@@ -471,7 +471,9 @@ class RestoreMixin:
         assert self._ckpt is not None
         backend, than = self._ckpt.backend, None if info is None else info.step or 0
         try:
-            _retire_newer(backend, newer_in(backend, than, manifest_key=self._manifest_key), info)
+            retire(backend, newer_in(backend, than, manifest_key=self._manifest_key))
+            if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
+                pointer.write_latest(backend, info.name)
         except CkptStoreError as exc:  # its next save of such a step fails, naming it
             log.warning("could not move the newer parts under %s aside: %s", backend.url, exc)
 
@@ -501,7 +503,9 @@ class RestoreMixin:
                 )
             return False
         for backend, infos in found:
-            _retire_newer(backend, infos, info)
+            retire(backend, infos)
+            if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
+                pointer.write_latest(backend, info.name)
         return True
 
     def _set_run(self, run_id: str, lineage: tuple[str, ...]) -> None:
@@ -523,12 +527,3 @@ class RestoreMixin:
         log.info("resumed from %s (step %d)", info.name, steps)
         self.restored = info.name
         return steps
-
-
-def _retire_newer(
-    backend: StorageBackend, newer: builtins.list[CheckpointInfo], info: CheckpointInfo | None
-) -> None:
-    """Retire ``newer`` in ``backend`` and point ``latest`` at ``info`` where it is."""
-    retire(backend, newer)
-    if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
-        pointer.write_latest(backend, info.name)
