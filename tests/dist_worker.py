@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -830,6 +831,13 @@ def scenario_node_local_newer_parts(ckpts: str, rank: int, world: int) -> None:
         mgr.wait()
     dist.barrier()
     with manager() as mgr:  # back to step 2: 3 is newer, and good
+        retire = mgr._retire_part
+
+        def late(info):  # node 1's first rank retires late: rank 3 waits for it
+            time.sleep(1)
+            retire(info)
+
+        mgr._retire_part = late  # type: ignore[method-assign]
         assert mgr.restore(node_local_zeros(rank, mesh), 2, newer="discard") == 2
         assert [n.split(".")[0] for n in aside("retired")] == ["step_00000003"], os.listdir(root)
         mgr.save(2, node_local_state(rank, mesh))  # step 3 again

@@ -7,7 +7,6 @@ reference loop is in tests/test_multinode.py.
 
 from __future__ import annotations
 
-import pytest
 from test_distributed import run_ranks, spawn_ranks
 
 from ckptstore.cli import main
@@ -46,8 +45,5 @@ def test_a_step_rank_0_never_committed_is_not_restored_and_its_parts_are_replace
     run_ranks("node_local_resume", str(tmp_path), 4)
 
 
-# Opt-in (--run-slow) since 2026-12-06 20:30: it hangs intermittently (2 of 4 local runs and
-# 1 fresh-clone CI timed out at 120 s, the others passed in ~9 s); cause not found yet.
-@pytest.mark.slow
 def test_a_restore_moves_newer_parts_aside_on_every_disk(tmp_path):
     run_ranks("node_local_newer_parts", str(tmp_path), 4, timeout=120)

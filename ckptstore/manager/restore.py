@@ -456,8 +456,12 @@ class RestoreMixin:
             self._control,
             what="look for checkpoints newer than the one restored",
         )
-        if moved and self._ckpt.first_on_disk and self._rank != 0:
-            self._retire_part(info)  # node-local disks: this node's parts too
+        if moved and len(set(self._ckpt.disks)) > 1:  # node-local disks: their parts too
+            if self._ckpt.first_on_disk and self._rank != 0:
+                self._retire_part(info)
+            # Every rank returns once its disk's parts are retired: a rank that went on
+            # before its disk's first rank had done so found them still there.
+            groups.all_gather(None, self._control)
         if moved and info is not None:
             # A new branch: its own run id, with the run it left as its lineage, so
             # that retention and the backup never take the retired branch for its own.
@@ -471,9 +475,7 @@ class RestoreMixin:
         assert self._ckpt is not None
         backend, than = self._ckpt.backend, None if info is None else info.step or 0
         try:
-            retire(backend, newer_in(backend, than, manifest_key=self._manifest_key))
-            if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
-                pointer.write_latest(backend, info.name)
+            _retire_newer(backend, newer_in(backend, than, manifest_key=self._manifest_key), info)
         except CkptStoreError as exc:  # its next save of such a step fails, naming it
             log.warning("could not move the newer parts under %s aside: %s", backend.url, exc)
 
@@ -503,9 +505,7 @@ class RestoreMixin:
                 )
             return False
         for backend, infos in found:
-            retire(backend, infos)
-            if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
-                pointer.write_latest(backend, info.name)
+            _retire_newer(backend, infos, info)
         return True
 
     def _set_run(self, run_id: str, lineage: tuple[str, ...]) -> None:
@@ -527,3 +527,12 @@ class RestoreMixin:
         log.info("resumed from %s (step %d)", info.name, steps)
         self.restored = info.name
         return steps
+
+
+def _retire_newer(
+    backend: StorageBackend, newer: builtins.list[CheckpointInfo], info: CheckpointInfo | None
+) -> None:
+    """Retire ``newer`` in ``backend`` and point ``latest`` at ``info`` where it is."""
+    retire(backend, newer)
+    if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
+        pointer.write_latest(backend, info.name)
