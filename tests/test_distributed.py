@@ -48,16 +48,32 @@ def spawn_ranks(
         )
         for r in range(world)
     ]
-    outputs = []
+    outputs: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
         for p in procs:
-            out, _ = p.communicate(timeout=timeout)
+            out, _ = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
             outputs.append(out)
+    except subprocess.TimeoutExpired:
+        # A hang: every rank's output says where each one was (killed, its pipe read to
+        # the end and closed; an open one warned as unclosed in a later test).
+        hung = [r for r, p in enumerate(procs) if p.poll() is None]
+        for p in procs:
+            p.kill()
+        tails = [
+            p.communicate()[0] if r >= len(outputs) else outputs[r] for r, p in enumerate(procs)
+        ]
+        raise AssertionError(
+            f"{scenario}: ranks {hung} still ran after {timeout:.0f} s\n"
+            + "\n".join(f"--- rank {r}:\n{out[-3000:]}" for r, out in enumerate(tails))
+        ) from None
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
     return [(p.returncode, out) for p, out in zip(procs, outputs, strict=True)]
 
 

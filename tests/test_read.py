@@ -107,6 +107,7 @@ def test_no_dist_save_on_one_rank_runs_no_collective(tmp_path):
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
+            p.communicate()  # reaped, its pipe closed (not warned about in a later test)
         pytest.fail("a no_dist save on rank 0 alone hung")
     for p, out in zip(procs, outs, strict=True):
         assert p.returncode == 0, out[-3000:]
