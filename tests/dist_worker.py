@@ -850,6 +850,28 @@ def scenario_node_local_newer_parts(ckpts: str, rank: int, world: int) -> None:
     check_node_local(target, rank)
 
 
+def scenario_restore_problem_agreed(ckpts: str, rank: int, world: int) -> None:
+    """When ranks fail to read a step's metadata in different ways, every rank raises the
+    same class (damaged where any rank found damage), so every disk treats the step the
+    same way; a rank that read it names the rank that could not."""
+    from ckptstore.manager.restore import _agreed_problem
+
+    notfound = ckptstore.CheckpointNotFoundError("no manifest here")
+    corrupt = ckptstore.CorruptCheckpointError("checksum mismatch")
+    cases = [  # each rank's own problem (None: it read the metadata)
+        [notfound, corrupt, None],
+        [notfound, None, None],
+        [None, None, corrupt],
+    ]
+    for case in cases:
+        got = _agreed_problem(5, case[rank % 3], dist.group.WORLD)
+        damaged = any(isinstance(p, ckptstore.CorruptCheckpointError) for p in case[:world])
+        want = ckptstore.CorruptCheckpointError if damaged else ckptstore.CheckpointNotFoundError
+        assert type(got) is want, (case, rank, got)
+        if case[rank % 3] is None:
+            assert "step 5: rank" in str(got), got
+
+
 def replica_state(rank: int, world: int, step: int) -> dict[str, object]:
     """A DDP-like state: the same tensors on every rank (big ones and enough small ones
     to be packed), plus a sharded and a replicated DTensor; values depend on ``step``."""

@@ -47,3 +47,7 @@ def test_a_step_rank_0_never_committed_is_not_restored_and_its_parts_are_replace
 
 def test_a_restore_moves_newer_parts_aside_on_every_disk(tmp_path):
     run_ranks("node_local_newer_parts", str(tmp_path), 4, timeout=120)
+
+
+def test_ranks_agree_on_why_a_step_could_not_be_read(tmp_path):
+    run_ranks("restore_problem_agreed", str(tmp_path), 3)

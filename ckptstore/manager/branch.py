@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from ckptstore.engine.ops import CheckpointInfo, list_checkpoints
 from ckptstore.errors import CkptStoreError, NewerCheckpointsError
-from ckptstore.layout import retired_name
+from ckptstore.layout import MANIFEST_FILE, retired_name
 from ckptstore.manager import pointer
 from ckptstore.storage import StorageBackend
 
@@ -86,3 +86,12 @@ def retire(backend: StorageBackend, infos: Sequence[CheckpointInfo]) -> list[str
             ", ".join(moved),
         )
     return moved
+
+
+def retire_newer(
+    backend: StorageBackend, newer: Sequence[CheckpointInfo], info: CheckpointInfo | None
+) -> None:
+    """Retire ``newer`` in ``backend`` and point ``latest`` at ``info`` where it is."""
+    retire(backend, newer)
+    if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
+        pointer.write_latest(backend, info.name)

@@ -37,7 +37,7 @@ from ckptstore.layout import (
 )
 from ckptstore.manager import pointer
 from ckptstore.manager.agreement import Flags, StepAgreement
-from ckptstore.manager.branch import NEWER_CHOICES, newer_in, refuse, retire, summary
+from ckptstore.manager.branch import NEWER_CHOICES, newer_in, refuse, retire_newer, summary
 from ckptstore.manager.policies import CheckpointRecord, KeepBest
 from ckptstore.manager.replicate import Replicator
 from ckptstore.manager.resumable import Resumable
@@ -351,9 +351,7 @@ class RestoreMixin:
         # that could not read the metadata)
         _, failed = self._agree(None, 1 if problem is not None else None, fold=False)
         if failed:
-            raise problem or CorruptCheckpointError(
-                f"step {step}: another rank could not read its metadata"
-            )
+            raise _agreed_problem(step, problem, self._control)
         assert metadata is not None  # no rank failed, this one included
         target = state.load_target(metadata)
         info = self._ckpt.load(target, step, source=source, **self._load_options)
@@ -475,7 +473,7 @@ class RestoreMixin:
         assert self._ckpt is not None
         backend, than = self._ckpt.backend, None if info is None else info.step or 0
         try:
-            _retire_newer(backend, newer_in(backend, than, manifest_key=self._manifest_key), info)
+            retire_newer(backend, newer_in(backend, than, manifest_key=self._manifest_key), info)
         except CkptStoreError as exc:  # its next save of such a step fails, naming it
             log.warning("could not move the newer parts under %s aside: %s", backend.url, exc)
 
@@ -505,7 +503,7 @@ class RestoreMixin:
                 )
             return False
         for backend, infos in found:
-            _retire_newer(backend, infos, info)
+            retire_newer(backend, infos, info)
         return True
 
     def _set_run(self, run_id: str, lineage: tuple[str, ...]) -> None:
@@ -529,10 +527,17 @@ class RestoreMixin:
         return steps
 
 
-def _retire_newer(
-    backend: StorageBackend, newer: builtins.list[CheckpointInfo], info: CheckpointInfo | None
-) -> None:
-    """Retire ``newer`` in ``backend`` and point ``latest`` at ``info`` where it is."""
-    retire(backend, newer)
-    if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
-        pointer.write_latest(backend, info.name)
+def _agreed_problem(step: int, problem: Exception | None, group: Any) -> Exception:
+    """The error every rank raises when some could not read ``step``'s metadata, the same
+    class on all: damaged where any rank found damage, else not found. (Each rank's own
+    class differed: which disks restore then moved the step aside on did too.)"""
+    told = groups.all_gather(
+        None if problem is None else (isinstance(problem, CorruptCheckpointError), str(problem)),
+        group,
+    )
+    damaged = any(t is not None and t[0] for t in told)
+    if problem is not None and isinstance(problem, CorruptCheckpointError) == damaged:
+        return problem
+    rank, (_, why) = next((r, t) for r, t in enumerate(told) if t is not None and t[0] == damaged)
+    cls = CorruptCheckpointError if damaged else CheckpointNotFoundError
+    return cls(f"step {step}: rank {rank} could not read its metadata: {why}")
