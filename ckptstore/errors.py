@@ -6,6 +6,7 @@ working::
 
     CkptStoreError(Exception)
     ├── CheckpointNotFoundError        (+ FileNotFoundError)  nothing committed there
+    │   └── PartElsewhereError                                needs another node-local disk's part
     ├── CheckpointExistsError          (+ FileExistsError)    step already committed
     │   ├── ManifestExistsError                               lost a conditional manifest put
     │   └── NewerCheckpointsError                             resuming would train past newer ones
@@ -54,6 +55,7 @@ __all__ = [
     "InvalidOperationError",
     "ManifestExistsError",
     "NewerCheckpointsError",
+    "PartElsewhereError",
     "RankFailedError",
     "StateChangedError",
     "StorageError",
@@ -70,6 +72,12 @@ class CkptStoreError(Exception):
 
 class CheckpointNotFoundError(CkptStoreError, FileNotFoundError):
     """No committed checkpoint at the requested place or step."""
+
+
+class PartElsewhereError(CheckpointNotFoundError):
+    """This disk's part of a checkpoint saved to node-local disks, read by a rank that
+    needs data another node wrote: it loads on the shape that saved it, or from its
+    backup (where the parts are one checkpoint)."""
 
 
 class CheckpointExistsError(CkptStoreError, FileExistsError):

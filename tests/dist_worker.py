@@ -720,6 +720,7 @@ def scenario_node_local(ckpts: str, rank: int, world: int) -> None:
         )
     except Exception as exc:
         if rank >= 2:
+            assert isinstance(exc, ckptstore.errors.PartElsewhereError), exc
             assert "another node's disk" in str(exc), exc
     else:
         raise AssertionError("loading node 0's part on the other nodes' ranks should fail")
@@ -790,6 +791,7 @@ def scenario_node_local_other_shape(ckpts: str, rank: int, world: int) -> None:
             text = str(exc)
             assert "could be loaded (tried step 2" in text, text
             assert "another node's disk" in text and "from its backup" in text, text
+            assert isinstance(exc, ckptstore.errors.PartElsewhereError), type(exc)
             assert "damaged" not in text and "copy that node's part" not in text, text
         else:
             raise AssertionError("restored node 0's parts on another shape")

@@ -192,10 +192,10 @@ def test_the_console_command_runs_the_same_loop(tmp_path):
 def test_a_part_that_cannot_load_on_this_shape_is_not_a_usage_error(which):
     """--resume STEP of a node-local part on another shape: the step is there (not a
     usage error naming steps `ls` lists); the message says what works."""
-    from ckptstore.errors import EXIT_FAILED, CheckpointNotFoundError, CliError
+    from ckptstore.errors import EXIT_FAILED, CliError, PartElsewhereError
     from ckptstore.train import checks
 
-    exc = CheckpointNotFoundError("r/step_00000030/__2_0.distcp is on another node's disk: ...")
+    exc = PartElsewhereError("r/step_00000030/__2_0.distcp is on another node's disk: ...")
     got = checks.resume_error(which, "r", exc)
     assert isinstance(got, CliError) and got.code == EXIT_FAILED, got
     assert "start over with --resume none" in str(got) and "a step that" not in str(got)

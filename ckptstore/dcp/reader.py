@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ckptstore.dcp.packs import member_range
-from ckptstore.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptstore.errors import CheckpointNotFoundError, CorruptCheckpointError, PartElsewhereError
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardReader, run_all
 from ckptstore.layout import MANIFEST_FILE
@@ -127,7 +127,7 @@ class CkptStorageReader(StorageReader):
             where = f"{self._where()}/{file_name}"
             part = self._manifest.part
             if entry is None and part is not None and file_name in part.elsewhere:
-                raise CheckpointNotFoundError(
+                raise PartElsewhereError(
                     f"{where} is on another node's disk: {self._where()} is this disk's part "
                     "of a checkpoint written to node-local disks, and this rank needs data "
                     "another node wrote. Restore with the same nodes and ranks per node as "

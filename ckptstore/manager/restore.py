@@ -26,6 +26,7 @@ from ckptstore.errors import (
     CkptStoreError,
     CorruptCheckpointError,
     InvalidArgumentError,
+    PartElsewhereError,
 )
 from ckptstore.format.manifest import new_run_id
 from ckptstore.layout import (
@@ -180,7 +181,8 @@ class RestoreMixin:
             return steps
         tried = f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)})"
         if not damaged:  # none damaged (another node's part, say): the first reason says why
-            raise CheckpointNotFoundError(f"{tried}: {first}")
+            cls = PartElsewhereError if isinstance(first, PartElsewhereError) else None
+            raise (cls or CheckpointNotFoundError)(f"{tried}: {first}")
         raise CorruptCheckpointError(f"{tried}; run `ckptstore verify ROOT` to see what is damaged")
 
     def _note_other_runs(self, *, resumed: bool) -> None:
@@ -531,13 +533,16 @@ def _agreed_problem(step: int, problem: Exception | None, group: Any) -> Excepti
     """The error every rank raises when some could not read ``step``'s metadata, the same
     class on all: damaged where any rank found damage, else not found. (Each rank's own
     class differed: which disks restore then moved the step aside on did too.)"""
-    told = groups.all_gather(
-        None if problem is None else (isinstance(problem, CorruptCheckpointError), str(problem)),
-        group,
-    )
-    damaged = any(t is not None and t[0] for t in told)
+    told = groups.all_gather(problem, group)
+    damaged = any(isinstance(t, CorruptCheckpointError) for t in told)
     if problem is not None and isinstance(problem, CorruptCheckpointError) == damaged:
         return problem
-    rank, (_, why) = next((r, t) for r, t in enumerate(told) if t is not None and t[0] == damaged)
+    rank, why = next(
+        (r, t)
+        for r, t in enumerate(told)
+        if t is not None and isinstance(t, CorruptCheckpointError) == damaged
+    )
     cls = CorruptCheckpointError if damaged else CheckpointNotFoundError
+    if isinstance(why, PartElsewhereError):
+        cls = PartElsewhereError
     return cls(f"step {step}: rank {rank} could not read its metadata: {why}")

@@ -28,6 +28,7 @@ from ckptstore.errors import (
     IncompatibleCheckpointError,
     InvalidArgumentError,
     NewerCheckpointsError,
+    PartElsewhereError,
     WriterLeaseError,
 )
 from ckptstore.layout import MANIFEST_FILE, POINTER_TEMP_PREFIX
@@ -205,7 +206,7 @@ def resume_error(
             f"them aside (kept as step_N.retired-<time>, listed by `ckptstore ls {root} "
             "--all`) and train on from here"
         )
-    if "another node's disk" in str(exc):  # it is there: on this shape it cannot load
+    if isinstance(exc, PartElsewhereError):  # it is there: on this shape it cannot load
         return CliError(f"--resume {which}: {exc}; or start over with --resume none")
     if which not in ("latest", "best") and (
         isinstance(exc, CheckpointNotFoundError) or type(exc) in (ValueError, InvalidArgumentError)
