@@ -856,22 +856,64 @@ def scenario_restore_problem_agreed(ckpts: str, rank: int, world: int) -> None:
     """When ranks fail to read a step's metadata in different ways, every rank raises the
     same class (damaged where any rank found damage), so every disk treats the step the
     same way; a rank that read it names the rank that could not."""
-    from ckptstore.manager.restore import _agreed_problem
+    from ckptstore.manager.load_errors import agreed_error
 
     notfound = ckptstore.CheckpointNotFoundError("no manifest here")
     corrupt = ckptstore.CorruptCheckpointError("checksum mismatch")
-    cases = [  # each rank's own problem (None: it read the metadata)
-        [notfound, corrupt, None],
-        [notfound, None, None],
-        [None, None, corrupt],
+    other = ckptstore.StorageError("EIO")
+    elsewhere = ckptstore.errors.PartElsewhereError("on another node's disk")
+    damaged, missing = ckptstore.CorruptCheckpointError, ckptstore.CheckpointNotFoundError
+    failed = ckptstore.RankFailedError
+    cases = [  # each rank's own problem (None: it read the metadata); what each raises
+        ([notfound, corrupt, None], [damaged, damaged, damaged]),
+        ([notfound, None, None], [missing, missing, missing]),
+        ([None, None, corrupt], [damaged, damaged, damaged]),
+        ([other, corrupt, None], [damaged, damaged, damaged]),
+        ([None, other, None], [failed, ckptstore.StorageError, failed]),
+        ([elsewhere, None, None], [type(elsewhere)] * 3),
     ]
-    for case in cases:
-        got = _agreed_problem(5, case[rank % 3], dist.group.WORLD)
-        damaged = any(isinstance(p, ckptstore.CorruptCheckpointError) for p in case[:world])
-        want = ckptstore.CorruptCheckpointError if damaged else ckptstore.CheckpointNotFoundError
-        assert type(got) is want, (case, rank, got)
-        if case[rank % 3] is None:
+    for case, want in cases:
+        own = case[rank]
+        got = agreed_error(5, own, dist.group.WORLD)
+        assert type(got) is want[rank], (case, rank, got)
+        if type(own) is want[rank]:
+            assert got is own, (case, rank, got)  # its own error, traceback and all
+        else:
             assert "step 5: rank" in str(got), got
+
+
+def scenario_restore_fails_on_one_rank(ckpts: str, rank: int, world: int) -> None:
+    """A restore that fails on one rank only (its load target: a model that does not
+    fit) raises on every rank, the others naming it; they used to wait in the load's
+    collective until the process group's timeout."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    state = ckptstore.TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    root = os.path.join(ckpts, "mgr")
+    with ckptstore.CheckpointManager(root) as mgr:
+        mgr.save(3, state)
+        mgr.wait()
+    target = ckptstore.TrainState(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)
+    )
+    if rank == 1:
+
+        def broken(metadata):
+            raise ckptstore.IncompatibleCheckpointError("this rank's model does not fit")
+
+        target.load_target = broken  # type: ignore[method-assign]
+    with ckptstore.CheckpointManager(root) as mgr:
+        try:
+            mgr.restore(target)
+        except ckptstore.IncompatibleCheckpointError as exc:
+            assert rank == 1 and "does not fit" in str(exc), (rank, exc)
+        except ckptstore.RankFailedError as exc:
+            assert rank != 1 and "rank 1" in str(exc) and "does not fit" in str(exc), exc
+        else:
+            raise AssertionError("the restore went on")
+        # and the ranks are still in step: a save works on all of them
+        mgr.save(4, state)
+        mgr.wait()
 
 
 def replica_state(rank: int, world: int, step: int) -> dict[str, object]:

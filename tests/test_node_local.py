@@ -51,3 +51,7 @@ def test_a_restore_moves_newer_parts_aside_on_every_disk(tmp_path):
 
 def test_ranks_agree_on_why_a_step_could_not_be_read(tmp_path):
     run_ranks("restore_problem_agreed", str(tmp_path), 3)
+
+
+def test_a_restore_that_fails_on_one_rank_fails_on_all(tmp_path):
+    run_ranks("restore_fails_on_one_rank", str(tmp_path), 2, timeout=120)

@@ -39,6 +39,7 @@ from ckptstore.layout import (
 from ckptstore.manager import pointer
 from ckptstore.manager.agreement import Flags, StepAgreement
 from ckptstore.manager.branch import NEWER_CHOICES, newer_in, refuse, retire_newer, summary
+from ckptstore.manager.load_errors import agreed_error
 from ckptstore.manager.policies import CheckpointRecord, KeepBest
 from ckptstore.manager.replicate import Replicator
 from ckptstore.manager.resumable import Resumable
@@ -128,6 +129,11 @@ class RestoreMixin:
             self._agreement.settle()
         self.restored = None
         steps = self._restore(state, which, newer)
+        if self._ckpt is not None and len(set(self._ckpt.disks)) > 1:
+            # Node-local disks: every rank returns once each disk's first rank has pruned,
+            # set aside or retired that disk's parts; a rank that went on before found
+            # them still there, and its next save failed alone.
+            groups.all_gather(None, self._control)
         self._note_other_runs(resumed=self.restored is not None)
         return steps
 
@@ -164,9 +170,13 @@ class RestoreMixin:
         for step in candidates:
             try:
                 info = self._load_with_backup(state, step)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-                if len(candidates) == 1 or isinstance(which, int):
-                    raise
+            except Exception as own:  # on every rank (the load is collective): one answer
+                exc = agreed_error(step, own, self._control)
+                last = len(candidates) == 1 or isinstance(which, int)
+                if last or not isinstance(exc, (CorruptCheckpointError, CheckpointNotFoundError)):
+                    if exc is own:
+                        raise
+                    raise exc from own
                 log.warning("skipping step %d: %s", step, exc)
                 skipped.append(f"step {step} ({type(exc).__name__})")
                 first = first or exc
@@ -344,18 +354,17 @@ class RestoreMixin:
             return self._ckpt.load(state, step, source=source, **self._load_options)
         # Every rank reads the metadata; they agree that all could before the collective
         # load, so that a rank that could not does not go its own way.
-        metadata, problem = None, None
+        target, problem = None, None
         try:
-            metadata = self._ckpt.read_metadata(step, source=source)
-        except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            target = state.load_target(self._ckpt.read_metadata(step, source=source))
+        except Exception as exc:  # (each node-local disk has its own .metadata)
             problem = exc
         # (a step's stop or abort is kept for its next maybe_save, not read as a rank
         # that could not read the metadata)
         _, failed = self._agree(None, 1 if problem is not None else None, fold=False)
         if failed:
-            raise _agreed_problem(step, problem, self._control)
-        assert metadata is not None  # no rank failed, this one included
-        target = state.load_target(metadata)
+            raise agreed_error(step, problem, self._control)
+        assert target is not None  # no rank failed, this one included
         info = self._ckpt.load(target, step, source=source, **self._load_options)
         state.load_state_dict(target)
         return info
@@ -456,12 +465,9 @@ class RestoreMixin:
             self._control,
             what="look for checkpoints newer than the one restored",
         )
-        if moved and len(set(self._ckpt.disks)) > 1:  # node-local disks: their parts too
-            if self._ckpt.first_on_disk and self._rank != 0:
-                self._retire_part(info)
-            # Every rank returns once its disk's parts are retired: a rank that went on
-            # before its disk's first rank had done so found them still there.
-            groups.all_gather(None, self._control)
+        node_local = len(set(self._ckpt.disks)) > 1
+        if moved and node_local and self._ckpt.first_on_disk and self._rank != 0:
+            self._retire_part(info)  # node-local disks: their parts too (restore then waits)
         if moved and info is not None:
             # A new branch: its own run id, with the run it left as its lineage, so
             # that retention and the backup never take the retired branch for its own.
@@ -476,7 +482,7 @@ class RestoreMixin:
         backend, than = self._ckpt.backend, None if info is None else info.step or 0
         try:
             retire_newer(backend, newer_in(backend, than, manifest_key=self._manifest_key), info)
-        except CkptStoreError as exc:  # its next save of such a step fails, naming it
+        except Exception as exc:  # its next save of such a step fails, naming it
             log.warning("could not move the newer parts under %s aside: %s", backend.url, exc)
 
     def _newer_on_rank0(self, info: CheckpointInfo | None, newer: str) -> bool:
@@ -527,22 +533,3 @@ class RestoreMixin:
         log.info("resumed from %s (step %d)", info.name, steps)
         self.restored = info.name
         return steps
-
-
-def _agreed_problem(step: int, problem: Exception | None, group: Any) -> Exception:
-    """The error every rank raises when some could not read ``step``'s metadata, the same
-    class on all: damaged where any rank found damage, else not found. (Each rank's own
-    class differed: which disks restore then moved the step aside on did too.)"""
-    told = groups.all_gather(problem, group)
-    damaged = any(isinstance(t, CorruptCheckpointError) for t in told)
-    if problem is not None and isinstance(problem, CorruptCheckpointError) == damaged:
-        return problem
-    rank, why = next(
-        (r, t)
-        for r, t in enumerate(told)
-        if t is not None and isinstance(t, CorruptCheckpointError) == damaged
-    )
-    cls = CorruptCheckpointError if damaged else CheckpointNotFoundError
-    if isinstance(why, PartElsewhereError):
-        cls = PartElsewhereError
-    return cls(f"step {step}: rank {rank} could not read its metadata: {why}")
