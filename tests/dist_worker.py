@@ -852,6 +852,54 @@ def scenario_node_local_newer_parts(ckpts: str, rank: int, world: int) -> None:
     check_node_local(target, rank)
 
 
+def scenario_node_local_empty_disk(ckpts: str, rank: int, world: int) -> None:
+    """Node 1's disk comes back empty (replaced): no step is complete on every disk, and
+    node 0's parts are newer than nothing. Restore refuses, keeps or retires them as it
+    does newer checkpoints; kept, a save of such a step fails on every rank (it failed on
+    node 0's ranks alone, and the others waited in the save's collectives)."""
+    import shutil
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    root = node_root(ckpts, rank)
+
+    def manager() -> ckptstore.CheckpointManager:
+        return ckptstore.CheckpointManager(root, codec="none")
+
+    with manager() as mgr:
+        for done in (0, 1):  # steps 1 and 2
+            mgr.save(done, node_local_state(rank, mesh))
+        mgr.wait()
+    dist.barrier()
+    if rank == 2:  # node 1's disk, replaced
+        shutil.rmtree(root)
+        os.makedirs(root)
+    dist.barrier()
+    with manager() as mgr:
+        try:
+            mgr.restore(node_local_zeros(rank, mesh), newer="refuse")
+        except ckptstore.NewerCheckpointsError as exc:
+            assert "step_00000002" in str(exc), exc
+        else:
+            raise AssertionError("trained on beside node 0's parts")
+    with manager() as mgr:
+        assert mgr.restore(node_local_zeros(rank, mesh)) == 0  # newer="keep"
+        try:
+            mgr.save(0, node_local_state(rank, mesh))
+        except ckptstore.CheckpointExistsError as exc:
+            assert "step_00000001" in str(exc), exc
+        else:
+            raise AssertionError("saved step 1 over node 0's part")
+    with manager() as mgr:
+        assert mgr.restore(node_local_zeros(rank, mesh), newer="discard") == 0
+        mgr.save(0, node_local_state(rank, mesh))
+        mgr.wait()
+    dist.barrier()
+    with ckptstore.Checkpointer(root) as ckpt:
+        assert [i.step for i in ckpt.list()] == [1], os.listdir(root)
+
+
 def scenario_restore_problem_agreed(ckpts: str, rank: int, world: int) -> None:
     """When ranks fail to read a step's metadata in different ways, every rank raises the
     same class (damaged where any rank found damage), so every disk treats the step the

@@ -55,3 +55,7 @@ def test_ranks_agree_on_why_a_step_could_not_be_read(tmp_path):
 
 def test_a_restore_that_fails_on_one_rank_fails_on_all(tmp_path):
     run_ranks("restore_fails_on_one_rank", str(tmp_path), 2, timeout=120)
+
+
+def test_an_empty_disk_leaves_the_other_nodes_parts_newer_than_nothing(tmp_path):
+    run_ranks("node_local_empty_disk", str(tmp_path), 4, timeout=120)

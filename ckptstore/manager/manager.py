@@ -194,6 +194,7 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
         self._lock = threading.Lock()
         self._last_done: int | None = None
         self.restored: str | None = None  # the checkpoint restore() loaded (its name)
+        self._newer_kept: frozenset[int] = frozenset()  # restore's newer="keep": not saved
         self._last_metrics: dict[str, float] | None = None
         self._last_epoch: int | None = None
         self._last_saved: int | None = None
@@ -359,9 +360,13 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
     ) -> PendingSave:
         assert self._ckpt is not None
         name = checkpoint_name(steps_done)
-        if self._ckpt.exists(steps_done):
+        here = self._ckpt.exists(steps_done)
+        # (restore kept it on rank 0's disk: with node-local disks every rank refuses, not
+        # only those of that disk, which then left the others waiting in the save)
+        if here or steps_done in self._newer_kept:
+            where = f"{self._ckpt.url}/{name}" if here else f"{name} (on rank 0's disk)"
             raise CheckpointExistsError(
-                f"{self._ckpt.url}/{name} already exists: this run restored an earlier checkpoint "
+                f"{where} already exists: this run restored an earlier checkpoint "
                 "and is training past it. Restore with newer='discard' to move the newer "
                 "ones aside (newer='refuse' says so before training), or save into another root"
             )

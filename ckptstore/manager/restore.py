@@ -75,6 +75,7 @@ class RestoreMixin:
     _load_options: dict[str, bool] = {}  # noqa: RUF012 - set per restore(), never mutated
     _from_backup: frozenset[int] | set[int] = frozenset()  # steps only on the backup (node-local)
     _backup: Replicator | None
+    _newer_kept: frozenset[int]
     _heal_pending: bool
     _healed_from: int
 
@@ -162,6 +163,8 @@ class RestoreMixin:
         if not candidates:
             if which == "latest":
                 log.info("nothing to resume under %s: starting from scratch", self._ckpt.url)
+                # (node-local parts complete on some disks only: refused, kept or retired)
+                self._handle_newer(None, newer)
                 return 0
             raise CheckpointNotFoundError(f"no {which} checkpoint under {self._ckpt.url}")
         skipped: builtins.list[str] = []
@@ -460,11 +463,12 @@ class RestoreMixin:
         if not self.enabled or self._ckpt is None:
             return
         restored = None if info is None else info.name
-        moved = groups.decide(
+        moved, kept = groups.decide(
             lambda: self._newer_on_rank0(info, newer),
             self._control,
             what="look for checkpoints newer than the one restored",
         )
+        self._newer_kept = frozenset(kept)  # every rank refuses to save those steps
         node_local = len(set(self._ckpt.disks)) > 1
         if moved and node_local and self._ckpt.first_on_disk and self._rank != 0:
             self._retire_part(info)  # node-local disks: their parts too (restore then waits)
@@ -485,7 +489,10 @@ class RestoreMixin:
         except Exception as exc:  # its next save of such a step fails, naming it
             log.warning("could not move the newer parts under %s aside: %s", backend.url, exc)
 
-    def _newer_on_rank0(self, info: CheckpointInfo | None, newer: str) -> bool:
+    def _newer_on_rank0(
+        self, info: CheckpointInfo | None, newer: str
+    ) -> tuple[bool, builtins.list[int]]:
+        """Whether newer checkpoints were retired, and the steps of those kept here."""
         assert self._ckpt is not None
         than = None if info is None else info.step or 0
         key = self._manifest_key
@@ -498,7 +505,7 @@ class RestoreMixin:
                     raise
                 log.warning("could not list the backup %s: %s", self._remote.url, exc)
         if not any(infos for _, infos in found):
-            return False
+            return False, []
         if newer == "refuse":
             raise refuse(found, None if info is None else info.name)
         if newer == "keep":
@@ -509,10 +516,10 @@ class RestoreMixin:
                     info.name,
                     "; ".join(f"{b.url}: {summary(i)}" for b, i in found if i),
                 )
-            return False
+            return False, [i.step or 0 for i in found[0][1]]
         for backend, infos in found:
             retire_newer(backend, infos, info)
-        return True
+        return True, []
 
     def _set_run(self, run_id: str, lineage: tuple[str, ...]) -> None:
         """This run's id and lineage, in its next manifests and the backup's retention."""
