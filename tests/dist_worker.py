@@ -842,6 +842,9 @@ def scenario_node_local_newer_parts(ckpts: str, rank: int, world: int) -> None:
         mgr._retire_part = late  # type: ignore[method-assign]
         assert mgr.restore(node_local_zeros(rank, mesh), 2, newer="discard") == 2
         assert [n.split(".")[0] for n in aside("retired")] == ["step_00000003"], os.listdir(root)
+        ids: list[object] = [None] * world  # the new branch's run id: rank 0's on every rank
+        dist.all_gather_object(ids, mgr._run_id)
+        assert len(set(ids)) == 1, ids
         mgr.save(2, node_local_state(rank, mesh))  # step 3 again
         mgr.wait()
     dist.barrier()
@@ -868,6 +871,9 @@ def scenario_node_local_empty_disk(ckpts: str, rank: int, world: int) -> None:
         return ckptstore.CheckpointManager(root, codec="none")
 
     with manager() as mgr:
+        ids: list[object] = [None] * world  # one run id, rank 0's, on every rank
+        dist.all_gather_object(ids, mgr._run_id)
+        assert len(set(ids)) == 1, ids
         for done in (0, 1):  # steps 1 and 2
             mgr.save(done, node_local_state(rank, mesh))
         mgr.wait()

@@ -209,7 +209,8 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
         self._guarding = False
         self._closed = False
         show_progress_by_default()  # save lines and "resumed from" on stderr (visible.py)
-        self._run_id = new_run_id()  # in every manifest; a restore adopts the checkpoint's
+        # In every manifest, rank 0's on every rank; a restore adopts the checkpoint's.
+        self._run_id = str(groups.broadcast(new_run_id(), self._control))
         self._lineage: tuple[str, ...] = ()  # the runs this one branched from
         # The backup tier (rank 0's, and each disk's part: partbackup). A missing bucket
         # or wrong credentials fail here.

@@ -476,7 +476,8 @@ class RestoreMixin:
             # A new branch: its own run id, with the run it left as its lineage, so
             # that retention and the backup never take the retired branch for its own.
             run = info.manifest.run_id
-            self._set_run(new_run_id(), (run, *info.manifest.lineage) if run else ())
+            branch = str(groups.broadcast(new_run_id(), self._control))  # rank 0's
+            self._set_run(branch, (run, *info.manifest.lineage) if run else ())
             log.warning("this run goes on from %s as a new branch (run %s)", restored, self._run_id)
 
     def _retire_part(self, info: CheckpointInfo | None) -> None:
