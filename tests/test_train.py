@@ -161,20 +161,23 @@ def test_no_checkpoint_writes_nothing(tmp_path):
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--steps", "0"], "--steps must be at least 1"),  # was taken for the default
         (["--steps", "-3"], "--steps must be at least 1"),  # was trained as 0 steps
-        (["--save-every-s", "-1"], "--save-every-s must be >= 0"),  # named a parameter
-        (["--save-every-s", "nan"], "--save-every-s must be >= 0"),
-        (["--lr", "nan"], "--lr must be >= 0"),  # trained on NaN
+        (["--save-every-s", "-1"], "--save-every-s must be a number >= 0"),  # named a parameter
+        (["--save-every-s", "nan"], "--save-every-s must be a number >= 0"),
+        (["--lr", "nan"], "--lr must be a number >= 0"),  # trained on NaN
         (["--full-every", "2"], "--full-every is about incremental saves: add --incremental"),
-        (["--incremental", "--full-every", "-1"], "--full-every must be >= 0"),
+        (["--incremental", "--full-every", "-1"], "--full-every must be a number >= 0"),
         (["--no-checkpoint", "--incremental"], "--incremental is about saving, and --no-che"),
         (["--no-checkpoint", "--keep-best", "2"], "--keep-best is about saving"),
+        (["--seed", "-1"], "--seed must be between 0 and 4294967295"),  # was a traceback
+        (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),
         (["--device", "cuda:0"] if not os.path.exists("/dev/nvidia0") else ["--size", "nope"], ""),
     ],
 )
 def test_bad_arguments_say_what_to_do(tmp_path, args, message):
     out = run(train_cmd(tmp_path / "x", tmp_path / "r.json", *args), timeout=120)
-    assert out.returncode != 0
+    assert out.returncode == 2, out.stderr[-2000:]  # a usage error, one line, no traceback
     assert message in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
 
 
 def test_the_console_command_runs_the_same_loop(tmp_path):
@@ -188,6 +191,20 @@ def test_the_console_command_runs_the_same_loop(tmp_path):
     assert time.monotonic() - start < 60
 
 
+def test_resume_of_a_file_is_a_usage_error(tmp_path):
+    """--resume FILE: said in the flag's terms (it was "[Errno 20] open failed: Not a
+    directory" on the file's manifest.json, exit 1)."""
+    from ckptstore.errors import EXIT_USAGE, CliError, StorageError
+    from ckptstore.train import checks
+
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    exc = StorageError(f"[Errno 20] open failed: Not a directory: '{afile}/manifest.json'")
+    got = checks.resume_error(str(afile), "r", exc)
+    assert isinstance(got, CliError) and got.code == EXIT_USAGE, got
+    assert "that is a file, not a checkpoint directory" in str(got), got
+
+
 @pytest.mark.parametrize("which", ["latest", "30"])
 def test_a_part_that_cannot_load_on_this_shape_is_not_a_usage_error(which):
     """--resume STEP of a node-local part on another shape: the step is there (not a
@@ -198,4 +215,5 @@ def test_a_part_that_cannot_load_on_this_shape_is_not_a_usage_error(which):
     exc = PartElsewhereError("r/step_00000030/__2_0.distcp is on another node's disk: ...")
     got = checks.resume_error(which, "r", exc)
     assert isinstance(got, CliError) and got.code == EXIT_FAILED, got
-    assert "start over with --resume none" in str(got) and "a step that" not in str(got)
+    assert "start over with --resume none --discard-newer" in str(got), got
+    assert "a step that" not in str(got), got

@@ -102,7 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         value = getattr(args, name)
         if value is not None and not 0 <= value < float("inf"):  # NaN and inf too
-            ap.error(f"--{name.replace('_', '-')} must be >= 0")
+            ap.error(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+    if not 0 <= args.seed < 2**32:  # (numpy's and Python's generators are seeded with it)
+        ap.error(f"--seed must be between 0 and {2**32 - 1}, got {args.seed}")
     for flag, given in (
         ("--full-every", args.full_every is not None),
         ("--trust-version-counters", args.trust_version_counters),

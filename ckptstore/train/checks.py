@@ -154,7 +154,7 @@ def explain(exc: BaseException, args: argparse.Namespace) -> tuple[str, int]:
         return (
             f"{message}. `ckptstore ls {root} --all` lists the checkpoints and `ckptstore "
             f"verify {root}` checks them; choose one with --resume STEP, or start over with "
-            "--resume none",
+            "--resume none --discard-newer (the checkpoints there are moved aside, not deleted)",
             EXIT_FAILED,
         )
     return message, EXIT_FAILED
@@ -207,7 +207,17 @@ def resume_error(
             "--all`) and train on from here"
         )
     if isinstance(exc, PartElsewhereError):  # it is there: on this shape it cannot load
-        return CliError(f"--resume {which}: {exc}; or start over with --resume none")
+        return CliError(
+            f"--resume {which}: {exc}; or start over with --resume none --discard-newer "
+            "(the parts there are moved aside, not deleted)"
+        )
+    if which not in ("latest", "best") and os.path.isfile(which):
+        return CliError(
+            f"--resume {which}: that is a file, not a checkpoint directory. Give latest, "
+            f"best, none, a step that `ckptstore ls {root}` lists, or the path of a "
+            "checkpoint directory",
+            EXIT_USAGE,
+        )
     if which not in ("latest", "best") and (
         isinstance(exc, CheckpointNotFoundError) or type(exc) in (ValueError, InvalidArgumentError)
     ):

@@ -125,7 +125,9 @@ def pick_device(arg: str, local_rank: int) -> torch.device:
         arg = "cuda" if torch.cuda.is_available() else "cpu"
     if arg.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is available (use --device cpu)")
+            raise CliError(
+                f"--device {arg}: no CUDA device is available (use --device cpu)", EXIT_USAGE
+            )
         if arg == "cuda":
             arg = f"cuda:{local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(torch.device(arg))
@@ -235,7 +237,11 @@ def train(argv: list[str] | None = None) -> int:
     for chatty in ("botocore", "aiobotocore", "s3fs", "fsspec"):  # "Found credentials ..."
         logging.getLogger(chatty).setLevel(logging.WARNING)
     run = Run(args)
-    setup_distributed(run)
+    try:
+        setup_distributed(run)
+    except CliError as exc:  # (--device cuda without one)
+        print(f"ckptstore train: error: {exc}", file=sys.stderr, flush=True)
+        return exc.code
     if run.rank != 0:
         logging.getLogger("ckptstore").setLevel(logging.WARNING)
     try:
