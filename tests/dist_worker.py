@@ -848,6 +848,9 @@ def scenario_node_local_newer_parts(ckpts: str, rank: int, world: int) -> None:
         mgr.save(2, node_local_state(rank, mesh))  # step 3 again
         mgr.wait()
     dist.barrier()
+    # only rank 0's disk keeps a latest pointer (one a retire wrote on node 1's disk
+    # was left naming step 2 for good)
+    assert os.path.exists(os.path.join(root, "latest")) == (rank < 2), os.listdir(root)
     with ckptstore.Checkpointer(root) as ckpt:
         assert [i.step for i in ckpt.list()] == [1, 2, 3]
         target = node_local_zeros(rank, mesh)

@@ -38,7 +38,14 @@ from ckptstore.layout import (
 )
 from ckptstore.manager import pointer
 from ckptstore.manager.agreement import Flags, StepAgreement
-from ckptstore.manager.branch import NEWER_CHOICES, newer_in, refuse, retire_newer, summary
+from ckptstore.manager.branch import (
+    NEWER_CHOICES,
+    newer_in,
+    refuse,
+    retire,
+    retire_newer,
+    summary,
+)
 from ckptstore.manager.load_errors import agreed_error
 from ckptstore.manager.policies import CheckpointRecord, KeepBest
 from ckptstore.manager.replicate import Replicator
@@ -482,11 +489,12 @@ class RestoreMixin:
 
     def _retire_part(self, info: CheckpointInfo | None) -> None:
         """On a node-local disk other than rank 0's: retire this disk's parts of the
-        checkpoints rank 0 retired (newer than ``info``), as rank 0 did its own."""
+        checkpoints rank 0 retired (newer than ``info``), as rank 0 did its own. (No
+        ``latest`` pointer here: only rank 0's disk keeps one up to date.)"""
         assert self._ckpt is not None
         backend, than = self._ckpt.backend, None if info is None else info.step or 0
         try:
-            retire_newer(backend, newer_in(backend, than, manifest_key=self._manifest_key), info)
+            retire(backend, newer_in(backend, than, manifest_key=self._manifest_key))
         except Exception as exc:  # its next save of such a step fails, naming it
             log.warning("could not move the newer parts under %s aside: %s", backend.url, exc)
 
