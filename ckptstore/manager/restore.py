@@ -36,16 +36,9 @@ from ckptstore.layout import (
     checkpoint_name,
     split_checkpoint_path,
 )
-from ckptstore.manager import pointer
+from ckptstore.manager import branch, pointer
 from ckptstore.manager.agreement import Flags, StepAgreement
-from ckptstore.manager.branch import (
-    NEWER_CHOICES,
-    newer_in,
-    refuse,
-    retire,
-    retire_newer,
-    summary,
-)
+from ckptstore.manager.branch import NEWER_CHOICES, newer_in, refuse, retire_newer, summary
 from ckptstore.manager.load_errors import agreed_error
 from ckptstore.manager.policies import CheckpointRecord, KeepBest
 from ckptstore.manager.replicate import Replicator
@@ -494,7 +487,7 @@ class RestoreMixin:
         assert self._ckpt is not None
         backend, than = self._ckpt.backend, None if info is None else info.step or 0
         try:
-            retire(backend, newer_in(backend, than, manifest_key=self._manifest_key))
+            branch.retire(backend, newer_in(backend, than, manifest_key=self._manifest_key))
         except Exception as exc:  # its next save of such a step fails, naming it
             log.warning("could not move the newer parts under %s aside: %s", backend.url, exc)
 
