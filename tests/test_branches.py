@@ -176,6 +176,7 @@ def test_train_resume_older_stops_before_training_then_discard_newer_goes_on(tmp
     line = refused.stderr.strip().splitlines()[-1]
     assert "--discard-newer" in line and "step_00000020..step_00000030" in line
     assert "step 11" not in refused.stdout  # not a step trained
+    assert "resumed from" not in refused.stderr  # (it said so before the refusal)
     assert tree(root) == before
     done = train_cli(root, "--steps", "40", "--resume", "10", "--discard-newer")
     assert done.returncode == 0, done.stderr

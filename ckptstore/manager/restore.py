@@ -189,9 +189,7 @@ class RestoreMixin:
             if skipped:
                 log.warning("restored step %d after skipping %s", info.step, ", ".join(skipped))
             self._set_aside_newer(info, damaged)
-            steps = self._resumed(info)
-            self._handle_newer(info, newer)
-            return steps
+            return self._resumed(info, newer)
         tried = f"no checkpoint under {self._ckpt.url} could be loaded (tried {', '.join(skipped)})"
         if not damaged:  # none damaged (another node's part, say): the first reason says why
             cls = PartElsewhereError if isinstance(first, PartElsewhereError) else None
@@ -405,9 +403,7 @@ class RestoreMixin:
                     allow_cast=self._load_options.get("allow_cast", False),
                 )
         info = CheckpointInfo(name, f"{backend.url}/{name}", manifest)
-        steps = self._resumed(info)
-        self._handle_newer(info, newer)
-        return steps
+        return self._resumed(info, newer)
 
     def _set_aside_newer(self, info: CheckpointInfo, damaged: set[int]) -> None:
         """Move aside what would block this run's next saves: newer checkpoints found
@@ -529,7 +525,8 @@ class RestoreMixin:
         if self._backup is not None:
             self._backup.run_id, self._backup.lineage = run_id, lineage
 
-    def _resumed(self, info: CheckpointInfo) -> int:
+    def _resumed(self, info: CheckpointInfo, newer: str) -> int:
+        """Go on from ``info`` (loaded), once the checkpoints past it are dealt with."""
         steps = info.step or 0
         self._last_done = steps
         self._last_saved = steps
@@ -539,6 +536,7 @@ class RestoreMixin:
             # The same run goes on: its next checkpoints, and the backup's retention,
             # carry on with its id (a checkpoint without one: this run keeps its new id).
             self._set_run(info.manifest.run_id, info.manifest.lineage)
+        self._handle_newer(info, newer)  # (a refusal: before "resumed from")
         log.info("resumed from %s (step %d)", info.name, steps)
         self.restored = info.name
         return steps
