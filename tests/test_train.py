@@ -217,3 +217,15 @@ def test_a_part_that_cannot_load_on_this_shape_is_not_a_usage_error(which):
     assert isinstance(got, CliError) and got.code == EXIT_FAILED, got
     assert "start over with --resume none --discard-newer" in str(got), got
     assert "a step that" not in str(got), got
+
+
+def test_the_demo_on_a_finished_directory_says_so(tmp_path):
+    """The README's main command run again with the same --dir, its run finished: it
+    resumes, has nothing left to do, and says so (it exited 1, "not 130: stopping")."""
+    ckpts = tmp_path / "ckpts"
+    first = run(train_cmd(ckpts, tmp_path / "r.json", "--steps", "4", "--save-every", "2"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    cmd = [sys.executable, "-m", "ckptstore.train.demo", "--dir", str(ckpts), "--steps", "4"]
+    out = run([*cmd, "--interrupt-at", "2", *TINY], timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "had already done its 4 steps" in out.stdout, out.stdout[-3000:]

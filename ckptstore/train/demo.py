@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
                 proc.send_signal(signal.SIGINT)
                 interrupted = True
     code = proc.wait()
+    if code == 0 and not interrupted:  # a --dir whose run had finished: resumed, done
+        print(
+            f"\nThe run in {ckpt_dir} had already done its {args.steps} steps: it resumed "
+            "and had nothing left to train. Give a fresh --dir (or leave it out) to see the "
+            "interruption and the resume, or more --steps to train this run on."
+        )
+        return 0
     if code != 128 + signal.SIGINT:
         print(f"\nthe training process exited with {code}, not 130 (interrupted): stopping")
         return 1
