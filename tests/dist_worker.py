@@ -890,6 +890,9 @@ def scenario_node_local_empty_disk(ckpts: str, rank: int, world: int) -> None:
             mgr.restore(node_local_zeros(rank, mesh), newer="refuse")
         except ckptstore.NewerCheckpointsError as exc:
             assert "step_00000002" in str(exc), exc
+            said: list[object] = [None] * world  # rank 0's error on every rank, names too
+            dist.all_gather_object(said, (str(exc), exc.names, exc.what))
+            assert all(s == said[0] for s in said) and exc.names, said
         else:
             raise AssertionError("trained on beside node 0's parts")
     with manager() as mgr:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -207,11 +208,11 @@ def tree_broadcast(value: Any, members: list[int], group: dist.ProcessGroup) -> 
 def decide(fn: Callable[[], T], group: dist.ProcessGroup | None, *, what: str) -> T:
     """Rank 0 runs ``fn`` and every rank of ``group`` gets its result, errors included.
 
-    If ``fn`` raises on rank 0, rank 0 re-raises it and the other ranks raise an error
-    saying "rank 0 could not {what}" with its message: of the same class when it is one
-    of ckptstore's (a missing or damaged checkpoint is then one on every rank), else
-    :class:`~ckptstore.errors.CkptStoreError`. No rank is left waiting for a broadcast
-    that never comes.
+    If ``fn`` raises on rank 0, rank 0 re-raises it and the other ranks raise the same
+    error when it is one of ckptstore's (a copy: a missing or damaged checkpoint is then
+    one on every rank, with the same message and attributes), else a
+    :class:`~ckptstore.errors.CkptStoreError` saying "rank 0 could not {what}" with its
+    message. No rank is left waiting for a broadcast that never comes.
     """
     outcome: tuple[str, object, str] = ("ok", None, "")
     failure: Exception | None = None
@@ -220,13 +221,26 @@ def decide(fn: Callable[[], T], group: dist.ProcessGroup | None, *, what: str) -
             outcome = ("ok", fn(), "")
         except Exception as exc:
             failure = exc
-            outcome = ("error", f"{type(exc).__name__}: {exc}", type(exc).__name__)
+            sent: object = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, CkptStoreError) and _pickles(exc):
+                sent = exc
+            outcome = ("error", sent, type(exc).__name__)
     outcome = cast(tuple[str, object, str], broadcast(outcome, group))
     if outcome[0] == "error":
         if failure is not None:
             raise failure
+        if isinstance(outcome[1], CkptStoreError):
+            raise outcome[1]
         raise _error_class(outcome[2])(f"rank 0 could not {what}: {outcome[1]}")
     return cast(T, outcome[1])
+
+
+def _pickles(exc: BaseException) -> bool:
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        return False
+    return True
 
 
 def _error_class(name: str) -> type[CkptStoreError]:

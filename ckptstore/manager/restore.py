@@ -162,9 +162,9 @@ class RestoreMixin:
         candidates = self._candidates(which)
         if not candidates:
             if which == "latest":
-                log.info("nothing to resume under %s: starting from scratch", self._ckpt.url)
                 # (node-local parts complete on some disks only: refused, kept or retired)
                 self._handle_newer(None, newer)
+                log.info("nothing to resume under %s: starting from scratch", self._ckpt.url)
                 return 0
             raise CheckpointNotFoundError(f"no {which} checkpoint under {self._ckpt.url}")
         skipped: builtins.list[str] = []
