@@ -187,6 +187,11 @@ class Checkpointer(WriterMixin):
 
     # ---- saving ---------------------------------------------------------------------
     @property
+    def node_local(self) -> bool:
+        """Whether the ranks' roots lie on several disks (node-local: saved in parts)."""
+        return len(set(self.disks)) > 1
+
+    @property
     def first_on_disk(self) -> bool:
         """Whether this rank is the lowest of those whose root is on its disk: the one
         that sweeps it and, with node-local disks, commits and tends that disk's part."""
@@ -425,7 +430,7 @@ class Checkpointer(WriterMixin):
         return metadata
 
     def _read_once(self, backend: StorageBackend, name: str) -> tuple[Manifest, Metadata]:
-        node_local = backend is self._backend and len(set(self.disks)) > 1
+        node_local = backend is self._backend and self.node_local
         group = None if node_local else self._group  # each disk's part has its own
         return read_checked(backend, name, group, self.config.manifest_key)
 

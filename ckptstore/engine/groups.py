@@ -222,7 +222,7 @@ def decide(fn: Callable[[], T], group: dist.ProcessGroup | None, *, what: str) -
         except Exception as exc:
             failure = exc
             sent: object = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, CkptStoreError) and _pickles(exc):
+            if isinstance(exc, CkptStoreError) and pickles(exc):
                 sent = exc
             outcome = ("error", sent, type(exc).__name__)
     outcome = cast(tuple[str, object, str], broadcast(outcome, group))
@@ -235,7 +235,8 @@ def decide(fn: Callable[[], T], group: dist.ProcessGroup | None, *, what: str) -
     return cast(T, outcome[1])
 
 
-def _pickles(exc: BaseException) -> bool:
+def pickles(exc: BaseException) -> bool:
+    """Whether ``exc`` can be sent to other ranks (collectives of objects pickle them)."""
     try:
         pickle.dumps(exc)
     except Exception:

@@ -10,7 +10,6 @@ kind.
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
 from ckptstore.engine import groups
@@ -30,7 +29,10 @@ def agreed_error(step: int, problem: Exception | None, group: Any) -> Exception:
     A rank whose own error is of that kind raises it. (Each rank's own error differed:
     which disks restore then moved the step aside on did too, and a rank that raised
     alone left the others waiting in the next collective.)"""
-    told = groups.all_gather(None if problem is None else _portable(problem), group)
+    sent: Exception | None = problem
+    if problem is not None and not groups.pickles(problem):  # sent to every rank: its text
+        sent = CkptStoreError(f"{type(problem).__name__}: {problem}")
+    told = groups.all_gather(sent, group)
     failed = [(r, t) for r, t in enumerate(told) if t is not None]
     chosen = [f for f in failed if _kind(f[1]) == min(_kind(t) for _, t in failed)]
     rank, why = chosen[0]
@@ -49,12 +51,3 @@ def _kind(exc: BaseException) -> int:
     if isinstance(exc, CorruptCheckpointError):
         return 0
     return 1 if isinstance(exc, CheckpointNotFoundError) else 2
-
-
-def _portable(exc: Exception) -> Exception:
-    """``exc``, or a plain error of its text if it does not pickle (sent to every rank)."""
-    try:
-        pickle.dumps(exc)
-    except Exception:
-        return CkptStoreError(f"{type(exc).__name__}: {exc}")
-    return exc

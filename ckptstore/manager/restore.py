@@ -130,7 +130,7 @@ class RestoreMixin:
             self._agreement.settle()
         self.restored = None
         steps = self._restore(state, which, newer)
-        if self._ckpt is not None and len(set(self._ckpt.disks)) > 1:
+        if self._ckpt is not None and self._ckpt.node_local:
             # Node-local disks: every rank returns once each disk's first rank has pruned,
             # set aside or retired that disk's parts; a rank that went on before found
             # them still there, and its next save failed alone.
@@ -282,7 +282,7 @@ class RestoreMixin:
         steps = groups.decide(
             lambda: self._order(which), self._control, what="choose a checkpoint to restore"
         )
-        if len(set(self._ckpt.disks)) > 1:
+        if self._ckpt.node_local:
             # Node-local disks: a step committed on some disks only is not complete; one
             # only on the backup is read from there by every rank.
             mine = [i.step for i in self._ckpt.list() if i.step is not None]
@@ -465,8 +465,7 @@ class RestoreMixin:
             what="look for checkpoints newer than the one restored",
         )
         self._newer_kept = frozenset(kept)  # every rank refuses to save those steps
-        node_local = len(set(self._ckpt.disks)) > 1
-        if moved and node_local and self._ckpt.first_on_disk and self._rank != 0:
+        if moved and self._ckpt.node_local and self._ckpt.first_on_disk and self._rank != 0:
             self._retire_part(info)  # node-local disks: their parts too (restore then waits)
         if moved and info is not None:
             # A new branch: its own run id, with the run it left as its lineage, so
