@@ -188,9 +188,43 @@ def without_held(
         held = {f: f"{link_from}/{f}" for f in names}
     else:
         held = {f: at for f, at in _held_by(dst, manifest, skip, key).items() if f in names}
+    if held and not dst.capabilities.local:
+        # A copy inside the store sends no bytes from here, so nothing here would see
+        # that the copy there is damaged: check it first (a download), and send those
+        # that are from the source instead. (A local destination's checkpoint is read in
+        # full after its commit: copy_checkpoint.)
+        entries = dict(files)
+        held = {f: at for f, at in held.items() if _intact(dst, at, entries[f])}
     if held and pending.link_files(held):
         return [(f, e) for f, e in files if f not in held]
     return files
+
+
+def _intact(dst: StorageBackend, at: str, entry: Any) -> bool:
+    """Whether shard file ``at`` in ``dst`` matches ``entry`` (size, index checksum,
+    every chunk); logs what is wrong where it does not."""
+    from ckptstore.format.shard import ShardReader
+
+    where = f"{dst.url}/{at}"
+    try:
+        with ThreadPoolExecutor(4, thread_name_prefix="ckptstore-check") as pool:
+            reader = dst.open_reader(at)
+            try:
+                ShardReader(
+                    reader, where, size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
+                ).verify(pool)
+            finally:
+                reader.close()
+    except (CorruptCheckpointError, StorageError, FileNotFoundError) as exc:
+        reason = str(exc).removeprefix(f"{where}: ").split("; restore an earlier")[0]
+        log.warning(
+            "%s is damaged (%s): the file is sent again instead of copied inside the store. "
+            "`ckptstore verify %s` names the damaged checkpoints there; `ckptstore sync "
+            "<intact source> %s --replace-damaged` repairs them",
+            where, reason, dst.url, dst.url,
+        )  # fmt: skip
+        return False
+    return True
 
 
 def _held_by(

@@ -1587,6 +1587,39 @@ def test_sync_replace_damaged_on_s3_never_links_from_the_damaged_copy(
 
 
 @pytest.mark.parametrize("how", ["flipped", "truncated"])
+def test_a_copy_to_s3_never_copies_a_damaged_remote_file_inside_the_store(
+    tmp_path, capsys, s3_server, s3_bucket, how
+):
+    """A later checkpoint of a chain needs the file the first one wrote. On S3 a copy
+    takes it from a checkpoint already there, inside the store (nothing sent from here);
+    if every copy there is damaged, the new checkpoint must not be built from one: the
+    file is sent from the source instead, and the new checkpoint verifies. (Before, it
+    committed damaged and `sync` said "verified".)"""
+    from ckptstore.cli.main import main
+
+    src, remote = str(tmp_path / "src"), f"s3://{s3_bucket}/mirror"
+    with ckptstore.Checkpointer(src, codec="none", incremental=True) as ckpt:
+        saved, _ = save_chain(ckpt, frozen_state(), 3)
+    assert main(["sync", src, remote, "--step", "1", "--step", "2"]) == 0
+    fs = s3_server.fs()
+    for key in ("step_00000001/__0_0.distcp", "step_00000002/__0_0-step_00000001.distcp"):
+        data = bytearray(fs.cat_file(f"{s3_bucket}/mirror/{key}"))
+        if how == "flipped":  # same size: only the bytes can tell
+            data[len(data) // 3] ^= 0x40
+        else:
+            del data[len(data) // 2 :]
+        fs.pipe_file(f"{s3_bucket}/mirror/{key}", bytes(data))
+    capsys.readouterr()
+    assert main(["sync", src, remote, "--step", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "__0_0.distcp is damaged (" in err and "--replace-damaged" in err, err
+    assert re.search(r"copied +step_00000003 \(8\.\d\d MB, in ", out), out  # none linked
+    with ckptstore.Checkpointer(remote) as ckpt:
+        assert ckpt.verify(3) == []
+        load_equal(ckpt, 3, saved[3])
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated"])
 def test_pull_replace_damaged_repairs_a_chain_whose_shared_file_is_damaged(tmp_path, capsys, how):
     """A pulled chain links one file from its first checkpoint into the later ones (hard
     links): damage to it is every checkpoint's. `pull --replace-damaged` finds it by
