@@ -679,6 +679,31 @@ def test_verify_of_one_damaged_checkpoint_does_not_say_none_is_intact(run_copy, 
     assert code == 1 and "None is intact" in out, out
 
 
+def test_verify_of_a_root_does_not_call_a_checkpoint_deleted_meanwhile_damaged(
+    run_copy, capsys, monkeypatch
+):
+    """A run's retention (or a prune) deletes checkpoints while verify reads the root:
+    one gone before verify reads it is noted, not reported damaged, and does not fail
+    the exit status; damage elsewhere still does."""
+    from ckptstore.engine import ops
+
+    real_verify = ops.verify
+
+    def deleted_first(backend, name, *args, **kwargs):
+        if name == "step_00000020":  # as retention does: renamed away, then removed
+            shutil.rmtree(os.path.join(run_copy, name))
+        return real_verify(backend, name, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "verify", deleted_first)
+    code, out, _ = run_main(capsys, "verify", run_copy)
+    assert code == 0, out
+    assert "note: step_00000020: deleted while it was being checked, not counted" in out, out
+    assert "BAD" not in out and "checkpoint(s) intact" in out, out
+    flip_byte(os.path.join(run_copy, "step_00000030", "__0_0.distcp"), 100)
+    code, out, _ = run_main(capsys, "verify", run_copy)
+    assert code == 1 and "BAD  step_00000030" in out, out
+
+
 @pytest.mark.parametrize("fails", ["create", "write"])
 def test_prune_yes_works_on_a_full_disk(run_copy, capsys, monkeypatch, fails):
     """The lease file cannot be created, or its record written (ENOSPC): prune --yes,

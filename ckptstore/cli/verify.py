@@ -26,7 +26,7 @@ from ckptstore.cli._common import (
     usage_error,
 )
 from ckptstore.cli.ls import scan
-from ckptstore.layout import TEMP_PREFIX
+from ckptstore.layout import MANIFEST_FILE, TEMP_PREFIX
 
 EXAMPLES = (
     "  ckptstore verify runs/exp1                      # every checkpoint\n"
@@ -108,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
                 problems = verify(backend, name, pool, manifest_key=manifest_key())
             finally:
                 status(None)
+            if problems and not single and not backend.exists(f"{name}/{MANIFEST_FILE}"):
+                # Deleted while it was read (retention of a run writing there, prune):
+                # no longer a checkpoint, and not a damaged one
+                notes.append(f"{name}: deleted while it was being checked, not counted")
+                continue
             results.append(
                 {
                     "name": name,
@@ -135,6 +140,9 @@ def run(args: argparse.Namespace) -> int:
         return FAILED if bad else OK
     for n in notes:
         print(f"note: {n}")
+    if not results:
+        print("no checkpoint left to check: every one was deleted while verify ran")
+        return OK
     if not bad:
         print(f"all {len(results)} checkpoint(s) intact" if not single else "intact")
         return OK
