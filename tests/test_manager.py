@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 
 import damage
@@ -298,6 +299,26 @@ def test_keep_final_keeps_a_last_step_the_policy_already_saved(root):
         start = mgr.restore(resumed)
         train(mgr, resumed, 5, start=start)  # a second run goes on to 15, without completing
         assert [c.step for c in mgr.list()] == [10, 15]  # 10 ended a completed run: kept
+
+
+def test_a_step_that_ended_a_run_and_was_deleted_is_not_final_when_saved_again(root):
+    """Found by a stranger test: the final step deleted by hand (rm -rf), the run
+    resumed from the one before and saved that step again by its policy: the new
+    checkpoint is not the end of a completed run, so it is not tagged final (KeepFinal
+    would keep it for good)."""
+    keep = AnyOf(KeepLast(1), ckptstore.KeepFinal())
+    state = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=5)) as mgr:  # keeps every one
+        with mgr.guard(state):
+            train(mgr, state, 10)
+        assert [(c.step, "final" in c.tags) for c in mgr.list()] == [(5, False), (10, True)]
+    shutil.rmtree(os.path.join(root, "step_00000010"))
+    resumed = make_state()
+    with CheckpointManager(root, save=SaveEvery(steps=5), keep=keep) as mgr:
+        start = mgr.restore(resumed)
+        assert start == 5
+        train(mgr, resumed, 10, start=start)  # saves 10 and 15; does not complete
+        assert [(c.step, "final" in c.tags) for c in mgr.list()] == [(15, False)]
 
 
 def test_training_past_an_earlier_restore_fails_fast_or_retires_newer(root):
