@@ -271,7 +271,13 @@ def test_ls_and_info_say_what_is_shared(root, capsys):
             ckpt.save(state_at(step, frozen), step=step)
     assert main(["ls", root]) == 0
     out = capsys.readouterr().out
-    assert "KB own)" in out  # what the linked checkpoints wrote themselves
+    # What deleting each alone frees: the first's file is shared by all three
+    own = re.findall(r"(step_0000000\d) .* (\d+\.\d\d) (MB|KB)(?: \((\S+) (KB|MB) its own\))?", out)
+    assert [(n, u, o is not None and ou) for n, _, u, o, ou in own] == [
+        ("step_00000001", "MB", "KB"),
+        ("step_00000002", "MB", "KB"),
+        ("step_00000003", "MB", "KB"),
+    ], out
     assert (
         "3 committed checkpoint(s), 25.2" in out
         and "MB on disk: incremental saves share files" in out
@@ -280,6 +286,8 @@ def test_ls_and_info_say_what_is_shared(root, capsys):
     listed = json.loads(capsys.readouterr().out)
     assert listed["stored_bytes"] == sum(c["stored_bytes"] for c in listed["checkpoints"])
     assert 0 < listed["disk_bytes"] < 0.5 * listed["stored_bytes"], listed
+    frees = [c["frees_bytes"] for c in listed["checkpoints"]]
+    assert all(0 < f < 0.1 * listed["disk_bytes"] for f in frees), frees
     ratios = [c["ratio"] for c in listed["checkpoints"]]  # linked files hold stale items
     assert ratios[0] == pytest.approx(1.0, abs=0.01) and ratios[1:] == [None, None], ratios
     assert main(["info", root]) == 0
@@ -288,6 +296,10 @@ def test_ls_and_info_say_what_is_shared(root, capsys):
     ratio = re.search(r"ratio (\d\.\d+) \(of the items it uses\)", out)
     assert ratio and 0.99 < float(ratio.group(1)) < 1.01, out  # codec none
     shutil.rmtree(os.path.join(root, "step_00000001"))
+    shutil.rmtree(os.path.join(root, "step_00000002"))
+    assert main(["ls", root]) == 0
+    out = capsys.readouterr().out  # the shared file lives on in step 3 alone: all its own
+    assert "its own" not in out and "on disk" not in out, out
     assert main(["info", root]) == 0
     out = capsys.readouterr().out
     assert "first written by step_00000001 (no longer there: the file lives on here)" in out, out

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ckptstore.engine.listing import list_checkpoints
@@ -369,3 +369,32 @@ def disk_bytes(manifests: list[Any]) -> int:
             seen.add((e.size_bytes, e.xxh3_64))
             total += e.size_bytes
     return total
+
+
+Links = dict[str, list[tuple[tuple[int, int], int, int]]]
+
+
+def file_links(backend: StorageBackend, names: Iterable[str]) -> Links | None:
+    """On a local disk, each checkpoint's files as (inode, size, hard links); None
+    elsewhere (on object stores each checkpoint holds its own copies)."""
+    if not backend.capabilities.local:
+        return None
+    out: Links = {}
+    for name in names:
+        files = out.setdefault(name, [])
+        for top, _, found in os.walk(os.path.join(backend.url, name)):
+            for f in found:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(top, f))
+                    files.append(((st.st_dev, st.st_ino), st.st_size, st.st_nlink))
+    return out
+
+
+def freed_bytes(links: Links, names: set[str]) -> int:
+    """What deleting the checkpoints ``names`` frees: each file whose every hard link is
+    in them (one kept elsewhere, a later checkpoint or one set aside, keeps it)."""
+    seen: dict[tuple[int, int], list[int]] = {}
+    for name in names:
+        for inode, nbytes, nlink in links.get(name, []):
+            seen.setdefault(inode, [nbytes, nlink, 0])[2] += 1
+    return sum(nbytes for nbytes, nlink, count in seen.values() if count >= nlink)

@@ -17,6 +17,8 @@ from ckptstore.cli._common import (
     OK,
     disk_bytes,
     emit_json,
+    file_links,
+    freed_bytes,
     iso_utc,
     local_time,
     manifest_key,
@@ -201,7 +203,9 @@ def tag(
         entry.tags = [t for t in TAG_ORDER if t in tags]
 
 
-def entry_json(e: Entry) -> dict[str, Any]:
+def entry_json(e: Entry, alone: int | None = None) -> dict[str, Any]:
+    """``alone``: the bytes of its files no other checkpoint holds (what deleting it
+    frees; :func:`alone_bytes`)."""
     m = e.manifest
     out: dict[str, Any] = {"name": e.name, "url": e.url, "status": e.status, "step": e.step}
     if m is not None and e.status == "committed":
@@ -211,7 +215,8 @@ def entry_json(e: Entry) -> dict[str, Any]:
             created=iso_utc(m.created_unix_s),
             reason=m.reason,
             stored_bytes=m.stored_bytes,
-            owned_bytes=m.owned_bytes,
+            owned_bytes=m.owned_bytes,  # written by its save
+            frees_bytes=alone,
             raw_bytes=m.raw_bytes,
             ratio=None if m.linked else round(m.ratio, 6),  # (see the table's RATIO)
             codec=m.codec.get("id"),
@@ -222,6 +227,25 @@ def entry_json(e: Entry) -> dict[str, Any]:
     if e.error is not None:
         out["error"] = e.error
     return out
+
+
+def alone_bytes(backend: StorageBackend, entries: list[Entry]) -> dict[str, int]:
+    """Per committed checkpoint, the bytes of its files no other one holds: what
+    deleting it alone frees. On a local disk, a file incremental saves share (hard
+    links) counts for none of them until one holds it alone; on object stores every
+    checkpoint holds its own copies."""
+    committed = [e for e in entries if e.status == "committed" and e.manifest is not None]
+    links = file_links(backend, [e.name for e in committed])
+    return {
+        e.name: (freed_bytes(links, {e.name}) if links is not None else e.manifest.stored_bytes)
+        for e in committed
+        if e.manifest is not None
+    }
+
+
+def shared_note(stored: int, alone: int) -> str:
+    """The SIZE column's note for a checkpoint that shares files with others."""
+    return f" ({size(alone)} its own)" if alone < stored else ""
 
 
 def totals(backend: StorageBackend, entries: list[Entry]) -> dict[str, Any]:
@@ -242,13 +266,14 @@ def run(args: argparse.Namespace) -> int:
     entries = scan(backend, everything=args.all)
     metric, mode = best_metric(args, entries)
     tag(backend, entries, metric=metric, mode=mode, forever=forever, remote=remote)
+    own = alone_bytes(backend, entries)
     if args.json:
         emit_json(
             {
                 "root": backend.url,
                 "best_metric": metric,
                 "best_mode": mode,
-                "checkpoints": [entry_json(e) for e in entries],
+                "checkpoints": [entry_json(e, own.get(e.name)) for e in entries],
                 **totals(backend, entries),
             }
         )
@@ -269,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
                     "-" if m.epoch is None else str(m.epoch),
                     local_time(m.created_unix_s),
                     m.reason or "-",
-                    size(m.stored_bytes) + (f" ({size(m.owned_bytes)} own)" if m.linked else ""),
+                    size(m.stored_bytes) + shared_note(m.stored_bytes, own[e.name]),
                     # linked files hold the items changed since too: info says the ratio
                     "-" if m.linked else f"{m.ratio:.2f}",
                     metrics_text(m.metrics) or "-",

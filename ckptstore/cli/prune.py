@@ -8,14 +8,14 @@ the manifests; the newest checkpoint and the one ``latest`` names are always kep
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 
 from ckptstore.cli._common import (
     FAILED,
     OK,
     emit_json,
+    file_links,
+    freed_bytes,
     manifest_key,
     open_root,
     size,
@@ -25,7 +25,7 @@ from ckptstore.cli._common import (
     writer_lease,
 )
 from ckptstore.cli.retention_options import add_retention_options, retention_parts
-from ckptstore.engine.listing import CheckpointInfo, list_checkpoints
+from ckptstore.engine.listing import list_checkpoints
 from ckptstore.layout import LATEST_FILE
 from ckptstore.manager import pointer, retention
 from ckptstore.manager.policies import AnyOf, RetentionPolicy
@@ -67,35 +67,6 @@ def run(args: argparse.Namespace) -> int:
     )
     with writer_lease(backend, refused):  # and no run starts saving while this deletes
         return _prune(args, backend, parts, policy)
-
-
-Links = dict[str, list[tuple[tuple[int, int], int, int]]]
-
-
-def file_links(backend: StorageBackend, infos: list[CheckpointInfo]) -> Links | None:
-    """On a local disk, each checkpoint's files as (inode, size, hard links); None
-    elsewhere (on object stores each checkpoint holds its own copies)."""
-    if not backend.capabilities.local:
-        return None
-    out: Links = {}
-    for info in infos:
-        files = out.setdefault(info.name, [])
-        for top, _, names in os.walk(os.path.join(backend.url, info.name)):
-            for f in names:
-                with contextlib.suppress(OSError):
-                    st = os.lstat(os.path.join(top, f))
-                    files.append(((st.st_dev, st.st_ino), st.st_size, st.st_nlink))
-    return out
-
-
-def freed_bytes(links: Links, names: set[str]) -> int:
-    """What deleting the checkpoints ``names`` frees: each file whose every hard link is
-    in them (one kept elsewhere, a later checkpoint or one set aside, keeps it)."""
-    seen: dict[tuple[int, int], list[int]] = {}
-    for name in names:
-        for inode, nbytes, nlink in links.get(name, []):
-            seen.setdefault(inode, [nbytes, nlink, 0])[2] += 1
-    return sum(nbytes for nbytes, nlink, count in seen.values() if count >= nlink)
 
 
 def _prune(
@@ -140,7 +111,7 @@ def _prune(
             file=sys.stderr,
         )
         return FAILED
-    links = file_links(backend, doomed)  # (read before anything is deleted)
+    links = file_links(backend, [i.name for i in doomed])  # (before anything is deleted)
     deleted: list[str] = []
     if args.yes and doomed:
         # The engine's own pruning, on the listing shown (a run saving meanwhile: its
