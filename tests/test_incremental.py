@@ -1654,6 +1654,12 @@ def test_pull_replace_damaged_repairs_a_chain_whose_shared_file_is_damaged(tmp_p
         os.truncate(shard, os.path.getsize(shard) // 2)
     capsys.readouterr()
     assert main(["verify", dst]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "note: step_00000001, step_00000002, step_00000003 share one damaged file, "
+        "step_00000001/__0_0.distcp (incremental saves link one file into each)"
+    ) in out, out
+    assert "verify ROOT" not in out, out  # (the advice load errors give)
     assert main(["pull", src, dst, "--replace-damaged"]) == 0
     out = capsys.readouterr().out
     assert out.count("replaced step_0000000") == 3, out

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 if problems:
                     print(f"BAD  {name}")
                     for p in problems:
-                        print(f"     {p}")
+                        print(f"     {bare(p)}")
                 elif name in parts:
                     print(
                         f"OK   {name} (this node's part; {parts[name]} shard file(s) on other "
@@ -146,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     if not bad:
         print(f"all {len(results)} checkpoint(s) intact" if not single else "intact")
         return OK
+    for n in shared_damage(backend, bad):
+        print(f"note: {n}")
     names = ", ".join(r["name"] for r in bad)
     resume = (
         "None is intact: pull"
@@ -157,3 +159,38 @@ def run(args: argparse.Namespace) -> int:
         "from a backup with ckptstore pull --replace-damaged, or delete the damaged ones"
     )
     return FAILED
+
+
+def bare(problem: str) -> str:
+    """A problem without the advice to run verify (this is verify) that load errors end
+    with."""
+    return problem.split("; restore an earlier checkpoint, or run `ckptstore verify")[0]
+
+
+def shared_damage(backend: Any, bad: list[dict[str, Any]]) -> list[str]:
+    """On a local disk, the damaged files several checkpoints share (incremental saves
+    hard-link one file into each): one line per file, naming them."""
+    if not backend.capabilities.local:
+        return []
+    holders: dict[tuple[int, int], list[str]] = {}
+    first: dict[tuple[int, int], str] = {}
+    for r in bad:
+        for p in r["problems"]:
+            path = p.split(": ", 1)[0]
+            if not path.startswith(f"{backend.url}/{r['name']}/"):
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            if r["name"] not in holders.setdefault(key, []):
+                holders[key].append(r["name"])
+                first.setdefault(key, path.removeprefix(f"{backend.url}/"))
+    return [
+        f"{', '.join(names)} share one damaged file, {first[key]} (incremental saves link "
+        "one file into each): an intact copy of it repairs them all, e.g. ckptstore pull "
+        f"<backup> {backend.url} --replace-damaged"
+        for key, names in holders.items()
+        if len(names) > 1
+    ]
