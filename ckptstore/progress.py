@@ -8,6 +8,8 @@ import sys
 import threading
 import time
 
+from ckptstore.units import format_bytes
+
 log = logging.getLogger("ckptstore")
 
 
@@ -47,9 +49,11 @@ class Progress:
         self._last = now
         elapsed = max(now - self._start, 1e-9)
         pct = 100.0 * self.done / self.total if self.total else 100.0
+        # A copy to an object store counts its bytes twice: sent, then read back
+        twice = " sent and read back" if self.payload and self.total > self.payload else ""
         line = (
-            f"{self.what}: {pct:5.1f}% ({self.done / 2**20:,.0f} of {self.total / 2**20:,.0f} MiB, "
-            f"{self.done / elapsed / 1e6:,.0f} MB/s)"
+            f"{self.what}: {pct:5.1f}% ({format_bytes(self.done)} of "
+            f"{format_bytes(self.total)}{twice}, {format_bytes(self.done / elapsed)}/s)"
         )
         if self._tty:
             sys.stderr.write("\r" + line)

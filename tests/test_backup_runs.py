@@ -364,3 +364,22 @@ def test_a_checkpoint_restored_from_the_backup_counts_as_backed_up(s3_server, s3
         assert mgr.restore(fresh) == 2
         status = mgr.backup_status()
         assert status is not None and status.newest_backed_up == "step_00000002"
+
+
+def test_the_progress_line_counts_in_the_units_of_every_other_message(caplog):
+    """Found by a stranger test: a 3.3 MB backup showed '(6 of 6 MiB)' and a 638 KB one
+    '(0 of 0 MiB, 0 MB/s)': MiB beside the MB of every other line, and a total twice the
+    checkpoint's (sent, then read back) without saying so."""
+    caplog.set_level(logging.INFO, logger="ckptstore")
+    upload = Progress("backup", 0)
+    upload.restart(2 * 638_000, 638_000)  # an object store: read back after the upload
+    upload.add(638_000)
+    upload.show(force=True)
+    download = Progress("pull", 0)
+    download.restart(3_300_000, 3_300_000)
+    download.add(3_300_000)
+    download.show(force=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("backup:  50.0% (638.00 KB of 1.28 MB sent and read back, "), lines
+    assert lines[1].startswith("pull: 100.0% (3.30 MB of 3.30 MB, "), lines
+    assert all(line.endswith("B/s)") and "MiB" not in line for line in lines), lines
