@@ -534,6 +534,9 @@ def test_prune_shows_then_deletes_with_yes_and_gc_removes_dead_saves(
     assert sorted(os.listdir(run_copy)).count("step_00000010") == 1  # nothing deleted
     assert gc.returncode == 0, show(gc)
     assert "removed  .tmp-step_00000050-0123456789ab" in gc.stdout
+    # the 5 s a local sweep keeps whatever it is given, said (it printed "older than 0 s")
+    assert "keeps leftovers younger than 5 s whatever it is given" in gc.stderr, show(gc)
+    assert "(older than 5 s)" in gc.stdout, show(gc)
     assert not os.path.exists(os.path.join(other, ".tmp-step_00000050-0123456789ab"))
     assert os.path.exists(os.path.join(other, "step_00000040"))  # committed ones untouched
 

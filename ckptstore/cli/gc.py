@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
         grace = 60.0 if backend.capabilities.save_locks else 3600.0
     if grace < 0:
         raise usage_error("--grace-s must be >= 0")
+    if grace < backend.min_sweep_age_s:  # what sweep() takes instead
+        note(f"--grace-s {grace:g}: {backend.url} keeps leftovers younger than "
+             f"{backend.min_sweep_age_s:g} s whatever it is given (a save may be starting)")  # fmt: skip
+        grace = backend.min_sweep_age_s
     removed = backend.sweep(grace)
     left: list[Any] = []
     open_uploads = getattr(backend, "open_uploads", None)

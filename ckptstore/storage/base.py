@@ -250,6 +250,8 @@ class StorageBackend(ABC):
     """
 
     url: str  # for messages; never carries credentials
+    # sweep() removes nothing younger than this, whatever grace it is given
+    min_sweep_age_s: float = 0.0
 
     @property
     def capabilities(self) -> Capabilities:

@@ -69,7 +69,6 @@ from ckptstore.storage.base import (
 # flock errors that mean "this file system has no locks" (NFS without lockd, Lustre
 # mounted without -o flock): then a save in progress is protected by sweep's age only.
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EBADF, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
-_MIN_SWEEP_AGE_S = 5.0
 
 
 class _LocalPending(PendingCheckpoint):
@@ -198,6 +197,10 @@ def _lock(path: str) -> int | None:
 
 class LocalBackend(StorageBackend):
     """A directory on a local (POSIX) file system."""
+
+    # begin() makes a save's directory, then locks it: a sweep in between must not take
+    # it for a dead one
+    min_sweep_age_s = 5.0
 
     def __init__(self, root: str, *, create: bool = True, direct_io: bool = True) -> None:
         """``root``: the directory (created with its parents unless ``create=False``;
@@ -438,7 +441,7 @@ class LocalBackend(StorageBackend):
         now = time.time()
         # Never younger than this, whatever grace_s says: begin() makes the directory,
         # then locks it, and a sweep in between must not take it for a dead one.
-        grace_s = max(grace_s, _MIN_SWEEP_AGE_S)
+        grace_s = max(grace_s, self.min_sweep_age_s)
         for name in self.list_names():
             if name.startswith(POINTER_TEMP_PREFIX):
                 path = os.path.join(self.root, name)
