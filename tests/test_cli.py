@@ -702,9 +702,12 @@ def test_verify_of_a_root_does_not_call_a_checkpoint_deleted_meanwhile_damaged(
     assert code == 0, out
     assert "note: step_00000020: deleted while it was being checked, not counted" in out, out
     assert "BAD" not in out and "checkpoint(s) intact" in out, out
+    # a deletion that died after its rename: named as ls --all names it
+    os.rename(os.path.join(run_copy, "step_00000010"), os.path.join(run_copy, ".tmp-deleted-x"))
     flip_byte(os.path.join(run_copy, "step_00000030", "__0_0.distcp"), 100)
     code, out, _ = run_main(capsys, "verify", run_copy)
     assert code == 1 and "BAD  step_00000030" in out, out
+    assert "note: .tmp-deleted-x: a deletion in progress, or a dead one" in out, out
 
 
 @pytest.mark.parametrize("fails", ["create", "write"])

@@ -82,9 +82,15 @@ def run(args: argparse.Namespace) -> int:
                     e.name.startswith(TEMP_PREFIX) or not backend.capabilities.local
                 ):
                     # Object stores write in place: a save in progress looks like this too.
+                    what = (
+                        "a deletion in progress, or a dead one (a checkpoint renamed away, "
+                        "then removed)"
+                        if e.name.startswith(f"{TEMP_PREFIX}deleted-")
+                        else "uncommitted (a save in progress, or a dead one)"
+                    )
                     notes.append(
-                        f"{e.name}: uncommitted (a save in progress, or a dead one), not checked; "
-                        f"ckptstore gc {args.target} removes dead ones"
+                        f"{e.name}: {what}, not checked; ckptstore gc {args.target} removes "
+                        "dead ones"
                     )
                     continue
                 targets.append((e.name, e.status))
