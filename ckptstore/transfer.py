@@ -49,6 +49,26 @@ log = logging.getLogger("ckptstore")
 
 PIECE_BYTES = 8 << 20  # read and hashed in pieces of this size
 
+# Files on object stores that this process read back after an upload or checked before a
+# copy inside the store, with their version tag then (S3: ETag and size): while the tag
+# is the same, so are the bytes, and a later copy inside the store takes the file without
+# downloading it again. (dst url, name) -> tag.
+_checked: dict[tuple[str, str], str] = {}
+_checked_lock = threading.Lock()
+
+
+def _note_checked(dst: StorageBackend, name: str) -> None:
+    tag = dst.version_tag(name)
+    if tag is not None:
+        with _checked_lock:
+            _checked[(dst.url, name)] = tag
+
+
+def _still_checked(dst: StorageBackend, name: str) -> bool:
+    with _checked_lock:
+        known = _checked.get((dst.url, name))
+    return known is not None and dst.version_tag(name) == known
+
 
 def copy_checkpoint(
     src: StorageBackend,
@@ -206,6 +226,8 @@ def _intact(dst: StorageBackend, at: str, entry: Any) -> bool:
     from ckptstore.format.shard import ShardReader
 
     where = f"{dst.url}/{at}"
+    if _still_checked(dst, at):  # read here before, and not written since
+        return True
     try:
         with ThreadPoolExecutor(4, thread_name_prefix="ckptstore-check") as pool:
             reader = dst.open_reader(at)
@@ -224,6 +246,7 @@ def _intact(dst: StorageBackend, at: str, entry: Any) -> bool:
             where, reason, dst.url, dst.url,
         )  # fmt: skip
         return False
+    _note_checked(dst, at)
     return True
 
 
@@ -337,6 +360,7 @@ class CopyJob:
             # The store checked every part against its CRC32 and reported the same one
             # back: what it stored is what was read and hashed here.
             _count(progress, counted, size)
+            _note_checked(dst, f"{self.dst_name}/{fname}")
             return
         back = f"{dst.url}/{self.dst_name}/{fname}"
         h = xxhash.xxh3_64()
@@ -351,6 +375,7 @@ class CopyJob:
             raise StorageError(f"{back}: missing after upload") from None
         if h.hexdigest() != sent:
             raise StorageError(f"{back}: read back with checksum {h.hexdigest()}, sent {sent}")
+        _note_checked(dst, f"{self.dst_name}/{fname}")
 
 
 def _count(progress: Progress | None, counted: list[int], n: int) -> None:

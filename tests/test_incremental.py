@@ -1631,6 +1631,43 @@ def test_a_copy_to_s3_never_copies_a_damaged_remote_file_inside_the_store(
         load_equal(ckpt, 3, saved[3])
 
 
+def test_a_copy_to_s3_checks_a_file_there_once_while_it_is_not_written_again(
+    tmp_path, s3_server, s3_bucket, monkeypatch
+):
+    """The check before a copy inside the store downloads the file; a file this
+    process uploaded (and read back) or checked, whose ETag has not changed since, is
+    not downloaded again: each later copy of a chain sends only what changed and reads
+    nothing back but that."""
+    from ckptstore import transfer
+    from ckptstore.cli.main import main
+
+    src, remote = str(tmp_path / "src"), f"s3://{s3_bucket}/mirror"
+    with ckptstore.Checkpointer(src, codec="none", incremental=True) as ckpt:
+        saved, _ = save_chain(ckpt, frozen_state(), 4)
+    opened: list[str] = []
+    real_open = ckptstore.storage.s3.S3Backend.open_reader
+
+    def spy(self, name):
+        opened.append(name)
+        return real_open(self, name)
+
+    monkeypatch.setattr(ckptstore.storage.s3.S3Backend, "open_reader", spy)
+    monkeypatch.setattr(transfer, "_checked", {})  # nothing checked yet in this process
+    assert main(["sync", src, remote, "--step", "1"]) == 0  # uploaded, read back
+    opened.clear()
+    assert main(["sync", src, remote, "--step", "2", "--step", "3"]) == 0
+    assert not [n for n in opened if n.startswith("step_00000001/")], opened
+    transfer._checked.clear()  # another process: checks the file once
+    opened.clear()
+    assert main(["sync", src, remote, "--step", "4"]) == 0
+    assert [n for n in opened if n.endswith("__0_0.distcp") and "step_00000001" in n] == [
+        "step_00000001/__0_0.distcp"
+    ], opened
+    with ckptstore.Checkpointer(remote) as ckpt:
+        assert ckpt.latest().manifest.linked  # linked, not sent
+        load_equal(ckpt, 4, saved[4])
+
+
 @pytest.mark.parametrize("how", ["flipped", "truncated"])
 def test_pull_replace_damaged_repairs_a_chain_whose_shared_file_is_damaged(tmp_path, capsys, how):
     """A pulled chain links one file from its first checkpoint into the later ones (hard

@@ -266,6 +266,11 @@ class StorageBackend(ABC):
     def exists(self, name: str) -> bool:
         """Whether ``name`` (a file) exists."""
 
+    def version_tag(self, name: str) -> str | None:
+        """What changes whenever file ``name`` is written again (S3: its ETag), or None
+        where the store has no such thing or the file is not there (default)."""
+        return None
+
     @abstractmethod
     def read_bytes(self, name: str) -> bytes:
         """A whole (small) file; :class:`FileNotFoundError` subclass if absent."""

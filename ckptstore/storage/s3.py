@@ -229,6 +229,15 @@ class S3Backend(FsspecBackend):
             return False
         return True
 
+    def version_tag(self, name: str) -> str | None:
+        bucket, key, _ = self.fs.split_path(self.store_path(name))
+        try:
+            head = self._call("head_object", Bucket=bucket, Key=key)
+        except Exception:  # missing, or unreachable: nothing to go by
+            return None
+        tag = head.get("ETag")
+        return f"{tag} {head.get('ContentLength')}" if tag else None
+
     def call_with_checksum(
         self, method: str, data: bytes | None, **kwargs: Any
     ) -> tuple[Any, bool]:
