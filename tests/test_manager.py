@@ -301,7 +301,8 @@ def test_keep_final_keeps_a_last_step_the_policy_already_saved(root):
         assert [c.step for c in mgr.list()] == [10, 15]  # 10 ended a completed run: kept
 
 
-def test_a_step_that_ended_a_run_and_was_deleted_is_not_final_when_saved_again(root):
+@pytest.mark.parametrize("which", ["latest", 5])
+def test_a_step_that_ended_a_run_and_was_deleted_is_not_final_when_saved_again(root, which):
     """Found by a stranger test: the final step deleted by hand (rm -rf), the run
     resumed from the one before and saved that step again by its policy: the new
     checkpoint is not the end of a completed run, so it is not tagged final (KeepFinal
@@ -315,10 +316,43 @@ def test_a_step_that_ended_a_run_and_was_deleted_is_not_final_when_saved_again(r
     shutil.rmtree(os.path.join(root, "step_00000010"))
     resumed = make_state()
     with CheckpointManager(root, save=SaveEvery(steps=5), keep=keep) as mgr:
-        start = mgr.restore(resumed)
+        start = mgr.restore(resumed, which)
         assert start == 5
         train(mgr, resumed, 10, start=start)  # saves 10 and 15; does not complete
         assert [(c.step, "final" in c.tags) for c in mgr.list()] == [(15, False)]
+
+
+def test_a_final_step_only_the_backup_has_stays_final_there(root, tmp_path, monkeypatch):
+    """A review found it: forgetting the final marks of checkpoints restore did not see
+    (a failed listing of the backup) made the next backup's retention delete the step
+    that ended a completed run. Marks are forgotten only when a checkpoint is saved
+    again under that name."""
+    from ckptstore.manager import restore as restore_module
+
+    backup = str(tmp_path / "backup")
+    keep, backup_keep = KeepLast(1), AnyOf(KeepLast(1), ckptstore.KeepFinal())
+    opts = dict(save=SaveEvery(steps=5), keep=keep, backup=backup, backup_keep=backup_keep)
+    state = make_state()
+    with CheckpointManager(root, **opts) as mgr, mgr.guard(state):
+        train(mgr, state, 10)  # ends a completed run at 10
+    state = make_state()
+    with CheckpointManager(root, **opts) as mgr:
+        start = mgr.restore(state)
+        train(mgr, state, 10, start=start)  # to 20, not completing: 10 only on the backup
+    real_list = restore_module.list_checkpoints
+
+    def backup_unreachable(backend, *args, **kwargs):
+        if backend.url == backup:
+            raise ckptstore.StorageError("the backup is unreachable (a test)")
+        return real_list(backend, *args, **kwargs)
+
+    monkeypatch.setattr(restore_module, "list_checkpoints", backup_unreachable)
+    state = make_state()
+    with CheckpointManager(root, **opts) as mgr:
+        start = mgr.restore(state)
+        train(mgr, state, 5, start=start)  # 25
+    with ckptstore.Checkpointer(backup) as there:
+        assert [c.step for c in there.list()] == [10, 25]
 
 
 def test_training_past_an_earlier_restore_fails_fast_or_retires_newer(root):

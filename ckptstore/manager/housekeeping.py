@@ -17,7 +17,7 @@ from typing import Any
 from ckptstore.engine.checkpointer import Checkpointer
 from ckptstore.engine.ops import CheckpointInfo
 from ckptstore.errors import CkptStoreError
-from ckptstore.layout import LATEST_FILE, checkpoint_name, step_of
+from ckptstore.layout import FINALS_FILE, LATEST_FILE, checkpoint_name, step_of
 from ckptstore.manager import partbackup, pointer, retention
 from ckptstore.manager.policies import CheckpointRecord, RetentionPolicy
 from ckptstore.manager.replicate import Replicator
@@ -60,6 +60,13 @@ class HousekeepingMixin:
             pointer.move_latest(self._ckpt.backend, name)  # unless pruned already
         except CkptStoreError as exc:
             log.warning("could not update %s/%s: %s", self._ckpt.url, LATEST_FILE, exc)
+        try:
+            # A checkpoint that once ended a run under this name was deleted (by hand, or
+            # by retention): this one did not end a run, unless _record_final, queued
+            # after this turn, says so
+            pointer.forget_finals(self._ckpt.backend, {name})
+        except CkptStoreError as exc:
+            log.warning("could not update %s/%s: %s", self._ckpt.url, FINALS_FILE, exc)
         self._committed.add(name)
         if self._backup is not None:
             self._backup.submit(name)

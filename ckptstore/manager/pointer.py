@@ -62,16 +62,6 @@ def forget_finals(backend: StorageBackend, names: set[str]) -> None:
         backend.put_atomic(FINALS_FILE, "".join(f"{n}\n" for n in kept).encode())
 
 
-def forget_missing_finals(backend: StorageBackend, committed: set[str]) -> None:
-    """Drop from ``finals`` the checkpoints not among ``committed`` (deleted since they
-    ended a run, by hand or by retention): a new checkpoint saved under such a name did
-    not end a run, and KeepFinal must not keep it as if it had. Only logged on failure."""
-    try:
-        forget_finals(backend, set(read_lines(backend, FINALS_FILE)) - committed)
-    except CkptStoreError as exc:
-        log.warning("could not update %s: %s", FINALS_FILE, exc)
-
-
 def set_aside(backend: StorageBackend, name: str, when_unix_s: float) -> str:
     """Move ``name`` aside as ``step_N.damaged-<UTC>`` and drop it from ``finals``, so
     that a new checkpoint saved at that name is not taken for the end of a run. The move

@@ -330,8 +330,6 @@ class RestoreMixin:
         order = sorted((r.step for r in records), reverse=True)
         pointed = self._read_latest()
         names = {i.name: (i.step or 0) for i in infos}
-        if self._rank == 0:  # before this run saves under a name that once ended a run
-            pointer.forget_missing_finals(self._ckpt.backend, set(names))
         if pointed is None and order and local_count:
             log.warning(
                 "no %s pointer under %s: using the newest checkpoint", LATEST_FILE, self._ckpt.url
