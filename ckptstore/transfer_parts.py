@@ -59,7 +59,7 @@ def upload_part(
         pending = dst.attach(f"{name}#{uuid.uuid4().hex[:12]}")
         job = CopyJob(src, dst, pending, name, name, True, 2, None, stop)
         try:
-            todo = without_held(dst, pending, manifest, (name,), manifest_key, todo)
+            todo = without_held(dst, pending, manifest, (name,), manifest_key, todo, stop=stop)
             job.copy_all(todo, threads)
         except BaseException:
             pending.abort()
@@ -95,7 +95,7 @@ def commit_parts_backup(
     pending = dst.begin(name)
     try:
         files = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
-        files = without_held(dst, pending, manifest, (name,), manifest_key, files)
+        files = without_held(dst, pending, manifest, (name,), manifest_key, files, stop=stop)
         if progress is not None:
             payload = sum(e.size_bytes for _, e in files)
             progress.restart(2 * payload, payload)

@@ -1631,6 +1631,50 @@ def test_a_copy_to_s3_never_copies_a_damaged_remote_file_inside_the_store(
         load_equal(ckpt, 3, saved[3])
 
 
+def test_a_copy_to_s3_takes_the_shared_file_from_the_next_checkpoint_that_holds_it_intact(
+    tmp_path, capsys, s3_server, s3_bucket, monkeypatch
+):
+    """A review found it: with the oldest copy of a chain's shared file damaged on the
+    store, every later copy sent the whole file again although a newer checkpoint there
+    holds it intact. Now the next holder is checked and copied from, and the damaged one
+    is not downloaded again while it is not written again."""
+    from ckptstore import transfer
+    from ckptstore.cli.main import main
+
+    src, remote = str(tmp_path / "src"), f"s3://{s3_bucket}/mirror"
+    with ckptstore.Checkpointer(src, codec="none", incremental=True) as ckpt:
+        saved, _ = save_chain(ckpt, frozen_state(), 4)
+    monkeypatch.setattr(transfer, "_checked", {})
+    assert main(["sync", src, remote, "--step", "1", "--step", "2"]) == 0
+    fs = s3_server.fs()
+    key = f"{s3_bucket}/mirror/step_00000001/__0_0.distcp"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 3] ^= 0x40
+    fs.pipe_file(key, bytes(data))
+    opened: list[str] = []
+    real_open = ckptstore.storage.s3.S3Backend.open_reader
+
+    def spy(self, name):
+        opened.append(name)
+        return real_open(self, name)
+
+    monkeypatch.setattr(ckptstore.storage.s3.S3Backend, "open_reader", spy)
+    capsys.readouterr()
+    assert main(["sync", src, remote, "--step", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "step_00000001/__0_0.distcp is damaged (" in err, err
+    assert re.search(r"copied +step_00000003 \(\d+\.\d\d KB copied, 8\.\d\d MB linked", out), out
+    opened.clear()
+    assert main(["sync", src, remote, "--step", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "step_00000001/__0_0.distcp" not in " ".join(opened), opened  # known damaged
+    assert re.search(r"copied +step_00000004 \(\d+\.\d\d KB copied, 8\.\d\d MB linked", out), out
+    with ckptstore.Checkpointer(remote) as ckpt:
+        for step in (3, 4):
+            assert ckpt.verify(step) == []
+            load_equal(ckpt, step, saved[step])
+
+
 def test_a_copy_to_s3_checks_a_file_there_once_while_it_is_not_written_again(
     tmp_path, s3_server, s3_bucket, monkeypatch
 ):
