@@ -702,6 +702,25 @@ def test_verify_of_a_root_does_not_call_a_checkpoint_deleted_meanwhile_damaged(
     assert code == 0, out
     assert "note: step_00000020: deleted while it was being checked, not counted" in out, out
     assert "BAD" not in out and "checkpoint(s) intact" in out, out
+    # set aside as damaged by a run while verify read it: damaged, not "deleted"
+    from ckptstore.layout import damaged_name
+
+    def set_aside_first(backend, name, *args, **kwargs):
+        if name == "step_00000040":
+            flip_byte(os.path.join(run_copy, name, "__0_0.distcp"), 100)
+            os.rename(os.path.join(run_copy, name), os.path.join(run_copy, damaged_name(name, 0)))
+        return real_verify(backend, name, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "verify", set_aside_first)
+    code, out, _ = run_main(capsys, "verify", run_copy, "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["ok"], out
+    (bad,) = [c for c in report["checkpoints"] if not c["ok"]]
+    assert bad["name"] == "step_00000040", out
+    assert "(damaged) while it was being checked" in bad["problems"][-1], out
+    assert not any("verify ROOT" in p for p in bad["problems"]), out
+    os.rename(os.path.join(run_copy, damaged_name("step_00000040", 0)), os.path.join(run_copy, "x"))
+    monkeypatch.setattr(ops, "verify", real_verify)
     # a deletion that died after its rename: named as ls --all names it
     os.rename(os.path.join(run_copy, "step_00000010"), os.path.join(run_copy, ".tmp-deleted-x"))
     flip_byte(os.path.join(run_copy, "step_00000030", "__0_0.distcp"), 100)

@@ -115,23 +115,28 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 status(None)
             if problems and not single and not backend.exists(f"{name}/{MANIFEST_FILE}"):
-                # Deleted while it was read (retention of a run writing there, prune):
-                # no longer a checkpoint, and not a damaged one
-                notes.append(f"{name}: deleted while it was being checked, not counted")
-                continue
+                # Gone while it was read: deleted (retention of a run writing there,
+                # prune), then no longer a checkpoint and not a damaged one; or set aside
+                # by a run that found it damaged too
+                aside = [n for n in backend.list_names() if n.startswith(f"{name}.damaged-")]
+                if not aside:
+                    notes.append(f"{name}: deleted while it was being checked, not counted")
+                    continue
+                problems.append(f"set aside as {aside[-1]} (damaged) while it was being checked")
             results.append(
                 {
                     "name": name,
                     "url": f"{backend.url}/{name}",
                     "ok": not problems,
-                    "problems": problems,
+                    "problems": [bare(p) for p in problems],
                 }
             )
             if not args.json:
+                problems = results[-1]["problems"]
                 if problems:
                     print(f"BAD  {name}")
                     for p in problems:
-                        print(f"     {bare(p)}")
+                        print(f"     {p}")
                 elif name in parts:
                     print(
                         f"OK   {name} (this node's part; {parts[name]} shard file(s) on other "
