@@ -178,6 +178,9 @@ def test_bad_arguments_say_what_to_do(tmp_path, args, message):
     assert out.returncode == 2, out.stderr[-2000:]  # a usage error, one line, no traceback
     assert message in out.stderr + out.stdout
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    if message:  # argparse's: one line, not the options' usage block before it
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].endswith(" --help)"), out.stderr
 
 
 def test_the_console_command_runs_the_same_loop(tmp_path):
