@@ -235,7 +235,9 @@ def alone_bytes(backend: StorageBackend, entries: list[Entry]) -> dict[str, int]
     links) counts for none of them until one holds it alone; on object stores every
     checkpoint holds its own copies."""
     committed = [e for e in entries if e.status == "committed" and e.manifest is not None]
-    links = file_links(backend, [e.name for e in committed])
+    shared = any(e.manifest is not None and e.manifest.linked for e in committed)
+    # (no file is shared where no manifest links one: no walk over every file then)
+    links = file_links(backend, [e.name for e in committed]) if shared else None
     return {
         e.name: (freed_bytes(links, {e.name}) if links is not None else e.manifest.stored_bytes)
         for e in committed
