@@ -1741,6 +1741,9 @@ def test_pull_replace_damaged_repairs_a_chain_whose_shared_file_is_damaged(tmp_p
         "step_00000001/__0_0.distcp (incremental saves link one file into each)"
     ) in out, out
     assert "verify ROOT" not in out, out  # (the advice load errors give)
+    assert main(["verify", dst, "--json"]) == 1
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any("share one damaged file" in n for n in notes), notes
     assert main(["pull", src, dst, "--replace-damaged"]) == 0
     out = capsys.readouterr().out
     assert out.count("replaced step_0000000") == 3, out

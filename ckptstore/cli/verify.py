@@ -146,8 +146,11 @@ def run(args: argparse.Namespace) -> int:
                     print(f"OK   {name}")
                 sys.stdout.flush()
     bad = [r for r in results if not r["ok"]]
+    shared = shared_damage(backend, bad)
     if args.json:
-        emit_json({"root": backend.url, "ok": not bad, "checkpoints": results, "notes": notes})
+        emit_json(
+            {"root": backend.url, "ok": not bad, "checkpoints": results, "notes": notes + shared}
+        )
         return FAILED if bad else OK
     for n in notes:
         print(f"note: {n}")
@@ -157,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if not bad:
         print(f"all {len(results)} checkpoint(s) intact" if not single else "intact")
         return OK
-    for n in shared_damage(backend, bad):
+    for n in shared:
         print(f"note: {n}")
     names = ", ".join(r["name"] for r in bad)
     resume = (
@@ -173,9 +176,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def bare(problem: str) -> str:
-    """A problem without the advice to run verify (this is verify) that load errors end
-    with."""
-    return problem.split("; restore an earlier checkpoint, or run `ckptstore verify")[0]
+    """A problem without the advice to run verify (this is verify) that load and read
+    errors give."""
+    problem = problem.split("; restore an earlier checkpoint, or run `ckptstore verify")[0]
+    return problem.replace(" (`ckptstore verify ROOT` checks every checkpoint under ROOT)", "")
 
 
 def shared_damage(backend: Any, bad: list[dict[str, Any]]) -> list[str]:
