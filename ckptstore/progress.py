@@ -46,6 +46,8 @@ class Progress:
         now = time.monotonic()
         if not self._enabled or (not force and now - self._last < self._every_s):
             return
+        if not self.total:  # not started (a wait before the work): nothing to show
+            return
         self._last = now
         elapsed = max(now - self._start, 1e-9)
         pct = 100.0 * self.done / self.total if self.total else 100.0

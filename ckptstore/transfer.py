@@ -263,7 +263,7 @@ def intact(dst: StorageBackend, at: str, entry: Any, stop: threading.Event | Non
         log.warning(
             "%s is damaged (%s): not copied from there. `ckptstore verify %s` names the "
             "damaged checkpoints there; `ckptstore sync <intact source> %s "
-            "--replace-damaged` repairs them",
+            "--verify-existing --replace-damaged` repairs them",
             where, reason, dst.url, dst.url,
         )  # fmt: skip
         _note_checked(dst, at, ok=False)

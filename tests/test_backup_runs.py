@@ -371,6 +371,7 @@ def test_the_progress_line_counts_in_the_units_of_every_other_message(caplog):
     '(0 of 0 MiB, 0 MB/s)': MiB beside the MB of every other line, and a total twice the
     checkpoint's (sent, then read back) without saying so."""
     caplog.set_level(logging.INFO, logger="ckptstore")
+    Progress("waiting", 0).show(force=True)  # not started: no "100.0% (0 B of 0 B)"
     upload = Progress("backup", 0)
     upload.restart(2 * 638_000, 638_000)  # an object store: read back after the upload
     upload.add(638_000)

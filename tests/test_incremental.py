@@ -1624,11 +1624,16 @@ def test_a_copy_to_s3_never_copies_a_damaged_remote_file_inside_the_store(
     capsys.readouterr()
     assert main(["sync", src, remote, "--step", "3"]) == 0
     out, err = capsys.readouterr()
-    assert "__0_0.distcp is damaged (" in err and "--replace-damaged" in err, err
+    assert "__0_0.distcp is damaged (" in err, err
+    assert "--verify-existing --replace-damaged` repairs them" in err, err
     assert re.search(r"copied +step_00000003 \(8\.\d\d MB, in ", out), out  # none linked
     with ckptstore.Checkpointer(remote) as ckpt:
         assert ckpt.verify(3) == []
         load_equal(ckpt, 3, saved[3])
+    # and the repair it advises repairs the damaged ones there
+    assert main(["verify", remote]) == 1
+    assert main(["sync", src, remote, "--verify-existing", "--replace-damaged"]) == 0
+    assert main(["verify", remote]) == 0, capsys.readouterr().out
 
 
 def test_a_copy_to_s3_takes_the_shared_file_from_the_next_checkpoint_that_holds_it_intact(
