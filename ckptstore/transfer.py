@@ -41,6 +41,7 @@ from ckptstore.errors import (
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import MANIFEST_FILE, REPLACING_SUFFIX
+from ckptstore.linking import note_checked, without_held
 from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
 from ckptstore.units import format_bytes
@@ -48,31 +49,6 @@ from ckptstore.units import format_bytes
 log = logging.getLogger("ckptstore")
 
 PIECE_BYTES = 8 << 20  # read and hashed in pieces of this size
-
-# Files on object stores that this process read back after an upload or checked before a
-# copy inside the store, with their version tag then (S3: ETag and size) and whether they
-# were intact: while the tag is the same, so are the bytes, and a later copy inside the
-# store takes the file, or passes over a damaged one, without downloading it again.
-# (dst url, name) -> (tag, intact).
-_checked: dict[tuple[str, str], tuple[str, bool]] = {}
-_checked_lock = threading.Lock()
-
-
-def _note_checked(dst: StorageBackend, name: str, ok: bool = True) -> None:
-    tag = dst.version_tag(name)
-    if tag is not None:
-        with _checked_lock:
-            _checked[(dst.url, name)] = (tag, ok)
-
-
-def _known(dst: StorageBackend, name: str) -> bool | None:
-    """Whether the file was intact when this process last read it, if the store says it
-    has not been written since; None: not known."""
-    with _checked_lock:
-        known = _checked.get((dst.url, name))
-    if known is None or dst.version_tag(name) != known[0]:
-        return None
-    return known[1]
 
 
 def copy_checkpoint(
@@ -195,108 +171,6 @@ def moved(manifest: Manifest, progress: Progress) -> str:
     return f"{format_bytes(progress.payload)} copied, {linked} linked"
 
 
-def without_held(
-    dst: StorageBackend,
-    pending: Any,
-    manifest: Manifest,
-    skip: tuple[str, ...],
-    key: bytes | None,
-    files: list[tuple[str, Any]],
-    link: bool = True,
-    link_from: str | None = None,
-    *,
-    check: bool = True,
-    stop: threading.Event | None = None,
-) -> list[tuple[str, Any]]:
-    """Of ``files`` (name, manifest entry), those left to send once the linked files
-    (incremental saves) that a checkpoint in ``dst`` not named in ``skip`` (the one
-    being written among them) holds are linked, or copied
-    inside the store, into ``pending`` (``link`` False: all of them; ``link_from``: a
-    copy of this checkpoint there, every file of which is linked).
-
-    A link or a copy inside the store sends no bytes from here, so nothing here would
-    see that the file there is damaged: with ``check`` each is read and checked first
-    (:func:`intact`), the oldest holder first and the next where it is damaged, and one
-    no holder has intact is sent from the source. (``copy_checkpoint`` reads a local
-    destination's whole checkpoint after its commit instead: ``check=False``.)"""
-    if not link:
-        return files
-    names = {f for f, _ in files}
-    if link_from is not None:
-        held = {f: f"{link_from}/{f}" for f in names}
-    else:
-        holders = {f: at for f, at in _held_by(dst, manifest, skip, key).items() if f in names}
-        entries = dict(files)
-        held = {}
-        for f, ats in holders.items():
-            at = next((a for a in ats if not check or intact(dst, a, entries[f], stop)), None)
-            if at is not None:
-                held[f] = at
-    if held and pending.link_files(held):
-        return [(f, e) for f, e in files if f not in held]
-    return files
-
-
-def intact(dst: StorageBackend, at: str, entry: Any, stop: threading.Event | None = None) -> bool:
-    """Whether shard file ``at`` in ``dst`` matches ``entry`` (size, index checksum,
-    every chunk): read in full, unless this process read it before and the store says it
-    has not been written since (:func:`_known`). Logs why not where it does not."""
-    from ckptstore.format.shard import ShardReader
-
-    where = f"{dst.url}/{at}"
-    known = _known(dst, at)
-    if known is not None:
-        return known
-    if stop is not None and stop.is_set():
-        raise CopyStoppedError(f"copy to {dst.url} stopped before checking {at} there")
-    try:
-        with ThreadPoolExecutor(4, thread_name_prefix="ckptstore-check") as pool:
-            reader = dst.open_reader(at)
-            try:
-                ShardReader(
-                    reader, where, size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
-                ).verify(pool)
-            finally:
-                reader.close()
-    except CorruptCheckpointError as exc:
-        reason = str(exc).removeprefix(f"{where}: ").split("; restore an earlier")[0]
-        log.warning(
-            "%s is damaged (%s): not copied from there. `ckptstore verify %s` names the "
-            "damaged checkpoints there; `ckptstore sync <intact source> %s "
-            "--verify-existing --replace-damaged` repairs them",
-            where, reason, dst.url, dst.url,
-        )  # fmt: skip
-        _note_checked(dst, at, ok=False)
-        return False
-    except (StorageError, FileNotFoundError) as exc:  # (gone meanwhile: a prune there)
-        log.warning("%s could not be checked (%s): not copied from there", where, exc)
-        return False
-    _note_checked(dst, at)
-    return True
-
-
-def _held_by(
-    dst: StorageBackend, manifest: Manifest, skip: tuple[str, ...], key: bytes | None
-) -> dict[str, list[str]]:
-    """Linked files (incremental saves) that other checkpoints in ``dst`` list with the
-    same size and checksum: their name -> each ``"<checkpoint>/<file>"`` there, oldest
-    first (the one that wrote it, or a repaired one: replacing a chain oldest first links
-    each from the one just replaced, not a damaged newer)."""
-    if not manifest.linked:
-        return {}
-    from ckptstore.engine.listing import list_checkpoints
-
-    there: dict[tuple[int, str], list[str]] = {}
-    for i in list_checkpoints(dst, manifest_key=key):  # oldest first
-        if i.name in skip:
-            continue
-        for f, e in i.manifest.files.items():
-            if e.kind == "shard":
-                there.setdefault((e.size_bytes, e.xxh3_64), []).append(f"{i.name}/{f}")
-    wanted = {f: (manifest.files[f].size_bytes, manifest.files[f].xxh3_64) for f in manifest.linked}
-    return {f: there[k] for f, k in wanted.items() if k in there}
-
-
 @dataclass
 class CopyJob:
     """What every file of one checkpoint copy shares."""
@@ -390,7 +264,7 @@ class CopyJob:
             # The store checked every part against its CRC32 and reported the same one
             # back: what it stored is what was read and hashed here.
             _count(progress, counted, size)
-            _note_checked(dst, f"{self.dst_name}/{fname}")
+            note_checked(dst, f"{self.dst_name}/{fname}")
             return
         back = f"{dst.url}/{self.dst_name}/{fname}"
         h = xxhash.xxh3_64()
@@ -405,7 +279,7 @@ class CopyJob:
             raise StorageError(f"{back}: missing after upload") from None
         if h.hexdigest() != sent:
             raise StorageError(f"{back}: read back with checksum {h.hexdigest()}, sent {sent}")
-        _note_checked(dst, f"{self.dst_name}/{fname}")
+        note_checked(dst, f"{self.dst_name}/{fname}")
 
 
 def _count(progress: Progress | None, counted: list[int], n: int) -> None:

@@ -25,9 +25,10 @@ from ckptstore.errors import (
     StorageError,
 )
 from ckptstore.format.manifest import Manifest
+from ckptstore.linking import without_held
 from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
-from ckptstore.transfer import CopyJob, without_held
+from ckptstore.transfer import CopyJob
 
 
 def upload_part(

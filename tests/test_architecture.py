@@ -11,6 +11,7 @@ Layers, bottom up (a module may import its own unit and anything below it)::
     dcp            dcp/
     config         config.py
     engine         engine/
+    linking        linking.py (what a copy's destination already holds; checked first)
     transfer       transfer.py, convert.py
     transfer_parts transfer_parts.py (node-local backups, part by part; uses transfer)
     interop        interop.py (plain DCP directories; uses convert)
@@ -39,6 +40,7 @@ LAYERS = [
     ("dcp", ["dcp"]),
     ("config", ["config"]),
     ("engine", ["engine"]),
+    ("linking", ["linking"]),  # what a copy's destination holds: used by transfer
     ("transfer", ["transfer", "convert"]),
     ("transfer_parts", ["transfer_parts"]),  # node-local backups: uses transfer
     ("interop", ["interop"]),  # plain DCP directories: uses convert

@@ -1636,26 +1636,8 @@ def test_a_copy_to_s3_never_copies_a_damaged_remote_file_inside_the_store(
     assert main(["verify", remote]) == 0, capsys.readouterr().out
 
 
-def test_a_copy_to_s3_takes_the_shared_file_from_the_next_checkpoint_that_holds_it_intact(
-    tmp_path, capsys, s3_server, s3_bucket, monkeypatch
-):
-    """A review found it: with the oldest copy of a chain's shared file damaged on the
-    store, every later copy sent the whole file again although a newer checkpoint there
-    holds it intact. Now the next holder is checked and copied from, and the damaged one
-    is not downloaded again while it is not written again."""
-    from ckptstore import transfer
-    from ckptstore.cli.main import main
-
-    src, remote = str(tmp_path / "src"), f"s3://{s3_bucket}/mirror"
-    with ckptstore.Checkpointer(src, codec="none", incremental=True) as ckpt:
-        saved, _ = save_chain(ckpt, frozen_state(), 4)
-    monkeypatch.setattr(transfer, "_checked", {})
-    assert main(["sync", src, remote, "--step", "1", "--step", "2"]) == 0
-    fs = s3_server.fs()
-    key = f"{s3_bucket}/mirror/step_00000001/__0_0.distcp"
-    data = bytearray(fs.cat_file(key))
-    data[len(data) // 3] ^= 0x40
-    fs.pipe_file(key, bytes(data))
+def s3_files_opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names S3 roots open for reading from now on (a download each), in order."""
     opened: list[str] = []
     real_open = ckptstore.storage.s3.S3Backend.open_reader
 
@@ -1664,6 +1646,30 @@ def test_a_copy_to_s3_takes_the_shared_file_from_the_next_checkpoint_that_holds_
         return real_open(self, name)
 
     monkeypatch.setattr(ckptstore.storage.s3.S3Backend, "open_reader", spy)
+    return opened
+
+
+def test_a_copy_to_s3_takes_the_shared_file_from_the_next_checkpoint_that_holds_it_intact(
+    tmp_path, capsys, s3_server, s3_bucket, monkeypatch
+):
+    """A review found it: with the oldest copy of a chain's shared file damaged on the
+    store, every later copy sent the whole file again although a newer checkpoint there
+    holds it intact. Now the next holder is checked and copied from, and the damaged one
+    is not downloaded again while it is not written again."""
+    from ckptstore import linking
+    from ckptstore.cli.main import main
+
+    src, remote = str(tmp_path / "src"), f"s3://{s3_bucket}/mirror"
+    with ckptstore.Checkpointer(src, codec="none", incremental=True) as ckpt:
+        saved, _ = save_chain(ckpt, frozen_state(), 4)
+    monkeypatch.setattr(linking, "_checked", {})
+    assert main(["sync", src, remote, "--step", "1", "--step", "2"]) == 0
+    fs = s3_server.fs()
+    key = f"{s3_bucket}/mirror/step_00000001/__0_0.distcp"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 3] ^= 0x40
+    fs.pipe_file(key, bytes(data))
+    opened = s3_files_opened(monkeypatch)
     capsys.readouterr()
     assert main(["sync", src, remote, "--step", "3"]) == 0
     out, err = capsys.readouterr()
@@ -1687,26 +1693,19 @@ def test_a_copy_to_s3_checks_a_file_there_once_while_it_is_not_written_again(
     process uploaded (and read back) or checked, whose ETag has not changed since, is
     not downloaded again: each later copy of a chain sends only what changed and reads
     nothing back but that."""
-    from ckptstore import transfer
+    from ckptstore import linking
     from ckptstore.cli.main import main
 
     src, remote = str(tmp_path / "src"), f"s3://{s3_bucket}/mirror"
     with ckptstore.Checkpointer(src, codec="none", incremental=True) as ckpt:
         saved, _ = save_chain(ckpt, frozen_state(), 4)
-    opened: list[str] = []
-    real_open = ckptstore.storage.s3.S3Backend.open_reader
-
-    def spy(self, name):
-        opened.append(name)
-        return real_open(self, name)
-
-    monkeypatch.setattr(ckptstore.storage.s3.S3Backend, "open_reader", spy)
-    monkeypatch.setattr(transfer, "_checked", {})  # nothing checked yet in this process
+    opened = s3_files_opened(monkeypatch)
+    monkeypatch.setattr(linking, "_checked", {})  # nothing checked yet in this process
     assert main(["sync", src, remote, "--step", "1"]) == 0  # uploaded, read back
     opened.clear()
     assert main(["sync", src, remote, "--step", "2", "--step", "3"]) == 0
     assert not [n for n in opened if n.startswith("step_00000001/")], opened
-    transfer._checked.clear()  # another process: checks the file once
+    linking._checked.clear()  # another process: checks the file once
     opened.clear()
     assert main(["sync", src, remote, "--step", "4"]) == 0
     assert [n for n in opened if n.endswith("__0_0.distcp") and "step_00000001" in n] == [
