@@ -54,6 +54,7 @@ def without_held(
     *,
     check: bool = True,
     stop: threading.Event | None = None,
+    damaged: set[str] | None = None,
 ) -> list[tuple[str, Any]]:
     """Of ``files`` (name, manifest entry), those left to send once the linked files
     (incremental saves) that a checkpoint in ``dst`` not named in ``skip`` (the one
@@ -65,7 +66,8 @@ def without_held(
     see that the file there is damaged: with ``check`` each is read and checked first
     (:func:`intact`), the oldest holder first and the next where it is damaged, and one
     no holder has intact is sent from the source. (``copy_checkpoint`` reads a local
-    destination's whole checkpoint after its commit instead: ``check=False``.)"""
+    destination's whole checkpoint after its commit instead: ``check=False``.) Each
+    ``"<checkpoint>/<file>"`` found damaged there is added to ``damaged``."""
     if not link:
         return files
     names = {f for f, _ in files}
@@ -76,7 +78,9 @@ def without_held(
         entries = dict(files)
         held = {}
         for f, ats in holders.items():
-            at = next((a for a in ats if not check or intact(dst, a, entries[f], stop)), None)
+            at = next(
+                (a for a in ats if not check or intact(dst, a, entries[f], stop, damaged)), None
+            )
             if at is not None:
                 held[f] = at
     if held and pending.link_files(held):
@@ -84,10 +88,25 @@ def without_held(
     return files
 
 
-def intact(dst: StorageBackend, at: str, entry: Any, stop: threading.Event | None = None) -> bool:
+def intact(
+    dst: StorageBackend,
+    at: str,
+    entry: Any,
+    stop: threading.Event | None = None,
+    damaged: set[str] | None = None,
+) -> bool:
     """Whether shard file ``at`` in ``dst`` matches ``entry`` (size, index checksum,
     every chunk): read in full, unless this process read it before and the store says it
-    has not been written since (:func:`_known`). Logs why not where it does not."""
+    has not been written since (:func:`_known`). Logs why not where it does not, and
+    adds ``at`` to ``damaged`` where it is damaged (not where it could not be read)."""
+    ok = _intact(dst, at, entry, stop)
+    if ok is False and damaged is not None:
+        damaged.add(at)
+    return bool(ok)
+
+
+def _intact(dst: StorageBackend, at: str, entry: Any, stop: threading.Event | None) -> bool | None:
+    """:func:`intact`; None: it could not be read."""
     from ckptstore.format.shard import ShardReader
 
     where = f"{dst.url}/{at}"
@@ -117,9 +136,24 @@ def intact(dst: StorageBackend, at: str, entry: Any, stop: threading.Event | Non
         return False
     except (StorageError, FileNotFoundError) as exc:  # (gone meanwhile: a prune there)
         log.warning("%s could not be checked (%s): not copied from there", where, exc)
-        return False
+        return None
     note_checked(dst, at)
     return True
+
+
+def damaged_holders(
+    dst: StorageBackend,
+    manifest: Manifest,
+    skip: tuple[str, ...],
+    key: bytes | None,
+    damaged: set[str],
+) -> None:
+    """Add to ``damaged`` each copy in ``dst`` of ``manifest``'s linked files that is
+    damaged there: after a copy linked from them (unchecked, ``check=False``) read back
+    damaged, which checkpoints there hold the damage."""
+    for f, ats in _held_by(dst, manifest, skip, key).items():
+        for at in ats:
+            intact(dst, at, manifest.files[f], damaged=damaged)
 
 
 def _held_by(

@@ -41,7 +41,7 @@ from ckptstore.errors import (
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import MANIFEST_FILE, REPLACING_SUFFIX
-from ckptstore.linking import note_checked, without_held
+from ckptstore.linking import damaged_holders, note_checked, without_held
 from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
 from ckptstore.units import format_bytes
@@ -65,6 +65,7 @@ def copy_checkpoint(
     manifest_key: bytes | None = None,
     dst_name: str | None = None,
     link_from: str | None = None,
+    damaged: set[str] | None = None,
 ) -> Manifest:
     """Copy committed checkpoint ``name`` from ``src`` to ``dst`` (as ``dst_name`` there,
     default ``name``); return its manifest. ``link_from``: a checkpoint in ``dst`` that
@@ -80,7 +81,9 @@ def copy_checkpoint(
     A file that fails on an object store is retried ``file_retries`` times, with backoff.
     With a ``manifest_key``, a source whose
     manifest is not signed with it is refused before anything is copied; the manifest
-    is copied byte for byte, signature included.
+    is copied byte for byte, signature included. ``damaged``: each
+    ``"<checkpoint>/<file>"`` in ``dst`` that the copy found damaged there (a linked
+    file's copies, which it then did not use) is added to it.
     """
     manifest_bytes = src.read_bytes(f"{name}/{MANIFEST_FILE}")
     manifest = Manifest.from_json(manifest_bytes, f"{src.url}/{name}", key=manifest_key)
@@ -122,7 +125,7 @@ def copy_checkpoint(
             try:
                 files = without_held(
                     dst, pending, manifest, skip, manifest_key, every, link, link_from,
-                    check=not dst.capabilities.local, stop=stop,
+                    check=not dst.capabilities.local, stop=stop, damaged=damaged,
                 )  # fmt: skip
                 if progress is not None:  # incremental: only what dst lacks
                     payload = sum(e.size_bytes for _, e in files)
@@ -145,6 +148,8 @@ def copy_checkpoint(
             dst.delete(target)
             if len(files) == len(every):
                 raise CorruptCheckpointError(f"the copy from {src.url} is damaged: {problems[0]}")
+            if damaged is not None:  # which checkpoints there hold the damaged file
+                damaged_holders(dst, manifest, skip, manifest_key, damaged)
             log.warning(
                 "a file %s/%s linked from another checkpoint there is damaged (%s): copying "
                 "every file of it from %s instead",
@@ -329,6 +334,7 @@ def replace_checkpoint(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     manifest_key: bytes | None = None,
+    damaged: set[str] | None = None,
 ) -> Manifest:
     """Copy committed checkpoint ``name`` from ``src`` over the checkpoint of that name
     on ``dst`` (or to ``dst`` if it has none); return its manifest.
@@ -343,7 +349,9 @@ def replace_checkpoint(
     :func:`copy_checkpoint` raises.
     """
     beside = f"{name}{REPLACING_SUFFIX}"
-    kw: dict[str, Any] = {"threads": threads, "stop": stop, "manifest_key": manifest_key}
+    kw: dict[str, Any] = {
+        "threads": threads, "stop": stop, "manifest_key": manifest_key, "damaged": damaged
+    }  # fmt: skip
     link_from = None
     if dst.exists(f"{name}/{MANIFEST_FILE}"):
         # A leftover beside it is of an earlier attempt; the old one is complete.

@@ -1606,7 +1606,9 @@ def test_a_copy_to_s3_never_copies_a_damaged_remote_file_inside_the_store(
     takes it from a checkpoint already there, inside the store (nothing sent from here);
     if every copy there is damaged, the new checkpoint must not be built from one: the
     file is sent from the source instead, and the new checkpoint verifies. (Before, it
-    committed damaged and `sync` said "verified".)"""
+    committed damaged and `sync` said "verified".) The checkpoints there that hold the
+    damaged copies are named, and the exit status says so: a check of their sizes alone
+    would call them present."""
     from ckptstore.cli.main import main
 
     src, remote = str(tmp_path / "src"), f"s3://{s3_bucket}/mirror"
@@ -1622,11 +1624,15 @@ def test_a_copy_to_s3_never_copies_a_damaged_remote_file_inside_the_store(
             del data[len(data) // 2 :]
         fs.pipe_file(f"{s3_bucket}/mirror/{key}", bytes(data))
     capsys.readouterr()
-    assert main(["sync", src, remote, "--step", "3"]) == 0
+    assert main(["sync", src, remote, "--step", "3"]) == 1
     out, err = capsys.readouterr()
     assert "__0_0.distcp is damaged (" in err, err
     assert "--verify-existing --replace-damaged` repairs them" in err, err
     assert re.search(r"copied +step_00000003 \(8\.\d\d MB, in ", out), out  # none linked
+    for step in (1, 2):
+        assert f"DAMAGED  step_0000000{step}: {remote}/step_0000000{step}/__0_0" in out, out
+    assert out.count("rerun with --verify-existing --replace-damaged") == 2, out
+    assert "1 copied, 0 already there, 0 failed, 2 damaged there" in out, out
     with ckptstore.Checkpointer(remote) as ckpt:
         assert ckpt.verify(3) == []
         load_equal(ckpt, 3, saved[3])
@@ -1671,14 +1677,16 @@ def test_a_copy_to_s3_takes_the_shared_file_from_the_next_checkpoint_that_holds_
     fs.pipe_file(key, bytes(data))
     opened = s3_files_opened(monkeypatch)
     capsys.readouterr()
-    assert main(["sync", src, remote, "--step", "3"]) == 0
+    assert main(["sync", src, remote, "--step", "3"]) == 1  # names the damaged one
     out, err = capsys.readouterr()
     assert "step_00000001/__0_0.distcp is damaged (" in err, err
+    assert "DAMAGED  step_00000001: " in out and "DAMAGED  step_00000002" not in out, out
     assert re.search(r"copied +step_00000003 \(\d+\.\d\d KB copied, 8\.\d\d MB linked", out), out
     opened.clear()
-    assert main(["sync", src, remote, "--step", "4"]) == 0
+    assert main(["sync", src, remote, "--step", "4"]) == 1
     out, err = capsys.readouterr()
     assert "step_00000001/__0_0.distcp" not in " ".join(opened), opened  # known damaged
+    assert "DAMAGED  step_00000001: " in out, out  # (known, not read again: still named)
     assert re.search(r"copied +step_00000004 \(\d+\.\d\d KB copied, 8\.\d\d MB linked", out), out
     with ckptstore.Checkpointer(remote) as ckpt:
         for step in (3, 4):
@@ -1757,3 +1765,35 @@ def test_pull_replace_damaged_repairs_a_chain_whose_shared_file_is_damaged(tmp_p
             load_equal(ckpt, step, saved[step])
     # Still one file: each replaced checkpoint linked the one replaced before it
     assert os.stat(shard).st_ino == os.stat(linked).st_ino
+
+
+def test_a_sync_to_a_local_disk_names_the_checkpoints_whose_shared_file_it_found_damaged(
+    tmp_path, capsys
+):
+    """On a local destination a copy links a chain's file unchecked and reads the new
+    checkpoint back: a damaged link is found there, and the file sent again. The
+    checkpoints there that hold the damaged file are named, and the exit status is 1,
+    where a check of their sizes alone would call them present (a re-test found it)."""
+    import damage
+
+    from ckptstore.cli.main import main
+
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    with ckptstore.Checkpointer(src, codec="none", incremental=True) as ckpt:
+        saved, _ = save_chain(ckpt, frozen_state(), 3)
+    assert main(["sync", src, dst, "--step", "1", "--step", "2"]) == 0
+    shard = os.path.join(dst, "step_00000001", "__0_0.distcp")
+    damage.xor(shard, os.path.getsize(shard) // 2)  # the same file in both there
+    capsys.readouterr()
+    assert main(["sync", src, dst]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"present +step_00000001\n", out), out  # (sizes match)
+    assert re.search(r"copied +step_00000003 \(8\.\d\d MB, in ", out), out  # sent again
+    assert f"DAMAGED  step_00000001: {dst}/step_00000001/__0_0.distcp is damaged" in out, out
+    assert f"DAMAGED  step_00000002: {dst}/step_00000002/__0_0-step_00000001" in out, out
+    assert "1 copied, 2 already there, 0 failed, 2 damaged there" in out, out
+    assert main(["sync", src, dst, "--replace-damaged"]) == 0  # the repair it advises
+    assert main(["verify", dst]) == 0
+    with ckptstore.Checkpointer(dst) as ckpt:
+        for step in (1, 2, 3):
+            load_equal(ckpt, step, saved[step])

@@ -229,6 +229,26 @@ def test_a_wrong_type_is_still_a_value_error():
         check_step("5")  # type: ignore[arg-type]
 
 
+def test_a_state_passed_as_the_step_is_named_short_with_the_order_each_class_takes(root):
+    """Checkpointer.save takes (state_dict, step) and CheckpointManager.save (step,
+    state): swapped, the error printed the whole state's repr (tens of lines for one
+    tensor of 1,000 values) and did not say why."""
+    state = {"w": torch.zeros(100_000), "b": torch.ones(1000)}
+    order = "Checkpointer.save takes (state_dict, step), CheckpointManager.save takes (step, state)"
+    with (
+        ckptstore.Checkpointer(root) as ckpt,
+        pytest.raises(ValueError, match="a state dict") as info,
+    ):
+        ckpt.save(1, state)  # type: ignore[arg-type]
+    assert order in str(info.value) and len(str(info.value)) < 300, str(info.value)
+    with (
+        ckptstore.CheckpointManager(root) as mgr,
+        pytest.raises(ValueError, match="a state dict") as info,
+    ):
+        mgr.save(state, 1)  # type: ignore[arg-type]
+    assert order in str(info.value) and len(str(info.value)) < 300, str(info.value)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int64, torch.bfloat16])
 def test_loading_into_another_dtype_casts_when_asked(root, dtype):
     with ckptstore.Checkpointer(root) as ckpt:

@@ -170,7 +170,7 @@ def _transfer(
     before_writing: Callable[[], None],
 ) -> int:
     src_url = args.src
-    infos = list_checkpoints(src, manifest_key=manifest_key())
+    infos = every = list_checkpoints(src, manifest_key=manifest_key())
     if args.step:
         wanted = set(args.step)
         missing = sorted(wanted - {i.manifest.step for i in infos if i.manifest.step is not None})
@@ -192,6 +192,7 @@ def _transfer(
     leftovers = _clear_leftovers(args, dst, infos, before_writing)
     there: set[tuple[int, str]] | None = None  # (dry run) the shard files dst will hold
     stop = threading.Event()
+    damaged: set[str] = set()  # "<checkpoint>/<file>" there that a copy found damaged
     for info in infos:
         replace = False
         if info.name in leftovers:
@@ -246,6 +247,7 @@ def _transfer(
                     progress=progress,
                     stop=stop,
                     manifest_key=manifest_key(),
+                    damaged=damaged,
                 )
         except CopyStoppedError:
             print(f"STOPPED  {info.name}: interrupted; nothing of it was committed")
@@ -274,6 +276,7 @@ def _transfer(
         sys.stdout.flush()
     if copied:
         _housekeeping(src, dst)
+    held_damaged = _report_damaged(damaged, copied, every, src, dst)
     present = len(infos) - len(copied) - len(failed) - len(planned)
     if args.dry_run:
         print(
@@ -283,7 +286,8 @@ def _transfer(
     else:
         print(
             f"{len(copied)} copied, {present} already there, {len(failed)} failed, "
-            f"from {src.url} to {dst.url}"
+            + (f"{len(held_damaged)} damaged there, " if held_damaged else "")
+            + f"from {src.url} to {dst.url}"
         )
     if failed:
         print(
@@ -291,7 +295,38 @@ def _transfer(
             "cause: what was copied stays, and nothing partial is ever committed"
         )
         return FAILED
-    return OK
+    return FAILED if held_damaged else OK
+
+
+def _report_damaged(
+    damaged: set[str],
+    copied: list[str],
+    infos: list[CheckpointInfo],
+    src: StorageBackend,
+    dst: StorageBackend,
+) -> list[str]:
+    """Name the checkpoints at the destination that a copy found a damaged file in (a
+    linked file's copy there, read before it was copied inside the store, or read back
+    after a link): a check of their sizes alone calls them present. The copies this run
+    made did not use them. Returns their names, less those this run replaced."""
+    by_name: dict[str, list[str]] = {}
+    for at in sorted(damaged):
+        name, _, file = at.partition("/")
+        if name not in copied:  # (replaced in this run: the damaged copy is gone)
+            by_name.setdefault(name, []).append(file)
+    ours = {i.name for i in infos}  # (all of the source's, whatever was asked for)
+    for name, files in by_name.items():
+        print(f"DAMAGED  {name}: {dst.url}/{name}/{files[0]} is damaged"
+              + (f" (and {len(files) - 1} more of its files)" if len(files) > 1 else "")
+              + "; this run's copies did not use it")  # fmt: skip
+        print(
+            "         rerun with --verify-existing --replace-damaged to replace it with the "
+            f"copy from {src.url}"
+            if name in ours
+            else f"         {src.url} does not hold it: `ckptstore verify {dst.url}` names "
+            "every damaged checkpoint there"
+        )
+    return list(by_name)
 
 
 @contextlib.contextmanager

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -446,12 +447,22 @@ def check_step(step: int) -> int:
     :class:`~ckptstore.errors.InvalidArgumentError` (its ``TypeError`` leaf for a
     string, float or tensor)."""
     if isinstance(step, bool) or not isinstance(step, int):
-        raise InvalidArgumentTypeError(
-            f"step must be a non-negative int, got {type(step).__name__} {step!r}"
-        )
+        raise InvalidArgumentTypeError(f"step must be a non-negative int, got {bad_step(step)}")
     if not 0 <= step <= MAX_STEP:
         raise InvalidArgumentError(f"step must be an int in 0..{MAX_STEP}, got {step!r}")
     return step
+
+
+def bad_step(step: object) -> str:
+    """A step that is not one, said short (a state dict's repr can be megabytes), with
+    the likely cause where it is a mapping: arguments passed in the other order."""
+    swapped = (
+        " (a state dict? Checkpointer.save takes (state_dict, step), "
+        "CheckpointManager.save takes (step, state))"
+        if isinstance(step, Mapping)
+        else ""
+    )
+    return f"{type(step).__name__} {reprlib.repr(step)}{swapped}"
 
 
 def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:

@@ -65,6 +65,7 @@ import torch.distributed as dist
 from ckptstore.config import BackupConfig, ManagerConfig, manager_configs
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
+from ckptstore.engine.ops import bad_step
 from ckptstore.engine.pending import PendingSave
 from ckptstore.errors import (
     BackgroundSaveError,
@@ -516,5 +517,7 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
 
 def _steps_done(step: int) -> int:
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise InvalidArgumentError(f"step must be the loop's 0-based step index, got {step!r}")
+        raise InvalidArgumentError(
+            f"step must be the loop's 0-based step index, got {bad_step(step)}"
+        )
     return step + 1
