@@ -672,6 +672,52 @@ def test_a_sync_with_nothing_to_copy_takes_no_lease(saved, run_copy, capsys):
     assert code == 0 and "0 copied" in out, out + err
 
 
+def test_verify_of_a_root_whose_listed_checkpoints_are_all_deleted_lists_it_again(
+    run_copy, capsys, monkeypatch
+):
+    """A re-test found it: beside a run that saves every 2 steps and keeps few, every
+    checkpoint verify listed was deleted before it read them (importing torch takes
+    ~1.6 s), and it said "no checkpoint left to check", exit 0, having checked nothing.
+    Now it lists the root again and checks what was saved since."""
+    from ckptstore.cli import verify as verify_cli
+
+    real = verify_cli.root_targets
+    listed: list[list[str]] = []
+
+    def busy_run(backend, target):
+        found = real(backend, target)
+        listed.append([n for n, _ in found[0]])
+        if len(listed) == 1:  # the run deletes all of them, and saves a newer one
+            for name in listed[0]:
+                shutil.rmtree(os.path.join(run_copy, name))
+            ckptstore.Checkpointer(run_copy).save({"w": torch.ones(3)}, 50)
+        return found
+
+    monkeypatch.setattr(verify_cli, "root_targets", busy_run)
+    code, out, _ = run_main(capsys, "verify", run_copy)
+    assert code == 0, out
+    assert listed == [["step_00000010", "step_00000020", "step_00000030", "step_00000040"],
+                      ["step_00000050"]], listed  # fmt: skip
+    assert "OK   step_00000050" in out and "all 1 checkpoint(s) intact" in out, out
+    assert "note: step_00000010: deleted while it was being checked" in out, out
+    # a root emptied for good: listed RELISTS times, then said so
+    listed.clear()
+
+    def emptied(backend, target):
+        found = real(backend, target)
+        listed.append([n for n, _ in found[0]])
+        for name in listed[-1]:
+            shutil.rmtree(os.path.join(run_copy, name))
+        if len(listed) < verify_cli.RELISTS:
+            ckptstore.Checkpointer(run_copy).save({"w": torch.ones(3)}, 60 + len(listed))
+        return found
+
+    monkeypatch.setattr(verify_cli, "root_targets", emptied)
+    code, out, _ = run_main(capsys, "verify", run_copy)
+    assert code == 0 and len(listed) == verify_cli.RELISTS, (listed, out)
+    assert "no checkpoint left to check: every one was deleted while verify ran" in out, out
+
+
 def test_verify_of_one_damaged_checkpoint_does_not_say_none_is_intact(run_copy, capsys):
     flip_byte(os.path.join(run_copy, "step_00000030", "__0_0.distcp"), 100)
     code, out, _ = run_main(capsys, "verify", os.path.join(run_copy, "step_00000030"))

@@ -63,39 +63,7 @@ def run(args: argparse.Namespace) -> int:
             targets.append((name, "named"))
         else:
             backend = open_root(args.target)
-            entries = scan(backend, everything=True)
-            for e in entries:
-                if e.status == "damaged":
-                    notes.append(
-                        f"{e.name}: set aside as damaged, not checked; remove it once you have "
-                        "looked at it (ckptstore never deletes it)"
-                    )
-                    continue
-                if e.status == "retired":
-                    notes.append(
-                        f"{e.name}: set aside when a run resumed an earlier checkpoint and "
-                        "discarded the newer ones, not checked; remove it when you no longer "
-                        "want it (ckptstore never deletes it)"
-                    )
-                    continue
-                if e.status == "uncommitted" and (
-                    e.name.startswith(TEMP_PREFIX) or not backend.capabilities.local
-                ):
-                    # Object stores write in place: a save in progress looks like this too.
-                    what = (
-                        "a deletion in progress, or a dead one (a checkpoint renamed away, "
-                        "then removed)"
-                        if e.name.startswith(f"{TEMP_PREFIX}deleted-")
-                        else "uncommitted (a save in progress, or a dead one)"
-                    )
-                    notes.append(
-                        f"{e.name}: {what}, not checked; ckptstore gc {args.target} removes "
-                        "dead ones"
-                    )
-                    continue
-                targets.append((e.name, e.status))
-                if e.manifest is not None and e.manifest.part is not None:
-                    parts[e.name] = len(e.manifest.part.elsewhere)
+            targets, notes, parts = root_targets(backend, args.target)
             if not targets:
                 other = named_otherwise(backend, args.target)
                 raise usage_error(
@@ -107,44 +75,48 @@ def run(args: argparse.Namespace) -> int:
     # Reads are latency-bound on object stores (one request per chunk): more in flight.
     threads = args.jobs or (min(8, os.cpu_count() or 1) if backend.capabilities.local else 16)
     results: list[dict[str, Any]] = []
+    looked = 1  # listings of the root
     with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-verify") as pool:
-        for name, _status in targets:
-            status(f"checking {name}")
-            try:
-                problems = verify(backend, name, pool, manifest_key=manifest_key())
-            finally:
-                status(None)
-            if problems and not single and not backend.exists(f"{name}/{MANIFEST_FILE}"):
-                # Gone while it was read: deleted (retention of a run writing there,
-                # prune), then no longer a checkpoint and not a damaged one; or set aside
-                # by a run that found it damaged too
-                aside = [n for n in backend.list_names() if n.startswith(f"{name}.damaged-")]
-                if not aside:
-                    notes.append(f"{name}: deleted while it was being checked, not counted")
-                    continue
-                problems.append(f"set aside as {aside[-1]} (damaged) while it was being checked")
-            results.append(
-                {
-                    "name": name,
-                    "url": f"{backend.url}/{name}",
-                    "ok": not problems,
-                    "problems": [bare(p) for p in problems],
-                }
-            )
-            if not args.json:
-                problems = results[-1]["problems"]
-                if problems:
-                    print(f"BAD  {name}")
-                    for p in problems:
-                        print(f"     {p}")
-                elif name in parts:
-                    print(
-                        f"OK   {name} (this node's part; {parts[name]} shard file(s) on other "
-                        "nodes' disks are checked there)"
+        while True:
+            for name, _status in targets:
+                status(f"checking {name}")
+                try:
+                    problems = verify(backend, name, pool, manifest_key=manifest_key())
+                finally:
+                    status(None)
+                if problems and not single and not backend.exists(f"{name}/{MANIFEST_FILE}"):
+                    # Gone while it was read: deleted (retention of a run writing there,
+                    # prune), then no longer a checkpoint and not a damaged one; or set
+                    # aside by a run that found it damaged too
+                    aside = [n for n in backend.list_names() if n.startswith(f"{name}.damaged-")]
+                    if not aside:
+                        notes.append(f"{name}: deleted while it was being checked, not counted")
+                        continue
+                    problems.append(
+                        f"set aside as {aside[-1]} (damaged) while it was being checked"
                     )
-                else:
-                    print(f"OK   {name}")
-                sys.stdout.flush()
+                results.append(
+                    {
+                        "name": name,
+                        "url": f"{backend.url}/{name}",
+                        "ok": not problems,
+                        "problems": [bare(p) for p in problems],
+                    }
+                )
+                if not args.json:
+                    show(results[-1], parts)
+            if results or single or looked == RELISTS:
+                break
+            # Every one listed was deleted while verify started or read it (the
+            # retention of a run saving often): list again, for those saved since
+            done = {n for n, _ in targets}
+            looked += 1
+            targets, again, more = root_targets(backend, args.target)
+            targets = [t for t in targets if t[0] not in done]
+            notes += [n for n in again if n not in notes]
+            parts.update(more)
+            if not targets:
+                break
     bad = [r for r in results if not r["ok"]]
     shared = shared_damage(backend, bad)
     if args.json:
@@ -155,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
     for n in notes:
         print(f"note: {n}")
     if not results:
-        print("no checkpoint left to check: every one was deleted while verify ran")
+        print(
+            f"no checkpoint left to check: every one was deleted while verify ran ({looked} "
+            "listings of the root; a run saving there deletes them this fast)"
+        )
         return OK
     if not bad:
         print(f"all {len(results)} checkpoint(s) intact" if not single else "intact")
@@ -173,6 +148,66 @@ def run(args: argparse.Namespace) -> int:
         "from a backup with ckptstore pull --replace-damaged, or delete the damaged ones"
     )
     return FAILED
+
+
+RELISTS = 3  # listings of a root whose listed checkpoints were all deleted meanwhile
+
+
+def show(result: dict[str, Any], parts: dict[str, int]) -> None:
+    name, problems = result["name"], result["problems"]
+    if problems:
+        print(f"BAD  {name}")
+        for p in problems:
+            print(f"     {p}")
+    elif name in parts:
+        print(
+            f"OK   {name} (this node's part; {parts[name]} shard file(s) on other "
+            "nodes' disks are checked there)"
+        )
+    else:
+        print(f"OK   {name}")
+    sys.stdout.flush()
+
+
+def root_targets(
+    backend: Any, target: str
+) -> tuple[list[tuple[str, str]], list[str], dict[str, int]]:
+    """What ``verify ROOT`` checks: (name, status) of each checkpoint under the root,
+    the notes on what it leaves alone, and of node-local parts how many shard files lie
+    elsewhere."""
+    targets: list[tuple[str, str]] = []
+    notes: list[str] = []
+    parts: dict[str, int] = {}
+    entries = scan(backend, everything=True)
+    for e in entries:
+        if e.status == "damaged":
+            notes.append(
+                f"{e.name}: set aside as damaged, not checked; remove it once you have "
+                "looked at it (ckptstore never deletes it)"
+            )
+            continue
+        if e.status == "retired":
+            notes.append(
+                f"{e.name}: set aside when a run resumed an earlier checkpoint and "
+                "discarded the newer ones, not checked; remove it when you no longer "
+                "want it (ckptstore never deletes it)"
+            )
+            continue
+        if e.status == "uncommitted" and (
+            e.name.startswith(TEMP_PREFIX) or not backend.capabilities.local
+        ):
+            # Object stores write in place: a save in progress looks like this too.
+            what = (
+                "a deletion in progress, or a dead one (a checkpoint renamed away, then removed)"
+                if e.name.startswith(f"{TEMP_PREFIX}deleted-")
+                else "uncommitted (a save in progress, or a dead one)"
+            )
+            notes.append(f"{e.name}: {what}, not checked; ckptstore gc {target} removes dead ones")
+            continue
+        targets.append((e.name, e.status))
+        if e.manifest is not None and e.manifest.part is not None:
+            parts[e.name] = len(e.manifest.part.elsewhere)
+    return targets, notes, parts
 
 
 def bare(problem: str) -> str:
