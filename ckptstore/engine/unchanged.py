@@ -151,18 +151,19 @@ class Later:
                 moved = moved or (t._version, t.data_ptr()) != version
         if changed:
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            its, it, them = ("its", "it is", "it") if len(changed) == 1 else ("their", "they are", "them")  # fmt: skip
             how = (
-                "changed while this save was written (their version counter moved since "
+                f"changed while this save was written ({its} version counter moved since "
                 "save() returned; a write through .data before the save looks the same)"
                 if moved
-                else "changed without their version counter moving (a write through .data or "
+                else f"changed without {its} version counter moving (a write through .data or "
                 "a raw pointer, before this save or while it was written)"
             )
             raise StateChangedError(
-                f"{', '.join(changed[:3])}{more} {how}, after earlier saves found them "
-                "unchanged (trust_version_counters=True): their bytes at this save cannot be "
+                f"{', '.join(changed[:3])}{more} {how}, after earlier saves found {them} "
+                f"unchanged (trust_version_counters=True): {its} bytes at this save cannot be "
                 "known, so it is not committed; the checkpoints before it are intact, and from "
-                "now on they are hashed before each save returns",
+                f"now on {it} hashed before each save returns",
                 changed,
             )
 
