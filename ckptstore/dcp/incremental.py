@@ -196,7 +196,7 @@ class IncrementalCache:
         self.given: dict[str, tuple[str, int]] = {}
         # fqn -> (digest, bytes) of each item this save hashed (engine.unchanged notes them)
         self.hashed_tensors: dict[str, tuple[str, int]] = {}
-        # id(staged tensor) -> (it, its bytes), for the save being written (_Arena.raws)
+        # id(staged tensor) -> (it, its bytes), for the save being written (Arena.raws)
         self.raws: dict[int, tuple[Any, Any]] = {}
         self._restored: tuple[str, Manifest] | None = None  # see restored_from()
 

@@ -37,12 +37,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ckptstore.dcp.planner import SerializedValue
-from ckptstore.dcp.writer import tensor_bytes
 from ckptstore.engine import unchanged
+from ckptstore.engine.arena import Arena
 from ckptstore.engine.device_copy import CopyEngine, cuda_copy_engine
-from ckptstore.engine.host_buffers import HostBuffer
 from ckptstore.engine.layout_cache import (
-    PAGE,
     Layout,
     LayoutCache,
     check_structure,
@@ -70,7 +68,7 @@ class StagedState:
 
     flat: dict[str, Any]  # fqn -> staged tensor / DTensor / SerializedValue
     mappings: dict[str, Any]  # DCP's flatten mappings of the original nesting
-    arena: _Arena | None
+    arena: Arena | None
     tensor_bytes: int
     value_bytes: int
     copy_s: float
@@ -96,7 +94,7 @@ class PreparedState:
     layout: Layout
     objs: list[Any]  # the flattened entries, in ``layout.fqns`` order
     mappings: dict[str, Any]
-    arena: _Arena | None
+    arena: Arena | None
     tensor_bytes: int
     wait_s: float
     # Python values, serialized on the thread that owns the state (it may change them
@@ -108,71 +106,6 @@ class PreparedState:
     marks: Any = None
     number: int = 0  # which of its pool's saves it is
     versions: dict[str, tuple[int, int] | None] | None = None  # StagingPool.track_versions
-
-
-class _Arena:
-    """One block of host memory plus the layout it was made for."""
-
-    def __init__(
-        self,
-        signature: tuple[Any, ...],
-        offsets: tuple[int, ...],
-        nbytes: int,
-        pin: bool,
-        device: int | None = None,
-    ) -> None:
-        self.signature = signature
-        self.offsets = offsets
-        self.nbytes = nbytes
-        # Made by the first save into this arena, reused by the next (same layout):
-        self.views: list[torch.Tensor] | None = None  # per tensor of the layout
-        self.dsts: list[torch.Tensor] = []  # the views copied into: one per slot
-        self.held = unchanged.Held()  # what its slots hold, by digest (incremental saves)
-        self._raws: dict[int, tuple[torch.Tensor, Any]] | None = None  # (raws())
-        self._host = HostBuffer(nbytes, pin=pin, device=device)
-        self.buffer = self._host.tensor
-        assert self.buffer.data_ptr() % PAGE == 0 or nbytes == 0
-
-    @property
-    def pinned(self) -> bool:
-        return self._host.pinned
-
-    def close(self) -> None:
-        """Give the memory back (unpinned at once; unmapped with the last view)."""
-        self.views = None
-        self.dsts = []
-        self._raws = None
-        self._host.close()
-        self.buffer = self._host.tensor
-
-    def views_for(self, layout: Layout) -> list[torch.Tensor]:
-        """A view of this arena per tensor of ``layout`` (a layout it was made for)."""
-        if self.views is None:
-            views: list[torch.Tensor] = []
-            by_slot: dict[int, torch.Tensor] = {}
-            for k, slot in enumerate(layout.slots):
-                dtype, shape, _, _ = layout.metas[k]
-                if slot < 0:
-                    views.append(torch.empty(shape, dtype=dtype))
-                    continue
-                view = by_slot.get(slot)
-                if view is None:
-                    off = self.offsets[slot]
-                    view = self.buffer[off : off + layout.nbytes[k]].view(dtype).view(shape)
-                    by_slot[slot] = view
-                views.append(view)
-            self.dsts = [views[k] for k in layout.first]
-            self.views = views
-        return self.views
-
-    def raws(self) -> dict[int, tuple[torch.Tensor, Any]]:
-        """id(view) -> (the view, ``tensor_bytes(view)``), for each of :attr:`views`: an
-        incremental save's writer looks its staged tensors up here instead of making
-        their arrays again (~4 us a tensor; ``IncrementalCache.bytes_of`` checks that
-        what it found is the very tensor it looked up)."""
-        if self._raws is None and self.views is not None:
-            self._raws = {id(v): (v, tensor_bytes(v)) for v in self.views}
-        return self._raws or {}
 
 
 class StagingPool:
@@ -200,8 +133,8 @@ class StagingPool:
         self._slots = slots
         self._pin = pin_memory  # None: pin the arenas of states with tensors on a GPU
         self._max_bytes = max_bytes
-        self._free: list[_Arena] = []
-        self._busy: list[_Arena] = []
+        self._free: list[Arena] = []
+        self._busy: list[Arena] = []
         self._cond = threading.Condition()
         self._closed = False
         self._layouts = LayoutCache()
@@ -389,7 +322,7 @@ class StagingPool:
         nbytes: int,
         timeout_s: float | None,
         device: int | None = None,
-    ) -> _Arena:
+    ) -> Arena:
         if self._max_bytes is not None and nbytes > self._max_bytes:
             raise CkptStoreError(
                 f"staging this state needs {format_bytes(nbytes)} of host memory, more than the "
@@ -419,7 +352,7 @@ class StagingPool:
                     # Pinning a CPU state's arena would only create a CUDA context on
                     # the thread's current device (cuda:0 on every rank).
                     pin = device is not None if self._pin is None else self._pin
-                    arena = _Arena(signature, offsets, nbytes, pin, device)
+                    arena = Arena(signature, offsets, nbytes, pin, device)
                     self._busy.append(arena)
                     return arena
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -427,7 +360,7 @@ class StagingPool:
                     raise TimeoutError("timed out waiting for a staging buffer")
                 self._cond.wait(remaining)
 
-    def _give_back(self, arena: _Arena) -> None:
+    def _give_back(self, arena: Arena) -> None:
         with self._cond:
             closed = self._closed
             if arena in self._busy:
