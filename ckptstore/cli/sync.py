@@ -269,9 +269,12 @@ def _transfer(
             continue
         copied.append(info.name)
         elapsed = time.monotonic() - start
+        # An object store has no rename: a replace sends its files beside the damaged
+        # copy, then again under its name (replace_checkpoint); the bytes count both
+        twice = "; sent twice: beside the old copy, then in its place" if replace and not dst.capabilities.local else ""  # fmt: skip
         print(
-            f"{'replaced' if replace else 'copied':8} {info.name} ({moved(manifest, progress)}, "
-            f"in {elapsed:.1f} s, verified)"
+            f"{'replaced' if replace else 'copied':8} {info.name} ({moved(manifest, progress)}"
+            f"{twice}, in {elapsed:.1f} s, verified)"
         )
         sys.stdout.flush()
     if copied:
