@@ -213,6 +213,30 @@ class BenchError(CkptStoreError):
     """A problem with a benchmark's setup (target, space): said plainly, exit status 2."""
 
 
+# The advice that errors reading a checkpoint end with ("...; <hint>"): run verify. One
+# text each, here, so that ``ckptstore verify``, which is that advice, strips it from
+# the problems it reports (:func:`without_verify_hint`) whatever the wording becomes.
+HINT_DAMAGED_FILE = (
+    "restore an earlier checkpoint, or run `ckptstore verify ROOT` to see what else is damaged"
+)
+HINT_DAMAGED_METADATA = (
+    "restore an earlier checkpoint, or run `ckptstore verify ROOT` (Checkpointer.verify in Python)"
+)
+HINT_DAMAGED_MANIFEST = "restore an earlier checkpoint, or run `ckptstore verify` on this one"
+_READ_VERIFY_NOTE = " (`ckptstore verify ROOT` checks every checkpoint under ROOT)"
+HINT_READ_FAILED = (
+    f"check that the storage is reachable and the checkpoint complete{_READ_VERIFY_NOTE}"
+)
+
+
+def without_verify_hint(problem: str) -> str:
+    """``problem`` without the advice to run verify that errors reading a checkpoint
+    give (for verify's own report)."""
+    for hint in (HINT_DAMAGED_FILE, HINT_DAMAGED_METADATA, HINT_DAMAGED_MANIFEST):
+        problem = problem.replace(f"; {hint}", "")
+    return problem.replace(_READ_VERIFY_NOTE, "")
+
+
 def storage_error(exc: OSError, action: str, path: str) -> StorageError:
     """Translate an ``OSError`` from a backend into a :class:`StorageError` once.
 
@@ -232,10 +256,7 @@ def storage_error(exc: OSError, action: str, path: str) -> StorageError:
             "and save again"
         )
     elif action in ("read", "open", "stat", "list"):
-        hint = (
-            "check that the storage is reachable and the checkpoint complete "
-            "(`ckptstore verify ROOT` checks every checkpoint under ROOT)"
-        )
+        hint = HINT_READ_FAILED
     else:
         hint = "check the path, its permissions and the device, then save again"
     if code is None:

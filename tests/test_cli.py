@@ -718,6 +718,24 @@ def test_verify_of_a_root_whose_listed_checkpoints_are_all_deleted_lists_it_agai
     assert "no checkpoint left to check: every one was deleted while verify ran" in out, out
 
 
+@pytest.mark.parametrize("what", ["manifest.json", ".metadata", "__0_0.distcp"])
+def test_verify_reports_damage_without_the_advice_to_run_verify(run_copy, capsys, what):
+    """Errors reading a checkpoint end with advice to run verify; verify's own report
+    drops it, for every file a checkpoint has (the hints are one text each, in
+    errors.py, which verify strips)."""
+    path = os.path.join(run_copy, "step_00000020", what)
+    if what == "manifest.json":
+        with open(path, "r+b") as f:
+            f.write(b"{{")  # not JSON
+    else:
+        os.truncate(path, os.path.getsize(path) - 7)
+    code, out, _ = run_main(capsys, "verify", run_copy)
+    assert code == 1 and "BAD  step_00000020" in out, out
+    assert "ckptstore verify" not in out and "Checkpointer.verify" not in out, out
+    code, out, _ = run_main(capsys, "verify", run_copy, "--json")
+    assert code == 1 and "ckptstore verify" not in out, out
+
+
 def test_verify_of_one_damaged_checkpoint_does_not_say_none_is_intact(run_copy, capsys):
     flip_byte(os.path.join(run_copy, "step_00000030", "__0_0.distcp"), 100)
     code, out, _ = run_main(capsys, "verify", os.path.join(run_copy, "step_00000030"))

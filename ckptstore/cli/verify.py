@@ -26,6 +26,7 @@ from ckptstore.cli._common import (
     usage_error,
 )
 from ckptstore.cli.ls import scan
+from ckptstore.errors import without_verify_hint
 from ckptstore.layout import MANIFEST_FILE, TEMP_PREFIX
 
 EXAMPLES = (
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                         "name": name,
                         "url": f"{backend.url}/{name}",
                         "ok": not problems,
-                        "problems": [bare(p) for p in problems],
+                        "problems": [without_verify_hint(p) for p in problems],
                     }
                 )
                 if not args.json:
@@ -208,13 +209,6 @@ def root_targets(
         if e.manifest is not None and e.manifest.part is not None:
             parts[e.name] = len(e.manifest.part.elsewhere)
     return targets, notes, parts
-
-
-def bare(problem: str) -> str:
-    """A problem without the advice to run verify (this is verify) that load and read
-    errors give."""
-    problem = problem.split("; restore an earlier checkpoint, or run `ckptstore verify")[0]
-    return problem.replace(" (`ckptstore verify ROOT` checks every checkpoint under ROOT)", "")
 
 
 def shared_damage(backend: Any, bad: list[dict[str, Any]]) -> list[str]:

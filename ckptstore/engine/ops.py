@@ -48,6 +48,7 @@ from ckptstore.engine.listing import read_manifest as read_manifest
 from ckptstore.engine.listing import step_mismatch as step_mismatch
 from ckptstore.engine.stager import StagedState
 from ckptstore.errors import (
+    HINT_DAMAGED_METADATA,
     CkptStoreError,
     CorruptCheckpointError,
     InvalidArgumentError,
@@ -79,7 +80,7 @@ def read_dcp_metadata(backend: StorageBackend, name: str, manifest: Manifest) ->
     """DCP's metadata, read only after its size and checksum match the manifest."""
     md_name = md_format.metadata_file(manifest.files)
     where = f"{checkpoint_url(backend, name)}/{md_name or METADATA_FILE}"
-    hint = "restore an earlier checkpoint, or run `ckptstore verify ROOT` (Checkpointer.verify in Python)"
+    hint = HINT_DAMAGED_METADATA
     entry = manifest.files.get(md_name) if md_name is not None else None
     if md_name is None or entry is None or entry.kind != "file":
         raise CorruptCheckpointError(

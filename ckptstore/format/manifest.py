@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptstore.errors import (
+    HINT_DAMAGED_MANIFEST,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     UnsafeCheckpointError,
@@ -210,7 +211,7 @@ class Manifest:
         With a ``key``, a manifest whose HMAC is
         missing or wrong raises :class:`UnsafeCheckpointError` before any field is used.
         """
-        hint = "restore an earlier checkpoint, or run `ckptstore verify` on this one"
+        hint = HINT_DAMAGED_MANIFEST
         try:
             body = json.loads(data, parse_constant=_not_json)
         except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, 5000-digit ints, deep nesting

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ckptstore.codecs import Codec, ElementKind, EncodedChunk
-from ckptstore.errors import CorruptCheckpointError
+from ckptstore.errors import HINT_DAMAGED_FILE, CorruptCheckpointError
 from ckptstore.format.checksum import digest, digest_parts
 from ckptstore.format.shard_index import (
     INDEX_FORMAT,
@@ -293,7 +293,7 @@ class ShardReader:
     ) -> None:
         self.where = where  # "<checkpoint>/<file>" for messages
         self._reader = reader
-        hint = "restore an earlier checkpoint, or run `ckptstore verify ROOT` to see what else is damaged"
+        hint = HINT_DAMAGED_FILE
         if reader.size != size_bytes:
             raise CorruptCheckpointError(
                 f"{where}: file is {reader.size} B, the manifest says {size_bytes} B "
