@@ -232,3 +232,16 @@ def test_the_demo_on_a_finished_directory_says_so(tmp_path):
     out = run([*cmd, "--interrupt-at", "2", *TINY], timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "had already done its 4 steps" in out.stdout, out.stdout[-3000:]
+
+
+@pytest.mark.parametrize("flags", [["--steps", "abc"], ["--steps", "10", "--interrupt-at", "20"]])
+def test_the_demo_says_a_usage_error_in_one_line_without_importing_torch(flags):
+    """The demo's own flags fail as the training loop's do: one line that points at
+    --help, not argparse's usage block first; and before torch is imported."""
+    cmd = [sys.executable, "-X", "importtime", "-m", "ckptstore.train.demo", *flags]
+    out = run(cmd, timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if not ln.startswith("import time:")]
+    assert len(lines) == 1 and lines[0].startswith("python -m ckptstore.train.demo: error: ")
+    assert lines[0].endswith("(see python -m ckptstore.train.demo --help)"), lines
+    assert not [ln for ln in out.stderr.splitlines() if ln.endswith("| torch")], "torch imported"

@@ -6,23 +6,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import NoReturn
 
 from ckptstore.train.model import MODEL_SIZES
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors of one line: the options' usage block (a dozen lines)
-    would bury it; --help has them."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+from ckptstore.train.parsing import OneLineErrors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     launcher = sys.argv[0].replace(os.sep, "/")  # `ckptstore train` forwards here too
     via_cli = launcher.endswith(("/ckptstore", "ckptstore/__main__.py"))
-    ap = _Parser(
+    ap = OneLineErrors(
         prog="ckptstore train" if via_cli else "python -m ckptstore.train",
         description="Train a GPT-style model on text, checkpointed by ckptstore.",
     )

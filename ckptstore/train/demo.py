@@ -14,21 +14,26 @@ A fresh ``--dir`` is used unless you pass one, so that the demo starts from scra
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 
+from ckptstore.train.parsing import OneLineErrors
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m ckptstore.train.demo", description=__doc__.split("\n")[0]
+    ap = OneLineErrors(
+        prog="python -m ckptstore.train.demo",
+        description=__doc__.split("\n")[0]
+        + " Other options go to the training run (python -m ckptstore.train --help).",
     )
     ap.add_argument("--dir", default=None, help="checkpoint directory (default: a fresh one)")
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--interrupt-at", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=400, help="steps in all (default 400)")
+    ap.add_argument(
+        "--interrupt-at", type=int, default=250, help="the step to press Ctrl+C after (default 250)"
+    )
     args, train_args = ap.parse_known_args(argv)
     if not 0 < args.interrupt_at < args.steps:
         ap.error("--interrupt-at must be between 0 and --steps")
