@@ -442,6 +442,50 @@ def test_a_restore_reads_the_manifest_and_metadata_once(tmp_path, monkeypatch):
     assert reads.count("step_00000002/.metadata") == 1, reads
 
 
+def test_latest_keeps_up_while_housekeeping_runs_behind_every_save(root):
+    """A stranger test found it (on S3, saving every step with KeepLast(1)): with
+    housekeeping a turn or two behind the commits, each turn's checkpoint had been
+    pruned by the turn before (it saw newer ones), so no turn moved ``latest``: it named
+    step 9 until the run ended, and retention kept step 9 for it. A turn now points at
+    the newest commit."""
+    import queue
+    import threading
+
+    from ckptstore.manager import pointer
+    from ckptstore.storage import LocalBackend
+
+    state = {"w": torch.zeros(1000)}
+    latest: list[str | None] = []
+    with ckptstore.CheckpointManager(root, keep=ckptstore.KeepLast(1)) as mgr:
+        real, go, ended = mgr._point_and_prune, threading.Semaphore(0), queue.Queue()
+
+        def one_turn_at_a_time(name):
+            go.acquire(timeout=30)
+            try:
+                real(name)
+            finally:
+                ended.put(name)
+
+        mgr._point_and_prune = one_turn_at_a_time  # type: ignore[method-assign]
+        for step in range(1, 8):
+            state["w"] += 1.0
+            mgr.save(step, state)
+            mgr._ckpt.wait()  # committed: its turn is queued
+            if step >= 3:  # the turn two commits behind runs now
+                go.release()
+                ended.get(timeout=30)
+                latest.append(pointer.read_latest(LocalBackend(root)))
+        for _ in range(2):
+            go.release()
+        mgr.wait()
+    # Each turn pointed at the newest commit (save(step) names step + 1, the steps
+    # done); before, ``latest`` named step_00000002 for all five turns
+    assert latest == [f"step_0000000{s}" for s in range(4, 9)], latest
+    with ckptstore.Checkpointer(root) as ckpt:
+        assert [i.name for i in ckpt.list()] == ["step_00000008"]
+    assert pointer.read_latest(LocalBackend(root)) == "step_00000008"
+
+
 def test_latest_never_names_a_checkpoint_an_earlier_turn_pruned(root, monkeypatch):
     """Housekeeping runs behind saves that commit faster than it points and prunes
     (found by the crash stress: a kill then left ``latest`` naming a deleted step).

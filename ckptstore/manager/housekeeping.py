@@ -35,6 +35,7 @@ class HousekeepingMixin:
     _backup: Replicator | None
     _part_backup: partbackup.PartUploader | None
     _committed: set[str]  # saved by this manager: verified when written
+    _last_commit: str | None  # the name this manager committed last (writer thread)
     _manifest_key: bytes | None
     _run_id: str
     _lineage: tuple[str, ...]
@@ -47,6 +48,7 @@ class HousekeepingMixin:
     def _after_commit(self, fut: Future[Any]) -> None:
         """Once a save is durable (on the writer thread): hand the rest to housekeeping."""
         if fut.exception() is None and self._housekeeping is not None:
+            self._last_commit = fut.result().name  # (saves commit in the order made)
             with contextlib.suppress(RuntimeError):  # shut down: nothing more to do
                 self._housekeeping.submit(self._point_and_prune, fut.result().name)
 
@@ -57,7 +59,12 @@ class HousekeepingMixin:
     def _point_and_prune(self, name: str) -> None:
         assert self._ckpt is not None
         try:
-            pointer.move_latest(self._ckpt.backend, name)  # unless pruned already
+            # The newest commit, not this turn's: with saves committing faster than the
+            # turns run, each turn's name may be pruned already (an earlier turn saw
+            # newer ones), and ``latest`` would stay behind for as long as that lasts
+            latest = self._last_commit or name
+            if not pointer.move_latest(self._ckpt.backend, latest) and latest != name:
+                pointer.move_latest(self._ckpt.backend, name)
         except CkptStoreError as exc:
             log.warning("could not update %s/%s: %s", self._ckpt.url, LATEST_FILE, exc)
         try:

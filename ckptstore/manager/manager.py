@@ -224,6 +224,7 @@ class CheckpointManager(RestoreMixin, GuardMixin, HousekeepingMixin):
         # No retention here: nothing is deleted before this run has restored and
         # committed a save of its own (the first commit's housekeeping catches up).
         self._committed: set[str] = set()  # saved by this manager: verified when written
+        self._last_commit: str | None = None
         self._lease: lease.Lease | None = None
         try:  # one writer per root: a second is refused here, naming the first
             self._lease = lease.take(backend, self._control) if enabled else None

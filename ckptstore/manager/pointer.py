@@ -33,14 +33,15 @@ def write_latest(backend: StorageBackend, name: str) -> None:
     backend.put_atomic(LATEST_FILE, f"{name}\n".encode())
 
 
-def move_latest(backend: StorageBackend, name: str) -> None:
-    """Point ``latest`` at ``name`` if it is still committed (else leave it). The
-    manager's housekeeping runs behind saves that commit faster than it points and
-    prunes: an earlier commit's turn may have pruned this one already (newer ones kept),
-    and pointing at it then would leave ``latest`` naming nothing until the next turn,
-    or for good after a crash; a newer commit's turn moves the pointer instead."""
-    if backend.exists(f"{name}/{MANIFEST_FILE}"):
-        write_latest(backend, name)
+def move_latest(backend: StorageBackend, name: str) -> bool:
+    """Point ``latest`` at ``name`` if it is still committed (else leave it, and return
+    False). The manager's housekeeping runs behind saves that commit faster than it
+    points and prunes: pointing at a checkpoint pruned meanwhile would leave ``latest``
+    naming nothing, or for good after a crash."""
+    if not backend.exists(f"{name}/{MANIFEST_FILE}"):
+        return False
+    write_latest(backend, name)
+    return True
 
 
 def record_final(backend: StorageBackend, name: str) -> None:
