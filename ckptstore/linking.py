@@ -6,6 +6,7 @@ stores) instead of sent again, once it is checked there (:func:`without_held`). 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -67,7 +68,8 @@ def without_held(
     (:func:`intact`), the oldest holder first and the next where it is damaged, and one
     no holder has intact is sent from the source. (``copy_checkpoint`` reads a local
     destination's whole checkpoint after its commit instead: ``check=False``.) Each
-    ``"<checkpoint>/<file>"`` found damaged there is added to ``damaged``."""
+    ``"<checkpoint>/<file>"`` found damaged there is added to ``damaged``; with ``check``,
+    those in it already are passed over unread."""
     if not link:
         return files
     names = {f for f, _ in files}
@@ -76,10 +78,16 @@ def without_held(
     else:
         holders = {f: at for f, at in _held_by(dst, manifest, skip, key).items() if f in names}
         entries = dict(files)
+        bad = damaged if damaged is not None else set()
         held = {}
         for f, ats in holders.items():
             at = next(
-                (a for a in ats if not check or intact(dst, a, entries[f], stop, damaged)), None
+                (
+                    a
+                    for a in ats
+                    if not check or (a not in bad and intact(dst, a, entries[f], stop, bad))
+                ),
+                None,
             )
             if at is not None:
                 held[f] = at
@@ -150,10 +158,31 @@ def damaged_holders(
 ) -> None:
     """Add to ``damaged`` each copy in ``dst`` of ``manifest``'s linked files that is
     damaged there: after a copy linked from them (unchecked, ``check=False``) read back
-    damaged, which checkpoints there hold the damage."""
+    damaged, which checkpoints there hold the damage. On a local disk the checkpoints of
+    a chain hold one file (hard links): it is read once, and all of them named."""
     for f, ats in _held_by(dst, manifest, skip, key).items():
+        read: dict[Any, bool | None] = {}  # (device, inode) -> intact (None: unreadable)
         for at in ats:
-            intact(dst, at, manifest.files[f], damaged=damaged)
+            ident = _inode(dst, at)
+            if ident is None or ident not in read:
+                ok = _intact(dst, at, manifest.files[f], None)
+                if ident is not None:
+                    read[ident] = ok
+            else:
+                ok = read[ident]
+            if ok is False:
+                damaged.add(at)
+
+
+def _inode(dst: StorageBackend, at: str) -> tuple[int, int] | None:
+    """The file's (device, inode) on a local disk; None elsewhere, or gone."""
+    if not dst.capabilities.local:
+        return None
+    try:
+        st = os.stat(os.path.join(dst.url, at))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _held_by(

@@ -38,6 +38,7 @@ from ckptstore.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     StorageError,
+    without_verify_hint,
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import MANIFEST_FILE, REPLACING_SUFFIX
@@ -119,16 +120,24 @@ def copy_checkpoint(
     )  # a local temp file cannot be redone
     every = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
     skip = (target, name)  # not linked from: the one a copy beside replaces is presumably damaged
+    # Object stores: each linked file is checked there before it is copied inside the
+    # store. Local disk: linked unchecked, since the copy is read in full after its
+    # commit; where that finds a linked file damaged, again, linking only what is
+    # checked intact there (a holder that is not the damaged file), then nothing.
+    rounds = [(True, True)] if not dst.capabilities.local else [(True, False), (True, True), (False, False)]  # fmt: skip
+    bad = damaged if damaged is not None else set()
+    base = progress.payload if progress is not None else 0
     try:
-        for link in (True, False):  # without links: a linked file there was damaged
+        for link, check in rounds:
             pending = dst.begin(target)
             try:
                 files = without_held(
                     dst, pending, manifest, skip, manifest_key, every, link, link_from,
-                    check=not dst.capabilities.local, stop=stop, damaged=damaged,
+                    check=check, stop=stop, damaged=bad,
                 )  # fmt: skip
                 if progress is not None:  # incremental: only what dst lacks
                     payload = sum(e.size_bytes for _, e in files)
+                    progress.payload = base  # (a round again: what this one sends)
                     progress.restart(payload * (2 if verify_upload else 1), payload)
                 job = CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)  # fmt: skip
                 started = time.monotonic()
@@ -148,12 +157,13 @@ def copy_checkpoint(
             dst.delete(target)
             if len(files) == len(every):
                 raise CorruptCheckpointError(f"the copy from {src.url} is damaged: {problems[0]}")
-            if damaged is not None:  # which checkpoints there hold the damaged file
-                damaged_holders(dst, manifest, skip, manifest_key, damaged)
+            if not check:  # which checkpoints there hold the damaged file
+                damaged_holders(dst, manifest, skip, manifest_key, bad)
             log.warning(
-                "a file %s/%s linked from another checkpoint there is damaged (%s): copying "
-                "every file of it from %s instead",
-                dst.url, target, problems[0], src.url,
+                "%s/%s: a file linked from another checkpoint there is damaged (%s): copied "
+                "again, %s",
+                dst.url, target, without_verify_hint(problems[0]),
+                "from the source" if check else "linking only files checked intact there",
             )  # fmt: skip
     finally:
         if progress is not None:

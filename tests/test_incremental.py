@@ -1633,8 +1633,13 @@ def test_a_copy_to_s3_never_copies_a_damaged_remote_file_inside_the_store(
     assert re.search(r"copied +step_00000003 \(8\.\d\d MB, in ", out), out  # none linked
     for step in (1, 2):
         assert f"DAMAGED  step_0000000{step}: {remote}/step_0000000{step}/__0_0" in out, out
-    assert out.count("rerun with --verify-existing --replace-damaged") == 2, out
-    assert "1 copied, 0 already there, 0 failed, 2 damaged there" in out, out
+    assert "1 copied, 0 already there, 2 damaged there, 0 failed" in out, out
+    # the repair, with the steps named (this run copied --step 3 only)
+    assert (
+        f"damaged there: step_00000001, step_00000002; to replace them with the copies from "
+        f"{src}: ckptstore sync {src} {remote} --step 1 --step 2 --verify-existing "
+        "--replace-damaged"
+    ) in out, out
     with ckptstore.Checkpointer(remote) as ckpt:
         assert ckpt.verify(3) == []
         load_equal(ckpt, 3, saved[3])
@@ -1793,7 +1798,16 @@ def test_a_sync_to_a_local_disk_names_the_checkpoints_whose_shared_file_it_found
     assert re.search(r"copied +step_00000003 \(8\.\d\d MB, in ", out), out  # sent again
     assert f"DAMAGED  step_00000001: {dst}/step_00000001/__0_0.distcp is damaged" in out, out
     assert f"DAMAGED  step_00000002: {dst}/step_00000002/__0_0-step_00000001" in out, out
-    assert "1 copied, 2 already there, 0 failed, 2 damaged there" in out, out
+    assert "1 copied, 0 already there, 2 damaged there, 0 failed" in out, out  # once each
+    assert out.count("DAMAGED") == 2, out
+    assert f"ckptstore sync {src} {dst} --verify-existing --replace-damaged" in out, out
+    # found by the check too (--verify-existing): each named once, and the copy that
+    # links from them is not stopped by them
+    shutil.rmtree(os.path.join(dst, "step_00000003"))
+    assert main(["sync", src, dst, "--verify-existing"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("DAMAGED") == 2 and "ckptstore verify" not in out, out
+    assert "1 copied, 0 already there, 2 damaged there, 0 failed" in out, out
     assert main(["sync", src, dst, "--replace-damaged"]) == 0  # the repair it advises
     assert main(["verify", dst]) == 0
     with ckptstore.Checkpointer(dst) as ckpt:

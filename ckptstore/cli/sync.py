@@ -32,7 +32,12 @@ from ckptstore.cli._common import (
     writer_lease,
 )
 from ckptstore.engine.listing import CheckpointInfo, list_checkpoints, read_manifest
-from ckptstore.errors import CheckpointExistsError, CkptStoreError, CopyStoppedError
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CkptStoreError,
+    CopyStoppedError,
+    without_verify_hint,
+)
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
@@ -114,7 +119,7 @@ def existing_problems(
     try:
         theirs = read_manifest(dst, info.name, manifest_key=manifest_key())
     except CkptStoreError as exc:
-        return "damaged", [str(exc)]
+        return "damaged", [without_verify_hint(str(exc))]
     if not theirs.same_checkpoint(info.manifest):
         unknown = "(not recorded)"
         runs = f"run {theirs.run_id or unknown} there, {info.manifest.run_id or unknown} here"
@@ -127,7 +132,7 @@ def existing_problems(
 
         with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-verify") as pool:
             problems = verify(dst, info.name, pool, manifest_key=manifest_key())
-        return ("damaged" if problems else "ok"), problems
+        return ("damaged" if problems else "ok"), [without_verify_hint(p) for p in problems]
     problems = []
     for file_name, entry in sorted(theirs.files.items()):
         where = f"{dst.url}/{info.name}/{file_name}"
@@ -193,6 +198,8 @@ def _transfer(
     there: set[tuple[int, str]] | None = None  # (dry run) the shard files dst will hold
     stop = threading.Event()
     damaged: set[str] = set()  # "<checkpoint>/<file>" there that a copy found damaged
+    left_damaged: list[str] = []  # found damaged there by the check below, not replaced
+    present: list[str] = []  # there and intact, as far as the check below reads
     for info in infos:
         replace = False
         if info.name in leftovers:
@@ -210,18 +217,19 @@ def _transfer(
             state, problems = existing_problems(src, dst, info, full, threads)
             if state == "ok":
                 print(f"present  {info.name}")
+                present.append(info.name)
                 continue
-            if state == "different" or not args.replace_damaged:
-                print(f"{state.upper():8} {info.name}: {'; '.join(problems[:3])}")
-                hint = (
-                    "ckptstore never overwrites a checkpoint: copy into another root, or "
-                    "delete that one first"
-                    if state == "different"
-                    else "left as it is: rerun with --replace-damaged to replace it with "
-                    f"the copy from {src.url}"
+            if state == "different":
+                print(f"DIFFERENT {info.name}: {'; '.join(problems[:3])}")
+                print(
+                    "         ckptstore never overwrites a checkpoint: copy into another "
+                    "root, or delete that one first"
                 )
-                print(f"         {hint}")
                 failed.append(info.name)
+                continue
+            if not args.replace_damaged:
+                print(f"DAMAGED  {info.name}: {'; '.join(problems[:3])}")
+                left_damaged.append(info.name)
                 continue
             replace = True
         if args.dry_run:
@@ -259,6 +267,7 @@ def _transfer(
         except CheckpointExistsError as exc:
             if dst.exists(f"{info.name}/{MANIFEST_FILE}"):
                 print(f"present  {info.name} (written there meanwhile)")
+                present.append(info.name)
                 continue
             print(f"FAILED   {info.name}: {exc}")  # something that is not a checkpoint
             failed.append(info.name)
@@ -268,6 +277,7 @@ def _transfer(
             failed.append(info.name)
             continue
         copied.append(info.name)
+        damaged -= {d for d in damaged if d.startswith(f"{info.name}/")}  # (replaced)
         elapsed = time.monotonic() - start
         # An object store has no rename: a replace sends its files beside the damaged
         # copy, then again under its name (replace_checkpoint); the bytes count both
@@ -279,57 +289,75 @@ def _transfer(
         sys.stdout.flush()
     if copied:
         _housekeeping(src, dst)
-    held_damaged = _report_damaged(damaged, copied, every, src, dst)
-    present = len(infos) - len(copied) - len(failed) - len(planned)
+    found = _report_damaged(damaged, set(left_damaged), dst)
+    bad = left_damaged + [n for n in found if n not in left_damaged]
+    intact = len([n for n in present if n not in found])  # (found damaged after all)
+    there_bad = f", {len(bad)} damaged there" if bad else ""
     if args.dry_run:
         print(
-            f"dry run: {len(planned)} to copy, {present} already there, {len(failed)} in the "
-            f"way, from {src.url} to {dst.url}; nothing copied"
+            f"dry run: {len(planned)} to copy, {intact} already there{there_bad}, "
+            f"{len(failed)} in the way, from {src.url} to {dst.url}; nothing copied"
         )
     else:
         print(
-            f"{len(copied)} copied, {present} already there, {len(failed)} failed, "
-            + (f"{len(held_damaged)} damaged there, " if held_damaged else "")
-            + f"from {src.url} to {dst.url}"
+            f"{len(copied)} copied, {intact} already there{there_bad}, {len(failed)} "
+            f"failed, from {src.url} to {dst.url}"
         )
-    if failed:
+    if bad:
+        _advise_repair(args, bad, every, src, dst)
+    if failed and not args.dry_run:
         print(
             "not copied: " + ", ".join(failed) + ". Rerun the same command after fixing the "
             "cause: what was copied stays, and nothing partial is ever committed"
         )
-        return FAILED
-    return FAILED if held_damaged else OK
+    return FAILED if failed or bad else OK
 
 
-def _report_damaged(
-    damaged: set[str],
-    copied: list[str],
-    infos: list[CheckpointInfo],
-    src: StorageBackend,
-    dst: StorageBackend,
-) -> list[str]:
+def _report_damaged(damaged: set[str], reported: set[str], dst: StorageBackend) -> list[str]:
     """Name the checkpoints at the destination that a copy found a damaged file in (a
     linked file's copy there, read before it was copied inside the store, or read back
-    after a link): a check of their sizes alone calls them present. The copies this run
-    made did not use them. Returns their names, less those this run replaced."""
+    after a link), but those the check before it reported (``reported``): a check of
+    their sizes alone calls them present. The copies this run made did not use them.
+    Returns their names (those this run replaced are no longer in ``damaged``)."""
     by_name: dict[str, list[str]] = {}
     for at in sorted(damaged):
         name, _, file = at.partition("/")
-        if name not in copied:  # (replaced in this run: the damaged copy is gone)
-            by_name.setdefault(name, []).append(file)
-    ours = {i.name for i in infos}  # (all of the source's, whatever was asked for)
+        by_name.setdefault(name, []).append(file)
     for name, files in by_name.items():
-        print(f"DAMAGED  {name}: {dst.url}/{name}/{files[0]} is damaged"
-              + (f" (and {len(files) - 1} more of its files)" if len(files) > 1 else "")
-              + "; this run's copies did not use it")  # fmt: skip
-        print(
-            "         rerun with --verify-existing --replace-damaged to replace it with the "
-            f"copy from {src.url}"
-            if name in ours
-            else f"         {src.url} does not hold it: `ckptstore verify {dst.url}` names "
-            "every damaged checkpoint there"
-        )
+        if name not in reported:
+            print(f"DAMAGED  {name}: {dst.url}/{name}/{files[0]} is damaged"
+                  + (f" (and {len(files) - 1} more of its files)" if len(files) > 1 else "")
+                  + "; this run's copies did not use it")  # fmt: skip
     return list(by_name)
+
+
+def _advise_repair(
+    args: argparse.Namespace,
+    bad: list[str],
+    infos: list[CheckpointInfo],
+    src: StorageBackend,
+    dst: StorageBackend,
+) -> None:
+    """The command that replaces the damaged checkpoints at the destination (``bad``)
+    with the source's copies: this one, with --verify-existing --replace-damaged, and the
+    steps named where this run was limited to some (--step, --latest)."""
+    steps = {i.name: i.manifest.step for i in infos}
+    held = [n for n in bad if n in steps]
+    lacking = [n for n in bad if n not in steps]
+    if held:
+        named = ""
+        if args.step or args.latest:
+            named = "".join(f" --step {steps[n]}" for n in held if steps[n] is not None)
+        print(
+            f"damaged there: {', '.join(held)}; to replace them with the copies from "
+            f"{src.url}: ckptstore {getattr(args, 'command', None) or 'sync'} {args.src} "
+            f"{args.dst}{named} --verify-existing --replace-damaged"
+        )
+    if lacking:
+        print(
+            f"damaged there, and not in {src.url}: {', '.join(lacking)} (`ckptstore verify "
+            f"{dst.url}` names every damaged checkpoint there)"
+        )
 
 
 @contextlib.contextmanager
