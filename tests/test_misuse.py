@@ -237,16 +237,29 @@ def test_a_state_passed_as_the_step_is_named_short_with_the_order_each_class_tak
     order = "Checkpointer.save takes (state_dict, step), CheckpointManager.save takes (step, state)"
     with (
         ckptstore.Checkpointer(root) as ckpt,
-        pytest.raises(ValueError, match="a state dict") as info,
+        pytest.raises(ValueError, match=r"dict with keys \['w', 'b'\] \(a state\?") as info,
     ):
         ckpt.save(1, state)  # type: ignore[arg-type]
     assert order in str(info.value) and len(str(info.value)) < 300, str(info.value)
     with (
         ckptstore.CheckpointManager(root) as mgr,
-        pytest.raises(ValueError, match="a state dict") as info,
+        pytest.raises(ValueError, match=r"dict with keys \['w', 'b'\] \(a state\?") as info,
     ):
         mgr.save(state, 1)  # type: ignore[arg-type]
     assert order in str(info.value) and len(str(info.value)) < 300, str(info.value)
+    assert "tensor(" not in str(info.value), str(info.value)  # keys, not values
+
+
+def test_a_module_or_numpy_step_says_what_to_pass_instead(root):
+    model = torch.nn.Linear(2, 2)
+    with ckptstore.Checkpointer(root) as ckpt:
+        with pytest.raises(
+            ckptstore.errors.UnsupportedStateError,
+            match=r"got Linear: pass a dict of them, e\.g\. \{'model'",
+        ):
+            ckpt.save(model, 1)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"got Tensor tensor\(5\) \(pass int\(step\)\)"):
+            ckpt.save({"w": torch.ones(2)}, torch.tensor(5))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int64, torch.bfloat16])

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     # Reads are latency-bound on object stores (one request per chunk): more in flight.
     threads = args.jobs or (min(8, os.cpu_count() or 1) if backend.capabilities.local else 16)
     results: list[dict[str, Any]] = []
+    checked: list[str] = []  # notes on checkpoints deleted while checked
     looked = 1  # listings of the root
     with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-verify") as pool:
         while True:
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                     # aside by a run that found it damaged too
                     aside = [n for n in backend.list_names() if n.startswith(f"{name}.damaged-")]
                     if not aside:
-                        notes.append(f"{name}: deleted while it was being checked, not counted")
+                        checked.append(f"{name}: deleted while it was being checked, not counted")
                         continue
                     problems.append(
                         f"set aside as {aside[-1]} (damaged) while it was being checked"
@@ -114,10 +115,11 @@ def run(args: argparse.Namespace) -> int:
             looked += 1
             targets, again, more = root_targets(backend, args.target)
             targets = [t for t in targets if t[0] not in done]
-            notes += [n for n in again if n not in notes]
+            notes = again  # (what the last listing found: the first one's may be gone)
             parts.update(more)
             if not targets:
                 break
+    notes = checked + notes
     bad = [r for r in results if not r["ok"]]
     shared = shared_damage(backend, bad)
     if args.json:

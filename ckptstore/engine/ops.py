@@ -456,14 +456,18 @@ def check_step(step: int) -> int:
 
 def bad_step(step: object) -> str:
     """A step that is not one, said short (a state dict's repr can be megabytes), with
-    the likely cause where it is a mapping: arguments passed in the other order."""
-    swapped = (
-        " (a state dict? Checkpointer.save takes (state_dict, step), "
-        "CheckpointManager.save takes (step, state))"
-        if isinstance(step, Mapping)
-        else ""
-    )
-    return f"{type(step).__name__} {reprlib.repr(step)}{swapped}"
+    the likely cause: arguments passed in the other order (a mapping, a module), or an
+    integer of NumPy's or a tensor's (``int(step)``)."""
+    name = type(step).__name__
+    if isinstance(step, Mapping) or callable(getattr(step, "state_dict", None)):
+        what = f"with keys {reprlib.repr(list(step))}" if isinstance(step, Mapping) else ""
+        return (
+            f"{name} {what}".rstrip() + " (a state? Checkpointer.save takes (state_dict, "
+            "step), CheckpointManager.save takes (step, state))"
+        )
+    if not isinstance(step, bool) and hasattr(step, "__index__"):
+        return f"{name} {reprlib.repr(step)} (pass int(step))"
+    return f"{name} {reprlib.repr(step)}"
 
 
 def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:

@@ -384,7 +384,14 @@ def _gpu_of(layout: Layout) -> int | None:
 
 def _resolve(state_dict: Any) -> dict[str, Any]:
     if not isinstance(state_dict, dict):
-        raise UnsupportedStateError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        name = type(state_dict).__name__
+        hint = (
+            ": pass a dict of them, e.g. {'model': model, 'optim': optimizer} (each one's "
+            "state_dict() is saved)"
+            if callable(getattr(state_dict, "state_dict", None))
+            else ""
+        )
+        raise UnsupportedStateError(f"state_dict must be a dict, got {name}{hint}")
     return resolve_stateful(state_dict)
 
 
