@@ -68,8 +68,8 @@ def without_held(
     (:func:`intact`), the oldest holder first and the next where it is damaged, and one
     no holder has intact is sent from the source. (``copy_checkpoint`` reads a local
     destination's whole checkpoint after its commit instead: ``check=False``.) Each
-    ``"<checkpoint>/<file>"`` found damaged there is added to ``damaged``; with ``check``,
-    those in it already are passed over unread."""
+    ``"<checkpoint>/<file>"`` found damaged there is added to ``damaged``, and those in it
+    already are passed over unread."""
     if not link:
         return files
     names = {f for f, _ in files}
@@ -85,7 +85,7 @@ def without_held(
                 (
                     a
                     for a in ats
-                    if not check or (a not in bad and intact(dst, a, entries[f], stop, bad))
+                    if a not in bad and (not check or intact(dst, a, entries[f], stop, bad))
                 ),
                 None,
             )

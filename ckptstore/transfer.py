@@ -126,7 +126,7 @@ def copy_checkpoint(
     # checked intact there (a holder that is not the damaged file), then nothing.
     rounds = [(True, True)] if not dst.capabilities.local else [(True, False), (True, True), (False, False)]  # fmt: skip
     bad = damaged if damaged is not None else set()
-    base = progress.payload if progress is not None else 0
+    base = (progress.payload, progress.moving_s) if progress is not None else (0, None)
     try:
         for link, check in rounds:
             pending = dst.begin(target)
@@ -137,7 +137,7 @@ def copy_checkpoint(
                 )  # fmt: skip
                 if progress is not None:  # incremental: only what dst lacks
                     payload = sum(e.size_bytes for _, e in files)
-                    progress.payload = base  # (a round again: what this one sends)
+                    progress.payload, progress.moving_s = base  # (again: this round's)
                     progress.restart(payload * (2 if verify_upload else 1), payload)
                 job = CopyJob(src, dst, pending, name, target, verify_upload, retries, progress, stop)  # fmt: skip
                 started = time.monotonic()

@@ -1787,18 +1787,23 @@ def test_a_sync_to_a_local_disk_names_the_checkpoints_whose_shared_file_it_found
 
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     with ckptstore.Checkpointer(src, codec="none", incremental=True) as ckpt:
-        saved, _ = save_chain(ckpt, frozen_state(), 3)
+        saved, _ = save_chain(ckpt, frozen_state(), 4)
     assert main(["sync", src, dst, "--step", "1", "--step", "2"]) == 0
     shard = os.path.join(dst, "step_00000001", "__0_0.distcp")
     damage.xor(shard, os.path.getsize(shard) // 2)  # the same file in both there
     capsys.readouterr()
     assert main(["sync", src, dst]) == 1
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert re.search(r"present +step_00000001\n", out), out  # (sizes match)
     assert re.search(r"copied +step_00000003 \(8\.\d\d MB, in ", out), out  # sent again
+    # the next copy of the run does not link from them again (read back, deleted, redone):
+    # it links from step 3's copy, sent just now
+    assert re.search(r"copied +step_00000004 \(\d+\.\d\d KB copied, 8\.\d\d MB linked", out), out
+    assert err.count("a file linked from another checkpoint there is damaged") == 1, err
+    assert err.count("__0_0.distcp is damaged (") == 1, err  # one read of the shared file
     assert f"DAMAGED  step_00000001: {dst}/step_00000001/__0_0.distcp is damaged" in out, out
     assert f"DAMAGED  step_00000002: {dst}/step_00000002/__0_0-step_00000001" in out, out
-    assert "1 copied, 0 already there, 2 damaged there, 0 failed" in out, out  # once each
+    assert "2 copied, 0 already there, 2 damaged there, 0 failed" in out, out  # once each
     assert out.count("DAMAGED") == 2, out
     assert f"ckptstore sync {src} {dst} --verify-existing --replace-damaged" in out, out
     # found by the check too (--verify-existing): each named once, and the copy that
@@ -1807,7 +1812,7 @@ def test_a_sync_to_a_local_disk_names_the_checkpoints_whose_shared_file_it_found
     assert main(["sync", src, dst, "--verify-existing"]) == 1
     out = capsys.readouterr().out
     assert out.count("DAMAGED") == 2 and "ckptstore verify" not in out, out
-    assert "1 copied, 0 already there, 2 damaged there, 0 failed" in out, out
+    assert "1 copied, 1 already there, 2 damaged there, 0 failed" in out, out
     assert main(["sync", src, dst, "--replace-damaged"]) == 0  # the repair it advises
     assert main(["verify", dst]) == 0
     with ckptstore.Checkpointer(dst) as ckpt:

@@ -260,6 +260,12 @@ def test_a_module_or_numpy_step_says_what_to_pass_instead(root):
             ckpt.save(model, 1)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=r"got Tensor tensor\(5\) \(pass int\(step\)\)"):
             ckpt.save({"w": torch.ones(2)}, torch.tensor(5))  # type: ignore[arg-type]
+        for step in (torch.tensor(2.5), torch.ones(3)):  # int() would truncate, or fail
+            with pytest.raises(ValueError, match="got Tensor") as info:
+                ckpt.save({"w": torch.ones(2)}, step)  # type: ignore[arg-type]
+            assert "int(step)" not in str(info.value)
+    with ckptstore.CheckpointManager(root) as mgr, pytest.raises(ValueError, match="got int -1"):
+        mgr.save(-1, {"w": torch.ones(2)})
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int64, torch.bfloat16])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import signal
 import sys
 import threading
@@ -235,7 +236,13 @@ def _transfer(
         if args.dry_run:
             verb = "would replace" if replace else "would copy"
             if there is None:  # (read once: the destination's files, and those planned)
-                there = shard_files(list_checkpoints(dst, manifest_key=manifest_key()))
+                there = shard_files(
+                    [
+                        i
+                        for i in list_checkpoints(dst, manifest_key=manifest_key())
+                        if i.name not in left_damaged  # (a real run would not link from them)
+                    ]
+                )
             print(f"{verb} {info.name} ({would_move(info.manifest, there)})")
             planned.append(info.name)
             continue
@@ -290,7 +297,7 @@ def _transfer(
     if copied:
         _housekeeping(src, dst)
     found = _report_damaged(damaged, set(left_damaged), dst)
-    bad = left_damaged + [n for n in found if n not in left_damaged]
+    bad = left_damaged + [n for n in found if n not in left_damaged and n not in failed]
     intact = len([n for n in present if n not in found])  # (found damaged after all)
     there_bad = f", {len(bad)} damaged there" if bad else ""
     if args.dry_run:
@@ -327,7 +334,8 @@ def _report_damaged(damaged: set[str], reported: set[str], dst: StorageBackend) 
         if name not in reported:
             print(f"DAMAGED  {name}: {dst.url}/{name}/{files[0]} is damaged"
                   + (f" (and {len(files) - 1} more of its files)" if len(files) > 1 else "")
-                  + "; this run's copies did not use it")  # fmt: skip
+                  + " (found by a copy that links it; a check of sizes alone passes it); "
+                  "this run's copies did not use it")  # fmt: skip
     return list(by_name)
 
 
@@ -348,10 +356,11 @@ def _advise_repair(
         named = ""
         if args.step or args.latest:
             named = "".join(f" --step {steps[n]}" for n in held if steps[n] is not None)
+        command = getattr(args, "command", None) or "sync"
         print(
             f"damaged there: {', '.join(held)}; to replace them with the copies from "
-            f"{src.url}: ckptstore {getattr(args, 'command', None) or 'sync'} {args.src} "
-            f"{args.dst}{named} --verify-existing --replace-damaged"
+            f"{src.url}: ckptstore {command} {shlex.quote(args.src)} {shlex.quote(args.dst)}"
+            f"{named} --verify-existing --replace-damaged"
         )
     if lacking:
         print(

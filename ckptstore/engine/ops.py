@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import reprlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -465,9 +466,18 @@ def bad_step(step: object) -> str:
             f"{name} {what}".rstrip() + " (a state? Checkpointer.save takes (state_dict, "
             "step), CheckpointManager.save takes (step, state))"
         )
-    if not isinstance(step, bool) and hasattr(step, "__index__"):
+    if not isinstance(step, (bool, int)) and _integral(step):
         return f"{name} {reprlib.repr(step)} (pass int(step))"
     return f"{name} {reprlib.repr(step)}"
+
+
+def _integral(value: object) -> bool:
+    """Whether ``value`` is an integer of another type (NumPy's, a 0-d integer tensor)."""
+    try:
+        operator.index(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
