@@ -1818,3 +1818,41 @@ def test_a_sync_to_a_local_disk_names_the_checkpoints_whose_shared_file_it_found
     with ckptstore.Checkpointer(dst) as ckpt:
         for step in (1, 2, 3):
             load_equal(ckpt, step, saved[step])
+
+
+def test_the_backup_replaces_its_checkpoint_in_which_an_upload_found_a_damaged_file(
+    tmp_path, s3_server, s3_bucket, monkeypatch
+):
+    """An incremental backup copies a chain's shared file inside the store, from a
+    checkpoint there, after checking it. One found damaged there was only passed over
+    (the file sent again) and left damaged: a backup that knows its copy is damaged,
+    with the intact one still on the local disk. Now the checkpoint is replaced from
+    the local copy after that upload, and said so in backup_status()."""
+    from ckptstore import linking
+
+    monkeypatch.setattr(linking, "_checked", {})
+    frozen = frozen_state()
+    url = f"s3://{s3_bucket}/run"
+    fs = s3_server.fs()
+    with ckptstore.CheckpointManager(
+        tmp_path / "a", backup=url, incremental=True, codec="none"
+    ) as mgr:
+        for step in range(2):
+            mgr.save(step, state_at(step, frozen))
+            mgr.wait()
+            assert mgr.wait_backup() == []
+        key = f"{s3_bucket}/run/step_00000001/__0_0.distcp"
+        data = bytearray(fs.cat_file(key))
+        data[len(data) // 3] ^= 0x40  # bit rot there, same size
+        fs.pipe_file(key, bytes(data))
+        linking._checked.clear()  # (this process uploaded it: it would trust it)
+        mgr.save(2, state_at(2, frozen))
+        mgr.wait()
+        assert mgr.wait_backup() == []
+        status = mgr.backup_status()
+    assert status is not None
+    assert status.repaired == ("step_00000001",) and status.damaged == (), status
+    with ckptstore.Checkpointer(ckptstore.storage.open_backend(url)) as on_s3:
+        for step in (1, 2, 3):
+            assert on_s3.verify(step) == [], step
+            load_equal(on_s3, step, state_at(step - 1, frozen))

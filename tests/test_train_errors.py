@@ -236,7 +236,7 @@ def test_the_lease_is_held_by_a_writing_manager_only(root):
 def test_a_backup_that_fell_behind_is_in_the_summary_and_the_exit_status(capsys):
     import argparse
 
-    from ckptstore.manager.replicate import BackupStatus
+    from ckptstore.manager.backup_status import BackupStatus
     from ckptstore.train.loop import Run
     from ckptstore.train.report import EXIT_BACKUP_BEHIND, backup_summary
 

@@ -77,6 +77,7 @@ from ckptstore.format.manifest import new_run_id
 from ckptstore.layout import checkpoint_name
 from ckptstore.manager import lease, partbackup
 from ckptstore.manager.agreement import Flags, StepAgreement
+from ckptstore.manager.backup_status import BackupStatus
 from ckptstore.manager.guard import ABORT, GuardMixin
 from ckptstore.manager.housekeeping import HousekeepingMixin
 from ckptstore.manager.listing import ManagedCheckpoint, describe
@@ -92,7 +93,7 @@ from ckptstore.manager.policies import (
     forever_parts,
     split_by_agreement,
 )
-from ckptstore.manager.replicate import BackupStatus, Replicator
+from ckptstore.manager.replicate import Replicator
 from ckptstore.manager.restore import RestoreMixin
 from ckptstore.manager.resumable import Resumable, ResumableCheck, copy_guard, track_best
 from ckptstore.manager.visible import show_progress_by_default

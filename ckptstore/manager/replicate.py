@@ -25,7 +25,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ckptstore.engine.ops import CheckpointInfo, list_checkpoints, read_manifest
@@ -36,12 +35,13 @@ from ckptstore.errors import (
     CopyStoppedError,
     CorruptCheckpointError,
     InvalidArgumentError,
-    StorageError,
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
+from ckptstore.manager.backup_status import BackupStatus
 from ckptstore.manager.policies import RetentionPolicy
+from ckptstore.manager.probe import probe_remote
 from ckptstore.manager.retention import of_lineage, prune
 from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
@@ -50,23 +50,6 @@ from ckptstore.transfer_parts import commit_parts_backup
 from ckptstore.units import format_bytes
 
 log = logging.getLogger("ckptstore")
-
-
-@dataclass(frozen=True)
-class BackupStatus:
-    """Where the backup stands."""
-
-    remote: str
-    newest_backed_up: str | None  # by this replicator, or found the same on the remote at start
-    in_progress: str | None
-    queued: tuple[str, ...]
-    skipped: tuple[str, ...]  # superseded by newer checkpoints before they were uploaded
-    failures: int  # consecutive failed attempts (0: healthy)
-    last_error: str | None
-    behind_s: float  # since the oldest committed checkpoint not yet backed up (0: none)
-    # The remote held a different checkpoint of that name (another run's, a retired
-    # branch's, or one it could not read): replaced with the local one.
-    replaced: tuple[str, ...] = ()
 
 
 class Replicator:
@@ -120,6 +103,9 @@ class Replicator:
         self._current_sent = False  # its upload is done: only housekeeping is left
         self._skipped: list[str] = []
         self._replaced: list[str] = []
+        self._damaged: set[str] = set()  # "<checkpoint>/<file>" there an upload found damaged
+        self._repairs: set[str] = set()  # of those checkpoints, the ones queued to replace
+        self._repaired: list[str] = []
         self._failures = 0
         self._last_error: str | None = None
         self._newest: str | None = None
@@ -129,45 +115,11 @@ class Replicator:
         self._wake = threading.Event()
         self._stop = threading.Event()  # abandon the upload in progress
         self.progress: Progress | None = None
-        self._probe(probe_timeout_s)
+        probe_remote(remote, probe_timeout_s)
         self._thread = threading.Thread(
             target=self._run, args=(catch_up,), name="ckptstore-backup", daemon=True
         )
         self._thread.start()
-
-    def _probe(self, timeout_s: float) -> None:
-        """Missing bucket or wrong credentials: fail now. Unreachable: warn, go on."""
-        result: list[BaseException | None] = []
-
-        def probe() -> None:
-            try:
-                self.remote.check_access()
-                result.append(None)
-            except BaseException as exc:
-                result.append(exc)
-
-        t = threading.Thread(target=probe, name="ckptstore-backup-probe", daemon=True)
-        t.start()
-        t.join(timeout_s)
-        if not result:
-            log.warning(
-                "backup: %s did not answer within %.0f s; saving locally, and backing up "
-                "once it answers",
-                self.remote.url,
-                timeout_s,
-            )
-            return
-        exc = result[0]
-        if exc is None:
-            return
-        message = str(exc)
-        if isinstance(exc, StorageError) and ("does not exist" in message or "denied" in message):
-            raise exc
-        log.warning(
-            "backup: cannot reach %s now (%s); saving locally, and backing up once it answers",
-            self.remote.url,
-            message,
-        )
 
     # ---- the caller's side ----------------------------------------------------------
     def submit(self, name: str) -> None:
@@ -178,6 +130,9 @@ class Replicator:
             self._queued_at.setdefault(name, time.time())
             while len(self._queue) > self.max_queued:
                 dropped = self._queue.pop(0)
+                if dropped in self._repairs:  # queued again after the next upload
+                    self._repairs.discard(dropped)
+                    continue
                 self._skipped.append(dropped)
                 log.warning(
                     "backup is behind: skipping %s (newer %s is waiting); %s stays local only",
@@ -213,6 +168,8 @@ class Replicator:
                 last_error=self._last_error,
                 behind_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
                 replaced=tuple(self._replaced),
+                repaired=tuple(self._repaired),
+                damaged=tuple(sorted({at.partition("/")[0] for at in self._damaged})),
             )
 
     def wait(
@@ -362,7 +319,9 @@ class Replicator:
     def _attempt(self, name: str) -> bool:
         try:
             mine = read_manifest(self.local, name, manifest_key=self._manifest_key)
-            if mine.part is not None:  # node-local disks: the other disks upload theirs
+            if name in self._repairs:
+                self._repair(name, mine)
+            elif mine.part is not None:  # node-local disks: the other disks upload theirs
                 if not self.remote.exists(f"{name}/{MANIFEST_FILE}"):
                     self._upload(name, replace=False, part=True)
             elif not self.remote.exists(f"{name}/{MANIFEST_FILE}"):
@@ -384,6 +343,7 @@ class Replicator:
                 log.warning("backup: replaced %s/%s with this run's", self.remote.url, name)
         except CheckpointNotFoundError:
             log.info("backup: %s was deleted locally before it could be uploaded", name)
+            self._repairs.discard(name)
             return True
         except FileNotFoundError:
             log.info("backup: %s was deleted locally before it could be uploaded", name)
@@ -417,6 +377,42 @@ class Replicator:
         self._after_upload(name)
         return True
 
+    def _repair(self, name: str, mine: Manifest) -> None:
+        """Replace this run's ``name`` on the remote, in which an upload found a damaged
+        file, with the local copy; unless the remote no longer holds it (its retention
+        pruned it) or holds another checkpoint under that name."""
+        try:
+            if self.remote.exists(f"{name}/{MANIFEST_FILE}") and not self._how_different(
+                name, mine
+            ):
+                log.warning(
+                    "backup: %s/%s holds a damaged file: replacing it with %s/%s",
+                    self.remote.url, name, self.local.url, name,
+                )  # fmt: skip
+                self._upload(name, replace=True)
+                with self._cond:
+                    self._repaired.append(name)
+            self._damaged -= {at for at in self._damaged if at.startswith(f"{name}/")}
+        finally:
+            self._repairs.discard(name)
+
+    def _queue_repairs(self) -> None:
+        """Queue the checkpoints an upload found damaged on the remote whose local copy
+        is still here, behind what is waiting (never in place of a newer checkpoint)."""
+        names = sorted({at.partition("/")[0] for at in self._damaged})
+        for name in names:
+            if not self.local.exists(f"{name}/{MANIFEST_FILE}"):
+                continue
+            with self._cond:
+                if name in self._repairs or name == self._current or name in self._queue:
+                    continue
+                if len(self._queue) >= self.max_queued:
+                    return
+                self._repairs.add(name)
+                self._queue.append(name)
+                self._queued_at.setdefault(name, time.time())
+                self._cond.notify_all()
+
     def _how_different(self, name: str, mine: Manifest) -> str | None:
         """None if the remote's ``name`` is this very checkpoint, else how it differs."""
         try:
@@ -445,6 +441,8 @@ class Replicator:
         extra: dict[str, Any] = {}
         if part:  # the other nodes' files arrive from them; give up for a newer one
             copy, extra = commit_parts_backup, {"given_up": lambda: bool(self._queue)}
+        else:  # (copies inside the store: a damaged file there is not used, but noted)
+            extra = {"damaged": self._damaged}
         manifest = copy(
             self.local,
             self.remote,
@@ -494,6 +492,7 @@ class Replicator:
             )
         except CkptStoreError as exc:
             log.warning("backup: housekeeping on %s failed: %s", self.remote.url, exc)
+        self._queue_repairs()
         if self._on_backed_up is not None:
             self._on_backed_up(name)
 
