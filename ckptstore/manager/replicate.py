@@ -169,7 +169,8 @@ class Replicator:
                 behind_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
                 replaced=tuple(self._replaced),
                 repaired=tuple(self._repaired),
-                damaged=tuple(sorted({at.partition("/")[0] for at in self._damaged})),
+                # (a copy: the backup thread adds to it; frozenset() copies it at once)
+                damaged=tuple(sorted({at.partition("/")[0] for at in frozenset(self._damaged)})),
             )
 
     def wait(
