@@ -1820,6 +1820,26 @@ def test_a_sync_to_a_local_disk_names_the_checkpoints_whose_shared_file_it_found
             load_equal(ckpt, step, saved[step])
 
 
+def save_backed_up(mgr, steps, frozen, at=None) -> None:
+    """Save ``steps`` (state_at each, or at ``at``) and wait until each is backed up."""
+    for step in steps:
+        mgr.save(step, state_at(step if at is None else at, frozen))
+        mgr.wait()
+        assert mgr.wait_backup() == [], step
+
+
+def rot_on_s3(s3_server, key: str) -> None:
+    """Flip a byte of object ``key`` (bit rot on the store, same size), and forget that
+    this process checked it (it uploaded and read it back: it would trust it)."""
+    from ckptstore import linking
+
+    fs = s3_server.fs()
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 3] ^= 0x40
+    fs.pipe_file(key, bytes(data))
+    linking._checked.clear()
+
+
 def test_the_backup_replaces_its_checkpoint_in_which_an_upload_found_a_damaged_file(
     tmp_path, s3_server, s3_bucket, monkeypatch
 ):
@@ -1833,22 +1853,12 @@ def test_the_backup_replaces_its_checkpoint_in_which_an_upload_found_a_damaged_f
     monkeypatch.setattr(linking, "_checked", {})
     frozen = frozen_state()
     url = f"s3://{s3_bucket}/run"
-    fs = s3_server.fs()
     with ckptstore.CheckpointManager(
         tmp_path / "a", backup=url, incremental=True, codec="none"
     ) as mgr:
-        for step in range(2):
-            mgr.save(step, state_at(step, frozen))
-            mgr.wait()
-            assert mgr.wait_backup() == []
-        key = f"{s3_bucket}/run/step_00000001/__0_0.distcp"
-        data = bytearray(fs.cat_file(key))
-        data[len(data) // 3] ^= 0x40  # bit rot there, same size
-        fs.pipe_file(key, bytes(data))
-        linking._checked.clear()  # (this process uploaded it: it would trust it)
-        mgr.save(2, state_at(2, frozen))
-        mgr.wait()
-        assert mgr.wait_backup() == []
+        save_backed_up(mgr, range(2), frozen)
+        rot_on_s3(s3_server, f"{s3_bucket}/run/step_00000001/__0_0.distcp")
+        save_backed_up(mgr, [2], frozen)
         status = mgr.backup_status()
     assert status is not None
     assert status.repaired == ("step_00000001",) and status.damaged == (), status
@@ -1856,3 +1866,73 @@ def test_the_backup_replaces_its_checkpoint_in_which_an_upload_found_a_damaged_f
         for step in (1, 2, 3):
             assert on_s3.verify(step) == [], step
             load_equal(on_s3, step, state_at(step - 1, frozen))
+
+
+def test_a_backup_repair_that_keeps_failing_stops_and_is_not_counted_as_behind(
+    tmp_path, s3_server, s3_bucket, monkeypatch
+):
+    """A review found it: a failed repair went back into the queue as an upload, was
+    'backed up' at once (the manifest there is the same), reset the failure count, and
+    was tried again after every later save, without end; a newer checkpoint could evict
+    it into `skipped`. Now a repair is tried after REPAIR_TRIES uploads at most, then
+    the checkpoint is listed damaged; repairs are never counted as not backed up."""
+    from ckptstore import linking
+    from ckptstore.errors import StorageError
+    from ckptstore.manager import backup_repair, replicate
+
+    monkeypatch.setattr(linking, "_checked", {})
+    tried: list[str] = []
+    real_replace = replicate.replace_checkpoint
+
+    def refused(src, dst, name, **kw):
+        if name == "step_00000001":
+            tried.append(name)
+            raise StorageError("delete refused (Access Denied)")
+        return real_replace(src, dst, name, **kw)
+
+    monkeypatch.setattr(replicate, "replace_checkpoint", refused)
+    frozen = frozen_state()
+    url = f"s3://{s3_bucket}/run"
+    with ckptstore.CheckpointManager(
+        tmp_path / "a", backup=url, incremental=True, codec="none"
+    ) as mgr:
+        save_backed_up(mgr, range(2), frozen)
+        rot_on_s3(s3_server, f"{s3_bucket}/run/step_00000001/__0_0.distcp")
+        for step in range(2, 7):
+            mgr.save(step, state_at(step, frozen))
+            mgr.wait()
+            assert mgr.wait_backup() == [], step  # (a repair is not a missing backup)
+            status = mgr.backup_status()
+            assert status is not None and not status.skipped and not status.queued, status
+        assert tried == ["step_00000001"] * backup_repair.REPAIR_TRIES, tried
+        assert status.damaged == ("step_00000001",) and status.repaired == (), status
+        assert status.failures == 0 and status.repairing == (), status
+    with ckptstore.Checkpointer(ckptstore.storage.open_backend(url)) as on_s3:
+        for step in range(2, 8):  # every later one verifies (none built from the damage)
+            assert on_s3.verify(step) == [], step
+
+
+def test_a_damaged_checkpoint_of_another_run_on_the_backup_is_not_called_this_runs(
+    tmp_path, s3_server, s3_bucket, monkeypatch, caplog
+):
+    """The same prefix holds another run's chain with the same bytes; its damaged file is
+    passed over when this run's backup links, but it is not this run's to repair or to
+    list as damaged."""
+    from ckptstore import linking
+
+    monkeypatch.setattr(linking, "_checked", {})
+    frozen = frozen_state()
+    url = f"s3://{s3_bucket}/run"
+    with ckptstore.CheckpointManager(
+        tmp_path / "b", backup=url, incremental=True, codec="none"
+    ) as mgr:
+        save_backed_up(mgr, [0], frozen)
+    rot_on_s3(s3_server, f"{s3_bucket}/run/step_00000001/__0_0.distcp")
+    with ckptstore.CheckpointManager(
+        tmp_path / "a", backup=url, incremental=True, codec="none"
+    ) as mgr:
+        save_backed_up(mgr, (4, 5), frozen, at=0)  # the same bytes as the other run's
+        status = mgr.backup_status()
+    assert status is not None and status.damaged == () and status.repaired == (), status
+    # (its file was found damaged: the same bytes as this run's first save)
+    assert "step_00000001/__0_0.distcp is damaged (" in caplog.text, caplog.text[-3000:]

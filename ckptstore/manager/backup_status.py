@@ -21,7 +21,10 @@ class BackupStatus:
     # branch's, or one it could not read): replaced with the local one.
     replaced: tuple[str, ...] = ()
     # This run's checkpoints there in which an upload found a damaged file (incremental
-    # saves: a file it would have copied inside the store): replaced with the local copy
-    # (repaired), or not, where that is gone (damaged)
+    # saves: a file it would have copied inside the store; manager/backup_repair.py):
+    # replaced with the local copy (repaired), queued or being replaced for that
+    # (repairing; not in queued or in_progress), or left as they are (damaged: the local
+    # copy is gone, or every replace failed)
     repaired: tuple[str, ...] = ()
     damaged: tuple[str, ...] = ()
+    repairing: tuple[str, ...] = ()

@@ -39,6 +39,7 @@ from ckptstore.errors import (
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
+from ckptstore.manager.backup_repair import RepairMixin
 from ckptstore.manager.backup_status import BackupStatus
 from ckptstore.manager.policies import RetentionPolicy
 from ckptstore.manager.probe import probe_remote
@@ -52,7 +53,7 @@ from ckptstore.units import format_bytes
 log = logging.getLogger("ckptstore")
 
 
-class Replicator:
+class Replicator(RepairMixin):
     """Copies each committed local checkpoint to ``remote`` on a background thread.
 
     ``submit(name)`` after a local commit; never blocks. ``max_queued`` checkpoints wait
@@ -103,9 +104,7 @@ class Replicator:
         self._current_sent = False  # its upload is done: only housekeeping is left
         self._skipped: list[str] = []
         self._replaced: list[str] = []
-        self._damaged: set[str] = set()  # "<checkpoint>/<file>" there an upload found damaged
-        self._repairs: set[str] = set()  # of those checkpoints, the ones queued to replace
-        self._repaired: list[str] = []
+        self._init_repairs()
         self._failures = 0
         self._last_error: str | None = None
         self._newest: str | None = None
@@ -156,22 +155,29 @@ class Replicator:
 
     def status(self) -> BackupStatus:
         with self._cond:
-            waiting = [*([self._current] if self._current else []), *self._queue]
+            waiting = self._waiting()
             oldest = min((self._queued_at.get(n, time.time()) for n in waiting), default=None)
+            current = self._current if self._current not in self._repairs else None
             return BackupStatus(
                 remote=self.remote.url,
                 newest_backed_up=self._newest,
-                in_progress=self._current,
-                queued=tuple(self._queue),
+                in_progress=current,
+                queued=tuple(n for n in self._queue if n not in self._repairs),
                 skipped=tuple(self._skipped),
                 failures=self._failures,
                 last_error=self._last_error,
                 behind_s=0.0 if oldest is None else max(0.0, time.time() - oldest),
                 replaced=tuple(self._replaced),
                 repaired=tuple(self._repaired),
-                # (a copy: the backup thread adds to it; frozenset() copies it at once)
-                damaged=tuple(sorted({at.partition("/")[0] for at in frozenset(self._damaged)})),
+                damaged=tuple(sorted(self._unrepaired)),
+                repairing=tuple(sorted(self._repairs)),
             )
+
+    def _waiting(self) -> list[str]:
+        """(Under ``_cond``) the checkpoints not backed up yet: uploading, then queued;
+        not the repairs of ones that are."""
+        names = [*([self._current] if self._current else []), *self._queue]
+        return [n for n in names if n not in self._repairs]
 
     def wait(
         self, timeout_s: float | None = None, *, give_up_after: int | None = None
@@ -199,12 +205,14 @@ class Replicator:
                 if self.progress is not None:
                     self.progress.show()
                 self._cond.wait(0.5 if deadline is None else min(0.5, deadline - now))
-            return [*([self._current] if self._current else []), *self._queue]
+            return self._waiting()
 
     def _say_waiting(self) -> None:
         sending = self._current if self._current and not self._current_sent else None
-        names = [*([sending] if sending else []), *self._queue]
-        if not names:  # (the housekeeping after the last upload)
+        names = [
+            n for n in [*([sending] if sending else []), *self._queue] if n not in self._repairs
+        ]
+        if not names:  # (the housekeeping after the last upload, or repairs)
             return
         extra = f"; last error: {self._last_error}" if self._failures else ""
         log.warning(
@@ -228,7 +236,8 @@ class Replicator:
             with self._cond:
                 self._closing = True
                 self._leave = True
-                left = [*([self._current] if self._current else []), *self._queue]
+                left = self._waiting()
+                unrepaired = sorted(self._repairs)
                 self._cond.notify_all()
             self._stop.set()
             self._wake.set()
@@ -240,6 +249,12 @@ class Replicator:
                 ", ".join(left),
                 self.local.url,
             )
+        if unrepaired:
+            log.warning(
+                "not repaired on %s: %s (each holds a damaged file there; `ckptstore sync "
+                "%s %s --verify-existing --replace-damaged` repairs them)",
+                self.remote.url, ", ".join(unrepaired), self.local.url, self.remote.url,
+            )  # fmt: skip
         return left
 
     # ---- the background thread ------------------------------------------------------
@@ -276,6 +291,9 @@ class Replicator:
                         self._queue.insert(0, name)
                         while len(self._queue) > self.max_queued:
                             dropped = self._queue.pop(0)
+                            if dropped in self._repairs:  # queued again after an upload
+                                self._repairs.discard(dropped)
+                                continue
                             self._skipped.append(dropped)
                             self._queued_at.pop(dropped, None)
                             log.warning(
@@ -321,7 +339,8 @@ class Replicator:
         try:
             mine = read_manifest(self.local, name, manifest_key=self._manifest_key)
             if name in self._repairs:
-                self._repair(name, mine)
+                if not self._repair(name, mine):
+                    return True  # (not an upload: what it did is noted)
             elif mine.part is not None:  # node-local disks: the other disks upload theirs
                 if not self.remote.exists(f"{name}/{MANIFEST_FILE}"):
                     self._upload(name, replace=False, part=True)
@@ -344,7 +363,8 @@ class Replicator:
                 log.warning("backup: replaced %s/%s with this run's", self.remote.url, name)
         except CheckpointNotFoundError:
             log.info("backup: %s was deleted locally before it could be uploaded", name)
-            self._repairs.discard(name)
+            with self._cond:
+                self._repairs.discard(name)
             return True
         except FileNotFoundError:
             log.info("backup: %s was deleted locally before it could be uploaded", name)
@@ -377,42 +397,6 @@ class Replicator:
             self.progress = None
         self._after_upload(name)
         return True
-
-    def _repair(self, name: str, mine: Manifest) -> None:
-        """Replace this run's ``name`` on the remote, in which an upload found a damaged
-        file, with the local copy; unless the remote no longer holds it (its retention
-        pruned it) or holds another checkpoint under that name."""
-        try:
-            if self.remote.exists(f"{name}/{MANIFEST_FILE}") and not self._how_different(
-                name, mine
-            ):
-                log.warning(
-                    "backup: %s/%s holds a damaged file: replacing it with %s/%s",
-                    self.remote.url, name, self.local.url, name,
-                )  # fmt: skip
-                self._upload(name, replace=True)
-                with self._cond:
-                    self._repaired.append(name)
-            self._damaged -= {at for at in self._damaged if at.startswith(f"{name}/")}
-        finally:
-            self._repairs.discard(name)
-
-    def _queue_repairs(self) -> None:
-        """Queue the checkpoints an upload found damaged on the remote whose local copy
-        is still here, behind what is waiting (never in place of a newer checkpoint)."""
-        names = sorted({at.partition("/")[0] for at in self._damaged})
-        for name in names:
-            if not self.local.exists(f"{name}/{MANIFEST_FILE}"):
-                continue
-            with self._cond:
-                if name in self._repairs or name == self._current or name in self._queue:
-                    continue
-                if len(self._queue) >= self.max_queued:
-                    return
-                self._repairs.add(name)
-                self._queue.append(name)
-                self._queued_at.setdefault(name, time.time())
-                self._cond.notify_all()
 
     def _how_different(self, name: str, mine: Manifest) -> str | None:
         """None if the remote's ``name`` is this very checkpoint, else how it differs."""
@@ -461,6 +445,7 @@ class Replicator:
             self._on_speed(sent / max(moving_s, 1e-6))
         what = f"{format_bytes(sent)} from this node" if part else moved(manifest, progress)
         log.info("backup: %s is on %s (%s, in %.1f s)", name, self.remote.url, what, elapsed)
+        self._forget_damage(name)
 
     def _after_upload(self, name: str) -> None:
         self._current_sent = True
