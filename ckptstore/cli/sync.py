@@ -296,7 +296,7 @@ def _transfer(
         sys.stdout.flush()
     if copied:
         _housekeeping(src, dst)
-    found = _report_damaged(damaged, set(left_damaged), dst)
+    found = _report_damaged(damaged, {*left_damaged, *failed}, dst)
     bad = left_damaged + [n for n in found if n not in left_damaged and n not in failed]
     intact = len([n for n in present if n not in found])  # (found damaged after all)
     there_bad = f", {len(bad)} damaged there" if bad else ""
