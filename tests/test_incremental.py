@@ -1936,3 +1936,65 @@ def test_a_damaged_checkpoint_of_another_run_on_the_backup_is_not_called_this_ru
     assert status is not None and status.damaged == () and status.repaired == (), status
     # (its file was found damaged: the same bytes as this run's first save)
     assert "step_00000001/__0_0.distcp is damaged (" in caplog.text, caplog.text[-3000:]
+
+
+def test_a_backup_that_restarts_finishes_a_replace_a_kill_interrupted(
+    tmp_path, s3_server, s3_bucket
+):
+    """A stranger test found it: a kill -9 during a repair's replace, after the damaged
+    checkpoint there was deleted, left only its complete new copy beside the name
+    (`step_N.replacing`), which ls, verify and restore do not list; a rerun did nothing.
+    The backup now finishes such a replace at start-up, and deletes a leftover copy
+    whose name is committed there."""
+    frozen = frozen_state()
+    url = f"s3://{s3_bucket}/run"
+    with ckptstore.CheckpointManager(
+        tmp_path / "a", backup=url, incremental=True, codec="none"
+    ) as mgr:
+        save_backed_up(mgr, range(3), frozen)
+    fs = s3_server.fs()
+    base = f"{s3_bucket}/run"
+    # As the kill left it: step 1's new copy beside it, the old one deleted; step 2's
+    # new copy beside it, the old one still there
+    fs.copy(f"{base}/step_00000001", f"{base}/step_00000001.replacing", recursive=True)
+    fs.rm(f"{base}/step_00000001", recursive=True)
+    fs.copy(f"{base}/step_00000002", f"{base}/step_00000002.replacing", recursive=True)
+    fs.invalidate_cache()
+    with ckptstore.CheckpointManager(
+        tmp_path / "a", backup=url, incremental=True, codec="none"
+    ) as mgr:
+        assert mgr.wait_backup() == []
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base))
+    assert [n for n in names if n.startswith("step_")] == [
+        "step_00000001", "step_00000002", "step_00000003"
+    ], names  # fmt: skip
+    with ckptstore.Checkpointer(ckptstore.storage.open_backend(url)) as on_s3:
+        for step in (1, 2, 3):
+            assert on_s3.verify(step) == [], step
+            load_equal(on_s3, step, state_at(step - 1, frozen))
+
+
+def test_the_training_summary_names_what_the_backup_repaired_and_what_it_could_not():
+    """A stranger test: a run whose backup was left damaged ended with exit 0 and a
+    summary that said nothing of it."""
+    from types import SimpleNamespace
+
+    from ckptstore.manager.backup_status import BackupStatus
+    from ckptstore.train.report import backup_summary
+
+    said: list[str] = []
+    run = SimpleNamespace(rank=0, say=said.append, args=SimpleNamespace(ckpt_dir="ck"))
+    status = BackupStatus(
+        remote="s3://b/run", newest_backed_up="step_00000009", in_progress=None, queued=(),
+        skipped=(), failures=0, last_error=None, behind_s=0.0,
+        repaired=("step_00000002",), damaged=("step_00000001",),
+    )  # fmt: skip
+    mgr = SimpleNamespace(backup_status=lambda: status)
+    assert backup_summary(run, mgr, "step_00000009") == 0  # type: ignore[arg-type]
+    assert said[0].startswith(
+        "Backup s3://b/run holds damaged checkpoints it could not repair: step_00000001;"
+    ), said
+    assert said[1] == (
+        "Backup s3://b/run: newest step_00000009, repaired step_00000002 (a damaged file there)"
+    ), said

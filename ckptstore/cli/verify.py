@@ -141,14 +141,23 @@ def run(args: argparse.Namespace) -> int:
     for n in shared:
         print(f"note: {n}")
     names = ", ".join(r["name"] for r in bad)
+    get = "pull" if backend.capabilities.local else "send"
     resume = (
-        "None is intact: pull"
+        f"None is intact: {get}"
         if len(bad) == len(results) and not single
-        else "Load or resume from an intact one (ckptstore ls shows them), pull"
+        else f"Load or resume from an intact one (ckptstore ls shows them), {get}"
+    )
+    # (an object store is usually the backup itself: the good copy is on the training
+    # disk, and sync sends it; pull brings one to a local root)
+    repair = (
+        "from a backup with ckptstore pull --replace-damaged"
+        if backend.capabilities.local
+        else f"with ckptstore sync <intact source> {backend.url} --verify-existing "
+        "--replace-damaged"
     )
     print(
         f"{len(bad)} of {len(results)} checkpoint(s) damaged: {names}. {resume} a good copy "
-        "from a backup with ckptstore pull --replace-damaged, or delete the damaged ones"
+        f"{repair}, or delete the damaged ones"
     )
     return FAILED
 

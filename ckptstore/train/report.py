@@ -101,6 +101,15 @@ def backup_summary(run: Run, mgr: ckptstore.CheckpointManager, newest: str | Non
     if run.rank != 0 or status is None:
         return 0
     skipped = f", skipped {', '.join(status.skipped)}" if status.skipped else ""
+    if status.repaired:  # (an upload found a damaged file there: replaced from here)
+        skipped += f", repaired {', '.join(status.repaired)} (a damaged file there)"
+    if status.damaged:
+        run.say(
+            f"Backup {status.remote} holds damaged checkpoints it could not repair: "
+            f"{', '.join(status.damaged)}; `ckptstore verify {status.remote}` names every "
+            f"one, `ckptstore sync <intact source> {status.remote} --verify-existing "
+            "--replace-damaged` repairs them"
+        )
     waiting = status.in_progress or status.queued
     if not waiting and (newest is None or status.newest_backed_up == newest):
         run.say(f"Backup {status.remote}: newest {status.newest_backed_up or 'none'}{skipped}")
