@@ -64,7 +64,7 @@ SMALL_FILE_MAX_BYTES = 2 << 30  # anything else read whole: DCP's .metadata, cop
 def checkpoint_name(step: int) -> str:
     """``step_00000500``: eight digits at least, so names sort like steps.
 
-    The public API checks steps first (``ckptstore.engine.ops.check_step``, which says
+    The public API checks steps first (``ckptstore.engine.arguments.check_step``, which says
     more); this refuses what slips past."""
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise ValueError(f"step must be an int in 0..{MAX_STEP}, got {step!r}")

@@ -211,9 +211,7 @@ def test_the_backup_uploads_only_what_the_remote_lacks_and_a_fresh_machine_resto
     url = f"s3://{s3_bucket}/run"
     saved = {}
     caplog.set_level(logging.INFO, logger="ckptstore")
-    with ckptstore.CheckpointManager(
-        tmp_path / "a", backup=url, incremental=True, codec="none"
-    ) as mgr:
+    with incremental_backup(tmp_path / "a", url) as mgr:
         for step in range(4):
             saved[step + 1] = {k: v.clone() for k, v in state_at(step, frozen).items()}
             mgr.save(step, state_at(step, frozen))
@@ -1820,6 +1818,12 @@ def test_a_sync_to_a_local_disk_names_the_checkpoints_whose_shared_file_it_found
             load_equal(ckpt, step, saved[step])
 
 
+def incremental_backup(root, url: str) -> ckptstore.CheckpointManager:
+    """A manager saving incremental checkpoints (codec none) to ``root``, backed up to
+    ``url``."""
+    return ckptstore.CheckpointManager(root, backup=url, incremental=True, codec="none")
+
+
 def save_backed_up(mgr, steps, frozen, at=None) -> None:
     """Save ``steps`` (state_at each, or at ``at``) and wait until each is backed up."""
     for step in steps:
@@ -1853,9 +1857,7 @@ def test_the_backup_replaces_its_checkpoint_in_which_an_upload_found_a_damaged_f
     monkeypatch.setattr(linking, "_checked", {})
     frozen = frozen_state()
     url = f"s3://{s3_bucket}/run"
-    with ckptstore.CheckpointManager(
-        tmp_path / "a", backup=url, incremental=True, codec="none"
-    ) as mgr:
+    with incremental_backup(tmp_path / "a", url) as mgr:
         save_backed_up(mgr, range(2), frozen)
         rot_on_s3(s3_server, f"{s3_bucket}/run/step_00000001/__0_0.distcp")
         save_backed_up(mgr, [2], frozen)
@@ -1893,9 +1895,7 @@ def test_a_backup_repair_that_keeps_failing_stops_and_is_not_counted_as_behind(
     monkeypatch.setattr(replicate, "replace_checkpoint", refused)
     frozen = frozen_state()
     url = f"s3://{s3_bucket}/run"
-    with ckptstore.CheckpointManager(
-        tmp_path / "a", backup=url, incremental=True, codec="none"
-    ) as mgr:
+    with incremental_backup(tmp_path / "a", url) as mgr:
         save_backed_up(mgr, range(2), frozen)
         rot_on_s3(s3_server, f"{s3_bucket}/run/step_00000001/__0_0.distcp")
         for step in range(2, 7):
@@ -1923,14 +1923,10 @@ def test_a_damaged_checkpoint_of_another_run_on_the_backup_is_not_called_this_ru
     monkeypatch.setattr(linking, "_checked", {})
     frozen = frozen_state()
     url = f"s3://{s3_bucket}/run"
-    with ckptstore.CheckpointManager(
-        tmp_path / "b", backup=url, incremental=True, codec="none"
-    ) as mgr:
+    with incremental_backup(tmp_path / "b", url) as mgr:
         save_backed_up(mgr, [0], frozen)
     rot_on_s3(s3_server, f"{s3_bucket}/run/step_00000001/__0_0.distcp")
-    with ckptstore.CheckpointManager(
-        tmp_path / "a", backup=url, incremental=True, codec="none"
-    ) as mgr:
+    with incremental_backup(tmp_path / "a", url) as mgr:
         save_backed_up(mgr, (4, 5), frozen, at=0)  # the same bytes as the other run's
         status = mgr.backup_status()
     assert status is not None and status.damaged == () and status.repaired == (), status
@@ -1948,9 +1944,7 @@ def test_a_backup_that_restarts_finishes_a_replace_a_kill_interrupted(
     whose name is committed there."""
     frozen = frozen_state()
     url = f"s3://{s3_bucket}/run"
-    with ckptstore.CheckpointManager(
-        tmp_path / "a", backup=url, incremental=True, codec="none"
-    ) as mgr:
+    with incremental_backup(tmp_path / "a", url) as mgr:
         save_backed_up(mgr, range(3), frozen)
     fs = s3_server.fs()
     base = f"{s3_bucket}/run"
@@ -1960,9 +1954,7 @@ def test_a_backup_that_restarts_finishes_a_replace_a_kill_interrupted(
     fs.rm(f"{base}/step_00000001", recursive=True)
     fs.copy(f"{base}/step_00000002", f"{base}/step_00000002.replacing", recursive=True)
     fs.invalidate_cache()
-    with ckptstore.CheckpointManager(
-        tmp_path / "a", backup=url, incremental=True, codec="none"
-    ) as mgr:
+    with incremental_backup(tmp_path / "a", url) as mgr:
         assert mgr.wait_backup() == []
     fs.invalidate_cache()
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base))

@@ -223,7 +223,7 @@ def test_misuse_raises_a_ckptstore_error_that_is_the_builtin_it_means(
 
 def test_a_wrong_type_is_still_a_value_error():
     """``pytest.raises(ValueError)`` written before the type leaf existed still passes."""
-    from ckptstore.engine.ops import check_step
+    from ckptstore.engine.arguments import check_step
 
     with pytest.raises(ValueError, match="non-negative int"):
         check_step("5")  # type: ignore[arg-type]

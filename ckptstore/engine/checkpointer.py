@@ -31,12 +31,10 @@ from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import CheckpointerConfig
 from ckptstore.dcp.incremental import IncrementalCache
 from ckptstore.engine import groups
+from ckptstore.engine.arguments import check_info, check_metadata, check_step
 from ckptstore.engine.ops import (
     CheckpointInfo,
     SaveCache,
-    check_info,
-    check_metadata,
-    check_step,
     list_checkpoints,
     load_into,
     read_checked,

@@ -22,11 +22,10 @@ from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import default_threads, io_window, resolve_manifest_key
 from ckptstore.dcp.spec import SaveSpec
 from ckptstore.engine import groups
+from ckptstore.engine.arguments import check_metadata, check_step
 from ckptstore.engine.lazyread import LazyStateDict, empty_flat, load_flat, nest, open_lazy
 from ckptstore.engine.ops import (
     CheckpointInfo,
-    check_metadata,
-    check_step,
     load_into,
     read_dcp_metadata,
     read_manifest,

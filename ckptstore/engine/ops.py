@@ -8,12 +8,8 @@ on the calling thread; collectives go over the gloo group it is given.
 
 from __future__ import annotations
 
-import json
-import math
-import operator
-import reprlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,14 +48,12 @@ from ckptstore.errors import (
     HINT_DAMAGED_METADATA,
     CkptStoreError,
     CorruptCheckpointError,
-    InvalidArgumentError,
     InvalidArgumentTypeError,
-    UnsupportedStateError,
 )
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardReader
-from ckptstore.layout import MAX_STEP, METADATA_FILE
+from ckptstore.layout import METADATA_FILE
 from ckptstore.storage.base import StorageBackend
 
 
@@ -442,71 +436,3 @@ def open_shards(
             yield file_name, shard
         finally:
             reader.close()
-
-
-def check_step(step: int) -> int:
-    """``step`` if it is a valid step (an int in 0..MAX_STEP, not a bool), else
-    :class:`~ckptstore.errors.InvalidArgumentError` (its ``TypeError`` leaf for a
-    string, float or tensor)."""
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise InvalidArgumentTypeError(f"step must be a non-negative int, got {bad_step(step)}")
-    if not 0 <= step <= MAX_STEP:
-        raise InvalidArgumentError(f"step must be an int in 0..{MAX_STEP}, got {step!r}")
-    return step
-
-
-def bad_step(step: object) -> str:
-    """A step that is not one, said short (a state dict's repr can be megabytes), with
-    the likely cause: arguments passed in the other order (a mapping, a module), or an
-    integer of NumPy's or a tensor's (``int(step)``)."""
-    name = type(step).__name__
-    if isinstance(step, Mapping) or callable(getattr(step, "state_dict", None)):
-        what = f"with keys {reprlib.repr(list(step))}" if isinstance(step, Mapping) else ""
-        return (
-            f"{name} {what}".rstrip() + " (a state? Checkpointer.save takes (state_dict, "
-            "step), CheckpointManager.save takes (step, state))"
-        )
-    if not isinstance(step, (bool, int)) and _integral(step):
-        return f"{name} {reprlib.repr(step)} (pass int(step))"
-    return f"{name} {reprlib.repr(step)}"
-
-
-def _integral(value: object) -> bool:
-    """Whether ``value`` is an integer of another type (NumPy's, a 0-d integer tensor)."""
-    try:
-        operator.index(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError, RuntimeError):
-        return False
-    return True
-
-
-def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        raise UnsupportedStateError(f"metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        return dict(json.loads(json.dumps(metadata, allow_nan=False)))
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedStateError(
-            f"metadata must be JSON (numbers, strings, lists, dicts; no NaN): {exc}"
-        ) from None
-
-
-def check_info(
-    epoch: int | None, reason: str | None, metrics: dict[str, float] | None
-) -> dict[str, Any]:
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
-        raise InvalidArgumentError(f"epoch must be a non-negative int, got {epoch!r}")
-    if reason is not None and not isinstance(reason, str):
-        raise InvalidArgumentError(f"reason must be a string, got {reason!r}")
-    clean: dict[str, float | None] = {}
-    for k, v in (metrics or {}).items():
-        if not isinstance(k, str):
-            raise InvalidArgumentError(f"metric names must be strings, got {k!r}")
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise InvalidArgumentError(f"metric {k!r} must be a number, got {v!r}") from None
-        clean[k] = f if math.isfinite(f) else None  # a NaN loss is recorded as null
-    return {"epoch": epoch, "reason": reason, "metrics": clean}

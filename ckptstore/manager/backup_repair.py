@@ -6,7 +6,8 @@ still here is queued to be replaced from it (behind what waits; a newer checkpoi
 evicts a queued repair, never the other way round). A repair that fails is tried again
 after the next upload, up to :data:`REPAIR_TRIES` times; one that cannot be made (its
 local copy gone, or every try failed) is left as it is, said once, and listed in
-:attr:`~ckptstore.manager.backup_status.BackupStatus.damaged`. Mixed into
+:attr:`~ckptstore.manager.backup_status.BackupStatus.damaged`. At start-up, a replace
+a killed process left half done (only the new copy, beside the name) is finished. Mixed into
 :class:`~ckptstore.manager.replicate.Replicator`, on its background thread.
 """
 
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from ckptstore.engine.ops import read_manifest
 from ckptstore.errors import CkptStoreError, CopyStoppedError
 from ckptstore.format.manifest import Manifest
-from ckptstore.layout import MANIFEST_FILE
+from ckptstore.layout import MANIFEST_FILE, REPLACING_SUFFIX
 from ckptstore.storage import StorageBackend
 
 log = logging.getLogger("ckptstore")
@@ -136,3 +137,31 @@ class RepairMixin:
             "<intact source> %s --verify-existing --replace-damaged` repairs it",
             self.remote.url, name, why, self.remote.url,
         )  # fmt: skip
+
+    def _finish_replaces(self, local: set[str], committed: set[str]) -> None:
+        """(At start) a replace there that was stopped (a killed process) after the old
+        checkpoint was deleted left only the complete new copy beside its name, which
+        listings do not show: copy it under its name again from here (the copy then
+        deletes the one beside). One whose name is committed there lost only the new
+        copy: deleted."""
+        for beside in self.remote.list_names():
+            name = beside.removesuffix(REPLACING_SUFFIX)
+            if name == beside:
+                continue
+            try:
+                if name in committed:
+                    self.remote.delete(beside)
+                elif name in local:
+                    log.warning(
+                        "backup: a replace of %s/%s was interrupted: copying it again",
+                        self.remote.url, name,
+                    )  # fmt: skip
+                    self._upload(name, replace=False)
+                else:
+                    log.warning(
+                        "backup: %s/%s is the copy an interrupted replace left, and %s is "
+                        "not here to finish it: `ckptstore sync <source> %s --step N` does",
+                        self.remote.url, beside, name, self.remote.url,
+                    )  # fmt: skip
+            except Exception as exc:  # (the rest of the start-up still runs)
+                log.warning("backup: could not finish the replace of %s: %s", name, exc)

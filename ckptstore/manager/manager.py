@@ -64,8 +64,8 @@ import torch.distributed as dist
 
 from ckptstore.config import BackupConfig, ManagerConfig, manager_configs
 from ckptstore.engine import groups
+from ckptstore.engine.arguments import bad_step
 from ckptstore.engine.checkpointer import Checkpointer
-from ckptstore.engine.ops import bad_step
 from ckptstore.engine.pending import PendingSave
 from ckptstore.errors import (
     BackgroundSaveError,

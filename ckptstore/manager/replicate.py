@@ -37,7 +37,7 @@ from ckptstore.errors import (
     InvalidArgumentError,
 )
 from ckptstore.format.manifest import Manifest
-from ckptstore.layout import FINALS_FILE, MANIFEST_FILE, REPLACING_SUFFIX
+from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
 from ckptstore.manager import pointer
 from ckptstore.manager.backup_repair import RepairMixin
 from ckptstore.manager.backup_status import BackupStatus
@@ -330,34 +330,6 @@ class Replicator(RepairMixin):
         self._finish_replaces({i.name for i in local}, set(theirs))
         for name in missing[-(self.max_queued) :]:
             self.submit(name)
-
-    def _finish_replaces(self, local: set[str], committed: set[str]) -> None:
-        """(At start) a replace there that was stopped (a killed process) after the old
-        checkpoint was deleted left only the complete new copy beside its name, which
-        listings do not show: copy it under its name again from here (the copy then
-        deletes the one beside). One whose name is committed there lost only the new
-        copy: deleted."""
-        for beside in self.remote.list_names():
-            name = beside.removesuffix(REPLACING_SUFFIX)
-            if name == beside:
-                continue
-            try:
-                if name in committed:
-                    self.remote.delete(beside)
-                elif name in local:
-                    log.warning(
-                        "backup: a replace of %s/%s was interrupted: copying it again",
-                        self.remote.url, name,
-                    )  # fmt: skip
-                    self._upload(name, replace=False)
-                else:
-                    log.warning(
-                        "backup: %s/%s is the copy an interrupted replace left, and %s is "
-                        "not here to finish it: `ckptstore sync <source> %s --step N` does",
-                        self.remote.url, beside, name, self.remote.url,
-                    )  # fmt: skip
-            except Exception as exc:  # (the rest of the start-up still runs)
-                log.warning("backup: could not finish the replace of %s: %s", name, exc)
 
     def _backoff(self) -> None:
         delay = min(self.retry_max_s, self.retry_initial_s * 2 ** max(0, self._failures - 1))
