@@ -95,6 +95,24 @@ def test_deleting_the_checkpoint_that_wrote_the_frozen_weights_keeps_the_later_o
             load_equal(ckpt, step, saved[step])
 
 
+def test_a_save_in_another_codec_still_links_what_did_not_change(root):
+    """``codec="auto"`` changes its mind in a run's first saves (and a restarted run may
+    choose otherwise): each item records its own codec, so the chain holds across."""
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, codec="zstd", incremental=True) as ckpt:
+        saved, _ = save_chain(ckpt, frozen, 2)
+    for step, codec in ((3, "none"), (4, "zstd")):
+        with ckptstore.Checkpointer(root, codec=codec, incremental=True) as ckpt:
+            ckpt.load(state_at(step - 1, frozen))  # a restart: links from the one loaded
+            saved[step] = {k: v.clone() for k, v in state_at(step, frozen).items()}
+            assert ckpt.save(state_at(step, frozen), step=step).raw_bytes < (1 << 20)
+            linked = ckpt.latest().manifest.linked
+            assert linked == {"__0_0-step_00000001.distcp": "step_00000001"}, (step, linked)
+    with ckptstore.Checkpointer(root) as ckpt:
+        for step in (1, 2, 3, 4):
+            load_equal(ckpt, step, saved[step])
+
+
 def test_a_state_that_changes_entirely_links_nothing(root):
     with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
         sizes = []

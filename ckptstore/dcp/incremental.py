@@ -4,8 +4,9 @@ written again (issue 19).
 Every item a rank writes (a tensor, a tensor's shard, a pack of small tensors, a pickled
 value) is hashed whole before it is encoded: xxh3-128 of its raw bytes, on the codec pool
 and the writer thread (:mod:`ckptstore.dcp.hashing`), never on the training thread (~13 GB/s a core here, against ~1.3 GB/s for zstd). An
-item whose key, dtype, size, codec and hash are those of the same item in this rank's
-last committed save is not written: the shard file that holds it in that checkpoint is
+item whose key, dtype, size and hash are those of the same item in this rank's last
+committed save is not written, whatever codec either save chose (each item records its
+own; ``codec="auto"`` changes its mind in a run's first saves): the shard file that holds it in that checkpoint is
 hard-linked into the new one (:meth:`PendingCheckpoint.link_files`; on an object store,
 copied inside the store; first checked to be the file this rank wrote, by size and index
 checksum) under a name that says which checkpoint first wrote it
@@ -94,7 +95,7 @@ class _Held:
     file: str  # the name its file gets when linked into the next checkpoint
     item: int  # its index in that file
     digest: str  # xxh3-128 of its raw bytes ("": not hashed, it had changed)
-    kind: str  # dtype, size and codec, as one string
+    kind: str  # dtype and size, as one string
     version: tuple[int, int] | None  # its tensor's (version counter, data pointer)
 
 
@@ -263,12 +264,11 @@ class IncrementalCache:
         """Write into ``writer`` (a ``ShardWriter``) what changed, link the rest, and add
         the note; returns the decision and each entry's (stored file, item).
         ``names``: the checkpoint's, its shard file's, and that file's stored name;
-        ``spec``: the save's (its codec and whether it is ``full``)."""
+        ``spec``: the save's (whether it is ``full``)."""
         checkpoint, file_names = names[0], (names[1], names[2])
         # changed for certain: written while the rest are hashed
         at = {pos: (names[2], writer.add(*entries[pos])) for pos in hashing.moved}
-        codec = spec.codec.get_config()
-        reuse = self.plan(pending, backend, entries, codec, hashing, file_names, spec.full)
+        reuse = self.plan(pending, backend, entries, hashing, file_names, spec.full)
         placed = [
             at.get(pos) or reuse.items.get(pos) or (names[2], writer.add(key, raw, dtype))
             for pos, (key, raw, dtype) in enumerate(entries)
@@ -360,7 +360,6 @@ class IncrementalCache:
         pending: Any,
         backend: Any,
         entries: list[tuple[str, Any, Any]],
-        codec: dict[str, Any],
         hashing: Hashing,
         names: tuple[str, str] = ("", ""),
         full: bool = False,
@@ -375,7 +374,6 @@ class IncrementalCache:
         restarted = self._restored is not None and not self._items
         if restarted:
             self._seed(backend, names[0])
-        cfg = json.dumps(codec, sort_keys=True)
         digests = [""] * len(entries)
         got = hashing.result()
         for pos, d in zip(hashing.hashed, got, strict=True):
@@ -388,7 +386,7 @@ class IncrementalCache:
         for pos, d in hashing.given.items():
             digests[pos] = d
         versions = hashing.versions
-        reuse = Reuse(digests, [f"{e[2]}|{len(e[1])}|{cfg}" for e in entries], versions)
+        reuse = Reuse(digests, [f"{e[2]}|{len(e[1])}" for e in entries], versions)
         used: dict[str, int] = {}
         for pos, (key, raw, _) in enumerate(entries):
             held = self._items.get(key)
