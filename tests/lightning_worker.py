@@ -45,6 +45,28 @@ class Tiny(L.LightningModule):
         return [opt], [sched]
 
 
+class Adapted(Tiny):
+    """Fine-tuning: a frozen base layer (1 MB) under a small trainable adapter."""
+
+    def __init__(self, hidden: int = 8, lr: float = 0.05) -> None:
+        super().__init__(hidden, lr)
+        g = torch.Generator().manual_seed(1)
+        self.base = torch.nn.Linear(512, 512)
+        with torch.no_grad():
+            self.base.weight.copy_(torch.randn(512, 512, generator=g) * 0.02)
+        self.base.requires_grad_(False)
+        self.down = torch.nn.Linear(512, 4)
+
+    def training_step(self, batch: Any, _: int) -> torch.Tensor:
+        x, y = batch
+        feats = self.base(x.repeat(1, 128))
+        return torch.nn.functional.mse_loss(self.net(x) + self.down(feats)[:, :1], y)
+
+    def configure_optimizers(self) -> Any:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.hparams.lr)
+
+
 def loaders() -> tuple[DataLoader, DataLoader]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(STEPS_PER_EPOCH * 8, 4, generator=g)

@@ -68,3 +68,36 @@ def test_a_two_process_run_resumes_in_one_process(tmp_path):
         dir_flag="--ckpt-dir",
         out_flag="--out",
     )
+
+
+def test_incremental_saves_of_an_accelerate_run_link_its_frozen_layer(tmp_path):
+    from accelerate import Accelerator
+
+    from ckptstore import CheckpointManager
+    from ckptstore.integrations.accelerate import accelerate_state
+
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 4))
+    model[0].requires_grad_(False)  # fine-tuning: a frozen base, 1 MB
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model, opt = acc.prepare(model, opt)
+    state = accelerate_state(acc, model, opt)
+    with CheckpointManager(tmp_path, incremental=True, codec="none") as mgr:
+        for step in range(3):
+            model(torch.ones(2, 512)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            mgr.save(step, state)
+            mgr.wait()
+        infos = mgr.checkpointer.list()
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+    assert [bool(i.manifest.linked) for i in infos] == [False, True, True]
+    assert all(i.manifest.owned_bytes < 0.1 * infos[0].manifest.owned_bytes for i in infos[1:])
+    fresh = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 4))
+    fresh[0].requires_grad_(False)
+    fresh_opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    fresh, fresh_opt = acc.prepare(fresh, fresh_opt)
+    with CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore(accelerate_state(acc, fresh, fresh_opt)) == 3
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, saved[k]), k

@@ -352,3 +352,29 @@ def test_incremental_shapes_script_compares_full_training_with_and_without(tmp_p
         env=_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "--shapes takes small, mid, large" in bad.stderr
+
+
+def test_lightning_incremental_script_trains_both_ways_and_writes_less_incrementally(tmp_path):
+    """``benchmarks/bench_lightning_incremental.py`` runs a real Trainer each way and
+    writes both modes' figures; with frozen weights the incremental runs write less."""
+    pytest.importorskip("lightning")
+    script = os.path.join(REPO, "benchmarks", "bench_lightning_incremental.py")
+    args = ["--target", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    done = subprocess.run(
+        [sys.executable, script, "--frozen-mb", "4", "--steps", "6", "--rounds", "1", *args],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (path,) = glob.glob(str(tmp_path / "out" / "lightning-incremental-*.json"))
+    got = json.loads(_read(path))
+    for mode in ("plain", "incremental"):
+        (run,) = got["runs"][mode]
+        assert run["saves"] >= 4 and "last.ckpt" in run["kept"], run
+        assert _finite_positive(run["stall_s"]) and _finite_positive(run["write_s"])
+    assert 0 < got["ratios"]["disk_bytes"] < 0.7, got["ratios"]
+    assert os.listdir(tmp_path / "data") == []  # its checkpoints are removed
+    bad = subprocess.run(
+        [sys.executable, script, "--steps", "2", *args],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--steps must allow 3 saves" in bad.stderr

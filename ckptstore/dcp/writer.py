@@ -305,7 +305,7 @@ class CkptStorageWriter(StorageWriter):
         file_name = pending.stored_name(base_name)
         placed: list[tuple[str, int]] = []  # each item's file and index in it
         entries: list[tuple[str, Any, torch.dtype | None]] = []
-        inc = None if self._cache is None or self._spec.overwrite else self._cache.incremental
+        inc = None if self._cache is None else self._cache.incremental
         hashing = writer = None
         sizes: list[int] = []  # each item's raw bytes
         to_bytes = tensor_bytes if inc is None else inc.bytes_of  # (a staged tensor's: kept)

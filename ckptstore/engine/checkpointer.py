@@ -29,7 +29,6 @@ from torch.distributed.checkpoint.metadata import Metadata
 from ckptstore.codecs import get_codec
 from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import CheckpointerConfig
-from ckptstore.dcp.incremental import IncrementalCache
 from ckptstore.engine import groups
 from ckptstore.engine.arguments import check_info, check_metadata, check_step
 from ckptstore.engine.ops import (
@@ -125,16 +124,14 @@ class Checkpointer(WriterMixin):
             max_bytes=self.config.max_staging_bytes,
         )
         self._slots = threading.Semaphore(self.config.max_inflight)
-        self._save_cache = SaveCache()  # used on the writer thread only
-        # full_every=1: every save writes everything, so nothing is hashed or noted for
-        # a next save to link (as incremental=False)
-        if self.config.incremental and self.config.full_every != 1:
-            self._save_cache.incremental = IncrementalCache(self.config.full_every)
-            self._save_cache.plans.itemized = True
-            self._staging.track_versions = True
-            # the caller waits for these hashes: its priority, not behind a save's jobs
-            self._staging.hash_pool = ThreadPoolExecutor(threads, "ckptstore-stage-hash")
-            self._staging.untrusted = set() if self.config.trust_version_counters else None
+        # used on the writer thread only
+        self._save_cache = (
+            SaveCache.incremental_saves(self.config.full_every)
+            if self.config.incremental
+            else SaveCache()
+        )
+        if self._save_cache.incremental is not None:
+            self._staging.find_unchanged(threads, self.config.trust_version_counters)
         self._auto = AutoCodec(local=self._backend.capabilities.local, threads=threads)
         self._fixed_codec = None if self.config.codec == "auto" else get_codec(self.config.codec)
         self._errors = ErrorLedger()

@@ -117,6 +117,17 @@ class SaveCache:
     # Of the save being written: raises if what staging trusted unchanged was not
     confirm: Callable[[], None] | None = None
 
+    @classmethod
+    def incremental_saves(cls, full_every: int) -> SaveCache:
+        """The cache of a writer whose saves link what did not change (dcp.incremental);
+        ``full_every=1``: every save writes everything, so nothing is hashed or noted
+        (as without incremental saves)."""
+        cache = cls()
+        if full_every != 1:
+            cache.incremental = IncrementalCache(full_every)
+            cache.plans.itemized = True
+        return cache
+
 
 def save_staged(
     staged: StagedState,

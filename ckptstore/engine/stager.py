@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,6 +153,15 @@ class StagingPool:
         # What this rank wrote of the last save that committed: (its layout, its number,
         # the tensors it wrote); see note_written().
         self._written: tuple[Layout, int, frozenset[str]] | None = None
+
+    def find_unchanged(self, threads: int, trust: bool) -> None:
+        """Incremental saves: note version counters, and hash what an arena may hold
+        already instead of copying it (engine.unchanged; ``trust``: the
+        ``trust_version_counters`` option). Closed with this pool."""
+        self.track_versions = True
+        # the caller waits for these hashes: its priority, not behind a save's jobs
+        self.hash_pool = ThreadPoolExecutor(threads, "ckptstore-stage-hash")
+        self.untrusted = set() if trust else None
 
     @property
     def allocated_bytes(self) -> int:

@@ -29,6 +29,16 @@ What Lightning's checkpoint holds comes back as saved, with these conversions: a
 other than strings and ints come back as strings. Values that ``torch.load(...,
 weights_only=True)`` refuses (a hyperparameter holding a class, say) fail the save at
 once with :class:`~ckptstore.errors.UnsupportedStateError` naming the key.
+
+``incremental=True`` (issue 19; off by default, as everywhere in ckptstore while it is
+proven): a save links the tensors that did not change since the plugin's last save to
+that directory (frozen weights in fine-tuning, and ``last.ckpt`` saved right after a
+top-k checkpoint of the same step) instead of writing them again: hard links on local
+disk, copies inside the store on S3. Each checkpoint still loads, verifies and deletes
+alone (``save_top_k``'s removals included). The chain follows the saves in the order
+they come, whatever their names; a save whose last one was removed or replaced since
+writes everything. After ``trainer.fit(ckpt_path=...)`` the first save links from the
+checkpoint loaded, where it lies in the directory saved to.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import logging
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,17 +56,18 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from ckptstore.codecs import get_codec
 from ckptstore.codecs.auto import AutoCodec
-from ckptstore.config import default_threads, io_window, resolve_manifest_key
+from ckptstore.config import CheckpointerConfig, default_threads, io_window, resolve_manifest_key
 from ckptstore.dcp.spec import SaveSpec
 from ckptstore.engine.listing import read_manifest
 from ckptstore.engine.oneshot import read
-from ckptstore.engine.ops import save_staged
+from ckptstore.engine.ops import SaveCache, save_staged
 from ckptstore.engine.stager import StagedState, StagingPool
 from ckptstore.errors import (
     BackgroundSaveError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
+from ckptstore.format.manifest import Manifest
 from ckptstore.layout import split_checkpoint_path
 from ckptstore.storage import StorageBackend, open_backend, replace
 
@@ -65,6 +77,15 @@ _SHAPE_KEY = "lightning_shape"  # in the manifest's metadata: what the stored pa
 Path = tuple[str | int, ...]
 
 
+@dataclass
+class _Root:
+    """A directory (or bucket prefix) saved to, opened once."""
+
+    backend: StorageBackend
+    auto: AutoCodec
+    cache: SaveCache | None  # incremental saves: what the last save there holds
+
+
 class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when mypy lacks lightning
     """Lightning's ``CheckpointIO`` over ckptstore: ``Trainer(plugins=[CkptStoreCheckpointIO()])``.
 
@@ -72,6 +93,8 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
     ``max_inflight`` (saves staged or being written at once; the next save waits for a
     slot) and ``storage_options`` (fsspec's, for ``s3://`` paths) as elsewhere in
     ckptstore. ``async_save=False`` makes every save return only once it is durable.
+    ``incremental``, ``full_every`` and ``trust_version_counters``: as
+    :class:`~ckptstore.CheckpointerConfig`'s (module doc).
     """
 
     def __init__(
@@ -83,10 +106,22 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         async_save: bool = True,
         storage_options: dict[str, Any] | None = None,
         pin_memory: bool | None = None,
+        incremental: bool = False,
+        full_every: int = 10,
+        trust_version_counters: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
             raise InvalidArgumentError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
+        # checked as a Checkpointer's are (the same messages)
+        CheckpointerConfig(
+            incremental=incremental,
+            full_every=full_every,
+            trust_version_counters=trust_version_counters,
+        )
+        self.incremental = incremental
+        self.full_every = full_every
+        self.trust_version_counters = trust_version_counters
         self.codec = codec
         self.threads = threads or default_threads()
         self.max_inflight = max_inflight
@@ -99,7 +134,8 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         self._pool: ThreadPoolExecutor | None = None
         self._staging: StagingPool | None = None
         self._slots = threading.Semaphore(max_inflight)
-        self._backends: dict[str, tuple[StorageBackend, AutoCodec]] = {}
+        self._roots: dict[str, _Root] = {}
+        self._restored: dict[str, tuple[str, Manifest]] = {}  # root -> checkpoint loaded
         self._queued: list[Future[None]] = []
         self._failures: list[tuple[str, BaseException]] = []
         self._warned = False
@@ -175,6 +211,9 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         state = read(location, threads=self.threads, storage_options=self.storage_options)
         manifest = read_manifest(backend, name, manifest_key=resolve_manifest_key())
         _restore_shape(state, manifest.metadata.get(_SHAPE_KEY, {}))
+        if self.incremental:  # the next save to this root links from it (see _write)
+            with self._lock:
+                self._restored[_key(root, self.storage_options)] = (name, manifest)
         return _map_location(state, map_location)
 
     def teardown(self) -> None:
@@ -216,6 +255,8 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptstore-lightning")
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckptstore-codec")
                 self._staging = StagingPool(slots=self.max_inflight, pin_memory=self.pin_memory)
+                if self.incremental and self.full_every != 1:
+                    self._staging.find_unchanged(self.threads, self.trust_version_counters)
             return self._writer, self._staging
 
     def _options(self, storage_options: Any) -> dict[str, Any] | None:
@@ -227,23 +268,26 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
             )
         return {**(self.storage_options or {}), **storage_options}
 
-    def _backend(
-        self, root: str, options: dict[str, Any] | None
-    ) -> tuple[StorageBackend, AutoCodec]:
-        """The backend a save writes through, opened once per root; on first use,
-        leftovers of saves that died there (a killed run) are removed."""
-        key = f"{root}\0{sorted((options or {}).items())!r}"
+    def _root(self, root: str, options: dict[str, Any] | None) -> _Root:
+        """The root a save writes to, opened once; on first use, leftovers of saves that
+        died there (a killed run) are removed. Writer thread only."""
+        key = _key(root, options)
         with self._lock:
-            found = self._backends.get(key)
-        if found is not None:
-            return found
-        backend = open_backend(root, storage_options=options)
-        removed = backend.sweep(60.0 if backend.capabilities.save_locks else 3600.0)
-        if removed:
-            log.info("removed %d leftover(s) of dead saves under %s", len(removed), backend.url)
-        auto = AutoCodec(local=backend.capabilities.local, threads=self.threads)
-        with self._lock:
-            return self._backends.setdefault(key, (backend, auto))
+            found = self._roots.get(key)
+            restored = self._restored.pop(key, None)
+        if found is None:
+            backend = open_backend(root, storage_options=options)
+            removed = backend.sweep(60.0 if backend.capabilities.save_locks else 3600.0)
+            if removed:
+                log.info("removed %d leftover(s) of dead saves under %s", len(removed), backend.url)
+            auto = AutoCodec(local=backend.capabilities.local, threads=self.threads)
+            cache = SaveCache.incremental_saves(self.full_every) if self.incremental else None
+            found = _Root(backend, auto, cache)
+            with self._lock:
+                self._roots[key] = found
+        if restored is not None and found.cache is not None and found.cache.incremental:
+            found.cache.incremental.restored_from(*restored)
+        return found
 
     def _write(
         self,
@@ -254,7 +298,8 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         options: dict[str, Any] | None,
     ) -> None:
         try:
-            backend, auto = self._backend(root, options)
+            where = self._root(root, options)
+            backend, auto, cache = where.backend, where.auto, where.cache
             codec = self._fixed or auto.choose()
             spec = SaveSpec(
                 codec,
@@ -264,9 +309,20 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                 overwrite=True,  # Lightning saves over its own (last.ckpt): replaced atomically
             )
             assert self._pool is not None
-            stats = save_staged(staged, backend, name, spec, pool=self._pool, group=None)
+            stats = save_staged(
+                staged, backend, name, spec, pool=self._pool, group=None, cache=cache
+            )
             auto.observe(codec, stats.raw_bytes, stats.stored_bytes, stats.sink_s, stats.encode_s)
-            log.info("%s/%s committed", backend.url, name)
+            inc = cache.incremental if cache is not None else None
+            if inc is not None:
+                assert self._staging is not None
+                self._staging.note_hashed(staged, inc.hashed_tensors)
+                log.info(
+                    "%s/%s committed: %d B written, %d B linked",
+                    backend.url, name, stats.raw_bytes, inc.linked_bytes,
+                )  # fmt: skip
+            else:
+                log.info("%s/%s committed", backend.url, name)
         except BaseException as exc:
             log.error("saving %s/%s failed: %s: %s", root, name, type(exc).__name__, exc)
             with self._lock:
@@ -278,7 +334,7 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
 
     def _remove(self, root: str, name: str) -> None:
         try:
-            backend = self._backend(root, self.storage_options)[0]
+            backend = self._root(root, self.storage_options).backend
             backend.delete(name)
             backend.delete(replace.beside(name))
         except BaseException as exc:
@@ -323,6 +379,10 @@ def load_module(
         module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
     return module
+
+
+def _key(root: str, options: dict[str, Any] | None) -> str:
+    return f"{root}\0{sorted((options or {}).items())!r}"
 
 
 def _split(path: Any) -> tuple[str, str]:
