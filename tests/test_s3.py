@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -242,6 +246,41 @@ def test_wrong_credentials_fail_fast_with_a_clear_message(root):
         assert "CANARY" not in str(info.value)
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_test_server_ends_with_the_process_that_started_it():
+    """A test run stopped by SIGTERM or SIGKILL (no fixture teardown) leaves no moto
+    server behind."""
+    starter = (
+        "import sys, time\n"
+        "from ckptstore.storage.testing.s3server import S3Server\n"
+        "print(S3Server().start().proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        parent = subprocess.Popen(
+            [sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True
+        )
+        server = int(parent.stdout.readline())
+        parent.send_signal(sig)
+        parent.wait(30)
+        parent.stdout.close()
+        deadline = time.monotonic() + 10
+        while alive(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive(server):
+            os.kill(server, signal.SIGKILL)
+            pytest.fail(f"the moto server outlived its starter ({sig.name})")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_two_ranks_save_straight_to_s3_and_one_loads(s3_server, s3_bucket, tmp_path, monkeypatch):

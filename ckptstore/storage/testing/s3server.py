@@ -2,7 +2,8 @@
 
 s3fs talks to it over HTTP on 127.0.0.1 exactly as it talks to AWS or MinIO; nothing in
 boto is mocked. The session fixture in ``conftest.py`` starts one server for the whole
-run and stops it at the end; each test gets a fresh bucket.
+run and stops it at the end; each test gets a fresh bucket. On Linux the server also
+ends when the process that started it dies without stopping it (SIGTERM, SIGKILL).
 """
 
 from __future__ import annotations
@@ -20,6 +21,20 @@ from typing import Any
 # log line, an exception, a manifest or any file ckptstore writes.
 ACCESS_KEY = "ckptstore-test-access-key"
 SECRET_KEY = "CANARY-SECRET-9f3c1e7a-do-not-log"
+
+
+# Runs moto's server, first asking Linux to end it when its parent dies (PR_SET_PDEATHSIG;
+# set in the child itself, after exec, and checked against a parent already gone).
+_LAUNCH = """
+import ctypes, os, runpy, signal, sys
+parent = int(sys.argv[1])
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        sys.exit(0)
+sys.argv = ["moto.server", *sys.argv[2:]]
+runpy.run_module("moto.server", run_name="__main__")
+"""
 
 
 def free_port() -> int:
@@ -43,7 +58,16 @@ class S3Server:
     def start(self, timeout_s: float = 30.0) -> S3Server:
         env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [
+                sys.executable,
+                "-c",
+                _LAUNCH,
+                str(os.getpid()),
+                "-H",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
