@@ -870,6 +870,7 @@ def test_sync_pull_and_commands_on_s3(saved, run_copy, s3_server, s3_bucket, tmp
     assert [c["name"] for c in bad] == ["step_00000020"] and "__0_0.distcp" in bad[0]["problems"][0]
     code, out, _ = run_main(capsys, "sync", run_copy, remote, "--replace-damaged")
     assert code == 0 and "replaced step_00000020" in out
+    assert "0 copied, 1 replaced, 3 already there, 0 failed" in out, out
     code, out, _ = run_main(capsys, "verify", f"{remote}/step_00000020")
     assert code == 0 and "intact" in out
 

@@ -1830,6 +1830,8 @@ def test_a_sync_to_a_local_disk_names_the_checkpoints_whose_shared_file_it_found
     assert out.count("DAMAGED") == 2 and "ckptstore verify" not in out, out
     assert "1 copied, 1 already there, 2 damaged there, 0 failed" in out, out
     assert main(["sync", src, dst, "--replace-damaged"]) == 0  # the repair it advises
+    out = capsys.readouterr().out
+    assert "0 copied, 2 replaced, 2 already there, 0 failed" in out, out
     assert main(["verify", dst]) == 0
     with ckptstore.Checkpointer(dst) as ckpt:
         for step in (1, 2, 3):

@@ -193,6 +193,7 @@ def _transfer(
         return OK
     threads = int(args.jobs or 8)  # files in parallel: I/O-bound
     copied: list[str] = []
+    replaced: list[str] = []  # damaged there, copied over (--replace-damaged)
     failed: list[str] = []
     planned: list[str] = []
     leftovers = _clear_leftovers(args, dst, infos, before_writing)
@@ -267,8 +268,8 @@ def _transfer(
         except CopyStoppedError:
             print(f"STOPPED  {info.name}: interrupted; nothing of it was committed")
             print(
-                f"{len(copied)} copied before the interruption; run the same command again to "
-                "copy the rest"
+                f"{len(copied) + len(replaced)} copied before the interruption; run the same "
+                "command again to copy the rest"
             )
             return 130
         except CheckpointExistsError as exc:
@@ -283,7 +284,7 @@ def _transfer(
             print(f"FAILED   {info.name}: {exc}")
             failed.append(info.name)
             continue
-        copied.append(info.name)
+        (replaced if replace else copied).append(info.name)
         damaged -= {d for d in damaged if d.startswith(f"{info.name}/")}  # (replaced)
         elapsed = time.monotonic() - start
         # An object store has no rename: a replace sends its files beside the damaged
@@ -294,7 +295,7 @@ def _transfer(
             f"{twice}, in {elapsed:.1f} s, verified)"
         )
         sys.stdout.flush()
-    if copied:
+    if copied or replaced:
         _housekeeping(src, dst)
     found = _report_damaged(damaged, {*left_damaged, *failed}, dst)
     bad = left_damaged + [n for n in found if n not in left_damaged and n not in failed]
@@ -306,8 +307,9 @@ def _transfer(
             f"{len(failed)} in the way, from {src.url} to {dst.url}; nothing copied"
         )
     else:
+        fixed = f", {len(replaced)} replaced" if replaced else ""
         print(
-            f"{len(copied)} copied, {intact} already there{there_bad}, {len(failed)} "
+            f"{len(copied)} copied{fixed}, {intact} already there{there_bad}, {len(failed)} "
             f"failed, from {src.url} to {dst.url}"
         )
     if bad:
