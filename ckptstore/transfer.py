@@ -156,7 +156,13 @@ def copy_checkpoint(
                 break
             dst.delete(target)
             if len(files) == len(every):
-                raise CorruptCheckpointError(f"the copy from {src.url} is damaged: {problems[0]}")
+                # Every byte came from the source: name its file (the copy is gone)
+                here, there = f"{dst.url}/{target}/", f"{src.url}/{name}/"
+                problem = without_verify_hint(problems[0]).replace(here, there)
+                raise CorruptCheckpointError(
+                    f"{problem} (found in its copy at {dst.url}, which was not kept): the "
+                    f"source is likely damaged; run `ckptstore verify {src.url}` to see what else is"
+                )
             if not check:  # which checkpoints there hold the damaged file
                 damaged_holders(dst, manifest, skip, manifest_key, bad)
             log.warning(

@@ -823,6 +823,23 @@ def test_prune_yes_works_on_a_full_disk(run_copy, capsys, monkeypatch, fails):
 
 
 # ---- S3: sync / pull and every command on an s3:// root -----------------------------
+def test_pull_of_a_damaged_remote_names_the_remote_file(run_copy, s3_server, s3_bucket, tmp_path):
+    remote = f"s3://{s3_bucket}/runs/exp"
+    assert cli("sync", run_copy, remote, "--step", "10").returncode == 0
+    fs = s3_server.fs()
+    [key] = [k for k in fs.find(f"{s3_bucket}/runs/exp/step_00000010") if k.endswith(".distcp")]
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 3] ^= 1  # inside a chunk: found only by reading the copy through
+    fs.pipe_file(key, bytes(data))
+    fresh = str(tmp_path / "fresh")
+    pull = cli("pull", remote, fresh)
+    assert pull.returncode == 1, show(pull)
+    [line] = [x for x in pull.stdout.splitlines() if x.startswith("FAILED")]
+    assert f"FAILED   step_00000010: s3://{key}: " in line, line  # not the local copy's path
+    assert "the source is likely damaged" in line and f"ckptstore verify {remote}`" in line
+    assert not os.path.exists(os.path.join(fresh, "step_00000010"))
+
+
 def test_sync_pull_and_commands_on_s3(saved, run_copy, s3_server, s3_bucket, tmp_path, capsys):
     _root, state = saved
     remote = f"s3://{s3_bucket}/runs/exp"
