@@ -43,7 +43,6 @@ checkpoint loaded, where it lies in the directory saved to.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import threading
@@ -68,13 +67,13 @@ from ckptstore.errors import (
     InvalidArgumentTypeError,
 )
 from ckptstore.format.manifest import Manifest
+from ckptstore.integrations import lightning_shape
 from ckptstore.layout import split_checkpoint_path
 from ckptstore.storage import StorageBackend, open_backend, replace
 
 log = logging.getLogger("ckptstore")
 
 _SHAPE_KEY = "lightning_shape"  # in the manifest's metadata: what the stored paths lose
-Path = tuple[str | int, ...]
 
 
 @dataclass
@@ -160,7 +159,7 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                 "overtake the saves it queues)",
                 threading.current_thread().name,
             )
-        state, shape = _prepare(checkpoint)
+        state, shape = lightning_shape.prepare(checkpoint)
         writer, staging = self._start()
         self._slots.acquire()
         try:
@@ -204,17 +203,17 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
             # this plugin): read it as Lightning would, never unpickling code by default.
             safe = True if weights_only is None else weights_only
             loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=safe)
-            return _map_location(loaded, map_location)
+            return lightning_shape.map_location(loaded, map_location)
         backend = open_backend(root, storage_options=self.storage_options, create=False)
         name = replace.readable_name(backend, name)
         location = f"{root.rstrip('/')}/{name}"
         state = read(location, threads=self.threads, storage_options=self.storage_options)
         manifest = read_manifest(backend, name, manifest_key=resolve_manifest_key())
-        _restore_shape(state, manifest.metadata.get(_SHAPE_KEY, {}))
+        lightning_shape.restore_shape(state, manifest.metadata.get(_SHAPE_KEY, {}))
         if self.incremental:  # the next save to this root links from it (see _write)
             with self._lock:
                 self._restored[_key(root, self.storage_options)] = (name, manifest)
-        return _map_location(state, map_location)
+        return lightning_shape.map_location(state, map_location)
 
     def teardown(self) -> None:
         """Wait for every queued save and removal, free threads and staging buffers;
@@ -392,112 +391,3 @@ def _split(path: Any) -> tuple[str, str]:
     if not name:
         raise InvalidArgumentError(f"{os.fspath(path)!r} does not name a checkpoint")
     return root, name
-
-
-def _prepare(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``checkpoint`` with Namespaces as dicts, and what reading it back needs to know:
-    the paths of dicts keyed by ints and of containers holding nothing (which the stored
-    paths do not record), each as DCP names it (dict keys as strings)."""
-    if not isinstance(checkpoint, dict):
-        raise InvalidArgumentTypeError(
-            f"checkpoint must be a dict, got {type(checkpoint).__name__}"
-        )
-    int_keyed: list[list[str | int]] = []
-    empty: list[list[Any]] = []
-
-    def walk(obj: Any, path: Path) -> tuple[Any, bool]:
-        """(the converted value, whether it holds anything DCP stores)."""
-        if isinstance(obj, argparse.Namespace):
-            obj = vars(obj)
-        if isinstance(obj, dict):
-            keys = list(obj)
-            if any(type(k) is int for k in keys):
-                int_keyed.append(list(path))
-            out: dict[Any, Any] = {}
-            filled = False
-            for k in keys:
-                out[k], has = walk(obj[k], (*path, str(k)))
-                filled = filled or has
-            if not filled:
-                empty.append([*path, "dict"])
-            return out, filled
-        if isinstance(obj, list) and obj:
-            items = [walk(v, (*path, i)) for i, v in enumerate(obj)]
-            filled = any(has for _, has in items)
-            if not filled:
-                empty.append([*path, "list"])
-            return [v for v, _ in items], filled
-        return obj, True  # a value, a tensor, or an empty list (stored as a value)
-
-    state, _ = walk(checkpoint, ())
-    return state, {"int_keys": int_keyed, "empty": [e for e in empty if len(e) > 1]}
-
-
-def _restore_shape(state: dict[str, Any], shape: Any) -> None:
-    """Undo what the stored paths lost (see :func:`_prepare`): empty containers first,
-    outermost first; then int keys, innermost first (their paths name string keys)."""
-    if not isinstance(shape, dict):
-        return
-    for entry in sorted(shape.get("empty", []), key=len):
-        *path, kind = entry
-        parent: Any = state
-        for part in path[:-1]:
-            parent = parent[part] if _has(parent, part) else None
-            if parent is None:
-                break
-        last = path[-1]
-        if parent is None or _has(parent, last):
-            continue
-        value: Any = {} if kind == "dict" else []
-        if isinstance(parent, dict):
-            parent[last] = value
-        elif isinstance(parent, list) and isinstance(last, int):
-            parent.extend([None] * (last + 1 - len(parent)))
-            parent[last] = value
-    for path in sorted(shape.get("int_keys", []), key=len, reverse=True):
-        node: Any = state
-        for part in path:
-            node = node[part] if _has(node, part) else None
-            if node is None:
-                break
-        if isinstance(node, dict):
-            converted = {_int_key(k): v for k, v in node.items()}
-            node.clear()
-            node.update(converted)
-
-
-def _has(container: Any, key: Any) -> bool:
-    if isinstance(container, dict):
-        return key in container and container[key] is not None
-    if isinstance(container, list) and isinstance(key, int):
-        return 0 <= key < len(container) and container[key] is not None
-    return False
-
-
-def _int_key(key: Any) -> Any:
-    if isinstance(key, str) and key.lstrip("-").isdigit() and str(int(key)) == key:
-        return int(key)
-    return key
-
-
-def _map_location(state: dict[str, Any], map_location: Any) -> dict[str, Any]:
-    if map_location is None or callable(map_location):
-        return state  # a callable (torch.load's storage hook) has no tensor to act on here
-    if isinstance(map_location, dict):
-        map_location = map_location.get("cpu")
-        if map_location is None:
-            return state
-    device = torch.device(map_location)
-    if device.type == "cpu":
-        return state
-
-    def move(obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return obj.to(device)
-        if isinstance(obj, dict):
-            return {k: move(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [move(v) for v in obj]
-        return obj
-
-    return dict(move(state))
