@@ -4,12 +4,17 @@ came to (:class:`PartFiles`): plain values that the engine hands the writer
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ckptstore.codecs import Codec
+from ckptstore.format.manifest import FileEntry, Manifest, Part
 from ckptstore.format.shard import DEFAULT_CHUNK_BYTES
+from ckptstore.version import __version__
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,35 @@ class SaveSpec:
     manifest_key: bytes | None = field(default=None, repr=False)
     overwrite: bool = False
     full: bool = False  # incremental saves: link nothing this time (dcp.incremental)
+
+    def manifest(
+        self,
+        files: dict[str, FileEntry],
+        raw_bytes: int,
+        world_size: int,
+        part: Part | None,
+        linked: dict[str, str],
+    ) -> Manifest:
+        """The manifest of a save with this spec that wrote ``files`` (``part``: a
+        node-local part's; ``linked``: files first written by earlier checkpoints)."""
+        return Manifest(
+            step=self.step,
+            world_size=world_size,
+            codec=self.codec.get_config(),
+            files=files,
+            raw_bytes=raw_bytes,
+            stored_bytes=sum(f.size_bytes for f in files.values()),
+            created_unix_s=time.time(),
+            metadata=dict(self.metadata),
+            versions={"ckptstore": __version__, "torch": torch.__version__.split("+")[0]},
+            epoch=self.epoch,
+            reason=self.reason,
+            metrics=dict(self.metrics),
+            run_id=self.run_id,
+            lineage=self.lineage,
+            part=part,
+            linked=linked,
+        )
 
 
 @dataclass(frozen=True)

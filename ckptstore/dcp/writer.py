@@ -50,7 +50,6 @@ from ckptstore.format.shard import ShardInfo, ShardWriter
 from ckptstore.layout import METADATA_FILE
 from ckptstore.storage import replace
 from ckptstore.storage.base import PendingCheckpoint, StorageBackend
-from ckptstore.version import __version__
 
 _DCP_VERSION = "1.0.0"  # the metadata version DCP's own FileSystemWriter writes
 
@@ -463,29 +462,17 @@ class CkptStorageWriter(StorageWriter):
         if disk is None or disk == self._disks[0]:  # other disks' committers write theirs
             self._pending.write_file(md_name, pp.body + pp.head + pp.tail)
         files[md_name] = FileEntry("file", size, md_digest)
-        spec = self._spec
-        manifest = Manifest(
-            step=spec.step,
-            world_size=self._world_size or 1,
-            codec=spec.codec.get_config(),
-            files=files,
-            raw_bytes=raw_bytes,
-            stored_bytes=sum(f.size_bytes for f in files.values()),
-            created_unix_s=time.time(),
-            metadata=dict(spec.metadata),
-            versions={"ckptstore": __version__, "torch": torch.__version__.split("+")[0]},
-            epoch=spec.epoch,
-            reason=spec.reason,
-            metrics=dict(spec.metrics),
-            run_id=spec.run_id,
-            lineage=spec.lineage,
-            part=None if disk is None else Part(disk, self._disks[0], elsewhere),
-            linked=linked,
-        )
+        part = None if disk is None else Part(disk, self._disks[0], elsewhere)
+        manifest = self._spec.manifest(files, raw_bytes, self._world_size or 1, part, linked)
         if disk is None or disk == self._disks[0]:
             self.manifest = manifest
         return PartFiles(
-            pp.ident, pp.body, pp.tail, manifest.to_json(spec.manifest_key), pp.head, pp.shared
+            pp.ident,
+            pp.body,
+            pp.tail,
+            manifest.to_json(self._spec.manifest_key),
+            pp.head,
+            pp.shared,
         )
 
     def commit_coordinator_part(self) -> None:
