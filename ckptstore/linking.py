@@ -174,6 +174,12 @@ def damaged_holders(
                 damaged.add(at)
 
 
+def forget_damaged(damaged: set[str], name: str) -> None:
+    """Drop from ``damaged`` (``"<checkpoint>/<file>"``, as :func:`damaged_holders` notes
+    them) the files of checkpoint ``name``: it was copied again, or is given up on."""
+    damaged.difference_update([at for at in frozenset(damaged) if at.startswith(f"{name}/")])
+
+
 def _inode(dst: StorageBackend, at: str) -> tuple[int, int] | None:
     """The file's (device, inode) on a local disk; None elsewhere, or gone."""
     if not dst.capabilities.local:

@@ -41,6 +41,7 @@ from ckptstore.errors import (
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
+from ckptstore.linking import forget_damaged
 from ckptstore.manager import pointer
 from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
@@ -285,7 +286,7 @@ def _transfer(
             failed.append(info.name)
             continue
         (replaced if replace else copied).append(info.name)
-        damaged -= {d for d in damaged if d.startswith(f"{info.name}/")}  # (replaced)
+        forget_damaged(damaged, info.name)  # (replaced)
         elapsed = time.monotonic() - start
         # An object store has no rename: a replace sends its files beside the damaged
         # copy, then again under its name (replace_checkpoint); the bytes count both

@@ -21,6 +21,7 @@ from ckptstore.engine.ops import read_manifest
 from ckptstore.errors import CkptStoreError, CopyStoppedError
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import MANIFEST_FILE, REPLACING_SUFFIX
+from ckptstore.linking import forget_damaged
 from ckptstore.storage import StorageBackend
 
 log = logging.getLogger("ckptstore")
@@ -58,7 +59,7 @@ class RepairMixin:
 
     def _forget_damage(self, name: str) -> None:
         """``name`` was just uploaded or replaced there: what was noted of it is stale."""
-        self._damaged -= {at for at in frozenset(self._damaged) if at.startswith(f"{name}/")}
+        forget_damaged(self._damaged, name)
         self._not_ours.discard(name)
         self._repair_tries.pop(name, None)
         with self._cond:
@@ -70,7 +71,7 @@ class RepairMixin:
         for name in sorted({at.partition("/")[0] for at in frozenset(self._damaged)}):
             with self._cond:
                 if name in self._unrepaired or name in self._not_ours:  # (found again)
-                    self._damaged -= {a for a in frozenset(self._damaged) if a.startswith(f"{name}/")}  # fmt: skip
+                    forget_damaged(self._damaged, name)
                     continue
                 if name in self._repairs or name == self._current or name in self._queue:
                     continue
@@ -121,7 +122,7 @@ class RepairMixin:
     def _leave_damaged(self, name: str, why: str) -> None:
         """Stop trying to repair ``name``; list it as damaged if it is this run's (or its
         lineage's) checkpoint there, and say so once."""
-        self._damaged -= {at for at in frozenset(self._damaged) if at.startswith(f"{name}/")}
+        forget_damaged(self._damaged, name)
         try:
             theirs = read_manifest(self.remote, name, manifest_key=self._manifest_key)
         except CkptStoreError:
