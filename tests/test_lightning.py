@@ -346,6 +346,42 @@ def test_incremental_replace_on_an_object_store_keeps_every_name_loadable(s3_ser
     assert linked, fs.ls(f"{s3_bucket}/run/last.ckpt")
 
 
+def test_incremental_saves_stop_linking_a_shared_file_found_damaged(tmp_path, caplog):
+    """On a local disk every checkpoint of a chain holds one copy of the frozen bytes:
+    once a save's check reads it damaged, the next save writes everything and later
+    ones link from that."""
+    io = CkptStoreCheckpointIO(codec="none", incremental=True, async_save=False)
+    frozen = torch.randn(256, 1024)  # 1 MB
+
+    def state(step):
+        return {"frozen": frozen, "adapter": torch.full((8,), float(step)), "global_step": step}
+
+    def path(step):
+        return str(tmp_path / f"s{step}.ckpt")
+
+    io.save_checkpoint(state(1), path(1))
+    io.save_checkpoint(state(2), path(2))  # links s1's file (then checked: intact)
+    io.wait()
+    shared = os.path.join(path(1), "__0_0.distcp")
+    assert os.stat(shared).st_ino == os.stat(os.path.join(path(2), "__0_0-s1.ckpt.distcp")).st_ino
+    with open(shared, "r+b") as f:  # bit rot inside the frozen tensor's bytes
+        f.seek(os.path.getsize(shared) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    with caplog.at_level("ERROR", logger="ckptstore"):
+        io.save_checkpoint(state(3), path(3))  # links it (its index is intact): damaged
+        io.wait()
+    assert f"{tmp_path}/s3.ckpt is damaged" in caplog.text, caplog.text
+    assert "the next save to" in caplog.text and "writes everything" in caplog.text
+    io.save_checkpoint(state(4), path(4))
+    io.save_checkpoint(state(5), path(5))
+    io.teardown()
+    assert linked_files(path(4)) == [] and problems(path(4)) == []
+    assert_same(ckptstore.read(path(4)), state(4))
+    assert linked_files(path(5)) == ["__0_0-s4.ckpt.distcp"] and problems(path(5)) == []
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

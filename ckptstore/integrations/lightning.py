@@ -34,11 +34,16 @@ once with :class:`~ckptstore.errors.UnsupportedStateError` naming the key.
 proven): a save links the tensors that did not change since the plugin's last save to
 that directory (frozen weights in fine-tuning, and ``last.ckpt`` saved right after a
 top-k checkpoint of the same step) instead of writing them again: hard links on local
-disk, copies inside the store on S3. Each checkpoint still loads, verifies and deletes
-alone (``save_top_k``'s removals included). The chain follows the saves in the order
-they come, whatever their names; a save whose last one was removed or replaced since
-writes everything. After ``trainer.fit(ckpt_path=...)`` the first save links from the
-checkpoint loaded, where it lies in the directory saved to.
+disk, copies inside the store on S3. Each checkpoint still loads and deletes alone
+(``save_top_k``'s removals included). The chain follows the saves in the order they
+come, whatever their names; a save whose last one was removed or replaced since writes
+everything. After ``trainer.fit(ckpt_path=...)`` the first save links from the
+checkpoint loaded, where it lies in the directory saved to, if that one holds a note
+(it linked something, or was the first save after a restore). On a local disk a
+linked file is one copy: damage in it is damage to every checkpoint holding it. So
+after a save that linked files, the writer thread reads that checkpoint through
+(unless a newer one committed meanwhile), and if it is damaged the next save writes
+everything (:meth:`CkptStoreCheckpointIO._check`).
 """
 
 from __future__ import annotations
@@ -59,12 +64,14 @@ from ckptstore.config import CheckpointerConfig, default_threads, io_window, res
 from ckptstore.dcp.spec import SaveSpec
 from ckptstore.engine.listing import read_manifest
 from ckptstore.engine.oneshot import read
-from ckptstore.engine.ops import SaveCache, save_staged
+from ckptstore.engine.ops import SaveCache, save_staged, verify
+from ckptstore.engine.priority import lower_thread_priority
 from ckptstore.engine.stager import StagedState, StagingPool
 from ckptstore.errors import (
     BackgroundSaveError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
+    without_verify_hint,
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.integrations import lightning_shape
@@ -83,12 +90,14 @@ class _Root:
     backend: StorageBackend
     auto: AutoCodec
     cache: SaveCache | None  # incremental saves: what the last save there holds
+    saves: int = 0  # committed by this plugin (a check of one is moot once another is)
+    full_next: bool = False  # a check found the newest damaged: link nothing next time
 
 
 class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when mypy lacks lightning
     """Lightning's ``CheckpointIO`` over ckptstore: ``Trainer(plugins=[CkptStoreCheckpointIO()])``.
 
-    ``codec`` (``"auto"``, ``"zstd"``, ``"raw"``, ...), ``threads`` (the codec pool),
+    ``codec`` (``"auto"``, ``"zstd"``, ``"none"``), ``threads`` (the codec pool),
     ``max_inflight`` (saves staged or being written at once; the next save waits for a
     slot) and ``storage_options`` (fsspec's, for ``s3://`` paths) as elsewhere in
     ckptstore. ``async_save=False`` makes every save return only once it is durable.
@@ -160,16 +169,14 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                 threading.current_thread().name,
             )
         state, shape = lightning_shape.prepare(checkpoint)
-        writer, staging = self._start()
+        _, staging = self._start()
         self._slots.acquire()
         try:
             staged = staging.stage(state)
         except BaseException:
             self._slots.release()
             raise
-        future = writer.submit(self._write, staged, root, name, shape, options)
-        with self._lock:
-            self._queued = [f for f in self._queued if not f.done()] + [future]
+        future = self._queue(self._write, staged, root, name, shape, options)
         if not self.async_save:
             future.result()
         self._raise_failures()
@@ -177,10 +184,7 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
     def remove_checkpoint(self, path: Any) -> None:
         """Delete checkpoint ``path`` once every save queued before this call has run."""
         root, name = _split(path)
-        writer, _ = self._start()
-        future = writer.submit(self._remove, root, name)
-        with self._lock:
-            self._queued = [f for f in self._queued if not f.done()] + [future]
+        future = self._queue(self._remove, root, name)
         if not self.async_save:
             future.result()
         self._raise_failures()
@@ -235,10 +239,13 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
     # ---- extra ----------------------------------------------------------------------
     def wait(self) -> None:
         """Block until every queued save and removal has run; raise a failure among them."""
-        with self._lock:
-            queued, self._queued = self._queued, []
-        for f in queued:
-            f.exception()
+        while True:  # (a save queues its check as it ends)
+            with self._lock:
+                queued, self._queued = self._queued, []
+            if not queued:
+                break
+            for f in queued:
+                f.exception()
         self._raise_failures()
 
     @property
@@ -252,7 +259,13 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         with self._lock:
             if self._writer is None or self._staging is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckptstore-lightning")
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ckptstore-codec")
+                # below the training loop's priority, as a Checkpointer's (CheckpointerConfig.worker_nice)
+                self._pool = ThreadPoolExecutor(
+                    self.threads,
+                    "ckptstore-codec",
+                    initializer=lower_thread_priority,
+                    initargs=(CheckpointerConfig.worker_nice,),
+                )
                 self._staging = StagingPool(slots=self.max_inflight, pin_memory=self.pin_memory)
                 if self.incremental and self.full_every != 1:
                     self._staging.find_unchanged(self.threads, self.trust_version_counters)
@@ -306,12 +319,15 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                 metadata={_SHAPE_KEY: shape},
                 manifest_key=resolve_manifest_key(),
                 overwrite=True,  # Lightning saves over its own (last.ckpt): replaced atomically
+                full=where.full_next,
             )
             assert self._pool is not None
             stats = save_staged(
                 staged, backend, name, spec, pool=self._pool, group=None, cache=cache
             )
             auto.observe(codec, stats.raw_bytes, stats.stored_bytes, stats.sink_s, stats.encode_s)
+            where.saves += 1
+            where.full_next = False
             inc = cache.incremental if cache is not None else None
             if inc is not None:
                 assert self._staging is not None
@@ -320,6 +336,8 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                     "%s/%s committed: %d B written, %d B linked",
                     backend.url, name, stats.raw_bytes, inc.linked_bytes,
                 )  # fmt: skip
+                if inc.linked_bytes and backend.capabilities.local:
+                    self._queue(self._check, where, name, where.saves, self._pool)
             else:
                 log.info("%s/%s committed", backend.url, name)
         except BaseException as exc:
@@ -330,6 +348,37 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
             if self._staging is not None:
                 self._staging.release(staged)
             self._slots.release()
+
+    def _queue(self, job: Any, *args: Any) -> Future[None]:
+        """Run ``job`` on the writer thread after what is queued (``wait`` waits for it)."""
+        writer, _ = self._start()
+        future = writer.submit(job, *args)
+        with self._lock:
+            self._queued = [f for f in self._queued if not f.done()] + [future]
+        return future
+
+    def _check(self, where: _Root, name: str, count: int, pool: ThreadPoolExecutor) -> None:
+        """Read checkpoint ``name`` through (its own files, and of each file it shares with
+        earlier checkpoints the items it uses), unless a newer save has committed since.
+        On a local disk a shared file is one copy (hard links): damaged, it is damaged in
+        every checkpoint holding it, and every later save would link it too; so the next
+        save writes everything (as the CheckpointManager's retention read makes it do)."""
+        if where.saves != count:
+            return  # a newer one committed: its check reads the same shared files
+        try:
+            problems = verify(where.backend, name, pool, manifest_key=resolve_manifest_key())
+        except Exception as exc:  # the check must never fail a run
+            log.warning(
+                "checking %s/%s failed: %s: %s", where.backend.url, name, type(exc).__name__, exc
+            )
+            return
+        if problems and where.saves == count:
+            where.full_next = True
+            log.error(
+                "%s/%s is damaged (%s), and so is every checkpoint there that shares that "
+                "file: the next save to %s writes everything instead of linking it",
+                where.backend.url, name, without_verify_hint(problems[0]), where.backend.url,
+            )  # fmt: skip
 
     def _remove(self, root: str, name: str) -> None:
         try:
