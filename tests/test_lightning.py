@@ -382,6 +382,20 @@ def test_incremental_saves_stop_linking_a_shared_file_found_damaged(tmp_path, ca
     assert linked_files(path(5)) == ["__0_0-s4.ckpt.distcp"] and problems(path(5)) == []
 
 
+def test_a_checkpoint_removed_before_its_check_is_not_called_damaged(tmp_path, caplog):
+    io = SlowIO(codec="none", incremental=True)  # the removal queues behind the save
+    frozen = torch.randn(256, 1024)
+    for step in (1, 2):
+        io.save_checkpoint({"frozen": frozen, "step": step}, str(tmp_path / f"s{step}.ckpt"))
+    with caplog.at_level("ERROR", logger="ckptstore"):
+        io.remove_checkpoint(str(tmp_path / "s2.ckpt"))  # before s2's check runs
+        io.wait()
+        io.save_checkpoint({"frozen": frozen, "step": 3}, str(tmp_path / "s3.ckpt"))
+        io.teardown()
+    assert "damaged" not in caplog.text, caplog.text
+    assert entries(str(tmp_path)) == ["s1.ckpt", "s3.ckpt"]
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

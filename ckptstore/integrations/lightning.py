@@ -363,8 +363,8 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         On a local disk a shared file is one copy (hard links): damaged, it is damaged in
         every checkpoint holding it, and every later save would link it too; so the next
         save writes everything (as the CheckpointManager's retention read makes it do)."""
-        if where.saves != count:
-            return  # a newer one committed: its check reads the same shared files
+        if where.saves != count or not replace.is_committed(where.backend, name):
+            return  # a newer one committed (its check reads the same files), or removed
         try:
             problems = verify(where.backend, name, pool, manifest_key=resolve_manifest_key())
         except Exception as exc:  # the check must never fail a run
