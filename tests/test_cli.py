@@ -434,20 +434,35 @@ class NotAllowed:
     """A custom class: torch.load(weights_only=True) refuses to unpickle it."""
 
 
-def test_a_root_of_checkpoints_named_otherwise_is_pointed_at_them(tmp_path, capsys):
+def test_a_root_of_checkpoints_named_otherwise_is_listed_and_verified_whole(tmp_path, capsys):
     """A directory of Lightning checkpoints (``*.ckpt``, each a checkpoint): ls and
-    verify said there were none; they name them, and take one at a time."""
+    verify said there were none; they list and check them all (oldest first), and the
+    commands about steps point at them."""
     from ckptstore.cli.main import main
 
     root = tmp_path / "lightning"
-    for name in ("epoch=0-step=4.ckpt", "last.ckpt"):
+    for name in ("last.ckpt", "epoch=0-step=4.ckpt"):
         ckptstore.save({"w": torch.ones(3)}, str(root / name))
     assert main(["ls", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "2 checkpoint(s) under other names (epoch=0-step=4.ckpt, last.ckpt" in out, out
-    assert main(["verify", str(root)]) == 2
+    rows = [line.split()[0] for line in out.splitlines()[1:3]]
+    assert rows == ["last.ckpt", "epoch=0-step=4.ckpt"], out  # by time saved
+    assert "2 committed checkpoint(s) (named otherwise than step_N" in out, out
+    assert main(["ls", str(root), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [(c["name"], c["step"]) for c in listed] == [
+        ("last.ckpt", None),
+        ("epoch=0-step=4.ckpt", None),
+    ]
+    assert main(["verify", str(root)]) == 0
+    assert "all 2 checkpoint(s) intact" in capsys.readouterr().out
+    shard = root / "last.ckpt" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1])  # damaged
+    assert main(["verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "last.ckpt" in out and "OK   epoch=0-step=4.ckpt" in out, out
+    assert main(["export", str(root), str(tmp_path / "x.pt")]) == 2
     assert f"give one, e.g. {root}/epoch=0-step=4.ckpt" in capsys.readouterr().err
-    assert main(["verify", str(root / "last.ckpt")]) == 0
 
 
 def test_export_refuses_to_write_inside_a_checkpoint(tmp_path, capsys):

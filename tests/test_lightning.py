@@ -20,6 +20,7 @@ from helpers import REPO, assert_same  # noqa: E402
 from lightning_worker import Adapted, Tiny, loaders, trainer  # noqa: E402
 
 import ckptstore  # noqa: E402
+from ckptstore.cli.main import main as cli_main  # noqa: E402
 from ckptstore.engine.ops import verify  # noqa: E402
 from ckptstore.errors import BackgroundSaveError  # noqa: E402
 from ckptstore.integrations.lightning import CkptStoreCheckpointIO, load_module  # noqa: E402
@@ -280,7 +281,7 @@ def fit_adapted(dirpath, steps, top_k=2, resume=False, **io_options):
     return t
 
 
-def test_incremental_saves_link_the_frozen_layer_and_every_checkpoint_stays_whole(tmp_path):
+def test_incremental_saves_link_the_frozen_layer_and_every_checkpoint_stays_whole(tmp_path, capsys):
     plain, inc = str(tmp_path / "plain"), str(tmp_path / "inc")
     fit_adapted(plain, 12)
     fit_adapted(inc, 12, incremental=True)
@@ -294,6 +295,14 @@ def test_incremental_saves_link_the_frozen_layer_and_every_checkpoint_stays_whol
     assert disk_bytes(inc) < 0.5 * disk_bytes(plain), (disk_bytes(inc), disk_bytes(plain))
     for name in names:
         assert problems(os.path.join(inc, name)) == [], name
+    # the command line takes the directory whole: ls says what each holds alone
+    capsys.readouterr()
+    assert cli_main(["verify", inc]) == 0
+    assert "all 3 checkpoint(s) intact" in capsys.readouterr().out
+    assert cli_main(["ls", inc]) == 0
+    out = capsys.readouterr().out
+    assert "3 committed checkpoint(s) (named otherwise than step_N" in out, out
+    assert "on disk: incremental saves share files" in out and "its own)" in out, out
     for name in names:  # each still loads with every other one deleted
         if name != "last.ckpt":
             shutil.rmtree(os.path.join(inc, name))

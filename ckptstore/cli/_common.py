@@ -153,20 +153,27 @@ def _holds_checkpoints(directory: str) -> bool:
         return False
 
 
+def other_checkpoints(backend: StorageBackend) -> list[str]:
+    """The committed checkpoints in a local root under names other than ``step_N``
+    (Lightning's ``*.ckpt``, an export's), sorted; none on object stores (one listing
+    there says nothing about manifests)."""
+    if not backend.capabilities.local:
+        return []
+    try:
+        return sorted(
+            n
+            for n in backend.list_names()
+            if not STEP_NAME.match(n) and backend.exists(f"{n}/{MANIFEST_FILE}")
+        )
+    except (OSError, StorageError):
+        return []
+
+
 def named_otherwise(backend: StorageBackend, target: str) -> str:
     """For a root with no ``step_N`` checkpoints: a hint naming the checkpoints in it
     under other names (Lightning's ``*.ckpt``, an export's), which a command takes one
     at a time; empty if there are none (local roots only: one listing)."""
-    if not backend.capabilities.local:
-        return ""
-    try:
-        names = [
-            n
-            for n in backend.list_names()
-            if not STEP_NAME.match(n) and backend.exists(f"{n}/{MANIFEST_FILE}")
-        ]
-    except (OSError, StorageError):
-        return ""
+    names = other_checkpoints(backend)
     if not names:
         return ""
     shown = ", ".join(sorted(names)[:4]) + (" ..." if len(names) > 4 else "")
@@ -238,9 +245,12 @@ def resolve_checkpoint(
     infos = list_checkpoints(backend, manifest_key=manifest_key())
     if not infos:
         raise usage_error(
-            f"no committed checkpoint under {backend.url}: pass a checkpoint "
-            f"(ROOT/step_00000500) or a root that holds some (ckptstore ls {text} --all shows "
-            "uncommitted and damaged ones)"
+            f"no committed checkpoint under {backend.url}"
+            + (
+                named_otherwise(backend, text)
+                or f": pass a checkpoint (ROOT/step_00000500) or a root that holds some "
+                f"(ckptstore ls {text} --all shows uncommitted and damaged ones)"
+            )
         )
     newest = infos[-1]
     if not quiet:

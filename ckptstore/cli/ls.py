@@ -25,6 +25,7 @@ from ckptstore.cli._common import (
     metrics_text,
     named_otherwise,
     open_root,
+    other_checkpoints,
     size,
     table,
 )
@@ -88,6 +89,22 @@ def scan(backend: StorageBackend, *, everything: bool) -> list[Entry]:
         if not missing or not missing - set(backend.list_names()):
             return entries
     return _scan(backend, everything)[0]
+
+
+def named_entries(backend: StorageBackend) -> list[Entry]:
+    """The committed checkpoints of a local root named otherwise than ``step_N``
+    (Lightning's ``*.ckpt``), oldest first."""
+    names = other_checkpoints(backend)
+    manifests = _read_manifests(backend, names)
+    entries = []
+    for name in names:
+        try:
+            manifest = manifests[name]()
+        except CkptStoreError:
+            continue
+        entries.append(Entry(name, "committed", None, f"{backend.url}/{name}", manifest))
+    entries.sort(key=lambda e: (e.manifest.created_unix_s if e.manifest else 0.0, e.name))
+    return entries
 
 
 def _scan(backend: StorageBackend, everything: bool) -> tuple[list[Entry], set[str]]:
@@ -266,8 +283,15 @@ def run(args: argparse.Namespace) -> int:
     backend = open_root(args.root)
     remote = open_root(args.remote) if args.remote else None
     entries = scan(backend, everything=args.all)
-    metric, mode = best_metric(args, entries)
-    tag(backend, entries, metric=metric, mode=mode, forever=forever, remote=remote)
+    # A directory of Lightning's *.ckpt checkpoints: listed by time saved; steps, tags
+    # and retention are about step_N checkpoints
+    has_steps = any(e.status == "committed" for e in entries)
+    named = [] if has_steps else named_entries(backend)
+    if named:
+        entries, metric, mode = named + entries, None, args.mode or "min"
+    else:
+        metric, mode = best_metric(args, entries)
+        tag(backend, entries, metric=metric, mode=mode, forever=forever, remote=remote)
     own = alone_bytes(backend, entries)
     if args.json:
         emit_json(
@@ -292,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(
                 [
                     e.name,
-                    str(e.step),
+                    "-" if e.step is None else str(e.step),
                     "-" if m.epoch is None else str(m.epoch),
                     local_time(m.created_unix_s),
                     m.reason or "-",
@@ -314,7 +338,11 @@ def run(args: argparse.Namespace) -> int:
     alone = ""
     if shared is not None and shared < total:
         alone = f" ({size(shared)} on disk: incremental saves share files)"
-    print(f"{len(committed)} committed checkpoint(s), {size(total)}{alone}, under {backend.url}")
+    otherwise = " (named otherwise than step_N, as Lightning names them)" if named else ""
+    print(
+        f"{len(committed)} committed checkpoint(s){otherwise}, {size(total)}{alone}, under "
+        f"{backend.url}"
+    )
     if metric is not None:
         print(f"best: by {metric} ({mode})")
     pointed = pointer.read_latest(backend)

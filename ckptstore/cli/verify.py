@@ -19,8 +19,8 @@ from ckptstore.cli._common import (
     find_named,
     int_at_least,
     manifest_key,
-    named_otherwise,
     open_root,
+    other_checkpoints,
     resolve_checkpoint,
     status,
     usage_error,
@@ -65,11 +65,12 @@ def run(args: argparse.Namespace) -> int:
         else:
             backend = open_root(args.target)
             targets, notes, parts = root_targets(backend, args.target)
+            if not targets:  # a directory of Lightning's *.ckpt checkpoints: all of them
+                targets = [(n, "named") for n in other_checkpoints(backend)]
             if not targets:
-                other = named_otherwise(backend, args.target)
                 raise usage_error(
-                    f"no checkpoints under {backend.url}: nothing to verify"
-                    + (other or f"; check the path (ckptstore ls {args.target} --all)")
+                    f"no checkpoints under {backend.url}: nothing to verify; check the path "
+                    f"(ckptstore ls {args.target} --all)"
                 )
     from ckptstore.engine.ops import verify  # torch (DCP metadata); --help does without
 
