@@ -330,3 +330,13 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
         timeout=timeout,
         env=dict(os.environ, PYTHONPATH=REPO),
     )
+
+
+def script_ends_cleanly(script: str, *args: str) -> None:
+    """Run ``script`` (Python source) in a fresh interpreter with ``args``; it must exit
+    0 with no failure logged (for what happens as a script ends)."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0 and "failed" not in done.stderr, done.stderr

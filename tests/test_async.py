@@ -307,3 +307,22 @@ def test_root_fsync_failure_after_the_rename_leaves_nothing_listed(root, monkeyp
         assert not [n for n in os.listdir(root) if n != "step_00000001"]
         ckpt.save(state_of(), 2)  # the same step again: nothing stands in the way
         assert [i.step for i in ckpt.list()] == [1, 2]
+
+
+def test_a_save_in_flight_when_the_script_ends_is_written(tmp_path):
+    """A script that ends right after save_async, without close(): the interpreter's
+    exit used to stop the codec pool under the save, which was lost (an error line,
+    exit status 0). It is written, and verifies."""
+    from helpers import script_ends_cleanly
+
+    script = (
+        "import sys, torch, ckptstore\n"
+        "c = ckptstore.Checkpointer(sys.argv[1], codec='none')\n"
+        "c.save_async({'w': torch.arange(1 << 20, dtype=torch.float32)}, step=1)\n"
+    )
+    script_ends_cleanly(script, str(tmp_path))
+    with ckptstore.Checkpointer(str(tmp_path)) as ckpt:
+        assert ckpt.verify(1) == []
+        got = {"w": torch.zeros(1 << 20)}
+        ckpt.load(got, 1)
+    assert torch.equal(got["w"], torch.arange(1 << 20, dtype=torch.float32))

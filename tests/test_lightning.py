@@ -16,7 +16,7 @@ import pytest
 L = pytest.importorskip("lightning")
 
 import torch  # noqa: E402
-from helpers import REPO, assert_same  # noqa: E402
+from helpers import REPO, assert_same, script_ends_cleanly  # noqa: E402
 from lightning_worker import Adapted, Tiny, loaders, trainer  # noqa: E402
 
 import ckptstore  # noqa: E402
@@ -416,6 +416,26 @@ def test_a_checkpoint_removed_before_its_check_is_not_called_damaged(tmp_path, c
 def test_incremental_options_are_checked(options, message):
     with pytest.raises((ckptstore.errors.InvalidArgumentError, TypeError), match=message):
         CkptStoreCheckpointIO(**options)
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_a_save_queued_when_the_script_ends_is_written(tmp_path, incremental):
+    """``trainer.save_checkpoint`` after ``fit`` (whose teardown already ran) and then
+    the end of the script: the interpreter's exit used to stop the executors under the
+    save, which was lost (an error line, exit status 0)."""
+    script = (
+        "import sys, torch\n"
+        "from ckptstore.integrations.lightning import CkptStoreCheckpointIO\n"
+        f"io = CkptStoreCheckpointIO(codec='none', incremental={incremental})\n"
+        "frozen = torch.randn(512, 1024)\n"
+        "io.save_checkpoint({'frozen': frozen, 'step': 1}, sys.argv[1] + '/s1.ckpt')\n"
+        "io.teardown()\n"
+        "io.save_checkpoint({'frozen': frozen, 'step': 2}, sys.argv[1] + '/final.ckpt')\n"
+    )
+    script_ends_cleanly(script, str(tmp_path))
+    assert entries(str(tmp_path)) == ["final.ckpt", "s1.ckpt"]
+    assert problems(str(tmp_path / "final.ckpt")) == []
+    assert ckptstore.read(tmp_path / "final.ckpt")["step"] == 2
 
 
 def test_ddp_on_two_cpu_processes_does_not_hang(tmp_path):

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from ckptstore.codecs import get_codec
 from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import CheckpointerConfig
-from ckptstore.engine import groups
+from ckptstore.engine import at_exit, groups
 from ckptstore.engine.arguments import check_info, check_metadata, check_step
 from ckptstore.engine.ops import (
     CheckpointInfo,
@@ -133,6 +133,7 @@ class Checkpointer(WriterMixin):
         if self._save_cache.incremental is not None:
             self._staging.find_unchanged(threads, self.config.trust_version_counters)
         self._auto = AutoCodec(local=self._backend.capabilities.local, threads=threads)
+        at_exit.track(self)  # a save in flight as the script ends is still written
         self._fixed_codec = None if self.config.codec == "auto" else get_codec(self.config.codec)
         self._errors = ErrorLedger()
         self._lock = threading.Lock()
@@ -319,6 +320,12 @@ class Checkpointer(WriterMixin):
                 p.committed.result()
         # Jobs submitted with block_until_staged=False may not be in _inflight yet.
         self._writer.submit(lambda: None).result()
+
+    def _finish_at_exit(self) -> None:
+        """(engine.at_exit) In one process, the saves still in flight are written. With
+        several ranks nothing waits: a rank whose peers are gone would hang there."""
+        if not self._closed and self._group is None:
+            self.wait()
 
     def close(self) -> None:
         """Wait for saves in flight, release buffers and threads; raise if one failed."""

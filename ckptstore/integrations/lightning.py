@@ -62,6 +62,7 @@ from ckptstore.codecs import get_codec
 from ckptstore.codecs.auto import AutoCodec
 from ckptstore.config import CheckpointerConfig, default_threads, io_window, resolve_manifest_key
 from ckptstore.dcp.spec import SaveSpec
+from ckptstore.engine import at_exit
 from ckptstore.engine.listing import read_manifest
 from ckptstore.engine.oneshot import read
 from ckptstore.engine.ops import SaveCache, save_staged, verify
@@ -248,6 +249,9 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                 f.exception()
         self._raise_failures()
 
+    def _finish_at_exit(self) -> None:
+        self.wait()  # (engine.at_exit)
+
     @property
     def staging_bytes(self) -> int:
         """Host memory held by staging buffers (allocated once, reused by later saves)."""
@@ -269,6 +273,7 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                 self._staging = StagingPool(slots=self.max_inflight, pin_memory=self.pin_memory)
                 if self.incremental and self.full_every != 1:
                     self._staging.find_unchanged(self.threads, self.trust_version_counters)
+                at_exit.track(self)  # a save queued as the script ends is still written
             return self._writer, self._staging
 
     def _options(self, storage_options: Any) -> dict[str, Any] | None:
@@ -309,6 +314,7 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         shape: dict[str, Any],
         options: dict[str, Any] | None,
     ) -> None:
+        check = False  # (the save linked files on a local disk: read it through after)
         try:
             where = self._root(root, options)
             backend, auto, cache = where.backend, where.auto, where.cache
@@ -336,8 +342,7 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                     "%s/%s committed: %d B written, %d B linked",
                     backend.url, name, stats.raw_bytes, inc.linked_bytes,
                 )  # fmt: skip
-                if inc.linked_bytes and backend.capabilities.local:
-                    self._queue(self._check, where, name, where.saves, self._pool)
+                check = bool(inc.linked_bytes) and backend.capabilities.local
             else:
                 log.info("%s/%s committed", backend.url, name)
         except BaseException as exc:
@@ -348,6 +353,11 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
             if self._staging is not None:
                 self._staging.release(staged)
             self._slots.release()
+        if check:  # the save committed: whatever happens now, it is not a failed one
+            try:
+                self._queue(self._check, where, name, where.saves, self._pool)
+            except RuntimeError as exc:  # executors shut down (teardown interrupted, exit)
+                log.warning("%s/%s: not read through after its save (%s)", root, name, exc)
 
     def _queue(self, job: Any, *args: Any) -> Future[None]:
         """Run ``job`` on the writer thread after what is queued (``wait`` waits for it)."""
@@ -374,10 +384,12 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
             return
         if problems and where.saves == count:
             where.full_next = True
+            url = where.backend.url
             log.error(
-                "%s/%s is damaged (%s), and so is every checkpoint there that shares that "
-                "file: the next save to %s writes everything instead of linking it",
-                where.backend.url, name, without_verify_hint(problems[0]), where.backend.url,
+                "%s/%s is damaged (%s): the next save to %s writes everything instead of "
+                "linking its files; `ckptstore verify %s` names every checkpoint there that "
+                "is damaged (a damaged shared file is damage in each one holding it)",
+                url, name, without_verify_hint(problems[0]), url, url,
             )  # fmt: skip
 
     def _remove(self, root: str, name: str) -> None:
