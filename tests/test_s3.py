@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -248,10 +250,20 @@ def test_wrong_credentials_fail_fast_with_a_clear_message(root):
         server.stop()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_test_server_ends_with_the_process_that_started_it():
     """A test run stopped by SIGTERM or SIGKILL (no fixture teardown) leaves no moto
-    server behind."""
+    server behind; one started from a thread outlives the thread."""
+    started = []
+    starter_thread = threading.Thread(target=lambda: started.append(S3Server().start()))
+    starter_thread.start()
+    starter_thread.join()
+    try:
+        time.sleep(1.0)  # (PR_SET_PDEATHSIG would have ended it with the thread)
+        assert started[0].proc.poll() is None
+        socket.create_connection(("127.0.0.1", started[0].port), 2).close()
+    finally:
+        started[0].stop()
     starter = (
         "import sys, time\n"
         "from ckptstore.storage.testing.s3server import S3Server\n"

@@ -2,8 +2,9 @@
 
 s3fs talks to it over HTTP on 127.0.0.1 exactly as it talks to AWS or MinIO; nothing in
 boto is mocked. The session fixture in ``conftest.py`` starts one server for the whole
-run and stops it at the end; each test gets a fresh bucket. On Linux the server also
-ends when the process that started it dies without stopping it (SIGTERM, SIGKILL).
+run and stops it at the end; each test gets a fresh bucket. The server also ends when
+the process that started it dies without stopping it (SIGTERM, SIGKILL): it watches its
+parent process id.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ ACCESS_KEY = "ckptstore-test-access-key"
 SECRET_KEY = "CANARY-SECRET-9f3c1e7a-do-not-log"
 
 
-# Runs moto's server, first asking Linux to end it when its parent dies (PR_SET_PDEATHSIG;
-# set in the child itself, after exec, and checked against a parent already gone).
+# Runs moto's server beside a thread that ends it once its parent process is gone (the
+# parent id changes). Not PR_SET_PDEATHSIG: that fires when the parent *thread* that
+# started it ends, which a server started from a worker thread would not survive.
 _LAUNCH = """
-import ctypes, os, runpy, signal, sys
+import os, runpy, sys, threading, time
 parent = int(sys.argv[1])
-if sys.platform.startswith("linux"):
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:
-        sys.exit(0)
+def watch():
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
 sys.argv = ["moto.server", *sys.argv[2:]]
 runpy.run_module("moto.server", run_name="__main__")
 """
