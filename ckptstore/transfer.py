@@ -155,6 +155,13 @@ def copy_checkpoint(
             if not problems:
                 break
             dst.delete(target)
+            if len(files) == len(every) and src.capabilities.local:
+                # Read through before copying (above), and intact: the copy went bad here
+                raise CorruptCheckpointError(
+                    f"its copy at {dst.url} failed its check ({without_verify_hint(problems[0])}) "
+                    f"although {src.url}/{name} read intact just before: suspect the "
+                    "destination's disk (or this machine's memory); nothing of the copy was kept"
+                )
             if len(files) == len(every):
                 # Every byte came from the source: name its file (the copy is gone)
                 here, there = f"{dst.url}/{target}/", f"{src.url}/{name}/"

@@ -855,6 +855,33 @@ def test_pull_of_a_damaged_remote_names_the_remote_file(run_copy, s3_server, s3_
     assert not os.path.exists(os.path.join(fresh, "step_00000010"))
 
 
+def test_a_copy_damaged_on_the_way_does_not_blame_a_local_source(tmp_path, capsys, monkeypatch):
+    """A local source is read through before it is copied: when the copy then fails its
+    check, the destination (or memory) is at fault, not the source."""
+    from ckptstore import transfer
+
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    with ckptstore.Checkpointer(src, codec="none") as ckpt:
+        ckpt.save({"w": torch.randn(256, 1024)}, step=5)
+    copy_all = transfer.CopyJob.copy_all
+
+    def flaky(self, files, threads):  # a destination disk that flips a bit
+        copy_all(self, files, threads)
+        for f in os.listdir(self.pending._dir):
+            if f.endswith(".distcp"):
+                with open(os.path.join(self.pending._dir, f), "r+b") as fh:
+                    data = bytearray(fh.read())
+                    data[len(data) // 2] ^= 1
+                    fh.seek(0)
+                    fh.write(bytes(data))
+
+    monkeypatch.setattr(transfer.CopyJob, "copy_all", flaky)
+    code, out, _ = run_main(capsys, "sync", src, dst)
+    assert code == 1
+    assert "read intact just before: suspect the destination's disk" in out, out
+    assert "source is likely damaged" not in out and "step_00000005" not in os.listdir(dst)
+
+
 def test_sync_pull_and_commands_on_s3(saved, run_copy, s3_server, s3_bucket, tmp_path, capsys):
     _root, state = saved
     remote = f"s3://{s3_bucket}/runs/exp"
