@@ -4,6 +4,8 @@
     python examples/lightning_example.py              # trains 3 epochs, saves in runs/lightning
     python examples/lightning_example.py --epochs 5   # resumes from the newest checkpoint
     python examples/lightning_example.py --devices 2  # DDP on 2 CPU processes
+    python examples/lightning_example.py --finetune --incremental  # first layer frozen,
+                                                      # linked from save to save (issue 19)
 
 Stop it at any point with SIGTERM (what a scheduler sends before it kills a job): it
 finishes the optimizer step it is in, saves ``on_exception.ckpt`` and exits with status
@@ -46,7 +48,7 @@ def dataset() -> tuple[TensorDataset, TensorDataset]:
 
 
 class Regressor(L.LightningModule):
-    def __init__(self, hidden: int = 32, lr: float = 0.01) -> None:
+    def __init__(self, hidden: int = 32, lr: float = 0.01, finetune: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = torch.nn.Sequential(
@@ -55,6 +57,8 @@ class Regressor(L.LightningModule):
             torch.nn.Dropout(0.1),  # draws from torch's generator at every training step
             torch.nn.Linear(hidden, 1),
         )
+        if finetune:  # fine-tuning: the first layer stays as it is
+            self.net[0].requires_grad_(False)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -67,7 +71,8 @@ class Regressor(L.LightningModule):
         self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y), sync_dist=True)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.hparams.lr)
 
     def train_dataloader(self):
         # Built once the processes are up, so it takes this rank's share (under DDP).
@@ -143,6 +148,12 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help="CPU processes (DDP if > 1)")
     parser.add_argument("--stop-after", type=int, default=None, help="SIGTERM after step N")
     parser.add_argument("--out", default=None, help="write final weights and optimizer here")
+    parser.add_argument("--finetune", action="store_true", help="freeze the first layer")
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="link what did not change since the last save instead of writing it again",
+    )
     args = parser.parse_args()
 
     L.seed_everything(0)
@@ -159,7 +170,7 @@ def main() -> None:
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
-        plugins=[CkptStoreCheckpointIO()],  # the only line ckptstore needs
+        plugins=[CkptStoreCheckpointIO(incremental=args.incremental)],  # all ckptstore needs
         callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
@@ -167,7 +178,7 @@ def main() -> None:
         val_check_interval=7,
         deterministic=True,
     )
-    model = Regressor()
+    model = Regressor(finetune=args.finetune)
     try:
         # The newest of last.ckpt and on_exception.ckpt; none (a warning) on the first run.
         trainer.fit(model, ckpt_path="last")

@@ -526,6 +526,25 @@ def test_example_stopped_by_sigterm_mid_epoch_resumes_bit_identical(tmp_path, de
     assert not (tmp_path / "b" / "on_exception.ckpt").exists()  # removed once fit finished
 
 
+def test_example_fine_tuned_incrementally_resumes_bit_identical(tmp_path):
+    """The example as a fine-tuning user runs it (--finetune --incremental): stopped by
+    SIGTERM and rerun, it ends as a run never stopped, its saves link the frozen layer,
+    and the directory verifies whole."""
+    both = [*RUN, "--finetune", "--incremental"]
+    rc, out = run_lightning_example(tmp_path, "--dir", "a", *both, "--out", "a.pt")
+    assert rc == 0, out[-4000:]
+    rc, out = run_lightning_example(tmp_path, "--dir", "b", *both, "--stop-after", "10")
+    assert rc == 128 + signal.SIGTERM and "SIGTERM: saved" in out, out[-4000:]
+    rc, out = run_lightning_example(tmp_path, "--dir", "b", *both, "--out", "b.pt")
+    assert rc == 0 and "resumed from b/on_exception.ckpt" in out, out[-4000:]
+    assert_same(
+        torch.load(tmp_path / "a.pt", weights_only=True),
+        torch.load(tmp_path / "b.pt", weights_only=True),
+    )
+    assert linked_files(str(tmp_path / "b" / "last.ckpt"))  # links its step's top-k save
+    assert cli_main(["verify", str(tmp_path / "b")]) == 0
+
+
 def test_example_stopped_under_ddp_resumes_on_one_process(tmp_path):
     stop_at_step_10(tmp_path, devices=2)
     rc, out = run_lightning_example(tmp_path, "--dir", "b", *RUN, "--devices", "1", "--out", "b.pt")
