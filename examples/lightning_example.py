@@ -103,14 +103,14 @@ class RandomState(Callback):
 
 
 class ExitOnSIGTERM(Callback):
-    """On SIGTERM, every rank stops after the same training step; OnExceptionCheckpoint saves.
+    """On SIGTERM, every rank stops after the same training step; SaveOnSIGTERM saves.
 
     Lightning's own SIGTERM handler broadcasts from inside the signal handler, at whatever
     point each rank happens to be: under DDP that broadcast can meet another rank's
     different collective, and the job hangs (seen with 2 CPU processes). This handler
     only notes the signal; after each training step the ranks add up their notes (one
     tiny all-reduce, nothing in one process) and, if any rank was signalled, all raise
-    Lightning's SIGTERMException there, which OnExceptionCheckpoint turns into
+    Lightning's SIGTERMException there, which SaveOnSIGTERM turns into
     ``on_exception.ckpt``. Lightning puts its handlers back when ``fit`` ends.
     """
 
@@ -127,6 +127,17 @@ class ExitOnSIGTERM(Callback):
         flag = torch.tensor([float(self.signalled)], device=trainer.strategy.root_device)
         if trainer.strategy.reduce(flag, reduce_op="sum").item() > 0:
             raise SIGTERMException
+
+
+class SaveOnSIGTERM(OnExceptionCheckpoint):
+    """``on_exception.ckpt`` for a SIGTERM only. Lightning's OnExceptionCheckpoint saves
+    on any exception, and one raised while ``fit`` restores a damaged checkpoint came
+    before any state was restored: it saved the untrained model as step 0, and the next
+    run "resumed" from there (the newest checkpoint), discarding the training done."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            super().on_exception(trainer, pl_module, exception)
 
 
 class StopAfter(Callback):
@@ -160,7 +171,7 @@ def main() -> None:
     checkpoints = ModelCheckpoint(
         dirpath=args.dir, monitor="val_loss", save_top_k=3, save_last=True, every_n_train_steps=7
     )
-    callbacks = [checkpoints, OnExceptionCheckpoint(args.dir), RandomState()]
+    callbacks = [checkpoints, SaveOnSIGTERM(args.dir), RandomState()]
     if args.stop_after is not None:
         callbacks.append(StopAfter(args.stop_after))
     callbacks.append(ExitOnSIGTERM())  # after StopAfter: it sees that signal the same step
@@ -195,6 +206,9 @@ def main() -> None:
         torch.save({"model": model.state_dict(), "optimizer": optimizer}, args.out)
     last = os.path.join(args.dir, "last.ckpt")
     print("checkpoints:", sorted(os.listdir(args.dir)))
+    if not checkpoints.best_model_path:  # (no validation ran: --steps below 7)
+        print("no checkpoint by val_loss yet")
+        return
     print("best:", checkpoints.best_model_path, float(checkpoints.best_model_score))
     best = load_module(Regressor, checkpoints.best_model_path)  # load_from_checkpoint
     print("loaded", type(best).__name__, dict(best.hparams))

@@ -463,6 +463,15 @@ def test_a_root_of_checkpoints_named_otherwise_is_listed_and_verified_whole(tmp_
     assert "last.ckpt" in out and "OK   epoch=0-step=4.ckpt" in out, out
     assert main(["export", str(root), str(tmp_path / "x.pt")]) == 2
     assert f"give one, e.g. {root}/epoch=0-step=4.ckpt" in capsys.readouterr().err
+    # commands about a run's step_N checkpoints say they leave these alone
+    assert main(["sync", str(root), str(tmp_path / "copy")]) == 1  # (a backup job notices)
+    assert "sync and pull copy a run's step_N checkpoints only" in capsys.readouterr().err
+    assert main(["prune", str(root), "--keep-last", "1", "--yes"]) == 0
+    assert "2 checkpoint(s) named as Lightning names them are not pruned" in capsys.readouterr().out
+    assert sorted(n for n in os.listdir(root) if n.endswith(".ckpt")) == [
+        "epoch=0-step=4.ckpt",
+        "last.ckpt",
+    ]
 
 
 def test_export_refuses_to_write_inside_a_checkpoint(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -303,6 +304,10 @@ def test_incremental_saves_link_the_frozen_layer_and_every_checkpoint_stays_whol
     out = capsys.readouterr().out
     assert "3 committed checkpoint(s) (named otherwise than step_N" in out, out
     assert "on disk: incremental saves share files" in out and "its own)" in out, out
+    assert cli_main(["ls", inc, "--json"]) == 0  # the manifest records Lightning's counters
+    for c in json.loads(capsys.readouterr().out)["checkpoints"]:
+        saved = ckptstore.read(os.path.join(inc, c["name"]))
+        assert (c["step"], c["epoch"]) == (saved["global_step"], saved["epoch"]), c
     for name in names:  # each still loads with every other one deleted
         if name != "last.ckpt":
             shutil.rmtree(os.path.join(inc, name))
@@ -543,6 +548,21 @@ def test_example_fine_tuned_incrementally_resumes_bit_identical(tmp_path):
     )
     assert linked_files(str(tmp_path / "b" / "last.ckpt"))  # links its step's top-k save
     assert cli_main(["verify", str(tmp_path / "b")]) == 0
+
+
+def test_example_refuses_a_damaged_last_checkpoint_without_saving_over_the_run(tmp_path):
+    """A rerun that finds last.ckpt damaged fails, naming the file; it used to save the
+    untrained model as on_exception.ckpt (step 0), which the next rerun "resumed" from."""
+    rc, out = run_lightning_example(tmp_path, "--dir", "b", "--steps", "14", "--epochs", "10")
+    assert rc == 0, out[-4000:]
+    [shard] = [f for f in os.listdir(tmp_path / "b" / "last.ckpt") if f.startswith("__0_0")]
+    path = tmp_path / "b" / "last.ckpt" / shard
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    rc, out = run_lightning_example(tmp_path, "--dir", "b", *RUN)
+    assert rc != 0 and "CorruptCheckpointError" in out and "checksum mismatch" in out, out[-4000:]
+    assert not (tmp_path / "b" / "on_exception.ckpt").exists()
 
 
 def test_example_stopped_under_ddp_resumes_on_one_process(tmp_path):

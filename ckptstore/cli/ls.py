@@ -102,7 +102,7 @@ def named_entries(backend: StorageBackend) -> list[Entry]:
             manifest = manifests[name]()
         except CkptStoreError:
             continue
-        entries.append(Entry(name, "committed", None, f"{backend.url}/{name}", manifest))
+        entries.append(Entry(name, "committed", manifest.step, f"{backend.url}/{name}", manifest))
     entries.sort(key=lambda e: (e.manifest.created_unix_s if e.manifest else 0.0, e.name))
     return entries
 

@@ -18,6 +18,7 @@ from ckptstore.cli._common import (
     freed_bytes,
     manifest_key,
     open_root,
+    other_checkpoints,
     size,
     status,
     table,
@@ -77,7 +78,15 @@ def _prune(
 ) -> int:
     infos = list_checkpoints(backend, manifest_key=manifest_key())
     if not infos:
-        print(f"no committed checkpoints under {backend.url}: nothing to prune")
+        named = other_checkpoints(backend)
+        aside = (
+            f" (its {len(named)} checkpoint(s) named as Lightning names them are not pruned "
+            "here: prune keeps and deletes a run's step_N checkpoints; ModelCheckpoint's "
+            "save_top_k prunes those)"
+            if named
+            else ""
+        )
+        print(f"no committed checkpoints under {backend.url}: nothing to prune{aside}")
         return OK
     records = retention.records(backend, infos)
     why: dict[int, list[str]] = {r.step: [] for r in records}

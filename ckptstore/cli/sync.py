@@ -28,6 +28,7 @@ from ckptstore.cli._common import (
     manifest_key,
     note,
     open_root,
+    other_checkpoints,
     size,
     usage_error,
     writer_lease,
@@ -36,6 +37,7 @@ from ckptstore.engine.listing import CheckpointInfo, list_checkpoints, read_mani
 from ckptstore.errors import (
     CheckpointExistsError,
     CkptStoreError,
+    CliError,
     CopyStoppedError,
     without_verify_hint,
 )
@@ -190,6 +192,14 @@ def _transfer(
     elif args.latest:
         infos = infos[-1:]
     if not infos:
+        named = other_checkpoints(src)
+        if named:  # (a backup job must not report success copying nothing)
+            raise CliError(
+                f"{src.url} holds {len(named)} checkpoint(s) named as Lightning names them "
+                f"({', '.join(named[:3])}{' ...' if len(named) > 3 else ''}) and no step_N "
+                "ones: sync and pull copy a run's step_N checkpoints only, not these (yet); "
+                "save such a run straight to the bucket (ModelCheckpoint(dirpath='s3://...'))"
+            )
         print(f"no committed checkpoints under {src.url}: nothing to copy")
         return OK
     threads = int(args.jobs or 8)  # files in parallel: I/O-bound

@@ -177,7 +177,8 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         except BaseException:
             self._slots.release()
             raise
-        future = self._queue(self._write, staged, root, name, shape, options)
+        counters = (_counter(checkpoint.get("global_step")), _counter(checkpoint.get("epoch")))
+        future = self._queue(self._write, staged, root, name, shape, options, counters)
         if not self.async_save:
             future.result()
         self._raise_failures()
@@ -313,7 +314,10 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         name: str,
         shape: dict[str, Any],
         options: dict[str, Any] | None,
+        counters: tuple[int | None, int | None] = (None, None),
     ) -> None:
+        """``counters``: Lightning's ``global_step`` and ``epoch``, for the manifest
+        (``ckptstore ls`` and ``info`` show them)."""
         check = False  # (the save linked files on a local disk: read it through after)
         try:
             where = self._root(root, options)
@@ -326,6 +330,8 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
                 manifest_key=resolve_manifest_key(),
                 overwrite=True,  # Lightning saves over its own (last.ckpt): replaced atomically
                 full=where.full_next,
+                step=counters[0],
+                epoch=counters[1],
             )
             assert self._pool is not None
             stats = save_staged(
@@ -439,6 +445,11 @@ def load_module(
         module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
     return module
+
+
+def _counter(value: Any) -> int | None:
+    """A count Lightning keeps (``global_step``, ``epoch``) as the manifest takes it."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _key(root: str, options: dict[str, Any] | None) -> str:
