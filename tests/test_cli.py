@@ -462,7 +462,17 @@ def test_a_root_of_checkpoints_named_otherwise_is_listed_and_verified_whole(tmp_
     out = capsys.readouterr().out
     assert "last.ckpt" in out and "OK   epoch=0-step=4.ckpt" in out, out
     assert main(["export", str(root), str(tmp_path / "x.pt")]) == 2
-    assert f"give one, e.g. {root}/epoch=0-step=4.ckpt" in capsys.readouterr().err
+    assert f"give one, e.g. {root}/last.ckpt" in capsys.readouterr().err
+    # one checkpoint's path: its row, as its root lists it (a step_N one too)
+    assert main(["ls", str(root / "epoch=0-step=4.ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[0] == "epoch=0-step=4.ckpt" and "1 committed" in out, out
+    with ckptstore.Checkpointer(str(tmp_path / "steps")) as ckpt:
+        for step in (1, 2):
+            ckpt.save({"w": torch.ones(3)}, step=step)
+    assert main(["ls", str(tmp_path / "steps" / "step_00000001")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[:2] == ["step_00000001", "1"] and "1 committed" in out, out
     # commands about a run's step_N checkpoints say they leave these alone
     assert main(["sync", str(root), str(tmp_path / "copy")]) == 1  # (a backup job notices)
     assert "sync and pull copy a run's step_N checkpoints only" in capsys.readouterr().err

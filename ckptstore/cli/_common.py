@@ -177,9 +177,10 @@ def named_otherwise(backend: StorageBackend, target: str) -> str:
     if not names:
         return ""
     shown = ", ".join(sorted(names)[:4]) + (" ..." if len(names) > 4 else "")
+    example = "last.ckpt" if "last.ckpt" in names else sorted(names)[0]
     return (
         f"; it holds {len(names)} checkpoint(s) under other names ({shown}, as Lightning "
-        f"names them): give one, e.g. {target.rstrip('/')}/{sorted(names)[0]}"
+        f"names them): give one, e.g. {target.rstrip('/')}/{example}"
     )
 
 

@@ -18,6 +18,7 @@ from ckptstore.cli._common import (
     disk_bytes,
     emit_json,
     file_links,
+    find_named,
     freed_bytes,
     iso_utc,
     local_time,
@@ -280,7 +281,9 @@ def totals(backend: StorageBackend, entries: list[Entry]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     forever = forever_parts(args)
-    backend = open_root(args.root)
+    found = find_named(args.root)
+    only = found[1] if found is not None and found[2] else None  # one checkpoint: its row
+    backend = found[0] if found is not None and only is not None else open_root(args.root)
     remote = open_root(args.remote) if args.remote else None
     entries = scan(backend, everything=args.all)
     # A directory of Lightning's *.ckpt checkpoints: listed by time saved; steps, tags
@@ -293,6 +296,11 @@ def run(args: argparse.Namespace) -> int:
         metric, mode = best_metric(args, entries)
         tag(backend, entries, metric=metric, mode=mode, forever=forever, remote=remote)
     own = alone_bytes(backend, entries)
+    if only is not None:  # as its root lists it (tags and what it holds alone included)
+        entries = [e for e in entries if e.name == only] or [
+            e for e in named_entries(backend) if e.name == only
+        ]
+        own = own if only in own else alone_bytes(backend, entries)
     if args.json:
         emit_json(
             {
