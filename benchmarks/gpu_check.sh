@@ -24,9 +24,10 @@
 # without its dependencies.
 #
 # Checks:
-#   tests          pytest tests/test_cuda.py tests/test_cuda_staging.py (-m cuda tests run,
+#   tests          pytest tests/test_cuda.py tests/test_cuda_staging.py
+#                  tests/test_cuda_incremental.py (-m cuda tests run,
 #                  nothing skipped where two GPUs exist; with one GPU the two-GPU tests skip)
-#   stall, durable, load, pinned bytes    benchmarks/gpu_check.py
+#   stall, durable, load, pinned bytes, incremental saves    benchmarks/gpu_check.py
 #   training overhead   the reference loop (--size medium) saving every 50 steps vs
 #                  --no-checkpoint, benchmarks/bench_train.py; target <= 2%
 set -uo pipefail
@@ -146,7 +147,7 @@ say "install: $(( $(date +%s) - start )) s"
 # ---- the GPU tests ----------------------------------------------------------------------
 start=$(date +%s)
 "$PY" -m pytest -ra -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_staging.py \
-    2>&1 | tee "$OUT/gpu-check-$STAMP-pytest.txt" | tee -a "$LOG" | tail -25
+    tests/test_cuda_incremental.py 2>&1 | tee "$OUT/gpu-check-$STAMP-pytest.txt" | tee -a "$LOG" | tail -25
 rc=${PIPESTATUS[0]}
 summary=$(grep -E '^[0-9]+ (passed|failed)|(passed|failed|skipped).* in [0-9.]+s' "$OUT/gpu-check-$STAMP-pytest.txt" | tail -1)
 # "SKIPPED [N] file:line: cuda: needs ...": N tests per line
@@ -161,7 +162,7 @@ else
 fi
 say "tests: $(( $(date +%s) - start )) s"
 
-# ---- stall, durable, load, pinned bytes ---------------------------------------------------
+# ---- stall, durable, load, pinned bytes, incremental saves ---------------------------
 start=$(date +%s)
 if [ "$ALLOW_CPU" = 1 ] && [ "$GPUS" = 0 ]; then
     bench=(--allow-cpu --size-mb 128 --repeats 2)
