@@ -1380,6 +1380,50 @@ def scenario_incremental_heal(ckpts: str, rank: int, world: int) -> None:
         dist.barrier()
 
 
+def scenario_incremental_node_rot(ckpts: str, rank: int, world: int) -> None:
+    """Node-local roots, one rank a 'node': bit rot in the file rank 1's incremental
+    saves link, on rank 1's disk. Rank 0's retention reads rank 0's disk only; rank 1
+    reads what it links through before linking it, so its next part writes everything,
+    and retention (keep 2) never leaves rank 1's disk without an intact checkpoint."""
+    import damage
+
+    frozen = torch.arange(1 << 18, dtype=torch.float32) + rank  # 1 MB a rank, never changes
+
+    def state(step: int) -> dict[str, torch.Tensor]:
+        return {f"frozen{rank}": frozen, f"hot{rank}": torch.full((64,), float(step))}
+
+    root = os.path.join(ckpts, f"node{rank}")
+    opts = dict(keep=ckptstore.KeepLast(2), codec="none", incremental=True, full_every=100)
+    with ckptstore.CheckpointManager(root, save=ckptstore.SaveEvery(steps=1), **opts) as mgr:
+
+        def step(index: int) -> dict[str, str]:
+            mgr.maybe_save(index, state(index + 1))
+            mgr.wait()
+            dist.barrier()  # rank 0's housekeeping is done too
+            info = mgr.checkpointer.latest()
+            assert info is not None and info.step == index + 1, info
+            return dict(info.manifest.linked)
+
+        assert step(0) == {}
+        assert step(1) == {f"__{rank}_0-step_00000001.distcp": "step_00000001"}
+        if rank == 1:
+            damage.xor(os.path.join(root, "step_00000001", "__1_0.distcp"), 1 << 19)
+        dist.barrier()
+        linked = step(2)
+        if rank == 1:  # read through, found damaged: written again
+            assert linked == {}, linked
+        else:
+            assert linked == {"__0_0-step_00000001.distcp": "step_00000001"}, linked
+        assert len(step(3)) == 1  # each rank links again, rank 1 from step 3
+        for steps_done in (3, 4):  # what retention keeps: intact on both disks
+            assert mgr.checkpointer.verify(steps_done) == [], (rank, steps_done)
+            target = {f"frozen{rank}": torch.zeros_like(frozen), f"hot{rank}": torch.zeros(64)}
+            mgr.checkpointer.load(target, steps_done)
+            assert torch.equal(target[f"frozen{rank}"], frozen)
+            assert torch.equal(target[f"hot{rank}"], torch.full((64,), float(steps_done)))
+        dist.barrier()
+
+
 def scenario_incremental_heal_at_the_end(ckpts: str, rank: int, world: int) -> None:
     """A heal asked for after the last step's agreement began still reaches the final
     save of guard() on every rank (the agreement there carries it)."""

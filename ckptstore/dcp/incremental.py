@@ -31,7 +31,8 @@ its first save links from that checkpoint; a rank that loaded nothing, or whose 
 missing, damaged, of another version or layout, or otherwise makes no sense (it is read
 from disk: every field is checked), saves in full. Every file is checked before it is
 linked from: its size and index checksum, and, for each item used, its key and size at
-the noted position.
+the noted position; on a node-local disk other than rank 0's, whose files no retention
+read covers, every byte of those items too (:attr:`IncrementalCache.read_through`).
 """
 
 from __future__ import annotations
@@ -146,20 +147,34 @@ class Hashing:
     given: dict[int, str] = field(default_factory=dict)  # position -> digest found in staging
     fqns: list[str] | None = None  # each position's tensor
     expected: int | None = None  # raw bytes this save expects to write (start())
+    pool: Executor | None = None  # what hashes them (and reads linked files through)
 
     def wait(self) -> None:
         """Until no job reads the items any more (before their buffer is given back)."""
         futures_wait(self.jobs)
 
 
-def _index(backend: Any, f: _File) -> list[tuple[str, int]] | None:
+def _index(
+    backend: Any, f: _File, read: set[int] | None = None, pool: Executor | None = None
+) -> list[tuple[str, int]] | None:
     """The items (key, raw size) of ``f.source`` in ``backend`` if it is still the file
-    noted (size and index checksum); None if not."""
+    noted (size and index checksum), and the items at the indices in ``read`` (if given)
+    read through and intact; None if not."""
     try:
         with backend.open_reader(f.source) as reader:
             shard = ShardReader(reader, f.source, size_bytes=f.size_bytes, index_xxh3=f.xxh3_64)
+            if read is not None:
+                shard.verify(pool, read)
             return [(item.key, item.nbytes) for item in shard.items]
-    except (OSError, CkptStoreError):
+    except CkptStoreError as exc:
+        if read is not None:
+            log.warning(
+                "%s is damaged: this save writes its items again instead of linking it; the "
+                "checkpoints on this disk that hold it are damaged too (`ckptstore verify %s` "
+                "names them): %s", f"{backend.url}/{f.source}", backend.url, exc,
+            )  # fmt: skip
+        return None
+    except OSError:
         return None
 
 
@@ -200,6 +215,12 @@ class IncrementalCache:
         # id(staged tensor) -> (it, its bytes), for the save being written (Arena.raws)
         self.raws: dict[int, tuple[Any, Any]] = {}
         self._restored: tuple[str, Manifest] | None = None  # see restored_from()
+        # Read through what this save links (the items it uses) before linking it; set
+        # by the writer for a rank whose root is a node-local disk other than rank 0's.
+        # Rank 0's retention reads its own disk only: there, a file rotten since it was
+        # written is found and the next save writes everything (manager.housekeeping);
+        # on another disk nothing else would, and every later save would link it.
+        self.read_through = False
 
     def bytes_of(self, t: Any) -> Any:
         """``tensor_bytes(t)``, looked up in :attr:`raws` where ``t`` is staged there."""
@@ -353,7 +374,7 @@ class IncrementalCache:
         likely_full = bool(not given and self._items and not self._matched)
         if full or not (self._items or self._restored) or self._full_due() or likely_full:
             expected = None
-        return Hashing(moved, hashed, result, jobs, versions, given, fqns, expected)
+        return Hashing(moved, hashed, result, jobs, versions, given, fqns, expected, pool)
 
     def plan(
         self,
@@ -411,7 +432,15 @@ class IncrementalCache:
         # Each file is linked under this attempt's name for it (object stores make
         # names unique per attempt: PendingCheckpoint.stored_name)
         stored = {name: pending.stored_name(name) for name in reuse.links}
-        indexes = {name: _index(backend, f) for name, f in reuse.links.items()}
+        read: dict[str, set[int]] | None = None
+        if self.read_through:
+            read = {name: set() for name in reuse.links}
+            for f, i in reuse.items.values():
+                read[f].add(i)
+        indexes = {
+            name: _index(backend, f, None if read is None else read[name], hashing.pool)
+            for name, f in reuse.links.items()
+        }
         where_ok = all(
             (index := indexes[f]) is not None
             and 0 <= i < len(index)

@@ -317,6 +317,7 @@ class CkptStorageWriter(StorageWriter):
 
         try:
             if inc is not None:  # incremental saves: link what did not change
+                inc.read_through = pending is self.part  # (a disk other than rank 0's)
                 entries = [resolve(item) for item in items]
                 fqns = [str(i.index.fqn) for i in items]
                 hashing = inc.start(entries, fqns, self._pool, self._spec.full)
