@@ -1380,6 +1380,24 @@ def scenario_incremental_heal(ckpts: str, rank: int, world: int) -> None:
         dist.barrier()
 
 
+def scenario_incremental_disagree(ckpts: str, rank: int, world: int) -> None:
+    """Ranks launched with different incremental settings (one node's launcher given
+    --incremental, the other's not): the first save fails on every rank, saying so,
+    instead of a later one failing with an error from deep inside."""
+    for root in (os.path.join(ckpts, "shared"), os.path.join(ckpts, f"node{rank}")):
+        with ckptstore.Checkpointer(root, codec="none", incremental=rank == 0) as ckpt:
+            try:
+                ckpt.save({f"w{rank}": torch.ones(1 << 16)}, step=1)
+            except ckptstore.CkptStoreError as exc:
+                assert "ranks disagree on incremental saves: on for rank(s) 0, off for 1" in str(
+                    exc
+                ), exc
+            else:
+                raise AssertionError("a save with mixed incremental settings committed")
+            assert ckpt.list() == []
+        dist.barrier()
+
+
 def scenario_incremental_node_rot(ckpts: str, rank: int, world: int) -> None:
     """Node-local roots, one rank a 'node': bit rot in the file rank 1's incremental
     saves link, on rank 1's disk. Rank 0's retention reads rank 0's disk only; rank 1

@@ -60,6 +60,7 @@ class _RankPlan:
     packs: packs_mod.Packs = field(default_factory=dict)  # its small tensors' groups
     disk: str = ""  # its root's StorageBackend.disk_id()
     skipped: frozenset[str] = frozenset()  # tensors it did not stage: others write them
+    incremental: bool = False  # its saves link what did not change (dcp.incremental)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,18 @@ class _ShardPlan:
     parts: bool = False  # the ranks write to several disks: commit_parts follows
     gen: str = ""  # the generation of the plans (dcp.plancache)
     cached: bool = False  # the items left out: the rank's cached final plan has them
+
+
+def _check_incremental(flags: list[bool]) -> None:
+    """Every rank saves incrementally or none does: their write results differ in kind."""
+    if len(set(flags)) > 1:
+        on, off = ([str(r) for r, f in enumerate(flags) if f is v][:8] for v in (True, False))
+        raise CkptStoreError(
+            f"ranks disagree on incremental saves: on for rank(s) {', '.join(on)}, off for "
+            f"{', '.join(off)}{' (the first 8 of each)' if max(flags.count(True), flags.count(False)) > 8 else ''}. Pass the same "
+            "incremental= on every rank (ckptstore train: --incremental on every node's "
+            "launcher, or on none)"
+        )
 
 
 def item_key(index: Any) -> str:
@@ -163,8 +176,9 @@ class CkptStorageWriter(StorageWriter):
             raise CkptStoreError(
                 f"rank {self._rank} could not stage its state for {self._name}: {self._failure}"
             )
+        inc = self._cache is not None and self._cache.incremental is not None
         return dataclasses.replace(
-            plan, storage_data=_RankPlan(self._name, self._packs, self._disk, self._skipped)
+            plan, storage_data=_RankPlan(self._name, self._packs, self._disk, self._skipped, inc)
         )
 
     def prepare_global_plan(
@@ -181,6 +195,8 @@ class CkptStorageWriter(StorageWriter):
                 f"ranks are saving different checkpoints in one collective ({shown}); every rank "
                 "must call save_async for the same steps, in the same order"
             )
+        if not steady:
+            _check_incremental([p.storage_data.incremental for p in plans])
         merged: packs_mod.Packs = {}
         for p in plans:
             merged.update(p.storage_data.packs)
