@@ -1380,6 +1380,37 @@ def scenario_incremental_heal(ckpts: str, rank: int, world: int) -> None:
         dist.barrier()
 
 
+def scenario_node_local_damaged_part_from_backup(ckpts: str, rank: int, world: int) -> None:
+    """Node-local roots (a rank each), backed up to S3 (CKPTSTORE_TEST_BACKUP): with
+    rank 1's part of the newest checkpoint damaged on its disk, restore reads every
+    rank's part from the backup instead of skipping to an older step (rank 0's download
+    of the backup's copy lands on rank 0's disk, and rank 1 read its damaged part again)."""
+    import damage
+
+    url = os.environ["CKPTSTORE_TEST_BACKUP"]
+    root = os.path.join(ckpts, f"node{rank}")
+
+    def state(step: int) -> dict[str, torch.Tensor]:
+        return {f"w{rank}": torch.full((1 << 16,), float(step))}
+
+    with ckptstore.CheckpointManager(root, backup=url, codec="none") as mgr:
+        for index in range(2):  # step_00000001 and step_00000002
+            mgr.save(index, state(index + 1))
+            mgr.wait()
+            assert mgr.wait_backup(timeout_s=120) == [], "backups not done"
+            dist.barrier()
+    if rank == 1:
+        damage.xor(os.path.join(root, "step_00000002", "__1_0.distcp"), 4096)
+    dist.barrier()
+    target = state(0)
+    with ckptstore.CheckpointManager(root, backup=url, codec="none") as mgr:
+        assert mgr.restore(target) == 2
+        assert torch.equal(target[f"w{rank}"], torch.full((1 << 16,), 2.0))
+        mgr.save(2, state(3))  # and the run goes on from there
+        mgr.wait()
+        dist.barrier()
+
+
 def scenario_incremental_disagree(ckpts: str, rank: int, world: int) -> None:
     """Ranks launched with different incremental settings (one node's launcher given
     --incremental, the other's not): the first save fails on every rank, saying so,

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                 break
     notes = checked + notes
     bad = [r for r in results if not r["ok"]]
-    shared = shared_damage(backend, bad)
+    shared = shared_damage(backend, bad, bool(parts))
     if args.json:
         emit_json(
             {"root": backend.url, "ok": not bad, "checkpoints": results, "notes": notes + shared}
@@ -142,6 +142,15 @@ def run(args: argparse.Namespace) -> int:
     for n in shared:
         print(f"note: {n}")
     names = ", ".join(r["name"] for r in bad)
+    if any(r["name"] in parts for r in bad):
+        print(
+            f"{len(bad)} of {len(results)} checkpoint(s) damaged: {names}. These are this "
+            "node's parts of checkpoints saved to node-local disks: resume the run with its "
+            "backup (ckptstore train --backup, CheckpointManager(backup=...)), whose ranks "
+            "then read their parts of a damaged step from there, or delete the damaged ones "
+            "(pull and sync copy whole checkpoints, not parts)"
+        )
+        return FAILED
     get = "pull" if backend.capabilities.local else "send"
     resume = (
         f"None is intact: {get}"
@@ -223,7 +232,7 @@ def root_targets(
     return targets, notes, parts
 
 
-def shared_damage(backend: Any, bad: list[dict[str, Any]]) -> list[str]:
+def shared_damage(backend: Any, bad: list[dict[str, Any]], parts: bool = False) -> list[str]:
     """On a local disk, the damaged files several checkpoints share (incremental saves
     hard-link one file into each): one line per file, naming them."""
     if not backend.capabilities.local:
@@ -245,8 +254,13 @@ def shared_damage(backend: Any, bad: list[dict[str, Any]]) -> list[str]:
                 first.setdefault(key, path.removeprefix(f"{backend.url}/"))
     return [
         f"{', '.join(names)} share one damaged file, {first[key]} (incremental saves link "
-        "one file into each): an intact copy of it repairs them all, e.g. ckptstore pull "
-        f"<backup> {backend.url} --replace-damaged"
+        "one file into each)"
+        + (
+            ""
+            if parts
+            else f": an intact copy of it repairs them all, e.g. ckptstore pull <backup> "
+            f"{backend.url} --replace-damaged"
+        )
         for key, names in holders.items()
         if len(names) > 1
     ]

@@ -220,22 +220,51 @@ class RestoreMixin(NewerMixin):
         """Load ``step`` from the local root; from the backup if it is missing or damaged
         locally (downloaded into the local root first, verified)."""
         if step in self._from_backup:  # node-local disks: every rank reads its part
-            assert self._remote is not None
-            info = self._load_step(state, step, self._remote)
-            log.info("restored step %d from the backup %s", step, self._remote.url)
-            if self._backup is not None:
-                self._backup.note_on_remote(info.name)
-            return info
+            return self._load_from_backup(state, step)
         fetched = self._fetch(step, replace=False)
         try:
             return self._load_step(state, step)
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
+            assert self._ckpt is not None
+            if self._ckpt.node_local:
+                # Rank 0's download goes to rank 0's disk; a part damaged on another
+                # stays as it is: every rank reads its part from the backup instead
+                if not self._in_backup(step):
+                    raise
+                log.warning(
+                    "the local copy of step %d failed (%s); loading the backup's copy",
+                    step, exc,
+                )  # fmt: skip
+                return self._load_from_backup(state, step)
             if fetched or not self._fetch(step, replace=True):
                 raise
             log.warning(
                 "the local copy of step %d failed (%s); loaded the backup's copy", step, exc
             )
             return self._load_step(state, step)
+
+    def _load_from_backup(self, state: Resumable | dict[str, Any], step: int) -> CheckpointInfo:
+        assert self._remote is not None
+        info = self._load_step(state, step, self._remote)
+        log.info("restored step %d from the backup %s", step, self._remote.url)
+        if self._backup is not None:
+            self._backup.note_on_remote(info.name)
+        return info
+
+    def _in_backup(self, step: int) -> bool:
+        """Whether the backup holds ``step`` (rank 0 looks; every rank learns it)."""
+        if not self._has_backup:
+            return False
+
+        def look() -> bool:
+            try:
+                name = f"{checkpoint_name(step)}/{MANIFEST_FILE}"
+                return self._remote is not None and self._remote.exists(name)
+            except Exception as exc:
+                log.warning("could not look for step %d on the backup: %s", step, exc)
+                return False
+
+        return groups.decide(look, self._control, what="look in the backup")
 
     def _fetch(self, step: int, *, replace: bool) -> bool:
         """Rank 0 downloads ``step`` from the backup (if it has it and the local root does
