@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import sys
 import time
@@ -1409,6 +1410,35 @@ def scenario_node_local_damaged_part_from_backup(ckpts: str, rank: int, world: i
         mgr.save(2, state(3))  # and the run goes on from there
         mgr.wait()
         dist.barrier()
+
+
+def scenario_node_local_damaged_part_set_aside(ckpts: str, rank: int, world: int) -> None:
+    """Node-local roots (a rank each), no backup, rank 1's part of the newest step
+    damaged: restore skips it on every rank, and each disk's note of the part it moves
+    aside says the damage may be on another node's disk (rank 0's part is intact)."""
+    import damage
+
+    root = os.path.join(ckpts, f"node{rank}")
+    with ckptstore.CheckpointManager(root, codec="none") as mgr:
+        for index in range(2):
+            mgr.save(index, {f"w{rank}": torch.full((1 << 16,), float(index + 1))})
+            mgr.wait()
+            dist.barrier()
+    if rank == 1:
+        damage.xor(os.path.join(root, "step_00000002", "__1_0.distcp"), 4096)
+    dist.barrier()
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("ckptstore").addHandler(handler)
+    target = {f"w{rank}": torch.zeros(1 << 16)}
+    with ckptstore.CheckpointManager(root, codec="none") as mgr:
+        assert mgr.restore(target) == 1
+    assert torch.equal(target[f"w{rank}"], torch.ones(1 << 16))
+    text = "\n".join(seen)
+    assert sum(m.startswith("skipping step 2") for m in seen) == 1, text
+    assert "step_00000002 is damaged on some node: moved aside" in text, text
+    dist.barrier()
 
 
 def scenario_incremental_disagree(ckpts: str, rank: int, world: int) -> None:

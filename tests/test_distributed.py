@@ -315,6 +315,10 @@ def test_quarantine_of_an_intact_part_says_the_other_disks_were_not_read(tmp_pat
     assert not [n for n in os.listdir(disk) if n == "step_00000001"]
 
 
+def test_a_part_damaged_on_one_nodes_disk_is_set_aside_saying_it_may_be_another_nodes(tmp_path):
+    run_ranks("node_local_damaged_part_set_aside", str(tmp_path), 2)
+
+
 def test_verify_and_pull_of_a_nodes_parts_say_pull_cannot_repair_them(tmp_path, capsys):
     """A node's disk holds parts: verify's advice for damage there is the run's backup,
     not `pull --replace-damaged`, and pull or sync into it are refused (a whole

@@ -65,7 +65,8 @@ class NewerMixin:
                 continue
             step = int(match.group(1))
             if step in damaged:
-                why = "is damaged"
+                # (node-local disks: the part found damaged may be on another node's)
+                why = "is damaged" if not self._ckpt.node_local else "is damaged on some node"
             elif name in listed:
                 continue  # a good newer checkpoint: _handle_newer's business
             elif backend.capabilities.local or backend.exists(f"{name}/{MANIFEST_FILE}"):

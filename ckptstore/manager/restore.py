@@ -166,7 +166,8 @@ class RestoreMixin(NewerMixin):
                     if exc is own:
                         raise
                     raise exc from own
-                log.warning("skipping step %d: %s", step, exc)
+                if self._ckpt.first_on_disk:  # (the same agreed error on every rank)
+                    log.warning("skipping step %d: %s", step, exc)
                 skipped.append(f"step {step} ({type(exc).__name__})")
                 first = first or exc
                 if isinstance(exc, CorruptCheckpointError):
@@ -180,7 +181,10 @@ class RestoreMixin(NewerMixin):
         if not damaged:  # none damaged (another node's part, say): the first reason says why
             cls = PartElsewhereError if isinstance(first, PartElsewhereError) else None
             raise (cls or CheckpointNotFoundError)(f"{tried}: {first}")
-        raise CorruptCheckpointError(f"{tried}; run `ckptstore verify ROOT` to see what is damaged")
+        where = "ROOT" if not self._ckpt.node_local else "DIR on each node (its --ckpt-dir)"
+        raise CorruptCheckpointError(
+            f"{tried}; run `ckptstore verify {where}` to see what is damaged"
+        )
 
     def _note_other_runs(self, *, resumed: bool) -> None:
         """Warn about checkpoints of another run than this one in either tier: a run
