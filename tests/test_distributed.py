@@ -289,10 +289,6 @@ def test_ranks_with_different_incremental_settings_fail_the_first_save_saying_so
     run_ranks("incremental_disagree", str(tmp_path), 2)
 
 
-def test_rot_in_a_linked_file_on_another_nodes_disk_is_not_linked_again(tmp_path):
-    run_ranks("incremental_node_rot", str(tmp_path), 2)
-
-
 def test_a_heal_asked_for_at_the_last_step_reaches_the_final_save_of_every_rank(tmp_path):
     run_ranks("incremental_heal_at_the_end", str(tmp_path), 2)
 
@@ -313,36 +309,6 @@ def test_quarantine_of_an_intact_part_says_the_other_disks_were_not_read(tmp_pat
     assert "is one node's part of a checkpoint" in err and "1 more are on the other" in err, err
     assert main(["quarantine", disk, "1", "--force"]) == 0
     assert not [n for n in os.listdir(disk) if n == "step_00000001"]
-
-
-def test_a_part_damaged_on_one_nodes_disk_is_set_aside_saying_it_may_be_another_nodes(tmp_path):
-    run_ranks("node_local_damaged_part_set_aside", str(tmp_path), 2)
-
-
-def test_verify_and_pull_of_a_nodes_parts_say_pull_cannot_repair_them(tmp_path, capsys):
-    """A node's disk holds parts: verify's advice for damage there is the run's backup,
-    not `pull --replace-damaged`, and pull or sync into it are refused (a whole
-    checkpoint copied in mixes with the parts and repairs none)."""
-    import damage
-
-    from ckptstore.cli.main import main
-
-    run_ranks("node_local_parts", str(tmp_path), 2)
-    disk = str(tmp_path / "ckpts" / "disk1")
-    damage.xor(os.path.join(disk, "step_00000001", "__1_0.distcp"), 64)
-    assert main(["verify", disk]) == 1
-    out = capsys.readouterr().out
-    assert "this node's parts of checkpoints saved to node-local disks" in out, out
-    assert "--replace-damaged" not in out, out
-    whole = str(tmp_path / "whole")
-    with ckptstore.Checkpointer(whole) as ckpt:
-        ckpt.save({"w": torch.ones(4)}, step=2)
-    for command in ("pull", "sync"):
-        assert main([command, whole, disk]) == 1
-        err = capsys.readouterr().err
-        assert "holds one node's parts of checkpoints saved to node-local disks" in err, err
-        assert f"give {command} an empty directory" in err, err
-    assert sorted(n for n in os.listdir(disk) if n.startswith("step_")) == ["step_00000001"]
 
 
 def test_a_part_backup_times_its_upload_without_the_wait_for_other_nodes(
@@ -391,17 +357,6 @@ def test_node_local_incremental_saves_back_up_whole_and_restore_from_s3(
     failed = [(r, rc, out) for r, (rc, out) in enumerate(results) if rc != 0]
     assert not failed, "\n".join(
         f"--- rank {r} exited {rc}:\n{out[-3000:]}" for r, rc, out in failed
-    )
-
-
-def test_a_part_damaged_on_another_nodes_disk_is_restored_from_the_backup(
-    tmp_path, s3_server, s3_bucket
-):
-    run_ranks(
-        "node_local_damaged_part_from_backup",
-        str(tmp_path),
-        2,
-        extra_env={"CKPTSTORE_TEST_BACKUP": f"s3://{s3_bucket}/run"},
     )
 
 

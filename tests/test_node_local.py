@@ -7,8 +7,12 @@ reference loop is in tests/test_multinode.py.
 
 from __future__ import annotations
 
+import os
+
+import torch
 from test_distributed import run_ranks, spawn_ranks
 
+import ckptstore
 from ckptstore.cli import main
 
 
@@ -23,8 +27,8 @@ def test_each_disk_holds_its_ranks_part_and_loads_alone(tmp_path, capsys):
     assert "OK   step_00000002 (this node's part; 2 shard file(s)" in capsys.readouterr().out
     assert main(["info", f"{node1}/step_00000002"]) == 0
     assert "on other nodes' disks: __0_0.distcp, __1_0.distcp" in capsys.readouterr().out
-    assert main(["pull", node1, str(tmp_path / "copy")]) != 0
-    assert "is one node's part of a checkpoint" in capsys.readouterr().out
+    assert main(["pull", node1, str(tmp_path / "copy")]) == 1
+    assert "node1 holds one node's parts" in capsys.readouterr().err
 
 
 def test_three_disks_each_hold_their_part_and_load_alone(tmp_path):
@@ -59,3 +63,52 @@ def test_a_restore_that_fails_on_one_rank_fails_on_all(tmp_path):
 
 def test_an_empty_disk_leaves_the_other_nodes_parts_newer_than_nothing(tmp_path):
     run_ranks("node_local_empty_disk", str(tmp_path), 4, timeout=120)
+
+
+def test_a_part_damaged_on_one_nodes_disk_is_set_aside_saying_it_may_be_another_nodes(tmp_path):
+    run_ranks("node_local_damaged_part_set_aside", str(tmp_path), 2)
+
+
+def test_verify_and_pull_of_a_nodes_parts_say_pull_cannot_repair_them(tmp_path, capsys):
+    """A node's disk holds parts: verify's advice for damage there is the run's backup,
+    not `pull --replace-damaged`, and pull or sync into it are refused (a whole
+    checkpoint copied in mixes with the parts and repairs none)."""
+    import damage
+
+    from ckptstore.cli.main import main
+
+    run_ranks("node_local_parts", str(tmp_path), 2)
+    disk = str(tmp_path / "ckpts" / "disk1")
+    damage.xor(os.path.join(disk, "step_00000001", "__1_0.distcp"), 64)
+    assert main(["verify", disk]) == 1
+    out = capsys.readouterr().out
+    assert "this node's parts of checkpoints saved to node-local disks" in out, out
+    assert "--replace-damaged" not in out, out
+    whole = str(tmp_path / "whole")
+    with ckptstore.Checkpointer(whole) as ckpt:
+        ckpt.save({"w": torch.ones(4)}, step=2)
+    for command in ("pull", "sync"):
+        assert main([command, whole, disk]) == 1
+        err = capsys.readouterr().err
+        assert "holds one node's parts of checkpoints saved to node-local disks" in err, err
+        assert f"give {command} an empty directory" in err, err
+    assert sorted(n for n in os.listdir(disk) if n.startswith("step_")) == ["step_00000001"]
+    assert main(["sync", str(tmp_path / "ckpts" / "disk0"), str(tmp_path / "copy")]) == 1
+    err = capsys.readouterr().err
+    assert "disk0 holds one node's parts" in err and "ckptstore train --backup URL" in err, err
+    assert "Rerun the same command" not in err, err
+
+
+def test_a_part_damaged_on_another_nodes_disk_is_restored_from_the_backup(
+    tmp_path, s3_server, s3_bucket
+):
+    run_ranks(
+        "node_local_damaged_part_from_backup",
+        str(tmp_path),
+        2,
+        extra_env={"CKPTSTORE_TEST_BACKUP": f"s3://{s3_bucket}/run"},
+    )
+
+
+def test_rot_in_a_linked_file_on_another_nodes_disk_is_not_linked_again(tmp_path):
+    run_ranks("incremental_node_rot", str(tmp_path), 2)

@@ -203,6 +203,15 @@ def _transfer(
         print(f"no committed checkpoints under {src.url}: nothing to copy")
         return OK
     _refuse_parts(args, dst)
+    parts = [i.name for i in infos if i.manifest.part is not None]
+    if parts:  # (each would fail alone, with "rerun after fixing the cause": no help)
+        raise CliError(
+            f"{src.url} holds one node's parts of checkpoints saved to node-local disks "
+            f"({', '.join(parts[:3])}{' ...' if len(parts) > 3 else ''}): {args.command} "
+            "copies whole checkpoints only. Back such a run up while it trains "
+            "(ckptstore train --backup URL, CheckpointManager(backup=...)): each node "
+            "uploads its part, and the backup holds whole checkpoints"
+        )
     threads = int(args.jobs or 8)  # files in parallel: I/O-bound
     copied: list[str] = []
     replaced: list[str] = []  # damaged there, copied over (--replace-damaged)
