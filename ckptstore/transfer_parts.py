@@ -48,9 +48,14 @@ def upload_part(
     already there whole (its size and index checksum as listed) is not sent again, nor
     is a linked file (incremental saves) that another checkpoint there holds: it is
     copied inside the store. Each file is read back after the upload, as in
-    :func:`copy_checkpoint`.
+    :func:`copy_checkpoint`. A part whose local copy is damaged is not sent
+    (:class:`CorruptCheckpointError`), as :func:`commit_parts_backup` does not send rank
+    0's: the backup would list a checkpoint that does not load.
     """
     manifest = _part_manifest(src, name, manifest_key)
+    problems = verify_checkpoint_files(src, name, manifest_key)
+    if problems:
+        raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
     todo = [
         (f, e)
         for f, e in manifest.files.items()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from test_distributed import run_ranks, spawn_ranks
 
@@ -112,3 +113,22 @@ def test_a_part_damaged_on_another_nodes_disk_is_restored_from_the_backup(
 
 def test_rot_in_a_linked_file_on_another_nodes_disk_is_not_linked_again(tmp_path):
     run_ranks("incremental_node_rot", str(tmp_path), 2)
+
+
+def test_a_nodes_damaged_part_is_not_uploaded_to_the_backup(tmp_path, s3_server, s3_bucket):
+    """Each other disk's rank uploads its part; a damaged one is refused before anything
+    is sent (rank 0's part was checked so already): the backup would otherwise commit a
+    checkpoint that does not load, and a restore would take it for an intact copy."""
+    import damage
+
+    from ckptstore.errors import CorruptCheckpointError
+    from ckptstore.storage import open_backend
+    from ckptstore.transfer_parts import upload_part
+
+    run_ranks("node_local_parts", str(tmp_path), 2)
+    disk = str(tmp_path / "ckpts" / "disk1")
+    damage.xor(os.path.join(disk, "step_00000001", "__1_0.distcp"), 64)
+    backup = open_backend(f"s3://{s3_bucket}/parts")
+    with pytest.raises(CorruptCheckpointError, match=r"not copied: .*checksum mismatch"):
+        upload_part(open_backend(disk), backup, "step_00000001")
+    assert backup.list_names() == []

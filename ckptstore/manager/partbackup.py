@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ckptstore.config import BackupConfig
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
-from ckptstore.errors import CkptStoreError
+from ckptstore.errors import CkptStoreError, CorruptCheckpointError
 from ckptstore.layout import MANIFEST_FILE
 from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import StorageBackend, open_backend
@@ -99,6 +99,11 @@ class PartUploader:
                     len(sent),
                 )
                 delay = 1.0
+            except CorruptCheckpointError as exc:  # no retry reads it any better
+                log.error(
+                    "backup: not uploading this node's part of %s, the local copy is damaged "
+                    "(the backup will not hold %s): %s", name, name, exc,
+                )  # fmt: skip
             except (CkptStoreError, OSError) as exc:
                 failed = self.local.exists(f"{name}/{MANIFEST_FILE}")
                 if failed:
