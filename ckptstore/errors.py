@@ -16,7 +16,8 @@ working::
     ├── ExportError                    (+ ValueError)         cannot convert to / from a file
     ├── UnsupportedStateError          (+ TypeError)          a value ckptstore cannot save
     ├── InvalidArgumentError           (+ ValueError)         a public call's argument is wrong
-    │   └── InvalidArgumentTypeError   (+ TypeError)          ... of the wrong type
+    │   ├── InvalidArgumentTypeError   (+ TypeError)          ... of the wrong type
+    │   └── RanksDisagreeError                                ranks set up differently for one save
     ├── StorageError                   (+ OSError)            I/O failed; errno kept
     │   └── StorageFullError                                  ENOSPC / quota
     ├── BackgroundSaveError                                   an earlier async save failed
@@ -57,6 +58,7 @@ __all__ = [
     "NewerCheckpointsError",
     "PartElsewhereError",
     "RankFailedError",
+    "RanksDisagreeError",
     "StateChangedError",
     "StorageError",
     "StorageFullError",
@@ -118,6 +120,11 @@ class UnsupportedStateError(CkptStoreError, TypeError):
 class InvalidArgumentError(CkptStoreError, ValueError):
     """Misuse: an argument of a public call (a step, a root, a codec, a config field)
     that can never work. Raised before anything is read or written."""
+
+
+class RanksDisagreeError(InvalidArgumentError):
+    """The ranks of one save were set up differently (one given ``incremental=True``,
+    another not: a launch mistake); every save fails the same way until they agree."""
 
 
 class InvalidArgumentTypeError(InvalidArgumentError, TypeError):

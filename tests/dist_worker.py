@@ -1449,10 +1449,17 @@ def scenario_incremental_disagree(ckpts: str, rank: int, world: int) -> None:
         with ckptstore.Checkpointer(root, codec="none", incremental=rank == 0) as ckpt:
             try:
                 ckpt.save({f"w{rank}": torch.ones(1 << 16)}, step=1)
-            except ckptstore.CkptStoreError as exc:
+            except ckptstore.RanksDisagreeError as exc:
                 assert "ranks disagree on incremental saves: on for rank(s) 0, off for 1" in str(
                     exc
                 ), exc
+            else:
+                raise AssertionError("a save with mixed incremental settings committed")
+            ckpt.save_async({f"w{rank}": torch.ones(1 << 16)}, step=2)
+            try:
+                ckpt.wait()
+            except ckptstore.BackgroundSaveError as exc:  # a background save says so too
+                assert "Every later save fails the same way until every rank" in str(exc), exc
             else:
                 raise AssertionError("a save with mixed incremental settings committed")
             assert ckpt.list() == []

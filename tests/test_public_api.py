@@ -32,6 +32,7 @@ EXPECTED = [
     "NewerCheckpointsError",
     "PendingSave",
     "RankFailedError",
+    "RanksDisagreeError",
     "ResumableDataLoader",
     "ResumableSampler",
     "SaveAt",

@@ -43,7 +43,7 @@ from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp import packs as packs_mod
 from ckptstore.dcp.plancache import Outcome
 from ckptstore.dcp.spec import PartFiles, SaveSpec
-from ckptstore.errors import CkptStoreError
+from ckptstore.errors import CkptStoreError, RanksDisagreeError
 from ckptstore.format.checksum import digest
 from ckptstore.format.manifest import FileEntry, Manifest, Part
 from ckptstore.format.shard import ShardInfo, ShardWriter
@@ -78,7 +78,7 @@ def _check_incremental(flags: list[bool]) -> None:
     """Every rank saves incrementally or none does: their write results differ in kind."""
     if len(set(flags)) > 1:
         on, off = ([str(r) for r, f in enumerate(flags) if f is v][:8] for v in (True, False))
-        raise CkptStoreError(
+        raise RanksDisagreeError(
             f"ranks disagree on incremental saves: on for rank(s) {', '.join(on)}, off for "
             f"{', '.join(off)}{' (the first 8 of each)' if max(flags.count(True), flags.count(False)) > 8 else ''}. Pass the same "
             "incremental= on every rank (ckptstore train: --incremental on every node's "

@@ -16,7 +16,7 @@ from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from ckptstore.errors import BackgroundSaveError
+from ckptstore.errors import BackgroundSaveError, RanksDisagreeError
 from ckptstore.format.manifest import Manifest
 from ckptstore.units import format_bytes
 
@@ -100,7 +100,12 @@ class ErrorLedger:
         more = f" (failed saves: steps {steps})" if len(unseen) > 1 else ""
         err = BackgroundSaveError(
             f"the background save of step {first.step} failed: {type(first.error).__name__}: "
-            f"{first.error}{more}. Earlier checkpoints are intact; later saves may succeed",
+            f"{first.error}{more}. "
+            + (
+                "Every later save fails the same way until every rank is started alike"
+                if isinstance(first.error, RanksDisagreeError)
+                else "Earlier checkpoints are intact; later saves may succeed"
+            ),
             step=first.step,
         )
         err.__cause__ = first.error
