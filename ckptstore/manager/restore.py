@@ -235,10 +235,11 @@ class RestoreMixin(NewerMixin):
                 # stays as it is: every rank reads its part from the backup instead
                 if not self._in_backup(step):
                     raise
-                log.warning(
-                    "the local copy of step %d failed (%s); loading the backup's copy",
-                    step, exc,
-                )  # fmt: skip
+                if self._ckpt.first_on_disk:  # (the same agreed error on every rank)
+                    log.warning(
+                        "the local copy of step %d failed on some node (%s); every rank "
+                        "loads its part from the backup's copy", step, exc,
+                    )  # fmt: skip
                 return self._load_from_backup(state, step)
             if fetched or not self._fetch(step, replace=True):
                 raise
