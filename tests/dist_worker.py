@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -1340,18 +1341,15 @@ def scenario_incremental(ckpts: str, rank: int, world: int) -> None:
             dist.barrier()
 
 
-def scenario_incremental_heal(ckpts: str, rank: int, world: int) -> None:
-    """Issue 19: bit rot in the file every incremental save links (rank 1's) is found by
-    rank 0's retention; the ranks agree at the next step, and the save after that writes
-    everything on every rank. The chain links from that one again, and it verifies."""
-    import damage
-
-    frozen = torch.arange(1 << 18, dtype=torch.float32) + rank  # 1 MB a rank, never changes
+@contextlib.contextmanager
+def _saving_every_step(root: str, rank: int, frozen: torch.Tensor) -> Any:
+    """A manager that saves at every step (keep 2, incremental, codec none) a state of
+    ``frozen`` and a tensor that changes; yields it and ``step(index)``, which saves
+    and returns the files the newest checkpoint links (its manifest's ``linked``)."""
 
     def state(step: int) -> dict[str, torch.Tensor]:
         return {f"frozen{rank}": frozen, f"hot{rank}": torch.full((64,), float(step))}
 
-    root = os.path.join(ckpts, "heal")
     opts = dict(keep=ckptstore.KeepLast(2), codec="none", incremental=True, full_every=100)
     with ckptstore.CheckpointManager(root, save=ckptstore.SaveEvery(steps=1), **opts) as mgr:
 
@@ -1363,6 +1361,19 @@ def scenario_incremental_heal(ckpts: str, rank: int, world: int) -> None:
             assert info is not None and info.step == index + 1, info
             return dict(info.manifest.linked)
 
+        yield mgr, step
+
+
+def scenario_incremental_heal(ckpts: str, rank: int, world: int) -> None:
+    """Issue 19: bit rot in the file every incremental save links (rank 1's) is found by
+    rank 0's retention; the ranks agree at the next step, and the save after that writes
+    everything on every rank. The chain links from that one again, and it verifies."""
+    import damage
+
+    frozen = torch.arange(1 << 18, dtype=torch.float32) + rank  # 1 MB a rank, never changes
+
+    root = os.path.join(ckpts, "heal")
+    with _saving_every_step(root, rank, frozen) as (mgr, step):
         assert step(0) == {}
         assert len(step(1)) == world  # every rank links its file of step 1
         if rank == 0:
@@ -1475,21 +1486,8 @@ def scenario_incremental_node_rot(ckpts: str, rank: int, world: int) -> None:
 
     frozen = torch.arange(1 << 18, dtype=torch.float32) + rank  # 1 MB a rank, never changes
 
-    def state(step: int) -> dict[str, torch.Tensor]:
-        return {f"frozen{rank}": frozen, f"hot{rank}": torch.full((64,), float(step))}
-
     root = os.path.join(ckpts, f"node{rank}")
-    opts = dict(keep=ckptstore.KeepLast(2), codec="none", incremental=True, full_every=100)
-    with ckptstore.CheckpointManager(root, save=ckptstore.SaveEvery(steps=1), **opts) as mgr:
-
-        def step(index: int) -> dict[str, str]:
-            mgr.maybe_save(index, state(index + 1))
-            mgr.wait()
-            dist.barrier()  # rank 0's housekeeping is done too
-            info = mgr.checkpointer.latest()
-            assert info is not None and info.step == index + 1, info
-            return dict(info.manifest.linked)
-
+    with _saving_every_step(root, rank, frozen) as (mgr, step):
         assert step(0) == {}
         assert step(1) == {f"__{rank}_0-step_00000001.distcp": "step_00000001"}
         if rank == 1:
