@@ -1452,6 +1452,28 @@ def scenario_node_local_damaged_part_set_aside(ckpts: str, rank: int, world: int
     dist.barrier()
 
 
+def scenario_node_local_metadata_damaged_on_one_rank(ckpts: str, rank: int, world: int) -> None:
+    """Node-local roots (a rank each), rank 1's .metadata of the newest step damaged, a
+    plain dict restored: every rank skips that step together (rank 1 had raised alone,
+    rank 0 waited in the load's collective: both hung)."""
+    import damage
+
+    root = os.path.join(ckpts, f"node{rank}")
+    with ckptstore.CheckpointManager(root, codec="none") as mgr:
+        for index in range(2):
+            mgr.save(index, {f"w{rank}": torch.full((1 << 16,), float(index + 1))})
+            mgr.wait()
+            dist.barrier()
+    if rank == 1:
+        damage.xor(os.path.join(root, "step_00000002", ".metadata"), 20)
+    dist.barrier()
+    target = {f"w{rank}": torch.zeros(1 << 16)}
+    with ckptstore.CheckpointManager(root, codec="none") as mgr:
+        assert mgr.restore(target) == 1
+    assert torch.equal(target[f"w{rank}"], torch.ones(1 << 16))
+    dist.barrier()
+
+
 def scenario_incremental_disagree(ckpts: str, rank: int, world: int) -> None:
     """Ranks launched with different incremental settings (one node's launcher given
     --incremental, the other's not): the first save fails on every rank, saying so,

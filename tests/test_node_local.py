@@ -132,3 +132,7 @@ def test_a_nodes_damaged_part_is_not_uploaded_to_the_backup(tmp_path, s3_server,
     with pytest.raises(CorruptCheckpointError, match=r"not copied: .*checksum mismatch"):
         upload_part(open_backend(disk), backup, "step_00000001")
     assert backup.list_names() == []
+
+
+def test_a_parts_metadata_damaged_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    run_ranks("node_local_metadata_damaged_on_one_rank", str(tmp_path), 2, timeout=120)

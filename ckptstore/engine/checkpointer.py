@@ -46,6 +46,7 @@ from ckptstore.engine.writing import WriterMixin
 from ckptstore.errors import (
     CheckpointerClosedError,
     CheckpointNotFoundError,
+    CkptStoreError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
@@ -404,7 +405,7 @@ class Checkpointer(WriterMixin):
         backend = self._backend if source is None else source
         preread, self._preread = self._preread, None
         if not preread or preread[:2] != (backend.url, name):
-            preread = (backend.url, name, *self._read_once(backend, name))
+            preread = (backend.url, name, *self._read_once(backend, name, agree=True))
         manifest = load_into(
             state_dict,
             backend,
@@ -431,10 +432,34 @@ class Checkpointer(WriterMixin):
         self._preread = (backend.url, name, manifest, metadata)
         return metadata
 
-    def _read_once(self, backend: StorageBackend, name: str) -> tuple[Manifest, Metadata]:
+    def _read_once(
+        self, backend: StorageBackend, name: str, *, agree: bool = False
+    ) -> tuple[Manifest, Metadata]:
+        """``name``'s manifest and metadata. Node-local disks: each rank reads its own
+        part's, and with ``agree`` the ranks learn whether all could before any goes on
+        (a load's collective would wait for a rank that raised alone)."""
         node_local = backend is self._backend and self.node_local
         group = None if node_local else self._group  # each disk's part has its own
-        return read_checked(backend, name, group, self.config.manifest_key)
+        if not (node_local and agree and self._group is not None):
+            return read_checked(backend, name, group, self.config.manifest_key)
+        read, problem = None, None
+        try:
+            read = read_checked(backend, name, None, self.config.manifest_key)
+        except Exception as exc:
+            problem = exc
+        sent = (
+            problem
+            if problem is None or groups.pickles(problem)
+            else CkptStoreError(f"{type(problem).__name__}: {problem}")
+        )
+        told = groups.all_gather(sent, self._group)
+        if problem is not None:
+            raise problem
+        failed = [(r, e) for r, e in enumerate(told) if e is not None]
+        if failed:
+            raise failed[0][1]  # (as that rank raised it: a damaged part is one here too)
+        assert read is not None
+        return read
 
     def verify(self, step: int) -> builtins.list[str]:
         """Check every byte of checkpoint ``step``; one line per problem, empty if intact."""
