@@ -53,15 +53,15 @@ def upload_part(
     0's: the backup would list a checkpoint that does not load.
     """
     manifest = _part_manifest(src, name, manifest_key)
-    problems = verify_checkpoint_files(src, name, manifest_key)
-    if problems:
-        raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
     todo = [
         (f, e)
         for f, e in manifest.files.items()
         if e.kind == "shard" and not _there(dst, name, f, e)
     ]
     if todo:
+        problems = verify_checkpoint_files(src, name, manifest_key)
+        if problems:
+            raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
         pending = dst.attach(f"{name}#{uuid.uuid4().hex[:12]}")
         job = CopyJob(src, dst, pending, name, name, True, 2, None, stop)
         try:

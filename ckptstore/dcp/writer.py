@@ -75,14 +75,16 @@ class _ShardPlan:
 
 
 def _check_incremental(flags: list[bool]) -> None:
-    """Every rank saves incrementally or none does: their write results differ in kind."""
+    """Every rank saves incrementally or none does: their write results differ in kind.
+    (``full_every=1`` saves as without ``incremental``: it counts as off.)"""
     if len(set(flags)) > 1:
         on, off = ([str(r) for r, f in enumerate(flags) if f is v][:8] for v in (True, False))
+        cut = " (the first 8 of each)" if max(flags.count(True), flags.count(False)) > 8 else ""
         raise RanksDisagreeError(
             f"ranks disagree on incremental saves: on for rank(s) {', '.join(on)}, off for "
-            f"{', '.join(off)}{' (the first 8 of each)' if max(flags.count(True), flags.count(False)) > 8 else ''}. Pass the same "
-            "incremental= on every rank (ckptstore train: --incremental on every node's "
-            "launcher, or on none)"
+            f"{', '.join(off)}{cut}. Pass the same incremental= and full_every= on every "
+            "rank (ckptstore train: the same --incremental and --full-every on every "
+            "node's launcher)"
         )
 
 

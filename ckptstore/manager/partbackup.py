@@ -100,10 +100,13 @@ class PartUploader:
                 )
                 delay = 1.0
             except CorruptCheckpointError as exc:  # no retry reads it any better
-                log.error(
-                    "backup: not uploading this node's part of %s, the local copy is damaged "
-                    "(the backup will not hold %s): %s", name, name, exc,
-                )  # fmt: skip
+                if not self.local.exists(f"{name}/{MANIFEST_FILE}"):  # (retention, meanwhile)
+                    log.info("backup: %s was deleted here before it was uploaded", name)
+                else:
+                    log.error(
+                        "backup: not uploading this node's part of %s, the local copy is "
+                        "damaged (the backup will not hold %s): %s", name, name, exc,
+                    )  # fmt: skip
             except (CkptStoreError, OSError) as exc:
                 failed = self.local.exists(f"{name}/{MANIFEST_FILE}")
                 if failed:

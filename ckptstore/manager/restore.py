@@ -240,7 +240,13 @@ class RestoreMixin(NewerMixin):
                         "the local copy of step %d failed on some node (%s); every rank "
                         "loads its part from the backup's copy", step, exc,
                     )  # fmt: skip
-                return self._load_from_backup(state, step)
+                try:
+                    return self._load_from_backup(state, step)
+                except (CorruptCheckpointError, CheckpointNotFoundError):
+                    raise
+                except Exception as failed:  # (the backup unreachable: the step is skipped)
+                    log.warning("could not load step %d from the backup: %s", step, failed)
+                    raise exc from failed
             if fetched or not self._fetch(step, replace=True):
                 raise
             log.warning(
