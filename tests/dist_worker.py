@@ -1423,10 +1423,9 @@ def scenario_node_local_damaged_part_from_backup(ckpts: str, rank: int, world: i
         dist.barrier()
 
 
-def scenario_node_local_damaged_part_set_aside(ckpts: str, rank: int, world: int) -> None:
-    """Node-local roots (a rank each), no backup, rank 1's part of the newest step
-    damaged: restore skips it on every rank, and each disk's note of the part it moves
-    aside says the damage may be on another node's disk (rank 0's part is intact)."""
+def _two_steps_then_damage(ckpts: str, rank: int, file: str, offset: int) -> str:
+    """Node-local roots (a rank each): save steps 1 and 2 of a tensor per rank through
+    a manager, then flip a bit of rank 1's ``file`` of step 2; returns this rank's root."""
     import damage
 
     root = os.path.join(ckpts, f"node{rank}")
@@ -1436,8 +1435,16 @@ def scenario_node_local_damaged_part_set_aside(ckpts: str, rank: int, world: int
             mgr.wait()
             dist.barrier()
     if rank == 1:
-        damage.xor(os.path.join(root, "step_00000002", "__1_0.distcp"), 4096)
+        damage.xor(os.path.join(root, "step_00000002", file), offset)
     dist.barrier()
+    return root
+
+
+def scenario_node_local_damaged_part_set_aside(ckpts: str, rank: int, world: int) -> None:
+    """Node-local roots (a rank each), no backup, rank 1's part of the newest step
+    damaged: restore skips it on every rank, and each disk's note of the part it moves
+    aside says the damage may be on another node's disk (rank 0's part is intact)."""
+    root = _two_steps_then_damage(ckpts, rank, "__1_0.distcp", 4096)
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
@@ -1456,17 +1463,7 @@ def scenario_node_local_metadata_damaged_on_one_rank(ckpts: str, rank: int, worl
     """Node-local roots (a rank each), rank 1's .metadata of the newest step damaged, a
     plain dict restored: every rank skips that step together (rank 1 had raised alone,
     rank 0 waited in the load's collective: both hung)."""
-    import damage
-
-    root = os.path.join(ckpts, f"node{rank}")
-    with ckptstore.CheckpointManager(root, codec="none") as mgr:
-        for index in range(2):
-            mgr.save(index, {f"w{rank}": torch.full((1 << 16,), float(index + 1))})
-            mgr.wait()
-            dist.barrier()
-    if rank == 1:
-        damage.xor(os.path.join(root, "step_00000002", ".metadata"), 20)
-    dist.barrier()
+    root = _two_steps_then_damage(ckpts, rank, ".metadata", 20)
     target = {f"w{rank}": torch.zeros(1 << 16)}
     with ckptstore.CheckpointManager(root, codec="none") as mgr:
         assert mgr.restore(target) == 1

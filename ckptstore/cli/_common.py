@@ -21,7 +21,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from ckptstore.engine.listing import list_checkpoints
-from ckptstore.errors import EXIT_FAILED, EXIT_USAGE, CliError, StorageError, WriterLeaseError
+from ckptstore.errors import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    CkptStoreError,
+    CliError,
+    StorageError,
+    WriterLeaseError,
+)
 from ckptstore.layout import MANIFEST_FILE, STEP_NAME, checkpoint_name
 from ckptstore.storage import LocalBackend, StorageBackend, open_backend
 from ckptstore.units import format_bytes
@@ -409,3 +416,39 @@ def freed_bytes(links: Links, names: set[str]) -> int:
         for inode, nbytes, nlink in links.get(name, []):
             seen.setdefault(inode, [nbytes, nlink, 0])[2] += 1
     return sum(nbytes for nbytes, nlink, count in seen.values() if count >= nlink)
+
+
+def refuse_parts(
+    command: str, src: StorageBackend, infos: Sequence[Any], dst: StorageBackend
+) -> None:
+    """``sync``/``pull`` copy whole checkpoints: a source's ``infos`` that are one node's
+    parts of a run saved to node-local disks are refused at once (each would fail alone,
+    "rerun after fixing the cause": no help), and so is a local destination holding such
+    parts (whole checkpoints would mix with them, and repair none). Parts lie on
+    node-local disks only: an object store is not listed for them."""
+
+    def named(parts: list[str]) -> str:
+        return ", ".join(parts[:3]) + (" ..." if len(parts) > 3 else "")
+
+    parts = [i.name for i in infos if i.manifest.part is not None]
+    if parts:
+        raise CliError(
+            f"{src.url} holds one node's parts of checkpoints saved to node-local disks "
+            f"({named(parts)}): {command} copies whole checkpoints only. Back such a run up "
+            "while it trains (ckptstore train --backup URL, CheckpointManager(backup=...)): "
+            "each node uploads its part, and the backup holds whole checkpoints"
+        )
+    if not dst.capabilities.local:
+        return
+    try:
+        parts = [i.name for i in list_checkpoints(dst) if i.manifest.part is not None]
+    except (CkptStoreError, OSError):
+        return  # (not there yet, or unreadable: the copy says so itself)
+    if parts:
+        raise CliError(
+            f"{dst.url} holds one node's parts of checkpoints saved to node-local disks "
+            f"({named(parts)}); {command} copies whole checkpoints, which would mix with "
+            "them and repair none. A run restores each node's part from its backup itself "
+            "(CheckpointManager(backup=...), ckptstore train --backup); to copy whole "
+            f"checkpoints, give {command} an empty directory"
+        )

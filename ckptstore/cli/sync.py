@@ -29,6 +29,7 @@ from ckptstore.cli._common import (
     note,
     open_root,
     other_checkpoints,
+    refuse_parts,
     size,
     usage_error,
     writer_lease,
@@ -202,16 +203,7 @@ def _transfer(
             )
         print(f"no committed checkpoints under {src.url}: nothing to copy")
         return OK
-    _refuse_parts(args, dst)
-    parts = [i.name for i in infos if i.manifest.part is not None]
-    if parts:  # (each would fail alone, with "rerun after fixing the cause": no help)
-        raise CliError(
-            f"{src.url} holds one node's parts of checkpoints saved to node-local disks "
-            f"({', '.join(parts[:3])}{' ...' if len(parts) > 3 else ''}): {args.command} "
-            "copies whole checkpoints only. Back such a run up while it trains "
-            "(ckptstore train --backup URL, CheckpointManager(backup=...)): each node "
-            "uploads its part, and the backup holds whole checkpoints"
-        )
+    refuse_parts(args.command, src, infos, dst)
     threads = int(args.jobs or 8)  # files in parallel: I/O-bound
     copied: list[str] = []
     replaced: list[str] = []  # damaged there, copied over (--replace-damaged)
@@ -437,27 +429,6 @@ def would_move(manifest: Manifest, there: set[tuple[int, str]]) -> str:
 
 def shard_files_of(manifest: Manifest) -> set[tuple[int, str]]:
     return {(e.size_bytes, e.xxh3_64) for e in manifest.files.values() if e.kind == "shard"}
-
-
-def _refuse_parts(args: argparse.Namespace, dst: StorageBackend) -> None:
-    """A destination holding one node's parts of a run saved to node-local disks gets
-    no whole checkpoints: they would mix with the parts, and repair none of them. (Parts
-    lie on node-local disks only: an object store is not listed for them.)"""
-    if not dst.capabilities.local:
-        return
-    try:
-        parts = [i.name for i in list_checkpoints(dst) if i.manifest.part is not None]
-    except (CkptStoreError, OSError):
-        return  # (not there yet, or unreadable: the copy says so itself)
-    if parts:
-        shown = ", ".join(parts[:3]) + (" ..." if len(parts) > 3 else "")
-        raise CliError(
-            f"{dst.url} holds one node's parts of checkpoints saved to node-local disks "
-            f"({shown}); {args.command} copies whole checkpoints, which would mix with "
-            "them and repair none. A run restores each node's part from its backup itself "
-            "(CheckpointManager(backup=...), ckptstore train --backup); to copy whole "
-            f"checkpoints, give {args.command} an empty directory"
-        )
 
 
 def _clear_leftovers(

@@ -47,46 +47,20 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from ckptstore.dcp.hashing import start_hashing
+from ckptstore.dcp.note import NOTE_KEY
+from ckptstore.dcp.note import NOTE_VERSION as _NOTE_VERSION
+from ckptstore.dcp.note import count as _count
+from ckptstore.dcp.note import hexdigest as _hex
+from ckptstore.dcp.note import plain as _plain
+from ckptstore.dcp.note import read_note as _read_note
+from ckptstore.dcp.note import text as _text
 from ckptstore.dcp.writer import tensor_bytes
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardInfo, ShardReader
 
 log = logging.getLogger(__name__)
-
-NOTE_KEY = "@ckptstore.incremental"  # DCP's keys start with a state dict key's name
-_NOTE_VERSION = 1
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _plain(value: Any) -> str:
-    """A file or checkpoint name: one path component."""
-    name = _text(value)
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise ValueError(f"not a plain name: {name!r}")
-    return name
-
-
-def _hex(value: Any) -> str:
-    """A digest, or "" (an item not hashed: it had changed for certain)."""
-    text = _text(value)
-    if text:
-        int(text, 16)  # ValueError if not hexadecimal
-    return text
-
-
-def _count(value: Any) -> int:
-    if type(value) is not int or value < 0:
-        raise ValueError(f"expected a count, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -176,21 +150,6 @@ def _index(
         return None
     except OSError:
         return None
-
-
-def _read_note(backend: Any, name: str, own: str, entry: Any) -> tuple[dict[str, Any], int]:
-    """The note in ``name/own`` (:data:`NOTE_KEY`), and the raw bytes of the state there."""
-    with backend.open_reader(f"{name}/{own}") as reader:
-        shard = ShardReader(
-            reader, f"{name}/{own}", size_bytes=entry.size_bytes, index_xxh3=entry.xxh3_64
-        )
-        at = [i for i, item in enumerate(shard.items) if item.key == NOTE_KEY]
-        if len(at) != 1:
-            raise ValueError("no note in that shard")
-        out = np.empty(shard.items[at[0]].nbytes, dtype=np.uint8)
-        shard.read_item(at[0], out, None)
-        state = sum(item.nbytes for item in shard.items if item.key != NOTE_KEY)
-        return json.loads(out.tobytes()), state
 
 
 class IncrementalCache:
