@@ -303,3 +303,38 @@ def test_retention_reads_what_this_run_linked_before_it_counts_as_verified(tmp_p
         listed = {i.step: i for i in ckpt.list()}
         assert sorted(listed) == [50, 60]  # 60 verifies: 30 may go now
         assert not listed[60].manifest.linked and ckpt.verify(60) == []
+
+
+@pytest.mark.parametrize("keep", [None, ckptstore.KeepEvery(steps=10)])
+def test_a_run_that_deletes_nothing_still_reads_what_it_linked(tmp_path, caplog, keep):
+    """Issue 19, stranger test: with every checkpoint kept (`--keep-last 0`) and no full
+    save due (`--full-every 0`), retention deletes nothing and so never read what a save
+    linked: one rotten byte in a frozen file went into every later save, and none of
+    them could be resumed. The newest is read through after each save anyway."""
+    root = tmp_path / "r"
+    frozen = torch.arange(1 << 18, dtype=torch.float32)  # 1 MB, never changes
+
+    def tuned(step: int) -> dict[str, torch.Tensor]:
+        return {"frozen": frozen, "w": torch.full((64, 64), float(step))}
+
+    opts = dict(keep=keep, codec="none", incremental=True, full_every=0)
+    with ckptstore.CheckpointManager(root, **opts) as mgr:
+        mgr.save(10 - 1, tuned(10))  # writes everything
+        mgr.wait()
+        shard = os.path.join(step_dir(root, 10), damage.SHARD)
+        damage.xor(shard, os.path.getsize(shard) // 2)  # in the frozen tensor's bytes
+        mgr.save(20 - 1, tuned(20))  # links 10's rotten file
+        mgr.wait()
+        mgr.save(30 - 1, tuned(30))  # the read found 20 damaged: 30 links nothing
+        mgr.wait()
+        mgr.save(40 - 1, tuned(40))  # and 40 links 30's intact file
+        mgr.wait()
+    assert "step_00000020 is damaged" in caplog.text
+    assert "the next save writes every tensor again" in caplog.text
+    with ckptstore.Checkpointer(root) as ckpt:
+        listed = {i.step: i for i in ckpt.list()}
+        assert sorted(listed) == [10, 20, 30, 40]
+        assert not listed[30].manifest.linked
+        assert list(listed[40].manifest.linked.values()) == ["step_00000030"]
+        assert ckpt.verify(10) != [] and ckpt.verify(20) != []
+        assert ckpt.verify(30) == [] and ckpt.verify(40) == []

@@ -1,6 +1,7 @@
 """The manager's housekeeping: after each commit of this run, on rank 0 and off the
 writer thread, the ``latest`` pointer moves, the backup tier is handed the checkpoint,
-and retention prunes (:mod:`ckptstore.manager.retention`).
+a checkpoint that links files of earlier ones (incremental saves) is read through, and
+retention prunes (:mod:`ckptstore.manager.retention`).
 
 See :class:`~ckptstore.CheckpointManager` for the rules; this is the half of it that
 runs behind the saves.
@@ -15,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ckptstore.engine.checkpointer import Checkpointer
+from ckptstore.engine.listing import read_manifest
 from ckptstore.engine.ops import CheckpointInfo
 from ckptstore.errors import CkptStoreError
 from ckptstore.layout import FINALS_FILE, LATEST_FILE, checkpoint_name, step_of
@@ -36,6 +38,7 @@ class HousekeepingMixin:
     _part_backup: partbackup.PartUploader | None
     _committed: set[str]  # saved by this manager: verified when written
     _last_commit: str | None  # the name this manager committed last (writer thread)
+    _links_read: str | None  # the last checkpoint _read_links_through looked at
     _manifest_key: bytes | None
     _run_id: str
     _lineage: tuple[str, ...]
@@ -91,9 +94,13 @@ class HousekeepingMixin:
         return retention.records(self._ckpt.backend, infos)
 
     def _prune(self) -> None:
-        if self.keep_policy is None or self._ckpt is None or not self._committed:
+        if self._ckpt is None or not self._committed:
             return
         damaged: set[str] = set()
+        verified = self._read_links_through(damaged)
+        if self.keep_policy is None:
+            self._heal_after(damaged)
+            return
         try:
             spare = self._backup.busy() if self._backup is not None else set()
             retention.prune(
@@ -103,12 +110,46 @@ class HousekeepingMixin:
                 manifest_key=self._manifest_key,
                 trusted=self._committed,
                 lineage=(self._run_id, *self._lineage),
+                verified=verified,
                 damaged=damaged,
             )
         except CkptStoreError as exc:  # storage trouble must not fail the save it follows
             log.warning("retention under %s failed: %s", self._ckpt.url, exc)
         except Exception:  # (on an executor: it would vanish, and retention with it)
             log.exception("retention under %s failed", self._ckpt.url)
+        self._heal_after(damaged)
+
+    def _read_links_through(self, damaged: set[str]) -> set[str]:
+        """Read this run's newest checkpoint through (every byte, its linked files too)
+        when it links files of earlier ones on a local disk, once per checkpoint; returns
+        its name if intact (retention need not read it again), else adds it to
+        ``damaged``. Retention reads it before deleting anything, but a run that keeps
+        every checkpoint (or whose policy deletes nothing yet) would otherwise never read
+        them again, and a file rotten on disk would be linked into every later save."""
+        ckpt, name = self._ckpt, self._last_commit
+        if ckpt is None or name is None or name == self._links_read:
+            return set()
+        config = ckpt.config
+        if not (config.incremental and config.full_every != 1 and ckpt.backend.capabilities.local):
+            return set()
+        from ckptstore.engine.ops import verify  # torch: imported here, as retention does
+
+        self._links_read = name
+        try:
+            if not read_manifest(ckpt.backend, name, manifest_key=self._manifest_key).linked:
+                return set()
+            problems = verify(ckpt.backend, name, None, manifest_key=self._manifest_key)
+        except CkptStoreError as exc:  # (retention tries again, and says so)
+            log.warning("could not read %s/%s through: %s", ckpt.url, name, exc)
+            return set()
+        if not problems:
+            return {name}
+        log.warning("%s/%s is damaged: %s", ckpt.url, name, problems[0])
+        damaged.add(name)
+        return set()
+
+    def _heal_after(self, damaged: set[str]) -> None:
+        assert self._ckpt is not None
         ours = [s for n in damaged & self._committed if (s := step_of(n)) is not None]
         if ours and self._ckpt.config.incremental and self._ckpt.config.full_every != 1:
             self._ask_for_full_save(max(ours))
