@@ -20,6 +20,7 @@ import torch
 import ckptstore
 import ckptstore.storage._direct_io as direct_io_mod
 from ckptstore.format.shard import ShardWriter
+from ckptstore.units import format_bytes
 
 FROZEN = 8  # tensors of 1 MiB each that never change
 
@@ -73,6 +74,21 @@ def test_unchanged_tensors_are_linked_not_written(root):
             assert (shared.st_ino, shared.st_dev) == (first.st_ino, first.st_dev)
             assert info.manifest.owned_bytes < 0.01 * full
             load_equal(ckpt, step, saved[step])
+
+
+def test_the_save_line_says_what_the_whole_checkpoint_links(root):
+    """Stranger test: with two ranks every save line read "this rank's part ..." without
+    "linked", since rank 0's own file linked nothing while rank 1's did. The line (the
+    coordinator's, which holds the manifest) now says what the checkpoint links."""
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        _, results = save_chain(ckpt, frozen, 2)
+    shared = results[1].manifest.files["__0_0-step_00000001.distcp"].size_bytes
+    line = results[1].describe(0, ranks=2)
+    assert "this rank's part" in line and "unchanged (linked)" not in line
+    assert f"the checkpoint links 1 file ({format_bytes(shared)}) of earlier ones" in line
+    assert "links" not in results[0].describe(0, ranks=2)  # the first save links nothing
+    assert "the checkpoint links" not in results[1].describe(1, ranks=1)  # one rank: as before
 
 
 def test_deleting_the_checkpoint_that_wrote_the_frozen_weights_keeps_the_later_ones(root):

@@ -227,7 +227,10 @@ class IncrementalCache:
                 raise ValueError("an item lies in a file the note does not name")
             since_full = _count(note["since_full"])
         except Exception as exc:  # untrusted input: any doubt means a full save
-            log.info("%s: no incremental note to link from (%s): a full save", name, exc)
+            log.info(
+                "%s/%s: no incremental note to link from (%s): the next save writes the "
+                "tensors of this file in full", name, own[0], exc,
+            )  # fmt: skip
             return
         self._items, self._files, self._since_full = items, files, since_full
 

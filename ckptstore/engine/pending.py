@@ -50,6 +50,15 @@ class SaveResult:
         reason = self.manifest.reason if self.manifest is not None else None
         linked = f", {format_bytes(linked_bytes)} unchanged (linked)" if linked_bytes else ""
         mine = "this rank's part " if ranks > 1 else ""
+        if ranks > 1 and self.manifest is not None and self.manifest.linked:
+            # this rank's own part may link nothing while others link theirs
+            files = self.manifest.files
+            shared = sum(files[f].size_bytes for f in self.manifest.linked if f in files)
+            n = len(self.manifest.linked)
+            linked += (
+                f"; the checkpoint links {n} file{'s' if n > 1 else ''} "
+                f"({format_bytes(shared)}) of earlier ones"
+            )
         return (
             f"{self.name} committed{f' ({reason})' if reason else ''}: {mine}"
             f"{format_bytes(self.raw_bytes)} -> {format_bytes(self.stored_bytes)} "
