@@ -127,7 +127,8 @@ class HousekeepingMixin:
         every checkpoint (or whose policy deletes nothing yet) would otherwise never read
         them again, and a file rotten on disk would be linked into every later save."""
         ckpt, name = self._ckpt, self._last_commit
-        if ckpt is None or name is None or name == self._links_read:
+        # (a save committed since this turn began: its own turn reads it)
+        if ckpt is None or name not in self._committed or name == self._links_read:
             return set()
         config = ckpt.config
         if not (config.incremental and config.full_every != 1 and ckpt.backend.capabilities.local):
