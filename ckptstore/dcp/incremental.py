@@ -176,7 +176,7 @@ class IncrementalCache:
         self._restored: tuple[str, Manifest] | None = None  # see restored_from()
         # Read through what this save links (the items it uses) before linking it; set
         # by the writer for a rank whose root is a node-local disk other than rank 0's.
-        # Rank 0's retention reads its own disk only: there, a file rotten since it was
+        # Rank 0's housekeeping reads its own disk only: there, a file rotten since it was
         # written is found and the next save writes everything (manager.housekeeping);
         # on another disk nothing else would, and every later save would link it.
         self.read_through = False

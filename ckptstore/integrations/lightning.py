@@ -378,7 +378,7 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
         earlier checkpoints the items it uses), unless a newer save has committed since.
         On a local disk a shared file is one copy (hard links): damaged, it is damaged in
         every checkpoint holding it, and every later save would link it too; so the next
-        save writes everything (as the CheckpointManager's retention read makes it do)."""
+        save writes everything (as the CheckpointManager's housekeeping read makes it do)."""
         if where.saves != count or not replace.is_committed(where.backend, name):
             return  # a newer one committed (its check reads the same files), or removed
         try:
