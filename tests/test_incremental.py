@@ -4,6 +4,7 @@ and deleting the one that first wrote them leaves the later ones whole."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -19,6 +20,7 @@ import torch
 
 import ckptstore
 import ckptstore.storage._direct_io as direct_io_mod
+from ckptstore.format.manifest import Part
 from ckptstore.format.shard import ShardWriter
 from ckptstore.units import format_bytes
 
@@ -89,6 +91,12 @@ def test_the_save_line_says_what_the_whole_checkpoint_links(root):
     assert f"the checkpoint links 1 file ({format_bytes(shared)}) of earlier ones" in line
     assert "links" not in results[0].describe(0, ranks=2)  # the first save links nothing
     assert "the checkpoint links" not in results[1].describe(1, ranks=1)  # one rank: as before
+    # on node-local disks rank 0's manifest is its own disk's part, not the checkpoint
+    part = Part(disk="d0", coordinator="d0", elsewhere={})
+    result = dataclasses.replace(
+        results[1], manifest=dataclasses.replace(results[1].manifest, part=part)
+    )
+    assert "; this disk's part links 1 file" in result.describe(0, ranks=2)
 
 
 def test_deleting_the_checkpoint_that_wrote_the_frozen_weights_keeps_the_later_ones(root):

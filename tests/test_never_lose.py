@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -338,3 +339,36 @@ def test_a_run_that_deletes_nothing_still_reads_what_it_linked(tmp_path, caplog,
         assert list(listed[40].manifest.linked.values()) == ["step_00000030"]
         assert ckpt.verify(10) != [] and ckpt.verify(20) != []
         assert ckpt.verify(30) == [] and ckpt.verify(40) == []
+
+
+def test_a_linked_checkpoint_that_cannot_be_read_through_counts_as_damaged(
+    tmp_path, caplog, monkeypatch
+):
+    """Review: an OSError (EIO) while reading the newest checkpoint through ended the
+    housekeeping turn silently, before retention and the heal. Unreadable is damaged:
+    the next save writes everything."""
+    import ckptstore.engine.ops as ops
+
+    root = tmp_path / "r"
+    frozen = torch.arange(1 << 18, dtype=torch.float32)
+
+    def tuned(step: int) -> dict[str, torch.Tensor]:
+        return {"frozen": frozen, "w": torch.full((64, 64), float(step))}
+
+    def unreadable(*args: object, **kwargs: object) -> list[str]:
+        raise OSError(errno.EIO, "Input/output error")
+
+    opts = dict(keep=None, codec="none", incremental=True, full_every=0)
+    with ckptstore.CheckpointManager(root, **opts) as mgr:
+        mgr.save(10 - 1, tuned(10))
+        mgr.wait()
+        with monkeypatch.context() as m:
+            m.setattr(ops, "verify", unreadable)
+            mgr.save(20 - 1, tuned(20))  # links 10's file; reading it through fails
+            mgr.wait()
+        mgr.save(30 - 1, tuned(30))  # so this one links nothing
+        mgr.wait()
+    assert "step_00000020 is damaged: could not read it through" in caplog.text
+    with ckptstore.Checkpointer(root) as ckpt:
+        listed = {i.step: i for i in ckpt.list()}
+        assert listed[20].manifest.linked and not listed[30].manifest.linked

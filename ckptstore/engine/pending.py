@@ -55,8 +55,9 @@ class SaveResult:
             files = self.manifest.files
             shared = sum(files[f].size_bytes for f in self.manifest.linked if f in files)
             n = len(self.manifest.linked)
+            whole = "this disk's part" if self.manifest.part is not None else "the checkpoint"
             linked += (
-                f"; the checkpoint links {n} file{'s' if n > 1 else ''} "
+                f"; {whole} links {n} file{'s' if n > 1 else ''} "
                 f"({format_bytes(shared)}) of earlier ones"
             )
         return (

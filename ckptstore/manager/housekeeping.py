@@ -38,7 +38,7 @@ class HousekeepingMixin:
     _part_backup: partbackup.PartUploader | None
     _committed: set[str]  # saved by this manager: verified when written
     _last_commit: str | None  # the name this manager committed last (writer thread)
-    _links_read: str | None  # the last checkpoint _read_links_through looked at
+    _links_read: tuple[str, bool] | None  # the last one _read_links_through read: intact?
     _manifest_key: bytes | None
     _run_id: str
     _lineage: tuple[str, ...]
@@ -128,22 +128,24 @@ class HousekeepingMixin:
         them again, and a file rotten on disk would be linked into every later save."""
         ckpt, name = self._ckpt, self._last_commit
         # (a save committed since this turn began: its own turn reads it)
-        if ckpt is None or name not in self._committed or name == self._links_read:
+        if ckpt is None or name is None or name not in self._committed:
             return set()
+        if self._links_read is not None and self._links_read[0] == name:  # (a backup's turn)
+            return {name} if self._links_read[1] else set()
         config = ckpt.config
         if not (config.incremental and config.full_every != 1 and ckpt.backend.capabilities.local):
             return set()
         from ckptstore.engine.ops import verify  # torch: imported here, as retention does
 
-        self._links_read = name
+        self._links_read = (name, False)
         try:
             if not read_manifest(ckpt.backend, name, manifest_key=self._manifest_key).linked:
-                return set()
+                return set()  # (retention reads it if it must: as before)
             problems = verify(ckpt.backend, name, None, manifest_key=self._manifest_key)
-        except CkptStoreError as exc:  # (retention tries again, and says so)
-            log.warning("could not read %s/%s through: %s", ckpt.url, name, exc)
-            return set()
+        except Exception as exc:  # unreadable (EIO, a damaged manifest): as damaged
+            problems = [f"could not read it through: {exc!r}"]
         if not problems:
+            self._links_read = (name, True)
             return {name}
         log.warning("%s/%s is damaged: %s", ckpt.url, name, problems[0])
         damaged.add(name)
@@ -165,11 +167,17 @@ class HousekeepingMixin:
         if self._heal_pending or step < self._healed_from:
             return
         self._heal_pending = True
+        which = (
+            "the next save"
+            if self._agreement is None
+            else "the ranks' save after they agree on it at a step (maybe_save)"
+        )
         log.warning(
-            "%s/%s, saved by this run, is damaged: the next save writes every tensor again "
-            "instead of linking its files (incremental)",
+            "%s/%s, saved by this run, is damaged: %s writes every tensor again instead of "
+            "linking its files (incremental)",
             self._ckpt.url,
             checkpoint_name(step),
+            which,
         )
         if self._agreement is None:
             self._full_next = True

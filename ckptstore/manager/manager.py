@@ -214,7 +214,7 @@ class CheckpointManager(SavingMixin, RestoreMixin, GuardMixin, HousekeepingMixin
         # committed a save of its own (the first commit's housekeeping catches up).
         self._committed: set[str] = set()  # saved by this manager: verified when written
         self._last_commit: str | None = None
-        self._links_read: str | None = None  # (housekeeping: read through once)
+        self._links_read: tuple[str, bool] | None = None  # (housekeeping: read once)
         self._lease: lease.Lease | None = None
         try:  # one writer per root: a second is refused here, naming the first
             self._lease = lease.take(backend, self._control) if enabled else None

@@ -64,6 +64,7 @@ class RestoreMixin(NewerMixin):
     _from_backup: frozenset[int] | set[int] = frozenset()  # steps only on the backup (node-local)
     _heal_pending: bool
     _healed_from: int
+    _links_read: tuple[str, bool] | None
 
     if TYPE_CHECKING:  # provided by CheckpointManager
 
@@ -438,6 +439,7 @@ class RestoreMixin(NewerMixin):
         self._last_saved = steps
         self._last_epoch = info.manifest.epoch
         self._heal_pending, self._healed_from = False, 0  # (a rollback: steps count anew)
+        self._links_read = None  # (a step saved again gets its own read)
         if info.manifest.run_id is not None:
             # The same run goes on: its next checkpoints, and the backup's retention,
             # carry on with its id (a checkpoint without one: this run keeps its new id).
