@@ -98,12 +98,9 @@ class HousekeepingMixin:
             return
         damaged: set[str] = set()
         verified = self._read_links_through(damaged)
-        if self.keep_policy is None:
-            self._heal_after(damaged)
-            return
         try:
             spare = self._backup.busy() if self._backup is not None else set()
-            retention.prune(
+            retention.prune(  # (no policy: deletes nothing, reads nothing)
                 self._ckpt.backend,
                 self.keep_policy,
                 spare=spare,
