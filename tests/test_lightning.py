@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -394,6 +395,35 @@ def test_incremental_saves_stop_linking_a_shared_file_found_damaged(tmp_path, ca
     assert linked_files(path(4)) == [] and problems(path(4)) == []
     assert_same(ckptstore.read(path(4)), state(4))
     assert linked_files(path(5)) == ["__0_0-s4.ckpt.distcp"] and problems(path(5)) == []
+
+
+def test_a_checkpoint_that_cannot_be_read_through_counts_as_damaged(tmp_path, caplog, monkeypatch):
+    """As the manager's read (review): an OSError (EIO) while checking a save was only
+    warned about, and the next saves linked the unreadable file on."""
+    import ckptstore.integrations.lightning as lightning_mod
+
+    io = CkptStoreCheckpointIO(codec="none", incremental=True, async_save=False)
+    frozen = torch.randn(256, 1024)  # 1 MB
+
+    def state(step):
+        return {"frozen": frozen, "adapter": torch.full((8,), float(step)), "global_step": step}
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    try:
+        io.save_checkpoint(state(1), str(tmp_path / "s1.ckpt"))
+        io.wait()
+        with monkeypatch.context() as m, caplog.at_level("ERROR", logger="ckptstore"):
+            m.setattr(lightning_mod, "verify", unreadable)
+            io.save_checkpoint(state(2), str(tmp_path / "s2.ckpt"))  # links s1's file
+            io.wait()
+        assert f"{tmp_path}/s2.ckpt is damaged (could not read it through" in caplog.text
+        io.save_checkpoint(state(3), str(tmp_path / "s3.ckpt"))
+    finally:
+        io.teardown()
+    assert linked_files(str(tmp_path / "s2.ckpt")) != []
+    assert linked_files(str(tmp_path / "s3.ckpt")) == []  # written in full
 
 
 def test_a_checkpoint_removed_before_its_check_is_not_called_damaged(tmp_path, caplog):

@@ -383,11 +383,8 @@ class CkptStoreCheckpointIO(CheckpointIO):  # type: ignore[misc]  # Any when myp
             return  # a newer one committed (its check reads the same files), or removed
         try:
             problems = verify(where.backend, name, pool, manifest_key=resolve_manifest_key())
-        except Exception as exc:  # the check must never fail a run
-            log.warning(
-                "checking %s/%s failed: %s: %s", where.backend.url, name, type(exc).__name__, exc
-            )
-            return
+        except Exception as exc:  # the check never fails a run; unreadable (EIO) is damaged
+            problems = [f"could not read it through: {type(exc).__name__}: {exc}"]
         if problems and where.saves == count:
             where.full_next = True
             url = where.backend.url
