@@ -12,6 +12,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # under pytest-xdist (`-n N`): the workers share the cores
+        import torch
+
+        # torch's OpenMP threads spin-wait for each other; with more of them than cores
+        # each small op can wait a time slice (a property test took 45 s instead of 4 s).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     _skip_cuda_without_gpus(items)
     if config.getoption("--run-slow") or os.environ.get("CKPTSTORE_RUN_SLOW") == "1":

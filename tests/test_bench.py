@@ -282,11 +282,12 @@ def test_interference_reports_a_fraction_per_contender(tmp_path, capsys):
         assert len(runs) == 2
         for r in runs:  # tiny saves: bounds, not timings
             # The loop alone is timed before and after; on a busy machine one of the two
-            # can be slowed 2x (a CI run: 337 then 693 steps/s), so the bound is against
-            # the better one.
+            # can be slowed 2x (a CI run: 337 then 693 steps/s), and with the tests on two
+            # workers the other's load comes and goes (785 steps/s during a save against
+            # 481 and 425 alone), so the bound is loose: it catches a rate off by far.
             assert r["fraction"] == pytest.approx(r["during_per_s"] / r["alone_per_s"])
             best_alone = max(r["alone_before_per_s"], r["alone_after_per_s"])
-            assert 0 < r["during_per_s"] <= 1.5 * best_alone, (name, r)
+            assert 0 < r["during_per_s"] <= 4 * best_alone, (name, r)
             assert r["save_s"] >= r["during_s"] > 0 and r["alone_per_s"] > 0
             assert r["lost_loop_s"] == pytest.approx(r["during_s"] * (1 - r["fraction"]))
             assert 0 < r["blocked_s"] < r["save_s"]
