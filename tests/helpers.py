@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ckptstore import ResumableDataLoader, TrainState
+from ckptstore.storage.testing.s3server import free_port  # (torchrun rendezvous ports)
 from ckptstore.train.model import GPT, MODEL_SIZES, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -260,15 +261,6 @@ def run_python(
         env=full_env,
         check=False,
     )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 free right now (for a torchrun rendezvous)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_example(cwd: Any, script: str, procs: int, *args: str) -> subprocess.CompletedProcess[str]:

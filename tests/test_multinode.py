@@ -13,21 +13,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from helpers import REPO
+from helpers import REPO, free_port
 from test_train import TINY, env
 
 STEPS = ["--steps", "24", "--save-every", "4", "--log-every", "4"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch(
