@@ -17,9 +17,11 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers:  # under pytest-xdist (`-n N`): the workers share the cores
         import torch
 
+        from ckptstore.config import default_threads  # (the cores this process may use)
+
         # torch's OpenMP threads spin-wait for each other; with more of them than cores
         # each small op can wait a time slice (a property test took 45 s instead of 4 s).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        torch.set_num_threads(max(1, default_threads() // int(workers)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

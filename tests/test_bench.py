@@ -279,15 +279,17 @@ def test_interference_reports_a_fraction_per_contender(tmp_path, capsys):
         elif not name.startswith("ckptstore"):
             assert written == [None] * 2
     for name, runs in result["runs"].items():
-        assert len(runs) == 2
-        for r in runs:  # tiny saves: bounds, not timings
-            # The loop alone is timed before and after; on a busy machine one of the two
-            # can be slowed 2x (a CI run: 337 then 693 steps/s), and with the tests on two
-            # workers the other's load comes and goes (785 steps/s during a save against
-            # 481 and 425 alone), so the bound is loose: it catches a rate off by far.
+        assert len(runs) == 2, name
+        for r in runs:  # tiny saves: how the figures are made, not timings
+            # (a bound on the rate during the save against the rate alone failed under
+            # load: a 2 MB save lasts 5-12 ms, one time slice decides it; 785 steps/s
+            # during a save against 481 and 425 alone with the tests on two workers)
             assert r["fraction"] == pytest.approx(r["during_per_s"] / r["alone_per_s"])
-            best_alone = max(r["alone_before_per_s"], r["alone_after_per_s"])
-            assert 0 < r["during_per_s"] <= 4 * best_alone, (name, r)
+            assert r["during_steps"] >= 1 and 0 < r["during_elapsed_s"] <= r["during_s"]
+            assert r["during_per_s"] == pytest.approx(r["during_steps"] / r["during_elapsed_s"])
+            assert r["alone_per_s"] == pytest.approx(
+                (r["alone_before_per_s"] + r["alone_after_per_s"]) / 2
+            )
             assert r["save_s"] >= r["during_s"] > 0 and r["alone_per_s"] > 0
             assert r["lost_loop_s"] == pytest.approx(r["during_s"] * (1 - r["fraction"]))
             assert 0 < r["blocked_s"] < r["save_s"]

@@ -268,8 +268,11 @@ def _tensor_with_methods() -> torch.Tensor:
         HalfStateful(),
         NoneStateful(),
     ],
-    ids=lambda obj: type(obj).__name__,  # stable across processes (pytest-xdist)
-)
+    # (not repr: object addresses differ between pytest-xdist's workers)
+    ids=["tensor", "parameter", "tensor-with-state-dict-methods", "dict", "list", "tuple",
+         "int", "str", "None", "module", "Counter", "Registered", "HalfStateful",
+         "NoneStateful"],
+)  # fmt: skip
 def test_is_stateful_answers_like_the_protocol(obj):
     assert is_stateful(obj) is isinstance(obj, Stateful)
     assert is_stateful(obj) is isinstance(obj, Stateful)  # answered from the type cache

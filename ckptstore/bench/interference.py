@@ -63,6 +63,12 @@ FROZEN = 0.95  # of the incremental contenders' state: the bytes that never chan
 
 def compute_rate(done: Callable[[], bool], min_s: float) -> float:
     """Multiplies per second until ``done()`` (and at least ``min_s``)."""
+    n, elapsed = compute(done, min_s)
+    return n / elapsed
+
+
+def compute(done: Callable[[], bool], min_s: float) -> tuple[int, float]:
+    """Multiply until ``done()`` (and at least ``min_s``): how many, in how many seconds."""
     a = torch.randn(384, 384)
     b = torch.randn(384, 384)
     n = 0
@@ -72,7 +78,7 @@ def compute_rate(done: Callable[[], bool], min_s: float) -> float:
         n += 1
         elapsed = time.perf_counter() - start
         if elapsed >= min_s and done():
-            return n / elapsed
+            return n, elapsed
 
 
 class _Durable:
@@ -209,7 +215,8 @@ def _rounds(
             t0 = time.perf_counter()
             done, written = start(os.path.join(directory, f"{name}-{rnd}"))
             t1 = time.perf_counter()
-            during = compute_rate(done, 0.0)
+            steps, elapsed = compute(done, 0.0)
+            during = steps / elapsed
             took = time.perf_counter() - t0
             during_s = t0 + took - t1
             if written is not None:
@@ -225,6 +232,8 @@ def _rounds(
                     "alone_after_per_s": after,
                     "alone_per_s": alone,
                     "during_per_s": during,
+                    "during_steps": steps,  # multiplies while the save ran, in:
+                    "during_elapsed_s": elapsed,
                     "fraction": during / alone,
                     "save_s": took,
                     "during_s": during_s,
