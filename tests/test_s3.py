@@ -250,6 +250,25 @@ def test_wrong_credentials_fail_fast_with_a_clear_message(root):
         server.stop()
 
 
+def test_the_test_server_is_not_fooled_by_another_listener_on_its_port():
+    """The server reports the port it bound. Tests run on several workers, each starting
+    servers: a start-up check that only connects to a chosen port would take another
+    process's listener there for its own server."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(RuntimeError, match="exited at start-up"):
+            S3Server(port=other.getsockname()[1]).start()
+    server = S3Server().start()  # (port 0, the default: the kernel picks a free one)
+    try:
+        assert server.port != 0
+        bucket = server.new_bucket()
+        server.fs().pipe(f"{bucket}/x", b"hello")
+        assert server.fs().cat(f"{bucket}/x") == b"hello"
+    finally:
+        server.stop()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_test_server_ends_with_the_process_that_started_it():
     """A test run stopped by SIGTERM or SIGKILL (no fixture teardown) leaves no moto

@@ -10,10 +10,10 @@ parent process id.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,16 +27,28 @@ SECRET_KEY = "CANARY-SECRET-9f3c1e7a-do-not-log"
 # Runs moto's server beside a thread that ends it once its parent process is gone (the
 # parent id changes). Not PR_SET_PDEATHSIG: that fires when the parent *thread* that
 # started it ends, which a server started from a worker thread would not survive.
+# The server binds its socket itself (port 0: the kernel picks a free one) and then
+# prints the port it got, so no other process can take the port between a choice and
+# the bind (tests run on several workers, each starting servers).
 _LAUNCH = """
-import os, runpy, sys, threading, time
-parent = int(sys.argv[1])
+import os, sys, threading, time
+parent, port = int(sys.argv[1]), int(sys.argv[2])
 def watch():
     while os.getppid() == parent:
         time.sleep(0.2)
     os._exit(0)
 threading.Thread(target=watch, daemon=True).start()
-sys.argv = ["moto.server", *sys.argv[2:]]
-runpy.run_module("moto.server", run_name="__main__")
+from moto.moto_server.werkzeug_app import (
+    DomainDispatcherApplication, MotoRequestHandler, create_backend_app)
+from werkzeug.serving import make_server
+server = make_server("127.0.0.1", port, DomainDispatcherApplication(create_backend_app),
+                     threaded=True, request_handler=MotoRequestHandler)
+port = server.server_address[1]
+os.environ["MOTO_PORT"] = str(port)  # (as moto's own command line sets it)
+print(port, flush=True)
+null = os.open(os.devnull, os.O_WRONLY)
+os.dup2(null, 1)
+server.serve_forever()
 """
 
 
@@ -48,9 +60,10 @@ def free_port() -> int:
 
 @dataclass
 class S3Server:
-    """One moto server process on 127.0.0.1."""
+    """One moto server process on 127.0.0.1, on ``port`` (0: a free one, the default;
+    ``start`` sets it to the one the server bound)."""
 
-    port: int = field(default_factory=free_port)
+    port: int = 0
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -61,32 +74,28 @@ class S3Server:
     def start(self, timeout_s: float = 30.0) -> S3Server:
         env = {**os.environ, **self.env}
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _LAUNCH,
-                str(os.getpid()),
-                "-H",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-            ],
-            stdout=subprocess.DEVNULL,
+            [sys.executable, "-c", _LAUNCH, str(os.getpid()), str(self.port)],
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
         )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moto server exited at start-up with {self.proc.returncode}")
+        assert self.proc.stdout is not None
+        # The server prints its port once it listens (the socket is bound and
+        # listening before make_server returns); nothing else comes on stdout.
+        with self.proc.stdout:
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+            line = self.proc.stdout.readline() if ready else b""
+        if not line.strip().isdigit():
             try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"moto server did not listen on {self.port}") from None
-                time.sleep(0.05)
+                code: int | None = self.proc.wait(1)
+            except subprocess.TimeoutExpired:
+                code = None
+            self.stop()
+            if code is not None:
+                raise RuntimeError(f"moto server exited at start-up with {code}")
+            raise RuntimeError(f"moto server did not start listening in {timeout_s:g} s")
+        self.port = int(line)
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
