@@ -42,7 +42,13 @@ from typing import Any
 import torch
 
 from ckptstore.bench import contenders as cont
-from ckptstore.bench.common import gpt_config_for, machine_info, parse_size, write_json
+from ckptstore.bench.common import (
+    frozen_gc,
+    gpt_config_for,
+    machine_info,
+    parse_size,
+    write_json,
+)
 from ckptstore.bench.compare import compare
 from ckptstore.bench.report import command_line, markdown, redact
 from ckptstore.bench.workload import build_workload
@@ -212,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
     try:
-        if args.incremental:
-            return _incremental(args, options)
-        if args.interference:
-            return _interference(args, options, names)
-        if counts:
-            return _many_tensors(args, options, counts)
-        return _main(args, options, names)
+        with frozen_gc():
+            if args.incremental:
+                return _incremental(args, options)
+            if args.interference:
+                return _interference(args, options, names)
+            if counts:
+                return _many_tensors(args, options, counts)
+            return _main(args, options, names)
     except BenchError as exc:
         print(f"ckptstore bench: {exc}", file=sys.stderr)
         return USAGE
