@@ -2,7 +2,8 @@
 ``ls``, ``verify`` and restore agree on what a checkpoint is.
 
 * A FIFO named ``latest``, ``manifest.json``, ``.metadata`` or a shard used to block
-  ``open()`` forever; a 16 GiB sparse ``latest`` or ``manifest.json`` used to be read
+  ``open()`` forever; a directory in a shard's place stopped a resume with "Is a
+  directory" instead of restoring the checkpoint before; a 16 GiB sparse ``latest`` or ``manifest.json`` used to be read
   whole (a ``MemoryError``, or 16 GiB of memory). Each case runs ``ckptstore ls``,
   ``ckptstore verify`` and a ``CheckpointManager.restore`` in a child process with a
   timeout and a cap on its address space, so a regression fails instead of hanging or
@@ -93,6 +94,11 @@ def plant_fifo(path: str) -> None:
     os.mkfifo(path)
 
 
+def plant_directory(path: str) -> None:
+    os.unlink(path)
+    os.mkdir(path)
+
+
 def plant_sparse(path: str) -> None:
     os.unlink(path)
     with open(path, "wb") as f:
@@ -107,7 +113,12 @@ HOSTILE = {
     ("manifest", "sparse"): (1, 10),
     ("metadata", "fifo"): (1, 10),
     ("shard", "fifo"): (1, 10),
+    ("latest", "directory"): (0, 20),
+    ("manifest", "directory"): (1, 10),
+    ("metadata", "directory"): (1, 10),
+    ("shard", "directory"): (1, 10),
 }
+PLANT = {"fifo": plant_fifo, "sparse": plant_sparse, "directory": plant_directory}
 
 
 @pytest.mark.parametrize(("what", "how"), list(HOSTILE))
@@ -121,7 +132,7 @@ def test_fifos_and_huge_sparse_files_are_refused_promptly(root, what, how):
         "shard": os.path.join(newest, "__0_0.distcp"),
     }[what]
     assert os.path.isfile(path)
-    (plant_fifo if how == "fifo" else plant_sparse)(path)
+    PLANT[how](path)
 
     out, text = run_child(root)
 
@@ -135,7 +146,7 @@ def test_fifos_and_huge_sparse_files_are_refused_promptly(root, what, how):
         assert "BAD  step_00000020" in text
         assert "OK   step_00000010" in text
     if what == "manifest":
-        assert "not a regular file" in text if how == "fifo" else "more than the" in text
+        assert "more than the" in text if how == "sparse" else "not a regular file" in text
 
 
 def _promptly(call: Callable[[], Any], unblock: str | None = None) -> BaseException | None:
@@ -171,6 +182,15 @@ def test_the_local_backend_refuses_a_fifo_as_corrupt(tmp_path, name):
         exc = _promptly(call, unblock=str(path))
         assert isinstance(exc, ckptstore.CorruptCheckpointError), exc
         assert "FIFO" in str(exc)
+
+
+@pytest.mark.parametrize("name", [LATEST_FILE, f"step_00000001/{MANIFEST_FILE}"])
+def test_the_local_backend_refuses_a_directory_in_a_files_place_as_corrupt(tmp_path, name):
+    backend = LocalBackend(str(tmp_path))
+    (tmp_path / name).mkdir(parents=True)
+    for call in (lambda: backend.read_bytes(name), lambda: backend.open_reader(name)):
+        with pytest.raises(ckptstore.CorruptCheckpointError, match="a directory, not a regular"):
+            call()
 
 
 def test_the_local_backend_caps_what_it_reads_whole_by_kind(tmp_path):

@@ -31,7 +31,12 @@ import fsspec
 import numpy as np
 import pytest
 
-from ckptstore.errors import CheckpointExistsError, StorageError, StorageFullError
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    StorageError,
+    StorageFullError,
+)
 from ckptstore.layout import LOCK_FILE, MANIFEST_FILE, TEMP_PREFIX, check_name
 from ckptstore.storage import (
     Capabilities,
@@ -216,10 +221,13 @@ def test_fsspec_root_under_a_file(memory_top):
     pending.abort()
 
 
-def test_local_read_of_a_directory_is_storage_error(local):
+def test_local_read_of_a_directory_is_corrupt(local):
+    """A directory where a file is read is not something ckptstore wrote (until
+    2026-12-07 a StorageError: a directory in a shard's place then stopped a resume)."""
     commit_one(local, "step_1", {"a": b"a"})
-    with pytest.raises(StorageError):
-        local.read_bytes("step_1")  # a directory, not a file
+    for read in (local.read_bytes, local.open_reader):
+        with pytest.raises(CorruptCheckpointError, match="a directory, not a regular file"):
+            read("step_1")
 
 
 # ---- local disk: temp directory, lock, commit -------------------------------------------

@@ -412,9 +412,10 @@ def open_regular(path: str) -> tuple[int, int]:
     """``(fd, size)`` of the regular file ``path``, opened for reading.
 
     Anything else under a checkpoint's names is refused as corrupt: a FIFO would block
-    ``open()`` forever (hence O_NONBLOCK, which regular files ignore), a device is not
-    something ckptstore wrote. A directory is a :class:`StorageError` (EISDIR), as
-    ``open()`` reports it.
+    ``open()`` forever (hence O_NONBLOCK, which regular files ignore); a directory, a
+    device or a socket is not something ckptstore wrote there either. (A directory was
+    a :class:`StorageError`, EISDIR, until 2026-12-07: then a directory in a shard's
+    place stopped a resume instead of making that one checkpoint damaged.)
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -429,9 +430,13 @@ def open_regular(path: str) -> tuple[int, int]:
         raise storage_error(exc, "stat", path) from exc
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        if stat.S_ISDIR(st.st_mode):  # what open() says of one: the caller named it wrong
-            raise storage_error(OSError(errno.EISDIR, os.strerror(errno.EISDIR)), "read", path)
-        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket or device"
+        kind = (
+            "directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "socket or device"
+        )
         raise CorruptCheckpointError(
             f"{path}: a {kind}, not a regular file; ckptstore writes only regular files there, "
             "so refusing to read it. Remove it (a damaged checkpoint: restore an earlier one)"
