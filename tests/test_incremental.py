@@ -189,6 +189,32 @@ def test_where_links_cannot_be_made_the_save_writes_everything(root, monkeypatch
         assert sorted(files_of(root, 2)) == [".metadata", "__0_0.distcp", "manifest.json"]
 
 
+def test_a_symlink_in_place_of_a_linked_file_is_not_linked_and_the_save_writes_everything(
+    root,
+):
+    """Stranger test: a symbolic link to the step before in place of the file a save
+    links from was itself hard-linked (os.link does not follow a symlink on Linux), so
+    the new checkpoint held a relative link into another directory, and retention's
+    deletion of that one broke it. A link is made only from a regular file."""
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        full = ckpt.save(state_at(1, frozen), step=1).stored_bytes
+        ckpt.save(state_at(2, frozen), step=2)
+        shared = os.path.join(root, "step_00000002", "__0_0-step_00000001.distcp")
+        os.unlink(shared)
+        os.symlink(os.path.join("..", "step_00000001", "__0_0.distcp"), shared)
+        assert ckpt.verify(2) == []  # (through the symlink: intact)
+        want = {k: v.clone() for k, v in state_at(3, frozen).items()}
+        result = ckpt.save(state_at(3, frozen), step=3)
+        assert result.stored_bytes == full and not ckpt.latest().manifest.linked
+    third = os.path.join(root, "step_00000003")
+    assert not any(os.path.islink(os.path.join(third, f)) for f in os.listdir(third))
+    for step in (1, 2):
+        shutil.rmtree(os.path.join(root, f"step_{step:08d}"))
+    with ckptstore.Checkpointer(root) as ckpt:
+        load_equal(ckpt, 3, want)
+
+
 def test_a_failed_save_is_not_what_the_next_one_links_from(root, monkeypatch):
     frozen = frozen_state()
     want = {k: v.clone() for k, v in state_at(4, frozen).items()}

@@ -136,10 +136,14 @@ def _renameat2(src: str, dst: str, flags: int) -> bool:
 
 def link_all(pairs: list[tuple[str, str]]) -> bool:
     """Hard-link each ``(source, target)``: all of them, or none (False; the links made
-    are removed) where one fails: no hard links here, another file system, a source gone."""
+    are removed) where one fails: no hard links here, another file system, a source gone
+    or not a regular file. (On Linux ``os.link`` links a symbolic link itself, not what
+    it names: the new checkpoint would hold a path into another directory.)"""
     made: list[str] = []
     try:
         for source, target in pairs:
+            if not stat.S_ISREG(os.lstat(source).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", source)
             os.link(source, target)
             made.append(target)
     except OSError:
