@@ -134,9 +134,12 @@ def _intact(dst: StorageBackend, at: str, entry: Any, stop: threading.Event | No
                 reader.close()
     except CorruptCheckpointError as exc:
         reason = str(exc).removeprefix(f"{where}: ").split("; restore an earlier")[0]
+        # (This reads every chunk of the file; verify reads the items each checkpoint
+        # uses, so damage in an item later saves replaced is in no checkpoint there.)
         log.warning(
             "%s is damaged (%s): not copied from there. `ckptstore verify %s` names the "
-            "damaged checkpoints there; `ckptstore sync <intact source> %s "
+            "checkpoints there that read damaged bytes (none, if the damage lies only in "
+            "items later saves replaced); `ckptstore sync <intact source> %s "
             "--verify-existing --replace-damaged` repairs them",
             where, reason, dst.url, dst.url,
         )  # fmt: skip
