@@ -935,6 +935,8 @@ def test_trusting_version_counters_a_write_after_returning(root, through, monkey
         with pytest.raises(ckptstore.StateChangedError, match="frozen") as err:
             pending.wait()
         assert ("version counter moved" in str(err.value)) is (through == "torch")
+        # (stranger test: the message says what to do instead)
+        assert ("wait for pending.committed" in str(err.value)) is (through == "torch")
         assert release.hits == 1  # the hold held the trusted hash
         assert not ckpt.exists(3)
         ckpt.save({"frozen": frozen, "w": w + 2}, step=3)  # hashed in place now

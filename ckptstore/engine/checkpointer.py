@@ -216,7 +216,9 @@ class Checkpointer(WriterMixin):
         branched from) go into the manifest, where listings, retention and the backup
         read them (the CheckpointManager sets them).
 
-        Returns once the state is staged (the caller may then change its tensors). With
+        Returns once the state is staged (the caller may then change its tensors; with
+        ``trust_version_counters=True`` not a tensor an earlier save found unchanged
+        until ``pending.committed``: it is hashed where it lies meanwhile). With
         ``block_until_staged=False`` the copy happens on the writer thread and the call
         returns once the staging buffer is reserved; then wait for ``pending.staged``
         before changing any tensor. Either way the call waits while ``max_inflight``

@@ -154,7 +154,9 @@ class Later:
             its, it, them = ("its", "it is", "it") if len(changed) == 1 else ("their", "they are", "them")  # fmt: skip
             how = (
                 f"changed while this save was written ({its} version counter moved since "
-                "save() returned; a write through .data before the save looks the same)"
+                "save() returned: with trust_version_counters=True a tensor found unchanged "
+                "must not change until the save is durable, so wait for pending.committed "
+                "first; a write through .data before the save looks the same)"
                 if moved
                 else f"changed without {its} version counter moving (a write through .data or "
                 "a raw pointer, before this save or while it was written)"
