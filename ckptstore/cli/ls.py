@@ -285,7 +285,12 @@ def run(args: argparse.Namespace) -> int:
     only = found[1] if found is not None and found[2] else None  # one checkpoint: its row
     backend = found[0] if found is not None and only is not None else open_root(args.root)
     remote = open_root(args.remote) if args.remote else None
-    entries = scan(backend, everything=args.all)
+    entries = scan(backend, everything=True)
+    # Without --all only committed ones are listed; a damaged manifest is named below
+    # the table all the same (stranger test: a middle one vanished from the listing)
+    corrupt = [] if args.all else [e.name for e in entries if e.status == "corrupt"]
+    if not args.all:
+        entries = [e for e in entries if e.status == "committed"]
     # A directory of Lightning's *.ckpt checkpoints: listed by time saved; steps, tags
     # and retention are about step_N checkpoints
     has_steps = any(e.status == "committed" for e in entries)
@@ -353,6 +358,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if metric is not None:
         print(f"best: by {metric} ({mode})")
+    if corrupt:
+        print(
+            f"note: {', '.join(corrupt)}: damaged manifest, not listed (CORRUPT in "
+            f"`ckptstore ls {args.root} --all`; `ckptstore verify {args.root}` says more)"
+        )
     pointed = pointer.read_latest(backend)
     if pointed is not None and pointed not in {e.name for e in committed}:
         print(
