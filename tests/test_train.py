@@ -245,3 +245,27 @@ def test_the_demo_says_a_usage_error_in_one_line_without_importing_torch(flags):
     assert len(lines) == 1 and lines[0].startswith("python -m ckptstore.train.demo: error: ")
     assert lines[0].endswith("(see python -m ckptstore.train.demo --help)"), lines
     assert not [ln for ln in out.stderr.splitlines() if ln.endswith("| torch")], "torch imported"
+
+
+def test_the_kept_line_of_a_run_that_keeps_every_checkpoint_stays_short(tmp_path, capsys):
+    """Stranger test: with --keep-last 0, the closing line listed all 200 kept steps."""
+    import argparse
+
+    import torch
+
+    import ckptstore
+    from ckptstore.train.loop import Run
+    from ckptstore.train.report import kept_summary
+
+    root = str(tmp_path / "r")
+    with ckptstore.CheckpointManager(root, keep=None) as mgr:
+        for step in range(15):
+            mgr.save(step, {"w": torch.zeros(4)})
+        mgr.wait()
+    run = Run(args=argparse.Namespace(ckpt_dir=root, no_checkpoint=False))
+    assert kept_summary(run, mgr) == "step_00000015"
+    line = capsys.readouterr().out.strip()
+    assert line == (
+        f"Checkpoints kept in {root}: 1, 2, 3, ... (9 more; ckptstore ls lists them), "
+        "13, 14, 15 [latest]"
+    ), line

@@ -84,10 +84,10 @@ def kept_summary(run: Run, mgr: ckptstore.CheckpointManager) -> str | None:
         return None
     kept = mgr.list()
     if kept:
-        tags = ", ".join(
-            f"{c.step}" + (f" [{' '.join(sorted(c.tags))}]" if c.tags else "") for c in kept
-        )
-        run.say(f"Checkpoints kept in {args_dir(run)}: {tags}")
+        said = [f"{c.step}" + (f" [{' '.join(sorted(c.tags))}]" if c.tags else "") for c in kept]
+        if len(said) > 12:  # (--keep-last 0 keeps them all: not hundreds on one line)
+            said = [*said[:3], f"... ({len(said) - 6} more; ckptstore ls lists them)", *said[-3:]]
+        run.say(f"Checkpoints kept in {args_dir(run)}: {', '.join(said)}")
     elif run.args.no_checkpoint:
         run.say("Checkpoints: none (--no-checkpoint)")
     return checkpoint_name(kept[-1].step) if kept else None
