@@ -171,17 +171,23 @@ def test_full_every_1_saves_as_without_incremental(root, tmp_path):
             assert not each.latest().manifest.linked
 
 
-def test_where_links_cannot_be_made_the_save_writes_everything(root, monkeypatch):
+def test_where_links_cannot_be_made_the_save_writes_everything(root, monkeypatch, caplog):
     frozen = frozen_state()
     want = {k: v.clone() for k, v in state_at(2, frozen).items()}
 
     def no_links(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
+    monkeypatch.setattr(direct_io_mod, "_LINK_FAILURES_SAID", set())
     with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
         full = ckpt.save(state_at(1, frozen), step=1).stored_bytes
         monkeypatch.setattr(direct_io_mod.os, "link", no_links)
-        result = ckpt.save(state_at(2, frozen), step=2)
+        with caplog.at_level(logging.WARNING, logger="ckptstore"):
+            result = ckpt.save(state_at(2, frozen), step=2)
+            ckpt.save(state_at(2, frozen), step=3)
+        # why it wrote everything, said once (stranger test: nothing said it)
+        said = [r for r in caplog.records if "could not hard-link" in r.getMessage()]
+        assert len(said) == 1 and "Invalid cross-device link" in said[0].getMessage()
         assert not ckpt.latest().manifest.linked
         assert result.stored_bytes == full
         monkeypatch.undo()
@@ -190,7 +196,7 @@ def test_where_links_cannot_be_made_the_save_writes_everything(root, monkeypatch
 
 
 def test_a_symlink_in_place_of_a_linked_file_is_not_linked_and_the_save_writes_everything(
-    root,
+    root, monkeypatch, caplog
 ):
     """Stranger test: a symbolic link to the step before in place of the file a save
     links from was itself hard-linked (os.link does not follow a symlink on Linux), so
@@ -205,8 +211,11 @@ def test_a_symlink_in_place_of_a_linked_file_is_not_linked_and_the_save_writes_e
         os.symlink(os.path.join("..", "step_00000001", "__0_0.distcp"), shared)
         assert ckpt.verify(2) == []  # (through the symlink: intact)
         want = {k: v.clone() for k, v in state_at(3, frozen).items()}
-        result = ckpt.save(state_at(3, frozen), step=3)
+        monkeypatch.setattr(direct_io_mod, "_LINK_FAILURES_SAID", set())
+        with caplog.at_level(logging.WARNING, logger="ckptstore"):
+            result = ckpt.save(state_at(3, frozen), step=3)
         assert result.stored_bytes == full and not ckpt.latest().manifest.linked
+        assert "(not a regular file): this save writes its tensors" in caplog.text
     third = os.path.join(root, "step_00000003")
     assert not any(os.path.islink(os.path.join(third, f)) for f in os.listdir(third))
     for step in (1, 2):

@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
@@ -40,6 +41,8 @@ ALIGN = 4096  # O_DIRECT's address, length and offset multiple (the page size he
 BOUNCE_BYTES = 8 << 20
 MAX_WRITE = 64 << 20  # one write() call; Linux caps a write at ~2 GiB anyway
 O_DIRECT = getattr(os, "O_DIRECT", 0)
+log = logging.getLogger("ckptstore")
+_LINK_FAILURES_SAID: set[int] = set()  # errnos link_all has warned of (once each)
 # A file expected to be smaller than this is written through the page cache (writeback
 # kicked every KICK_BYTES), then with O_DIRECT from the first block boundary past it.
 # 0 since 2026-12-06: every file is direct from its first byte. Through the page cache,
@@ -146,10 +149,20 @@ def link_all(pairs: list[tuple[str, str]]) -> bool:
                 raise OSError(errno.EINVAL, "not a regular file", source)
             os.link(source, target)
             made.append(target)
-    except OSError:
+    except OSError as exc:
         for target in made:
             with contextlib.suppress(OSError):
                 os.unlink(target)
+        # The save then writes everything: say why, once per kind of failure (a file
+        # system without hard links would otherwise say it at every save)
+        code = exc.errno or 0
+        if code not in _LINK_FAILURES_SAID:
+            _LINK_FAILURES_SAID.add(code)
+            log.warning(
+                "could not hard-link %s of an earlier checkpoint (%s): this save writes "
+                "its tensors instead of linking them (said once per kind of failure)",
+                source, exc.strerror or exc,
+            )  # fmt: skip
         return False
     return True
 
