@@ -264,7 +264,9 @@ def test_ls_info_and_verify_on_a_local_root(saved, run_copy, capsys):
     assert "interval" in rows["step_00000010"] and "val_loss=3" in rows["step_00000010"]
     assert "4 committed checkpoint(s)" in out
     # a damaged manifest is not listed, but named (stranger test: it vanished silently)
-    assert f"note: step_00000070: damaged manifest, not listed (CORRUPT in `ckptstore ls {run_copy} --all`" in out  # fmt: skip
+    assert f"note: step_00000070: manifest damaged or unreadable, not listed (CORRUPT in `ckptstore ls {run_copy} --all`" in out  # fmt: skip
+    code, out, _ = run_main(capsys, "ls", os.path.join(run_copy, "step_00000040"))
+    assert code == 0 and "step_00000070" not in out  # (one checkpoint asked for: its row)
     code, out, _ = run_main(capsys, "ls", run_copy, "--all")
     assert code == 0
     assert "CORRUPT" in out and "UNCOMMITTED" in out and f"ckptstore gc {run_copy}" in out
@@ -827,6 +829,25 @@ def test_verify_of_a_root_does_not_call_a_checkpoint_deleted_meanwhile_damaged(
     code, out, _ = run_main(capsys, "verify", run_copy)
     assert code == 1 and "BAD  step_00000030" in out, out
     assert "note: .tmp-deleted-x: a deletion in progress, or a dead one" in out, out
+
+
+def test_ls_of_a_root_whose_checkpoints_are_all_damaged_names_them(run_copy, capsys):
+    """Review: with nothing committed left, ls said only "no committed checkpoints"."""
+    for step in (10, 20, 30, 40):
+        with open(os.path.join(run_copy, f"step_000000{step}", "manifest.json"), "w") as f:
+            f.write("garbage")
+    code, out, _ = run_main(capsys, "ls", run_copy)
+    assert code == 0 and "no committed checkpoints under" in out
+    names = "step_00000010, step_00000020, step_00000030, step_00000040"
+    assert f"note: {names}: manifest damaged or unreadable, not listed" in out, out
+
+
+def test_ls_names_a_copy_under_another_steps_name_as_such(run_copy, capsys):
+    """Review: a link under another step's name is not a damaged manifest."""
+    os.symlink("step_00000040", os.path.join(run_copy, "step_00000090"))
+    code, out, _ = run_main(capsys, "ls", run_copy)
+    assert code == 0
+    assert "note: step_00000090: its manifest names another step (a copy or a link)" in out, out
 
 
 @pytest.mark.parametrize("fails", ["create", "write"])

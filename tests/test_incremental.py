@@ -215,7 +215,7 @@ def test_a_symlink_in_place_of_a_linked_file_is_not_linked_and_the_save_writes_e
         with caplog.at_level(logging.WARNING, logger="ckptstore"):
             result = ckpt.save(state_at(3, frozen), step=3)
         assert result.stored_bytes == full and not ckpt.latest().manifest.linked
-        assert "(not a regular file): this save writes its tensors" in caplog.text
+        assert "(not a regular file): its bytes are written instead of linked" in caplog.text
     third = os.path.join(root, "step_00000003")
     assert not any(os.path.islink(os.path.join(third, f)) for f in os.listdir(third))
     for step in (1, 2):

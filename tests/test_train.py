@@ -259,13 +259,13 @@ def test_the_kept_line_of_a_run_that_keeps_every_checkpoint_stays_short(tmp_path
 
     root = str(tmp_path / "r")
     with ckptstore.CheckpointManager(root, keep=None) as mgr:
-        for step in range(15):
-            mgr.save(step, {"w": torch.zeros(4)})
+        for step in range(15):  # a tagged one in the middle (a run ended there) stays named
+            mgr.save(step, {"w": torch.zeros(4)}, reason="final" if step == 7 else "interval")
         mgr.wait()
     run = Run(args=argparse.Namespace(ckpt_dir=root, no_checkpoint=False))
     assert kept_summary(run, mgr) == "step_00000015"
     line = capsys.readouterr().out.strip()
     assert line == (
-        f"Checkpoints kept in {root}: 1, 2, 3, ... (9 more; ckptstore ls lists them), "
-        "13, 14, 15 [latest]"
+        f"Checkpoints kept in {root}: 1, 2, 3, ... (4 more), 8 [final], ... (4 more), "
+        "13, 14, 15 [latest] (15 in all; ckptstore ls lists them)"
     ), line

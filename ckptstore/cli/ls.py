@@ -279,6 +279,19 @@ def totals(backend: StorageBackend, entries: list[Entry]) -> dict[str, Any]:
     }
 
 
+def say_corrupt(corrupt: list[Entry], root: str) -> None:
+    """Name what looks like a checkpoint but is not listed without ``--all``."""
+    unread = [e.name for e in corrupt if e.manifest is None]
+    other = [e.name for e in corrupt if e.manifest is not None]  # (listing.step_mismatch)
+    for names, what in ((unread, "manifest damaged or unreadable"),
+                        (other, "its manifest names another step (a copy or a link)")):  # fmt: skip
+        if names:
+            print(
+                f"note: {', '.join(names)}: {what}, not listed (CORRUPT in "
+                f"`ckptstore ls {root} --all`; `ckptstore verify {root}` says more)"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     forever = forever_parts(args)
     found = find_named(args.root)
@@ -286,9 +299,10 @@ def run(args: argparse.Namespace) -> int:
     backend = found[0] if found is not None and only is not None else open_root(args.root)
     remote = open_root(args.remote) if args.remote else None
     entries = scan(backend, everything=True)
-    # Without --all only committed ones are listed; a damaged manifest is named below
-    # the table all the same (stranger test: a middle one vanished from the listing)
-    corrupt = [] if args.all else [e.name for e in entries if e.status == "corrupt"]
+    # Without --all only committed ones are listed; one whose manifest is damaged (or
+    # names another step) is named under the table all the same (stranger test: a
+    # middle one vanished from the listing). Not when one checkpoint is asked for.
+    corrupt = [] if args.all or only is not None else [e for e in entries if e.status == "corrupt"]
     if not args.all:
         entries = [e for e in entries if e.status == "committed"]
     # A directory of Lightning's *.ckpt checkpoints: listed by time saved; steps, tags
@@ -321,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         hidden = "" if args.all else " (--all also shows uncommitted, damaged and retired ones)"
         other = named_otherwise(backend, args.root)
         print(f"no committed checkpoints under {backend.url}{other or hidden}")
+        say_corrupt(corrupt, args.root)
         return OK
     rows = []
     for e in entries:
@@ -358,11 +373,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if metric is not None:
         print(f"best: by {metric} ({mode})")
-    if corrupt:
-        print(
-            f"note: {', '.join(corrupt)}: damaged manifest, not listed (CORRUPT in "
-            f"`ckptstore ls {args.root} --all`; `ckptstore verify {args.root}` says more)"
-        )
+    say_corrupt(corrupt, args.root)
     pointed = pointer.read_latest(backend)
     if pointed is not None and pointed not in {e.name for e in committed}:
         print(

@@ -159,8 +159,8 @@ def link_all(pairs: list[tuple[str, str]]) -> bool:
         if code not in _LINK_FAILURES_SAID:
             _LINK_FAILURES_SAID.add(code)
             log.warning(
-                "could not hard-link %s of an earlier checkpoint (%s): this save writes "
-                "its tensors instead of linking them (said once per kind of failure)",
+                "could not hard-link %s (%s): its bytes are written instead of linked (said "
+                "once per kind of failure)",
                 source, exc.strerror or exc,
             )  # fmt: skip
         return False

@@ -86,7 +86,17 @@ def kept_summary(run: Run, mgr: ckptstore.CheckpointManager) -> str | None:
     if kept:
         said = [f"{c.step}" + (f" [{' '.join(sorted(c.tags))}]" if c.tags else "") for c in kept]
         if len(said) > 12:  # (--keep-last 0 keeps them all: not hundreds on one line)
-            said = [*said[:3], f"... ({len(said) - 6} more; ckptstore ls lists them)", *said[-3:]]
+            # the first and last three, and any tagged one between (best, say)
+            shown = {0, 1, 2, len(kept) - 3, len(kept) - 2, len(kept) - 1}
+            shown |= {i for i, c in enumerate(kept) if c.tags}
+            short: list[str] = []
+            for i, text in enumerate(said):
+                if i in shown:
+                    short.append(text)
+                elif i - 1 in shown:  # a run of hidden ones starts
+                    n = next((j for j in range(i, len(said)) if j in shown), len(said)) - i
+                    short.append(f"... ({n} more)")
+            said = [*short[:-1], f"{short[-1]} ({len(kept)} in all; ckptstore ls lists them)"]
         run.say(f"Checkpoints kept in {args_dir(run)}: {', '.join(said)}")
     elif run.args.no_checkpoint:
         run.say("Checkpoints: none (--no-checkpoint)")

@@ -9,6 +9,7 @@ parent process id.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
@@ -80,20 +81,23 @@ class S3Server:
             env=env,
         )
         assert self.proc.stdout is not None
+        out = self.proc.stdout
         # The server prints its port once it listens (the socket is bound and
         # listening before make_server returns); nothing else comes on stdout.
-        with self.proc.stdout:
-            ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-            line = self.proc.stdout.readline() if ready else b""
-        if not line.strip().isdigit():
-            try:
-                code: int | None = self.proc.wait(1)
-            except subprocess.TimeoutExpired:
-                code = None
-            self.stop()
-            if code is not None:
-                raise RuntimeError(f"moto server exited at start-up with {code}")
-            raise RuntimeError(f"moto server did not start listening in {timeout_s:g} s")
+        try:
+            ready, _, _ = select.select([out], [], [], timeout_s)
+            line = out.readline() if ready else b""
+            if not line.strip().isdigit():
+                code: int | None = None
+                if ready:  # end of file: it exited (or printed something else)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        code = self.proc.wait(1)
+                self.stop()  # (before the pipe closes: a late print must not fail it)
+                if code is not None:
+                    raise RuntimeError(f"moto server exited at start-up with {code}")
+                raise RuntimeError(f"moto server did not start listening in {timeout_s:g} s")
+        finally:
+            out.close()
         self.port = int(line)
         return self
 
