@@ -848,6 +848,12 @@ def test_ls_names_a_copy_under_another_steps_name_as_such(run_copy, capsys):
     code, out, _ = run_main(capsys, "ls", run_copy)
     assert code == 0
     assert "note: step_00000090: its manifest names another step (a copy or a link)" in out, out
+    code, out, _ = run_main(capsys, "ls", run_copy, "--json")  # (scripts learn it too)
+    assert code == 0 and json.loads(out)["not_listed"] == [
+        {"name": "step_00000090", "why": "its manifest names another step (a copy or a link)"}
+    ]
+    code, out, _ = run_main(capsys, "ls", run_copy, "--json", "--all")  # (listed there)
+    assert code == 0 and json.loads(out)["not_listed"] == []
 
 
 @pytest.mark.parametrize("fails", ["create", "write"])

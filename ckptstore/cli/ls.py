@@ -279,17 +279,21 @@ def totals(backend: StorageBackend, entries: list[Entry]) -> dict[str, Any]:
     }
 
 
+def why(e: Entry) -> str:
+    """Why ``e``, a corrupt entry, is not a checkpoint (``ls`` without ``--all``)."""
+    if e.manifest is None:
+        return "manifest damaged or unreadable"
+    return "its manifest names another step (a copy or a link)"  # (listing.step_mismatch)
+
+
 def say_corrupt(corrupt: list[Entry], root: str) -> None:
     """Name what looks like a checkpoint but is not listed without ``--all``."""
-    unread = [e.name for e in corrupt if e.manifest is None]
-    other = [e.name for e in corrupt if e.manifest is not None]  # (listing.step_mismatch)
-    for names, what in ((unread, "manifest damaged or unreadable"),
-                        (other, "its manifest names another step (a copy or a link)")):  # fmt: skip
-        if names:
-            print(
-                f"note: {', '.join(names)}: {what}, not listed (CORRUPT in "
-                f"`ckptstore ls {root} --all`; `ckptstore verify {root}` says more)"
-            )
+    for what in dict.fromkeys(why(e) for e in corrupt):
+        names = ", ".join(e.name for e in corrupt if why(e) == what)
+        print(
+            f"note: {names}: {what}, not listed (CORRUPT in `ckptstore ls {root} --all`; "
+            f"`ckptstore verify {root}` says more)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -328,6 +332,8 @@ def run(args: argparse.Namespace) -> int:
                 "best_mode": mode,
                 "checkpoints": [entry_json(e, own.get(e.name)) for e in entries],
                 **totals(backend, entries),
+                # (without --all: what the note under the table names)
+                "not_listed": [{"name": e.name, "why": why(e)} for e in corrupt],
             }
         )
         return OK
