@@ -76,7 +76,8 @@ def copy_checkpoint(
     Raises :class:`CorruptCheckpointError` if the source does not match its manifest
     (nothing is written to ``dst`` then), :class:`CheckpointExistsError` if ``dst``
     already has ``name`` (unless ``replace``: the copy there, presumably damaged, is
-    deleted first, since a local root cannot commit over it), :class:`StorageError`
+    deleted before the copy, since a local root cannot commit over it; a local source
+    is checked before that), :class:`StorageError`
     for I/O trouble. ``verify_upload``
     (default: when ``dst`` is not a local disk) reads every file back from ``dst``.
     A file that fails on an object store is retried ``file_retries`` times, with backoff.
@@ -100,10 +101,6 @@ def copy_checkpoint(
     exists = dst.exists(f"{target}/{MANIFEST_FILE}")
     if exists and not replace:
         raise CheckpointExistsError(f"{dst.url}/{target} already exists")
-    if exists:
-        # Local disk commits by rename and refuses an existing name: make room first.
-        log.warning("replacing %s/%s with the copy from %s", dst.url, target, src.url)
-        dst.delete(target)
     if verify_upload is None:
         verify_upload = not dst.capabilities.local
     # Imported here: verifying reads DCP's metadata (torch); listing and --help need neither.
@@ -111,10 +108,15 @@ def copy_checkpoint(
 
     if src.capabilities.local:
         # A shard's manifest checksum covers its index, which covers its chunks: check
-        # them all (a local read) so that a damaged checkpoint is never propagated.
+        # them all (a local read) so that a damaged checkpoint is never propagated, and
+        # before the copy it would replace is deleted
         problems = verify_checkpoint(src, name, None, manifest_key=manifest_key)
         if problems:
             raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
+    if exists:
+        # Local disk commits by rename and refuses an existing name: make room first.
+        log.warning("replacing %s/%s with the copy from %s", dst.url, target, src.url)
+        dst.delete(target)
     retries = (
         file_retries if not dst.capabilities.local else 0
     )  # a local temp file cannot be redone

@@ -136,6 +136,26 @@ def test_replace_keeps_a_complete_checkpoint_on_the_destination_throughout(tmp_p
     assert read_manifest(inner2, name).same_checkpoint(read_manifest(old, name))
 
 
+def test_a_copy_over_a_damaged_one_from_a_damaged_source_deletes_nothing(tmp_path):
+    """Stranger test (the order of its lines): a copy that replaces (a restore from a
+    backup on a local disk over a damaged local copy) deleted the copy there before it
+    found the source damaged too, and then copied nothing."""
+    src, dst = open_backend(tmp_path / "src"), open_backend(tmp_path / "dst")
+    with ckptstore.Checkpointer(src) as ckpt:
+        ckpt.save(small(1), 1)
+    name = "step_00000001"
+    copy_checkpoint(src, dst, name)
+    for root in (tmp_path / "src", tmp_path / "dst"):
+        with open(root / name / "__0_0.distcp", "r+b") as f:
+            f.seek(40)
+            byte = f.read(1)
+            f.seek(40)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CorruptCheckpointError, match="not copied"):
+        copy_checkpoint(src, dst, name, replace=True)
+    assert dst.exists(f"{name}/{MANIFEST_FILE}")  # still there, for what it is worth
+
+
 def test_a_replace_on_s3_ends_intact_though_the_stores_copies_go_wrong(
     tmp_path, s3_server, s3_bucket, monkeypatch
 ):
