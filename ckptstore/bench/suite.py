@@ -51,11 +51,11 @@ from ckptstore.bench.common import (
 )
 from ckptstore.bench.compare import compare
 from ckptstore.bench.report import command_line, markdown, redact
+from ckptstore.bench.scaling import rank_scaling, size_scaling
 from ckptstore.bench.workload import build_workload
 from ckptstore.errors import BenchError
 
 USAGE = 2
-SCALING_NAMES = ["torch_save", "dcp_save", "ckptstore_none", "ckptstore_zstd"]
 SMOKE = {
     "size": "1MB",
     "incremental_size": "8MB",
@@ -294,8 +294,8 @@ def _main(args: argparse.Namespace, options: dict[str, Any], names: list[str] | 
         gc.collect()
         if args.scaling:
             payload["scaling"] = {
-                "sizes": _size_scaling(args, target, dtype, names),
-                "ranks": _rank_scaling(args, target),
+                "sizes": size_scaling(args, target, dtype, names),
+                "ranks": rank_scaling(args, target),
             }
     if args.codecs:
         from ckptstore.bench.codecs import study
@@ -450,50 +450,6 @@ def _check_space(target: cont.Target, nbytes: int, n: int) -> None:
             f"{nbytes / 1e9:.2f} GB need about {need / 1e9:.1f} GB. Use a smaller --size, "
             "fewer contenders (--only) or another --target."
         )
-
-
-def _size_scaling(
-    args: argparse.Namespace, target: cont.Target, dtype: torch.dtype, names: list[str] | None
-) -> list[dict[str, Any]]:
-    subset = [n for n in SCALING_NAMES if names is None or n in names] or SCALING_NAMES
-    out = []
-    for size in args.scaling_sizes.split(","):
-        state, meta = build_workload(size, dtype)
-        print(f"\n== size scaling: {meta['label']} ==", flush=True)
-        res = compare(state, target, subset, args.runs, args.load_runs, args.threads)
-        out.append(
-            {
-                "size": size,
-                "state_bytes": meta["state_bytes"],
-                "summary": res["summary"],
-                "skipped": res["skipped"],
-                "failed": res["failed"],
-            }
-        )
-        del state
-        gc.collect()
-    return out
-
-
-def _rank_scaling(args: argparse.Namespace, target: cont.Target) -> dict[str, Any]:
-    from ckptstore.bench.ranks import run_world
-
-    if not target.local:
-        return {"skipped": "rank scaling runs on a local --target only"}
-    rows = []
-    for world in [int(w) for w in args.scaling_ranks.split(",")]:
-        print(f"\n== rank scaling: {world} process(es), {args.ranks_size} in total ==", flush=True)
-        rows.append(
-            run_world(
-                world,
-                size=args.ranks_size,
-                dtype=args.dtype,
-                target=target.join(f"ranks-{world}"),
-                runs=args.runs,
-                load_runs=args.load_runs,
-            )
-        )
-    return {"size": args.ranks_size, "rows": rows}
 
 
 def _plots(payload: dict[str, Any], stem: str) -> list[str]:
