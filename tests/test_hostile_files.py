@@ -241,3 +241,41 @@ def test_ls_verify_and_restore_agree_on_a_step_that_is_not_its_manifests(root, c
     with ckptstore.CheckpointManager(root) as mgr:
         assert mgr.restore(make_state()) == 30
         assert [c.step for c in mgr.list()] == [10, 30]
+
+
+def test_a_file_or_a_lost_manifest_in_a_checkpoints_place_is_damage_to_verify(root, capsys):
+    """A regular file named ``step_N``, and a step directory without its manifest, are
+    damaged checkpoints: ``verify`` said "deleted while it was being checked, not
+    counted" of both (they are still there), and with no other checkpoint, "every one
+    was deleted", exit 0."""
+    save_steps(root, 10, 20, 30)
+    shutil.rmtree(os.path.join(root, "step_00000010"))
+    with open(os.path.join(root, "step_00000010"), "w") as f:
+        f.write("not a checkpoint")
+    os.remove(os.path.join(root, "step_00000020", MANIFEST_FILE))
+
+    code = main(["verify", root, "--json"])
+    verified = json.loads(capsys.readouterr().out)
+
+    assert code == 1, verified
+    by_name = {c["name"]: c for c in verified["checkpoints"]}
+    assert sorted(by_name) == ["step_00000010", "step_00000020", "step_00000030"], verified
+    assert by_name["step_00000030"]["ok"]
+    assert not by_name["step_00000010"]["ok"] and not by_name["step_00000020"]["ok"]
+    said = " ".join(by_name["step_00000010"]["problems"])
+    assert "a file where ckptstore makes a directory" in said, said
+    assert not any("deleted" in n for n in verified["notes"]), verified["notes"]
+    with ckptstore.CheckpointManager(root) as mgr:
+        assert mgr.restore(make_state()) == 30
+
+
+def test_the_local_backend_calls_a_file_in_a_directorys_place_corrupt(tmp_path):
+    """ENOTDIR under a checkpoint: damage (naming the file), not an unreachable store."""
+    backend = LocalBackend(str(tmp_path))
+    (tmp_path / "step_00000001").write_text("a file")
+    for call in (
+        lambda: backend.read_bytes(f"step_00000001/{MANIFEST_FILE}"),
+        lambda: backend.open_reader(f"step_00000001/{MANIFEST_FILE}"),
+    ):
+        with pytest.raises(ckptstore.CorruptCheckpointError, match="step_00000001: a file where"):
+            call()

@@ -90,14 +90,17 @@ def run(args: argparse.Namespace) -> int:
                 if problems and not single and not backend.exists(f"{name}/{MANIFEST_FILE}"):
                     # Gone while it was read: deleted (retention of a run writing there,
                     # prune), then no longer a checkpoint and not a damaged one; or set
-                    # aside by a run that found it damaged too
-                    aside = [n for n in backend.list_names() if n.startswith(f"{name}.damaged-")]
-                    if not aside:
+                    # aside by a run that found it damaged too. Still there (a file in
+                    # its place, or its manifest lost): damaged, as read.
+                    listed = backend.list_names()
+                    aside = [n for n in listed if n.startswith(f"{name}.damaged-")]
+                    if aside:
+                        problems.append(
+                            f"set aside as {aside[-1]} (damaged) while it was being checked"
+                        )
+                    elif name not in listed:
                         checked.append(f"{name}: deleted while it was being checked, not counted")
                         continue
-                    problems.append(
-                        f"set aside as {aside[-1]} (damaged) while it was being checked"
-                    )
                 results.append(
                     {
                         "name": name,

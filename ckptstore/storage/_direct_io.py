@@ -425,10 +425,11 @@ class DirectFileSink(FileSink):
                 bounce.close()
 
 
-def open_regular(path: str) -> tuple[int, int]:
+def open_regular(path: str, root: str | None = None) -> tuple[int, int]:
     """``(fd, size)`` of the regular file ``path``, opened for reading.
 
-    Anything else under a checkpoint's names is refused as corrupt: a FIFO would block
+    Anything else under a checkpoint's names is refused as corrupt (and, under ``root``,
+    a file where a directory of it should be, ENOTDIR): a FIFO would block
     ``open()`` forever (hence O_NONBLOCK, which regular files ignore); a directory, a
     device or a socket is not something ckptstore wrote there either. (A directory was
     a :class:`StorageError`, EISDIR, until 2026-12-07: then a directory in a shard's
@@ -438,6 +439,15 @@ def open_regular(path: str) -> tuple[int, int]:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise  # "absent" is an answer, not an I/O failure
+    except NotADirectoryError as exc:
+        above = os.path.abspath(_file_above(path))
+        if root is None or os.path.dirname(above) == above or not _under(above, root):
+            raise storage_error(exc, "open", path) from exc  # the root is not a directory
+        raise CorruptCheckpointError(
+            f"{above}: a file where ckptstore makes a directory, so "
+            f"{os.path.basename(path)} cannot be read under it. Remove it (a damaged "
+            "checkpoint: restore an earlier one)"
+        ) from exc
     except OSError as exc:
         raise storage_error(exc, "open", path) from exc
     try:
@@ -461,12 +471,28 @@ def open_regular(path: str) -> tuple[int, int]:
     return fd, st.st_size
 
 
+def _file_above(path: str) -> str:
+    """The nearest of ``path``'s parents that is not a directory (ENOTDIR's cause)."""
+    parent = os.path.dirname(path)
+    while parent and parent != os.path.dirname(parent):
+        with contextlib.suppress(OSError):
+            if not stat.S_ISDIR(os.stat(parent).st_mode):
+                return parent
+        parent = os.path.dirname(parent)
+    return os.path.dirname(path)
+
+
+def _under(path: str, root: str) -> bool:
+    root = os.path.abspath(root)
+    return path != root and os.path.commonpath([path, root]) == root
+
+
 class LocalReader(RangeReader):
     """A local file read at offsets (``pread``), refused unless regular (:func:`open_regular`)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, root: str | None = None) -> None:
         self.path = path
-        self._fd, self.size = open_regular(path)
+        self._fd, self.size = open_regular(path, root)
 
     def read(self, offset: int, length: int) -> memoryview:
         out = bytearray(length)

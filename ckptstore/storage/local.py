@@ -271,7 +271,7 @@ class LocalBackend(StorageBackend):
     def read_bytes(self, name: str) -> bytes:
         path = self._read_path(name)
         limit = read_limit_bytes(name)
-        fd, size = open_regular(path)
+        fd, size = open_regular(path, self.root)
         try:
             if size > limit:
                 raise CorruptCheckpointError(
@@ -303,7 +303,7 @@ class LocalBackend(StorageBackend):
             os.close(fd)
 
     def open_reader(self, name: str) -> RangeReader:
-        return LocalReader(self._read_path(name))
+        return LocalReader(self._read_path(name), self.root)
 
     def begin(self, name: str) -> PendingCheckpoint:
         check_name(name)
