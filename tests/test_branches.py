@@ -149,6 +149,29 @@ def test_latest_does_not_take_another_runs_checkpoint_from_the_backup(tmp_path):
     assert read_manifest(open_backend(remote), checkpoint_name(40)).run_id == "other-run"
 
 
+def test_a_refusal_says_which_newer_checkpoint_on_the_backup_is_damaged(tmp_path):
+    """Step 30 damaged locally and on the backup: the restore falls back to 20 and
+    refuses to train on over the backup's 30, saying that 30 is damaged there too (it
+    named 30 as a newer checkpoint only, as if training on would lose good work)."""
+    local, remote = tmp_path / "local", tmp_path / "backup"
+    opts = {"save": SaveEvery(steps=10), "backup": str(remote)}
+    with CheckpointManager(local, **opts) as mgr:
+        train(mgr, make_state(), 30)
+    for root in (local, remote):
+        shard = sorted((root / checkpoint_name(30)).glob("*.distcp"))[0]
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    with (
+        CheckpointManager(local, **opts) as mgr,
+        pytest.raises(NewerCheckpointsError) as err,
+    ):
+        mgr.restore(make_state(seed=1), newer="refuse")
+    assert err.value.names == [checkpoint_name(30)]
+    assert f"of which {checkpoint_name(30)} failed its checksums" in err.value.what, err.value
+    assert "damaged there too" in err.value.what
+
+
 # ---- the training command --------------------------------------------------------------
 TINY = ["--size", "tiny", "--device", "cpu", "--batch-size", "4", "--eval-every", "0"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from ckptstore.engine.ops import CheckpointInfo, list_checkpoints
 from ckptstore.errors import CkptStoreError, NewerCheckpointsError
@@ -36,10 +36,18 @@ def newer_in(
 
 
 def refuse(
-    found: Sequence[tuple[StorageBackend, Sequence[CheckpointInfo]]], restored: str | None
+    found: Sequence[tuple[StorageBackend, Sequence[CheckpointInfo]]],
+    restored: str | None,
+    damaged: Collection[tuple[str, str]] = (),
 ) -> NewerCheckpointsError:
-    """The error that says what is there, and the three ways on."""
-    where = "; ".join(f"{backend.url}: {summary(infos)}" for backend, infos in found if infos)
+    """The error that says what is there, and the three ways on. ``damaged``: (url,
+    name) of those found damaged while restoring (a download that failed its checksums),
+    said as such: training on from an older one is then what is left."""
+    where = "; ".join(
+        f"{backend.url}: {summary(infos)}{_damaged(backend, infos, damaged)}"
+        for backend, infos in found
+        if infos
+    )
     if restored is None:
         what = f"this run starts from scratch, but there are checkpoints already ({where})"
     else:
@@ -50,6 +58,18 @@ def refuse(
         "newer='discard' (they are moved aside as step_N.retired-<time>, not deleted)",
         [i.name for _, infos in found for i in infos],
         what,
+    )
+
+
+def _damaged(
+    backend: StorageBackend, infos: Sequence[CheckpointInfo], damaged: Collection[tuple[str, str]]
+) -> str:
+    bad = [i.name for i in infos if (backend.url, i.name) in damaged]
+    if not bad:
+        return ""
+    return (
+        f", of which {', '.join(bad)} failed its checksums when this restore downloaded it: "
+        "damaged there too"
     )
 
 

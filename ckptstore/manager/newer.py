@@ -41,6 +41,8 @@ class NewerMixin:
     _lineage: tuple[str, ...]
     _backup: Replicator | None
     _newer_kept: frozenset[int]
+    # Rank 0: the backup's checkpoints this manager found damaged downloading them.
+    _damaged_on_backup: frozenset[str] = frozenset()
 
     def _set_aside_newer(self, info: CheckpointInfo, damaged: set[int]) -> None:
         """Move aside what would block this run's next saves: newer checkpoints found
@@ -142,7 +144,10 @@ class NewerMixin:
         if not any(infos for _, infos in found):
             return False, []
         if newer == "refuse":
-            raise refuse(found, None if info is None else info.name)
+            damaged = (
+                {(self._remote.url, n) for n in self._damaged_on_backup} if self._remote else set()
+            )
+            raise refuse(found, None if info is None else info.name, damaged)
         if newer == "keep":
             if info is not None:
                 log.warning(

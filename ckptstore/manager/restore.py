@@ -301,6 +301,8 @@ class RestoreMixin(NewerMixin):
                         self._backup.note_on_remote(name)
             except Exception as exc:
                 log.warning("could not download %s from %s: %s", name, self._remote.url, exc)
+                if isinstance(exc, CorruptCheckpointError):  # a refusal then says so
+                    self._damaged_on_backup = self._damaged_on_backup | {name}
         return groups.broadcast(outcome, self._control) == "ok"
 
     def _candidates(self, which: str | int) -> builtins.list[int]:
