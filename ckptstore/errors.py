@@ -11,7 +11,8 @@ working::
     │   ├── ManifestExistsError                               lost a conditional manifest put
     │   └── NewerCheckpointsError                             resuming would train past newer ones
     ├── CorruptCheckpointError         (+ OSError)            bytes on storage are wrong
-    │   └── UnsafeCheckpointError                             refused unread: unsafe or unsigned
+    │   ├── UnsafeCheckpointError                             refused unread: unsafe or unsigned
+    │   └── PartRefusedError                                  a node's part will not reach the backup
     ├── IncompatibleCheckpointError    (+ ValueError)         keys / shapes / format differ
     ├── ExportError                    (+ ValueError)         cannot convert to / from a file
     ├── UnsupportedStateError          (+ TypeError)          a value ckptstore cannot save
@@ -57,6 +58,7 @@ __all__ = [
     "ManifestExistsError",
     "NewerCheckpointsError",
     "PartElsewhereError",
+    "PartRefusedError",
     "RankFailedError",
     "RanksDisagreeError",
     "StateChangedError",
@@ -107,6 +109,11 @@ class CorruptCheckpointError(CkptStoreError, OSError):
 class UnsafeCheckpointError(CorruptCheckpointError):
     """Refused unread: the checkpoint asks to unpickle something outside the allowed set,
     or a manifest key is configured and its manifest's HMAC is missing or wrong."""
+
+
+class PartRefusedError(CorruptCheckpointError):
+    """Node-local disks: another node did not upload its part of a checkpoint to the
+    backup (its copy is damaged), so rank 0 does not commit that checkpoint there."""
 
 
 class IncompatibleCheckpointError(CkptStoreError, ValueError):

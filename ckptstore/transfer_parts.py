@@ -5,11 +5,24 @@ checkpoint on the backup once every disk's files are in (:func:`commit_parts_bac
 Copies go as :func:`ckptstore.transfer.copy_checkpoint`'s do: every byte checked against
 the manifest, every upload read back, linked files (incremental saves) that a checkpoint
 there holds copied inside the store instead of sent.
+
+A node that will not upload its part (its local copy is damaged) says so in the backup:
+a small ``<shard file>.refused`` next to each file it will not send (:func:`refuse_part`),
+naming the file's size and index checksum (a marker left by another save of that step
+is not about this one).
+Rank 0, waiting for those files, gives up on that checkpoint at once
+(:class:`PartRefusedError`) instead of after ``wait_s`` (600 s; at ``close()``, once for
+each of its five attempts). Such a marker lies in a prefix that is never committed
+(``ckptstore ls --all`` lists it as uncommitted); ``ckptstore gc`` removes it with the
+prefix, an hour after its last write.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
+import logging
 import threading
 import time
 import uuid
@@ -22,6 +35,7 @@ from ckptstore.errors import (
     CopyStoppedError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    PartRefusedError,
     StorageError,
 )
 from ckptstore.format.manifest import Manifest
@@ -29,6 +43,10 @@ from ckptstore.linking import without_held
 from ckptstore.progress import Progress
 from ckptstore.storage import StorageBackend
 from ckptstore.transfer import CopyJob
+
+log = logging.getLogger("ckptstore")
+
+REFUSED_SUFFIX = ".refused"
 
 
 def upload_part(
@@ -73,6 +91,56 @@ def upload_part(
     return [f for f, _ in todo]
 
 
+def refuse_part(
+    src: StorageBackend,
+    dst: StorageBackend,
+    name: str,
+    why: str,
+    *,
+    manifest_key: bytes | None = None,
+) -> list[str]:
+    """Mark in ``dst`` this disk's shard files of ``name`` as not coming (its local copy
+    is damaged: ``why``), so that rank 0 stops waiting for them; return the markers
+    written. Best effort: a manifest too damaged to name the files marks nothing."""
+    try:
+        manifest = _part_manifest(src, name, manifest_key)
+    except (CkptStoreError, FileNotFoundError):
+        return []
+    pending = dst.attach(f"{name}#{uuid.uuid4().hex[:12]}")
+    written = []
+    for fname, entry in sorted(manifest.files.items()):
+        if entry.kind != "shard":
+            continue
+        body = {"size_bytes": entry.size_bytes, "xxh3_64": entry.xxh3_64, "why": why[:2000]}
+        try:
+            pending.write_file(f"{fname}{REFUSED_SUFFIX}", json.dumps(body).encode())
+            written.append(f"{fname}{REFUSED_SUFFIX}")
+        except StorageError as exc:
+            if exc.errno != errno.EEXIST:  # (EEXIST: marked by an earlier attempt)
+                raise
+    return written
+
+
+def _refused(dst: StorageBackend, name: str, files: dict[str, Any]) -> list[str]:
+    """Those of ``files`` (name -> entry) another node marked as not coming."""
+    refused = []
+    for fname, entry in files.items():
+        try:
+            body = json.loads(dst.read_bytes(f"{name}/{fname}{REFUSED_SUFFIX}"))
+        except FileNotFoundError:
+            continue
+        except (CkptStoreError, ValueError) as exc:  # unreadable: wait on, as without it
+            log.debug("backup: %s/%s%s unreadable: %s", name, fname, REFUSED_SUFFIX, exc)
+            continue
+        if (
+            isinstance(body, dict)
+            and body.get("size_bytes") == entry.size_bytes
+            and body.get("xxh3_64") == entry.xxh3_64
+        ):
+            refused.append(fname)
+    return refused
+
+
 def commit_parts_backup(
     src: StorageBackend,
     dst: StorageBackend,
@@ -90,14 +158,16 @@ def commit_parts_backup(
     index checksum), then commit the whole checkpoint there: ``.metadata`` is rank 0's
     (it names every shard), the manifest lists every disk's files and no ``part``.
 
-    Gives up with :class:`StorageError` after ``wait_s`` seconds, or at once when
-    ``given_up()`` (a newer checkpoint is waiting).
+    Gives up with :class:`StorageError` after ``wait_s`` seconds, at once when
+    ``given_up()`` (a newer checkpoint is waiting), and with :class:`PartRefusedError`
+    as soon as another node marked its files as not coming (:func:`refuse_part`).
     """
     manifest = _part_manifest(src, name, manifest_key)
     assert manifest.part is not None
     problems = verify_checkpoint_files(src, name, manifest_key)
     if problems:
         raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
+    _raise_if_refused(dst, name, manifest.part.elsewhere)
     pending = dst.begin(name)
     try:
         files = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
@@ -116,6 +186,7 @@ def commit_parts_backup(
             missing = {f: e for f, e in missing.items() if not _there(dst, name, f, e)}
             if not missing:
                 break
+            _raise_if_refused(dst, name, missing)
             if (stop is not None and stop.is_set()) or given_up():
                 raise CopyStoppedError(f"backup of {name} stopped while waiting for other nodes")
             if time.monotonic() > deadline:
@@ -139,6 +210,16 @@ def commit_parts_backup(
         if progress is not None:
             progress.finish()
     return whole
+
+
+def _raise_if_refused(dst: StorageBackend, name: str, files: dict[str, Any]) -> None:
+    refused = _refused(dst, name, files)
+    if refused:
+        raise PartRefusedError(
+            f"another node did not upload its part of {name} ({', '.join(refused[:4])}): "
+            "its copy there is damaged (that node's log says how), so the backup will not "
+            f"hold {name}"
+        )
 
 
 def _part_manifest(src: StorageBackend, name: str, key: bytes | None) -> Manifest:

@@ -7,6 +7,7 @@ reference loop is in tests/test_multinode.py.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -132,6 +133,51 @@ def test_a_nodes_damaged_part_is_not_uploaded_to_the_backup(tmp_path, s3_server,
     with pytest.raises(CorruptCheckpointError, match=r"not copied: .*checksum mismatch"):
         upload_part(open_backend(disk), backup, "step_00000001")
     assert backup.list_names() == []
+
+
+def test_rank_0_stops_waiting_for_a_part_another_node_refused(tmp_path, s3_server, s3_bucket):
+    """The node whose part is damaged marks its files as not coming; rank 0's commit of
+    that checkpoint on the backup gives up at once, and its replicator does not retry it.
+    It waited 600 s before (at close(), once per attempt: five). A marker about other
+    bytes (another save of that step) is not taken for this one's."""
+    import time
+
+    import damage
+
+    from ckptstore.errors import PartRefusedError
+    from ckptstore.manager.partbackup import PartUploader
+    from ckptstore.manager.replicate import Replicator
+    from ckptstore.storage import open_backend
+    from ckptstore.transfer_parts import REFUSED_SUFFIX, commit_parts_backup
+
+    run_ranks("node_local_parts", str(tmp_path), 2)
+    disk0, disk1 = (open_backend(str(tmp_path / "ckpts" / f"disk{i}")) for i in (0, 1))
+    name = "step_00000001"
+    damage.xor(os.path.join(disk1.root, name, "__1_0.distcp"), 64)
+    backup = open_backend(f"s3://{s3_bucket}/refused")
+    uploader = PartUploader(disk1, backup)
+    uploader.submit(name)
+    assert uploader.wait(60)
+    uploader.close()
+    assert backup.exists(f"{name}/__1_0.distcp{REFUSED_SUFFIX}")
+    assert not backup.exists(f"{name}/__1_0.distcp")
+
+    started = time.monotonic()
+    with pytest.raises(PartRefusedError, match=rf"did not upload its part of {name} \(__1_0"):
+        commit_parts_backup(disk0, backup, name, wait_s=120)
+    replicator = Replicator(disk0, backup, catch_up=False)
+    replicator.submit(name)
+    assert replicator.wait(120, give_up_after=1) == []  # done with it: not retried
+    replicator.close()
+    assert time.monotonic() - started < 60
+    assert not backup.exists(f"{name}/manifest.json")
+
+    marker = f"{name}/__1_0.distcp{REFUSED_SUFFIX}"
+    stale = json.loads(backup.read_bytes(marker))
+    stale["xxh3_64"] = "0" * 16
+    backup.put_atomic(marker, json.dumps(stale).encode())
+    with pytest.raises(ckptstore.StorageError, match="still lacks the other nodes"):
+        commit_parts_backup(disk0, backup, name, wait_s=2)
 
 
 def test_a_parts_metadata_damaged_on_one_rank_is_skipped_by_every_rank(tmp_path):

@@ -26,7 +26,7 @@ from ckptstore.errors import CkptStoreError, CorruptCheckpointError
 from ckptstore.layout import MANIFEST_FILE
 from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import StorageBackend, open_backend
-from ckptstore.transfer_parts import upload_part
+from ckptstore.transfer_parts import refuse_part, upload_part
 
 log = logging.getLogger("ckptstore")
 
@@ -107,6 +107,10 @@ class PartUploader:
                         "backup: not uploading this node's part of %s, the local copy is "
                         "damaged (the backup will not hold %s): %s", name, name, exc,
                     )  # fmt: skip
+                    try:  # rank 0 then stops waiting for it
+                        refuse_part(self.local, self.remote, name, str(exc), manifest_key=self._key)
+                    except (CkptStoreError, OSError) as why:
+                        log.warning("backup: could not tell rank 0 so: %s", why)
             except (CkptStoreError, OSError) as exc:
                 failed = self.local.exists(f"{name}/{MANIFEST_FILE}")
                 if failed:

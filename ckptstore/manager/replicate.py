@@ -35,6 +35,7 @@ from ckptstore.errors import (
     CopyStoppedError,
     CorruptCheckpointError,
     InvalidArgumentError,
+    PartRefusedError,
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
@@ -369,6 +370,9 @@ class Replicator(RepairMixin):
             return True
         except FileNotFoundError:
             log.info("backup: %s was deleted locally before it could be uploaded", name)
+            return True
+        except PartRefusedError as exc:
+            log.error("backup: not uploading %s: %s", name, exc)
             return True
         except CorruptCheckpointError as exc:
             log.error("backup: not uploading %s, the local copy is damaged: %s", name, exc)
