@@ -337,6 +337,27 @@ def test_a_few_unchanged_tensors_do_not_pin_a_whole_earlier_shard(root):
     assert len(set(sizes)) == 1
 
 
+def test_ls_counts_identical_full_saves_twice_on_disk(root, capsys):
+    """Checkpoints holding the same bytes in files of their own take the disk twice:
+    ``ls`` counted them once (by size and checksum) and said "incremental saves share
+    files"; beside a linking save it counts by inode."""
+    from ckptstore.cli.main import main
+
+    frozen = frozen_state()
+    with ckptstore.Checkpointer(root, codec="none") as ckpt:
+        for step in (1, 2):
+            ckpt.save(frozen, step=step)
+    with ckptstore.Checkpointer(root, codec="none", incremental=True) as ckpt:
+        for step in (3, 4):  # 3 writes in full (nothing remembered), 4 links it
+            ckpt.save(frozen, step=step)
+    assert main(["ls", root, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    each = {c["name"]: c["stored_bytes"] for c in listed["checkpoints"]}
+    full = each["step_00000001"] + each["step_00000002"] + each["step_00000003"]
+    # 4 lists 3's shard file (linked) and adds only its note, .metadata and manifest
+    assert full < listed["disk_bytes"] < full + 0.05 * each["step_00000001"], (listed, each)
+
+
 def test_ls_and_info_say_what_is_shared(root, capsys):
     from ckptstore.cli.main import main
 

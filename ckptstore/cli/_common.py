@@ -375,17 +375,26 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str], right: Sequence[
     return "\n".join(lines)
 
 
-def disk_bytes(manifests: list[Any]) -> int:
-    """The stored bytes of these checkpoints on local disk, where incremental saves
-    hard-link files: a shard file listed by several (same size and checksum) once."""
-    seen: set[tuple[int, str]] = set()
+def disk_bytes(root: str, manifests: dict[str, Any]) -> int:
+    """What the files these checkpoints (name -> manifest) list take on the local disk
+    ``root``: a file hard-linked into several (incremental saves) counted once, by
+    inode. Two checkpoints that hold the same bytes in files of their own count twice
+    (it was by size and checksum until 2026-12-07: two identical full saves were
+    counted once). Without links (no manifest names a linked file) nothing is stat'ed."""
+    if not any(m.linked for m in manifests.values()):
+        return sum(m.stored_bytes for m in manifests.values())
+    seen: set[tuple[int, int]] = set()
     total = 0
-    for m in manifests:
-        for e in m.files.values():
-            if e.kind == "shard" and (e.size_bytes, e.xxh3_64) in seen:
+    for name, m in manifests.items():
+        for fname, e in m.files.items():
+            try:
+                st = os.stat(os.path.join(root, name, fname))
+            except OSError:  # gone or unreadable: as listed
+                total += e.size_bytes
                 continue
-            seen.add((e.size_bytes, e.xxh3_64))
-            total += e.size_bytes
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += e.size_bytes
     return total
 
 

@@ -272,10 +272,11 @@ def totals(backend: StorageBackend, entries: list[Entry]) -> dict[str, Any]:
     """The committed checkpoints' bytes: as their manifests list them, and on a local
     disk what they take there (files incremental saves share counted once; None
     elsewhere: on object stores a linked file is a copy)."""
-    manifests = [e.manifest for e in entries if e.status == "committed" and e.manifest]
+    manifests = {e.name: e.manifest for e in entries if e.status == "committed" and e.manifest}
+    local = backend.capabilities.local
     return {
-        "stored_bytes": sum(m.stored_bytes for m in manifests),
-        "disk_bytes": disk_bytes(manifests) if backend.capabilities.local else None,
+        "stored_bytes": sum(m.stored_bytes for m in manifests.values()),
+        "disk_bytes": disk_bytes(backend.url, manifests) if local else None,
     }
 
 
