@@ -434,6 +434,36 @@ def test_export_of_a_sharded_checkpoint(tmp_path, capsys):
     assert_same(full_state(), load_export(tmp_path / f"m{ST}"))
 
 
+def test_checkpoints_named_otherwise_beside_step_n_ones_are_named_and_verified(tmp_path, capsys):
+    """A root holding step_N checkpoints and Lightning's ``*.ckpt`` ones: ``ls`` listed
+    the step_N ones only and said nothing of the others, and ``verify`` checked only the
+    step_N ones ("all 1 checkpoint(s) intact" over a damaged ``last.ckpt``). A
+    checkpoint set aside (``step_N.damaged-...``) is neither. ``ls ROOT/step_N`` does
+    not call the latest pointer's target uncommitted (it is, only not that row)."""
+    from ckptstore.cli.main import main
+
+    root = tmp_path / "mixed"
+    with ckptstore.CheckpointManager(str(root)) as mgr:
+        for step in (1, 2):
+            mgr.save(step - 1, {"w": torch.ones(3)})
+        mgr.wait()
+    ckptstore.save({"w": torch.ones(3)}, str(root / "last.ckpt"))
+    shutil.copytree(root / "step_00000001", root / "step_00000001.damaged-20261207T000000Z")
+    assert main(["ls", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "note: 1 more checkpoint(s) here are named otherwise than step_N (last.ckpt" in out
+    assert "damaged-" not in out, out
+    assert main(["ls", str(root / "step_00000001")]) == 0
+    out = capsys.readouterr().out
+    assert "latest pointer" not in out, out
+    shard = root / "last.ckpt" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1])  # damaged
+    assert main(["verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "OK   step_00000001" in out and "OK   step_00000002" in out, out
+    assert "BAD  last.ckpt" in out and "1 of 3 checkpoint(s) damaged" in out, out
+
+
 class NotAllowed:
     """A custom class: torch.load(weights_only=True) refuses to unpickle it."""
 

@@ -163,14 +163,17 @@ def _holds_checkpoints(directory: str) -> bool:
 def other_checkpoints(backend: StorageBackend) -> list[str]:
     """The committed checkpoints in a local root under names other than ``step_N``
     (Lightning's ``*.ckpt``, an export's), sorted; none on object stores (one listing
-    there says nothing about manifests)."""
+    there says nothing about manifests). Not ``step_N.<anything>`` (a checkpoint set
+    aside as damaged or retired, a replace's leftover) nor temp directories."""
     if not backend.capabilities.local:
         return []
     try:
         return sorted(
             n
             for n in backend.list_names()
-            if not STEP_NAME.match(n) and backend.exists(f"{n}/{MANIFEST_FILE}")
+            if not STEP_NAME.match(n.split(".", 1)[0])
+            and not n.startswith(".")
+            and backend.exists(f"{n}/{MANIFEST_FILE}")
         )
     except (OSError, StorageError):
         return []

@@ -314,6 +314,8 @@ def run(args: argparse.Namespace) -> int:
     # and retention are about step_N checkpoints
     has_steps = any(e.status == "committed" for e in entries)
     named = [] if has_steps else named_entries(backend)
+    beside = other_checkpoints(backend) if has_steps and only is None else []
+    committed_names = {e.name for e in entries if e.status == "committed"}
     if named:
         entries, metric, mode = named + entries, None, args.mode or "min"
     else:
@@ -381,8 +383,15 @@ def run(args: argparse.Namespace) -> int:
     if metric is not None:
         print(f"best: by {metric} ({mode})")
     say_corrupt(corrupt, args.root)
+    if beside:
+        shown = ", ".join(beside[:4]) + (" ..." if len(beside) > 4 else "")
+        print(
+            f"note: {len(beside)} more checkpoint(s) here are named otherwise than step_N "
+            f"({shown}, as Lightning names them), not listed beside step_N ones: "
+            f"`ckptstore ls {args.root.rstrip('/')}/{beside[0]}` lists one"
+        )
     pointed = pointer.read_latest(backend)
-    if pointed is not None and pointed not in {e.name for e in committed}:
+    if pointed is not None and pointed not in committed_names:
         print(
             f"note: the latest pointer names {pointed}, which is not a committed checkpoint; "
             "resuming takes the newest one that loads"

@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             backend = open_root(args.target)
             targets, notes, parts = root_targets(backend, args.target)
-            if not targets:  # a directory of Lightning's *.ckpt checkpoints: all of them
-                targets = [(n, "named") for n in other_checkpoints(backend)]
+            # Lightning's *.ckpt checkpoints too (alone, or beside step_N ones: these
+            # were passed over without a word then)
+            targets += [(n, "named") for n in other_checkpoints(backend)]
             if not targets:
                 raise usage_error(
                     f"no checkpoints under {backend.url}: nothing to verify; check the path "
