@@ -217,6 +217,29 @@ def test_the_key_can_come_from_the_environment(root, monkeypatch):
         ckptstore.load(blank(), ckpt_dir)
 
 
+def test_verify_and_ls_under_a_wrong_key_do_not_call_the_checkpoints_damaged(
+    root, monkeypatch, capsys
+):
+    """Under another key every checkpoint is refused, but its bytes are intact: verify
+    said "2 of 2 checkpoint(s) damaged ... or delete the damaged ones", and ls "manifest
+    damaged or unreadable"; both now say the manifests are not signed with that key."""
+    from ckptstore.cli import _common, main
+
+    save_two(root, manifest_key=KEY)
+    monkeypatch.setenv(MANIFEST_KEY_ENV, "another key")
+    _common.manifest_key.cache_clear()  # (read once per process)
+    assert main(["verify", root]) == 1
+    out = capsys.readouterr().out
+    assert "2 of 2 checkpoint(s) not signed with the key in CKPTSTORE_MANIFEST_KEY" in out, out
+    assert "damaged" not in out.splitlines()[-1] and "delete" not in out, out
+    assert main(["ls", root]) == 0
+    out = capsys.readouterr().out
+    assert "manifest not signed with the key in CKPTSTORE_MANIFEST_KEY" in out, out
+    monkeypatch.delenv(MANIFEST_KEY_ENV)
+    _common.manifest_key.cache_clear()
+    assert main(["verify", root]) == 0  # (without the key: its bytes, intact)
+
+
 @pytest.mark.parametrize("bad", [b"", "a string", 7])
 def test_a_bad_key_is_refused_without_echoing_it(root, bad):
     with pytest.raises(ValueError, match="manifest_key must be") as info:

@@ -33,7 +33,7 @@ from ckptstore.cli._common import (
 from ckptstore.cli.retention_options import add_retention_options, forever_parts
 from ckptstore.engine.listing import CheckpointInfo, read_manifest, step_mismatch
 from ckptstore.errors import CheckpointNotFoundError, CkptStoreError
-from ckptstore.format.manifest import Manifest
+from ckptstore.format.manifest import UNSIGNED, Manifest
 from ckptstore.layout import LATEST_FILE, STEP_NAME, TEMP_PREFIX, set_aside_kind
 from ckptstore.manager import pointer, retention
 from ckptstore.manager.policies import FINAL, KeepBest, RetentionPolicy
@@ -283,6 +283,8 @@ def totals(backend: StorageBackend, entries: list[Entry]) -> dict[str, Any]:
 def why(e: Entry) -> str:
     """Why ``e``, a corrupt entry, is not a checkpoint (``ls`` without ``--all``)."""
     if e.manifest is None:
+        if UNSIGNED in (e.error or ""):
+            return "manifest not signed with the key in CKPTSTORE_MANIFEST_KEY"
         return "manifest damaged or unreadable"
     return "its manifest names another step (a copy or a link)"  # (listing.step_mismatch)
 

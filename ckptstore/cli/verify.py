@@ -27,6 +27,7 @@ from ckptstore.cli._common import (
 )
 from ckptstore.cli.ls import scan
 from ckptstore.errors import without_verify_hint
+from ckptstore.format.manifest import UNSIGNED
 from ckptstore.layout import MANIFEST_FILE, TEMP_PREFIX
 
 EXAMPLES = (
@@ -145,6 +146,21 @@ def run(args: argparse.Namespace) -> int:
         return OK
     for n in shared:
         print(f"note: {n}")
+    unsigned = [r for r in bad if all(UNSIGNED in p for p in r["problems"])]
+    if unsigned:
+        # Intact manifests (their checksums matched) without this key's signature: a
+        # wrong key says this of every checkpoint; "delete the damaged ones" must not
+        # be the advice then
+        print(
+            f"{len(unsigned)} of {len(results)} checkpoint(s) not signed with the key in "
+            f"CKPTSTORE_MANIFEST_KEY: {', '.join(r['name'] for r in unsigned)}. Their "
+            "manifests are intact but unsigned, or signed with another key (or altered "
+            "and re-checksummed): check the key before anything else; run verify without "
+            "it to check their bytes"
+        )
+        bad = [r for r in bad if r not in unsigned]
+        if not bad:
+            return FAILED
     names = ", ".join(r["name"] for r in bad)
     if any(r["name"] in parts for r in bad):
         print(

@@ -126,6 +126,11 @@ class Part:
         }
 
 
+# In the message of a manifest refused for its signature alone (its checksum matched):
+# the CLI tells such checkpoints apart from damaged ones by it.
+UNSIGNED = "under the configured manifest key"
+
+
 @dataclass(frozen=True)
 class Manifest:
     step: int | None  # None for a checkpoint saved by path without a step
@@ -249,7 +254,7 @@ class Manifest:
         ):
             found = "has no HMAC" if stated_mac is None else "has an HMAC that does not match"
             raise UnsafeCheckpointError(
-                f"{where}/{MANIFEST_FILE} {found} under the configured manifest key: it was "
+                f"{where}/{MANIFEST_FILE} {found} {UNSIGNED}: it was "
                 "not written by a holder of that key, or was altered. Refusing to read this "
                 "checkpoint; restore one signed with the key, or unset the key to trust it"
             )
