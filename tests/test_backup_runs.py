@@ -404,3 +404,36 @@ def test_the_progress_line_counts_in_the_units_of_every_other_message(caplog):
     assert lines[0].startswith("backup:  50.0% (638.00 KB of 1.28 MB sent and read back, "), lines
     assert lines[1].startswith("pull: 100.0% (3.30 MB of 3.30 MB, "), lines
     assert all(line.endswith("B/s)") and "MiB" not in line for line in lines), lines
+
+
+def test_a_manager_that_saves_nothing_reads_the_backup_without_downloading(tmp_path):
+    """``enabled=False`` (``ckptstore train --no-checkpoint``) "turns every write off":
+    with a backup, restore downloaded the step into the local root (and replaced a
+    damaged local copy there). It now reads the backup's copy where it lies, and leaves
+    the local root as it was."""
+    import os
+
+    remote, local = tmp_path / "backup", tmp_path / "local"
+    opts = {"save": SaveEvery(steps=10), "backup": str(remote)}
+    with CheckpointManager(tmp_path / "trained", **opts) as mgr:
+        saved = make_state()
+        train(mgr, saved, 20)
+    # nothing locally: read from the backup
+    os.makedirs(local)
+    with CheckpointManager(local, enabled=False, **opts) as mgr:
+        state = make_state(seed=1)
+        assert mgr.restore(state) == 20
+    assert_same(state.model.state_dict(), saved.model.state_dict())
+    assert os.listdir(local) == []
+    # damaged locally: the backup's copy, and the local file left as it is
+    with CheckpointManager(local, **opts) as mgr:
+        mgr.restore(make_state(seed=1))  # (downloads 20: saving is on)
+    shard = sorted((local / checkpoint_name(20)).glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with CheckpointManager(local, enabled=False, **opts) as mgr:
+        state = make_state(seed=1)
+        assert mgr.restore(state) == 20
+    assert_same(state.model.state_dict(), saved.model.state_dict())
+    assert shard.read_bytes() == bytes(data)

@@ -168,6 +168,7 @@ def test_no_checkpoint_writes_nothing(tmp_path):
         (["--incremental", "--full-every", "-1"], "--full-every must be a number >= 0"),
         (["--no-checkpoint", "--incremental"], "--incremental is about saving, and --no-che"),
         (["--no-checkpoint", "--keep-best", "2"], "--keep-best is about saving"),
+        (["--keep-best", "2", "--eval-every", "0"], "--eval-every 0 never validates"),  # kept none
         (["--seed", "-1"], "--seed must be between 0 and 4294967295"),  # was a traceback
         (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),
         (["--device", "cuda:0"] if not os.path.exists("/dev/nvidia0") else ["--size", "nope"], ""),

@@ -223,20 +223,28 @@ class RestoreMixin(NewerMixin):
 
     def _load_with_backup(self, state: Resumable | dict[str, Any], step: int) -> CheckpointInfo:
         """Load ``step`` from the local root; from the backup if it is missing or damaged
-        locally (downloaded into the local root first, verified)."""
+        locally (downloaded into the local root first, verified; with ``enabled=False``,
+        which writes nothing, read from the backup where it lies)."""
         if step in self._from_backup:  # node-local disks: every rank reads its part
             return self._load_from_backup(state, step)
-        fetched = self._fetch(step, replace=False)
+        fetched = self.enabled and self._fetch(step, replace=False)
         try:
             return self._load_step(state, step)
         except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
             assert self._ckpt is not None
-            if self._ckpt.node_local:
+            if self._ckpt.node_local or not self.enabled:
                 # Rank 0's download goes to rank 0's disk; a part damaged on another
-                # stays as it is: every rank reads its part from the backup instead
+                # stays as it is: every rank reads its part from the backup instead.
+                # (Saving nothing: no download into the root either.)
                 if not self._in_backup(step):
                     raise
-                if self._ckpt.first_on_disk:  # (the same agreed error on every rank)
+                if self._ckpt.first_on_disk and not self.enabled:
+                    log.warning(
+                        "step %d is not loadable from %s (%s); loading the backup's copy "
+                        "without downloading it (checkpointing is off: nothing is written)",
+                        step, self._ckpt.url, exc,
+                    )  # fmt: skip
+                elif self._ckpt.first_on_disk:  # (the same agreed error on every rank)
                     log.warning(
                         "the local copy of step %d failed on some node (%s); every rank "
                         "loads its part from the backup's copy", step, exc,

@@ -29,7 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--data", default=None, help="a text file (default: Python's help text)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eval-every", type=int, default=50, help="validation every N steps")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=50,
+        help="validation every N steps and at the last one (default 50; 0: never)",
+    )
     g.add_argument("--eval-batches", type=int, default=4)
     g.add_argument("--log-every", type=int, default=25, help="a progress line every N steps")
     g.add_argument(
@@ -120,4 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ):
             if given:
                 ap.error(f"{flag} is about saving, and --no-checkpoint saves nothing: drop one")
+    if args.keep_best and args.eval_every == 0:  # (no metric ever: nothing would be kept)
+        ap.error(
+            "--keep-best keeps the checkpoints with the best validation loss, and "
+            "--eval-every 0 never validates: drop one"
+        )
     return args
