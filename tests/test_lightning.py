@@ -361,6 +361,40 @@ def test_incremental_replace_on_an_object_store_keeps_every_name_loadable(s3_ser
     assert linked, fs.ls(f"{s3_bucket}/run/last.ckpt")
 
 
+def test_last_checkpoint_finds_the_newest_on_an_object_store(
+    s3_server, s3_bucket, tmp_path, capsys
+):
+    """Lightning 2.6's ckpt_path="last" finds nothing under s3:// and fails on an
+    on_exception.ckpt there; last_checkpoint(dirpath) names the newest checkpoint. A
+    damaged manifest is passed over; a half-swapped last.ckpt is found by its name."""
+    from ckptstore.integrations.lightning import last_checkpoint
+
+    io = CkptStoreCheckpointIO(codec="none", async_save=False)
+    root = f"s3://{s3_bucket}/last"
+    assert last_checkpoint(root) is None
+    for name in ("epoch=0-step=5.ckpt", "last.ckpt", "on_exception.ckpt"):
+        io.save_checkpoint({"w": torch.ones(3), "name": name}, f"{root}/{name}")
+        time.sleep(0.01)  # (ordered by when each save began)
+    assert last_checkpoint(root) == f"{root}/on_exception.ckpt"
+    assert io.load_checkpoint(last_checkpoint(root))["name"] == "on_exception.ckpt"
+    # (ls of one such checkpoint on S3 said "no committed checkpoints")
+    assert cli_main(["ls", f"{root}/on_exception.ckpt", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["checkpoints"]
+    assert [c["name"] for c in listed] == ["on_exception.ckpt"], listed
+    s3_server.fs().pipe_file(f"{s3_bucket}/last/on_exception.ckpt/manifest.json", b"{")
+    assert last_checkpoint(root) == f"{root}/last.ckpt"
+    io.teardown()
+    local = tmp_path / "ckpts"
+    io = CkptStoreCheckpointIO(codec="none", async_save=False)
+    for name in ("epoch=0-step=5.ckpt", "last.ckpt"):
+        io.save_checkpoint({"w": torch.ones(3)}, str(local / name))
+        time.sleep(0.01)
+    io.teardown()
+    os.rename(local / "last.ckpt", local / "last.ckpt.replacing")
+    assert last_checkpoint(local) == f"{local}/last.ckpt"
+    assert last_checkpoint(tmp_path / "missing") is None
+
+
 def test_incremental_saves_stop_linking_a_shared_file_found_damaged(tmp_path, caplog):
     """On a local disk every checkpoint of a chain holds one copy of the frozen bytes:
     once a save's check reads it damaged, the next save writes everything and later

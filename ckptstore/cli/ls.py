@@ -92,10 +92,11 @@ def scan(backend: StorageBackend, *, everything: bool) -> list[Entry]:
     return _scan(backend, everything)[0]
 
 
-def named_entries(backend: StorageBackend) -> list[Entry]:
+def named_entries(backend: StorageBackend, names: list[str] | None = None) -> list[Entry]:
     """The committed checkpoints of a local root named otherwise than ``step_N``
-    (Lightning's ``*.ckpt``), oldest first."""
-    names = other_checkpoints(backend)
+    (Lightning's ``*.ckpt``), oldest first; or of ``names`` (any root, object stores
+    too)."""
+    names = other_checkpoints(backend) if names is None else names
     manifests = _read_manifests(backend, names)
     entries = []
     for name in names:
@@ -325,9 +326,7 @@ def run(args: argparse.Namespace) -> int:
         tag(backend, entries, metric=metric, mode=mode, forever=forever, remote=remote)
     own = alone_bytes(backend, entries)
     if only is not None:  # as its root lists it (tags and what it holds alone included)
-        entries = [e for e in entries if e.name == only] or [
-            e for e in named_entries(backend) if e.name == only
-        ]
+        entries = [e for e in entries if e.name == only] or named_entries(backend, [only])
         own = own if only in own else alone_bytes(backend, entries)
     if args.json:
         emit_json(
