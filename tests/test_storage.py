@@ -196,9 +196,12 @@ def test_open_backend_refuses(bad):
 def test_local_root_under_a_file(tmp_path):
     (tmp_path / "afile").write_bytes(b"not a directory")
     bad_root = tmp_path / "afile" / "root"
-    with pytest.raises(StorageError) as info:
+    with pytest.raises(StorageError, match="a checkpoint root must be a directory") as info:
         open_backend(bad_root)
     assert info.value.errno == errno.ENOTDIR
+    assert info.value.filename == str(tmp_path / "afile")  # the file in the way
+    with pytest.raises(StorageError, match="a checkpoint root must be a directory") as info:
+        open_backend(tmp_path / "afile")  # (was "create directory failed: File exists")
     b = LocalBackend(str(bad_root), create=False)
     with pytest.raises(StorageError):
         b.begin("step_1")

@@ -270,3 +270,21 @@ def test_the_kept_line_of_a_run_that_keeps_every_checkpoint_stays_short(tmp_path
         f"Checkpoints kept in {root}: 1, 2, 3, ... (4 more), 8 [final], ... (4 more), "
         "13, 14, 15 [latest] (15 in all; ckptstore ls lists them)"
     ), line
+
+
+def test_a_run_resumed_past_its_steps_says_nothing_was_trained(capsys):
+    """--steps 10 on a run at step 30 printed "Done: 30 steps (0 in this run)" and
+    nothing else."""
+    import argparse
+    from types import SimpleNamespace
+
+    from ckptstore.train.loop import Run
+    from ckptstore.train.report import summary
+
+    run = Run(args=argparse.Namespace(epochs=None))
+    state = SimpleNamespace(step=30)
+    summary(run, None, state, 0, 0.01, 0.0, 256, total=10)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "Nothing trained: the run resumed at step 30, past where --steps ends it" in out, out
+    summary(run, None, SimpleNamespace(step=10), 0, 0.01, 0.0, 256, total=10)  # type: ignore[arg-type]
+    assert "Nothing trained" not in capsys.readouterr().out  # (a finished run, rerun)

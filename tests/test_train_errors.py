@@ -96,13 +96,25 @@ def case_root_is_a_file(tmp):
     return ["--ckpt-dir", str(tmp / "file")], 2, ["is a file, not a directory"]
 
 
+def case_root_under_a_file(tmp):  # (was exit 1, "... then save again")
+    (tmp / "file").write_text("not a directory")
+    return ["--ckpt-dir", str(tmp / "file" / "run")], 2, ["lies under a file", "give a directory"]
+
+
 def case_root_is_empty(tmp):
     return ["--ckpt-dir", ""], 2, ["--ckpt-dir must not be empty"]
 
 
 @pytest.mark.parametrize(
     "case",
-    [case_resume_foo, case_data_missing, case_data_empty, case_root_is_a_file, case_root_is_empty],
+    [
+        case_resume_foo,
+        case_data_missing,
+        case_data_empty,
+        case_root_is_a_file,
+        case_root_under_a_file,
+        case_root_is_empty,
+    ],
     ids=lambda c: c.__name__[5:],
 )
 def test_expected_failures_say_what_to_do_without_a_traceback(tmp_path, case):

@@ -231,6 +231,14 @@ class LocalBackend(StorageBackend):
                 os.makedirs(self.root, exist_ok=True)
                 for path in created:
                     fsync_dir(os.path.dirname(path))
+            except (FileExistsError, NotADirectoryError) as exc:  # a file in the root's way
+                in_way = next((p for p in reversed(created) if os.path.lexists(p)), self.root)
+                raise StorageError(
+                    exc.errno,
+                    "a checkpoint root must be a directory, and this is a file (give a "
+                    "directory's path, or move the file away)",
+                    in_way,
+                ) from exc
             except OSError as exc:
                 raise storage_error(exc, "create directory", self.root) from exc
 

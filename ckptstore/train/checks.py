@@ -64,11 +64,17 @@ def check_writable(url: str, flag: str) -> None:
     """Write and delete a small probe file under ``url`` (created if missing): a
     read-only file system, missing permissions, a missing bucket or credentials fail
     here, before training, not at the first save."""
-    if "://" not in url and os.path.exists(url) and not os.path.isdir(url):
-        raise CliError(
-            f"{flag} {url} is a file, not a directory: give a directory (it is created if missing)",
-            EXIT_USAGE,
-        )
+    if "://" not in url:
+        above = os.path.abspath(url)  # it, or the nearest parent that is there
+        while not os.path.lexists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            what = "is a file" if above == os.path.abspath(url) else f"lies under a file, {above}"
+            raise CliError(
+                f"{flag} {url} {what}, not a directory: give a directory (it is created if "
+                "missing)",
+                EXIT_USAGE,
+            )
     probe = f"{POINTER_TEMP_PREFIX}probe-{uuid.uuid4().hex}"  # swept if we die meanwhile
     try:
         backend = open_backend(url)

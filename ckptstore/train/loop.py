@@ -144,9 +144,10 @@ def setup_distributed(run: Run) -> None:
         run.rank, run.world = dist.get_rank(), dist.get_world_size()
         if local_rank == 0 and run.rank != 0:  # another node: a line, not silence
             node = os.environ.get("GROUP_RANK", "?")
+            last = run.rank + int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1
+            ranks = f"rank {run.rank}" if last == run.rank else f"ranks {run.rank}-{last}"
             print(
-                f"ckptstore train: node {node}, ranks {run.rank}-"
-                f"{run.rank + int(os.environ.get('LOCAL_WORLD_SIZE', '1')) - 1} of {run.world}, "
+                f"ckptstore train: node {node}, {ranks} of {run.world}, "
                 f"checkpoints in {run.args.ckpt_dir}; rank 0's node prints the run's progress, "
                 "this node its own errors",
                 flush=True,
@@ -457,7 +458,7 @@ def _loop(
         "step_times_s": step_times,
     }
     mgr.wait()
-    summary(run, mgr, state, steps_run, elapsed, blocked, tokens_per_step)
+    summary(run, mgr, state, steps_run, elapsed, blocked, tokens_per_step, total)
     if args.report:
         write_report(run, state, model, mgr, interrupted=False)
     mgr.close()  # waits for the backup's uploads (and the retention after them)

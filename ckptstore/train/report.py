@@ -63,6 +63,7 @@ def summary(
     elapsed: float,
     blocked: float,
     tokens_per_step: int,
+    total: int,
 ) -> None:
     """Print the summary (rank 0); the checkpoints kept are said by :func:`kept_summary`
     once the manager is closed (retention still runs as the backup's uploads end)."""
@@ -73,6 +74,12 @@ def summary(
         f"Done: {state.step} steps ({steps_run} in this run) in {elapsed:.1f} s, "
         f"{steps_run * tokens_per_step / max(elapsed, 1e-9):,.0f} tokens/s"
     )
+    if steps_run == 0 and state.step > total:  # (--steps below where the run stands)
+        end = "--epochs" if run.args.epochs is not None else "--steps"
+        run.say(
+            f"Nothing trained: the run resumed at step {state.step}, past where {end} ends "
+            f"it (step {total}); give a larger {end} to train on"
+        )
     share = 100.0 * blocked / elapsed if elapsed else 0.0
     run.say(f"Blocked on checkpoints: {blocked:.2f} s of {elapsed:.1f} s ({share:.1f}%)")
 
@@ -110,7 +117,7 @@ def backup_summary(run: Run, mgr: ckptstore.CheckpointManager, newest: str | Non
     status = mgr.backup_status()
     if run.rank != 0 or status is None:
         return 0
-    skipped = f", skipped {', '.join(status.skipped)}" if status.skipped else ""
+    skipped = f", skipped {', '.join(sorted(status.skipped))}" if status.skipped else ""
     if status.repaired:  # (an upload found a damaged file there: replaced from here)
         skipped += f", repaired {', '.join(status.repaired)} (a damaged file there)"
     if status.damaged:
