@@ -1057,3 +1057,14 @@ def test_safetensors_is_installed():
     pytest.importorskip(
         "safetensors", reason="safetensors is not installed: .safetensors export/import untested"
     )
+
+
+def test_an_unknown_flag_is_said_by_the_command_it_was_given_to(tmp_path, capsys):
+    """`ckptstore ls ROOT --wrong` printed the top-level usage ("ckptstore: error ... see
+    ckptstore --help"), which lists commands, not ls's flags."""
+    assert main(["ls", str(tmp_path), "--wrong"]) == 2
+    err = capsys.readouterr().err
+    assert "usage: ckptstore ls" in err, err
+    assert err.strip().endswith(
+        "ckptstore ls: error: unrecognized arguments: --wrong (see ckptstore ls --help)"
+    ), err

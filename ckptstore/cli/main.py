@@ -183,7 +183,10 @@ class _CommandParser(_Parser):
             self.command = None
             self.epilog = "examples:\n" + module.EXAMPLES
             module.add_arguments(self)
-        return super().parse_known_args(args, namespace)
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:  # said by this command (its usage, its --help), not by `ckptstore`
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
