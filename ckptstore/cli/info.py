@@ -189,10 +189,13 @@ def gone_origins(backend: StorageBackend, m: Manifest) -> list[str]:
 def incremental_text(info: dict[str, Any]) -> str:
     """What an incremental save wrote, and which checkpoints first wrote the rest."""
     gone = set(info["linked_from_deleted"])
-    origins = ", ".join(
-        o + (" (no longer there: the file lives on here)" if o in gone else "")
-        for o in sorted(set(info["linked"].values()))
-    )
+
+    def said(origin: str) -> str:
+        if origin == info["name"]:  # (Lightning's last.ckpt: saved again under its name)
+            return f"an earlier save of {origin}, since replaced (the file lives on here)"
+        return origin + (" (no longer there: the file lives on here)" if origin in gone else "")
+
+    origins = ", ".join(said(o) for o in sorted(set(info["linked"].values())))
     return (
         f"{size(info['owned_bytes'])} written by this save; the rest (unchanged since) is "
         f"in files first written by {origins}, linked"
