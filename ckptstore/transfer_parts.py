@@ -80,6 +80,7 @@ def upload_part(
         problems = verify_checkpoint_files(src, name, manifest_key)
         if problems:
             raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
+        _discard_leftovers(dst, name, [f for f, _ in todo])
         pending = dst.attach(f"{name}#{uuid.uuid4().hex[:12]}")
         job = CopyJob(src, dst, pending, name, name, True, 2, None, stop)
         try:
@@ -106,11 +107,11 @@ def refuse_part(
         manifest = _part_manifest(src, name, manifest_key)
     except (CkptStoreError, FileNotFoundError):
         return []
+    shards = sorted((f, e) for f, e in manifest.files.items() if e.kind == "shard")
+    _discard_leftovers(dst, name, [f"{f}{REFUSED_SUFFIX}" for f, _ in shards])  # (stale)
     pending = dst.attach(f"{name}#{uuid.uuid4().hex[:12]}")
     written = []
-    for fname, entry in sorted(manifest.files.items()):
-        if entry.kind != "shard":
-            continue
+    for fname, entry in shards:
         body = {"size_bytes": entry.size_bytes, "xxh3_64": entry.xxh3_64, "why": why[:2000]}
         try:
             pending.write_file(f"{fname}{REFUSED_SUFFIX}", json.dumps(body).encode())
@@ -168,9 +169,12 @@ def commit_parts_backup(
     if problems:
         raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
     _raise_if_refused(dst, name, manifest.part.elsewhere)
+    # Rank 0's own files a dead attempt left: whole ones are kept, others written again
+    files = [(f, e) for f, e in manifest.files.items() if not _there(dst, name, f, e)]
+    _discard_leftovers(dst, name, [f for f, _ in files])
     pending = dst.begin(name)
     try:
-        files = sorted(manifest.files.items(), key=lambda kv: -kv[1].size_bytes)
+        files = sorted(files, key=lambda kv: -kv[1].size_bytes)
         files = without_held(dst, pending, manifest, (name,), manifest_key, files, stop=stop)
         if progress is not None:
             payload = sum(e.size_bytes for _, e in files)
@@ -210,6 +214,15 @@ def commit_parts_backup(
         if progress is not None:
             progress.finish()
     return whole
+
+
+def _discard_leftovers(dst: StorageBackend, name: str, files: list[str]) -> None:
+    """Remove what a dead attempt left under ``files``' names (not whole: another save
+    of that step, or cut short) before they are written again: files are written once,
+    and the upload failed on them at every attempt (EEXIST), never ending."""
+    removed = dst.discard_uncommitted(name, files)
+    if removed:
+        log.info("backup: removed a dead attempt's %s of %s first", ", ".join(removed), name)
 
 
 def _raise_if_refused(dst: StorageBackend, name: str, files: dict[str, Any]) -> None:

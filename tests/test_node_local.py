@@ -180,5 +180,62 @@ def test_rank_0_stops_waiting_for_a_part_another_node_refused(tmp_path, s3_serve
         commit_parts_backup(disk0, backup, name, wait_s=2)
 
 
+def test_a_dead_attempts_leftovers_on_the_backup_are_written_again(tmp_path, s3_server, s3_bucket):
+    """A node's part uploaded by a run that died, then another save of that step: the
+    backup holds other bytes under both nodes' file names, without a manifest. Every
+    upload failed on them (EEXIST, files are written once), the node retried forever
+    and its run never exited. Now they are removed and written again."""
+    from ckptstore.engine.ops import verify
+    from ckptstore.manager.partbackup import PartUploader
+    from ckptstore.storage import open_backend
+    from ckptstore.transfer_parts import commit_parts_backup
+
+    run_ranks("node_local_parts", str(tmp_path), 2)
+    disk0, disk1 = (open_backend(str(tmp_path / "ckpts" / f"disk{i}")) for i in (0, 1))
+    name = "step_00000001"
+    backup = open_backend(f"s3://{s3_bucket}/leftovers")
+    fs = s3_server.fs()
+    for fname in ("__0_0.distcp", "__1_0.distcp"):
+        fs.pipe_file(f"{s3_bucket}/leftovers/{name}/{fname}", os.urandom(4096))
+    uploader = PartUploader(disk1, backup)
+    uploader.submit(name)
+    assert uploader.wait(60, give_up_after=1)
+    uploader.close()
+    commit_parts_backup(disk0, backup, name, wait_s=60)
+    assert verify(backup, name, None) == []
+
+
+def test_a_node_that_cannot_upload_its_part_gives_up_at_close(tmp_path, s3_server, s3_bucket):
+    """close() waited for this node's upload with no limit while it retried forever:
+    the run never exited. It now gives up after 5 failed attempts in a row (as rank 0's
+    backup does) and marks the part as not coming, so rank 0 stops waiting too."""
+    import errno
+    import time
+
+    from ckptstore.errors import PartRefusedError
+    from ckptstore.manager.partbackup import PartUploader
+    from ckptstore.storage import open_backend
+    from ckptstore.storage.testing.faulty import FaultyBackend
+    from ckptstore.transfer_parts import commit_parts_backup
+
+    run_ranks("node_local_parts", str(tmp_path), 2)
+    disk0, disk1 = (open_backend(str(tmp_path / "ckpts" / f"disk{i}")) for i in (0, 1))
+    name = "step_00000001"
+    backup = open_backend(f"s3://{s3_bucket}/failing")
+
+    def fault(op: str, fname: str) -> BaseException | None:
+        if op == "create_file" and fname.endswith(".distcp"):
+            return OSError(errno.EIO, "injected: the store refuses this node's uploads")
+        return None
+
+    uploader = PartUploader(disk1, FaultyBackend(backup, fault), retry_max_s=0.1)
+    uploader.submit(name)
+    started = time.monotonic()
+    uploader.close()
+    assert time.monotonic() - started < 30
+    with pytest.raises(PartRefusedError, match="did not upload its part"):
+        commit_parts_backup(disk0, backup, name, wait_s=60)
+
+
 def test_a_parts_metadata_damaged_on_one_rank_is_skipped_by_every_rank(tmp_path):
     run_ranks("node_local_metadata_damaged_on_one_rank", str(tmp_path), 2, timeout=120)

@@ -13,6 +13,7 @@ superseded before every disk uploaded it is skipped, as on one disk.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -49,6 +50,8 @@ class PartUploader:
         self._cond = threading.Condition()
         self._next: str | None = None  # the newest checkpoint not yet uploaded
         self._busy = False
+        self._failures = 0  # failed attempts in a row
+        self._last_error = ""
         self._closing = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ckptstore-backup", daemon=True)
@@ -59,19 +62,40 @@ class PartUploader:
             self._next = name
             self._cond.notify_all()
 
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Block until everything submitted is uploaded; False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._next is None and not self._busy, timeout_s)
+    def wait(self, timeout_s: float | None = None, *, give_up_after: int | None = None) -> bool:
+        """Block until everything submitted is uploaded (True); False on timeout, or
+        once ``give_up_after`` attempts in a row have failed."""
 
-    def close(self, *, wait: bool = True, timeout_s: float | None = None) -> None:
-        if wait and not self.wait(timeout_s):
-            log.warning("backup: this node's part of %s was not uploaded", self._next)
+        def done() -> bool:
+            failing = give_up_after is not None and self._failures >= give_up_after
+            return (self._next is None and not self._busy) or failing
+
+        with self._cond:
+            self._cond.wait_for(done, timeout_s)
+            return self._next is None and not self._busy
+
+    def close(
+        self, *, wait: bool = True, timeout_s: float | None = None, give_up_after: int | None = 5
+    ) -> None:
+        """Stop; first wait for the upload in hand if ``wait`` (not past ``give_up_after``
+        failed attempts in a row, as the manager's backup: it retried forever, and a
+        run whose part could never be uploaded never exited)."""
+        left = None
+        if wait and not self.wait(timeout_s, give_up_after=give_up_after):
+            left = self._next
+            log.warning(
+                "backup: this node's part of %s was not uploaded%s", left,
+                f" ({self._failures} failed attempts in a row)" if self._failures else "",
+            )  # fmt: skip
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         self._stop.set()
         self._thread.join()
+        if left is not None and self._failures:  # rank 0 would wait for it up to 600 s
+            why = f"its node gave up after {self._failures} failed attempts: {self._last_error}"
+            with contextlib.suppress(CkptStoreError, OSError):
+                refuse_part(self.local, self.remote, left, why, manifest_key=self._key)
 
     def _run(self) -> None:
         delay = 1.0
@@ -82,7 +106,7 @@ class PartUploader:
                     return
                 name, self._busy = self._next, True
             assert name is not None
-            failed = False
+            failed, error = False, ""
             try:
                 sent = upload_part(
                     self.local,
@@ -99,6 +123,7 @@ class PartUploader:
                     len(sent),
                 )
                 delay = 1.0
+                self._failures = 0
             except CorruptCheckpointError as exc:  # no retry reads it any better
                 if not self.local.exists(f"{name}/{MANIFEST_FILE}"):  # (retention, meanwhile)
                     log.info("backup: %s was deleted here before it was uploaded", name)
@@ -114,16 +139,19 @@ class PartUploader:
             except (CkptStoreError, OSError) as exc:
                 failed = self.local.exists(f"{name}/{MANIFEST_FILE}")
                 if failed:
+                    error = f"{type(exc).__name__}: {exc}"
                     log.warning("backup: uploading this node's part of %s failed: %s", name, exc)
                 else:
                     log.info("backup: %s was deleted here before it was uploaded", name)
             if failed:
+                with self._cond:  # (close() may give up now: not after the delay)
+                    self._failures += 1
+                    self._last_error = error
+                    self._busy = False
+                    self._cond.notify_all()
                 if self._stop.wait(delay):
                     return
                 delay = min(self._retry_max_s, delay * 2)
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
                 continue
             with self._cond:
                 if self._next == name:

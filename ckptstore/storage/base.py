@@ -323,6 +323,15 @@ class StorageBackend(ABC):
         then nothing was changed. Local disk on Linux can (``RENAME_EXCHANGE``)."""
         return False
 
+    def discard_uncommitted(self, name: str, files: list[str]) -> list[str]:
+        """Remove those of ``files`` (names in ``name``) that are there while ``name`` is
+        not committed: leftovers of a dead attempt at writing them, which a new attempt
+        writes again (files are written once: it would fail on them). Return those
+        removed. Raises :class:`~ckptstore.errors.CheckpointExistsError` once ``name``
+        is committed. Node-local part backups use it on object stores; elsewhere (a
+        local root writes into a temp directory) nothing is left to discard."""
+        return []
+
     def move_aside(self, name: str, new_name: str) -> None:
         """Move the entry ``name`` (a damaged checkpoint, or a stray at a checkpoint's
         name) to ``new_name`` under the root, keeping its content for inspection.

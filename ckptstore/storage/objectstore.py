@@ -363,6 +363,25 @@ class FsspecBackend(StorageBackend):
             self, check_name(match["name"]), coordinator=False, attempt=match["attempt"]
         )
 
+    def discard_uncommitted(self, name: str, files: list[str]) -> list[str]:
+        check_name(name)
+        if self.exists(f"{name}/{MANIFEST_FILE}"):
+            raise CheckpointExistsError(
+                f"{self.url}/{name} is committed; its files are not leftovers to discard"
+            )
+        removed = []
+        for fname in files:
+            path = self.store_path(f"{name}/{check_name(fname, what='file name')}")
+            try:
+                if self.object_exists(path):
+                    self.fs.rm_file(path)
+                    removed.append(fname)
+            except FileNotFoundError:
+                continue
+            except Exception as exc:
+                raise translate_error(exc, "remove", path) from exc
+        return removed
+
     def put_atomic(self, name: str, data: bytes) -> None:
         path = self.store_path(name)
         try:

@@ -122,6 +122,10 @@ class FaultyBackend(StorageBackend):
         self.hit("move_aside", name)
         self.inner.move_aside(name, new_name)
 
+    def discard_uncommitted(self, name: str, files: list[str]) -> list[str]:
+        self.hit("discard_uncommitted", name)
+        return self.inner.discard_uncommitted(name, files)
+
     def sweep(self, grace_s: float) -> list[str]:
         self.hit("sweep", "")
         return self.inner.sweep(grace_s)
