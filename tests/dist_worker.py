@@ -1471,6 +1471,23 @@ def scenario_node_local_metadata_damaged_on_one_rank(ckpts: str, rank: int, worl
     dist.barrier()
 
 
+def scenario_backup_disagree(ckpts: str, rank: int, world: int) -> None:
+    """One node launched with --backup, the other without, or another prefix: the
+    ranks with a backup waited in collectives the others never joined (a silent hang
+    at start-up). Every rank now fails at once, naming what each was given."""
+    for other in (None, os.path.join(ckpts, "backup-typo")):
+        backup = os.path.join(ckpts, "backup") if rank == 0 else other
+        try:
+            ckptstore.CheckpointManager(os.path.join(ckpts, "root"), backup=backup)
+        except ckptstore.RanksDisagreeError as exc:
+            said = "no backup" if other is None else other
+            assert f"rank 0: {ckpts}/backup; rank 1: {said}" in str(exc), exc
+            assert "same --backup URL" in str(exc), exc
+        else:
+            raise AssertionError("ranks with different backups were accepted")
+    dist.barrier()
+
+
 def scenario_incremental_disagree(ckpts: str, rank: int, world: int) -> None:
     """Ranks launched with different incremental settings (one node's launcher given
     --incremental, the other's not): the first save fails on every rank, saying so,

@@ -285,6 +285,10 @@ def test_rot_in_a_linked_file_makes_every_rank_save_in_full_after_the_next_step(
     run_ranks("incremental_heal", str(tmp_path), 2)
 
 
+def test_ranks_given_different_backups_fail_at_once_saying_so(tmp_path):
+    run_ranks("backup_disagree", str(tmp_path), 2, timeout=120)
+
+
 def test_ranks_with_different_incremental_settings_fail_the_first_save_saying_so(tmp_path):
     run_ranks("incremental_disagree", str(tmp_path), 2)
 

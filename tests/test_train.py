@@ -169,6 +169,7 @@ def test_no_checkpoint_writes_nothing(tmp_path):
         (["--no-checkpoint", "--incremental"], "--incremental is about saving, and --no-che"),
         (["--no-checkpoint", "--keep-best", "2"], "--keep-best is about saving"),
         (["--keep-best", "2", "--eval-every", "0"], "--eval-every 0 never validates"),  # kept none
+        (["--backup", "s3:/b/run"], "--backup s3:/b/run: a URL needs two slashes: s3://b/run"),
         (["--seed", "-1"], "--seed must be between 0 and 4294967295"),  # was a traceback
         (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),
         (["--device", "cuda:0"] if not os.path.exists("/dev/nvidia0") else ["--size", "nope"], ""),

@@ -201,6 +201,7 @@ class CheckpointManager(SavingMixin, RestoreMixin, GuardMixin, HousekeepingMixin
         show_progress_by_default()  # save lines and "resumed from" on stderr (visible.py)
         # In every manifest, rank 0's on every rank; a restore adopts the checkpoint's.
         self._run_id = str(groups.broadcast(new_run_id(), self._control))
+        partbackup.agree_on_backup(backup, self._control)  # (else: a hang, not an error)
         self._lineage: tuple[str, ...] = ()  # the runs this one branched from
         # The backup tier (rank 0's, and each disk's part: partbackup). A missing bucket
         # or wrong credentials fail here.

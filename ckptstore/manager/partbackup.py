@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from ckptstore.config import BackupConfig
 from ckptstore.engine import groups
 from ckptstore.engine.checkpointer import Checkpointer
-from ckptstore.errors import CkptStoreError, CorruptCheckpointError
+from ckptstore.errors import CkptStoreError, CorruptCheckpointError, RanksDisagreeError
 from ckptstore.layout import MANIFEST_FILE
 from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import StorageBackend, open_backend
@@ -158,6 +159,39 @@ class PartUploader:
                     self._next = None
                 self._busy = False
                 self._cond.notify_all()
+
+
+def agree_on_backup(backup: BackupConfig | None, control: dist.ProcessGroup | None) -> None:
+    """Refuse, on every rank, ranks given different backups (one node launched without
+    ``--backup``, or with another prefix). Collective. Unchecked, the ranks with a backup
+    waited in collectives the others never join (a silent hang at start-up), or rank 0
+    waited for parts uploaded elsewhere."""
+    mine = None
+    if backup is not None:
+        url = backup.url
+        mine = (url.url if isinstance(url, StorageBackend) else str(os.fspath(url))).rstrip("/")
+    urls = groups.all_gather(mine, control)
+    if len(set(urls)) <= 1:
+        return
+    by_url: dict[str | None, list[int]] = {}
+    for rank, url in enumerate(urls):
+        by_url.setdefault(url, []).append(rank)
+    said = "; ".join(
+        f"{_ranks(ranks)}: {url if url is not None else 'no backup'}"
+        for url, ranks in by_url.items()
+    )
+    raise RanksDisagreeError(
+        f"the ranks were given different backups ({said}): give every node's command the "
+        "same --backup URL (CheckpointManager(backup=...): the same on every rank)"
+    )
+
+
+def _ranks(ranks: list[int]) -> str:
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return f"ranks {', '.join(map(str, ranks))}"
 
 
 def open_tiers(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from ckptstore.train.model import MODEL_SIZES
@@ -92,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("ckpt_dir", "backup", "data"):
         if getattr(args, name) is not None and not getattr(args, name).strip():
             ap.error(f"--{name.replace('_', '-')} must not be empty")
+    for name in ("ckpt_dir", "backup"):  # s3:/bucket: taken for a local path ./s3:/bucket
+        value = getattr(args, name)
+        typo = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)", value) if value else None
+        if typo:
+            root = "/" if typo[1] == "file" else ""  # (file:///abs/path)
+            fixed = f"{typo[1]}://{root}{value[typo.end() :]}"
+            ap.error(f"--{name.replace('_', '-')} {value}: a URL needs two slashes: {fixed}")
     for name in ("steps", "epochs", "batch_size", "eval_batches", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")

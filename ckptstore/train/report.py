@@ -132,11 +132,17 @@ def backup_summary(run: Run, mgr: ckptstore.CheckpointManager, newest: str | Non
         run.say(f"Backup {status.remote}: newest {status.newest_backed_up or 'none'}{skipped}")
         return 0
     error = f" (last error: {status.last_error})" if status.last_error else ""
+    ckpt = mgr.checkpointer
+    sync = (
+        ""  # (sync copies whole checkpoints; each node's disk holds a part)
+        if ckpt is not None and ckpt.node_local
+        else f", or run `ckptstore sync {run.args.ckpt_dir} {status.remote}`"
+    )
     run.say(
         f"Backup {status.remote} is BEHIND: it has {status.newest_backed_up or 'nothing'}, "
         f"the newest checkpoint is {newest}{skipped}{error}. Checkpoints are safe locally; "
-        f"rerun the same command once the remote answers (it uploads what is missing), "
-        f"or run `ckptstore sync {run.args.ckpt_dir} {status.remote}`"
+        f"rerun the same command once the remote answers (it uploads what is missing)"
+        f"{sync}"
     )
     return EXIT_BACKUP_BEHIND
 
