@@ -1423,6 +1423,37 @@ def scenario_node_local_damaged_part_from_backup(ckpts: str, rank: int, world: i
         dist.barrier()
 
 
+def scenario_node_local_lost_disk_from_backup(ckpts: str, rank: int, world: int) -> None:
+    """Node-local roots (a rank each), backed up to S3 (CKPTSTORE_TEST_BACKUP): node 1's
+    disk is lost (a replaced machine). Restore read nothing: its steps, on rank 0's disk
+    but not on every one, were dropped and the run refused to go on over them ("starts
+    from scratch ... --discard-newer"). Every rank now reads its part from the backup."""
+    import shutil
+
+    url = os.environ["CKPTSTORE_TEST_BACKUP"]
+    root = os.path.join(ckpts, f"node{rank}")
+
+    def state(step: int) -> dict[str, torch.Tensor]:
+        return {f"w{rank}": torch.full((1 << 16,), float(step))}
+
+    with ckptstore.CheckpointManager(root, backup=url, codec="none") as mgr:
+        for index in range(2):
+            mgr.save(index, state(index + 1))
+            mgr.wait()
+            assert mgr.wait_backup(timeout_s=120) == [], "backups not done"
+            dist.barrier()
+    if rank == 1:
+        shutil.rmtree(root)
+    dist.barrier()
+    target = state(0)
+    with ckptstore.CheckpointManager(root, backup=url, codec="none") as mgr:
+        assert mgr.restore(target, newer="refuse") == 2
+        assert torch.equal(target[f"w{rank}"], torch.full((1 << 16,), 2.0))
+        mgr.save(2, state(3))  # and the run goes on from there
+        mgr.wait()
+        dist.barrier()
+
+
 def _two_steps_then_damage(ckpts: str, rank: int, file: str, offset: int) -> str:
     """Node-local roots (a rank each): save steps 1 and 2 of a tensor per rank through
     a manager, then flip a bit of rank 1's ``file`` of step 2; returns this rank's root."""

@@ -112,6 +112,15 @@ def test_a_part_damaged_on_another_nodes_disk_is_restored_from_the_backup(
     )
 
 
+def test_a_lost_nodes_disk_is_restored_from_the_backup(tmp_path, s3_server, s3_bucket):
+    run_ranks(
+        "node_local_lost_disk_from_backup",
+        str(tmp_path),
+        2,
+        extra_env={"CKPTSTORE_TEST_BACKUP": f"s3://{s3_bucket}/lost"},
+    )
+
+
 def test_rot_in_a_linked_file_on_another_nodes_disk_is_not_linked_again(tmp_path):
     run_ranks("incremental_node_rot", str(tmp_path), 2)
 

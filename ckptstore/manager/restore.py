@@ -328,6 +328,17 @@ class RestoreMixin(NewerMixin):
             )
             self._from_backup = {s for s in steps if s not in rank0}
             dropped = [s for s in steps if s not in complete and s in rank0]
+            # A node's disk lost (a replaced machine): such steps whole on the backup are
+            # read from there by every rank (they were dropped, and the run refused to
+            # go on over them or started over)
+            whole = [s for s in dropped if self._has_backup and self._in_backup(s)]
+            self._from_backup |= set(whole)
+            if whole and self._rank == 0:
+                log.warning(
+                    "not complete on every node's disk, so read from the backup: steps %s",
+                    whole,
+                )
+            dropped = [s for s in dropped if s not in whole]
             if dropped and self._rank == 0:
                 log.warning("not complete on every node's disk, so not restored: steps %s", dropped)
             steps = [s for s in steps if s not in dropped]
