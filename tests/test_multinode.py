@@ -208,3 +208,21 @@ def test_each_node_backs_up_its_part_and_a_fresh_cluster_restores_from_s3(tmp_pa
     assert "from step 8" in one.stdout
     got = json.loads((tmp_path / "c.json").read_text())
     assert got["world_size"] == 3 and got["param_digest"] == saved["param_digest"]
+
+
+def test_nodes_launched_with_different_flags_both_stop_saying_which(tmp_path):
+    """--save-every 4 on one node and 3 on the other: the ranks met in different
+    collectives and gloo aborted ("collective mismatch"), naming no flag. Every rank now
+    stops at once (exit 2, torchrun then 1), naming the flag and the ranks' values."""
+    port = free_port()
+    nodes = [
+        launch(n, port, tmp_path / f"d{n}", tmp_path / f"r{n}.json", extra=["--save-every", s])
+        for n, s in ((0, "4"), (1, "3"))
+    ]
+    outs = [finish(p, 180) for p in nodes]
+    said = "different flags (--save-every: 4 on rank(s) 0-1, 3 on rank(s) 2-3)"
+    for p, out in zip(nodes, outs, strict=True):
+        assert p.returncode != 0, out[-3000:]
+        assert out.count(said) == 2, out[-3000:]  # (each of the node's two ranks)
+        assert "exitcode: 2" in out and "collective mismatch" not in out, out[-3000:]
+    assert not os.path.exists(tmp_path / "d0" / "step_00000004")  # (nothing trained)

@@ -60,6 +60,46 @@ def read_data(path: str) -> bytes:
     return data
 
 
+# May differ between nodes: each node's own disk, device and report file.
+_PER_NODE = ("ckpt_dir", "device", "report")
+
+
+def same_flags_on_every_rank(args: argparse.Namespace, world: int) -> None:
+    """Refuse, on every rank, nodes launched with different flags (say --save-every 10
+    on one and 7 on the other): the ranks would disagree about when to save and meet in
+    different collectives, a gloo abort naming no flag ("collective mismatch").
+    Collective (the default process group)."""
+    import torch.distributed as dist
+
+    mine = {k: v for k, v in vars(args).items() if k not in _PER_NODE}
+    mine["report"] = args.report is not None  # (--report runs a collective: all or none)
+    everyone: list[dict[str, object] | None] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    said = []
+    for key in mine:
+        values: dict[str, list[int]] = {}
+        for rank, theirs in enumerate(everyone):
+            values.setdefault(repr((theirs or {}).get(key)), []).append(rank)
+        if len(values) > 1:
+            flag = "--" + key.replace("_", "-")
+            said.append(
+                f"{flag}: " + ", ".join(f"{v} on rank(s) {_ranks(r)}" for v, r in values.items())
+            )
+    if said:
+        raise CliError(
+            f"the nodes were launched with different flags ({'; '.join(said[:4])}): give every "
+            "node's command the same flags (only --ckpt-dir, --device and --report's file may "
+            "differ)",
+            EXIT_USAGE,
+        )
+
+
+def _ranks(ranks: list[int]) -> str:
+    if len(ranks) > 1 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks))
+
+
 def check_writable(url: str, flag: str) -> None:
     """Write and delete a small probe file under ``url`` (created if missing): a
     read-only file system, missing permissions, a missing bucket or credentials fail

@@ -275,6 +275,8 @@ def set_threads(run: Run) -> None:
 
 def _train(run: Run) -> int:
     args = run.args
+    if run.world > 1:  # (before anything else that is collective)
+        checks.same_flags_on_every_rank(args, run.world)
     cfg = MODEL_SIZES[args.size]
     text, source = load_text(args.data)
     train_tokens, val_tokens = split(text, cfg.block_size)
