@@ -19,6 +19,7 @@ prefix, an hour after its last write.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -31,6 +32,7 @@ from typing import Any
 
 from ckptstore.engine.listing import read_manifest
 from ckptstore.errors import (
+    CheckpointExistsError,
     CkptStoreError,
     CopyStoppedError,
     CorruptCheckpointError,
@@ -71,6 +73,11 @@ def upload_part(
     0's: the backup would list a checkpoint that does not load.
     """
     manifest = _part_manifest(src, name, manifest_key)
+    # Markers this node left (a refusal of an earlier attempt, or of another save of
+    # that step): gone before anything else, or rank 0 would give this upload up
+    shards = [f for f, e in manifest.files.items() if e.kind == "shard"]
+    with contextlib.suppress(CheckpointExistsError):  # (committed meanwhile: harmless)
+        _discard_leftovers(dst, name, [f"{f}{REFUSED_SUFFIX}" for f in shards])
     todo = [
         (f, e)
         for f, e in manifest.files.items()
@@ -122,8 +129,9 @@ def refuse_part(
     return written
 
 
-def _refused(dst: StorageBackend, name: str, files: dict[str, Any]) -> list[str]:
-    """Those of ``files`` (name -> entry) another node marked as not coming."""
+def _refused(dst: StorageBackend, name: str, files: dict[str, Any]) -> list[tuple[str, str]]:
+    """Those of ``files`` (name -> entry, still missing) another node marked as not
+    coming, each with the reason it gave."""
     refused = []
     for fname, entry in files.items():
         try:
@@ -138,7 +146,7 @@ def _refused(dst: StorageBackend, name: str, files: dict[str, Any]) -> list[str]
             and body.get("size_bytes") == entry.size_bytes
             and body.get("xxh3_64") == entry.xxh3_64
         ):
-            refused.append(fname)
+            refused.append((fname, str(body.get("why", "")) or "no reason given"))
     return refused
 
 
@@ -168,7 +176,6 @@ def commit_parts_backup(
     problems = verify_checkpoint_files(src, name, manifest_key)
     if problems:
         raise CorruptCheckpointError(f"not copied: {'; '.join(problems[:3])}")
-    _raise_if_refused(dst, name, manifest.part.elsewhere)
     # Rank 0's own files a dead attempt left: whole ones are kept, others written again
     files = [(f, e) for f, e in manifest.files.items() if not _there(dst, name, f, e)]
     _discard_leftovers(dst, name, [f for f, _ in files])
@@ -229,9 +236,9 @@ def _raise_if_refused(dst: StorageBackend, name: str, files: dict[str, Any]) -> 
     refused = _refused(dst, name, files)
     if refused:
         raise PartRefusedError(
-            f"another node did not upload its part of {name} ({', '.join(refused[:4])}): "
-            "its copy there is damaged (that node's log says how), so the backup will not "
-            f"hold {name}"
+            f"another node did not upload its part of {name} "
+            f"({', '.join(f for f, _ in refused[:4])}): {refused[0][1]}; so the backup will "
+            f"not hold {name}"
         )
 
 

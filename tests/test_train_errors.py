@@ -101,6 +101,11 @@ def case_root_under_a_file(tmp):  # (was exit 1, "... then save again")
     return ["--ckpt-dir", str(tmp / "file" / "run")], 2, ["lies under a file", "give a directory"]
 
 
+def case_root_is_a_broken_link(tmp):  # (a mount not up yet: was "is a file")
+    os.symlink(tmp / "not-mounted", tmp / "link")
+    return ["--ckpt-dir", str(tmp / "link" / "run")], 2, ["is a symbolic link to", "not there"]
+
+
 def case_root_is_empty(tmp):
     return ["--ckpt-dir", ""], 2, ["--ckpt-dir must not be empty"]
 
@@ -113,6 +118,7 @@ def case_root_is_empty(tmp):
         case_data_empty,
         case_root_is_a_file,
         case_root_under_a_file,
+        case_root_is_a_broken_link,
         case_root_is_empty,
     ],
     ids=lambda c: c.__name__[5:],
@@ -268,11 +274,18 @@ def test_a_backup_that_fell_behind_is_in_the_summary_and_the_exit_status(capsys)
         def backup_status(self) -> BackupStatus:
             return self.status
 
+        checkpointer = None
+
     run_ = Run(argparse.Namespace(ckpt_dir="runs/gpt"))
     assert backup_summary(run_, Manager("step_00000005"), "step_00000010") == EXIT_BACKUP_BEHIND
     out = capsys.readouterr().out
     assert "is BEHIND" in out and "step_00000005" in out and "connection refused" in out
     assert "ckptstore sync runs/gpt s3://b/run" in out
+    parts = Manager("step_00000005")  # node-local disks: sync refuses their parts
+    parts.checkpointer = argparse.Namespace(node_local=True)  # type: ignore[assignment]
+    assert backup_summary(run_, parts, "step_00000010") == EXIT_BACKUP_BEHIND
+    out = capsys.readouterr().out
+    assert "is BEHIND" in out and "ckptstore sync" not in out, out
     assert backup_summary(run_, Manager("step_00000010"), "step_00000010") == 0
     assert "newest step_00000010" in capsys.readouterr().out
 

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     looked = 1  # listings of the root
     with ThreadPoolExecutor(threads, thread_name_prefix="ckptstore-verify") as pool:
         while True:
-            for name, _status in targets:
+            for name, listed_as in targets:
                 status(f"checking {name}")
                 try:
                     problems = verify(backend, name, pool, manifest_key=manifest_key())
@@ -93,14 +93,16 @@ def run(args: argparse.Namespace) -> int:
                     # Gone while it was read: deleted (retention of a run writing there,
                     # prune), then no longer a checkpoint and not a damaged one; or set
                     # aside by a run that found it damaged too. Still there (a file in
-                    # its place, or its manifest lost): damaged, as read.
+                    # its place, or its manifest lost: not committed when listed):
+                    # damaged, as read. (An object store deletes the manifest first,
+                    # then the files: a committed one mid-delete is still listed.)
                     listed = backend.list_names()
                     aside = [n for n in listed if n.startswith(f"{name}.damaged-")]
                     if aside:
                         problems.append(
                             f"set aside as {aside[-1]} (damaged) while it was being checked"
                         )
-                    elif name not in listed:
+                    elif name not in listed or listed_as == "committed":
                         checked.append(f"{name}: deleted while it was being checked, not counted")
                         continue
                 results.append(

@@ -201,7 +201,6 @@ class CheckpointManager(SavingMixin, RestoreMixin, GuardMixin, HousekeepingMixin
         show_progress_by_default()  # save lines and "resumed from" on stderr (visible.py)
         # In every manifest, rank 0's on every rank; a restore adopts the checkpoint's.
         self._run_id = str(groups.broadcast(new_run_id(), self._control))
-        partbackup.agree_on_backup(backup, self._control)  # (else: a hang, not an error)
         self._lineage: tuple[str, ...] = ()  # the runs this one branched from
         # The backup tier (rank 0's, and each disk's part: partbackup). A missing bucket
         # or wrong credentials fail here.
@@ -218,6 +217,7 @@ class CheckpointManager(SavingMixin, RestoreMixin, GuardMixin, HousekeepingMixin
         self._links_read: tuple[str, bool] | None = None  # (housekeeping: read once)
         self._lease: lease.Lease | None = None
         try:  # one writer per root: a second is refused here, naming the first
+            partbackup.agree_on_backup(backup, self._control)  # (else: a hang, not an error)
             self._lease = lease.take(backend, self._control) if enabled else None
             if backup is not None:
                 self._open_backup(backup)

@@ -60,6 +60,8 @@ class PartUploader:
 
     def submit(self, name: str) -> None:
         with self._cond:
+            if name != self._next:  # (a newer checkpoint: its own count of failures)
+                self._failures = 0
             self._next = name
             self._cond.notify_all()
 
@@ -94,7 +96,7 @@ class PartUploader:
         self._stop.set()
         self._thread.join()
         if left is not None and self._failures:  # rank 0 would wait for it up to 600 s
-            why = f"its node gave up after {self._failures} failed attempts: {self._last_error}"
+            why = f"that node gave up after {self._failures} failed uploads: {self._last_error}"
             with contextlib.suppress(CkptStoreError, OSError):
                 refuse_part(self.local, self.remote, left, why, manifest_key=self._key)
 
@@ -133,8 +135,9 @@ class PartUploader:
                         "backup: not uploading this node's part of %s, the local copy is "
                         "damaged (the backup will not hold %s): %s", name, name, exc,
                     )  # fmt: skip
+                    why = f"its copy on that node is damaged ({exc})"
                     try:  # rank 0 then stops waiting for it
-                        refuse_part(self.local, self.remote, name, str(exc), manifest_key=self._key)
+                        refuse_part(self.local, self.remote, name, why, manifest_key=self._key)
                     except (CkptStoreError, OSError) as why:
                         log.warning("backup: could not tell rank 0 so: %s", why)
             except (CkptStoreError, OSError) as exc:

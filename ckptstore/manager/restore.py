@@ -271,15 +271,26 @@ class RestoreMixin(NewerMixin):
             self._backup.note_on_remote(info.name)
         return info
 
-    def _in_backup(self, step: int) -> bool:
-        """Whether the backup holds ``step`` (rank 0 looks; every rank learns it)."""
+    def _in_backup(self, step: int, *, same_run: bool = False) -> bool:
+        """Whether the backup holds ``step`` (rank 0 looks; every rank learns it);
+        ``same_run``: whole, and of the run that wrote rank 0's local copy (a backup
+        prefix shared by mistake may hold another run's step of that name)."""
         if not self._has_backup:
             return False
 
         def look() -> bool:
             try:
                 name = f"{checkpoint_name(step)}/{MANIFEST_FILE}"
+                if same_run and self._remote is not None and self._ckpt is not None:
+                    key = self._manifest_key
+                    there = read_manifest(self._remote, checkpoint_name(step), manifest_key=key)
+                    here = read_manifest(
+                        self._ckpt.backend, checkpoint_name(step), manifest_key=key
+                    )
+                    return there.part is None and there.run_id == here.run_id
                 return self._remote is not None and self._remote.exists(name)
+            except CheckpointNotFoundError:
+                return False
             except Exception as exc:
                 log.warning("could not look for step %d on the backup: %s", step, exc)
                 return False
@@ -331,7 +342,7 @@ class RestoreMixin(NewerMixin):
             # A node's disk lost (a replaced machine): such steps whole on the backup are
             # read from there by every rank (they were dropped, and the run refused to
             # go on over them or started over)
-            whole = [s for s in dropped if self._has_backup and self._in_backup(s)]
+            whole = [s for s in dropped if self._has_backup and self._in_backup(s, same_run=True)]
             self._from_backup |= set(whole)
             if whole and self._rank == 0:
                 log.warning(

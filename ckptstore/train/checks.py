@@ -60,8 +60,8 @@ def read_data(path: str) -> bytes:
     return data
 
 
-# May differ between nodes: each node's own disk, device and report file.
-_PER_NODE = ("ckpt_dir", "device", "report")
+# May differ between nodes: each node's own disk, device, report file and copy of --data.
+_PER_NODE = ("ckpt_dir", "device", "report", "data")
 
 
 def same_flags_on_every_rank(args: argparse.Namespace, world: int) -> None:
@@ -73,6 +73,8 @@ def same_flags_on_every_rank(args: argparse.Namespace, world: int) -> None:
 
     mine = {k: v for k, v in vars(args).items() if k not in _PER_NODE}
     mine["report"] = args.report is not None  # (--report runs a collective: all or none)
+    if isinstance(args.backup, str):
+        mine["backup"] = args.backup.rstrip("/")
     everyone: list[dict[str, object] | None] = [None] * world
     dist.all_gather_object(everyone, mine)
     said = []
@@ -88,8 +90,8 @@ def same_flags_on_every_rank(args: argparse.Namespace, world: int) -> None:
     if said:
         raise CliError(
             f"the nodes were launched with different flags ({'; '.join(said[:4])}): give every "
-            "node's command the same flags (only --ckpt-dir, --device and --report's file may "
-            "differ)",
+            "node's command the same flags (only --ckpt-dir, --device, --data's path and "
+            "--report's file may differ)",
             EXIT_USAGE,
         )
 
@@ -108,6 +110,12 @@ def check_writable(url: str, flag: str) -> None:
         above = os.path.abspath(url)  # it, or the nearest parent that is there
         while not os.path.lexists(above) and os.path.dirname(above) != above:
             above = os.path.dirname(above)
+        if os.path.islink(above) and not os.path.exists(above):  # (a mount not up yet?)
+            raise CliError(
+                f"{flag} {url}: {above} is a symbolic link to {os.readlink(above)}, which is "
+                "not there: mount or create its target, or give another directory",
+                EXIT_USAGE,
+            )
         if not os.path.isdir(above):
             what = "is a file" if above == os.path.abspath(url) else f"lies under a file, {above}"
             raise CliError(
