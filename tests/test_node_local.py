@@ -189,15 +189,27 @@ def test_rank_0_stops_waiting_for_a_part_another_node_refused(tmp_path, s3_serve
         commit_parts_backup(disk0, backup, name, wait_s=2)
 
 
+def upload_then_commit(disk0, disk1, backup, name: str) -> None:
+    """Node 1's part uploaded by its uploader, then rank 0's commit; the backup's copy
+    verifies."""
+    from ckptstore.engine.ops import verify
+    from ckptstore.manager.partbackup import PartUploader
+    from ckptstore.transfer_parts import commit_parts_backup
+
+    uploader = PartUploader(disk1, backup)
+    uploader.submit(name)
+    assert uploader.wait(60, give_up_after=1)
+    uploader.close()
+    commit_parts_backup(disk0, backup, name, wait_s=60)
+    assert verify(backup, name, None) == []
+
+
 def test_a_dead_attempts_leftovers_on_the_backup_are_written_again(tmp_path, s3_server, s3_bucket):
     """A node's part uploaded by a run that died, then another save of that step: the
     backup holds other bytes under both nodes' file names, without a manifest. Every
     upload failed on them (EEXIST, files are written once), the node retried forever
     and its run never exited. Now they are removed and written again."""
-    from ckptstore.engine.ops import verify
-    from ckptstore.manager.partbackup import PartUploader
     from ckptstore.storage import open_backend
-    from ckptstore.transfer_parts import commit_parts_backup
 
     run_ranks("node_local_parts", str(tmp_path), 2)
     disk0, disk1 = (open_backend(str(tmp_path / "ckpts" / f"disk{i}")) for i in (0, 1))
@@ -206,12 +218,7 @@ def test_a_dead_attempts_leftovers_on_the_backup_are_written_again(tmp_path, s3_
     fs = s3_server.fs()
     for fname in ("__0_0.distcp", "__1_0.distcp"):
         fs.pipe_file(f"{s3_bucket}/leftovers/{name}/{fname}", os.urandom(4096))
-    uploader = PartUploader(disk1, backup)
-    uploader.submit(name)
-    assert uploader.wait(60, give_up_after=1)
-    uploader.close()
-    commit_parts_backup(disk0, backup, name, wait_s=60)
-    assert verify(backup, name, None) == []
+    upload_then_commit(disk0, disk1, backup, name)
 
 
 def test_a_node_that_cannot_upload_its_part_gives_up_at_close(tmp_path, s3_server, s3_bucket):
@@ -246,14 +253,7 @@ def test_a_node_that_cannot_upload_its_part_gives_up_at_close(tmp_path, s3_serve
         commit_parts_backup(disk0, backup, name, wait_s=60)
     # The store answers again (the next run): the node's upload clears its markers, and
     # rank 0 commits (a marker left in place gave that checkpoint up for good)
-    from ckptstore.engine.ops import verify
-
-    uploader = PartUploader(disk1, backup)
-    uploader.submit(name)
-    assert uploader.wait(60, give_up_after=1)
-    uploader.close()
-    commit_parts_backup(disk0, backup, name, wait_s=60)
-    assert verify(backup, name, None) == []
+    upload_then_commit(disk0, disk1, backup, name)
 
 
 def test_a_parts_metadata_damaged_on_one_rank_is_skipped_by_every_rank(tmp_path):
