@@ -16,10 +16,12 @@ and what is below (the engine, the format) uses exactly the key it is given.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -314,6 +316,7 @@ def manager_configs(
     backup_max_queued: int,
     backup_retry_max_s: float,
     checkpointer_options: Mapping[str, Any],
+    manager_params: Iterable[str] = (),
 ) -> tuple[ManagerConfig, BackupConfig | None]:
     """The configs of a ``CheckpointManager`` from its arguments: ``config=`` (and
     ``backup=BackupConfig(...)``) as given, or built from the keywords; both at once is
@@ -325,7 +328,9 @@ def manager_configs(
             enabled=enabled,
             best_metric=best_metric,
             best_mode=best_mode,
-            checkpointer=CheckpointerConfig(**checkpointer_options),
+            checkpointer=checkpointer_config(
+                checkpointer_options, "CheckpointManager", manager_params
+            ),
         )
     elif (
         save is not None
@@ -351,3 +356,20 @@ def manager_configs(
             "with backup=BackupConfig(...), put keep= and options inside it"
         )
     return config, backup
+
+
+def checkpointer_config(
+    options: Mapping[str, Any], caller: str, also: Iterable[str] = ()
+) -> CheckpointerConfig:
+    """``CheckpointerConfig(**options)``, with a keyword it does not take said in the
+    caller's name, with the nearest one it does (a typo said
+    "CheckpointerConfig.__init__() got an unexpected keyword argument 'kep'")."""
+    known = {f.name for f in dataclasses.fields(CheckpointerConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(known | set(also)), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise InvalidArgumentTypeError(
+            f"{caller}() got an unexpected keyword argument {unknown[0]!r}{hint}"
+        )
+    return CheckpointerConfig(**options)

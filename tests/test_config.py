@@ -145,3 +145,20 @@ def test_s3_part_size_and_timeouts_through_the_configs(tmp_path, s3_server, s3_b
     remote = ckptstore.Checkpointer(f"s3://{s3_bucket}/backup", storage_options=opts)
     assert [i.step for i in remote.list()] == [1]
     remote.close()
+
+
+def test_a_mistyped_keyword_is_said_in_the_callers_name_with_the_nearest(tmp_path):
+    """A typo said "CheckpointerConfig.__init__() got an unexpected keyword argument
+    'kep'": neither the class the user called nor what was meant."""
+    import ckptstore
+
+    with pytest.raises(
+        TypeError, match=r"^CheckpointManager\(\) got .* 'kep' \(did you mean 'keep'\?\)$"
+    ):
+        ckptstore.CheckpointManager(tmp_path / "m", kep=3)
+    with pytest.raises(
+        TypeError, match=r"^Checkpointer\(\) got .* 'codc' \(did you mean 'codec'\?\)$"
+    ):
+        ckptstore.Checkpointer(tmp_path / "c", codc="none")
+    with pytest.raises(TypeError, match=r"argument 'zzz'$"):
+        ckptstore.CheckpointManager(tmp_path / "m", zzz=1)

@@ -72,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="ckptstore bench",
         description=__doc__,
+        epilog=(
+            "examples:\n  ckptstore bench --smoke              # a quick look (seconds)\n"
+            "  ckptstore bench --size 250MB --runs 3\n"
+            "  ckptstore bench --incremental        # issue 19's fine-tuning targets"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument(

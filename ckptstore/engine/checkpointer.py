@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from ckptstore.codecs import get_codec
 from ckptstore.codecs.auto import AutoCodec
-from ckptstore.config import CheckpointerConfig
+from ckptstore.config import CheckpointerConfig, checkpointer_config
 from ckptstore.engine import at_exit, groups
 from ckptstore.engine.arguments import check_info, check_metadata, check_step
 from ckptstore.engine.ops import (
@@ -97,7 +97,7 @@ class Checkpointer(WriterMixin):
             raise InvalidArgumentTypeError(
                 f"pass either config= or keyword options ({', '.join(sorted(options))}), not both"
             )
-        self.config = config if config is not None else CheckpointerConfig(**options)
+        self.config = config if config is not None else checkpointer_config(options, "Checkpointer")
         options = dict(self.config.backend_options or {})
         self._backend: StorageBackend = (
             root

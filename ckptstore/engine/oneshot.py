@@ -32,7 +32,7 @@ from ckptstore.engine.ops import (
     save_staged,
 )
 from ckptstore.engine.stager import StagedState, stage_in_place
-from ckptstore.errors import CheckpointNotFoundError, InvalidArgumentError
+from ckptstore.errors import CheckpointExistsError, CheckpointNotFoundError, InvalidArgumentError
 from ckptstore.layout import STEP_NAME, split_checkpoint_path
 from ckptstore.storage import StorageBackend, open_backend, replace
 
@@ -117,9 +117,16 @@ def save(
                 group=group,
                 failure=None if failure is None else f"{type(failure).__name__}: {failure}",
             )
-        except Exception:
+        except Exception as exc:
             if failure is not None:  # this rank's own error, not the save's echo of it
                 raise failure from None
+            committed = type(exc) is CheckpointExistsError and "already committed" in str(exc)
+            if committed and not overwrite:  # (said in a path's terms, with the way out)
+                raise CheckpointExistsError(
+                    f"{backend.url}/{name} is already a committed checkpoint: save to another "
+                    "path, or pass overwrite=True (the new one is written whole beside it, "
+                    "then switched in)"
+                ) from None
             raise
     manifest = read_manifest(backend, name, manifest_key=key)
     return CheckpointInfo(name, f"{backend.url}/{name}", manifest)

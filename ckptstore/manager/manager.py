@@ -53,6 +53,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
 import threading
@@ -139,6 +140,7 @@ class CheckpointManager(SavingMixin, RestoreMixin, GuardMixin, HousekeepingMixin
             backup_max_queued=backup_max_queued,
             backup_retry_max_s=backup_retry_max_s,
             checkpointer_options=checkpointer_options,
+            manager_params=inspect.signature(CheckpointManager.__init__).parameters,
         )
         self.config = config
         self.save_policy, self.keep_policy = config.save, config.keep

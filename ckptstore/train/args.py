@@ -11,13 +11,26 @@ import sys
 from ckptstore.train.model import MODEL_SIZES
 from ckptstore.train.parsing import OneLineErrors
 
+EXAMPLES = """examples:
+  {prog}                                  # 300 steps; checkpoints in runs/gpt
+  {prog} --steps 2000 --save-every 100 --keep-last 2 --keep-best 1
+  {prog} --backup s3://my-bucket/runs/gpt --codec zstd
+  {prog} --freeze-blocks --incremental     # fine-tuning: unchanged bytes linked
+  {prog} --resume 200 --discard-newer      # go on from step 200 as a new branch
+  torchrun --nproc_per_node=2 -m ckptstore.train --steps 500
+defaults: --size small, --steps 300, --save-every 50, --keep-last 3,
+  --eval-every 50, --ckpt-dir runs/gpt, --resume latest, --codec auto"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     launcher = sys.argv[0].replace(os.sep, "/")  # `ckptstore train` forwards here too
     via_cli = launcher.endswith(("/ckptstore", "ckptstore/__main__.py"))
+    prog = "ckptstore train" if via_cli else "python -m ckptstore.train"
     ap = OneLineErrors(
-        prog="ckptstore train" if via_cli else "python -m ckptstore.train",
+        prog=prog,
         description="Train a GPT-style model on text, checkpointed by ckptstore.",
+        epilog=EXAMPLES.format(prog=prog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = ap.add_argument_group("run")
     g.add_argument("--size", default="small", choices=sorted(MODEL_SIZES), help="model size")
