@@ -6,15 +6,20 @@ Copies go as :func:`ckptstore.transfer.copy_checkpoint`'s do: every byte checked
 the manifest, every upload read back, linked files (incremental saves) that a checkpoint
 there holds copied inside the store instead of sent.
 
-A node that will not upload its part (its local copy is damaged) says so in the backup:
-a small ``<shard file>.refused`` next to each file it will not send (:func:`refuse_part`),
-naming the file's size and index checksum (a marker left by another save of that step
-is not about this one).
-Rank 0, waiting for those files, gives up on that checkpoint at once
-(:class:`PartRefusedError`) instead of after ``wait_s`` (600 s; at ``close()``, once for
-each of its five attempts). Such a marker lies in a prefix that is never committed
-(``ckptstore ls --all`` lists it as uncommitted); ``ckptstore gc`` removes it with the
-prefix, an hour after its last write.
+A node that will not upload its part (its local copy is damaged, or it gave up after
+five failed uploads at the end of its run) says so in the backup: a small
+``<shard file>.refused`` next to each file it will not send (:func:`refuse_part`),
+naming the file's size and index checksum (a marker about other bytes, another save of
+that step, is not about this one) and why. Rank 0, waiting for those files, gives up on
+that checkpoint at once (:class:`PartRefusedError`) instead of after ``wait_s`` (600 s;
+at ``close()``, once for each of its five attempts). The node removes its markers
+whenever it starts an upload of that step again. A marker left lies in a prefix not
+committed (``ckptstore ls --all`` lists it as uncommitted), which ``ckptstore gc``
+removes an hour after its last write, unless a later save of that step commits there:
+then it stays inside, unlisted, and nothing reads it.
+
+What a dead attempt left under a file's name (not whole: another save of the step, or
+cut short) is removed before the file is written again (files are written once).
 """
 
 from __future__ import annotations
