@@ -25,6 +25,7 @@ from ckptstore.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
     PartElsewhereError,
+    without_verify_hint,
 )
 from ckptstore.layout import (
     LATEST_FILE,
@@ -242,12 +243,13 @@ class RestoreMixin(NewerMixin):
                     log.warning(
                         "step %d is not loadable from %s (%s); loading the backup's copy "
                         "without downloading it (checkpointing is off: nothing is written)",
-                        step, self._ckpt.url, exc,
+                        step, self._ckpt.url, without_verify_hint(str(exc)),
                     )  # fmt: skip
                 elif self._ckpt.first_on_disk:  # (the same agreed error on every rank)
                     log.warning(
                         "the local copy of step %d failed on some node (%s); every rank "
-                        "loads its part from the backup's copy", step, exc,
+                        "loads its part from the backup's copy", step,
+                        without_verify_hint(str(exc)),
                     )  # fmt: skip
                 try:
                     return self._load_from_backup(state, step)
@@ -259,7 +261,9 @@ class RestoreMixin(NewerMixin):
             if fetched or not self._fetch(step, replace=True):
                 raise
             log.warning(
-                "the local copy of step %d failed (%s); loaded the backup's copy", step, exc
+                "the local copy of step %d failed (%s); loaded the backup's copy",
+                step,
+                without_verify_hint(str(exc)),
             )
             return self._load_step(state, step)
 
