@@ -10,3 +10,10 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} PB"
+
+
+def format_ranks(ranks: list[int]) -> str:
+    """[0, 1, 2] -> '0-2', [0, 2] -> '0, 2', [3] -> '3': ranks in a message."""
+    if len(ranks) > 1 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks))

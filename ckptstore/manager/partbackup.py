@@ -29,6 +29,7 @@ from ckptstore.layout import MANIFEST_FILE
 from ckptstore.manager.replicate import Replicator
 from ckptstore.storage import StorageBackend, open_backend
 from ckptstore.transfer_parts import refuse_part, upload_part
+from ckptstore.units import format_ranks
 
 log = logging.getLogger("ckptstore")
 
@@ -180,21 +181,14 @@ def agree_on_backup(backup: BackupConfig | None, control: dist.ProcessGroup | No
     for rank, url in enumerate(urls):
         by_url.setdefault(url, []).append(rank)
     said = "; ".join(
-        f"{_ranks(ranks)}: {url if url is not None else 'no backup'}"
+        f"rank{'s' if len(ranks) > 1 else ''} {format_ranks(ranks)}: "
+        f"{url if url is not None else 'no backup'}"
         for url, ranks in by_url.items()
     )
     raise RanksDisagreeError(
         f"the ranks were given different backups ({said}): give every node's command the "
         "same --backup URL (CheckpointManager(backup=...): the same on every rank)"
     )
-
-
-def _ranks(ranks: list[int]) -> str:
-    if len(ranks) == 1:
-        return f"rank {ranks[0]}"
-    if ranks == list(range(ranks[0], ranks[-1] + 1)):
-        return f"ranks {ranks[0]}-{ranks[-1]}"
-    return f"ranks {', '.join(map(str, ranks))}"
 
 
 def open_tiers(

@@ -33,6 +33,7 @@ from ckptstore.errors import (
 )
 from ckptstore.layout import MANIFEST_FILE, POINTER_TEMP_PREFIX
 from ckptstore.storage import open_backend
+from ckptstore.units import format_ranks
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -85,7 +86,8 @@ def same_flags_on_every_rank(args: argparse.Namespace, world: int) -> None:
         if len(values) > 1:
             flag = "--" + key.replace("_", "-")
             said.append(
-                f"{flag}: " + ", ".join(f"{v} on rank(s) {_ranks(r)}" for v, r in values.items())
+                f"{flag}: "
+                + ", ".join(f"{v} on rank(s) {format_ranks(r)}" for v, r in values.items())
             )
     if said:
         raise CliError(
@@ -94,12 +96,6 @@ def same_flags_on_every_rank(args: argparse.Namespace, world: int) -> None:
             "--report's file may differ)",
             EXIT_USAGE,
         )
-
-
-def _ranks(ranks: list[int]) -> str:
-    if len(ranks) > 1 and ranks == list(range(ranks[0], ranks[-1] + 1)):
-        return f"{ranks[0]}-{ranks[-1]}"
-    return ", ".join(map(str, ranks))
 
 
 def check_writable(url: str, flag: str) -> None:
