@@ -79,21 +79,47 @@ def read_dcp_dir(path: str) -> dict[str, Any]:
     return state
 
 
+def why_not_replace(path: str) -> str | None:
+    """Why ``path`` may not be replaced by a DCP directory even when told to (None: it
+    may). Only a DCP directory or an empty one is: ``--force`` must not delete a
+    directory of the user's other files, or a ckptstore checkpoint."""
+    if not os.path.lexists(path):
+        return None
+    if os.path.islink(path) or not os.path.isdir(path):
+        return "it is not a directory"
+    names = os.listdir(path)
+    if MANIFEST_FILE in names:
+        return "it is a ckptstore checkpoint, not a plain DCP directory"
+    others = sorted(n for n in names if n != METADATA_FILE and not n.endswith(".distcp"))
+    if others or (names and METADATA_FILE not in names):
+        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        return f"it holds files that are not a DCP checkpoint's ({shown or 'no .metadata'})"
+    return None
+
+
 def write_dcp_dir(state: dict[str, Any], path: str, *, overwrite: bool = False) -> None:
     """``state`` as a plain DCP directory at ``path`` (one process), readable by stock
     ``dcp.load`` with no ckptstore installed. Written beside, then renamed into place:
-    ``path`` never holds half a checkpoint."""
+    ``path`` never holds half a checkpoint. ``overwrite`` replaces a DCP directory (or
+    an empty one) there, nothing else (:func:`why_not_replace`: ``ExportError``)."""
     import shutil
     import uuid
+    import warnings
 
+    if os.path.lexists(path) and overwrite and (why := why_not_replace(path)) is not None:
+        raise ExportError(f"not replacing {path}: {why}")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        dcp_save(state, storage_writer=FileSystemWriter(tmp), no_dist=True)
-        if os.path.exists(path):
+        with warnings.catch_warnings():  # (that it runs in one process: it was asked to)
+            warnings.filterwarnings("ignore", "torch.distributed is", UserWarning)
+            dcp_save(state, storage_writer=FileSystemWriter(tmp), no_dist=True)
+        if os.path.lexists(path):
             if not overwrite:
                 raise FileExistsError(path)
+            if (why := why_not_replace(path)) is not None:  # (changed meanwhile)
+                raise ExportError(f"not replacing {path}: {why}")
             old = f"{tmp}.old"
             os.rename(path, old)
             os.rename(tmp, path)

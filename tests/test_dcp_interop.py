@@ -52,6 +52,31 @@ def test_a_dcp_directory_imports_and_a_checkpoint_exports_to_one(tmp_path):
     assert again.returncode == 1 and "--force" in again.stderr
 
 
+def test_export_force_replaces_an_earlier_export_but_never_other_files(tmp_path, capsys):
+    from ckptstore.cli.main import main
+
+    root = str(tmp_path / "root" / "step_00000005")
+    ckptstore.save(state(), root)
+    out = tmp_path / "out"
+    ckptstore.save(state(), tmp_path / "dcp" / "step_00000001")  # a ckptstore root
+    assert main(["export", root, str(out), "--format", "dcp"]) == 0
+    assert main(["export", root, str(out), "--format", "dcp", "--force"]) == 0
+    assert capsys.readouterr().out.count("replaced") == 1
+    mine = tmp_path / "mine"  # a directory of the user's own files, given by mistake
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "a.txt").write_text("keep me")
+    for target, fmt in ((mine, "dcp"), (mine, "pt"), (tmp_path / "dcp", "dcp")):
+        assert main(["export", root, str(target), "--format", fmt, "--force"]) != 0
+    err = capsys.readouterr().err
+    assert "not a DCP checkpoint's (notes)" in err and "is a directory" in err
+    assert (mine / "notes" / "a.txt").read_text() == "keep me"
+    from ckptstore.interop import write_dcp_dir
+
+    with pytest.raises(ckptstore.errors.ExportError, match="not replacing"):
+        write_dcp_dir(state(), str(mine), overwrite=True)
+    assert (mine / "notes" / "a.txt").read_text() == "keep me"
+
+
 def test_a_sharded_dcp_directory_from_two_ranks_imports(tmp_path):
     run_ranks("save_plain_dcp", str(tmp_path), 2)
     from dist_worker import full_state

@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         refuse_inside_checkpoint(args.out, "OUT")
     if not args.force and output_exists(args.out):  # before reading gigabytes
         raise CliError(_exists_message(args.out))
+    replacing = args.force and not is_url(args.out) and output_exists(args.out)
+    if replacing:
+        _refuse_to_replace(args.out, fmt)
     start = time.monotonic()
     status(f"reading {backend.url}/{name}")
     with ThreadPoolExecutor(_threads(args), thread_name_prefix="ckptstore-codec") as pool:
@@ -127,11 +130,13 @@ def run(args: argparse.Namespace) -> int:
             write_dcp_dir(obj, args.out, overwrite=args.force)
         except FileExistsError:
             raise CliError(_exists_message(args.out)) from None
+        except ExportError as exc:
+            raise CliError(f"{exc}: choose another OUT") from None
         finally:
             status(None)
         print(
-            f"wrote {args.out}: a DCP checkpoint directory (dcp.load reads it), from {source} "
-            f"({time.monotonic() - start:.1f} s)"
+            f"{'replaced' if replacing else 'wrote'} {args.out}: a DCP checkpoint directory "
+            f"(dcp.load reads it), from {source} ({time.monotonic() - start:.1f} s)"
         )
         return OK
     try:
@@ -143,7 +148,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(_exists_message(args.out)) from None
     finally:
         status(None)
-    parts = [f"wrote {args.out}: {count} tensor(s), {size(written)}, from {source}"]
+    kind = "torch.save" if fmt == "pt" else "safetensors"
+    parts = [
+        f"{'replaced' if replacing else 'wrote'} {args.out} ({kind} format): {count} "
+        f"tensor(s), {size(written)}, from {source}"
+    ]
     if exported.stripped is not None:
         parts.append(f"keys under {exported.stripped!r} with that prefix removed")
     if converted:
@@ -156,6 +165,25 @@ def run(args: argparse.Namespace) -> int:
             f"({shown}); export to .pt to keep them"
         )
     return OK
+
+
+def _refuse_to_replace(out: str, fmt: str) -> None:
+    """``--force`` replaces an earlier export, not a directory of other files."""
+    if fmt == "dcp":
+        from ckptstore.interop import why_not_replace
+
+        why = why_not_replace(out)
+        if why is not None:
+            raise CliError(
+                f"not replacing {out} even with --force: {why}; "
+                "--force replaces only an earlier DCP export (or an empty directory): "
+                "choose another OUT"
+            )
+    elif os.path.isdir(os.path.expanduser(out.removeprefix("file://"))):
+        raise CliError(
+            f"{out} is a directory: --format {fmt} writes one file; give a file path "
+            "(OUT/model.pt), or --format dcp for a directory"
+        )
 
 
 def _exists_message(out: str) -> str:
