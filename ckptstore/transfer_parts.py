@@ -212,9 +212,11 @@ def commit_parts_backup(
                 )
             time.sleep(1.0)
         all_files = {**manifest.files, **manifest.part.elsewhere}
+        other_raw = manifest.part.elsewhere_raw_bytes  # (None: a part from before 12-07)
         whole = dataclasses.replace(
             manifest,
             files=all_files,
+            raw_bytes=manifest.raw_bytes + (other_raw or 0),
             stored_bytes=sum(e.size_bytes for e in all_files.values()),
             part=None,
         )

@@ -340,6 +340,9 @@ def test_a_part_backup_times_its_upload_without_the_wait_for_other_nodes(
     assert progress.moving_s < took - 2.0, (progress.moving_s, took)  # not the wait
     with ckptstore.Checkpointer(backup) as ckpt:
         assert ckpt.verify(1) == []
+        # the whole checkpoint's raw bytes: both parts' (rank 0's alone until 12-07)
+        parts = [ckptstore.Checkpointer(d).list()[-1].manifest.raw_bytes for d in disks]
+        assert ckpt.list()[-1].manifest.raw_bytes == sum(parts) and min(parts) > 0
         got = {"rank0": torch.zeros(1000), "rank1": torch.zeros(1000)}
         ckpt.load(got, 1)
     assert all(torch.equal(got[f"rank{r}"], torch.full((1000,), float(r))) for r in (0, 1))

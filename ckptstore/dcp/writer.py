@@ -439,7 +439,7 @@ class CkptStorageWriter(StorageWriter):
         part's ``elsewhere``. ``tables``: a node-local part's item table, as the one
         all parts share and this part's changes to it."""
         assert self._pending is not None
-        elsewhere, _, _ = results.files(others)
+        elsewhere, elsewhere_raw, _ = results.files(others)
         files, raw_bytes, linked = results.files(ranks)
         storage_md, patch = tables or (results.storage(tuple(ranks), tuple(others)), {})
 
@@ -481,7 +481,7 @@ class CkptStorageWriter(StorageWriter):
         if disk is None or disk == self._disks[0]:  # other disks' committers write theirs
             self._pending.write_file(md_name, pp.body + pp.head + pp.tail)
         files[md_name] = FileEntry("file", size, md_digest)
-        part = None if disk is None else Part(disk, self._disks[0], elsewhere)
+        part = None if disk is None else Part(disk, self._disks[0], elsewhere, elsewhere_raw)
         manifest = self._spec.manifest(files, raw_bytes, self._world_size or 1, part, linked)
         if disk is None or disk == self._disks[0]:
             self.manifest = manifest

@@ -52,7 +52,9 @@ files and a ``.metadata`` that points at them, committed under the same name. It
 manifest has ``"part": {"disk": ..., "coordinator": ..., "elsewhere": {...}}``: the disk
 it lies on, the disk of the rank that commits the checkpoint (rank 0; its part is
 committed last), and the shard files that lie on the other disks, with their sizes and
-checksums. A checkpoint is complete when every disk's part is committed.
+checksums, and (since 2026-12-07) ``"elsewhere_raw_bytes"``, their raw bytes: the
+manifest's ``raw_bytes`` counts its own files'. A checkpoint is complete when every
+disk's part is committed.
 
 **Linked files (incremental saves).** A save that finds some of its tensors
 byte-identical to its last save's does not write them again: it hard-links the shard
@@ -117,12 +119,20 @@ class Part:
     disk: str  # the disk this part lies on (``StorageBackend.disk_id``)
     coordinator: str  # the disk of rank 0, whose part is committed last
     elsewhere: dict[str, FileEntry]  # shard files on the other disks
+    # Their raw bytes (the whole checkpoint's raw_bytes is the manifest's plus these);
+    # None in parts written before 2026-12-07
+    elsewhere_raw_bytes: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "disk": self.disk,
             "coordinator": self.coordinator,
             "elsewhere": {n: e.to_json() for n, e in sorted(self.elsewhere.items())},
+            **(
+                {"elsewhere_raw_bytes": self.elsewhere_raw_bytes}
+                if self.elsewhere_raw_bytes is not None
+                else {}
+            ),
         }
 
 
@@ -275,7 +285,12 @@ class Manifest:
             disks = (part["disk"], part["coordinator"])
             if not all(isinstance(d, str) and d for d in disks):
                 raise TypeError("part.disk and part.coordinator must be strings")
-            part = Part(*disks, _file_entries(part["elsewhere"], "part.elsewhere"))
+            other_raw = part.get("elsewhere_raw_bytes")
+            part = Part(
+                *disks,
+                _file_entries(part["elsewhere"], "part.elsewhere"),
+                None if other_raw is None else _nonneg_int(other_raw, "part.elsewhere_raw_bytes"),
+            )
         created = body["created_unix_s"]
         if not isinstance(created, (int, float)) or not math.isfinite(created):
             raise TypeError("created_unix_s must be a number")
