@@ -20,7 +20,8 @@ working::
     │   ├── InvalidArgumentTypeError   (+ TypeError)          ... of the wrong type
     │   └── RanksDisagreeError                                ranks set up differently for one save
     ├── StorageError                   (+ OSError)            I/O failed; errno kept
-    │   └── StorageFullError                                  ENOSPC / quota
+    │   ├── StorageFullError                                  ENOSPC / quota
+    │   └── PartsMissingError                                 other nodes' parts never reached the backup
     ├── BackgroundSaveError                                   an earlier async save failed
     ├── RankFailedError                                       another rank's loop failed
     ├── InvalidOperationError          (+ RuntimeError)       called in the wrong state
@@ -141,6 +142,11 @@ class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
 
 class StorageError(CkptStoreError, OSError):
     """An I/O operation failed at the storage boundary. ``errno`` and ``filename`` are kept."""
+
+
+class PartsMissingError(StorageError):
+    """Node-local disks: the other nodes' shard files of a checkpoint did not reach the
+    backup in time (a node that cannot reach the store leaves no word why)."""
 
 
 class StorageFullError(StorageError):

@@ -43,6 +43,7 @@ from ckptstore.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     PartRefusedError,
+    PartsMissingError,
     StorageError,
 )
 from ckptstore.format.manifest import Manifest
@@ -172,7 +173,7 @@ def commit_parts_backup(
     index checksum), then commit the whole checkpoint there: ``.metadata`` is rank 0's
     (it names every shard), the manifest lists every disk's files and no ``part``.
 
-    Gives up with :class:`StorageError` after ``wait_s`` seconds, at once when
+    Gives up with :class:`PartsMissingError` after ``wait_s`` seconds, at once when
     ``given_up()`` (a newer checkpoint is waiting), and with :class:`PartRefusedError`
     as soon as another node marked its files as not coming (:func:`refuse_part`).
     """
@@ -206,7 +207,7 @@ def commit_parts_backup(
             if (stop is not None and stop.is_set()) or given_up():
                 raise CopyStoppedError(f"backup of {name} stopped while waiting for other nodes")
             if time.monotonic() > deadline:
-                raise StorageError(
+                raise PartsMissingError(
                     f"backup of {name}: after {wait_s:.0f} s, {dst.url} still lacks the other "
                     f"nodes' shard files {sorted(missing)[:4]}; is their backup failing?"
                 )

@@ -256,5 +256,39 @@ def test_a_node_that_cannot_upload_its_part_gives_up_at_close(tmp_path, s3_serve
     upload_then_commit(disk0, disk1, backup, name)
 
 
+def test_rank_0_waits_once_at_close_for_a_node_that_cannot_reach_the_backup(
+    tmp_path, s3_server, s3_bucket, caplog
+):
+    """A node that cannot reach the store at all leaves no marker: rank 0's close()
+    waited for its files once per attempt (600 s, five attempts: 50 minutes at the end
+    of a run). As the run ends the other nodes' uploaders stop too: one wait."""
+    import logging
+    import time
+
+    from ckptstore.manager.replicate import Replicator
+    from ckptstore.storage import open_backend
+
+    run_ranks("node_local_parts", str(tmp_path), 2)
+    disk0 = open_backend(str(tmp_path / "ckpts" / "disk0"))
+    name = "step_00000001"
+    replicator = Replicator(disk0, open_backend(f"s3://{s3_bucket}/unreached"), catch_up=False)
+    replicator.parts_wait_s = 2.0
+    replicator.retry_initial_s = replicator.retry_max_s = 0.5
+    replicator.submit(name)
+    try:
+        time.sleep(2.5)  # mid-run: one attempt timed out, and is retried
+        assert replicator.status().failures >= 1
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="ckptstore"):
+            left = replicator.close()
+    finally:
+        replicator.close(wait=False)
+    assert left == [name]
+    assert time.monotonic() - started < 2 * replicator.parts_wait_s + 1.0  # five: >10 s
+    said = [r.getMessage() for r in caplog.records]
+    assert any(f"giving up on {name} as the run ends" in m for m in said), said
+    assert any(f"not backed up to s3://{s3_bucket}/unreached: {name}" in m for m in said), said
+
+
 def test_a_parts_metadata_damaged_on_one_rank_is_skipped_by_every_rank(tmp_path):
     run_ranks("node_local_metadata_damaged_on_one_rank", str(tmp_path), 2, timeout=120)

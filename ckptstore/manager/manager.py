@@ -304,7 +304,7 @@ class CheckpointManager(SavingMixin, RestoreMixin, GuardMixin, HousekeepingMixin
                 if self._backup is not None and wait_backup:
                     if self._housekeeping is not None:  # the last commit's submit, first
                         self._housekeeping.submit(lambda: None).result()
-                    self._backup.wait(backup_timeout_s, give_up_after=5)
+                    self._backup.wait(backup_timeout_s, give_up_after=5, closing=True)
             except KeyboardInterrupt:
                 log.warning("stopped waiting for the backup")
             finally:

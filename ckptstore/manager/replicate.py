@@ -36,6 +36,7 @@ from ckptstore.errors import (
     CorruptCheckpointError,
     InvalidArgumentError,
     PartRefusedError,
+    PartsMissingError,
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
@@ -108,6 +109,11 @@ class Replicator(RepairMixin):
         self._init_repairs()
         self._failures = 0
         self._last_error: str | None = None
+        # Node-local disks: how long a commit waits for the other nodes' files; and
+        # whether the run is closing (then that wait is not retried: see _attempt)
+        self.parts_wait_s = 600.0
+        self._closing_wait = False
+        self._given_up: list[str] = []  # so, at close
         self._newest: str | None = None
         self._closing = False
         self._leave = False
@@ -181,10 +187,19 @@ class Replicator(RepairMixin):
         return [n for n in names if n not in self._repairs]
 
     def wait(
-        self, timeout_s: float | None = None, *, give_up_after: int | None = None
+        self,
+        timeout_s: float | None = None,
+        *,
+        give_up_after: int | None = None,
+        closing: bool = False,
     ) -> list[str]:
         """Wait until nothing is waiting or uploading; return what still is (on timeout,
-        or once ``give_up_after`` attempts in a row have failed)."""
+        or once ``give_up_after`` attempts in a row have failed). ``closing``: the run
+        ends, so the other nodes' uploaders have stopped too: a checkpoint whose other
+        nodes' files did not arrive in ``parts_wait_s`` is given up, not waited for again
+        at each attempt (five: 50 minutes)."""
+        if closing:
+            self._closing_wait = True
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         shown = 0.0
         with self._cond:
@@ -232,12 +247,12 @@ class Replicator(RepairMixin):
         left: list[str] = []
         try:
             if wait:
-                left = self.wait(timeout_s, give_up_after=give_up_after)
+                left = self.wait(timeout_s, give_up_after=give_up_after, closing=True)
         finally:
             with self._cond:
                 self._closing = True
                 self._leave = True
-                left = self._waiting()
+                left = [*self._given_up, *self._waiting()]
                 unrepaired = sorted(self._repairs)
                 self._cond.notify_all()
             self._stop.set()
@@ -374,6 +389,13 @@ class Replicator(RepairMixin):
         except PartRefusedError as exc:
             log.error("backup: not uploading %s: %s", name, exc)
             return True
+        except PartsMissingError as exc:
+            if not self._closing_wait:
+                return self._failed(name, exc)
+            log.error("backup: giving up on %s as the run ends: %s", name, exc)
+            with self._cond:
+                self._given_up.append(name)
+            return True
         except CorruptCheckpointError as exc:
             log.error("backup: not uploading %s, the local copy is damaged: %s", name, exc)
             return True
@@ -382,26 +404,30 @@ class Replicator(RepairMixin):
         except CopyStoppedError:
             return False
         except Exception as exc:
-            with self._cond:
-                self._failures += 1
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                failures = self._failures
-            status = self.status()
-            log.warning(
-                "backup of %s to %s failed (attempt %d): %s; the backup is %.0f s behind "
-                "(newest backed up: %s); retrying",
-                name,
-                self.remote.url,
-                failures,
-                self._last_error,
-                status.behind_s,
-                status.newest_backed_up or "none",
-            )
-            return False
+            return self._failed(name, exc)
         finally:
             self.progress = None
         self._after_upload(name)
         return True
+
+    def _failed(self, name: str, exc: BaseException) -> bool:
+        """A failed attempt: counted, said, retried (False)."""
+        with self._cond:
+            self._failures += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            failures = self._failures
+        status = self.status()
+        log.warning(
+            "backup of %s to %s failed (attempt %d): %s; the backup is %.0f s behind "
+            "(newest backed up: %s); retrying",
+            name,
+            self.remote.url,
+            failures,
+            self._last_error,
+            status.behind_s,
+            status.newest_backed_up or "none",
+        )
+        return False
 
     def _how_different(self, name: str, mine: Manifest) -> str | None:
         """None if the remote's ``name`` is this very checkpoint, else how it differs."""
@@ -430,7 +456,8 @@ class Replicator(RepairMixin):
         copy: Callable[..., Manifest] = replace_checkpoint if replace else copy_checkpoint
         extra: dict[str, Any] = {}
         if part:  # the other nodes' files arrive from them; give up for a newer one
-            copy, extra = commit_parts_backup, {"given_up": lambda: bool(self._queue)}
+            extra = {"given_up": lambda: bool(self._queue), "wait_s": self.parts_wait_s}
+            copy = commit_parts_backup
         else:  # (copies inside the store: a damaged file there is not used, but noted)
             extra = {"damaged": self._damaged}
         manifest = copy(
