@@ -40,7 +40,7 @@ from ckptstore.errors import (
 )
 from ckptstore.format.manifest import Manifest
 from ckptstore.layout import FINALS_FILE, MANIFEST_FILE
-from ckptstore.manager import pointer
+from ckptstore.manager import backup_compare, pointer
 from ckptstore.manager.backup_repair import RepairMixin
 from ckptstore.manager.backup_status import BackupStatus
 from ckptstore.manager.policies import RetentionPolicy
@@ -321,30 +321,12 @@ class Replicator(RepairMixin):
 
     def _catch_up(self) -> None:
         """At start: queue the newest local checkpoints the remote does not have."""
-        local = list_checkpoints(self.local, manifest_key=self._manifest_key)
-        try:
-            on_remote = list_checkpoints(self.remote, manifest_key=self._manifest_key)
-        except CkptStoreError as exc:
-            log.warning("backup: could not list %s: %s", self.remote.url, exc)
-            on_remote = []
-        theirs = {i.name: i.manifest for i in on_remote}
-        same = {
-            i.name for i in local if i.name in theirs and theirs[i.name].same_checkpoint(i.manifest)
-        }
-        # Another run's checkpoints on the remote say nothing about what this one lacks.
-        runs = {i.manifest.run_id for i in local}
-        newest_remote = max(
-            (i.manifest.step or 0 for i in on_remote if i.manifest.run_id in runs), default=-1
-        )
-        if same:
+        found = backup_compare.compare(self.local, self.remote, self._manifest_key)
+        if found.same:
             with self._cond:
-                self._newest = max(same)
-        # At the newest step: a different checkpoint of that name is in the way.
-        missing = [
-            i.name for i in local if i.name not in same and (i.manifest.step or 0) >= newest_remote
-        ]
-        self._finish_replaces({i.name for i in local}, set(theirs))
-        for name in missing[-(self.max_queued) :]:
+                self._newest = max(found.same)
+        self._finish_replaces(found.local_names, found.remote_names)
+        for name in found.missing[-(self.max_queued) :]:
             self.submit(name)
 
     def _backoff(self) -> None:
@@ -430,19 +412,7 @@ class Replicator(RepairMixin):
         return False
 
     def _how_different(self, name: str, mine: Manifest) -> str | None:
-        """None if the remote's ``name`` is this very checkpoint, else how it differs."""
-        try:
-            theirs = read_manifest(self.remote, name, manifest_key=self._manifest_key)
-        except CkptStoreError as exc:
-            return f"its manifest cannot be read: {exc}"
-        if theirs.same_checkpoint(mine):
-            return None
-        if theirs.run_id != mine.run_id:
-            return (
-                f"written by run {theirs.run_id or '(not recorded)'}, "
-                f"this is run {mine.run_id or '(not recorded)'}"
-            )
-        return "same run, other files or checksums: of a branch retired by a restore?"
+        return backup_compare.how_different(self.remote, name, mine, self._manifest_key)
 
     def _upload(self, name: str, *, replace: bool, part: bool = False) -> None:
         if not replace and not part and name in self.remote.list_names():
