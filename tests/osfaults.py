@@ -2,7 +2,8 @@
 
 :class:`OsFaults` stands in for the ``os`` and ``fcntl`` modules and for libc's
 ``renameat2`` inside ``ckptstore.storage.local`` and the module it writes files with,
-``ckptstore.storage._direct_io``, and nowhere else (torch, pytest and the test's own
+``ckptstore.storage._direct_io``, and its reader's, ``ckptstore.storage._local_read``, and
+nowhere else (torch, pytest and the test's own
 file handling keep the real ones). Every call still goes to the real
 OS; it is counted and labelled with the file it touches, and the chosen one fails with
 the errno a failing disk gives: before it happens, or after it took effect (a rename
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ckptstore.storage._direct_io as direct_io_mod
+import ckptstore.storage._local_read as local_read_mod
 import ckptstore.storage.local as local_mod
 
 # Every file-system call the local backend makes through ``os`` (others pass through).
@@ -111,7 +113,7 @@ class OsFaults:
             return [c.label for c in self.calls]
 
     def install(self, *, renameat2: bool = True) -> OsFaults:
-        """Replace the modules inside ckptstore.storage.local and ._direct_io;
+        """Replace the modules inside ckptstore.storage.local, ._direct_io and ._local_read;
         :meth:`uninstall` undoes it.
 
         ``renameat2=False`` makes the backend believe the kernel lacks it, so its
@@ -128,6 +130,7 @@ class OsFaults:
             (direct_io_mod, "os", os_mod),
             (direct_io_mod, "fcntl", fcntl_mod),
             (direct_io_mod, "_libc", libc),
+            (local_read_mod, "os", os_mod),
         ):
             self._undo.append((mod, attr, getattr(mod, attr)))
             setattr(mod, attr, new)

@@ -3,7 +3,8 @@
 SIGKILL cannot find a missing fsync: the page cache survives the process. A power cut
 keeps only what was made durable. :class:`PowerLossFS` stands in for the ``os`` and
 ``shutil`` modules and for ``renameat2`` inside ``ckptstore.storage.local`` and
-``ckptstore.storage._direct_io`` (its file sink, directory fsync and reader; nowhere else) and lets every call through to the real disk while it records, per file, its
+``ckptstore.storage._direct_io`` (its file sink and directory fsync) and
+``ckptstore.storage._local_read`` (its reader), nowhere else, and lets every call through to the real disk while it records, per file, its
 content at its last ``fsync``/``fdatasync``, and per directory, its entries at its
 last ``fsync``. Everything under ``top`` present at construction counts as durable.
 
@@ -40,6 +41,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import ckptstore.storage._direct_io as direct_io_mod
+import ckptstore.storage._local_read as local_read_mod
 import ckptstore.storage.local as local_mod
 
 MODES = ("drop_unsynced", "keep_names")
@@ -238,11 +240,13 @@ class PowerLossFS:
             local_mod.shutil,
             local_mod.renameat2_noreplace,
             direct_io_mod.os,
+            local_read_mod.os,
         )
         local_mod.os = _Namespace(os, self)  # type: ignore[assignment]
         local_mod.shutil = _Namespace(shutil, self, names=("rmtree",))  # type: ignore[assignment]
         local_mod.renameat2_noreplace = self.renameat2_noreplace
         direct_io_mod.os = _Namespace(os, self)  # type: ignore[assignment]
+        local_read_mod.os = _Namespace(os, self)  # type: ignore[assignment]
         try:
             yield self
         finally:
@@ -251,6 +255,7 @@ class PowerLossFS:
                 local_mod.shutil,
                 local_mod.renameat2_noreplace,
                 direct_io_mod.os,
+                local_read_mod.os,
             ) = saved
 
     def power_loss(self, mode: str = "drop_unsynced", *, into: str | None = None) -> None:

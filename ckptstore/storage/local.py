@@ -10,9 +10,10 @@ effect (the final name holding this manifest) counts as done: a save reports suc
 exactly when its checkpoint is listed and durable.
 
 Large files are written with O_DIRECT where the file system supports it (the sink, the
-rename, links, the directory fsync and the reader live in :mod:`ckptstore.storage._direct_io`). Every
+rename, links and the directory fsync live in :mod:`ckptstore.storage._direct_io`, the
+reader in :mod:`ckptstore.storage._local_read`). Every
 OS call goes through this module's globals (``os``, ``fcntl``, ``shutil``, ``fsync_dir``,
-``renameat2_noreplace``) or that module's: the fault and power-loss tests replace those.
+``renameat2_noreplace``) or those modules': the fault and power-loss tests replace those.
 Each temp directory holds a ``.lock`` file ``flock``-ed by its writer (removed just before
 the rename); it dies with the process (even on SIGKILL), so :meth:`LocalBackend.sweep`
 tells a dead save's leftovers from a live one's; without locks, by age alone.
@@ -51,13 +52,12 @@ from ckptstore.storage._direct_io import (
     ALIGN,
     O_DIRECT,
     DirectFileSink,
-    LocalReader,
     fsync_dir,
     link_all,
-    open_regular,
     renameat2_exchange,
     renameat2_noreplace,
 )
+from ckptstore.storage._local_read import LocalReader, open_regular
 from ckptstore.storage.base import (
     Capabilities,
     FileSink,
