@@ -637,7 +637,7 @@ def test_a_tensor_the_arena_holds_is_not_copied_and_a_bypassing_change_is_copied
     from concurrent.futures import ThreadPoolExecutor
 
     from ckptstore.dcp.hashing import start_hashing
-    from ckptstore.dcp.writer import tensor_bytes
+    from ckptstore.dcp.raw import tensor_bytes
     from ckptstore.engine.stager import StagingPool
 
     def digest(t):

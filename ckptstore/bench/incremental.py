@@ -55,7 +55,7 @@ from ckptstore.bench.common import gpt_config_for, rm, state_bytes
 from ckptstore.bench.contenders import tensors as all_tensors
 from ckptstore.config import background_threads
 from ckptstore.dcp.hashing import start_hashing
-from ckptstore.dcp.writer import tensor_bytes
+from ckptstore.dcp.raw import tensor_bytes
 from ckptstore.progress import Progress
 from ckptstore.storage import open_backend
 from ckptstore.train.model import GPT

@@ -3,6 +3,7 @@
 ::
 
     writer.py    CkptStorageWriter: DCP's write items into shard files, the manifest
+    raw.py       an item's raw bytes (tensor_bytes) and its key in a shard's index
     reader.py    CkptStorageReader: read items out of shard files, checked
     planner.py   the save planner of staged states; SafeLoadPlanner (no arbitrary unpickling)
     packs.py     many small tensors stored in groups, listed one by one in .metadata

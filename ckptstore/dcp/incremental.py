@@ -55,7 +55,7 @@ from ckptstore.dcp.note import hexdigest as _hex
 from ckptstore.dcp.note import plain as _plain
 from ckptstore.dcp.note import read_note as _read_note
 from ckptstore.dcp.note import text as _text
-from ckptstore.dcp.writer import tensor_bytes
+from ckptstore.dcp.raw import tensor_bytes
 from ckptstore.errors import CkptStoreError
 from ckptstore.format.manifest import Manifest
 from ckptstore.format.shard import ShardInfo, ShardReader

@@ -32,7 +32,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
@@ -42,6 +41,7 @@ from torch.futures import Future
 from ckptstore.dcp import metadata as md_format
 from ckptstore.dcp import packs as packs_mod
 from ckptstore.dcp.plancache import Outcome
+from ckptstore.dcp.raw import item_key, tensor_bytes
 from ckptstore.dcp.spec import PartFiles, SaveSpec
 from ckptstore.errors import CkptStoreError, RanksDisagreeError
 from ckptstore.format.checksum import digest
@@ -86,29 +86,6 @@ def _check_incremental(flags: list[bool]) -> None:
             "rank (ckptstore train: the same --incremental and --full-every on every "
             "node's launcher)"
         )
-
-
-def item_key(index: Any) -> str:
-    """A readable key for a DCP ``MetadataIndex`` (shards carry their offsets)."""
-    if index.offset is None:
-        return str(index.fqn)
-    return f"{index.fqn}@{','.join(str(o) for o in index.offset)}"
-
-
-def tensor_bytes(t: torch.Tensor) -> np.ndarray:
-    """The bytes of ``t`` (contiguous, on CPU) as a 1-D uint8 array, without a copy if possible."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.numel() == 0:
-        return np.empty(0, dtype=np.uint8)
-    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 class CkptStorageWriter(StorageWriter):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ckptstore.dcp.writer import tensor_bytes
+from ckptstore.dcp.raw import tensor_bytes
 from ckptstore.engine import unchanged
 from ckptstore.engine.host_buffers import HostBuffer
 from ckptstore.engine.layout_cache import PAGE, Layout

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from ckptstore.dcp.hashing import start_hashing
-from ckptstore.dcp.writer import tensor_bytes
+from ckptstore.dcp.raw import tensor_bytes
 from ckptstore.errors import StateChangedError
 
 log = logging.getLogger("ckptstore")
