@@ -288,6 +288,7 @@ def test_rank_0_waits_once_at_close_for_a_node_that_cannot_reach_the_backup(
     said = [r.getMessage() for r in caplog.records]
     assert any(f"giving up on {name} as the run ends" in m for m in said), said
     assert any(f"not backed up to s3://{s3_bucket}/unreached: {name}" in m for m in said), said
+    assert "PartsMissingError" in (replicator.status().last_error or "")  # (train says it)
 
 
 def test_a_parts_metadata_damaged_on_one_rank_is_skipped_by_every_rank(tmp_path):

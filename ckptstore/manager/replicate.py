@@ -377,6 +377,7 @@ class Replicator(RepairMixin):
             log.error("backup: giving up on %s as the run ends: %s", name, exc)
             with self._cond:
                 self._given_up.append(name)
+                self._last_error = f"{type(exc).__name__}: {exc}"  # (for the run's summary)
             return True
         except CorruptCheckpointError as exc:
             log.error("backup: not uploading %s, the local copy is damaged: %s", name, exc)
