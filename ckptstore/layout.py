@@ -47,6 +47,14 @@ DISK_ID_FILE = ".disk-id"  # a random id, written once (StorageBackend.disk_id)
 REPLACING_SUFFIX = ".replacing"  # beside a checkpoint being replaced: the complete new copy
 
 STEP_NAME = re.compile(r"^step_(\d{8,})$")
+# The files ckptstore writes inside a checkpoint (object stores add "-<attempt>"), and
+# the node-local backup's markers; a name holding anything else is someone else's
+_OWN_FILE = re.compile(
+    r"^(manifest\.json|\.lock|\.metadata(-[0-9a-f]{12})?|[^/]+\.distcp(\.refused)?)$"
+)
+# Temporary entries of the root: a save's directory (.tmp-<name>-<12 hex>), a delete's
+# (.tmp-deleted-<name>-<12 hex>), put_atomic's file (.pointer-<name>-<12 hex>)
+_OWN_TEMP = re.compile(r"^(\.tmp-|\.pointer-).+-[0-9a-f]{12}$")
 DAMAGED_MARK = ".damaged-"
 RETIRED_MARK = ".retired-"
 # The largest step: the largest integer a JSON reader that parses numbers as doubles
@@ -112,6 +120,16 @@ def read_limit_bytes(name: str) -> int:
     if base == MANIFEST_FILE:
         return MANIFEST_MAX_BYTES
     return SMALL_FILE_MAX_BYTES
+
+
+def written_by_ckptstore(fname: str) -> bool:
+    """Whether ``fname`` (inside a checkpoint, no directory) is one ckptstore writes."""
+    return _OWN_FILE.match(fname) is not None
+
+
+def own_temp_name(name: str) -> bool:
+    """Whether ``name`` (in a root) is a temporary entry ckptstore makes and sweeps."""
+    return _OWN_TEMP.match(name) is not None
 
 
 def check_name(name: str, *, what: str = "name") -> str:

@@ -7,6 +7,7 @@ values, compression, a process-based async save."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import shutil
 
@@ -140,6 +141,45 @@ def test_overwrite_on_an_object_store_moves_the_new_copy_in(s3_server, s3_bucket
         ckptstore.load(got, url)
         assert_same(got, model_state(seed))
     assert open_backend(f"s3://{s3_bucket}").list_names() == ["last"]
+
+
+def test_overwrite_never_deletes_what_is_not_a_checkpoint(
+    tmp_path, monkeypatch, s3_server, s3_bucket
+):
+    """overwrite=True (Lightning's every save) deleted whatever directory the path
+    named: a directory of the user's files, a checkpoint root (the path without its
+    /step_N), the current directory. It replaces checkpoints and a dead save's files
+    only."""
+    from ckptstore.errors import CheckpointExistsError
+
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "keep.txt").write_text("keep")
+    root = tmp_path / "root"
+    ckptstore.save(model_state(0), root / "step_00000010")
+    monkeypatch.chdir(mine)
+    for path in (mine, root, "."):
+        with pytest.raises(CheckpointExistsError, match="is not a checkpoint: it holds"):
+            ckptstore.save(model_state(1), path, overwrite=True)
+        with pytest.raises(CheckpointException, match="is not a checkpoint"):
+            dcp.save(model_state(1), storage_writer=StorageWriter(path, overwrite=True))
+    assert (mine / "notes" / "keep.txt").read_text() == "keep"
+    assert sorted(os.listdir(root)) == ["step_00000010"]
+    got = blank()
+    ckptstore.load(got, root / "step_00000010")
+    assert_same(got, model_state(0))
+    dead = tmp_path / "dead"  # a dead save's files, no manifest: replaced, as before
+    dead.mkdir()
+    (dead / "__0_0.distcp").write_bytes(b"half")
+    ckptstore.save(model_state(2), dead, overwrite=True)
+    got = blank()
+    ckptstore.load(got, dead)
+    assert_same(got, model_state(2))
+    fs = s3_server.fs()  # on an object store: a prefix holding other objects
+    fs.pipe_file(f"{s3_bucket}/data/train.csv", b"a,b")
+    with pytest.raises(CheckpointExistsError, match=r"it holds train\.csv"):
+        ckptstore.save(model_state(1), f"s3://{s3_bucket}/data", overwrite=True)
+    assert fs.cat_file(f"{s3_bucket}/data/train.csv") == b"a,b"
 
 
 def test_stock_dcp_pointed_at_a_ckptstore_checkpoint_says_what_to_use(tmp_path):

@@ -808,6 +808,13 @@ def test_local_sweep_never_touches_other_entries(local):
         f.write(b"notes")
     with open(os.path.join(local.root, f"{TEMP_PREFIX}not-a-dir"), "wb") as f:
         f.write(b"a file that only looks like a temp entry")
+    # Named like ckptstore's temp entries, but not made by it: `ckptstore gc` removed
+    # them until 2026-12-07 (a user's build directory with its sources, a config file)
+    os.makedirs(os.path.join(local.root, f"{TEMP_PREFIX}build"))
+    with open(os.path.join(local.root, f"{TEMP_PREFIX}build", "main.c"), "wb") as f:
+        f.write(b"int main;")
+    with open(os.path.join(local.root, ".pointer-config"), "wb") as f:
+        f.write(b"mine")
     # A dead save's temp dir: unlocked, old.
     dead = os.path.join(local.root, f"{TEMP_PREFIX}step_2-0123456789ab")
     os.mkdir(dead)
@@ -824,6 +831,8 @@ def test_local_sweep_never_touches_other_entries(local):
     assert local.read_bytes("notes.txt") == b"notes"
     assert os.path.isdir(os.path.join(local.root, "logs"))
     assert local.exists(f"{TEMP_PREFIX}not-a-dir")
+    assert local.read_bytes(f"{TEMP_PREFIX}build/main.c") == b"int main;"
+    assert local.read_bytes(".pointer-config") == b"mine"
     assert local.sweep(0) == []
 
 
@@ -842,6 +851,20 @@ def test_fsspec_sweep_removes_abandoned_prefix(memory_top):
     assert not backend.exists("step_2/__0_0.distcp")
     assert backend.list_names() == ["step_1"]
     assert backend.read_bytes("step_1/a") == b"a"
+
+
+def test_fsspec_sweep_never_removes_a_prefix_of_other_files(memory_top):
+    """`ckptstore gc s3://bucket` removed every prefix without a manifest: a dataset
+    beside the checkpoints, too. Only one holding nothing but a save's files goes."""
+    backend = open_backend(f"memory://{memory_top}/root")
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file(f"/{memory_top}/root/datasets/train/part-0.csv", b"a,b")
+    fs.pipe_file(f"/{memory_top}/root/notes/__0_0.distcp", b"x")  # one of ours
+    fs.pipe_file(f"/{memory_top}/root/notes/todo.txt", b"y")  # and one not
+    assert backend.foreign_files("datasets") == ["train/"]
+    assert backend.foreign_files("notes") == ["todo.txt"]
+    assert backend.sweep(0) == []
+    assert fs.cat_file(f"/{memory_top}/root/datasets/train/part-0.csv") == b"a,b"
 
 
 def test_close_after_a_failed_write_never_reports_success(local):

@@ -332,6 +332,14 @@ class StorageBackend(ABC):
         local root writes into a temp directory) nothing is left to discard."""
         return []
 
+    def foreign_files(self, name: str) -> list[str]:
+        """What lies under ``name`` that ckptstore does not write (a subdirectory named
+        with a trailing ``/``; :func:`ckptstore.layout.written_by_ckptstore`). A name
+        holding any is someone else's, never deleted as a dead save's leftovers (a
+        replace, ``sweep``). A backend that cannot list them says so with a
+        placeholder, which keeps ``name`` too."""
+        return [f"{name}/* (this backend cannot list them)"]
+
     def move_aside(self, name: str, new_name: str) -> None:
         """Move the entry ``name`` (a damaged checkpoint, or a stray at a checkpoint's
         name) to ``new_name`` under the root, keeping its content for inspection.

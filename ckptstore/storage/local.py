@@ -46,7 +46,9 @@ from ckptstore.layout import (
     POINTER_TEMP_PREFIX,
     TEMP_PREFIX,
     check_name,
+    own_temp_name,
     read_limit_bytes,
+    written_by_ckptstore,
 )
 from ckptstore.storage._direct_io import (
     ALIGN,
@@ -422,6 +424,24 @@ class LocalBackend(StorageBackend):
         crash_point("local.delete.before_rmtree")
         shutil.rmtree(doomed, ignore_errors=True)
 
+    def foreign_files(self, name: str) -> list[str]:
+        path = self._path(name)
+        try:
+            with os.scandir(path) as entries:
+                found = [
+                    f"{e.name}/" if e.is_dir(follow_symlinks=False) else e.name
+                    for e in entries
+                    if e.is_dir(follow_symlinks=False)
+                    or not (e.is_file(follow_symlinks=False) and written_by_ckptstore(e.name))
+                ]
+        except FileNotFoundError:
+            return []
+        except NotADirectoryError:
+            return [name]  # a file of that name: not ckptstore's either
+        except OSError as exc:
+            raise storage_error(exc, "list", path) from exc
+        return sorted(found)
+
     def swap(self, name: str, other: str) -> bool:
         path, target = self._path(name), self._path(other)
         if not (os.path.isdir(path) and os.path.isdir(target)):
@@ -451,6 +471,8 @@ class LocalBackend(StorageBackend):
         # then locks it, and a sweep in between must not take it for a dead one.
         grace_s = max(grace_s, self.min_sweep_age_s)
         for name in self.list_names():
+            if not own_temp_name(name):  # (a user's .tmp-build is not ours to remove)
+                continue
             if name.startswith(POINTER_TEMP_PREFIX):
                 path = os.path.join(self.root, name)
                 with contextlib.suppress(OSError):

@@ -47,7 +47,13 @@ from ckptstore.errors import (
     StorageError,
     storage_error,
 )
-from ckptstore.layout import MANIFEST_FILE, check_name, read_limit_bytes, set_aside_kind
+from ckptstore.layout import (
+    MANIFEST_FILE,
+    check_name,
+    read_limit_bytes,
+    set_aside_kind,
+    written_by_ckptstore,
+)
 from ckptstore.storage.base import FileSink, PendingCheckpoint, RangeReader, StorageBackend
 
 # Checkpoints being written by this process, on any backend object: sweep() spares them.
@@ -382,6 +388,16 @@ class FsspecBackend(StorageBackend):
                 raise translate_error(exc, "remove", path) from exc
         return removed
 
+    def foreign_files(self, name: str) -> list[str]:
+        path = self.store_path(check_name(name))
+        try:
+            found = self.fs.find(path, detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise translate_error(exc, "list", path) from exc
+        return _foreign(path, found)
+
     def put_atomic(self, name: str, data: bytes) -> None:
         path = self.store_path(name)
         try:
@@ -433,8 +449,11 @@ class FsspecBackend(StorageBackend):
             try:
                 if not self.fs.isdir(path) or self.object_exists(f"{path}/{MANIFEST_FILE}"):
                     continue
+                found = self.fs.find(path, detail=True)
+                if _foreign(path, list(found)):
+                    continue  # someone else's files: not a dead save's leftovers
                 newest = 0.0
-                for info in self.fs.find(path, detail=True).values():
+                for info in found.values():
                     mtime = info.get("LastModified") or info.get("created") or info.get("mtime")
                     if hasattr(mtime, "timestamp"):
                         mtime = mtime.timestamp()
@@ -446,6 +465,15 @@ class FsspecBackend(StorageBackend):
             except FileNotFoundError:
                 continue
         return removed
+
+
+def _foreign(path: str, found: list[str]) -> list[str]:
+    """Of the objects ``found`` under the prefix ``path``, those ckptstore does not
+    write inside a checkpoint (a deeper one named by its first level and ``/``)."""
+    rel = [f.removeprefix(path.rstrip("/") + "/") for f in found]
+    return sorted(
+        {r.split("/", 1)[0] + "/" if "/" in r else r for r in rel if not written_by_ckptstore(r)}
+    )
 
 
 def filesystem_from_url(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:

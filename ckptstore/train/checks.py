@@ -119,7 +119,7 @@ def check_writable(url: str, flag: str) -> None:
                 "missing)",
                 EXIT_USAGE,
             )
-    probe = f"{POINTER_TEMP_PREFIX}probe-{uuid.uuid4().hex}"  # swept if we die meanwhile
+    probe = f"{POINTER_TEMP_PREFIX}probe-{uuid.uuid4().hex[:12]}"  # swept if we die meanwhile
     try:
         backend = open_backend(url)
         backend.check_access()

@@ -126,6 +126,10 @@ class FaultyBackend(StorageBackend):
         self.hit("discard_uncommitted", name)
         return self.inner.discard_uncommitted(name, files)
 
+    def foreign_files(self, name: str) -> list[str]:
+        self.hit("foreign_files", name)
+        return self.inner.foreign_files(name)
+
     def sweep(self, grace_s: float) -> list[str]:
         self.hit("sweep", "")
         return self.inner.sweep(grace_s)
