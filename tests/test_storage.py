@@ -853,6 +853,29 @@ def test_fsspec_sweep_removes_abandoned_prefix(memory_top):
     assert backend.read_bytes("step_1/a") == b"a"
 
 
+def test_latest_and_finals_never_replace_a_users_file_or_symlink(local, tmp_path):
+    """A root given by mistake may hold the user's own `latest`: a symlink to their
+    newest run directory, or notes. Both were replaced (import, sync, pull, train)."""
+    from ckptstore.manager import pointer
+
+    commit_one(local, "step_1", {"a": b"a"})
+    (tmp_path / "run7").mkdir()
+    os.symlink(tmp_path / "run7", os.path.join(local.root, "latest"))
+    with pytest.raises(StorageError, match="latest there is not a file ckptstore wrote"):
+        pointer.write_latest(local, "step_1")
+    assert os.path.islink(os.path.join(local.root, "latest"))
+    with open(os.path.join(local.root, "finals"), "w") as f:
+        f.write("my notes, not names\n")
+    pointer.record_final(local, "step_1")  # (a failure there is only logged)
+    with pytest.raises(StorageError, match="finals there does not hold checkpoint names"):
+        pointer.forget_finals(local, {"my notes, not names"})
+    assert local.read_bytes("finals") == b"my notes, not names\n"
+    os.unlink(os.path.join(local.root, "latest"))
+    pointer.write_latest(local, "step_1")  # its own, as before
+    pointer.write_latest(local, "step_1")
+    assert pointer.read_latest(local) == "step_1"
+
+
 def test_fsspec_sweep_never_removes_a_prefix_of_other_files(memory_top):
     """`ckptstore gc s3://bucket` removed every prefix without a manifest: a dataset
     beside the checkpoints, too. Only one holding nothing but a save's files goes."""

@@ -4,9 +4,11 @@ completed run, which ``KeepFinal`` keeps)."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
 
-from ckptstore.errors import CkptStoreError
+from ckptstore.errors import CkptStoreError, StorageError
 from ckptstore.layout import FINALS_FILE, LATEST_FILE, MANIFEST_FILE, damaged_name
 from ckptstore.storage import StorageBackend
 
@@ -28,9 +30,32 @@ def read_latest(backend: StorageBackend) -> str | None:
     return lines[0] if lines else None
 
 
+_NAME_LINE = re.compile(r"^[^\s/\\*?\[\]]+$")  # one checkpoint's name, as these files hold
+
+
+def _put(backend: StorageBackend, fname: str, data: bytes) -> None:
+    """Replace ``fname`` with ``data``, unless what is there is someone else's text: a
+    ``latest`` or ``finals`` holds checkpoint names, one a line (a file that does not
+    decode is taken for a damaged one of ours). The root may be a directory that holds
+    other things: a user's notes named ``latest`` were replaced until 2026-12-07. (A
+    symlink or directory there is refused by the local backend's put_atomic.)"""
+    try:
+        text = backend.read_bytes(fname).decode()
+    except (FileNotFoundError, UnicodeDecodeError, CkptStoreError):
+        text = ""
+    if not all(_NAME_LINE.match(line.strip()) for line in text.splitlines() if line.strip()):
+        raise StorageError(
+            errno.EEXIST,
+            f"{fname} there does not hold checkpoint names, so it is not ckptstore's: not "
+            "replacing it. Move it away, or give this run a directory of its own",
+            f"{backend.url}/{fname}",
+        )
+    backend.put_atomic(fname, data)
+
+
 def write_latest(backend: StorageBackend, name: str) -> None:
     """Point ``latest`` at ``name`` (atomically)."""
-    backend.put_atomic(LATEST_FILE, f"{name}\n".encode())
+    _put(backend, LATEST_FILE, f"{name}\n".encode())
 
 
 def move_latest(backend: StorageBackend, name: str) -> bool:
@@ -49,7 +74,7 @@ def record_final(backend: StorageBackend, name: str) -> None:
     finals = read_lines(backend, FINALS_FILE)
     if name not in finals:
         try:
-            backend.put_atomic(FINALS_FILE, ("\n".join([*finals, name]) + "\n").encode())
+            _put(backend, FINALS_FILE, ("\n".join([*finals, name]) + "\n").encode())
         except CkptStoreError as exc:
             log.warning("could not record %s as final: %s", name, exc)
 
@@ -60,7 +85,7 @@ def forget_finals(backend: StorageBackend, names: set[str]) -> None:
     finals = read_lines(backend, FINALS_FILE)
     if names & set(finals):
         kept = [n for n in finals if n not in names]
-        backend.put_atomic(FINALS_FILE, "".join(f"{n}\n" for n in kept).encode())
+        _put(backend, FINALS_FILE, "".join(f"{n}\n" for n in kept).encode())
 
 
 def set_aside(backend: StorageBackend, name: str, when_unix_s: float) -> str:

@@ -26,6 +26,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import time
 import uuid
 from typing import Any
@@ -389,6 +390,19 @@ class LocalBackend(StorageBackend):
     def put_atomic(self, name: str, data: bytes) -> None:
         path = self._path(name)
         tmp = os.path.join(self.root, f"{POINTER_TEMP_PREFIX}{name}-{uuid.uuid4().hex[:12]}")
+        try:
+            mode: int | None = os.lstat(path).st_mode
+        except FileNotFoundError:
+            mode = None
+        except OSError as exc:
+            raise storage_error(exc, "stat", path) from exc
+        if mode is not None and not stat.S_ISREG(mode):  # a user's symlink or directory
+            raise StorageError(
+                errno.EEXIST,
+                f"{name} there is not a file ckptstore wrote (a symlink, or not a file): "
+                "not replacing it. Move it away, or give this run a directory of its own",
+                path,
+            )
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
