@@ -588,6 +588,28 @@ def test_import_then_export_round_trips(tmp_path, capsys):
 
 
 # ---- prune / gc ---------------------------------------------------------------------
+def test_commands_on_whole_roots_refuse_a_checkpoint_or_a_users_directory(
+    run_copy, tmp_path, capsys
+):
+    """gc, sync/pull and quarantine given ROOT/step_N found nothing and said all was
+    well (exit 0: a backup job reported success for copying nothing); quarantine moved
+    a directory of the user's files aside as a damaged checkpoint."""
+    ckpt = os.path.join(
+        run_copy, sorted(n for n in os.listdir(run_copy) if n.startswith("step_"))[0]
+    )
+    step = str(int(os.path.basename(ckpt).split("_")[1]))
+    for argv in (["gc", ckpt], ["sync", ckpt, str(tmp_path / "dst")], ["quarantine", ckpt, step]):
+        assert main(argv) == 2, argv
+        assert "is a checkpoint, not a checkpoint root" in capsys.readouterr().err
+    mine = tmp_path / "mine" / "step_00000001" / "notes"
+    mine.mkdir(parents=True)
+    (mine / "a.txt").write_text("keep")
+    assert main(["quarantine", str(tmp_path / "mine"), "1"]) == 1
+    assert "is not a checkpoint: it holds notes/" in capsys.readouterr().err
+    assert (mine / "a.txt").read_text() == "keep"
+    assert not os.path.exists(tmp_path / "dst")
+
+
 def test_prune_shows_then_deletes_with_yes_and_gc_removes_dead_saves(
     saved, run_copy, tmp_path, capsys
 ):

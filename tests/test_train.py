@@ -170,12 +170,15 @@ def test_no_checkpoint_writes_nothing(tmp_path):
         (["--no-checkpoint", "--keep-best", "2"], "--keep-best is about saving"),
         (["--keep-best", "2", "--eval-every", "0"], "--eval-every 0 never validates"),  # kept none
         (["--backup", "s3:/b/run"], "--backup s3:/b/run: a URL needs two slashes: s3://b/run"),
+        (["--backup", "{ckpt}/"], "is --ckpt-dir itself"),  # no backup at all, and two
+        (["--backup", "{ckpt}/bak"], "is nested with --ckpt-dir"),  # retentions on one dir
         (["--seed", "-1"], "--seed must be between 0 and 4294967295"),  # was a traceback
         (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),
         (["--device", "cuda:0"] if not os.path.exists("/dev/nvidia0") else ["--size", "nope"], ""),
     ],
 )
 def test_bad_arguments_say_what_to_do(tmp_path, args, message):
+    args = [a.replace("{ckpt}", str(tmp_path / "x")) for a in args]
     out = run(train_cmd(tmp_path / "x", tmp_path / "r.json", *args), timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]  # a usage error, one line, no traceback
     assert message in out.stderr + out.stdout

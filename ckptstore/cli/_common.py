@@ -85,19 +85,25 @@ def local_path(text: str) -> str:
     return os.path.abspath(os.path.expanduser(text.removeprefix("file://")))
 
 
-def open_root(url: str, *, must_exist: bool = True, create: bool = False) -> StorageBackend:
+def open_root(
+    url: str, *, must_exist: bool = True, create: bool = False, root_only: bool = False
+) -> StorageBackend:
     """The backend of a checkpoint root; a usage error if it is plainly not there.
 
     A local root must be an existing directory (unless ``create``); an object-store
     root must be reachable (its bucket exists, the credentials work). An empty prefix
     in a bucket cannot be told from a missing one: it is a root with no checkpoints.
+    ``root_only``: a checkpoint given instead is a usage error (a command that works
+    on whole roots would find nothing in it, and say all is well).
     """
     refuse_empty(url)
     if not is_url(url):
         path = local_path(url)
         if os.path.exists(path) and not os.path.isdir(path):
             raise usage_error(f"{url} is a file, not a checkpoint root (a directory)")
-        if (create or not must_exist) and os.path.isfile(os.path.join(path, MANIFEST_FILE)):
+        if (create or not must_exist or root_only) and os.path.isfile(
+            os.path.join(path, MANIFEST_FILE)
+        ):
             raise not_a_root(url)
         if must_exist and not create and not os.path.isdir(path):
             raise usage_error(
@@ -117,6 +123,8 @@ def open_root(url: str, *, must_exist: bool = True, create: bool = False) -> Sto
         if "credentials" not in message:
             message += f"; {CREDENTIALS_HINT}"
         raise CliError(message, code) from None
+    if root_only and backend.exists(MANIFEST_FILE):
+        raise not_a_root(url)
     return backend
 
 

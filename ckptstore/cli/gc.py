@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    backend = open_root(args.root)
+    backend = open_root(args.root, root_only=True)
     grace = args.grace_s
     if grace is None:
         # Local disk: a lock protects a live save whatever its age; object stores have

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.step.isdigit() or match):
         raise usage_error(f"STEP must be a number or a name like step_00000030, got {args.step!r}")
     name = match.group(0) if match else checkpoint_name(int(args.step))
-    backend = open_root(args.root)
+    backend = open_root(args.root, root_only=True)
     if name not in backend.list_names():
         raise usage_error(
             f"{backend.url} has no {name}; `ckptstore ls {args.root} --all` lists what is there"
@@ -57,6 +57,14 @@ def run(args: argparse.Namespace) -> int:
     )
     with writer_lease(backend, refused):
         listed = list_checkpoints(backend, [name], manifest_key=manifest_key())
+        foreign = [] if listed or args.force else backend.foreign_files(name)
+        if foreign:  # (a damaged checkpoint holds only ckptstore's files)
+            shown = ", ".join(foreign[:4]) + (" ..." if len(foreign) > 4 else "")
+            raise CliError(
+                f"{backend.url}/{name} is not a checkpoint: it holds {shown}, which "
+                "ckptstore does not write in one. Check ROOT; add --force to move it aside "
+                "anyway"
+            )
         if not args.force and listed:
             from ckptstore.engine.ops import verify  # (torch)
 

@@ -156,7 +156,7 @@ def transfer(args: argparse.Namespace) -> int:
     """``sync`` and ``pull``: copy the committed checkpoints that ``args.dst`` lacks from
     ``args.src``."""
     src_url, dst_url = args.src, args.dst
-    src = open_root(src_url)
+    src = open_root(src_url, root_only=True)
     # a dry run changes nothing: a missing local destination is not created
     dst = open_root(dst_url, create=not is_url(dst_url) and not args.dry_run, must_exist=False)
     refused = "stop that run first, or copy into another directory"

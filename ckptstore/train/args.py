@@ -22,6 +22,13 @@ defaults: --size small, --steps 300, --save-every 50, --keep-last 3,
   --eval-every 50, --ckpt-dir runs/gpt, --resume latest, --codec auto"""
 
 
+def _place(url: str) -> str:
+    """Where a --ckpt-dir or --backup points: a URL without its trailing slash, a local
+    path resolved (symlinks too)."""
+    url = url.removeprefix("file://")
+    return url.rstrip("/") if "://" in url else os.path.realpath(os.path.expanduser(url))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     launcher = sys.argv[0].replace(os.sep, "/")  # `ckptstore train` forwards here too
     via_cli = launcher.endswith(("/ckptstore", "ckptstore/__main__.py"))
@@ -113,6 +120,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             root = "/" if typo[1] == "file" else ""  # (file:///abs/path)
             fixed = f"{typo[1]}://{root}{value[typo.end() :]}"
             ap.error(f"--{name.replace('_', '-')} {value}: a URL needs two slashes: {fixed}")
+    if args.backup is not None:
+        mine, theirs = (_place(v) for v in (args.ckpt_dir, args.backup))
+        if mine == theirs or theirs.startswith(mine + "/") or mine.startswith(theirs + "/"):
+            what = "--ckpt-dir itself" if mine == theirs else "nested with --ckpt-dir"
+            ap.error(
+                f"--backup {args.backup} is {what} ({args.ckpt_dir}): a backup is a copy "
+                "somewhere else, another disk or a bucket (s3://...); give another "
+                "--backup, or leave it out"
+            )
     for name in ("steps", "epochs", "batch_size", "eval_batches", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
