@@ -77,6 +77,18 @@ def test_export_force_replaces_an_earlier_export_but_never_other_files(tmp_path,
     assert (mine / "notes" / "a.txt").read_text() == "keep me"
 
 
+def test_import_into_the_dcp_directory_itself_is_refused(tmp_path, capsys):
+    from ckptstore.cli.main import main
+
+    d = tmp_path / "dcp-in"
+    dcp.save(state(), checkpoint_id=d, no_dist=True)
+    before = sorted(os.listdir(d))
+    for root in (d, d / "ckpts"):
+        assert main(["import", str(d), str(root)]) == 2
+        assert "is the DCP directory itself or inside it" in capsys.readouterr().err
+    assert sorted(os.listdir(d)) == before
+
+
 def test_a_sharded_dcp_directory_from_two_ranks_imports(tmp_path):
     run_ranks("save_plain_dcp", str(tmp_path), 2)
     from dist_worker import full_state

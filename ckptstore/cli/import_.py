@@ -77,6 +77,13 @@ def run(args: argparse.Namespace) -> int:
                 "directory dcp.save wrote"
             )
         fmt = "dcp"
+        if not is_url(args.root):
+            src, dst = (os.path.realpath(local_path(p)) for p in (args.file, args.root))
+            if dst == src or dst.startswith(src + os.sep):
+                raise usage_error(
+                    f"ROOT {args.root} is the DCP directory itself or inside it: its "
+                    "checkpoints would be written among the DCP files; give another ROOT"
+                )
     else:
         with usage_errors(ExportError):
             fmt = file_format(args.file, args.format)
