@@ -610,6 +610,23 @@ def test_commands_on_whole_roots_refuse_a_checkpoint_or_a_users_directory(
     assert not os.path.exists(tmp_path / "dst")
 
 
+def test_import_and_sync_leave_a_users_latest_and_finals_as_they_are(run_copy, tmp_path, capsys):
+    """Both wrote their pointers over whatever had those names (the review of 38f6651:
+    the pointer check was bypassed)."""
+    mine = "my notes: run 7 was the good one\n"
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "latest").write_text(mine)
+    (dst / "finals").write_text(mine)
+    assert main(["sync", run_copy, str(dst)]) == 0
+    assert "could not update the pointers" in capsys.readouterr().err
+    pt = tmp_path / "m.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "iter_num": 99999}, pt)
+    assert main(["import", str(pt), str(dst)]) == 1
+    assert f"imported step_00099999, but {dst}/latest does not hold" in capsys.readouterr().err
+    assert (dst / "latest").read_text() == mine and (dst / "finals").read_text() == mine
+
+
 def test_prune_shows_then_deletes_with_yes_and_gc_removes_dead_saves(
     saved, run_copy, tmp_path, capsys
 ):

@@ -861,13 +861,13 @@ def test_latest_and_finals_never_replace_a_users_file_or_symlink(local, tmp_path
     commit_one(local, "step_1", {"a": b"a"})
     (tmp_path / "run7").mkdir()
     os.symlink(tmp_path / "run7", os.path.join(local.root, "latest"))
-    with pytest.raises(StorageError, match="latest there is not a file ckptstore wrote"):
+    with pytest.raises(StorageError, match="latest is not a file ckptstore wrote"):
         pointer.write_latest(local, "step_1")
     assert os.path.islink(os.path.join(local.root, "latest"))
     with open(os.path.join(local.root, "finals"), "w") as f:
         f.write("my notes, not names\n")
     pointer.record_final(local, "step_1")  # (a failure there is only logged)
-    with pytest.raises(StorageError, match="finals there does not hold checkpoint names"):
+    with pytest.raises(StorageError, match="finals does not hold checkpoint names"):
         pointer.forget_finals(local, {"my notes, not names"})
     assert local.read_bytes("finals") == b"my notes, not names\n"
     os.unlink(os.path.join(local.root, "latest"))

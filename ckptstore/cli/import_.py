@@ -29,7 +29,8 @@ from ckptstore.cli._common import (
 )
 from ckptstore.engine.listing import list_checkpoints
 from ckptstore.errors import CheckpointExistsError, CkptStoreError, CliError, ExportError
-from ckptstore.layout import LATEST_FILE, MANIFEST_FILE, MAX_STEP, checkpoint_name
+from ckptstore.layout import MANIFEST_FILE, MAX_STEP, checkpoint_name
+from ckptstore.manager import pointer
 from ckptstore.storage import StorageBackend
 
 EXAMPLES = (
@@ -137,7 +138,10 @@ def _import(args: argparse.Namespace, backend: StorageBackend, fmt: str, dcp_dir
         status(None)
     if not existing or (existing[-1].manifest.step or 0) < args.step:
         # The newest checkpoint: the `latest` pointer names it, as after any save.
-        backend.put_atomic(LATEST_FILE, f"{name}\n".encode())
+        try:
+            pointer.write_latest(backend, name)
+        except CkptStoreError as exc:  # (the checkpoint is in: say so, and why not latest)
+            raise CliError(f"imported {name}, but {exc}") from None
     m = info.manifest
     print(
         f"imported {args.file} as {info.url}: {len(flat_tensors(state)[0])} tensor(s), "

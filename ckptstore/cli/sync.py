@@ -475,6 +475,6 @@ def _housekeeping(src: StorageBackend, dst: StorageBackend) -> None:
         more = [n for n in pointer.read_lines(src, FINALS_FILE) if n in names]
         merged = finals + [n for n in more if n not in finals]
         if merged != finals:
-            dst.put_atomic(FINALS_FILE, ("\n".join(merged) + "\n").encode())
+            pointer.put(dst, FINALS_FILE, ("\n".join(merged) + "\n").encode())
     except CkptStoreError as exc:
         note(f"could not update the pointers under {dst.url}: {exc}")

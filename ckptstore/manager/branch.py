@@ -114,4 +114,7 @@ def retire_newer(
     """Retire ``newer`` in ``backend`` and point ``latest`` at ``info`` where it is."""
     retire(backend, newer)
     if info is not None and backend.exists(f"{info.name}/{MANIFEST_FILE}"):
-        pointer.write_latest(backend, info.name)
+        try:  # (not ckptstore's latest there: it is not needed to go on)
+            pointer.write_latest(backend, info.name)
+        except CkptStoreError as exc:
+            log.warning("could not point %s/latest at %s: %s", backend.url, info.name, exc)

@@ -4,7 +4,6 @@ completed run, which ``KeepFinal`` keeps)."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import re
 
@@ -33,7 +32,7 @@ def read_latest(backend: StorageBackend) -> str | None:
 _NAME_LINE = re.compile(r"^[^\s/\\*?\[\]]+$")  # one checkpoint's name, as these files hold
 
 
-def _put(backend: StorageBackend, fname: str, data: bytes) -> None:
+def put(backend: StorageBackend, fname: str, data: bytes) -> None:
     """Replace ``fname`` with ``data``, unless what is there is someone else's text: a
     ``latest`` or ``finals`` holds checkpoint names, one a line (a file that does not
     decode is taken for a damaged one of ours). The root may be a directory that holds
@@ -44,18 +43,17 @@ def _put(backend: StorageBackend, fname: str, data: bytes) -> None:
     except (FileNotFoundError, UnicodeDecodeError, CkptStoreError):
         text = ""
     if not all(_NAME_LINE.match(line.strip()) for line in text.splitlines() if line.strip()):
-        raise StorageError(
-            errno.EEXIST,
-            f"{fname} there does not hold checkpoint names, so it is not ckptstore's: not "
-            "replacing it. Move it away, or give this run a directory of its own",
-            f"{backend.url}/{fname}",
+        raise StorageError(  # (one argument: no "[Errno 17] ...: 'path'" around it)
+            f"{backend.url}/{fname} does not hold checkpoint names, so it is not "
+            "ckptstore's: not replacing it. Move it away, or give this run a directory of "
+            "its own"
         )
     backend.put_atomic(fname, data)
 
 
 def write_latest(backend: StorageBackend, name: str) -> None:
     """Point ``latest`` at ``name`` (atomically)."""
-    _put(backend, LATEST_FILE, f"{name}\n".encode())
+    put(backend, LATEST_FILE, f"{name}\n".encode())
 
 
 def move_latest(backend: StorageBackend, name: str) -> bool:
@@ -74,7 +72,7 @@ def record_final(backend: StorageBackend, name: str) -> None:
     finals = read_lines(backend, FINALS_FILE)
     if name not in finals:
         try:
-            _put(backend, FINALS_FILE, ("\n".join([*finals, name]) + "\n").encode())
+            put(backend, FINALS_FILE, ("\n".join([*finals, name]) + "\n").encode())
         except CkptStoreError as exc:
             log.warning("could not record %s as final: %s", name, exc)
 
@@ -85,7 +83,7 @@ def forget_finals(backend: StorageBackend, names: set[str]) -> None:
     finals = read_lines(backend, FINALS_FILE)
     if names & set(finals):
         kept = [n for n in finals if n not in names]
-        _put(backend, FINALS_FILE, "".join(f"{n}\n" for n in kept).encode())
+        put(backend, FINALS_FILE, "".join(f"{n}\n" for n in kept).encode())
 
 
 def set_aside(backend: StorageBackend, name: str, when_unix_s: float) -> str:

@@ -20,7 +20,6 @@ newer-looking steps never push this run's out.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -112,7 +111,7 @@ class Replicator(RepairMixin):
         # Node-local disks: how long a commit waits for the other nodes' files; and
         # whether the run is closing (then that wait is not retried: see _attempt)
         self.parts_wait_s = 600.0
-        self._closing_wait = False
+        self._closing_since: float | None = None
         self._given_up: list[str] = []  # so, at close
         self._newest: str | None = None
         self._closing = False
@@ -195,11 +194,13 @@ class Replicator(RepairMixin):
     ) -> list[str]:
         """Wait until nothing is waiting or uploading; return what still is (on timeout,
         or once ``give_up_after`` attempts in a row have failed). ``closing``: the run
-        ends, so the other nodes' uploaders have stopped too: a checkpoint whose other
-        nodes' files did not arrive in ``parts_wait_s`` is given up, not waited for again
-        at each attempt (five: 50 minutes)."""
-        if closing:
-            self._closing_wait = True
+        ends, and the other nodes' uploaders stop as theirs do (after five failed
+        attempts at most): a checkpoint whose other nodes' files did not arrive in one
+        whole ``parts_wait_s`` from then is given up, not waited for again at each
+        attempt (five: 50 minutes). An attempt begun before that waits its end and is
+        tried once more."""
+        if closing and self._closing_since is None:
+            self._closing_since = time.monotonic()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         shown = 0.0
         with self._cond:
@@ -335,6 +336,7 @@ class Replicator(RepairMixin):
         self._wake.wait(delay)
 
     def _attempt(self, name: str) -> bool:
+        began = time.monotonic()
         try:
             mine = read_manifest(self.local, name, manifest_key=self._manifest_key)
             if name in self._repairs:
@@ -372,7 +374,8 @@ class Replicator(RepairMixin):
             log.error("backup: not uploading %s: %s", name, exc)
             return True
         except PartsMissingError as exc:
-            if not self._closing_wait:
+            closing = self._closing_since
+            if closing is None or began < closing:  # (a whole wait since the run ended)
                 return self._failed(name, exc)
             log.error("backup: giving up on %s as the run ends: %s", name, exc)
             with self._cond:
@@ -461,9 +464,14 @@ class Replicator(RepairMixin):
             self._failures = 0
             self._last_error = None
         try:
-            for small in (FINALS_FILE,):
-                with contextlib.suppress(FileNotFoundError):
-                    self.remote.put_atomic(small, self.local.read_bytes(small))
+            try:
+                pointer.put(self.remote, FINALS_FILE, self.local.read_bytes(FINALS_FILE))
+            except FileNotFoundError:
+                pass
+            except CkptStoreError as exc:  # (retention and latest go on without it)
+                log.warning(
+                    "backup: could not copy %s to %s: %s", FINALS_FILE, self.remote.url, exc
+                )
             ours = self._this_runs()
             # The newest of this run's: another run's higher steps do not count.
             newer = not ours or ours[-1].name <= name

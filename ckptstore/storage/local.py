@@ -397,11 +397,9 @@ class LocalBackend(StorageBackend):
         except OSError as exc:
             raise storage_error(exc, "stat", path) from exc
         if mode is not None and not stat.S_ISREG(mode):  # a user's symlink or directory
-            raise StorageError(
-                errno.EEXIST,
-                f"{name} there is not a file ckptstore wrote (a symlink, or not a file): "
-                "not replacing it. Move it away, or give this run a directory of its own",
-                path,
+            raise StorageError(  # (one argument: no "[Errno 17] ...: 'path'" around it)
+                f"{path} is not a file ckptstore wrote (a symlink, or not a file): not "
+                "replacing it. Move it away, or give this run a directory of its own"
             )
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

@@ -470,7 +470,10 @@ class FsspecBackend(StorageBackend):
 def _foreign(path: str, found: list[str]) -> list[str]:
     """Of the objects ``found`` under the prefix ``path``, those ckptstore does not
     write inside a checkpoint (a deeper one named by its first level and ``/``)."""
-    rel = [f.removeprefix(path.rstrip("/") + "/") for f in found]
+    top = path.rstrip("/")
+    if any(f.rstrip("/") == top for f in found):  # an object of that name, not a prefix
+        return [f"{posixpath.basename(top)} (an object, not a checkpoint's prefix)"]
+    rel = [f.removeprefix(top + "/") for f in found]
     return sorted(
         {r.split("/", 1)[0] + "/" if "/" in r else r for r in rel if not written_by_ckptstore(r)}
     )
