@@ -79,8 +79,13 @@ def test_a_crash_between_save_and_prune_is_caught_up_at_the_first_commit(root):
     with CheckpointManager(root, save=SaveEvery(steps=1), keep=KeepLast(2)) as mgr:
         assert steps_on_disk(root) == [1, 2, 3, 4, 5]  # not at start-up
         assert mgr.restore(state) == 5
+        # what the first save lets go of, said before it (ckptstore train prints it)
+        assert mgr.retention_preview() == [f"step_0000000{s}" for s in (1, 2, 3)]
         train(mgr, state, 1, start=5)
+        assert mgr.retention_preview() == []  # as the policy left it
     assert steps_on_disk(root) == [5, 6]
+    with CheckpointManager(root, keep=None) as mgr:
+        assert mgr.retention_preview() == []
 
 
 def test_best_survives_a_restart(root):

@@ -188,6 +188,20 @@ def test_bad_arguments_say_what_to_do(tmp_path, args, message):
         assert len(lines) == 1 and lines[0].endswith(" --help)"), out.stderr
 
 
+def test_a_run_with_tighter_retention_says_what_it_will_delete_before_training(tmp_path):
+    """Resumed with the default --keep-last 3 over checkpoints an earlier run kept with
+    --keep-last 0: they went at the first save without a word before."""
+    first = run(train_cmd(tmp_path / "r", tmp_path / "a.json", "--steps", "40",
+                          "--save-every", "10", "--keep-last", "0"))  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run(train_cmd(tmp_path / "r", tmp_path / "b.json", "--steps", "50",
+                          "--save-every", "10"))  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    banner = again.stdout.split("=" * 72)[1]  # before training
+    assert "Retention:        keep last 3 will delete checkpoints already in" in banner
+    assert "1 now (step_00000010)" in banner, banner
+
+
 def test_the_console_command_runs_the_same_loop(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "ckptstore")
     if not os.path.exists(exe):

@@ -32,6 +32,7 @@ class HousekeepingMixin:
     manager, whose constructor sets these attributes."""
 
     keep_policy: RetentionPolicy | None
+    enabled: bool
     _ckpt: Checkpointer | None
     _housekeeping: ThreadPoolExecutor | None
     _backup: Replicator | None
@@ -92,6 +93,19 @@ class HousekeepingMixin:
     def _records(self, infos: builtins.list[CheckpointInfo]) -> builtins.list[CheckpointRecord]:
         assert self._ckpt is not None
         return retention.records(self._ckpt.backend, infos)
+
+    def retention_preview(self) -> builtins.list[str]:
+        """The committed checkpoints of this run's lineage that the ``keep=`` policy
+        would delete at the next save, oldest first (none without a policy): those an
+        earlier run kept under a looser one, say. Reads manifests, no data."""
+        if self._ckpt is None or not self.enabled:
+            return []
+        return retention.doomed(
+            self._ckpt.backend,
+            self.keep_policy,
+            manifest_key=self._manifest_key,
+            lineage=(self._run_id, *self._lineage),
+        )
 
     def _prune(self) -> None:
         if self._ckpt is None or not self._committed:

@@ -41,6 +41,29 @@ def records(backend: StorageBackend, infos: Iterable[Any]) -> list[CheckpointRec
     return out
 
 
+def doomed(
+    backend: StorageBackend,
+    policy: RetentionPolicy | None,
+    *,
+    manifest_key: bytes | None = None,
+    lineage: Sequence[str] | None = None,
+) -> list[str]:
+    """The committed checkpoints :func:`prune` would let go of now, oldest first: its
+    choice without reading a byte (it also spares the ``latest`` one and the newest
+    that verifies, and may keep more)."""
+    if policy is None:
+        return []
+    infos = list_checkpoints(backend, manifest_key=manifest_key)
+    if lineage is not None:
+        infos = of_lineage(infos, lineage, unrecorded=True)
+    if not infos:
+        return []
+    keep = set(policy.keep(records(backend, infos)))
+    keep.add(max(info.manifest.step or 0 for info in infos))
+    spared = set(read_lines(backend, LATEST_FILE)[:1])
+    return [i.name for i in infos if (i.manifest.step or 0) not in keep and i.name not in spared]
+
+
 def prune(
     backend: StorageBackend,
     policy: RetentionPolicy | None,

@@ -43,6 +43,7 @@ from ckptstore.train.args import parse_args
 from ckptstore.train.model import GPT, MODEL_SIZES
 from ckptstore.train.report import (
     backup_summary,
+    describe_keep,
     describe_policy,
     kept_summary,
     summary,
@@ -386,6 +387,15 @@ def _loop(
         )
     else:
         run.say("Resume:           nothing to resume: starting from scratch")
+    doomed = mgr.retention_preview() if run.rank == 0 else []
+    if doomed:  # (an earlier run kept them under looser flags: say so before they go)
+        shown = ", ".join(doomed[:3]) + (f" ... {doomed[-1]}" if len(doomed) > 3 else "")
+        run.say(
+            f"Retention:        keep {describe_keep(args)} will delete checkpoints already "
+            f"in {args.ckpt_dir} once this run saves: {len(doomed)} now ({shown}), more as "
+            "newer ones come; to keep them, stop now (Ctrl+C) and rerun with the "
+            "--keep-last they were kept with (0 keeps all)"
+        )
     run.say("=" * 72)
 
     step = start

@@ -34,6 +34,16 @@ def param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def describe_keep(args: argparse.Namespace) -> str:
+    """What the retention flags keep: "last 3, best 1 by val loss"."""
+    keep = [f"last {args.keep_last}"] if args.keep_last else ["all"]
+    if args.keep_every_epoch:
+        keep.append("each epoch")
+    if args.keep_best:
+        keep.append(f"best {args.keep_best} by val loss")
+    return ", ".join(keep)
+
+
 def describe_policy(args: argparse.Namespace) -> str:
     parts = []
     if args.save_every:
@@ -41,12 +51,7 @@ def describe_policy(args: argparse.Namespace) -> str:
     if args.save_every_s:
         parts.append(f"every {args.save_every_s:g} s")
     parts.append("on exit and signals")
-    keep = [f"last {args.keep_last}"] if args.keep_last else ["all"]
-    if args.keep_every_epoch:
-        keep.append("each epoch")
-    if args.keep_best:
-        keep.append(f"best {args.keep_best} by val loss")
-    done = ", ".join(parts) + "; keep " + ", ".join(keep)
+    done = ", ".join(parts) + "; keep " + describe_keep(args)
     if args.incremental:
         full = 10 if args.full_every is None else args.full_every
         how = {0: "never full", 1: "every save full (as without --incremental)"}
