@@ -7,7 +7,7 @@
     registry.py     open_backend(url) and register_backend(scheme, factory)
     local.py        LocalBackend: temp directory, fsync, no-replace rename
     _direct_io.py   its O_DIRECT sink, renameat2 and directory fsync (private)
-    _local_read.py  its reader, regular files only (private)
+    _local_read.py  its readers, regular files only (private)
     objectstore.py  FsspecBackend: any fsspec file system, manifest written last
     s3.py           S3Backend: multipart uploads, conditional commit
     s3_options.py   its settings (part size, timeouts, retries): defaults, checks

@@ -3,6 +3,8 @@
 
 * :class:`LocalReader`: a checkpoint's file read at offsets, opened by
   :func:`open_regular` (which refuses anything but a regular file).
+* :func:`read_small`: a small file read whole (manifests, ``.metadata``, pointers), with
+  a cap on its size.
 
 Every OS call goes through this module's ``os`` global: the fault-injection tests
 replace it (as in ``_direct_io.py`` and ``local.py``) to count and fail each call.
@@ -63,6 +65,41 @@ def open_regular(path: str, root: str | None = None) -> tuple[int, int]:
             "so refusing to read it. Remove it (a damaged checkpoint: restore an earlier one)"
         )
     return fd, st.st_size
+
+
+def read_small(path: str, root: str | None, limit: int) -> bytes:
+    """The whole of the regular file ``path`` (a manifest, ``.metadata``, a pointer),
+    refused as corrupt past ``limit`` bytes, even if it grows while read."""
+    fd, size = open_regular(path, root)
+    try:
+        if size > limit:
+            raise CorruptCheckpointError(
+                f"{path}: {size} B, more than the {limit} B such a file may hold; refusing "
+                "to read it (a damaged or planted file: remove it, or restore an earlier "
+                "checkpoint)"
+            )
+        chunks = []
+        total = 0
+        while True:  # to the end, which may have moved since fstat; never past limit
+            # What fstat said is left, plus a page to see the end (or growth):
+            # never a buffer much larger than the file.
+            chunk = os.read(fd, min(limit + 1 - total, max(size - total, 0) + 4096))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise CorruptCheckpointError(
+                    f"{path}: grew past the {limit} B such a file may hold while being "
+                    "read; refusing it"
+                )
+        return b"".join(chunks)
+    except CorruptCheckpointError:
+        raise
+    except OSError as exc:
+        raise storage_error(exc, "read", path) from exc
+    finally:
+        os.close(fd)
 
 
 def _file_above(path: str) -> str:

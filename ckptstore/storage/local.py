@@ -34,7 +34,6 @@ from typing import Any
 from ckptstore.crashpoints import crash_point
 from ckptstore.errors import (
     CheckpointExistsError,
-    CorruptCheckpointError,
     InvalidOperationError,
     StorageError,
     UnsafeCheckpointError,
@@ -60,7 +59,7 @@ from ckptstore.storage._direct_io import (
     renameat2_exchange,
     renameat2_noreplace,
 )
-from ckptstore.storage._local_read import LocalReader, open_regular
+from ckptstore.storage._local_read import LocalReader, read_small
 from ckptstore.storage.base import (
     Capabilities,
     FileSink,
@@ -280,38 +279,7 @@ class LocalBackend(StorageBackend):
         return os.path.exists(self._path(name))
 
     def read_bytes(self, name: str) -> bytes:
-        path = self._read_path(name)
-        limit = read_limit_bytes(name)
-        fd, size = open_regular(path, self.root)
-        try:
-            if size > limit:
-                raise CorruptCheckpointError(
-                    f"{path}: {size} B, more than the {limit} B such a file may hold; refusing "
-                    "to read it (a damaged or planted file: remove it, or restore an earlier "
-                    "checkpoint)"
-                )
-            chunks = []
-            total = 0
-            while True:  # to the end, which may have moved since fstat; never past limit
-                # What fstat said is left, plus a page to see the end (or growth):
-                # never a buffer much larger than the file.
-                chunk = os.read(fd, min(limit + 1 - total, max(size - total, 0) + 4096))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                total += len(chunk)
-                if total > limit:
-                    raise CorruptCheckpointError(
-                        f"{path}: grew past the {limit} B such a file may hold while being "
-                        "read; refusing it"
-                    )
-            return b"".join(chunks)
-        except CorruptCheckpointError:
-            raise
-        except OSError as exc:
-            raise storage_error(exc, "read", path) from exc
-        finally:
-            os.close(fd)
+        return read_small(self._read_path(name), self.root, read_limit_bytes(name))
 
     def open_reader(self, name: str) -> RangeReader:
         return LocalReader(self._read_path(name), self.root)
