@@ -53,8 +53,11 @@ _OWN_FILE = re.compile(
     r"^(manifest\.json|\.lock|\.metadata(-[0-9a-f]{12})?|[^/]+\.distcp(\.refused)?)$"
 )
 # Temporary entries of the root: a save's directory (.tmp-<name>-<12 hex>), a delete's
-# (.tmp-deleted-<name>-<12 hex>), put_atomic's file (.pointer-<name>-<12 hex>)
-_OWN_TEMP = re.compile(r"^(\.tmp-|\.pointer-).+-[0-9a-f]{12}$")
+# (.tmp-deleted-<name>-<12 hex>), put_atomic's file (.pointer-<name>-<12 hex>), and
+# the start-up probe of versions before 2026-12-08 (.pointer-probe-<32 hex>)
+_OWN_TEMP = re.compile(
+    r"^(\.tmp-.+-[0-9a-f]{12}|\.pointer-.+-[0-9a-f]{12}|\.pointer-probe-[0-9a-f]{32})$"
+)
 DAMAGED_MARK = ".damaged-"
 RETIRED_MARK = ".retired-"
 # The largest step: the largest integer a JSON reader that parses numbers as doubles

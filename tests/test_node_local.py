@@ -276,7 +276,9 @@ def test_rank_0_waits_once_at_close_for_a_node_that_cannot_reach_the_backup(
     replicator.retry_initial_s = replicator.retry_max_s = 0.5
     replicator.submit(name)
     try:
-        time.sleep(3.5)  # mid-run: one attempt timed out, and is retried
+        deadline = time.monotonic() + 60  # mid-run: one attempt timed out, and is retried
+        while replicator.status().failures < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)  # (its wait starts once rank 0's own files are up: load-bound)
         assert replicator.status().failures >= 1
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="ckptstore"):
@@ -289,6 +291,7 @@ def test_rank_0_waits_once_at_close_for_a_node_that_cannot_reach_the_backup(
     assert any(f"giving up on {name} as the run ends" in m for m in said), said
     assert any(f"not backed up to s3://{s3_bucket}/unreached: {name}" in m for m in said), said
     assert "PartsMissingError" in (replicator.status().last_error or "")  # (train says it)
+    assert replicator.status().given_up == (name,)
 
 
 def test_a_part_arriving_after_close_began_is_still_committed(tmp_path, s3_server, s3_bucket):

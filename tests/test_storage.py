@@ -815,6 +815,9 @@ def test_local_sweep_never_touches_other_entries(local):
         f.write(b"int main;")
     with open(os.path.join(local.root, ".pointer-config"), "wb") as f:
         f.write(b"mine")
+    probe = ".pointer-probe-" + "0123456789abcdef" * 2  # (an older version's, left)
+    with open(os.path.join(local.root, probe), "wb"):
+        pass
     # A dead save's temp dir: unlocked, old.
     dead = os.path.join(local.root, f"{TEMP_PREFIX}step_2-0123456789ab")
     os.mkdir(dead)
@@ -824,8 +827,8 @@ def test_local_sweep_never_touches_other_entries(local):
     for name in before:
         age(os.path.join(local.root, name), 30 * 86400)
 
-    assert local.sweep(0) == [os.path.basename(dead)]
-    assert sorted(local.list_names()) == sorted(set(before) - {os.path.basename(dead)})
+    assert local.sweep(0) == [probe, os.path.basename(dead)]
+    assert sorted(local.list_names()) == sorted(set(before) - {probe, os.path.basename(dead)})
     assert local.read_bytes("step_1/a") == b"committed"
     assert local.read_bytes("step_x/sub/f") == b"stray"
     assert local.read_bytes("notes.txt") == b"notes"

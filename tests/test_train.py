@@ -172,6 +172,7 @@ def test_no_checkpoint_writes_nothing(tmp_path):
         (["--backup", "s3:/b/run"], "--backup s3:/b/run: a URL needs two slashes: s3://b/run"),
         (["--backup", "{ckpt}/"], "is --ckpt-dir itself"),  # no backup at all, and two
         (["--backup", "{ckpt}/bak"], "is nested with --ckpt-dir"),  # retentions on one dir
+        (["--backup", "local://{ckpt}"], "is --ckpt-dir itself"),
         (["--seed", "-1"], "--seed must be between 0 and 4294967295"),  # was a traceback
         (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),
         (["--device", "cuda:0"] if not os.path.exists("/dev/nvidia0") else ["--size", "nope"], ""),

@@ -28,3 +28,6 @@ class BackupStatus:
     repaired: tuple[str, ...] = ()
     damaged: tuple[str, ...] = ()
     repairing: tuple[str, ...] = ()
+    # Node-local disks: given up as the run closed, the other nodes' files never came
+    # (PartsMissingError, in last_error)
+    given_up: tuple[str, ...] = ()

@@ -177,6 +177,7 @@ class Replicator(RepairMixin):
                 repaired=tuple(self._repaired),
                 damaged=tuple(sorted(self._unrepaired)),
                 repairing=tuple(sorted(self._repairs)),
+                given_up=tuple(self._given_up),
             )
 
     def _waiting(self) -> list[str]:

@@ -25,7 +25,7 @@ defaults: --size small, --steps 300, --save-every 50, --keep-last 3,
 def _place(url: str) -> str:
     """Where a --ckpt-dir or --backup points: a URL without its trailing slash, a local
     path resolved (symlinks too)."""
-    url = url.removeprefix("file://")
+    url = url.removeprefix("file://").removeprefix("local://")
     return url.rstrip("/") if "://" in url else os.path.realpath(os.path.expanduser(url))
 
 
