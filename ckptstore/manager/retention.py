@@ -51,17 +51,31 @@ def doomed(
     """The committed checkpoints :func:`prune` would let go of now, oldest first: its
     choice without reading a byte (it also spares the ``latest`` one and the newest
     that verifies, and may keep more)."""
+    infos = _let_go(backend, policy, None, lineage, manifest_key)[1]
+    spared = set(read_lines(backend, LATEST_FILE)[:1])
+    return [i.name for i in infos if i.name not in spared]
+
+
+def _let_go(
+    backend: StorageBackend,
+    policy: RetentionPolicy | None,
+    infos: Sequence[CheckpointInfo] | None,
+    lineage: Sequence[str] | None,
+    manifest_key: bytes | None,
+) -> tuple[Sequence[CheckpointInfo], list[CheckpointInfo]]:
+    """(the checkpoints retention considers, those ``policy`` does not keep): the
+    newest is always kept."""
     if policy is None:
-        return []
-    infos = list_checkpoints(backend, manifest_key=manifest_key)
+        return [], []
+    if infos is None:
+        infos = list_checkpoints(backend, manifest_key=manifest_key)
     if lineage is not None:
         infos = of_lineage(infos, lineage, unrecorded=True)
     if not infos:
-        return []
+        return [], []
     keep = set(policy.keep(records(backend, infos)))
     keep.add(max(info.manifest.step or 0 for info in infos))
-    spared = set(read_lines(backend, LATEST_FILE)[:1])
-    return [i.name for i in infos if (i.manifest.step or 0) not in keep and i.name not in spared]
+    return infos, [i for i in infos if (i.manifest.step or 0) not in keep]
 
 
 def prune(
@@ -94,17 +108,7 @@ def prune(
     ``lineage`` (run ids) to the checkpoints of those runs and those that record none.
     ``damaged`` (a set) gets the names of those found damaged on the way.
     """
-    if policy is None:
-        return []
-    if infos is None:
-        infos = list_checkpoints(backend, manifest_key=manifest_key)
-    if lineage is not None:
-        infos = of_lineage(infos, lineage, unrecorded=True)
-    if not infos:
-        return []
-    keep = set(policy.keep(records(backend, infos)))
-    keep.add(max(info.manifest.step or 0 for info in infos))
-    doomed = [i for i in infos if (i.manifest.step or 0) not in keep]
+    infos, doomed = _let_go(backend, policy, infos, lineage, manifest_key)
     if not doomed:
         return []
     linked = {i.name for i in infos if i.manifest.linked and backend.capabilities.local}
